@@ -1,0 +1,391 @@
+//! `fleet-provision`: the factory provisioning station CLI. Parses arguments, calls the library,
+//! prints results. See `fleet-provision --help`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_provision::home::Home;
+use fleet_provision::registry::Status;
+use fleet_provision::station::{MintOptions, Station};
+use fleet_provision::{DeviceId, RevocationReason, SerialNumber};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The fleetgate factory provisioning station.
+///
+/// Creates the CA hierarchy, mints one X.509 identity per device, keeps the registry (SQLite in
+/// the home by default, PostgreSQL with --database-url) and an append-only, hash-chained
+/// issuance log, revokes identities and signs CRLs.
+///
+/// Typical flow:
+///   fleet-provision init --org "Acme"
+///   fleet-provision server-cert --dns broker.example.com --out broker-tls
+///   fleet-provision mint --count 100 --out devices --broker-host broker.example.com
+///   fleet-provision revoke dev-0a1b2c3d4e5f --reason keyCompromise
+#[derive(Debug, Parser)]
+#[command(name = "fleet-provision", version, verbatim_doc_comment)]
+struct Cli {
+    /// Station home: CA certificates and keys, registry.db, crl.pem.
+    #[arg(long, global = true, env = "FLEET_HOME", default_value = "fleet-pki")]
+    home: PathBuf,
+    /// Registry database; default: SQLite file registry.db in the home.
+    /// Example: postgres://user@host/fleet
+    #[arg(long, global = true, env = "FLEET_DATABASE_URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the root CA, device issuing CA and server CA, and the registry. Refuses to
+    /// overwrite an existing hierarchy. Move private/root-ca.key offline afterwards.
+    Init {
+        /// Organisation name put in every certificate subject.
+        #[arg(long)]
+        org: String,
+    },
+    /// Issue a broker TLS certificate (EKU serverAuth) from the server CA into DIR:
+    /// cert.pem (leaf + server CA), key.pem, client-ca.pem (the device CA the broker trusts).
+    ServerCert {
+        /// DNS name the devices connect to (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP address SAN (repeatable).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a backend-service client identity (role `service`: may subscribe to every
+    /// device's telemetry and publish commands) into DIR.
+    ServiceCert {
+        /// Service name (used as its id).
+        #[arg(long)]
+        name: String,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Mint a batch of device identities with station-generated keys. Writes
+    /// DIR/<device-id>/{cert.pem, key.pem, server-ca.pem, broker-trust.pem, credentials.bin}.
+    /// Every identity is recorded in the registry before its files are written.
+    Mint {
+        /// How many identities.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Device id prefix; ids are <prefix>-<12 hex digits>.
+        #[arg(long, default_value = "dev")]
+        prefix: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Broker host name written into credentials.bin (the broker cert must carry it).
+        #[arg(long, default_value = "localhost")]
+        broker_host: String,
+        /// Broker port written into credentials.bin.
+        #[arg(long, default_value_t = 8883)]
+        broker_port: u16,
+        /// Certificate lifetime in days.
+        #[arg(long, default_value_t = 1825)]
+        days: i64,
+        /// Identities per registry transaction.
+        #[arg(long, default_value_t = 256, hide = true)]
+        chunk: usize,
+    },
+    /// Issue a certificate for a device-generated key. The CSR must be P-256 ECDSA, correctly
+    /// self-signed, and must not ask for CA:TRUE or an EKU other than clientAuth.
+    SignCsr {
+        /// PKCS#10 request, PEM or DER.
+        #[arg(long)]
+        csr: PathBuf,
+        /// Device id; default: the CSR's subject CN.
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Where to write the certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a new certificate (new serial) for the same device and key. The old certificate
+    /// stays valid until it expires or is revoked.
+    Renew {
+        /// The device.
+        device_id: String,
+        /// Where to write the certificate (PEM); default: print it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a device (all its certificates, forever) or one certificate, then write a fresh
+    /// CRL to HOME/crl.pem. Brokers watching the registry cut the device's session.
+    Revoke {
+        /// The device to revoke.
+        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        device_id: Option<String>,
+        /// Revoke only this certificate (hex serial).
+        #[arg(long)]
+        serial: Option<String>,
+        /// RFC 5280 reason.
+        #[arg(long, value_enum, default_value = "unspecified")]
+        reason: RevocationReason,
+    },
+    /// Sign an X.509 v2 CRL of every revoked certificate (device CA, increasing CRL number).
+    Crl {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write DER instead of PEM.
+        #[arg(long)]
+        der: bool,
+        /// Days until nextUpdate.
+        #[arg(long, default_value_t = 7)]
+        days: i64,
+    },
+    /// List devices and services.
+    List {
+        /// Only this status.
+        #[arg(long, value_enum)]
+        status: Option<Status>,
+        /// JSON output (one array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a device's status and certificates.
+    Show {
+        /// The device.
+        device_id: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the issuance log's hash chain against the registry. Exits non-zero if any entry
+    /// was edited or removed.
+    VerifyLog,
+}
+
+fn fmt_time(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = Home::new(&cli.home);
+    let db = cli.database_url.as_deref();
+    match cli.command {
+        Command::Init { org } => {
+            let s = Station::init(home, &org, db).await?;
+            println!("initialised fleet home {}", s.home().root().display());
+            println!(
+                "  root CA         {}  (move {} offline)",
+                s.home().root_ca().display(),
+                s.home().root_ca_key().display()
+            );
+            println!("  device CA       {}", s.home().device_ca().display());
+            println!("  server CA       {}", s.home().server_ca().display());
+            println!("  CRL             {}", s.home().crl().display());
+            println!("next: fleet-provision server-cert --dns <broker host> --out broker-tls");
+        }
+        Command::ServerCert { dns, ip, out } => {
+            let s = Station::open(home, db).await?;
+            let c = s.server_cert(&dns, &ip, &out).await?;
+            println!(
+                "server certificate {} (serial {}) valid until {}",
+                out.display(),
+                c.serial,
+                fmt_time(c.not_after)
+            );
+        }
+        Command::ServiceCert { name, out } => {
+            let s = Station::open(home, db).await?;
+            let d = s.service_cert(&name, &out).await?;
+            println!("service identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+        }
+        Command::Mint { count, prefix, out, broker_host, broker_port, days, chunk } => {
+            let mut s = Station::open(home, db).await?;
+            s.set_client_lifetime(days)?;
+            let bar = ProgressBar::new(count as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} minting [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+                    .context("progress template")?
+                    .progress_chars("=> "),
+            );
+            if count < 50 {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let opts = MintOptions { count, prefix, out: out.clone(), broker_host, broker_port, chunk };
+            let minted = s.mint(&opts, &|n| bar.inc(n)).await?;
+            bar.finish_and_clear();
+            for d in minted.iter().take(20) {
+                println!("{}  serial {}", d.device_id, d.serial);
+            }
+            if minted.len() > 20 {
+                println!("... and {} more", minted.len() - 20);
+            }
+            println!("minted {} device identities into {}", minted.len(), out.display());
+        }
+        Command::SignCsr { csr, device_id, out } => {
+            let s = Station::open(home, db).await?;
+            let bytes = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
+            let c = s.sign_csr(&bytes, device_id.as_deref()).await?;
+            fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
+            println!("issued serial {} valid until {} -> {}", c.serial, fmt_time(c.not_after), out.display());
+        }
+        Command::Renew { device_id, out } => {
+            let s = Station::open(home, db).await?;
+            let c = s.renew(&DeviceId::parse(&device_id)?).await?;
+            match out {
+                Some(out) => {
+                    fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
+                    println!(
+                        "renewed {device_id}: serial {} valid until {} -> {}",
+                        c.serial,
+                        fmt_time(c.not_after),
+                        out.display()
+                    );
+                }
+                None => print!("{}", c.pem),
+            }
+        }
+        Command::Revoke { device_id, serial, reason } => {
+            let s = Station::open(home, db).await?;
+            let crl = match (device_id, serial) {
+                (Some(id), _) => {
+                    let (serials, crl) = s.revoke_device(&DeviceId::parse(&id)?, reason).await?;
+                    println!(
+                        "revoked device {id} ({reason}): {} certificate(s)",
+                        serials.len(),
+                        reason = reason.as_str()
+                    );
+                    for sn in serials {
+                        println!("  serial {sn}");
+                    }
+                    crl
+                }
+                (None, Some(sn)) => {
+                    let (owner, crl) = s.revoke_serial(&SerialNumber::parse(&sn)?, reason).await?;
+                    println!("revoked certificate {sn} of {owner} ({})", reason.as_str());
+                    crl
+                }
+                (None, None) => anyhow::bail!("give a DEVICE_ID or --serial"),
+            };
+            println!(
+                "CRL #{} with {} entries written to {}",
+                crl.number,
+                crl.revoked,
+                s.home().crl().display()
+            );
+        }
+        Command::Crl { out, der, days } => {
+            let s = Station::open(home, db).await?;
+            let crl = s.crl(Some(days)).await?;
+            let bytes = if der { crl.der.clone() } else { crl.pem.clone().into_bytes() };
+            fleet_provision::home::write_replace(&out, &bytes)?;
+            println!("CRL #{} with {} revoked certificate(s) -> {}", crl.number, crl.revoked, out.display());
+        }
+        Command::List { status, json } => {
+            let s = Station::open(home, db).await?;
+            let devices = s.registry().devices(status).await?;
+            if json {
+                let mut rows = Vec::new();
+                for d in &devices {
+                    let certs = s.registry().certificates_of(&d.device_id).await?;
+                    let latest = certs.first();
+                    rows.push(serde_json::json!({
+                        "device_id": d.device_id.as_str(),
+                        "role": d.role.as_str(),
+                        "status": d.status.as_str(),
+                        "serial": latest.map(|c| c.serial.to_hex()),
+                        "not_after": latest.map(|c| fmt_time(c.not_after)),
+                    }));
+                }
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<40} {:<8} {:<8} {:<34} EXPIRES", "DEVICE", "ROLE", "STATUS", "SERIAL");
+                for d in &devices {
+                    let certs = s.registry().certificates_of(&d.device_id).await?;
+                    let (serial, exp) = certs.first().map_or((String::new(), String::new()), |c| {
+                        (c.serial.to_hex(), fmt_time(c.not_after))
+                    });
+                    println!(
+                        "{:<40} {:<8} {:<8} {:<34} {}",
+                        d.device_id,
+                        d.role.as_str(),
+                        d.status.as_str(),
+                        serial,
+                        exp
+                    );
+                }
+                println!("{} identities", devices.len());
+            }
+        }
+        Command::Show { device_id, json } => {
+            let s = Station::open(home, db).await?;
+            let r = s.show(&DeviceId::parse(&device_id)?).await?;
+            if json {
+                let certs: Vec<_> = r
+                    .certificates
+                    .iter()
+                    .map(|c| serde_json::json!({
+                        "serial": c.serial.to_hex(), "status": c.status.as_str(), "key_source": c.key_source,
+                        "not_before": fmt_time(c.not_before), "not_after": fmt_time(c.not_after),
+                        "revocation_reason": c.revocation_reason,
+                    }))
+                    .collect();
+                let v = serde_json::json!({
+                    "device_id": r.device.device_id.as_str(), "role": r.device.role.as_str(),
+                    "status": r.device.status.as_str(), "created_at": fmt_time(r.device.created_at),
+                    "certificates": certs,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("device   {}", r.device.device_id);
+                println!("role     {}", r.device.role.as_str());
+                println!("status   {}", r.device.status.as_str());
+                println!("created  {}", fmt_time(r.device.created_at));
+                for c in &r.certificates {
+                    println!(
+                        "cert     {}  {}  {} .. {}  key:{}{}",
+                        c.serial,
+                        c.status.as_str(),
+                        fmt_time(c.not_before),
+                        fmt_time(c.not_after),
+                        c.key_source,
+                        c.revocation_reason.as_deref().map(|r| format!("  reason:{r}")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::VerifyLog => {
+            let s = Station::open(home, db).await?;
+            let r = s.verify_log().await?;
+            println!("issuance log OK: {} entries, head {}", r.entries, r.head);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

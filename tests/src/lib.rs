@@ -1,0 +1,167 @@
+//! Test support shared by the end-to-end tests of every fleetgate crate.
+//!
+//! - [`PgCluster`]: a throwaway PostgreSQL server in a temporary directory, reachable only
+//!   through a Unix socket in that directory (no TCP port, so tests never collide), stopped on
+//!   drop.
+//! - [`require_program`]: fail (never skip) with an install hint when an external peer is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Panics with an install hint unless `program` is on PATH.
+pub fn require_program(program: &str, debian_package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(program)).find(|p| p.is_file()));
+    match found {
+        Some(p) => p,
+        None => panic!(
+            "`{program}` is required by this test but is not installed: run `apt-get install -y {debian_package}` \
+             (./scripts/test installs it)"
+        ),
+    }
+}
+
+/// Runs a command, returning its output; panics if it cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn is_root() -> bool {
+    run(Command::new("id").arg("-u")).stdout.starts_with(b"0\n")
+}
+
+fn pg_bindir() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").is_file() {
+            return dir;
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").is_file()).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    candidates.pop().unwrap_or_else(|| {
+        panic!("PostgreSQL server binaries (initdb, pg_ctl) not found: run `apt-get install -y postgresql`")
+    })
+}
+
+/// A private PostgreSQL server for one test.
+#[derive(Debug)]
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+    as_postgres: bool,
+}
+
+impl PgCluster {
+    /// initdb + start. Takes a second or two.
+    pub fn start() -> PgCluster {
+        let bindir = pg_bindir();
+        let as_postgres = is_root();
+        let dir = tempfile::Builder::new().prefix("fleet-pg-").tempdir().expect("tempdir");
+        if as_postgres {
+            let ok = run(Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()))
+                .status
+                .success();
+            assert!(ok, "cannot chown the PostgreSQL test directory to user postgres");
+        }
+        let c = PgCluster { dir, bindir, as_postgres };
+        let data = c.data_dir();
+        let out = c.pg(
+            &["initdb", "-D"],
+            &[
+                data.as_os_str(),
+                "-A".as_ref(),
+                "trust".as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        );
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let opts = format!(
+            "-c listen_addresses='' -k {} -p 5432 -c fsync=off -c max_connections=200",
+            c.dir.path().display()
+        );
+        let log = c.dir.path().join("server.log");
+        let out = c.pg(
+            &["pg_ctl", "-D"],
+            &[
+                data.as_os_str(),
+                "-o".as_ref(),
+                opts.as_ref(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-w".as_ref(),
+                "start".as_ref(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        c
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg(&self, prog_and_first: &[&str], rest: &[&std::ffi::OsStr]) -> Output {
+        let prog = self.bindir.join(prog_and_first[0]);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(prog);
+            c
+        } else {
+            Command::new(prog)
+        };
+        cmd.args(&prog_and_first[1..]).args(rest).current_dir(self.dir.path());
+        run(&mut cmd)
+    }
+
+    /// Socket directory.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates a database and returns its sqlx URL.
+    pub fn create_database(&self, name: &str) -> String {
+        let out = self.pg(
+            &["createdb", "-h"],
+            &[
+                self.dir.path().as_os_str(),
+                "-p".as_ref(),
+                "5432".as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                name.as_ref(),
+            ],
+        );
+        assert!(out.status.success(), "createdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.url(name)
+    }
+
+    /// sqlx URL of database `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@localhost/{name}?host={}&port=5432", self.dir.path().display())
+    }
+
+    /// Stops the server now (simulates the database going away).
+    pub fn stop(&self) {
+        let data = self.data_dir();
+        let _ = self.pg(
+            &["pg_ctl", "-D"],
+            &[data.as_os_str(), "-m".as_ref(), "immediate".as_ref(), "-w".as_ref(), "stop".as_ref()],
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
