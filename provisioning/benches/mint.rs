@@ -21,9 +21,8 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
 
-    let station = rt
-        .block_on(Station::init(Home::new(dir.path().join("home")), "Bench", None))
-        .expect("init");
+    let station =
+        rt.block_on(Station::init(Home::new(dir.path().join("home")), "Bench", None)).expect("init");
     let opts = MintOptions {
         count: n_fleet,
         prefix: "bench".into(),
@@ -55,9 +54,20 @@ fn main() {
         run(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]);
         run(&["req", "-new", "-key", &key, "-subj", &format!("/O=Bench/CN=d{i}"), "-out", &csr]);
         run(&[
-            "x509", "-req", "-in", &csr, "-CA", ca.to_str().expect("utf-8"), "-CAkey",
-            ca_key.to_str().expect("utf-8"), "-set_serial", &format!("0x{:032x}", i + 1),
-            "-days", "1825", "-out", &crt,
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            ca.to_str().expect("utf-8"),
+            "-CAkey",
+            ca_key.to_str().expect("utf-8"),
+            "-set_serial",
+            &format!("0x{:032x}", i + 1),
+            "-days",
+            "1825",
+            "-out",
+            &crt,
         ]);
     }
     let openssl_secs = start.elapsed().as_secs_f64();

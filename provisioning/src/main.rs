@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         org: String,
     },
-    /// Issue a broker TLS certificate (EKU serverAuth) from the server CA into DIR:
+    /// Issue a broker TLS certificate (EKU serverAuth) from the server CA into --out:
     /// cert.pem (leaf + server CA), key.pem, client-ca.pem (the device CA the broker trusts).
     ServerCert {
         /// DNS name the devices connect to (repeatable).
@@ -56,9 +56,9 @@ enum Command {
         /// IP address SAN (repeatable).
         #[arg(long)]
         ip: Vec<IpAddr>,
-        /// Output directory (must not exist).
+        /// Output directory (must not exist); default HOME/broker-tls, where fleet-broker looks.
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
     /// Issue a backend-service client identity (role `service`: may subscribe to every
     /// device's telemetry and publish commands) into DIR.
@@ -191,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ServerCert { dns, ip, out } => {
             let s = Station::open(home, db).await?;
+            let out = out.unwrap_or_else(|| s.home().root().join("broker-tls"));
             let c = s.server_cert(&dns, &ip, &out).await?;
             println!(
                 "server certificate {} (serial {}) valid until {}",

@@ -1,0 +1,213 @@
+//! Who a client is (from its certificate) and what it may do (ACL).
+//!
+//! A client's identity is its certificate's SAN URI: `urn:fleetgate:device:<id>` makes a device,
+//! `urn:fleetgate:service:<name>` a backend service. The registry is then asked whether that
+//! certificate serial is known and active (see `session`). The ACL model:
+//!
+//! | role | publish | subscribe |
+//! |---|---|---|
+//! | device `X` | `devices/X/<anything>` | filters inside `devices/X/` (wildcards only after it) |
+//! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
+
+use fleet_provision::ids::{DEVICE_URI_PREFIX, SERVICE_URI_PREFIX};
+use fleet_provision::{DeviceId, Role, SerialNumber};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// An authenticated client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Device id or service name.
+    pub id: DeviceId,
+    /// Its role.
+    pub role: Role,
+    /// Serial of the certificate it connected with.
+    pub serial: SerialNumber,
+    /// Certificate notAfter (unix seconds).
+    pub not_after: i64,
+}
+
+/// Why a certificate does not name a fleetgate client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// Not parseable X.509.
+    #[error("certificate does not parse")]
+    Unparseable,
+    /// A CA certificate presented as a client.
+    #[error("CA certificate used as a client certificate")]
+    CaAsClient,
+    /// No or malformed fleetgate SAN URI.
+    #[error("certificate carries no valid fleetgate identity URI")]
+    NoIdentity,
+}
+
+impl IdentityError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unparseable | Self::NoIdentity => "bad_identity",
+            Self::CaAsClient => "ca_as_client",
+        }
+    }
+}
+
+/// Reads the identity from a (chain-verified) client certificate.
+pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|_| IdentityError::Unparseable)?;
+    if cert.is_ca() {
+        return Err(IdentityError::CaAsClient);
+    }
+    let serial = SerialNumber::from_bytes(cert.raw_serial()).ok_or(IdentityError::Unparseable)?;
+    let san = cert.subject_alternative_name().map_err(|_| IdentityError::Unparseable)?;
+    let mut found = None;
+    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+        if let GeneralName::URI(uri) = name {
+            let (role, rest) = if let Some(rest) = uri.strip_prefix(DEVICE_URI_PREFIX) {
+                (Role::Device, rest)
+            } else if let Some(rest) = uri.strip_prefix(SERVICE_URI_PREFIX) {
+                (Role::Service, rest)
+            } else {
+                continue;
+            };
+            if found.is_some() {
+                return Err(IdentityError::NoIdentity); // two identities: ambiguous
+            }
+            found = Some((role, DeviceId::parse(rest).map_err(|_| IdentityError::NoIdentity)?));
+        }
+    }
+    let (role, id) = found.ok_or(IdentityError::NoIdentity)?;
+    Ok(Identity { id, role, serial, not_after: cert.validity().not_after.timestamp() })
+}
+
+/// True if `topic` (a concrete publish topic) is valid MQTT and free of wildcards.
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 1024
+}
+
+/// True if `filter` is a syntactically valid MQTT topic filter.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') || filter.len() > 1024 {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// May `who` publish to `topic`?
+pub fn may_publish(who: &Identity, topic: &str) -> bool {
+    if !valid_topic(topic) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    if levels.next() != Some("devices") {
+        return false;
+    }
+    let Some(owner) = levels.next() else { return false };
+    let rest: Vec<&str> = levels.collect();
+    match who.role {
+        Role::Device => owner == who.id.as_str() && !rest.is_empty() && rest.iter().all(|l| !l.is_empty()),
+        Role::Service => {
+            DeviceId::parse(owner).is_ok()
+                && rest.len() >= 2
+                && rest[0] == "commands"
+                && rest[1..].iter().all(|l| !l.is_empty())
+        }
+    }
+}
+
+/// May `who` subscribe to `filter`?
+pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
+    if !valid_filter(filter) {
+        return false;
+    }
+    let mut levels = filter.split('/');
+    if levels.next() != Some("devices") {
+        return false;
+    }
+    let Some(owner) = levels.next() else { return false };
+    match who.role {
+        Role::Device => owner == who.id.as_str() && levels.next().is_some(),
+        Role::Service => true,
+    }
+}
+
+/// Does `topic` match `filter` (MQTT 3.1.1 rules, no `$` topics here)?
+pub fn matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(id: &str, role: Role) -> Identity {
+        Identity { id: DeviceId::parse(id).unwrap(), role, serial: SerialNumber::random(), not_after: 0 }
+    }
+
+    #[test]
+    fn device_acl() {
+        let d = who("dev-1", Role::Device);
+        assert!(may_publish(&d, "devices/dev-1/telemetry"));
+        assert!(may_publish(&d, "devices/dev-1/a/b"));
+        for bad in [
+            "devices/dev-2/telemetry",
+            "devices/dev-1",
+            "devices/dev-1/",
+            "devices/+/x",
+            "other/dev-1/x",
+            "devices/dev-1/#",
+            "devices/dev-10/x",
+        ] {
+            assert!(!may_publish(&d, bad), "{bad}");
+        }
+        assert!(may_subscribe(&d, "devices/dev-1/commands/#"));
+        assert!(may_subscribe(&d, "devices/dev-1/#"));
+        for bad in [
+            "devices/+/commands",
+            "devices/#",
+            "#",
+            "devices/dev-2/commands/#",
+            "devices/dev-1",
+            "devices/dev-1/a#",
+        ] {
+            assert!(!may_subscribe(&d, bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_acl() {
+        let s = who("backend", Role::Service);
+        assert!(may_subscribe(&s, "devices/+/telemetry"));
+        assert!(may_subscribe(&s, "devices/#"));
+        assert!(!may_subscribe(&s, "#"));
+        assert!(!may_subscribe(&s, "$SYS/#"));
+        assert!(may_publish(&s, "devices/dev-1/commands/reboot"));
+        assert!(!may_publish(&s, "devices/dev-1/telemetry"));
+        assert!(!may_publish(&s, "devices/dev-1/commands"));
+        assert!(!may_publish(&s, "devices/BAD/commands/x"));
+    }
+
+    #[test]
+    fn topic_matching() {
+        assert!(matches("devices/+/telemetry", "devices/a/telemetry"));
+        assert!(matches("devices/#", "devices/a/b/c"));
+        assert!(matches("devices/a/#", "devices/a/x"));
+        assert!(!matches("devices/+/telemetry", "devices/a/b/telemetry"));
+        assert!(!matches("devices/a", "devices/a/b"));
+        assert!(valid_filter("a/+/#") && !valid_filter("a/#/b") && !valid_filter("a+/b"));
+    }
+}

@@ -1,0 +1,443 @@
+//! One task per connection: TLS handshake (with a deadline), admission, CONNECT identity binding,
+//! then the MQTT session until the client leaves, the broker kicks it, or the broker stops.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fleet_provision::registry::Status;
+use fleet_provision::{DeviceId, SerialNumber};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as MqttError, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::auth::{self, Identity};
+use crate::store::Message;
+use crate::{tls, Shared};
+
+/// Live sessions by device id: at most one per id.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<DeviceId, LiveSession>>,
+}
+
+#[derive(Debug, Clone)]
+struct LiveSession {
+    conn_id: u64,
+    serial: SerialNumber,
+    kick: CancellationToken,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, LiveSession>> {
+        // Single inserts/removes: a poisoned map is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session, returning the kick token of the one it replaces.
+    fn register(&self, id: &DeviceId, s: LiveSession) -> Option<CancellationToken> {
+        self.lock().insert(id.clone(), s).map(|old| old.kick)
+    }
+
+    fn remove(&self, id: &DeviceId, conn_id: u64) {
+        let mut m = self.lock();
+        if m.get(id).is_some_and(|s| s.conn_id == conn_id) {
+            m.remove(id);
+        }
+    }
+
+    /// Cuts the session of `id` if it runs on certificate `serial`. Returns whether one was cut.
+    pub fn kick_serial(&self, id: &DeviceId, serial: &SerialNumber) -> bool {
+        let m = self.lock();
+        match m.get(id) {
+            Some(s) if &s.serial == serial => {
+                s.kick.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An admission refusal: metric reason and CONNACK code.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    reason: &'static str,
+    code: ConnectReturnCode,
+}
+
+const NOT_AUTHORIZED: ConnectReturnCode = ConnectReturnCode::NotAuthorized;
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn now_millis() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+async fn admit(shared: &Shared, cert: &[u8]) -> Result<Identity, Refusal> {
+    let id = auth::identify(cert).map_err(|e| Refusal { reason: e.reason(), code: NOT_AUTHORIZED })?;
+    let crl_expired = shared.tls.load().crl.as_ref().is_some_and(|c| c.expired(now_unix()));
+    if crl_expired && shared.config.crl_policy == crate::config::CrlPolicy::FailClosed {
+        return Err(Refusal { reason: "crl_expired", code: ConnectReturnCode::ServiceUnavailable });
+    }
+    match shared.registry.admission(&id.serial).await {
+        Err(e) => {
+            warn!(error = %e, "registry unavailable during admission");
+            Err(Refusal { reason: "registry_unavailable", code: ConnectReturnCode::ServiceUnavailable })
+        }
+        Ok(None) => Err(Refusal { reason: "unknown_device", code: NOT_AUTHORIZED }),
+        Ok(Some(a)) if a.device_id != id.id || a.role != id.role => {
+            Err(Refusal { reason: "bad_identity", code: NOT_AUTHORIZED })
+        }
+        Ok(Some(a)) if a.device_status == Status::Revoked || a.cert_status == Status::Revoked => {
+            Err(Refusal { reason: "revoked", code: NOT_AUTHORIZED })
+        }
+        Ok(Some(_)) => Ok(id),
+    }
+}
+
+type Tls = TlsStream<TcpStream>;
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    ClientGone,
+    Kicked,
+    Shutdown,
+    Protocol(&'static str),
+    Acl,
+    StoreFailed,
+}
+
+struct Conn {
+    tls: Tls,
+    buf: BytesMut,
+    out: BytesMut,
+    max_packet: usize,
+}
+
+impl Conn {
+    /// Reads until one packet is complete. `Ok(None)`: the peer closed.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, &'static str> {
+        loop {
+            if let Some(p) = self.parse()? {
+                return Ok(Some(p));
+            }
+            match self.tls.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Result<Option<Packet>, &'static str> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        match Packet::read(&mut self.buf, self.max_packet) {
+            Ok(p) => Ok(Some(p)),
+            Err(MqttError::InsufficientBytes(_)) => Ok(None),
+            Err(MqttError::PayloadSizeLimitExceeded(_)) => Err("packet_too_large"),
+            Err(_) => Err("malformed_packet"),
+        }
+    }
+
+    async fn send(&mut self, p: Packet) -> std::io::Result<()> {
+        self.out.clear();
+        if p.write(&mut self.out, self.max_packet).is_err() {
+            return Ok(()); // too large for this client: dropped (counted by the caller's metrics)
+        }
+        self.tls.write_all(&self.out).await?;
+        self.tls.flush().await
+    }
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, conn_id: u64) {
+    let _ = sock.set_nodelay(true);
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.load().config.clone());
+    let tls = tokio::select! {
+        r = timeout(shared.config.handshake_timeout(), acceptor.accept(sock)) => match r {
+            Err(_) => {
+                shared.metrics.handshake(false, "handshake_timeout");
+                debug!(%peer, "handshake timed out");
+                return;
+            }
+            Ok(Err(e)) => {
+                let reason = tls::handshake_failure_reason(&e);
+                shared.metrics.handshake(false, reason);
+                info!(%peer, reason, error = %e, "TLS handshake refused");
+                return;
+            }
+            Ok(Ok(s)) => s,
+        },
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()) else {
+        shared.metrics.handshake(false, "no_certificate");
+        return;
+    };
+    let admission = admit(&shared, &cert).await;
+    let mut conn = Conn {
+        tls,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(4096),
+        max_packet: shared.config.max_packet_size,
+    };
+
+    // CONNECT must come first, within the deadline.
+    let connect = match timeout(shared.config.connect_timeout(), conn.read_packet()).await {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(_))) | Ok(Err(_)) => {
+            shared.metrics.handshake(false, "protocol_error");
+            return;
+        }
+        Ok(Ok(None)) => {
+            shared.metrics.handshake(false, "peer_closed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake(false, "connect_timeout");
+            return;
+        }
+    };
+    let serial_hex = cert_serial_hex(&cert);
+    let id = match admission {
+        Err(r) => {
+            shared.metrics.handshake(false, r.reason);
+            warn!(%peer, serial = %serial_hex, client_id = %connect.client_id, reason = r.reason, "connection refused");
+            let _ = conn.send(Packet::ConnAck(ConnAck::new(r.code, false))).await;
+            let _ = conn.tls.shutdown().await;
+            return;
+        }
+        Ok(id) => id,
+    };
+    if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
+        shared.metrics.handshake(false, "client_id_mismatch");
+        warn!(%peer, device = %id.id, serial = %id.serial, client_id = %connect.client_id, reason = "client_id_mismatch", "connection refused");
+        let _ = conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await;
+        let _ = conn.tls.shutdown().await;
+        return;
+    }
+
+    let kick = CancellationToken::new();
+    let live = LiveSession { conn_id, serial: id.serial.clone(), kick: kick.clone() };
+    if let Some(old) = shared.sessions.register(&id.id, live) {
+        shared.metrics.kicks.with_label_values(&["takeover"]).inc();
+        info!(device = %id.id, "a new connection replaces the live session of this device");
+        old.cancel();
+    }
+    // A revocation that landed between admission and registration must still cut us.
+    if let Ok(Some(a)) = shared.registry.admission(&id.serial).await {
+        if a.device_status == Status::Revoked || a.cert_status == Status::Revoked {
+            kick.cancel();
+        }
+    }
+    shared.metrics.handshake(true, "ok");
+    shared.metrics.sessions_live.inc();
+    info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+    let end = if conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await.is_ok() {
+        run(&shared, &mut conn, &id, conn_id, keep_alive, &kick).await
+    } else {
+        End::ClientGone
+    };
+    shared.router.remove_connection(conn_id);
+    shared.sessions.remove(&id.id, conn_id);
+    shared.metrics.sessions_live.dec();
+    match end {
+        End::Kicked => {
+            if kick.is_cancelled() && !shared.shutdown.is_cancelled() {
+                info!(device = %id.id, serial = %id.serial, "session cut");
+            }
+        }
+        End::Protocol(reason) => {
+            shared.metrics.protocol_errors.with_label_values(&[reason]).inc();
+            info!(device = %id.id, reason, "session closed for a protocol violation");
+        }
+        other => debug!(device = %id.id, ?other, "session ended"),
+    }
+    let _ = timeout(Duration::from_secs(1), conn.tls.shutdown()).await;
+}
+
+fn cert_serial_hex(der: &[u8]) -> String {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certificate::X509Certificate::from_der(der)
+        .ok()
+        .and_then(|(_, c)| SerialNumber::from_bytes(c.raw_serial()))
+        .map(|s| s.to_hex())
+        .unwrap_or_default()
+}
+
+const MAX_PENDING_ACKS: usize = 1024;
+
+async fn run(
+    shared: &Shared,
+    conn: &mut Conn,
+    id: &Identity,
+    conn_id: u64,
+    keep_alive: Duration,
+    kick: &CancellationToken,
+) -> End {
+    let (tx, mut rx) = mpsc::channel::<Publish>(256);
+    let mut pending = FuturesOrdered::new();
+    let mut next_pkid: u16 = 0;
+    // MQTT 3.1.1 §3.1.2.10: the server closes after 1.5 keep-alive periods without a packet.
+    let grace = keep_alive.mul_f64(1.5);
+    let mut deadline = Instant::now() + grace;
+    loop {
+        // Packets already buffered are handled before reading more.
+        let packet = match conn.parse() {
+            Err(reason) => return End::Protocol(reason),
+            Ok(Some(p)) => Some(p),
+            Ok(None) => None,
+        };
+        if let Some(p) = packet {
+            if !keep_alive.is_zero() {
+                deadline = Instant::now() + grace;
+            }
+            match handle_packet(shared, conn, id, conn_id, p, &tx, &mut pending).await {
+                Ok(()) => continue,
+                Err(end) => return end,
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = kick.cancelled() => {
+                shared.metrics.kicks.with_label_values(&["revoked"]).inc();
+                return End::Kicked;
+            }
+            _ = shared.shutdown.cancelled() => return End::Shutdown,
+            Some((pkid, stored)) = pending.next(), if !pending.is_empty() => {
+                let stored: bool = stored;
+                if !stored {
+                    return End::StoreFailed;
+                }
+                if conn.send(Packet::PubAck(PubAck::new(pkid))).await.is_err() {
+                    return End::ClientGone;
+                }
+            }
+            r = conn.tls.read_buf(&mut conn.buf), if pending.len() < MAX_PENDING_ACKS => {
+                match r {
+                    Ok(0) | Err(_) => return End::ClientGone,
+                    Ok(_) => {}
+                }
+            }
+            Some(mut p) = rx.recv() => {
+                if p.qos == QoS::AtLeastOnce {
+                    next_pkid = next_pkid.wrapping_add(1).max(1);
+                    p.pkid = next_pkid;
+                }
+                if conn.send(Packet::Publish(p)).await.is_err() {
+                    return End::ClientGone;
+                }
+            }
+            _ = sleep_until(deadline), if !keep_alive.is_zero() => return End::Protocol("keepalive_timeout"),
+        }
+    }
+}
+
+type PendingAck = std::pin::Pin<Box<dyn std::future::Future<Output = (u16, bool)> + Send>>;
+
+async fn handle_packet(
+    shared: &Shared,
+    conn: &mut Conn,
+    id: &Identity,
+    conn_id: u64,
+    packet: Packet,
+    tx: &mpsc::Sender<Publish>,
+    pending: &mut FuturesOrdered<PendingAck>,
+) -> Result<(), End> {
+    match packet {
+        Packet::Publish(p) => {
+            shared.metrics.messages_received.inc();
+            if !auth::may_publish(id, &p.topic) {
+                shared.metrics.acl_denied.with_label_values(&["publish"]).inc();
+                warn!(device = %id.id, topic = %p.topic, qos = ?p.qos, "publish refused by ACL");
+                // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
+                return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(End::Acl) };
+            }
+            if p.qos == QoS::ExactlyOnce {
+                return Err(End::Protocol("qos2_unsupported"));
+            }
+            let msg = Message {
+                device_id: id.id.to_string(),
+                topic: p.topic.clone(),
+                payload: p.payload.clone(),
+                qos: p.qos as u8,
+                received_at: now_millis(),
+            };
+            // Devices' telemetry is stored; services' commands are only routed.
+            if id.role == fleet_provision::Role::Device {
+                if p.qos == QoS::AtLeastOnce {
+                    let done = shared.store.submit(msg).await;
+                    let pkid = p.pkid;
+                    pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
+                } else {
+                    shared.store.submit_nowait(msg).await;
+                }
+            } else if p.qos == QoS::AtLeastOnce {
+                let pkid = p.pkid;
+                pending.push_back(Box::pin(async move { (pkid, true) }));
+            }
+            shared.router.route(&p, &shared.metrics);
+            Ok(())
+        }
+        Packet::Subscribe(s) => {
+            let mut codes = Vec::with_capacity(s.filters.len());
+            let mut retained = Vec::new();
+            for f in &s.filters {
+                if auth::may_subscribe(id, &f.path) {
+                    let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    retained.extend(shared.router.subscribe(conn_id, &f.path, qos, tx.clone()));
+                    codes.push(SubscribeReasonCode::Success(qos));
+                } else {
+                    shared.metrics.acl_denied.with_label_values(&["subscribe"]).inc();
+                    warn!(device = %id.id, filter = %f.path, "subscribe refused by ACL");
+                    codes.push(SubscribeReasonCode::Failure);
+                }
+            }
+            conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await.map_err(|_| End::ClientGone)?;
+            for mut p in retained {
+                p.qos = QoS::AtMostOnce;
+                p.retain = true;
+                conn.send(Packet::Publish(p)).await.map_err(|_| End::ClientGone)?;
+            }
+            Ok(())
+        }
+        Packet::Unsubscribe(u) => {
+            for f in &u.topics {
+                shared.router.unsubscribe(conn_id, f);
+            }
+            conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await.map_err(|_| End::ClientGone)
+        }
+        Packet::PingReq => conn.send(Packet::PingResp).await.map_err(|_| End::ClientGone),
+        Packet::Disconnect => Err(End::ClientGone),
+        Packet::PubAck(_) => Ok(()),
+        Packet::Connect(_) => Err(End::Protocol("second_connect")),
+        _ => Err(End::Protocol("unexpected_packet")),
+    }
+}
