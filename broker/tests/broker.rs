@@ -1,0 +1,580 @@
+//! fleet-broker end to end: real clients (rumqttc, mosquitto_pub/sub, a raw TLS client) against
+//! the real binary on loopback port 0.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fleet_provision::pki::{self, LoadedCa};
+use fleet_provision::{DeviceId, Role, SerialNumber};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReasonCode};
+use rumqttc::mqttbytes::QoS;
+use time::OffsetDateTime;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test]
+async fn rumqttc_publishes_qos0_and_qos1_and_rows_are_stored() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let (client, mut ev) =
+        rumqttc::AsyncClient::new(rumqttc_options(&fleet.devices[0], &id, broker.mqtt), 10);
+    rumqttc_connected(&mut ev).await.unwrap();
+    let topic = format!("devices/{id}/telemetry");
+    client.publish(&topic, rumqttc::QoS::AtMostOnce, false, b"qos0".to_vec()).await.unwrap();
+    client.publish(&topic, rumqttc::QoS::AtLeastOnce, false, b"qos1".to_vec()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), ev.poll()).await.unwrap().unwrap();
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = e {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no PUBACK");
+    }
+    // PUBACK means committed: the QoS 1 row is there now.
+    let rows = fleet.telemetry_rows(&id).await;
+    assert!(rows.contains(&(topic.clone(), b"qos1".to_vec())), "{rows:?}");
+    // QoS 0 is stored too (asynchronously).
+    broker.wait_metric("fleet_messages_stored_total", 2.0, Duration::from_secs(5)).await;
+    assert!(fleet.telemetry_rows(&id).await.contains(&(topic, b"qos0".to_vec())));
+    assert_eq!(broker.metric("fleet_handshakes_total{outcome=\"accepted\"").await, 1.0);
+}
+
+#[tokio::test]
+async fn mosquitto_clients_publish_and_a_service_subscribes() {
+    let pubbin = fleet_tests::require_program("mosquitto_pub", "mosquitto-clients");
+    let subbin = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (d, svc) = (&fleet.devices[0], &fleet.service);
+    let id = fleet.id(0);
+    let sub = Command::new(subbin)
+        .args(["-h", "localhost", "-p", &broker.port(), "--cafile", s(&svc.join("broker-trust.pem"))])
+        .args(["--cert", s(&svc.join("cert.pem")), "--key", s(&svc.join("key.pem")), "-i", "backend"])
+        .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    broker.wait_metric("fleet_sessions_live", 1.0, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // SUBSCRIBE after CONNACK
+    let out = Command::new(pubbin)
+        .args(["-h", "localhost", "-p", &broker.port(), "--cafile", s(&d.join("broker-trust.pem"))])
+        .args(["--cert", s(&d.join("cert.pem")), "--key", s(&d.join("key.pem")), "-i", &id])
+        .args(["-t", &format!("devices/{id}/telemetry"), "-m", "{\"temp\":21.5}", "-q", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got = sub.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&got.stdout);
+    assert_eq!(line.trim(), format!("devices/{id}/telemetry {{\"temp\":21.5}}"));
+    assert_eq!(fleet.telemetry_rows(&id).await.len(), 1);
+}
+
+/// Issues a certificate from the fleet's device CA with a custom profile (for refusal tests).
+fn forge(fleet: &Fleet, id: &str, tweak: impl FnOnce(&mut rcgen::CertificateParams), dir: &Path) {
+    let home = fleet.home();
+    let ca_pem = std::fs::read_to_string(home.join("device-ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(home.join("private/device-ca.key")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, id);
+    p.subject_alt_names = vec![rcgen::SanType::URI(format!("urn:fleetgate:device:{id}").try_into().unwrap())];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    tweak(&mut p);
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::copy(fleet.devices[0].join("broker-trust.pem"), dir.join("broker-trust.pem")).unwrap();
+}
+
+/// Connects with `dir`'s identity and expects a refusal counted under `reason`.
+async fn expect_refused(broker: &BrokerProc, dir: &Path, client_id: &str, reason: &str) {
+    let metric = format!("fleet_handshakes_total{{outcome=\"refused\",reason=\"{reason}\"}}");
+    let before = broker.metric(&metric).await;
+    if let Ok(mut raw) = Raw::device(broker.mqtt, dir).await {
+        // TLS 1.3: a refused client certificate surfaces on the first read.
+        let reply = raw.mqtt_connect(client_id, 30).await;
+        let code = connack_code(&reply);
+        assert!(code.is_none() || code != Some(ConnectReturnCode::Success), "{reason}: admitted ({reply:?})");
+    }
+    broker.wait_metric(&metric, before + 1.0, Duration::from_secs(5)).await;
+    let accepted = broker.metric("fleet_handshakes_total{outcome=\"accepted\"").await;
+    assert_eq!(accepted, 0.0, "{reason}: something was admitted");
+}
+
+#[tokio::test]
+async fn refusal_matrix() {
+    let fleet = Fleet::new(3, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let base = fleet.dir.path().join("forged");
+    let now = OffsetDateTime::now_utc();
+
+    // No client certificate at all.
+    let cfg = client_config(&fleet.devices[0].join("broker-trust.pem"), None);
+    let before = broker.metric("fleet_handshakes_total{outcome=\"refused\",reason=\"no_certificate\"}").await;
+    if let Ok(mut raw) = Raw::connect(broker.mqtt, cfg).await {
+        assert!(connack_code(&raw.mqtt_connect("x", 30).await).is_none());
+    }
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"no_certificate\"}",
+            before + 1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+
+    // Expired and not yet valid.
+    let d = base.join("expired");
+    forge(
+        &fleet,
+        "dev-expired",
+        |p| {
+            p.not_before = now - time::Duration::days(30);
+            p.not_after = now - time::Duration::days(1);
+        },
+        &d,
+    );
+    expect_refused(&broker, &d, "dev-expired", "expired").await;
+    let d = base.join("future");
+    forge(
+        &fleet,
+        "dev-future",
+        |p| {
+            p.not_before = now + time::Duration::days(30);
+            p.not_after = now + time::Duration::days(60);
+        },
+        &d,
+    );
+    expect_refused(&broker, &d, "dev-future", "not_yet_valid").await;
+
+    // Unknown CA: a device of another fleet.
+    // It trusts this broker, so the refusal is the broker's.
+    let other = Fleet::new(1, None).await;
+    let d = base.join("foreign");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(other.devices[0].join(f), d.join(f)).unwrap();
+    }
+    std::fs::copy(fleet.devices[0].join("broker-trust.pem"), d.join("broker-trust.pem")).unwrap();
+    expect_refused(&broker, &d, &other.id(0), "unknown_ca").await;
+
+    // A CA certificate used as a client.
+    let d = base.join("ca");
+    forge(&fleet, "dev-ca", |p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained), &d);
+    expect_refused(&broker, &d, "dev-ca", "ca_as_client").await;
+
+    // A server certificate used as a client: the real broker certificate (server CA, not trusted
+    // for clients) and a serverAuth-only certificate from the device CA.
+    let d = base.join("server");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(fleet.home().join("broker-tls/cert.pem"), d.join("cert.pem")).unwrap();
+    std::fs::copy(fleet.home().join("broker-tls/key.pem"), d.join("key.pem")).unwrap();
+    std::fs::copy(fleet.devices[0].join("broker-trust.pem"), d.join("broker-trust.pem")).unwrap();
+    expect_refused(&broker, &d, "localhost", "wrong_purpose").await;
+    let d = base.join("serverauth");
+    forge(&fleet, "dev-sa", |p| p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth], &d);
+    expect_refused(&broker, &d, "dev-sa", "wrong_purpose").await;
+
+    // Signed by the device CA but never recorded in the registry.
+    let d = base.join("unregistered");
+    forge(&fleet, "dev-ghost", |_| {}, &d);
+    expect_refused(&broker, &d, "dev-ghost", "unknown_device").await;
+
+    // Revoked in the registry (the broker also reloads the fresh CRL; either path refuses).
+    fleet.revoke(1).await;
+    expect_refused(&broker, &fleet.devices[1], &fleet.id(1), "revoked").await;
+
+    // Every refusal was logged with its reason.
+    let log = broker.log();
+    for r in [
+        "no_certificate",
+        "expired",
+        "not_yet_valid",
+        "unknown_ca",
+        "ca_as_client",
+        "wrong_purpose",
+        "unknown_device",
+        "revoked",
+    ] {
+        assert!(log.contains(r), "reason {r} not logged:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn client_id_binding() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    // Spoofing another device's id: CONNACK "identifier rejected".
+    let (_c, mut ev) =
+        rumqttc::AsyncClient::new(rumqttc_options(&fleet.devices[0], &fleet.id(1), broker.mqtt), 10);
+    match rumqttc_connected(&mut ev).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadClientId)
+        }
+        other => panic!("spoofed client id admitted: {other:?}"),
+    }
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"client_id_mismatch\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    // An empty client id is assigned the certificate's id.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect("", 30).await), Some(ConnectReturnCode::Success));
+    let topic = format!("devices/{}/telemetry", fleet.id(0));
+    let mut p = Publish::new(&topic, QoS::AtLeastOnce, b"anon".to_vec());
+    p.pkid = 7;
+    raw.send(Packet::Publish(p)).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == 7));
+    assert_eq!(fleet.telemetry_rows(&fleet.id(0)).await, vec![(topic, b"anon".to_vec())]);
+    // A second connection of the same device replaces the first.
+    let mut second = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&second.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    assert!(raw.closed_within(Duration::from_secs(2)).await, "the replaced session must be closed");
+    assert!(broker.log().contains("replaces the live session"));
+    assert_eq!(broker.metric("fleet_sessions_live").await, 1.0);
+}
+
+#[tokio::test]
+async fn acl_confines_devices_and_routes_commands() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (a, b) = (fleet.id(0), fleet.id(1));
+    let mut dev = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&a, 30).await), Some(ConnectReturnCode::Success));
+    // Subscribing to another device's topics fails; its own commands succeed.
+    let mut sub = Subscribe::new(format!("devices/{b}/commands/#"), QoS::AtLeastOnce);
+    sub.pkid = 1;
+    sub.add(format!("devices/{a}/commands/#"), QoS::AtLeastOnce);
+    sub.add("devices/+/telemetry".into(), QoS::AtMostOnce);
+    dev.send(Packet::Subscribe(sub)).await.unwrap();
+    match dev.recv(Duration::from_secs(5)).await {
+        Some(Packet::SubAck(ack)) => assert_eq!(
+            ack.return_codes,
+            vec![
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // A service publishes a command; only the addressed device receives it.
+    let (svc, mut sev) =
+        rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
+    rumqttc_connected(&mut sev).await.unwrap();
+    let poller = tokio::spawn(async move { while sev.poll().await.is_ok() {} });
+    svc.publish(format!("devices/{a}/commands/reboot"), rumqttc::QoS::AtLeastOnce, false, b"now".to_vec())
+        .await
+        .unwrap();
+    match dev.recv(Duration::from_secs(5)).await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(p.topic, format!("devices/{a}/commands/reboot"));
+            assert_eq!(&p.payload[..], b"now");
+        }
+        other => panic!("command not delivered: {other:?}"),
+    }
+    // Publishing into another device's topic at QoS 1: no PUBACK, disconnected, nothing stored.
+    let mut p = Publish::new(format!("devices/{b}/telemetry"), QoS::AtLeastOnce, b"forged".to_vec());
+    p.pkid = 9;
+    dev.send(Packet::Publish(p)).await.unwrap();
+    assert!(dev.recv(Duration::from_secs(3)).await.is_none(), "ACL violation must not be acknowledged");
+    assert!(fleet.telemetry_rows(&b).await.is_empty());
+    assert_eq!(broker.metric("fleet_acl_denied_total{action=\"publish\"}").await, 1.0);
+    assert_eq!(broker.metric("fleet_acl_denied_total{action=\"subscribe\"}").await, 2.0);
+    poller.abort();
+}
+
+#[tokio::test]
+async fn idle_sockets_do_not_delay_a_valid_device() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(tokio::net::TcpStream::connect(broker.mqtt).await.unwrap());
+    }
+    let t = Instant::now();
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "valid connect took {took:?} behind 500 idle sockets");
+    drop(idle);
+}
+
+#[tokio::test]
+async fn handshake_connect_keepalive_and_size_limits() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(
+        &fleet,
+        &["--handshake-timeout", "0.5", "--connect-timeout", "0.5", "--max-packet-size", "1024"],
+    );
+    // A socket that never handshakes is closed after the deadline.
+    let mut idle = tokio::net::TcpStream::connect(broker.mqtt).await.unwrap();
+    let mut b = [0u8; 1];
+    let r =
+        tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read(&mut idle, &mut b)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "idle socket not closed: {r:?}");
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"handshake_timeout\"}",
+            1.0,
+            Duration::from_secs(3),
+        )
+        .await;
+    // TLS but no CONNECT.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(3)).await);
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"connect_timeout\"}",
+            1.0,
+            Duration::from_secs(3),
+        )
+        .await;
+    // Keep-alive of 1 s: silent for 1.5 s → closed.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 1).await), Some(ConnectReturnCode::Success));
+    let t = Instant::now();
+    assert!(raw.closed_within(Duration::from_secs(4)).await);
+    assert!(t.elapsed() >= Duration::from_millis(1400), "closed too early: {:?}", t.elapsed());
+    // An oversized packet closes the session; nothing stored.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    let mut p = Publish::new(format!("devices/{}/telemetry", fleet.id(0)), QoS::AtLeastOnce, vec![0u8; 4000]);
+    p.pkid = 1;
+    raw.send(Packet::Publish(p)).await.unwrap();
+    assert!(raw.recv(Duration::from_secs(3)).await.is_none());
+    assert!(fleet.telemetry_rows(&fleet.id(0)).await.is_empty());
+    broker
+        .wait_metric("fleet_protocol_errors_total{reason=\"packet_too_large\"}", 1.0, Duration::from_secs(3))
+        .await;
+    // Garbage instead of MQTT.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    raw.send_raw(&[0xff; 64]).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(3)).await);
+}
+
+/// Connects a device and returns the time its session is cut after `revoke` runs.
+async fn time_revocation_cut(fleet: &Fleet, broker: &BrokerProc, i: usize) -> Duration {
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[i]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
+    let t = Instant::now();
+    fleet.revoke(i).await;
+    assert!(raw.closed_within(Duration::from_secs(3)).await, "revoked session was not cut");
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn revoke_while_connected_cuts_within_a_second_sqlite() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let took = time_revocation_cut(&fleet, &broker, 0).await;
+    assert!(took < Duration::from_secs(1), "cut took {took:?}");
+    broker.wait_metric("fleet_kicks_total{reason=\"revoked\"}", 1.0, Duration::from_secs(2)).await;
+    // And it can never connect again.
+    expect_refused_after_revoke(&broker, &fleet, 0).await;
+    // The other device is untouched.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
+}
+
+async fn expect_refused_after_revoke(broker: &BrokerProc, fleet: &Fleet, i: usize) {
+    if let Ok(mut raw) = Raw::device(broker.mqtt, &fleet.devices[i]).await {
+        assert_ne!(connack_code(&raw.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
+    }
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"revoked\"}",
+            1.0,
+            Duration::from_secs(3),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn revoke_cuts_sessions_on_every_node_postgres() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let node1 = BrokerProc::start(&fleet, &[]);
+    let node2 = BrokerProc::start(&fleet, &[]);
+    let t1 = time_revocation_cut(&fleet, &node1, 0).await;
+    let t2 = time_revocation_cut(&fleet, &node2, 1).await;
+    assert!(t1 < Duration::from_secs(1) && t2 < Duration::from_secs(1), "cuts took {t1:?} and {t2:?}");
+    expect_refused_after_revoke(&node2, &fleet, 0).await;
+    expect_refused_after_revoke(&node1, &fleet, 1).await;
+}
+
+#[tokio::test]
+async fn kill9_under_qos1_load_loses_no_acknowledged_message() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let topic = format!("devices/{id}/telemetry");
+    let (mut rx, mut tx) = tokio::io::split(raw.tls);
+    let writer = tokio::spawn(async move {
+        let mut n: u16 = 0;
+        loop {
+            n = n.wrapping_add(1).max(1);
+            let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
+            p.pkid = n;
+            let mut out = bytes::BytesMut::new();
+            Packet::Publish(p).write(&mut out, 1 << 20).unwrap();
+            if tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await.is_err() {
+                return;
+            }
+            if n % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            while let Ok(p) = Packet::read(&mut buf, 1 << 20) {
+                if let Packet::PubAck(a) = p {
+                    acked.push(a.pkid);
+                }
+            }
+            match tokio::io::AsyncReadExt::read_buf(&mut rx, &mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return acked,
+            }
+        }
+    });
+    // Let a few thousand messages through, then kill -9 mid-stream.
+    broker.wait_metric("fleet_messages_stored_total", 2000.0, Duration::from_secs(30)).await;
+    broker.kill9();
+    let acked = tokio::time::timeout(Duration::from_secs(10), reader).await.unwrap().unwrap();
+    writer.abort();
+    assert!(acked.len() >= 1000, "too few acks to mean anything: {}", acked.len());
+    assert!(acked.len() < 65_000, "pkids wrapped; the check below would be ambiguous");
+    let stored: std::collections::HashSet<Vec<u8>> =
+        fleet.telemetry_rows(&id).await.into_iter().map(|r| r.1).collect();
+    let lost: Vec<u16> =
+        acked.iter().copied().filter(|n| !stored.contains(format!("m{n}").as_bytes())).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
+
+#[tokio::test]
+async fn crl_reload_policy_and_forged_crl() {
+    let fleet = Fleet::new(2, None).await;
+    let crl = fleet.home().join("crl.pem");
+    let broker = BrokerProc::start(&fleet, &["--crl", s(&crl)]);
+    assert_eq!(broker.metric("fleet_crl_expired").await, 0.0);
+    // A CRL signed by another CA is refused; the good one stays in force.
+    let other = Fleet::new(1, None).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // distinct mtime
+    std::fs::copy(other.home().join("crl.pem"), &crl).unwrap();
+    broker.wait_metric("fleet_crl_reloads_total{outcome=\"rejected\"}", 1.0, Duration::from_secs(5)).await;
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    drop(raw);
+    // An expired CRL (signed correctly): alert, and new connections refused (fail-closed).
+    let home = fleet.home();
+    let ca = LoadedCa::from_pem(
+        &std::fs::read_to_string(home.join("device-ca.pem")).unwrap(),
+        &std::fs::read_to_string(home.join("private/device-ca.key")).unwrap(),
+    )
+    .unwrap();
+    let past = OffsetDateTime::now_utc() - time::Duration::days(10);
+    let expired = pki::sign_crl(&ca, 99, &[], past, time::Duration::days(1)).unwrap();
+    std::fs::write(&crl, expired.pem().unwrap()).unwrap();
+    broker.wait_metric("fleet_crl_expired", 1.0, Duration::from_secs(5)).await;
+    if let Ok(mut raw) = Raw::device(broker.mqtt, &fleet.devices[1]).await {
+        assert_eq!(
+            connack_code(&raw.mqtt_connect(&fleet.id(1), 30).await),
+            Some(ConnectReturnCode::ServiceUnavailable)
+        );
+    }
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"crl_expired\"}",
+            1.0,
+            Duration::from_secs(3),
+        )
+        .await;
+    // Fail-open admits with the alert raised.
+    let open = BrokerProc::start(&fleet, &["--crl", s(&crl), "--crl-policy", "fail-open"]);
+    assert_eq!(open.metric("fleet_crl_expired").await, 1.0);
+    let mut raw = Raw::device(open.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
+}
+
+#[tokio::test]
+async fn check_config_and_bad_configuration() {
+    let fleet = Fleet::new(1, None).await;
+    let bin = env!("CARGO_BIN_EXE_fleet-broker");
+    let out = Command::new(bin).arg("--home").arg(fleet.home()).arg("check-config").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("configuration OK") && text.contains("device-ca.pem"),
+        "{text}"
+    );
+    let bad = fleet.dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:1\"\nmax_packet_size = 1\n").unwrap();
+    let out = Command::new(bin)
+        .arg("--home")
+        .arg(fleet.home())
+        .arg("--config")
+        .arg(&bad)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("max_packet_size"), "{err}");
+    std::fs::write(&bad, "nonsense_key = 3\n").unwrap();
+    let out = Command::new(bin).arg("--config").arg(&bad).arg("check-config").output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nonsense_key"));
+    let out = Command::new(bin)
+        .arg("--home")
+        .arg(fleet.dir.path().join("missing"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("missing"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_inflight_and_exits() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(raw.closed_within(Duration::from_secs(5)).await, "session not closed on SIGTERM");
+    let t = Instant::now();
+    loop {
+        if let Some(status) = broker.child.try_wait().unwrap() {
+            assert!(status.success(), "broker exit status {status:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "broker did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(broker.log().contains("broker stopped"));
+    let _ = (DeviceId::parse("x"), Role::Device, SerialNumber::random());
+}

@@ -1,0 +1,300 @@
+//! Test harness: a provisioned fleet (through the fleet-provision library), the real
+//! `fleet-broker` binary on port 0, and clients (rumqttc, a raw TLS+MQTT client, mosquitto).
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test binaries; test code
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use fleet_provision::home::Home;
+use fleet_provision::station::{MintOptions, Station};
+use rumqttc::mqttbytes::v4::Packet;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub db: Option<String>,
+    pub devices: Vec<PathBuf>,
+    pub service: PathBuf,
+}
+
+impl Fleet {
+    pub async fn new(n: usize, db: Option<String>) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().join("home"));
+        let org = format!("Test Fleet {}", rand_suffix());
+        let st = Station::init(home, &org, db.as_deref()).await.unwrap();
+        st.server_cert(
+            &["localhost".into()],
+            &["127.0.0.1".parse().unwrap()],
+            &dir.path().join("home/broker-tls"),
+        )
+        .await
+        .unwrap();
+        let opts = MintOptions {
+            count: n,
+            prefix: "dev".into(),
+            out: dir.path().join("devices"),
+            broker_host: "localhost".into(),
+            broker_port: 8883,
+            chunk: 64,
+        };
+        let mut devices: Vec<PathBuf> =
+            st.mint(&opts, &|_| {}).await.unwrap().into_iter().map(|d| d.dir).collect();
+        devices.sort();
+        let service = st.service_cert("backend", &dir.path().join("service")).await.unwrap().dir;
+        Fleet { dir, db, devices, service }
+    }
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    pub async fn station(&self) -> Station {
+        Station::open(Home::new(self.home()), self.db.as_deref()).await.unwrap()
+    }
+    pub fn id(&self, i: usize) -> String {
+        self.devices[i].file_name().unwrap().to_str().unwrap().to_owned()
+    }
+    pub async fn revoke(&self, i: usize) {
+        let id = fleet_provision::DeviceId::parse(&self.id(i)).unwrap();
+        self.station()
+            .await
+            .revoke_device(&id, fleet_provision::RevocationReason::KeyCompromise)
+            .await
+            .unwrap();
+    }
+    pub async fn telemetry_rows(&self, device: &str) -> Vec<(String, Vec<u8>)> {
+        use sqlx::Row;
+        let st = self.station().await;
+        let rows = sqlx::query("SELECT topic, payload FROM telemetry WHERE device_id = $1 ORDER BY id")
+            .bind(device)
+            .fetch_all(st.registry().pool())
+            .await
+            .unwrap();
+        rows.iter().map(|r| (r.get::<String, _>(0), r.get::<Vec<u8>, _>(1))).collect()
+    }
+}
+
+/// A running `fleet-broker` process; killed on drop.
+pub struct BrokerProc {
+    pub child: Child,
+    pub mqtt: SocketAddr,
+    pub metrics: SocketAddr,
+    pub stderr_log: PathBuf,
+}
+
+impl BrokerProc {
+    pub fn start(fleet: &Fleet, extra: &[&str]) -> BrokerProc {
+        let log = fleet.dir.path().join(format!("broker-{}.log", rand_suffix()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-broker"));
+        cmd.arg("--home").arg(fleet.home());
+        cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]).args(extra);
+        if let Some(db) = &fleet.db {
+            cmd.arg("--database-url").arg(db);
+        }
+        cmd.env("RUST_LOG", "info").env_remove("FLEET_HOME").env_remove("FLEET_DATABASE_URL");
+        cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().expect("spawn fleet-broker");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = |what: &str| -> SocketAddr {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "broker exited before printing its {what} address: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )
+                })
+                .unwrap();
+            let a = line
+                .split_whitespace()
+                .find(|w| w.starts_with("127.0.0.1:") || w.starts_with("http://"))
+                .unwrap();
+            a.trim_start_matches("http://").trim_end_matches("/metrics").parse().unwrap()
+        };
+        let mqtt = addr("mqtt");
+        let metrics = addr("metrics");
+        BrokerProc { child, mqtt, metrics, stderr_log: log }
+    }
+
+    pub fn port(&self) -> String {
+        self.mqtt.port().to_string()
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let mut s = TcpStream::connect(self.metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Value of a metric line that starts with `prefix` (name and labels), 0 if absent.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until `metric(prefix) >= value`.
+    pub async fn wait_metric(&self, prefix: &str, value: f64, within: Duration) {
+        let t = Instant::now();
+        while self.metric(prefix).await < value {
+            assert!(
+                t.elapsed() < within,
+                "metric {prefix} did not reach {value}:\n{}",
+                self.metrics_text().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls client config trusting `trust` (PEM file), with an optional client identity.
+pub fn client_config(trust: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(trust).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    Arc::new(match identity {
+        Some((cert, key)) => {
+            let chain: Vec<_> = CertificateDer::pem_file_iter(cert).unwrap().map(|c| c.unwrap()).collect();
+            b.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap()).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    })
+}
+
+/// A minimal MQTT client over TLS, for the cases rumqttc will not produce.
+pub struct Raw {
+    pub tls: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Raw> {
+        let tcp = TcpStream::connect(addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        Ok(Raw { tls, buf: BytesMut::new() })
+    }
+    pub async fn device(addr: SocketAddr, dir: &Path) -> std::io::Result<Raw> {
+        Self::connect(
+            addr,
+            client_config(&dir.join("broker-trust.pem"), Some((&dir.join("cert.pem"), &dir.join("key.pem")))),
+        )
+        .await
+    }
+    pub async fn send(&mut self, p: Packet) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        p.write(&mut out, 1 << 20).unwrap();
+        self.tls.write_all(&out).await?;
+        self.tls.flush().await
+    }
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.tls.write_all(bytes).await?;
+        self.tls.flush().await
+    }
+    /// Next packet, `None` on EOF/error, within `within`.
+    pub async fn recv(&mut self, within: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if !self.buf.is_empty() {
+                match Packet::read(&mut self.buf, 1 << 20) {
+                    Ok(p) => return Some(p),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(_) => return None,
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.tls.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+    pub async fn mqtt_connect(&mut self, client_id: &str, keep_alive: u16) -> Option<Packet> {
+        let mut c = rumqttc::mqttbytes::v4::Connect::new(client_id);
+        c.keep_alive = keep_alive;
+        self.send(Packet::Connect(c)).await.ok()?;
+        self.recv(Duration::from_secs(5)).await
+    }
+    /// True if the peer closed the connection within `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.tls.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub fn connack_code(p: &Option<Packet>) -> Option<rumqttc::mqttbytes::v4::ConnectReturnCode> {
+    match p {
+        Some(Packet::ConnAck(a)) => Some(a.code),
+        _ => None,
+    }
+}
+
+/// rumqttc options for a device or service directory.
+pub fn rumqttc_options(dir: &Path, client_id: &str, addr: SocketAddr) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(client_id, "localhost", addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let cfg =
+        client_config(&dir.join("broker-trust.pem"), Some((&dir.join("cert.pem"), &dir.join("key.pem"))));
+    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(cfg)));
+    o
+}
+
+/// Polls a rumqttc event loop until CONNACK; returns the error if the connection fails.
+pub async fn rumqttc_connected(ev: &mut rumqttc::EventLoop) -> Result<(), rumqttc::ConnectionError> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll())
+            .await
+            .expect("rumqttc poll timed out")?
+        {
+            rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => return Ok(()),
+            _ => {}
+        }
+    }
+}
