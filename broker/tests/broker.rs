@@ -438,7 +438,7 @@ async fn kill9_under_qos1_load_loses_no_acknowledged_message() {
             if tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await.is_err() {
                 return;
             }
-            if n % 50 == 0 {
+            if n.is_multiple_of(50) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }

@@ -289,12 +289,11 @@ pub fn rumqttc_options(dir: &Path, client_id: &str, addr: SocketAddr) -> rumqttc
 /// Polls a rumqttc event loop until CONNACK; returns the error if the connection fails.
 pub async fn rumqttc_connected(ev: &mut rumqttc::EventLoop) -> Result<(), rumqttc::ConnectionError> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ev.poll())
+        let event = tokio::time::timeout(Duration::from_secs(10), ev.poll())
             .await
-            .expect("rumqttc poll timed out")?
-        {
-            rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => return Ok(()),
-            _ => {}
+            .expect("rumqttc poll timed out")?;
+        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = event {
+            return Ok(());
         }
     }
 }
