@@ -36,7 +36,24 @@ pub struct Sessions {
 struct LiveSession {
     conn_id: u64,
     serial: SerialNumber,
-    kick: CancellationToken,
+    kick: Kick,
+}
+
+/// Cuts a session, remembering why (for the `kicks_total{reason}` metric).
+#[derive(Debug, Clone, Default)]
+struct Kick {
+    token: CancellationToken,
+    reason: Arc<std::sync::OnceLock<&'static str>>,
+}
+
+impl Kick {
+    fn cut(&self, reason: &'static str) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+    fn reason(&self) -> &'static str {
+        self.reason.get().copied().unwrap_or("unknown")
+    }
 }
 
 impl Sessions {
@@ -45,8 +62,8 @@ impl Sessions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session, returning the kick token of the one it replaces.
-    fn register(&self, id: &DeviceId, s: LiveSession) -> Option<CancellationToken> {
+    /// Registers a session, returning the kick handle of the one it replaces.
+    fn register(&self, id: &DeviceId, s: LiveSession) -> Option<Kick> {
         self.lock().insert(id.clone(), s).map(|old| old.kick)
     }
 
@@ -62,7 +79,7 @@ impl Sessions {
         let m = self.lock();
         match m.get(id) {
             Some(s) if &s.serial == serial => {
-                s.kick.cancel();
+                s.kick.cut("revoked");
                 true
             }
             _ => false,
@@ -243,17 +260,16 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
         return;
     }
 
-    let kick = CancellationToken::new();
+    let kick = Kick::default();
     let live = LiveSession { conn_id, serial: id.serial.clone(), kick: kick.clone() };
     if let Some(old) = shared.sessions.register(&id.id, live) {
-        shared.metrics.kicks.with_label_values(&["takeover"]).inc();
         info!(device = %id.id, "a new connection replaces the live session of this device");
-        old.cancel();
+        old.cut("takeover");
     }
     // A revocation that landed between admission and registration must still cut us.
     if let Ok(Some(a)) = shared.registry.admission(&id.serial).await {
         if a.device_status == Status::Revoked || a.cert_status == Status::Revoked {
-            kick.cancel();
+            kick.cut("revoked");
         }
     }
     shared.metrics.handshake(true, "ok");
@@ -270,9 +286,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
     shared.metrics.sessions_live.dec();
     match end {
         End::Kicked => {
-            if kick.is_cancelled() && !shared.shutdown.is_cancelled() {
-                info!(device = %id.id, serial = %id.serial, "session cut");
-            }
+            let reason = kick.reason();
+            shared.metrics.kicks.with_label_values(&[reason]).inc();
+            info!(device = %id.id, serial = %id.serial, reason, "session cut");
         }
         End::Protocol(reason) => {
             shared.metrics.protocol_errors.with_label_values(&[reason]).inc();
@@ -300,7 +316,7 @@ async fn run(
     id: &Identity,
     conn_id: u64,
     keep_alive: Duration,
-    kick: &CancellationToken,
+    kick: &Kick,
 ) -> End {
     let (tx, mut rx) = mpsc::channel::<Publish>(256);
     let mut pending = FuturesOrdered::new();
@@ -326,10 +342,7 @@ async fn run(
         }
         tokio::select! {
             biased;
-            _ = kick.cancelled() => {
-                shared.metrics.kicks.with_label_values(&["revoked"]).inc();
-                return End::Kicked;
-            }
+            _ = kick.token.cancelled() => return End::Kicked,
             _ = shared.shutdown.cancelled() => return End::Shutdown,
             Some((pkid, stored)) = pending.next(), if !pending.is_empty() => {
                 let stored: bool = stored;

@@ -248,6 +248,12 @@ async fn client_id_binding() {
     assert!(raw.closed_within(Duration::from_secs(2)).await, "the replaced session must be closed");
     assert!(broker.log().contains("replaces the live session"));
     assert_eq!(broker.metric("fleet_sessions_live").await, 1.0);
+    broker.wait_metric("fleet_kicks_total{reason=\"takeover\"}", 1.0, Duration::from_secs(2)).await;
+    assert_eq!(
+        broker.metric("fleet_kicks_total{reason=\"revoked\"}").await,
+        0.0,
+        "a takeover is not a revocation"
+    );
 }
 
 #[tokio::test]

@@ -13,6 +13,31 @@ use fleet_provision::station::{MintOptions, Station};
 use fleet_provision::{DeviceId, RevocationReason, SerialNumber};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// `println!` that ends the process quietly when stdout is closed (e.g. piped into `head`),
+/// instead of panicking like `println!` does.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// `print!` with the same broken-pipe handling.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// The fleetgate factory provisioning station.
 ///
 /// Creates the CA hierarchy, mints one X.509 identity per device, keeps the registry (SQLite in
@@ -178,22 +203,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { org } => {
             let s = Station::init(home, &org, db).await?;
-            println!("initialised fleet home {}", s.home().root().display());
-            println!(
+            say!("initialised fleet home {}", s.home().root().display());
+            say!(
                 "  root CA         {}  (move {} offline)",
                 s.home().root_ca().display(),
                 s.home().root_ca_key().display()
             );
-            println!("  device CA       {}", s.home().device_ca().display());
-            println!("  server CA       {}", s.home().server_ca().display());
-            println!("  CRL             {}", s.home().crl().display());
-            println!("next: fleet-provision server-cert --dns <broker host> --out broker-tls");
+            say!("  device CA       {}", s.home().device_ca().display());
+            say!("  server CA       {}", s.home().server_ca().display());
+            say!("  CRL             {}", s.home().crl().display());
+            say!("next: fleet-provision server-cert --dns <broker host> --out broker-tls");
         }
         Command::ServerCert { dns, ip, out } => {
             let s = Station::open(home, db).await?;
             let out = out.unwrap_or_else(|| s.home().root().join("broker-tls"));
             let c = s.server_cert(&dns, &ip, &out).await?;
-            println!(
+            say!(
                 "server certificate {} (serial {}) valid until {}",
                 out.display(),
                 c.serial,
@@ -203,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ServiceCert { name, out } => {
             let s = Station::open(home, db).await?;
             let d = s.service_cert(&name, &out).await?;
-            println!("service identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+            say!("service identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
         }
         Command::Mint { count, prefix, out, broker_host, broker_port, days, chunk } => {
             let mut s = Station::open(home, db).await?;
@@ -221,19 +246,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let minted = s.mint(&opts, &|n| bar.inc(n)).await?;
             bar.finish_and_clear();
             for d in minted.iter().take(20) {
-                println!("{}  serial {}", d.device_id, d.serial);
+                say!("{}  serial {}", d.device_id, d.serial);
             }
             if minted.len() > 20 {
-                println!("... and {} more", minted.len() - 20);
+                say!("... and {} more", minted.len() - 20);
             }
-            println!("minted {} device identities into {}", minted.len(), out.display());
+            say!("minted {} device identities into {}", minted.len(), out.display());
         }
         Command::SignCsr { csr, device_id, out } => {
             let s = Station::open(home, db).await?;
             let bytes = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
             let c = s.sign_csr(&bytes, device_id.as_deref()).await?;
             fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
-            println!("issued serial {} valid until {} -> {}", c.serial, fmt_time(c.not_after), out.display());
+            say!("issued serial {} valid until {} -> {}", c.serial, fmt_time(c.not_after), out.display());
         }
         Command::Renew { device_id, out } => {
             let s = Station::open(home, db).await?;
@@ -241,14 +266,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match out {
                 Some(out) => {
                     fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
-                    println!(
+                    say!(
                         "renewed {device_id}: serial {} valid until {} -> {}",
                         c.serial,
                         fmt_time(c.not_after),
                         out.display()
                     );
                 }
-                None => print!("{}", c.pem),
+                None => say_raw!("{}", c.pem),
             }
         }
         Command::Revoke { device_id, serial, reason } => {
@@ -256,36 +281,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let crl = match (device_id, serial) {
                 (Some(id), _) => {
                     let (serials, crl) = s.revoke_device(&DeviceId::parse(&id)?, reason).await?;
-                    println!(
+                    say!(
                         "revoked device {id} ({reason}): {} certificate(s)",
                         serials.len(),
                         reason = reason.as_str()
                     );
                     for sn in serials {
-                        println!("  serial {sn}");
+                        say!("  serial {sn}");
                     }
                     crl
                 }
                 (None, Some(sn)) => {
                     let (owner, crl) = s.revoke_serial(&SerialNumber::parse(&sn)?, reason).await?;
-                    println!("revoked certificate {sn} of {owner} ({})", reason.as_str());
+                    say!("revoked certificate {sn} of {owner} ({})", reason.as_str());
                     crl
                 }
                 (None, None) => anyhow::bail!("give a DEVICE_ID or --serial"),
             };
-            println!(
-                "CRL #{} with {} entries written to {}",
-                crl.number,
-                crl.revoked,
-                s.home().crl().display()
-            );
+            say!("CRL #{} with {} entries written to {}", crl.number, crl.revoked, s.home().crl().display());
         }
         Command::Crl { out, der, days } => {
             let s = Station::open(home, db).await?;
             let crl = s.crl(Some(days)).await?;
             let bytes = if der { crl.der.clone() } else { crl.pem.clone().into_bytes() };
             fleet_provision::home::write_replace(&out, &bytes)?;
-            println!("CRL #{} with {} revoked certificate(s) -> {}", crl.number, crl.revoked, out.display());
+            say!("CRL #{} with {} revoked certificate(s) -> {}", crl.number, crl.revoked, out.display());
         }
         Command::List { status, json } => {
             let s = Station::open(home, db).await?;
@@ -303,15 +323,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "not_after": latest.map(|c| fmt_time(c.not_after)),
                     }));
                 }
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                say!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<40} {:<8} {:<8} {:<34} EXPIRES", "DEVICE", "ROLE", "STATUS", "SERIAL");
+                say!("{:<40} {:<8} {:<8} {:<34} EXPIRES", "DEVICE", "ROLE", "STATUS", "SERIAL");
                 for d in &devices {
                     let certs = s.registry().certificates_of(&d.device_id).await?;
                     let (serial, exp) = certs.first().map_or((String::new(), String::new()), |c| {
                         (c.serial.to_hex(), fmt_time(c.not_after))
                     });
-                    println!(
+                    say!(
                         "{:<40} {:<8} {:<8} {:<34} {}",
                         d.device_id,
                         d.role.as_str(),
@@ -320,7 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         exp
                     );
                 }
-                println!("{} identities", devices.len());
+                say!("{} identities", devices.len());
             }
         }
         Command::Show { device_id, json } => {
@@ -341,14 +361,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "status": r.device.status.as_str(), "created_at": fmt_time(r.device.created_at),
                     "certificates": certs,
                 });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("device   {}", r.device.device_id);
-                println!("role     {}", r.device.role.as_str());
-                println!("status   {}", r.device.status.as_str());
-                println!("created  {}", fmt_time(r.device.created_at));
+                say!("device   {}", r.device.device_id);
+                say!("role     {}", r.device.role.as_str());
+                say!("status   {}", r.device.status.as_str());
+                say!("created  {}", fmt_time(r.device.created_at));
                 for c in &r.certificates {
-                    println!(
+                    say!(
                         "cert     {}  {}  {} .. {}  key:{}{}",
                         c.serial,
                         c.status.as_str(),
@@ -363,7 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::VerifyLog => {
             let s = Station::open(home, db).await?;
             let r = s.verify_log().await?;
-            println!("issuance log OK: {} entries, head {}", r.entries, r.head);
+            say!("issuance log OK: {} entries, head {}", r.entries, r.head);
         }
     }
     Ok(())

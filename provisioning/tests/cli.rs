@@ -523,3 +523,22 @@ fn killed_mid_mint_leaves_registry_and_files_consistent() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    let st = Station::new(None);
+    st.init();
+    st.mint(30);
+    // `list | head -n 1`: the reader goes away after one line.
+    let mut child = st
+        .cmd(&["list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // close the read end before the child writes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+}
