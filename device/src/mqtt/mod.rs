@@ -1,0 +1,8 @@
+//! MQTT 3.1.1, sans-IO: a codec that decodes from `&[u8]` and encodes into `&mut [u8]`.
+//!
+//! Independent of the broker's codec (rumqttc's `mqttbytes`) on purpose: the tests cross-check
+//! the two, so a bug in either shows up as a disagreement.
+
+pub mod codec;
+
+pub use codec::{decode, DecodeError, EncodeError, Packet, Publish, QoS};
