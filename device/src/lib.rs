@@ -10,3 +10,5 @@
 
 pub mod credentials;
 pub mod mqtt;
+#[cfg(feature = "tls")]
+pub mod tls;
