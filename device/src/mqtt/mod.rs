@@ -4,5 +4,7 @@
 //! the two, so a bug in either shows up as a disagreement.
 
 pub mod codec;
+pub mod session;
 
 pub use codec::{decode, DecodeError, EncodeError, Packet, Publish, QoS};
+pub use session::{Event, Millis, Overflow, Session, SessionConfig, SessionError};

@@ -1,0 +1,572 @@
+//! The MQTT session state machine, sans-IO: it is told the time, fed the bytes that arrived and
+//! the transport's ups and downs, and says what to send. It never reads a clock or an RNG.
+//!
+//! - **Outbox**: telemetry is queued (bounded, `N` messages of up to `M` bytes) and sent in order;
+//!   it survives disconnects and drains after the next CONNACK. When full, the configured
+//!   [`Overflow`] policy decides: drop the oldest queued message, or refuse the new one.
+//! - **QoS 1**: one message in flight at a time (small devices), retransmitted with DUP after
+//!   `ack_timeout_ms`, and after a reconnect.
+//! - **Keep-alive**: PINGREQ when nothing was sent for `keep_alive`; if no PINGRESP arrives
+//!   within another `keep_alive`, the session reports [`SessionError::KeepAliveTimeout`] and the
+//!   caller drops the transport.
+//! - **Reconnect**: exponential back-off from `backoff_min_ms` to `backoff_max_ms` with jitter
+//!   drawn from the caller's random number (`[d/2, d]`), reset after a successful CONNACK.
+
+use heapless::{Deque, String, Vec};
+
+use super::codec::{decode, DecodeError, EncodeError, Packet, Publish, QoS, SubscribeFilters};
+
+/// Milliseconds on the caller's monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    fn plus(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+/// What to do when the outbox is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Discard the oldest message not yet in flight (fresh telemetry matters most).
+    DropOldest,
+    /// Refuse the new message (`publish` returns `OutboxFull`).
+    RejectNew,
+}
+
+/// Session settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Keep-alive, seconds (0 disables).
+    pub keep_alive_secs: u16,
+    /// Retransmit an unacknowledged QoS 1 message after this long.
+    pub ack_timeout_ms: u64,
+    /// First reconnect delay.
+    pub backoff_min_ms: u64,
+    /// Largest reconnect delay.
+    pub backoff_max_ms: u64,
+    /// Outbox overflow policy.
+    pub overflow: Overflow,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            keep_alive_secs: 30,
+            ack_timeout_ms: 5_000,
+            backoff_min_ms: 500,
+            backoff_max_ms: 60_000,
+            overflow: Overflow::DropOldest,
+        }
+    }
+}
+
+/// Something the application should know about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// CONNACK accepted.
+    Connected,
+    /// A QoS 1 message was acknowledged (stored by the broker).
+    Delivered {
+        /// Its packet id.
+        pkid: u16,
+    },
+    /// The command subscription is active.
+    Subscribed,
+    /// A command arrived on `devices/<id>/commands/<name>`.
+    Command {
+        /// The command name (topic level after `commands/`).
+        name: &'a str,
+        /// Its payload.
+        payload: &'a [u8],
+    },
+}
+
+/// Why the session cannot go on over this transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The broker refused CONNECT with this return code (5: not authorized, e.g. revoked).
+    Refused(u8),
+    /// The broker sent something that is not MQTT 3.1.1.
+    Protocol(DecodeError),
+    /// The broker refused the command subscription.
+    SubscriptionRefused,
+    /// No PINGRESP in time.
+    KeepAliveTimeout,
+    /// No CONNACK in time.
+    ConnectTimeout,
+    /// The outbox is full and the policy is `RejectNew`.
+    OutboxFull,
+    /// Topic or payload does not fit the configured sizes.
+    TooLarge,
+    /// Encoding failed (output buffer too small).
+    Encode(EncodeError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting until `retry_at` to open a transport.
+    Disconnected { retry_at: Millis },
+    /// Transport up; CONNECT not yet sent (false) or sent at the time.
+    Connecting { sent_at: Option<Millis> },
+    /// CONNACK received.
+    Connected,
+}
+
+#[derive(Debug, Clone)]
+struct Message<const M: usize> {
+    suffix: String<32>,
+    payload: Vec<u8, M>,
+    qos: QoS,
+    /// Packet id once assigned (QoS 1).
+    pkid: Option<u16>,
+}
+
+/// An MQTT 3.1.1 client session for one device: `N` queued messages of up to `M` bytes.
+#[derive(Debug)]
+pub struct Session<'a, const N: usize, const M: usize> {
+    cfg: SessionConfig,
+    device_id: &'a str,
+    state: State,
+    outbox: Deque<Message<M>, N>,
+    in_flight_since: Option<Millis>,
+    next_pkid: u16,
+    last_sent: Millis,
+    ping_sent: Option<Millis>,
+    subscribe_pending: Option<u16>,
+    subscribed: bool,
+    pending_puback: Option<u16>,
+    attempt: u32,
+    dropped: u32,
+}
+
+impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
+    /// A disconnected session for `device_id` (ready to connect at once).
+    pub fn new(device_id: &'a str, cfg: SessionConfig) -> Self {
+        Self {
+            cfg,
+            device_id,
+            state: State::Disconnected { retry_at: Millis(0) },
+            outbox: Deque::new(),
+            in_flight_since: None,
+            next_pkid: 0,
+            last_sent: Millis(0),
+            ping_sent: None,
+            subscribe_pending: None,
+            subscribed: false,
+            pending_puback: None,
+            attempt: 0,
+            dropped: 0,
+        }
+    }
+
+    /// True once CONNACK was accepted on the current transport.
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Messages waiting (including the one in flight).
+    pub fn queued(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Messages discarded by the `DropOldest` policy so far.
+    pub fn dropped(&self) -> u32 {
+        self.dropped
+    }
+
+    /// Queues `payload` for `devices/<id>/<suffix>`.
+    pub fn publish(&mut self, suffix: &str, payload: &[u8], qos: QoS) -> Result<(), SessionError> {
+        let msg = Message {
+            suffix: String::try_from(suffix).map_err(|_| SessionError::TooLarge)?,
+            payload: Vec::from_slice(payload).map_err(|_| SessionError::TooLarge)?,
+            qos: if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+            pkid: None,
+        };
+        if self.outbox.is_full() {
+            match self.cfg.overflow {
+                Overflow::RejectNew => return Err(SessionError::OutboxFull),
+                Overflow::DropOldest => {
+                    // Keep the message in flight (its ack may be on the way): drop the next one.
+                    let keep_head = self.in_flight_since.is_some();
+                    let head = if keep_head { self.outbox.pop_front() } else { None };
+                    let _ = self.outbox.pop_front();
+                    if let Some(h) = head {
+                        let _ = self.outbox.push_front(h);
+                    }
+                    self.dropped = self.dropped.saturating_add(1);
+                }
+            }
+        }
+        self.outbox.push_back(msg).map_err(|_| SessionError::OutboxFull)
+    }
+
+    /// The caller should open a transport now (or at the returned time).
+    pub fn reconnect_at(&self) -> Option<Millis> {
+        match self.state {
+            State::Disconnected { retry_at } => Some(retry_at),
+            _ => None,
+        }
+    }
+
+    /// The transport (TCP + TLS) is up: start the MQTT handshake.
+    pub fn transport_up(&mut self, _now: Millis) {
+        self.state = State::Connecting { sent_at: None };
+        self.ping_sent = None;
+        self.subscribed = false;
+        self.subscribe_pending = None;
+        self.pending_puback = None;
+        self.in_flight_since = None; // retransmitted (DUP) after CONNACK
+    }
+
+    /// The transport failed or closed: back off before the next attempt. `random` is any random
+    /// number from the caller's RNG (for jitter).
+    pub fn transport_down(&mut self, now: Millis, random: u32) {
+        let exp = self.cfg.backoff_min_ms.saturating_mul(1u64 << self.attempt.min(20));
+        let delay = exp.min(self.cfg.backoff_max_ms);
+        let jittered = delay / 2 + u64::from(random) % (delay / 2 + 1);
+        self.attempt = self.attempt.saturating_add(1);
+        self.state = State::Disconnected { retry_at: now.plus(jittered) };
+        self.in_flight_since = None;
+    }
+
+    /// The next time `poll_transmit` may have something to do.
+    pub fn poll_at(&self) -> Option<Millis> {
+        match self.state {
+            State::Disconnected { retry_at } => Some(retry_at),
+            State::Connecting { sent_at: None } => Some(Millis(0)),
+            State::Connecting { sent_at: Some(t) } => Some(t.plus(self.keep_alive_ms().max(10_000))),
+            State::Connected => {
+                let mut t = self
+                    .ping_sent
+                    .map_or(self.last_sent.plus(self.keep_alive_ms()), |p| p.plus(self.keep_alive_ms()));
+                if let Some(s) = self.in_flight_since {
+                    t = t.min(s.plus(self.cfg.ack_timeout_ms));
+                }
+                Some(t)
+            }
+        }
+    }
+
+    fn keep_alive_ms(&self) -> u64 {
+        if self.cfg.keep_alive_secs == 0 {
+            u64::MAX / 4
+        } else {
+            u64::from(self.cfg.keep_alive_secs) * 1000
+        }
+    }
+
+    fn take_pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+        self.next_pkid
+    }
+
+    /// Writes the next packet to send into `out` and returns its length, or `None` if there is
+    /// nothing to send now. Call until it returns `None`.
+    pub fn poll_transmit(&mut self, now: Millis, out: &mut [u8]) -> Result<Option<usize>, SessionError> {
+        let n = match self.state {
+            State::Disconnected { .. } => return Ok(None),
+            State::Connecting { sent_at: None } => {
+                let p = Packet::Connect {
+                    client_id: self.device_id,
+                    keep_alive: self.cfg.keep_alive_secs,
+                    clean_session: true,
+                };
+                self.state = State::Connecting { sent_at: Some(now) };
+                p.encode(out).map_err(SessionError::Encode)?
+            }
+            State::Connecting { sent_at: Some(t) } => {
+                if now >= t.plus(self.keep_alive_ms().max(10_000)) {
+                    return Err(SessionError::ConnectTimeout);
+                }
+                return Ok(None);
+            }
+            State::Connected => match self.next_connected_packet(now, out)? {
+                Some(n) => n,
+                None => return Ok(None),
+            },
+        };
+        self.last_sent = now;
+        Ok(Some(n))
+    }
+
+    fn next_connected_packet(&mut self, now: Millis, out: &mut [u8]) -> Result<Option<usize>, SessionError> {
+        if let Some(pkid) = self.pending_puback.take() {
+            return Packet::PubAck { pkid }.encode(out).map(Some).map_err(SessionError::Encode);
+        }
+        if !self.subscribed && self.subscribe_pending.is_none() {
+            let pkid = self.take_pkid();
+            self.subscribe_pending = Some(pkid);
+            let mut filter: String<96> = String::new();
+            // device ids are at most 64 bytes, so this always fits.
+            let _ = filter.push_str("devices/");
+            let _ = filter.push_str(self.device_id);
+            let _ = filter.push_str("/commands/#");
+            let list = [(filter.as_str(), QoS::AtLeastOnce)];
+            return Packet::Subscribe { pkid, filters: SubscribeFilters::List(&list) }
+                .encode(out)
+                .map(Some)
+                .map_err(SessionError::Encode);
+        }
+        if let Some(p) = self.ping_sent {
+            if now >= p.plus(self.keep_alive_ms()) {
+                return Err(SessionError::KeepAliveTimeout);
+            }
+        }
+        // The head of the outbox: send it if nothing is in flight, or retransmit on timeout.
+        let retransmit = self.in_flight_since.is_some_and(|t| now >= t.plus(self.cfg.ack_timeout_ms));
+        if self.in_flight_since.is_none() || retransmit {
+            let fresh_pkid =
+                if self.outbox.front().is_some_and(|m| m.qos == QoS::AtLeastOnce && m.pkid.is_none()) {
+                    Some(self.take_pkid())
+                } else {
+                    None
+                };
+            if let Some(msg) = self.outbox.front_mut() {
+                if let Some(id) = fresh_pkid {
+                    msg.pkid = Some(id);
+                }
+                let mut topic: String<128> = String::new();
+                let _ = topic.push_str("devices/");
+                let _ = topic.push_str(self.device_id);
+                let _ = topic.push('/');
+                let _ = topic.push_str(&msg.suffix);
+                let dup = msg.qos == QoS::AtLeastOnce && fresh_pkid.is_none();
+                let p = Publish {
+                    topic: &topic,
+                    payload: &msg.payload,
+                    qos: msg.qos,
+                    retain: false,
+                    dup,
+                    pkid: msg.pkid,
+                };
+                let n = Packet::Publish(p).encode(out).map_err(SessionError::Encode)?;
+                if msg.qos == QoS::AtMostOnce {
+                    let _ = self.outbox.pop_front();
+                } else {
+                    self.in_flight_since = Some(now);
+                }
+                return Ok(Some(n));
+            }
+        }
+        if self.ping_sent.is_none() && now >= self.last_sent.plus(self.keep_alive_ms()) {
+            self.ping_sent = Some(now);
+            return Packet::PingReq.encode(out).map(Some).map_err(SessionError::Encode);
+        }
+        Ok(None)
+    }
+
+    /// Consumes one packet from `input`. Returns the bytes used (0: need more input) and any
+    /// event. Call again with the rest until it uses 0 bytes.
+    pub fn handle<'b>(
+        &mut self,
+        now: Millis,
+        input: &'b [u8],
+    ) -> Result<(usize, Option<Event<'b>>), SessionError> {
+        let (packet, used) = match decode(input, usize::MAX) {
+            Ok(x) => x,
+            Err(DecodeError::Incomplete { .. }) => return Ok((0, None)),
+            Err(e) => return Err(SessionError::Protocol(e)),
+        };
+        let _ = now;
+        let event = match packet {
+            Packet::ConnAck { code: 0, .. } => {
+                self.state = State::Connected;
+                self.attempt = 0;
+                Some(Event::Connected)
+            }
+            Packet::ConnAck { code, .. } => return Err(SessionError::Refused(code)),
+            Packet::PubAck { pkid } => {
+                let head = self.outbox.front().and_then(|m| m.pkid);
+                if head == Some(pkid) && self.in_flight_since.is_some() {
+                    let _ = self.outbox.pop_front();
+                    self.in_flight_since = None;
+                    Some(Event::Delivered { pkid })
+                } else {
+                    None // a late duplicate
+                }
+            }
+            Packet::SubAck { pkid, codes } if Some(pkid) == self.subscribe_pending => {
+                self.subscribe_pending = None;
+                if codes.iter().any(|c| *c == 0x80) {
+                    return Err(SessionError::SubscriptionRefused);
+                }
+                self.subscribed = true;
+                Some(Event::Subscribed)
+            }
+            Packet::PingResp => {
+                self.ping_sent = None;
+                None
+            }
+            Packet::Publish(p) => {
+                if let Some(id) = p.pkid {
+                    self.pending_puback = Some(id);
+                }
+                let prefix_ok = p
+                    .topic
+                    .strip_prefix("devices/")
+                    .and_then(|r| r.strip_prefix(self.device_id))
+                    .and_then(|r| r.strip_prefix("/commands/"));
+                prefix_ok.map(|name| Event::Command { name, payload: p.payload })
+            }
+            _ => None,
+        };
+        Ok((used, event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type S = Session<'static, 4, 64>;
+
+    fn tx(s: &mut S, now: u64) -> std::vec::Vec<std::vec::Vec<u8>> {
+        let mut out = std::vec::Vec::new();
+        let mut buf = [0u8; 256];
+        while let Some(n) = s.poll_transmit(Millis(now), &mut buf).expect("transmit") {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+
+    fn kinds(packets: &[std::vec::Vec<u8>]) -> std::vec::Vec<u8> {
+        packets.iter().map(|p| p[0] >> 4).collect()
+    }
+
+    fn feed<'b>(s: &mut S, bytes: &'b [u8]) -> Option<Event<'b>> {
+        let (used, ev) = s.handle(Millis(0), bytes).expect("handle");
+        assert_eq!(used, bytes.len());
+        ev
+    }
+
+    fn connected() -> S {
+        let mut s = S::new("dev-1", SessionConfig { keep_alive_secs: 10, ..SessionConfig::default() });
+        s.transport_up(Millis(0));
+        assert_eq!(kinds(&tx(&mut s, 0)), vec![1]); // CONNECT
+        assert_eq!(feed(&mut s, &[0x20, 2, 0, 0]), Some(Event::Connected));
+        let out = tx(&mut s, 1);
+        assert_eq!(kinds(&out), vec![8]); // SUBSCRIBE devices/dev-1/commands/#
+        let pkid = u16::from_be_bytes([out[0][2], out[0][3]]);
+        let [hi, lo] = pkid.to_be_bytes();
+        assert_eq!(feed(&mut s, &[0x90, 3, hi, lo, 1]), Some(Event::Subscribed));
+        s
+    }
+
+    #[test]
+    fn connect_subscribe_publish_ack() {
+        let mut s = connected();
+        s.publish("telemetry", b"t=1", QoS::AtLeastOnce).unwrap();
+        s.publish("telemetry", b"t=2", QoS::AtLeastOnce).unwrap();
+        let out = tx(&mut s, 2);
+        assert_eq!(kinds(&out), vec![3], "one QoS 1 message in flight at a time");
+        let Ok((Packet::Publish(p), _)) = decode(&out[0], 1024) else { panic!("not a PUBLISH") };
+        assert_eq!((p.topic, p.payload, p.dup), ("devices/dev-1/telemetry", &b"t=1"[..], false));
+        let pkid = p.pkid.expect("QoS 1 has a packet id");
+        let [hi, lo] = pkid.to_be_bytes();
+        assert_eq!(feed(&mut s, &[0x40, 2, hi, lo]), Some(Event::Delivered { pkid }));
+        let out = tx(&mut s, 3);
+        assert!(out[0].ends_with(b"t=2"));
+        assert_eq!(s.queued(), 1);
+    }
+
+    #[test]
+    fn unacknowledged_qos1_is_retransmitted_with_dup() {
+        let mut s = connected();
+        s.publish("telemetry", b"x", QoS::AtLeastOnce).unwrap();
+        let first = tx(&mut s, 10);
+        assert_eq!(first[0][0], 0x32);
+        assert!(tx(&mut s, 10 + 4_999).is_empty());
+        let again = tx(&mut s, 10 + 5_000);
+        assert_eq!(again[0][0], 0x3a, "DUP set on retransmission");
+        assert_eq!(&again[0][1..], &first[0][1..], "same packet id and payload");
+    }
+
+    #[test]
+    fn outbox_survives_disconnect_and_drains_after_reconnect() {
+        let mut s = connected();
+        s.publish("telemetry", b"a", QoS::AtLeastOnce).unwrap();
+        let sent = tx(&mut s, 5);
+        assert_eq!(sent.len(), 1);
+        s.transport_down(Millis(6), 0);
+        s.publish("telemetry", b"b", QoS::AtLeastOnce).unwrap();
+        assert!(tx(&mut s, 7).is_empty(), "nothing is sent while disconnected");
+        assert_eq!(s.queued(), 2);
+        let retry = s.reconnect_at().unwrap();
+        s.transport_up(retry);
+        assert_eq!(kinds(&tx(&mut s, retry.0)), vec![1]);
+        feed(&mut s, &[0x20, 2, 0, 0]);
+        let out = tx(&mut s, retry.0 + 1);
+        // SUBSCRIBE again (clean session), then "a" again with DUP.
+        assert_eq!(kinds(&out), vec![8, 3]);
+        assert_eq!(out[1][0], 0x3a);
+        assert!(out[1].ends_with(b"a"));
+    }
+
+    #[test]
+    fn overflow_policies() {
+        let mut s =
+            S::new("dev-1", SessionConfig { overflow: Overflow::RejectNew, ..SessionConfig::default() });
+        for i in 0..4u8 {
+            s.publish("t", &[i], QoS::AtLeastOnce).unwrap();
+        }
+        assert_eq!(s.publish("t", &[9], QoS::AtLeastOnce), Err(SessionError::OutboxFull));
+        let mut s = S::new("dev-1", SessionConfig::default());
+        for i in 0..6u8 {
+            s.publish("t", &[i], QoS::AtLeastOnce).unwrap();
+        }
+        assert_eq!((s.queued(), s.dropped()), (4, 2));
+        assert!(matches!(s.publish("t", &[0; 65], QoS::AtMostOnce), Err(SessionError::TooLarge)));
+    }
+
+    #[test]
+    fn keepalive_ping_and_timeout() {
+        let mut s = connected();
+        assert!(tx(&mut s, 5_000).is_empty());
+        assert_eq!(kinds(&tx(&mut s, 10_001)), vec![12], "PINGREQ after keep-alive of silence");
+        feed(&mut s, &[0xd0, 0]);
+        assert_eq!(kinds(&tx(&mut s, 20_002)), vec![12]);
+        let mut buf = [0u8; 16];
+        assert_eq!(s.poll_transmit(Millis(30_003), &mut buf), Err(SessionError::KeepAliveTimeout));
+    }
+
+    #[test]
+    fn commands_are_events_and_qos1_commands_are_acked() {
+        let mut s = connected();
+        let mut buf = [0u8; 64];
+        let p = Publish {
+            topic: "devices/dev-1/commands/reboot",
+            payload: b"now",
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            dup: false,
+            pkid: Some(5),
+        };
+        let n = Packet::Publish(p).encode(&mut buf).unwrap();
+        let bytes = buf[..n].to_vec();
+        assert_eq!(feed(&mut s, &bytes), Some(Event::Command { name: "reboot", payload: b"now" }));
+        assert_eq!(tx(&mut s, 2), vec![vec![0x40, 2, 0, 5]]);
+    }
+
+    #[test]
+    fn refusal_and_backoff() {
+        let mut s = S::new("dev-1", SessionConfig::default());
+        s.transport_up(Millis(0));
+        tx(&mut s, 0);
+        assert_eq!(s.handle(Millis(0), &[0x20, 2, 0, 5]), Err(SessionError::Refused(5)));
+        let mut last = 0;
+        for (i, random) in [0u32, u32::MAX, 7, 0, 0, 0, 0, 0, 0, 0, 0].into_iter().enumerate() {
+            s.transport_down(Millis(0), random);
+            let d = s.reconnect_at().unwrap().0;
+            let cap = (500u64 << i).min(60_000);
+            assert!(d >= cap / 2 && d <= cap, "attempt {i}: {d} outside [{}, {cap}]", cap / 2);
+            last = d;
+        }
+        assert!(last <= 60_000);
+        // Incomplete input is not an error.
+        assert_eq!(s.handle(Millis(0), &[0x20]), Ok((0, None)));
+        assert!(matches!(s.handle(Millis(0), &[0xf0, 0]), Err(SessionError::Protocol(_))));
+    }
+}
