@@ -390,7 +390,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             }
             Packet::SubAck { pkid, codes } if Some(pkid) == self.subscribe_pending => {
                 self.subscribe_pending = None;
-                if codes.iter().any(|c| *c == 0x80) {
+                if codes.contains(&0x80) {
                     return Err(SessionError::SubscriptionRefused);
                 }
                 self.subscribed = true;
