@@ -144,3 +144,191 @@ async fn sdk_is_refused_after_revocation() {
         )
         .await;
 }
+
+use fleet_device::client::{Device, Incoming};
+use fleet_device::mqtt::{Millis, SessionConfig};
+use std::sync::mpsc;
+
+fn millis() -> Millis {
+    use std::sync::OnceLock;
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    Millis(START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64)
+}
+
+fn tcp(addr: SocketAddr) -> FromStd<std::net::TcpStream> {
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    FromStd::new(s)
+}
+
+/// Polls until `want` returns true for an event; fails on a transport error.
+fn poll_until<T: embedded_io::Read + embedded_io::Write>(
+    d: &mut Device<'_, 8, 256>,
+    conn: &mut T,
+    mut want: impl FnMut(&Incoming) -> bool,
+) -> Incoming {
+    let t = std::time::Instant::now();
+    loop {
+        assert!(t.elapsed() < Duration::from_secs(15), "timed out waiting for an event");
+        if let Some(ev) = d.poll(conn, millis()).expect("poll") {
+            if want(&ev) {
+                return ev;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let (to_test, from_device) = mpsc::channel::<&'static str>();
+    let (to_device, from_test) = mpsc::channel::<SocketAddr>();
+    let first = broker.mqtt;
+    let device = std::thread::spawn(move || {
+        let creds = Credentials::decode(&bundle).unwrap();
+        let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        let mut conn = d.connect(tcp(first), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
+        d.publish_telemetry(&(1u32, 21.5f32)).unwrap();
+        d.publish_telemetry(&(2u32, 21.6f32)).unwrap();
+        let mut delivered = 0;
+        poll_until(&mut d, &mut conn, |e| {
+            delivered += u32::from(*e == Incoming::Delivered);
+            delivered == 2
+        });
+        to_test.send("subscribed").unwrap();
+        let cmd = poll_until(&mut d, &mut conn, |e| matches!(e, Incoming::Command { .. }));
+        assert_eq!(
+            cmd,
+            Incoming::Command {
+                name: "blink".try_into().unwrap(),
+                payload: heapless::Vec::from_slice(b"3").unwrap()
+            }
+        );
+        to_test.send("command").unwrap();
+        // The broker dies: the next poll fails; telemetry keeps queuing while down.
+        let t = std::time::Instant::now();
+        while d.poll(&mut conn, millis()).is_ok() {
+            assert!(t.elapsed() < Duration::from_secs(10), "broker death not noticed");
+        }
+        drop(conn);
+        d.disconnected(millis(), 12345);
+        for i in 3..6u32 {
+            d.publish_telemetry(&(i, 22.0f32)).unwrap();
+        }
+        assert_eq!(d.session().queued(), 3);
+        let second = from_test.recv().unwrap();
+        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        let mut conn = d.connect(tcp(second), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
+        let mut delivered = 0;
+        poll_until(&mut d, &mut conn, |e| {
+            delivered += u32::from(*e == Incoming::Delivered);
+            delivered == 3
+        });
+        assert_eq!(d.session().queued(), 0, "outbox drained after reconnect");
+    });
+    let wait = |rx: &mpsc::Receiver<&'static str>| {
+        rx.recv_timeout(Duration::from_secs(20)).expect("device thread stalled")
+    };
+    assert_eq!(wait(&from_device), "subscribed");
+    // A backend service sends a command.
+    let (svc, mut ev) =
+        rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
+    rumqttc_connected(&mut ev).await.unwrap();
+    let poller = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    svc.publish(
+        format!("devices/{}/commands/blink", fleet.id(0)),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        b"3".to_vec(),
+    )
+    .await
+    .unwrap();
+    let from_device = tokio::task::spawn_blocking(move || {
+        assert_eq!(wait(&from_device), "command");
+        from_device
+    })
+    .await
+    .unwrap();
+    poller.abort();
+    // kill -9 and a new broker process on the same registry.
+    broker.kill9();
+    let restarted = BrokerProc::start(&fleet, &[]);
+    to_device.send(restarted.mqtt).unwrap();
+    tokio::task::spawn_blocking(move || device.join()).await.unwrap().expect("device thread");
+    drop(from_device);
+    let rows = fleet.telemetry_rows(&fleet.id(0)).await;
+    let payloads: Vec<(u32, f32)> = rows.iter().map(|(_, p)| postcard::from_bytes(p).unwrap()).collect();
+    let seqs: Vec<u32> = payloads.iter().map(|p| p.0).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5], "every telemetry value stored once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_interoperates_with_mosquitto() {
+    let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| fleet_tests::require_program("mosquitto", "mosquitto"));
+    let sub = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
+    let fleet = Fleet::new(1, None).await;
+    let home = fleet.home();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = fleet.dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\ntls_version tlsv1.3\nallow_anonymous false\nuser root\n",
+            home.join("device-ca-chain.pem").display(),
+            home.join("broker-tls/cert.pem").display(),
+            home.join("broker-tls/key.pem").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(fleet.dir.path().join("mosquitto.log")).unwrap();
+    let mut broker = std::process::Command::new(mosquitto).arg("-c").arg(&conf).stderr(log).spawn().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "mosquitto did not start: {}",
+            std::fs::read_to_string(fleet.dir.path().join("mosquitto.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let svc = &fleet.service;
+    let watcher = std::process::Command::new(sub)
+        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile"])
+        .arg(svc.join("broker-trust.pem"))
+        .arg("--cert")
+        .arg(svc.join("cert.pem"))
+        .arg("--key")
+        .arg(svc.join("key.pem"))
+        .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let creds = Credentials::decode(&bundle).unwrap();
+        let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        let mut conn = d.connect(tcp(addr), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
+        d.publish("telemetry", b"hello-mosquitto", fleet_device::mqtt::QoS::AtLeastOnce).unwrap();
+        poll_until(&mut d, &mut conn, |e| *e == Incoming::Delivered);
+    })
+    .await
+    .unwrap();
+    let out = watcher.wait_with_output().unwrap();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("devices/{}/telemetry hello-mosquitto", fleet.id(0))
+    );
+}

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
 
+#[cfg(feature = "tls")]
+pub mod client;
 pub mod credentials;
 pub mod mqtt;
 #[cfg(feature = "tls")]

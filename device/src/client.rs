@@ -1,0 +1,218 @@
+//! The high-level device API: a firmware's whole connectivity in a few calls.
+//!
+//! ```ignore
+//! let creds = Credentials::decode(FLASH_BUNDLE)?;                  // from the credentials region
+//! let mut device: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+//! loop {
+//!     let tcp = open_tcp(creds.broker_host, creds.broker_port);     // TCP, UART, ... : embedded-io
+//!     let (mut rx, mut tx) = ([0u8; 16_640], [0u8; 4096]);
+//!     let mut tls = match device.connect(tcp, &mut rx, &mut tx, &mut rng, clock.unix(), clock.ms()) {
+//!         Ok(tls) => tls,
+//!         Err(e) => { device.disconnected(clock.ms(), rng.next_u32()); wait_until(device.reconnect_at()); continue }
+//!     };
+//!     device.publish_telemetry(&Reading { temp_c: 21.5 })?;         // postcard, QoS 1, queued
+//!     while let Ok(ev) = device.poll(&mut tls, clock.ms()) {
+//!         if let Some(Incoming::Command { name, payload }) = ev { handle(&name, &payload) }
+//!     }
+//!     device.disconnected(clock.ms(), rng.next_u32());               // back off, then reconnect
+//! }
+//! ```
+//!
+//! `poll` sends what the session has to send, then performs one read on the transport; on a
+//! host the socket's read timeout bounds it, on a board the transport decides.
+
+use embedded_io::{Read, Write};
+use embedded_tls::blocking::{TlsConfig, TlsConnection, TlsContext};
+use embedded_tls::{Aes128GcmSha256, TlsError};
+use heapless::{String, Vec};
+use rand_core::CryptoRngCore;
+use serde::Serialize;
+
+use crate::credentials::Credentials;
+use crate::mqtt::session::{Event, Millis, Session, SessionConfig, SessionError};
+use crate::mqtt::QoS;
+use crate::tls::{DeviceProvider, Rejection};
+
+/// Bytes of MQTT input buffered between reads; the broker caps packets to devices below this.
+pub const INBOX: usize = 2048;
+/// Largest packet the device writes.
+pub const OUTBOX_PACKET: usize = 1024;
+
+/// An established mutual-TLS connection to the broker.
+pub type Connection<'b, T> = TlsConnection<'b, T, Aes128GcmSha256>;
+
+/// What arrived for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// The broker accepted the session.
+    Connected,
+    /// A queued QoS 1 message was stored by the broker.
+    Delivered,
+    /// A command for this device.
+    Command {
+        /// Command name (`devices/<id>/commands/<name>`).
+        name: String<32>,
+        /// Payload.
+        payload: Vec<u8, 256>,
+    },
+}
+
+/// Why the device is not connected (any of these: call `disconnected` and retry later).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The TLS handshake failed; `rejection` says why when the broker's certificate was refused.
+    Tls {
+        /// The TLS error.
+        error: TlsError,
+        /// Why the verifier refused the broker, if it did.
+        rejection: Option<Rejection>,
+    },
+    /// The MQTT session failed (refused, protocol, keep-alive).
+    Session(SessionError),
+    /// The transport failed or closed.
+    Transport,
+    /// A telemetry value did not serialize into the payload size.
+    Serialize,
+}
+
+/// A device: its credentials and its MQTT session with a bounded outbox of `N` messages of up
+/// to `M` bytes.
+#[derive(Debug)]
+pub struct Device<'a, const N: usize, const M: usize> {
+    creds: Credentials<'a>,
+    session: Session<'a, N, M>,
+    inbox: [u8; INBOX],
+    filled: usize,
+}
+
+impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
+    /// A disconnected device.
+    pub fn new(creds: Credentials<'a>, cfg: SessionConfig) -> Self {
+        Self { session: Session::new(creds.device_id, cfg), creds, inbox: [0; INBOX], filled: 0 }
+    }
+
+    /// The credentials in use.
+    pub fn credentials(&self) -> &Credentials<'a> {
+        &self.creds
+    }
+
+    /// The session (queue length, drops, state).
+    pub fn session(&self) -> &Session<'a, N, M> {
+        &self.session
+    }
+
+    /// Opens mutual TLS over `transport`, verifying the broker strictly, and starts MQTT.
+    /// `now_unix` enables certificate date checks; `now` is the monotonic clock.
+    pub fn connect<'b, T: Read + Write, R: CryptoRngCore>(
+        &mut self,
+        transport: T,
+        rx: &'b mut [u8],
+        tx: &'b mut [u8],
+        rng: R,
+        now_unix: Option<i64>,
+        now: Millis,
+    ) -> Result<Connection<'b, T>, ClientError> {
+        let config = TlsConfig::new().with_server_name(self.creds.broker_host);
+        let mut tls = TlsConnection::new(transport, rx, tx);
+        let mut provider = DeviceProvider::new(self.creds, rng, now_unix);
+        tls.open(TlsContext::new(&config, &mut provider))
+            .map_err(|error| ClientError::Tls { error, rejection: provider.rejection() })?;
+        self.filled = 0;
+        self.session.transport_up(now);
+        Ok(tls)
+    }
+
+    /// Queues a postcard-encoded telemetry value for `devices/<id>/telemetry` (QoS 1).
+    pub fn publish_telemetry<V: Serialize>(&mut self, value: &V) -> Result<(), ClientError> {
+        let mut buf = [0u8; M];
+        let bytes = postcard::to_slice(value, &mut buf).map_err(|_| ClientError::Serialize)?;
+        self.session.publish("telemetry", bytes, QoS::AtLeastOnce).map_err(ClientError::Session)
+    }
+
+    /// Queues raw bytes for `devices/<id>/<suffix>`.
+    pub fn publish(&mut self, suffix: &str, payload: &[u8], qos: QoS) -> Result<(), ClientError> {
+        self.session.publish(suffix, payload, qos).map_err(ClientError::Session)
+    }
+
+    /// Sends what is due, reads once, and returns the first thing that happened.
+    pub fn poll<T: Read + Write>(
+        &mut self,
+        conn: &mut T,
+        now: Millis,
+    ) -> Result<Option<Incoming>, ClientError> {
+        // Input already buffered first.
+        if let Some(ev) = self.take_event(now)? {
+            self.flush(conn, now)?;
+            return Ok(Some(ev));
+        }
+        self.flush(conn, now)?;
+        let n = conn.read(&mut self.inbox[self.filled..]).map_err(|_| ClientError::Transport)?;
+        if n == 0 {
+            return Err(ClientError::Transport);
+        }
+        self.filled += n;
+        let ev = self.take_event(now)?;
+        self.flush(conn, now)?;
+        Ok(ev)
+    }
+
+    /// Sends every packet the session has due.
+    pub fn flush<T: Write>(&mut self, conn: &mut T, now: Millis) -> Result<(), ClientError> {
+        let mut out = [0u8; OUTBOX_PACKET];
+        let mut wrote = false;
+        while let Some(n) = self.session.poll_transmit(now, &mut out).map_err(ClientError::Session)? {
+            conn.write_all(&out[..n]).map_err(|_| ClientError::Transport)?;
+            wrote = true;
+        }
+        if wrote {
+            conn.flush().map_err(|_| ClientError::Transport)?;
+        }
+        Ok(())
+    }
+
+    fn take_event(&mut self, now: Millis) -> Result<Option<Incoming>, ClientError> {
+        loop {
+            if self.filled == 0 {
+                return Ok(None);
+            }
+            let (used, ev) =
+                self.session.handle(now, &self.inbox[..self.filled]).map_err(ClientError::Session)?;
+            if used == 0 {
+                if self.filled == INBOX {
+                    // A packet larger than the inbox: the broker broke its promise.
+                    return Err(ClientError::Transport);
+                }
+                return Ok(None);
+            }
+            let out = ev.map(|e| match e {
+                Event::Connected => Incoming::Connected,
+                Event::Delivered { .. } => Incoming::Delivered,
+                Event::Subscribed => Incoming::Connected,
+                Event::Command { name, payload } => Incoming::Command {
+                    name: String::try_from(name).unwrap_or_default(),
+                    payload: Vec::from_slice(&payload[..payload.len().min(256)]).unwrap_or_default(),
+                },
+            });
+            let subscribed = matches!(ev, Some(Event::Subscribed));
+            self.inbox.copy_within(used..self.filled, 0);
+            self.filled -= used;
+            if let Some(o) = out {
+                if !subscribed {
+                    return Ok(Some(o));
+                }
+            }
+        }
+    }
+
+    /// The transport is gone: schedule the reconnect (jittered back-off).
+    pub fn disconnected(&mut self, now: Millis, random: u32) {
+        self.filled = 0;
+        self.session.transport_down(now, random);
+    }
+
+    /// When to try connecting again.
+    pub fn reconnect_at(&self) -> Millis {
+        self.session.reconnect_at().unwrap_or(Millis(0))
+    }
+}
