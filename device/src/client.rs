@@ -43,6 +43,7 @@ pub type Connection<'b, T> = TlsConnection<'b, T, Aes128GcmSha256>;
 
 /// What arrived for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // no allocator to box into: commands are returned by value
 pub enum Incoming {
     /// The broker accepted the session.
     Connected,
