@@ -1,0 +1,70 @@
+//! CMSDK APB UART0 of the MPS2 boards (0x4000_4000) as an `embedded_io` byte stream.
+//!
+//! Polled: `read` blocks until at least one byte has arrived, then takes what is there;
+//! `write` blocks while the transmit buffer is full.
+
+use embedded_io::{ErrorType, Read, Write};
+
+const BASE: usize = 0x4000_4000;
+const DATA: usize = BASE;
+const STATE: usize = BASE + 0x04;
+const CTRL: usize = BASE + 0x08;
+const BAUDDIV: usize = BASE + 0x10;
+const TX_FULL: u32 = 1 << 0;
+const RX_FULL: u32 = 1 << 1;
+
+fn read_reg(addr: usize) -> u32 {
+    // SAFETY: `addr` is one of the UART0 registers above, valid for a volatile 32-bit access on
+    // this board; the UART is used only through this module.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+fn write_reg(addr: usize, v: u32) {
+    // SAFETY: as in `read_reg`.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}
+
+/// UART0, enabled for TX and RX.
+#[derive(Debug)]
+pub(crate) struct Uart0(());
+
+impl Uart0 {
+    pub(crate) fn init() -> Self {
+        write_reg(BAUDDIV, 16);
+        write_reg(CTRL, 0b11);
+        Uart0(())
+    }
+}
+
+impl ErrorType for Uart0 {
+    type Error = core::convert::Infallible;
+}
+
+impl Read for Uart0 {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while read_reg(STATE) & RX_FULL == 0 {}
+        let mut n = 0;
+        while n < buf.len() && read_reg(STATE) & RX_FULL != 0 {
+            buf[n] = read_reg(DATA) as u8;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Uart0 {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        for b in buf {
+            while read_reg(STATE) & TX_FULL != 0 {}
+            write_reg(DATA, u32::from(*b));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
