@@ -14,12 +14,11 @@
 #![no_main]
 
 mod semihost;
+mod stack;
 mod uart;
 
-use core::fmt::Write as _;
-
 use cortex_m_rt::entry;
-use cortex_m_semihosting::{debug, hio};
+use cortex_m_semihosting::debug;
 use fleet_device::client::{ClientError, Device, Incoming};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig};
@@ -33,11 +32,17 @@ struct Reading {
     temp_centi_c: i32,
 }
 
+#[cfg(not(feature = "minimal"))]
 fn say(args: core::fmt::Arguments<'_>) {
-    if let Ok(mut out) = hio::hstdout() {
+    use core::fmt::Write as _;
+    if let Ok(mut out) = cortex_m_semihosting::hio::hstdout() {
         let _ = out.write_fmt(format_args!("FLEETGATE: {args}\n"));
     }
 }
+
+/// The `minimal` build (for size figures) prints nothing: no `core::fmt` in the image.
+#[cfg(feature = "minimal")]
+fn say(_: core::fmt::Arguments<'_>) {}
 
 macro_rules! say {
     ($($t:tt)*) => { say(format_args!($($t)*)) };
@@ -55,6 +60,13 @@ fn now() -> Millis {
 
 #[entry]
 fn main() -> ! {
+    let top = stack::paint();
+    run(top)
+}
+
+/// Everything below `top` (painted) is the SDK's and this function's stack.
+#[inline(never)]
+fn run(top: usize) -> ! {
     let bundle = semihost::credentials_region();
     let creds = match Credentials::decode(bundle) {
         Ok(c) => c,
@@ -84,7 +96,7 @@ fn main() -> ! {
             exit(false)
         }
     };
-    say!("TLS established");
+    say!("TLS established (stack used so far: {} bytes)", stack::used(top));
     if let Err(e) = device.publish_telemetry(&Reading { seq: 1, temp_centi_c: 2150 }) {
         say!("queue failed: {e:?}");
         exit(false)
@@ -99,6 +111,7 @@ fn main() -> ! {
                     say!("telemetry stored by the broker");
                 } else {
                     say!("command acknowledged");
+                    say!("peak stack: {} bytes", stack::used(top));
                     exit(true)
                 }
             }
@@ -126,7 +139,8 @@ fn main() -> ! {
 }
 
 #[panic_handler]
-fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    say!("panic: {info}");
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    #[cfg(not(feature = "minimal"))]
+    say!("panic: {_info}");
     exit(false)
 }
