@@ -41,5 +41,9 @@ pub(crate) fn host_unix_time() -> Option<i64> {
 pub(crate) fn clock_centis() -> u64 {
     // SAFETY: SYS_CLOCK takes no argument block.
     let c = unsafe { syscall!(CLOCK) };
-    if c == usize::MAX { 0 } else { c as u64 }
+    if c == usize::MAX {
+        0
+    } else {
+        c as u64
+    }
 }

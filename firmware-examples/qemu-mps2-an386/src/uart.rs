@@ -1,9 +1,33 @@
 //! CMSDK APB UART0 of the MPS2 boards (0x4000_4000) as an `embedded_io` byte stream.
 //!
-//! Polled: `read` blocks until at least one byte has arrived, then takes what is there;
-//! `write` blocks while the transmit buffer is full.
+//! Polled: `read` waits until at least one byte has arrived, then takes what is there, but
+//! gives up after `RX_TIMEOUT_CENTIS` of silence: a UART has no end-of-file, so a peer that went
+//! away would otherwise block the device forever. `write` waits while the transmit buffer is full.
 
-use embedded_io::{ErrorType, Read, Write};
+use embedded_io::{ErrorKind, ErrorType, Read, Write};
+
+use crate::semihost::clock_centis;
+
+/// Silence after which a read fails with `TimedOut` (15 s).
+const RX_TIMEOUT_CENTIS: u64 = 1500;
+
+/// The UART's only failure: nothing arrived in time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RxTimeout;
+
+impl core::fmt::Display for RxTimeout {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("UART receive timed out")
+    }
+}
+
+impl core::error::Error for RxTimeout {}
+
+impl embedded_io::Error for RxTimeout {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::TimedOut
+    }
+}
 
 const BASE: usize = 0x4000_4000;
 const DATA: usize = BASE;
@@ -37,7 +61,7 @@ impl Uart0 {
 }
 
 impl ErrorType for Uart0 {
-    type Error = core::convert::Infallible;
+    type Error = RxTimeout;
 }
 
 impl Read for Uart0 {
@@ -45,7 +69,12 @@ impl Read for Uart0 {
         if buf.is_empty() {
             return Ok(0);
         }
-        while read_reg(STATE) & RX_FULL == 0 {}
+        let start = clock_centis();
+        while read_reg(STATE) & RX_FULL == 0 {
+            if clock_centis().saturating_sub(start) > RX_TIMEOUT_CENTIS {
+                return Err(RxTimeout);
+            }
+        }
         let mut n = 0;
         while n < buf.len() && read_reg(STATE) & RX_FULL != 0 {
             buf[n] = read_reg(DATA) as u8;
