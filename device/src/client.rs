@@ -58,6 +58,19 @@ pub enum Incoming {
     },
 }
 
+/// Connects TCP to the broker named in the bundle (host use, `std` feature), with a read
+/// timeout so that `poll` returns.
+#[cfg(feature = "std")]
+pub fn connect_tcp(
+    creds: &Credentials<'_>,
+    read_timeout: core::time::Duration,
+) -> std::io::Result<embedded_io_adapters::std::FromStd<std::net::TcpStream>> {
+    let s = std::net::TcpStream::connect((creds.broker_host, creds.broker_port))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    s.set_nodelay(true)?;
+    Ok(embedded_io_adapters::std::FromStd::new(s))
+}
+
 /// Why the device is not connected (any of these: call `disconnected` and retry later).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -117,8 +130,21 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         let config = TlsConfig::new().with_server_name(self.creds.broker_host);
         let mut tls = TlsConnection::new(transport, rx, tx);
         let mut provider = DeviceProvider::new(self.creds, rng, now_unix);
-        tls.open(TlsContext::new(&config, &mut provider))
-            .map_err(|error| ClientError::Tls { error, rejection: provider.rejection() })?;
+        if let Err(error) = tls.open(TlsContext::new(&config, &mut provider)) {
+            let rejection = provider.rejection();
+            #[cfg(feature = "log")]
+            log::warn!(
+                "TLS to {} failed: {:?}, broker rejection: {:?}",
+                self.creds.broker_host,
+                error,
+                rejection
+            );
+            #[cfg(feature = "defmt")]
+            defmt::warn!("TLS failed: {}", defmt::Debug2Format(&(error, rejection)));
+            return Err(ClientError::Tls { error, rejection });
+        }
+        #[cfg(feature = "log")]
+        log::info!("mutual TLS to {} established", self.creds.broker_host);
         self.filled = 0;
         self.session.transport_up(now);
         Ok(tls)
