@@ -42,7 +42,7 @@ fn quickstart_runs_the_whole_story() {
         "command sent: devices/",
         "revoked device",
         "cut off (",
-        "CertificateRevoked",
+        "fleet_handshakes_total{outcome=\"refused\",reason=\"revoked\"}",
         "fleet_kicks_total{reason=\"revoked\"} 1",
         "issuance log OK",
     ] {

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fleet_device::credentials::Credentials;
+use rand::RngCore as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivateSec1KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Simulated fleetgate devices and a backend-service client.
 #[derive(Debug, Parser)]
@@ -142,104 +143,116 @@ struct Stats {
     connected: bool,
 }
 
-async fn device(
+/// One simulated device on the SDK: blocking, on its own thread, exactly like firmware.
+fn device(
     bundle_path: PathBuf,
     port: Option<u16>,
     rate: f64,
     until: Instant,
     stats: Arc<Mutex<BTreeMap<String, Stats>>>,
 ) -> anyhow::Result<()> {
+    use fleet_device::client::{ClientError, Device, Incoming};
+    use fleet_device::mqtt::{Millis, SessionConfig};
+
     let bytes = std::fs::read(&bundle_path).with_context(|| format!("{}", bundle_path.display()))?;
-    let c = Credentials::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", bundle_path.display()))?;
-    let id = c.device_id.to_owned();
-    let key = PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(c.key_der.to_vec()));
-    let transport = tls(
-        vec![CertificateDer::from(c.server_ca_der.to_vec())],
-        vec![CertificateDer::from(c.cert_der.to_vec())],
-        key,
-    )?;
-    let mut o = MqttOptions::new(&id, c.broker_host, port.unwrap_or(c.broker_port));
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_transport(transport);
-    let (client, mut ev) = AsyncClient::new(o, 64);
-    let telemetry = format!("devices/{id}/telemetry");
-    let commands = format!("devices/{id}/commands/#");
+    let mut creds =
+        Credentials::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", bundle_path.display()))?;
+    if let Some(p) = port {
+        creds.broker_port = p;
+    }
+    let id = creds.device_id.to_owned();
     let update = |f: &dyn Fn(&mut Stats)| {
         let mut m = stats.lock().unwrap_or_else(|p| p.into_inner());
         f(m.entry(id.clone()).or_default());
     };
     update(&|_| {});
-    // Telemetry is produced by its own task: rumqttc's `poll` must never be cancelled mid-way
-    // (a dropped poll abandons a half-done TLS handshake).
-    let producer = {
-        let client = client.clone();
-        let stats = stats.clone();
-        let id = id.clone();
-        let period = Duration::from_secs_f64(1.0 / rate.max(0.01));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            let mut seq = 0u64;
-            loop {
-                tick.tick().await;
-                seq += 1;
-                let body =
-                    serde_json::json!({ "seq": seq, "temp_c": 20.0 + (seq % 50) as f64 / 10.0 }).to_string();
-                // Queued while disconnected; sent after reconnect.
-                if client.try_publish(&telemetry, QoS::AtLeastOnce, false, body).is_ok() {
-                    let mut m = stats.lock().unwrap_or_else(|p| p.into_inner());
-                    m.entry(id.clone()).or_default().sent += 1;
-                }
-            }
-        })
+    let start = Instant::now();
+    let ms = || Millis(start.elapsed().as_millis() as u64);
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.01));
+    let mut device: Device<'_, 64, 256> = Device::new(creds, SessionConfig::default());
+    let mut seq = 0u32;
+    let mut next_sample = Instant::now();
+    let mut rng = rand::rngs::OsRng;
+    let describe = |e: &ClientError| match e {
+        ClientError::Tls { error, rejection: Some(r) } => format!("TLS {error:?}, broker refused: {r:?}"),
+        ClientError::Tls { error, .. } => format!("TLS {error:?}"),
+        ClientError::Session(fleet_device::mqtt::SessionError::Refused(5)) => {
+            "refused: not authorized (CONNACK 5)".to_owned()
+        }
+        other => format!("{other:?}"),
     };
-    let mut backoff = Duration::from_millis(250);
-    let mut attempt = 0u32;
-    let deadline = tokio::time::Instant::from_std(until);
-    loop {
-        let e = tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break,
-            e = ev.poll() => e,
-        };
-        match e {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(250);
-                update(&|s| {
-                    s.connects += 1;
-                    s.connected = true;
-                });
-                let _ = client.try_subscribe(&commands, QoS::AtLeastOnce);
+    // Samples are taken on schedule whether or not the broker is reachable; the outbox keeps them.
+    let mut sample = |device: &mut Device<'_, 64, 256>| {
+        while next_sample <= Instant::now() {
+            seq += 1;
+            if device.publish_telemetry(&(seq, 2000 + (seq % 50) as i32)).is_ok() {
+                update(&|s| s.sent += 1);
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) => update(&|s| s.acked += 1),
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                update(&|s| s.commands += 1);
-                let name = p.topic.rsplit('/').next().unwrap_or("command").to_owned();
-                let _ = client.try_publish(
-                    format!("devices/{id}/acks/{name}"),
-                    QoS::AtLeastOnce,
-                    false,
-                    p.payload.to_vec(),
-                );
-            }
-            Ok(_) => {}
+            next_sample += period;
+        }
+        next_sample
+    };
+    while Instant::now() < until {
+        sample(&mut device);
+        let wait = device.reconnect_at().0.saturating_sub(ms().0);
+        if wait > 0 {
+            std::thread::sleep(
+                Duration::from_millis(wait).min(until.saturating_duration_since(Instant::now())),
+            );
+            continue;
+        }
+        let tcp = match fleet_device::client::connect_tcp(device.credentials(), Duration::from_secs(10)) {
+            Ok(t) => t,
             Err(e) => {
-                let msg = e.to_string();
+                let msg = format!("TCP {e}");
                 update(&|s| {
                     s.refusals += 1;
                     s.connected = false;
                     s.last_error = Some(msg.clone());
                 });
-                // Jittered exponential back-off.
-                attempt = attempt.wrapping_add(1);
-                let jitter = Duration::from_millis(
-                    u64::from(std::process::id().wrapping_mul(31).wrapping_add(attempt * 97)) % 250,
-                );
-                tokio::time::sleep(backoff + jitter).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                device.disconnected(ms(), rng.next_u32());
+                continue;
             }
+        };
+        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        let result = (|| -> Result<(), ClientError> {
+            let mut conn = device.connect(tcp, &mut rx, &mut tx, &mut rng, None, ms())?;
+            loop {
+                // Send what is queued and read until every message is acknowledged.
+                while device.session().queued() > 0 || !device.session().is_connected() {
+                    match device.poll(&mut conn, ms())? {
+                        Some(Incoming::Connected) => update(&|s| {
+                            s.connects += 1;
+                            s.connected = true;
+                        }),
+                        Some(Incoming::Delivered) => update(&|s| s.acked += 1),
+                        Some(Incoming::Command { name, payload }) => {
+                            update(&|s| s.commands += 1);
+                            let mut topic = String::from("acks/");
+                            topic.push_str(&name);
+                            device.publish(&topic, &payload, fleet_device::mqtt::QoS::AtLeastOnce)?;
+                        }
+                        None => {}
+                    }
+                }
+                if Instant::now() >= until {
+                    return Ok(());
+                }
+                let next = sample(&mut device);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(period));
+                sample(&mut device);
+            }
+        })();
+        if let Err(e) = result {
+            let msg = describe(&e);
+            update(&|s| {
+                s.refusals += 1;
+                s.connected = false;
+                s.last_error = Some(msg.clone());
+            });
+            device.disconnected(ms(), rng.next_u32());
         }
     }
-    producer.abort();
-    let _ = client.try_disconnect();
     Ok(())
 }
 
@@ -257,10 +270,15 @@ async fn run(devices: PathBuf, port: Option<u16>, rate: f64, duration: f64) -> a
     let until = Instant::now() + Duration::from_secs_f64(duration);
     let stats = Arc::new(Mutex::new(BTreeMap::new()));
     println!("fleet-sim: {} devices, {rate} msg/s each, {duration} s", bundles.len());
-    let tasks: Vec<_> =
-        bundles.into_iter().map(|b| tokio::spawn(device(b, port, rate, until, stats.clone()))).collect();
-    for t in tasks {
-        t.await??;
+    let threads: Vec<_> = bundles
+        .into_iter()
+        .map(|b| {
+            let stats = stats.clone();
+            std::thread::spawn(move || device(b, port, rate, until, stats))
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| anyhow::anyhow!("device thread panicked"))??;
     }
     let m = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
     println!("{:<20} {:>6} {:>6} {:>9} {:>9}  state", "DEVICE", "SENT", "ACKED", "COMMANDS", "REFUSALS");
@@ -297,7 +315,14 @@ async fn watch(
                 println!("watching {filter}");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                println!("{} {}", p.topic, String::from_utf8_lossy(&p.payload));
+                // Text as text; binary (postcard telemetry from SDK devices) as hex.
+                match std::str::from_utf8(&p.payload) {
+                    Ok(t) if t.chars().all(|c| !c.is_control()) => println!("{} {t}", p.topic),
+                    _ => {
+                        let hex: String = p.payload.iter().map(|b| format!("{b:02x}")).collect();
+                        println!("{} 0x{hex} (binary, {} bytes)", p.topic, p.payload.len());
+                    }
+                }
             }
             Ok(_) => {}
             Err(e) => bail!("service connection failed: {e}"),
