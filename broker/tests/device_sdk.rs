@@ -191,6 +191,7 @@ async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart()
         let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
         let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
         let mut conn = d.connect(tcp(first), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
+        d.publish("status", b"online", fleet_device::mqtt::QoS::AtMostOnce).unwrap();
         d.publish_telemetry(&(1u32, 21.5f32)).unwrap();
         d.publish_telemetry(&(2u32, 21.6f32)).unwrap();
         let mut delivered = 0;
@@ -260,7 +261,9 @@ async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart()
     tokio::task::spawn_blocking(move || device.join()).await.unwrap().expect("device thread");
     drop(from_device);
     let rows = fleet.telemetry_rows(&fleet.id(0)).await;
-    let payloads: Vec<(u32, f32)> = rows.iter().map(|(_, p)| postcard::from_bytes(p).unwrap()).collect();
+    // The QoS 0 message was sent first and stored too.
+    assert_eq!(rows[0], (format!("devices/{}/status", fleet.id(0)), b"online".to_vec()));
+    let payloads: Vec<(u32, f32)> = rows[1..].iter().map(|(_, p)| postcard::from_bytes(p).unwrap()).collect();
     let seqs: Vec<u32> = payloads.iter().map(|p| p.0).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "every telemetry value stored once, in order");
 }

@@ -1,6 +1,6 @@
 //! The high-level device API: a firmware's whole connectivity in a few calls.
 //!
-//! ```ignore
+//! ```text
 //! let creds = Credentials::decode(FLASH_BUNDLE)?;                  // from the credentials region
 //! let mut device: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
 //! loop {
