@@ -165,3 +165,23 @@ impl Drop for PgCluster {
         self.stop();
     }
 }
+
+/// `target/<profile>/` of the running test (its binary lives in `deps/`), checked to hold the
+/// given workspace binaries. `cargo test` builds only the binaries of packages it tests; the test
+/// command builds them all first (`cargo build --workspace --bins`).
+pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test binary location {}", exe.display()))
+        .to_path_buf();
+    for b in binaries {
+        assert!(
+            dir.join(b).is_file(),
+            "{b} is not built in {}: run `cargo build --workspace --bins` (./scripts/test does) first",
+            dir.display()
+        );
+    }
+    dir
+}

@@ -12,16 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    for b in ["fleet-provision", "fleet-broker", "fleet-sim"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{b} is not built in {}: run `cargo build --workspace --bins` first",
-            dir.display()
-        );
-    }
-    dir
+    fleet_tests::workspace_bin_dir(&["fleet-provision", "fleet-broker", "fleet-sim"])
 }
 
 fn firmware() -> PathBuf {

@@ -4,18 +4,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `target/<profile>/` of this build: the test binary lives in its `deps/`.
 fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    for b in ["fleet-provision", "fleet-broker", "fleet-sim"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{b} is not built in {}: run `cargo build --workspace` (./scripts/test does) before this test",
-            dir.display()
-        );
-    }
-    dir
+    fleet_tests::workspace_bin_dir(&["fleet-provision", "fleet-broker", "fleet-sim"])
 }
 
 #[test]
