@@ -88,35 +88,10 @@ fn sec1_with_curve(sk: &p256::SecretKey) -> Vec<u8> {
     der
 }
 
-/// PEM-encodes DER under a label.
+/// PEM-encodes DER under a label (LF line endings, 64-column lines).
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
-    use std::fmt::Write;
-    let b64 = base64_encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        // Base64 output is ASCII.
-        let _ = writeln!(out, "{}", String::from_utf8_lossy(chunk));
-    }
-    let _ = writeln!(out, "-----END {label}-----");
-    out
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if i <= c.len() {
-                out.push(T[((n >> shift) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
 fn dn(org: &str, cn: &str) -> DistinguishedName {
@@ -230,35 +205,7 @@ impl LoadedCa {
 
 /// Decodes the first PEM block with `label`.
 pub fn pem_decode(text: &str, label: &str) -> Option<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    base64_decode(&text[start..stop])
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
+    pem::parse_many(text).ok()?.into_iter().find(|p| p.tag() == label).map(|p| p.contents().to_vec())
 }
 
 /// An issued leaf certificate.
@@ -471,14 +418,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_round_trip() {
-        for len in 0..40 {
+    fn pem_round_trip_and_vectors() {
+        for len in 0..200 {
             let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
             let pem = pem_encode("X", &data);
             assert_eq!(pem_decode(&pem, "X").as_deref(), Some(&data[..]), "len {len}");
         }
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(pem_encode("X", b"foobar"), "-----BEGIN X-----\nZm9vYmFy\n-----END X-----\n");
+        assert_eq!(pem_encode("X", b"fo"), "-----BEGIN X-----\nZm8=\n-----END X-----\n");
+        let two = format!("{}{}", pem_encode("A", b"first"), pem_encode("B", b"second"));
+        assert_eq!(pem_decode(&two, "B").as_deref(), Some(&b"second"[..]));
+        assert_eq!(pem_decode(&two, "C"), None);
+        assert_eq!(pem_decode("no pem here", "A"), None);
     }
 
     #[test]
