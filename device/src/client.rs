@@ -56,6 +56,21 @@ pub enum Incoming {
         /// Payload.
         payload: Vec<u8, 256>,
     },
+    /// A command arrived that does not fit `Command` (name over 32 bytes or payload over 256):
+    /// it was acknowledged to the broker but not delivered; the application decides what to do.
+    CommandTooLarge {
+        /// Bytes of the command name.
+        name_len: usize,
+        /// Bytes of the payload.
+        payload_len: usize,
+    },
+}
+
+fn command(name: &str, payload: &[u8]) -> Incoming {
+    match (String::try_from(name), Vec::from_slice(payload)) {
+        (Ok(name), Ok(payload)) => Incoming::Command { name, payload },
+        _ => Incoming::CommandTooLarge { name_len: name.len(), payload_len: payload.len() },
+    }
 }
 
 /// Connects TCP to the broker named in the bundle (host use, `std` feature), with a read
@@ -212,22 +227,16 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
                 }
                 return Ok(None);
             }
-            let out = ev.map(|e| match e {
-                Event::Connected => Incoming::Connected,
-                Event::Delivered { .. } => Incoming::Delivered,
-                Event::Subscribed => Incoming::Connected,
-                Event::Command { name, payload } => Incoming::Command {
-                    name: String::try_from(name).unwrap_or_default(),
-                    payload: Vec::from_slice(&payload[..payload.len().min(256)]).unwrap_or_default(),
-                },
+            let out = ev.and_then(|e| match e {
+                Event::Connected => Some(Incoming::Connected),
+                Event::Delivered { .. } => Some(Incoming::Delivered),
+                Event::Subscribed => None,
+                Event::Command { name, payload } => Some(command(name, payload)),
             });
-            let subscribed = matches!(ev, Some(Event::Subscribed));
             self.inbox.copy_within(used..self.filled, 0);
             self.filled -= used;
-            if let Some(o) = out {
-                if !subscribed {
-                    return Ok(Some(o));
-                }
+            if out.is_some() {
+                return Ok(out);
             }
         }
     }
@@ -241,5 +250,92 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     /// When to try connecting again.
     pub fn reconnect_at(&self) -> Millis {
         self.session.reconnect_at().unwrap_or(Millis(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::codec::{Packet, Publish};
+
+    /// An in-memory transport: reads from `input`, records writes.
+    struct Pipe {
+        input: std::vec::Vec<u8>,
+        written: std::vec::Vec<u8>,
+    }
+
+    impl embedded_io::ErrorType for Pipe {
+        type Error = embedded_io::ErrorKind;
+    }
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+            let n = buf.len().min(self.input.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input.drain(..n);
+            Ok(n)
+        }
+    }
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> Result<(), Self::Error> {
+            Ok(())
+        }
+    }
+
+    fn command_bytes(name: &str, payload: &[u8]) -> std::vec::Vec<u8> {
+        let topic = std::format!("devices/dev-1/commands/{name}");
+        let p = Publish {
+            topic: &topic,
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            dup: false,
+            pkid: Some(3),
+        };
+        let mut out = [0u8; 1024];
+        let n = Packet::Publish(p).encode(&mut out).expect("encode");
+        out[..n].to_vec()
+    }
+
+    #[test]
+    fn commands_are_delivered_whole_or_reported_too_large() {
+        let creds = Credentials {
+            device_id: "dev-1",
+            cert_der: &[0x30],
+            key_der: &[0x30],
+            server_ca_der: &[0x30],
+            broker_host: "localhost",
+            broker_port: 8883,
+        };
+        let mut d: Device<'_, 4, 64> = Device::new(creds, SessionConfig::default());
+        d.session.transport_up(Millis(0));
+        let mut input = std::vec![0x20, 2, 0, 0]; // CONNACK
+        input.extend(command_bytes("blink", b"3"));
+        input.extend(command_bytes("firmware", &[7u8; 300]));
+        input.extend(command_bytes(&"n".repeat(40), b"x"));
+        let mut pipe = Pipe { input, written: std::vec::Vec::new() };
+        assert_eq!(d.poll(&mut pipe, Millis(1)).expect("poll"), Some(Incoming::Connected));
+        let got = d.poll(&mut pipe, Millis(2)).expect("poll");
+        assert_eq!(
+            got,
+            Some(Incoming::Command {
+                name: "blink".try_into().expect("fits"),
+                payload: Vec::from_slice(b"3").expect("fits")
+            })
+        );
+        assert_eq!(
+            d.poll(&mut pipe, Millis(3)).expect("poll"),
+            Some(Incoming::CommandTooLarge { name_len: 8, payload_len: 300 })
+        );
+        assert_eq!(
+            d.poll(&mut pipe, Millis(4)).expect("poll"),
+            Some(Incoming::CommandTooLarge { name_len: 40, payload_len: 1 })
+        );
+        // CONNECT went out first; every QoS 1 command was acknowledged.
+        assert_eq!(pipe.written[0] >> 4, 1);
+        assert!(pipe.written.windows(4).filter(|w| *w == [0x40, 2, 0, 3]).count() >= 3);
     }
 }

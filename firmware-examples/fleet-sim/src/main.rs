@@ -232,6 +232,11 @@ fn device(
                             topic.push_str(&name);
                             device.publish(&topic, &payload, fleet_device::mqtt::QoS::AtLeastOnce)?;
                         }
+                        Some(Incoming::CommandTooLarge { name_len, payload_len }) => {
+                            let msg =
+                                format!("command too large: {name_len} B name, {payload_len} B payload");
+                            update(&|s| s.last_error = Some(msg.clone()));
+                        }
                         None => {}
                     }
                 }

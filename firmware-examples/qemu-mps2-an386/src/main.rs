@@ -124,6 +124,9 @@ fn run(top: usize) -> ! {
                     exit(false)
                 }
             }
+            Ok(Some(Incoming::CommandTooLarge { name_len, payload_len })) => {
+                say!("command too large for this firmware ({name_len} B name, {payload_len} B payload): ignored")
+            }
             Ok(None) => {}
             Err(ClientError::Session(e)) => {
                 say!("session refused: {e:?}");
