@@ -74,6 +74,9 @@ pub struct Shared {
 pub struct Broker {
     shared: Arc<Shared>,
     store_writer: tokio::task::JoinHandle<()>,
+    /// Revocation sequence read before the first admission: every revocation after it reaches
+    /// the watcher, every one before it is visible to admission queries.
+    revocation_head: i64,
 }
 
 /// What `check-config` reports.
@@ -118,6 +121,7 @@ impl Broker {
         let paths = tls_paths(&config);
         let state = tls::build(&paths)?;
         let registry = Registry::open(&config.database_url(), false).await?;
+        let revocation_head = registry.revocation_head().await?;
         let metrics = Metrics::new();
         let (store, store_writer) =
             store::Store::start(registry.pool().clone(), config.store_batch, metrics.clone());
@@ -134,7 +138,7 @@ impl Broker {
             config,
         });
         update_gauges(&shared);
-        Ok(Broker { shared, store_writer })
+        Ok(Broker { shared, store_writer, revocation_head })
     }
 
     /// Token that stops the broker when cancelled.
@@ -150,9 +154,9 @@ impl Broker {
     /// Serves MQTT on `listener` (and metrics on `metrics`) until the shutdown token is
     /// cancelled; then stops accepting, closes sessions and commits queued messages.
     pub async fn serve(self, listener: TcpListener, metrics: Option<TcpListener>) {
-        let Broker { shared, store_writer } = self;
+        let Broker { shared, store_writer, revocation_head } = self;
         let tracker = TaskTracker::new();
-        tracker.spawn(watch_revocations(shared.clone()));
+        tracker.spawn(watch_revocations(shared.clone(), revocation_head));
         tracker.spawn(watch_files(shared.clone()));
         if let Some(m) = metrics {
             tracker.spawn(serve_metrics(shared.clone(), m));
@@ -205,19 +209,7 @@ async fn accept_loop(shared: &Arc<Shared>, listener: TcpListener, tracker: &Task
 }
 
 /// Watches the registry for revocations and cuts the sessions they concern.
-async fn watch_revocations(shared: Arc<Shared>) {
-    let mut head = loop {
-        match shared.registry.revocation_head().await {
-            Ok(h) => break h,
-            Err(e) => {
-                warn!(error = %e, "cannot read revocation head; retrying");
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
+async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
     let mut listener = None;
     if shared.registry.backend() == Backend::Postgres {
         match sqlx::postgres::PgListener::connect(&shared.config.database_url()).await {

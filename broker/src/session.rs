@@ -27,9 +27,20 @@ use crate::store::Message;
 use crate::{tls, Shared};
 
 /// Live sessions by device id: at most one per id.
+///
+/// It also remembers every serial the revocation watcher has reported since the broker started,
+/// under the same lock as the sessions: a session registered after its serial was reported is cut
+/// at registration, one registered before is cut by the watcher. That closes the window between
+/// the admission query and registration without a second registry round trip per admission.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    inner: Mutex<HashMap<DeviceId, LiveSession>>,
+    inner: Mutex<SessionsInner>,
+}
+
+#[derive(Debug, Default)]
+struct SessionsInner {
+    live: HashMap<DeviceId, LiveSession>,
+    revoked: std::collections::HashSet<SerialNumber>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,27 +68,34 @@ impl Kick {
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, LiveSession>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionsInner> {
         // Single inserts/removes: a poisoned map is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session, returning the kick handle of the one it replaces.
+    /// Registers a session, returning the kick handle of the one it replaces. A session whose
+    /// serial the watcher already reported as revoked is cut at once.
     fn register(&self, id: &DeviceId, s: LiveSession) -> Option<Kick> {
-        self.lock().insert(id.clone(), s).map(|old| old.kick)
+        let mut m = self.lock();
+        if m.revoked.contains(&s.serial) {
+            s.kick.cut("revoked");
+        }
+        m.live.insert(id.clone(), s).map(|old| old.kick)
     }
 
     fn remove(&self, id: &DeviceId, conn_id: u64) {
         let mut m = self.lock();
-        if m.get(id).is_some_and(|s| s.conn_id == conn_id) {
-            m.remove(id);
+        if m.live.get(id).is_some_and(|s| s.conn_id == conn_id) {
+            m.live.remove(id);
         }
     }
 
-    /// Cuts the session of `id` if it runs on certificate `serial`. Returns whether one was cut.
+    /// Records that certificate `serial` of `id` is revoked and cuts the session running on it,
+    /// if any. Returns whether one was cut.
     pub fn kick_serial(&self, id: &DeviceId, serial: &SerialNumber) -> bool {
-        let m = self.lock();
-        match m.get(id) {
+        let mut m = self.lock();
+        m.revoked.insert(serial.clone());
+        match m.live.get(id) {
             Some(s) if &s.serial == serial => {
                 s.kick.cut("revoked");
                 true
@@ -88,7 +106,7 @@ impl Sessions {
 
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().live.len()
     }
 
     /// True when no session is live.
@@ -241,10 +259,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
             return;
         }
     };
-    let serial_hex = cert_serial_hex(&cert);
     let id = match admission {
         Err(r) => {
             shared.metrics.handshake(false, r.reason);
+            let serial_hex = cert_serial_hex(&cert);
             warn!(%peer, serial = %serial_hex, client_id = %connect.client_id, reason = r.reason, "connection refused");
             let _ = conn.send(Packet::ConnAck(ConnAck::new(r.code, false))).await;
             let _ = conn.tls.shutdown().await;
@@ -266,12 +284,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
         info!(device = %id.id, "a new connection replaces the live session of this device");
         old.cut("takeover");
     }
-    // A revocation that landed between admission and registration must still cut us.
-    if let Ok(Some(a)) = shared.registry.admission(&id.serial).await {
-        if a.device_status == Status::Revoked || a.cert_status == Status::Revoked {
-            kick.cut("revoked");
-        }
-    }
+    // A revocation that landed between the admission query and registration is cut by
+    // `register` (the watcher reported it already) or by the watcher (it reports it later).
     shared.metrics.handshake(true, "ok");
     shared.metrics.sessions_live.inc();
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");

@@ -1,0 +1,242 @@
+//! Starting each server under test on loopback with equivalent mutual-TLS settings.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The servers compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// rustls with the same client verifier, handshake only: the ceiling.
+    Bare,
+    FleetBroker,
+    Mosquitto,
+    Rumqttd,
+}
+
+impl Peer {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Peer::Bare => "bare rustls (handshake only)",
+            Peer::FleetBroker => "fleet-broker",
+            Peer::Mosquitto => "mosquitto",
+            Peer::Rumqttd => "rumqttd",
+        }
+    }
+
+    /// Whether the server checks a CRL.
+    pub(crate) fn checks_crl(self) -> bool {
+        self != Peer::Rumqttd
+    }
+}
+
+/// A running server process, killed on drop.
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB (from /proc).
+    pub(crate) fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGHUP (Mosquitto reloads its configuration on it).
+    pub(crate) fn hangup(&self) {
+        let _ = Command::new("kill").arg("-HUP").arg(self.pid().to_string()).status();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the peers' programs are, and why one is missing.
+pub(crate) fn program(peer: Peer) -> Result<PathBuf, String> {
+    let found = |names: &[&str]| {
+        let mut dirs: Vec<PathBuf> =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+        dirs.extend(["/usr/sbin", "/usr/bin"].map(PathBuf::from));
+        if let Some(h) = std::env::var_os("CARGO_HOME")
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string()))
+        {
+            dirs.push(PathBuf::from(h).join("bin"));
+        }
+        names.iter().flat_map(|n| dirs.iter().map(move |d| d.join(n))).find(|p| p.is_file())
+    };
+    match peer {
+        Peer::Bare => std::env::current_exe().map_err(|e| e.to_string()),
+        Peer::FleetBroker => Ok(PathBuf::from(env!("CARGO_BIN_EXE_fleet-broker"))),
+        Peer::Mosquitto => found(&["mosquitto"]).ok_or_else(|| "not installed (apt-get install mosquitto)".into()),
+        Peer::Rumqttd => std::env::var_os("RUMQTTD").map(PathBuf::from).or_else(|| found(&["rumqttd"])).ok_or_else(
+            || {
+                "not installed (cargo install rumqttd --version 0.20.0 --features verify-client-cert --locked; \
+             scripts/bench does it)"
+                    .into()
+            },
+        ),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn wait_listening(addr: SocketAddr) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Reads the first `127.0.0.1:PORT` a child prints on stdout.
+fn announced_addr(child: &mut Child) -> Option<SocketAddr> {
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take()?).read_line(&mut line).ok()?;
+    line.split_whitespace().find(|w| w.starts_with("127.0.0.1:")).and_then(|a| a.parse().ok())
+}
+
+/// Starts `peer` with the fleet's device CA, the server certificate in HOME/broker-tls and (where
+/// the peer supports it) HOME/crl.pem. `work` holds generated configuration files.
+pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, String> {
+    let bin = program(peer)?;
+    let (child, addr) = match peer {
+        Peer::Bare | Peer::FleetBroker => {
+            let mut cmd = Command::new(&bin);
+            if peer == Peer::Bare {
+                cmd.arg("--serve-bare").arg(home);
+            } else {
+                cmd.arg("--home").arg(home).args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--metrics-listen",
+                    "off",
+                    "--max-connections",
+                    "100000",
+                ]);
+            }
+            let mut child = cmd
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{}: {e}", bin.display()))?;
+            let addr = announced_addr(&mut child).ok_or("no listen address announced")?;
+            (child, addr)
+        }
+        Peer::Mosquitto => {
+            let port = free_port();
+            let conf = work.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\ncrlfile {}\n\
+                     require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3\n\
+                     allow_anonymous false\nuser root\nlog_type none\nmax_queued_messages 10000\n",
+                    home.join("device-ca-chain.pem").display(),
+                    home.join("broker-tls/cert.pem").display(),
+                    home.join("broker-tls/key.pem").display(),
+                    home.join("crl.pem").display(),
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{}: {e}", bin.display()))?;
+            (child, SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+        Peer::Rumqttd => {
+            let port = free_port();
+            let conf = work.join("rumqttd.toml");
+            std::fs::write(
+                &conf,
+                format!(
+                    "id = 0\n\n[router]\nmax_connections = 100010\nmax_outgoing_packet_count = 200\n\
+                     max_segment_size = 104857600\nmax_segment_count = 10\n\n\
+                     [v4.1]\nname = \"v4-1\"\nlisten = \"127.0.0.1:{port}\"\nnext_connection_delay_ms = 0\n\
+                     [v4.1.tls]\ncapath = \"{}\"\ncertpath = \"{}\"\nkeypath = \"{}\"\n\
+                     [v4.1.connections]\nconnection_timeout_ms = 60000\nmax_payload_size = 20480\n\
+                     max_inflight_count = 100\ndynamic_filters = true\n",
+                    home.join("device-ca.pem").display(),
+                    home.join("broker-tls/cert.pem").display(),
+                    home.join("broker-tls/key.pem").display(),
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("{}: {e}", bin.display()))?;
+            (child, SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+    };
+    let server = Server { addr, child };
+    if !wait_listening(addr) {
+        return Err(format!("{} did not start listening on {addr}", peer.name()));
+    }
+    // Let start-up work (CRL parsing, registry open) finish before measuring.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(server)
+}
+
+/// The bare rustls server (`--serve-bare HOME`, run as a child process of the bench so it has
+/// its own runtime like every other server): the broker's own TLS configuration, no MQTT.
+pub(crate) fn serve_bare(home: &Path) {
+    use tokio::io::AsyncWriteExt;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let paths = fleet_broker::tls::TlsPaths {
+            cert: home.join("broker-tls/cert.pem"),
+            key: home.join("broker-tls/key.pem"),
+            client_ca: home.join("device-ca.pem"),
+            crl: Some(home.join("crl.pem")),
+        };
+        let state = fleet_broker::tls::build(&paths).expect("tls");
+        let acceptor = tokio_rustls::TlsAcceptor::from(state.config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("bare rustls on {}", listener.local_addr().expect("addr"));
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = sock.set_nodelay(true);
+                if let Ok(mut tls) = acceptor.accept(sock).await {
+                    let _ = tls.write_all(&[1]).await;
+                    let _ = tls.flush().await;
+                    let mut b = [0u8; 64];
+                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut b).await;
+                }
+            });
+        }
+    });
+}
