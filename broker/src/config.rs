@@ -75,7 +75,7 @@ impl Default for Config {
             max_packet_size: 4096,
             revocation_poll_ms: 200,
             reload_poll_ms: 1000,
-            store_batch: 512,
+            store_batch: 4096,
         }
     }
 }

@@ -123,8 +123,12 @@ impl Broker {
         let registry = Registry::open(&config.database_url(), false).await?;
         let revocation_head = registry.revocation_head().await?;
         let metrics = Metrics::new();
-        let (store, store_writer) =
-            store::Store::start(registry.pool().clone(), config.store_batch, metrics.clone());
+        let (store, store_writer) = store::Store::start(
+            registry.pool().clone(),
+            registry.backend(),
+            config.store_batch,
+            metrics.clone(),
+        );
         let shared = Arc::new(Shared {
             tls_paths: paths,
             tls: ArcSwap::from_pointee(state),

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use fleet_provision::registry::Status;
 use fleet_provision::{DeviceId, SerialNumber};
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
@@ -205,6 +206,11 @@ impl Conn {
         if p.write(&mut self.out, self.max_packet).is_err() {
             return Ok(()); // too large for this client: dropped (counted by the caller's metrics)
         }
+        self.flush_out().await
+    }
+
+    /// Writes the encoded packets in `out`.
+    async fn flush_out(&mut self) -> std::io::Result<()> {
         self.tls.write_all(&self.out).await?;
         self.tls.flush().await
     }
@@ -359,12 +365,28 @@ async fn run(
             _ = kick.token.cancelled() => return End::Kicked,
             _ = shared.shutdown.cancelled() => return End::Shutdown,
             Some((pkid, stored)) = pending.next(), if !pending.is_empty() => {
-                let stored: bool = stored;
-                if !stored {
-                    return End::StoreFailed;
+                // A group commit completes many messages at once: their PUBACKs leave in one
+                // write, in order, stopping at the first that was not stored.
+                let mut acks = vec![(pkid, stored)];
+                while let Some(Some(done)) = pending.next().now_or_never() {
+                    acks.push(done);
                 }
-                if conn.send(Packet::PubAck(PubAck::new(pkid))).await.is_err() {
+                conn.out.clear();
+                let mut failed = false;
+                for (pkid, stored) in acks {
+                    if !stored {
+                        failed = true;
+                        break;
+                    }
+                    if Packet::PubAck(PubAck::new(pkid)).write(&mut conn.out, conn.max_packet).is_err() {
+                        return End::Protocol("encode");
+                    }
+                }
+                if !conn.out.is_empty() && conn.flush_out().await.is_err() {
                     return End::ClientGone;
+                }
+                if failed {
+                    return End::StoreFailed;
                 }
             }
             r = conn.tls.read_buf(&mut conn.buf), if pending.len() < MAX_PENDING_ACKS => {

@@ -7,6 +7,7 @@
 //! load while latency stays one commit.
 
 use bytes::Bytes;
+use fleet_provision::registry::Backend;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -51,9 +52,9 @@ const ROWS_PER_STATEMENT: usize = 100;
 
 impl Store {
     /// Starts the writer task.
-    pub fn start(pool: AnyPool, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {
+    pub fn start(pool: AnyPool, backend: Backend, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(batch * 8);
-        let handle = tokio::spawn(writer(pool, rx, batch, metrics));
+        let handle = tokio::spawn(writer(pool, backend, rx, batch, metrics));
         (Store { tx }, handle)
     }
 
@@ -72,7 +73,34 @@ impl Store {
     }
 }
 
-async fn writer(pool: AnyPool, mut rx: mpsc::Receiver<Job>, batch: usize, metrics: Metrics) {
+/// `INSERT` for `rows` rows. SQLite gets anonymous `?` parameters: for numbered ones sqlx asks
+/// SQLite each parameter's name, a linear walk, which made binding quadratic in the row count
+/// (16% of the broker's time under QoS 1 load).
+fn insert_sql(backend: Backend, rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        match backend {
+            Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?)"),
+            Backend::Postgres => {
+                let b = i * 5;
+                sql.push_str(&format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5));
+            }
+        }
+    }
+    sql
+}
+
+async fn writer(
+    pool: AnyPool,
+    backend: Backend,
+    mut rx: mpsc::Receiver<Job>,
+    batch: usize,
+    metrics: Metrics,
+) {
+    let full = insert_sql(backend, ROWS_PER_STATEMENT);
     let mut jobs = Vec::with_capacity(batch);
     while let Some(first) = rx.recv().await {
         jobs.push(first);
@@ -82,7 +110,7 @@ async fn writer(pool: AnyPool, mut rx: mpsc::Receiver<Job>, batch: usize, metric
                 Err(_) => break,
             }
         }
-        let ok = match commit(&pool, &jobs).await {
+        let ok = match commit(&pool, backend, &full, &jobs).await {
             Ok(()) => {
                 metrics.messages_stored.inc_by(jobs.len() as u64);
                 true
@@ -101,19 +129,17 @@ async fn writer(pool: AnyPool, mut rx: mpsc::Receiver<Job>, batch: usize, metric
     }
 }
 
-async fn commit(pool: &AnyPool, jobs: &[Job]) -> Result<(), sqlx::Error> {
+async fn commit(pool: &AnyPool, backend: Backend, full: &str, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for chunk in jobs.chunks(ROWS_PER_STATEMENT) {
-        let mut sql =
-            String::from("INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES ");
-        for i in 0..chunk.len() {
-            let b = i * 5;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5));
-        }
-        let mut q = sqlx::query(&sql);
+        let partial;
+        let sql = if chunk.len() == ROWS_PER_STATEMENT {
+            full
+        } else {
+            partial = insert_sql(backend, chunk.len());
+            &partial
+        };
+        let mut q = sqlx::query(sql);
         for j in chunk {
             q = q
                 .bind(j.msg.device_id.clone())

@@ -4,6 +4,7 @@
 //! and a bare rustls server with the broker's own TLS configuration (the ceiling).
 //!
 //!     scripts/bench [SCENARIO...] [--secs S] [--conc C] [--sessions N] [--crl-sizes A,B,..]
+//!                   [--peers bare,fleet-broker,mosquitto,rumqttd]
 //!     cargo bench -p fleet-broker --bench peers -- [same arguments]
 //!
 //! Scenarios (default: all of them, in this order):
@@ -44,6 +45,14 @@ struct Args {
     conc: usize,
     sessions: usize,
     crl_sizes: Vec<usize>,
+    /// Servers to measure (default: all).
+    peers: Vec<Peer>,
+}
+
+impl Args {
+    fn wants(&self, p: Peer) -> bool {
+        self.peers.contains(&p)
+    }
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
         conc: 16,
         sessions: 10_000,
         crl_sizes: vec![0, 100_000, 1_000_000],
+        peers: Peer::ALL.to_vec(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -70,10 +80,17 @@ fn parse_args() -> Result<Args, String> {
                     .map(|s| s.trim().replace('_', "").parse().map_err(|e| format!("--crl-sizes: {e}")))
                     .collect::<Result<_, _>>()?
             }
+            "--peers" => {
+                a.peers = value("--peers")?
+                    .split(',')
+                    .map(|s| Peer::parse(s.trim()).ok_or(format!("--peers: unknown server {s:?}")))
+                    .collect::<Result<_, _>>()?
+            }
             "admissions" | "revoke" | "ingest" | "memory" => a.scenarios.push(arg),
             "-h" | "--help" => {
                 return Err("usage: peers [admissions|revoke|ingest|memory]... [--secs S] [--conc C] \
-                            [--sessions N] [--crl-sizes 0,100000,1000000]"
+                            [--sessions N] [--crl-sizes 0,100000,1000000] \
+                            [--peers bare,fleet-broker,mosquitto,rumqttd]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -214,7 +231,7 @@ async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Args, report:
             env.station.write_crl(&env.home.join("crl.pem")).await.expect("crl");
             println!("-- empty CRL");
         }
-        for peer in [Peer::Bare, Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd] {
+        for peer in Peer::ALL.into_iter().filter(|&p| a.wants(p)) {
             if n > 0 && !peer.checks_crl() {
                 println!("  {:<30} no CRL support: not measured", peer.name());
                 continue;
@@ -286,14 +303,14 @@ async fn revoke(env: &Env, who: &Identity) -> Duration {
     t.elapsed()
 }
 
-async fn scenario_revoke(env: &Env, report: &mut Report) {
+async fn scenario_revoke(env: &Env, a: &Args, report: &mut Report) {
     const N: usize = 100;
     println!(
         "\n== revoke → disconnect: {N} connected devices revoked one by one (`fleet-provision revoke` path)"
     );
     // fleet-broker: each revocation, then wait for that session to close.
     let ids = env.mint("rvf", N).await;
-    if let Some(server) = env.start(Peer::FleetBroker) {
+    if let Some(server) = a.wants(Peer::FleetBroker).then(|| env.start(Peer::FleetBroker)).flatten() {
         let sessions = open_sessions(server.addr, &ids).await;
         let mut lat = Vec::new();
         let mut calls = Vec::new();
@@ -303,6 +320,8 @@ async fn scenario_revoke(env: &Env, report: &mut Report) {
                 never += 1;
                 continue;
             };
+            // Revocations arrive at random moments, not in step with the broker's poll.
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
             let t = Instant::now();
             calls.push(revoke(env, who).await);
             match tokio::time::timeout(Duration::from_secs(5), closed).await {
@@ -327,7 +346,9 @@ async fn scenario_revoke(env: &Env, report: &mut Report) {
         );
     }
     // Peers: they cannot see the registry; their only revocation input is the CRL file.
-    for (peer, prefix) in [(Peer::Mosquitto, "rvm"), (Peer::Rumqttd, "rvr")] {
+    for (peer, prefix) in
+        [(Peer::Mosquitto, "rvm"), (Peer::Rumqttd, "rvr")].into_iter().filter(|&(p, _)| a.wants(p))
+    {
         let ids = env.mint(prefix, N).await;
         let Some(server) = env.start(peer) else { continue };
         let sessions = open_sessions(server.addr, &ids).await;
@@ -424,7 +445,8 @@ async fn ingest_rate(addr: SocketAddr, ids: &[Arc<Identity>], qos: QoS, secs: f6
                 sent.fetch_add(1, Ordering::Relaxed);
             }
             let _ = client::ping(&mut wr).await;
-            let end = tokio::time::timeout(Duration::from_secs(30), reader).await;
+            // The server may still be working through what the socket buffers hold.
+            let end = tokio::time::timeout(Duration::from_secs(300), reader).await;
             let _ = wr.write_all(&[0xe0, 0]).await;
             end.ok().and_then(|r| r.ok())
         }));
@@ -460,7 +482,7 @@ async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, report: &mu
     );
     let mut by: BTreeMap<(u8, &str), f64> = BTreeMap::new();
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
-        for peer in [Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd] {
+        for peer in [Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd].into_iter().filter(|&p| a.wants(p)) {
             let Some(server) = env.start(peer) else { continue };
             let before = stored_rows(env).await;
             let (rate, sent, acked) = ingest_rate(server.addr, ids, qos, a.secs).await;
@@ -521,7 +543,7 @@ async fn scenario_memory(env: &Env, a: &Args, report: &mut Report) {
     let t = Instant::now();
     let ids = env.mint("mem", n).await;
     println!("  minted {n} identities in {:.1} s", t.elapsed().as_secs_f64());
-    for peer in [Peer::Bare, Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd] {
+    for peer in Peer::ALL.into_iter().filter(|&p| a.wants(p)) {
         let Some(server) = env.start(peer) else { continue };
         let before = server.rss_kib();
         let held = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
@@ -604,7 +626,7 @@ fn main() {
         for s in &args.scenarios {
             match s.as_str() {
                 "admissions" => scenario_admissions(&env, &devices, &args, &mut report).await,
-                "revoke" => scenario_revoke(&env, &mut report).await,
+                "revoke" => scenario_revoke(&env, &args, &mut report).await,
                 "ingest" => scenario_ingest(&env, &devices, &args, &mut report).await,
                 "memory" => scenario_memory(&env, &args, &mut report).await,
                 _ => unreachable!("validated in parse_args"),

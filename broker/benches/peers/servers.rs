@@ -17,6 +17,18 @@ pub(crate) enum Peer {
 }
 
 impl Peer {
+    pub(crate) const ALL: [Peer; 4] = [Peer::Bare, Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd];
+
+    pub(crate) fn parse(s: &str) -> Option<Peer> {
+        match s {
+            "bare" | "rustls" => Some(Peer::Bare),
+            "fleet-broker" | "fleet" => Some(Peer::FleetBroker),
+            "mosquitto" => Some(Peer::Mosquitto),
+            "rumqttd" => Some(Peer::Rumqttd),
+            _ => None,
+        }
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Peer::Bare => "bare rustls (handshake only)",
