@@ -169,7 +169,7 @@ enum End {
 }
 
 struct Conn {
-    tls: Tls,
+    tls: Box<Tls>,
     buf: BytesMut,
     out: BytesMut,
     max_packet: usize,
@@ -182,11 +182,33 @@ impl Conn {
             if let Some(p) = self.parse()? {
                 return Ok(Some(p));
             }
-            match self.tls.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
+            if !self.read_more().await {
+                return Ok(None);
             }
         }
+    }
+
+    /// Reads more bytes; false when the peer closed. An idle session holds no read buffer (see
+    /// `release_buffers`): the first read after idling takes what fits in 64 bytes (a PINGREQ),
+    /// and a read that fills the buffer grows it for the next one.
+    async fn read_more(&mut self) -> bool {
+        let r = self.tls.read_buf(&mut self.buf).await;
+        self.grow_if_full();
+        matches!(r, Ok(n) if n > 0)
+    }
+
+    fn grow_if_full(&mut self) {
+        if self.buf.len() == self.buf.capacity() {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+
+    /// Frees the read and write buffers of an idle session (nothing buffered).
+    fn release_buffers(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        self.out = BytesMut::new();
     }
 
     fn parse(&mut self) -> Result<Option<Packet>, &'static str> {
@@ -216,38 +238,44 @@ impl Conn {
     }
 }
 
-/// Serves one accepted TCP connection to the end.
-pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, conn_id: u64) {
+/// TLS handshake with its deadline. The stream is returned boxed and this future is awaited
+/// boxed: an `async fn` keeps a slot for every value it moves (the handshake future, the stream it
+/// yields, the connection holding it), and a connection task that carries all three for its
+/// whole life costs ~2 KiB more per idle session.
+async fn accept_tls(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Option<Box<Tls>> {
     let _ = sock.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.load().config.clone());
-    let tls = tokio::select! {
+    tokio::select! {
         r = timeout(shared.config.handshake_timeout(), acceptor.accept(sock)) => match r {
             Err(_) => {
                 shared.metrics.handshake(false, "handshake_timeout");
                 debug!(%peer, "handshake timed out");
-                return;
+                None
             }
             Ok(Err(e)) => {
                 let reason = tls::handshake_failure_reason(&e);
                 shared.metrics.handshake(false, reason);
                 info!(%peer, reason, error = %e, "TLS handshake refused");
-                return;
+                None
             }
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => Some(Box::new(s)),
         },
-        _ = shared.shutdown.cancelled() => return,
-    };
+        _ = shared.shutdown.cancelled() => None,
+    }
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, conn_id: u64) {
+    let Some(tls) = Box::pin(accept_tls(&shared, sock, peer)).await else { return };
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()) else {
         shared.metrics.handshake(false, "no_certificate");
         return;
     };
-    let admission = admit(&shared, &cert).await;
-    let mut conn = Conn {
-        tls,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(4096),
-        max_packet: shared.config.max_packet_size,
-    };
+    // Boxed, like the session loop below: the registry query and the loop are big futures that are
+    // never live together, and a connection task should only carry the one it is in.
+    let admission = Box::pin(admit(&shared, &cert)).await;
+    let mut conn =
+        Conn { tls, buf: BytesMut::new(), out: BytesMut::new(), max_packet: shared.config.max_packet_size };
 
     // CONNECT must come first, within the deadline.
     let connect = match timeout(shared.config.connect_timeout(), conn.read_packet()).await {
@@ -276,6 +304,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
         }
         Ok(id) => id,
     };
+    drop(cert);
     if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
         shared.metrics.handshake(false, "client_id_mismatch");
         warn!(%peer, device = %id.id, serial = %id.serial, client_id = %connect.client_id, reason = "client_id_mismatch", "connection refused");
@@ -329,6 +358,10 @@ fn cert_serial_hex(der: &[u8]) -> String {
 }
 
 const MAX_PENDING_ACKS: usize = 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 4096;
+/// A session that read nothing for this long gives its buffers back.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
 
 async fn run(
     shared: &Shared,
@@ -338,12 +371,13 @@ async fn run(
     keep_alive: Duration,
     kick: &Kick,
 ) -> End {
-    let (tx, mut rx) = mpsc::channel::<Publish>(256);
+    let (tx, mut rx) = mpsc::channel::<Box<Publish>>(256);
     let mut pending = FuturesOrdered::new();
     let mut next_pkid: u16 = 0;
     // MQTT 3.1.1 §3.1.2.10: the server closes after 1.5 keep-alive periods without a packet.
     let grace = keep_alive.mul_f64(1.5);
     let mut deadline = Instant::now() + grace;
+    let mut idle_at = Instant::now() + IDLE_RELEASE;
     loop {
         // Packets already buffered are handled before reading more.
         let packet = match conn.parse() {
@@ -355,7 +389,8 @@ async fn run(
             if !keep_alive.is_zero() {
                 deadline = Instant::now() + grace;
             }
-            match handle_packet(shared, conn, id, conn_id, p, &tx, &mut pending).await {
+            // Boxed: an idle session should not carry the state of packet handling.
+            match Box::pin(handle_packet(shared, conn, id, conn_id, p, &tx, &mut pending)).await {
                 Ok(()) => continue,
                 Err(end) => return end,
             }
@@ -390,12 +425,18 @@ async fn run(
                 }
             }
             r = conn.tls.read_buf(&mut conn.buf), if pending.len() < MAX_PENDING_ACKS => {
+                conn.grow_if_full();
                 match r {
                     Ok(0) | Err(_) => return End::ClientGone,
-                    Ok(_) => {}
+                    Ok(_) => idle_at = Instant::now() + IDLE_RELEASE,
                 }
             }
-            Some(mut p) = rx.recv() => {
+            _ = sleep_until(idle_at), if conn.buf.capacity() > 0 || conn.out.capacity() > 0 => {
+                conn.release_buffers();
+                idle_at = Instant::now() + IDLE_RELEASE;
+            }
+            Some(p) = rx.recv() => {
+                let mut p = *p;
                 if p.qos == QoS::AtLeastOnce {
                     next_pkid = next_pkid.wrapping_add(1).max(1);
                     p.pkid = next_pkid;
@@ -417,7 +458,7 @@ async fn handle_packet(
     id: &Identity,
     conn_id: u64,
     packet: Packet,
-    tx: &mpsc::Sender<Publish>,
+    tx: &mpsc::Sender<Box<Publish>>,
     pending: &mut FuturesOrdered<PendingAck>,
 ) -> Result<(), End> {
     match packet {

@@ -276,7 +276,12 @@ pub fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
         .with_single_cert(chain.clone(), key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.max_fragment_size = None;
-    config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    // No resumption: a resumed TLS session skips client-certificate verification, so a
+    // certificate revoked after the first handshake would come back in through a ticket. Every
+    // admission is a full handshake (devices do not resume anyway), and no per-handshake ticket
+    // or cache entry is made.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(TlsState {
         config: Arc::new(config),
         crl: crl_info,

@@ -80,8 +80,8 @@ pub(crate) async fn session(addr: SocketAddr, who: &Identity, keep_alive: u16) -
 pub(crate) async fn admit(addr: SocketAddr, who: &Identity) -> bool {
     match session(addr, who, 30).await {
         Some(mut s) => {
+            // DISCONNECT, then close the socket (as MQTT clients do; no TLS close_notify).
             let _ = s.write_all(&[0xe0, 0]).await;
-            let _ = s.shutdown().await;
             true
         }
         None => false,

@@ -582,7 +582,8 @@ async fn scenario_memory(env: &Env, a: &Args, report: &mut Report) {
         }
         let open = held.lock().await.len();
         let took = t.elapsed().as_secs_f64();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Idle means idle: past fleet-broker's 2 s buffer release.
+        tokio::time::sleep(Duration::from_secs(4)).await;
         let after = server.rss_kib();
         let per = if open > 0 { (after.saturating_sub(before)) as f64 / open as f64 } else { 0.0 };
         report.add(

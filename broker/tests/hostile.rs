@@ -1,0 +1,248 @@
+//! Hostile input against the real broker binary on loopback: garbage before and during the TLS
+//! handshake, a length header claiming 256 MiB, a flood of connections and CONNECTs from one
+//! source, half-open connections, 1,000 idle sockets. Through all of it a valid device must still
+//! be admitted within a second, and the broker must close what it should.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Time for a fresh device session to reach CONNACK Success.
+async fn time_valid_admission(addr: SocketAddr, dir: &Path, id: &str) -> Duration {
+    let t = Instant::now();
+    let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device(addr, dir))
+        .await
+        .expect("TLS handshake of the valid device timed out")
+        .expect("TLS handshake of the valid device failed");
+    assert_eq!(connack_code(&raw.mqtt_connect(id, 30).await), Some(ConnectReturnCode::Success));
+    t.elapsed()
+}
+
+/// A syntactically valid TLS 1.3 ClientHello from rustls, captured without a server.
+fn client_hello(dir: &Path) -> Vec<u8> {
+    let cfg = client_config(&dir.join("broker-trust.pem"), None);
+    let mut conn =
+        rustls::ClientConnection::new(cfg, rustls::pki_types::ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// True if the peer closes `sock` within `within` (EOF or reset).
+async fn tcp_closed_within(sock: &mut TcpStream, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut b = [0u8; 512];
+    loop {
+        match tokio::time::timeout_at(deadline, sock.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_before_and_during_the_handshake_is_refused_and_devices_still_get_in() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--handshake-timeout", "2"]);
+    let hello = client_hello(&fleet.devices[0]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicU64::new(0));
+    let mut attackers = Vec::new();
+    for k in 0..8u64 {
+        let (stop, closed, hello, addr) = (stop.clone(), closed.clone(), hello.clone(), broker.mqtt);
+        attackers.push(tokio::spawn(async move {
+            let mut i = k;
+            while !stop.load(Ordering::Relaxed) {
+                i += 8;
+                let Ok(mut s) = TcpStream::connect(addr).await else { continue };
+                let junk: Vec<u8> =
+                    (0..300u64).map(|j| (j.wrapping_mul(31).wrapping_add(i * 7)) as u8).collect();
+                let bytes = match i % 4 {
+                    0 => junk,                                                  // not TLS at all
+                    1 => [&[0x16, 0x03, 0x01, 0xff, 0xff][..], &junk].concat(), // record header claiming 64 KiB
+                    2 => [&hello[..hello.len() / 2], &junk].concat(), // ClientHello cut and corrupted
+                    _ => [&hello[..], &junk].concat(),                // ClientHello, then garbage records
+                };
+                let _ = s.write_all(&bytes).await;
+                if tcp_closed_within(&mut s, Duration::from_secs(3)).await {
+                    closed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
+        assert!(took < Duration::from_secs(1), "valid device took {took:?} under a garbage flood");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.await.unwrap();
+    }
+    let n = closed.load(Ordering::Relaxed);
+    assert!(n >= 20, "only {n} garbage connections were closed by the broker");
+    // Every one of them was refused in the handshake, none reached MQTT.
+    let refused = broker.metric("fleet_handshakes_total{outcome=\"refused\"").await;
+    assert!(refused >= n as f64, "{refused} refusals counted for {n} garbage connections");
+    assert_eq!(broker.metric("fleet_handshakes_total{outcome=\"accepted\"").await, 3.0);
+}
+
+#[tokio::test]
+async fn a_length_header_claiming_256_mib_closes_the_session_at_once() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    // PUBLISH, remaining length 268,435,455 (the MQTT maximum), then a trickle of bytes.
+    raw.send_raw(&[0x32, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x05]).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(2)).await, "broker waited for a 256 MiB packet");
+    broker
+        .wait_metric("fleet_protocol_errors_total{reason=\"packet_too_large\"}", 1.0, Duration::from_secs(2))
+        .await;
+    // A malformed remaining length (five continuation bytes) is a protocol error, not a hang.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    raw.send_raw(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(2)).await);
+    // The broker is unharmed.
+    let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_connect_flood_from_one_source_does_not_lock_out_other_devices() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut flooders = Vec::new();
+    // One device hammering the broker: handshake, CONNECT, drop, again, from 6 sockets at once
+    // (each new session takes over the previous one), plus bare TCP connects that close at once.
+    for k in 0..6 {
+        let (stop, admitted, dir, id, addr) =
+            (stop.clone(), admitted.clone(), fleet.devices[0].clone(), fleet.id(0), broker.mqtt);
+        flooders.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if k == 0 {
+                    drop(TcpStream::connect(addr).await);
+                    continue;
+                }
+                if let Ok(mut raw) = Raw::device(addr, &dir).await {
+                    if connack_code(&raw.mqtt_connect(&id, 30).await) == Some(ConnectReturnCode::Success) {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..3 {
+        worst = worst.max(time_valid_admission(broker.mqtt, &fleet.devices[1], &fleet.id(1)).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.await.unwrap();
+    }
+    assert!(worst < Duration::from_secs(1), "another device took {worst:?} during the flood");
+    assert!(admitted.load(Ordering::Relaxed) >= 20, "the flood itself barely ran");
+    // The flood's sessions replaced each other; none is left behind when they are gone.
+    assert!(broker.metric("fleet_kicks_total{reason=\"takeover\"}").await >= 10.0);
+}
+
+#[tokio::test]
+async fn half_open_connections_are_reaped_and_do_not_block_admission() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--handshake-timeout", "1", "--connect-timeout", "1"]);
+    let hello = client_hello(&fleet.devices[0]);
+    // 200 clients that send half a ClientHello and go silent (as if their network vanished), and
+    // 50 that finish TLS but never send CONNECT.
+    let mut stalled = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(broker.mqtt).await.unwrap();
+        s.write_all(&hello[..(hello.len() / 2 + i % 7)]).await.unwrap();
+        stalled.push(s);
+    }
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap());
+    }
+    let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
+    assert!(took < Duration::from_secs(1), "valid device took {took:?} behind 250 half-open connections");
+    // All of them are closed by the broker's deadlines (1 s each), none lingers.
+    let t = Instant::now();
+    for s in &mut stalled {
+        assert!(tcp_closed_within(s, Duration::from_secs(4)).await, "a half-open handshake was never reaped");
+    }
+    for r in &mut silent {
+        assert!(
+            r.closed_within(Duration::from_secs(4)).await,
+            "a TLS session without CONNECT was never reaped"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "reaping took {:?}", t.elapsed());
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"handshake_timeout\"}",
+            200.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"connect_timeout\"}",
+            50.0,
+            Duration::from_secs(2),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_thousand_idle_sockets_do_not_delay_a_valid_device() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect(broker.mqtt).await.unwrap());
+    }
+    let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
+    assert!(took < Duration::from_secs(1), "valid connect took {took:?} behind 1000 idle sockets");
+    assert!(broker.metric("fleet_connections_open").await >= 1000.0);
+    drop(idle);
+}
+
+#[tokio::test]
+async fn tls_sessions_are_never_resumed_so_every_admission_verifies_the_certificate() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let dir = &fleet.devices[0];
+    // rustls clients resume whenever the server offers it (an in-memory ticket cache is the
+    // default); the broker must never offer.
+    let cfg =
+        client_config(&dir.join("broker-trust.pem"), Some((&dir.join("cert.pem"), &dir.join("key.pem"))));
+    for round in 0..3 {
+        let mut raw = Raw::connect(broker.mqtt, cfg.clone()).await.unwrap();
+        assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+        assert_eq!(
+            raw.tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "round {round}: the broker resumed a TLS session"
+        );
+        raw.send(Packet::Disconnect).await.unwrap();
+        // Give the client time to receive any ticket the broker might (wrongly) send.
+        let _ = raw.recv(Duration::from_millis(200)).await;
+    }
+}
