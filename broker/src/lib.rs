@@ -225,11 +225,16 @@ async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
         }
     }
     let poll = Duration::from_millis(shared.config.revocation_poll_ms);
+    let mut registry_down = false;
     loop {
         let notified = async {
             match listener.as_mut() {
                 Some(l) => {
-                    let _ = l.recv().await;
+                    // recv reconnects by itself; while the database is down it fails at once,
+                    // so wait before the next attempt instead of spinning.
+                    if l.recv().await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
                 None => std::future::pending().await,
             }
@@ -249,7 +254,17 @@ async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
                     }
                 }
             }
-            Err(e) => warn!(error = %e, "revocation poll failed"),
+            Err(e) => {
+                if !registry_down {
+                    warn!(error = %e, "revocation poll failed: registry unavailable; retrying");
+                    registry_down = true;
+                }
+                continue;
+            }
+        }
+        if registry_down {
+            info!("registry reachable again: revocation watch resumed");
+            registry_down = false;
         }
     }
 }

@@ -80,12 +80,18 @@ impl PgCluster {
             ],
         );
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        c.launch();
+        c
+    }
+
+    fn launch(&self) {
+        let data = self.data_dir();
         let opts = format!(
             "-c listen_addresses='' -k {} -p 5432 -c fsync=off -c max_connections=200",
-            c.dir.path().display()
+            self.dir.path().display()
         );
-        let log = c.dir.path().join("server.log");
-        let out = c.pg(
+        let log = self.dir.path().join("server.log");
+        let out = self.pg(
             &["pg_ctl", "-D"],
             &[
                 data.as_os_str(),
@@ -103,7 +109,11 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        c
+    }
+
+    /// Starts the server again after [`PgCluster::stop`], same data and socket.
+    pub fn restart(&self) {
+        self.launch();
     }
 
     fn data_dir(&self) -> PathBuf {

@@ -1,0 +1,155 @@
+//! Faults: the registry database going away mid-run, and the broker killed with SIGKILL under
+//! QoS 1 load. What was acknowledged must be stored; what could not be stored must not be
+//! acknowledged; the broker must say why it refuses and recover by itself.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish};
+use rumqttc::mqttbytes::QoS;
+
+fn publish(topic: &str, pkid: u16, payload: &str) -> Packet {
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.as_bytes().to_vec());
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+#[tokio::test]
+async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (id0, id1) = (fleet.id(0), fleet.id(1));
+    let topic = format!("devices/{id0}/telemetry");
+
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id0, 30).await), Some(ConnectReturnCode::Success));
+    raw.send(publish(&topic, 1, "before")).await.unwrap();
+    assert_eq!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(PubAck::new(1))));
+
+    // The database stops (immediate shutdown, as in a crash).
+    pg.stop();
+
+    // A message that cannot be stored is never acknowledged: the session is closed instead, and
+    // the device will send it again on its next session.
+    raw.send(publish(&topic, 2, "during")).await.unwrap();
+    let t = Instant::now();
+    let reply = raw.recv(Duration::from_secs(20)).await;
+    assert_eq!(reply, None, "expected the session to close without PUBACK, got {reply:?}");
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?} to give up on the store", t.elapsed());
+    assert!(broker.metric("fleet_store_errors_total").await >= 1.0);
+
+    // New sessions are refused with a clear reason: CONNACK 3 (server unavailable), a metric and
+    // a log line naming the registry.
+    let mut other = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(
+        connack_code(&other.mqtt_connect(&id1, 30).await),
+        Some(ConnectReturnCode::ServiceUnavailable)
+    );
+    broker
+        .wait_metric(
+            "fleet_handshakes_total{outcome=\"refused\",reason=\"registry_unavailable\"}",
+            1.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(broker.log().contains("registry unavailable"), "log:\n{}", broker.log());
+
+    // The database returns; the broker recovers without a restart.
+    pg.restart();
+    let t = Instant::now();
+    let mut raw = loop {
+        let mut r = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+        match connack_code(&r.mqtt_connect(&id0, 30).await) {
+            Some(ConnectReturnCode::Success) => break r,
+            other => {
+                assert!(t.elapsed() < Duration::from_secs(20), "not admitted after recovery: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    raw.send(publish(&topic, 3, "during")).await.unwrap(); // the device's retransmission
+    raw.send(publish(&topic, 4, "after")).await.unwrap();
+    assert_eq!(raw.recv(Duration::from_secs(10)).await, Some(Packet::PubAck(PubAck::new(3))));
+    assert_eq!(raw.recv(Duration::from_secs(10)).await, Some(Packet::PubAck(PubAck::new(4))));
+    let rows: Vec<String> =
+        fleet.telemetry_rows(&id0).await.into_iter().map(|r| String::from_utf8(r.1).unwrap()).collect();
+    assert_eq!(rows, ["before", "during", "after"], "stored rows");
+
+    // Revocation watching resumed too: a revocation now still cuts a live session.
+    fleet.revoke(0).await;
+    assert!(raw.closed_within(Duration::from_secs(3)).await, "revocation after the outage did not cut");
+}
+
+#[tokio::test]
+async fn kill9_under_qos1_load_from_50_devices_loses_no_acknowledged_message() {
+    const DEVICES: usize = 50;
+    let fleet = Fleet::new(DEVICES, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..DEVICES {
+        let id = fleet.id(i);
+        let mut raw = Raw::device(broker.mqtt, &fleet.devices[i]).await.unwrap();
+        assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+        let topic = format!("devices/{id}/telemetry");
+        let (mut rx, mut tx) = tokio::io::split(raw.tls);
+        writers.push(tokio::spawn(async move {
+            let mut n: u16 = 0;
+            loop {
+                n = n.wrapping_add(1).max(1);
+                let mut out = bytes::BytesMut::new();
+                publish(&topic, n, &format!("m{n}")).write(&mut out, 1 << 20).unwrap();
+                if tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await.is_err() {
+                    return;
+                }
+                if n.is_multiple_of(20) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }));
+        readers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut buf = bytes::BytesMut::new();
+            loop {
+                while let Ok(p) = Packet::read(&mut buf, 1 << 20) {
+                    if let Packet::PubAck(a) = p {
+                        acked.push(a.pkid);
+                    }
+                }
+                match tokio::io::AsyncReadExt::read_buf(&mut rx, &mut buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return (id, acked),
+                }
+            }
+        }));
+    }
+    // Let thousands of messages through, then kill -9 mid-stream.
+    broker.wait_metric("fleet_messages_stored_total", 10_000.0, Duration::from_secs(60)).await;
+    broker.kill9();
+    let mut total_acked = 0;
+    let mut lost = Vec::new();
+    for r in readers {
+        let (id, acked) = tokio::time::timeout(Duration::from_secs(10), r).await.unwrap().unwrap();
+        assert!(acked.len() < 65_000, "pkids wrapped; the check would be ambiguous");
+        total_acked += acked.len();
+        let stored: HashSet<Vec<u8>> = fleet.telemetry_rows(&id).await.into_iter().map(|r| r.1).collect();
+        lost.extend(
+            acked.iter().filter(|n| !stored.contains(format!("m{n}").as_bytes())).map(|n| (id.clone(), *n)),
+        );
+    }
+    for w in writers {
+        w.abort();
+    }
+    assert!(total_acked >= 5_000, "too few acks to mean anything: {total_acked}");
+    assert!(
+        lost.is_empty(),
+        "{} of {total_acked} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
