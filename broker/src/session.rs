@@ -212,15 +212,7 @@ impl Conn {
     }
 
     fn parse(&mut self) -> Result<Option<Packet>, &'static str> {
-        if self.buf.is_empty() {
-            return Ok(None);
-        }
-        match Packet::read(&mut self.buf, self.max_packet) {
-            Ok(p) => Ok(Some(p)),
-            Err(MqttError::InsufficientBytes(_)) => Ok(None),
-            Err(MqttError::PayloadSizeLimitExceeded(_)) => Err("packet_too_large"),
-            Err(_) => Err("malformed_packet"),
-        }
+        decode_client_packet(&mut self.buf, self.max_packet)
     }
 
     async fn send(&mut self, p: Packet) -> std::io::Result<()> {
@@ -235,6 +227,21 @@ impl Conn {
     async fn flush_out(&mut self) -> std::io::Result<()> {
         self.tls.write_all(&self.out).await?;
         self.tls.flush().await
+    }
+}
+
+/// Takes one complete MQTT packet off the front of `buf` (bytes a client sent). `Ok(None)`: more
+/// bytes are needed; `Err(reason)`: the session must be closed (the metric reason). Sans-IO, so
+/// the fuzzer drives exactly what a session runs.
+pub fn decode_client_packet(buf: &mut BytesMut, max_packet: usize) -> Result<Option<Packet>, &'static str> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    match Packet::read(buf, max_packet) {
+        Ok(p) => Ok(Some(p)),
+        Err(MqttError::InsufficientBytes(_)) => Ok(None),
+        Err(MqttError::PayloadSizeLimitExceeded(_)) => Err("packet_too_large"),
+        Err(_) => Err("malformed_packet"),
     }
 }
 

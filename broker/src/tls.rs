@@ -158,24 +158,40 @@ impl RevokedSerials {
 /// Reads a CRL (PEM or DER), checks its signature against `ca_der` and returns its serials.
 pub fn load_crl(path: &Path, ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), TlsError> {
     let bytes = read(path)?;
+    parse_crl(&bytes, ca_der).map_err(|e| match e {
+        CrlError::Signature => TlsError::CrlSignature(path.to_path_buf()),
+        CrlError::Parse(msg) => TlsError::Parse(path.to_path_buf(), msg),
+    })
+}
+
+/// Why CRL bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CrlError {
+    /// Not a readable CRL (or the CA is not a readable certificate).
+    Parse(String),
+    /// Not issued and signed by the CA.
+    Signature,
+}
+
+/// [`load_crl`] on bytes: PEM or DER, issuer and signature checked against `ca_der`.
+pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), CrlError> {
     let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
-        CertificateRevocationListDer::from_pem_slice(&bytes)
-            .map_err(|e| TlsError::Parse(path.to_path_buf(), format!("bad CRL PEM: {e}")))?
+        CertificateRevocationListDer::from_pem_slice(bytes)
+            .map_err(|e| CrlError::Parse(format!("bad CRL PEM: {e}")))?
     } else {
-        CertificateRevocationListDer::from(bytes)
+        CertificateRevocationListDer::from(bytes.to_vec())
     };
-    let (_, crl) = CertificateRevocationList::from_der(&der)
-        .map_err(|e| TlsError::Parse(path.to_path_buf(), format!("bad CRL: {e}")))?;
-    let (_, ca) =
-        X509Certificate::from_der(ca_der).map_err(|e| TlsError::Parse(path.to_path_buf(), e.to_string()))?;
+    let (_, crl) =
+        CertificateRevocationList::from_der(&der).map_err(|e| CrlError::Parse(format!("bad CRL: {e}")))?;
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|e| CrlError::Parse(e.to_string()))?;
     if crl.issuer() != ca.subject() || crl.verify_signature(ca.public_key()).is_err() {
-        return Err(TlsError::CrlSignature(path.to_path_buf()));
+        return Err(CrlError::Signature);
     }
     let mut serials = Vec::new();
     for r in crl.iter_revoked_certificates() {
-        let key = serial_key(r.raw_serial()).ok_or_else(|| {
-            TlsError::Parse(path.to_path_buf(), "CRL lists a serial longer than 20 octets".into())
-        })?;
+        let key = serial_key(r.raw_serial())
+            .ok_or_else(|| CrlError::Parse("CRL lists a serial longer than 20 octets".into()))?;
         serials.push(key);
     }
     serials.sort_unstable();

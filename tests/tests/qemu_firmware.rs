@@ -96,6 +96,9 @@ fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<S
     let mut child = Command::new(qemu)
         .args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
         .args(["-semihosting-config", "enable=on,target=native"])
+        // Virtual time = instructions executed (1 ns each): the firmware's SysTick figure for
+        // the TLS handshake becomes an instruction count (BENCHMARKS.md).
+        .args(["-icount", "shift=0,align=off,sleep=off"])
         .args(["-serial", &format!("tcp:127.0.0.1:{port}")])
         .arg("-device")
         .arg(format!("loader,file={},addr=0x003f0000,force-raw=on", bundle.display()))
@@ -117,6 +120,9 @@ fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<S
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) => {
+                if l.contains("TLS established in") {
+                    eprintln!("{l}");
+                }
                 on_line(&l);
                 lines.push(l);
             }
