@@ -423,6 +423,14 @@ async fn crl_reload_policy_and_forged_crl() {
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
     drop(raw);
+    // A corrupt file (truncated mid-write, or garbage) is refused the same way.
+    let pem = std::fs::read_to_string(other.home().join("crl.pem")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&crl, &pem.as_bytes()[..pem.len() / 2]).unwrap();
+    broker.wait_metric("fleet_crl_reloads_total{outcome=\"rejected\"}", 2.0, Duration::from_secs(5)).await;
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    drop(raw);
     // An expired CRL (signed correctly): alert, and new connections refused (fail-closed).
     let home = fleet.home();
     let ca = LoadedCa::from_pem(
