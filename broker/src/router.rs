@@ -29,6 +29,8 @@ struct Sub {
 struct Inner {
     /// Key: the literal device-id level, or "" for filters with a wildcard there.
     subs: HashMap<String, Vec<Sub>>,
+    /// The keys each connection has subscriptions under, so a disconnect touches only those.
+    keys_by_conn: HashMap<u64, Vec<String>>,
     retained: HashMap<String, Publish>,
 }
 
@@ -38,10 +40,10 @@ pub struct Router {
     inner: Mutex<Inner>,
 }
 
-fn key_of(filter: &str) -> String {
+fn key_of(filter: &str) -> &str {
     match filter.split('/').nth(1) {
-        Some("+") | Some("#") | None => String::new(),
-        Some(id) => id.to_owned(),
+        Some("+") | Some("#") | None => "",
+        Some(id) => id,
     }
 }
 
@@ -61,7 +63,12 @@ impl Router {
         tx: mpsc::Sender<Box<Publish>>,
     ) -> Vec<Publish> {
         let mut inner = lock(&self.inner);
-        let list = inner.subs.entry(key_of(filter)).or_default();
+        let key = key_of(filter);
+        let keys = inner.keys_by_conn.entry(conn_id).or_default();
+        if !keys.iter().any(|k| k == key) {
+            keys.push(key.to_owned());
+        }
+        let list = inner.subs.entry(key.to_owned()).or_default();
         list.retain(|s| !(s.conn_id == conn_id && s.filter == filter));
         list.push(Sub { conn_id, filter: filter.to_owned(), qos, tx });
         inner.retained.values().filter(|p| matches(filter, &p.topic)).cloned().collect()
@@ -70,7 +77,7 @@ impl Router {
     /// Removes one subscription.
     pub fn unsubscribe(&self, conn_id: u64, filter: &str) {
         let mut inner = lock(&self.inner);
-        if let Some(list) = inner.subs.get_mut(&key_of(filter)) {
+        if let Some(list) = inner.subs.get_mut(key_of(filter)) {
             list.retain(|s| !(s.conn_id == conn_id && s.filter == filter));
         }
     }
@@ -78,10 +85,14 @@ impl Router {
     /// Removes every subscription of a connection.
     pub fn remove_connection(&self, conn_id: u64) {
         let mut inner = lock(&self.inner);
-        for list in inner.subs.values_mut() {
-            list.retain(|s| s.conn_id != conn_id);
+        for key in inner.keys_by_conn.remove(&conn_id).unwrap_or_default() {
+            if let Some(list) = inner.subs.get_mut(&key) {
+                list.retain(|s| s.conn_id != conn_id);
+                if list.is_empty() {
+                    inner.subs.remove(&key);
+                }
+            }
         }
-        inner.subs.retain(|_, l| !l.is_empty());
     }
 
     /// Delivers to every matching subscription (once per connection); stores it if retained.
@@ -96,7 +107,7 @@ impl Router {
         }
         let key = key_of(&publish.topic);
         let mut seen: Vec<u64> = Vec::new();
-        let candidates = inner.subs.get(&key).into_iter().chain(inner.subs.get("")).flatten();
+        let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
         for s in candidates {
             if seen.contains(&s.conn_id) || !matches(&s.filter, &publish.topic) {
                 continue;
@@ -115,5 +126,39 @@ impl Router {
                 Err(_) => metrics.messages_dropped.inc(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str) -> Publish {
+        Publish::new(topic, QoS::AtMostOnce, b"x".to_vec())
+    }
+
+    #[test]
+    fn a_closed_connection_gets_nothing_and_leaves_nothing_behind() {
+        let router = Router::default();
+        let metrics = Metrics::new();
+        let (tx1, mut rx1) = mpsc::channel(8);
+        let (tx2, mut rx2) = mpsc::channel(8);
+        router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, tx1.clone());
+        router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, tx1);
+        router.subscribe(2, "devices/a/commands/#", QoS::AtMostOnce, tx2);
+        router.route(&publish("devices/a/commands/reboot"), &metrics);
+        router.route(&publish("devices/b/telemetry"), &metrics);
+        assert_eq!(rx1.try_recv().map(|p| p.topic).ok().as_deref(), Some("devices/a/commands/reboot"));
+        assert_eq!(rx1.try_recv().map(|p| p.topic).ok().as_deref(), Some("devices/b/telemetry"));
+        assert!(rx2.try_recv().is_ok());
+
+        router.remove_connection(1);
+        router.route(&publish("devices/a/commands/reboot"), &metrics);
+        router.route(&publish("devices/b/telemetry"), &metrics);
+        assert!(rx1.try_recv().is_err(), "a removed connection still receives");
+        assert!(rx2.try_recv().is_ok());
+        router.remove_connection(2);
+        let inner = lock(&router.inner);
+        assert!(inner.subs.is_empty() && inner.keys_by_conn.is_empty(), "{inner:?}");
     }
 }

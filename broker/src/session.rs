@@ -480,27 +480,27 @@ async fn handle_packet(
             if p.qos == QoS::ExactlyOnce {
                 return Err(End::Protocol("qos2_unsupported"));
             }
-            let msg = Message {
-                device_id: id.id.to_string(),
-                topic: p.topic.clone(),
-                payload: p.payload.clone(),
-                qos: p.qos as u8,
-                received_at: now_millis(),
-            };
+            // Routed first (subscribers get copies), then the publish itself moves to the store.
+            shared.router.route(&p, &shared.metrics);
+            let (pkid, qos) = (p.pkid, p.qos);
             // Devices' telemetry is stored; services' commands are only routed.
             if id.role == fleet_provision::Role::Device {
-                if p.qos == QoS::AtLeastOnce {
+                let msg = Message {
+                    device_id: id.id.to_string(),
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: qos as u8,
+                    received_at: now_millis(),
+                };
+                if qos == QoS::AtLeastOnce {
                     let done = shared.store.submit(msg).await;
-                    let pkid = p.pkid;
                     pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
                 } else {
                     shared.store.submit_nowait(msg).await;
                 }
-            } else if p.qos == QoS::AtLeastOnce {
-                let pkid = p.pkid;
+            } else if qos == QoS::AtLeastOnce {
                 pending.push_back(Box::pin(async move { (pkid, true) }));
             }
-            shared.router.route(&p, &shared.metrics);
             Ok(())
         }
         Packet::Subscribe(s) => {

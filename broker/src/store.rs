@@ -104,6 +104,9 @@ async fn writer(
     let mut jobs = Vec::with_capacity(batch);
     while let Some(first) = rx.recv().await {
         jobs.push(first);
+        // One turn of the scheduler lets sessions that are already running queue what they
+        // have, so a commit rarely starts with a single row while hundreds are on their way.
+        tokio::task::yield_now().await;
         while jobs.len() < batch {
             match rx.try_recv() {
                 Ok(j) => jobs.push(j),
@@ -141,10 +144,11 @@ async fn commit(pool: &AnyPool, backend: Backend, full: &str, jobs: &[Job]) -> R
         };
         let mut q = sqlx::query(sql);
         for j in chunk {
+            // Borrowed: the jobs outlive the statement, so no per-row copies.
             q = q
-                .bind(j.msg.device_id.clone())
-                .bind(j.msg.topic.clone())
-                .bind(j.msg.payload.to_vec())
+                .bind(j.msg.device_id.as_str())
+                .bind(j.msg.topic.as_str())
+                .bind(&j.msg.payload[..])
                 .bind(i64::from(j.msg.qos))
                 .bind(j.msg.received_at);
         }

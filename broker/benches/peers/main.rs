@@ -518,15 +518,7 @@ async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, report: &mu
 }
 
 fn fd_limit() -> u64 {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(1024)
+    servers::proc_field("/proc/self/limits", "Max open files", 3).unwrap_or(1024)
 }
 
 async fn scenario_memory(env: &Env, a: &Args, report: &mut Report) {

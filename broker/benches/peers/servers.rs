@@ -57,15 +57,7 @@ impl Server {
 
     /// Resident set size in KiB (from /proc).
     pub(crate) fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        proc_field(&format!("/proc/{}/status", self.pid()), "VmRSS:", 1).unwrap_or(0)
     }
 
     /// Sends SIGHUP (Mosquitto reloads its configuration on it).
@@ -79,6 +71,24 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Field `index` (whitespace-separated) of the first line starting with `prefix` in a /proc file.
+pub(crate) fn proc_field(path: &str, prefix: &str, index: usize) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find(|l| l.starts_with(prefix))?.split_whitespace().nth(index)?.parse().ok()
+}
+
+/// Runs a peer with `-c CONF`, output discarded.
+fn spawn_with_config(bin: &Path, conf: &Path) -> Result<Child, String> {
+    Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))
 }
 
 /// Where the peers' programs are, and why one is missing.
@@ -174,14 +184,7 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
                 ),
             )
             .map_err(|e| e.to_string())?;
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("{}: {e}", bin.display()))?;
-            (child, SocketAddr::from(([127, 0, 0, 1], port)))
+            (spawn_with_config(&bin, &conf)?, SocketAddr::from(([127, 0, 0, 1], port)))
         }
         Peer::Rumqttd => {
             let port = free_port();
@@ -201,15 +204,7 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
                 ),
             )
             .map_err(|e| e.to_string())?;
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("{}: {e}", bin.display()))?;
-            (child, SocketAddr::from(([127, 0, 0, 1], port)))
+            (spawn_with_config(&bin, &conf)?, SocketAddr::from(([127, 0, 0, 1], port)))
         }
     };
     let server = Server { addr, child };
