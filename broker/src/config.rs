@@ -55,6 +55,9 @@ pub struct Config {
     pub reload_poll_ms: u64,
     /// Most messages committed in one store transaction.
     pub store_batch: usize,
+    /// Longest wait for a registry connection, seconds: while the database is down, admissions
+    /// are refused (CONNACK 3) and unstored messages unacknowledged after this long.
+    pub registry_timeout_secs: f64,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             revocation_poll_ms: 200,
             reload_poll_ms: 1000,
             store_batch: 4096,
+            registry_timeout_secs: 3.0,
         }
     }
 }
@@ -103,6 +107,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         secs(self.handshake_timeout_secs, "handshake_timeout_secs")?;
         secs(self.connect_timeout_secs, "connect_timeout_secs")?;
+        secs(self.registry_timeout_secs, "registry_timeout_secs")?;
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be at least 1".into()));
         }
@@ -118,6 +123,11 @@ impl Config {
     /// Handshake deadline.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.handshake_timeout_secs)
+    }
+
+    /// Longest wait for a registry connection.
+    pub fn registry_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.registry_timeout_secs)
     }
 
     /// CONNECT deadline.

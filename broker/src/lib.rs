@@ -120,7 +120,8 @@ impl Broker {
         config.validate()?;
         let paths = tls_paths(&config);
         let state = tls::build(&paths)?;
-        let registry = Registry::open(&config.database_url(), false).await?;
+        let registry =
+            Registry::open_with_timeout(&config.database_url(), false, config.registry_timeout()).await?;
         let revocation_head = registry.revocation_head().await?;
         let metrics = Metrics::new();
         let (store, store_writer) = store::Store::start(

@@ -64,6 +64,10 @@ struct Cli {
     /// CONNECT deadline, seconds.
     #[arg(long)]
     connect_timeout: Option<f64>,
+    /// Longest wait for a registry database connection, seconds (default 3): while the database
+    /// is down, new devices get CONNACK 3 and unstored messages stay unacknowledged after this.
+    #[arg(long)]
+    registry_timeout: Option<f64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -126,6 +130,9 @@ fn resolve(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(v) = cli.connect_timeout {
         c.connect_timeout_secs = v;
     }
+    if let Some(v) = cli.registry_timeout {
+        c.registry_timeout_secs = v;
+    }
     c.validate()?;
     Ok(c)
 }
@@ -152,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("max_packet_size   = {}", c.max_packet_size);
         println!("handshake_timeout_secs = {}", c.handshake_timeout_secs);
         println!("connect_timeout_secs   = {}", c.connect_timeout_secs);
+        println!("registry_timeout_secs  = {}", c.registry_timeout_secs);
         if let Some(crl) = &plan.crl {
             println!("# CRL: {} revoked, nextUpdate {:?}", crl.revoked, crl.next_update);
         }

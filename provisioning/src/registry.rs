@@ -202,6 +202,12 @@ impl Registry {
     ///
     /// `url` is `sqlite://PATH` or `postgres://...`.
     pub async fn open(url: &str, create: bool) -> Result<Self> {
+        Self::open_with_timeout(url, create, Duration::from_secs(10)).await
+    }
+
+    /// [`Registry::open`] with the longest wait for a database connection (a server that
+    /// refuses connections is retried until then; after that queries fail).
+    pub async fn open_with_timeout(url: &str, create: bool, acquire_timeout: Duration) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -219,7 +225,7 @@ impl Registry {
         let opts = AnyConnectOptions::from_str(&url)?;
         let mut pool_opts = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(acquire_timeout);
         if backend == Backend::Sqlite {
             pool_opts = pool_opts.after_connect(|conn, _| {
                 Box::pin(async move {

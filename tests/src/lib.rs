@@ -1,8 +1,8 @@
 //! Test support shared by the end-to-end tests of every fleetgate crate.
 //!
-//! - [`PgCluster`]: a throwaway PostgreSQL server in a temporary directory, reachable only
-//!   through a Unix socket in that directory (no TCP port, so tests never collide), stopped on
-//!   drop.
+//! - [`PgCluster`]: a throwaway PostgreSQL server in a temporary directory, reachable through a
+//!   Unix socket in that directory (no fixed TCP port, so tests never collide; `start_tcp` adds a
+//!   free loopback port), stopped on drop.
 //! - [`require_program`]: fail (never skip) with an install hint when an external peer is missing.
 
 use std::path::{Path, PathBuf};
@@ -52,11 +52,31 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bindir: PathBuf,
     as_postgres: bool,
+    port: u16,
+    tcp: bool,
 }
 
 impl PgCluster {
     /// initdb + start. Takes a second or two.
     pub fn start() -> PgCluster {
+        Self::start_on(false)
+    }
+
+    /// Like [`PgCluster::start`], also listening on TCP 127.0.0.1 (a free port picked by the
+    /// OS), for behaviour that differs over TCP (a stopped server refuses connections).
+    pub fn start_tcp() -> PgCluster {
+        Self::start_on(true)
+    }
+
+    fn start_on(tcp: bool) -> PgCluster {
+        let port = if tcp {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free TCP port")
+        } else {
+            5432
+        };
         let bindir = pg_bindir();
         let as_postgres = is_root();
         let dir = tempfile::Builder::new().prefix("fleet-pg-").tempdir().expect("tempdir");
@@ -66,7 +86,7 @@ impl PgCluster {
                 .success();
             assert!(ok, "cannot chown the PostgreSQL test directory to user postgres");
         }
-        let c = PgCluster { dir, bindir, as_postgres };
+        let c = PgCluster { dir, bindir, as_postgres, port, tcp };
         let data = c.data_dir();
         let out = c.pg(
             &["initdb", "-D"],
@@ -87,8 +107,10 @@ impl PgCluster {
     fn launch(&self) {
         let data = self.data_dir();
         let opts = format!(
-            "-c listen_addresses='' -k {} -p 5432 -c fsync=off -c max_connections=200",
-            self.dir.path().display()
+            "-c listen_addresses='{}' -k {} -p {} -c fsync=off -c max_connections=200",
+            if self.tcp { "127.0.0.1" } else { "" },
+            self.dir.path().display(),
+            self.port
         );
         let log = self.dir.path().join("server.log");
         let out = self.pg(
@@ -145,7 +167,7 @@ impl PgCluster {
             &[
                 self.dir.path().as_os_str(),
                 "-p".as_ref(),
-                "5432".as_ref(),
+                self.port.to_string().as_ref(),
                 "-U".as_ref(),
                 "postgres".as_ref(),
                 name.as_ref(),
@@ -157,7 +179,11 @@ impl PgCluster {
 
     /// sqlx URL of database `name`.
     pub fn url(&self, name: &str) -> String {
-        format!("postgres://postgres@localhost/{name}?host={}&port=5432", self.dir.path().display())
+        if self.tcp {
+            format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+        } else {
+            format!("postgres://postgres@localhost/{name}?host={}&port=5432", self.dir.path().display())
+        }
     }
 
     /// Stops the server now (simulates the database going away).
