@@ -128,13 +128,7 @@ async fn refusal_matrix() {
     if let Ok(mut raw) = Raw::connect(broker.mqtt, cfg).await {
         assert!(connack_code(&raw.mqtt_connect("x", 30).await).is_none());
     }
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"no_certificate\"}",
-            before + 1.0,
-            Duration::from_secs(5),
-        )
-        .await;
+    broker.wait_refused("no_certificate", before + 1.0, Duration::from_secs(5)).await;
 
     // Expired and not yet valid.
     let d = base.join("expired");
@@ -226,13 +220,7 @@ async fn client_id_binding() {
         }
         other => panic!("spoofed client id admitted: {other:?}"),
     }
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"client_id_mismatch\"}",
-            1.0,
-            Duration::from_secs(5),
-        )
-        .await;
+    broker.wait_refused("client_id_mismatch", 1.0, Duration::from_secs(5)).await;
     // An empty client id is assigned the certificate's id.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect("", 30).await), Some(ConnectReturnCode::Success));
@@ -319,23 +307,11 @@ async fn handshake_connect_keepalive_and_size_limits() {
     let r =
         tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read(&mut idle, &mut b)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "idle socket not closed: {r:?}");
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"handshake_timeout\"}",
-            1.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    broker.wait_refused("handshake_timeout", 1.0, Duration::from_secs(3)).await;
     // TLS but no CONNECT.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert!(raw.closed_within(Duration::from_secs(3)).await);
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"connect_timeout\"}",
-            1.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    broker.wait_refused("connect_timeout", 1.0, Duration::from_secs(3)).await;
     // Keep-alive of 1 s: silent for 1.5 s → closed.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 1).await), Some(ConnectReturnCode::Success));
@@ -387,13 +363,7 @@ async fn expect_refused_after_revoke(broker: &BrokerProc, fleet: &Fleet, i: usiz
     if let Ok(mut raw) = Raw::device(broker.mqtt, &fleet.devices[i]).await {
         assert_ne!(connack_code(&raw.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
     }
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"revoked\"}",
-            1.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    broker.wait_refused("revoked", 1.0, Duration::from_secs(3)).await;
 }
 
 #[tokio::test]
@@ -448,13 +418,7 @@ async fn crl_reload_policy_and_forged_crl() {
             Some(ConnectReturnCode::ServiceUnavailable)
         );
     }
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"crl_expired\"}",
-            1.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    broker.wait_refused("crl_expired", 1.0, Duration::from_secs(3)).await;
     // Fail-open admits with the alert raised.
     let open = BrokerProc::start(&fleet, &["--crl", s(&crl), "--crl-policy", "fail-open"]);
     assert_eq!(open.metric("fleet_crl_expired").await, 1.0);

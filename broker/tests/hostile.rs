@@ -194,20 +194,8 @@ async fn half_open_connections_are_reaped_and_do_not_block_admission() {
         );
     }
     assert!(t.elapsed() < Duration::from_secs(4), "reaping took {:?}", t.elapsed());
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"handshake_timeout\"}",
-            200.0,
-            Duration::from_secs(2),
-        )
-        .await;
-    broker
-        .wait_metric(
-            "fleet_handshakes_total{outcome=\"refused\",reason=\"connect_timeout\"}",
-            50.0,
-            Duration::from_secs(2),
-        )
-        .await;
+    broker.wait_refused("handshake_timeout", 200.0, Duration::from_secs(2)).await;
+    broker.wait_refused("connect_timeout", 50.0, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]

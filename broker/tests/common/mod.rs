@@ -157,6 +157,12 @@ impl BrokerProc {
         }
     }
 
+    /// Waits until `count` connections were refused for `reason` (the handshakes metric).
+    pub async fn wait_refused(&self, reason: &str, count: f64, within: Duration) {
+        let metric = format!("fleet_handshakes_total{{outcome=\"refused\",reason=\"{reason}\"}}");
+        self.wait_metric(&metric, count, within).await;
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
