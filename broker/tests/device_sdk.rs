@@ -36,7 +36,10 @@ fn run_device(addr: SocketAddr, bundle: &[u8], topic_suffix: &str) -> Outcome {
         TlsConnection::new(FromStd::new(tcp), &mut rbuf, &mut wbuf);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut provider = DeviceProvider::new(creds, rand::rngs::OsRng, Some(now));
-    let handshake = tls.open(TlsContext::new(&config, &mut provider)).map_err(|e| format!("{e:?}"));
+    let handshake = tls
+        .open(TlsContext::new(&config, &mut provider))
+        .map_err(|e| format!("{e:?}"))
+        .and_then(|()| provider.authenticated().map_err(|r| format!("not authenticated: {r:?}")));
     let mut out = Outcome { handshake, rejection: provider.rejection(), connack: None, puback: None };
     if out.handshake.is_err() {
         return out;

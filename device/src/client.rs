@@ -158,6 +158,16 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
             defmt::warn!("TLS failed: {}", defmt::Debug2Format(&(error, rejection)));
             return Err(ClientError::Tls { error, rejection });
         }
+        if let Err(rejection) = provider.authenticated() {
+            // The server reached its Finished without proving its identity (embedded-tls does
+            // not require it). Drop the connection before a single application byte.
+            #[cfg(feature = "log")]
+            log::warn!("{} did not authenticate: {:?}", self.creds.broker_host, rejection);
+            #[cfg(feature = "defmt")]
+            defmt::warn!("broker did not authenticate: {}", defmt::Debug2Format(&rejection));
+            drop(tls);
+            return Err(ClientError::Tls { error: TlsError::InvalidCertificate, rejection: Some(rejection) });
+        }
         #[cfg(feature = "log")]
         log::info!("mutual TLS to {} established", self.creds.broker_host);
         self.filled = 0;

@@ -4,6 +4,9 @@
 //!   Unix socket in that directory (no fixed TCP port, so tests never collide; `start_tcp` adds a
 //!   free loopback port), stopped on drop.
 //! - [`require_program`]: fail (never skip) with an install hint when an external peer is missing.
+//! - [`rogue_tls`]: a hostile TLS 1.3 server that omits or reorders server authentication.
+
+pub mod rogue_tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -249,3 +249,24 @@ fn firmware_with_another_pkis_bundle_refuses_the_broker() {
     assert!(lines.iter().any(|l| l.contains("TLS refused") && l.contains("WrongIssuer")), "{lines:?}");
     assert!(telemetry_topics(&pki.home, &foreign.device_id).is_empty());
 }
+
+/// The firmware against a broker impersonator that sends no Certificate and no CertificateVerify
+/// (embedded-tls completes such a handshake): refused, and not one MQTT byte reaches it.
+#[test]
+fn firmware_refuses_a_server_that_never_authenticates() {
+    use fleet_tests::rogue_tls::{Mode, RogueServer};
+    let bins = bin_dir();
+    let root = tempfile::tempdir().unwrap();
+    let pki = provision(&bins, root.path(), "fleet-rogue");
+    let cert = std::fs::read_to_string(pki.home.join("broker-tls/cert.pem")).unwrap();
+    let cert_der = fleet_tests::rogue_tls::first_certificate_der(&cert);
+    // The attacker has no broker key; a random one stands in (this mode never signs).
+    let key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    let rogue = RogueServer::start(Mode::NoCertificate, cert_der, key);
+    let (ok, lines) = boot(rogue.addr.port(), &pki.device_dir.join("credentials.bin"), |_| {});
+    let report = rogue.finish();
+    assert!(!ok, "firmware completed against a server that never authenticated: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("TLS refused") && l.contains("NoCertificate")), "{lines:?}");
+    assert_eq!(report.app_bytes, 0, "firmware sent MQTT to an unauthenticated server: {report:?}");
+    assert_ne!(report.client_sent_certificate, Some(true), "firmware showed its certificate: {report:?}");
+}

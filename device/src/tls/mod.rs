@@ -34,6 +34,14 @@ impl<'a, R: CryptoRngCore> DeviceProvider<'a, R> {
     pub fn rejection(&self) -> Option<Rejection> {
         self.verifier.last_rejection
     }
+
+    /// `Ok` once the broker proved its identity (verified Certificate, then CertificateVerify by
+    /// its key). embedded-tls completes a handshake with a server that skips either message, so
+    /// whoever drives `TlsConnection::open` with this provider must check this before writing
+    /// anything; [`crate::client::Device::connect`] does.
+    pub fn authenticated(&self) -> Result<(), Rejection> {
+        self.verifier.authenticated()
+    }
 }
 
 impl<R: CryptoRngCore> CryptoProvider for DeviceProvider<'_, R> {
@@ -51,12 +59,19 @@ impl<R: CryptoRngCore> CryptoProvider for DeviceProvider<'_, R> {
     fn signer(
         &mut self,
     ) -> Result<(impl p256::ecdsa::signature::SignerMut<Self::Signature>, SignatureScheme), TlsError> {
+        // Never sign for a server that has not authenticated (see `client_cert`).
+        if self.verifier.authenticated().is_err() {
+            return Err(TlsError::InvalidCertificate);
+        }
         let key =
             p256::SecretKey::from_sec1_der(self.creds.key_der).map_err(|_| TlsError::InvalidPrivateKey)?;
         Ok((SigningKey::from(&key), SignatureScheme::EcdsaSecp256r1Sha256))
     }
 
+    /// embedded-tls asks for the client certificate right after it accepted the server's
+    /// Finished. A server that has not authenticated gets an empty certificate list: the device
+    /// does not reveal its identity to it, and `Device::connect` then drops the connection.
     fn client_cert(&mut self) -> Option<Certificate<impl AsRef<[u8]>>> {
-        Some(Certificate::X509(self.creds.cert_der))
+        self.verifier.authenticated().ok().map(|()| Certificate::X509(self.creds.cert_der))
     }
 }

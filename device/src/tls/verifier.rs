@@ -13,6 +13,14 @@
 //! - it is within its validity period, when the firmware supplied the time;
 //! - it has no critical extension this verifier does not understand;
 //! - and the handshake's CertificateVerify is an ECDSA P-256 signature by its key.
+//!
+//! embedded-tls 0.19 calls a verifier only for the messages that arrive: a server that omits the
+//! Certificate or the CertificateVerify still reaches its Finished and completes the handshake.
+//! So the verifier also records how far the server has proven itself ([`ServerVerifier::authenticated`]):
+//! one Certificate that passed every check above, then one CertificateVerify by that leaf's key
+//! over the transcript up to that Certificate, in that order and nothing else. The provider shows
+//! no client certificate and [`crate::client::Device::connect`] sends no byte of MQTT until it is
+//! `Ok`.
 
 use embedded_tls::{
     CertificateRef, CertificateVerifyRef, SignatureScheme, TlsCipherSuite, TlsError, TlsVerifier,
@@ -46,6 +54,26 @@ pub enum Rejection {
     NotYetValid,
     /// CertificateVerify signature invalid.
     BadHandshakeSignature,
+    /// The server finished its handshake after a Certificate but without a CertificateVerify:
+    /// it never proved it holds the certificate's key.
+    NoCertificateVerify,
+    /// A CertificateVerify arrived before any verified Certificate.
+    CertificateVerifyBeforeCertificate,
+    /// A second Certificate (or one after the CertificateVerify) arrived.
+    UnexpectedCertificate,
+}
+
+/// How far the server has authenticated itself in this handshake (only ever moves forward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Nothing verified yet.
+    None,
+    /// A Certificate passed the checks; its CertificateVerify is due.
+    Certificate,
+    /// Certificate and CertificateVerify both verified.
+    Authenticated,
+    /// A check failed; nothing later can succeed.
+    Failed,
 }
 
 /// Verifies the broker against a pinned server CA.
@@ -54,6 +82,7 @@ pub struct ServerVerifier<'a> {
     ca_der: &'a [u8],
     host: &'a str,
     now: Option<i64>,
+    proof: Proof,
     /// Uncompressed P-256 point of the verified leaf, for CertificateVerify.
     leaf_key: Option<heapless::Vec<u8, 65>>,
     transcript: Option<[u8; 32]>,
@@ -65,7 +94,28 @@ impl<'a> ServerVerifier<'a> {
     /// Pins `server_ca_der`, expects `host` in the broker's SAN, and checks validity against
     /// `now` (unix seconds) when given.
     pub fn new(server_ca_der: &'a [u8], host: &'a str, now: Option<i64>) -> Self {
-        Self { ca_der: server_ca_der, host, now, leaf_key: None, transcript: None, last_rejection: None }
+        Self {
+            ca_der: server_ca_der,
+            host,
+            now,
+            proof: Proof::None,
+            leaf_key: None,
+            transcript: None,
+            last_rejection: None,
+        }
+    }
+
+    /// `Ok` only once the server sent a Certificate that passed every check and then a
+    /// CertificateVerify by that certificate's key; otherwise the step that was missing or failed.
+    /// Call it after the handshake and before any application data.
+    pub fn authenticated(&self) -> Result<(), Rejection> {
+        match self.proof {
+            Proof::Authenticated => Ok(()),
+            Proof::None => Err(Rejection::NoCertificate),
+            Proof::Certificate => Err(Rejection::NoCertificateVerify),
+            // A failure always records its reason first.
+            Proof::Failed => Err(self.last_rejection.unwrap_or(Rejection::NoCertificate)),
+        }
     }
 
     /// Checks a server certificate chain (`chain[0]` is the leaf) as the TLS handshake would.
@@ -111,6 +161,9 @@ impl<'a> ServerVerifier<'a> {
     }
 
     fn reject(&mut self, r: Rejection) -> TlsError {
+        self.proof = Proof::Failed;
+        self.leaf_key = None;
+        self.transcript = None;
         self.last_rejection = Some(r);
         TlsError::InvalidCertificate
     }
@@ -131,6 +184,13 @@ impl<CipherSuite: TlsCipherSuite> TlsVerifier<CipherSuite> for ServerVerifier<'_
         transcript: &CipherSuite::Hash,
         cert: CertificateRef,
     ) -> Result<(), TlsError> {
+        match self.proof {
+            Proof::None => {}
+            Proof::Failed => return Err(TlsError::InvalidCertificate),
+            Proof::Certificate | Proof::Authenticated => {
+                return Err(self.reject(Rejection::UnexpectedCertificate))
+            }
+        }
         let Some(embedded_tls::CertificateEntryRef::X509(leaf)) = cert.entries.first() else {
             return Err(self.reject(Rejection::NoCertificate));
         };
@@ -142,11 +202,19 @@ impl<CipherSuite: TlsCipherSuite> TlsVerifier<CipherSuite> for ServerVerifier<'_
         }
         t.copy_from_slice(&digest);
         self.transcript = Some(t);
+        self.proof = Proof::Certificate;
         Ok(())
     }
 
     fn verify_signature(&mut self, verify: CertificateVerifyRef) -> Result<(), TlsError> {
+        match self.proof {
+            Proof::Certificate => {}
+            Proof::Failed => return Err(TlsError::InvalidSignature),
+            Proof::None => return Err(self.reject(Rejection::CertificateVerifyBeforeCertificate)),
+            Proof::Authenticated => return Err(self.reject(Rejection::UnexpectedCertificate)),
+        }
         let (Some(key), Some(transcript)) = (self.leaf_key.take(), self.transcript.take()) else {
+            // Proof::Certificate always stores both.
             return Err(self.reject(Rejection::NoCertificate));
         };
         if verify.signature_scheme != SignatureScheme::EcdsaSecp256r1Sha256 {
@@ -161,6 +229,7 @@ impl<CipherSuite: TlsCipherSuite> TlsVerifier<CipherSuite> for ServerVerifier<'_
             .zip(DerSignature::try_from(verify.signature).ok())
             .is_some_and(|(k, s)| k.verify(&msg, &s).is_ok());
         if ok {
+            self.proof = Proof::Authenticated;
             Ok(())
         } else {
             Err(self.reject(Rejection::BadHandshakeSignature))
