@@ -197,6 +197,12 @@ async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart()
             delivered == 2
         });
         to_test.send("subscribed").unwrap();
+        // A command larger than the SDK's inbox: reported and acknowledged on the same
+        // connection (no reconnect loop), then the next command arrives normally.
+        let big = poll_until(&mut d, &mut conn, |e| {
+            matches!(e, Incoming::Command { .. } | Incoming::CommandTooLarge { .. })
+        });
+        assert_eq!(big, Incoming::CommandTooLarge { name_len: 8, payload_len: 3500 });
         let cmd = poll_until(&mut d, &mut conn, |e| matches!(e, Incoming::Command { .. }));
         assert_eq!(
             cmd,
@@ -236,6 +242,14 @@ async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart()
         rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
     rumqttc_connected(&mut ev).await.unwrap();
     let poller = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    svc.publish(
+        format!("devices/{}/commands/firmware", fleet.id(0)),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        vec![0xA5; 3500],
+    )
+    .await
+    .unwrap();
     svc.publish(
         format!("devices/{}/commands/blink", fleet.id(0)),
         rumqttc::QoS::AtLeastOnce,

@@ -33,7 +33,10 @@ use crate::mqtt::session::{Event, Millis, Session, SessionConfig, SessionError};
 use crate::mqtt::QoS;
 use crate::tls::{DeviceProvider, Rejection};
 
-/// Bytes of MQTT input buffered between reads; the broker caps packets to devices below this.
+/// Bytes of MQTT input buffered between reads. The broker's `max_packet_size` (default 4096)
+/// caps every packet it sends; a PUBLISH larger than this inbox is not a connection error: it
+/// is acknowledged per its QoS, skipped as it streams in and reported as
+/// [`Incoming::CommandTooLarge`] (so a big command can never put the device in a reconnect loop).
 pub const INBOX: usize = 2048;
 /// Largest packet the device writes.
 pub const OUTBOX_PACKET: usize = 1024;
@@ -56,8 +59,9 @@ pub enum Incoming {
         /// Payload.
         payload: Vec<u8, 256>,
     },
-    /// A command arrived that does not fit `Command` (name over 32 bytes or payload over 256):
-    /// it was acknowledged to the broker but not delivered; the application decides what to do.
+    /// A command arrived that does not fit `Command` (name over 32 bytes, payload over 256, or
+    /// the whole packet over [`INBOX`]): it was acknowledged to the broker but not delivered;
+    /// the application decides what to do.
     CommandTooLarge {
         /// Bytes of the command name.
         name_len: usize,
@@ -113,12 +117,14 @@ pub struct Device<'a, const N: usize, const M: usize> {
     session: Session<'a, N, M>,
     inbox: [u8; INBOX],
     filled: usize,
+    /// Bytes still to discard of an oversized packet.
+    skip: usize,
 }
 
 impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     /// A disconnected device.
     pub fn new(creds: Credentials<'a>, cfg: SessionConfig) -> Self {
-        Self { session: Session::new(creds.device_id, cfg), creds, inbox: [0; INBOX], filled: 0 }
+        Self { session: Session::new(creds.device_id, cfg), creds, inbox: [0; INBOX], filled: 0, skip: 0 }
     }
 
     /// The credentials in use.
@@ -171,6 +177,7 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         #[cfg(feature = "log")]
         log::info!("mutual TLS to {} established", self.creds.broker_host);
         self.filled = 0;
+        self.skip = 0;
         self.session.transport_up(now);
         Ok(tls)
     }
@@ -225,17 +232,29 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
 
     fn take_event(&mut self, now: Millis) -> Result<Option<Incoming>, ClientError> {
         loop {
+            if self.skip > 0 {
+                let n = self.skip.min(self.filled);
+                self.inbox.copy_within(n..self.filled, 0);
+                self.filled -= n;
+                self.skip -= n;
+            }
             if self.filled == 0 {
                 return Ok(None);
             }
             let (used, ev) =
                 self.session.handle(now, &self.inbox[..self.filled]).map_err(ClientError::Session)?;
             if used == 0 {
-                if self.filled == INBOX {
-                    // A packet larger than the inbox: the broker broke its promise.
-                    return Err(ClientError::Transport);
+                if self.filled < INBOX {
+                    return Ok(None);
                 }
-                return Ok(None);
+                // A packet larger than the inbox: acknowledge it, then discard it as it arrives.
+                let head = self.session.skip_oversized(&self.inbox).map_err(ClientError::Session)?;
+                let name_len = self.session.command_name(head.topic).map(str::len);
+                self.skip = head.total;
+                if let Some(name_len) = name_len {
+                    return Ok(Some(Incoming::CommandTooLarge { name_len, payload_len: head.payload_len }));
+                }
+                continue;
             }
             let out = ev.and_then(|e| match e {
                 Event::Connected => Some(Incoming::Connected),
@@ -254,6 +273,7 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     /// The transport is gone: schedule the reconnect (jittered back-off).
     pub fn disconnected(&mut self, now: Millis, random: u32) {
         self.filled = 0;
+        self.skip = 0;
         self.session.transport_down(now, random);
     }
 
@@ -305,7 +325,7 @@ mod tests {
             dup: false,
             pkid: Some(3),
         };
-        let mut out = [0u8; 1024];
+        let mut out = std::vec![0u8; 8192];
         let n = Packet::Publish(p).encode(&mut out).expect("encode");
         out[..n].to_vec()
     }
@@ -326,6 +346,9 @@ mod tests {
         input.extend(command_bytes("blink", b"3"));
         input.extend(command_bytes("firmware", &[7u8; 300]));
         input.extend(command_bytes(&"n".repeat(40), b"x"));
+        // Larger than the whole inbox: skipped and acknowledged, the session goes on.
+        input.extend(command_bytes("image", &[9u8; 3 * INBOX]));
+        input.extend(command_bytes("blink", b"4"));
         let mut pipe = Pipe { input, written: std::vec::Vec::new() };
         assert_eq!(d.poll(&mut pipe, Millis(1)).expect("poll"), Some(Incoming::Connected));
         let got = d.poll(&mut pipe, Millis(2)).expect("poll");
@@ -344,8 +367,26 @@ mod tests {
             d.poll(&mut pipe, Millis(4)).expect("poll"),
             Some(Incoming::CommandTooLarge { name_len: 40, payload_len: 1 })
         );
+        assert_eq!(
+            d.poll(&mut pipe, Millis(5)).expect("an oversized command is no connection error"),
+            Some(Incoming::CommandTooLarge { name_len: 5, payload_len: 3 * INBOX })
+        );
+        let mut next = None;
+        for t in 6..20 {
+            next = d.poll(&mut pipe, Millis(t)).expect("poll");
+            if next.is_some() {
+                break;
+            }
+        }
+        assert_eq!(
+            next,
+            Some(Incoming::Command {
+                name: "blink".try_into().expect("fits"),
+                payload: Vec::from_slice(b"4").expect("fits")
+            })
+        );
         // CONNECT went out first; every QoS 1 command was acknowledged.
         assert_eq!(pipe.written[0] >> 4, 1);
-        assert!(pipe.written.windows(4).filter(|w| *w == [0x40, 2, 0, 3]).count() >= 3);
+        assert!(pipe.written.windows(4).filter(|w| *w == [0x40, 2, 0, 3]).count() >= 5);
     }
 }

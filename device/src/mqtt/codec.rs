@@ -228,6 +228,55 @@ fn remaining_length(b: &[u8]) -> Result<(usize, usize), DecodeError> {
     Err(DecodeError::Malformed("remaining length longer than 4 bytes"))
 }
 
+/// The head of a PUBLISH too large to buffer whole: what a receiver needs to skip and
+/// acknowledge it without holding its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishHead<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// Packet id (QoS 1 and 2).
+    pub pkid: Option<u16>,
+    /// QoS.
+    pub qos: QoS,
+    /// Payload bytes.
+    pub payload_len: usize,
+    /// Bytes of the whole packet (fixed header included).
+    pub total: usize,
+}
+
+/// Decodes the fixed header, topic and packet id of a PUBLISH from `buf`, which may hold only
+/// the start of the packet. `Incomplete` until those are in `buf`; `Malformed` if it is not a
+/// PUBLISH.
+pub fn decode_publish_head(buf: &[u8]) -> Result<PublishHead<'_>, DecodeError> {
+    let Some(&first) = buf.first() else {
+        return Err(DecodeError::Incomplete { needed: 2 });
+    };
+    if first >> 4 != 3 {
+        return Err(DecodeError::Malformed("not a PUBLISH"));
+    }
+    let (len, header) = remaining_length(buf)?;
+    let qos = match (first >> 1) & 3 {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => return Err(DecodeError::Malformed("QoS 3")),
+    };
+    let topic_len =
+        usize::from(read_u16(buf, header).map_err(|_| DecodeError::Incomplete { needed: header + 2 })?);
+    let mut at = header + 2 + topic_len;
+    let pkid_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    if 2 + topic_len + pkid_len > len {
+        return Err(DecodeError::Malformed("PUBLISH shorter than its topic"));
+    }
+    if at + pkid_len > buf.len() {
+        return Err(DecodeError::Incomplete { needed: at + pkid_len });
+    }
+    let (topic, _) = read_str(buf, header)?;
+    let pkid = if qos == QoS::AtMostOnce { None } else { Some(read_u16(buf, at)?) };
+    at += pkid_len;
+    Ok(PublishHead { topic, pkid, qos, payload_len: header + len - at, total: header + len })
+}
+
 /// Decodes one packet from the start of `buf`, accepting packets up to `max_size` bytes.
 /// Returns the packet and the number of bytes it occupied.
 pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), DecodeError> {
@@ -584,6 +633,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn publish_head_from_the_start_of_a_large_packet() {
+        // QoS 1 PUBLISH "a/b", pkid 7, 300-byte payload: remaining length 2+3+2+300 = 307.
+        let mut p = std::vec![0x32, 0xb3, 0x02, 0, 3, b'a', b'/', b'b', 0, 7];
+        p.extend([0u8; 300]);
+        let head = decode_publish_head(&p[..10]).expect("head");
+        assert_eq!(
+            head,
+            PublishHead { topic: "a/b", pkid: Some(7), qos: QoS::AtLeastOnce, payload_len: 300, total: 310 }
+        );
+        assert!(matches!(decode_publish_head(&p[..9]), Err(DecodeError::Incomplete { .. })));
+        assert!(matches!(decode_publish_head(&[0x40, 2, 0, 1]), Err(DecodeError::Malformed(_))));
+        // A topic longer than the packet.
+        assert!(matches!(
+            decode_publish_head(&[0x30, 3, 0, 9, b'a', b'b', b'c']),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -6,5 +6,5 @@
 pub mod codec;
 pub mod session;
 
-pub use codec::{decode, DecodeError, EncodeError, Packet, Publish, QoS};
+pub use codec::{decode, decode_publish_head, DecodeError, EncodeError, Packet, Publish, PublishHead, QoS};
 pub use session::{Event, Millis, Overflow, Session, SessionConfig, SessionError};

@@ -14,7 +14,10 @@
 
 use heapless::{Deque, String, Vec};
 
-use super::codec::{decode, DecodeError, EncodeError, Packet, Publish, QoS, SubscribeFilters};
+use super::codec::{
+    decode, decode_publish_head, DecodeError, EncodeError, Packet, Publish, PublishHead, QoS,
+    SubscribeFilters,
+};
 
 /// Milliseconds on the caller's monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -358,6 +361,30 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         Ok(None)
     }
 
+    /// The start of a packet too large for the caller's input buffer (`head` is that full
+    /// buffer). A PUBLISH is acknowledged per its QoS and returned so the caller can report it and
+    /// discard its `total` bytes as they arrive; anything else that large is a protocol error
+    /// (the broker caps what it sends far below any inbox that holds a CONNACK).
+    pub fn skip_oversized<'b>(&mut self, head: &'b [u8]) -> Result<PublishHead<'b>, SessionError> {
+        let p = decode_publish_head(head).map_err(SessionError::Protocol)?;
+        if p.qos == QoS::ExactlyOnce {
+            // The session subscribes at QoS 1: a QoS 2 delivery is the broker's error.
+            return Err(SessionError::Protocol(DecodeError::Malformed("QoS 2 delivery")));
+        }
+        if let Some(id) = p.pkid {
+            self.pending_puback = Some(id);
+        }
+        Ok(p)
+    }
+
+    /// The command name of a topic addressed to this device, if it is one.
+    pub fn command_name<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix("devices/")
+            .and_then(|r| r.strip_prefix(self.device_id))
+            .and_then(|r| r.strip_prefix("/commands/"))
+    }
+
     /// Consumes one packet from `input`. Returns the bytes used (0: need more input) and any
     /// event. Call again with the rest until it uses 0 bytes.
     pub fn handle<'b>(
@@ -404,12 +431,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 if let Some(id) = p.pkid {
                     self.pending_puback = Some(id);
                 }
-                let prefix_ok = p
-                    .topic
-                    .strip_prefix("devices/")
-                    .and_then(|r| r.strip_prefix(self.device_id))
-                    .and_then(|r| r.strip_prefix("/commands/"));
-                prefix_ok.map(|name| Event::Command { name, payload: p.payload })
+                self.command_name(p.topic).map(|name| Event::Command { name, payload: p.payload })
             }
             _ => None,
         };
