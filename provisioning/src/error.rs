@@ -22,6 +22,20 @@ pub enum Error {
     /// The id is already in the registry.
     #[error("device id `{0}` is already registered")]
     DuplicateDevice(String),
+    /// A CSR names a device that already has an identity: only an explicit re-key replaces its key.
+    #[error("device `{0}` already exists; a CSR never replaces an existing device's key. To re-key it deliberately, run `fleet-provision rekey {0} --csr FILE` (revokes its current certificate as superseded)")]
+    DeviceExists(String),
+    /// An id reserved for the broker, services or the topic scheme.
+    #[error("device id `{0}` is reserved and cannot be issued to a device")]
+    ReservedId(String),
+    /// A lifetime longer than the issuing CA's remaining validity.
+    #[error("a {days}-day certificate would outlive the issuing CA ({issuer_days_left} days left); use --days {issuer_days_left} or less, or renew the CA")]
+    OutlivesIssuer {
+        /// Requested lifetime.
+        days: i64,
+        /// Whole days the issuing CA has left.
+        issuer_days_left: i64,
+    },
     /// The id is not in the registry.
     #[error("unknown device id `{0}`")]
     UnknownDevice(String),

@@ -33,6 +33,39 @@ impl DeviceId {
         }
     }
 
+    /// Ids that name the infrastructure or the topic scheme, never a device: a CSR asking for
+    /// one is refused (a device named `broker` or `admin` would confuse every log and ACL that
+    /// reads ids).
+    pub const RESERVED: &'static [&'static str] = &[
+        "admin",
+        "all",
+        "any",
+        "broker",
+        "commands",
+        "devices",
+        "fleet",
+        "fleetgate",
+        "localhost",
+        "null",
+        "operator",
+        "root",
+        "server",
+        "service",
+        "services",
+        "station",
+        "system",
+    ];
+
+    /// Parses an id for a *device* from untrusted input (a CSR): the id syntax, and not a
+    /// reserved name.
+    pub fn parse_for_device(s: &str) -> Result<Self, Error> {
+        let id = Self::parse(s)?;
+        if Self::RESERVED.contains(&s) {
+            return Err(Error::ReservedId(s.to_owned()));
+        }
+        Ok(id)
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

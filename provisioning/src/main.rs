@@ -123,6 +123,9 @@ enum Command {
     },
     /// Issue a certificate for a device-generated key. The CSR must be P-256 ECDSA, correctly
     /// self-signed, and must not ask for CA:TRUE or an EKU other than clientAuth.
+    ///
+    /// Only for a NEW device: a CSR naming an existing device (or a service, or a reserved name
+    /// such as `broker`) is refused. To replace an existing device's key, use `rekey`.
     SignCsr {
         /// PKCS#10 request, PEM or DER.
         #[arg(long)]
@@ -133,6 +136,27 @@ enum Command {
         /// Where to write the certificate (PEM).
         #[arg(long)]
         out: PathBuf,
+        /// Certificate lifetime in days (at most the device CA's remaining validity).
+        #[arg(long, default_value_t = 1825)]
+        days: i64,
+    },
+    /// Replace an existing device's key with the key of a device-generated CSR (e.g. after a
+    /// suspected key compromise or a secure-element swap). In one registry transaction: the
+    /// new certificate is issued, every other active certificate of the device is revoked with
+    /// reason superseded, and the re-key is written to the issuance log; then a fresh CRL is
+    /// written. Brokers cut sessions that use a superseded certificate.
+    Rekey {
+        /// The existing device.
+        device_id: String,
+        /// PKCS#10 request from the device (PEM or DER); its CN, if any, must be the device id.
+        #[arg(long)]
+        csr: PathBuf,
+        /// Where to write the new certificate (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime in days (at most the device CA's remaining validity).
+        #[arg(long, default_value_t = 1825)]
+        days: i64,
     },
     /// Issue a new certificate (new serial) for the same device and key. The old certificate
     /// stays valid until it expires or is revoked.
@@ -253,12 +277,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             say!("minted {} device identities into {}", minted.len(), out.display());
         }
-        Command::SignCsr { csr, device_id, out } => {
-            let s = Station::open(home, db).await?;
+        Command::SignCsr { csr, device_id, out, days } => {
+            let mut s = Station::open(home, db).await?;
+            s.set_client_lifetime(days)?;
             let bytes = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
             let c = s.sign_csr(&bytes, device_id.as_deref()).await?;
             fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
             say!("issued serial {} valid until {} -> {}", c.serial, fmt_time(c.not_after), out.display());
+        }
+        Command::Rekey { device_id, csr, out, days } => {
+            let mut s = Station::open(home, db).await?;
+            s.set_client_lifetime(days)?;
+            let bytes = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
+            let (c, superseded, crl) = s.rekey(&DeviceId::parse(&device_id)?, &bytes).await?;
+            fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
+            say!(
+                "re-keyed {device_id}: serial {} valid until {} -> {}",
+                c.serial,
+                fmt_time(c.not_after),
+                out.display()
+            );
+            for sn in superseded {
+                say!("  revoked (superseded) serial {sn}");
+            }
+            say!("CRL #{} with {} entries written to {}", crl.number, crl.revoked, s.home().crl().display());
         }
         Command::Renew { device_id, out } => {
             let s = Station::open(home, db).await?;

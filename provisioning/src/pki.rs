@@ -178,6 +178,8 @@ pub struct LoadedCa {
     pub cert_pem: String,
     /// Organisation name from the subject.
     pub org: String,
+    /// End of the CA's validity (unix seconds): nothing it signs may outlive it.
+    pub not_after: i64,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -197,9 +199,10 @@ impl LoadedCa {
             .and_then(|o| o.as_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let not_after = x509.validity().not_after.timestamp();
         let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key)
             .map_err(|e| format!("not usable as an issuer: {e}"))?;
-        Ok(Self { cert_der: der, cert_pem: cert_pem.to_owned(), org, issuer })
+        Ok(Self { cert_der: der, cert_pem: cert_pem.to_owned(), org, not_after, issuer })
     }
 }
 
@@ -233,6 +236,11 @@ pub fn issue_client(
     now: OffsetDateTime,
     serial: SerialNumber,
 ) -> Result<IssuedCert> {
+    let ends = (now + life).unix_timestamp();
+    if ends > ca.not_after {
+        let left = (ca.not_after - now.unix_timestamp()).max(0) / 86_400;
+        return Err(Error::OutlivesIssuer { days: life.whole_days(), issuer_days_left: left });
+    }
     let mut p = base_params(&ca.org, id.as_str(), now, life);
     if role == Role::Service {
         p.distinguished_name.push(DnType::OrganizationalUnitName, "service");

@@ -342,43 +342,100 @@ impl Registry {
                     .await?;
                 }
             }
-            let serial = c.serial.to_hex();
-            let dup = sqlx::query("SELECT 1 FROM certificates WHERE serial = $1")
-                .bind(&serial)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if dup.is_some() {
-                return Err(Error::CorruptRegistry(format!("serial {serial} issued twice")));
-            }
-            sqlx::query(
-                "INSERT INTO certificates (serial, device_id, not_before, not_after, key_source, status, issued_at, cert_der) \
-                 VALUES ($1, $2, $3, $4, $5, 'active', $6, $7)",
-            )
-            .bind(&serial)
-            .bind(id)
-            .bind(c.not_before)
-            .bind(c.not_after)
-            .bind(c.key_source)
-            .bind(now)
-            .bind(&c.cert_der)
-            .execute(&mut *tx)
-            .await?;
-            let detail = serde_json::json!({
-                "role": c.role.as_str(),
-                "key_source": c.key_source,
-                "not_after": c.not_after,
-                "cert_sha256": cert_digest(&c.cert_der),
-            })
-            .to_string();
-            self.append_log(
-                &mut tx,
-                &mut head,
-                LogEntry { at: now, event: "issue", device_id: id, serial: &serial, detail },
-            )
-            .await?;
+            self.insert_certificate(&mut tx, &mut head, c, now).await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Inserts one certificate row and its `issue` log entry (the device row exists).
+    async fn insert_certificate(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        head: &mut (i64, String),
+        c: &NewCert,
+        now: i64,
+    ) -> Result<()> {
+        let id = c.device_id.as_str();
+        let serial = c.serial.to_hex();
+        let dup = sqlx::query("SELECT 1 FROM certificates WHERE serial = $1")
+            .bind(&serial)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if dup.is_some() {
+            return Err(Error::CorruptRegistry(format!("serial {serial} issued twice")));
+        }
+        sqlx::query(
+            "INSERT INTO certificates (serial, device_id, not_before, not_after, key_source, status, issued_at, cert_der) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7)",
+        )
+        .bind(&serial)
+        .bind(id)
+        .bind(c.not_before)
+        .bind(c.not_after)
+        .bind(c.key_source)
+        .bind(now)
+        .bind(&c.cert_der)
+        .execute(&mut **tx)
+        .await?;
+        let detail = serde_json::json!({
+            "role": c.role.as_str(),
+            "key_source": c.key_source,
+            "not_after": c.not_after,
+            "cert_sha256": cert_digest(&c.cert_der),
+        })
+        .to_string();
+        self.append_log(
+            tx,
+            head,
+            LogEntry { at: now, event: "issue", device_id: id, serial: &serial, detail },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Re-keys an active device: inserts `cert` and revokes (reason superseded) every other
+    /// active certificate of the device, logging a `rekey` entry, all in one transaction.
+    /// Returns the superseded serials.
+    pub async fn rekey(&self, cert: &NewCert, now: i64) -> Result<Vec<SerialNumber>> {
+        let id = cert.device_id.as_str();
+        let mut tx = self.pool.begin().await?;
+        self.lock_log(&mut tx).await?;
+        let status: String = sqlx::query("SELECT status FROM devices WHERE device_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::UnknownDevice(id.to_owned()))?
+            .try_get(0)?;
+        if Status::parse(&status)? == Status::Revoked {
+            return Err(Error::DeviceRevoked(id.to_owned()));
+        }
+        let old: Vec<String> = sqlx::query(
+            "SELECT serial FROM certificates WHERE device_id = $1 AND status = 'active' ORDER BY serial",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
+        let mut head = self.log_head(&mut tx).await?;
+        self.insert_certificate(&mut tx, &mut head, cert, now).await?;
+        let detail = serde_json::json!({ "new_serial": cert.serial.to_hex(), "superseded": old }).to_string();
+        let new_serial = cert.serial.to_hex();
+        self.append_log(
+            &mut tx,
+            &mut head,
+            LogEntry { at: now, event: "rekey", device_id: id, serial: &new_serial, detail },
+        )
+        .await?;
+        let mut out = Vec::new();
+        for s in &old {
+            self.revoke_in_tx(&mut tx, &mut head, id, s, RevocationReason::Superseded, now).await?;
+            out.push(parse_serial(s)?);
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Appends a log entry that records something outside the registry tables (server certs).

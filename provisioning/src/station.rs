@@ -323,46 +323,50 @@ impl Station {
         Ok(cert)
     }
 
-    /// Issues a certificate for a device-generated key (a CSR). With `device_id` unset, the id
-    /// is the CSR's subject CN. A new id is registered; an existing active id gets a new
-    /// certificate (re-keying).
+    /// Issues a certificate for a device-generated key (a CSR) to a **new** device. With
+    /// `device_id` unset, the id is the CSR's subject CN. An id that already exists (device or
+    /// service) is refused: replacing a device's key is [`Station::rekey`], never a CSR alone.
     pub async fn sign_csr(&self, csr: &[u8], device_id: Option<&str>) -> Result<IssuedCert> {
-        let checked = pki::check_csr(csr)?;
-        let id = match (device_id, checked.common_name.as_deref()) {
-            (Some(given), Some(cn)) if given != cn => {
-                return Err(Error::CsrProfile(format!(
-                    "subject CN `{cn}` does not match --device-id `{given}`"
-                )))
-            }
-            (Some(given), _) => DeviceId::parse(given)?,
-            (None, Some(cn)) => DeviceId::parse(cn)?,
-            (None, None) => return Err(Error::CsrProfile("no subject CN; pass --device-id".into())),
-        };
-        let existing = self.registry.device(&id).await?;
-        if let Some(d) = &existing {
-            if d.role != Role::Device {
-                return Err(Error::DuplicateDevice(id.to_string()));
-            }
+        let (id, checked) = csr_identity(csr, device_id)?;
+        if self.registry.device(&id).await?.is_some() {
+            return Err(Error::DeviceExists(id.to_string()));
         }
-        let ca = self.device_ca()?;
-        let at = now();
-        let cert = pki::issue_client(
-            &ca,
-            &id,
-            Role::Device,
-            &checked.public_key,
-            self.lifetimes.client,
-            at,
-            SerialNumber::random(),
-        )?;
+        let cert = self.issue_device(&id, &checked.public_key)?;
+        // `new_devices`: the insert fails if a concurrent run registered the id first.
         self.registry
-            .record_certificates(
-                &[new_cert(&id, Role::Device, &cert, "csr")],
-                existing.is_none(),
-                at.unix_timestamp(),
-            )
+            .record_certificates(&[new_cert(&id, Role::Device, &cert, "csr")], true, now().unix_timestamp())
             .await?;
         Ok(cert)
+    }
+
+    /// Replaces an existing, active device's key: certifies the CSR's key and, in the same
+    /// registry transaction, revokes every other active certificate of the device (reason
+    /// superseded) and logs the re-key. Then writes a fresh CRL. Returns the new certificate
+    /// and the serials it superseded.
+    pub async fn rekey(
+        &self,
+        id: &DeviceId,
+        csr: &[u8],
+    ) -> Result<(IssuedCert, Vec<SerialNumber>, CrlOutput)> {
+        let (csr_id, checked) = csr_identity(csr, Some(id.as_str()))?;
+        debug_assert_eq!(&csr_id, id);
+        let device = self.registry.device(id).await?.ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        if device.role != Role::Device {
+            return Err(Error::InvalidInput(format!("`{id}` is a service identity; rekey is for devices")));
+        }
+        if device.status == Status::Revoked {
+            return Err(Error::DeviceRevoked(id.to_string()));
+        }
+        let cert = self.issue_device(id, &checked.public_key)?;
+        let superseded =
+            self.registry.rekey(&new_cert(id, Role::Device, &cert, "csr"), now().unix_timestamp()).await?;
+        let crl = self.write_crl(&self.home.crl()).await?;
+        Ok((cert, superseded, crl))
+    }
+
+    fn issue_device(&self, id: &DeviceId, key: &impl rcgen::PublicKeyData) -> Result<IssuedCert> {
+        let ca = self.device_ca()?;
+        pki::issue_client(&ca, id, Role::Device, key, self.lifetimes.client, now(), SerialNumber::random())
     }
 
     /// A new certificate (new serial) for the same device and public key; the old one stays
@@ -451,6 +455,23 @@ impl Station {
     pub async fn verify_log(&self) -> Result<LogReport> {
         self.registry.verify_log().await
     }
+}
+
+/// The device id a CSR is for (the `--device-id` given, else the subject CN; both must agree),
+/// checked against the id syntax and the reserved names, and the checked CSR.
+fn csr_identity(csr: &[u8], device_id: Option<&str>) -> Result<(DeviceId, pki::CheckedCsr)> {
+    let checked = pki::check_csr(csr)?;
+    let id = match (device_id, checked.common_name.as_deref()) {
+        (Some(given), Some(cn)) if given != cn => {
+            return Err(Error::CsrProfile(format!(
+                "subject CN `{cn}` does not match the device id `{given}`"
+            )))
+        }
+        (Some(given), _) => DeviceId::parse_for_device(given)?,
+        (None, Some(cn)) => DeviceId::parse_for_device(cn)?,
+        (None, None) => return Err(Error::CsrProfile("no subject CN; pass --device-id".into())),
+    };
+    Ok((id, checked))
 }
 
 fn new_cert(id: &DeviceId, role: Role, c: &IssuedCert, key_source: &'static str) -> NewCert {

@@ -542,3 +542,86 @@ fn closed_stdout_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?} {stderr}", out.status);
 }
+
+fn ec_csr(st: &Station, name: &str, subj: &str) -> (PathBuf, PathBuf) {
+    let (key, csr) = (st.path(&format!("{name}.key")), st.path(&format!("{name}.csr")));
+    assert!(openssl_ok(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", s(&key)]));
+    assert!(openssl_ok(&["req", "-new", "-key", s(&key), "-subj", subj, "-out", s(&csr)]));
+    (key, csr)
+}
+
+fn key_pub(key: &Path) -> String {
+    openssl_text(&["pkey", "-in", s(key), "-pubout"])
+}
+
+fn cert_pub(cert: &Path) -> String {
+    openssl_text(&["x509", "-in", s(cert), "-noout", "-pubkey"])
+}
+
+/// An attacker with any CSR naming an existing device (or a service, or a reserved name) gets
+/// nothing; only the explicit `rekey` replaces a device's key, and it revokes the old
+/// certificate (superseded) in the same transaction, so a later `renew` certifies the new key.
+#[test]
+fn a_csr_never_rekeys_an_existing_device_only_rekey_does() {
+    let st = Station::new(None);
+    st.init();
+    let devices = st.mint(1);
+    let victim = name_of(&devices[0]);
+    st.ok(&["service-cert", "--name", "backend", "--out", s(&st.path("svc"))]);
+    let out = st.path("stolen.pem");
+    let before = registry_snapshot(&st);
+
+    let (_, by_cn) = ec_csr(&st, "attacker", &format!("/CN={victim}"));
+    let err = st.fails(&["sign-csr", "--csr", s(&by_cn), "--out", s(&out)]);
+    assert!(err.contains("already exists") && err.contains("rekey"), "{err}");
+    let (_, no_cn) = ec_csr(&st, "attacker2", "/O=evil");
+    let err = st.fails(&["sign-csr", "--csr", s(&no_cn), "--device-id", &victim, "--out", s(&out)]);
+    assert!(err.contains("already exists"), "{err}");
+    let (_, svc) = ec_csr(&st, "svc", "/CN=backend");
+    assert!(st.fails(&["sign-csr", "--csr", s(&svc), "--out", s(&out)]).contains("already exists"));
+    for reserved in ["broker", "admin", "service"] {
+        let (_, r) = ec_csr(&st, reserved, &format!("/CN={reserved}"));
+        let err = st.fails(&["sign-csr", "--csr", s(&r), "--out", s(&out)]);
+        assert!(err.contains("reserved"), "{reserved}: {err}");
+    }
+    let (_, fresh) = ec_csr(&st, "fresh", "/CN=fresh-dev");
+    let err = st.fails(&["sign-csr", "--csr", s(&fresh), "--days", "36000", "--out", s(&out)]);
+    assert!(err.contains("outlive the issuing CA"), "{err}");
+    assert!(st.fails(&["mint", "--days", "36000", "--out", s(&st.path("long"))]).contains("outlive"));
+    assert!(!out.exists());
+    assert_eq!(registry_snapshot(&st), before, "refused CSRs must not change the registry or log");
+
+    // The operator re-keys deliberately.
+    let old_serial = show(&st, &victim)["certificates"][0]["serial"].as_str().unwrap().to_owned();
+    let (new_key, new_csr) = ec_csr(&st, "new", &format!("/CN={victim}"));
+    let (_, other_cn) = ec_csr(&st, "other", "/CN=someone-else");
+    let rekeyed = st.path("rekeyed.pem");
+    assert!(st
+        .fails(&["rekey", &victim, "--csr", s(&other_cn), "--out", s(&rekeyed)])
+        .contains("does not match"));
+    assert!(st
+        .fails(&["rekey", "ghost", "--csr", s(&no_cn), "--out", s(&rekeyed)])
+        .contains("unknown device"));
+    let said = st.ok(&["rekey", &victim, "--csr", s(&new_csr), "--out", s(&rekeyed)]);
+    assert!(said.contains(&old_serial), "{said}");
+    assert_eq!(cert_pub(&rekeyed), key_pub(&new_key));
+    let shown = show(&st, &victim);
+    assert_eq!(shown["status"], "active");
+    let certs = shown["certificates"].as_array().unwrap();
+    let old = certs.iter().find(|c| c["serial"] == old_serial.as_str()).unwrap();
+    assert_eq!(old["status"], "revoked");
+    assert_eq!(old["revocation_reason"], "superseded");
+    // OpenSSL sees the old certificate revoked by the fresh CRL, the new one good.
+    let chain = st.home().join("device-ca-chain.pem");
+    let crl = st.home().join("crl.pem");
+    let verify =
+        |cert: &Path| openssl_verify(&["-CAfile", s(&chain), "-CRLfile", s(&crl), "-crl_check", s(cert)]);
+    assert!(!verify(&devices[0].join("cert.pem")), "superseded certificate still passes the CRL");
+    assert!(verify(&rekeyed));
+    // renew now certifies the new key, never the old one.
+    let renewed = st.path("renewed.pem");
+    st.ok(&["renew", &victim, "--out", s(&renewed)]);
+    assert_eq!(cert_pub(&renewed), key_pub(&new_key));
+    let log = st.ok(&["verify-log"]);
+    assert!(log.contains("issuance log OK"), "{log}");
+}
