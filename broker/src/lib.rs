@@ -104,7 +104,7 @@ pub async fn check(config: Config) -> Result<Plan, BrokerError> {
     let paths = tls_paths(&config);
     let state = tls::build(&paths)?;
     let url = config.database_url();
-    Registry::open(&url, false).await?;
+    Registry::open_existing(&url, config.registry_timeout()).await?;
     Ok(Plan {
         database_url: url,
         tls: paths,
@@ -120,8 +120,7 @@ impl Broker {
         config.validate()?;
         let paths = tls_paths(&config);
         let state = tls::build(&paths)?;
-        let registry =
-            Registry::open_with_timeout(&config.database_url(), false, config.registry_timeout()).await?;
+        let registry = Registry::open_existing(&config.database_url(), config.registry_timeout()).await?;
         let revocation_head = registry.revocation_head().await?;
         let metrics = Metrics::new();
         let (store, store_writer) = store::Store::start(

@@ -379,6 +379,50 @@ async fn revoke_cuts_sessions_on_every_node_postgres() {
     expect_refused_after_revoke(&node1, &fleet, 1).await;
 }
 
+/// The broker under the least-privilege PostgreSQL role from `fleet-provision db-roles`: it
+/// admits, stores (PUBACK after the insert) and cuts revoked sessions, and the role cannot
+/// un-revoke a certificate or touch the issuance log.
+#[tokio::test]
+async fn broker_works_under_the_least_privilege_postgres_role() {
+    let pg = fleet_tests::PgCluster::start();
+    let owner_url = pg.create_database("fleet");
+    let mut fleet = Fleet::new(2, Some(owner_url.clone())).await;
+    // What `fleet-provision db-roles --broker-role fleet_broker` runs.
+    fleet.station().await.registry().apply_broker_role("fleet_broker").await.unwrap();
+    let broker_url = owner_url.replacen("postgres://postgres@", "postgres://fleet_broker@", 1);
+    assert_ne!(broker_url, owner_url);
+    fleet.db = Some(broker_url.clone());
+    let broker = BrokerProc::start(&fleet, &[]);
+    fleet.db = Some(owner_url);
+
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
+    let mut p =
+        Publish::new(format!("devices/{}/telemetry", fleet.id(1)), QoS::AtLeastOnce, b"least".to_vec());
+    p.pkid = 9;
+    raw.send(Packet::Publish(p)).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == 9));
+    assert_eq!(fleet.telemetry_rows(&fleet.id(1)).await.len(), 1);
+    let took = time_revocation_cut(&fleet, &broker, 0).await;
+    assert!(took < Duration::from_secs(1), "cut took {took:?} under the broker role");
+    expect_refused_after_revoke(&broker, &fleet, 0).await;
+
+    sqlx::any::install_default_drivers();
+    let as_broker = sqlx::AnyPool::connect(&broker_url).await.unwrap();
+    for sql in [
+        "UPDATE certificates SET status = 'active'",
+        "UPDATE devices SET status = 'active'",
+        "DELETE FROM certificates",
+        "INSERT INTO issuance_log (seq, at, event, device_id, serial, detail, prev_hash, hash) VALUES (999, 0, 'x', '', '', '', '', '')",
+        "SELECT * FROM issuance_log",
+        "UPDATE crl_state SET crl_number = 0",
+        "DELETE FROM telemetry",
+    ] {
+        let err = sqlx::query(sql).execute(&as_broker).await.expect_err(sql);
+        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn crl_reload_policy_and_forged_crl() {
     let fleet = Fleet::new(2, None).await;

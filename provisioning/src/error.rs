@@ -75,6 +75,9 @@ pub enum Error {
     /// The registry schema could not be brought up to date.
     #[error("registry migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// The registry's schema is not what this build expects (or cannot be read).
+    #[error("registry schema is not current ({0}): run a `fleet-provision` command (e.g. `fleet-provision list`) against this database as its owner to migrate it")]
+    SchemaNotCurrent(String),
     /// The registry holds values that cannot be right.
     #[error("registry is corrupt: {0}")]
     CorruptRegistry(String),

@@ -209,8 +209,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Verify the issuance log's hash chain against the registry. Exits non-zero if any entry
-    /// was edited or removed.
+    /// PostgreSQL least privilege: create (if missing) and grant a role for the brokers that
+    /// can read devices and certificates and insert telemetry, and nothing else (no UPDATE of
+    /// a certificate or device row, no issuance-log or CRL-state access). Run it as the schema
+    /// owner after `init` and after upgrades; then give the brokers
+    /// `--database-url postgres://ROLE@host/db`. `--print` shows the SQL instead.
+    DbRoles {
+        /// Name of the broker role.
+        #[arg(long, default_value = "fleet_broker")]
+        broker_role: String,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Verify the issuance log's hash chain, then recompute every security-relevant registry
+    /// column (certificate status, revocation time and reason, not_after, bytes, owner; device
+    /// status, revocation and role) from the log. Prints each row that disagrees and exits
+    /// non-zero if any entry was edited or removed or any row disagrees.
     VerifyLog,
 }
 
@@ -422,9 +437,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::DbRoles { broker_role, print } => {
+            if print {
+                for stmt in fleet_provision::registry::Registry::broker_role_sql(&broker_role)? {
+                    say!("{stmt};");
+                }
+            } else {
+                let s = Station::open(home, db).await?;
+                s.registry().apply_broker_role(&broker_role).await?;
+                say!(
+                    "role {broker_role}: SELECT on devices, certificates; INSERT on telemetry; nothing else"
+                );
+            }
+        }
         Command::VerifyLog => {
             let s = Station::open(home, db).await?;
             let r = s.verify_log().await?;
+            if !r.disagreements.is_empty() {
+                for d in &r.disagreements {
+                    eprintln!("  {d}");
+                }
+                anyhow::bail!(
+                    "issuance log verification failed: the hash chain of {} entries is intact, but {} registry \
+                     row(s) disagree with it (edited outside fleet-provision?)",
+                    r.entries,
+                    r.disagreements.len()
+                );
+            }
             say!("issuance log OK: {} entries, head {}", r.entries, r.head);
         }
     }

@@ -13,6 +13,7 @@
 //! - On PostgreSQL a revocation sends `NOTIFY fleet_revocations` in its transaction, so brokers
 //!   learn of it when it commits; SQLite brokers poll `revoked_seq`.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -164,6 +165,28 @@ pub struct LogReport {
     pub entries: i64,
     /// Hash of the last entry: write it down somewhere else to detect a rewrite of the whole log.
     pub head: String,
+    /// Registry rows whose security-relevant columns (status, revocation time and reason,
+    /// not_after, certificate bytes, owner, role) differ from what the log implies, one line
+    /// each. Empty when the registry is what the log says it is.
+    pub disagreements: Vec<String>,
+}
+
+/// What the log says about one certificate.
+struct Issued {
+    device_id: String,
+    digest: String,
+    not_after: Option<i64>,
+}
+
+/// What the log says about one certificate's revocation.
+struct Revoked {
+    seq: i64,
+    at: i64,
+    reason: String,
+}
+
+fn detail_json(seq: i64, detail: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(detail).map_err(|_| Error::LogTampered(format!("entry {seq} detail is not JSON")))
 }
 
 /// One issuance-log entry, without its hash fields.
@@ -208,6 +231,81 @@ impl Registry {
     /// [`Registry::open`] with the longest wait for a database connection (a server that
     /// refuses connections is retried until then; after that queries fail).
     pub async fn open_with_timeout(url: &str, create: bool, acquire_timeout: Duration) -> Result<Self> {
+        let registry = Self::connect(url, create, acquire_timeout).await?;
+        registry.migrator().run(&registry.pool).await?;
+        Ok(registry)
+    }
+
+    /// Opens a registry that the station has already created and migrated, **without**
+    /// changing its schema (the broker: under a least-privilege PostgreSQL role it could not).
+    /// Fails if the schema is older than this build expects.
+    pub async fn open_existing(url: &str, acquire_timeout: Duration) -> Result<Self> {
+        let registry = Self::connect(url, false, acquire_timeout).await?;
+        let want = registry.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let have: Option<i64> = sqlx::query("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
+            .fetch_one(&registry.pool)
+            .await
+            .map_err(|e| Error::SchemaNotCurrent(format!("cannot read the schema version: {e}")))?
+            .try_get(0)?;
+        if have.unwrap_or(0) < want {
+            return Err(Error::SchemaNotCurrent(format!(
+                "schema version {} but this build needs {want}",
+                have.unwrap_or(0)
+            )));
+        }
+        Ok(registry)
+    }
+
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// The SQL that gives PostgreSQL role `role` exactly what a broker needs: read devices and
+    /// certificates (admission, the revocation feed) and the schema version, insert telemetry.
+    /// Nothing else: it cannot change a certificate or device row, the issuance log or the CRL
+    /// state. Creates the role (LOGIN, no password: set one, or use peer/cert authentication)
+    /// if it does not exist. Idempotent.
+    pub fn broker_role_sql(role: &str) -> Result<Vec<String>> {
+        let ok = role.len() <= 63
+            && role.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && role.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            return Err(Error::InvalidInput(format!(
+                "invalid role name `{role}`: use up to 63 of a-z, 0-9, '_', not starting with a digit"
+            )));
+        }
+        Ok(vec![
+            format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role} LOGIN; END IF; END $$"
+            ),
+            format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"),
+            format!("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"),
+            format!("GRANT USAGE ON SCHEMA public TO {role}"),
+            format!("GRANT SELECT ON devices, certificates, _sqlx_migrations TO {role}"),
+            format!("GRANT INSERT ON telemetry TO {role}"),
+            format!("GRANT USAGE ON SEQUENCE telemetry_id_seq TO {role}"),
+        ])
+    }
+
+    /// Applies [`Registry::broker_role_sql`] (PostgreSQL only; needs the schema owner).
+    pub async fn apply_broker_role(&self, role: &str) -> Result<()> {
+        if self.backend != Backend::Postgres {
+            return Err(Error::InvalidInput(
+                "database roles are a PostgreSQL feature: the SQLite registry is protected by file permissions".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        for stmt in Self::broker_role_sql(role)? {
+            sqlx::raw_sql(&stmt).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn connect(url: &str, create: bool, acquire_timeout: Duration) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -240,11 +338,6 @@ impl Registry {
             });
         }
         let pool = pool_opts.connect_with(opts).await?;
-        let migrator = match backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-        };
-        migrator.run(&pool).await?;
         Ok(Self { pool, backend })
     }
 
@@ -518,14 +611,21 @@ impl Registry {
         if found.is_none() {
             return Err(Error::UnknownDevice(id.to_string()));
         }
-        sqlx::query(
+        let changed = sqlx::query(
             "UPDATE devices SET status = 'revoked', revoked_at = $1, revocation_reason = $2 WHERE device_id = $3 AND status = 'active'",
         )
         .bind(now)
         .bind(reason.as_str())
         .bind(id.as_str())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        let mut head = self.log_head(&mut tx).await?;
+        if changed == 1 {
+            let detail = serde_json::json!({ "reason": reason.as_str() }).to_string();
+            let e = LogEntry { at: now, event: "revoke-device", device_id: id.as_str(), serial: "", detail };
+            self.append_log(&mut tx, &mut head, e).await?;
+        }
         let serials: Vec<String> = sqlx::query(
             "SELECT serial FROM certificates WHERE device_id = $1 AND status = 'active' ORDER BY serial",
         )
@@ -535,7 +635,6 @@ impl Registry {
         .iter()
         .map(|r| r.try_get(0))
         .collect::<std::result::Result<_, _>>()?;
-        let mut head = self.log_head(&mut tx).await?;
         let mut out = Vec::new();
         for s in &serials {
             self.revoke_in_tx(&mut tx, &mut head, id.as_str(), s, reason, now).await?;
@@ -668,8 +767,10 @@ impl Registry {
         .fetch_all(&self.pool)
         .await?;
         let mut prev = GENESIS.to_owned();
-        let mut issued = std::collections::HashMap::new();
-        let mut revoked = std::collections::HashMap::new();
+        let mut issued: HashMap<String, Issued> = HashMap::new();
+        let mut revoked: HashMap<String, Revoked> = HashMap::new();
+        let mut roles: HashMap<String, String> = HashMap::new();
+        let mut device_revocations: HashMap<String, (i64, String)> = HashMap::new();
         for (i, r) in rows.iter().enumerate() {
             let seq: i64 = r.try_get(0)?;
             let expected_seq = i as i64 + 1;
@@ -696,13 +797,27 @@ impl Registry {
             }
             match event.as_str() {
                 "issue" => {
-                    let d: serde_json::Value = serde_json::from_str(&e.detail)
-                        .map_err(|_| Error::LogTampered(format!("entry {seq} detail is not JSON")))?;
-                    let digest = d["cert_sha256"].as_str().unwrap_or_default().to_owned();
-                    issued.insert(serial.clone(), (device_id.clone(), digest));
+                    let d = detail_json(seq, &e.detail)?;
+                    let role = d["role"].as_str().unwrap_or_default().to_owned();
+                    roles.entry(device_id.clone()).or_insert(role);
+                    issued.insert(
+                        serial.clone(),
+                        Issued {
+                            device_id: device_id.clone(),
+                            digest: d["cert_sha256"].as_str().unwrap_or_default().to_owned(),
+                            not_after: d["not_after"].as_i64(),
+                        },
+                    );
                 }
                 "revoke" => {
-                    revoked.insert(serial.clone(), seq);
+                    let d = detail_json(seq, &e.detail)?;
+                    let reason = d["reason"].as_str().unwrap_or_default().to_owned();
+                    revoked.insert(serial.clone(), Revoked { seq, at: e.at, reason });
+                }
+                "revoke-device" => {
+                    let d = detail_json(seq, &e.detail)?;
+                    let reason = d["reason"].as_str().unwrap_or_default().to_owned();
+                    device_revocations.insert(device_id.clone(), (e.at, reason));
                 }
                 _ => {}
             }
@@ -721,35 +836,81 @@ impl Registry {
                 anchor.0
             )));
         }
-        let certs = sqlx::query("SELECT serial, device_id, cert_der, revoked_seq FROM certificates")
-            .fetch_all(&self.pool)
-            .await?;
-        if certs.len() != issued.len() {
-            return Err(Error::LogTampered(format!(
-                "{} certificates in the registry but {} issue entries in the log",
-                certs.len(),
-                issued.len()
-            )));
-        }
+        let mut bad = Vec::new();
+        let certs = sqlx::query(
+            "SELECT serial, device_id, cert_der, revoked_seq, status, revoked_at, revocation_reason, not_after \
+             FROM certificates",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut seen = std::collections::HashSet::new();
         for r in &certs {
             let serial: String = r.try_get(0)?;
             let owner: String = r.try_get(1)?;
             let der: Vec<u8> = r.try_get(2)?;
-            let revoked_seq: Option<i64> = r.try_get(3)?;
-            match issued.get(&serial) {
-                None => return Err(Error::LogTampered(format!("certificate {serial} has no issue entry"))),
-                Some((id, digest)) if *id != owner || *digest != cert_digest(&der) => {
-                    return Err(Error::LogTampered(format!(
-                        "certificate {serial} differs from what the log recorded"
-                    )))
+            let row_revoked_seq: Option<i64> = r.try_get(3)?;
+            let status: String = r.try_get(4)?;
+            let row_revoked_at: Option<i64> = r.try_get(5)?;
+            let row_reason: Option<String> = r.try_get(6)?;
+            let not_after: i64 = r.try_get(7)?;
+            seen.insert(serial.clone());
+            let Some(issue) = issued.get(&serial) else {
+                bad.push(format!("certificate {serial} has no issue entry in the log"));
+                continue;
+            };
+            if issue.device_id != owner || issue.digest != cert_digest(&der) {
+                bad.push(format!("certificate {serial} differs from what the log recorded (owner or bytes)"));
+            }
+            if issue.not_after != Some(not_after) {
+                bad.push(format!("certificate {serial}: not_after {not_after} disagrees with the log"));
+            }
+            let expected = revoked.get(&serial);
+            let want_status = if expected.is_some() { "revoked" } else { "active" };
+            if status != want_status {
+                bad.push(format!(
+                    "certificate {serial}: status `{status}` disagrees with the log (`{want_status}`)"
+                ));
+            }
+            let want =
+                expected.map_or((None, None, None), |e| (Some(e.seq), Some(e.at), Some(e.reason.clone())));
+            if (row_revoked_seq, row_revoked_at, row_reason) != want {
+                bad.push(format!(
+                    "certificate {serial}: revocation (seq, time, reason) disagrees with the log"
+                ));
+            }
+        }
+        for serial in issued.keys().filter(|s| !seen.contains(*s)) {
+            bad.push(format!("certificate {serial} was issued per the log but is missing from the registry"));
+        }
+        let device_rows =
+            sqlx::query("SELECT device_id, role, status, revoked_at, revocation_reason FROM devices")
+                .fetch_all(&self.pool)
+                .await?;
+        for r in &device_rows {
+            let id: String = r.try_get(0)?;
+            let role: String = r.try_get(1)?;
+            let status: String = r.try_get(2)?;
+            let revoked_at: Option<i64> = r.try_get(3)?;
+            let reason: Option<String> = r.try_get(4)?;
+            match roles.get(&id) {
+                None => bad.push(format!("device {id} has no issue entry in the log")),
+                Some(want) if *want != role => {
+                    bad.push(format!("device {id}: role `{role}` disagrees with the log (`{want}`)"))
                 }
                 Some(_) => {}
             }
-            if revoked.get(&serial).copied() != revoked_seq {
-                return Err(Error::LogTampered(format!("revocation of {serial} disagrees with the log")));
+            let want = device_revocations.get(&id);
+            let want_status = if want.is_some() { "revoked" } else { "active" };
+            if status != want_status {
+                bad.push(format!("device {id}: status `{status}` disagrees with the log (`{want_status}`)"));
+            }
+            if want.map(|(at, why)| (Some(*at), Some(why.clone()))).unwrap_or((None, None))
+                != (revoked_at, reason)
+            {
+                bad.push(format!("device {id}: revocation (time, reason) disagrees with the log"));
             }
         }
-        Ok(LogReport { entries: rows.len() as i64, head: prev })
+        Ok(LogReport { entries: rows.len() as i64, head: prev, disagreements: bad })
     }
 
     /// What the broker needs to admit the certificate with `serial`.

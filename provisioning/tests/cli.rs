@@ -455,6 +455,18 @@ fn tampered_log_is_detected() {
             "UPDATE certificates SET status = 'active', revoked_seq = NULL WHERE status = 'revoked'",
             "disagrees",
         ),
+        // The attack from the hostile review: un-revoke by plain SQL, keeping revoked_seq so
+        // the old cross-check passed; the next CRL would have dropped the device.
+        ("UPDATE certificates SET status = 'active' WHERE status = 'revoked'", "status `active` disagrees"),
+        (
+            "UPDATE devices SET status = 'active', revoked_at = NULL WHERE status = 'revoked'",
+            "status `active` disagrees",
+        ),
+        ("UPDATE certificates SET revocation_reason = 'superseded' WHERE status = 'revoked'", "revocation"),
+        ("UPDATE certificates SET revoked_at = revoked_at + 100 WHERE status = 'revoked'", "revocation"),
+        ("UPDATE certificates SET not_after = not_after + 86400000 WHERE rowid = 2", "not_after"),
+        ("UPDATE devices SET role = 'service' WHERE rowid = 2", "role"),
+        ("DELETE FROM certificates WHERE status = 'revoked'", "missing from the registry"),
     ];
     for (sql, expect) in cases {
         let st = Station::new(None);
@@ -624,4 +636,18 @@ fn a_csr_never_rekeys_an_existing_device_only_rekey_does() {
     assert_eq!(cert_pub(&renewed), key_pub(&new_key));
     let log = st.ok(&["verify-log"]);
     assert!(log.contains("issuance log OK"), "{log}");
+}
+
+#[test]
+fn db_roles_prints_least_privilege_grants_and_refuses_sqlite() {
+    let st = Station::new(None);
+    st.init();
+    let sql = st.ok(&["db-roles", "--print", "--broker-role", "ingest"]);
+    assert!(sql.contains("GRANT SELECT ON devices, certificates, _sqlx_migrations TO ingest;"), "{sql}");
+    assert!(sql.contains("GRANT INSERT ON telemetry TO ingest;"), "{sql}");
+    assert!(!sql.contains("UPDATE") && !sql.contains("issuance_log"), "{sql}");
+    assert!(st.fails(&["db-roles"]).contains("PostgreSQL"));
+    assert!(st
+        .fails(&["db-roles", "--print", "--broker-role", "x; DROP TABLE devices"])
+        .contains("invalid role name"));
 }
