@@ -206,6 +206,13 @@ impl LoadedCa {
     }
 }
 
+/// The cRLNumber of a PEM CRL, if it parses and has one.
+pub fn crl_number_of_pem(pem: &str) -> Option<u64> {
+    let der = pem_decode(pem, "X509 CRL")?;
+    let (_, crl) = x509_parser::parse_x509_crl(&der).ok()?;
+    crl.crl_number().and_then(|n| u64::try_from(n).ok())
+}
+
 /// Decodes the first PEM block with `label`.
 pub fn pem_decode(text: &str, label: &str) -> Option<Vec<u8>> {
     pem::parse_many(text).ok()?.into_iter().find(|p| p.tag() == label).map(|p| p.contents().to_vec())

@@ -351,9 +351,20 @@ impl Registry {
         self.backend
     }
 
+    /// Serialises registry writers: every write transaction takes this first, so its reads
+    /// see every earlier commit and nothing commits under it.
     async fn lock_log(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<()> {
-        if self.backend == Backend::Postgres {
-            sqlx::query("LOCK TABLE issuance_log IN EXCLUSIVE MODE").execute(&mut **tx).await?;
+        match self.backend {
+            Backend::Postgres => {
+                sqlx::query("LOCK TABLE issuance_log IN EXCLUSIVE MODE").execute(&mut **tx).await?;
+            }
+            Backend::Sqlite => {
+                // sqlx opens a deferred transaction. A transaction that reads first and writes
+                // later cannot wait for the write lock (SQLite answers "database is locked" at
+                // once, whatever the busy timeout): two concurrent `revoke` runs failed. A write
+                // as the first statement takes the lock, waiting up to the busy timeout.
+                sqlx::query("UPDATE log_anchor SET seq = seq WHERE id = 1").execute(&mut **tx).await?;
+            }
         }
         Ok(())
     }
@@ -702,30 +713,15 @@ impl Registry {
 
     /// Every revoked certificate, for the CRL.
     pub async fn revoked_entries(&self) -> Result<Vec<RevokedEntry>> {
-        let rows = sqlx::query(
-            "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_seq",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let serial: String = r.try_get(0)?;
-                let at: Option<i64> = r.try_get(1)?;
-                let reason: Option<String> = r.try_get(2)?;
-                Ok(RevokedEntry {
-                    serial: parse_serial(&serial)?,
-                    revoked_at: at.unwrap_or_default(),
-                    reason: reason
-                        .as_deref()
-                        .and_then(RevocationReason::parse)
-                        .unwrap_or(RevocationReason::Unspecified),
-                })
-            })
-            .collect()
+        let mut conn = self.pool.acquire().await?;
+        revoked_entries_on(&mut conn).await
     }
 
-    /// Allocates the next CRL number (strictly increasing) and logs the CRL issuance.
-    pub async fn next_crl_number(&self, revoked: usize, now: i64) -> Result<u64> {
+    /// Allocates the next CRL number (strictly increasing), reads every revoked certificate and
+    /// logs the CRL issuance, in **one** transaction under the registry write lock: a CRL with a
+    /// higher number always lists every revocation a lower-numbered one lists, however many
+    /// `revoke` runs race.
+    pub async fn crl_snapshot(&self, now: i64) -> Result<(u64, Vec<RevokedEntry>)> {
         let mut tx = self.pool.begin().await?;
         self.lock_log(&mut tx).await?;
         let current: Option<i64> = sqlx::query("SELECT crl_number FROM crl_state WHERE id = 1")
@@ -747,8 +743,9 @@ impl Registry {
                 .execute(&mut *tx)
                 .await?;
         }
+        let entries = revoked_entries_on(&mut tx).await?;
         let mut head = self.log_head(&mut tx).await?;
-        let detail = serde_json::json!({ "crl_number": next, "revoked": revoked }).to_string();
+        let detail = serde_json::json!({ "crl_number": next, "revoked": entries.len() }).to_string();
         self.append_log(
             &mut tx,
             &mut head,
@@ -756,7 +753,8 @@ impl Registry {
         )
         .await?;
         tx.commit().await?;
-        u64::try_from(next).map_err(|_| Error::CorruptRegistry("negative CRL number".into()))
+        let number = u64::try_from(next).map_err(|_| Error::CorruptRegistry("negative CRL number".into()))?;
+        Ok((number, entries))
     }
 
     /// Recomputes the hash chain and cross-checks it with the certificates table.
@@ -959,6 +957,29 @@ impl Registry {
             .await?;
         Ok(r.try_get(0)?)
     }
+}
+
+async fn revoked_entries_on(conn: &mut sqlx::AnyConnection) -> Result<Vec<RevokedEntry>> {
+    let rows = sqlx::query(
+        "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_seq",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let serial: String = r.try_get(0)?;
+            let at: Option<i64> = r.try_get(1)?;
+            let reason: Option<String> = r.try_get(2)?;
+            Ok(RevokedEntry {
+                serial: parse_serial(&serial)?,
+                revoked_at: at.unwrap_or_default(),
+                reason: reason
+                    .as_deref()
+                    .and_then(RevocationReason::parse)
+                    .unwrap_or(RevocationReason::Unspecified),
+            })
+        })
+        .collect()
 }
 
 const CERT_SELECT: &str = "SELECT serial, device_id, not_before, not_after, key_source, status, issued_at, \

@@ -425,22 +425,26 @@ impl Station {
     /// Signs a new CRL (next number) over every revoked certificate.
     pub async fn crl(&self, days: Option<i64>) -> Result<CrlOutput> {
         let ca = self.device_ca()?;
-        let entries = self.registry.revoked_entries().await?;
         let at = now();
         let life = match days {
             Some(d) if (1..=365).contains(&d) => Duration::days(d),
             Some(d) => return Err(Error::InvalidInput(format!("--days {d} is out of range 1..=365"))),
             None => self.lifetimes.crl,
         };
-        let number = self.registry.next_crl_number(entries.len(), at.unix_timestamp()).await?;
+        let (number, entries) = self.registry.crl_snapshot(at.unix_timestamp()).await?;
         let crl = pki::sign_crl(&ca, number, &entries, at, life)?;
         Ok(CrlOutput { number, revoked: entries.len(), der: crl.der().to_vec(), pem: crl.pem()? })
     }
 
     /// Signs a CRL and writes it (PEM) to `path`, replacing the old one atomically.
+    /// A file that already holds a CRL with a higher number (a concurrent `revoke` finished
+    /// first) is left in place: it lists everything this one does.
     pub async fn write_crl(&self, path: &Path) -> Result<CrlOutput> {
         let crl = self.crl(None).await?;
-        home::write_replace(path, crl.pem.as_bytes())?;
+        let on_disk = std::fs::read_to_string(path).ok().and_then(|pem| pki::crl_number_of_pem(&pem));
+        if on_disk.is_none_or(|n| n < crl.number) {
+            home::write_replace(path, crl.pem.as_bytes())?;
+        }
         Ok(crl)
     }
 
