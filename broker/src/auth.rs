@@ -6,7 +6,7 @@
 //!
 //! | role | publish | subscribe |
 //! |---|---|---|
-//! | device `X` | `devices/X/<anything>` | filters inside `devices/X/` (wildcards only after it) |
+//! | device `X` | `devices/X/<anything>` except `devices/X/commands/...` | filters inside `devices/X/` (wildcards only after it) |
 //! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
 
 use fleet_provision::ids::{DEVICE_URI_PREFIX, SERVICE_URI_PREFIX};
@@ -79,6 +79,9 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
     Ok(Identity { id, role, serial, not_after: cert.validity().not_after.timestamp() })
 }
 
+/// The level under `devices/<id>/` that carries commands to the device.
+pub const COMMANDS: &str = "commands";
+
 /// True if `topic` (a concrete publish topic) is valid MQTT and free of wildcards.
 fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 1024
@@ -109,11 +112,18 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
     let Some(owner) = levels.next() else { return false };
     let rest: Vec<&str> = levels.collect();
     match who.role {
-        Role::Device => owner == who.id.as_str() && !rest.is_empty() && rest.iter().all(|l| !l.is_empty()),
+        // A device never writes its own commands: a stolen certificate could otherwise plant a
+        // (retained) command that the real device obeys after every reconnect.
+        Role::Device => {
+            owner == who.id.as_str()
+                && !rest.is_empty()
+                && rest[0] != COMMANDS
+                && rest.iter().all(|l| !l.is_empty())
+        }
         Role::Service => {
             DeviceId::parse(owner).is_ok()
                 && rest.len() >= 2
-                && rest[0] == "commands"
+                && rest[0] == COMMANDS
                 && rest[1..].iter().all(|l| !l.is_empty())
         }
     }
@@ -171,6 +181,8 @@ mod tests {
             "other/dev-1/x",
             "devices/dev-1/#",
             "devices/dev-10/x",
+            "devices/dev-1/commands/reboot",
+            "devices/dev-1/commands",
         ] {
             assert!(!may_publish(&d, bad), "{bad}");
         }

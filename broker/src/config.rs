@@ -58,6 +58,26 @@ pub struct Config {
     /// Longest wait for a registry connection, seconds: while the database is down, admissions
     /// are refused (CONNACK 3) and unstored messages unacknowledged after this long.
     pub registry_timeout_secs: f64,
+    /// Most connections from one source address that may be in the pre-admission phase (TLS
+    /// handshake + CONNECT) at once; more are closed at accept (reason `source_limit`).
+    pub max_pre_admission_per_source: usize,
+    /// A socket that accepts no bytes for this long is closed (reason `write_timeout`), seconds.
+    pub write_timeout_secs: f64,
+    /// Most subscriptions one session holds; more get SUBACK 0x80.
+    pub max_subscriptions_per_session: usize,
+    /// Most retained messages under one device's topics (`devices/<id>/...`).
+    pub max_retained_per_device: usize,
+    /// Most bytes (topic + payload) of retained messages in the whole broker.
+    pub max_retained_bytes: usize,
+    /// Most messages queued for delivery to one session; more are dropped (counted).
+    pub max_queued_messages: usize,
+    /// Longest topic or filter, bytes: a PUBLISH over it closes the session, a filter gets 0x80.
+    pub max_topic_length: usize,
+    /// Most levels in a topic or filter (same treatment).
+    pub max_topic_levels: usize,
+    /// ACL refusals and limit hits are logged at most once per session per this interval, with a
+    /// count of those not logged, seconds.
+    pub log_interval_secs: f64,
 }
 
 impl Default for Config {
@@ -80,6 +100,15 @@ impl Default for Config {
             reload_poll_ms: 1000,
             store_batch: 4096,
             registry_timeout_secs: 3.0,
+            max_pre_admission_per_source: 32,
+            write_timeout_secs: 10.0,
+            max_subscriptions_per_session: 64,
+            max_retained_per_device: 16,
+            max_retained_bytes: 16 << 20,
+            max_queued_messages: 256,
+            max_topic_length: 256,
+            max_topic_levels: 8,
+            log_interval_secs: 10.0,
         }
     }
 }
@@ -108,6 +137,25 @@ impl Config {
         secs(self.handshake_timeout_secs, "handshake_timeout_secs")?;
         secs(self.connect_timeout_secs, "connect_timeout_secs")?;
         secs(self.registry_timeout_secs, "registry_timeout_secs")?;
+        secs(self.write_timeout_secs, "write_timeout_secs")?;
+        secs(self.log_interval_secs, "log_interval_secs")?;
+        for (v, name) in [
+            (self.max_pre_admission_per_source, "max_pre_admission_per_source"),
+            (self.max_subscriptions_per_session, "max_subscriptions_per_session"),
+            (self.max_queued_messages, "max_queued_messages"),
+            (self.max_topic_length, "max_topic_length"),
+            (self.max_topic_levels, "max_topic_levels"),
+        ] {
+            if v == 0 {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
+        }
+        if self.max_topic_levels < 3 || self.max_topic_length < 16 {
+            return Err(ConfigError(
+                "max_topic_levels must be at least 3 and max_topic_length at least 16 (devices/<id>/<name>)"
+                    .into(),
+            ));
+        }
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be at least 1".into()));
         }
@@ -128,6 +176,16 @@ impl Config {
     /// Longest wait for a registry connection.
     pub fn registry_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.registry_timeout_secs)
+    }
+
+    /// Longest a write may wait for the peer to accept bytes.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.write_timeout_secs)
+    }
+
+    /// Interval of rate-limited log lines.
+    pub fn log_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.log_interval_secs)
     }
 
     /// CONNECT deadline.

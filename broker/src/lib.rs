@@ -62,6 +62,10 @@ pub struct Shared {
     router: router::Router,
     /// Live sessions.
     pub sessions: session::Sessions,
+    /// Connections per source address not yet admitted.
+    pre_admission: Arc<session::PreAdmission>,
+    /// Rate limit of the `source_limit` log line.
+    source_limit_log: std::sync::Mutex<session::LogLimiter>,
     /// Metrics.
     pub metrics: Metrics,
     next_conn: AtomicU64,
@@ -134,8 +138,13 @@ impl Broker {
             tls: ArcSwap::from_pointee(state),
             registry,
             store,
-            router: router::Router::default(),
+            router: router::Router::new(router::RetainLimits {
+                per_device: config.max_retained_per_device,
+                total_bytes: config.max_retained_bytes,
+            }),
             sessions: session::Sessions::default(),
+            pre_admission: Arc::default(),
+            source_limit_log: std::sync::Mutex::new(session::LogLimiter::new(config.log_interval())),
             metrics,
             next_conn: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -187,6 +196,18 @@ async fn accept_loop(shared: &Arc<Shared>, listener: TcpListener, tracker: &Task
         match accepted {
             Ok((sock, peer)) => {
                 backoff = Duration::from_millis(5);
+                let Some(pre_admission) =
+                    shared.pre_admission.enter(peer.ip(), shared.config.max_pre_admission_per_source)
+                else {
+                    shared.metrics.connections_rejected.with_label_values(&["source_limit"]).inc();
+                    shared.metrics.limits.with_label_values(&["source_limit"]).inc();
+                    let allowed = shared.source_limit_log.lock().map(|mut l| l.allow()).unwrap_or(None);
+                    if let Some(skipped) = allowed {
+                        warn!(%peer, reason = "source_limit", skipped, "connection refused: too many unauthenticated connections from this address");
+                    }
+                    drop(sock);
+                    continue;
+                };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     shared.metrics.connections_rejected.with_label_values(&["max_connections"]).inc();
                     warn!(%peer, "connection refused: max_connections reached");
@@ -197,7 +218,7 @@ async fn accept_loop(shared: &Arc<Shared>, listener: TcpListener, tracker: &Task
                 let s = shared.clone();
                 tracker.spawn(async move {
                     s.metrics.connections_open.inc();
-                    session::handle(s.clone(), sock, peer, conn_id).await;
+                    session::handle(s.clone(), sock, peer, conn_id, pre_admission).await;
                     s.metrics.connections_open.dec();
                     drop(permit);
                 });
@@ -252,6 +273,10 @@ async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
                     if shared.sessions.kick_serial(&ev.device_id, &ev.serial) {
                         info!(device = %ev.device_id, serial = %ev.serial, "revoked: cutting live session");
                     }
+                    let cleared = shared.router.clear_retained(ev.device_id.as_str());
+                    if cleared > 0 {
+                        info!(device = %ev.device_id, cleared, "revoked: retained messages cleared");
+                    }
                 }
             }
             Err(e) => {
@@ -286,6 +311,15 @@ async fn watch_files(shared: Arc<Shared>) {
         let fp = paths.fingerprint();
         if fp != shared.tls.load().fingerprint && Some(&fp) != last_failed.as_ref() {
             match tls::build(&paths) {
+                Ok(state) if tls::crl_replayed(shared.tls.load().crl.as_ref(), state.crl.as_ref()) => {
+                    error!(
+                        loaded = ?shared.tls.load().crl.as_ref().and_then(|c| c.number),
+                        offered = ?state.crl.as_ref().and_then(|c| c.number),
+                        "CRL refused: its number is lower than the loaded CRL's (an old CRL replayed?); keeping the loaded one"
+                    );
+                    shared.metrics.crl_reloads.with_label_values(&["replayed"]).inc();
+                    last_failed = Some(fp);
+                }
                 Ok(state) => {
                     info!(crl = ?state.crl, "TLS configuration reloaded");
                     shared.metrics.crl_reloads.with_label_values(&["loaded"]).inc();
@@ -307,6 +341,8 @@ fn update_gauges(shared: &Shared) {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let state = shared.tls.load();
     let m = &shared.metrics;
+    m.crl_number
+        .set(state.crl.as_ref().and_then(|c| c.number).map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
     match &state.crl {
         Some(crl) => {
             m.crl_age_seconds.set(now - crl.this_update);

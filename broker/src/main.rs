@@ -160,6 +160,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("handshake_timeout_secs = {}", c.handshake_timeout_secs);
         println!("connect_timeout_secs   = {}", c.connect_timeout_secs);
         println!("registry_timeout_secs  = {}", c.registry_timeout_secs);
+        println!("max_pre_admission_per_source = {}", c.max_pre_admission_per_source);
+        println!("write_timeout_secs     = {}", c.write_timeout_secs);
+        println!("max_subscriptions_per_session = {}", c.max_subscriptions_per_session);
+        println!("max_retained_per_device = {}", c.max_retained_per_device);
+        println!("max_retained_bytes     = {}", c.max_retained_bytes);
+        println!("max_queued_messages    = {}", c.max_queued_messages);
+        println!("max_topic_length       = {}", c.max_topic_length);
+        println!("max_topic_levels       = {}", c.max_topic_levels);
+        println!("log_interval_secs      = {}", c.log_interval_secs);
         if let Some(crl) = &plan.crl {
             println!("# CRL: {} revoked, nextUpdate {:?}", crl.revoked, crl.next_update);
         }

@@ -42,6 +42,10 @@ pub struct Metrics {
     pub cert_expiry_days: IntGaugeVec,
     /// Revocation events seen by the watcher.
     pub revocations_seen: IntCounter,
+    /// Per-session and per-source caps hit, by limit.
+    pub limits: IntCounterVec,
+    /// cRLNumber of the CRL in force (0: none).
+    pub crl_number: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -97,6 +101,12 @@ impl Metrics {
                     .unwrap_or_else(|_| unreachable!()),
             ),
             revocations_seen: c("revocations_seen_total", "Revocation events seen in the registry"),
+            limits: cv(
+                "limits_total",
+                "Caps hit (subscriptions, retained, queue, topic, source)",
+                &["limit"],
+            ),
+            crl_number: g("crl_number", "cRLNumber of the CRL in force"),
             registry: r,
         }
     }

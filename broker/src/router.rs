@@ -6,6 +6,10 @@
 //! session has a bounded queue and a full queue drops the message (counted). Queued messages are
 //! boxed: a queue allocates its slots in blocks of 32, and an idle session should not pay for 32
 //! inline `Publish`es.
+//!
+//! Retained messages are indexed the same way, so a device's SUBSCRIBE (always to its own
+//! literal `devices/<id>/...`) looks only at that device's retained messages. They are capped per
+//! device and in bytes for the whole broker ([`RetainLimits`]); a revoked device's are cleared.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,13 +35,55 @@ struct Inner {
     subs: HashMap<String, Vec<Sub>>,
     /// The keys each connection has subscriptions under, so a disconnect touches only those.
     keys_by_conn: HashMap<u64, Vec<String>>,
-    retained: HashMap<String, Publish>,
+    /// Retained messages by device-id level, then topic.
+    retained: HashMap<String, HashMap<String, Publish>>,
+    /// Topic + payload bytes of every retained message.
+    retained_bytes: usize,
+}
+
+/// Caps on retained messages.
+#[derive(Debug, Clone, Copy)]
+pub struct RetainLimits {
+    /// Per device-id level.
+    pub per_device: usize,
+    /// Topic + payload bytes in total.
+    pub total_bytes: usize,
+}
+
+impl Default for RetainLimits {
+    fn default() -> Self {
+        Self { per_device: 16, total_bytes: 16 << 20 }
+    }
+}
+
+/// A retained PUBLISH over a cap: nothing was routed or retained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainRefused {
+    /// The device already has `per_device` retained topics.
+    PerDevice,
+    /// The broker holds `total_bytes` of retained messages.
+    TotalBytes,
+}
+
+impl RetainRefused {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PerDevice => "retained_per_device",
+            Self::TotalBytes => "retained_bytes",
+        }
+    }
 }
 
 /// The subscription table.
 #[derive(Debug, Default)]
 pub struct Router {
     inner: Mutex<Inner>,
+    limits: RetainLimits,
+}
+
+fn retained_size(p: &Publish) -> usize {
+    p.topic.len() + p.payload.len()
 }
 
 fn key_of(filter: &str) -> &str {
@@ -54,7 +100,13 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 impl Router {
-    /// Adds (or replaces) a subscription; returns the retained messages it matches.
+    /// A router with these retained-message caps.
+    pub fn new(limits: RetainLimits) -> Self {
+        Self { inner: Mutex::default(), limits }
+    }
+
+    /// Adds (or replaces) a subscription; returns the retained messages it matches. A filter
+    /// with a literal device level looks only at that device's retained messages.
     pub fn subscribe(
         &self,
         conn_id: u64,
@@ -71,7 +123,20 @@ impl Router {
         let list = inner.subs.entry(key.to_owned()).or_default();
         list.retain(|s| !(s.conn_id == conn_id && s.filter == filter));
         list.push(Sub { conn_id, filter: filter.to_owned(), qos, tx });
-        inner.retained.values().filter(|p| matches(filter, &p.topic)).cloned().collect()
+        let retained: Box<dyn Iterator<Item = &HashMap<String, Publish>>> = match key {
+            "" => Box::new(inner.retained.values()),
+            key => Box::new(inner.retained.get(key).into_iter()),
+        };
+        retained.flat_map(|m| m.values()).filter(|p| matches(filter, &p.topic)).cloned().collect()
+    }
+
+    /// Drops every retained message under `devices/<device>/` (a revoked device's). Returns how
+    /// many.
+    pub fn clear_retained(&self, device: &str) -> usize {
+        let mut inner = lock(&self.inner);
+        let Some(gone) = inner.retained.remove(device) else { return 0 };
+        inner.retained_bytes -= gone.values().map(retained_size).sum::<usize>();
+        gone.len()
     }
 
     /// Removes one subscription.
@@ -95,17 +160,14 @@ impl Router {
         }
     }
 
-    /// Delivers to every matching subscription (once per connection); stores it if retained.
-    pub fn route(&self, publish: &Publish, metrics: &Metrics) {
+    /// Delivers to every matching subscription (once per connection); keeps it if retained.
+    /// A retained message over a cap is refused whole: not kept, not delivered.
+    pub fn route(&self, publish: &Publish, metrics: &Metrics) -> Result<(), RetainRefused> {
         let mut inner = lock(&self.inner);
-        if publish.retain {
-            if publish.payload.is_empty() {
-                inner.retained.remove(&publish.topic);
-            } else {
-                inner.retained.insert(publish.topic.clone(), publish.clone());
-            }
-        }
         let key = key_of(&publish.topic);
+        if publish.retain {
+            self.retain(&mut inner, key, publish)?;
+        }
         let mut seen: Vec<u64> = Vec::new();
         let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
         for s in candidates {
@@ -123,9 +185,42 @@ impl Router {
             p.dup = false;
             match s.tx.try_send(Box::new(p)) {
                 Ok(()) => metrics.messages_delivered.inc(),
-                Err(_) => metrics.messages_dropped.inc(),
+                Err(_) => {
+                    metrics.messages_dropped.inc();
+                    metrics.limits.with_label_values(&["queued_messages"]).inc();
+                }
             }
         }
+        Ok(())
+    }
+
+    fn retain(&self, inner: &mut Inner, key: &str, publish: &Publish) -> Result<(), RetainRefused> {
+        let old = inner.retained.get(key).and_then(|m| m.get(&publish.topic)).map(retained_size);
+        if publish.payload.is_empty() {
+            if let Some(old) = old {
+                inner.retained_bytes -= old;
+                if let Some(m) = inner.retained.get_mut(key) {
+                    m.remove(&publish.topic);
+                    if m.is_empty() {
+                        inner.retained.remove(key);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let count = inner.retained.get(key).map_or(0, HashMap::len);
+        if old.is_none() && count >= self.limits.per_device {
+            return Err(RetainRefused::PerDevice);
+        }
+        let bytes = inner.retained_bytes - old.unwrap_or(0) + retained_size(publish);
+        if bytes > self.limits.total_bytes {
+            return Err(RetainRefused::TotalBytes);
+        }
+        inner.retained_bytes = bytes;
+        let mut kept = publish.clone();
+        kept.dup = false;
+        inner.retained.entry(key.to_owned()).or_default().insert(publish.topic.clone(), kept);
+        Ok(())
     }
 }
 
@@ -141,24 +236,54 @@ mod tests {
     fn a_closed_connection_gets_nothing_and_leaves_nothing_behind() {
         let router = Router::default();
         let metrics = Metrics::new();
+        let route = |p: &Publish| router.route(p, &metrics).expect("not retained");
         let (tx1, mut rx1) = mpsc::channel(8);
         let (tx2, mut rx2) = mpsc::channel(8);
         router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, tx1.clone());
         router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, tx1);
         router.subscribe(2, "devices/a/commands/#", QoS::AtMostOnce, tx2);
-        router.route(&publish("devices/a/commands/reboot"), &metrics);
-        router.route(&publish("devices/b/telemetry"), &metrics);
+        route(&publish("devices/a/commands/reboot"));
+        route(&publish("devices/b/telemetry"));
         assert_eq!(rx1.try_recv().map(|p| p.topic).ok().as_deref(), Some("devices/a/commands/reboot"));
         assert_eq!(rx1.try_recv().map(|p| p.topic).ok().as_deref(), Some("devices/b/telemetry"));
         assert!(rx2.try_recv().is_ok());
 
         router.remove_connection(1);
-        router.route(&publish("devices/a/commands/reboot"), &metrics);
-        router.route(&publish("devices/b/telemetry"), &metrics);
+        route(&publish("devices/a/commands/reboot"));
+        route(&publish("devices/b/telemetry"));
         assert!(rx1.try_recv().is_err(), "a removed connection still receives");
         assert!(rx2.try_recv().is_ok());
         router.remove_connection(2);
         let inner = lock(&router.inner);
         assert!(inner.subs.is_empty() && inner.keys_by_conn.is_empty(), "{inner:?}");
+    }
+
+    fn retained(topic: &str, payload: &[u8]) -> Publish {
+        let mut p = Publish::new(topic, QoS::AtMostOnce, payload.to_vec());
+        p.retain = true;
+        p
+    }
+
+    #[test]
+    fn retained_messages_are_capped_per_device_and_in_bytes_and_cleared() {
+        let router = Router::new(RetainLimits { per_device: 2, total_bytes: 100 });
+        let m = Metrics::new();
+        assert_eq!(router.route(&retained("devices/a/s1", b"x"), &m), Ok(()));
+        assert_eq!(router.route(&retained("devices/a/s2", b"x"), &m), Ok(()));
+        assert_eq!(router.route(&retained("devices/a/s3", b"x"), &m), Err(RetainRefused::PerDevice));
+        // Replacing an existing topic is no new entry.
+        assert_eq!(router.route(&retained("devices/a/s1", b"y"), &m), Ok(()));
+        assert_eq!(router.route(&retained("devices/b/big", &[0u8; 90]), &m), Err(RetainRefused::TotalBytes));
+        assert_eq!(router.route(&retained("devices/b/ok", &[0u8; 50]), &m), Ok(()));
+        // Only the device's own retained messages are looked at for its literal filter.
+        let (tx, _rx) = mpsc::channel(8);
+        assert_eq!(router.subscribe(1, "devices/a/#", QoS::AtMostOnce, tx.clone()).len(), 2);
+        assert_eq!(router.subscribe(2, "devices/+/#", QoS::AtMostOnce, tx).len(), 3);
+        assert_eq!(router.clear_retained("a"), 2);
+        assert_eq!(lock(&router.inner).retained_bytes, "devices/b/ok".len() + 50);
+        // An empty retained payload deletes.
+        assert_eq!(router.route(&retained("devices/b/ok", b""), &m), Ok(()));
+        let inner = lock(&router.inner);
+        assert!(inner.retained.is_empty() && inner.retained_bytes == 0, "{inner:?}");
     }
 }

@@ -1,8 +1,8 @@
 //! One task per connection: TLS handshake (with a deadline), admission, CONNECT identity binding,
 //! then the MQTT session until the client leaves, the broker kicks it, or the broker stops.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,6 +116,72 @@ impl Sessions {
     }
 }
 
+/// Connections per source address still in the pre-admission phase (TLS handshake + CONNECT):
+/// one address cannot hold more than `max_pre_admission_per_source` of the broker's connection
+/// slots with sockets that never authenticate.
+#[derive(Debug, Default)]
+pub struct PreAdmission {
+    inner: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection counted in [`PreAdmission`] until dropped (at admission or when it ends).
+#[derive(Debug)]
+pub struct PreAdmissionSlot {
+    table: Arc<PreAdmission>,
+    ip: IpAddr,
+}
+
+impl PreAdmission {
+    /// Counts a connection from `ip`, or `None` if `ip` already has `max` in the phase.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PreAdmissionSlot> {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PreAdmissionSlot { table: self.clone(), ip })
+    }
+}
+
+impl Drop for PreAdmissionSlot {
+    fn drop(&mut self) {
+        let mut m = self.table.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Rate-limits one kind of log line: at most one per interval, saying how many were skipped.
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: Duration,
+    next: Option<Instant>,
+    skipped: u64,
+}
+
+impl LogLimiter {
+    /// One line per `every`.
+    pub fn new(every: Duration) -> Self {
+        Self { every, next: None, skipped: 0 }
+    }
+
+    /// `Some(skipped since the last line)` if a line may be written now.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.next.is_some_and(|n| now < n) {
+            self.skipped += 1;
+            return None;
+        }
+        self.next = Some(now + self.every);
+        Some(std::mem::take(&mut self.skipped))
+    }
+}
+
 /// An admission refusal: metric reason and CONNACK code.
 #[derive(Debug, Clone, Copy)]
 struct Refusal {
@@ -166,6 +232,19 @@ enum End {
     Protocol(&'static str),
     Acl,
     StoreFailed,
+    /// The peer stopped accepting bytes for `write_timeout_secs`.
+    WriteTimeout,
+    /// A per-session cap was hit (metric label).
+    Limit(&'static str),
+}
+
+/// The end of a session whose write failed: a timeout, or the peer went away.
+fn write_end(e: &std::io::Error) -> End {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        End::WriteTimeout
+    } else {
+        End::ClientGone
+    }
 }
 
 struct Conn {
@@ -173,6 +252,7 @@ struct Conn {
     buf: BytesMut,
     out: BytesMut,
     max_packet: usize,
+    write_timeout: Duration,
 }
 
 impl Conn {
@@ -223,10 +303,17 @@ impl Conn {
         self.flush_out().await
     }
 
-    /// Writes the encoded packets in `out`.
+    /// Writes the encoded packets in `out`, failing with `TimedOut` if the peer accepts no
+    /// bytes for the write timeout.
     async fn flush_out(&mut self) -> std::io::Result<()> {
-        self.tls.write_all(&self.out).await?;
-        self.tls.flush().await
+        let write = async {
+            self.tls.write_all(&self.out).await?;
+            self.tls.flush().await
+        };
+        match timeout(self.write_timeout, write).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
     }
 }
 
@@ -272,7 +359,13 @@ async fn accept_tls(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Optio
 }
 
 /// Serves one accepted TCP connection to the end.
-pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAddr, conn_id: u64) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    pre_admission: PreAdmissionSlot,
+) {
     let Some(tls) = Box::pin(accept_tls(&shared, sock, peer)).await else { return };
     let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()) else {
         shared.metrics.handshake(false, "no_certificate");
@@ -281,8 +374,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
     // Boxed, like the session loop below: the registry query and the loop are big futures that are
     // never live together, and a connection task should only carry the one it is in.
     let admission = Box::pin(admit(&shared, &cert)).await;
-    let mut conn =
-        Conn { tls, buf: BytesMut::new(), out: BytesMut::new(), max_packet: shared.config.max_packet_size };
+    let mut conn = Conn {
+        tls,
+        buf: BytesMut::new(),
+        out: BytesMut::new(),
+        max_packet: shared.config.max_packet_size,
+        write_timeout: shared.config.write_timeout(),
+    };
 
     // CONNECT must come first, within the deadline.
     let connect = match timeout(shared.config.connect_timeout(), conn.read_packet()).await {
@@ -320,6 +418,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
         return;
     }
 
+    drop(pre_admission);
     let kick = Kick::default();
     let live = LiveSession { conn_id, serial: id.serial.clone(), kick: kick.clone() };
     if let Some(old) = shared.sessions.register(&id.id, live) {
@@ -332,10 +431,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
     shared.metrics.sessions_live.inc();
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    let end = if conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await.is_ok() {
-        run(&shared, &mut conn, &id, conn_id, keep_alive, &kick).await
-    } else {
-        End::ClientGone
+    let end = match conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await {
+        Ok(()) => run(&shared, &mut conn, &id, conn_id, keep_alive, &kick).await,
+        Err(e) => write_end(&e),
     };
     shared.router.remove_connection(conn_id);
     shared.sessions.remove(&id.id, conn_id);
@@ -349,6 +447,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, sock: TcpStream, peer: SocketAdd
         End::Protocol(reason) => {
             shared.metrics.protocol_errors.with_label_values(&[reason]).inc();
             info!(device = %id.id, reason, "session closed for a protocol violation");
+        }
+        End::WriteTimeout => {
+            shared.metrics.kicks.with_label_values(&["write_timeout"]).inc();
+            warn!(device = %id.id, reason = "write_timeout", "session closed: the peer accepts no data");
+        }
+        End::Limit(limit) => {
+            shared.metrics.kicks.with_label_values(&[limit]).inc();
+            warn!(device = %id.id, reason = limit, "session closed: limit exceeded");
         }
         other => debug!(device = %id.id, ?other, "session ended"),
     }
@@ -369,6 +475,39 @@ const MAX_PENDING_ACKS: usize = 1024;
 const READ_CHUNK: usize = 4096;
 /// A session that read nothing for this long gives its buffers back.
 const IDLE_RELEASE: Duration = Duration::from_secs(2);
+/// Longest single timer for the certificate-expiry check (tokio timers cap at ~2 years).
+const EXPIRY_RECHECK: Duration = Duration::from_secs(86_400);
+
+/// Per-session state of the MQTT loop.
+struct Local {
+    tx: mpsc::Sender<Box<Publish>>,
+    pending: FuturesOrdered<PendingAck>,
+    /// Filters held, for the subscription cap.
+    subs: HashSet<String>,
+    acl_log: LogLimiter,
+    limit_log: LogLimiter,
+}
+
+/// Runs `f` unless the session is kicked or the broker stops first: a stuck write never delays
+/// a revocation, a takeover or shutdown.
+async fn guarded<T>(
+    shared: &Shared,
+    kick: &Kick,
+    f: impl std::future::Future<Output = Result<T, End>>,
+) -> Result<T, End> {
+    tokio::select! {
+        biased;
+        _ = kick.token.cancelled() => Err(End::Kicked),
+        _ = shared.shutdown.cancelled() => Err(End::Shutdown),
+        r = f => r,
+    }
+}
+
+/// When the certificate's notAfter passes, or the next re-check (whichever is first).
+fn expiry_check_at(not_after: i64) -> Instant {
+    let left = u64::try_from(not_after.saturating_sub(now_unix())).unwrap_or(0);
+    Instant::now() + Duration::from_secs(left).min(EXPIRY_RECHECK)
+}
 
 async fn run(
     shared: &Shared,
@@ -378,13 +517,21 @@ async fn run(
     keep_alive: Duration,
     kick: &Kick,
 ) -> End {
-    let (tx, mut rx) = mpsc::channel::<Box<Publish>>(256);
-    let mut pending = FuturesOrdered::new();
+    let (tx, mut rx) = mpsc::channel::<Box<Publish>>(shared.config.max_queued_messages);
+    let every = shared.config.log_interval();
+    let mut local = Local {
+        tx,
+        pending: FuturesOrdered::new(),
+        subs: HashSet::new(),
+        acl_log: LogLimiter::new(every),
+        limit_log: LogLimiter::new(every),
+    };
     let mut next_pkid: u16 = 0;
     // MQTT 3.1.1 §3.1.2.10: the server closes after 1.5 keep-alive periods without a packet.
     let grace = keep_alive.mul_f64(1.5);
     let mut deadline = Instant::now() + grace;
     let mut idle_at = Instant::now() + IDLE_RELEASE;
+    let mut expiry_at = expiry_check_at(id.not_after);
     loop {
         // Packets already buffered are handled before reading more.
         let packet = match conn.parse() {
@@ -397,7 +544,8 @@ async fn run(
                 deadline = Instant::now() + grace;
             }
             // Boxed: an idle session should not carry the state of packet handling.
-            match Box::pin(handle_packet(shared, conn, id, conn_id, p, &tx, &mut pending)).await {
+            let handled = Box::pin(handle_packet(shared, conn, id, conn_id, p, &mut local));
+            match guarded(shared, kick, handled).await {
                 Ok(()) => continue,
                 Err(end) => return end,
             }
@@ -406,11 +554,18 @@ async fn run(
             biased;
             _ = kick.token.cancelled() => return End::Kicked,
             _ = shared.shutdown.cancelled() => return End::Shutdown,
-            Some((pkid, stored)) = pending.next(), if !pending.is_empty() => {
+            _ = sleep_until(expiry_at) => {
+                if now_unix() >= id.not_after {
+                    kick.cut("cert_expired");
+                    return End::Kicked;
+                }
+                expiry_at = expiry_check_at(id.not_after);
+            }
+            Some((pkid, stored)) = local.pending.next(), if !local.pending.is_empty() => {
                 // A group commit completes many messages at once: their PUBACKs leave in one
                 // write, in order, stopping at the first that was not stored.
                 let mut acks = vec![(pkid, stored)];
-                while let Some(Some(done)) = pending.next().now_or_never() {
+                while let Some(Some(done)) = local.pending.next().now_or_never() {
                     acks.push(done);
                 }
                 conn.out.clear();
@@ -424,14 +579,16 @@ async fn run(
                         return End::Protocol("encode");
                     }
                 }
-                if !conn.out.is_empty() && conn.flush_out().await.is_err() {
-                    return End::ClientGone;
+                if !conn.out.is_empty() {
+                    if let Err(end) = guarded(shared, kick, async { conn.flush_out().await.map_err(|e| write_end(&e)) }).await {
+                        return end;
+                    }
                 }
                 if failed {
                     return End::StoreFailed;
                 }
             }
-            r = conn.tls.read_buf(&mut conn.buf), if pending.len() < MAX_PENDING_ACKS => {
+            r = conn.tls.read_buf(&mut conn.buf), if local.pending.len() < MAX_PENDING_ACKS => {
                 conn.grow_if_full();
                 match r {
                     Ok(0) | Err(_) => return End::ClientGone,
@@ -448,8 +605,8 @@ async fn run(
                     next_pkid = next_pkid.wrapping_add(1).max(1);
                     p.pkid = next_pkid;
                 }
-                if conn.send(Packet::Publish(p)).await.is_err() {
-                    return End::ClientGone;
+                if let Err(end) = guarded(shared, kick, async { conn.send(Packet::Publish(p)).await.map_err(|e| write_end(&e)) }).await {
+                    return end;
                 }
             }
             _ = sleep_until(deadline), if !keep_alive.is_zero() => return End::Protocol("keepalive_timeout"),
@@ -459,21 +616,40 @@ async fn run(
 
 type PendingAck = std::pin::Pin<Box<dyn std::future::Future<Output = (u16, bool)> + Send>>;
 
+/// Within the configured topic length and depth?
+fn topic_within(shared: &Shared, topic: &str) -> bool {
+    topic.len() <= shared.config.max_topic_length
+        && topic.split('/').count() <= shared.config.max_topic_levels
+}
+
+/// Counts a cap hit and logs it (rate-limited per session).
+fn limit_hit(shared: &Shared, local: &mut Local, id: &Identity, limit: &'static str, what: &str) {
+    shared.metrics.limits.with_label_values(&[limit]).inc();
+    if let Some(skipped) = local.limit_log.allow() {
+        warn!(device = %id.id, limit, what, skipped, "limit reached");
+    }
+}
+
 async fn handle_packet(
     shared: &Shared,
     conn: &mut Conn,
     id: &Identity,
     conn_id: u64,
     packet: Packet,
-    tx: &mpsc::Sender<Box<Publish>>,
-    pending: &mut FuturesOrdered<PendingAck>,
+    local: &mut Local,
 ) -> Result<(), End> {
     match packet {
         Packet::Publish(p) => {
             shared.metrics.messages_received.inc();
+            if !topic_within(shared, &p.topic) {
+                limit_hit(shared, local, id, "topic", &p.topic);
+                return Err(End::Limit("topic_limit"));
+            }
             if !auth::may_publish(id, &p.topic) {
                 shared.metrics.acl_denied.with_label_values(&["publish"]).inc();
-                warn!(device = %id.id, topic = %p.topic, qos = ?p.qos, "publish refused by ACL");
+                if let Some(skipped) = local.acl_log.allow() {
+                    warn!(device = %id.id, topic = %p.topic, qos = ?p.qos, skipped, "publish refused by ACL");
+                }
                 // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
                 return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(End::Acl) };
             }
@@ -481,7 +657,10 @@ async fn handle_packet(
                 return Err(End::Protocol("qos2_unsupported"));
             }
             // Routed first (subscribers get copies), then the publish itself moves to the store.
-            shared.router.route(&p, &shared.metrics);
+            if let Err(refused) = shared.router.route(&p, &shared.metrics) {
+                limit_hit(shared, local, id, refused.label(), &p.topic);
+                return Err(End::Limit(refused.label()));
+            }
             let (pkid, qos) = (p.pkid, p.qos);
             // Devices' telemetry is stored; services' commands are only routed.
             if id.role == fleet_provision::Role::Device {
@@ -494,12 +673,12 @@ async fn handle_packet(
                 };
                 if qos == QoS::AtLeastOnce {
                     let done = shared.store.submit(msg).await;
-                    pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
+                    local.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
                 } else {
                     shared.store.submit_nowait(msg).await;
                 }
             } else if qos == QoS::AtLeastOnce {
-                pending.push_back(Box::pin(async move { (pkid, true) }));
+                local.pending.push_back(Box::pin(async move { (pkid, true) }));
             }
             Ok(())
         }
@@ -507,31 +686,43 @@ async fn handle_packet(
             let mut codes = Vec::with_capacity(s.filters.len());
             let mut retained = Vec::new();
             for f in &s.filters {
-                if auth::may_subscribe(id, &f.path) {
-                    let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                    retained.extend(shared.router.subscribe(conn_id, &f.path, qos, tx.clone()));
-                    codes.push(SubscribeReasonCode::Success(qos));
-                } else {
-                    shared.metrics.acl_denied.with_label_values(&["subscribe"]).inc();
-                    warn!(device = %id.id, filter = %f.path, "subscribe refused by ACL");
+                let full = !local.subs.contains(&f.path)
+                    && local.subs.len() >= shared.config.max_subscriptions_per_session;
+                if !topic_within(shared, &f.path) {
+                    limit_hit(shared, local, id, "topic", &f.path);
                     codes.push(SubscribeReasonCode::Failure);
+                } else if !auth::may_subscribe(id, &f.path) {
+                    shared.metrics.acl_denied.with_label_values(&["subscribe"]).inc();
+                    if let Some(skipped) = local.acl_log.allow() {
+                        warn!(device = %id.id, filter = %f.path, skipped, "subscribe refused by ACL");
+                    }
+                    codes.push(SubscribeReasonCode::Failure);
+                } else if full {
+                    limit_hit(shared, local, id, "subscriptions", &f.path);
+                    codes.push(SubscribeReasonCode::Failure);
+                } else {
+                    let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    retained.extend(shared.router.subscribe(conn_id, &f.path, qos, local.tx.clone()));
+                    local.subs.insert(f.path.clone());
+                    codes.push(SubscribeReasonCode::Success(qos));
                 }
             }
-            conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await.map_err(|_| End::ClientGone)?;
+            conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await.map_err(|e| write_end(&e))?;
             for mut p in retained {
                 p.qos = QoS::AtMostOnce;
                 p.retain = true;
-                conn.send(Packet::Publish(p)).await.map_err(|_| End::ClientGone)?;
+                conn.send(Packet::Publish(p)).await.map_err(|e| write_end(&e))?;
             }
             Ok(())
         }
         Packet::Unsubscribe(u) => {
             for f in &u.topics {
                 shared.router.unsubscribe(conn_id, f);
+                local.subs.remove(f);
             }
-            conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await.map_err(|_| End::ClientGone)
+            conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await.map_err(|e| write_end(&e))
         }
-        Packet::PingReq => conn.send(Packet::PingResp).await.map_err(|_| End::ClientGone),
+        Packet::PingReq => conn.send(Packet::PingResp).await.map_err(|e| write_end(&e)),
         Packet::Disconnect => Err(End::ClientGone),
         Packet::PubAck(_) => Ok(()),
         Packet::Connect(_) => Err(End::Protocol("second_connect")),

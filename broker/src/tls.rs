@@ -3,7 +3,10 @@
 //! configuration they were accepted with).
 //!
 //! Client certificates are verified by rustls' `WebPkiClientVerifier` (chain to the client CA,
-//! validity, EKU clientAuth, not a CA), then checked against the CRL when one is loaded. A CRL is
+//! validity, not a CA), then must carry an extendedKeyUsage extension that lists clientAuth
+//! (webpki accepts a certificate with no EKU at all), then are checked against the CRL when one
+//! is loaded. The client-CA file must hold exactly one certificate, the device issuing CA: a
+//! chain file there would make the broker trust everything the root ever signed. A CRL is
 //! only ever loaded after its signature verifies against the client CA, so a forged or corrupt
 //! file can never replace a good one; its serials are then kept in a sorted table. (webpki's own
 //! CRL check re-verifies the CRL signature on every handshake, hashing the whole list: with 100k
@@ -34,6 +37,8 @@ pub struct CrlInfo {
     pub next_update: Option<i64>,
     /// Number of revoked serials listed.
     pub revoked: usize,
+    /// cRLNumber, if the CRL carries one.
+    pub number: Option<u64>,
 }
 
 impl CrlInfo {
@@ -200,18 +205,25 @@ pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo
         this_update: crl.last_update().timestamp(),
         next_update: crl.next_update().map(|t| t.timestamp()),
         revoked: serials.len(),
+        number: crl.crl_number().and_then(|n| u64::try_from(n).ok()),
     };
     Ok((RevokedSerials(serials), info))
 }
 
-/// `WebPkiClientVerifier` followed by a lookup of the end-entity serial in the CRL's table.
+/// `WebPkiClientVerifier`, then EKU clientAuth required, then a lookup of the end-entity
+/// serial in the CRL's table (if a CRL is loaded).
 #[derive(Debug)]
-struct CrlCheckingVerifier {
+struct ClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    revoked: RevokedSerials,
+    revoked: Option<RevokedSerials>,
 }
 
-impl ClientCertVerifier for CrlCheckingVerifier {
+/// True if the certificate has an extendedKeyUsage extension listing clientAuth.
+fn has_client_auth_eku(cert: &X509Certificate<'_>) -> bool {
+    matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth)
+}
+
+impl ClientCertVerifier for ClientVerifier {
     fn offer_client_auth(&self) -> bool {
         self.inner.offer_client_auth()
     }
@@ -233,7 +245,10 @@ impl ClientCertVerifier for CrlCheckingVerifier {
         let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let (_, cert) = X509Certificate::from_der(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
-        if self.revoked.contains(cert.raw_serial()) {
+        if !has_client_auth_eku(&cert) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose));
+        }
+        if self.revoked.as_ref().is_some_and(|r| r.contains(cert.raw_serial())) {
             return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
         }
         Ok(verified)
@@ -271,6 +286,17 @@ pub fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let key = PrivateKeyDer::from_pem_slice(&key_bytes)
         .map_err(|e| TlsError::Parse(paths.key.clone(), format!("no private key: {e}")))?;
     let ca = certs(&paths.client_ca)?;
+    if ca.len() != 1 {
+        return Err(TlsError::Parse(
+            paths.client_ca.clone(),
+            format!(
+                "holds {} certificates; the client CA file must hold only the device issuing CA \
+                 (a chain file here would make the broker trust every certificate its root signs): \
+                 use HOME/device-ca.pem",
+                ca.len()
+            ),
+        ));
+    }
     let mut roots = RootCertStore::empty();
     for c in &ca {
         roots.add(c.clone()).map_err(|e| TlsError::Parse(paths.client_ca.clone(), e.to_string()))?;
@@ -278,13 +304,14 @@ pub fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let (verifier, crl_info): (Arc<dyn ClientCertVerifier>, _) = match &paths.crl {
+    let (revoked, crl_info) = match &paths.crl {
         Some(crl_path) => {
             let (revoked, info) = load_crl(crl_path, &ca[0])?;
-            (Arc::new(CrlCheckingVerifier { inner: webpki, revoked }), Some(info))
+            (Some(revoked), Some(info))
         }
-        None => (webpki, None),
+        None => (None, None),
     };
+    let verifier = Arc::new(ClientVerifier { inner: webpki, revoked });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -305,6 +332,17 @@ pub fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
         client_ca_not_after: not_after(&paths.client_ca, &ca[0])?,
         fingerprint,
     })
+}
+
+/// True if `offered` would replace `loaded` with a lower-numbered CRL (a replay of an old,
+/// validly signed CRL that may predate revocations). Neither a CRL without a number nor no CRL
+/// at all (the file deleted) ever replaces a numbered one.
+pub fn crl_replayed(loaded: Option<&CrlInfo>, offered: Option<&CrlInfo>) -> bool {
+    match (loaded.and_then(|c| c.number), offered) {
+        (Some(have), Some(new)) => new.number.is_none_or(|n| n < have),
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
 }
 
 /// Maps a failed handshake to a metric reason.

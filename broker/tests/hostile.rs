@@ -169,16 +169,19 @@ async fn half_open_connections_are_reaped_and_do_not_block_admission() {
     let broker = BrokerProc::start(&fleet, &["--handshake-timeout", "1", "--connect-timeout", "1"]);
     let hello = client_hello(&fleet.devices[0]);
     // 200 clients that send half a ClientHello and go silent (as if their network vanished), and
-    // 50 that finish TLS but never send CONNECT.
+    // 50 that finish TLS but never send CONNECT, from 10 source addresses (25 each: under the
+    // per-source pre-admission limit, so the broker's deadlines are what reaps them).
+    let source = |i: usize| [127, 0, 1, 1 + (i % 10) as u8];
     let mut stalled = Vec::new();
     for i in 0..200 {
-        let mut s = TcpStream::connect(broker.mqtt).await.unwrap();
+        let mut s = tcp_from(source(i), broker.mqtt).await.unwrap();
         s.write_all(&hello[..(hello.len() / 2 + i % 7)]).await.unwrap();
         stalled.push(s);
     }
     let mut silent = Vec::new();
-    for _ in 0..50 {
-        silent.push(Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap());
+    for i in 0..50 {
+        let tcp = tcp_from(source(i), broker.mqtt).await.unwrap();
+        silent.push(Raw::device_over(tcp, &fleet.devices[0]).await.unwrap());
     }
     let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
     assert!(took < Duration::from_secs(1), "valid device took {took:?} behind 250 half-open connections");
@@ -202,9 +205,10 @@ async fn half_open_connections_are_reaped_and_do_not_block_admission() {
 async fn a_thousand_idle_sockets_do_not_delay_a_valid_device() {
     let fleet = Fleet::new(1, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
+    // From 40 source addresses, 25 each (under the per-source pre-admission limit).
     let mut idle = Vec::new();
-    for _ in 0..1000 {
-        idle.push(TcpStream::connect(broker.mqtt).await.unwrap());
+    for i in 0..1000 {
+        idle.push(tcp_from([127, 0, 2, 1 + (i % 40) as u8], broker.mqtt).await.unwrap());
     }
     let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
     assert!(took < Duration::from_secs(1), "valid connect took {took:?} behind 1000 idle sockets");
@@ -233,4 +237,35 @@ async fn tls_sessions_are_never_resumed_so_every_admission_verifies_the_certific
         // Give the client time to receive any ticket the broker might (wrongly) send.
         let _ = raw.recv(Duration::from_millis(200)).await;
     }
+}
+
+/// With `max_connections` 64, 200 silent sockets from one address must not lock out a device
+/// on another address: that address gets at most `max_pre_admission_per_source` (32) slots in
+/// the pre-admission phase, the rest are closed at once (reason `source_limit`).
+#[tokio::test]
+async fn silent_sockets_from_one_address_cannot_take_every_slot() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-connections", "64"]);
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tcp_from([127, 0, 3, 1], broker.mqtt).await.unwrap());
+    }
+    broker
+        .wait_metric(
+            "fleet_connections_rejected_total{reason=\"source_limit\"}",
+            168.0,
+            Duration::from_secs(3),
+        )
+        .await;
+    let t = Instant::now();
+    let tcp = tcp_from([127, 0, 3, 2], broker.mqtt).await.unwrap();
+    let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device_over(tcp, &fleet.devices[0]))
+        .await
+        .expect("handshake timed out")
+        .expect("the device on another address was refused");
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    assert!(t.elapsed() < Duration::from_secs(1), "admission took {:?}", t.elapsed());
+    assert_eq!(broker.metric("fleet_limits_total{limit=\"source_limit\"}").await, 168.0);
+    assert!(broker.log().contains("source_limit"), "no logged reason");
+    drop(silent);
 }

@@ -214,13 +214,32 @@ pub struct Raw {
     buf: BytesMut,
 }
 
+/// A TCP connection to `addr` from loopback address `src` (any of 127.0.0.0/8), for tests of
+/// per-source limits.
+pub async fn tcp_from(src: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::from((src, 0)))?;
+    s.connect(addr).await
+}
+
 impl Raw {
     pub async fn connect(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Raw> {
-        let tcp = TcpStream::connect(addr).await?;
+        Self::over(TcpStream::connect(addr).await?, cfg).await
+    }
+    /// TLS over an existing TCP connection.
+    pub async fn over(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Raw> {
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await?;
         Ok(Raw { tls, buf: BytesMut::new() })
+    }
+    /// The device in `dir` over an existing TCP connection.
+    pub async fn device_over(tcp: TcpStream, dir: &Path) -> std::io::Result<Raw> {
+        Self::over(
+            tcp,
+            client_config(&dir.join("broker-trust.pem"), Some((&dir.join("cert.pem"), &dir.join("key.pem")))),
+        )
+        .await
     }
     pub async fn device(addr: SocketAddr, dir: &Path) -> std::io::Result<Raw> {
         Self::connect(
