@@ -1,0 +1,262 @@
+//! What one device (or one stolen certificate) may not do to the broker or to itself: command
+//! itself, plant retained messages that outlive its revocation, hold unbounded subscriptions,
+//! retained messages or topics, flood the log with ACL refusals, or stall the broker by not
+//! reading. Each cap is a config key with a metric (`fleet_limits_total{limit}` or
+//! `fleet_kicks_total{reason}`) and a logged reason.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::{
+    ConnectReturnCode, Packet, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::QoS;
+
+/// Writes a broker config file with `toml` in the fleet's directory; returns `--config PATH`.
+fn config(fleet: &Fleet, toml: &str) -> PathBuf {
+    let p = fleet.dir.path().join(format!("broker-{}.toml", rand_suffix()));
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+async fn connected(broker: &BrokerProc, fleet: &Fleet, i: usize) -> Raw {
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[i]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
+    raw
+}
+
+async fn service(broker: &BrokerProc, fleet: &Fleet) -> Raw {
+    let mut raw = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    raw
+}
+
+fn publish(topic: String, qos: QoS, retain: bool, payload: &[u8], pkid: u16) -> Packet {
+    let mut p = Publish::new(topic, qos, payload.to_vec());
+    p.retain = retain;
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+fn subscribe(pkid: u16, filters: impl IntoIterator<Item = String>) -> Packet {
+    let mut s = Subscribe::new_many(filters.into_iter().map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce)));
+    s.pkid = pkid;
+    Packet::Subscribe(s)
+}
+
+/// Retained messages a fresh subscription to `filter` receives (topics).
+async fn retained_for(raw: &mut Raw, filter: &str, pkid: u16) -> Vec<String> {
+    raw.send(subscribe(pkid, [filter.to_owned()])).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::SubAck(_))));
+    let mut topics = Vec::new();
+    while let Some(Packet::Publish(p)) = raw.recv(Duration::from_millis(300)).await {
+        assert!(p.retain);
+        topics.push(p.topic);
+    }
+    topics.sort();
+    topics
+}
+
+#[tokio::test]
+async fn a_device_cannot_command_itself_and_revocation_clears_its_retained_messages() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (a, b) = (fleet.id(0), fleet.id(1));
+    // A thief with device a's certificate plants a retained command for the real device.
+    let mut thief = connected(&broker, &fleet, 0).await;
+    thief
+        .send(publish(format!("devices/{a}/commands/unlock"), QoS::AtLeastOnce, true, b"1", 5))
+        .await
+        .unwrap();
+    assert!(thief.closed_within(Duration::from_secs(2)).await, "a device published its own command");
+    assert_eq!(broker.metric("fleet_acl_denied_total{action=\"publish\"}").await, 1.0);
+    // Retained state is still allowed, for both devices; a service may retain a command.
+    let mut dev = connected(&broker, &fleet, 0).await;
+    dev.send(publish(format!("devices/{a}/state"), QoS::AtLeastOnce, true, b"on", 6)).await.unwrap();
+    assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    let mut other = connected(&broker, &fleet, 1).await;
+    other.send(publish(format!("devices/{b}/state"), QoS::AtLeastOnce, true, b"on", 7)).await.unwrap();
+    assert!(matches!(other.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    let mut svc = service(&broker, &fleet).await;
+    svc.send(publish(format!("devices/{a}/commands/blink"), QoS::AtLeastOnce, true, b"2", 8)).await.unwrap();
+    assert!(matches!(svc.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    let mut watcher = service(&broker, &fleet).await;
+    assert_eq!(
+        retained_for(&mut watcher, "devices/+/#", 1).await,
+        [format!("devices/{a}/commands/blink"), format!("devices/{a}/state"), format!("devices/{b}/state")]
+    );
+    // Revoked: everything retained under devices/a/ is gone; b's stays.
+    fleet.revoke(0).await;
+    broker.wait_metric("fleet_kicks_total{reason=\"revoked\"}", 1.0, Duration::from_secs(2)).await;
+    let mut late = service(&broker, &fleet).await;
+    assert_eq!(retained_for(&mut late, "devices/+/#", 1).await, [format!("devices/{b}/state")]);
+}
+
+#[tokio::test]
+async fn subscriptions_are_capped_per_session_and_twenty_thousand_cost_nothing() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let mut raw = connected(&broker, &fleet, 0).await;
+    // 20,000 distinct filters in 200 SUBSCRIBEs: 64 granted (the default cap), the rest 0x80.
+    let t = Instant::now();
+    let mut granted = 0;
+    for k in 0..200u16 {
+        raw.send(subscribe(k + 1, (0..100).map(|i| format!("devices/{id}/s/{k}/{i}")))).await.unwrap();
+        match raw.recv(Duration::from_secs(5)).await {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.return_codes.len(), 100);
+                granted +=
+                    a.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Success(_))).count();
+            }
+            other => panic!("SUBSCRIBE {k}: {other:?}"),
+        }
+    }
+    assert_eq!(granted, 64);
+    assert!(t.elapsed() < Duration::from_secs(10), "20,000 subscriptions took {:?}", t.elapsed());
+    assert_eq!(broker.metric("fleet_limits_total{limit=\"subscriptions\"}").await, 20_000.0 - 64.0);
+    // Re-subscribing a held filter is no new subscription; unsubscribing frees a slot.
+    raw.send(subscribe(300, [format!("devices/{id}/s/0/0")])).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await,
+        Some(Packet::SubAck(a)) if matches!(a.return_codes[..], [SubscribeReasonCode::Success(_)])));
+    let mut u = rumqttc::mqttbytes::v4::Unsubscribe::new(format!("devices/{id}/s/0/0"));
+    u.pkid = 301;
+    raw.send(Packet::Unsubscribe(u)).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::UnsubAck(_))));
+    raw.send(subscribe(302, [format!("devices/{id}/new")])).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await,
+        Some(Packet::SubAck(a)) if matches!(a.return_codes[..], [SubscribeReasonCode::Success(_)])));
+    // Still a working session.
+    raw.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PingResp)));
+    assert!(broker.log().contains("limit reached"), "no logged reason");
+}
+
+#[tokio::test]
+async fn retained_messages_are_capped_per_device_and_in_total_bytes() {
+    let fleet = Fleet::new(2, None).await;
+    let cfg = config(&fleet, "max_retained_per_device = 2\nmax_retained_bytes = 2000\n");
+    let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let (a, b) = (fleet.id(0), fleet.id(1));
+    let mut raw = connected(&broker, &fleet, 0).await;
+    for (k, t) in ["s1", "s2", "s1"].iter().enumerate() {
+        raw.send(publish(format!("devices/{a}/{t}"), QoS::AtLeastOnce, true, b"x", k as u16 + 1))
+            .await
+            .unwrap();
+        assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))), "{t}");
+    }
+    raw.send(publish(format!("devices/{a}/s3"), QoS::AtLeastOnce, true, b"x", 9)).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(2)).await, "a third retained topic was kept");
+    broker
+        .wait_metric("fleet_kicks_total{reason=\"retained_per_device\"}", 1.0, Duration::from_secs(2))
+        .await;
+    let mut raw = connected(&broker, &fleet, 1).await;
+    raw.send(publish(format!("devices/{b}/big"), QoS::AtLeastOnce, true, &[7u8; 1990], 1)).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(2)).await, "retained bytes over the total were kept");
+    broker.wait_metric("fleet_kicks_total{reason=\"retained_bytes\"}", 1.0, Duration::from_secs(2)).await;
+    // The refused message was neither retained nor stored.
+    let mut watcher = service(&broker, &fleet).await;
+    assert_eq!(
+        retained_for(&mut watcher, "devices/+/#", 1).await,
+        [format!("devices/{a}/s1"), format!("devices/{a}/s2")]
+    );
+    assert!(fleet.telemetry_rows(&b).await.is_empty());
+}
+
+#[tokio::test]
+async fn topics_over_the_length_or_depth_cap_are_refused() {
+    let fleet = Fleet::new(1, None).await;
+    let cfg = config(&fleet, "max_topic_length = 64\nmax_topic_levels = 5\n");
+    let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let id = fleet.id(0);
+    let mut raw = connected(&broker, &fleet, 0).await;
+    raw.send(subscribe(
+        1,
+        [
+            format!("devices/{id}/a/b/c/d"),
+            format!("devices/{id}/{}", "x".repeat(64)),
+            format!("devices/{id}/a/#"),
+        ],
+    ))
+    .await
+    .unwrap();
+    match raw.recv(Duration::from_secs(5)).await {
+        Some(Packet::SubAck(a)) => assert!(matches!(
+            a.return_codes[..],
+            [SubscribeReasonCode::Failure, SubscribeReasonCode::Failure, SubscribeReasonCode::Success(_)]
+        )),
+        other => panic!("{other:?}"),
+    }
+    raw.send(publish(format!("devices/{id}/a/b/c/d"), QoS::AtMostOnce, false, b"deep", 0)).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(2)).await, "a 6-level topic was accepted");
+    broker.wait_metric("fleet_kicks_total{reason=\"topic_limit\"}", 1.0, Duration::from_secs(2)).await;
+    assert_eq!(broker.metric("fleet_limits_total{limit=\"topic\"}").await, 3.0);
+}
+
+#[tokio::test]
+async fn acl_refusals_are_counted_each_but_logged_once_per_interval() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let victim = fleet.id(1);
+    let mut raw = connected(&broker, &fleet, 0).await;
+    for _ in 0..500 {
+        raw.send(publish(format!("devices/{victim}/telemetry"), QoS::AtMostOnce, false, b"x", 0))
+            .await
+            .unwrap();
+    }
+    raw.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PingResp)));
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 500.0, Duration::from_secs(2)).await;
+    let lines = broker.log().lines().filter(|l| l.contains("publish refused by ACL")).count();
+    assert_eq!(lines, 1, "500 refusals within the interval must log one line");
+    assert!(fleet.telemetry_rows(&victim).await.is_empty());
+}
+
+/// A device that stops reading while commands pour in: the broker's write to it blocks. A
+/// revocation must still cut it at once, and with a short write timeout it is closed by itself.
+async fn stuck_reader(fleet: &Fleet, broker: &BrokerProc) -> (Raw, Raw) {
+    let id = fleet.id(0);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(broker.mqtt).await.unwrap();
+    let mut dev = Raw::device_over(tcp, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 0).await), Some(ConnectReturnCode::Success));
+    dev.send(subscribe(1, [format!("devices/{id}/commands/#")])).await.unwrap();
+    assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::SubAck(_))));
+    // From now on the device reads nothing. 12 MB of commands fill every buffer on the way.
+    let mut svc = service(broker, fleet).await;
+    let topic = format!("devices/{id}/commands/fill");
+    for _ in 0..3000 {
+        svc.send(publish(topic.clone(), QoS::AtMostOnce, false, &[0x5a; 4000], 0)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (dev, svc)
+}
+
+#[tokio::test]
+async fn a_stuck_write_never_delays_a_revocation() {
+    let fleet = Fleet::new(1, None).await;
+    let cfg = config(&fleet, "write_timeout_secs = 60\n");
+    let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let _clients = stuck_reader(&fleet, &broker).await;
+    assert!(broker.metric("fleet_messages_dropped_total").await > 0.0, "the device's queue never filled");
+    let t = Instant::now();
+    fleet.revoke(0).await;
+    broker.wait_metric("fleet_kicks_total{reason=\"revoked\"}", 1.0, Duration::from_secs(2)).await;
+    assert!(t.elapsed() < Duration::from_secs(1), "revocation waited {:?} on a stuck write", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_peer_that_accepts_no_bytes_is_closed_after_the_write_timeout() {
+    let fleet = Fleet::new(1, None).await;
+    let cfg = config(&fleet, "write_timeout_secs = 1\n");
+    let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let _clients = stuck_reader(&fleet, &broker).await;
+    broker.wait_metric("fleet_kicks_total{reason=\"write_timeout\"}", 1.0, Duration::from_secs(4)).await;
+    assert!(broker.log().contains("write_timeout"));
+    assert_eq!(broker.metric("fleet_sessions_live").await, 1.0, "only the service is left");
+}
