@@ -181,6 +181,10 @@ async fn refusal_matrix() {
     let d = base.join("serverauth");
     forge(&fleet, "dev-sa", |p| p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth], &d);
     expect_refused(&broker, &d, "dev-sa", "wrong_purpose").await;
+    // No extendedKeyUsage at all (webpki alone accepts it): refused the same way.
+    let d = base.join("no-eku");
+    forge(&fleet, "dev-noeku", |p| p.extended_key_usages = vec![], &d);
+    expect_refused(&broker, &d, "dev-noeku", "wrong_purpose").await;
 
     // Signed by the device CA but never recorded in the registry.
     let d = base.join("unregistered");
@@ -470,6 +474,65 @@ async fn crl_reload_policy_and_forged_crl() {
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
 }
 
+/// An old CRL, validly signed but with a lower cRLNumber (replayed to un-revoke a device on a
+/// broker that relies on the CRL), is refused with a metric and a log line; so is deleting it.
+#[tokio::test]
+async fn a_replayed_older_crl_is_refused() {
+    let fleet = Fleet::new(2, None).await;
+    let crl = fleet.home().join("crl.pem");
+    let old = std::fs::read(&crl).unwrap();
+    fleet.revoke(0).await; // writes a newer CRL listing device 0
+    let broker = BrokerProc::start(&fleet, &[]);
+    let loaded = broker.metric("fleet_crl_number").await;
+    assert!(loaded >= 2.0, "CRL number {loaded}");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // distinct mtime
+    std::fs::write(&crl, &old).unwrap();
+    broker.wait_metric("fleet_crl_reloads_total{outcome=\"replayed\"}", 1.0, Duration::from_secs(5)).await;
+    assert_eq!(broker.metric("fleet_crl_number").await, loaded, "the replayed CRL was loaded");
+    assert!(broker.log().contains("lower than the loaded CRL"), "no log line");
+    // Removing the CRL file does not drop the CRL in force either.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::remove_file(&crl).unwrap();
+    broker.wait_metric("fleet_crl_reloads_total{outcome=\"rejected\"}", 1.0, Duration::from_secs(5)).await;
+    assert_eq!(broker.metric("fleet_crl_number").await, loaded);
+    // A newer CRL is taken as usual.
+    fleet.revoke(1).await;
+    broker.wait_metric("fleet_crl_number", loaded + 1.0, Duration::from_secs(5)).await;
+}
+
+/// A live session ends when its certificate's notAfter passes (reason `cert_expired`).
+#[tokio::test]
+async fn a_session_is_cut_when_its_certificate_expires() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d = fleet.dir.path().join("short-lived");
+    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    forge(&fleet, "dev-short", |p| p.not_after = expires, &d);
+    // Register it, as `mint` would have.
+    let pem = std::fs::read_to_string(d.join("cert.pem")).unwrap();
+    let der = pki::pem_decode(&pem, "CERTIFICATE").unwrap();
+    let serial = pki::summarize(&der).unwrap().serial;
+    let cert = fleet_provision::registry::NewCert {
+        device_id: DeviceId::parse("dev-short").unwrap(),
+        role: Role::Device,
+        serial,
+        not_before: 0,
+        not_after: expires.unix_timestamp(),
+        key_source: "station",
+        cert_der: der,
+    };
+    let st = fleet.station().await;
+    st.registry()
+        .record_certificates(&[cert], true, OffsetDateTime::now_utc().unix_timestamp())
+        .await
+        .unwrap();
+    let mut raw = Raw::device(broker.mqtt, &d).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect("dev-short", 0).await), Some(ConnectReturnCode::Success));
+    assert!(raw.closed_within(Duration::from_secs(6)).await, "session outlived its certificate");
+    assert!(OffsetDateTime::now_utc() >= expires, "cut before notAfter");
+    broker.wait_metric("fleet_kicks_total{reason=\"cert_expired\"}", 1.0, Duration::from_secs(2)).await;
+}
+
 #[tokio::test]
 async fn check_config_and_bad_configuration() {
     let fleet = Fleet::new(1, None).await;
@@ -503,6 +566,17 @@ async fn check_config_and_bad_configuration() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("missing"), "{err}");
+    // A chain file as client CA would trust everything the root signs: refused at start.
+    let out = Command::new(bin)
+        .arg("--home")
+        .arg(fleet.home())
+        .arg("--client-ca")
+        .arg(fleet.home().join("device-ca-chain.pem"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("must hold only the device issuing CA"), "{err}");
 }
 
 #[tokio::test]
