@@ -1,6 +1,6 @@
 //! The broker's handling of client bytes after admission: packet framing with the size limit,
 //! then the ACL and topic-matching decisions a session makes for each packet. Never a panic, and
-//! a device may never publish or subscribe outside its own subtree.
+//! a device may never publish or subscribe outside its own subtree, nor publish its own commands.
 #![no_main]
 use bytes::BytesMut;
 use fleet_broker::auth::{self, Identity};
@@ -18,12 +18,14 @@ fuzz_target!(|data: &[u8]| {
         not_after: 0,
     };
     let own = format!("devices/{id}/");
+    let commands = format!("{own}commands");
     let mut buf = BytesMut::from(data);
     for _ in 0..256 {
         match decode_client_packet(&mut buf, 4096) {
             Ok(Some(Packet::Publish(p))) => {
                 if auth::may_publish(&who, &p.topic) {
                     assert!(p.topic.starts_with(&own), "device may publish to {:?}", p.topic);
+                    assert!(!p.topic.starts_with(&commands), "device may command itself: {:?}", p.topic);
                 }
                 let _ = auth::matches("devices/+/telemetry", &p.topic);
                 let _ = auth::matches("#", &p.topic);

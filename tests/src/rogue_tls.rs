@@ -45,6 +45,9 @@ pub enum Mode {
     VerifyByOtherKey,
     /// A CertificateVerify (by the right key) before the Certificate.
     VerifyBeforeCertificate,
+    /// A correct Certificate and CertificateVerify, then a second Certificate (a swap after the
+    /// proof).
+    SecondCertificate,
     /// A correct server: Certificate and CertificateVerify by the broker key. It answers the
     /// client's first MQTT packet with CONNACK 0.
     Correct,
@@ -343,10 +346,13 @@ fn serve(
             send(cv, &mut transcript, &mut tcp)?;
             send(certificate, &mut transcript, &mut tcp)?;
         }
-        Mode::Correct => {
-            send(certificate, &mut transcript, &mut tcp)?;
+        Mode::Correct | Mode::SecondCertificate => {
+            send(certificate.clone(), &mut transcript, &mut tcp)?;
             let cv = certificate_verify(key, &transcript);
             send(cv, &mut transcript, &mut tcp)?;
+            if mode == Mode::SecondCertificate {
+                send(certificate, &mut transcript, &mut tcp)?;
+            }
         }
     }
     let finished_key: [u8; 32] = expand_label(&s_hs, b"finished", &[]);

@@ -129,3 +129,8 @@ fn a_certificate_verify_by_another_key_is_refused() {
 fn a_certificate_verify_before_the_certificate_is_refused() {
     assert_refused(Mode::VerifyBeforeCertificate, Rejection::CertificateVerifyBeforeCertificate);
 }
+
+#[test]
+fn a_second_certificate_after_the_proof_is_refused() {
+    assert_refused(Mode::SecondCertificate, Rejection::UnexpectedCertificate);
+}
