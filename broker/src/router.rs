@@ -23,18 +23,20 @@ use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 struct Sub {
-    conn_id: u64,
-    filter: String,
     qos: QoS,
     tx: mpsc::Sender<Box<Publish>>,
 }
 
+/// A subscription's identity: connection and filter.
+type SubKey = (u64, String);
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Key: the literal device-id level, or "" for filters with a wildcard there.
-    subs: HashMap<String, Vec<Sub>>,
-    /// The keys each connection has subscriptions under, so a disconnect touches only those.
-    keys_by_conn: HashMap<u64, Vec<String>>,
+    subs: HashMap<String, HashMap<SubKey, Sub>>,
+    /// (key, filter) of each connection's subscriptions: a (un)subscribe or disconnect touches
+    /// only its own entries, never a scan of other sessions' subscriptions.
+    by_conn: HashMap<u64, std::collections::HashSet<(String, String)>>,
     /// Retained messages by device-id level, then topic.
     retained: HashMap<String, HashMap<String, Publish>>,
     /// Topic + payload bytes of every retained message.
@@ -82,6 +84,15 @@ pub struct Router {
     limits: RetainLimits,
 }
 
+fn remove_sub(inner: &mut Inner, key: &str, conn_id: u64, filter: &str) {
+    if let Some(map) = inner.subs.get_mut(key) {
+        map.remove(&(conn_id, filter.to_owned()));
+        if map.is_empty() {
+            inner.subs.remove(key);
+        }
+    }
+}
+
 fn retained_size(p: &Publish) -> usize {
     p.topic.len() + p.payload.len()
 }
@@ -116,13 +127,8 @@ impl Router {
     ) -> Vec<Publish> {
         let mut inner = lock(&self.inner);
         let key = key_of(filter);
-        let keys = inner.keys_by_conn.entry(conn_id).or_default();
-        if !keys.iter().any(|k| k == key) {
-            keys.push(key.to_owned());
-        }
-        let list = inner.subs.entry(key.to_owned()).or_default();
-        list.retain(|s| !(s.conn_id == conn_id && s.filter == filter));
-        list.push(Sub { conn_id, filter: filter.to_owned(), qos, tx });
+        inner.by_conn.entry(conn_id).or_default().insert((key.to_owned(), filter.to_owned()));
+        inner.subs.entry(key.to_owned()).or_default().insert((conn_id, filter.to_owned()), Sub { qos, tx });
         let retained: Box<dyn Iterator<Item = &HashMap<String, Publish>>> = match key {
             "" => Box::new(inner.retained.values()),
             key => Box::new(inner.retained.get(key).into_iter()),
@@ -142,21 +148,18 @@ impl Router {
     /// Removes one subscription.
     pub fn unsubscribe(&self, conn_id: u64, filter: &str) {
         let mut inner = lock(&self.inner);
-        if let Some(list) = inner.subs.get_mut(key_of(filter)) {
-            list.retain(|s| !(s.conn_id == conn_id && s.filter == filter));
+        let key = key_of(filter).to_owned();
+        if let Some(mine) = inner.by_conn.get_mut(&conn_id) {
+            mine.remove(&(key.clone(), filter.to_owned()));
         }
+        remove_sub(&mut inner, &key, conn_id, filter);
     }
 
     /// Removes every subscription of a connection.
     pub fn remove_connection(&self, conn_id: u64) {
         let mut inner = lock(&self.inner);
-        for key in inner.keys_by_conn.remove(&conn_id).unwrap_or_default() {
-            if let Some(list) = inner.subs.get_mut(&key) {
-                list.retain(|s| s.conn_id != conn_id);
-                if list.is_empty() {
-                    inner.subs.remove(&key);
-                }
-            }
+        for (key, filter) in inner.by_conn.remove(&conn_id).unwrap_or_default() {
+            remove_sub(&mut inner, &key, conn_id, &filter);
         }
     }
 
@@ -170,11 +173,11 @@ impl Router {
         }
         let mut seen: Vec<u64> = Vec::new();
         let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
-        for s in candidates {
-            if seen.contains(&s.conn_id) || !matches(&s.filter, &publish.topic) {
+        for ((conn_id, filter), s) in candidates {
+            if seen.contains(conn_id) || !matches(filter, &publish.topic) {
                 continue;
             }
-            seen.push(s.conn_id);
+            seen.push(*conn_id);
             let mut p = publish.clone();
             p.qos = if s.qos == QoS::AtMostOnce || publish.qos == QoS::AtMostOnce {
                 QoS::AtMostOnce
@@ -255,7 +258,7 @@ mod tests {
         assert!(rx2.try_recv().is_ok());
         router.remove_connection(2);
         let inner = lock(&router.inner);
-        assert!(inner.subs.is_empty() && inner.keys_by_conn.is_empty(), "{inner:?}");
+        assert!(inner.subs.is_empty() && inner.by_conn.is_empty(), "{inner:?}");
     }
 
     fn retained(topic: &str, payload: &[u8]) -> Publish {
