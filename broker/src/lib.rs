@@ -62,6 +62,8 @@ pub struct Shared {
     router: router::Router,
     /// Live sessions.
     pub sessions: session::Sessions,
+    /// Registry verdicts of active certificates (admission without a database round trip).
+    admissions: session::AdmissionCache,
     /// Connections per source address not yet admitted.
     pre_admission: Arc<session::PreAdmission>,
     /// Rate limit of the `source_limit` log line.
@@ -144,6 +146,7 @@ impl Broker {
             }),
             sessions: session::Sessions::default(),
             pre_admission: Arc::default(),
+            admissions: session::AdmissionCache::default(),
             source_limit_log: std::sync::Mutex::new(session::LogLimiter::new(config.log_interval())),
             metrics,
             next_conn: AtomicU64::new(1),
@@ -270,6 +273,7 @@ async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
                 for ev in events {
                     head = head.max(ev.seq);
                     shared.metrics.revocations_seen.inc();
+                    shared.admissions.revoked(&ev.serial);
                     if shared.sessions.kick_serial(&ev.device_id, &ev.serial) {
                         info!(device = %ev.device_id, serial = %ev.serial, "revoked: cutting live session");
                     }
@@ -278,6 +282,7 @@ async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
                         info!(device = %ev.device_id, cleared, "revoked: retained messages cleared");
                     }
                 }
+                shared.admissions.feed_ok();
             }
             Err(e) => {
                 if !registry_down {

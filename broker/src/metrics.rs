@@ -46,6 +46,8 @@ pub struct Metrics {
     pub limits: IntCounterVec,
     /// cRLNumber of the CRL in force (0: none).
     pub crl_number: IntGauge,
+    /// Admissions decided from the cache (`hit`) or by a registry query (`miss`).
+    pub admission_cache: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -107,6 +109,11 @@ impl Metrics {
                 &["limit"],
             ),
             crl_number: g("crl_number", "cRLNumber of the CRL in force"),
+            admission_cache: cv(
+                "admission_cache_total",
+                "Admissions decided from the cache or the registry",
+                &["result"],
+            ),
             registry: r,
         }
     }

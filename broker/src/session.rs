@@ -105,6 +105,11 @@ impl Sessions {
         }
     }
 
+    /// True if the watcher has reported `serial` as revoked.
+    pub fn is_revoked(&self, serial: &SerialNumber) -> bool {
+        self.lock().revoked.contains(serial)
+    }
+
     /// Number of live sessions.
     pub fn len(&self) -> usize {
         self.lock().live.len()
@@ -113,6 +118,58 @@ impl Sessions {
     /// True when no session is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Registry verdicts for active certificates, so an admission needs no database round trip.
+///
+/// Fed by the revocation watcher: every revocation it reports removes the serial here (and the
+/// session table remembers it as revoked, checked first). An entry is used only while the
+/// watcher's last successful poll is recent (`FEED_FRESH`): if the registry or the feed is down,
+/// admissions go back to the database and fail closed. A revocation is therefore refused from the
+/// moment the watcher sees it (at once on PostgreSQL NOTIFY, within `revocation_poll_ms` on
+/// SQLite), and a session admitted just before is cut by the watcher as before.
+#[derive(Debug, Default)]
+pub struct AdmissionCache {
+    entries: Mutex<HashMap<SerialNumber, (DeviceId, fleet_provision::Role)>>,
+    /// Unix milliseconds of the watcher's last successful poll.
+    feed_ok_ms: std::sync::atomic::AtomicI64,
+}
+
+/// How long after the watcher's last successful poll the cache is trusted.
+const FEED_FRESH_MS: i64 = 5_000;
+/// Most cached verdicts (about 100 bytes each); the cache starts over when full.
+const ADMISSION_CACHE_MAX: usize = 200_000;
+
+impl AdmissionCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SerialNumber, (DeviceId, fleet_provision::Role)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The watcher polled the registry successfully just now.
+    pub fn feed_ok(&self) {
+        self.feed_ok_ms.store(now_millis(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Forgets a revoked certificate.
+    pub fn revoked(&self, serial: &SerialNumber) {
+        self.lock().remove(serial);
+    }
+
+    fn get(&self, serial: &SerialNumber) -> Option<(DeviceId, fleet_provision::Role)> {
+        let fresh = now_millis() - self.feed_ok_ms.load(std::sync::atomic::Ordering::Relaxed) < FEED_FRESH_MS;
+        if !fresh {
+            return None;
+        }
+        self.lock().get(serial).cloned()
+    }
+
+    fn insert(&self, serial: SerialNumber, id: DeviceId, role: fleet_provision::Role) {
+        let mut m = self.lock();
+        if m.len() >= ADMISSION_CACHE_MAX {
+            m.clear();
+        }
+        m.insert(serial, (id, role));
     }
 }
 
@@ -205,6 +262,18 @@ async fn admit(shared: &Shared, cert: &[u8]) -> Result<Identity, Refusal> {
     if crl_expired && shared.config.crl_policy == crate::config::CrlPolicy::FailClosed {
         return Err(Refusal { reason: "crl_expired", code: ConnectReturnCode::ServiceUnavailable });
     }
+    if shared.sessions.is_revoked(&id.serial) {
+        return Err(Refusal { reason: "revoked", code: NOT_AUTHORIZED });
+    }
+    if let Some((device_id, role)) = shared.admissions.get(&id.serial) {
+        shared.metrics.admission_cache.with_label_values(&["hit"]).inc();
+        return if device_id == id.id && role == id.role {
+            Ok(id)
+        } else {
+            Err(Refusal { reason: "bad_identity", code: NOT_AUTHORIZED })
+        };
+    }
+    shared.metrics.admission_cache.with_label_values(&["miss"]).inc();
     match shared.registry.admission(&id.serial).await {
         Err(e) => {
             warn!(error = %e, "registry unavailable during admission");
@@ -217,7 +286,10 @@ async fn admit(shared: &Shared, cert: &[u8]) -> Result<Identity, Refusal> {
         Ok(Some(a)) if a.device_status == Status::Revoked || a.cert_status == Status::Revoked => {
             Err(Refusal { reason: "revoked", code: NOT_AUTHORIZED })
         }
-        Ok(Some(_)) => Ok(id),
+        Ok(Some(a)) => {
+            shared.admissions.insert(id.serial.clone(), a.device_id, a.role);
+            Ok(id)
+        }
     }
 }
 

@@ -349,6 +349,25 @@ async fn time_revocation_cut(fleet: &Fleet, broker: &BrokerProc, i: usize) -> Du
     t.elapsed()
 }
 
+/// The second admission of a device needs no registry query (the cache fed by the revocation
+/// feed), and a revocation still refuses it as soon as the watcher reports it.
+#[tokio::test]
+async fn repeat_admissions_come_from_the_cache_and_revocation_still_refuses() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the watcher's first poll
+    for _ in 0..3 {
+        let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+        assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+        raw.send(Packet::Disconnect).await.unwrap();
+    }
+    assert_eq!(broker.metric("fleet_admission_cache_total{result=\"miss\"}").await, 1.0);
+    assert_eq!(broker.metric("fleet_admission_cache_total{result=\"hit\"}").await, 2.0);
+    fleet.revoke(0).await;
+    broker.wait_metric("fleet_revocations_seen_total", 1.0, Duration::from_secs(2)).await;
+    expect_refused_after_revoke(&broker, &fleet, 0).await;
+}
+
 #[tokio::test]
 async fn revoke_while_connected_cuts_within_a_second_sqlite() {
     let fleet = Fleet::new(2, None).await;
