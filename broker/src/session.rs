@@ -311,7 +311,7 @@ enum End {
 }
 
 /// The end of a session whose write failed: a timeout, or the peer went away.
-fn write_end(e: &std::io::Error) -> End {
+fn write_end(e: std::io::Error) -> End {
     if e.kind() == std::io::ErrorKind::TimedOut {
         End::WriteTimeout
     } else {
@@ -505,7 +505,7 @@ pub(crate) async fn handle(
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
     let end = match conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await {
         Ok(()) => run(&shared, &mut conn, &id, conn_id, keep_alive, &kick).await,
-        Err(e) => write_end(&e),
+        Err(e) => write_end(e),
     };
     shared.router.remove_connection(conn_id);
     shared.sessions.remove(&id.id, conn_id);
@@ -652,7 +652,7 @@ async fn run(
                     }
                 }
                 if !conn.out.is_empty() {
-                    if let Err(end) = guarded(shared, kick, async { conn.flush_out().await.map_err(|e| write_end(&e)) }).await {
+                    if let Err(end) = guarded(shared, kick, async { conn.flush_out().await.map_err(write_end) }).await {
                         return end;
                     }
                 }
@@ -677,7 +677,7 @@ async fn run(
                     next_pkid = next_pkid.wrapping_add(1).max(1);
                     p.pkid = next_pkid;
                 }
-                if let Err(end) = guarded(shared, kick, async { conn.send(Packet::Publish(p)).await.map_err(|e| write_end(&e)) }).await {
+                if let Err(end) = guarded(shared, kick, async { conn.send(Packet::Publish(p)).await.map_err(write_end) }).await {
                     return end;
                 }
             }
@@ -779,11 +779,11 @@ async fn handle_packet(
                     codes.push(SubscribeReasonCode::Success(qos));
                 }
             }
-            conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await.map_err(|e| write_end(&e))?;
+            conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await.map_err(write_end)?;
             for mut p in retained {
                 p.qos = QoS::AtMostOnce;
                 p.retain = true;
-                conn.send(Packet::Publish(p)).await.map_err(|e| write_end(&e))?;
+                conn.send(Packet::Publish(p)).await.map_err(write_end)?;
             }
             Ok(())
         }
@@ -792,9 +792,9 @@ async fn handle_packet(
                 shared.router.unsubscribe(conn_id, f);
                 local.subs.remove(f);
             }
-            conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await.map_err(|e| write_end(&e))
+            conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await.map_err(write_end)
         }
-        Packet::PingReq => conn.send(Packet::PingResp).await.map_err(|e| write_end(&e)),
+        Packet::PingReq => conn.send(Packet::PingResp).await.map_err(write_end),
         Packet::Disconnect => Err(End::ClientGone),
         Packet::PubAck(_) => Ok(()),
         Packet::Connect(_) => Err(End::Protocol("second_connect")),

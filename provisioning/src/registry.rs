@@ -711,12 +711,6 @@ impl Registry {
         Ok(())
     }
 
-    /// Every revoked certificate, for the CRL.
-    pub async fn revoked_entries(&self) -> Result<Vec<RevokedEntry>> {
-        let mut conn = self.pool.acquire().await?;
-        revoked_entries_on(&mut conn).await
-    }
-
     /// Allocates the next CRL number (strictly increasing), reads every revoked certificate and
     /// logs the CRL issuance, in **one** transaction under the registry write lock: a CRL with a
     /// higher number always lists every revocation a lower-numbered one lists, however many
@@ -959,6 +953,7 @@ impl Registry {
     }
 }
 
+/// Every revoked certificate, oldest revocation first (for the CRL).
 async fn revoked_entries_on(conn: &mut sqlx::AnyConnection) -> Result<Vec<RevokedEntry>> {
     let rows = sqlx::query(
         "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_seq",
