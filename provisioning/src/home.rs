@@ -102,10 +102,16 @@ pub fn write_new(path: &Path, contents: &[u8], private: bool) -> Result<()> {
 
 /// Writes `path` atomically (temporary file + rename), replacing what was there.
 pub fn write_replace(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
+    // A temporary name of its own: concurrent writers (two `revoke` runs) must never share,
+    // delete or rename each other's temporary file.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp =
+        path.with_file_name(format!(".{name}.{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
     write_new(&tmp, contents, false)?;
-    fs::rename(&tmp, path).map_err(Error::io(path))
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::Io { path: path.to_path_buf(), source: e }
+    })
 }
 
 /// Creates a directory (and parents); `private` sets mode 0700 on the leaf.
