@@ -9,8 +9,7 @@
 //! | device `X` | `devices/X/<anything>` except `devices/X/commands/...` | filters inside `devices/X/` (wildcards only after it) |
 //! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
 
-use fleet_provision::ids::{DEVICE_URI_PREFIX, SERVICE_URI_PREFIX};
-use fleet_provision::{DeviceId, Role, SerialNumber};
+use fleet_registry::{DeviceId, Role, SerialNumber, DEVICE_URI_PREFIX, SERVICE_URI_PREFIX};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// An authenticated client.

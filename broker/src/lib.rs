@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use fleet_provision::registry::{Backend, Registry};
+use fleet_registry::{Backend, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -42,7 +42,7 @@ pub enum BrokerError {
     Tls(#[from] tls::TlsError),
     /// Registry unreachable or broken.
     #[error("registry: {0}")]
-    Registry(#[from] fleet_provision::Error),
+    Registry(#[from] fleet_registry::Error),
     /// Socket errors.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
@@ -241,7 +241,7 @@ async fn watch_revocations(shared: Arc<Shared>, mut head: i64) {
     let mut listener = None;
     if shared.registry.backend() == Backend::Postgres {
         match sqlx::postgres::PgListener::connect(&shared.config.database_url()).await {
-            Ok(mut l) => match l.listen(fleet_provision::registry::REVOCATION_CHANNEL).await {
+            Ok(mut l) => match l.listen(fleet_registry::REVOCATION_CHANNEL).await {
                 Ok(()) => listener = Some(l),
                 Err(e) => warn!(error = %e, "LISTEN failed; polling only"),
             },

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use fleet_provision::registry::Status;
-use fleet_provision::{DeviceId, SerialNumber};
+use fleet_registry::Status;
+use fleet_registry::{DeviceId, SerialNumber};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use rumqttc::mqttbytes::v4::{
@@ -131,7 +131,7 @@ impl Sessions {
 /// SQLite), and a session admitted just before is cut by the watcher as before.
 #[derive(Debug, Default)]
 pub struct AdmissionCache {
-    entries: Mutex<HashMap<SerialNumber, (DeviceId, fleet_provision::Role)>>,
+    entries: Mutex<HashMap<SerialNumber, (DeviceId, fleet_registry::Role)>>,
     /// Unix milliseconds of the watcher's last successful poll.
     feed_ok_ms: std::sync::atomic::AtomicI64,
 }
@@ -142,7 +142,7 @@ const FEED_FRESH_MS: i64 = 5_000;
 const ADMISSION_CACHE_MAX: usize = 200_000;
 
 impl AdmissionCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SerialNumber, (DeviceId, fleet_provision::Role)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SerialNumber, (DeviceId, fleet_registry::Role)>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -156,7 +156,7 @@ impl AdmissionCache {
         self.lock().remove(serial);
     }
 
-    fn get(&self, serial: &SerialNumber) -> Option<(DeviceId, fleet_provision::Role)> {
+    fn get(&self, serial: &SerialNumber) -> Option<(DeviceId, fleet_registry::Role)> {
         let fresh = now_millis() - self.feed_ok_ms.load(std::sync::atomic::Ordering::Relaxed) < FEED_FRESH_MS;
         if !fresh {
             return None;
@@ -164,7 +164,7 @@ impl AdmissionCache {
         self.lock().get(serial).cloned()
     }
 
-    fn insert(&self, serial: SerialNumber, id: DeviceId, role: fleet_provision::Role) {
+    fn insert(&self, serial: SerialNumber, id: DeviceId, role: fleet_registry::Role) {
         let mut m = self.lock();
         if m.len() >= ADMISSION_CACHE_MAX {
             m.clear();
@@ -735,7 +735,7 @@ async fn handle_packet(
             }
             let (pkid, qos) = (p.pkid, p.qos);
             // Devices' telemetry is stored; services' commands are only routed.
-            if id.role == fleet_provision::Role::Device {
+            if id.role == fleet_registry::Role::Device {
                 let msg = Message {
                     device_id: id.id.to_string(),
                     topic: p.topic,

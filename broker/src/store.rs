@@ -7,7 +7,7 @@
 //! load while latency stays one commit.
 
 use bytes::Bytes;
-use fleet_provision::registry::Backend;
+use fleet_registry::Backend;
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;

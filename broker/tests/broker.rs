@@ -531,7 +531,7 @@ async fn a_session_is_cut_when_its_certificate_expires() {
     let pem = std::fs::read_to_string(d.join("cert.pem")).unwrap();
     let der = pki::pem_decode(&pem, "CERTIFICATE").unwrap();
     let serial = pki::summarize(&der).unwrap().serial;
-    let cert = fleet_provision::registry::NewCert {
+    let cert = fleet_registry::NewCert {
         device_id: DeviceId::parse("dev-short").unwrap(),
         role: Role::Device,
         serial,
@@ -697,7 +697,7 @@ async fn crl_alone_refuses_a_revoked_certificate_and_reload_keeps_live_sessions(
     .unwrap();
     let cert_pem = std::fs::read_to_string(fleet.devices[0].join("cert.pem")).unwrap();
     let serial = pki::summarize(&pki::pem_decode(&cert_pem, "CERTIFICATE").unwrap()).unwrap().serial;
-    let entry = pki::RevokedEntry {
+    let entry = fleet_registry::RevokedEntry {
         serial,
         revoked_at: OffsetDateTime::now_utc().unix_timestamp(),
         reason: fleet_provision::RevocationReason::KeyCompromise,

@@ -1,5 +1,5 @@
-//! The station's home directory: where CA certificates, CA keys, the SQLite registry and the
-//! latest CRL live. Private keys are written with mode 0600 under `private/` (0700), never
+//! Writing the station's home directory (its layout is [`fleet_registry::Home`]: CA
+//! certificates, CA keys, the SQLite registry and the latest CRL). Private keys are written with mode 0600 under `private/` (0700), never
 //! overwritten (files are created with `O_EXCL`), and device directories appear atomically
 //! (written to a hidden temporary directory, then renamed).
 
@@ -9,76 +9,16 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Paths inside a fleet home.
-#[derive(Debug, Clone)]
-pub struct Home {
-    root: PathBuf,
-}
+pub use fleet_registry::Home;
 
-impl Home {
-    /// A home at `root` (not necessarily initialised).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-    /// The directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-    /// Root CA certificate.
-    pub fn root_ca(&self) -> PathBuf {
-        self.root.join("root-ca.pem")
-    }
-    /// Root CA key: move it offline after `init`.
-    pub fn root_ca_key(&self) -> PathBuf {
-        self.root.join("private/root-ca.key")
-    }
-    /// Device issuing CA certificate.
-    pub fn device_ca(&self) -> PathBuf {
-        self.root.join("device-ca.pem")
-    }
-    /// Device issuing CA key.
-    pub fn device_ca_key(&self) -> PathBuf {
-        self.root.join("private/device-ca.key")
-    }
-    /// Device CA + root, for `openssl verify -CAfile`.
-    pub fn device_ca_chain(&self) -> PathBuf {
-        self.root.join("device-ca-chain.pem")
-    }
-    /// Server CA certificate.
-    pub fn server_ca(&self) -> PathBuf {
-        self.root.join("server-ca.pem")
-    }
-    /// Server CA key.
-    pub fn server_ca_key(&self) -> PathBuf {
-        self.root.join("private/server-ca.key")
-    }
-    /// Server CA + root, for OpenSSL-based clients (mosquitto_pub, paho) that need a root.
-    pub fn server_ca_chain(&self) -> PathBuf {
-        self.root.join("server-ca-chain.pem")
-    }
-    /// Latest CRL (PEM).
-    pub fn crl(&self) -> PathBuf {
-        self.root.join("crl.pem")
-    }
-    /// Station settings.
-    pub fn settings(&self) -> PathBuf {
-        self.root.join("station.json")
-    }
-    /// Default SQLite registry URL.
-    pub fn default_database_url(&self) -> String {
-        format!("sqlite://{}", self.root.join("registry.db").display())
-    }
-    /// Fails unless `init` has run here.
-    pub fn require_initialised(&self) -> Result<()> {
-        for (p, what) in
-            [(self.device_ca(), "device-ca.pem"), (self.device_ca_key(), "private/device-ca.key")]
-        {
-            if !p.exists() {
-                return Err(Error::NotInitialised(self.root.clone(), what));
-            }
+/// Fails unless `init` has run in `home`.
+pub fn require_initialised(home: &Home) -> Result<()> {
+    for (p, what) in [(home.device_ca(), "device-ca.pem"), (home.device_ca_key(), "private/device-ca.key")] {
+        if !p.exists() {
+            return Err(Error::NotInitialised(home.root().to_path_buf(), what));
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Reads a text file with the path in the error.

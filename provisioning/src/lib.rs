@@ -3,14 +3,12 @@
 //! It creates the CA hierarchy (root, device issuing CA, server CA), mints one X.509 identity per
 //! device (station-generated P-256 keys or device CSRs), records every issuance in a SQL registry
 //! with a hash-chained issuance log, revokes identities and signs CRLs. The broker reads the same
-//! registry (see [`registry::Registry::admission`] and [`registry::Registry::revocations_since`]).
+//! registry (`fleet-registry`, which the broker shares).
 
 pub mod error;
 pub mod home;
-pub mod ids;
 pub mod pki;
-pub mod registry;
 pub mod station;
 
 pub use error::{Error, Result};
-pub use ids::{DeviceId, RevocationReason, Role, SerialNumber};
+pub use fleet_registry::{DeviceId, RevocationReason, Role, SerialNumber, Status};

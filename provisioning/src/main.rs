@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use fleet_provision::home::Home;
-use fleet_provision::registry::Status;
 use fleet_provision::station::{MintOptions, Station};
-use fleet_provision::{DeviceId, RevocationReason, SerialNumber};
+use fleet_provision::{DeviceId, Error, RevocationReason, SerialNumber, Status};
+use fleet_registry::Registry;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `println!` that ends the process quietly when stdout is closed (e.g. piped into `head`),
@@ -53,7 +54,7 @@ macro_rules! say_raw {
 #[command(name = "fleet-provision", version, verbatim_doc_comment)]
 struct Cli {
     /// Station home: CA certificates and keys, registry.db, crl.pem.
-    #[arg(long, global = true, env = "FLEET_HOME", default_value = "fleet-pki")]
+    #[arg(long, global = true, env = "FLEET_HOME", default_value = Home::DEFAULT_DIR)]
     home: PathBuf,
     /// Registry database; default: SQLite file registry.db in the home.
     /// Example: postgres://user@host/fleet
@@ -177,7 +178,7 @@ enum Command {
         #[arg(long)]
         serial: Option<String>,
         /// RFC 5280 reason.
-        #[arg(long, value_enum, default_value = "unspecified")]
+        #[arg(long, default_value = "unspecified", value_parser = reason_parser())]
         reason: RevocationReason,
     },
     /// Sign an X.509 v2 CRL of every revoked certificate (device CA, increasing CRL number).
@@ -195,7 +196,7 @@ enum Command {
     /// List devices and services.
     List {
         /// Only this status.
-        #[arg(long, value_enum)]
+        #[arg(long, value_parser = status_parser())]
         status: Option<Status>,
         /// JSON output (one array).
         #[arg(long)]
@@ -229,6 +230,36 @@ enum Command {
     VerifyLog,
 }
 
+/// `--reason`: the RFC 5280 names, listed in `--help`.
+fn reason_parser() -> impl TypedValueParser<Value = RevocationReason> {
+    PossibleValuesParser::new(RevocationReason::ALL.map(RevocationReason::as_str))
+        .map(|s| RevocationReason::parse(&s).unwrap_or(RevocationReason::Unspecified))
+}
+
+/// `--status`: `active` or `revoked`.
+fn status_parser() -> impl TypedValueParser<Value = Status> {
+    PossibleValuesParser::new(Status::ALL.map(Status::as_str))
+        .map(|s| Status::parse(&s).unwrap_or(Status::Active))
+}
+
+/// What to do next, for the errors where this CLI knows.
+fn hint(e: &anyhow::Error) -> Option<String> {
+    let e = e.downcast_ref::<Error>()?;
+    Some(match e {
+        Error::NotInitialised(..) => "run `fleet-provision init --org NAME` first or pass --home".into(),
+        Error::DeviceExists(id) => format!(
+            "to re-key it deliberately, run `fleet-provision rekey {id} --csr FILE` (revokes its current certificate as superseded)"
+        ),
+        Error::OutlivesIssuer { issuer_days_left, .. } => {
+            format!("use --days {issuer_days_left} or less, or renew the CA")
+        }
+        Error::Registry(fleet_registry::Error::SchemaNotCurrent(_)) => {
+            "run a `fleet-provision` command (e.g. `fleet-provision list`) against this database as its owner to migrate it".into()
+        }
+        _ => return None,
+    })
+}
+
 fn fmt_time(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
@@ -255,7 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ServerCert { dns, ip, out } => {
             let s = Station::open(home, db).await?;
-            let out = out.unwrap_or_else(|| s.home().root().join("broker-tls"));
+            let out = out.unwrap_or_else(|| s.home().broker_tls().dir().to_path_buf());
             let c = s.server_cert(&dns, &ip, &out).await?;
             say!(
                 "server certificate {} (serial {}) valid until {}",
@@ -439,7 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DbRoles { broker_role, print } => {
             if print {
-                for stmt in fleet_provision::registry::Registry::broker_role_sql(&broker_role)? {
+                for stmt in Registry::broker_role_sql(&broker_role)? {
                     say!("{stmt};");
                 }
             } else {
@@ -486,7 +517,10 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match hint(&e) {
+                Some(h) => eprintln!("error: {e:#}; {h}"),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

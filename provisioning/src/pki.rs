@@ -17,7 +17,7 @@ use rcgen::{
 use x509_parser::prelude::{parse_x509_certificate, FromDer, ParsedExtension, X509CertificationRequest};
 
 use crate::error::{Error, Result};
-use crate::ids::{DeviceId, RevocationReason, Role, SerialNumber};
+use fleet_registry::{DeviceId, RevocationReason, RevokedEntry, Role, SerialNumber};
 
 /// Lifetimes of what the station issues.
 #[derive(Debug, Clone, Copy)]
@@ -253,8 +253,11 @@ pub fn issue_client(
         p.distinguished_name.push(DnType::OrganizationalUnitName, "service");
     }
     p.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
-    p.subject_alt_names =
-        vec![SanType::URI(id.uri(role).try_into().map_err(|_| Error::InvalidDeviceId(id.to_string()))?)];
+    p.subject_alt_names = vec![SanType::URI(
+        id.uri(role)
+            .try_into()
+            .map_err(|_| Error::from(fleet_registry::Error::InvalidDeviceId(id.to_string())))?,
+    )];
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -371,17 +374,6 @@ pub fn check_csr(input: &[u8]) -> Result<CheckedCsr> {
     Ok(CheckedCsr { common_name, public_key })
 }
 
-/// One entry of a CRL.
-#[derive(Debug, Clone)]
-pub struct RevokedEntry {
-    /// Serial of the revoked certificate.
-    pub serial: SerialNumber,
-    /// When (unix seconds).
-    pub revoked_at: i64,
-    /// Why.
-    pub reason: RevocationReason,
-}
-
 /// Signs an X.509 v2 CRL with the device CA.
 pub fn sign_crl(
     ca: &LoadedCa,
@@ -395,7 +387,7 @@ pub fn sign_crl(
         .map(|e| RevokedCertParams {
             serial_number: rcgen::SerialNumber::from_slice(e.serial.as_bytes()),
             revocation_time: OffsetDateTime::from_unix_timestamp(e.revoked_at).unwrap_or(now),
-            reason_code: Some(e.reason.to_rcgen()),
+            reason_code: Some(rcgen_reason(e.reason)),
             invalidity_date: None,
         })
         .collect();
@@ -421,11 +413,25 @@ pub struct CertSummary {
 
 /// Reads the serial and public key of a DER certificate.
 pub fn summarize(der: &[u8]) -> Result<CertSummary> {
-    let (_, x509) = parse_x509_certificate(der)
-        .map_err(|e| Error::CorruptRegistry(format!("stored certificate: {e}")))?;
-    let serial = SerialNumber::from_bytes(x509.raw_serial())
-        .ok_or_else(|| Error::CorruptRegistry("certificate serial is zero".into()))?;
+    let (_, x509) = parse_x509_certificate(der).map_err(|e| {
+        Error::from(fleet_registry::Error::CorruptRegistry(format!("stored certificate: {e}")))
+    })?;
+    let serial = SerialNumber::from_bytes(x509.raw_serial()).ok_or_else(|| {
+        Error::from(fleet_registry::Error::CorruptRegistry("certificate serial is zero".into()))
+    })?;
     Ok(CertSummary { serial, spki_der: x509.public_key().raw.to_vec() })
+}
+
+/// The rcgen spelling of a revocation reason.
+fn rcgen_reason(r: RevocationReason) -> rcgen::RevocationReason {
+    match r {
+        RevocationReason::Unspecified => rcgen::RevocationReason::Unspecified,
+        RevocationReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+        RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+        RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
+        RevocationReason::PrivilegeWithdrawn => rcgen::RevocationReason::PrivilegeWithdrawn,
+    }
 }
 
 #[cfg(test)]

@@ -10,9 +10,11 @@ use time::{Duration, OffsetDateTime};
 
 use crate::error::{Error, Result};
 use crate::home::{self, Home};
-use crate::ids::{DeviceId, RevocationReason, Role, SerialNumber};
 use crate::pki::{self, DeviceKey, IssuedCert, Lifetimes, LoadedCa};
-use crate::registry::{CertRecord, DeviceRecord, LogReport, NewCert, Registry, Status};
+use fleet_registry::{
+    BrokerTls, CertRecord, DeviceId, DeviceRecord, IdentityFiles, LogReport, NewCert, Registry,
+    RevocationReason, Role, SerialNumber, Status,
+};
 
 /// Settings written by `init`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,7 +97,7 @@ impl Station {
         let at = now();
         let h = pki::create_hierarchy(org, &lifetimes, at)?;
         home::create_dir(home.root(), false)?;
-        home::create_dir(&home.root().join("private"), true)?;
+        home::create_dir(&home.private_dir(), true)?;
         let url = database_url.map_or_else(|| home.default_database_url(), str::to_owned);
         let registry = Registry::open(&url, true).await?;
         home::write_new(&home.root_ca_key(), h.root.key_pem.as_bytes(), true)?;
@@ -129,9 +131,9 @@ impl Station {
 
     /// Opens an initialised home.
     pub async fn open(home: Home, database_url: Option<&str>) -> Result<Station> {
-        home.require_initialised()?;
+        home::require_initialised(&home)?;
         let url = database_url.map_or_else(|| home.default_database_url(), str::to_owned);
-        if database_url.is_none() && !home.root().join("registry.db").exists() {
+        if database_url.is_none() && !home.registry_db().exists() {
             return Err(Error::NotInitialised(home.root().to_path_buf(), "registry.db"));
         }
         let registry = Registry::open(&url, false).await?;
@@ -236,11 +238,11 @@ impl Station {
                     &opts.out,
                     id.as_str(),
                     &[
-                        ("cert.pem", cert.pem.as_bytes(), false),
-                        ("key.pem", key_pem.as_bytes(), true),
-                        ("server-ca.pem", server_ca_pem.as_bytes(), false),
-                        ("broker-trust.pem", trust_chain.as_bytes(), false),
-                        ("credentials.bin", &bundle, true),
+                        (IdentityFiles::CERT, cert.pem.as_bytes(), false),
+                        (IdentityFiles::KEY, key_pem.as_bytes(), true),
+                        (IdentityFiles::SERVER_CA, server_ca_pem.as_bytes(), false),
+                        (IdentityFiles::BROKER_TRUST, trust_chain.as_bytes(), false),
+                        (IdentityFiles::BUNDLE, &bundle, true),
                     ],
                 )?;
                 out.push(MintedDevice { device_id: id, serial: cert.serial, dir });
@@ -278,9 +280,9 @@ impl Station {
             parent,
             &name,
             &[
-                ("cert.pem", cert.pem.as_bytes(), false),
-                ("key.pem", key_pem.as_bytes(), true),
-                ("broker-trust.pem", trust_chain.as_bytes(), false),
+                (IdentityFiles::CERT, cert.pem.as_bytes(), false),
+                (IdentityFiles::KEY, key_pem.as_bytes(), true),
+                (IdentityFiles::BROKER_TRUST, trust_chain.as_bytes(), false),
             ],
         )?;
         Ok(MintedDevice { device_id: id, serial: cert.serial, dir })
@@ -305,9 +307,9 @@ impl Station {
             parent,
             &name,
             &[
-                ("cert.pem", chain.as_bytes(), false),
-                ("key.pem", key_pem.as_bytes(), true),
-                ("client-ca.pem", device_ca_pem.as_bytes(), false),
+                (BrokerTls::CERT, chain.as_bytes(), false),
+                (BrokerTls::KEY, key_pem.as_bytes(), true),
+                (BrokerTls::CLIENT_CA, device_ca_pem.as_bytes(), false),
             ],
         )?;
         let detail = serde_json::json!({ "dns": dns, "ip": ips, "not_after": cert.not_after });
@@ -350,12 +352,16 @@ impl Station {
     ) -> Result<(IssuedCert, Vec<SerialNumber>, CrlOutput)> {
         let (csr_id, checked) = csr_identity(csr, Some(id.as_str()))?;
         debug_assert_eq!(&csr_id, id);
-        let device = self.registry.device(id).await?.ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        let device = self
+            .registry
+            .device(id)
+            .await?
+            .ok_or_else(|| Error::from(fleet_registry::Error::UnknownDevice(id.to_string())))?;
         if device.role != Role::Device {
             return Err(Error::InvalidInput(format!("`{id}` is a service identity; rekey is for devices")));
         }
         if device.status == Status::Revoked {
-            return Err(Error::DeviceRevoked(id.to_string()));
+            return Err(Error::from(fleet_registry::Error::DeviceRevoked(id.to_string())));
         }
         let cert = self.issue_device(id, &checked.public_key)?;
         let superseded =
@@ -372,15 +378,19 @@ impl Station {
     /// A new certificate (new serial) for the same device and public key; the old one stays
     /// valid until it expires or is revoked.
     pub async fn renew(&self, id: &DeviceId) -> Result<IssuedCert> {
-        let device = self.registry.device(id).await?.ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        let device = self
+            .registry
+            .device(id)
+            .await?
+            .ok_or_else(|| Error::from(fleet_registry::Error::UnknownDevice(id.to_string())))?;
         if device.status == Status::Revoked {
-            return Err(Error::DeviceRevoked(id.to_string()));
+            return Err(Error::from(fleet_registry::Error::DeviceRevoked(id.to_string())));
         }
         let certs = self.registry.certificates_of(id).await?;
         let latest = certs
             .iter()
             .find(|c| c.status == Status::Active)
-            .ok_or_else(|| Error::DeviceRevoked(id.to_string()))?;
+            .ok_or_else(|| Error::from(fleet_registry::Error::DeviceRevoked(id.to_string())))?;
         let spki = pki::summarize(&latest.cert_der)?.spki_der;
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(&spki)?;
         let ca = self.device_ca()?;
@@ -450,14 +460,18 @@ impl Station {
 
     /// A device and its certificates.
     pub async fn show(&self, id: &DeviceId) -> Result<DeviceReport> {
-        let device = self.registry.device(id).await?.ok_or_else(|| Error::UnknownDevice(id.to_string()))?;
+        let device = self
+            .registry
+            .device(id)
+            .await?
+            .ok_or_else(|| Error::from(fleet_registry::Error::UnknownDevice(id.to_string())))?;
         let certificates = self.registry.certificates_of(id).await?;
         Ok(DeviceReport { device, certificates })
     }
 
     /// Checks the issuance log.
     pub async fn verify_log(&self) -> Result<LogReport> {
-        self.registry.verify_log().await
+        Ok(self.registry.verify_log().await?)
     }
 }
 

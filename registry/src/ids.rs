@@ -1,4 +1,5 @@
-//! Identifier newtypes: device ids, certificate serial numbers, roles, revocation reasons.
+//! Identifier newtypes: device ids, certificate serial numbers, roles, statuses, revocation
+//! reasons.
 //!
 //! Each is built only through a parsing constructor, so a value of the type is always valid:
 //! a `DeviceId` can be put into a topic, a URI and a file name without further checks.
@@ -156,18 +157,44 @@ impl Role {
     }
 
     /// Parses a registry value.
-    pub fn parse(s: &str) -> Result<Self, Error> {
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
-            "device" => Ok(Role::Device),
-            "service" => Ok(Role::Service),
-            other => Err(Error::CorruptRegistry(format!("unknown role `{other}`"))),
+            "device" => Some(Role::Device),
+            "service" => Some(Role::Service),
+            _ => None,
         }
     }
 }
 
-/// RFC 5280 revocation reasons accepted by `revoke --reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-#[clap(rename_all = "camelCase")]
+/// Status of a device or a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// May connect.
+    Active,
+    /// Never again.
+    Revoked,
+}
+
+impl Status {
+    /// Both statuses.
+    pub const ALL: [Status; 2] = [Status::Active, Status::Revoked];
+
+    /// Registry spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Revoked => "revoked",
+        }
+    }
+
+    /// Parses a registry value.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// The RFC 5280 revocation reasons a fleet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RevocationReason {
     /// No reason given.
     Unspecified,
@@ -184,6 +211,16 @@ pub enum RevocationReason {
 }
 
 impl RevocationReason {
+    /// Every reason, in RFC 5280 order.
+    pub const ALL: [RevocationReason; 6] = [
+        Self::Unspecified,
+        Self::KeyCompromise,
+        Self::AffiliationChanged,
+        Self::Superseded,
+        Self::CessationOfOperation,
+        Self::PrivilegeWithdrawn,
+    ];
+
     /// Name as written in the registry and printed (RFC 5280 spelling).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -196,29 +233,9 @@ impl RevocationReason {
         }
     }
 
-    /// Parses a registry value.
+    /// Parses a registry value (RFC 5280 spelling).
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::Unspecified,
-            Self::KeyCompromise,
-            Self::AffiliationChanged,
-            Self::Superseded,
-            Self::CessationOfOperation,
-            Self::PrivilegeWithdrawn,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
-    }
-
-    pub(crate) fn to_rcgen(self) -> rcgen::RevocationReason {
-        match self {
-            Self::Unspecified => rcgen::RevocationReason::Unspecified,
-            Self::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
-            Self::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
-            Self::Superseded => rcgen::RevocationReason::Superseded,
-            Self::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
-            Self::PrivilegeWithdrawn => rcgen::RevocationReason::PrivilegeWithdrawn,
-        }
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
 

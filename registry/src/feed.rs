@@ -1,0 +1,159 @@
+//! What a broker reads: the admission verdict for a certificate serial, and the revocation feed
+//! that tells it which live sessions to cut.
+//!
+//! On PostgreSQL a revocation sends `NOTIFY fleet_revocations` in its transaction, so the feed
+//! wakes when it commits; on SQLite (and as a safety net on PostgreSQL) the feed polls
+//! `certificates.revoked_seq`. Sequence numbers only grow, so a feed that starts from
+//! [`Registry::revocation_head`] misses nothing committed after that read.
+
+use std::time::Duration;
+
+use sqlx::Row;
+
+use crate::db::{parse_id, parse_role, parse_serial, parse_status, Backend, Registry};
+use crate::error::Result;
+use crate::ids::{DeviceId, Role, SerialNumber, Status};
+
+/// Channel that revocations are announced on (PostgreSQL).
+pub const REVOCATION_CHANNEL: &str = "fleet_revocations";
+
+/// What the broker needs to admit a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Owner of the certificate.
+    pub device_id: DeviceId,
+    /// Its role.
+    pub role: Role,
+    /// Device status.
+    pub device_status: Status,
+    /// Certificate status.
+    pub cert_status: Status,
+}
+
+/// A revocation as the broker's watcher sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationEvent {
+    /// Log sequence number of the revocation.
+    pub seq: i64,
+    /// Revoked certificate.
+    pub serial: SerialNumber,
+    /// Its owner.
+    pub device_id: DeviceId,
+}
+
+impl Registry {
+    /// What the broker needs to admit the certificate with `serial`.
+    pub async fn admission(&self, serial: &SerialNumber) -> Result<Option<Admission>> {
+        let row = sqlx::query(
+            "SELECT c.device_id, d.role, d.status, c.status FROM certificates c \
+             JOIN devices d ON d.device_id = c.device_id WHERE c.serial = $1",
+        )
+        .bind(serial.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Admission {
+                device_id: parse_id(r.try_get(0)?)?,
+                role: parse_role(&r.try_get::<String, _>(1)?)?,
+                device_status: parse_status(&r.try_get::<String, _>(2)?)?,
+                cert_status: parse_status(&r.try_get::<String, _>(3)?)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Revocations with log sequence number above `after`, oldest first.
+    pub async fn revocations_since(&self, after: i64) -> Result<Vec<RevocationEvent>> {
+        let rows = sqlx::query(
+            "SELECT revoked_seq, serial, device_id FROM certificates WHERE revoked_seq > $1 ORDER BY revoked_seq",
+        )
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RevocationEvent {
+                    seq: r.try_get(0)?,
+                    serial: parse_serial(&r.try_get::<String, _>(1)?)?,
+                    device_id: parse_id(r.try_get(2)?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Highest revocation sequence number so far (0 if none).
+    pub async fn revocation_head(&self) -> Result<i64> {
+        let r = sqlx::query("SELECT COALESCE(MAX(revoked_seq), 0) FROM certificates")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r.try_get(0)?)
+    }
+
+    /// A feed of revocations committed after this call.
+    pub async fn revocation_feed(&self) -> Result<RevocationFeed> {
+        let head = self.revocation_head().await?;
+        let listener = match self.backend {
+            Backend::Postgres => match sqlx::postgres::PgListener::connect(&self.url).await {
+                Ok(mut l) => match l.listen(REVOCATION_CHANNEL).await {
+                    Ok(()) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed; polling only");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; polling only");
+                    None
+                }
+            },
+            Backend::Sqlite => None,
+        };
+        Ok(RevocationFeed { registry: self.clone(), head, listener })
+    }
+}
+
+/// Revocations in commit order, each delivered once.
+#[derive(Debug)]
+pub struct RevocationFeed {
+    registry: Registry,
+    head: i64,
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+impl RevocationFeed {
+    /// Waits until a revocation may have committed: a NOTIFY arrived (PostgreSQL) or `poll`
+    /// passed. Cancel-safe.
+    pub async fn changed(&mut self, poll: Duration) {
+        let notified = async {
+            match self.listener.as_mut() {
+                Some(l) => {
+                    // recv reconnects by itself; while the database is down it fails at once,
+                    // so wait before the next attempt instead of spinning.
+                    if l.recv().await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = notified => {}
+        }
+    }
+
+    /// The revocations committed since the last successful call, oldest first. On error
+    /// nothing is lost: the next call returns them.
+    pub async fn next_batch(&mut self) -> Result<Vec<RevocationEvent>> {
+        let events = self.registry.revocations_since(self.head).await?;
+        if let Some(last) = events.last() {
+            self.head = self.head.max(last.seq);
+        }
+        Ok(events)
+    }
+
+    /// Sequence number of the newest revocation delivered.
+    pub fn head(&self) -> i64 {
+        self.head
+    }
+}

@@ -1,0 +1,36 @@
+//! fleet-registry: what the fleetgate station and broker share.
+//!
+//! - [`ids`]: `DeviceId`, `SerialNumber`, `Role`, `Status`, `RevocationReason`, each parsed, never
+//!   validated after the fact.
+//! - [`Registry`] ([`db`]): the SQL registry over SQLite (default) or PostgreSQL, with every
+//!   migration (devices, certificates, the issuance log, CRL state, telemetry).
+//! - [`rows`]: devices and certificates (issue, re-key, revoke, list, CRL snapshot).
+//! - [`log`] and [`verify`]: the hash-chained issuance log and its verifier.
+//! - [`feed`]: what a broker reads: admission verdicts and the revocation feed.
+//! - [`telemetry`]: typed batch inserts of stored device messages.
+//! - [`home`]: the file layout of a fleet home, in one place.
+//!
+//! No certificate generation, no CLI: the station (`fleet-provision`) and the broker
+//! (`fleet-broker`) both depend on this crate and on nothing of each other.
+#![forbid(unsafe_code)]
+
+pub mod db;
+pub mod error;
+pub mod feed;
+pub mod home;
+pub mod ids;
+pub mod log;
+pub mod rows;
+pub mod telemetry;
+pub mod verify;
+
+pub use db::{Backend, Registry};
+pub use error::{Error, Result};
+pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
+pub use home::{BrokerTls, Home, IdentityFiles};
+pub use ids::{
+    DeviceId, RevocationReason, Role, SerialNumber, Status, DEVICE_URI_PREFIX, SERVICE_URI_PREFIX,
+};
+pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};
+pub use telemetry::{Telemetry, TelemetryWriter};
+pub use verify::LogReport;

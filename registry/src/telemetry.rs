@@ -1,0 +1,147 @@
+//! Telemetry rows: what the broker stores for every device PUBLISH before it acknowledges it.
+//!
+//! [`Registry::insert_telemetry`] writes a batch in one transaction (the broker's group commit),
+//! 100 rows per `INSERT` statement. It is the seam an ingest sink plugs into: whatever stores
+//! the rows, a PUBACK follows only its success.
+
+use bytes::Bytes;
+use sqlx::Row;
+
+use crate::db::{parse_id, Backend, Registry};
+use crate::error::Result;
+use crate::ids::DeviceId;
+
+/// One stored device message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    /// Publisher.
+    pub device_id: DeviceId,
+    /// Topic it was published on.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS it was published with (0 or 1).
+    pub qos: u8,
+    /// Unix milliseconds at the broker.
+    pub received_at: i64,
+}
+
+/// Rows per INSERT statement (5 parameters each).
+const ROWS_PER_STATEMENT: usize = 100;
+
+/// `INSERT` for `rows` rows. SQLite gets anonymous `?` parameters: for numbered ones sqlx asks
+/// SQLite each parameter's name, a linear walk, which made binding quadratic in the row count
+/// (16% of the broker's time under QoS 1 load).
+fn insert_sql(backend: Backend, rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        match backend {
+            Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?)"),
+            Backend::Postgres => {
+                let b = i * 5;
+                sql.push_str(&format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5));
+            }
+        }
+    }
+    sql
+}
+
+/// Statements prepared once per registry handle user (the full-size one is reused).
+#[derive(Debug, Clone)]
+pub struct TelemetryWriter {
+    registry: Registry,
+    full: String,
+}
+
+impl Registry {
+    /// A writer of telemetry batches.
+    pub fn telemetry_writer(&self) -> TelemetryWriter {
+        TelemetryWriter { registry: self.clone(), full: insert_sql(self.backend, ROWS_PER_STATEMENT) }
+    }
+
+    /// A device's stored messages, oldest first (topic, payload).
+    pub async fn telemetry_of(&self, id: &DeviceId) -> Result<Vec<Telemetry>> {
+        let rows = sqlx::query(
+            "SELECT device_id, topic, payload, qos, received_at FROM telemetry WHERE device_id = $1 ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Telemetry {
+                    device_id: parse_id(r.try_get(0)?)?,
+                    topic: r.try_get(1)?,
+                    payload: Bytes::from(r.try_get::<Vec<u8>, _>(2)?),
+                    qos: u8::try_from(r.try_get::<i64, _>(3)?).unwrap_or(u8::MAX),
+                    received_at: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl TelemetryWriter {
+    /// Stores `rows` in one transaction: all of them or none.
+    pub async fn insert(&self, rows: &[Telemetry]) -> Result<()> {
+        let mut tx = self.registry.pool.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let partial;
+            let sql = if chunk.len() == ROWS_PER_STATEMENT {
+                &self.full
+            } else {
+                partial = insert_sql(self.registry.backend, chunk.len());
+                &partial
+            };
+            let mut q = sqlx::query(sql);
+            for m in chunk {
+                // Borrowed: the rows outlive the statement, so no per-row copies.
+                q = q
+                    .bind(m.device_id.as_str())
+                    .bind(m.topic.as_str())
+                    .bind(&m.payload[..])
+                    .bind(i64::from(m.qos))
+                    .bind(m.received_at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_statement_shapes() {
+        assert_eq!(
+            insert_sql(Backend::Sqlite, 2),
+            "INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES (?, ?, ?, ?, ?),(?, ?, ?, ?, ?)"
+        );
+        assert!(insert_sql(Backend::Postgres, 2).ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)"));
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_stored_whole_and_read_back_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let reg = Registry::open(&url, true).await.expect("open");
+        let id = DeviceId::parse("dev-1").expect("id");
+        let rows: Vec<Telemetry> = (0..250)
+            .map(|i| Telemetry {
+                device_id: id.clone(),
+                topic: format!("devices/dev-1/t/{i}"),
+                payload: Bytes::from(vec![i as u8; 3]),
+                qos: 1,
+                received_at: i,
+            })
+            .collect();
+        reg.telemetry_writer().insert(&rows).await.expect("insert");
+        assert_eq!(reg.telemetry_of(&id).await.expect("read"), rows);
+    }
+}
