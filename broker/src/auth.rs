@@ -10,6 +10,8 @@
 //! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
 
 use fleet_registry::{DeviceId, Role, SerialNumber, DEVICE_URI_PREFIX, SERVICE_URI_PREFIX};
+
+use crate::outcome::Refusal;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// An authenticated client.
@@ -41,11 +43,11 @@ pub enum IdentityError {
 }
 
 impl IdentityError {
-    /// Metric label.
-    pub fn reason(&self) -> &'static str {
+    /// The admission refusal it causes.
+    pub fn refusal(&self) -> Refusal {
         match self {
-            Self::Unparseable | Self::NoIdentity => "bad_identity",
-            Self::CaAsClient => "ca_as_client",
+            Self::Unparseable | Self::NoIdentity => Refusal::BadIdentity,
+            Self::CaAsClient => Refusal::CaAsClient,
         }
     }
 }
@@ -78,8 +80,19 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
     Ok(Identity { id, role, serial, not_after: cert.validity().not_after.timestamp() })
 }
 
+/// The first level of every topic a client may use: `devices/<id>/...`.
+pub(crate) const DEVICES: &str = "devices";
 /// The level under `devices/<id>/` that carries commands to the device.
-pub const COMMANDS: &str = "commands";
+pub(crate) const COMMANDS: &str = "commands";
+
+/// The device-id level of `devices/<id>/...` (a filter's may be a wildcard).
+pub(crate) fn device_level(topic: &str) -> Option<&str> {
+    let mut levels = topic.split('/');
+    match levels.next() {
+        Some(DEVICES) => levels.next(),
+        _ => None,
+    }
+}
 
 /// True if `topic` (a concrete publish topic) is valid MQTT and free of wildcards.
 fn valid_topic(topic: &str) -> bool {
@@ -87,7 +100,7 @@ fn valid_topic(topic: &str) -> bool {
 }
 
 /// True if `filter` is a syntactically valid MQTT topic filter.
-pub fn valid_filter(filter: &str) -> bool {
+pub(crate) fn valid_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.contains('\0') || filter.len() > 1024 {
         return false;
     }
@@ -105,7 +118,7 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
         return false;
     }
     let mut levels = topic.split('/');
-    if levels.next() != Some("devices") {
+    if levels.next() != Some(DEVICES) {
         return false;
     }
     let Some(owner) = levels.next() else { return false };
@@ -134,7 +147,7 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
         return false;
     }
     let mut levels = filter.split('/');
-    if levels.next() != Some("devices") {
+    if levels.next() != Some(DEVICES) {
         return false;
     }
     let Some(owner) = levels.next() else { return false };

@@ -2,52 +2,54 @@
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use crate::outcome::{CloseCounter, CloseReason, Refusal};
+
 /// Every metric the broker exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
     /// Handshakes/admissions by outcome and reason.
-    pub handshakes: IntCounterVec,
+    pub(crate) handshakes: IntCounterVec,
     /// Live MQTT sessions.
-    pub sessions_live: IntGauge,
+    pub(crate) sessions_live: IntGauge,
     /// Open TCP connections (any state).
-    pub connections_open: IntGauge,
+    pub(crate) connections_open: IntGauge,
     /// Connections turned away before the handshake (cap).
-    pub connections_rejected: IntCounterVec,
+    pub(crate) connections_rejected: IntCounterVec,
     /// PUBLISH received from clients.
-    pub messages_received: IntCounter,
+    pub(crate) messages_received: IntCounter,
     /// Messages committed to the store.
-    pub messages_stored: IntCounter,
+    pub(crate) messages_stored: IntCounter,
     /// Messages delivered to subscribers.
-    pub messages_delivered: IntCounter,
+    pub(crate) messages_delivered: IntCounter,
     /// Messages dropped (subscriber too slow).
-    pub messages_dropped: IntCounter,
+    pub(crate) messages_dropped: IntCounter,
     /// Store failures.
-    pub store_errors: IntCounter,
+    pub(crate) store_errors: IntCounter,
     /// Sessions cut by the broker, by reason.
-    pub kicks: IntCounterVec,
+    pub(crate) kicks: IntCounterVec,
     /// ACL refusals.
-    pub acl_denied: IntCounterVec,
+    pub(crate) acl_denied: IntCounterVec,
     /// Sessions closed for protocol reasons.
-    pub protocol_errors: IntCounterVec,
+    pub(crate) protocol_errors: IntCounterVec,
     /// Seconds since the loaded CRL's thisUpdate.
-    pub crl_age_seconds: IntGauge,
+    pub(crate) crl_age_seconds: IntGauge,
     /// Seconds until the loaded CRL's nextUpdate (negative: expired).
-    pub crl_next_update_seconds: IntGauge,
+    pub(crate) crl_next_update_seconds: IntGauge,
     /// 1 while the CRL is past nextUpdate (alert).
-    pub crl_expired: IntGauge,
+    pub(crate) crl_expired: IntGauge,
     /// CRL reloads by outcome.
-    pub crl_reloads: IntCounterVec,
+    pub(crate) crl_reloads: IntCounterVec,
     /// Days until expiry of the server certificate and CAs.
-    pub cert_expiry_days: IntGaugeVec,
+    pub(crate) cert_expiry_days: IntGaugeVec,
     /// Revocation events seen by the watcher.
-    pub revocations_seen: IntCounter,
+    pub(crate) revocations_seen: IntCounter,
     /// Per-session and per-source caps hit, by limit.
-    pub limits: IntCounterVec,
+    pub(crate) limits: IntCounterVec,
     /// cRLNumber of the CRL in force (0: none).
-    pub crl_number: IntGauge,
+    pub(crate) crl_number: IntGauge,
     /// Admissions decided from the cache (`hit`) or by a registry query (`miss`).
-    pub admission_cache: IntCounterVec,
+    pub(crate) admission_cache: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -118,9 +120,48 @@ impl Metrics {
         }
     }
 
-    /// Counts an admission decision.
-    pub fn handshake(&self, accepted: bool, reason: &str) {
-        self.handshakes.with_label_values(&[if accepted { "accepted" } else { "refused" }, reason]).inc();
+    /// A session admitted.
+    pub(crate) fn accepted(&self) {
+        self.handshakes.with_label_values(&["accepted", "ok"]).inc();
+    }
+
+    /// A connection refused during the handshake, admission or CONNECT.
+    pub(crate) fn refused(&self, why: Refusal) {
+        self.handshakes.with_label_values(&["refused", why.label()]).inc();
+    }
+
+    /// A connection closed at accept, before any handshake.
+    pub(crate) fn rejected_at_accept(&self, why: Refusal) {
+        self.connections_rejected.with_label_values(&[why.label()]).inc();
+    }
+
+    /// A session ended.
+    pub(crate) fn closed(&self, why: CloseReason) {
+        match why.counter() {
+            CloseCounter::Kick => self.kicks.with_label_values(&[why.label()]).inc(),
+            CloseCounter::Protocol => self.protocol_errors.with_label_values(&[why.label()]).inc(),
+            CloseCounter::None => {}
+        }
+    }
+
+    /// A cap hit.
+    pub(crate) fn limit(&self, which: Limit) {
+        self.limits.with_label_values(&[which.label()]).inc();
+    }
+
+    /// An ACL refusal.
+    pub(crate) fn acl_denied(&self, action: AclAction) {
+        self.acl_denied.with_label_values(&[action.label()]).inc();
+    }
+
+    /// A TLS reload attempt.
+    pub(crate) fn reload(&self, outcome: Reload) {
+        self.crl_reloads.with_label_values(&[outcome.label()]).inc();
+    }
+
+    /// An admission decided from the cache (`hit`) or by a registry query.
+    pub(crate) fn admission_cache(&self, hit: bool) {
+        self.admission_cache.with_label_values(&[if hit { "hit" } else { "miss" }]).inc();
     }
 
     /// Prometheus text exposition.
@@ -128,5 +169,78 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// A cap that was hit: `fleet_limits_total{limit}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub(crate) enum Limit {
+    /// Topic or filter length or depth.
+    Topic,
+    /// Subscriptions per session.
+    Subscriptions,
+    /// Pre-admission connections per source address.
+    PerSource,
+    /// Retained messages per device.
+    RetainedPerDevice,
+    /// Retained bytes in the broker.
+    RetainedBytes,
+    /// Messages queued for one session.
+    QueuedMessages,
+}
+
+impl Limit {
+    /// Metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Topic => "topic",
+            Self::Subscriptions => "subscriptions",
+            Self::PerSource => "source_limit",
+            Self::RetainedPerDevice => "retained_per_device",
+            Self::RetainedBytes => "retained_bytes",
+            Self::QueuedMessages => "queued_messages",
+        }
+    }
+}
+
+/// What became of a changed TLS file set: `fleet_crl_reloads_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reload {
+    /// Loaded and in force.
+    Loaded,
+    /// Unreadable or unverifiable: the previous configuration stays.
+    Rejected,
+    /// A CRL with a lower number than the loaded one (or none at all): refused.
+    Replayed,
+}
+
+impl Reload {
+    /// Metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Loaded => "loaded",
+            Self::Rejected => "rejected",
+            Self::Replayed => "replayed",
+        }
+    }
+}
+
+/// The ACL action refused: `fleet_acl_denied_total{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AclAction {
+    /// PUBLISH.
+    Publish,
+    /// SUBSCRIBE.
+    Subscribe,
+}
+
+impl AclAction {
+    /// Metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Subscribe => "subscribe",
+        }
     }
 }

@@ -18,8 +18,10 @@ use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
-use crate::auth::matches;
+use crate::auth::{device_level, matches};
+use crate::metrics::Limit;
 use crate::metrics::Metrics;
+use crate::outcome::CloseReason;
 
 #[derive(Debug, Clone)]
 struct Sub {
@@ -45,11 +47,11 @@ struct Inner {
 
 /// Caps on retained messages.
 #[derive(Debug, Clone, Copy)]
-pub struct RetainLimits {
+pub(crate) struct RetainLimits {
     /// Per device-id level.
-    pub per_device: usize,
+    pub(crate) per_device: usize,
     /// Topic + payload bytes in total.
-    pub total_bytes: usize,
+    pub(crate) total_bytes: usize,
 }
 
 impl Default for RetainLimits {
@@ -60,7 +62,7 @@ impl Default for RetainLimits {
 
 /// A retained PUBLISH over a cap: nothing was routed or retained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetainRefused {
+pub(crate) enum RetainRefused {
     /// The device already has `per_device` retained topics.
     PerDevice,
     /// The broker holds `total_bytes` of retained messages.
@@ -68,18 +70,26 @@ pub enum RetainRefused {
 }
 
 impl RetainRefused {
-    /// Metric label.
-    pub fn label(self) -> &'static str {
+    /// The cap counted in `fleet_limits_total`.
+    pub(crate) fn limit(self) -> Limit {
         match self {
-            Self::PerDevice => "retained_per_device",
-            Self::TotalBytes => "retained_bytes",
+            Self::PerDevice => Limit::RetainedPerDevice,
+            Self::TotalBytes => Limit::RetainedBytes,
+        }
+    }
+
+    /// Why the publisher's session is closed.
+    pub(crate) fn close_reason(self) -> CloseReason {
+        match self {
+            Self::PerDevice => CloseReason::RetainedPerDevice,
+            Self::TotalBytes => CloseReason::RetainedBytes,
         }
     }
 }
 
 /// The subscription table.
 #[derive(Debug, Default)]
-pub struct Router {
+pub(crate) struct Router {
     inner: Mutex<Inner>,
     limits: RetainLimits,
 }
@@ -97,8 +107,9 @@ fn retained_size(p: &Publish) -> usize {
     p.topic.len() + p.payload.len()
 }
 
+/// Index key of a topic or filter: its literal device-id level, or "" for a wildcard there.
 fn key_of(filter: &str) -> &str {
-    match filter.split('/').nth(1) {
+    match device_level(filter) {
         Some("+") | Some("#") | None => "",
         Some(id) => id,
     }
@@ -112,13 +123,13 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 
 impl Router {
     /// A router with these retained-message caps.
-    pub fn new(limits: RetainLimits) -> Self {
+    pub(crate) fn new(limits: RetainLimits) -> Self {
         Self { inner: Mutex::default(), limits }
     }
 
     /// Adds (or replaces) a subscription; returns the retained messages it matches. A filter
     /// with a literal device level looks only at that device's retained messages.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         conn_id: u64,
         filter: &str,
@@ -138,7 +149,7 @@ impl Router {
 
     /// Drops every retained message under `devices/<device>/` (a revoked device's). Returns how
     /// many.
-    pub fn clear_retained(&self, device: &str) -> usize {
+    pub(crate) fn clear_retained(&self, device: &str) -> usize {
         let mut inner = lock(&self.inner);
         let Some(gone) = inner.retained.remove(device) else { return 0 };
         inner.retained_bytes -= gone.values().map(retained_size).sum::<usize>();
@@ -146,7 +157,7 @@ impl Router {
     }
 
     /// Removes one subscription.
-    pub fn unsubscribe(&self, conn_id: u64, filter: &str) {
+    pub(crate) fn unsubscribe(&self, conn_id: u64, filter: &str) {
         let mut inner = lock(&self.inner);
         let key = key_of(filter).to_owned();
         if let Some(mine) = inner.by_conn.get_mut(&conn_id) {
@@ -156,7 +167,7 @@ impl Router {
     }
 
     /// Removes every subscription of a connection.
-    pub fn remove_connection(&self, conn_id: u64) {
+    pub(crate) fn remove_connection(&self, conn_id: u64) {
         let mut inner = lock(&self.inner);
         for (key, filter) in inner.by_conn.remove(&conn_id).unwrap_or_default() {
             remove_sub(&mut inner, &key, conn_id, &filter);
@@ -165,7 +176,7 @@ impl Router {
 
     /// Delivers to every matching subscription (once per connection); keeps it if retained.
     /// A retained message over a cap is refused whole: not kept, not delivered.
-    pub fn route(&self, publish: &Publish, metrics: &Metrics) -> Result<(), RetainRefused> {
+    pub(crate) fn route(&self, publish: &Publish, metrics: &Metrics) -> Result<(), RetainRefused> {
         let mut inner = lock(&self.inner);
         let key = key_of(&publish.topic);
         if publish.retain {
@@ -190,7 +201,7 @@ impl Router {
                 Ok(()) => metrics.messages_delivered.inc(),
                 Err(_) => {
                     metrics.messages_dropped.inc();
-                    metrics.limits.with_label_values(&["queued_messages"]).inc();
+                    metrics.limit(Limit::QueuedMessages);
                 }
             }
         }

@@ -635,7 +635,12 @@ async fn connection_cap_refuses_extra_connections() {
     assert_eq!(broker.metric("fleet_connections_rejected_total{reason=\"max_connections\"}").await, 1.0);
     // /healthz answers while at the cap (it is a separate listener).
     let mut h = tokio::net::TcpStream::connect(broker.metrics).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut h, b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut h,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut body = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut h, &mut body).await.unwrap();
     assert!(body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"), "{body}");

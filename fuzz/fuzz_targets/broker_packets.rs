@@ -3,9 +3,8 @@
 //! a device may never publish or subscribe outside its own subtree, nor publish its own commands.
 #![no_main]
 use bytes::BytesMut;
-use fleet_broker::auth::{self, Identity};
-use fleet_broker::session::decode_client_packet;
-use fleet_provision::{DeviceId, Role, SerialNumber};
+use fleet_broker::fuzzing::{self as auth, decode_client_packet, Identity};
+use fleet_registry::{DeviceId, Role, SerialNumber};
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::v4::Packet;
 

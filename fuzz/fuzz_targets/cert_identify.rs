@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = fleet_broker::auth::identify(data) {
-        let _ = e.reason();
+    if let Err(e) = fleet_broker::fuzzing::identify(data) {
+        let _ = e.refusal().label();
     }
 });

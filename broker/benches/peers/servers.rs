@@ -222,14 +222,12 @@ pub(crate) fn serve_bare(home: &Path) {
     use tokio::io::AsyncWriteExt;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let paths = fleet_broker::tls::TlsPaths {
-            cert: home.join("broker-tls/cert.pem"),
-            key: home.join("broker-tls/key.pem"),
-            client_ca: home.join("device-ca.pem"),
-            crl: Some(home.join("crl.pem")),
+        let config = fleet_broker::Config {
+            home: home.to_path_buf(),
+            crl: Some(fleet_registry::Home::new(home).crl()),
+            ..Default::default()
         };
-        let state = fleet_broker::tls::build(&paths).expect("tls");
-        let acceptor = tokio_rustls::TlsAcceptor::from(state.config);
+        let acceptor = tokio_rustls::TlsAcceptor::from(fleet_broker::tls_config(&config).expect("tls"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         println!("bare rustls on {}", listener.local_addr().expect("addr"));
         loop {

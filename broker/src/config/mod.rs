@@ -1,0 +1,252 @@
+//! Broker configuration: one struct, read from a TOML file, then overridden by `FLEET_<KEY>`
+//! environment variables and `--<key>` flags (the binary builds those from [`Config::KEYS`]).
+//!
+//! Every key is declared once, in the `settings!` list below: its type, default and doc. That
+//! gives the serde field (file), the key table (flags, env, `--help`), the string parser
+//! ([`Config::set`]) and the `check-config` output (serialised). Every path defaults to the
+//! layout of [`fleet_registry::Home`], so `fleet-provision init && fleet-provision server-cert
+//! --dns localhost && fleet-broker` works.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleet_registry::Home;
+use serde::{Deserialize, Serialize};
+
+/// What to do when the CRL is past its nextUpdate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrlPolicy {
+    /// Refuse new connections until a fresh CRL is loaded (default); live sessions continue.
+    #[default]
+    FailClosed,
+    /// Keep admitting (the registry is still consulted), but raise the alert metric.
+    FailOpen,
+}
+
+mod value;
+
+pub use value::{ConfigError, Endpoint, Key};
+
+value::settings! {
+    /// MQTT over TLS listen address.
+    listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8883));
+    /// fleet-provision home (device CA, CRL, registry, broker-tls/).
+    home: PathBuf = PathBuf::from(Home::DEFAULT_DIR);
+    /// Registry URL; default: the SQLite registry in the home.
+    database_url: Option<String> = None;
+    /// Metrics and health endpoint (`/metrics`, `/healthz`); `off` disables it.
+    metrics_listen: Endpoint = Endpoint(Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
+    /// Broker certificate chain (PEM); default HOME/broker-tls/cert.pem.
+    cert: Option<PathBuf> = None;
+    /// Broker private key (PEM); default HOME/broker-tls/key.pem.
+    key: Option<PathBuf> = None;
+    /// CA that client certificates must chain to; default HOME/device-ca.pem.
+    client_ca: Option<PathBuf> = None;
+    /// CRL (PEM or DER) signed by the client CA, reloaded when it changes; default
+    /// HOME/crl.pem when it exists.
+    crl: Option<PathBuf> = None;
+    /// What to do when the CRL is past nextUpdate: fail-closed (refuse new connections) or
+    /// fail-open (admit, alert).
+    crl_policy: CrlPolicy = CrlPolicy::FailClosed;
+    /// TLS handshake deadline, seconds.
+    handshake_timeout_secs: f64 = 10.0, flag "handshake-timeout";
+    /// Deadline for CONNECT after the handshake, seconds.
+    connect_timeout_secs: f64 = 10.0, flag "connect-timeout";
+    /// Most open connections; more are closed at accept.
+    max_connections: usize = 10_000;
+    /// Largest MQTT packet accepted from or sent to a client, bytes.
+    max_packet_size: usize = 4096;
+    /// How often the registry is polled for revocations, milliseconds (PostgreSQL also
+    /// LISTENs).
+    revocation_poll_ms: u64 = 200;
+    /// How often certificate, key, CA and CRL files are checked for changes, milliseconds.
+    reload_poll_ms: u64 = 1000;
+    /// Most messages committed in one store transaction.
+    store_batch: usize = 4096;
+    /// Longest wait for a registry connection, seconds: while the database is down, new
+    /// devices get CONNACK 3 and unstored messages stay unacknowledged after this long.
+    registry_timeout_secs: f64 = 3.0, flag "registry-timeout";
+    /// Most connections from one source address in the pre-admission phase (TLS handshake +
+    /// CONNECT) at once; more are closed at accept (reason `source_limit`).
+    max_pre_admission_per_source: usize = 32;
+    /// A socket that accepts no bytes for this long is closed (reason `write_timeout`),
+    /// seconds.
+    write_timeout_secs: f64 = 10.0;
+    /// Most subscriptions one session holds; more get SUBACK 0x80.
+    max_subscriptions_per_session: usize = 64;
+    /// Most retained messages under one device's topics (`devices/<id>/...`).
+    max_retained_per_device: usize = 16;
+    /// Most bytes (topic + payload) of retained messages in the whole broker.
+    max_retained_bytes: usize = 16 << 20;
+    /// Most messages queued for delivery to one session; more are dropped (counted).
+    max_queued_messages: usize = 256;
+    /// Longest topic or filter, bytes: a PUBLISH over it closes the session, a filter gets
+    /// 0x80.
+    max_topic_length: usize = 256;
+    /// Most levels in a topic or filter (same treatment).
+    max_topic_levels: usize = 8;
+    /// ACL refusals and limit hits are logged at most once per session per this interval,
+    /// with a count of those not logged, seconds.
+    log_interval_secs: f64 = 10.0;
+}
+
+fn secs(v: f64, name: &str) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 && v <= 3600.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::Range(format!("{name} must be between 0 and 3600 seconds, got {v}")))
+    }
+}
+
+impl Config {
+    /// Parses a TOML file.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::File(e.to_string()))
+    }
+
+    /// The configuration as a TOML file (what `check-config` prints).
+    pub fn to_toml(&self) -> String {
+        // Every field is a TOML scalar or absent: serialisation cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The same configuration with every default path and URL written out.
+    pub fn resolved(&self) -> Self {
+        let mut c = self.clone();
+        c.database_url = Some(self.database_url());
+        c.cert = Some(self.cert_path());
+        c.key = Some(self.key_path());
+        c.client_ca = Some(self.client_ca_path());
+        c.crl = self.crl_path();
+        c
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        secs(self.handshake_timeout_secs, "handshake_timeout_secs")?;
+        secs(self.connect_timeout_secs, "connect_timeout_secs")?;
+        secs(self.registry_timeout_secs, "registry_timeout_secs")?;
+        secs(self.write_timeout_secs, "write_timeout_secs")?;
+        secs(self.log_interval_secs, "log_interval_secs")?;
+        for (v, name) in [
+            (self.max_connections, "max_connections"),
+            (self.max_pre_admission_per_source, "max_pre_admission_per_source"),
+            (self.max_subscriptions_per_session, "max_subscriptions_per_session"),
+            (self.max_queued_messages, "max_queued_messages"),
+            (self.store_batch, "store_batch"),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Range(format!("{name} must be at least 1")));
+            }
+        }
+        if self.max_topic_levels < 3 || self.max_topic_length < 16 {
+            return Err(ConfigError::Range(
+                "max_topic_levels must be at least 3 and max_topic_length at least 16 (devices/<id>/<name>)"
+                    .into(),
+            ));
+        }
+        if !(128..=268_435_455).contains(&self.max_packet_size) {
+            return Err(ConfigError::Range("max_packet_size must be between 128 and 268435455".into()));
+        }
+        if self.revocation_poll_ms == 0 || self.reload_poll_ms == 0 {
+            return Err(ConfigError::Range("revocation_poll_ms and reload_poll_ms must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.handshake_timeout_secs)
+    }
+
+    /// Longest wait for a registry connection.
+    pub fn registry_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.registry_timeout_secs)
+    }
+
+    /// Longest a write may wait for the peer to accept bytes.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.write_timeout_secs)
+    }
+
+    /// Interval of rate-limited log lines.
+    pub fn log_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.log_interval_secs)
+    }
+
+    /// CONNECT deadline.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+
+    fn fleet_home(&self) -> Home {
+        Home::new(&self.home)
+    }
+
+    /// Broker certificate chain path.
+    pub fn cert_path(&self) -> PathBuf {
+        self.cert.clone().unwrap_or_else(|| self.fleet_home().broker_tls().cert())
+    }
+
+    /// Broker key path.
+    pub fn key_path(&self) -> PathBuf {
+        self.key.clone().unwrap_or_else(|| self.fleet_home().broker_tls().key())
+    }
+
+    /// Client CA path.
+    pub fn client_ca_path(&self) -> PathBuf {
+        self.client_ca.clone().unwrap_or_else(|| self.fleet_home().device_ca())
+    }
+
+    /// CRL path, if any: the configured one, or HOME/crl.pem once it exists.
+    pub fn crl_path(&self) -> Option<PathBuf> {
+        match &self.crl {
+            Some(p) => Some(p.clone()),
+            None => Some(self.fleet_home().crl()).filter(|p| p.exists()),
+        }
+    }
+
+    /// Registry URL.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| self.fleet_home().default_database_url())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_settable_by_name_and_round_trips_through_the_file_format() {
+        let mut c = Config::default();
+        for k in Config::KEYS {
+            assert!(!k.help.trim().is_empty(), "{} has no doc", k.name);
+            assert!(matches!(c.set(k.name, "not a value at all"), Err(ConfigError::Value { .. }) | Ok(())));
+        }
+        c = Config::default();
+        c.set("max_packet_size", "8192").unwrap();
+        c.set("metrics_listen", "off").unwrap();
+        c.set("crl_policy", "fail-open").unwrap();
+        c.set("database_url", "postgres://u@h/db").unwrap();
+        c.set("handshake_timeout_secs", "2.5").unwrap();
+        assert_eq!(
+            (c.max_packet_size, c.metrics_listen, c.crl_policy),
+            (8192, Endpoint(None), CrlPolicy::FailOpen)
+        );
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        let resolved = Config::default().resolved();
+        assert_eq!(Config::from_toml(&resolved.to_toml()).unwrap(), resolved);
+        assert!(matches!(c.set("no_such_key", "1"), Err(ConfigError::UnknownKey(_))));
+        assert!(matches!(c.set("max_packet_size", "big"), Err(ConfigError::Value { .. })));
+    }
+
+    #[test]
+    fn flags_keep_their_old_spellings() {
+        let flag = |n: &str| Config::KEYS.iter().find(|k| k.name == n).unwrap().flag();
+        assert_eq!(flag("handshake_timeout_secs"), "handshake-timeout");
+        assert_eq!(flag("max_packet_size"), "max-packet-size");
+        assert_eq!(Config::KEYS[0].env(), "FLEET_LISTEN");
+    }
+}

@@ -1,0 +1,159 @@
+//! How a configuration key is declared, named and parsed from text: the `settings!` macro
+//! behind [`super::Config`], the [`Key`] table that flags and environment variables are built
+//! from, and the text parsers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::CrlPolicy;
+
+/// An address, or `off`: how the file, flags and environment spell an endpoint that can be
+/// disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Endpoint(pub Option<SocketAddr>);
+
+impl TryFrom<String> for Endpoint {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Endpoint::from_setting(&s)
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(e: Endpoint) -> String {
+        e.0.map_or_else(|| "off".to_owned(), |a| a.to_string())
+    }
+}
+
+/// One configuration key, as flags, environment and `--help` show it.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// TOML key (`max_packet_size`); the environment variable is `FLEET_` + its upper case.
+    pub name: &'static str,
+    /// Flag name when it is not the key with `-` for `_` (older spellings kept).
+    pub flag: Option<&'static str>,
+    /// The key's doc comment.
+    pub help: &'static str,
+}
+
+impl Key {
+    /// `--flag` name without the dashes.
+    pub fn flag(&self) -> String {
+        self.flag.map_or_else(|| self.name.replace('_', "-"), str::to_owned)
+    }
+
+    /// Environment variable.
+    pub fn env(&self) -> String {
+        format!("FLEET_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+/// A configuration that makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("invalid configuration: {0}")]
+    File(String),
+    /// A value (flag or environment) that does not parse as the key's type.
+    #[error("invalid value for {key}: `{value}` ({why})")]
+    Value {
+        /// The key.
+        key: String,
+        /// What was given.
+        value: String,
+        /// Why it does not parse.
+        why: String,
+    },
+    /// A key this broker does not have.
+    #[error("unknown configuration key `{0}`")]
+    UnknownKey(String),
+    /// A value out of range.
+    #[error("invalid configuration: {0}")]
+    Range(String),
+}
+
+/// Parsing one key's value from a flag or an environment variable.
+pub(crate) trait FromSetting: Sized {
+    /// Parses the text form.
+    fn from_setting(s: &str) -> Result<Self, String>;
+}
+
+macro_rules! from_str_setting {
+    ($($t:ty),*) => {$(
+        impl FromSetting for $t {
+            fn from_setting(s: &str) -> Result<Self, String> {
+                s.parse().map_err(|e| format!("{e}"))
+            }
+        }
+    )*};
+}
+from_str_setting!(SocketAddr, PathBuf, String, usize, u64, f64);
+
+/// `off` (or nothing) turns an optional setting off.
+impl<T: FromSetting> FromSetting for Option<T> {
+    fn from_setting(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s == "off" {
+            Ok(None)
+        } else {
+            T::from_setting(s).map(Some)
+        }
+    }
+}
+
+impl FromSetting for Endpoint {
+    fn from_setting(s: &str) -> Result<Self, String> {
+        Option::<SocketAddr>::from_setting(s).map(Endpoint).map_err(|e| format!("{e}; or `off`"))
+    }
+}
+
+impl FromSetting for CrlPolicy {
+    fn from_setting(s: &str) -> Result<Self, String> {
+        match s {
+            "fail-closed" => Ok(Self::FailClosed),
+            "fail-open" => Ok(Self::FailOpen),
+            _ => Err("expected fail-closed or fail-open".into()),
+        }
+    }
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr $(, flag $flag:literal)? ;)+) => {
+        /// Everything the broker needs to run. See each key's doc; `fleet-broker --help` shows
+        /// the same text.
+        #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct Config {
+            $( $(#[doc = $doc])+ pub $name: $ty, )+
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $( $name: $default, )+ }
+            }
+        }
+
+        impl Config {
+            /// Every key, in file order.
+            pub const KEYS: &'static [$crate::config::Key] = &[
+                $( $crate::config::Key { name: stringify!($name), flag: $crate::config::value::settings!(@flag $($flag)?), help: concat!($($doc, "\n"),+) }, )+
+            ];
+
+            /// Sets `key` from its text form (a flag or environment value).
+            pub fn set(&mut self, key: &str, value: &str) -> Result<(), $crate::config::ConfigError> {
+                let bad = |why: String| $crate::config::ConfigError::Value { key: key.to_owned(), value: value.to_owned(), why };
+                match key {
+                    $( stringify!($name) => self.$name = $crate::config::value::FromSetting::from_setting(value).map_err(bad)?, )+
+                    _ => return Err($crate::config::ConfigError::UnknownKey(key.to_owned())),
+                }
+                Ok(())
+            }
+        }
+    };
+    (@flag) => { None };
+    (@flag $flag:literal) => { Some($flag) };
+}
+pub(crate) use settings;

@@ -1,0 +1,33 @@
+//! The operations endpoint (axum): `GET /metrics` (Prometheus text) and `GET /healthz`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::watch::update_gauges;
+use crate::Shared;
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    update_gauges(&shared);
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render())
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Serves the endpoint on `listener` until shutdown.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let shutdown = shared.shutdown.clone();
+    let app =
+        Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).with_state(shared);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        warn!(error = %e, "metrics endpoint stopped");
+    }
+}

@@ -1,0 +1,265 @@
+//! Why a connection was refused ([`Refusal`]) and why a session closed ([`CloseReason`]): what
+//! the broker counts, logs and tests. Each has a `label()`, the one place its metric label is
+//! spelled (the smaller label sets, caps and reload outcomes, are in `metrics`).
+//!
+//! The label set is part of the broker's interface (dashboards and alerts key on it): a variant
+//! may be added, never renamed.
+
+use rumqttc::mqttbytes::v4::ConnectReturnCode;
+
+/// Why a connection was not admitted: `fleet_handshakes_total{outcome="refused",reason}` (or
+/// `fleet_connections_rejected_total{reason}` for the accept-time ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Too many connections from one address still before admission (at accept).
+    SourceLimit,
+    /// The broker's connection cap (at accept).
+    MaxConnections,
+    /// No TLS handshake within the deadline.
+    HandshakeTimeout,
+    /// The peer closed or reset during the handshake or before CONNECT.
+    PeerClosed,
+    /// Another socket error during the handshake.
+    Io,
+    /// The client presented no certificate.
+    NoCertificate,
+    /// Certificate past notAfter.
+    Expired,
+    /// Certificate before notBefore.
+    NotYetValid,
+    /// Certificate revoked (CRL, registry or the revocation feed).
+    Revoked,
+    /// Certificate not issued by the device issuing CA.
+    UnknownCa,
+    /// A signature in the chain or the handshake does not verify.
+    BadSignature,
+    /// No extendedKeyUsage clientAuth.
+    WrongPurpose,
+    /// The CRL is past nextUpdate and the policy is fail-closed.
+    CrlExpired,
+    /// Revocation status could not be determined.
+    RevocationUnknown,
+    /// A CA certificate presented as a client.
+    CaAsClient,
+    /// Any other certificate defect.
+    BadCertificate,
+    /// No protocol version, cipher suite or group in common.
+    Incompatible,
+    /// A malformed TLS message.
+    Malformed,
+    /// The peer sent a fatal alert.
+    PeerAlert,
+    /// Any other TLS error.
+    TlsError,
+    /// The certificate names no (or an ambiguous) fleetgate identity, or the registry disagrees
+    /// with it.
+    BadIdentity,
+    /// The certificate's serial is not in the registry.
+    UnknownDevice,
+    /// The registry could not be asked.
+    RegistryUnavailable,
+    /// The first packet was not a valid CONNECT.
+    ProtocolError,
+    /// No CONNECT within the deadline.
+    ConnectTimeout,
+    /// The CONNECT client id is not the certificate's device id.
+    ClientIdMismatch,
+}
+
+impl Refusal {
+    /// Every refusal (for tests and dashboards).
+    pub const ALL: [Refusal; 26] = [
+        Self::SourceLimit,
+        Self::MaxConnections,
+        Self::HandshakeTimeout,
+        Self::PeerClosed,
+        Self::Io,
+        Self::NoCertificate,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Revoked,
+        Self::UnknownCa,
+        Self::BadSignature,
+        Self::WrongPurpose,
+        Self::CrlExpired,
+        Self::RevocationUnknown,
+        Self::CaAsClient,
+        Self::BadCertificate,
+        Self::Incompatible,
+        Self::Malformed,
+        Self::PeerAlert,
+        Self::TlsError,
+        Self::BadIdentity,
+        Self::UnknownDevice,
+        Self::RegistryUnavailable,
+        Self::ProtocolError,
+        Self::ConnectTimeout,
+        Self::ClientIdMismatch,
+    ];
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::SourceLimit => "source_limit",
+            Self::MaxConnections => "max_connections",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::PeerClosed => "peer_closed",
+            Self::Io => "io",
+            Self::NoCertificate => "no_certificate",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::UnknownCa => "unknown_ca",
+            Self::BadSignature => "bad_signature",
+            Self::WrongPurpose => "wrong_purpose",
+            Self::CrlExpired => "crl_expired",
+            Self::RevocationUnknown => "revocation_unknown",
+            Self::CaAsClient => "ca_as_client",
+            Self::BadCertificate => "bad_certificate",
+            Self::Incompatible => "incompatible",
+            Self::Malformed => "malformed",
+            Self::PeerAlert => "peer_alert",
+            Self::TlsError => "tls_error",
+            Self::BadIdentity => "bad_identity",
+            Self::UnknownDevice => "unknown_device",
+            Self::RegistryUnavailable => "registry_unavailable",
+            Self::ProtocolError => "protocol_error",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::ClientIdMismatch => "client_id_mismatch",
+        }
+    }
+
+    /// The CONNACK return code a client refused at CONNECT gets: "try later" when the broker
+    /// cannot decide, "bad client id" for a mismatch, "not authorised" otherwise.
+    pub fn connack(self) -> ConnectReturnCode {
+        match self {
+            Self::CrlExpired | Self::RegistryUnavailable => ConnectReturnCode::ServiceUnavailable,
+            Self::ClientIdMismatch => ConnectReturnCode::BadClientId,
+            _ => ConnectReturnCode::NotAuthorized,
+        }
+    }
+}
+
+/// Why an admitted session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client sent DISCONNECT or closed its socket.
+    ClientGone,
+    /// The broker is stopping.
+    Shutdown,
+    /// Its certificate was revoked (cut by the revocation feed).
+    Revoked,
+    /// A new connection of the same device replaced it.
+    Takeover,
+    /// Its certificate passed notAfter.
+    CertExpired,
+    /// The peer accepted no bytes for the write timeout.
+    WriteTimeout,
+    /// A PUBLISH topic over the configured length or depth.
+    TopicLimit,
+    /// A retained message over the per-device count.
+    RetainedPerDevice,
+    /// A retained message over the broker-wide byte budget.
+    RetainedBytes,
+    /// A packet over the maximum packet size.
+    PacketTooLarge,
+    /// Bytes that are not MQTT 3.1.1.
+    MalformedPacket,
+    /// No packet for 1.5 keep-alive periods.
+    KeepaliveTimeout,
+    /// QoS 2 is not supported.
+    Qos2Unsupported,
+    /// A second CONNECT.
+    SecondConnect,
+    /// A packet a client never sends (CONNACK, SUBACK...).
+    UnexpectedPacket,
+    /// A packet the broker could not encode.
+    Encode,
+    /// A QoS 1 PUBLISH the ACL refuses (no PUBACK to withhold otherwise).
+    AclDenied,
+    /// The store failed to commit a QoS 1 message.
+    StoreFailed,
+}
+
+/// Which counter a close is counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCounter {
+    /// `fleet_kicks_total{reason}`: the broker cut the session.
+    Kick,
+    /// `fleet_protocol_errors_total{reason}`: the client broke the protocol.
+    Protocol,
+    /// Not counted (the client left, the broker stopped, or the cause is counted elsewhere).
+    None,
+}
+
+impl CloseReason {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::ClientGone => "client_gone",
+            Self::Shutdown => "shutdown",
+            Self::Revoked => "revoked",
+            Self::Takeover => "takeover",
+            Self::CertExpired => "cert_expired",
+            Self::WriteTimeout => "write_timeout",
+            Self::TopicLimit => "topic_limit",
+            Self::RetainedPerDevice => "retained_per_device",
+            Self::RetainedBytes => "retained_bytes",
+            Self::PacketTooLarge => "packet_too_large",
+            Self::MalformedPacket => "malformed_packet",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::Qos2Unsupported => "qos2_unsupported",
+            Self::SecondConnect => "second_connect",
+            Self::UnexpectedPacket => "unexpected_packet",
+            Self::Encode => "encode",
+            Self::AclDenied => "acl",
+            Self::StoreFailed => "store_failed",
+        }
+    }
+
+    /// The counter it goes to.
+    pub fn counter(self) -> CloseCounter {
+        match self {
+            Self::Revoked
+            | Self::Takeover
+            | Self::CertExpired
+            | Self::WriteTimeout
+            | Self::TopicLimit
+            | Self::RetainedPerDevice
+            | Self::RetainedBytes => CloseCounter::Kick,
+            Self::PacketTooLarge
+            | Self::MalformedPacket
+            | Self::KeepaliveTimeout
+            | Self::Qos2Unsupported
+            | Self::SecondConnect
+            | Self::UnexpectedPacket
+            | Self::Encode => CloseCounter::Protocol,
+            Self::ClientGone | Self::Shutdown | Self::AclDenied | Self::StoreFailed => CloseCounter::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_unique_metric_label_values() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Refusal::ALL {
+            let l = r.label();
+            assert!(seen.insert(l), "{l} twice");
+            assert!(l.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{l}");
+        }
+    }
+
+    #[test]
+    fn refusals_that_the_client_may_retry_say_so() {
+        assert_eq!(Refusal::RegistryUnavailable.connack(), ConnectReturnCode::ServiceUnavailable);
+        assert_eq!(Refusal::CrlExpired.connack(), ConnectReturnCode::ServiceUnavailable);
+        assert_eq!(Refusal::ClientIdMismatch.connack(), ConnectReturnCode::BadClientId);
+        assert_eq!(Refusal::Revoked.connack(), ConnectReturnCode::NotAuthorized);
+    }
+}

@@ -1,0 +1,80 @@
+//! CONNECT binding: the first packet must be a CONNECT, within the deadline, and its client id
+//! must be the certificate's device id (or empty, and then it is assigned). A refused client
+//! gets one exit: the metric, one log line, a CONNACK with the refusal's code when it got as far
+//! as CONNECT, then close_notify.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, Packet};
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+use super::conn::Conn;
+use crate::auth::Identity;
+use crate::outcome::Refusal;
+use crate::Shared;
+
+/// A connection that will not become a session.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused {
+    /// Why.
+    pub(crate) refusal: Refusal,
+    /// Whether the client sent a CONNECT and so expects a CONNACK.
+    pub(crate) connack: bool,
+}
+
+/// A bound session: who, and its keep-alive.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub(crate) id: Identity,
+    pub(crate) keep_alive: Duration,
+}
+
+/// Reads the CONNECT and binds it to the admission's identity.
+pub(crate) async fn bind(
+    shared: &Shared,
+    conn: &mut Conn,
+    admission: Result<Identity, Refusal>,
+) -> Result<(Bound, Connect), (Refused, Option<Connect>)> {
+    let early = |refusal| (Refused { refusal, connack: false }, None);
+    let connect = match timeout(shared.config.connect_timeout(), conn.read_packet()).await {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(_))) | Ok(Err(_)) => return Err(early(Refusal::ProtocolError)),
+        Ok(Ok(None)) => return Err(early(Refusal::PeerClosed)),
+        Err(_) => return Err(early(Refusal::ConnectTimeout)),
+    };
+    let id = match admission {
+        Ok(id) => id,
+        Err(refusal) => return Err((Refused { refusal, connack: true }, Some(connect))),
+    };
+    if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
+        return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
+    }
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+    Ok((Bound { id, keep_alive }, connect))
+}
+
+impl Refused {
+    /// The one exit of every refused connection.
+    pub(crate) async fn finish(
+        self,
+        shared: &Shared,
+        conn: &mut Conn,
+        peer: SocketAddr,
+        cert: &[u8],
+        connect: Option<&Connect>,
+    ) {
+        shared.metrics.refused(self.refusal);
+        let reason = self.refusal.label();
+        if !self.connack {
+            debug!(%peer, reason, "connection closed before CONNECT");
+            return;
+        }
+        let client_id = connect.map_or("", |c| c.client_id.as_str());
+        let serial = super::admit::serial_hex(cert);
+        warn!(%peer, %serial, %client_id, reason, "connection refused");
+        let _ = conn.send(Packet::ConnAck(ConnAck::new(self.refusal.connack(), false))).await;
+        conn.close(Duration::from_secs(1)).await;
+    }
+}

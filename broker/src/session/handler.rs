@@ -1,0 +1,284 @@
+//! The MQTT session of an admitted client: one `select!` over the socket, the queue of routed
+//! messages, the store's acknowledgements, timers, the kick and the shutdown.
+//!
+//! A [`Session`] is split in two: what it is ([`Ctx`]: identity, limits, kick; read-only) and
+//! what it holds ([`State`]: the connection, queues, subscriptions). Packet handling borrows the
+//! state mutably while the kick and the shutdown are watched through the context, so a stuck
+//! write never delays a revocation, a takeover or a shutdown.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
+use rumqttc::mqttbytes::v4::{
+    Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+use rumqttc::mqttbytes::QoS;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tracing::warn;
+
+use super::conn::{Conn, IDLE_RELEASE};
+use super::table::Kick;
+use crate::auth::{self, Identity};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{AclAction, Limit};
+use crate::outcome::CloseReason;
+use crate::{now_millis, now_unix, Shared};
+use fleet_registry::{Role, Telemetry};
+
+/// Most QoS 1 messages awaiting their store commit before the session stops reading.
+const MAX_PENDING_ACKS: usize = 1024;
+/// Longest single timer for the certificate-expiry check (tokio timers cap at ~2 years).
+const EXPIRY_RECHECK: Duration = Duration::from_secs(86_400);
+
+type PendingAck = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
+
+/// What a session is: fixed for its life.
+pub(crate) struct Ctx<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) id: Identity,
+    pub(crate) conn_id: u64,
+    pub(crate) keep_alive: Duration,
+    pub(crate) kick: Kick,
+}
+
+/// What a session holds.
+pub(crate) struct State {
+    conn: Conn,
+    tx: mpsc::Sender<Box<Publish>>,
+    pending: FuturesOrdered<PendingAck>,
+    /// Filters held, for the subscription cap.
+    subs: HashSet<String>,
+    acl_log: LogLimiter,
+    limit_log: LogLimiter,
+    next_pkid: u16,
+}
+
+/// Runs `f` unless the session is kicked or the broker stops first.
+async fn guarded<T>(
+    ctx: &Ctx<'_>,
+    f: impl Future<Output = Result<T, CloseReason>>,
+) -> Result<T, CloseReason> {
+    tokio::select! {
+        biased;
+        _ = ctx.kick.cut_done() => Err(ctx.kick.reason().unwrap_or(CloseReason::Revoked)),
+        _ = ctx.shared.shutdown.cancelled() => Err(CloseReason::Shutdown),
+        r = f => r,
+    }
+}
+
+/// When the certificate's notAfter passes, or the next re-check (whichever is first).
+fn expiry_check_at(not_after: i64) -> Instant {
+    let left = u64::try_from(not_after.saturating_sub(now_unix())).unwrap_or(0);
+    Instant::now() + Duration::from_secs(left).min(EXPIRY_RECHECK)
+}
+
+/// Runs the session until it ends; returns why, and the connection to close. The CONNACK has
+/// been sent.
+pub(crate) async fn run(ctx: &Ctx<'_>, conn: Conn) -> (CloseReason, Conn) {
+    let (tx, mut rx) = mpsc::channel::<Box<Publish>>(ctx.shared.config.max_queued_messages);
+    let every = ctx.shared.config.log_interval();
+    let mut st = State {
+        conn,
+        tx,
+        pending: FuturesOrdered::new(),
+        subs: HashSet::new(),
+        acl_log: LogLimiter::new(every),
+        limit_log: LogLimiter::new(every),
+        next_pkid: 0,
+    };
+    let end = st.select_loop(ctx, &mut rx).await;
+    (end, st.conn)
+}
+
+impl State {
+    async fn select_loop(&mut self, ctx: &Ctx<'_>, rx: &mut mpsc::Receiver<Box<Publish>>) -> CloseReason {
+        // MQTT 3.1.1 §3.1.2.10: the server closes after 1.5 keep-alive periods without a packet.
+        let grace = ctx.keep_alive.mul_f64(1.5);
+        let mut deadline = Instant::now() + grace;
+        let mut idle_at = Instant::now() + IDLE_RELEASE;
+        let mut expiry_at = expiry_check_at(ctx.id.not_after);
+        loop {
+            // Packets already buffered are handled before reading more.
+            match self.conn.parse() {
+                Err(end) => return end,
+                Ok(Some(p)) => {
+                    if !ctx.keep_alive.is_zero() {
+                        deadline = Instant::now() + grace;
+                    }
+                    // Boxed: an idle session should not carry the state of packet handling.
+                    let handled = Box::pin(self.handle_packet(ctx, p));
+                    match guarded(ctx, handled).await {
+                        Ok(()) => continue,
+                        Err(end) => return end,
+                    }
+                }
+                Ok(None) => {}
+            }
+            tokio::select! {
+                biased;
+                _ = ctx.kick.cut_done() => return ctx.kick.reason().unwrap_or(CloseReason::Revoked),
+                _ = ctx.shared.shutdown.cancelled() => return CloseReason::Shutdown,
+                _ = sleep_until(expiry_at) => {
+                    if now_unix() >= ctx.id.not_after {
+                        ctx.kick.cut(CloseReason::CertExpired);
+                        return CloseReason::CertExpired;
+                    }
+                    expiry_at = expiry_check_at(ctx.id.not_after);
+                }
+                Some(first) = self.pending.next(), if !self.pending.is_empty() => {
+                    // A group commit completes many messages at once: their PUBACKs leave in
+                    // one write, in order, stopping at the first that was not stored.
+                    let mut acks = vec![first];
+                    while let Some(Some(done)) = self.pending.next().now_or_never() {
+                        acks.push(done);
+                    }
+                    if let Err(end) = guarded(ctx, self.conn.send_acks(&acks)).await {
+                        return end;
+                    }
+                }
+                r = self.conn.read_more(), if self.pending.len() < MAX_PENDING_ACKS => match r {
+                    Ok(true) => idle_at = Instant::now() + IDLE_RELEASE,
+                    Ok(false) | Err(_) => return CloseReason::ClientGone,
+                },
+                _ = sleep_until(idle_at), if self.conn.holds_buffers() => {
+                    self.conn.release_buffers();
+                    idle_at = Instant::now() + IDLE_RELEASE;
+                }
+                Some(p) = rx.recv() => {
+                    let mut p = *p;
+                    if p.qos == QoS::AtLeastOnce {
+                        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+                        p.pkid = self.next_pkid;
+                    }
+                    if let Err(end) = guarded(ctx, self.conn.send(Packet::Publish(p))).await {
+                        return end;
+                    }
+                }
+                _ = sleep_until(deadline), if !ctx.keep_alive.is_zero() => return CloseReason::KeepaliveTimeout,
+            }
+        }
+    }
+
+    /// Counts a cap hit and logs it (rate-limited per session).
+    fn limit_hit(&mut self, ctx: &Ctx<'_>, limit: Limit, what: &str) {
+        ctx.shared.metrics.limit(limit);
+        if let Some(skipped) = self.limit_log.allow() {
+            warn!(device = %ctx.id.id, limit = limit.label(), what, skipped, "limit reached");
+        }
+    }
+
+    /// Counts an ACL refusal and logs it (rate-limited per session).
+    fn acl_denied(&mut self, ctx: &Ctx<'_>, action: AclAction, what: &str) {
+        ctx.shared.metrics.acl_denied(action);
+        if let Some(skipped) = self.acl_log.allow() {
+            match action {
+                AclAction::Publish => {
+                    warn!(device = %ctx.id.id, topic = what, skipped, "publish refused by ACL")
+                }
+                AclAction::Subscribe => {
+                    warn!(device = %ctx.id.id, filter = what, skipped, "subscribe refused by ACL")
+                }
+            }
+        }
+    }
+
+    async fn handle_packet(&mut self, ctx: &Ctx<'_>, packet: Packet) -> Result<(), CloseReason> {
+        match packet {
+            Packet::Publish(p) => self.publish(ctx, p).await,
+            Packet::Subscribe(s) => self.subscribe(ctx, s).await,
+            Packet::Unsubscribe(u) => self.unsubscribe(ctx, u).await,
+            Packet::PingReq => self.conn.send(Packet::PingResp).await,
+            Packet::Disconnect => Err(CloseReason::ClientGone),
+            Packet::PubAck(_) => Ok(()),
+            Packet::Connect(_) => Err(CloseReason::SecondConnect),
+            _ => Err(CloseReason::UnexpectedPacket),
+        }
+    }
+
+    async fn publish(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
+        let shared = ctx.shared;
+        shared.metrics.messages_received.inc();
+        if !shared.topic_within(&p.topic) {
+            self.limit_hit(ctx, Limit::Topic, &p.topic);
+            return Err(CloseReason::TopicLimit);
+        }
+        if !auth::may_publish(&ctx.id, &p.topic) {
+            self.acl_denied(ctx, AclAction::Publish, &p.topic);
+            // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
+            return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(CloseReason::AclDenied) };
+        }
+        if p.qos == QoS::ExactlyOnce {
+            return Err(CloseReason::Qos2Unsupported);
+        }
+        // Routed first (subscribers get copies), then the publish itself moves to the store.
+        if let Err(refused) = shared.router.route(&p, &shared.metrics) {
+            self.limit_hit(ctx, refused.limit(), &p.topic);
+            return Err(refused.close_reason());
+        }
+        let (pkid, qos) = (p.pkid, p.qos);
+        // Devices' telemetry is stored; services' commands are only routed.
+        if ctx.id.role == Role::Device {
+            let row = Telemetry {
+                device_id: ctx.id.id.clone(),
+                topic: p.topic,
+                payload: p.payload,
+                qos: qos as u8,
+                received_at: now_millis(),
+            };
+            if qos == QoS::AtLeastOnce {
+                let done = shared.store.submit(row).await;
+                self.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
+            } else {
+                shared.store.submit_nowait(row).await;
+            }
+        } else if qos == QoS::AtLeastOnce {
+            self.pending.push_back(Box::pin(async move { (pkid, true) }));
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, ctx: &Ctx<'_>, s: Subscribe) -> Result<(), CloseReason> {
+        let shared = ctx.shared;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for f in &s.filters {
+            let full = !self.subs.contains(&f.path)
+                && self.subs.len() >= shared.config.max_subscriptions_per_session;
+            if !shared.topic_within(&f.path) {
+                self.limit_hit(ctx, Limit::Topic, &f.path);
+                codes.push(SubscribeReasonCode::Failure);
+            } else if !auth::may_subscribe(&ctx.id, &f.path) {
+                self.acl_denied(ctx, AclAction::Subscribe, &f.path);
+                codes.push(SubscribeReasonCode::Failure);
+            } else if full {
+                self.limit_hit(ctx, Limit::Subscriptions, &f.path);
+                codes.push(SubscribeReasonCode::Failure);
+            } else {
+                let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                retained.extend(shared.router.subscribe(ctx.conn_id, &f.path, qos, self.tx.clone()));
+                self.subs.insert(f.path.clone());
+                codes.push(SubscribeReasonCode::Success(qos));
+            }
+        }
+        self.conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+        for mut p in retained {
+            p.qos = QoS::AtMostOnce;
+            p.retain = true;
+            self.conn.send(Packet::Publish(p)).await?;
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
+        for f in &u.topics {
+            ctx.shared.router.unsubscribe(ctx.conn_id, f);
+            self.subs.remove(f);
+        }
+        self.conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+    }
+}

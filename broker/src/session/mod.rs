@@ -1,0 +1,91 @@
+//! One task per connection, in phases: the TLS handshake and admission ([`admit`]), CONNECT
+//! binding ([`connect`]), then the MQTT session ([`handler`]) until the client leaves, the broker
+//! cuts it ([`table`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and
+//! its buffers.
+
+pub(crate) mod admit;
+pub(crate) mod conn;
+pub(crate) mod connect;
+pub(crate) mod handler;
+pub(crate) mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::listener::PreAdmissionSlot;
+use crate::outcome::{CloseCounter, CloseReason};
+use crate::Shared;
+use conn::Conn;
+use table::{Kick, LiveSession};
+
+pub(crate) type Tls = TlsStream<TcpStream>;
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    pre_admission: PreAdmissionSlot,
+) {
+    let tls = match Box::pin(admit::handshake(&shared, sock, peer)).await {
+        Ok(tls) => tls,
+        Err(Some(refusal)) => return shared.metrics.refused(refusal),
+        Err(None) => return,
+    };
+    let cert = match admit::peer_certificate(&tls) {
+        Ok(c) => c,
+        Err(refusal) => return shared.metrics.refused(refusal),
+    };
+    // Boxed, like the session below: the registry query and the session loop are big futures
+    // that are never live together, and a connection task should only carry the one it is in.
+    let admission = Box::pin(admit::admit(&shared, &cert)).await;
+    let mut conn = Conn::new(tls, shared.config.max_packet_size, shared.config.write_timeout());
+    let bound = match connect::bind(&shared, &mut conn, admission).await {
+        Ok((bound, _connect)) => bound,
+        Err((refused, connect)) => {
+            return refused.finish(&shared, &mut conn, peer, &cert, connect.as_ref()).await
+        }
+    };
+    drop(cert);
+    drop(pre_admission);
+
+    let id = bound.id;
+    let kick = Kick::default();
+    let live = LiveSession { conn_id, serial: id.serial.clone(), kick: kick.clone() };
+    if let Some(old) = shared.sessions.register(&id.id, live) {
+        info!(device = %id.id, "a new connection replaces the live session of this device");
+        old.cut(CloseReason::Takeover);
+    }
+    // A revocation that landed between the admission query and registration is cut by
+    // `register` (the feed reported it already) or by the feed (it reports it later).
+    shared.metrics.accepted();
+    shared.metrics.sessions_live.inc();
+    info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
+    let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive: bound.keep_alive, kick };
+    let (end, mut conn) =
+        match conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await {
+            Ok(()) => Box::pin(handler::run(&ctx, conn)).await,
+            Err(end) => (end, conn),
+        };
+    shared.router.remove_connection(conn_id);
+    shared.sessions.remove(&ctx.id.id, conn_id);
+    shared.metrics.sessions_live.dec();
+    shared.metrics.closed(end);
+    let (device, reason) = (&ctx.id.id, end.label());
+    match end.counter() {
+        CloseCounter::Kick if end == CloseReason::WriteTimeout => {
+            warn!(%device, reason, "session closed: the peer accepts no data");
+        }
+        CloseCounter::Kick => info!(%device, serial = %ctx.id.serial, reason, "session cut"),
+        CloseCounter::Protocol => info!(%device, reason, "session closed for a protocol violation"),
+        CloseCounter::None => debug!(%device, reason, "session ended"),
+    }
+    conn.close(Duration::from_secs(1)).await;
+}

@@ -1,0 +1,189 @@
+//! The live-session table: at most one session per device id, and the revocation race.
+//!
+//! The table also remembers every serial the revocation feed has reported since the broker
+//! started, under the same lock as the sessions: a session registered after its serial was
+//! reported is cut at registration, one registered before is cut by the feed. That closes the
+//! window between the admission query and registration without a second registry round trip per
+//! admission.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use fleet_registry::{DeviceId, SerialNumber};
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::CloseReason;
+
+/// Cuts a session, remembering why (the first reason wins).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Kick {
+    token: CancellationToken,
+    reason: Arc<OnceLock<CloseReason>>,
+}
+
+impl Kick {
+    /// Cuts the session for `reason` (a later cut keeps the first reason).
+    pub(crate) fn cut(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Completes once the session is cut.
+    pub(crate) async fn cut_done(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Why it was cut, once it was.
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        self.reason.get().copied()
+    }
+
+    /// Whether it was cut.
+    #[cfg(test)]
+    pub(crate) fn is_cut(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+/// One live session, as the table knows it.
+#[derive(Debug, Clone)]
+pub(crate) struct LiveSession {
+    /// The connection running it.
+    pub(crate) conn_id: u64,
+    /// The certificate it was admitted with.
+    pub(crate) serial: SerialNumber,
+    /// How to cut it.
+    pub(crate) kick: Kick,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    live: HashMap<DeviceId, LiveSession>,
+    revoked: HashSet<SerialNumber>,
+}
+
+/// Live sessions by device id.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    inner: Mutex<Inner>,
+}
+
+impl Sessions {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Single inserts/removes: a poisoned map is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session, returning the kick handle of the one it replaces. A session whose
+    /// serial the feed already reported as revoked is cut at once.
+    pub(crate) fn register(&self, id: &DeviceId, s: LiveSession) -> Option<Kick> {
+        let mut m = self.lock();
+        if m.revoked.contains(&s.serial) {
+            s.kick.cut(CloseReason::Revoked);
+        }
+        m.live.insert(id.clone(), s).map(|old| old.kick)
+    }
+
+    /// Forgets the session of `id` if connection `conn_id` still runs it (a takeover may have
+    /// replaced it already).
+    pub(crate) fn remove(&self, id: &DeviceId, conn_id: u64) {
+        let mut m = self.lock();
+        if m.live.get(id).is_some_and(|s| s.conn_id == conn_id) {
+            m.live.remove(id);
+        }
+    }
+
+    /// Records that certificate `serial` of `id` is revoked and cuts the session running on it,
+    /// if any. Returns whether one was cut.
+    pub(crate) fn kick_serial(&self, id: &DeviceId, serial: &SerialNumber) -> bool {
+        let mut m = self.lock();
+        m.revoked.insert(serial.clone());
+        match m.live.get(id) {
+            Some(s) if &s.serial == serial => {
+                s.kick.cut(CloseReason::Revoked);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// True if the feed has reported `serial` as revoked.
+    pub(crate) fn is_revoked(&self, serial: &SerialNumber) -> bool {
+        self.lock().revoked.contains(serial)
+    }
+
+    /// Number of live sessions.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().live.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).expect("id")
+    }
+
+    fn session(conn_id: u64, serial: &SerialNumber) -> LiveSession {
+        LiveSession { conn_id, serial: serial.clone(), kick: Kick::default() }
+    }
+
+    #[test]
+    fn a_revocation_reported_before_registration_cuts_at_registration() {
+        let t = Sessions::default();
+        let serial = SerialNumber::random();
+        assert!(!t.kick_serial(&id("d"), &serial), "nothing live to cut yet");
+        let s = session(1, &serial);
+        assert!(t.register(&id("d"), s.clone()).is_none());
+        assert!(s.kick.is_cut());
+        assert_eq!(s.kick.reason(), Some(CloseReason::Revoked));
+        assert!(t.is_revoked(&serial));
+    }
+
+    #[test]
+    fn a_revocation_reported_after_registration_cuts_the_live_session() {
+        let t = Sessions::default();
+        let serial = SerialNumber::random();
+        let s = session(1, &serial);
+        t.register(&id("d"), s.clone());
+        assert!(!s.kick.is_cut());
+        assert!(t.kick_serial(&id("d"), &serial));
+        assert_eq!(s.kick.reason(), Some(CloseReason::Revoked));
+    }
+
+    #[test]
+    fn another_certificates_revocation_leaves_the_session_alone() {
+        let t = Sessions::default();
+        let (old, new) = (SerialNumber::random(), SerialNumber::random());
+        let s = session(1, &new);
+        t.register(&id("d"), s.clone());
+        assert!(!t.kick_serial(&id("d"), &old), "superseded certificate, not this session's");
+        assert!(!s.kick.is_cut());
+    }
+
+    #[test]
+    fn takeover_returns_the_old_session_and_only_the_owner_removes_itself() {
+        let t = Sessions::default();
+        let serial = SerialNumber::random();
+        let first = session(1, &serial);
+        t.register(&id("d"), first.clone());
+        let old = t.register(&id("d"), session(2, &serial)).expect("replaced");
+        old.cut(CloseReason::Takeover);
+        assert_eq!(first.kick.reason(), Some(CloseReason::Takeover));
+        t.remove(&id("d"), 1); // the replaced connection ends: must not remove its successor
+        assert_eq!(t.len(), 1);
+        t.remove(&id("d"), 2);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn the_first_reason_wins() {
+        let k = Kick::default();
+        k.cut(CloseReason::Takeover);
+        k.cut(CloseReason::Revoked);
+        assert_eq!(k.reason(), Some(CloseReason::Takeover));
+    }
+}

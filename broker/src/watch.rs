@@ -1,0 +1,116 @@
+//! What the broker watches while it runs: the registry's revocation feed (cut sessions, forget
+//! cached verdicts, clear retained messages) and the TLS files (reload the certificate, client CA
+//! and CRL without touching live sessions, never to an older CRL).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_registry::RevocationFeed;
+use tracing::{error, info, warn};
+
+use crate::metrics::Reload;
+use crate::{now_unix, tls, Shared};
+
+/// Cuts the sessions of every revocation the feed reports, until shutdown.
+pub(crate) async fn revocations(shared: Arc<Shared>, mut feed: RevocationFeed) {
+    let poll = Duration::from_millis(shared.config.revocation_poll_ms);
+    let mut registry_down = false;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = feed.changed(poll) => {}
+        }
+        match feed.next_batch().await {
+            Ok(events) => {
+                for ev in events {
+                    shared.metrics.revocations_seen.inc();
+                    shared.admissions.revoked(&ev.serial);
+                    if shared.sessions.kick_serial(&ev.device_id, &ev.serial) {
+                        info!(device = %ev.device_id, serial = %ev.serial, "revoked: cutting live session");
+                    }
+                    let cleared = shared.router.clear_retained(ev.device_id.as_str());
+                    if cleared > 0 {
+                        info!(device = %ev.device_id, cleared, "revoked: retained messages cleared");
+                    }
+                }
+                shared.admissions.feed_ok();
+                if registry_down {
+                    info!("registry reachable again: revocation watch resumed");
+                    registry_down = false;
+                }
+            }
+            Err(e) => {
+                if !registry_down {
+                    warn!(error = %e, "revocation poll failed: registry unavailable; retrying");
+                    registry_down = true;
+                }
+            }
+        }
+    }
+}
+
+/// Reloads TLS material when its files change; refreshes the expiry gauges.
+pub(crate) async fn files(shared: Arc<Shared>) {
+    let every = Duration::from_millis(shared.config.reload_poll_ms);
+    let mut last_failed = None;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        // Picks up a CRL that appeared after start (`revoke` writes HOME/crl.pem); a CRL file
+        // that was there at start and is gone is an error, never "no CRL".
+        let mut paths = shared.tls_paths.clone();
+        if paths.crl.is_none() {
+            paths.crl = shared.config.crl_path();
+        }
+        let fp = paths.fingerprint();
+        if fp != shared.tls.load().fingerprint && Some(&fp) != last_failed.as_ref() {
+            let outcome = reload(&shared, &paths);
+            shared.metrics.reload(outcome);
+            last_failed = (outcome != Reload::Loaded).then_some(fp);
+        }
+        update_gauges(&shared);
+    }
+}
+
+fn reload(shared: &Shared, paths: &tls::TlsPaths) -> Reload {
+    match tls::build(paths) {
+        Ok(state) if tls::crl_replayed(shared.tls.load().crl.as_ref(), state.crl.as_ref()) => {
+            error!(
+                loaded = ?shared.tls.load().crl.as_ref().and_then(|c| c.number),
+                offered = ?state.crl.as_ref().and_then(|c| c.number),
+                "CRL refused: its number is lower than the loaded CRL's (an old CRL replayed?); keeping the loaded one"
+            );
+            Reload::Replayed
+        }
+        Ok(state) => {
+            info!(crl = ?state.crl, "TLS configuration reloaded");
+            shared.tls.store(Arc::new(state));
+            Reload::Loaded
+        }
+        Err(e) => {
+            error!(error = %e, "TLS reload refused; keeping the previous configuration");
+            Reload::Rejected
+        }
+    }
+}
+
+/// Sets the CRL and certificate-expiry gauges from the TLS state in force.
+pub(crate) fn update_gauges(shared: &Shared) {
+    let now = now_unix();
+    let state = shared.tls.load();
+    let m = &shared.metrics;
+    m.crl_number
+        .set(state.crl.as_ref().and_then(|c| c.number).map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
+    match &state.crl {
+        Some(crl) => {
+            m.crl_age_seconds.set(now - crl.this_update);
+            m.crl_next_update_seconds.set(crl.next_update.map_or(i64::MAX, |n| n - now));
+            m.crl_expired.set(i64::from(crl.expired(now)));
+        }
+        None => m.crl_expired.set(0),
+    }
+    m.cert_expiry_days.with_label_values(&["server"]).set((state.server_not_after - now) / 86_400);
+    m.cert_expiry_days.with_label_values(&["client_ca"]).set((state.client_ca_not_after - now) / 86_400);
+}
