@@ -153,29 +153,17 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         let mut provider = DeviceProvider::new(self.creds, rng, now_unix);
         if let Err(error) = tls.open(TlsContext::new(&config, &mut provider)) {
             let rejection = provider.rejection();
-            #[cfg(feature = "log")]
-            log::warn!(
-                "TLS to {} failed: {:?}, broker rejection: {:?}",
-                self.creds.broker_host,
-                error,
-                rejection
-            );
-            #[cfg(feature = "defmt")]
-            defmt::warn!("TLS failed: {}", defmt::Debug2Format(&(error, rejection)));
+            warn!("TLS to {} failed: {:?}, broker rejection: {:?}", self.creds.broker_host, error, rejection);
             return Err(ClientError::Tls { error, rejection });
         }
         if let Err(rejection) = provider.authenticated() {
             // The server reached its Finished without proving its identity (embedded-tls does
             // not require it). Drop the connection before a single application byte.
-            #[cfg(feature = "log")]
-            log::warn!("{} did not authenticate: {:?}", self.creds.broker_host, rejection);
-            #[cfg(feature = "defmt")]
-            defmt::warn!("broker did not authenticate: {}", defmt::Debug2Format(&rejection));
+            warn!("{} did not authenticate: {:?}", self.creds.broker_host, rejection);
             drop(tls);
             return Err(ClientError::Tls { error: TlsError::InvalidCertificate, rejection: Some(rejection) });
         }
-        #[cfg(feature = "log")]
-        log::info!("mutual TLS to {} established", self.creds.broker_host);
+        info!("mutual TLS to {} established", self.creds.broker_host);
         self.filled = 0;
         self.skip = 0;
         self.session.transport_up(now);

@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
 
+#[macro_use]
+mod fmt;
+
 #[cfg(feature = "tls")]
 pub mod client;
 pub mod credentials;

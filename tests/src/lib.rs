@@ -216,11 +216,53 @@ pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
         .unwrap_or_else(|| panic!("unexpected test binary location {}", exe.display()))
         .to_path_buf();
     for b in binaries {
-        assert!(
-            dir.join(b).is_file(),
-            "{b} is not built in {}: run `cargo build --workspace --bins` (./scripts/test does) first",
-            dir.display()
-        );
+        let bin = dir.join(b);
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap_or_else(|_| {
+            panic!(
+                "{b} is not built in {}: run `cargo build --workspace --bins` (./scripts/test does) first",
+                dir.display()
+            )
+        });
+        // `cargo test -p fleet-tests` does not rebuild other packages' binaries: never test a
+        // stale one.
+        if let Some((newest, path)) = &newest_source(b) {
+            assert!(
+                built >= *newest,
+                "{} is older than {}: run `cargo build --workspace --bins` (./scripts/test does) first",
+                bin.display(),
+                path.display()
+            );
+        }
     }
     dir
+}
+
+/// The most recently modified source of the workspace's binaries.
+fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    let mut stack: Vec<PathBuf> =
+        ["device", "registry", "provisioning", "broker", "firmware-examples/fleet-sim"]
+            .iter()
+            .map(|d| repo.join(d))
+            .collect();
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            if p.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+            continue;
+        }
+        let relevant = p.extension().is_some_and(|e| e == "rs" || e == "sql" || e == "toml");
+        if let (true, Ok(t)) = (relevant, meta.modified()) {
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                newest = Some((t, p));
+            }
+        }
+    }
+    newest
 }

@@ -14,6 +14,15 @@
 
 use heapless::{Deque, String, Vec};
 
+/// The topic scheme, device side (docs/spec): a device publishes under `devices/<id>/<suffix>`
+/// and receives commands on `devices/<id>/commands/<name>`.
+mod topic {
+    /// Before the device id.
+    pub(super) const DEVICES: &str = "devices/";
+    /// Between the device id and a command name.
+    pub(super) const COMMANDS: &str = "/commands/";
+}
+
 use super::codec::{
     decode, decode_publish_head, DecodeError, EncodeError, Packet, Publish, PublishHead, QoS,
     SubscribeFilters,
@@ -304,9 +313,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             self.subscribe_pending = Some(pkid);
             let mut filter: String<96> = String::new();
             // device ids are at most 64 bytes, so this always fits.
-            let _ = filter.push_str("devices/");
+            let _ = filter.push_str(topic::DEVICES);
             let _ = filter.push_str(self.device_id);
-            let _ = filter.push_str("/commands/#");
+            let _ = filter.push_str(topic::COMMANDS);
+            let _ = filter.push('#');
             let list = [(filter.as_str(), QoS::AtLeastOnce)];
             return Packet::Subscribe { pkid, filters: SubscribeFilters::List(&list) }
                 .encode(out)
@@ -332,7 +342,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                     msg.pkid = Some(id);
                 }
                 let mut topic: String<128> = String::new();
-                let _ = topic.push_str("devices/");
+                let _ = topic.push_str(topic::DEVICES);
                 let _ = topic.push_str(self.device_id);
                 let _ = topic.push('/');
                 let _ = topic.push_str(&msg.suffix);
@@ -380,9 +390,9 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
     /// The command name of a topic addressed to this device, if it is one.
     pub fn command_name<'t>(&self, topic: &'t str) -> Option<&'t str> {
         topic
-            .strip_prefix("devices/")
+            .strip_prefix(topic::DEVICES)
             .and_then(|r| r.strip_prefix(self.device_id))
-            .and_then(|r| r.strip_prefix("/commands/"))
+            .and_then(|r| r.strip_prefix(topic::COMMANDS))
     }
 
     /// Consumes one packet from `input`. Returns the bytes used (0: need more input) and any

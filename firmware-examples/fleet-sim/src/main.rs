@@ -122,14 +122,16 @@ fn service_options(dir: &Path, host: &str, port: u16) -> anyhow::Result<MqttOpti
     Ok(o)
 }
 
-/// The id in a certificate's `urn:fleetgate:service:<id>` SAN: a `[6] IA5String` whose length
-/// byte precedes it (ids are at most 64 chars, so the short length form always applies).
+/// The id in a certificate's `urn:fleetgate:service:<id>` SAN URI, read by the X.509 parser.
 fn service_id(der: &[u8]) -> Option<String> {
-    const PREFIX: &[u8] = b"urn:fleetgate:service:";
-    let start = der.windows(PREFIX.len()).position(|w| w == PREFIX)?;
-    let len = usize::from(*der.get(start.checked_sub(1)?)?);
-    let id = der.get(start + PREFIX.len()..start + len)?;
-    std::str::from_utf8(id).ok().filter(|s| !s.is_empty()).map(str::to_owned)
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    const PREFIX: &str = "urn:fleetgate:service:";
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => uri.strip_prefix(PREFIX).filter(|id| !id.is_empty()).map(str::to_owned),
+        _ => None,
+    })
 }
 
 #[derive(Debug, Default, Clone)]

@@ -18,6 +18,33 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use fleet_broker::outcome::{CloseReason, Refusal};
+
+/// `fleet_handshakes_total` series of a refusal.
+pub fn refused(r: Refusal) -> String {
+    format!("fleet_handshakes_total{{outcome=\"refused\",reason=\"{}\"}}", r.label())
+}
+
+/// `fleet_connections_rejected_total` series of an accept-time refusal.
+pub fn rejected(r: Refusal) -> String {
+    format!("fleet_connections_rejected_total{{reason=\"{}\"}}", r.label())
+}
+
+/// `fleet_kicks_total` series of a close the broker made.
+pub fn kicks(c: CloseReason) -> String {
+    format!("fleet_kicks_total{{reason=\"{}\"}}", c.label())
+}
+
+/// `fleet_protocol_errors_total` series of a protocol violation.
+pub fn protocol_errors(c: CloseReason) -> String {
+    format!("fleet_protocol_errors_total{{reason=\"{}\"}}", c.label())
+}
+
+/// The `fleet-broker` binary of this workspace (built by `cargo build --workspace --bins`).
+pub fn broker_bin() -> PathBuf {
+    fleet_tests::workspace_bin_dir(&["fleet-broker"]).join("fleet-broker")
+}
+
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub db: Option<String>,
@@ -92,7 +119,7 @@ pub struct BrokerProc {
 impl BrokerProc {
     pub fn start(fleet: &Fleet, extra: &[&str]) -> BrokerProc {
         let log = fleet.dir.path().join(format!("broker-{}.log", rand_suffix()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-broker"));
+        let mut cmd = Command::new(broker_bin());
         cmd.arg("--home").arg(fleet.home());
         cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]).args(extra);
         if let Some(db) = &fleet.db {
@@ -158,8 +185,8 @@ impl BrokerProc {
     }
 
     /// Waits until `count` connections were refused for `reason` (the handshakes metric).
-    pub async fn wait_refused(&self, reason: &str, count: f64, within: Duration) {
-        let metric = format!("fleet_handshakes_total{{outcome=\"refused\",reason=\"{reason}\"}}");
+    pub async fn wait_refused(&self, reason: Refusal, count: f64, within: Duration) {
+        let metric = refused(reason);
         self.wait_metric(&metric, count, within).await;
     }
 

@@ -108,9 +108,7 @@ async fn a_length_header_claiming_256_mib_closes_the_session_at_once() {
     // PUBLISH, remaining length 268,435,455 (the MQTT maximum), then a trickle of bytes.
     raw.send_raw(&[0x32, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x05]).await.unwrap();
     assert!(raw.closed_within(Duration::from_secs(2)).await, "broker waited for a 256 MiB packet");
-    broker
-        .wait_metric("fleet_protocol_errors_total{reason=\"packet_too_large\"}", 1.0, Duration::from_secs(2))
-        .await;
+    broker.wait_metric(&protocol_errors(CloseReason::PacketTooLarge), 1.0, Duration::from_secs(2)).await;
     // A malformed remaining length (five continuation bytes) is a protocol error, not a hang.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
@@ -160,7 +158,7 @@ async fn a_connect_flood_from_one_source_does_not_lock_out_other_devices() {
     assert!(worst < Duration::from_secs(1), "another device took {worst:?} during the flood");
     assert!(admitted.load(Ordering::Relaxed) >= 20, "the flood itself barely ran");
     // The flood's sessions replaced each other; none is left behind when they are gone.
-    assert!(broker.metric("fleet_kicks_total{reason=\"takeover\"}").await >= 10.0);
+    assert!(broker.metric(&kicks(CloseReason::Takeover)).await >= 10.0);
 }
 
 #[tokio::test]
@@ -197,8 +195,8 @@ async fn half_open_connections_are_reaped_and_do_not_block_admission() {
         );
     }
     assert!(t.elapsed() < Duration::from_secs(4), "reaping took {:?}", t.elapsed());
-    broker.wait_refused("handshake_timeout", 200.0, Duration::from_secs(2)).await;
-    broker.wait_refused("connect_timeout", 50.0, Duration::from_secs(2)).await;
+    broker.wait_refused(Refusal::HandshakeTimeout, 200.0, Duration::from_secs(2)).await;
+    broker.wait_refused(Refusal::ConnectTimeout, 50.0, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -250,13 +248,7 @@ async fn silent_sockets_from_one_address_cannot_take_every_slot() {
     for _ in 0..200 {
         silent.push(tcp_from([127, 0, 3, 1], broker.mqtt).await.unwrap());
     }
-    broker
-        .wait_metric(
-            "fleet_connections_rejected_total{reason=\"source_limit\"}",
-            168.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    broker.wait_metric(&rejected(Refusal::SourceLimit), 168.0, Duration::from_secs(3)).await;
     let t = Instant::now();
     let tcp = tcp_from([127, 0, 3, 2], broker.mqtt).await.unwrap();
     let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device_over(tcp, &fleet.devices[0]))

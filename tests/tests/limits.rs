@@ -91,7 +91,7 @@ async fn a_device_cannot_command_itself_and_revocation_clears_its_retained_messa
     );
     // Revoked: everything retained under devices/a/ is gone; b's stays.
     fleet.revoke(0).await;
-    broker.wait_metric("fleet_kicks_total{reason=\"revoked\"}", 1.0, Duration::from_secs(2)).await;
+    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
     let mut late = service(&broker, &fleet).await;
     assert_eq!(retained_for(&mut late, "devices/+/#", 1).await, [format!("devices/{b}/state")]);
 }
@@ -151,13 +151,11 @@ async fn retained_messages_are_capped_per_device_and_in_total_bytes() {
     }
     raw.send(publish(format!("devices/{a}/s3"), QoS::AtLeastOnce, true, b"x", 9)).await.unwrap();
     assert!(raw.closed_within(Duration::from_secs(2)).await, "a third retained topic was kept");
-    broker
-        .wait_metric("fleet_kicks_total{reason=\"retained_per_device\"}", 1.0, Duration::from_secs(2))
-        .await;
+    broker.wait_metric(&kicks(CloseReason::RetainedPerDevice), 1.0, Duration::from_secs(2)).await;
     let mut raw = connected(&broker, &fleet, 1).await;
     raw.send(publish(format!("devices/{b}/big"), QoS::AtLeastOnce, true, &[7u8; 1990], 1)).await.unwrap();
     assert!(raw.closed_within(Duration::from_secs(2)).await, "retained bytes over the total were kept");
-    broker.wait_metric("fleet_kicks_total{reason=\"retained_bytes\"}", 1.0, Duration::from_secs(2)).await;
+    broker.wait_metric(&kicks(CloseReason::RetainedBytes), 1.0, Duration::from_secs(2)).await;
     // The refused message was neither retained nor stored.
     let mut watcher = service(&broker, &fleet).await;
     assert_eq!(
@@ -193,7 +191,7 @@ async fn topics_over_the_length_or_depth_cap_are_refused() {
     }
     raw.send(publish(format!("devices/{id}/a/b/c/d"), QoS::AtMostOnce, false, b"deep", 0)).await.unwrap();
     assert!(raw.closed_within(Duration::from_secs(2)).await, "a 6-level topic was accepted");
-    broker.wait_metric("fleet_kicks_total{reason=\"topic_limit\"}", 1.0, Duration::from_secs(2)).await;
+    broker.wait_metric(&kicks(CloseReason::TopicLimit), 1.0, Duration::from_secs(2)).await;
     assert_eq!(broker.metric("fleet_limits_total{limit=\"topic\"}").await, 3.0);
 }
 
@@ -246,7 +244,7 @@ async fn a_stuck_write_never_delays_a_revocation() {
     assert!(broker.metric("fleet_messages_dropped_total").await > 0.0, "the device's queue never filled");
     let t = Instant::now();
     fleet.revoke(0).await;
-    broker.wait_metric("fleet_kicks_total{reason=\"revoked\"}", 1.0, Duration::from_secs(2)).await;
+    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
     assert!(t.elapsed() < Duration::from_secs(1), "revocation waited {:?} on a stuck write", t.elapsed());
 }
 
@@ -256,7 +254,7 @@ async fn a_peer_that_accepts_no_bytes_is_closed_after_the_write_timeout() {
     let cfg = config(&fleet, "write_timeout_secs = 1\n");
     let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
     let _clients = stuck_reader(&fleet, &broker).await;
-    broker.wait_metric("fleet_kicks_total{reason=\"write_timeout\"}", 1.0, Duration::from_secs(4)).await;
+    broker.wait_metric(&kicks(CloseReason::WriteTimeout), 1.0, Duration::from_secs(4)).await;
     assert!(broker.log().contains("write_timeout"));
     assert_eq!(broker.metric("fleet_sessions_live").await, 1.0, "only the service is left");
 }

@@ -54,7 +54,7 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
         Some(ConnectReturnCode::ServiceUnavailable)
     );
     assert!(t.elapsed() < Duration::from_secs(4), "refusal took {:?} (registry timeout 2 s)", t.elapsed());
-    broker.wait_refused("registry_unavailable", 1.0, Duration::from_secs(2)).await;
+    broker.wait_refused(Refusal::RegistryUnavailable, 1.0, Duration::from_secs(2)).await;
     assert!(broker.log().contains("registry unavailable"), "log:\n{}", broker.log());
 
     // The database returns; the broker recovers without a restart.

@@ -139,7 +139,7 @@ async fn sdk_is_refused_after_revocation() {
     // Refused at the handshake (fresh CRL) or with CONNACK 5 (registry): never admitted.
     assert!(out.handshake.is_err() || out.connack == Some(5), "revoked device admitted");
     assert_eq!(out.puback, None);
-    broker.wait_refused("revoked", 1.0, Duration::from_secs(3)).await;
+    broker.wait_refused(Refusal::Revoked, 1.0, Duration::from_secs(3)).await;
 }
 
 use fleet_device::client::{Device, Incoming};

@@ -106,7 +106,7 @@ pub(crate) fn program(peer: Peer) -> Result<PathBuf, String> {
     };
     match peer {
         Peer::Bare => std::env::current_exe().map_err(|e| e.to_string()),
-        Peer::FleetBroker => Ok(PathBuf::from(env!("CARGO_BIN_EXE_fleet-broker"))),
+        Peer::FleetBroker => Ok(fleet_tests::workspace_bin_dir(&["fleet-broker"]).join("fleet-broker")),
         Peer::Mosquitto => found(&["mosquitto"]).ok_or_else(|| "not installed (apt-get install mosquitto)".into()),
         Peer::Rumqttd => std::env::var_os("RUMQTTD").map(PathBuf::from).or_else(|| found(&["rumqttd"])).ok_or_else(
             || {

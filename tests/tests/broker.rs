@@ -100,8 +100,8 @@ fn forge(fleet: &Fleet, id: &str, tweak: impl FnOnce(&mut rcgen::CertificatePara
 }
 
 /// Connects with `dir`'s identity and expects a refusal counted under `reason`.
-async fn expect_refused(broker: &BrokerProc, dir: &Path, client_id: &str, reason: &str) {
-    let metric = format!("fleet_handshakes_total{{outcome=\"refused\",reason=\"{reason}\"}}");
+async fn expect_refused(broker: &BrokerProc, dir: &Path, client_id: &str, reason: Refusal) {
+    let metric = refused(reason);
     let before = broker.metric(&metric).await;
     let accepted_before = broker.metric("fleet_handshakes_total{outcome=\"accepted\"").await;
     if let Ok(mut raw) = Raw::device(broker.mqtt, dir).await {
@@ -124,11 +124,11 @@ async fn refusal_matrix() {
 
     // No client certificate at all.
     let cfg = client_config(&fleet.devices[0].join("broker-trust.pem"), None);
-    let before = broker.metric("fleet_handshakes_total{outcome=\"refused\",reason=\"no_certificate\"}").await;
+    let before = broker.metric(&refused(Refusal::NoCertificate)).await;
     if let Ok(mut raw) = Raw::connect(broker.mqtt, cfg).await {
         assert!(connack_code(&raw.mqtt_connect("x", 30).await).is_none());
     }
-    broker.wait_refused("no_certificate", before + 1.0, Duration::from_secs(5)).await;
+    broker.wait_refused(Refusal::NoCertificate, before + 1.0, Duration::from_secs(5)).await;
 
     // Expired and not yet valid.
     let d = base.join("expired");
@@ -141,7 +141,7 @@ async fn refusal_matrix() {
         },
         &d,
     );
-    expect_refused(&broker, &d, "dev-expired", "expired").await;
+    expect_refused(&broker, &d, "dev-expired", Refusal::Expired).await;
     let d = base.join("future");
     forge(
         &fleet,
@@ -152,7 +152,7 @@ async fn refusal_matrix() {
         },
         &d,
     );
-    expect_refused(&broker, &d, "dev-future", "not_yet_valid").await;
+    expect_refused(&broker, &d, "dev-future", Refusal::NotYetValid).await;
 
     // Unknown CA: a device of another fleet.
     // It trusts this broker, so the refusal is the broker's.
@@ -163,12 +163,12 @@ async fn refusal_matrix() {
         std::fs::copy(other.devices[0].join(f), d.join(f)).unwrap();
     }
     std::fs::copy(fleet.devices[0].join("broker-trust.pem"), d.join("broker-trust.pem")).unwrap();
-    expect_refused(&broker, &d, &other.id(0), "unknown_ca").await;
+    expect_refused(&broker, &d, &other.id(0), Refusal::UnknownCa).await;
 
     // A CA certificate used as a client.
     let d = base.join("ca");
     forge(&fleet, "dev-ca", |p| p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained), &d);
-    expect_refused(&broker, &d, "dev-ca", "ca_as_client").await;
+    expect_refused(&broker, &d, "dev-ca", Refusal::CaAsClient).await;
 
     // A server certificate used as a client: the real broker certificate (server CA, not trusted
     // for clients) and a serverAuth-only certificate from the device CA.
@@ -177,37 +177,37 @@ async fn refusal_matrix() {
     std::fs::copy(fleet.home().join("broker-tls/cert.pem"), d.join("cert.pem")).unwrap();
     std::fs::copy(fleet.home().join("broker-tls/key.pem"), d.join("key.pem")).unwrap();
     std::fs::copy(fleet.devices[0].join("broker-trust.pem"), d.join("broker-trust.pem")).unwrap();
-    expect_refused(&broker, &d, "localhost", "wrong_purpose").await;
+    expect_refused(&broker, &d, "localhost", Refusal::WrongPurpose).await;
     let d = base.join("serverauth");
     forge(&fleet, "dev-sa", |p| p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth], &d);
-    expect_refused(&broker, &d, "dev-sa", "wrong_purpose").await;
+    expect_refused(&broker, &d, "dev-sa", Refusal::WrongPurpose).await;
     // No extendedKeyUsage at all (webpki alone accepts it): refused the same way.
     let d = base.join("no-eku");
     forge(&fleet, "dev-noeku", |p| p.extended_key_usages = vec![], &d);
-    expect_refused(&broker, &d, "dev-noeku", "wrong_purpose").await;
+    expect_refused(&broker, &d, "dev-noeku", Refusal::WrongPurpose).await;
 
     // Signed by the device CA but never recorded in the registry.
     let d = base.join("unregistered");
     forge(&fleet, "dev-ghost", |_| {}, &d);
-    expect_refused(&broker, &d, "dev-ghost", "unknown_device").await;
+    expect_refused(&broker, &d, "dev-ghost", Refusal::UnknownDevice).await;
 
     // Revoked in the registry (the broker also reloads the fresh CRL; either path refuses).
     fleet.revoke(1).await;
-    expect_refused(&broker, &fleet.devices[1], &fleet.id(1), "revoked").await;
+    expect_refused(&broker, &fleet.devices[1], &fleet.id(1), Refusal::Revoked).await;
 
     // Every refusal was logged with its reason.
     let log = broker.log();
     for r in [
-        "no_certificate",
-        "expired",
-        "not_yet_valid",
-        "unknown_ca",
-        "ca_as_client",
-        "wrong_purpose",
-        "unknown_device",
-        "revoked",
+        Refusal::NoCertificate,
+        Refusal::Expired,
+        Refusal::NotYetValid,
+        Refusal::UnknownCa,
+        Refusal::CaAsClient,
+        Refusal::WrongPurpose,
+        Refusal::UnknownDevice,
+        Refusal::Revoked,
     ] {
-        assert!(log.contains(r), "reason {r} not logged:\n{log}");
+        assert!(log.contains(r.label()), "reason {r:?} not logged:\n{log}");
     }
 }
 
@@ -224,7 +224,7 @@ async fn client_id_binding() {
         }
         other => panic!("spoofed client id admitted: {other:?}"),
     }
-    broker.wait_refused("client_id_mismatch", 1.0, Duration::from_secs(5)).await;
+    broker.wait_refused(Refusal::ClientIdMismatch, 1.0, Duration::from_secs(5)).await;
     // An empty client id is assigned the certificate's id.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect("", 30).await), Some(ConnectReturnCode::Success));
@@ -240,12 +240,8 @@ async fn client_id_binding() {
     assert!(raw.closed_within(Duration::from_secs(2)).await, "the replaced session must be closed");
     assert!(broker.log().contains("replaces the live session"));
     assert_eq!(broker.metric("fleet_sessions_live").await, 1.0);
-    broker.wait_metric("fleet_kicks_total{reason=\"takeover\"}", 1.0, Duration::from_secs(2)).await;
-    assert_eq!(
-        broker.metric("fleet_kicks_total{reason=\"revoked\"}").await,
-        0.0,
-        "a takeover is not a revocation"
-    );
+    broker.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
+    assert_eq!(broker.metric(&kicks(CloseReason::Revoked)).await, 0.0, "a takeover is not a revocation");
 }
 
 #[tokio::test]
@@ -311,11 +307,11 @@ async fn handshake_connect_keepalive_and_size_limits() {
     let r =
         tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read(&mut idle, &mut b)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "idle socket not closed: {r:?}");
-    broker.wait_refused("handshake_timeout", 1.0, Duration::from_secs(3)).await;
+    broker.wait_refused(Refusal::HandshakeTimeout, 1.0, Duration::from_secs(3)).await;
     // TLS but no CONNECT.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert!(raw.closed_within(Duration::from_secs(3)).await);
-    broker.wait_refused("connect_timeout", 1.0, Duration::from_secs(3)).await;
+    broker.wait_refused(Refusal::ConnectTimeout, 1.0, Duration::from_secs(3)).await;
     // Keep-alive of 1 s: silent for 1.5 s → closed.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 1).await), Some(ConnectReturnCode::Success));
@@ -330,9 +326,7 @@ async fn handshake_connect_keepalive_and_size_limits() {
     raw.send(Packet::Publish(p)).await.unwrap();
     assert!(raw.recv(Duration::from_secs(3)).await.is_none());
     assert!(fleet.telemetry_rows(&fleet.id(0)).await.is_empty());
-    broker
-        .wait_metric("fleet_protocol_errors_total{reason=\"packet_too_large\"}", 1.0, Duration::from_secs(3))
-        .await;
+    broker.wait_metric(&protocol_errors(CloseReason::PacketTooLarge), 1.0, Duration::from_secs(3)).await;
     // Garbage instead of MQTT.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     raw.send_raw(&[0xff; 64]).await.unwrap();
@@ -374,7 +368,7 @@ async fn revoke_while_connected_cuts_within_a_second_sqlite() {
     let broker = BrokerProc::start(&fleet, &[]);
     let took = time_revocation_cut(&fleet, &broker, 0).await;
     assert!(took < Duration::from_secs(1), "cut took {took:?}");
-    broker.wait_metric("fleet_kicks_total{reason=\"revoked\"}", 1.0, Duration::from_secs(2)).await;
+    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
     // And it can never connect again.
     expect_refused_after_revoke(&broker, &fleet, 0).await;
     // The other device is untouched.
@@ -386,7 +380,7 @@ async fn expect_refused_after_revoke(broker: &BrokerProc, fleet: &Fleet, i: usiz
     if let Ok(mut raw) = Raw::device(broker.mqtt, &fleet.devices[i]).await {
         assert_ne!(connack_code(&raw.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
     }
-    broker.wait_refused("revoked", 1.0, Duration::from_secs(3)).await;
+    broker.wait_refused(Refusal::Revoked, 1.0, Duration::from_secs(3)).await;
 }
 
 #[tokio::test]
@@ -485,7 +479,7 @@ async fn crl_reload_policy_and_forged_crl() {
             Some(ConnectReturnCode::ServiceUnavailable)
         );
     }
-    broker.wait_refused("crl_expired", 1.0, Duration::from_secs(3)).await;
+    broker.wait_refused(Refusal::CrlExpired, 1.0, Duration::from_secs(3)).await;
     // Fail-open admits with the alert raised.
     let open = BrokerProc::start(&fleet, &["--crl", s(&crl), "--crl-policy", "fail-open"]);
     assert_eq!(open.metric("fleet_crl_expired").await, 1.0);
@@ -549,13 +543,13 @@ async fn a_session_is_cut_when_its_certificate_expires() {
     assert_eq!(connack_code(&raw.mqtt_connect("dev-short", 0).await), Some(ConnectReturnCode::Success));
     assert!(raw.closed_within(Duration::from_secs(6)).await, "session outlived its certificate");
     assert!(OffsetDateTime::now_utc() >= expires, "cut before notAfter");
-    broker.wait_metric("fleet_kicks_total{reason=\"cert_expired\"}", 1.0, Duration::from_secs(2)).await;
+    broker.wait_metric(&kicks(CloseReason::CertExpired), 1.0, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
 async fn check_config_and_bad_configuration() {
     let fleet = Fleet::new(1, None).await;
-    let bin = env!("CARGO_BIN_EXE_fleet-broker");
+    let bin = &broker_bin();
     let out = Command::new(bin).arg("--home").arg(fleet.home()).arg("check-config").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -632,7 +626,7 @@ async fn connection_cap_refuses_extra_connections() {
     let r =
         tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read(&mut c, &mut byte)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "third connection not closed: {r:?}");
-    assert_eq!(broker.metric("fleet_connections_rejected_total{reason=\"max_connections\"}").await, 1.0);
+    assert_eq!(broker.metric(&rejected(Refusal::MaxConnections)).await, 1.0);
     // /healthz answers while at the cap (it is a separate listener).
     let mut h = tokio::net::TcpStream::connect(broker.metrics).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(
@@ -712,7 +706,7 @@ async fn crl_alone_refuses_a_revoked_certificate_and_reload_keeps_live_sessions(
     tokio::time::sleep(Duration::from_millis(1100)).await;
     std::fs::write(&crl, signed.pem().unwrap()).unwrap();
     broker.wait_metric("fleet_crl_reloads_total{outcome=\"loaded\"}", 1.0, Duration::from_secs(5)).await;
-    expect_refused(&broker, &fleet.devices[0], &fleet.id(0), "revoked").await;
+    expect_refused(&broker, &fleet.devices[0], &fleet.id(0), Refusal::Revoked).await;
     // The reload did not touch the live session.
     live.send(Packet::PingReq).await.unwrap();
     assert!(matches!(live.recv(Duration::from_secs(3)).await, Some(Packet::PingResp)));
