@@ -237,14 +237,17 @@ pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
     dir
 }
 
-/// The most recently modified source of the workspace's binaries.
-fn newest_source() -> Option<(std::time::SystemTime, PathBuf)> {
+/// The most recently modified source of workspace binary `bin` (its crate and the workspace
+/// crates it links).
+fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
-    let mut stack: Vec<PathBuf> =
-        ["device", "registry", "provisioning", "broker", "firmware-examples/fleet-sim"]
-            .iter()
-            .map(|d| repo.join(d))
-            .collect();
+    let crates: &[&str] = match bin {
+        "fleet-broker" => &["broker", "registry"],
+        "fleet-provision" => &["provisioning", "registry", "device"],
+        "fleet-sim" => &["firmware-examples/fleet-sim", "device"],
+        _ => &[],
+    };
+    let mut stack: Vec<PathBuf> = crates.iter().map(|d| repo.join(d)).collect();
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else { continue };
