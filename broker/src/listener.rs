@@ -98,7 +98,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
         let s = shared.clone();
         tracker.spawn(async move {
             s.metrics.connections_open.inc();
-            session::serve(s.clone(), sock, peer, conn_id, slot).await;
+            session::serve(s.clone(), session::Accepted { sock, peer, conn_id, pre_admission: slot }).await;
             s.metrics.connections_open.dec();
             drop(permit);
         });

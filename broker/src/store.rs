@@ -6,14 +6,32 @@
 //! writer takes every row queued while the previous commit ran, so throughput grows with load
 //! while latency stays one commit.
 //!
-//! The sink is [`fleet_registry::TelemetryWriter`]; another sink (a JetStream stream) plugs in
-//! at [`Store::start`]: whatever it is, a PUBACK follows only its success.
+//! The writer commits into a [`Sink`]: the registry's telemetry table
+//! ([`fleet_registry::TelemetryWriter`]) on a single node; the cluster's JetStream stream plugs in
+//! the same way. Whatever the sink, a PUBACK follows only its success.
+
+use std::future::Future;
 
 use fleet_registry::{Telemetry, TelemetryWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
+
+/// Why a sink did not store a batch.
+pub(crate) type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where acknowledged messages go.
+pub(crate) trait Sink: Send + Sync + 'static {
+    /// Stores every row of `rows`, or none of them.
+    fn store<'a>(&'a self, rows: &'a [Telemetry]) -> impl Future<Output = Result<(), SinkError>> + Send + 'a;
+}
+
+impl Sink for TelemetryWriter {
+    async fn store(&self, rows: &[Telemetry]) -> Result<(), SinkError> {
+        Ok(self.insert(rows).await?)
+    }
+}
 
 struct Job {
     row: Telemetry,
@@ -35,7 +53,7 @@ pub(crate) struct Store {
 
 impl Store {
     /// Starts the writer task: at most `batch` rows per commit.
-    pub(crate) fn start(sink: TelemetryWriter, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {
+    pub(crate) fn start(sink: impl Sink, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(batch * 8);
         let handle = tokio::spawn(writer(sink, rx, batch, metrics));
         (Store { tx }, handle)
@@ -56,7 +74,7 @@ impl Store {
     }
 }
 
-async fn writer(sink: TelemetryWriter, mut rx: mpsc::Receiver<Job>, batch: usize, metrics: Metrics) {
+async fn writer(sink: impl Sink, mut rx: mpsc::Receiver<Job>, batch: usize, metrics: Metrics) {
     let mut rows = Vec::with_capacity(batch);
     let mut waiting = Vec::with_capacity(batch);
     while let Some(first) = rx.recv().await {
@@ -74,7 +92,7 @@ async fn writer(sink: TelemetryWriter, mut rx: mpsc::Receiver<Job>, batch: usize
                 Err(_) => break,
             }
         }
-        let ok = match sink.insert(&rows).await {
+        let ok = match sink.store(&rows).await {
             Ok(()) => {
                 metrics.messages_stored.inc_by(rows.len() as u64);
                 true
@@ -89,5 +107,58 @@ async fn writer(sink: TelemetryWriter, mut rx: mpsc::Receiver<Job>, batch: usize
         for done in waiting.drain(..) {
             let _ = done.send(ok);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use fleet_registry::DeviceId;
+
+    use super::*;
+
+    /// A sink that records batch sizes and fails while `fail` is set.
+    #[derive(Default)]
+    struct Recording {
+        batches: Mutex<Vec<usize>>,
+        fail: AtomicBool,
+    }
+
+    impl Sink for Arc<Recording> {
+        async fn store(&self, rows: &[Telemetry]) -> Result<(), SinkError> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err("sink down".into());
+            }
+            self.batches.lock().expect("lock").push(rows.len());
+            Ok(())
+        }
+    }
+
+    fn row(i: i64) -> Telemetry {
+        Telemetry {
+            device_id: DeviceId::parse("dev-1").expect("id"),
+            topic: "devices/dev-1/t".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: 1,
+            received_at: i,
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_queued_together_commit_together_and_a_failed_commit_acknowledges_none() {
+        let sink = Arc::new(Recording::default());
+        let (store, writer) = Store::start(sink.clone(), 64, Metrics::new());
+        let waits: Vec<_> = futures_util::future::join_all((0..10).map(|i| store.submit(row(i)))).await;
+        for w in waits {
+            assert_eq!(w.await, Ok(true));
+        }
+        assert_eq!(sink.batches.lock().expect("lock").iter().sum::<usize>(), 10);
+        assert!(sink.batches.lock().expect("lock").len() < 10, "no group commit");
+        sink.fail.store(true, Ordering::Relaxed);
+        assert_eq!(store.submit(row(11)).await.await, Ok(false), "acknowledged though not stored");
+        drop(store);
+        writer.await.expect("writer");
     }
 }

@@ -145,7 +145,7 @@ pub struct Hierarchy {
 /// Creates root, device issuing and server CAs for `org`.
 pub fn create_hierarchy(org: &str, life: &Lifetimes, now: OffsetDateTime) -> Result<Hierarchy> {
     if org.trim().is_empty() {
-        return Err(Error::InvalidInput("--org must not be empty".into()));
+        return Err(Error::InvalidInput("the organisation name must not be empty".into()));
     }
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let root_params = ca_params(org, &format!("{org} Root CA"), now, life.root, 1);
@@ -282,7 +282,9 @@ pub fn issue_server(
     }
     p.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     if p.subject_alt_names.is_empty() {
-        return Err(Error::InvalidInput("a server certificate needs at least one --dns or --ip".into()));
+        return Err(Error::InvalidInput(
+            "a server certificate needs at least one DNS name or IP address".into(),
+        ));
     }
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -143,7 +143,7 @@ impl Station {
     /// Overrides certificate lifetimes (client certificate days, CRL days).
     pub fn set_client_lifetime(&mut self, days: i64) -> Result<()> {
         if !(1..=36500).contains(&days) {
-            return Err(Error::InvalidInput(format!("--days {days} is out of range 1..=36500")));
+            return Err(Error::InvalidInput(format!("a lifetime of {days} days is out of range 1..=36500")));
         }
         self.lifetimes.client = Duration::days(days);
         Ok(())
@@ -184,12 +184,14 @@ impl Station {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Vec<MintedDevice>> {
         if opts.count == 0 {
-            return Err(Error::InvalidInput("--count must be at least 1".into()));
+            return Err(Error::InvalidInput("the device count must be at least 1".into()));
         }
         DeviceId::parse(&format!("{}-000000000000", opts.prefix))
-            .map_err(|_| Error::InvalidInput(format!("invalid --prefix `{}`", opts.prefix)))?;
+            .map_err(|_| Error::InvalidInput(format!("invalid device-id prefix `{}`", opts.prefix)))?;
         if opts.broker_port == 0 || opts.broker_host.is_empty() {
-            return Err(Error::InvalidInput("--broker-host must be set and --broker-port non-zero".into()));
+            return Err(Error::InvalidInput(
+                "the broker host must be set and the broker port non-zero".into(),
+            ));
         }
         let ca = self.device_ca()?;
         let (server_ca_pem, server_ca_der) = self.server_ca_der()?;
@@ -301,7 +303,7 @@ impl Station {
         let name = out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| Error::InvalidInput("--out must name a directory".into()))?;
+            .ok_or_else(|| Error::InvalidInput("the output path must name a directory".into()))?;
         home::create_dir(parent, false)?;
         home::write_dir_atomically(
             parent,
@@ -438,7 +440,11 @@ impl Station {
         let at = now();
         let life = match days {
             Some(d) if (1..=365).contains(&d) => Duration::days(d),
-            Some(d) => return Err(Error::InvalidInput(format!("--days {d} is out of range 1..=365"))),
+            Some(d) => {
+                return Err(Error::InvalidInput(format!(
+                    "a CRL lifetime of {d} days is out of range 1..=365"
+                )))
+            }
             None => self.lifetimes.crl,
         };
         let (number, entries) = self.registry.crl_snapshot(at.unix_timestamp()).await?;
@@ -487,7 +493,7 @@ fn csr_identity(csr: &[u8], device_id: Option<&str>) -> Result<(DeviceId, pki::C
         }
         (Some(given), _) => DeviceId::parse_for_device(given)?,
         (None, Some(cn)) => DeviceId::parse_for_device(cn)?,
-        (None, None) => return Err(Error::CsrProfile("no subject CN; pass --device-id".into())),
+        (None, None) => return Err(Error::CsrProfile("no subject CN and no device id given".into())),
     };
     Ok((id, checked))
 }

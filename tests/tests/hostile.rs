@@ -127,17 +127,21 @@ async fn a_connect_flood_from_one_source_does_not_lock_out_other_devices() {
     let admitted = Arc::new(AtomicU64::new(0));
     let mut flooders = Vec::new();
     // One device hammering the broker: handshake, CONNECT, drop, again, from 6 sockets at once
-    // (each new session takes over the previous one), plus bare TCP connects that close at once.
+    // (each new session takes over the previous one), plus bare TCP connects that close at once,
+    // all from one address (127.0.4.1). The device measured connects from another address: the
+    // flooding address is held to its own pre-admission share (`source_limit`).
+    const FLOOD: [u8; 4] = [127, 0, 4, 1];
     for k in 0..6 {
         let (stop, admitted, dir, id, addr) =
             (stop.clone(), admitted.clone(), fleet.devices[0].clone(), fleet.id(0), broker.mqtt);
         flooders.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 if k == 0 {
-                    drop(TcpStream::connect(addr).await);
+                    drop(tcp_from(FLOOD, addr).await);
                     continue;
                 }
-                if let Ok(mut raw) = Raw::device(addr, &dir).await {
+                let Ok(tcp) = tcp_from(FLOOD, addr).await else { continue };
+                if let Ok(mut raw) = Raw::device_over(tcp, &dir).await {
                     if connack_code(&raw.mqtt_connect(&id, 30).await) == Some(ConnectReturnCode::Success) {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }

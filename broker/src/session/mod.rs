@@ -26,14 +26,20 @@ use table::{Kick, LiveSession};
 
 pub(crate) type Tls = TlsStream<TcpStream>;
 
+/// A TCP connection the listener let in.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    pub(crate) sock: TcpStream,
+    pub(crate) peer: SocketAddr,
+    /// Unique for the broker's life (router and session-table key).
+    pub(crate) conn_id: u64,
+    /// Its place in the source address's pre-admission share, given back at admission.
+    pub(crate) pre_admission: PreAdmissionSlot,
+}
+
 /// Serves one accepted TCP connection to the end.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    sock: TcpStream,
-    peer: SocketAddr,
-    conn_id: u64,
-    pre_admission: PreAdmissionSlot,
-) {
+pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
+    let Accepted { sock, peer, conn_id, pre_admission } = accepted;
     let tls = match Box::pin(admit::handshake(&shared, sock, peer)).await {
         Ok(tls) => tls,
         Err(Some(refusal)) => return shared.metrics.refused(refusal),

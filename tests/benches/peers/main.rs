@@ -5,7 +5,7 @@
 //!
 //!     scripts/bench [SCENARIO...] [--secs S] [--conc C] [--sessions N] [--crl-sizes A,B,..]
 //!                   [--peers bare,fleet-broker,mosquitto,rumqttd]
-//!     cargo bench -p fleet-broker --bench peers -- [same arguments]
+//!     cargo bench -p fleet-tests --bench peers -- [same arguments]   (after building the release fleet-broker)
 //!
 //! Scenarios (default: all of them, in this order):
 //! - `admissions`: TCP + TLS 1.3 full handshake (P-256 client certificate, no resumption) +
