@@ -47,9 +47,20 @@ impl Identity {
     }
 }
 
-/// TCP connect + TLS 1.3 handshake.
+/// A source address for the next connection: the clients spread over 127.0.100.1-254, as a
+/// fleet comes from many addresses (the broker holds each address to
+/// `max_pre_admission_per_source` connections in the handshake at once).
+fn next_source() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 254;
+    SocketAddr::from(([127, 0, 100, n as u8 + 1], 0))
+}
+
+/// TCP connect (from the next loopback source address) + TLS 1.3 handshake.
 pub(crate) async fn tls(addr: SocketAddr, who: &Identity) -> Option<Tls> {
-    let tcp = TcpStream::connect(addr).await.ok()?;
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind(next_source()).ok()?;
+    let tcp = sock.connect(addr).await.ok()?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from("localhost").expect("name");
     tokio_rustls::TlsConnector::from(who.config.clone()).connect(name, tcp).await.ok()
