@@ -5,7 +5,9 @@
 //! let mut device: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
 //! loop {
 //!     let tcp = open_tcp(creds.broker_host, creds.broker_port);     // TCP, UART, ... : embedded-io
-//!     let (mut rx, mut tx) = ([0u8; 16_640], [0u8; 4096]);
+//!     // rx holds the broker's largest TLS record: 5 KiB for fleet-broker (records capped at
+//!     // 4 KiB by default), 16,640 bytes for a broker without a cap.
+//!     let (mut rx, mut tx) = ([0u8; 5 * 1024], [0u8; 4096]);
 //!     let mut tls = match device.connect(tcp, &mut rx, &mut tx, &mut rng, clock.unix(), clock.ms()) {
 //!         Ok(tls) => tls,
 //!         Err(e) => { device.disconnected(clock.ms(), rng.next_u32()); wait_until(device.reconnect_at()); continue }

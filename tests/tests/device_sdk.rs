@@ -346,3 +346,61 @@ async fn sdk_interoperates_with_mosquitto() {
         format!("devices/{}/telemetry hello-mosquitto", fleet.id(0))
     );
 }
+
+/// The broker caps its TLS records (`max_tls_record_size`, 4096 by default), so a device reads
+/// with a 5 KiB receive buffer even when a command is larger than that: the 9,000-byte command
+/// arrives in 4 KiB records, is skipped as too large for the inbox, and the session goes on.
+/// Control: the same device against a broker sending 16 KiB records loses its connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_with_a_5_kib_receive_buffer_gets_large_commands_through_capped_records() {
+    const RX: usize = 5 * 1024;
+    let fleet = Fleet::new(1, None).await;
+    for (record, fits) in [("4096", true), ("16389", false)] {
+        let broker =
+            BrokerProc::start(&fleet, &["--max-packet-size", "12000", "--max-tls-record-size", record]);
+        let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+        let (to_test, from_device) = mpsc::channel::<&'static str>();
+        let addr = broker.mqtt;
+        let device = std::thread::spawn(move || {
+            let creds = Credentials::decode(&bundle).unwrap();
+            let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+            let (mut rx, mut tx) = (vec![0u8; RX], vec![0u8; 4096]);
+            let mut conn = d.connect(tcp(addr), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
+            d.publish_telemetry(&1u32).unwrap();
+            poll_until(&mut d, &mut conn, |e| *e == Incoming::Delivered);
+            to_test.send("subscribed").unwrap();
+            let t = std::time::Instant::now();
+            loop {
+                assert!(t.elapsed() < Duration::from_secs(15), "no command and no error");
+                match d.poll(&mut conn, millis()) {
+                    Ok(Some(Incoming::CommandTooLarge { payload_len, .. })) => {
+                        assert_eq!(payload_len, 9000);
+                        break "skipped";
+                    }
+                    Ok(_) => {}
+                    Err(_) => break "connection lost",
+                }
+            }
+        });
+        tokio::task::spawn_blocking({
+            let from_device = from_device;
+            move || assert_eq!(from_device.recv_timeout(Duration::from_secs(20)).unwrap(), "subscribed")
+        })
+        .await
+        .unwrap();
+        let (svc, mut ev) =
+            rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
+        rumqttc_connected(&mut ev).await.unwrap();
+        let poller = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        let topic = format!("devices/{}/commands/firmware", fleet.id(0));
+        svc.publish(topic, rumqttc::QoS::AtLeastOnce, false, vec![0x5A; 9000]).await.unwrap();
+        let outcome =
+            tokio::task::spawn_blocking(move || device.join()).await.unwrap().expect("device thread");
+        poller.abort();
+        if fits {
+            assert_eq!(outcome, "skipped", "records of {record} bytes did not fit a {RX}-byte buffer");
+        } else {
+            assert_eq!(outcome, "connection lost", "control: a 16 KiB record fit a {RX}-byte buffer?");
+        }
+    }
+}

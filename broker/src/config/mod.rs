@@ -58,6 +58,10 @@ value::settings! {
     max_connections: usize = 10_000;
     /// Largest MQTT packet accepted from or sent to a client, bytes.
     max_packet_size: usize = 4096;
+    /// Largest TLS record the broker sends, bytes, 5-byte header included (2048-16389): a
+    /// device's receive buffer must hold this + 17 bytes. 4096 fits a 5 KiB buffer; 16389 is the
+    /// TLS maximum (a 16.6 KiB buffer).
+    max_tls_record_size: usize = 4096;
     /// How often the registry is polled for revocations, milliseconds (PostgreSQL also
     /// LISTENs).
     revocation_poll_ms: u64 = 200;
@@ -149,6 +153,9 @@ impl Config {
         }
         if !(128..=268_435_455).contains(&self.max_packet_size) {
             return Err(ConfigError::Range("max_packet_size must be between 128 and 268435455".into()));
+        }
+        if !(2048..=16_389).contains(&self.max_tls_record_size) {
+            return Err(ConfigError::Range("max_tls_record_size must be between 2048 and 16389".into()));
         }
         if self.revocation_poll_ms == 0 || self.reload_poll_ms == 0 {
             return Err(ConfigError::Range("revocation_poll_ms and reload_poll_ms must be positive".into()));

@@ -6,8 +6,8 @@
 //! not a CA; EKU clientAuth; the [`crl`] table). The client-CA file must hold exactly one
 //! certificate, the device issuing CA: a chain file there would make the broker trust
 //! everything the root ever signed. Key exchange keeps secp256r1 (embedded-tls offers only
-//! P-256) and records are never fragmented below 16 KiB (embedded-tls cannot reassemble
-//! handshake messages). Resumption is off: a resumed session skips client-certificate checks.
+//! P-256) and records are capped at `max_tls_record_size` (4 KiB by default) so a device can
+//! read with a ~5 KiB buffer instead of 16.6 KiB. Resumption is off: a resumed session skips client-certificate checks.
 
 pub(crate) mod crl;
 mod verifier;
@@ -72,6 +72,8 @@ pub(crate) struct TlsPaths {
     pub client_ca: PathBuf,
     /// CRL.
     pub crl: Option<PathBuf>,
+    /// Largest record sent, header included (rustls `max_fragment_size`); `None`: 16 KiB.
+    pub max_record: Option<usize>,
 }
 
 impl TlsPaths {
@@ -82,6 +84,7 @@ impl TlsPaths {
             key: config.key_path(),
             client_ca: config.client_ca_path(),
             crl: config.crl_path(),
+            max_record: Some(config.max_tls_record_size),
         }
     }
 
@@ -156,7 +159,11 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    config.max_fragment_size = None;
+    // Every record the broker sends, handshake included, fits a device receive buffer of
+    // `max_record + 17` bytes (the AEAD tag and content type). The handshake messages are far
+    // smaller than the minimum allowed (a P-256 chain is ~1 KiB), so embedded-tls, which cannot
+    // reassemble a handshake message across records, never sees one split.
+    config.max_fragment_size = paths.max_record;
     // No resumption: a resumed TLS session skips client-certificate verification, so a
     // certificate revoked after the first handshake would come back in through a ticket. Every
     // admission is a full handshake (devices do not resume anyway), and no per-handshake ticket
