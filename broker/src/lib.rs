@@ -9,6 +9,7 @@
 //! is internal (the fuzzer reaches what it needs through `fuzzing`).
 
 mod auth;
+mod cluster;
 pub mod config;
 mod http;
 mod listener;
@@ -206,6 +207,7 @@ pub fn addr(l: &TcpListener) -> Option<SocketAddr> {
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::auth::{identify, matches, may_publish, may_subscribe, Identity, IdentityError};
+    pub use crate::cluster::subject::{filter_subjects, subject_of, topic_of};
     pub use crate::session::conn::decode_client_packet;
     pub use crate::tls::{parse_crl, CrlError, RevokedSerials};
 }

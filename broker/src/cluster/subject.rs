@@ -1,0 +1,207 @@
+//! MQTT topics and filters as NATS subjects (`docs/spec/nats-subjects.md`).
+//!
+//! A topic `l1/l2/.../ln` becomes `fleet.t.e(l1).e(l2)....e(ln)`. `e` keeps the bytes
+//! `A-Z a-z 0-9 - _` as they are and writes every other byte as `%XX` (upper-case hex), so a token
+//! never holds `.`, `*`, `>` or whitespace; an empty level becomes the token `%`, which no other
+//! level produces (a `%` is otherwise always followed by two hex digits). The mapping is
+//! therefore injective and reversible ([`topic_of`]). In a filter, a `+` level becomes `*` and a
+//! trailing `#` becomes `>`; since MQTT's `a/#` also matches `a` itself and NATS's `a.>` does not,
+//! a filter maps to one or two subjects ([`filter_subjects`]).
+
+use std::fmt::Write as _;
+
+/// Every fleetgate device-message subject starts with this.
+pub(crate) const PREFIX: &str = "fleet.t";
+
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+fn push_level(out: &mut String, level: &str) {
+    out.push('.');
+    if level.is_empty() {
+        out.push('%');
+        return;
+    }
+    for &b in level.as_bytes() {
+        if plain(b) {
+            out.push(char::from(b));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// The subject of a concrete topic.
+pub fn subject_of(topic: &str) -> String {
+    let mut out = String::with_capacity(PREFIX.len() + topic.len() + 8);
+    out.push_str(PREFIX);
+    for level in topic.split('/') {
+        push_level(&mut out, level);
+    }
+    out
+}
+
+/// The subjects a NATS subscription needs so that it receives exactly the topics `filter`
+/// matches (for the topics fleetgate accepts: none start with `$`).
+pub fn filter_subjects(filter: &str) -> Vec<String> {
+    let mut out = String::from(PREFIX);
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        match *level {
+            "#" if i + 1 == levels.len() => {
+                // `a/#` matches `a` too; a lone `#` matches every topic (one or more levels).
+                let parent = (i > 0).then(|| out.clone());
+                out.push_str(".>");
+                return std::iter::once(out).chain(parent).collect();
+            }
+            "+" => out.push_str(".*"),
+            l => push_level(&mut out, l),
+        }
+    }
+    vec![out]
+}
+
+/// The topic a subject was made from, if it is one of ours.
+pub fn topic_of(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
+    let mut topic = Vec::with_capacity(rest.len());
+    for (i, token) in rest.split('.').enumerate() {
+        if i > 0 {
+            topic.push(b'/');
+        }
+        if token == "%" {
+            continue;
+        }
+        let bytes = token.as_bytes();
+        let mut j = 0;
+        while j < bytes.len() {
+            match bytes[j] {
+                b'%' => {
+                    let hex = std::str::from_utf8(bytes.get(j + 1..j + 3)?).ok()?;
+                    let b = u8::from_str_radix(hex, 16).ok()?;
+                    // Not what `subject_of` writes (a plain byte escaped, lower-case hex, a level
+                    // separator inside a level): refused, which keeps the mapping 1:1.
+                    if plain(b) || b == b'/' || hex.bytes().any(|c| c.is_ascii_lowercase()) {
+                        return None;
+                    }
+                    topic.push(b);
+                    j += 3;
+                }
+                b if plain(b) => {
+                    topic.push(b);
+                    j += 1;
+                }
+                _ => return None,
+            }
+        }
+        if token.is_empty() {
+            return None;
+        }
+    }
+    String::from_utf8(topic).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// NATS subject matching (`*` one token, `>` one or more trailing tokens).
+    fn nats_matches(pattern: &str, subject: &str) -> bool {
+        let mut p = pattern.split('.');
+        let mut s = subject.split('.');
+        loop {
+            match (p.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// A valid NATS subject: non-empty tokens without whitespace or wildcards.
+    fn valid_subject(s: &str) -> bool {
+        s.split('.').all(|t| !t.is_empty() && !t.contains(['*', '>']) && !t.chars().any(char::is_whitespace))
+    }
+
+    /// A valid NATS subscription subject: as a subject, but a token may be `*`, and the last `>`.
+    fn valid_pattern(s: &str) -> bool {
+        let tokens: Vec<&str> = s.split('.').collect();
+        tokens
+            .iter()
+            .enumerate()
+            .all(|(i, t)| *t == "*" || (*t == ">" && i + 1 == tokens.len()) || valid_subject(t))
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[a-z0-9]{1,6}",
+            "[ -~]{0,6}".prop_filter("no MQTT wildcards", |s| !s.contains(['+', '#', '/'])),
+            "\\PC{0,4}".prop_filter("no MQTT wildcards", |s| !s.contains(['+', '#', '/', '\0'])),
+        ]
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        prop::collection::vec(level(), 1..6).prop_map(|l| l.join("/"))
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (prop::collection::vec(prop_oneof![3 => level(), 1 => Just("+".to_owned())], 0..5), any::<bool>())
+            .prop_filter_map("a filter has at least one level", |(mut l, hash)| {
+                if hash {
+                    l.push("#".into());
+                }
+                (!l.is_empty()).then(|| l.join("/"))
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn every_topic_round_trips_through_a_valid_subject(t in topic()) {
+            let s = subject_of(&t);
+            prop_assert!(valid_subject(&s), "{s}");
+            prop_assert_eq!(topic_of(&s), Some(t));
+        }
+
+        #[test]
+        fn no_two_topics_share_a_subject(a in topic(), b in topic()) {
+            prop_assert_eq!(a == b, subject_of(&a) == subject_of(&b));
+        }
+
+        #[test]
+        fn a_filter_receives_exactly_the_topics_it_matches(f in filter(), t in topic()) {
+            let mqtt = crate::auth::matches(&f, &t);
+            let subjects = filter_subjects(&f);
+            for s in &subjects {
+                prop_assert!(valid_pattern(s), "{s}");
+            }
+            let nats = subjects.iter().any(|s| nats_matches(s, &subject_of(&t)));
+            prop_assert_eq!(mqtt, nats, "filter {:?} topic {:?} subjects {:?}", f, t, subjects);
+        }
+
+        #[test]
+        fn a_subject_decodes_only_to_the_topic_that_encodes_to_it(s in "(fleet\\.t\\.)?([A-Za-z0-9%./ _*>-]|%2F|%2f|%25|%){0,24}") {
+            if let Some(t) = topic_of(&s) {
+                prop_assert_eq!(subject_of(&t), s);
+            }
+        }
+    }
+
+    #[test]
+    fn the_spec_examples() {
+        assert_eq!(subject_of("devices/dev-1/telemetry"), "fleet.t.devices.dev-1.telemetry");
+        assert_eq!(subject_of("devices/sensor.7/a b"), "fleet.t.devices.sensor%2E7.a%20b");
+        assert_eq!(subject_of("devices//x"), "fleet.t.devices.%.x");
+        assert_eq!(filter_subjects("devices/+/telemetry"), ["fleet.t.devices.*.telemetry"]);
+        assert_eq!(filter_subjects("devices/dev-1/#"), ["fleet.t.devices.dev-1.>", "fleet.t.devices.dev-1"]);
+        assert_eq!(filter_subjects("#"), ["fleet.t.>"]);
+        assert_eq!(topic_of("fleet.t.devices.%2e7"), None, "lower-case hex is not ours");
+        assert_eq!(topic_of("other.devices"), None);
+        assert_eq!(topic_of("fleet.t.a%2Fb"), None, "a level never holds a separator");
+    }
+}
