@@ -265,3 +265,17 @@ async fn silent_sockets_from_one_address_cannot_take_every_slot() {
     assert!(broker.log().contains("source_limit"), "no logged reason");
     drop(silent);
 }
+
+/// A client that completes the handshake and goes away without a CONNECT (no close_notify, as a
+/// device losing power does) is counted as `peer_closed`, not as a protocol error.
+#[tokio::test]
+async fn a_client_gone_before_connect_is_peer_closed_not_a_protocol_error() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    for _ in 0..3 {
+        let raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+        drop(raw);
+    }
+    broker.wait_refused(Refusal::PeerClosed, 3.0, Duration::from_secs(5)).await;
+    assert_eq!(broker.metric(&refused(Refusal::ProtocolError)).await, 0.0);
+}

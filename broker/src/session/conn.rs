@@ -59,29 +59,26 @@ impl Conn {
         Self { tls, buf: BytesMut::new(), out: BytesMut::new(), max_packet, write_timeout }
     }
 
-    /// Reads until one packet is complete. `Ok(None)`: the peer closed.
+    /// Reads until one packet is complete. `Ok(None)`: the peer closed (or reset).
     pub(crate) async fn read_packet(&mut self) -> Result<Option<Packet>, CloseReason> {
         loop {
             if let Some(p) = self.parse()? {
                 return Ok(Some(p));
             }
-            if !self.read_more().await? {
+            if !self.read_more().await {
                 return Ok(None);
             }
         }
     }
 
-    /// Reads more bytes into the buffer. `Ok(false)`: the peer closed.
-    pub(crate) async fn read_more(&mut self) -> Result<bool, CloseReason> {
+    /// Reads more bytes into the buffer; false when the peer closed or the read failed (a reset
+    /// is the peer leaving, not a protocol error).
+    pub(crate) async fn read_more(&mut self) -> bool {
         let r = self.tls.read_buf(&mut self.buf).await;
         if self.buf.len() == self.buf.capacity() {
             self.buf.reserve(READ_CHUNK);
         }
-        match r {
-            Ok(0) => Ok(false),
-            Ok(_) => Ok(true),
-            Err(_) => Err(CloseReason::ClientGone),
-        }
+        matches!(r, Ok(n) if n > 0)
     }
 
     /// True while either buffer holds memory.

@@ -141,10 +141,12 @@ impl State {
                         return end;
                     }
                 }
-                r = self.conn.read_more(), if self.pending.len() < MAX_PENDING_ACKS => match r {
-                    Ok(true) => idle_at = Instant::now() + IDLE_RELEASE,
-                    Ok(false) | Err(_) => return CloseReason::ClientGone,
-                },
+                more = self.conn.read_more(), if self.pending.len() < MAX_PENDING_ACKS => {
+                    if !more {
+                        return CloseReason::ClientGone;
+                    }
+                    idle_at = Instant::now() + IDLE_RELEASE;
+                }
                 _ = sleep_until(idle_at), if self.conn.holds_buffers() => {
                     self.conn.release_buffers();
                     idle_at = Instant::now() + IDLE_RELEASE;
