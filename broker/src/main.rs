@@ -126,6 +126,16 @@ async fn run(m: ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What to do next, for the errors where the fix is another program's command.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    match e.downcast_ref::<fleet_broker::BrokerError>()? {
+        fleet_broker::BrokerError::Registry(fleet_registry::Error::SchemaNotCurrent(_)) => Some(
+            "the station migrates the registry: run a `fleet-provision` command (e.g. `fleet-provision list`) against this database as its owner",
+        ),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
     let matches = cli().get_matches_from(std::env::args_os().collect::<Vec<OsString>>());
     tracing_subscriber::fmt()
@@ -145,7 +155,10 @@ fn main() -> ExitCode {
     match rt.block_on(run(matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match hint(&e) {
+                Some(h) => eprintln!("error: {e:#}; {h}"),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

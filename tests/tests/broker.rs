@@ -711,3 +711,23 @@ async fn crl_alone_refuses_a_revoked_certificate_and_reload_keeps_live_sessions(
     live.send(Packet::PingReq).await.unwrap();
     assert!(matches!(live.recv(Duration::from_secs(3)).await, Some(Packet::PingResp)));
 }
+
+/// A broker never migrates the registry (it may run under a role that cannot): against a
+/// database the station has not created it refuses to start and says which command fixes it.
+#[tokio::test]
+async fn a_registry_the_station_never_migrated_is_refused_with_the_fix() {
+    let fleet = Fleet::new(1, None).await;
+    let empty = fleet.dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let out = Command::new(broker_bin())
+        .arg("--home")
+        .arg(fleet.home())
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", empty.display()))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("schema is not current") && err.contains("fleet-provision list"), "{err}");
+}
