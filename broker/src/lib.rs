@@ -46,6 +46,9 @@ pub enum BrokerError {
     /// TLS material unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// NATS unreachable at start.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// Registry unreachable or broken.
     #[error("registry: {0}")]
     Registry(#[from] fleet_registry::Error),
@@ -63,7 +66,9 @@ pub(crate) struct Shared {
     pub(crate) tls: ArcSwap<tls::TlsState>,
     pub(crate) registry: Registry,
     pub(crate) store: store::Store,
-    pub(crate) router: router::Router,
+    pub(crate) router: Arc<router::Router>,
+    /// The NATS connection of a cluster member (`None`: a single node).
+    pub(crate) cluster: Option<cluster::Cluster>,
     pub(crate) sessions: session::table::Sessions,
     /// Registry verdicts of active certificates (admission without a database round trip).
     pub(crate) admissions: session::admit::AdmissionCache,
@@ -125,6 +130,10 @@ impl Broker {
         let state = tls::build(&tls_paths)?;
         let registry = Registry::open_existing(&config.database_url(), config.registry_timeout()).await?;
         let feed = registry.revocation_feed().await?;
+        let cluster = match &config.nats {
+            Some(url) => Some(cluster::Cluster::connect(url).await?),
+            None => None,
+        };
         let metrics = Metrics::new();
         let (store, store_writer) =
             store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone());
@@ -133,10 +142,11 @@ impl Broker {
             tls: ArcSwap::from_pointee(state),
             registry,
             store,
-            router: router::Router::new(router::RetainLimits {
+            router: Arc::new(router::Router::new(router::RetainLimits {
                 per_device: config.max_retained_per_device,
                 total_bytes: config.max_retained_bytes,
-            }),
+            })),
+            cluster,
             sessions: Default::default(),
             admissions: Default::default(),
             metrics,

@@ -121,6 +121,34 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Sends a copy to every subscription matching `publish` (once per connection).
+fn deliver(inner: &Inner, publish: &Publish, metrics: &Metrics) {
+    let key = key_of(&publish.topic);
+    let mut seen: Vec<u64> = Vec::new();
+    let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
+    for ((conn_id, filter), s) in candidates {
+        if seen.contains(conn_id) || !matches(filter, &publish.topic) {
+            continue;
+        }
+        seen.push(*conn_id);
+        let mut p = publish.clone();
+        p.qos = if s.qos == QoS::AtMostOnce || publish.qos == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        p.retain = false;
+        p.dup = false;
+        match s.tx.try_send(Box::new(p)) {
+            Ok(()) => metrics.messages_delivered.inc(),
+            Err(_) => {
+                metrics.messages_dropped.inc();
+                metrics.limit(Limit::QueuedMessages);
+            }
+        }
+    }
+}
+
 impl Router {
     /// A router with these retained-message caps.
     pub(crate) fn new(limits: RetainLimits) -> Self {
@@ -166,46 +194,31 @@ impl Router {
         remove_sub(&mut inner, &key, conn_id, filter);
     }
 
-    /// Removes every subscription of a connection.
-    pub(crate) fn remove_connection(&self, conn_id: u64) {
+    /// Removes every subscription of a connection; returns their filters.
+    pub(crate) fn remove_connection(&self, conn_id: u64) -> Vec<String> {
         let mut inner = lock(&self.inner);
+        let mut filters = Vec::new();
         for (key, filter) in inner.by_conn.remove(&conn_id).unwrap_or_default() {
             remove_sub(&mut inner, &key, conn_id, &filter);
+            filters.push(filter);
         }
+        filters
     }
 
     /// Delivers to every matching subscription (once per connection); keeps it if retained.
     /// A retained message over a cap is refused whole: not kept, not delivered.
     pub(crate) fn route(&self, publish: &Publish, metrics: &Metrics) -> Result<(), RetainRefused> {
         let mut inner = lock(&self.inner);
-        let key = key_of(&publish.topic);
         if publish.retain {
-            self.retain(&mut inner, key, publish)?;
+            self.retain(&mut inner, key_of(&publish.topic), publish)?;
         }
-        let mut seen: Vec<u64> = Vec::new();
-        let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
-        for ((conn_id, filter), s) in candidates {
-            if seen.contains(conn_id) || !matches(filter, &publish.topic) {
-                continue;
-            }
-            seen.push(*conn_id);
-            let mut p = publish.clone();
-            p.qos = if s.qos == QoS::AtMostOnce || publish.qos == QoS::AtMostOnce {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            p.retain = false;
-            p.dup = false;
-            match s.tx.try_send(Box::new(p)) {
-                Ok(()) => metrics.messages_delivered.inc(),
-                Err(_) => {
-                    metrics.messages_dropped.inc();
-                    metrics.limit(Limit::QueuedMessages);
-                }
-            }
-        }
+        deliver(&inner, publish, metrics);
         Ok(())
+    }
+
+    /// Delivers a message another cluster node accepted to the matching local subscriptions.
+    pub(crate) fn deliver_remote(&self, publish: &Publish, metrics: &Metrics) {
+        deliver(&lock(&self.inner), publish, metrics);
     }
 
     fn retain(&self, inner: &mut Inner, key: &str, publish: &Publish) -> Result<(), RetainRefused> {

@@ -269,3 +269,80 @@ fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
     }
     newest
 }
+
+/// A private `nats-server` on free loopback ports (client and HTTP monitoring), with JetStream
+/// in a temporary directory, stopped on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    /// Client port.
+    pub port: u16,
+    /// HTTP monitoring port (`/connz?subs=1`, `/varz`).
+    pub monitor_port: u16,
+}
+
+impl NatsServer {
+    /// Starts it and waits until it listens.
+    pub fn start() -> NatsServer {
+        use std::io::BufRead;
+        let bin = require_program("nats-server", "nats-server");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mut child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| unreachable!("piped"));
+        let (mut port, mut monitor_port) = (0, 0);
+        let port_after = |line: &str, marker: &str| -> Option<u16> {
+            line.split(marker).nth(1)?.trim().rsplit(':').next()?.parse().ok()
+        };
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        while port == 0 || monitor_port == 0 {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!("nats-server exited before listening");
+            };
+            if let Some(p) = port_after(&line, "Listening for client connections on") {
+                port = p;
+            }
+            if let Some(p) = port_after(&line, "Starting http monitor on") {
+                monitor_port = p;
+            }
+        }
+        // Keep reading its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        NatsServer { child, _dir: dir, port, monitor_port }
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Body of a monitoring endpoint, e.g. `/connz?subs=1`.
+    pub fn monitor(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.monitor_port))
+            .unwrap_or_else(|e| panic!("nats monitor: {e}"));
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+
+    /// Stops it (simulates NATS going away).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,5 +1,136 @@
-//! What the broker needs to be one node of a cluster on NATS JetStream (issue 12): first the
-//! mapping of MQTT topics and filters to NATS subjects, so that nodes route device messages to
-//! each other on subjects derived from their topics.
+//! One broker node of a cluster on NATS (issue 12): device messages a node accepts are published
+//! on the NATS subject of their topic ([`subject`]); a node subscribes to the subjects of the
+//! filters its own sessions hold, for as long as one holds them, and hands what arrives to its
+//! router. A node never receives its own messages back (`no_echo`): its local subscribers got
+//! them from its router already.
+//!
+//! What this step does not do yet: durable ingest through JetStream (the store still commits
+//! to the registry), one session per device across nodes, revocation fan-out over NATS (every
+//! node already watches the shared PostgreSQL registry), retained messages across nodes.
 
 pub(crate) mod subject;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use rumqttc::mqttbytes::v4::Publish;
+use rumqttc::mqttbytes::QoS;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+/// Header carrying the QoS a message was published with.
+const QOS: &str = "Fleet-QoS";
+/// Header set on retained messages.
+const RETAIN: &str = "Fleet-Retain";
+
+/// Why the node could not join the cluster.
+#[derive(Debug, thiserror::Error)]
+#[error("NATS {url}: {source}")]
+pub struct ClusterError {
+    url: String,
+    #[source]
+    source: async_nats::ConnectError,
+}
+
+/// The node's NATS connection and the subjects it subscribes to.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    client: Client,
+    /// Subject → (local filters needing it, the task forwarding it to the router).
+    subs: Mutex<HashMap<String, (usize, JoinHandle<()>)>>,
+}
+
+impl Cluster {
+    /// Connects to NATS at `url`. The connection comes back by itself after an outage.
+    pub(crate) async fn connect(url: &str) -> Result<Self, ClusterError> {
+        let client = async_nats::ConnectOptions::new()
+            .no_echo()
+            .name("fleet-broker")
+            .connect(url)
+            .await
+            .map_err(|source| ClusterError { url: url.to_owned(), source })?;
+        info!(%url, "cluster member: routing through NATS");
+        Ok(Self { client, subs: Mutex::default() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (usize, JoinHandle<()>)>> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes a message this node accepted, for the other nodes' subscribers. Best effort,
+    /// like delivery to local subscribers: the publisher's acknowledgement is the store's.
+    pub(crate) async fn publish(&self, p: &Publish) {
+        let mut headers = HeaderMap::new();
+        headers.insert(QOS, if p.qos == QoS::AtMostOnce { "0" } else { "1" });
+        if p.retain {
+            headers.insert(RETAIN, "1");
+        }
+        let subject = subject::subject_of(&p.topic);
+        if let Err(e) = self.client.publish_with_headers(subject, headers, p.payload.clone()).await {
+            warn!(error = %e, topic = %p.topic, "cluster publish failed");
+        }
+    }
+
+    /// A local session holds `filter`: subscribe to its subjects unless already subscribed.
+    pub(crate) async fn watch(&self, filter: &str, router: &Arc<Router>, metrics: &Metrics) {
+        for subject in subject::filter_subjects(filter) {
+            if let Some((n, _)) = self.lock().get_mut(&subject) {
+                *n += 1;
+                continue;
+            }
+            let sub = match self.client.subscribe(subject.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, %subject, "cluster subscribe failed");
+                    continue;
+                }
+            };
+            let task = tokio::spawn(forward(sub, Arc::downgrade(router), metrics.clone()));
+            let mut subs = self.lock();
+            match subs.get_mut(&subject) {
+                // Another session subscribed meanwhile: keep one subscription.
+                Some((n, _)) => {
+                    *n += 1;
+                    task.abort();
+                }
+                None => {
+                    subs.insert(subject, (1, task));
+                }
+            }
+        }
+    }
+
+    /// A local session let go of `filter`: unsubscribe from what no other one needs.
+    pub(crate) fn unwatch(&self, filter: &str) {
+        let mut subs = self.lock();
+        for subject in subject::filter_subjects(filter) {
+            if let Some((n, task)) = subs.get_mut(&subject) {
+                *n -= 1;
+                if *n == 0 {
+                    task.abort(); // dropping the subscriber unsubscribes
+                    subs.remove(&subject);
+                }
+            }
+        }
+    }
+}
+
+/// Hands every message of `sub` to the router's local subscribers.
+async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics: Metrics) {
+    while let Some(m) = sub.next().await {
+        let Some(router) = router.upgrade() else { return };
+        let Some(topic) = subject::topic_of(m.subject.as_str()) else { continue };
+        let header = |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str() == "1");
+        let qos = if header(QOS) == Some(true) { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+        let mut p = Publish::new(topic, qos, Bytes::new());
+        p.payload = m.payload;
+        p.retain = header(RETAIN) == Some(true);
+        router.deliver_remote(&p, &metrics);
+    }
+}

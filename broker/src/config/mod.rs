@@ -36,6 +36,10 @@ value::settings! {
     home: PathBuf = PathBuf::from(Home::DEFAULT_DIR);
     /// Registry URL; default: the SQLite registry in the home.
     database_url: Option<String> = None;
+    /// NATS server URL (`nats://host:4222`) that makes this node a cluster member: device
+    /// messages are routed to the other nodes' subscribers through NATS. Needs a PostgreSQL
+    /// registry shared by the nodes. Default: off (a single node, in-process routing).
+    nats: Option<String> = None;
     /// Metrics and health endpoint (`/metrics`, `/healthz`); `off` disables it.
     metrics_listen: Endpoint = Endpoint(Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
     /// Broker certificate chain (PEM); default HOME/broker-tls/cert.pem.
@@ -153,6 +157,11 @@ impl Config {
         }
         if !(128..=268_435_455).contains(&self.max_packet_size) {
             return Err(ConfigError::Range("max_packet_size must be between 128 and 268435455".into()));
+        }
+        if self.nats.is_some() && !self.database_url().starts_with("postgres") {
+            return Err(ConfigError::Range(
+                "nats (a cluster) needs a PostgreSQL registry shared by the nodes: set database_url to postgres://...".into(),
+            ));
         }
         if !(2048..=16_389).contains(&self.max_tls_record_size) {
             return Err(ConfigError::Range("max_tls_record_size must be between 2048 and 16389".into()));

@@ -217,10 +217,14 @@ impl State {
         if p.qos == QoS::ExactlyOnce {
             return Err(CloseReason::Qos2Unsupported);
         }
-        // Routed first (subscribers get copies), then the publish itself moves to the store.
+        // Routed first (subscribers get copies, here and on the other nodes), then the publish
+        // itself moves to the store.
         if let Err(refused) = shared.router.route(&p, &shared.metrics) {
             self.limit_hit(ctx, refused.limit(), &p.topic);
             return Err(refused.close_reason());
+        }
+        if let Some(cluster) = &shared.cluster {
+            cluster.publish(&p).await;
         }
         let (pkid, qos) = (p.pkid, p.qos);
         // Devices' telemetry is stored; services' commands are only routed.
@@ -263,7 +267,11 @@ impl State {
             } else {
                 let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
                 retained.extend(shared.router.subscribe(ctx.conn_id, &f.path, qos, self.tx.clone()));
-                self.subs.insert(f.path.clone());
+                if self.subs.insert(f.path.clone()) {
+                    if let Some(cluster) = &shared.cluster {
+                        cluster.watch(&f.path, &shared.router, &shared.metrics).await;
+                    }
+                }
                 codes.push(SubscribeReasonCode::Success(qos));
             }
         }
@@ -279,7 +287,11 @@ impl State {
     async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
         for f in &u.topics {
             ctx.shared.router.unsubscribe(ctx.conn_id, f);
-            self.subs.remove(f);
+            if self.subs.remove(f) {
+                if let Some(cluster) = &ctx.shared.cluster {
+                    cluster.unwatch(f);
+                }
+            }
         }
         self.conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
     }

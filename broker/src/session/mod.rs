@@ -83,7 +83,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
             Ok(()) => handler::run(&ctx, conn).await,
             Err(end) => (end, conn),
         };
-    shared.router.remove_connection(conn_id);
+    let filters = shared.router.remove_connection(conn_id);
+    if let Some(cluster) = &shared.cluster {
+        for f in &filters {
+            cluster.unwatch(f);
+        }
+    }
     shared.sessions.remove(&ctx.id.id, conn_id);
     shared.metrics.sessions_live.dec();
     shared.metrics.closed(end);

@@ -1,0 +1,127 @@
+//! Broker nodes as one fleet over NATS (issue 12, routing step): two `fleet-broker` processes on
+//! one PostgreSQL registry and one `nats-server`. A service on one node gets the telemetry of a
+//! device on the other, and its commands reach that device; a node subscribes in NATS only to
+//! what its own sessions hold, for as long as they hold it.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, Subscribe};
+use rumqttc::mqttbytes::QoS;
+
+/// Waits for the SUBACK of `filter` on a raw session.
+async fn subscribe(c: &mut Raw, filter: &str, pkid: u16) {
+    let mut sub = Subscribe::new(filter, QoS::AtLeastOnce);
+    sub.pkid = pkid;
+    c.send(Packet::Subscribe(sub)).await.unwrap();
+    assert!(
+        matches!(c.recv(Duration::from_secs(3)).await, Some(Packet::SubAck(_))),
+        "no SUBACK for {filter}"
+    );
+}
+
+/// The next PUBLISH a raw session receives (skipping other packets).
+async fn next_publish(c: &mut Raw, within: Duration) -> Option<Publish> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        match c.recv(within - t.elapsed()).await {
+            Some(Packet::Publish(p)) => return Some(p),
+            Some(_) => continue,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// Waits until the NATS server lists (or stops listing) `subject` among its subscriptions.
+async fn wait_nats_subscription(nats: &fleet_tests::NatsServer, subject: &str, present: bool) {
+    let t = Instant::now();
+    loop {
+        let connz = nats.monitor("/connz?subs=1");
+        // The monitor's JSON escapes `>` as \u003e.
+        let listed = format!("\"{}\"", subject.replace('>', "\\u003e"));
+        if connz.contains(&listed) == present {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "subscription {subject} present={present} not reached:\n{connz}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_commands_cross_back() {
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let (id0, id1) = (fleet.id(0), fleet.id(1));
+
+    // The backend service on node 2 watches every device's telemetry.
+    let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut svc, "devices/+/telemetry", 1).await;
+    wait_nats_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
+
+    // Device 0 on node 1, device 1 on node 2; each listens for its commands.
+    let mut dev0 = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev0.mqtt_connect(&id0, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev0, &format!("devices/{id0}/commands/#"), 1).await;
+    let mut dev1 = Raw::device(node2.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&dev1.mqtt_connect(&id1, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev1, &format!("devices/{id1}/commands/#"), 1).await;
+    let commands0 = format!("fleet.t.devices.{id0}.commands.>");
+    wait_nats_subscription(&nats, &commands0, true).await;
+
+    // Telemetry from node 1 reaches the service on node 2 (and is stored, PUBACK as usual).
+    let mut p = Publish::new(format!("devices/{id0}/telemetry"), QoS::AtLeastOnce, b"t=21.5".to_vec());
+    p.pkid = 7;
+    dev0.send(Packet::Publish(p)).await.unwrap();
+    assert!(matches!(dev0.recv(Duration::from_secs(3)).await, Some(Packet::PubAck(a)) if a.pkid == 7));
+    let got = next_publish(&mut svc, Duration::from_secs(3)).await.expect("telemetry crossed no node");
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (format!("devices/{id0}/telemetry").as_str(), &b"t=21.5"[..])
+    );
+
+    // A command from the service on node 2 reaches device 0 on node 1, and only device 0.
+    let mut cmd = Publish::new(format!("devices/{id0}/commands/reboot"), QoS::AtLeastOnce, b"now".to_vec());
+    cmd.pkid = 2;
+    svc.send(Packet::Publish(cmd)).await.unwrap();
+    let got = next_publish(&mut dev0, Duration::from_secs(3)).await.expect("command crossed no node");
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (format!("devices/{id0}/commands/reboot").as_str(), &b"now"[..])
+    );
+    assert!(
+        next_publish(&mut dev1, Duration::from_millis(300)).await.is_none(),
+        "device 1 got device 0's command"
+    );
+    // The service never gets its own command back, nor a second copy of the telemetry.
+    assert!(next_publish(&mut svc, Duration::from_millis(300)).await.is_none());
+
+    // When device 0 leaves, node 1 drops the subscription for its commands.
+    drop(dev0);
+    wait_nats_subscription(&nats, &commands0, false).await;
+    assert_eq!(fleet.telemetry_rows(&id0).await.len(), 1, "stored once, by the node it came in on");
+}
+
+#[tokio::test]
+async fn a_cluster_node_needs_a_shared_postgresql_registry() {
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(1, None).await;
+    let out = std::process::Command::new(broker_bin())
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["--nats", &nats.url(), "check-config"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("PostgreSQL"), "{err}");
+}
