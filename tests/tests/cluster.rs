@@ -125,3 +125,35 @@ async fn a_cluster_node_needs_a_shared_postgresql_registry() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("PostgreSQL"), "{err}");
 }
+
+/// One session per device across the cluster: the device connecting on node 2 cuts its session
+/// on node 1 within a second (`takeover`), and the new session goes on.
+#[tokio::test]
+async fn a_connect_on_another_node_takes_the_session_over_within_a_second() {
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let id = fleet.id(0);
+    let mut first = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&first.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let t = Instant::now();
+    let mut second = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&second.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    assert!(first.closed_within(Duration::from_secs(1)).await, "the session on node 1 outlived the takeover");
+    assert!(t.elapsed() < Duration::from_secs(2), "takeover took {:?}", t.elapsed());
+    node1.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
+    assert_eq!(node2.metric(&kicks(CloseReason::Takeover)).await, 0.0, "the new session was cut");
+    // The new session works.
+    second.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(second.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)));
+    // And back again: node 1 takes it from node 2.
+    let mut third = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&third.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    assert!(
+        second.closed_within(Duration::from_secs(1)).await,
+        "the session on node 2 outlived the takeover"
+    );
+    node2.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
+}

@@ -4,9 +4,15 @@
 //! router. A node never receives its own messages back (`no_echo`): its local subscribers got
 //! them from its router already.
 //!
+//! One session per device across the cluster: a node that admits a device publishes a claim
+//! (its node id and the session's start time) on the device's session subject and listens
+//! there while the session lives; a node holding an older session of that device cuts it
+//! (`takeover`). Of two claims the later start wins (node id breaks a tie), so two nodes
+//! admitting the same device at once end with one session.
+//!
 //! What this step does not do yet: durable ingest through JetStream (the store still commits
-//! to the registry), one session per device across nodes, revocation fan-out over NATS (every
-//! node already watches the shared PostgreSQL registry), retained messages across nodes.
+//! to the registry), revocation fan-out over NATS (every node already watches the shared
+//! PostgreSQL registry), retained messages across nodes.
 
 pub(crate) mod subject;
 
@@ -42,6 +48,8 @@ pub struct ClusterError {
 #[derive(Debug)]
 pub(crate) struct Cluster {
     client: Client,
+    /// Random, for the session claims of this node.
+    node_id: u64,
     /// Subject → (local filters needing it, the task forwarding it to the router).
     subs: Mutex<HashMap<String, (usize, JoinHandle<()>)>>,
 }
@@ -56,7 +64,7 @@ impl Cluster {
             .await
             .map_err(|source| ClusterError { url: url.to_owned(), source })?;
         info!(%url, "cluster member: routing through NATS");
-        Ok(Self { client, subs: Mutex::default() })
+        Ok(Self { client, node_id: rand_node_id(), subs: Mutex::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, (usize, JoinHandle<()>)>> {
@@ -121,6 +129,80 @@ impl Cluster {
     }
 }
 
+fn rand_node_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A random per-process value without another dependency: std's hasher keys are random.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// A claim: which node admitted a session of a device, and when (unix nanoseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    started: u128,
+    node: u64,
+}
+
+impl Claim {
+    fn encode(self) -> Bytes {
+        Bytes::from(format!("{} {}", self.started, self.node))
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let (started, node) = std::str::from_utf8(b).ok()?.split_once(' ')?;
+        Some(Self { started: started.parse().ok()?, node: node.parse().ok()? })
+    }
+}
+
+/// Listens to other nodes' claims on a device for as long as this node's session of it lives.
+#[derive(Debug)]
+pub(crate) struct ClaimGuard(JoinHandle<()>);
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Cluster {
+    /// This node admitted session `conn_id` of `device`: tells the other nodes, and cuts it
+    /// (`cut`) if another node admits the device later.
+    pub(crate) async fn claim(&self, device: &str, cut: impl Fn() + Send + 'static) -> Option<ClaimGuard> {
+        let mine = Claim {
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+            node: self.node_id,
+        };
+        let subject = subject::session_subject(device);
+        // Subscribed before the claim goes out: a claim racing ours is seen either way.
+        let mut sub = match self.client.subscribe(subject.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, %subject, "cluster session subscribe failed");
+                return None;
+            }
+        };
+        if let Err(e) = self.client.publish(subject, mine.encode()).await {
+            warn!(error = %e, "cluster session claim failed");
+        }
+        Some(ClaimGuard(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                match Claim::decode(&m.payload) {
+                    Some(theirs) if theirs > mine => {
+                        cut();
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        })))
+    }
+}
+
 /// Hands every message of `sub` to the router's local subscribers.
 async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics: Metrics) {
     while let Some(m) = sub.next().await {
@@ -132,5 +214,21 @@ async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics:
         p.payload = m.payload;
         p.retain = header(RETAIN) == Some(true);
         router.deliver_remote(&p, &metrics);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_later_claim_wins_and_the_node_id_breaks_a_tie() {
+        let a = Claim { started: 10, node: 7 };
+        let later = Claim { started: 11, node: 1 };
+        let same_time = Claim { started: 10, node: 8 };
+        assert!(later > a && same_time > a && !(a > a));
+        assert_eq!(Claim::decode(&later.encode()), Some(later));
+        assert_eq!(Claim::decode(b"garbage"), None);
+        assert_eq!(Claim::decode(b"1 x"), None);
     }
 }

@@ -43,6 +43,16 @@ pub fn subject_of(topic: &str) -> String {
     out
 }
 
+/// Prefix of the per-device session subjects (claims of the one live session).
+pub(crate) const SESSIONS: &str = "fleet.s";
+
+/// The subject on which nodes claim the session of `device`.
+pub(crate) fn session_subject(device: &str) -> String {
+    let mut out = String::from(SESSIONS);
+    push_level(&mut out, device);
+    out
+}
+
 /// The subjects a NATS subscription needs so that it receives exactly the topics `filter`
 /// matches (for the topics fleetgate accepts: none start with `$`).
 pub fn filter_subjects(filter: &str) -> Vec<String> {
@@ -202,6 +212,7 @@ mod tests {
         assert_eq!(filter_subjects("#"), ["fleet.t.>"]);
         assert_eq!(topic_of("fleet.t.devices.%2e7"), None, "lower-case hex is not ours");
         assert_eq!(topic_of("other.devices"), None);
+        assert_eq!(session_subject("sensor.7"), "fleet.s.sensor%2E7");
         assert_eq!(topic_of("fleet.t.a%2Fb"), None, "a level never holds a separator");
     }
 }

@@ -71,6 +71,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     }
     // A revocation that landed between the admission query and registration is cut by
     // `register` (the feed reported it already) or by the feed (it reports it later).
+    // In a cluster, a later session of the device on another node cuts this one.
+    let _claim = match &shared.cluster {
+        Some(cluster) => {
+            let (s, device) = (shared.clone(), id.id.clone());
+            cluster
+                .claim(id.id.as_str(), move || {
+                    if s.sessions.cut_conn(&device, conn_id, CloseReason::Takeover) {
+                        info!(%device, "a session on another node replaces this one");
+                    }
+                })
+                .await
+        }
+        None => None,
+    };
     shared.metrics.accepted();
     shared.metrics.sessions_live.inc();
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
