@@ -89,11 +89,16 @@ pub fn topic_of(subject: &str) -> Option<String> {
         while j < bytes.len() {
             match bytes[j] {
                 b'%' => {
-                    let hex = std::str::from_utf8(bytes.get(j + 1..j + 3)?).ok()?;
-                    let b = u8::from_str_radix(hex, 16).ok()?;
-                    // Not what `subject_of` writes (a plain byte escaped, lower-case hex, a level
-                    // separator inside a level): refused, which keeps the mapping 1:1.
-                    if plain(b) || b == b'/' || hex.bytes().any(|c| c.is_ascii_lowercase()) {
+                    let hex = bytes.get(j + 1..j + 3)?;
+                    // Exactly two upper-case hex digits (`from_str_radix` alone would also take
+                    // "+2": found by the fuzzer).
+                    if !hex.iter().all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c)) {
+                        return None;
+                    }
+                    let b = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                    // Not what `subject_of` writes (a plain byte escaped, a level separator
+                    // inside a level): refused, which keeps the mapping 1:1.
+                    if plain(b) || b == b'/' {
                         return None;
                     }
                     topic.push(b);
@@ -195,7 +200,7 @@ mod tests {
         }
 
         #[test]
-        fn a_subject_decodes_only_to_the_topic_that_encodes_to_it(s in "(fleet\\.t\\.)?([A-Za-z0-9%./ _*>-]|%2F|%2f|%25|%){0,24}") {
+        fn a_subject_decodes_only_to_the_topic_that_encodes_to_it(s in "(fleet\\.t\\.)?([A-Za-z0-9%./ _*>+-]|%2F|%2f|%25|%\\+2|%){0,24}") {
             if let Some(t) = topic_of(&s) {
                 prop_assert_eq!(subject_of(&t), s);
             }
@@ -214,5 +219,6 @@ mod tests {
         assert_eq!(topic_of("other.devices"), None);
         assert_eq!(session_subject("sensor.7"), "fleet.s.sensor%2E7");
         assert_eq!(topic_of("fleet.t.a%2Fb"), None, "a level never holds a separator");
+        assert_eq!(topic_of("fleet.t.devices3.a%+20b"), None, "found by the fuzzer: `%+2` is no escape");
     }
 }
