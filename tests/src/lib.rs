@@ -224,15 +224,24 @@ pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
             )
         });
         // `cargo test -p fleet-tests` does not rebuild other packages' binaries: never test a
-        // stale one.
-        if let Some((newest, path)) = &newest_source(b) {
+        // stale one. Checked once per binary per test process (a broker starts many times).
+        static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let checked = |c: &std::sync::Mutex<Vec<String>>| {
+            c.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|x| x == b)
+        };
+        if checked(&CHECKED) {
+            continue;
+        }
+        if let Some((newest, path)) = newest_source(b) {
             assert!(
-                built >= *newest,
+                built >= newest,
                 "{} is older than {}: run `cargo build --workspace --bins` (./scripts/test does) first",
                 bin.display(),
                 path.display()
             );
         }
+        // Remembered only once it passed: every later call of a stale binary fails too.
+        CHECKED.lock().unwrap_or_else(|p| p.into_inner()).push((*b).to_owned());
     }
     dir
 }

@@ -64,7 +64,7 @@ impl Cluster {
             .await
             .map_err(|source| ClusterError { url: url.to_owned(), source })?;
         info!(%url, "cluster member: routing through NATS");
-        Ok(Self { client, node_id: rand_node_id(), subs: Mutex::default() })
+        Ok(Self { client, node_id: rand::random(), subs: Mutex::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, (usize, JoinHandle<()>)>> {
@@ -129,16 +129,6 @@ impl Cluster {
     }
 }
 
-fn rand_node_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    // A random per-process value without another dependency: std's hasher keys are random.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
-}
-
 /// A claim: which node admitted a session of a device, and when (unix nanoseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
@@ -168,8 +158,8 @@ impl Drop for ClaimGuard {
 }
 
 impl Cluster {
-    /// This node admitted session `conn_id` of `device`: tells the other nodes, and cuts it
-    /// (`cut`) if another node admits the device later.
+    /// This node admitted a session of `device`: tells the other nodes, and calls `cut` if
+    /// another node admits the device later.
     pub(crate) async fn claim(&self, device: &str, cut: impl Fn() + Send + 'static) -> Option<ClaimGuard> {
         let mine = Claim {
             started: std::time::SystemTime::now()

@@ -36,7 +36,7 @@ pub(crate) async fn bind(
     shared: &Shared,
     conn: &mut Conn,
     admission: Result<Identity, Refusal>,
-) -> Result<(Bound, Connect), (Refused, Option<Connect>)> {
+) -> Result<Bound, (Refused, Option<Connect>)> {
     let early = |refusal| (Refused { refusal, connack: false }, None);
     let connect = match timeout(shared.config.connect_timeout(), conn.read_packet()).await {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
@@ -52,7 +52,7 @@ pub(crate) async fn bind(
         return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
     }
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    Ok((Bound { id, keep_alive }, connect))
+    Ok(Bound { id, keep_alive })
 }
 
 impl Refused {

@@ -49,12 +49,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         Ok(c) => c,
         Err(refusal) => return shared.metrics.refused(refusal),
     };
-    // Boxed, like the session below: the registry query and the session loop are big futures
-    // that are never live together, and a connection task should only carry the one it is in.
+    // Boxed, like the handshake: the registry query is a big future that is never live together
+    // with the session loop, and a connection task should not carry it for its whole life.
     let admission = Box::pin(admit::admit(&shared, &cert)).await;
     let mut conn = Conn::new(tls, shared.config.max_packet_size, shared.config.write_timeout());
     let bound = match connect::bind(&shared, &mut conn, admission).await {
-        Ok((bound, _connect)) => bound,
+        Ok(bound) => bound,
         Err((refused, connect)) => {
             return refused.finish(&shared, &mut conn, peer, &cert, connect.as_ref()).await
         }
@@ -74,12 +74,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     // In a cluster, a later session of the device on another node cuts this one.
     let _claim = match &shared.cluster {
         Some(cluster) => {
-            let (s, device) = (shared.clone(), id.id.clone());
+            let (kick, device) = (kick.clone(), id.id.clone());
             cluster
                 .claim(id.id.as_str(), move || {
-                    if s.sessions.cut_conn(&device, conn_id, CloseReason::Takeover) {
-                        info!(%device, "a session on another node replaces this one");
-                    }
+                    info!(%device, "a session on another node replaces this one");
+                    kick.cut(CloseReason::Takeover);
                 })
                 .await
         }

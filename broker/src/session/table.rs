@@ -93,17 +93,6 @@ impl Sessions {
         }
     }
 
-    /// Cuts the session of `id` for `reason` if connection `conn_id` still runs it.
-    pub(crate) fn cut_conn(&self, id: &DeviceId, conn_id: u64, reason: CloseReason) -> bool {
-        match self.lock().live.get(id) {
-            Some(s) if s.conn_id == conn_id => {
-                s.kick.cut(reason);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Records that certificate `serial` of `id` is revoked and cuts the session running on it,
     /// if any. Returns whether one was cut.
     pub(crate) fn kick_serial(&self, id: &DeviceId, serial: &SerialNumber) -> bool {
