@@ -157,3 +157,42 @@ async fn a_connect_on_another_node_takes_the_session_over_within_a_second() {
     );
     node2.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
 }
+
+/// Session claims replayed, malformed or flooded on a device's session subject never cut its
+/// live session: only a claim newer than the session's start does (what another node admitting
+/// the device sends). The NATS server itself is the trust boundary: only broker nodes may reach
+/// it (README, cluster).
+#[tokio::test]
+async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let node = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let id = fleet.id(0);
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let subject = format!("fleet.s.{}", id.replace('.', "%2E"));
+    wait_nats_subscription(&nats, &subject, true).await;
+    let peer = async_nats::connect(nats.url()).await.unwrap();
+    // An old claim (a replay of an earlier session's), garbage, and a flood of both.
+    for i in 0..2000u32 {
+        let payload = match i % 3 {
+            0 => format!("{} 42", i),
+            1 => "not a claim".to_owned(),
+            _ => String::new(),
+        };
+        peer.publish(subject.clone(), payload.into()).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    dev.send(Packet::PingReq).await.unwrap();
+    assert!(
+        matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)),
+        "session cut by stale claims"
+    );
+    assert_eq!(node.metric(&kicks(CloseReason::Takeover)).await, 0.0);
+    // Control: a claim newer than the session (another node admitting the device) cuts it.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    peer.publish(subject, format!("{} 7", now + 1_000_000_000).into()).await.unwrap();
+    peer.flush().await.unwrap();
+    assert!(dev.closed_within(Duration::from_secs(1)).await, "a newer claim did not take over");
+}
