@@ -71,10 +71,17 @@ async fn guarded<T>(
     }
 }
 
-/// When the certificate's notAfter passes, or the next re-check (whichever is first).
+/// Has a certificate with this notAfter expired? RFC 5280 §4.1.2.5: the validity period
+/// includes notAfter, a time in whole seconds, so the certificate is good until the next second.
+fn expired(not_after: i64) -> bool {
+    now_unix() > not_after
+}
+
+/// When the certificate's notAfter has passed, or the next re-check (whichever is first).
 fn expiry_check_at(not_after: i64) -> Instant {
-    let left = u64::try_from(not_after.saturating_sub(now_unix())).unwrap_or(0);
-    Instant::now() + Duration::from_secs(left).min(EXPIRY_RECHECK)
+    let end_ms = i128::from(not_after.saturating_add(1)) * 1000;
+    let left = u64::try_from(end_ms - i128::from(now_millis())).unwrap_or(0);
+    Instant::now() + Duration::from_millis(left).min(EXPIRY_RECHECK)
 }
 
 /// Runs the session until it ends; returns why, and the connection to close. The CONNACK has
@@ -124,7 +131,7 @@ impl State {
                 _ = ctx.kick.cut_done() => return ctx.kick.reason().unwrap_or(CloseReason::Revoked),
                 _ = ctx.shared.shutdown.cancelled() => return CloseReason::Shutdown,
                 _ = sleep_until(expiry_at) => {
-                    if now_unix() >= ctx.id.not_after {
+                    if expired(ctx.id.not_after) {
                         ctx.kick.cut(CloseReason::CertExpired);
                         return CloseReason::CertExpired;
                     }
