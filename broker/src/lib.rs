@@ -130,13 +130,20 @@ impl Broker {
         let state = tls::build(&tls_paths)?;
         let registry = Registry::open_existing(&config.database_url(), config.registry_timeout()).await?;
         let feed = registry.revocation_feed().await?;
+        let metrics = Metrics::new();
         let cluster = match &config.nats {
-            Some(url) => Some(cluster::Cluster::connect(url).await?),
+            Some(_) => Some(cluster::Cluster::connect(&config, &metrics).await?),
             None => None,
         };
-        let metrics = Metrics::new();
-        let (store, store_writer) =
-            store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone());
+        // A single node stores into the registry; a cluster member into the JetStream stream.
+        let (store, store_writer) = match &cluster {
+            Some(c) => store::Store::start(
+                cluster::stream::JetStreamSink { js: c.js.clone() },
+                config.store_batch,
+                metrics.clone(),
+            ),
+            None => store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone()),
+        };
         let shared = Arc::new(Shared {
             tls_paths,
             tls: ArcSwap::from_pointee(state),
@@ -174,6 +181,19 @@ impl Broker {
         let tracker = TaskTracker::new();
         tracker.spawn(watch::revocations(shared.clone(), feed));
         tracker.spawn(watch::files(shared.clone()));
+        if let Some(c) = &shared.cluster {
+            tracker.spawn(watch::cluster_revocations(shared.clone()));
+            if shared.config.nats_sql_sink {
+                tracker.spawn(cluster::stream::feed_sql(
+                    c.js.clone(),
+                    shared.config.nats_stream.clone(),
+                    shared.registry.telemetry_writer(),
+                    shared.config.store_batch,
+                    shared.metrics.clone(),
+                    shared.shutdown.clone(),
+                ));
+            }
+        }
         if let Some(m) = metrics {
             tracker.spawn(http::serve(shared.clone(), m));
         }

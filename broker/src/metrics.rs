@@ -50,6 +50,14 @@ pub struct Metrics {
     pub(crate) crl_number: IntGauge,
     /// Admissions decided from the cache (`hit`) or by a registry query (`miss`).
     pub(crate) admission_cache: IntCounterVec,
+    /// 1 while the node's NATS connection is up (a cluster member).
+    pub(crate) cluster_connected: IntGauge,
+    /// Rows the node's SQL sink took from the stream into the telemetry table.
+    pub(crate) cluster_sink_rows: IntCounter,
+    /// Failed SQL sink commits (retried).
+    pub(crate) cluster_sink_errors: IntCounter,
+    /// Revocations other nodes announced over NATS.
+    pub(crate) cluster_revocations_received: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -115,6 +123,16 @@ impl Metrics {
                 "admission_cache_total",
                 "Admissions decided from the cache or the registry",
                 &["result"],
+            ),
+            cluster_connected: g("cluster_connected", "1 while the NATS connection is up"),
+            cluster_sink_rows: c(
+                "cluster_sink_rows_total",
+                "Rows the SQL sink took from the JetStream stream into the telemetry table",
+            ),
+            cluster_sink_errors: c("cluster_sink_errors_total", "Failed SQL sink commits (retried)"),
+            cluster_revocations_received: c(
+                "cluster_revocations_received_total",
+                "Revocations announced by other nodes over NATS",
             ),
             registry: r,
         }

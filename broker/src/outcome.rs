@@ -59,6 +59,8 @@ pub enum Refusal {
     UnknownDevice,
     /// The registry could not be asked.
     RegistryUnavailable,
+    /// A cluster member's NATS connection is down: nothing could be routed or stored.
+    ClusterUnavailable,
     /// The first packet was not a valid CONNECT.
     ProtocolError,
     /// No CONNECT within the deadline.
@@ -69,7 +71,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal (for tests and dashboards).
-    pub const ALL: [Refusal; 26] = [
+    pub const ALL: [Refusal; 27] = [
         Self::SourceLimit,
         Self::MaxConnections,
         Self::HandshakeTimeout,
@@ -93,6 +95,7 @@ impl Refusal {
         Self::BadIdentity,
         Self::UnknownDevice,
         Self::RegistryUnavailable,
+        Self::ClusterUnavailable,
         Self::ProtocolError,
         Self::ConnectTimeout,
         Self::ClientIdMismatch,
@@ -124,6 +127,7 @@ impl Refusal {
             Self::BadIdentity => "bad_identity",
             Self::UnknownDevice => "unknown_device",
             Self::RegistryUnavailable => "registry_unavailable",
+            Self::ClusterUnavailable => "cluster_unavailable",
             Self::ProtocolError => "protocol_error",
             Self::ConnectTimeout => "connect_timeout",
             Self::ClientIdMismatch => "client_id_mismatch",
@@ -134,7 +138,9 @@ impl Refusal {
     /// cannot decide, "bad client id" for a mismatch, "not authorised" otherwise.
     pub fn connack(self) -> ConnectReturnCode {
         match self {
-            Self::CrlExpired | Self::RegistryUnavailable => ConnectReturnCode::ServiceUnavailable,
+            Self::CrlExpired | Self::RegistryUnavailable | Self::ClusterUnavailable => {
+                ConnectReturnCode::ServiceUnavailable
+            }
             Self::ClientIdMismatch => ConnectReturnCode::BadClientId,
             _ => ConnectReturnCode::NotAuthorized,
         }

@@ -23,18 +23,26 @@ pub(crate) type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Where acknowledged messages go.
 pub(crate) trait Sink: Send + Sync + 'static {
-    /// Stores every row of `rows`, or none of them.
-    fn store<'a>(&'a self, rows: &'a [Telemetry]) -> impl Future<Output = Result<(), SinkError>> + Send + 'a;
+    /// Stores every row of `rows`, or fails (a failed batch may be partly stored: a device's
+    /// retransmission of a QoS 1 message must then not be stored twice, which `pkids`, the
+    /// rows' MQTT packet ids, 0 for QoS 0, let a sink recognise).
+    fn store<'a>(
+        &'a self,
+        rows: &'a [Telemetry],
+        pkids: &'a [u16],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send + 'a;
 }
 
 impl Sink for TelemetryWriter {
-    async fn store(&self, rows: &[Telemetry]) -> Result<(), SinkError> {
+    async fn store(&self, rows: &[Telemetry], _pkids: &[u16]) -> Result<(), SinkError> {
+        // One transaction: all rows or none, so no retransmission meets a stored copy.
         Ok(self.insert(rows).await?)
     }
 }
 
 struct Job {
     row: Telemetry,
+    pkid: u16,
     done: Option<oneshot::Sender<bool>>,
 }
 
@@ -53,7 +61,7 @@ pub(crate) struct Store {
 
 impl Store {
     /// Starts the writer task: at most `batch` rows per commit.
-    pub(crate) fn start(sink: impl Sink, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {
+    pub(crate) fn start<S: Sink>(sink: S, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(batch * 8);
         let handle = tokio::spawn(writer(sink, rx, batch, metrics));
         (Store { tx }, handle)
@@ -61,25 +69,28 @@ impl Store {
 
     /// Queues a row; the receiver yields `true` once it is committed, `false` if the commit
     /// failed (the message is then not stored and must not be acknowledged).
-    pub(crate) async fn submit(&self, row: Telemetry) -> oneshot::Receiver<bool> {
+    /// `pkid` is the device's packet id of the QoS 1 PUBLISH.
+    pub(crate) async fn submit(&self, row: Telemetry, pkid: u16) -> oneshot::Receiver<bool> {
         let (done, rx) = oneshot::channel();
         // If the writer is gone the sender is dropped and the receiver reports failure.
-        let _ = self.tx.send(Job { row, done: Some(done) }).await;
+        let _ = self.tx.send(Job { row, pkid, done: Some(done) }).await;
         rx
     }
 
     /// Queues a QoS 0 row without waiting.
     pub(crate) async fn submit_nowait(&self, row: Telemetry) {
-        let _ = self.tx.send(Job { row, done: None }).await;
+        let _ = self.tx.send(Job { row, pkid: 0, done: None }).await;
     }
 }
 
 async fn writer(sink: impl Sink, mut rx: mpsc::Receiver<Job>, batch: usize, metrics: Metrics) {
     let mut rows = Vec::with_capacity(batch);
+    let mut pkids = Vec::with_capacity(batch);
     let mut waiting = Vec::with_capacity(batch);
     while let Some(first) = rx.recv().await {
         let mut take = |j: Job, rows: &mut Vec<Telemetry>| {
             rows.push(j.row);
+            pkids.push(j.pkid);
             waiting.extend(j.done);
         };
         take(first, &mut rows);
@@ -92,7 +103,7 @@ async fn writer(sink: impl Sink, mut rx: mpsc::Receiver<Job>, batch: usize, metr
                 Err(_) => break,
             }
         }
-        let ok = match sink.store(&rows).await {
+        let ok = match sink.store(&rows, &pkids).await {
             Ok(()) => {
                 metrics.messages_stored.inc_by(rows.len() as u64);
                 true
@@ -104,6 +115,7 @@ async fn writer(sink: impl Sink, mut rx: mpsc::Receiver<Job>, batch: usize, metr
             }
         };
         rows.clear();
+        pkids.clear();
         for done in waiting.drain(..) {
             let _ = done.send(ok);
         }
@@ -127,7 +139,7 @@ mod tests {
     }
 
     impl Sink for Arc<Recording> {
-        async fn store(&self, rows: &[Telemetry]) -> Result<(), SinkError> {
+        async fn store(&self, rows: &[Telemetry], _pkids: &[u16]) -> Result<(), SinkError> {
             if self.fail.load(Ordering::Relaxed) {
                 return Err("sink down".into());
             }
@@ -150,14 +162,14 @@ mod tests {
     async fn rows_queued_together_commit_together_and_a_failed_commit_acknowledges_none() {
         let sink = Arc::new(Recording::default());
         let (store, writer) = Store::start(sink.clone(), 64, Metrics::new());
-        let waits: Vec<_> = futures_util::future::join_all((0..10).map(|i| store.submit(row(i)))).await;
+        let waits: Vec<_> = futures_util::future::join_all((0..10).map(|i| store.submit(row(i), 1))).await;
         for w in waits {
             assert_eq!(w.await, Ok(true));
         }
         assert_eq!(sink.batches.lock().expect("lock").iter().sum::<usize>(), 10);
         assert!(sink.batches.lock().expect("lock").len() < 10, "no group commit");
         sink.fail.store(true, Ordering::Relaxed);
-        assert_eq!(store.submit(row(11)).await.await, Ok(false), "acknowledged though not stored");
+        assert_eq!(store.submit(row(11), 1).await.await, Ok(false), "acknowledged though not stored");
         drop(store);
         writer.await.expect("writer");
     }

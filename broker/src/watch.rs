@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_registry::RevocationFeed;
+use fleet_registry::{DeviceId, RevocationFeed, SerialNumber};
 use tracing::{error, info, warn};
 
 use crate::metrics::Reload;
@@ -24,13 +24,9 @@ pub(crate) async fn revocations(shared: Arc<Shared>, mut feed: RevocationFeed) {
             Ok(events) => {
                 for ev in events {
                     shared.metrics.revocations_seen.inc();
-                    shared.admissions.revoked(&ev.serial);
-                    if shared.sessions.kick_serial(&ev.device_id, &ev.serial) {
-                        info!(device = %ev.device_id, serial = %ev.serial, "revoked: cutting live session");
-                    }
-                    let cleared = shared.router.clear_retained(ev.device_id.as_str());
-                    if cleared > 0 {
-                        info!(device = %ev.device_id, cleared, "revoked: retained messages cleared");
+                    revoked(&shared, &ev.device_id, &ev.serial);
+                    if let Some(cluster) = &shared.cluster {
+                        cluster.announce_revocation(&ev.device_id, &ev.serial).await;
                     }
                 }
                 shared.admissions.feed_ok();
@@ -45,6 +41,40 @@ pub(crate) async fn revocations(shared: Arc<Shared>, mut feed: RevocationFeed) {
                     registry_down = true;
                 }
             }
+        }
+    }
+}
+
+/// A certificate was revoked: forget its cached verdict, cut its session, clear its device's
+/// retained messages. Idempotent (the registry feed and other nodes may both report it).
+pub(crate) fn revoked(shared: &Shared, device: &DeviceId, serial: &SerialNumber) {
+    shared.admissions.revoked(serial);
+    if shared.sessions.kick_serial(device, serial) {
+        info!(%device, %serial, "revoked: cutting live session");
+    }
+    let cleared = shared.router.clear_retained(device.as_str());
+    if cleared > 0 {
+        info!(%device, cleared, "revoked: retained messages cleared");
+    }
+}
+
+/// Applies the revocations other cluster nodes announce, until shutdown.
+pub(crate) async fn cluster_revocations(shared: Arc<Shared>) {
+    let Some(cluster) = &shared.cluster else { return };
+    let weak = Arc::downgrade(&shared);
+    let listener = cluster.revocations(move |device, serial| {
+        if let Some(shared) = weak.upgrade() {
+            shared.metrics.cluster_revocations_received.inc();
+            revoked(&shared, &device, &serial);
+        }
+    });
+    match listener.await {
+        Ok(task) => {
+            shared.shutdown.cancelled().await;
+            task.abort();
+        }
+        Err(e) => {
+            error!(error = %e, "cluster revocation subscription failed; the registry feed alone cuts sessions")
         }
     }
 }

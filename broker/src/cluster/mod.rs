@@ -10,22 +10,37 @@
 //! (`takeover`). Of two claims the later start wins (node id breaks a tie), so two nodes
 //! admitting the same device at once end with one session.
 //!
-//! What this step does not do yet: durable ingest through JetStream (the store still commits
-//! to the registry), revocation fan-out over NATS (every node already watches the shared
-//! PostgreSQL registry), retained messages across nodes.
+//! Device messages are stored in a JetStream stream ([`stream`]); a PUBACK follows its
+//! acknowledgement, and the nodes' SQL sinks feed the telemetry table from it.
+//!
+//! Revocations fan out over NATS as well as through the registry: a node that sees one in its
+//! registry feed announces it on `fleet.r`, and every node cuts the sessions of that
+//! certificate and refuses it from then on, so a node whose PostgreSQL notifications lag still
+//! cuts within a second.
+//!
+//! While the NATS connection is down the node admits no one (`cluster_unavailable`, CONNACK 3)
+//! and acknowledges nothing it could not store; the client reconnects by itself.
+//!
+//! Not shared across nodes: retained messages (each node keeps those published through it).
 
+pub(crate) mod stream;
 pub(crate) mod subject;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use async_nats::{Client, HeaderMap};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{jetstream, Client, Event, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+
+use fleet_registry::{DeviceId, SerialNumber};
 
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -37,17 +52,34 @@ const RETAIN: &str = "Fleet-Retain";
 
 /// Why the node could not join the cluster.
 #[derive(Debug, thiserror::Error)]
-#[error("NATS {url}: {source}")]
-pub struct ClusterError {
-    url: String,
-    #[source]
-    source: async_nats::ConnectError,
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The NATS server is unreachable.
+    #[error("NATS {url}: {source}")]
+    Connect {
+        /// Server URL.
+        url: String,
+        /// Cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// JetStream is off on the server, or the stream cannot be created as configured.
+    #[error("JetStream stream {stream} (is the server started with -js?): {source}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
 }
 
 /// The node's NATS connection and the subjects it subscribes to.
 #[derive(Debug)]
 pub(crate) struct Cluster {
     client: Client,
+    /// JetStream on the same connection, with the configured acknowledgement timeout.
+    pub(crate) js: jetstream::Context,
     /// Random, for the session claims of this node.
     node_id: u64,
     /// Subject → (local filters needing it, the task forwarding it to the router).
@@ -55,16 +87,52 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// Connects to NATS at `url`. The connection comes back by itself after an outage.
-    pub(crate) async fn connect(url: &str) -> Result<Self, ClusterError> {
+    /// Connects to NATS at `config.nats` and creates the stream if it is missing. The
+    /// connection comes back by itself after an outage (retried every ≤ 1 s).
+    pub(crate) async fn connect(config: &crate::Config, metrics: &Metrics) -> Result<Self, ClusterError> {
+        let url = config.nats.clone().unwrap_or_default();
+        let gauge = metrics.cluster_connected.clone();
         let client = async_nats::ConnectOptions::new()
             .no_echo()
             .name("fleet-broker")
-            .connect(url)
+            .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(10) as u64))
+            .event_callback(move |event| {
+                let gauge = gauge.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            gauge.set(1);
+                            info!("NATS connection up");
+                        }
+                        Event::Disconnected => {
+                            gauge.set(0);
+                            warn!("NATS connection lost: admitting no one until it is back");
+                        }
+                        other => info!(event = %other, "NATS"),
+                    }
+                }
+            })
+            .connect(&url)
             .await
-            .map_err(|source| ClusterError { url: url.to_owned(), source })?;
-        info!(%url, "cluster member: routing through NATS");
-        Ok(Self { client, node_id: rand::random(), subs: Mutex::default() })
+            .map_err(|source| ClusterError::Connect { url: url.clone(), source })?;
+        metrics.cluster_connected.set(1);
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.nats_timeout());
+        let want = stream::stream_config(
+            &config.nats_stream,
+            config.nats_replicas,
+            Duration::from_secs_f64(config.nats_duplicate_window_secs),
+        );
+        js.get_or_create_stream(want)
+            .await
+            .map_err(|source| ClusterError::Stream { stream: config.nats_stream.clone(), source })?;
+        info!(%url, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
+        Ok(Self { client, js, node_id: rand::random(), subs: Mutex::default() })
+    }
+
+    /// Is the NATS connection up?
+    pub(crate) fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, (usize, JoinHandle<()>)>> {
@@ -193,6 +261,43 @@ impl Cluster {
     }
 }
 
+/// A revocation as nodes announce it on [`subject::REVOCATIONS`]: `<device id> <serial hex>`.
+fn encode_revocation(device: &DeviceId, serial: &SerialNumber) -> Bytes {
+    Bytes::from(format!("{device} {}", serial.to_hex()))
+}
+
+fn decode_revocation(b: &[u8]) -> Option<(DeviceId, SerialNumber)> {
+    let (device, serial) = std::str::from_utf8(b).ok()?.split_once(' ')?;
+    Some((DeviceId::parse(device).ok()?, SerialNumber::parse(serial).ok()?))
+}
+
+impl Cluster {
+    /// Tells the other nodes of a revocation this node saw in the registry.
+    pub(crate) async fn announce_revocation(&self, device: &DeviceId, serial: &SerialNumber) {
+        let payload = encode_revocation(device, serial);
+        if let Err(e) = self.client.publish(subject::REVOCATIONS, payload).await {
+            warn!(error = %e, %device, "cluster revocation announcement failed (the registry feed still carries it)");
+        }
+    }
+
+    /// Calls `apply` with every revocation another node announces, until the connection
+    /// closes. Subscribed before it returns.
+    pub(crate) async fn revocations(
+        &self,
+        apply: impl Fn(DeviceId, SerialNumber) + Send + 'static,
+    ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
+        let mut sub = self.client.subscribe(subject::REVOCATIONS).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                match decode_revocation(&m.payload) {
+                    Some((device, serial)) => apply(device, serial),
+                    None => warn!(len = m.payload.len(), "malformed cluster revocation ignored"),
+                }
+            }
+        }))
+    }
+}
+
 /// Hands every message of `sub` to the router's local subscribers.
 async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics: Metrics) {
     while let Some(m) = sub.next().await {
@@ -220,5 +325,16 @@ mod tests {
         assert_eq!(Claim::decode(&later.encode()), Some(later));
         assert_eq!(Claim::decode(b"garbage"), None);
         assert_eq!(Claim::decode(b"1 x"), None);
+    }
+
+    #[test]
+    fn revocations_round_trip_and_garbage_is_refused() {
+        let device = DeviceId::parse("dev-1").unwrap();
+        let serial = SerialNumber::parse("4a0b").unwrap();
+        let b = encode_revocation(&device, &serial);
+        assert_eq!(decode_revocation(&b), Some((device, serial)));
+        for bad in [&b""[..], b"dev-1", b"dev-1 zz", b"../x 4a0b", b"\xff 4a"] {
+            assert_eq!(decode_revocation(bad), None);
+        }
     }
 }

@@ -35,13 +35,35 @@ fn push_level(out: &mut String, level: &str) {
 
 /// The subject of a concrete topic.
 pub fn subject_of(topic: &str) -> String {
-    let mut out = String::with_capacity(PREFIX.len() + topic.len() + 8);
-    out.push_str(PREFIX);
+    subject_under(PREFIX, topic)
+}
+
+/// Prefix of the subjects of stored device messages (the JetStream stream's subjects): the same
+/// encoding as [`subject_of`] under another prefix, so that routing publishes (`fleet.t`) are not
+/// stored and stored ones are not routed twice.
+pub(crate) const STORED: &str = "fleet.m";
+
+/// The subject a device message is stored under.
+pub(crate) fn stored_subject_of(topic: &str) -> String {
+    subject_under(STORED, topic)
+}
+
+/// The topic a stored message's subject was made from.
+pub(crate) fn topic_of_stored(subject: &str) -> Option<String> {
+    topic_under(STORED, subject)
+}
+
+fn subject_under(prefix: &str, topic: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + topic.len() + 8);
+    out.push_str(prefix);
     for level in topic.split('/') {
         push_level(&mut out, level);
     }
     out
 }
+
+/// Subject on which nodes tell each other of revocations they saw.
+pub(crate) const REVOCATIONS: &str = "fleet.r";
 
 /// Prefix of the per-device session subjects (claims of the one live session).
 pub(crate) const SESSIONS: &str = "fleet.s";
@@ -75,7 +97,11 @@ pub fn filter_subjects(filter: &str) -> Vec<String> {
 
 /// The topic a subject was made from, if it is one of ours.
 pub fn topic_of(subject: &str) -> Option<String> {
-    let rest = subject.strip_prefix(PREFIX)?.strip_prefix('.')?;
+    topic_under(PREFIX, subject)
+}
+
+fn topic_under(prefix: &str, subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
     let mut topic = Vec::with_capacity(rest.len());
     for (i, token) in rest.split('.').enumerate() {
         if i > 0 {

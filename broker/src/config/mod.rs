@@ -40,6 +40,22 @@ value::settings! {
     /// messages are routed to the other nodes' subscribers through NATS. Needs a PostgreSQL
     /// registry shared by the nodes. Default: off (a single node, in-process routing).
     nats: Option<String> = None;
+    /// JetStream stream of a cluster's device messages (created at start if missing): a QoS 1
+    /// PUBACK follows its acknowledgement.
+    nats_stream: String = String::from("FLEET");
+    /// Replicas of the stream when this node creates it: 1 for one nats-server, 3 for a NATS
+    /// cluster of three or more.
+    nats_replicas: usize = 1;
+    /// JetStream de-duplication window, seconds: a device's retransmission of a message within
+    /// it is stored once.
+    nats_duplicate_window_secs: f64 = 120.0;
+    /// Whether this node feeds the SQL `telemetry` table from the stream (a durable consumer
+    /// shared by the nodes that do; idempotent). `false` leaves the table to other nodes or to
+    /// your own consumers.
+    nats_sql_sink: bool = true;
+    /// Longest wait for JetStream to acknowledge a stored message, seconds: while NATS is down,
+    /// unstored messages stay unacknowledged and their sessions close after this long.
+    nats_timeout_secs: f64 = 3.0;
     /// Metrics and health endpoint (`/metrics`, `/healthz`); `off` disables it.
     metrics_listen: Endpoint = Endpoint(Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
     /// Broker certificate chain (PEM); default HOME/broker-tls/cert.pem.
@@ -138,6 +154,18 @@ impl Config {
         secs(self.registry_timeout_secs, "registry_timeout_secs")?;
         secs(self.write_timeout_secs, "write_timeout_secs")?;
         secs(self.log_interval_secs, "log_interval_secs")?;
+        secs(self.nats_duplicate_window_secs, "nats_duplicate_window_secs")?;
+        secs(self.nats_timeout_secs, "nats_timeout_secs")?;
+        if self.nats_replicas == 0 || self.nats_replicas > 5 {
+            return Err(ConfigError::Range(
+                "nats_replicas must be between 1 and 5 (JetStream's limit)".into(),
+            ));
+        }
+        if self.nats_stream.is_empty()
+            || !self.nats_stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::Range("nats_stream must be letters, digits, '-' or '_'".into()));
+        }
         for (v, name) in [
             (self.max_connections, "max_connections"),
             (self.max_pre_admission_per_source, "max_pre_admission_per_source"),
@@ -180,6 +208,11 @@ impl Config {
     /// Longest wait for a registry connection.
     pub fn registry_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.registry_timeout_secs)
+    }
+
+    /// Longest wait for a JetStream acknowledgement.
+    pub fn nats_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.nats_timeout_secs)
     }
 
     /// Longest a write may wait for the peer to accept bytes.

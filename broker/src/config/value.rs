@@ -91,7 +91,7 @@ macro_rules! from_str_setting {
         }
     )*};
 }
-from_str_setting!(SocketAddr, PathBuf, String, usize, u64, f64);
+from_str_setting!(SocketAddr, PathBuf, String, usize, u64, f64, bool);
 
 /// `off` (or nothing) turns an optional setting off.
 impl<T: FromSetting> FromSetting for Option<T> {

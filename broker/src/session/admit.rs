@@ -114,6 +114,9 @@ pub(crate) async fn admit(shared: &Shared, cert: &[u8]) -> Result<Identity, Refu
     if crl_expired && shared.config.crl_policy == CrlPolicy::FailClosed {
         return Err(Refusal::CrlExpired);
     }
+    if shared.cluster.as_ref().is_some_and(|c| !c.connected()) {
+        return Err(Refusal::ClusterUnavailable);
+    }
     if shared.sessions.is_revoked(&id.serial) {
         return Err(Refusal::Revoked);
     }

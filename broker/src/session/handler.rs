@@ -244,7 +244,7 @@ impl State {
                 received_at: now_millis(),
             };
             if qos == QoS::AtLeastOnce {
-                let done = shared.store.submit(row).await;
+                let done = shared.store.submit(row, pkid).await;
                 self.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
             } else {
                 shared.store.submit_nowait(row).await;
