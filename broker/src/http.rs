@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -18,8 +19,15 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render())
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// 200 while the node can admit devices; 503 while a cluster member's NATS connection is down
+/// (a load balancer's health check then sends devices to the other nodes).
+async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    match &shared.cluster {
+        Some(c) if !c.connected() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable: NATS connection down\n")
+        }
+        _ => (StatusCode::OK, "ok\n"),
+    }
 }
 
 /// Serves the endpoint on `listener` until shutdown.

@@ -294,12 +294,19 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts it and waits until it listens.
     pub fn start() -> NatsServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (child, port, monitor_port) = Self::spawn(dir.path(), -1, -1);
+        NatsServer { child, _dir: dir, port, monitor_port }
+    }
+
+    /// Starts nats-server with JetStream storing in `dir` on `port` (-1: any) and waits until it
+    /// listens; returns the process and its client and monitoring ports.
+    fn spawn(dir: &Path, port: i32, monitor_port: i32) -> (std::process::Child, u16, u16) {
         use std::io::BufRead;
         let bin = require_program("nats-server", "nats-server");
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let mut child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
-            .arg(dir.path())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string(), "-js", "-sd"])
+            .arg(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -324,7 +331,7 @@ impl NatsServer {
         }
         // Keep reading its log so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        NatsServer { child, _dir: dir, port, monitor_port }
+        (child, port, monitor_port)
     }
 
     /// Client URL.
@@ -343,8 +350,81 @@ impl NatsServer {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
     }
 
+    /// Messages in JetStream stream `name` (from the monitoring endpoint).
+    pub fn stream_messages(&self, name: &str) -> u64 {
+        let body: String = self.monitor("/jsz?streams=1").chars().filter(|c| !c.is_whitespace()).collect();
+        // `"name":"FLEET", ... "state":{"messages":N`: the first "messages" after the name.
+        let Some(at) = body.find(&format!("\"name\":\"{name}\"")) else { return 0 };
+        let rest = &body[at..];
+        let Some(m) = rest.find("\"messages\":") else { return 0 };
+        rest[m + 11..].chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap_or(0)
+    }
+
     /// Stops it (simulates NATS going away).
     pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports with the same JetStream storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, _, _) = Self::spawn(self._dir.path(), i32::from(self.port), i32::from(self.monitor_port));
+        self.child = child;
+    }
+}
+
+/// HAProxy in TCP mode in front of broker nodes, as devices would reach a cluster: round robin,
+/// each node health-checked on its `/healthz` every 200 ms. Killed on drop.
+#[derive(Debug)]
+pub struct HaProxy {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    /// The address devices connect to.
+    pub addr: std::net::SocketAddr,
+}
+
+impl HaProxy {
+    /// Fronts `nodes`: each its (MQTT address, metrics address).
+    pub fn start(nodes: &[(std::net::SocketAddr, std::net::SocketAddr)]) -> HaProxy {
+        let bin = require_program("haproxy", "haproxy");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        // HAProxy cannot bind port 0: take a free port and hand it over.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("free port: {e}"))
+            .port();
+        let mut cfg = format!(
+            "global\n  maxconn 4096\n\
+             defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 1h\n  timeout server 1h\n  retries 2\n  option redispatch\n\
+             frontend mqtt\n  bind 127.0.0.1:{port}\n  default_backend nodes\n\
+             backend nodes\n  balance roundrobin\n  option httpchk GET /healthz\n  default-server inter 200ms fall 1 rise 1 on-marked-down shutdown-sessions\n"
+        );
+        for (i, (mqtt, metrics)) in nodes.iter().enumerate() {
+            cfg.push_str(&format!("  server n{i} {mqtt} check port {}\n", metrics.port()));
+        }
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap_or_else(|e| panic!("haproxy.cfg: {e}"));
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start haproxy: {e}"));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "haproxy did not listen on {addr}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        HaProxy { child, _dir: dir, addr }
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

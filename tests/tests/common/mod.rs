@@ -108,6 +108,21 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Waits until `device` has at least `n` telemetry rows (a cluster's SQL sink catching up).
+    pub async fn wait_telemetry_rows(&self, device: &str, n: usize, within: Duration) {
+        let t = Instant::now();
+        loop {
+            let have = self.telemetry_rows(device).await.len();
+            if have >= n {
+                return;
+            }
+            assert!(t.elapsed() < within, "{device}: {have} telemetry rows, expected {n}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A running `fleet-broker` process; killed on drop.
 pub struct BrokerProc {
     pub child: Child,
@@ -319,6 +334,30 @@ impl Raw {
             }
         }
     }
+}
+
+/// Waits for the SUBACK of `filter` on a raw session.
+pub async fn subscribe(c: &mut Raw, filter: &str, pkid: u16) {
+    let mut sub = rumqttc::mqttbytes::v4::Subscribe::new(filter, rumqttc::mqttbytes::QoS::AtLeastOnce);
+    sub.pkid = pkid;
+    c.send(Packet::Subscribe(sub)).await.unwrap();
+    assert!(
+        matches!(c.recv(Duration::from_secs(3)).await, Some(Packet::SubAck(_))),
+        "no SUBACK for {filter}"
+    );
+}
+
+/// The next PUBLISH a raw session receives (skipping other packets).
+pub async fn next_publish(c: &mut Raw, within: Duration) -> Option<rumqttc::mqttbytes::v4::Publish> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        match c.recv(within - t.elapsed()).await {
+            Some(Packet::Publish(p)) => return Some(p),
+            Some(_) => continue,
+            None => return None,
+        }
+    }
+    None
 }
 
 pub fn connack_code(p: &Option<Packet>) -> Option<rumqttc::mqttbytes::v4::ConnectReturnCode> {
