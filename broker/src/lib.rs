@@ -233,6 +233,27 @@ pub fn addr(l: &TcpListener) -> Option<SocketAddr> {
     l.local_addr().ok()
 }
 
+/// The contract of a cluster's JetStream stream, for backends that consume it directly
+/// (`docs/spec/cluster-stream.md`, `broker/examples/stream_consumer.rs`).
+pub mod stream {
+    pub use crate::cluster::stream::{DEVICE, QOS, RECEIVED_AT, SQL_CONSUMER};
+
+    /// The subject a device message on `topic` is stored under.
+    pub fn subject_of(topic: &str) -> String {
+        crate::cluster::subject::stored_subject_of(topic)
+    }
+
+    /// The topic of a stored message's subject (`None`: not a stored device message).
+    pub fn topic_of(subject: &str) -> Option<String> {
+        crate::cluster::subject::topic_of_stored(subject)
+    }
+
+    /// The subjects to consume for the topics an MQTT filter matches (`devices/+/telemetry`).
+    pub fn filter_subjects(filter: &str) -> Vec<String> {
+        crate::cluster::subject::stored_filter_subjects(filter)
+    }
+}
+
 /// What the fuzz targets drive: the decoders and decisions a session runs on client bytes.
 #[doc(hidden)]
 pub mod fuzzing {

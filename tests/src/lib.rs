@@ -219,7 +219,7 @@ pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
         let bin = dir.join(b);
         let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap_or_else(|_| {
             panic!(
-                "{b} is not built in {}: run `cargo build --workspace --bins` (./scripts/test does) first",
+                "{b} is not built in {}: run `cargo build --workspace --bins --examples` (./scripts/test does) first",
                 dir.display()
             )
         });
@@ -235,7 +235,7 @@ pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
         if let Some((newest, path)) = newest_source(b) {
             assert!(
                 built >= newest,
-                "{} is older than {}: run `cargo build --workspace --bins` (./scripts/test does) first",
+                "{} is older than {}: run `cargo build --workspace --bins --examples` (./scripts/test does) first",
                 bin.display(),
                 path.display()
             );
@@ -251,7 +251,7 @@ pub fn workspace_bin_dir(binaries: &[&str]) -> PathBuf {
 fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
     let crates: &[&str] = match bin {
-        "fleet-broker" => &["broker", "registry"],
+        "fleet-broker" | "examples/stream_consumer" => &["broker", "registry"],
         "fleet-provision" => &["provisioning", "registry", "device"],
         "fleet-sim" => &["firmware-examples/fleet-sim", "device"],
         _ => &[],

@@ -112,6 +112,29 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     // The telemetry is in the table (through the stream and the SQL sinks), once.
     fleet.wait_telemetry_rows(&id0, 1, Duration::from_secs(5)).await;
     fleet.wait_telemetry_rows(&id1, 1, Duration::from_secs(5)).await;
+
+    // A backend can read the stream itself: the example consumer prints both messages.
+    let consumer =
+        fleet_tests::workspace_bin_dir(&["examples/stream_consumer"]).join("examples/stream_consumer");
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(consumer)
+            .args([nats.url().as_str(), "devices/+/telemetry", "test-backend", "2"])
+            .output(),
+    )
+    .await
+    .expect("the example consumer did not get two messages")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for (id, payload) in [(&id0, "from-node-1"), (&id1, "from-node-2")] {
+        let line = format!(" {id} qos=1 ");
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&line) && l.ends_with(&format!("devices/{id}/telemetry {payload}"))),
+            "{text}"
+        );
+    }
 }
 
 /// What a device saw acknowledged: (message number, when).

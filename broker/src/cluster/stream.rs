@@ -30,13 +30,13 @@ use crate::metrics::Metrics;
 use crate::store::{Sink, SinkError};
 
 /// Header: the publishing device.
-pub(crate) const DEVICE: &str = "Fleet-Device";
+pub const DEVICE: &str = "Fleet-Device";
 /// Header: the QoS the device published with ("0" or "1").
-pub(crate) const QOS: &str = "Fleet-QoS";
+pub const QOS: &str = "Fleet-QoS";
 /// Header: unix milliseconds at the broker that accepted the message.
-pub(crate) const RECEIVED_AT: &str = "Fleet-Received-At";
+pub const RECEIVED_AT: &str = "Fleet-Received-At";
 /// The durable consumer the nodes' SQL sinks share.
-pub(crate) const SQL_CONSUMER: &str = "fleet-sql-sink";
+pub const SQL_CONSUMER: &str = "fleet-sql-sink";
 
 /// The stream a cluster's nodes store into, as `config` describes it.
 pub(crate) fn stream_config(name: &str, replicas: usize, duplicate_window: Duration) -> stream::Config {

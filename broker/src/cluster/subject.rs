@@ -95,6 +95,11 @@ pub fn filter_subjects(filter: &str) -> Vec<String> {
     vec![out]
 }
 
+/// The stored subjects of the topics `filter` matches (a consumer's filter subjects).
+pub(crate) fn stored_filter_subjects(filter: &str) -> Vec<String> {
+    filter_subjects(filter).into_iter().map(|s| format!("{STORED}{}", &s[PREFIX.len()..])).collect()
+}
+
 /// The topic a subject was made from, if it is one of ours.
 pub fn topic_of(subject: &str) -> Option<String> {
     topic_under(PREFIX, subject)
@@ -223,6 +228,20 @@ mod tests {
             }
             let nats = subjects.iter().any(|s| nats_matches(s, &subject_of(&t)));
             prop_assert_eq!(mqtt, nats, "filter {:?} topic {:?} subjects {:?}", f, t, subjects);
+        }
+
+        #[test]
+        fn stored_subjects_round_trip_match_their_filters_and_are_never_routed(f in filter(), t in topic()) {
+            let stored = stored_subject_of(&t);
+            prop_assert!(valid_subject(&stored), "{stored}");
+            prop_assert_eq!(topic_of_stored(&stored), Some(t.clone()));
+            prop_assert_eq!(topic_of(&stored), None);
+            let mqtt = crate::auth::matches(&f, &t);
+            prop_assert_eq!(mqtt, stored_filter_subjects(&f).iter().any(|s| nats_matches(s, &stored)));
+            // A routing subscription never receives a stored message, nor the stream a routed one.
+            prop_assert!(!filter_subjects(&f).iter().any(|s| nats_matches(s, &stored)));
+            let stream = format!("{STORED}.>");
+            prop_assert!(!nats_matches(&stream, &subject_of(&t)));
         }
 
         #[test]
