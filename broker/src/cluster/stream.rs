@@ -11,7 +11,7 @@
 //! The SQL `telemetry` table is fed from the stream by [`feed_sql`]: one durable pull consumer
 //! shared by every node that runs the sink (the stream's messages are split between them),
 //! batched, idempotent (the stream sequence is a unique column), acknowledged after the commit.
-//! Backends may consume the stream themselves the same way (`docs/cluster.md`).
+//! Backends may consume the stream themselves the same way (`docs/spec/cluster-stream.md`, `broker/examples/stream_consumer.rs`).
 
 use std::future::IntoFuture;
 use std::time::Duration;
@@ -156,7 +156,9 @@ async fn sink_once(
             pull::Config {
                 durable_name: Some(SQL_CONSUMER.to_owned()),
                 ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                // What a node that died holding a batch delays: its messages go to another
+                // node after this long.
+                ack_wait: Duration::from_secs(5),
                 max_ack_pending: 65_536,
                 ..Default::default()
             },

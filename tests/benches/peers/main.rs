@@ -12,12 +12,15 @@
 //!   CONNECT/CONNACK + DISCONNECT per second, for each CRL size (default 0, 100k, 1M entries);
 //! - `revoke`: revoke → disconnect latency over 100 revocations of connected devices;
 //! - `ingest`: QoS 1 and QoS 0 PUBLISH throughput from 100 concurrently connected devices;
-//! - `memory`: resident memory per idle mTLS session with N sessions (default 10,000).
+//! - `memory`: resident memory per idle mTLS session with N sessions (default 10,000);
+//! - `cluster`: three nodes on NATS JetStream + PostgreSQL: cross-node delivery latency, QoS 1
+//!   ingest through JetStream beside one node and Mosquitto, revoke → cut on three nodes.
 //!
 //! Clients run in this process on the same cores as the server under test, so every figure is
 //! a lower bound, comparable only with the other figures of the same run.
 
 mod client;
+mod cluster;
 mod servers;
 
 use std::collections::BTreeMap;
@@ -87,18 +90,20 @@ fn parse_args() -> Result<Args, String> {
                     .map(|s| Peer::parse(s.trim()).ok_or(format!("--peers: unknown server {s:?}")))
                     .collect::<Result<_, _>>()?
             }
-            "admissions" | "revoke" | "ingest" | "memory" => a.scenarios.push(arg),
+            "admissions" | "revoke" | "ingest" | "memory" | "cluster" => a.scenarios.push(arg),
             "-h" | "--help" => {
-                return Err("usage: peers [admissions|revoke|ingest|memory]... [--secs S] [--conc C] \
+                return Err(
+                    "usage: peers [admissions|revoke|ingest|memory|cluster]... [--secs S] [--conc C] \
                             [--sessions N] [--crl-sizes 0,100000,1000000] \
                             [--peers bare,fleet-broker,mosquitto,rumqttd]"
-                    .into())
+                        .into(),
+                )
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
     if a.scenarios.is_empty() {
-        a.scenarios = ["admissions", "revoke", "ingest", "memory"].map(String::from).to_vec();
+        a.scenarios = ["admissions", "revoke", "ingest", "memory", "cluster"].map(String::from).to_vec();
     }
     if a.secs <= 0.0 || a.conc == 0 {
         return Err("--secs and --conc must be positive".into());
@@ -115,9 +120,14 @@ struct Env {
 
 impl Env {
     async fn new() -> Env {
+        Self::with_db(None).await
+    }
+
+    /// A fleet whose registry is at `db` (default: SQLite in the home).
+    async fn with_db(db: Option<&str>) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join("home");
-        let station = Station::init(Home::new(&home), "Bench", None).await.expect("init");
+        let station = Station::init(Home::new(&home), "Bench", db).await.expect("init");
         station.server_cert(&["localhost".into()], &[], &home.join("broker-tls")).await.expect("server cert");
         Env { dir, home, station }
     }
@@ -133,6 +143,13 @@ impl Env {
         };
         let minted = self.station.mint(&opts, &|_| {}).await.expect("mint");
         minted.iter().map(|d| Arc::new(Identity::load(&d.dir))).collect()
+    }
+
+    /// A backend service identity.
+    async fn service(&self, name: &str) -> Identity {
+        let minted =
+            self.station.service_cert(name, &self.dir.path().join(name)).await.expect("service cert");
+        Identity::load(&minted.dir)
     }
 
     fn start(&self, peer: Peer) -> Option<Server> {
@@ -623,6 +640,7 @@ fn main() {
                 "revoke" => scenario_revoke(&env, &args, &mut report).await,
                 "ingest" => scenario_ingest(&env, &devices, &args, &mut report).await,
                 "memory" => scenario_memory(&env, &args, &mut report).await,
+                "cluster" => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
                 _ => unreachable!("validated in parse_args"),
             }
         }

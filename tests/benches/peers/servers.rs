@@ -143,24 +143,15 @@ fn announced_addr(child: &mut Child) -> Option<SocketAddr> {
 /// Starts `peer` with the fleet's device CA, the server certificate in HOME/broker-tls and (where
 /// the peer supports it) HOME/crl.pem. `work` holds generated configuration files.
 pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, String> {
+    if peer == Peer::FleetBroker {
+        return start_fleet_broker(home, &[]);
+    }
     let bin = program(peer)?;
     let (child, addr) = match peer {
         Peer::Bare | Peer::FleetBroker => {
-            let mut cmd = Command::new(&bin);
-            if peer == Peer::Bare {
-                cmd.arg("--serve-bare").arg(home);
-            } else {
-                cmd.arg("--home").arg(home).args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--metrics-listen",
-                    "off",
-                    "--max-connections",
-                    "100000",
-                ]);
-            }
-            let mut child = cmd
-                .env("RUST_LOG", "warn")
+            let mut child = Command::new(&bin)
+                .arg("--serve-bare")
+                .arg(home)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
@@ -212,6 +203,28 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
         return Err(format!("{} did not start listening on {addr}", peer.name()));
     }
     // Let start-up work (CRL parsing, registry open) finish before measuring.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(server)
+}
+
+/// Starts fleet-broker on `home` with `extra` flags (a cluster node: `--nats`, `--database-url`).
+pub(crate) fn start_fleet_broker(home: &Path, extra: &[&str]) -> Result<Server, String> {
+    let bin = program(Peer::FleetBroker)?;
+    let mut child = Command::new(&bin)
+        .arg("--home")
+        .arg(home)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--max-connections", "100000"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let addr = announced_addr(&mut child).ok_or("no listen address announced")?;
+    let server = Server { addr, child };
+    if !wait_listening(addr) {
+        return Err(format!("fleet-broker did not start listening on {addr}"));
+    }
     std::thread::sleep(Duration::from_millis(300));
     Ok(server)
 }
