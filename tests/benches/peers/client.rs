@@ -87,6 +87,36 @@ pub(crate) async fn session(addr: SocketAddr, who: &Identity, keep_alive: u16) -
     (buf == [0x20, 2, 0, 0]).then_some(s)
 }
 
+/// How a connect attempt ended.
+pub(crate) enum Outcome {
+    /// CONNACK 0: the open session.
+    Admitted(Box<Tls>),
+    /// CONNACK 3 (server unavailable: come back later).
+    Unavailable,
+    /// TCP or TLS failed, or another CONNACK.
+    Failed,
+}
+
+/// TLS handshake + CONNECT → CONNACK, telling a "server unavailable" refusal apart.
+pub(crate) async fn session_outcome(addr: SocketAddr, who: &Identity, keep_alive: u16) -> Outcome {
+    let Some(mut s) = tls(addr, who).await else { return Outcome::Failed };
+    let mut out = BytesMut::new();
+    let mut c = Connect::new(who.id.clone());
+    c.keep_alive = keep_alive;
+    if Packet::Connect(c).write(&mut out, 1 << 16).is_err() || s.write_all(&out).await.is_err() {
+        return Outcome::Failed;
+    }
+    let mut buf = [0u8; 4];
+    if s.read_exact(&mut buf).await.is_err() {
+        return Outcome::Failed;
+    }
+    match buf {
+        [0x20, 2, _, 0] => Outcome::Admitted(Box::new(s)),
+        [0x20, 2, _, 3] => Outcome::Unavailable,
+        _ => Outcome::Failed,
+    }
+}
+
 /// A full admission: session, then DISCONNECT.
 pub(crate) async fn admit(addr: SocketAddr, who: &Identity) -> bool {
     match session(addr, who, 30).await {

@@ -13,6 +13,11 @@
 //! - `revoke`: revoke → disconnect latency over 100 revocations of connected devices;
 //! - `ingest`: QoS 1 and QoS 0 PUBLISH throughput from 100 concurrently connected devices;
 //! - `memory`: resident memory per idle mTLS session with N sessions (default 10,000);
+//! - `storm`: N devices (default 20,000, `--devices`) with the SDK's reconnect policy, the server
+//!   stopped (SIGTERM, SIGKILL) and restarted: time until 50/99/100% are back, against the raw
+//!   handshake ceiling; Mosquitto in the same run;
+//! - `soak` (only when named; `--minutes`, default 60): 1,000 devices publishing and reconnecting
+//!   at random; RSS, open fds and p99 PUBACK latency every minute, and the drift;
 //! - `cluster`: three nodes on NATS JetStream + PostgreSQL: cross-node delivery latency, QoS 1
 //!   ingest through JetStream beside one node and Mosquitto, revoke → cut on three nodes.
 //!
@@ -22,6 +27,8 @@
 mod client;
 mod cluster;
 mod servers;
+mod soak;
+mod storm;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,6 +55,10 @@ struct Args {
     secs: f64,
     conc: usize,
     sessions: usize,
+    /// Devices of the storm.
+    devices: usize,
+    /// Length of the soak.
+    minutes: u64,
     crl_sizes: Vec<usize>,
     /// Servers to measure (default: all).
     peers: Vec<Peer>,
@@ -65,6 +76,8 @@ fn parse_args() -> Result<Args, String> {
         secs: 5.0,
         conc: 16,
         sessions: 10_000,
+        devices: 20_000,
+        minutes: 60,
         crl_sizes: vec![0, 100_000, 1_000_000],
         peers: Peer::ALL.to_vec(),
     };
@@ -78,6 +91,8 @@ fn parse_args() -> Result<Args, String> {
             "--sessions" => {
                 a.sessions = value("--sessions")?.parse().map_err(|e| format!("--sessions: {e}"))?
             }
+            "--minutes" => a.minutes = value("--minutes")?.parse().map_err(|e| format!("--minutes: {e}"))?,
+            "--devices" => a.devices = value("--devices")?.parse().map_err(|e| format!("--devices: {e}"))?,
             "--crl-sizes" => {
                 a.crl_sizes = value("--crl-sizes")?
                     .split(',')
@@ -90,7 +105,9 @@ fn parse_args() -> Result<Args, String> {
                     .map(|s| Peer::parse(s.trim()).ok_or(format!("--peers: unknown server {s:?}")))
                     .collect::<Result<_, _>>()?
             }
-            "admissions" | "revoke" | "ingest" | "memory" | "cluster" => a.scenarios.push(arg),
+            "admissions" | "revoke" | "ingest" | "memory" | "storm" | "soak" | "cluster" => {
+                a.scenarios.push(arg)
+            }
             "-h" | "--help" => {
                 return Err(
                     "usage: peers [admissions|revoke|ingest|memory|cluster]... [--secs S] [--conc C] \
@@ -103,7 +120,8 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if a.scenarios.is_empty() {
-        a.scenarios = ["admissions", "revoke", "ingest", "memory", "cluster"].map(String::from).to_vec();
+        a.scenarios =
+            ["admissions", "revoke", "ingest", "memory", "storm", "cluster"].map(String::from).to_vec();
     }
     if a.secs <= 0.0 || a.conc == 0 {
         return Err("--secs and --conc must be positive".into());
@@ -240,6 +258,7 @@ async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Args, report:
         a.secs, a.conc
     );
     let mut by: BTreeMap<(usize, &str), f64> = BTreeMap::new();
+    let mut cpu: BTreeMap<(usize, &str), f64> = BTreeMap::new();
     for &n in &a.crl_sizes {
         if n > 0 {
             let t = Instant::now();
@@ -257,8 +276,11 @@ async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Args, report:
             let t = Instant::now();
             let Some(server) = env.start(peer) else { continue };
             let startup = t.elapsed().as_secs_f64();
+            let cpu0 = server.cpu_secs();
             let (rate, failed) =
                 admissions_per_sec(server.addr, ids, peer == Peer::Bare, a.secs, a.conc).await;
+            let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / (rate * a.secs).max(1.0);
+            cpu.insert((n, peer.name()), cpu_us);
             by.insert((n, peer.name()), rate);
             let base = by.get(&(0, peer.name())).copied();
             let vs_empty = match base {
@@ -267,7 +289,10 @@ async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Args, report:
             };
             report.add(
                 "admissions",
-                format!("| {} | {n} | {rate:.0} | {failed} | {startup:.1} s | {vs_empty} |", peer.name()),
+                format!(
+                    "| {} | {n} | {rate:.0} | {cpu_us:.0} µs | {failed} | {startup:.1} s | {vs_empty} |",
+                    peer.name()
+                ),
             );
         }
         let get = |p: Peer| by.get(&(n, p.name())).copied().unwrap_or(0.0);
@@ -277,6 +302,16 @@ async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Args, report:
         {
             if get(other) > 0.0 && fb > 0.0 {
                 report.add("ratios", format!("| CRL {n}: fleet-broker / {what} | {:.2}× |", fb / get(other)));
+            }
+            let cpu_of = |p: Peer| cpu.get(&(n, p.name())).copied().unwrap_or(0.0);
+            if cpu_of(other) > 0.0 && cpu_of(Peer::FleetBroker) > 0.0 {
+                report.add(
+                    "ratios",
+                    format!(
+                        "| CRL {n}: server CPU per admission, fleet-broker / {what} | {:.2}× |",
+                        cpu_of(Peer::FleetBroker) / cpu_of(other)
+                    ),
+                );
             }
         }
     }
@@ -499,11 +534,15 @@ async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, report: &mu
         a.secs
     );
     let mut by: BTreeMap<(u8, &str), f64> = BTreeMap::new();
+    let mut cpu: BTreeMap<(u8, &str), f64> = BTreeMap::new();
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
         for peer in [Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd].into_iter().filter(|&p| a.wants(p)) {
             let Some(server) = env.start(peer) else { continue };
             let before = stored_rows(env).await;
+            let cpu0 = server.cpu_secs();
             let (rate, sent, acked) = ingest_rate(server.addr, ids, qos, a.secs).await;
+            let handled = if qos == QoS::AtLeastOnce { acked } else { sent };
+            let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / handled.max(1) as f64;
             drop(server); // SIGKILL: whatever was acknowledged must already be stored
             tokio::time::sleep(Duration::from_millis(200)).await;
             let durable = match peer {
@@ -514,21 +553,34 @@ async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, report: &mu
                 _ => "memory only (in-process commit log)".into(),
             };
             by.insert((qos as u8, peer.name()), rate);
+            cpu.insert((qos as u8, peer.name()), cpu_us);
             report.add(
                 "ingest",
                 format!(
-                    "| {} | QoS {} | {rate:.0} msg/s | {sent} sent, {acked} acked | {durable} |",
+                    "| {} | QoS {} | {rate:.0} msg/s | {cpu_us:.1} µs server CPU/msg | {sent} sent, {acked} acked | {durable} |",
                     peer.name(),
                     qos as u8
                 ),
             );
         }
         let fb = by.get(&(qos as u8, Peer::FleetBroker.name())).copied().unwrap_or(0.0);
+        let fb_cpu = cpu.get(&(qos as u8, Peer::FleetBroker.name())).copied().unwrap_or(0.0);
         for other in [Peer::Mosquitto, Peer::Rumqttd] {
             if let Some(&o) = by.get(&(qos as u8, other.name())).filter(|&&o| o > 0.0) {
                 report.add(
                     "ratios",
                     format!("| QoS {}: fleet-broker / {} | {:.2}× |", qos as u8, other.name(), fb / o),
+                );
+            }
+            if let Some(&o) = cpu.get(&(qos as u8, other.name())).filter(|&&o| o > 0.0) {
+                report.add(
+                    "ratios",
+                    format!(
+                        "| QoS {}: server CPU per message, fleet-broker / {} | {:.2}× |",
+                        qos as u8,
+                        other.name(),
+                        fb_cpu / o
+                    ),
                 );
             }
         }
@@ -640,6 +692,8 @@ fn main() {
                 "revoke" => scenario_revoke(&env, &args, &mut report).await,
                 "ingest" => scenario_ingest(&env, &devices, &args, &mut report).await,
                 "memory" => scenario_memory(&env, &args, &mut report).await,
+                "storm" => storm::scenario_storm(&env, &args, &mut report).await,
+                "soak" => soak::scenario_soak(&env, &args, &mut report).await,
                 "cluster" => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
                 _ => unreachable!("validated in parse_args"),
             }

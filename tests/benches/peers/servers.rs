@@ -62,7 +62,22 @@ impl Server {
 
     /// Sends SIGHUP (Mosquitto reloads its configuration on it).
     pub(crate) fn hangup(&self) {
-        let _ = Command::new("kill").arg("-HUP").arg(self.pid().to_string()).status();
+        self.signal("HUP");
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, `HUP`).
+    pub(crate) fn signal(&self, name: &str) {
+        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status();
+    }
+
+    /// Waits until the process has exited.
+    pub(crate) fn wait(&mut self) {
+        let _ = self.child.wait();
+    }
+
+    /// CPU time the server has used so far (user + system), seconds.
+    pub(crate) fn cpu_secs(&self) -> f64 {
+        cpu_secs(self.pid())
     }
 }
 
@@ -71,6 +86,17 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// User + system CPU seconds of process `pid` (/proc/PID/stat fields 14 and 15, in clock ticks
+/// of 1/100 s on Linux).
+pub(crate) fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// Field `index` (whitespace-separated) of the first line starting with `prefix` in a /proc file.
@@ -143,9 +169,15 @@ fn announced_addr(child: &mut Child) -> Option<SocketAddr> {
 /// Starts `peer` with the fleet's device CA, the server certificate in HOME/broker-tls and (where
 /// the peer supports it) HOME/crl.pem. `work` holds generated configuration files.
 pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, String> {
+    start_on(peer, home, work, 0)
+}
+
+/// As [`start`], on a given port (0: any; mosquitto and rumqttd get a free one).
+pub(crate) fn start_on(peer: Peer, home: &Path, work: &Path, port: u16) -> Result<Server, String> {
     if peer == Peer::FleetBroker {
-        return start_fleet_broker(home, &[]);
+        return start_fleet_broker_on(home, port, &[]);
     }
+    let port = if port == 0 { free_port() } else { port };
     let bin = program(peer)?;
     let (child, addr) = match peer {
         Peer::Bare | Peer::FleetBroker => {
@@ -160,7 +192,6 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
             (child, addr)
         }
         Peer::Mosquitto => {
-            let port = free_port();
             let conf = work.join("mosquitto.conf");
             std::fs::write(
                 &conf,
@@ -178,7 +209,6 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
             (spawn_with_config(&bin, &conf)?, SocketAddr::from(([127, 0, 0, 1], port)))
         }
         Peer::Rumqttd => {
-            let port = free_port();
             let conf = work.join("rumqttd.toml");
             std::fs::write(
                 &conf,
@@ -209,11 +239,22 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
 
 /// Starts fleet-broker on `home` with `extra` flags (a cluster node: `--nats`, `--database-url`).
 pub(crate) fn start_fleet_broker(home: &Path, extra: &[&str]) -> Result<Server, String> {
+    start_fleet_broker_on(home, 0, extra)
+}
+
+fn start_fleet_broker_on(home: &Path, port: u16, extra: &[&str]) -> Result<Server, String> {
     let bin = program(Peer::FleetBroker)?;
     let mut child = Command::new(&bin)
         .arg("--home")
         .arg(home)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off", "--max-connections", "100000"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "off",
+            "--max-connections",
+            "100000",
+        ])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

@@ -133,10 +133,16 @@ pub struct BrokerProc {
 
 impl BrokerProc {
     pub fn start(fleet: &Fleet, extra: &[&str]) -> BrokerProc {
+        Self::start_on(fleet, 0, extra)
+    }
+
+    /// As `start`, listening for MQTT on `port` (0: any), e.g. to restart a broker where its
+    /// clients expect it.
+    pub fn start_on(fleet: &Fleet, port: u16, extra: &[&str]) -> BrokerProc {
         let log = fleet.dir.path().join(format!("broker-{}.log", rand_suffix()));
         let mut cmd = Command::new(broker_bin());
         cmd.arg("--home").arg(fleet.home());
-        cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]).args(extra);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"]).args(extra);
         if let Some(db) = &fleet.db {
             cmd.arg("--database-url").arg(db);
         }
