@@ -141,15 +141,17 @@ async fn storm(
     for c in [&fleet.timeouts, &fleet.unavailable, &fleet.other_failures] {
         c.store(0, Ordering::Relaxed);
     }
+    // From here on every admission is one to the new process.
+    fleet.back.store(0, Ordering::Relaxed);
+    fleet.epoch.store(2 + rand::random::<u32>() as u64, Ordering::Relaxed);
+    // The clock starts when the new process is started.
+    let t0 = Instant::now();
     let Ok(restarted) = start() else {
         println!("  {}: did not restart", peer.name());
         stop.store(true, Ordering::Relaxed);
         return;
     };
     server = restarted;
-    let t0 = Instant::now();
-    fleet.back.store(0, Ordering::Relaxed);
-    fleet.epoch.store(2 + rand::random::<u32>() as u64, Ordering::Relaxed);
     let cpu0 = server.cpu_secs();
     let (mut t50, mut t99, mut t100) = (None, None, None);
     let (mut peak_pending, mut peak_rss) = (0, 0);
@@ -162,8 +164,14 @@ async fn storm(
         if back * 2 >= n {
             t50.get_or_insert(at);
         }
-        if back * 100 >= n * 99 {
-            t99.get_or_insert(at);
+        if back * 100 >= n * 99 && t99.is_none() {
+            t99 = Some(at);
+            println!(
+                "    99% back at {at:.1} s: {} connect attempts timed out so far, {} got CONNACK 3, {} failed",
+                fleet.timeouts.load(Ordering::Relaxed),
+                fleet.unavailable.load(Ordering::Relaxed),
+                fleet.other_failures.load(Ordering::Relaxed)
+            );
         }
         if back >= n {
             t100 = Some(at);
