@@ -58,15 +58,17 @@ pub(crate) struct State {
     next_pkid: u16,
 }
 
-/// Runs `f` unless the session is kicked or the broker stops first.
+/// Runs `f` unless the session is kicked or the broker stops first (`cut` is the session's
+/// [`Kick::cut_done`], made once per session: the kick is a child of the shutdown token, so one
+/// future watches both).
 async fn guarded<T>(
     ctx: &Ctx<'_>,
+    cut: &mut Pin<&mut impl Future<Output = ()>>,
     f: impl Future<Output = Result<T, CloseReason>>,
 ) -> Result<T, CloseReason> {
     tokio::select! {
         biased;
-        _ = ctx.kick.cut_done() => Err(ctx.kick.reason().unwrap_or(CloseReason::Revoked)),
-        _ = ctx.shared.shutdown.cancelled() => Err(CloseReason::Shutdown),
+        _ = cut => Err(ctx.kick.end_reason()),
         r = f => r,
     }
 }
@@ -109,6 +111,9 @@ impl State {
         let mut deadline = Instant::now() + grace;
         let mut idle_at = Instant::now() + IDLE_RELEASE;
         let mut expiry_at = expiry_check_at(ctx.id.not_after);
+        // Made once: the kick (and, through it, the shutdown) is watched on every turn.
+        let cut = ctx.kick.cut_done();
+        tokio::pin!(cut);
         loop {
             // Packets already buffered are handled before reading more.
             match self.conn.parse() {
@@ -119,7 +124,7 @@ impl State {
                     }
                     // Boxed: an idle session should not carry the state of packet handling.
                     let handled = Box::pin(self.handle_packet(ctx, p));
-                    match guarded(ctx, handled).await {
+                    match guarded(ctx, &mut cut, handled).await {
                         Ok(()) => continue,
                         Err(end) => return end,
                     }
@@ -128,8 +133,7 @@ impl State {
             }
             tokio::select! {
                 biased;
-                _ = ctx.kick.cut_done() => return ctx.kick.reason().unwrap_or(CloseReason::Revoked),
-                _ = ctx.shared.shutdown.cancelled() => return CloseReason::Shutdown,
+                _ = &mut cut => return ctx.kick.end_reason(),
                 _ = sleep_until(expiry_at) => {
                     if expired(ctx.id.not_after) {
                         ctx.kick.cut(CloseReason::CertExpired);
@@ -144,7 +148,7 @@ impl State {
                     while let Some(Some(done)) = self.pending.next().now_or_never() {
                         acks.push(done);
                     }
-                    if let Err(end) = guarded(ctx, self.conn.send_acks(&acks)).await {
+                    if let Err(end) = guarded(ctx, &mut cut, self.conn.send_acks(&acks)).await {
                         return end;
                     }
                 }
@@ -164,7 +168,7 @@ impl State {
                         self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
                         p.pkid = self.next_pkid;
                     }
-                    if let Err(end) = guarded(ctx, self.conn.send(Packet::Publish(p))).await {
+                    if let Err(end) = guarded(ctx, &mut cut, self.conn.send(Packet::Publish(p))).await {
                         return end;
                     }
                 }

@@ -63,7 +63,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     drop(pre_admission);
 
     let id = bound.id;
-    let kick = Kick::default();
+    let kick = Kick::under(&shared.shutdown);
     let live = LiveSession { conn_id, serial: id.serial.clone(), kick: kick.clone() };
     if let Some(old) = shared.sessions.register(&id.id, live) {
         info!(device = %id.id, "a new connection replaces the live session of this device");

@@ -22,13 +22,24 @@ pub(crate) struct Kick {
 }
 
 impl Kick {
+    /// A kick that the broker's `shutdown` also triggers (one future for a session to watch).
+    pub(crate) fn under(shutdown: &CancellationToken) -> Self {
+        Self { token: shutdown.child_token(), reason: Arc::default() }
+    }
+
+    /// Why the session ended once [`Kick::cut_done`] completed: the cut's reason, or the
+    /// broker's shutdown.
+    pub(crate) fn end_reason(&self) -> CloseReason {
+        self.reason().unwrap_or(CloseReason::Shutdown)
+    }
+
     /// Cuts the session for `reason` (a later cut keeps the first reason).
     pub(crate) fn cut(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
         self.token.cancel();
     }
 
-    /// Completes once the session is cut.
+    /// Completes once the session is cut (or, for [`Kick::under`], the broker shuts down).
     pub(crate) async fn cut_done(&self) {
         self.token.cancelled().await;
     }
