@@ -12,6 +12,7 @@ mod auth;
 mod cluster;
 pub mod config;
 mod http;
+mod inbox;
 mod listener;
 mod log_limit;
 mod metrics;

@@ -3,22 +3,19 @@
 //! Subscriptions are indexed by the device-id level of their filter (`devices/<id>/...`), so a
 //! command for one device is matched against that device's subscriptions plus the wildcard
 //! subscriptions of services, not against every session. Delivery never blocks a publisher: each
-//! session has a bounded queue and a full queue drops the message (counted). Queued messages are
-//! boxed: a queue allocates its slots in blocks of 32, and an idle session should not pay for 32
-//! inline `Publish`es.
+//! session has a bounded [`Inbox`] and a full one drops the message (counted).
 //!
 //! Retained messages are indexed the same way, so a device's SUBSCRIBE (always to its own
 //! literal `devices/<id>/...`) looks only at that device's retained messages. They are capped per
 //! device and in bytes for the whole broker ([`RetainLimits`]); a revoked device's are cleared.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::mpsc;
-
 use crate::auth::{device_level, matches};
+use crate::inbox::Inbox;
 use crate::metrics::Limit;
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
@@ -26,7 +23,7 @@ use crate::outcome::CloseReason;
 #[derive(Debug, Clone)]
 struct Sub {
     qos: QoS,
-    tx: mpsc::Sender<Box<Publish>>,
+    inbox: Arc<Inbox>,
 }
 
 /// A subscription's identity: connection and filter.
@@ -139,12 +136,11 @@ fn deliver(inner: &Inner, publish: &Publish, metrics: &Metrics) {
         };
         p.retain = false;
         p.dup = false;
-        match s.tx.try_send(Box::new(p)) {
-            Ok(()) => metrics.messages_delivered.inc(),
-            Err(_) => {
-                metrics.messages_dropped.inc();
-                metrics.limit(Limit::QueuedMessages);
-            }
+        if s.inbox.push(Box::new(p)) {
+            metrics.messages_delivered.inc();
+        } else {
+            metrics.messages_dropped.inc();
+            metrics.limit(Limit::QueuedMessages);
         }
     }
 }
@@ -162,12 +158,12 @@ impl Router {
         conn_id: u64,
         filter: &str,
         qos: QoS,
-        tx: mpsc::Sender<Box<Publish>>,
+        inbox: Arc<Inbox>,
     ) -> Vec<Publish> {
         let mut inner = lock(&self.inner);
         let key = key_of(filter);
         inner.by_conn.entry(conn_id).or_default().insert((key.to_owned(), filter.to_owned()));
-        inner.subs.entry(key.to_owned()).or_default().insert((conn_id, filter.to_owned()), Sub { qos, tx });
+        inner.subs.entry(key.to_owned()).or_default().insert((conn_id, filter.to_owned()), Sub { qos, inbox });
         let retained: Box<dyn Iterator<Item = &HashMap<String, Publish>>> = match key {
             "" => Box::new(inner.retained.values()),
             key => Box::new(inner.retained.get(key).into_iter()),
@@ -264,22 +260,21 @@ mod tests {
         let router = Router::default();
         let metrics = Metrics::new();
         let route = |p: &Publish| router.route(p, &metrics).expect("not retained");
-        let (tx1, mut rx1) = mpsc::channel(8);
-        let (tx2, mut rx2) = mpsc::channel(8);
-        router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, tx1.clone());
-        router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, tx1);
-        router.subscribe(2, "devices/a/commands/#", QoS::AtMostOnce, tx2);
+        let (rx1, rx2) = (Arc::new(Inbox::new(8)), Arc::new(Inbox::new(8)));
+        router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, rx1.clone());
+        router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, rx1.clone());
+        router.subscribe(2, "devices/a/commands/#", QoS::AtMostOnce, rx2.clone());
         route(&publish("devices/a/commands/reboot"));
         route(&publish("devices/b/telemetry"));
-        assert_eq!(rx1.try_recv().map(|p| p.topic).ok().as_deref(), Some("devices/a/commands/reboot"));
-        assert_eq!(rx1.try_recv().map(|p| p.topic).ok().as_deref(), Some("devices/b/telemetry"));
-        assert!(rx2.try_recv().is_ok());
+        assert_eq!(rx1.try_next().map(|p| p.topic).as_deref(), Some("devices/a/commands/reboot"));
+        assert_eq!(rx1.try_next().map(|p| p.topic).as_deref(), Some("devices/b/telemetry"));
+        assert!(rx2.try_next().is_some());
 
         router.remove_connection(1);
         route(&publish("devices/a/commands/reboot"));
         route(&publish("devices/b/telemetry"));
-        assert!(rx1.try_recv().is_err(), "a removed connection still receives");
-        assert!(rx2.try_recv().is_ok());
+        assert!(rx1.try_next().is_none(), "a removed connection still receives");
+        assert!(rx2.try_next().is_some());
         router.remove_connection(2);
         let inner = lock(&router.inner);
         assert!(inner.subs.is_empty() && inner.by_conn.is_empty(), "{inner:?}");
@@ -303,9 +298,9 @@ mod tests {
         assert_eq!(router.route(&retained("devices/b/big", &[0u8; 90]), &m), Err(RetainRefused::TotalBytes));
         assert_eq!(router.route(&retained("devices/b/ok", &[0u8; 50]), &m), Ok(()));
         // Only the device's own retained messages are looked at for its literal filter.
-        let (tx, _rx) = mpsc::channel(8);
-        assert_eq!(router.subscribe(1, "devices/a/#", QoS::AtMostOnce, tx.clone()).len(), 2);
-        assert_eq!(router.subscribe(2, "devices/+/#", QoS::AtMostOnce, tx).len(), 3);
+        let inbox = Arc::new(Inbox::new(8));
+        assert_eq!(router.subscribe(1, "devices/a/#", QoS::AtMostOnce, inbox.clone()).len(), 2);
+        assert_eq!(router.subscribe(2, "devices/+/#", QoS::AtMostOnce, inbox).len(), 3);
         assert_eq!(router.clear_retained("a"), 2);
         assert_eq!(lock(&router.inner).retained_bytes, "devices/b/ok".len() + 50);
         // An empty retained payload deletes.

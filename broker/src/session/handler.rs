@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -17,13 +18,13 @@ use rumqttc::mqttbytes::v4::{
     Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::warn;
 
 use super::conn::{Conn, IDLE_RELEASE};
 use super::table::Kick;
 use crate::auth::{self, Identity};
+use crate::inbox::Inbox;
 use crate::log_limit::LogLimiter;
 use crate::metrics::{AclAction, Limit};
 use crate::outcome::CloseReason;
@@ -49,7 +50,8 @@ pub(crate) struct Ctx<'a> {
 /// What a session holds.
 pub(crate) struct State {
     conn: Conn,
-    tx: mpsc::Sender<Box<Publish>>,
+    /// Deliveries from the router (shared with it through the subscriptions).
+    inbox: Arc<Inbox>,
     pending: FuturesOrdered<PendingAck>,
     /// Filters held, for the subscription cap.
     subs: HashSet<String>,
@@ -89,23 +91,23 @@ fn expiry_check_at(not_after: i64) -> Instant {
 /// Runs the session until it ends; returns why, and the connection to close. The CONNACK has
 /// been sent.
 pub(crate) async fn run(ctx: &Ctx<'_>, conn: Conn) -> (CloseReason, Conn) {
-    let (tx, mut rx) = mpsc::channel::<Box<Publish>>(ctx.shared.config.max_queued_messages);
+    let inbox = Arc::new(Inbox::new(ctx.shared.config.max_queued_messages));
     let every = ctx.shared.config.log_interval();
     let mut st = State {
         conn,
-        tx,
+        inbox,
         pending: FuturesOrdered::new(),
         subs: HashSet::new(),
         acl_log: LogLimiter::new(every),
         limit_log: LogLimiter::new(every),
         next_pkid: 0,
     };
-    let end = st.select_loop(ctx, &mut rx).await;
+    let end = st.select_loop(ctx).await;
     (end, st.conn)
 }
 
 impl State {
-    async fn select_loop(&mut self, ctx: &Ctx<'_>, rx: &mut mpsc::Receiver<Box<Publish>>) -> CloseReason {
+    async fn select_loop(&mut self, ctx: &Ctx<'_>) -> CloseReason {
         // MQTT 3.1.1 §3.1.2.10: the server closes after 1.5 keep-alive periods without a packet.
         let grace = ctx.keep_alive.mul_f64(1.5);
         let mut deadline = Instant::now() + grace;
@@ -131,15 +133,38 @@ impl State {
                 }
                 Ok(None) => {}
             }
+            let mut wake_at = expiry_at;
+            if !ctx.keep_alive.is_zero() {
+                wake_at = wake_at.min(deadline);
+            }
+            if self.conn.holds_buffers() {
+                wake_at = wake_at.min(idle_at);
+            } else {
+                // Nothing to release: the next release is due 2 s after the next activity.
+                idle_at = idle_at.max(Instant::now() + IDLE_RELEASE);
+            }
             tokio::select! {
                 biased;
                 _ = &mut cut => return ctx.kick.end_reason(),
-                _ = sleep_until(expiry_at) => {
-                    if expired(ctx.id.not_after) {
-                        ctx.kick.cut(CloseReason::CertExpired);
-                        return CloseReason::CertExpired;
+                // One timer for the certificate's expiry, the keep-alive deadline and the idle
+                // buffer release (a session is mostly idle: each timer costs ~100 bytes).
+                _ = sleep_until(wake_at) => {
+                    let now = Instant::now();
+                    if now >= expiry_at {
+                        if expired(ctx.id.not_after) {
+                            ctx.kick.cut(CloseReason::CertExpired);
+                            return CloseReason::CertExpired;
+                        }
+                        expiry_at = expiry_check_at(ctx.id.not_after);
                     }
-                    expiry_at = expiry_check_at(ctx.id.not_after);
+                    if !ctx.keep_alive.is_zero() && now >= deadline {
+                        return CloseReason::KeepaliveTimeout;
+                    }
+                    if now >= idle_at {
+                        self.conn.release_buffers();
+                        self.inbox.release();
+                        idle_at = now + IDLE_RELEASE;
+                    }
                 }
                 Some(first) = self.pending.next(), if !self.pending.is_empty() => {
                     // A group commit completes many messages at once: their PUBACKs leave in
@@ -158,11 +183,7 @@ impl State {
                     }
                     idle_at = Instant::now() + IDLE_RELEASE;
                 }
-                _ = sleep_until(idle_at), if self.conn.holds_buffers() => {
-                    self.conn.release_buffers();
-                    idle_at = Instant::now() + IDLE_RELEASE;
-                }
-                Some(p) = rx.recv() => {
+                p = self.inbox.next() => {
                     let mut p = *p;
                     if p.qos == QoS::AtLeastOnce {
                         self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
@@ -172,7 +193,6 @@ impl State {
                         return end;
                     }
                 }
-                _ = sleep_until(deadline), if !ctx.keep_alive.is_zero() => return CloseReason::KeepaliveTimeout,
             }
         }
     }
@@ -277,7 +297,7 @@ impl State {
                 codes.push(SubscribeReasonCode::Failure);
             } else {
                 let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                retained.extend(shared.router.subscribe(ctx.conn_id, &f.path, qos, self.tx.clone()));
+                retained.extend(shared.router.subscribe(ctx.conn_id, &f.path, qos, self.inbox.clone()));
                 if self.subs.insert(f.path.clone()) {
                     if let Some(cluster) = &shared.cluster {
                         cluster.watch(&f.path, &shared.router, &shared.metrics).await;
