@@ -58,6 +58,27 @@ impl Drop for PreAdmissionSlot {
     }
 }
 
+/// A connection's place under `max_connections` and in `fleet_connections_open`, from accept
+/// until it closes (whichever task holds it then).
+#[derive(Debug)]
+pub(crate) struct ConnectionSlot {
+    gauge: prometheus::IntGauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ConnectionSlot {
+    fn new(metrics: &crate::Metrics, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics.connections_open.inc();
+        Self { gauge: metrics.connections_open.clone(), _permit: permit }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Accepts until shutdown, spawning one task per connection on `tracker`.
 pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &TaskTracker) {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
@@ -95,13 +116,15 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
             continue;
         };
         let conn_id = next_conn.fetch_add(1, Ordering::Relaxed);
-        let s = shared.clone();
-        tracker.spawn(async move {
-            s.metrics.connections_open.inc();
-            session::serve(s.clone(), session::Accepted { sock, peer, conn_id, pre_admission: slot }).await;
-            s.metrics.connections_open.dec();
-            drop(permit);
-        });
+        let accepted = session::Accepted {
+            sock,
+            peer,
+            conn_id,
+            pre_admission: slot,
+            slot: ConnectionSlot::new(&shared.metrics, permit),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(session::serve(shared.clone(), accepted));
     }
 }
 

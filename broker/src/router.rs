@@ -12,13 +12,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rumqttc::mqttbytes::v4::Publish;
-use rumqttc::mqttbytes::QoS;
 use crate::auth::{device_level, matches};
 use crate::inbox::Inbox;
 use crate::metrics::Limit;
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
+use rumqttc::mqttbytes::v4::Publish;
+use rumqttc::mqttbytes::QoS;
 
 #[derive(Debug, Clone)]
 struct Sub {
@@ -153,17 +153,15 @@ impl Router {
 
     /// Adds (or replaces) a subscription; returns the retained messages it matches. A filter
     /// with a literal device level looks only at that device's retained messages.
-    pub(crate) fn subscribe(
-        &self,
-        conn_id: u64,
-        filter: &str,
-        qos: QoS,
-        inbox: Arc<Inbox>,
-    ) -> Vec<Publish> {
+    pub(crate) fn subscribe(&self, conn_id: u64, filter: &str, qos: QoS, inbox: Arc<Inbox>) -> Vec<Publish> {
         let mut inner = lock(&self.inner);
         let key = key_of(filter);
         inner.by_conn.entry(conn_id).or_default().insert((key.to_owned(), filter.to_owned()));
-        inner.subs.entry(key.to_owned()).or_default().insert((conn_id, filter.to_owned()), Sub { qos, inbox });
+        inner
+            .subs
+            .entry(key.to_owned())
+            .or_default()
+            .insert((conn_id, filter.to_owned()), Sub { qos, inbox });
         let retained: Box<dyn Iterator<Item = &HashMap<String, Publish>>> = match key {
             "" => Box::new(inner.retained.values()),
             key => Box::new(inner.retained.get(key).into_iter()),

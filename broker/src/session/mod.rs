@@ -1,7 +1,13 @@
-//! One task per connection, in phases: the TLS handshake and admission ([`admit`]), CONNECT
-//! binding ([`connect`]), then the MQTT session ([`handler`]) until the client leaves, the broker
-//! cuts it ([`table`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and
-//! its buffers.
+//! A connection in phases: the TLS handshake and admission ([`admit`]), CONNECT binding
+//! ([`connect`]), then the MQTT session ([`handler`]) until the client leaves, the broker cuts it
+//! ([`table`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and its
+//! buffers.
+//!
+//! Two tasks: one for the phases up to admission, and one, spawned at admission, for the live
+//! session. A task's future is as large as its largest await point plus whatever the compiler
+//! cannot overlap with it; in one task the session carried the admission phases' room for its
+//! whole life (4.2 KiB of future, of which the session loop is 1.7 KiB). The admission task's
+//! memory is reused by the next connection's.
 
 pub(crate) mod admit;
 pub(crate) mod conn;
@@ -18,7 +24,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
-use crate::listener::PreAdmissionSlot;
+use tokio_util::task::TaskTracker;
+
+use crate::listener::{ConnectionSlot, PreAdmissionSlot};
 use crate::outcome::{CloseCounter, CloseReason};
 use crate::Shared;
 use conn::Conn;
@@ -35,11 +43,15 @@ pub(crate) struct Accepted {
     pub(crate) conn_id: u64,
     /// Its place in the source address's pre-admission share, given back at admission.
     pub(crate) pre_admission: PreAdmissionSlot,
+    /// Its place under `max_connections`, held until the connection ends.
+    pub(crate) slot: ConnectionSlot,
+    /// Where the live session's task is spawned (the broker waits for it at shutdown).
+    pub(crate) tracker: TaskTracker,
 }
 
 /// Serves one accepted TCP connection to the end.
 pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
-    let Accepted { sock, peer, conn_id, pre_admission } = accepted;
+    let Accepted { sock, peer, conn_id, pre_admission, slot, tracker } = accepted;
     let tls = match Box::pin(admit::handshake(&shared, sock, peer)).await {
         Ok(tls) => tls,
         Err(Some(refusal)) => return shared.metrics.refused(refusal),
@@ -87,32 +99,57 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     shared.metrics.accepted();
     shared.metrics.sessions_live.inc();
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
-    let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive: bound.keep_alive, kick };
-    let (end, mut conn) =
-        match conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await {
-            // Not boxed: the session loop shares this task's allocation with the phases before it
-            // (they are never live together). Boxed, it came on top of them: +0.8 KiB per idle
-            // session (BENCHMARKS.md, memory).
+    let live = Live { shared, conn, id, conn_id, keep_alive: bound.keep_alive, kick, claim: _claim, slot };
+    tracker.spawn(live.run());
+}
+
+/// An admitted session, moving to its own task.
+struct Live {
+    shared: Arc<Shared>,
+    conn: Conn,
+    id: crate::auth::Identity,
+    conn_id: u64,
+    keep_alive: Duration,
+    kick: Kick,
+    /// Held while the session lives (a cluster member listens for takeovers).
+    claim: Option<crate::cluster::ClaimGuard>,
+    /// Dropped when the session task ends.
+    slot: ConnectionSlot,
+}
+
+impl Live {
+    /// CONNACK, the session loop, then the clean-up.
+    async fn run(self) {
+        let Live { shared, mut conn, id, conn_id, keep_alive, kick, claim, slot } = self;
+        let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive, kick };
+        // Not a `match` scrutinee: the CONNACK's write future would then live (and take room
+        // in this task) as long as the session. The loop is not boxed: a box per session costs
+        // more than the room it would save.
+        let connack = conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await;
+        let (end, mut conn) = match connack {
             Ok(()) => handler::run(&ctx, conn).await,
             Err(end) => (end, conn),
         };
-    let filters = shared.router.remove_connection(conn_id);
-    if let Some(cluster) = &shared.cluster {
-        for f in &filters {
-            cluster.unwatch(f);
+        let filters = shared.router.remove_connection(conn_id);
+        if let Some(cluster) = &shared.cluster {
+            for f in &filters {
+                cluster.unwatch(f);
+            }
         }
-    }
-    shared.sessions.remove(&ctx.id.id, conn_id);
-    shared.metrics.sessions_live.dec();
-    shared.metrics.closed(end);
-    let (device, reason) = (&ctx.id.id, end.label());
-    match end.counter() {
-        CloseCounter::Kick if end == CloseReason::WriteTimeout => {
-            warn!(%device, reason, "session closed: the peer accepts no data");
+        shared.sessions.remove(&ctx.id.id, conn_id);
+        shared.metrics.sessions_live.dec();
+        shared.metrics.closed(end);
+        let (device, reason) = (&ctx.id.id, end.label());
+        match end.counter() {
+            CloseCounter::Kick if end == CloseReason::WriteTimeout => {
+                warn!(%device, reason, "session closed: the peer accepts no data");
+            }
+            CloseCounter::Kick => info!(%device, serial = %ctx.id.serial, reason, "session cut"),
+            CloseCounter::Protocol => info!(%device, reason, "session closed for a protocol violation"),
+            CloseCounter::None => debug!(%device, reason, "session ended"),
         }
-        CloseCounter::Kick => info!(%device, serial = %ctx.id.serial, reason, "session cut"),
-        CloseCounter::Protocol => info!(%device, reason, "session closed for a protocol violation"),
-        CloseCounter::None => debug!(%device, reason, "session ended"),
+        conn.close(Duration::from_secs(1)).await;
+        drop(claim);
+        drop(slot);
     }
-    conn.close(Duration::from_secs(1)).await;
 }
