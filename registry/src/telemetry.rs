@@ -26,27 +26,54 @@ pub struct Telemetry {
     pub received_at: i64,
 }
 
-/// Rows per INSERT statement (5 parameters each).
+/// Rows per INSERT statement (5 or 6 parameters each).
 const ROWS_PER_STATEMENT: usize = 100;
 
-/// `INSERT` for `rows` rows. SQLite gets anonymous `?` parameters: for numbered ones sqlx asks
+/// `INSERT` for `rows` rows; `from_stream` adds the stream sequence column and skips rows whose
+/// sequence is stored already. SQLite gets anonymous `?` parameters: for numbered ones sqlx asks
 /// SQLite each parameter's name, a linear walk, which made binding quadratic in the row count
 /// (16% of the broker's time under QoS 1 load).
-fn insert_sql(backend: Backend, rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES ");
+fn insert_sql(backend: Backend, rows: usize, from_stream: bool) -> String {
+    let columns = if from_stream { 6 } else { 5 };
+    let mut sql = String::from(if from_stream {
+        "INSERT INTO telemetry (stream_seq, device_id, topic, payload, qos, received_at) VALUES "
+    } else {
+        "INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES "
+    });
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        match backend {
-            Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?)"),
-            Backend::Postgres => {
-                let b = i * 5;
-                sql.push_str(&format!("(${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5));
+        sql.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => sql.push_str(&format!("${}", i * columns + c + 1)),
             }
         }
+        sql.push(')');
+    }
+    if from_stream {
+        // No conflict target: the only other unique column is the generated id. Needs the
+        // INSERT privilege only (the broker's least-privilege role).
+        sql.push_str(" ON CONFLICT DO NOTHING");
     }
     sql
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds a row's columns after `device_id` (borrowed: the rows outlive the statement, so no
+/// per-row copies).
+fn bind_row<'q>(q: AnyQuery<'q>, m: &'q Telemetry) -> AnyQuery<'q> {
+    q.bind(m.device_id.as_str())
+        .bind(m.topic.as_str())
+        .bind(&m.payload[..])
+        .bind(i64::from(m.qos))
+        .bind(m.received_at)
 }
 
 /// Statements prepared once per registry handle user (the full-size one is reused).
@@ -59,7 +86,7 @@ pub struct TelemetryWriter {
 impl Registry {
     /// A writer of telemetry batches.
     pub fn telemetry_writer(&self) -> TelemetryWriter {
-        TelemetryWriter { registry: self.clone(), full: insert_sql(self.backend, ROWS_PER_STATEMENT) }
+        TelemetryWriter { registry: self.clone(), full: insert_sql(self.backend, ROWS_PER_STATEMENT, false) }
     }
 
     /// A device's stored messages, oldest first (topic, payload).
@@ -93,18 +120,12 @@ impl TelemetryWriter {
             let sql = if chunk.len() == ROWS_PER_STATEMENT {
                 &self.full
             } else {
-                partial = insert_sql(self.registry.backend, chunk.len());
+                partial = insert_sql(self.registry.backend, chunk.len(), false);
                 &partial
             };
             let mut q = sqlx::query(sql);
             for m in chunk {
-                // Borrowed: the rows outlive the statement, so no per-row copies.
-                q = q
-                    .bind(m.device_id.as_str())
-                    .bind(m.topic.as_str())
-                    .bind(&m.payload[..])
-                    .bind(i64::from(m.qos))
-                    .bind(m.received_at);
+                q = bind_row(q, m);
             }
             q.execute(&mut *tx).await?;
         }
@@ -120,41 +141,10 @@ impl TelemetryWriter {
     pub async fn insert_from_stream(&self, rows: &[(u64, Telemetry)]) -> Result<()> {
         let mut tx = self.registry.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = String::from(
-                "INSERT INTO telemetry (stream_seq, device_id, topic, payload, qos, received_at) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                match self.registry.backend {
-                    Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?, ?)"),
-                    Backend::Postgres => {
-                        let b = i * 6;
-                        sql.push_str(&format!(
-                            "(${}, ${}, ${}, ${}, ${}, ${})",
-                            b + 1,
-                            b + 2,
-                            b + 3,
-                            b + 4,
-                            b + 5,
-                            b + 6
-                        ));
-                    }
-                }
-            }
-            // No conflict target: the only other unique column is the generated id. Needs the
-            // INSERT privilege only (the broker's least-privilege role).
-            sql.push_str(" ON CONFLICT DO NOTHING");
+            let sql = insert_sql(self.registry.backend, chunk.len(), true);
             let mut q = sqlx::query(&sql);
             for (seq, m) in chunk {
-                q = q
-                    .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
-                    .bind(m.device_id.as_str())
-                    .bind(m.topic.as_str())
-                    .bind(&m.payload[..])
-                    .bind(i64::from(m.qos))
-                    .bind(m.received_at);
+                q = bind_row(q.bind(i64::try_from(*seq).unwrap_or(i64::MAX)), m);
             }
             q.execute(&mut *tx).await?;
         }
@@ -170,10 +160,14 @@ mod tests {
     #[test]
     fn insert_statement_shapes() {
         assert_eq!(
-            insert_sql(Backend::Sqlite, 2),
+            insert_sql(Backend::Sqlite, 2, false),
             "INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES (?, ?, ?, ?, ?),(?, ?, ?, ?, ?)"
         );
-        assert!(insert_sql(Backend::Postgres, 2).ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)"));
+        assert!(
+            insert_sql(Backend::Postgres, 2, false).ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)")
+        );
+        assert!(insert_sql(Backend::Postgres, 2, true)
+            .ends_with("($1, $2, $3, $4, $5, $6),($7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING"));
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::client::{self, Identity};
 use crate::servers::{self, Peer, Server};
-use crate::{ingest_rate, open_sessions, percentile, revoke, stored_rows, Args, Env, Report};
+use crate::{ingest_rate, open_sessions, percentile, revoke_each, stored_rows, Args, Env, Report};
 
 /// Messages per second of the latency run, over all publishing devices.
 const RATE: u64 = 10_000;
@@ -249,21 +249,7 @@ pub(crate) async fn scenario_cluster(env: &Env, devices: &[Arc<Identity>], a: &A
     for (i, chunk) in ids.chunks(N / 3).enumerate() {
         sessions.extend(open_sessions(addrs[i % 3], chunk).await);
     }
-    let mut cut = Vec::new();
-    let mut never = 0;
-    for (who, closed) in ids.iter().zip(sessions) {
-        let Some(closed) = closed else {
-            never += 1;
-            continue;
-        };
-        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
-        let t = Instant::now();
-        revoke(&cenv, who).await;
-        match tokio::time::timeout(Duration::from_secs(5), closed).await {
-            Ok(Ok(at)) => cut.push(at.saturating_duration_since(t)),
-            _ => never += 1,
-        }
-    }
+    let crate::RevokeTimes { mut cut, never, .. } = revoke_each(&cenv, &ids, sessions).await;
     cut.sort();
     report.add(
         "cluster revoke",

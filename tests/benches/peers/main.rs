@@ -356,6 +356,39 @@ async fn revoke(env: &Env, who: &Identity) -> Duration {
     t.elapsed()
 }
 
+/// How long each revocation took to cut its session, and the revoke calls themselves.
+struct RevokeTimes {
+    cut: Vec<Duration>,
+    calls: Vec<Duration>,
+    /// Sessions never opened or never cut within 5 s.
+    never: usize,
+}
+
+/// Revokes each of `ids` at a random moment and waits for its session (from `open_sessions`)
+/// to close.
+async fn revoke_each(
+    env: &Env,
+    ids: &[Arc<Identity>],
+    sessions: Vec<Option<tokio::sync::oneshot::Receiver<Instant>>>,
+) -> RevokeTimes {
+    let mut r = RevokeTimes { cut: Vec::new(), calls: Vec::new(), never: 0 };
+    for (who, closed) in ids.iter().zip(sessions) {
+        let Some(closed) = closed else {
+            r.never += 1;
+            continue;
+        };
+        // Revocations arrive at random moments, not in step with the broker's poll.
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
+        let t = Instant::now();
+        r.calls.push(revoke(env, who).await);
+        match tokio::time::timeout(Duration::from_secs(5), closed).await {
+            Ok(Ok(at)) => r.cut.push(at.saturating_duration_since(t)),
+            _ => r.never += 1,
+        }
+    }
+    r
+}
+
 async fn scenario_revoke(env: &Env, a: &Args, report: &mut Report) {
     const N: usize = 100;
     println!(
@@ -365,23 +398,7 @@ async fn scenario_revoke(env: &Env, a: &Args, report: &mut Report) {
     let ids = env.mint("rvf", N).await;
     if let Some(server) = a.wants(Peer::FleetBroker).then(|| env.start(Peer::FleetBroker)).flatten() {
         let sessions = open_sessions(server.addr, &ids).await;
-        let mut lat = Vec::new();
-        let mut calls = Vec::new();
-        let mut never = 0;
-        for (who, closed) in ids.iter().zip(sessions) {
-            let Some(closed) = closed else {
-                never += 1;
-                continue;
-            };
-            // Revocations arrive at random moments, not in step with the broker's poll.
-            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
-            let t = Instant::now();
-            calls.push(revoke(env, who).await);
-            match tokio::time::timeout(Duration::from_secs(5), closed).await {
-                Ok(Ok(at)) => lat.push(at.saturating_duration_since(t)),
-                _ => never += 1,
-            }
-        }
+        let RevokeTimes { cut: mut lat, mut calls, never } = revoke_each(env, &ids, sessions).await;
         lat.sort();
         calls.sort();
         let refused = client::session(server.addr, &ids[0], 30).await.is_none();
