@@ -79,6 +79,12 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Counts a connection refused by the per-source pre-admission cap.
+pub(crate) fn source_limited(shared: &Shared) {
+    shared.metrics.rejected_at_accept(Refusal::SourceLimit);
+    shared.metrics.limit(Limit::PerSource);
+}
+
 /// Accepts until shutdown, spawning one task per connection on `tracker`.
 pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &TaskTracker) {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
@@ -102,13 +108,21 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
             }
         };
         backoff = Duration::from_millis(5);
-        let Some(slot) = pre_admission.enter(peer.ip(), shared.config.max_pre_admission_per_source) else {
-            shared.metrics.rejected_at_accept(Refusal::SourceLimit);
-            shared.metrics.limit(Limit::PerSource);
-            if let Some(skipped) = source_limit_log.allow() {
-                warn!(%peer, reason = Refusal::SourceLimit.label(), skipped, "connection refused: too many unauthenticated connections from this address");
+        // Behind a PROXY-protocol balancer the client's address is known only once its header
+        // is read, in the connection's task (`session::serve`), which applies the cap then.
+        let slot = if shared.config.proxy_protocol {
+            None
+        } else {
+            match pre_admission.enter(peer.ip(), shared.config.max_pre_admission_per_source) {
+                Some(s) => Some(s),
+                None => {
+                    source_limited(shared);
+                    if let Some(skipped) = source_limit_log.allow() {
+                        warn!(%peer, reason = Refusal::SourceLimit.label(), skipped, "connection refused: too many unauthenticated connections from this address");
+                    }
+                    continue;
+                }
             }
-            continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             shared.metrics.rejected_at_accept(Refusal::MaxConnections);
@@ -121,6 +135,7 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
             peer,
             conn_id,
             pre_admission: slot,
+            sources: pre_admission.clone(),
             slot: ConnectionSlot::new(&shared.metrics, permit),
             tracker: tracker.clone(),
         };

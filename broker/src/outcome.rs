@@ -61,6 +61,8 @@ pub enum Refusal {
     RegistryUnavailable,
     /// A cluster member's NATS connection is down: nothing could be routed or stored.
     ClusterUnavailable,
+    /// `proxy_protocol` is on and the connection did not start with a valid PROXY v2 header.
+    ProxyHeader,
     /// The first packet was not a valid CONNECT.
     ProtocolError,
     /// No CONNECT within the deadline.
@@ -71,7 +73,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal (for tests and dashboards).
-    pub const ALL: [Refusal; 27] = [
+    pub const ALL: [Refusal; 28] = [
         Self::SourceLimit,
         Self::MaxConnections,
         Self::HandshakeTimeout,
@@ -96,6 +98,7 @@ impl Refusal {
         Self::UnknownDevice,
         Self::RegistryUnavailable,
         Self::ClusterUnavailable,
+        Self::ProxyHeader,
         Self::ProtocolError,
         Self::ConnectTimeout,
         Self::ClientIdMismatch,
@@ -128,6 +131,7 @@ impl Refusal {
             Self::UnknownDevice => "unknown_device",
             Self::RegistryUnavailable => "registry_unavailable",
             Self::ClusterUnavailable => "cluster_unavailable",
+            Self::ProxyHeader => "proxy_header",
             Self::ProtocolError => "protocol_error",
             Self::ConnectTimeout => "connect_timeout",
             Self::ClientIdMismatch => "client_id_mismatch",

@@ -387,6 +387,14 @@ pub struct HaProxy {
 impl HaProxy {
     /// Fronts `nodes`: each its (MQTT address, metrics address).
     pub fn start(nodes: &[(std::net::SocketAddr, std::net::SocketAddr)]) -> HaProxy {
+        Self::start_with(nodes, "")
+    }
+
+    /// As `start`, with `server_options` added to every server line (e.g. `send-proxy-v2`).
+    pub fn start_with(
+        nodes: &[(std::net::SocketAddr, std::net::SocketAddr)],
+        server_options: &str,
+    ) -> HaProxy {
         let bin = require_program("haproxy", "haproxy");
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         // HAProxy cannot bind port 0: take a free port and hand it over.
@@ -401,7 +409,7 @@ impl HaProxy {
              backend nodes\n  balance roundrobin\n  option httpchk GET /healthz\n  default-server inter 200ms fall 1 rise 1 on-marked-down shutdown-sessions\n"
         );
         for (i, (mqtt, metrics)) in nodes.iter().enumerate() {
-            cfg.push_str(&format!("  server n{i} {mqtt} check port {}\n", metrics.port()));
+            cfg.push_str(&format!("  server n{i} {mqtt} check port {} {server_options}\n", metrics.port()));
         }
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap_or_else(|e| panic!("haproxy.cfg: {e}"));

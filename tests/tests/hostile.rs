@@ -279,3 +279,40 @@ async fn a_client_gone_before_connect_is_peer_closed_not_a_protocol_error() {
     broker.wait_refused(Refusal::PeerClosed, 3.0, Duration::from_secs(5)).await;
     assert_eq!(broker.metric(&refused(Refusal::ProtocolError)).await, 0.0);
 }
+
+/// Behind HAProxy in TCP mode every connection comes from the proxy's address. With
+/// `proxy_protocol` (HAProxy `send-proxy-v2`) the broker takes the client's address from the
+/// header, so the per-source cap holds one flooding address without locking out the others, and
+/// logs name the device's address. A connection without the header is refused (`proxy_header`).
+/// Without the header the same flood through the proxy would lock everyone out: every device
+/// shares the proxy's one address.
+#[tokio::test]
+async fn behind_a_proxy_the_per_source_cap_applies_to_the_clients_address() {
+    let fleet = Fleet::new(1, None).await;
+    let broker =
+        BrokerProc::start(&fleet, &["--proxy-protocol", "true", "--max-pre-admission-per-source", "4"]);
+    let lb = fleet_tests::HaProxy::start_with(&[(broker.mqtt, broker.metrics)], "send-proxy-v2");
+    // HAProxy's start-up probe of its own port went through as a proxied connection; it left.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(tcp_from([127, 0, 4, 1], lb.addr).await.unwrap());
+    }
+    broker.wait_metric(&rejected(Refusal::SourceLimit), 6.0, Duration::from_secs(5)).await;
+    // A device on another address gets in through the proxy, and is logged with its address.
+    let tcp = tcp_from([127, 0, 4, 2], lb.addr).await.unwrap();
+    let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device_over(tcp, &fleet.devices[0]))
+        .await
+        .expect("handshake timed out")
+        .expect("the device on another address was refused");
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    assert_eq!(broker.metric(&rejected(Refusal::SourceLimit)).await, 6.0);
+    let log = broker.log();
+    assert!(log.lines().any(|l| l.contains("session admitted") && l.contains("127.0.4.2:")), "{log}");
+    // Straight to the broker, without the header: refused.
+    let direct = Raw::device(broker.mqtt, &fleet.devices[0]).await;
+    if let Ok(mut c) = direct {
+        assert_ne!(connack_code(&c.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    }
+    broker.wait_refused(Refusal::ProxyHeader, 1.0, Duration::from_secs(3)).await;
+    drop(silent);
+}

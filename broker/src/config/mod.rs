@@ -92,6 +92,10 @@ value::settings! {
     /// Longest wait for a registry connection, seconds: while the database is down, new
     /// devices get CONNACK 3 and unstored messages stay unacknowledged after this long.
     registry_timeout_secs: f64 = 3.0, flag "registry-timeout";
+    /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) before TLS on every
+    /// connection, and take the client address from it (per-source cap, logs). Enable only
+    /// where nothing but the load balancer can reach the broker: the header is trusted.
+    proxy_protocol: bool = false;
     /// Most connections from one source address in the pre-admission phase (TLS handshake +
     /// CONNECT) at once; more are closed at accept (reason `source_limit`).
     max_pre_admission_per_source: usize = 32;

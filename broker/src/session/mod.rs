@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 
 use tokio_util::task::TaskTracker;
 
-use crate::listener::{ConnectionSlot, PreAdmissionSlot};
+use crate::listener::{ConnectionSlot, PreAdmission, PreAdmissionSlot};
+use crate::outcome::Refusal;
 use crate::outcome::{CloseCounter, CloseReason};
 use crate::Shared;
 use conn::Conn;
@@ -41,8 +42,11 @@ pub(crate) struct Accepted {
     pub(crate) peer: SocketAddr,
     /// Unique for the broker's life (router and session-table key).
     pub(crate) conn_id: u64,
-    /// Its place in the source address's pre-admission share, given back at admission.
-    pub(crate) pre_admission: PreAdmissionSlot,
+    /// Its place in the source address's pre-admission share, given back at admission (`None`
+    /// behind a PROXY-protocol balancer: taken once the header names the client).
+    pub(crate) pre_admission: Option<PreAdmissionSlot>,
+    /// The per-source table, for that.
+    pub(crate) sources: Arc<PreAdmission>,
     /// Its place under `max_connections`, held until the connection ends.
     pub(crate) slot: ConnectionSlot,
     /// Where the live session's task is spawned (the broker waits for it at shutdown).
@@ -51,7 +55,28 @@ pub(crate) struct Accepted {
 
 /// Serves one accepted TCP connection to the end.
 pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
-    let Accepted { sock, peer, conn_id, pre_admission, slot, tracker } = accepted;
+    let Accepted { mut sock, peer, conn_id, pre_admission, sources, slot, tracker } = accepted;
+    let (peer, pre_admission) = match pre_admission {
+        Some(p) => (peer, p),
+        None => {
+            let deadline = shared.config.handshake_timeout();
+            let client = match tokio::time::timeout(deadline, crate::proxy::read(&mut sock)).await {
+                Ok(Ok(crate::proxy::Header::Proxied(client))) => client,
+                Ok(Ok(crate::proxy::Header::Local)) => peer,
+                _ => {
+                    debug!(%peer, "no valid PROXY v2 header");
+                    return shared.metrics.refused(Refusal::ProxyHeader);
+                }
+            };
+            match sources.enter(client.ip(), shared.config.max_pre_admission_per_source) {
+                Some(p) => (client, p),
+                None => {
+                    debug!(peer = %client, "connection refused: too many unauthenticated connections from this address");
+                    return crate::listener::source_limited(&shared);
+                }
+            }
+        }
+    };
     let tls = match Box::pin(admit::handshake(&shared, sock, peer)).await {
         Ok(tls) => tls,
         Err(Some(refusal)) => return shared.metrics.refused(refusal),
