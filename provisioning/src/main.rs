@@ -198,6 +198,10 @@ enum Command {
         /// Only this status.
         #[arg(long, value_parser = status_parser())]
         status: Option<Status>,
+        /// Only active identities whose newest certificate expires within this long (e.g. 30d,
+        /// 12h; already expired ones included): the devices to rotate.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
+        expiring_within: Option<i64>,
         /// JSON output (one array).
         #[arg(long)]
         json: bool,
@@ -237,6 +241,24 @@ fn reason_parser() -> impl TypedValueParser<Value = RevocationReason> {
 }
 
 /// `--status`: `active` or `revoked`.
+/// `30d`, `12h`, `90m`, `45s` (or a plain number of days) as seconds.
+fn parse_duration_secs(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "d"),
+    };
+    let n: i64 = digits.parse().map_err(|_| format!("{s:?}: expected a number and a unit, e.g. 30d"))?;
+    let unit = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(format!("{s:?}: the unit is d, h, m or s (e.g. 30d)")),
+    };
+    n.checked_mul(unit).ok_or_else(|| format!("{s:?}: too long"))
+}
+
 fn status_parser() -> impl TypedValueParser<Value = Status> {
     PossibleValuesParser::new(Status::ALL.map(Status::as_str))
         .map(|s| Status::parse(&s).unwrap_or(Status::Active))
@@ -395,9 +417,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fleet_provision::home::write_replace(&out, &bytes)?;
             say!("CRL #{} with {} revoked certificate(s) -> {}", crl.number, crl.revoked, out.display());
         }
-        Command::List { status, json } => {
+        Command::List { status, expiring_within, json } => {
             let s = Station::open(home, db).await?;
-            let devices = s.registry().devices(status).await?;
+            let mut devices = s.registry().devices(status).await?;
+            if let Some(within) = expiring_within {
+                let until = time::OffsetDateTime::now_utc().unix_timestamp().saturating_add(within);
+                let mut kept = Vec::new();
+                for d in devices {
+                    let certs = s.registry().certificates_of(&d.device_id).await?;
+                    let expiring = certs.first().is_some_and(|c| c.not_after <= until);
+                    if d.status == Status::Active && expiring {
+                        kept.push(d);
+                    }
+                }
+                devices = kept;
+            }
             if json {
                 let mut rows = Vec::new();
                 for d in &devices {

@@ -651,3 +651,28 @@ fn db_roles_prints_least_privilege_grants_and_refuses_sqlite() {
         .fails(&["db-roles", "--print", "--broker-role", "x; DROP TABLE devices"])
         .contains("invalid role name"));
 }
+
+/// `list --expiring-within` names the active identities whose newest certificate expires
+/// within the window (the devices to rotate), not the long-lived ones nor revoked ones.
+#[test]
+fn list_expiring_within_names_the_devices_to_rotate() {
+    let st = Station::new(None);
+    st.init();
+    let long = st.mint(1);
+    let soon_out = st.path("soon");
+    st.ok(&["mint", "--count", "2", "--days", "10", "--out", s(&soon_out)]);
+    let soon = device_dirs(&soon_out);
+    let id = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    st.ok(&["revoke", &id(&soon[1])]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&st.ok(&["list", "--expiring-within", "30d", "--json"])).unwrap();
+    let ids: Vec<&str> =
+        listed.as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [id(&soon[0]).as_str()], "only the active 10-day device");
+    let text = st.ok(&["list", "--expiring-within", "9d"]);
+    assert!(!text.contains(&id(&soon[0])) && !text.contains(&id(&long[0])), "{text}");
+    // A bad duration is a usage error (clap: exit 2), with the fix in the message.
+    let out = st.try_run(&["list", "--expiring-within", "30x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("unit is d, h, m or s"), "{err}");
+}
