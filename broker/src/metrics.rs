@@ -50,6 +50,9 @@ pub struct Metrics {
     pub(crate) crl_number: IntGauge,
     /// Admissions decided from the cache (`hit`) or by a registry query (`miss`).
     pub(crate) admission_cache: IntCounterVec,
+    /// Live sessions by how soon their certificate expires (`within`: 1d, 7d, 30d, 90d, 365d,
+    /// more; each bucket excludes the smaller ones).
+    pub(crate) sessions_cert_expiry: IntGaugeVec,
     /// 1 while the node's NATS connection is up (a cluster member).
     pub(crate) cluster_connected: IntGauge,
     /// Rows the node's SQL sink took from the stream into the telemetry table.
@@ -123,6 +126,17 @@ impl Metrics {
                 "admission_cache_total",
                 "Admissions decided from the cache or the registry",
                 &["result"],
+            ),
+            sessions_cert_expiry: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "sessions_cert_expiry",
+                        "Live sessions by how soon their certificate expires (buckets exclude the smaller ones)",
+                    ),
+                    &["within"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             cluster_connected: g("cluster_connected", "1 while the NATS connection is up"),
             cluster_sink_rows: c(

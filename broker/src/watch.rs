@@ -83,11 +83,17 @@ pub(crate) async fn cluster_revocations(shared: Arc<Shared>) {
 pub(crate) async fn files(shared: Arc<Shared>) {
     let every = Duration::from_millis(shared.config.reload_poll_ms);
     let mut last_failed = None;
+    let mut turn: u64 = 0;
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+        // A walk over the session table: every ~5 s is enough for a gauge counted in days.
+        if turn % (5_000 / shared.config.reload_poll_ms.max(1)).max(1) == 0 {
+            update_expiry_buckets(&shared);
+        }
+        turn = turn.wrapping_add(1);
         // Picks up a CRL that appeared after start (`revoke` writes HOME/crl.pem); a CRL file
         // that was there at start and is gone is an error, never "no CRL".
         let mut paths = shared.tls_paths.clone();
@@ -127,6 +133,19 @@ fn reload(shared: &Shared, paths: &tls::TlsPaths) -> Reload {
 }
 
 /// Sets the CRL and certificate-expiry gauges from the TLS state in force.
+/// Bounds of the certificate-expiry buckets of live sessions, and their labels.
+const EXPIRY_DAYS: [i64; 5] = [1, 7, 30, 90, 365];
+const EXPIRY_LABELS: [&str; 6] = ["1d", "7d", "30d", "90d", "365d", "more"];
+
+/// Counts the live sessions by how soon their certificates expire (the devices to rotate).
+pub(crate) fn update_expiry_buckets(shared: &Shared) {
+    let bounds = EXPIRY_DAYS.map(|d| d * 86_400);
+    let counts = shared.sessions.expiry_buckets(now_unix(), &bounds);
+    for (label, n) in EXPIRY_LABELS.iter().zip(counts) {
+        shared.metrics.sessions_cert_expiry.with_label_values(&[label]).set(n);
+    }
+}
+
 pub(crate) fn update_gauges(shared: &Shared) {
     let now = now_unix();
     let state = shared.tls.load();

@@ -513,6 +513,40 @@ async fn a_replayed_older_crl_is_refused() {
     broker.wait_metric("fleet_crl_number", loaded + 1.0, Duration::from_secs(5)).await;
 }
 
+/// Live sessions are counted by how soon their certificates expire: a device minted with the
+/// default five-year certificate and one with ten days left land in their buckets.
+#[tokio::test]
+async fn live_sessions_are_counted_by_certificate_expiry() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d = fleet.dir.path().join("ten-days");
+    let expires = OffsetDateTime::now_utc() + time::Duration::days(10);
+    forge(&fleet, "dev-tendays", |p| p.not_after = expires, &d);
+    let pem = std::fs::read_to_string(d.join("cert.pem")).unwrap();
+    let der = pki::pem_decode(&pem, "CERTIFICATE").unwrap();
+    let cert = fleet_registry::NewCert {
+        device_id: DeviceId::parse("dev-tendays").unwrap(),
+        role: Role::Device,
+        serial: pki::summarize(&der).unwrap().serial,
+        not_before: 0,
+        not_after: expires.unix_timestamp(),
+        key_source: "station",
+        cert_der: der,
+    };
+    let st = fleet.station().await;
+    st.registry()
+        .record_certificates(&[cert], true, OffsetDateTime::now_utc().unix_timestamp())
+        .await
+        .unwrap();
+    let mut soon = Raw::device(broker.mqtt, &d).await.unwrap();
+    assert_eq!(connack_code(&soon.mqtt_connect("dev-tendays", 30).await), Some(ConnectReturnCode::Success));
+    let mut long = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&long.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    broker.wait_metric("fleet_sessions_cert_expiry{within=\"30d\"}", 1.0, Duration::from_secs(8)).await;
+    broker.wait_metric("fleet_sessions_cert_expiry{within=\"more\"}", 1.0, Duration::from_secs(8)).await;
+    assert_eq!(broker.metric("fleet_sessions_cert_expiry{within=\"7d\"}").await, 0.0);
+}
+
 /// A live session ends when its certificate's notAfter passes (reason `cert_expired`).
 #[tokio::test]
 async fn a_session_is_cut_when_its_certificate_expires() {

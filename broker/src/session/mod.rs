@@ -101,7 +101,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
 
     let id = bound.id;
     let kick = Kick::under(&shared.shutdown);
-    let live = LiveSession { conn_id, serial: id.serial.clone(), kick: kick.clone() };
+    let live =
+        LiveSession { conn_id, serial: id.serial.clone(), not_after: id.not_after, kick: kick.clone() };
     if let Some(old) = shared.sessions.register(&id.id, live) {
         info!(device = %id.id, "a new connection replaces the live session of this device");
         old.cut(CloseReason::Takeover);

@@ -63,6 +63,8 @@ pub(crate) struct LiveSession {
     pub(crate) conn_id: u64,
     /// The certificate it was admitted with.
     pub(crate) serial: SerialNumber,
+    /// That certificate's notAfter (unix seconds).
+    pub(crate) not_after: i64,
     /// How to cut it.
     pub(crate) kick: Kick,
 }
@@ -123,6 +125,19 @@ impl Sessions {
         self.lock().revoked.contains(serial)
     }
 
+    /// Live sessions by how soon their certificates expire: `counts[i]` is the number expiring
+    /// within `bounds[i]` seconds from `now` but not within `bounds[i - 1]`; the last entry,
+    /// one past `bounds`, counts the rest.
+    pub(crate) fn expiry_buckets(&self, now: i64, bounds: &[i64]) -> Vec<i64> {
+        let mut counts = vec![0; bounds.len() + 1];
+        for s in self.lock().live.values() {
+            let left = s.not_after.saturating_sub(now);
+            let i = bounds.iter().position(|&b| left <= b).unwrap_or(bounds.len());
+            counts[i] += 1;
+        }
+        counts
+    }
+
     /// Number of live sessions.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -139,7 +154,7 @@ mod tests {
     }
 
     fn session(conn_id: u64, serial: &SerialNumber) -> LiveSession {
-        LiveSession { conn_id, serial: serial.clone(), kick: Kick::default() }
+        LiveSession { conn_id, serial: serial.clone(), not_after: 0, kick: Kick::default() }
     }
 
     #[test]
@@ -196,5 +211,21 @@ mod tests {
         k.cut(CloseReason::Takeover);
         k.cut(CloseReason::Revoked);
         assert_eq!(k.reason(), Some(CloseReason::Takeover));
+    }
+
+    #[test]
+    fn sessions_are_counted_by_how_soon_their_certificate_expires() {
+        let t = Sessions::default();
+        for (i, days_left) in [0, 3, 3, 45, 4000].into_iter().enumerate() {
+            let live = LiveSession {
+                conn_id: i as u64,
+                serial: SerialNumber::random(),
+                not_after: 1_000 + days_left * 86_400,
+                kick: Kick::default(),
+            };
+            t.register(&id(&format!("dev-{i}")), live);
+        }
+        let bounds = [86_400, 7 * 86_400, 30 * 86_400, 90 * 86_400];
+        assert_eq!(t.expiry_buckets(1_000, &bounds), [1, 2, 0, 1, 1]);
     }
 }
