@@ -90,7 +90,7 @@ pub(crate) async fn files(shared: Arc<Shared>) {
             _ = tokio::time::sleep(every) => {}
         }
         // A walk over the session table: every ~5 s is enough for a gauge counted in days.
-        if turn % (5_000 / shared.config.reload_poll_ms.max(1)).max(1) == 0 {
+        if turn.is_multiple_of((5_000 / shared.config.reload_poll_ms.max(1)).max(1)) {
             update_expiry_buckets(&shared);
         }
         turn = turn.wrapping_add(1);
