@@ -42,12 +42,17 @@ pub fn write_new(path: &Path, contents: &[u8], private: bool) -> Result<()> {
 
 /// Writes `path` atomically (temporary file + rename), replacing what was there.
 pub fn write_replace(path: &Path, contents: &[u8]) -> Result<()> {
+    write_replace_with(path, contents, false)
+}
+
+/// As [`write_replace`]; `private` makes the file mode 0600 (a key).
+pub fn write_replace_with(path: &Path, contents: &[u8], private: bool) -> Result<()> {
     // A temporary name of its own: concurrent writers (two `revoke` runs) must never share,
     // delete or rename each other's temporary file.
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp =
         path.with_file_name(format!(".{name}.{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
-    write_new(&tmp, contents, false)?;
+    write_new(&tmp, contents, private)?;
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         Error::Io { path: path.to_path_buf(), source: e }

@@ -82,9 +82,18 @@ enum Command {
         /// IP address SAN (repeatable).
         #[arg(long)]
         ip: Vec<IpAddr>,
-        /// Output directory (must not exist); default HOME/broker-tls, where fleet-broker looks.
+        /// Output directory (must not exist, unless --renew); default HOME/broker-tls, where
+        /// fleet-broker looks.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Renew the certificate already in the output directory: new key, same names (unless
+        /// --dns/--ip are given), files replaced atomically; running brokers reload it without
+        /// dropping sessions. Run it from cron well before expiry (see README).
+        #[arg(long)]
+        renew: bool,
+        /// Certificate lifetime in days (at most 397, the CA/Browser Forum limit).
+        #[arg(long, default_value_t = 90)]
+        days: i64,
     },
     /// Issue a backend-service client identity (role `service`: may subscribe to every
     /// device's telemetry and publish commands) into DIR.
@@ -306,10 +315,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             say!("  CRL             {}", s.home().crl().display());
             say!("next: fleet-provision server-cert --dns <broker host> --out broker-tls");
         }
-        Command::ServerCert { dns, ip, out } => {
-            let s = Station::open(home, db).await?;
+        Command::ServerCert { dns, ip, out, renew, days } => {
+            let mut s = Station::open(home, db).await?;
+            s.set_server_lifetime(days)?;
             let out = out.unwrap_or_else(|| s.home().broker_tls().dir().to_path_buf());
-            let c = s.server_cert(&dns, &ip, &out).await?;
+            let c = if renew {
+                s.renew_server_cert(&dns, &ip, &out).await?
+            } else {
+                s.server_cert(&dns, &ip, &out).await?
+            };
             say!(
                 "server certificate {} (serial {}) valid until {}",
                 out.display(),

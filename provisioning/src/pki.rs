@@ -40,7 +40,8 @@ impl Default for Lifetimes {
             root: Duration::days(20 * 365),
             intermediate: Duration::days(10 * 365),
             client: Duration::days(5 * 365),
-            server: Duration::days(397),
+            // Short: a broker certificate is renewed (`server-cert --renew`) and hot-reloaded.
+            server: Duration::days(90),
             crl: Duration::days(7),
         }
     }
@@ -422,6 +423,27 @@ pub fn summarize(der: &[u8]) -> Result<CertSummary> {
         Error::from(fleet_registry::Error::CorruptRegistry("certificate serial is zero".into()))
     })?;
     Ok(CertSummary { serial, spki_der: x509.public_key().raw.to_vec() })
+}
+
+/// The DNS names and IP addresses a (server) certificate names in its SAN extension.
+pub fn subject_alt_names(der: &[u8]) -> Result<(Vec<String>, Vec<IpAddr>)> {
+    let (_, x509) = parse_x509_certificate(der)
+        .map_err(|e| Error::InvalidInput(format!("not an X.509 certificate: {e}")))?;
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok((dns, ips))
 }
 
 /// The rcgen spelling of a revocation reason.

@@ -327,6 +327,50 @@ impl Station {
         Ok(cert)
     }
 
+    /// Sets the lifetime of broker certificates issued from now on (days).
+    pub fn set_server_lifetime(&mut self, days: i64) -> Result<()> {
+        if !(1..=397).contains(&days) {
+            return Err(Error::InvalidInput(format!(
+                "a broker certificate lifetime of {days} days is out of range 1..=397"
+            )));
+        }
+        self.lifetimes.server = Duration::days(days);
+        Ok(())
+    }
+
+    /// Renews the broker certificate in `dir` (as `server_cert` wrote it): a new key and a new
+    /// certificate for the same names (or `dns`/`ips` when given), each file replaced
+    /// atomically, key first. A running broker reloads them without dropping sessions.
+    pub async fn renew_server_cert(&self, dns: &[String], ips: &[IpAddr], dir: &Path) -> Result<IssuedCert> {
+        let cert_path = dir.join(BrokerTls::CERT);
+        let old = home::read_text(&cert_path)?;
+        let der = pki::pem_decode(&old, "CERTIFICATE").ok_or_else(|| {
+            Error::InvalidInput(format!("{}: no certificate to renew", cert_path.display()))
+        })?;
+        let (old_dns, old_ips) = pki::subject_alt_names(&der)?;
+        let (dns, ips) =
+            if dns.is_empty() && ips.is_empty() { (old_dns, old_ips) } else { (dns.to_vec(), ips.to_vec()) };
+        let ca = self.load_ca(&self.home.server_ca(), &self.home.server_ca_key())?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let at = now();
+        let cert = pki::issue_server(&ca, &dns, &ips, &key, self.lifetimes.server, at)?;
+        let chain = format!("{}{}", cert.pem, ca.cert_pem);
+        home::write_replace_with(&dir.join(BrokerTls::KEY), key.serialize_pem().as_bytes(), true)?;
+        home::write_replace(&cert_path, chain.as_bytes())?;
+        let detail =
+            serde_json::json!({ "dns": dns, "ip": ips, "not_after": cert.not_after, "renewed": true });
+        self.registry
+            .log_event(
+                "server-cert",
+                dns.first().map_or("", String::as_str),
+                &cert.serial.to_hex(),
+                detail,
+                at.unix_timestamp(),
+            )
+            .await?;
+        Ok(cert)
+    }
+
     /// Issues a certificate for a device-generated key (a CSR) to a **new** device. With
     /// `device_id` unset, the id is the CSR's subject CN. An id that already exists (device or
     /// service) is refused: replacing a device's key is [`Station::rekey`], never a CSR alone.

@@ -547,6 +547,50 @@ async fn live_sessions_are_counted_by_certificate_expiry() {
     assert_eq!(broker.metric("fleet_sessions_cert_expiry{within=\"7d\"}").await, 0.0);
 }
 
+/// `server-cert --renew` replaces the broker's key and certificate in place; the broker reloads
+/// them: a live session goes on, a new connection gets the new certificate.
+#[tokio::test]
+async fn a_renewed_server_certificate_is_taken_without_dropping_sessions() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut live = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&live.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    let before = broker.metric("fleet_crl_reloads_total{outcome=\"loaded\"}").await;
+    let tls_dir = fleet.home().join("broker-tls");
+    let old_key = std::fs::read(tls_dir.join("key.pem")).unwrap();
+    // Past the file watcher's mtime granularity.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = std::process::Command::new(
+        fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision"),
+    )
+    .arg("--home")
+    .arg(fleet.home())
+    .args(["server-cert", "--renew", "--days", "30"])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(std::fs::read(tls_dir.join("key.pem")).unwrap(), old_key, "same key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tls_dir.join("key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the renewed key is readable by others: {mode:o}");
+    }
+    broker
+        .wait_metric("fleet_crl_reloads_total{outcome=\"loaded\"}", before + 1.0, Duration::from_secs(5))
+        .await;
+    broker.wait_metric("fleet_cert_expiry_days{cert=\"server\"}", 29.0, Duration::from_secs(3)).await;
+    assert!(broker.metric("fleet_cert_expiry_days{cert=\"server\"}").await <= 30.0);
+    // The live session was not touched.
+    live.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(live.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)));
+    // A new connection sees the new certificate.
+    let fresh = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    let served = fresh.tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let pem = std::fs::read_to_string(tls_dir.join("cert.pem")).unwrap();
+    assert_eq!(served, pki::pem_decode(&pem, "CERTIFICATE").unwrap(), "the old certificate is still served");
+}
+
 /// A live session ends when its certificate's notAfter passes (reason `cert_expired`).
 #[tokio::test]
 async fn a_session_is_cut_when_its_certificate_expires() {
