@@ -14,6 +14,8 @@ mod fmt;
 #[cfg(feature = "tls")]
 pub mod client;
 pub mod credentials;
+#[cfg(feature = "tls")]
+pub mod csr;
 pub mod mqtt;
 #[cfg(feature = "tls")]
 pub mod tls;
