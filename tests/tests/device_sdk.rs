@@ -411,7 +411,6 @@ async fn a_device_with_a_5_kib_receive_buffer_gets_large_commands_through_capped
 /// private key never left the device (issue 13).
 #[tokio::test]
 async fn a_csr_built_on_the_device_is_accepted_by_the_station_and_openssl() {
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
     let id = "dev-0c5a0c5a0c5a";
     let key = fleet_device::csr::generate_key(&mut rand::rngs::OsRng);
     let mut buf = [0u8; 512];
