@@ -17,5 +17,6 @@ pub mod credentials;
 #[cfg(feature = "tls")]
 pub mod csr;
 pub mod mqtt;
+pub mod store;
 #[cfg(feature = "tls")]
 pub mod tls;
