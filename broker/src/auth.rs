@@ -9,7 +9,9 @@
 //! | device `X` | `devices/X/<anything>` except `devices/X/commands/...` | filters inside `devices/X/` (wildcards only after it) |
 //! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
 
-use fleet_registry::{DeviceId, Role, SerialNumber, DEVICE_URI_PREFIX, SERVICE_URI_PREFIX};
+use fleet_registry::{
+    DeviceId, Role, SerialNumber, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX, SERVICE_URI_PREFIX,
+};
 
 use crate::outcome::Refusal;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -67,6 +69,8 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
                 (Role::Device, rest)
             } else if let Some(rest) = uri.strip_prefix(SERVICE_URI_PREFIX) {
                 (Role::Service, rest)
+            } else if let Some(rest) = uri.strip_prefix(ISSUER_URI_PREFIX) {
+                (Role::Issuer, rest)
             } else {
                 continue;
             };
@@ -84,6 +88,10 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
 pub(crate) const DEVICES: &str = "devices";
 /// The level under `devices/<id>/` that carries commands to the device.
 pub(crate) const COMMANDS: &str = "commands";
+/// `devices/<id>/certs/...`: certificate rotation (`csr` from the device; the issuer's answers).
+pub(crate) const CERTS: &str = "certs";
+/// `devices/<id>/certs/csr`: what a device asks the issuer.
+pub(crate) const CSR: &str = "csr";
 
 /// The device-id level of `devices/<id>/...` (a filter's may be a wildcard).
 pub(crate) fn device_level(topic: &str) -> Option<&str> {
@@ -138,6 +146,14 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
                 && rest[0] == COMMANDS
                 && rest[1..].iter().all(|l| !l.is_empty())
         }
+        // The issuer answers under a device's `certs/` (never as the device: not `certs/csr`).
+        Role::Issuer => {
+            DeviceId::parse(owner).is_ok()
+                && rest.len() >= 2
+                && rest[0] == CERTS
+                && rest[1] != CSR
+                && rest[1..].iter().all(|l| !l.is_empty())
+        }
     }
 }
 
@@ -154,6 +170,13 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     match who.role {
         Role::Device => owner == who.id.as_str() && levels.next().is_some(),
         Role::Service => true,
+        // Devices' certificate requests only: `devices/+/certs/csr` or one device's.
+        Role::Issuer => {
+            (owner == "+" || DeviceId::parse(owner).is_ok())
+                && levels.next() == Some(CERTS)
+                && levels.next() == Some(CSR)
+                && levels.next().is_none()
+        }
     }
 }
 
@@ -223,6 +246,32 @@ mod tests {
         assert!(!may_publish(&s, "devices/dev-1/telemetry"));
         assert!(!may_publish(&s, "devices/dev-1/commands"));
         assert!(!may_publish(&s, "devices/BAD/commands/x"));
+    }
+
+    #[test]
+    fn issuer_acl() {
+        let i = who("issuer-1", Role::Issuer);
+        assert!(may_subscribe(&i, "devices/+/certs/csr"));
+        assert!(may_subscribe(&i, "devices/dev-1/certs/csr"));
+        for bad in ["devices/+/telemetry", "devices/#", "devices/+/certs/#", "devices/+/certs/issued", "#"] {
+            assert!(!may_subscribe(&i, bad), "{bad}");
+        }
+        assert!(may_publish(&i, "devices/dev-1/certs/issued"));
+        assert!(may_publish(&i, "devices/dev-1/certs/rejected"));
+        for bad in [
+            "devices/dev-1/certs/csr",
+            "devices/dev-1/certs",
+            "devices/dev-1/commands/reboot",
+            "devices/dev-1/telemetry",
+            "devices/BAD/certs/issued",
+        ] {
+            assert!(!may_publish(&i, bad), "{bad}");
+        }
+        // A device asks on its own `certs/csr` and reads its own answers.
+        let d = who("dev-1", Role::Device);
+        assert!(may_publish(&d, "devices/dev-1/certs/csr"));
+        assert!(may_subscribe(&d, "devices/dev-1/certs/#"));
+        assert!(!may_publish(&d, "devices/dev-2/certs/csr"));
     }
 
     #[test]

@@ -105,6 +105,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Issue a certificate-issuer identity (role `issuer`: may subscribe to devices' CSRs on
+    /// devices/+/certs/csr and publish under devices/<id>/certs/ only) into DIR, for the
+    /// online issuer that rotates device certificates over MQTT.
+    IssuerCert {
+        /// Issuer name (used as its id).
+        #[arg(long)]
+        name: String,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Mint a batch of device identities with station-generated keys. Writes
     /// DIR/<device-id>/{cert.pem, key.pem, server-ca.pem, broker-trust.pem, credentials.bin}.
     /// Every identity is recorded in the registry before its files are written.
@@ -335,6 +346,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = Station::open(home, db).await?;
             let d = s.service_cert(&name, &out).await?;
             say!("service identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+        }
+        Command::IssuerCert { name, out } => {
+            let s = Station::open(home, db).await?;
+            let d = s.issuer_cert(&name, &out).await?;
+            say!("issuer identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
         }
         Command::Mint { count, prefix, out, broker_host, broker_port, days, chunk } => {
             let mut s = Station::open(home, db).await?;

@@ -250,8 +250,8 @@ pub fn issue_client(
         return Err(Error::OutlivesIssuer { days: life.whole_days(), issuer_days_left: left });
     }
     let mut p = base_params(&ca.org, id.as_str(), now, life);
-    if role == Role::Service {
-        p.distinguished_name.push(DnType::OrganizationalUnitName, "service");
+    if role != Role::Device {
+        p.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
     }
     p.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
     p.subject_alt_names = vec![SanType::URI(

@@ -256,6 +256,16 @@ impl Station {
 
     /// Issues a backend-service identity (role `service`) into `out/`.
     pub async fn service_cert(&self, name: &str, out: &Path) -> Result<MintedDevice> {
+        self.role_cert(name, Role::Service, out).await
+    }
+
+    /// Issues a certificate-issuer identity (role `issuer`: reads devices' CSRs on
+    /// `devices/+/certs/csr`, answers under `devices/<id>/certs/`) into `out/`.
+    pub async fn issuer_cert(&self, name: &str, out: &Path) -> Result<MintedDevice> {
+        self.role_cert(name, Role::Issuer, out).await
+    }
+
+    async fn role_cert(&self, name: &str, role: Role, out: &Path) -> Result<MintedDevice> {
         let id = DeviceId::parse(name)?;
         let ca = self.device_ca()?;
         let at = now();
@@ -263,14 +273,14 @@ impl Station {
         let cert = pki::issue_client(
             &ca,
             &id,
-            Role::Service,
+            role,
             &key.key_pair,
             self.lifetimes.client,
             at,
             SerialNumber::random(),
         )?;
         self.registry
-            .record_certificates(&[new_cert(&id, Role::Service, &cert, "station")], true, at.unix_timestamp())
+            .record_certificates(&[new_cert(&id, role, &cert, "station")], true, at.unix_timestamp())
             .await?;
         let trust_chain = home::read_text(&self.home.server_ca_chain())?;
         let key_pem = key.key_pair.serialize_pem();

@@ -13,6 +13,8 @@ use crate::error::Error;
 pub const DEVICE_URI_PREFIX: &str = "urn:fleetgate:device:";
 /// URI prefix of the SAN that names a backend service.
 pub const SERVICE_URI_PREFIX: &str = "urn:fleetgate:service:";
+/// SAN URI prefix of a certificate issuer's identity (rotation over MQTT).
+pub const ISSUER_URI_PREFIX: &str = "urn:fleetgate:issuer:";
 
 /// A device (or service) id: 1–64 chars of `[a-z0-9._-]`, starting with a letter or digit.
 ///
@@ -77,6 +79,7 @@ impl DeviceId {
         match role {
             Role::Device => format!("{DEVICE_URI_PREFIX}{}", self.0),
             Role::Service => format!("{SERVICE_URI_PREFIX}{}", self.0),
+            Role::Issuer => format!("{ISSUER_URI_PREFIX}{}", self.0),
         }
     }
 }
@@ -145,6 +148,9 @@ pub enum Role {
     Device,
     /// A backend service: subscribes to all devices' telemetry, publishes commands.
     Service,
+    /// An online certificate issuer: subscribes to devices' CSRs (`devices/+/certs/csr`) and
+    /// publishes under `devices/<id>/certs/` only.
+    Issuer,
 }
 
 impl Role {
@@ -153,6 +159,7 @@ impl Role {
         match self {
             Role::Device => "device",
             Role::Service => "service",
+            Role::Issuer => "issuer",
         }
     }
 
@@ -161,6 +168,7 @@ impl Role {
         match s {
             "device" => Some(Role::Device),
             "service" => Some(Role::Service),
+            "issuer" => Some(Role::Issuer),
             _ => None,
         }
     }

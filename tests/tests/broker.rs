@@ -809,3 +809,55 @@ async fn a_registry_the_station_never_migrated_is_refused_with_the_fix() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("schema is not current") && err.contains("fleet-provision list"), "{err}");
 }
+
+/// The `issuer` role (issue 13, rotation over MQTT): an issuer identity reads devices' CSRs on
+/// `devices/+/certs/csr` and answers on `devices/<id>/certs/...`, and nothing else; a device
+/// asks on its own `certs/csr` and reads its own answers.
+#[tokio::test]
+async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let issuer_dir = fleet.dir.path().join("issuer");
+    fleet.station().await.issuer_cert("issuer-1", &issuer_dir).await.unwrap();
+    let id = fleet.id(0);
+
+    let mut issuer = Raw::device(broker.mqtt, &issuer_dir).await.unwrap();
+    assert_eq!(connack_code(&issuer.mqtt_connect("issuer-1", 30).await), Some(ConnectReturnCode::Success));
+    let mut sub = Subscribe::new("devices/+/certs/csr", QoS::AtLeastOnce);
+    sub.filters
+        .push(rumqttc::mqttbytes::v4::SubscribeFilter::new("devices/+/telemetry".into(), QoS::AtLeastOnce));
+    sub.pkid = 1;
+    issuer.send(Packet::Subscribe(sub)).await.unwrap();
+    match issuer.recv(Duration::from_secs(3)).await {
+        Some(Packet::SubAck(a)) => assert_eq!(
+            a.return_codes,
+            [SubscribeReasonCode::Success(QoS::AtLeastOnce), SubscribeReasonCode::Failure],
+            "CSRs yes, telemetry no"
+        ),
+        other => panic!("no SUBACK: {other:?}"),
+    }
+
+    let mut dev = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev, &format!("devices/{id}/certs/issued"), 1).await;
+    let mut csr = Publish::new(format!("devices/{id}/certs/csr"), QoS::AtLeastOnce, b"csr-der".to_vec());
+    csr.pkid = 2;
+    dev.send(Packet::Publish(csr)).await.unwrap();
+    let got = next_publish(&mut issuer, Duration::from_secs(3)).await.expect("the issuer got no CSR");
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (format!("devices/{id}/certs/csr").as_str(), &b"csr-der"[..])
+    );
+
+    let mut answer = Publish::new(format!("devices/{id}/certs/issued"), QoS::AtLeastOnce, b"chain".to_vec());
+    answer.pkid = 3;
+    issuer.send(Packet::Publish(answer)).await.unwrap();
+    let got = next_publish(&mut dev, Duration::from_secs(3)).await.expect("the device got no answer");
+    assert_eq!(&got.payload[..], b"chain");
+    // An issuer is no service: a command is refused and its session closed.
+    let mut cmd = Publish::new(format!("devices/{id}/commands/reboot"), QoS::AtLeastOnce, b"x".to_vec());
+    cmd.pkid = 4;
+    issuer.send(Packet::Publish(cmd)).await.unwrap();
+    assert!(issuer.closed_within(Duration::from_secs(2)).await, "an issuer published a command");
+    assert!(next_publish(&mut dev, Duration::from_millis(300)).await.is_none());
+}
