@@ -324,7 +324,21 @@ impl Station {
                 (BrokerTls::CLIENT_CA, device_ca_pem.as_bytes(), false),
             ],
         )?;
-        let detail = serde_json::json!({ "dns": dns, "ip": ips, "not_after": cert.not_after });
+        self.log_server_cert(dns, ips, &cert, false, at).await?;
+        Ok(cert)
+    }
+
+    /// The issuance-log entry of a broker certificate.
+    async fn log_server_cert(
+        &self,
+        dns: &[String],
+        ips: &[IpAddr],
+        cert: &IssuedCert,
+        renewed: bool,
+        at: OffsetDateTime,
+    ) -> Result<()> {
+        let detail =
+            serde_json::json!({ "dns": dns, "ip": ips, "not_after": cert.not_after, "renewed": renewed });
         self.registry
             .log_event(
                 "server-cert",
@@ -334,7 +348,7 @@ impl Station {
                 at.unix_timestamp(),
             )
             .await?;
-        Ok(cert)
+        Ok(())
     }
 
     /// Sets the lifetime of broker certificates issued from now on (days).
@@ -367,17 +381,7 @@ impl Station {
         let chain = format!("{}{}", cert.pem, ca.cert_pem);
         home::write_replace_with(&dir.join(BrokerTls::KEY), key.serialize_pem().as_bytes(), true)?;
         home::write_replace(&cert_path, chain.as_bytes())?;
-        let detail =
-            serde_json::json!({ "dns": dns, "ip": ips, "not_after": cert.not_after, "renewed": true });
-        self.registry
-            .log_event(
-                "server-cert",
-                dns.first().map_or("", String::as_str),
-                &cert.serial.to_hex(),
-                detail,
-                at.unix_timestamp(),
-            )
-            .await?;
+        self.log_server_cert(&dns, &ips, &cert, true, at).await?;
         Ok(cert)
     }
 

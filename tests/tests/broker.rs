@@ -513,19 +513,13 @@ async fn a_replayed_older_crl_is_refused() {
     broker.wait_metric("fleet_crl_number", loaded + 1.0, Duration::from_secs(5)).await;
 }
 
-/// Live sessions are counted by how soon their certificates expire: a device minted with the
-/// default five-year certificate and one with ten days left land in their buckets.
-#[tokio::test]
-async fn live_sessions_are_counted_by_certificate_expiry() {
-    let fleet = Fleet::new(1, None).await;
-    let broker = BrokerProc::start(&fleet, &[]);
-    let d = fleet.dir.path().join("ten-days");
-    let expires = OffsetDateTime::now_utc() + time::Duration::days(10);
-    forge(&fleet, "dev-tendays", |p| p.not_after = expires, &d);
-    let pem = std::fs::read_to_string(d.join("cert.pem")).unwrap();
+/// A device certificate for `id` expiring at `expires` in `dir`, registered as `mint` would have.
+async fn forge_registered(fleet: &Fleet, id: &str, expires: OffsetDateTime, dir: &Path) {
+    forge(fleet, id, |p| p.not_after = expires, dir);
+    let pem = std::fs::read_to_string(dir.join("cert.pem")).unwrap();
     let der = pki::pem_decode(&pem, "CERTIFICATE").unwrap();
     let cert = fleet_registry::NewCert {
-        device_id: DeviceId::parse("dev-tendays").unwrap(),
+        device_id: DeviceId::parse(id).unwrap(),
         role: Role::Device,
         serial: pki::summarize(&der).unwrap().serial,
         not_before: 0,
@@ -538,6 +532,17 @@ async fn live_sessions_are_counted_by_certificate_expiry() {
         .record_certificates(&[cert], true, OffsetDateTime::now_utc().unix_timestamp())
         .await
         .unwrap();
+}
+
+/// Live sessions are counted by how soon their certificates expire: a device minted with the
+/// default five-year certificate and one with ten days left land in their buckets.
+#[tokio::test]
+async fn live_sessions_are_counted_by_certificate_expiry() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d = fleet.dir.path().join("ten-days");
+    let expires = OffsetDateTime::now_utc() + time::Duration::days(10);
+    forge_registered(&fleet, "dev-tendays", expires, &d).await;
     let mut soon = Raw::device(broker.mqtt, &d).await.unwrap();
     assert_eq!(connack_code(&soon.mqtt_connect("dev-tendays", 30).await), Some(ConnectReturnCode::Success));
     let mut long = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
@@ -598,25 +603,7 @@ async fn a_session_is_cut_when_its_certificate_expires() {
     let broker = BrokerProc::start(&fleet, &[]);
     let d = fleet.dir.path().join("short-lived");
     let expires = OffsetDateTime::now_utc() + time::Duration::seconds(3);
-    forge(&fleet, "dev-short", |p| p.not_after = expires, &d);
-    // Register it, as `mint` would have.
-    let pem = std::fs::read_to_string(d.join("cert.pem")).unwrap();
-    let der = pki::pem_decode(&pem, "CERTIFICATE").unwrap();
-    let serial = pki::summarize(&der).unwrap().serial;
-    let cert = fleet_registry::NewCert {
-        device_id: DeviceId::parse("dev-short").unwrap(),
-        role: Role::Device,
-        serial,
-        not_before: 0,
-        not_after: expires.unix_timestamp(),
-        key_source: "station",
-        cert_der: der,
-    };
-    let st = fleet.station().await;
-    st.registry()
-        .record_certificates(&[cert], true, OffsetDateTime::now_utc().unix_timestamp())
-        .await
-        .unwrap();
+    forge_registered(&fleet, "dev-short", expires, &d).await;
     let mut raw = Raw::device(broker.mqtt, &d).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect("dev-short", 0).await), Some(ConnectReturnCode::Success));
     assert!(raw.closed_within(Duration::from_secs(6)).await, "session outlived its certificate");
