@@ -175,3 +175,33 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
     peer.flush().await.unwrap();
     assert!(dev.closed_within(Duration::from_secs(1)).await, "a newer claim did not take over");
 }
+
+/// Malformed revocation announcements flooded on the cluster's revocation subject never cut a
+/// live session nor stop the node from admitting (a real revocation announced twice is
+/// harmless: applying one is idempotent). NATS is the trust boundary (README, cluster).
+#[tokio::test]
+async fn malformed_and_flooded_revocation_announcements_cut_nothing() {
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let node = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let id = fleet.id(0);
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let peer = async_nats::connect(nats.url()).await.unwrap();
+    for i in 0..2000u32 {
+        let payload = match i % 4 {
+            0 => format!("{id}"),
+            1 => format!("{id} zz"),
+            2 => "../.. 4a0b".to_owned(),
+            _ => String::new(),
+        };
+        peer.publish("fleet.r", payload.into()).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    dev.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    let mut other = Raw::device(node.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&other.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
+    assert_eq!(node.metric("fleet_cluster_revocations_received_total").await, 0.0);
+}
