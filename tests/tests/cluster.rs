@@ -191,7 +191,7 @@ async fn malformed_and_flooded_revocation_announcements_cut_nothing() {
     let peer = async_nats::connect(nats.url()).await.unwrap();
     for i in 0..2000u32 {
         let payload = match i % 4 {
-            0 => format!("{id}"),
+            0 => id.clone(),
             1 => format!("{id} zz"),
             2 => "../.. 4a0b".to_owned(),
             _ => String::new(),
