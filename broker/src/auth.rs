@@ -8,9 +8,15 @@
 //! |---|---|---|
 //! | device `X` | `devices/X/<anything>` except `devices/X/commands/...` | filters inside `devices/X/` (wildcards only after it) |
 //! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
-
+//! | issuer | `devices/<id>/certs/<answer>`, `claims/<claim>/<nonce>/certs/<answer>` (never `csr`) | `devices/+/certs/csr`, `devices/+/certs/active`, `claims/+/+/certs/csr` |
+//! | claim `C` (client id `claims/C/<nonce>`) | `claims/C/<nonce>/certs/csr` | `claims/C/<nonce>/certs/+` and its concrete answers |
+//!
+//! A device's `certs/` level is for rotation (docs/spec/rotation.md): it may publish only `csr`
+//! and `active` there; the broker replaces the payload of `active` with the serial of the
+//! certificate the session was admitted with, so the issuer learns which certificate is in use
+//! from the broker, not from the device's word.
 use fleet_registry::{
-    DeviceId, Role, SerialNumber, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX, SERVICE_URI_PREFIX,
+    DeviceId, Role, SerialNumber, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX, SERVICE_URI_PREFIX,
 };
 
 use crate::outcome::Refusal;
@@ -27,6 +33,29 @@ pub struct Identity {
     pub serial: SerialNumber,
     /// Certificate notAfter (unix seconds).
     pub not_after: i64,
+    /// A claim session's nonce (its client id is `claims/<claim-id>/<nonce>`), set at CONNECT.
+    pub nonce: Option<String>,
+}
+
+impl Identity {
+    /// The key of this client's live session: the device id, or a claim session's client id
+    /// (which contains `/`, so it never equals a device id).
+    pub fn session_key(&self) -> String {
+        match &self.nonce {
+            Some(n) => format!("{CLAIMS}/{}/{n}", self.id),
+            None => self.id.as_str().to_owned(),
+        }
+    }
+
+    /// The client id a claim session must use, `claims/<claim-id>/<nonce>`, parsed: the nonce
+    /// is 16 to 64 characters of `[0-9a-z]`.
+    pub fn claim_nonce<'c>(&self, client_id: &'c str) -> Option<&'c str> {
+        let rest = client_id.strip_prefix(CLAIMS)?.strip_prefix('/')?.strip_prefix(self.id.as_str())?;
+        let nonce = rest.strip_prefix('/')?;
+        let ok = (16..=64).contains(&nonce.len())
+            && nonce.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+        ok.then_some(nonce)
+    }
 }
 
 /// Why a certificate does not name a fleetgate client.
@@ -71,6 +100,8 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
                 (Role::Service, rest)
             } else if let Some(rest) = uri.strip_prefix(ISSUER_URI_PREFIX) {
                 (Role::Issuer, rest)
+            } else if let Some(rest) = uri.strip_prefix(CLAIM_URI_PREFIX) {
+                (Role::Claim, rest)
             } else {
                 continue;
             };
@@ -81,7 +112,7 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
         }
     }
     let (role, id) = found.ok_or(IdentityError::NoIdentity)?;
-    Ok(Identity { id, role, serial, not_after: cert.validity().not_after.timestamp() })
+    Ok(Identity { id, role, serial, not_after: cert.validity().not_after.timestamp(), nonce: None })
 }
 
 /// The first level of every topic a client may use: `devices/<id>/...`.
@@ -92,6 +123,23 @@ pub(crate) const COMMANDS: &str = "commands";
 pub(crate) const CERTS: &str = "certs";
 /// `devices/<id>/certs/csr`: what a device asks the issuer.
 pub(crate) const CSR: &str = "csr";
+/// `devices/<id>/certs/active`: a device says it runs on a new certificate (payload stamped by
+/// the broker with the session's serial).
+pub(crate) const ACTIVE: &str = "active";
+/// `claims/<claim-id>/<nonce>/...`: the first-boot exchange of a claim session.
+pub(crate) const CLAIMS: &str = "claims";
+
+/// The topic of a device's `certs/active` announcement, if `topic` is one from `who`.
+pub(crate) fn is_active_announcement(who: &Identity, topic: &str) -> bool {
+    who.role == Role::Device
+        && topic
+            .strip_prefix(DEVICES)
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_prefix(who.id.as_str()))
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_prefix(CERTS))
+            == Some("/active")
+}
 
 /// The device-id level of `devices/<id>/...` (a filter's may be a wildcard).
 pub(crate) fn device_level(topic: &str) -> Option<&str> {
@@ -125,35 +173,33 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
     if !valid_topic(topic) {
         return false;
     }
-    let mut levels = topic.split('/');
-    if levels.next() != Some(DEVICES) {
+    let levels: Vec<&str> = topic.split('/').collect();
+    if levels.iter().any(|l| l.is_empty()) {
         return false;
     }
-    let Some(owner) = levels.next() else { return false };
-    let rest: Vec<&str> = levels.collect();
-    match who.role {
+    match (who.role, levels.as_slice()) {
         // A device never writes its own commands: a stolen certificate could otherwise plant a
-        // (retained) command that the real device obeys after every reconnect.
-        Role::Device => {
-            owner == who.id.as_str()
+        // (retained) command that the real device obeys after every reconnect. Under `certs/` it
+        // asks (`csr`) and announces (`active`), never answers.
+        (Role::Device, [DEVICES, owner, rest @ ..]) => {
+            *owner == who.id.as_str()
                 && !rest.is_empty()
                 && rest[0] != COMMANDS
-                && rest.iter().all(|l| !l.is_empty())
+                && (rest[0] != CERTS || matches!(rest, [_, CSR | ACTIVE]))
         }
-        Role::Service => {
-            DeviceId::parse(owner).is_ok()
-                && rest.len() >= 2
-                && rest[0] == COMMANDS
-                && rest[1..].iter().all(|l| !l.is_empty())
+        (Role::Service, [DEVICES, owner, COMMANDS, _, ..]) => DeviceId::parse(owner).is_ok(),
+        // The issuer answers under a device's or a claim session's `certs/` (never as the
+        // device: not `csr`, not `active`).
+        (Role::Issuer, [DEVICES, owner, CERTS, answer]) => {
+            DeviceId::parse(owner).is_ok() && !matches!(*answer, CSR | ACTIVE)
         }
-        // The issuer answers under a device's `certs/` (never as the device: not `certs/csr`).
-        Role::Issuer => {
-            DeviceId::parse(owner).is_ok()
-                && rest.len() >= 2
-                && rest[0] == CERTS
-                && rest[1] != CSR
-                && rest[1..].iter().all(|l| !l.is_empty())
+        (Role::Issuer, [CLAIMS, claim, _nonce, CERTS, answer]) => {
+            DeviceId::parse(claim).is_ok() && !matches!(*answer, CSR | ACTIVE)
         }
+        (Role::Claim, [CLAIMS, claim, nonce, CERTS, CSR]) => {
+            *claim == who.id.as_str() && who.nonce.as_deref() == Some(*nonce)
+        }
+        _ => false,
     }
 }
 
@@ -162,21 +208,20 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     if !valid_filter(filter) {
         return false;
     }
-    let mut levels = filter.split('/');
-    if levels.next() != Some(DEVICES) {
-        return false;
-    }
-    let Some(owner) = levels.next() else { return false };
-    match who.role {
-        Role::Device => owner == who.id.as_str() && levels.next().is_some(),
-        Role::Service => true,
-        // Devices' certificate requests only: `devices/+/certs/csr` or one device's.
-        Role::Issuer => {
-            (owner == "+" || DeviceId::parse(owner).is_ok())
-                && levels.next() == Some(CERTS)
-                && levels.next() == Some(CSR)
-                && levels.next().is_none()
+    let levels: Vec<&str> = filter.split('/').collect();
+    match (who.role, levels.as_slice()) {
+        (Role::Device, [DEVICES, owner, _, ..]) => *owner == who.id.as_str(),
+        (Role::Service, [DEVICES, ..]) => true,
+        // Devices' certificate requests and announcements, claim sessions' requests.
+        (Role::Issuer, [DEVICES, owner, CERTS, CSR | ACTIVE]) => {
+            *owner == "+" || DeviceId::parse(owner).is_ok()
         }
+        (Role::Issuer, [CLAIMS, "+", "+", CERTS, CSR]) => true,
+        // A claim session reads only its own answers.
+        (Role::Claim, [CLAIMS, claim, nonce, CERTS, answer]) => {
+            *claim == who.id.as_str() && who.nonce.as_deref() == Some(*nonce) && *answer != "#"
+        }
+        _ => false,
     }
 }
 
@@ -200,7 +245,13 @@ mod tests {
     use super::*;
 
     fn who(id: &str, role: Role) -> Identity {
-        Identity { id: DeviceId::parse(id).unwrap(), role, serial: SerialNumber::random(), not_after: 0 }
+        Identity {
+            id: DeviceId::parse(id).unwrap(),
+            role,
+            serial: SerialNumber::random(),
+            not_after: 0,
+            nonce: None,
+        }
     }
 
     #[test]
@@ -253,7 +304,17 @@ mod tests {
         let i = who("issuer-1", Role::Issuer);
         assert!(may_subscribe(&i, "devices/+/certs/csr"));
         assert!(may_subscribe(&i, "devices/dev-1/certs/csr"));
-        for bad in ["devices/+/telemetry", "devices/#", "devices/+/certs/#", "devices/+/certs/issued", "#"] {
+        assert!(may_subscribe(&i, "devices/+/certs/active"));
+        assert!(may_subscribe(&i, "claims/+/+/certs/csr"));
+        assert!(may_publish(&i, "claims/batch-1/0123456789abcdef/certs/issued"));
+        for bad in [
+            "devices/+/telemetry",
+            "devices/#",
+            "devices/+/certs/#",
+            "devices/+/certs/issued",
+            "#",
+            "claims/#",
+        ] {
             assert!(!may_subscribe(&i, bad), "{bad}");
         }
         assert!(may_publish(&i, "devices/dev-1/certs/issued"));
@@ -264,6 +325,8 @@ mod tests {
             "devices/dev-1/commands/reboot",
             "devices/dev-1/telemetry",
             "devices/BAD/certs/issued",
+            "devices/dev-1/certs/active",
+            "claims/batch-1/0123456789abcdef/certs/csr",
         ] {
             assert!(!may_publish(&i, bad), "{bad}");
         }
@@ -271,7 +334,47 @@ mod tests {
         let d = who("dev-1", Role::Device);
         assert!(may_publish(&d, "devices/dev-1/certs/csr"));
         assert!(may_subscribe(&d, "devices/dev-1/certs/#"));
+        assert!(may_publish(&d, "devices/dev-1/certs/active"));
         assert!(!may_publish(&d, "devices/dev-2/certs/csr"));
+        // ... but never answers itself.
+        assert!(!may_publish(&d, "devices/dev-1/certs/issued"));
+        assert!(!may_publish(&d, "devices/dev-1/certs/csr/x"));
+        assert!(is_active_announcement(&d, "devices/dev-1/certs/active"));
+        assert!(!is_active_announcement(&d, "devices/dev-1/certs/activex"));
+        assert!(!is_active_announcement(&d, "devices/dev-10/certs/active"));
+    }
+
+    #[test]
+    fn claim_acl() {
+        let mut c = who("batch-1", Role::Claim);
+        assert_eq!(c.claim_nonce("claims/batch-1/0123456789abcdef"), Some("0123456789abcdef"));
+        for bad in [
+            "claims/batch-1/short",
+            "claims/batch-2/0123456789abcdef",
+            "batch-1",
+            "claims/batch-1/0123456789ABCDEF",
+            "claims/batch-1/0123456789abcdef/x",
+        ] {
+            assert_eq!(c.claim_nonce(bad), None, "{bad}");
+        }
+        c.nonce = Some("0123456789abcdef".into());
+        assert_eq!(c.session_key(), "claims/batch-1/0123456789abcdef");
+        assert!(may_publish(&c, "claims/batch-1/0123456789abcdef/certs/csr"));
+        assert!(may_subscribe(&c, "claims/batch-1/0123456789abcdef/certs/+"));
+        assert!(may_subscribe(&c, "claims/batch-1/0123456789abcdef/certs/issued"));
+        for bad in [
+            "claims/batch-1/fedcba9876543210/certs/csr",
+            "claims/batch-1/0123456789abcdef/certs/issued",
+            "devices/batch-1/telemetry",
+            "claims/batch-2/0123456789abcdef/certs/csr",
+        ] {
+            assert!(!may_publish(&c, bad), "{bad}");
+        }
+        for bad in
+            ["claims/batch-1/+/certs/+", "claims/#", "devices/#", "claims/batch-1/0123456789abcdef/certs/#"]
+        {
+            assert!(!may_subscribe(&c, bad), "{bad}");
+        }
     }
 
     #[test]

@@ -26,6 +26,12 @@ pub enum Error {
     /// Issuing for a revoked device.
     #[error("device `{0}` is revoked; a revoked identity cannot be renewed")]
     DeviceRevoked(String),
+    /// A claim that has minted its whole quota.
+    #[error("claim `{0}` is exhausted: it has issued every identity of its quota")]
+    ClaimExhausted(String),
+    /// An identity that is not a claim used as one.
+    #[error("`{0}` is not an active claim")]
+    NotAClaim(String),
     /// A database URL of an engine the registry does not support.
     #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),

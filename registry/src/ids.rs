@@ -15,6 +15,9 @@ pub const DEVICE_URI_PREFIX: &str = "urn:fleetgate:device:";
 pub const SERVICE_URI_PREFIX: &str = "urn:fleetgate:service:";
 /// SAN URI prefix of a certificate issuer's identity (rotation over MQTT).
 pub const ISSUER_URI_PREFIX: &str = "urn:fleetgate:issuer:";
+/// SAN URI prefix of a claim identity: a batch credential a device uses once, at first boot, to
+/// ask for its own identity (docs/spec/rotation.md).
+pub const CLAIM_URI_PREFIX: &str = "urn:fleetgate:claim:";
 
 /// A device (or service) id: 1–64 chars of `[a-z0-9._-]`, starting with a letter or digit.
 ///
@@ -80,6 +83,7 @@ impl DeviceId {
             Role::Device => format!("{DEVICE_URI_PREFIX}{}", self.0),
             Role::Service => format!("{SERVICE_URI_PREFIX}{}", self.0),
             Role::Issuer => format!("{ISSUER_URI_PREFIX}{}", self.0),
+            Role::Claim => format!("{CLAIM_URI_PREFIX}{}", self.0),
         }
     }
 }
@@ -151,6 +155,9 @@ pub enum Role {
     /// An online certificate issuer: subscribes to devices' CSRs (`devices/+/certs/csr`) and
     /// publishes under `devices/<id>/certs/` only.
     Issuer,
+    /// A claim (batch) identity: only `claims/<claim-id>/<nonce>/certs/...`, to exchange a CSR for
+    /// a device's own identity at first boot.
+    Claim,
 }
 
 impl Role {
@@ -160,6 +167,7 @@ impl Role {
             Role::Device => "device",
             Role::Service => "service",
             Role::Issuer => "issuer",
+            Role::Claim => "claim",
         }
     }
 
@@ -169,6 +177,7 @@ impl Role {
             "device" => Some(Role::Device),
             "service" => Some(Role::Service),
             "issuer" => Some(Role::Issuer),
+            "claim" => Some(Role::Claim),
             _ => None,
         }
     }

@@ -5,6 +5,7 @@
 //! - [`Registry`] ([`db`]): the SQL registry over SQLite (default) or PostgreSQL, with every
 //!   migration (devices, certificates, the issuance log, CRL state, telemetry).
 //! - [`rows`]: devices and certificates (issue, re-key, revoke, list, CRL snapshot).
+//! - [`lifecycle`]: rotations over MQTT, forced-rotation requests, claims.
 //! - [`log`] and [`verify`]: the hash-chained issuance log and its verifier.
 //! - [`feed`]: what a broker reads: admission verdicts and the revocation feed.
 //! - [`telemetry`]: typed batch inserts of stored device messages.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod feed;
 pub mod home;
 pub mod ids;
+pub mod lifecycle;
 pub mod log;
 pub mod rows;
 pub mod telemetry;
@@ -29,8 +31,8 @@ pub use error::{Error, Result};
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
 pub use home::{BrokerTls, Home, IdentityFiles};
 pub use ids::{
-    DeviceId, RevocationReason, Role, SerialNumber, Status, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX,
-    SERVICE_URI_PREFIX,
+    DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX,
+    ISSUER_URI_PREFIX, SERVICE_URI_PREFIX,
 };
 pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};
 pub use telemetry::{Telemetry, TelemetryWriter};

@@ -121,7 +121,7 @@ impl Registry {
     }
 
     /// Inserts one certificate row and its `issue` log entry (the device row exists).
-    async fn insert_certificate(
+    pub(crate) async fn insert_certificate(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         head: &mut (i64, String),
@@ -329,7 +329,7 @@ impl Registry {
         parse_id(owner)
     }
 
-    async fn revoke_in_tx(
+    pub(crate) async fn revoke_in_tx(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         head: &mut (i64, String),

@@ -1,5 +1,6 @@
 //! CONNECT binding: the first packet must be a CONNECT, within the deadline, and its client id
-//! must be the certificate's device id (or empty, and then it is assigned). A refused client
+//! must be the certificate's device id (or empty, and then it is assigned); a claim session's is
+//! `claims/<claim-id>/<nonce>`. A refused client
 //! gets one exit: the metric, one log line, a CONNACK with the refusal's code when it got as far
 //! as CONNECT, then close_notify.
 
@@ -14,6 +15,7 @@ use super::conn::Conn;
 use crate::auth::Identity;
 use crate::outcome::Refusal;
 use crate::Shared;
+use fleet_registry::Role;
 
 /// A connection that will not become a session.
 #[derive(Debug, Clone, Copy)]
@@ -44,11 +46,20 @@ pub(crate) async fn bind(
         Ok(Ok(None)) => return Err(early(Refusal::PeerClosed)),
         Err(_) => return Err(early(Refusal::ConnectTimeout)),
     };
-    let id = match admission {
+    let mut id = match admission {
         Ok(id) => id,
         Err(refusal) => return Err((Refused { refusal, connack: true }, Some(connect))),
     };
-    if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
+    if id.role == Role::Claim {
+        // Many devices share a claim certificate: each session names itself
+        // `claims/<claim-id>/<nonce>` and is confined to that subtree.
+        match id.claim_nonce(&connect.client_id) {
+            Some(nonce) => id.nonce = Some(nonce.to_owned()),
+            None => {
+                return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)))
+            }
+        }
+    } else if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
         return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
     }
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));

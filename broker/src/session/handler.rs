@@ -233,7 +233,7 @@ impl State {
         }
     }
 
-    async fn publish(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
+    async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Publish) -> Result<(), CloseReason> {
         let shared = ctx.shared;
         shared.metrics.messages_received.inc();
         if !shared.topic_within(&p.topic) {
@@ -247,6 +247,10 @@ impl State {
         }
         if p.qos == QoS::ExactlyOnce {
             return Err(CloseReason::Qos2Unsupported);
+        }
+        if auth::is_active_announcement(&ctx.id, &p.topic) {
+            // The broker, not the device, says which certificate the session runs on.
+            p.payload = ctx.id.serial.to_hex().into();
         }
         // Routed first (subscribers get copies, here and on the other nodes), then the publish
         // itself moves to the store.

@@ -103,7 +103,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     let kick = Kick::under(&shared.shutdown);
     let live =
         LiveSession { conn_id, serial: id.serial.clone(), not_after: id.not_after, kick: kick.clone() };
-    if let Some(old) = shared.sessions.register(&id.id, live) {
+    let key = id.session_key();
+    if let Some(old) = shared.sessions.register(&key, live) {
         info!(device = %id.id, "a new connection replaces the live session of this device");
         old.cut(CloseReason::Takeover);
     }
@@ -114,7 +115,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         Some(cluster) => {
             let (kick, device) = (kick.clone(), id.id.clone());
             cluster
-                .claim(id.id.as_str(), move || {
+                .claim(&key, move || {
                     info!(%device, "a session on another node replaces this one");
                     kick.cut(CloseReason::Takeover);
                 })
@@ -162,7 +163,7 @@ impl Live {
                 cluster.unwatch(f);
             }
         }
-        shared.sessions.remove(&ctx.id.id, conn_id);
+        shared.sessions.remove(&ctx.id.session_key(), conn_id);
         shared.metrics.sessions_live.dec();
         shared.metrics.closed(end);
         let (device, reason) = (&ctx.id.id, end.label());

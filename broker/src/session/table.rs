@@ -71,11 +71,11 @@ pub(crate) struct LiveSession {
 
 #[derive(Debug, Default)]
 struct Inner {
-    live: HashMap<DeviceId, LiveSession>,
+    live: HashMap<String, LiveSession>,
     revoked: HashSet<SerialNumber>,
 }
 
-/// Live sessions by device id.
+/// Live sessions by session key (the device id; a claim session's client id).
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
     inner: Mutex<Inner>,
@@ -89,20 +89,20 @@ impl Sessions {
 
     /// Registers a session, returning the kick handle of the one it replaces. A session whose
     /// serial the feed already reported as revoked is cut at once.
-    pub(crate) fn register(&self, id: &DeviceId, s: LiveSession) -> Option<Kick> {
+    pub(crate) fn register(&self, key: &str, s: LiveSession) -> Option<Kick> {
         let mut m = self.lock();
         if m.revoked.contains(&s.serial) {
             s.kick.cut(CloseReason::Revoked);
         }
-        m.live.insert(id.clone(), s).map(|old| old.kick)
+        m.live.insert(key.to_owned(), s).map(|old| old.kick)
     }
 
     /// Forgets the session of `id` if connection `conn_id` still runs it (a takeover may have
     /// replaced it already).
-    pub(crate) fn remove(&self, id: &DeviceId, conn_id: u64) {
+    pub(crate) fn remove(&self, key: &str, conn_id: u64) {
         let mut m = self.lock();
-        if m.live.get(id).is_some_and(|s| s.conn_id == conn_id) {
-            m.live.remove(id);
+        if m.live.get(key).is_some_and(|s| s.conn_id == conn_id) {
+            m.live.remove(key);
         }
     }
 
@@ -111,7 +111,7 @@ impl Sessions {
     pub(crate) fn kick_serial(&self, id: &DeviceId, serial: &SerialNumber) -> bool {
         let mut m = self.lock();
         m.revoked.insert(serial.clone());
-        match m.live.get(id) {
+        match m.live.get(id.as_str()) {
             Some(s) if &s.serial == serial => {
                 s.kick.cut(CloseReason::Revoked);
                 true
@@ -163,7 +163,7 @@ mod tests {
         let serial = SerialNumber::random();
         assert!(!t.kick_serial(&id("d"), &serial), "nothing live to cut yet");
         let s = session(1, &serial);
-        assert!(t.register(&id("d"), s.clone()).is_none());
+        assert!(t.register("d", s.clone()).is_none());
         assert!(s.kick.is_cut());
         assert_eq!(s.kick.reason(), Some(CloseReason::Revoked));
         assert!(t.is_revoked(&serial));
@@ -174,7 +174,7 @@ mod tests {
         let t = Sessions::default();
         let serial = SerialNumber::random();
         let s = session(1, &serial);
-        t.register(&id("d"), s.clone());
+        t.register("d", s.clone());
         assert!(!s.kick.is_cut());
         assert!(t.kick_serial(&id("d"), &serial));
         assert_eq!(s.kick.reason(), Some(CloseReason::Revoked));
@@ -185,7 +185,7 @@ mod tests {
         let t = Sessions::default();
         let (old, new) = (SerialNumber::random(), SerialNumber::random());
         let s = session(1, &new);
-        t.register(&id("d"), s.clone());
+        t.register("d", s.clone());
         assert!(!t.kick_serial(&id("d"), &old), "superseded certificate, not this session's");
         assert!(!s.kick.is_cut());
     }
@@ -195,13 +195,13 @@ mod tests {
         let t = Sessions::default();
         let serial = SerialNumber::random();
         let first = session(1, &serial);
-        t.register(&id("d"), first.clone());
-        let old = t.register(&id("d"), session(2, &serial)).expect("replaced");
+        t.register("d", first.clone());
+        let old = t.register("d", session(2, &serial)).expect("replaced");
         old.cut(CloseReason::Takeover);
         assert_eq!(first.kick.reason(), Some(CloseReason::Takeover));
-        t.remove(&id("d"), 1); // the replaced connection ends: must not remove its successor
+        t.remove("d", 1); // the replaced connection ends: must not remove its successor
         assert_eq!(t.len(), 1);
-        t.remove(&id("d"), 2);
+        t.remove("d", 2);
         assert_eq!(t.len(), 0);
     }
 
@@ -223,7 +223,7 @@ mod tests {
                 not_after: 1_000 + days_left * 86_400,
                 kick: Kick::default(),
             };
-            t.register(&id(&format!("dev-{i}")), live);
+            t.register(&format!("dev-{i}"), live);
         }
         let bounds = [86_400, 7 * 86_400, 30 * 86_400, 90 * 86_400];
         assert_eq!(t.expiry_buckets(1_000, &bounds), [1, 2, 0, 1, 1]);
