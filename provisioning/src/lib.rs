@@ -7,6 +7,8 @@
 
 pub mod error;
 pub mod home;
+pub mod issuer;
+pub mod lifecycle;
 pub mod pki;
 pub mod station;
 

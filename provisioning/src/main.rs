@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use fleet_provision::home::Home;
+use fleet_provision::issuer::IssuerConfig;
+use fleet_provision::lifecycle::{ClaimOptions, Policy};
 use fleet_provision::station::{MintOptions, Station};
 use fleet_provision::{DeviceId, Error, RevocationReason, SerialNumber, Status};
 use fleet_registry::Registry;
@@ -115,6 +117,76 @@ enum Command {
         /// Output directory (must not exist).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Issue a claim identity (role `claim`) into DIR, with a credentials.bin to flash into every
+    /// device of a batch: at first boot each device generates its own key and exchanges a CSR
+    /// for its own identity through `serve`, within the claim's quota. The station never sees
+    /// those keys. Keep claims short-lived; revoke one with `revoke <claim>`.
+    ClaimCert {
+        /// Claim name (used as its id), e.g. batch-2026-12.
+        #[arg(long)]
+        name: String,
+        /// Devices created by this claim are named <prefix>-<anything>.
+        #[arg(long, default_value = "dev")]
+        prefix: String,
+        /// How many device identities this claim may create.
+        #[arg(long)]
+        quota: i64,
+        /// Lifetime of the claim certificate in days.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Broker host name written into credentials.bin.
+        #[arg(long, default_value = "localhost")]
+        broker_host: String,
+        /// Broker port written into credentials.bin.
+        #[arg(long, default_value_t = 8883)]
+        broker_port: u16,
+    },
+    /// Run the online issuer: connect to the broker with an issuer identity and answer
+    /// devices' CSRs (rotation before expiry, claim-based first boot), revoke each device's old
+    /// certificate a grace period after it runs on the new one, and ask devices to rotate when
+    /// an operator requested it (`rotate`). Runs until interrupted. See docs/spec/rotation.md.
+    Serve {
+        /// Issuer identity directory (from issuer-cert).
+        #[arg(long)]
+        identity: PathBuf,
+        /// Broker host.
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Broker port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// A device may rotate when its certificate expires within this long (e.g. 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_secs)]
+        renew_within: i64,
+        /// At most one rotation per device in this long, unless an operator asked for it.
+        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        min_interval: i64,
+        /// Revoke the old certificate this long after the device runs on the new one (0s: at once).
+        #[arg(long, default_value = "1h", value_parser = parse_duration_secs)]
+        grace: i64,
+        /// How often to re-announce operator requests and revoke superseded certificates.
+        #[arg(long, default_value = "1s", value_parser = parse_duration_secs, hide = true)]
+        tick: i64,
+    },
+    /// Ask devices to rotate their key and certificate now (operator-forced rotation): the
+    /// running issuer (`serve`) tells each device and accepts its CSR whatever its expiry.
+    Rotate {
+        /// The device to rotate.
+        #[arg(required_unless_present_any = ["expiring_within", "all"], conflicts_with_all = ["expiring_within", "all"])]
+        device_id: Option<String>,
+        /// Every active device whose certificate expires within this long (e.g. 30d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs, conflicts_with = "all")]
+        expiring_within: Option<i64>,
+        /// Every active device.
+        #[arg(long)]
+        all: bool,
+        /// Who asks (written to the issuance log).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
     },
     /// Mint a batch of device identities with station-generated keys. Writes
     /// DIR/<device-id>/{cert.pem, key.pem, server-ca.pem, broker-trust.pem, credentials.bin}.
@@ -352,6 +424,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let d = s.issuer_cert(&name, &out).await?;
             say!("issuer identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
         }
+        Command::ClaimCert { name, prefix, quota, days, out, broker_host, broker_port } => {
+            let s = Station::open(home, db).await?;
+            let opts = ClaimOptions { name, id_prefix: prefix, quota, days, out, broker_host, broker_port };
+            let d = s.claim_cert(&opts).await?;
+            say!(
+                "claim identity {} (serial {}, quota {}, devices {}-...) in {}",
+                d.device_id,
+                d.serial,
+                opts.quota,
+                opts.id_prefix,
+                d.dir.display()
+            );
+        }
+        Command::Serve { identity, host, port, renew_within, min_interval, grace, tick } => {
+            let s = Station::open(home, db).await?;
+            let policy = Policy { renew_within, min_interval, grace };
+            let tick = std::time::Duration::from_secs(tick.max(1) as u64);
+            let cfg = IssuerConfig { identity, host, port, policy, tick };
+            let c = fleet_provision::issuer::serve(s, cfg, shutdown_signal()).await?;
+            say!("issuer stopped: {} issued, {} rejected, {} superseded", c.issued, c.rejected, c.superseded);
+        }
+        Command::Rotate { device_id, expiring_within, all, by } => {
+            let s = Station::open(home, db).await?;
+            let ids = match device_id {
+                Some(id) => vec![DeviceId::parse(&id)?],
+                None => s.devices_to_rotate(if all { None } else { expiring_within }).await?,
+            };
+            let n = s.request_rotation(&ids, &by).await?;
+            say!("rotation requested for {n} device(s); the issuer (fleet-provision serve) asks each to rotate");
+        }
         Command::Mint { count, prefix, out, broker_host, broker_port, days, chunk } => {
             let mut s = Station::open(home, db).await?;
             s.set_client_lifetime(days)?;
@@ -565,10 +667,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The issuer is a service: it logs what it decides unless RUST_LOG says otherwise.
+    let default = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "error" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -313,6 +313,8 @@ pub struct CheckedCsr {
     pub common_name: Option<String>,
     /// The public key to certify.
     pub public_key: rcgen::SubjectPublicKeyInfo,
+    /// That key's SubjectPublicKeyInfo DER (to compare with a certificate's).
+    pub spki_der: Vec<u8>,
 }
 
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
@@ -374,7 +376,7 @@ pub fn check_csr(input: &[u8]) -> Result<CheckedCsr> {
         info.subject.iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
     let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki.raw)
         .map_err(|e| Error::CsrUnreadable(format!("public key: {e}")))?;
-    Ok(CheckedCsr { common_name, public_key })
+    Ok(CheckedCsr { common_name, public_key, spki_der: spki.raw.to_vec() })
 }
 
 /// Signs an X.509 v2 CRL with the device CA.

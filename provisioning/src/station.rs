@@ -28,9 +28,9 @@ pub struct Settings {
 /// An open station: home + registry.
 #[derive(Debug)]
 pub struct Station {
-    home: Home,
-    registry: Registry,
-    lifetimes: Lifetimes,
+    pub(crate) home: Home,
+    pub(crate) registry: Registry,
+    pub(crate) lifetimes: Lifetimes,
 }
 
 /// Files produced for one device by `mint`.
@@ -83,7 +83,7 @@ pub struct CrlOutput {
     pub pem: String,
 }
 
-fn now() -> OffsetDateTime {
+pub(crate) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
@@ -165,11 +165,11 @@ impl Station {
         LoadedCa::from_pem(&cert_pem, &key_pem).map_err(|e| Error::BadPkiFile(cert.to_path_buf(), e))
     }
 
-    fn device_ca(&self) -> Result<LoadedCa> {
+    pub(crate) fn device_ca(&self) -> Result<LoadedCa> {
         self.load_ca(&self.home.device_ca(), &self.home.device_ca_key())
     }
 
-    fn server_ca_der(&self) -> Result<(String, Vec<u8>)> {
+    pub(crate) fn server_ca_der(&self) -> Result<(String, Vec<u8>)> {
         let pem = home::read_text(&self.home.server_ca())?;
         let der = pki::pem_decode(&pem, "CERTIFICATE")
             .ok_or_else(|| Error::BadPkiFile(self.home.server_ca(), "not a PEM certificate".into()))?;
@@ -541,7 +541,7 @@ impl Station {
 
 /// The device id a CSR is for (the `--device-id` given, else the subject CN; both must agree),
 /// checked against the id syntax and the reserved names, and the checked CSR.
-fn csr_identity(csr: &[u8], device_id: Option<&str>) -> Result<(DeviceId, pki::CheckedCsr)> {
+pub(crate) fn csr_identity(csr: &[u8], device_id: Option<&str>) -> Result<(DeviceId, pki::CheckedCsr)> {
     let checked = pki::check_csr(csr)?;
     let id = match (device_id, checked.common_name.as_deref()) {
         (Some(given), Some(cn)) if given != cn => {
@@ -556,7 +556,7 @@ fn csr_identity(csr: &[u8], device_id: Option<&str>) -> Result<(DeviceId, pki::C
     Ok((id, checked))
 }
 
-fn new_cert(id: &DeviceId, role: Role, c: &IssuedCert, key_source: &'static str) -> NewCert {
+pub(crate) fn new_cert(id: &DeviceId, role: Role, c: &IssuedCert, key_source: &'static str) -> NewCert {
     NewCert {
         device_id: id.clone(),
         role,
