@@ -23,7 +23,7 @@
 //! `poll` sends what the session has to send, then performs one read on the transport; on a
 //! host the socket's read timeout bounds it, on a board the transport decides.
 
-use embedded_io::{Read, Write};
+use embedded_io::{Error as _, Read, Write};
 use embedded_tls::blocking::{TlsConfig, TlsConnection, TlsContext};
 use embedded_tls::{Aes128GcmSha256, TlsError};
 use heapless::{String, Vec};
@@ -61,6 +61,19 @@ pub enum Incoming {
         /// Payload.
         payload: Vec<u8, 256>,
     },
+    /// The issuer sent a certificate for this device's rotation (or first boot): the leaf's
+    /// DER. Give it to [`crate::rotation::Rotator::bundle`], which checks it.
+    Certificate {
+        /// Leaf certificate, DER.
+        der: Vec<u8, { crate::rotation::CERT_MAX }>,
+    },
+    /// The issuer refused this device's CSR: `<reason>: <detail>` (docs/spec/rotation.md).
+    CertificateRejected {
+        /// The reason, cut to 128 bytes.
+        reason: String<128>,
+    },
+    /// An operator asked this device to rotate now (`fleet-provision rotate`).
+    RotateRequested,
     /// A command arrived that does not fit `Command` (name over 32 bytes, payload over 256, or
     /// the whole packet over [`INBOX`]): it was acknowledged to the broker but not delivered;
     /// the application decides what to do.
@@ -72,6 +85,35 @@ pub enum Incoming {
     },
 }
 
+/// `<root>/certs/<kind>` as an event: the leaf of an `issued` chain, a rejection's reason, an
+/// operator's request (an empty retained `rotate` is its withdrawal: nothing).
+fn certs(kind: &str, payload: &[u8]) -> Option<Incoming> {
+    match kind {
+        "issued" => {
+            let leaf = crate::tls::x509::read_tlv(payload).ok().map(|(t, _)| t.raw).unwrap_or(payload);
+            Some(match Vec::from_slice(leaf) {
+                Ok(der) => Incoming::Certificate { der },
+                Err(_) => Incoming::CertificateRejected {
+                    reason: String::try_from("too_large: the certificate does not fit CERT_MAX")
+                        .unwrap_or_default(),
+                },
+            })
+        }
+        "rejected" => {
+            let text = core::str::from_utf8(payload).unwrap_or("rejected");
+            let mut reason = String::new();
+            for c in text.chars() {
+                if reason.push(c).is_err() {
+                    break;
+                }
+            }
+            Some(Incoming::CertificateRejected { reason })
+        }
+        "rotate" if !payload.is_empty() => Some(Incoming::RotateRequested),
+        _ => None,
+    }
+}
+
 fn command(name: &str, payload: &[u8]) -> Incoming {
     match (String::try_from(name), Vec::from_slice(payload)) {
         (Ok(name), Ok(payload)) => Incoming::Command { name, payload },
@@ -80,16 +122,47 @@ fn command(name: &str, payload: &[u8]) -> Incoming {
 }
 
 /// Connects TCP to the broker named in the bundle (host use, `std` feature), with a read
-/// timeout so that `poll` returns.
+/// timeout so that `poll` returns (`Ok(None)`) when nothing arrived.
 #[cfg(feature = "std")]
-pub fn connect_tcp(
-    creds: &Credentials<'_>,
-    read_timeout: core::time::Duration,
-) -> std::io::Result<embedded_io_adapters::std::FromStd<std::net::TcpStream>> {
+pub fn connect_tcp(creds: &Credentials<'_>, read_timeout: core::time::Duration) -> std::io::Result<HostTcp> {
     let s = std::net::TcpStream::connect((creds.broker_host, creds.broker_port))?;
     s.set_read_timeout(Some(read_timeout))?;
     s.set_nodelay(true)?;
-    Ok(embedded_io_adapters::std::FromStd::new(s))
+    Ok(HostTcp(s))
+}
+
+/// A host TCP stream as an `embedded-io` transport whose read timeout is `TimedOut` (std
+/// reports it as `WouldBlock`, which `embedded-io` has no name for).
+#[cfg(feature = "std")]
+#[derive(Debug)]
+pub struct HostTcp(pub std::net::TcpStream);
+
+#[cfg(feature = "std")]
+impl embedded_io::ErrorType for HostTcp {
+    type Error = embedded_io::ErrorKind;
+}
+
+#[cfg(feature = "std")]
+impl Read for HostTcp {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        use std::io::Read as _;
+        self.0.read(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => embedded_io::ErrorKind::TimedOut,
+            k => k.into(),
+        })
+    }
+}
+
+#[cfg(feature = "std")]
+impl Write for HostTcp {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        use std::io::Write as _;
+        self.0.write(buf).map_err(|e| e.kind().into())
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        use std::io::Write as _;
+        self.0.flush().map_err(|e| e.kind().into())
+    }
 }
 
 /// Why the device is not connected (any of these: call `disconnected` and retry later).
@@ -127,6 +200,31 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     /// A disconnected device.
     pub fn new(creds: Credentials<'a>, cfg: SessionConfig) -> Self {
         Self { session: Session::new(creds.device_id, cfg), creds, inbox: [0; INBOX], filled: 0, skip: 0 }
+    }
+
+    /// A claim session for first boot with the batch's claim credentials: `client_id` is
+    /// `claims/<claim-id>/<nonce>`, the nonce fresh random hex (docs/spec/rotation.md).
+    pub fn new_claim(creds: Credentials<'a>, client_id: &'a str, cfg: SessionConfig) -> Self {
+        Self { session: Session::new_claim(client_id, cfg), creds, inbox: [0; INBOX], filled: 0, skip: 0 }
+    }
+
+    /// Sends `payload` on `<root>/<suffix>` at once, outside the outbox (e.g. a CSR, larger
+    /// than the outbox's messages; the [`crate::rotation::Rotator`] repeats it if unanswered).
+    pub fn publish_now<T: Write>(
+        &mut self,
+        conn: &mut T,
+        suffix: &str,
+        payload: &[u8],
+        now: Millis,
+    ) -> Result<(), ClientError> {
+        self.flush(conn, now)?;
+        let mut out = [0u8; OUTBOX_PACKET];
+        let n = self
+            .session
+            .encode_now(suffix, payload, QoS::AtLeastOnce, &mut out)
+            .map_err(ClientError::Session)?;
+        conn.write_all(&out[..n]).map_err(|_| ClientError::Transport)?;
+        conn.flush().map_err(|_| ClientError::Transport)
     }
 
     /// The credentials in use.
@@ -184,7 +282,8 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         self.session.publish(suffix, payload, qos).map_err(ClientError::Session)
     }
 
-    /// Sends what is due, reads once, and returns the first thing that happened.
+    /// Sends what is due, reads once, and returns the first thing that happened. A read that
+    /// times out (host sockets with a read timeout) returns `Ok(None)`.
     pub fn poll<T: Read + Write>(
         &mut self,
         conn: &mut T,
@@ -196,7 +295,13 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
             return Ok(Some(ev));
         }
         self.flush(conn, now)?;
-        let n = conn.read(&mut self.inbox[self.filled..]).map_err(|_| ClientError::Transport)?;
+        let n = match conn.read(&mut self.inbox[self.filled..]) {
+            Ok(n) => n,
+            // A host transport's read timeout with nothing arrived: idle, not a failure. (It
+            // fires between TLS records: nothing of the next record was consumed.)
+            Err(e) if matches!(e.kind(), embedded_io::ErrorKind::TimedOut) => return Ok(None),
+            Err(_) => return Err(ClientError::Transport),
+        };
         if n == 0 {
             return Err(ClientError::Transport);
         }
@@ -251,6 +356,7 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
                 Event::Delivered { .. } => Some(Incoming::Delivered),
                 Event::Subscribed => None,
                 Event::Command { name, payload } => Some(command(name, payload)),
+                Event::Certs { kind, payload } => certs(kind, payload),
             });
             self.inbox.copy_within(used..self.filled, 0);
             self.filled -= used;

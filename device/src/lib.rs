@@ -17,6 +17,8 @@ pub mod credentials;
 #[cfg(feature = "tls")]
 pub mod csr;
 pub mod mqtt;
+#[cfg(feature = "tls")]
+pub mod rotation;
 pub mod store;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -81,6 +81,11 @@ impl<S: SlotStorage> CredentialStore<S> {
         Self { storage }
     }
 
+    /// The storage (e.g. to inspect or reconfigure it).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
     /// The storage, back.
     pub fn into_inner(self) -> S {
         self.storage
@@ -197,6 +202,19 @@ impl<S: SlotStorage> CredentialStore<S> {
         }
     }
 
+    /// The staged identity was refused (or is no longer wanted): its slot is erased, the active
+    /// identity stays. Returns whether there was one.
+    pub fn abandon(&mut self, buf: &mut [u8]) -> Result<bool, StoreError<S::Error>> {
+        let Some((active, am)) = self.active_meta(buf)? else { return Ok(false) };
+        match self.meta(active.other(), buf)? {
+            Some(m) if m.state == PENDING && m.seq == am.seq.wrapping_add(1) => {
+                self.storage.write(active.other(), &[]).map_err(StoreError::Storage)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// The broker admitted the staged identity: it becomes the active one.
     pub fn commit(&mut self, buf: &mut [u8], scratch: &mut [u8]) -> Result<(), StoreError<S::Error>> {
         let len = self.candidate(buf, scratch)?.ok_or(StoreError::NoCandidate)?;
@@ -262,6 +280,12 @@ mod tests {
         st.commit(&mut buf, &mut scratch).expect("commit");
         assert_eq!(loaded(&mut st, &mut buf, &mut out), b"identity-2");
         assert_eq!(st.candidate(&mut buf, &mut out).expect("none"), None);
+        // A refused candidate is abandoned: the active identity stays, nothing is offered.
+        st.stage(b"identity-x", &mut buf).expect("stage");
+        assert!(st.abandon(&mut buf).expect("abandon"));
+        assert_eq!(st.candidate(&mut buf, &mut out).expect("none"), None);
+        assert_eq!(loaded(&mut st, &mut buf, &mut out), b"identity-2");
+        assert!(!st.abandon(&mut buf).expect("nothing to abandon"));
         // And again, into the other slot.
         st.stage(b"identity-3", &mut buf).expect("stage");
         st.commit(&mut buf, &mut scratch).expect("commit");

@@ -21,6 +21,8 @@ mod topic {
     pub(super) const DEVICES: &str = "devices/";
     /// Between the device id and a command name.
     pub(super) const COMMANDS: &str = "/commands/";
+    /// Between the device id (or a claim session's root) and a rotation message kind.
+    pub(super) const CERTS: &str = "/certs/";
 }
 
 use super::codec::{
@@ -93,6 +95,14 @@ pub enum Event<'a> {
         /// Its payload.
         payload: &'a [u8],
     },
+    /// A rotation message arrived on `<root>/certs/<kind>` (`issued`, `rejected`, `rotate`;
+    /// docs/spec/rotation.md).
+    Certs {
+        /// The level after `certs/`.
+        kind: &'a str,
+        /// Its payload.
+        payload: &'a [u8],
+    },
 }
 
 /// Why the session cannot go on over this transport.
@@ -115,6 +125,8 @@ pub enum SessionError {
     TooLarge,
     /// Encoding failed (output buffer too small).
     Encode(EncodeError),
+    /// Sending needs an accepted session.
+    NotConnected,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +152,10 @@ struct Message<const M: usize> {
 #[derive(Debug)]
 pub struct Session<'a, const N: usize, const M: usize> {
     cfg: SessionConfig,
+    /// The device id, or a claim session's client id `claims/<claim>/<nonce>`.
     device_id: &'a str,
+    /// A claim session: topics are `<client id>/...`, and only `certs/+` is subscribed.
+    claim: bool,
     state: State,
     outbox: Deque<Message<M>, N>,
     in_flight_since: Option<Millis>,
@@ -160,6 +175,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         Self {
             cfg,
             device_id,
+            claim: false,
             state: State::Disconnected { retry_at: Millis(0) },
             outbox: Deque::new(),
             in_flight_since: None,
@@ -172,6 +188,45 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             attempt: 0,
             dropped: 0,
         }
+    }
+
+    /// A claim session for first boot: `client_id` is `claims/<claim-id>/<nonce>` (the nonce 16
+    /// to 64 characters of `[0-9a-z]`); the session publishes under it and subscribes only to
+    /// its `certs/+` answers.
+    pub fn new_claim(client_id: &'a str, cfg: SessionConfig) -> Self {
+        Self { claim: true, ..Self::new(client_id, cfg) }
+    }
+
+    /// The topic root: `devices/<id>` or a claim session's client id.
+    fn push_root<const L: usize>(&self, out: &mut String<L>) -> Result<(), SessionError> {
+        if !self.claim {
+            out.push_str(topic::DEVICES).map_err(|_| SessionError::TooLarge)?;
+        }
+        out.push_str(self.device_id).map_err(|_| SessionError::TooLarge)
+    }
+
+    /// A PUBLISH of `payload` on `<root>/<suffix>` written straight into `out` (not queued, not
+    /// retransmitted by the session): for requests that their caller repeats itself, such as a
+    /// CSR larger than the outbox's messages. QoS 1 gets a fresh packet id; its PUBACK is
+    /// ignored.
+    pub fn encode_now(
+        &mut self,
+        suffix: &str,
+        payload: &[u8],
+        qos: QoS,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        if self.state != State::Connected {
+            return Err(SessionError::NotConnected);
+        }
+        let mut t: String<192> = String::new();
+        self.push_root(&mut t)?;
+        t.push('/').map_err(|_| SessionError::TooLarge)?;
+        t.push_str(suffix).map_err(|_| SessionError::TooLarge)?;
+        let pkid = if qos == QoS::AtMostOnce { None } else { Some(self.take_pkid()) };
+        let qos = if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        let p = Publish { topic: &t, payload, qos, retain: false, dup: false, pkid };
+        Packet::Publish(p).encode(out).map_err(SessionError::Encode)
     }
 
     /// True once CONNACK was accepted on the current transport.
@@ -311,14 +366,17 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         if !self.subscribed && self.subscribe_pending.is_none() {
             let pkid = self.take_pkid();
             self.subscribe_pending = Some(pkid);
-            let mut filter: String<96> = String::new();
-            // device ids are at most 64 bytes, so this always fits.
-            let _ = filter.push_str(topic::DEVICES);
-            let _ = filter.push_str(self.device_id);
-            let _ = filter.push_str(topic::COMMANDS);
-            let _ = filter.push('#');
-            let list = [(filter.as_str(), QoS::AtLeastOnce)];
-            return Packet::Subscribe { pkid, filters: SubscribeFilters::List(&list) }
+            // Commands (devices only) and rotation answers.
+            let (mut commands, mut certs): (String<160>, String<160>) = (String::new(), String::new());
+            self.push_root(&mut commands)?;
+            self.push_root(&mut certs)?;
+            commands.push_str(topic::COMMANDS).map_err(|_| SessionError::TooLarge)?;
+            commands.push('#').map_err(|_| SessionError::TooLarge)?;
+            certs.push_str(topic::CERTS).map_err(|_| SessionError::TooLarge)?;
+            certs.push('+').map_err(|_| SessionError::TooLarge)?;
+            let both = [(commands.as_str(), QoS::AtLeastOnce), (certs.as_str(), QoS::AtLeastOnce)];
+            let list = if self.claim { &both[1..] } else { &both[..] };
+            return Packet::Subscribe { pkid, filters: SubscribeFilters::List(list) }
                 .encode(out)
                 .map(Some)
                 .map_err(SessionError::Encode);
@@ -341,8 +399,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 if let Some(id) = fresh_pkid {
                     msg.pkid = Some(id);
                 }
-                let mut topic: String<128> = String::new();
-                let _ = topic.push_str(topic::DEVICES);
+                let mut topic: String<192> = String::new();
+                if !self.claim {
+                    let _ = topic.push_str(topic::DEVICES);
+                }
                 let _ = topic.push_str(self.device_id);
                 let _ = topic.push('/');
                 let _ = topic.push_str(&msg.suffix);
@@ -387,12 +447,23 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         Ok(p)
     }
 
+    /// The rest of `topic` after this session's root, if it is under it.
+    fn under_root<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let t = if self.claim { Some(topic) } else { topic.strip_prefix(topic::DEVICES) };
+        t.and_then(|r| r.strip_prefix(self.device_id))
+    }
+
     /// The command name of a topic addressed to this device, if it is one.
     pub fn command_name<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        topic
-            .strip_prefix(topic::DEVICES)
-            .and_then(|r| r.strip_prefix(self.device_id))
-            .and_then(|r| r.strip_prefix(topic::COMMANDS))
+        if self.claim {
+            return None;
+        }
+        self.under_root(topic).and_then(|r| r.strip_prefix(topic::COMMANDS))
+    }
+
+    /// The rotation message kind of a topic addressed to this session (`<root>/certs/<kind>`).
+    pub fn certs_kind<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        self.under_root(topic).and_then(|r| r.strip_prefix(topic::CERTS)).filter(|k| !k.contains('/'))
     }
 
     /// Consumes one packet from `input`. Returns the bytes used (0: need more input) and any
@@ -441,7 +512,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 if let Some(id) = p.pkid {
                     self.pending_puback = Some(id);
                 }
-                self.command_name(p.topic).map(|name| Event::Command { name, payload: p.payload })
+                match self.command_name(p.topic) {
+                    Some(name) => Some(Event::Command { name, payload: p.payload }),
+                    None => self.certs_kind(p.topic).map(|kind| Event::Certs { kind, payload: p.payload }),
+                }
             }
             _ => None,
         };

@@ -225,11 +225,20 @@ fn parse_extensions<'a>(mut r: &'a [u8], out: &mut Certificate<'a>) -> Result<()
 
 /// Iterates the dNSName entries of a SAN.
 pub fn dns_names<'a>(san: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    general_names(san, 0x82)
+}
+
+/// Iterates the uniformResourceIdentifier entries of a SAN.
+pub fn uris<'a>(san: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    general_names(san, 0x86)
+}
+
+fn general_names(san: &[u8], tag: u8) -> impl Iterator<Item = &[u8]> {
     let mut r = san;
     core::iter::from_fn(move || loop {
         let (t, rest) = read_tlv(r).ok()?;
         r = rest;
-        if t.tag == 0x82 {
+        if t.tag == tag {
             return Some(t.value);
         }
     })

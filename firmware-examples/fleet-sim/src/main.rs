@@ -4,7 +4,10 @@
 //! only the server CA pinned in its bundle, presents its own certificate, publishes telemetry at
 //! `--rate`, subscribes to its commands and acknowledges each command on `devices/<id>/acks/...`.
 //! A device whose connection is refused or cut keeps retrying with jittered exponential back-off
-//! and reports what happened. `watch` and `command` act as the backend service.
+//! and reports what happened. Each device keeps its identity in two credential slots
+//! (`slots.bin`) and rotates its key and certificate over MQTT when the certificate nears its
+//! end or an operator asks (`fleet-provision serve` answers). `claim` boots new devices from a
+//! batch claim. `watch` and `command` act as the backend service.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use fleet_device::credentials::Credentials;
-use rand::RngCore as _;
+use fleet_device::rotation::RotationConfig;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -43,6 +45,43 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Rotate key and certificate (CSR to the issuer, `fleet-provision serve`) when the
+        /// certificate expires within this long, e.g. 30d; an operator's `rotate` also starts one.
+        #[arg(long, default_value = "30d", value_parser = parse_secs)]
+        rotate_within: i64,
+        /// Ask the issuer again after this many ms without an answer (doubling up to an hour).
+        #[arg(long, default_value_t = 10_000)]
+        answer_timeout_ms: u64,
+        /// Testing: cut the power this many bytes into writing a newly issued identity to the
+        /// spare credential slot (the device stops; run again to see it boot).
+        #[arg(long, hide = true)]
+        power_loss_at_stage: Option<usize>,
+    },
+    /// Claim-based first boot of COUNT new devices: each generates its key, connects with the
+    /// batch's claim credentials (`fleet-provision claim-cert`), gets its own identity from the
+    /// issuer (`fleet-provision serve`), stores it in OUT/<device-id>/ and connects as itself.
+    Claim {
+        /// Claim identity directory (its credentials.bin).
+        #[arg(long)]
+        claim: PathBuf,
+        /// How many devices boot.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Device ids are <prefix>-<12 random hex digits> (the claim's prefix).
+        #[arg(long, default_value = "dev")]
+        prefix: String,
+        /// Where each device's identity is written (OUT/<device-id>/slots.bin, credentials.bin).
+        #[arg(long)]
+        out: PathBuf,
+        /// Override the broker port written in the claim bundle.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30.0)]
+        duration: f64,
+        /// Ask the issuer again after this many ms without an answer.
+        #[arg(long, default_value_t = 5_000)]
+        answer_timeout_ms: u64,
     },
     /// Subscribe as a service identity and print what arrives.
     Watch {
@@ -134,6 +173,10 @@ fn service_id(der: &[u8]) -> Option<String> {
     })
 }
 
+mod claim;
+mod device;
+mod slots;
+
 #[derive(Debug, Default, Clone)]
 struct Stats {
     sent: u64,
@@ -141,164 +184,73 @@ struct Stats {
     commands: u64,
     connects: u64,
     refusals: u64,
+    csrs: u64,
+    rotations: u64,
+    serial: String,
     last_error: Option<String>,
     connected: bool,
 }
 
-/// One simulated device on the SDK: blocking, on its own thread, exactly like firmware.
-fn device(
-    bundle_path: PathBuf,
-    port: Option<u16>,
-    rate: f64,
-    until: Instant,
-    stats: Arc<Mutex<BTreeMap<String, Stats>>>,
-) -> anyhow::Result<()> {
-    use fleet_device::client::{ClientError, Device, Incoming};
-    use fleet_device::mqtt::{Millis, SessionConfig};
+type StatsMap = BTreeMap<String, Stats>;
 
-    let bytes = std::fs::read(&bundle_path).with_context(|| format!("{}", bundle_path.display()))?;
-    let mut creds =
-        Credentials::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", bundle_path.display()))?;
-    if let Some(p) = port {
-        creds.broker_port = p;
-    }
-    let id = creds.device_id.to_owned();
-    let update = |f: &dyn Fn(&mut Stats)| {
-        let mut m = stats.lock().unwrap_or_else(|p| p.into_inner());
-        f(m.entry(id.clone()).or_default());
+fn parse_secs(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = digits.parse().map_err(|_| format!("{s:?}: expected e.g. 30d, 12h, 90s"))?;
+    let unit = match unit {
+        "d" | "" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(format!("{s:?}: the unit is d, h, m or s")),
     };
-    update(&|_| {});
-    let start = Instant::now();
-    let ms = || Millis(start.elapsed().as_millis() as u64);
-    let period = Duration::from_secs_f64(1.0 / rate.max(0.01));
-    let mut device: Device<'_, 64, 256> = Device::new(creds, SessionConfig::default());
-    let mut seq = 0u32;
-    let mut next_sample = Instant::now();
-    let mut rng = rand::rngs::OsRng;
-    let describe = |e: &ClientError| match e {
-        ClientError::Tls { error, rejection: Some(r) } => format!("TLS {error:?}, broker refused: {r:?}"),
-        ClientError::Tls { error, .. } => format!("TLS {error:?}"),
-        ClientError::Session(fleet_device::mqtt::SessionError::Refused(5)) => {
-            "refused: not authorized (CONNACK 5)".to_owned()
-        }
-        other => format!("{other:?}"),
-    };
-    // Samples are taken on schedule whether or not the broker is reachable; the outbox keeps them.
-    let mut sample = |device: &mut Device<'_, 64, 256>| {
-        while next_sample <= Instant::now() {
-            seq += 1;
-            if device.publish_telemetry(&(seq, 2000 + (seq % 50) as i32)).is_ok() {
-                update(&|s| s.sent += 1);
-            }
-            next_sample += period;
-        }
-        next_sample
-    };
-    while Instant::now() < until {
-        sample(&mut device);
-        let wait = device.reconnect_at().0.saturating_sub(ms().0);
-        if wait > 0 {
-            std::thread::sleep(
-                Duration::from_millis(wait).min(until.saturating_duration_since(Instant::now())),
-            );
-            continue;
-        }
-        let tcp = match fleet_device::client::connect_tcp(device.credentials(), Duration::from_secs(10)) {
-            Ok(t) => t,
-            Err(e) => {
-                let msg = format!("TCP {e}");
-                update(&|s| {
-                    s.refusals += 1;
-                    s.connected = false;
-                    s.last_error = Some(msg.clone());
-                });
-                device.disconnected(ms(), rng.next_u32());
-                continue;
-            }
-        };
-        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
-        let result = (|| -> Result<(), ClientError> {
-            let mut conn = device.connect(tcp, &mut rx, &mut tx, &mut rng, None, ms())?;
-            loop {
-                // Send what is queued and read until every message is acknowledged.
-                while device.session().queued() > 0 || !device.session().is_connected() {
-                    match device.poll(&mut conn, ms())? {
-                        Some(Incoming::Connected) => update(&|s| {
-                            s.connects += 1;
-                            s.connected = true;
-                        }),
-                        Some(Incoming::Delivered) => update(&|s| s.acked += 1),
-                        Some(Incoming::Command { name, payload }) => {
-                            update(&|s| s.commands += 1);
-                            let mut topic = String::from("acks/");
-                            topic.push_str(&name);
-                            device.publish(&topic, &payload, fleet_device::mqtt::QoS::AtLeastOnce)?;
-                        }
-                        Some(Incoming::CommandTooLarge { name_len, payload_len }) => {
-                            let msg =
-                                format!("command too large: {name_len} B name, {payload_len} B payload");
-                            update(&|s| s.last_error = Some(msg.clone()));
-                        }
-                        None => {}
-                    }
-                }
-                if Instant::now() >= until {
-                    return Ok(());
-                }
-                let next = sample(&mut device);
-                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(period));
-                sample(&mut device);
-            }
-        })();
-        if let Err(e) = result {
-            let msg = describe(&e);
-            update(&|s| {
-                s.refusals += 1;
-                s.connected = false;
-                s.last_error = Some(msg.clone());
-            });
-            device.disconnected(ms(), rng.next_u32());
-        }
-    }
-    Ok(())
+    n.checked_mul(unit).ok_or_else(|| format!("{s:?}: too long"))
 }
 
-async fn run(devices: PathBuf, port: Option<u16>, rate: f64, duration: f64) -> anyhow::Result<()> {
-    let mut bundles: Vec<PathBuf> = std::fs::read_dir(&devices)
+async fn run(devices: PathBuf, opts: device::DeviceOpts) -> anyhow::Result<()> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&devices)
         .with_context(|| format!("{}", devices.display()))?
         .flatten()
-        .map(|e| e.path().join("credentials.bin"))
-        .filter(|p| p.is_file())
+        .map(|e| e.path())
+        .filter(|p| device::check_dir(p).is_ok())
         .collect();
-    bundles.sort();
-    if bundles.is_empty() {
+    dirs.sort();
+    if dirs.is_empty() {
         bail!("no */credentials.bin under {}", devices.display());
     }
-    let until = Instant::now() + Duration::from_secs_f64(duration);
-    let stats = Arc::new(Mutex::new(BTreeMap::new()));
-    println!("fleet-sim: {} devices, {rate} msg/s each, {duration} s", bundles.len());
-    let threads: Vec<_> = bundles
+    let stats = Arc::new(Mutex::new(StatsMap::new()));
+    let duration = opts.until.saturating_duration_since(Instant::now()).as_secs_f64();
+    println!("fleet-sim: {} devices, {} msg/s each, {duration:.0} s", dirs.len(), opts.rate);
+    let threads: Vec<_> = dirs
         .into_iter()
-        .map(|b| {
-            let stats = stats.clone();
-            std::thread::spawn(move || device(b, port, rate, until, stats))
+        .map(|dir| {
+            let (stats, opts) = (stats.clone(), opts.clone());
+            std::thread::spawn(move || device::run_device(&dir, &opts, &stats))
         })
         .collect();
     for t in threads {
         t.join().map_err(|_| anyhow::anyhow!("device thread panicked"))??;
     }
     let m = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    println!("{:<20} {:>6} {:>6} {:>9} {:>9}  state", "DEVICE", "SENT", "ACKED", "COMMANDS", "REFUSALS");
+    println!(
+        "{:<20} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<32}  state",
+        "DEVICE", "SENT", "ACKED", "COMMANDS", "REFUSALS", "ROTATED", "CERTIFICATE SERIAL"
+    );
     for (id, s) in &m {
         let state = if s.connected {
             "connected".to_owned()
         } else {
             format!("cut off ({})", s.last_error.as_deref().unwrap_or("never connected"))
         };
-        println!("{id:<20} {:>6} {:>6} {:>9} {:>9}  {state}", s.sent, s.acked, s.commands, s.refusals);
+        println!(
+            "{id:<20} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<32}  {state}",
+            s.sent, s.acked, s.commands, s.refusals, s.rotations, s.serial
+        );
     }
     let total_acked: u64 = m.values().map(|s| s.acked).sum();
+    let rotations: u64 = m.values().map(|s| s.rotations).sum();
     println!("fleet-sim: {total_acked} messages acknowledged (stored) by the broker");
+    println!("fleet-sim: {rotations} certificate rotations");
     Ok(())
 }
 
@@ -369,7 +321,34 @@ async fn command(
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Cmd::Run { devices, port, rate, duration } => run(devices, port, rate, duration).await,
+        Cmd::Run { devices, port, rate, duration, rotate_within, answer_timeout_ms, power_loss_at_stage } => {
+            let start = Instant::now();
+            let opts = device::DeviceOpts {
+                port,
+                rate,
+                until: start + Duration::from_secs_f64(duration),
+                rotate_within,
+                rotation: RotationConfig { answer_timeout_ms, ..RotationConfig::default() },
+                power_loss_at_stage,
+                start,
+            };
+            run(devices, opts).await
+        }
+        Cmd::Claim { claim, count, prefix, out, port, duration, answer_timeout_ms } => {
+            let opts = claim::ClaimOpts {
+                claim,
+                count,
+                prefix,
+                out,
+                port,
+                until: Instant::now() + Duration::from_secs_f64(duration),
+                rotation: RotationConfig { answer_timeout_ms, ..RotationConfig::default() },
+            };
+            tokio::task::spawn_blocking(move || claim::run(&opts))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+        }
         Cmd::Watch { identity, host, port, filter, duration } => {
             watch(identity, host, port, filter, duration).await
         }
