@@ -23,6 +23,11 @@ mod topic {
     pub(super) const COMMANDS: &str = "/commands/";
     /// Between the device id (or a claim session's root) and a rotation message kind.
     pub(super) const CERTS: &str = "/certs/";
+    /// The filters a session subscribes to, after its root.
+    pub(super) const COMMANDS_ALL: &str = "/commands/#";
+    pub(super) const ISSUED: &str = "/certs/issued";
+    pub(super) const REJECTED: &str = "/certs/rejected";
+    pub(super) const ROTATE: &str = "/certs/rotate";
 }
 
 use super::codec::{
@@ -366,16 +371,23 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         if !self.subscribed && self.subscribe_pending.is_none() {
             let pkid = self.take_pkid();
             self.subscribe_pending = Some(pkid);
-            // Commands (devices only) and rotation answers.
-            let (mut commands, mut certs): (String<160>, String<160>) = (String::new(), String::new());
-            self.push_root(&mut commands)?;
-            self.push_root(&mut certs)?;
-            commands.push_str(topic::COMMANDS).map_err(|_| SessionError::TooLarge)?;
-            commands.push('#').map_err(|_| SessionError::TooLarge)?;
-            certs.push_str(topic::CERTS).map_err(|_| SessionError::TooLarge)?;
-            certs.push('+').map_err(|_| SessionError::TooLarge)?;
-            let both = [(commands.as_str(), QoS::AtLeastOnce), (certs.as_str(), QoS::AtLeastOnce)];
-            let list = if self.claim { &both[1..] } else { &both[..] };
+            // Commands (devices only) and the issuer's answers, by name: `certs/+` would echo
+            // the device's own CSRs back to it.
+            let mut f: [String<160>; 4] = Default::default();
+            for (i, tail) in
+                [topic::COMMANDS_ALL, topic::ISSUED, topic::REJECTED, topic::ROTATE].iter().enumerate()
+            {
+                self.push_root(&mut f[i])?;
+                f[i].push_str(tail).map_err(|_| SessionError::TooLarge)?;
+            }
+            let all = [
+                (f[0].as_str(), QoS::AtLeastOnce),
+                (f[1].as_str(), QoS::AtLeastOnce),
+                (f[2].as_str(), QoS::AtLeastOnce),
+                (f[3].as_str(), QoS::AtLeastOnce),
+            ];
+            // A claim session has no commands and no operator requests.
+            let list = if self.claim { &all[1..3] } else { &all[..] };
             return Packet::Subscribe { pkid, filters: SubscribeFilters::List(list) }
                 .encode(out)
                 .map(Some)
@@ -654,6 +666,84 @@ mod tests {
         let bytes = buf[..n].to_vec();
         assert_eq!(feed(&mut s, &bytes), Some(Event::Command { name: "reboot", payload: b"now" }));
         assert_eq!(tx(&mut s, 2), vec![vec![0x40, 2, 0, 5]]);
+    }
+
+    /// The topics a packet names (SUBSCRIBE filters or a PUBLISH topic), as text.
+    fn names(packet: &[u8]) -> std::string::String {
+        std::string::String::from_utf8_lossy(packet).into_owned()
+    }
+
+    #[test]
+    fn rotation_answers_are_events_and_a_claim_session_lives_under_its_client_id() {
+        // A device subscribes to its commands and the issuer's answers, by name (no echo of its
+        // own CSRs), and gets `certs/<kind>` as events.
+        let mut s = S::new("dev-1", SessionConfig::default());
+        s.transport_up(Millis(0));
+        tx(&mut s, 0);
+        feed(&mut s, &[0x20, 2, 0, 0]);
+        let sub = names(&tx(&mut s, 1)[0]);
+        for f in [
+            "devices/dev-1/commands/#",
+            "devices/dev-1/certs/issued",
+            "devices/dev-1/certs/rejected",
+            "devices/dev-1/certs/rotate",
+        ] {
+            assert!(sub.contains(f), "{f} not subscribed: {sub:?}");
+        }
+        assert!(!sub.contains("certs/+") && !sub.contains("certs/#"));
+        let mut buf = [0u8; 128];
+        let p = Publish {
+            topic: "devices/dev-1/certs/issued",
+            payload: b"\x30\x00",
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            dup: false,
+            pkid: Some(9),
+        };
+        let n = Packet::Publish(p).encode(&mut buf).unwrap();
+        let bytes = buf[..n].to_vec();
+        assert_eq!(feed(&mut s, &bytes), Some(Event::Certs { kind: "issued", payload: b"\x30\x00" }));
+        let p = Publish {
+            topic: "devices/dev-2/certs/issued",
+            payload: b"x",
+            qos: QoS::AtMostOnce,
+            retain: false,
+            dup: false,
+            pkid: None,
+        };
+        let n = Packet::Publish(p).encode(&mut buf).unwrap();
+        let bytes = buf[..n].to_vec();
+        assert_eq!(feed(&mut s, &bytes), None, "another device's answer");
+
+        // A claim session: client id = topic root; only the answers; no commands.
+        let mut c = S::new_claim("claims/batch-1/0123456789abcdef", SessionConfig::default());
+        assert_eq!(
+            c.encode_now("certs/csr", b"r", QoS::AtLeastOnce, &mut buf),
+            Err(SessionError::NotConnected)
+        );
+        c.transport_up(Millis(0));
+        let connect = names(&tx(&mut c, 0)[0]);
+        assert!(connect.contains("claims/batch-1/0123456789abcdef"), "{connect:?}");
+        feed(&mut c, &[0x20, 2, 0, 0]);
+        let sub = names(&tx(&mut c, 1)[0]);
+        assert!(
+            sub.contains("claims/batch-1/0123456789abcdef/certs/issued") && sub.contains("/certs/rejected")
+        );
+        assert!(!sub.contains("commands") && !sub.contains("rotate") && !sub.contains("devices/"), "{sub:?}");
+        let n = c.encode_now("certs/csr", b"r", QoS::AtLeastOnce, &mut buf).unwrap();
+        assert!(names(&buf[..n]).contains("claims/batch-1/0123456789abcdef/certs/csr"));
+        let p = Publish {
+            topic: "claims/batch-1/0123456789abcdef/certs/rejected",
+            payload: b"no",
+            qos: QoS::AtMostOnce,
+            retain: false,
+            dup: false,
+            pkid: None,
+        };
+        let n = Packet::Publish(p).encode(&mut buf).unwrap();
+        let bytes = buf[..n].to_vec();
+        assert_eq!(feed(&mut c, &bytes), Some(Event::Certs { kind: "rejected", payload: b"no" }));
+        assert_eq!(c.command_name("claims/batch-1/0123456789abcdef/commands/x"), None);
     }
 
     #[test]

@@ -1,0 +1,508 @@
+//! Certificate lifecycle in the field (issue 13, docs/spec/rotation.md), with the real programs:
+//! `fleet-broker`, the online issuer `fleet-provision serve`, and devices on the SDK
+//! (`fleet-sim`, one thread per device, its identity in two credential slots).
+//!
+//! Each test drives an adversary or a failure, not only the happy path: a CSR for another id, a
+//! device forging the issuer's answer, the issuer down, a power loss while the new identity is
+//! written, a claim past its quota, the old key used after the grace period.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fleet_device::credentials::Credentials;
+use fleet_device::store::{CredentialStore, Slot, SlotStorage};
+use fleet_registry::{DeviceId, Status};
+use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::QoS;
+
+fn bins() -> PathBuf {
+    fleet_tests::workspace_bin_dir(&["fleet-provision", "fleet-broker", "fleet-sim"])
+}
+
+/// A running `fleet-provision serve`; killed on drop.
+struct Issuer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Issuer {
+    fn start(fleet: &Fleet, broker: &BrokerProc, identity: &Path, extra: &[&str]) -> Issuer {
+        let log = fleet.dir.path().join(format!("issuer-{}.log", rand_suffix()));
+        let child = Command::new(bins().join("fleet-provision"))
+            .arg("--home")
+            .arg(fleet.home())
+            .arg("serve")
+            .arg("--identity")
+            .arg(identity)
+            .args(["--port", &broker.port(), "--tick", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("FLEET_HOME")
+            .env_remove("FLEET_DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn fleet-provision serve");
+        let issuer = Issuer { child, log };
+        let t = Instant::now();
+        while !issuer.log().contains("issuer connected") {
+            assert!(t.elapsed() < Duration::from_secs(10), "issuer did not connect:\n{}", issuer.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        issuer
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Issuer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn issuer_identity(fleet: &Fleet) -> PathBuf {
+    let dir = fleet.dir.path().join("issuer");
+    fleet.station().await.issuer_cert("issuer-1", &dir).await.unwrap();
+    dir
+}
+
+/// `fleet-sim run` over the fleet's devices; returns its stdout.
+fn sim_run(fleet: &Fleet, broker: &BrokerProc, secs: u32, extra: &[&str]) -> String {
+    let out = Command::new(bins().join("fleet-sim"))
+        .args(["run", "--port", &broker.port(), "--duration", &secs.to_string(), "--rate", "2"])
+        .arg("--devices")
+        .arg(fleet.dir.path().join("devices"))
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "fleet-sim failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// `event <ms> <device> <what> <detail>` lines of a fleet-sim run.
+fn events<'a>(out: &'a str, what: &str) -> Vec<(u64, &'a str, &'a str)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.splitn(5, ' ');
+            (w.next()? == "event").then_some(())?;
+            let (ms, dev, kind) = (w.next()?.parse().ok()?, w.next()?, w.next()?);
+            (kind == what).then_some((ms, dev, w.next().unwrap_or("")))
+        })
+        .collect()
+}
+
+/// The active bundle in a device's `slots.bin`, as the device would load it at boot.
+fn active_bundle(device_dir: &Path) -> Vec<u8> {
+    struct File(Vec<u8>);
+    impl SlotStorage for File {
+        type Error = ();
+        fn slot_size(&self) -> usize {
+            4096
+        }
+        fn read(&mut self, slot: Slot, buf: &mut [u8]) -> Result<(), ()> {
+            let at = if slot == Slot::A { 0 } else { 4096 };
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write(&mut self, _: Slot, _: &[u8]) -> Result<(), ()> {
+            Err(())
+        }
+    }
+    let mut st = CredentialStore::new(File(std::fs::read(device_dir.join("slots.bin")).unwrap()));
+    let (mut buf, mut out) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let n = st.load(&mut buf, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+fn cert_serial(der: &[u8]) -> String {
+    fleet_provision::pki::summarize(der).unwrap().serial.to_hex()
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) {
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `openssl verify` of a DER certificate against the fleet's root and device CA.
+fn openssl_verify(fleet: &Fleet, der: &[u8]) {
+    let pem = fleet_provision::pki::pem_encode("CERTIFICATE", der);
+    let path = fleet.dir.path().join(format!("issued-{}.pem", rand_suffix()));
+    std::fs::write(&path, pem).unwrap();
+    let home = fleet_registry::Home::new(fleet.home());
+    let out = Command::new(fleet_tests::require_program("openssl", "openssl"))
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(home.root_ca())
+        .arg("-untrusted")
+        .arg(home.device_ca())
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(": OK"),
+        "openssl verify: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A device inside its renewal window rotates end to end: fresh key on the device, CSR to the
+/// issuer, new certificate staged in the spare slot, admitted, committed, announced; after the
+/// grace period the old certificate is revoked (superseded) and refused, while the device goes
+/// on with the new one. The issuer and the registry never hold the new private key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_rotates_its_key_and_the_old_certificate_dies_after_the_grace_period() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let issuer = Issuer::start(&fleet, &broker, &identity, &["--grace", "2s", "--renew-within", "3650d"]);
+    let old_cert = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let old_serial = cert_serial(Credentials::decode(&old_cert).unwrap().cert_der);
+
+    let out = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 6, &["--rotate-within", "3650d"]));
+    assert_eq!(events(&out, "rotated").len(), 2, "{out}");
+    assert!(out.contains("fleet-sim: 2 certificate rotations"), "{out}");
+
+    // The device's active slot holds the new identity: a new key, a certificate for it.
+    let id = fleet.id(0);
+    let bundle = active_bundle(&fleet.devices[0]);
+    let creds = Credentials::decode(&bundle).unwrap();
+    let new_serial = cert_serial(creds.cert_der);
+    assert_ne!(new_serial, old_serial);
+    let old_creds = Credentials::decode(&old_cert).unwrap();
+    assert_ne!(creds.key_der, old_creds.key_der, "the key was rotated, not only the certificate");
+    openssl_verify(&fleet, creds.cert_der);
+
+    // After the grace period: the old certificate revoked as superseded, the new one active.
+    let st = fleet.station().await;
+    let device = DeviceId::parse(&id).unwrap();
+    wait_until("the old certificate superseded", Duration::from_secs(10), || async {
+        st.registry().certificates_of(&device).await.unwrap().iter().any(|c| c.status == Status::Revoked)
+    })
+    .await;
+    let certs = st.registry().certificates_of(&device).await.unwrap();
+    assert_eq!(certs.len(), 2);
+    for c in &certs {
+        if c.serial.to_hex() == old_serial {
+            assert_eq!((c.status, c.revocation_reason.as_deref()), (Status::Revoked, Some("superseded")));
+        } else {
+            assert_eq!((c.status, c.key_source.as_str()), (Status::Active, "rotation"));
+        }
+    }
+    // The old key is refused (the factory's cert.pem/key.pem), the new identity is not.
+    let t = Instant::now();
+    loop {
+        let mut old = Raw::device(broker.mqtt, &fleet.devices[0]).await;
+        let refused = match &mut old {
+            Ok(c) => {
+                connack_code(&c.mqtt_connect(&id, 30).await)
+                    != Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+            }
+            Err(_) => true,
+        };
+        if refused {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the superseded certificate is still admitted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 2, &["--rotate-within", "1d"]));
+    assert!(again.contains(&new_serial) && again.contains("connected"), "{again}");
+
+    // The issuance log verifies after the rotations.
+    let report = st.verify_log().await.unwrap();
+    assert!(report.disagreements.is_empty(), "{:?}", report.disagreements);
+
+    // The new private key never left the device: not in the registry database, not in the
+    // issuer's or the broker's logs, not in any stored message.
+    let secret = &creds.key_der[7..39];
+    let mut places: Vec<(String, Vec<u8>)> = vec![
+        ("issuer log".into(), issuer.log().into_bytes()),
+        ("broker log".into(), broker.log().into_bytes()),
+    ];
+    for entry in std::fs::read_dir(fleet.home()).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("registry.db") {
+            places.push((entry.path().display().to_string(), std::fs::read(entry.path()).unwrap()));
+        }
+    }
+    for (_, payload) in fleet.telemetry_rows(&id).await {
+        places.push(("telemetry".into(), payload));
+    }
+    for (what, bytes) in &places {
+        assert!(!bytes.windows(32).any(|w| w == secret), "the device's new private key is in the {what}");
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!String::from_utf8_lossy(bytes).contains(&hex), "the key, in hex, is in the {what}");
+    }
+}
+
+/// The issuer checks the CSR against the topic it came on (the broker proved the topic is the
+/// sender's): a CSR naming another device is rejected with `id_mismatch`, one from a device not
+/// yet due with `not_due`; a device cannot forge the issuer's answer nor ask for another device.
+#[tokio::test(flavor = "multi_thread")]
+async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be_forged() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let _issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let (a, b) = (fleet.id(0), fleet.id(1));
+    let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(
+        connack_code(&c.mqtt_connect(&a, 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+    );
+    subscribe(&mut c, &format!("devices/{a}/certs/rejected"), 1).await;
+    let csr_for = |id: &str| {
+        let key = fleet_device::csr::generate_key(&mut rand::rngs::OsRng);
+        let mut buf = [0u8; 512];
+        let n = fleet_device::csr::build(id, &key, &mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    let ask = |id: &str, csr: Vec<u8>, pkid: u16| {
+        let mut p = Publish::new(format!("devices/{id}/certs/csr"), QoS::AtLeastOnce, csr);
+        p.pkid = pkid;
+        Packet::Publish(p)
+    };
+    // A CSR naming device B, sent by A on A's topic.
+    c.send(ask(&a, csr_for(&b), 10)).await.unwrap();
+    let p = answer(&mut c).await;
+    assert_eq!(p.topic, format!("devices/{a}/certs/rejected"));
+    assert!(p.payload.starts_with(b"id_mismatch: "), "{:?}", String::from_utf8_lossy(&p.payload));
+    // Its own id, but a 5-year certificate is not due for renewal (default window 30 days).
+    c.send(ask(&a, csr_for(&a), 11)).await.unwrap();
+    let p = answer(&mut c).await;
+    assert!(p.payload.starts_with(b"not_due: "), "{:?}", String::from_utf8_lossy(&p.payload));
+    // Garbage is a bad CSR, never a crash of the issuer.
+    c.send(ask(&a, b"\x30\x03\x02\x01\x00".to_vec(), 12)).await.unwrap();
+    let p = answer(&mut c).await;
+    assert!(p.payload.starts_with(b"bad_csr: "), "{:?}", String::from_utf8_lossy(&p.payload));
+    // Forging the issuer's answer to itself is refused by the broker's ACL (QoS 1: cut off).
+    let mut forged = Publish::new(format!("devices/{a}/certs/issued"), QoS::AtLeastOnce, vec![0x30, 0]);
+    forged.pkid = 13;
+    c.send(Packet::Publish(forged)).await.unwrap();
+    assert!(c.closed_within(Duration::from_secs(3)).await, "a device published an issuer answer");
+    // Nor may A ask on B's topic.
+    let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    c.mqtt_connect(&a, 30).await;
+    c.send(ask(&b, csr_for(&b), 14)).await.unwrap();
+    assert!(c.closed_within(Duration::from_secs(3)).await, "a device asked for another device");
+    // Nothing was issued.
+    let st = fleet.station().await;
+    for id in [&a, &b] {
+        let certs = st.registry().certificates_of(&DeviceId::parse(id).unwrap()).await.unwrap();
+        assert_eq!(certs.len(), 1, "{id} got a certificate");
+    }
+}
+
+/// The issuer's next answer on a raw device session.
+async fn answer(c: &mut Raw) -> Publish {
+    next_publish(c, Duration::from_secs(5)).await.expect("an answer from the issuer")
+}
+
+/// With the issuer down the device keeps its identity and its session, and repeats its CSR with
+/// exponential back-off; when the issuer comes back, the rotation completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_issuer_down_the_device_keeps_its_identity_and_retries_with_backoff() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let sim = Command::new(bins().join("fleet-sim"))
+        .args(["run", "--port", &broker.port(), "--duration", "11", "--rate", "2"])
+        .args(["--rotate-within", "3650d", "--answer-timeout-ms", "500"])
+        .arg("--devices")
+        .arg(fleet.dir.path().join("devices"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _issuer = Issuer::start(&fleet, &broker, &identity, &["--renew-within", "3650d"]);
+    let out = tokio::task::block_in_place(|| sim.wait_with_output()).unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let sent: Vec<u64> = events(&out, "csr-sent").iter().map(|e| e.0).collect();
+    assert!(sent.len() >= 4, "{out}");
+    let gaps: Vec<u64> = sent.windows(2).map(|w| w[1] - w[0]).collect();
+    // 0.5 s, 1 s, 2 s, 4 s: each wait about twice the one before.
+    for w in gaps.windows(2) {
+        assert!(w[1] * 10 >= w[0] * 17, "no back-off between CSRs: gaps {gaps:?}\n{out}");
+    }
+    assert_eq!(events(&out, "rotated").len(), 1, "{out}");
+    // One session with the old identity the whole time the issuer was down (no reconnect), then
+    // the one with the new identity; telemetry acknowledged throughout.
+    let row = out.lines().find(|l| l.starts_with(&fleet.id(0))).unwrap();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[4], "0", "refusals: {row}");
+    assert!(cols[2].parse::<u32>().unwrap() >= 15, "acked: {row}");
+    let rows = fleet.telemetry_rows(&fleet.id(0)).await;
+    assert!(rows.iter().filter(|(t, _)| t.ends_with("/telemetry")).count() >= 15);
+}
+
+/// A power loss while the issued identity is written to the spare slot: at the next boot the
+/// device runs its old identity (the half-written slot fails its checksum), and rotates again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_power_loss_while_storing_the_new_identity_leaves_the_old_one_working() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let _issuer = Issuer::start(
+        &fleet,
+        &broker,
+        &identity,
+        &["--renew-within", "3650d", "--min-interval", "0s", "--grace", "1s"],
+    );
+    let factory = Credentials::decode(&std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap())
+        .map(|c| cert_serial(c.cert_der))
+        .unwrap();
+    for cut in ["10", "300"] {
+        let out = tokio::task::block_in_place(|| {
+            sim_run(&fleet, &broker, 4, &["--rotate-within", "3650d", "--power-loss-at-stage", cut])
+        });
+        assert_eq!(events(&out, "power-lost").len(), 1, "{out}");
+        assert_eq!(
+            cert_serial(Credentials::decode(&active_bundle(&fleet.devices[0])).unwrap().cert_der),
+            factory
+        );
+    }
+    // Reboot: the old identity is admitted (the device asks to rotate once connected with it),
+    // no half-written candidate is offered, and this time the rotation completes.
+    let out = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 5, &["--rotate-within", "3650d"]));
+    assert!(events(&out, "candidate-found").is_empty(), "{out}");
+    let due = events(&out, "rotation-due");
+    let rotated = events(&out, "rotated");
+    assert_eq!((due.len(), rotated.len()), (1, 1), "{out}");
+    assert!(due[0].0 < rotated[0].0);
+    let now = cert_serial(Credentials::decode(&active_bundle(&fleet.devices[0])).unwrap().cert_der);
+    assert_ne!(now, factory);
+    assert_eq!(rotated[0].2, now);
+}
+
+/// Claim-based first boot: devices that hold only the batch's claim credentials get their own
+/// identities from the issuer (within the claim's quota), store them and connect as themselves;
+/// the station never sees their keys. A claim past its quota, or revoked, gets no more.
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_boot_from_a_claim_within_its_quota_and_a_revoked_claim_is_refused() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let _issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let claim_dir = fleet.dir.path().join("claim");
+    let st = fleet.station().await;
+    let opts = fleet_provision::lifecycle::ClaimOptions {
+        name: "batch-7".into(),
+        id_prefix: "sensor".into(),
+        quota: 3,
+        days: 7,
+        out: claim_dir.clone(),
+        broker_host: "localhost".into(),
+        broker_port: 8883,
+    };
+    st.claim_cert(&opts).await.unwrap();
+    let out_dir = fleet.dir.path().join("claimed");
+    let claim = |count: u32| {
+        Command::new(bins().join("fleet-sim"))
+            .args(["claim", "--port", &broker.port(), "--prefix", "sensor", "--duration", "8"])
+            .args(["--count", &count.to_string(), "--answer-timeout-ms", "1000"])
+            .arg("--claim")
+            .arg(&claim_dir)
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap()
+    };
+    let first = tokio::task::block_in_place(|| claim(4));
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(!first.status.success(), "4 devices on a quota of 3 all booted?\n{text}");
+    assert!(text.contains("fleet-sim: 3 of 4 devices have their own identity"), "{text}");
+    assert!(!events(&text, "claim-rejected").is_empty() && text.contains("claim_exhausted"), "{text}");
+    // Each has its own identity in its slots, certified for its own key, and recorded as claimed.
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(&out_dir).unwrap().flatten() {
+        let bundle = active_bundle(&e.path());
+        let creds = Credentials::decode(&bundle).unwrap();
+        assert!(creds.device_id.starts_with("sensor-"));
+        openssl_verify(&fleet, creds.cert_der);
+        let id = DeviceId::parse(creds.device_id).unwrap();
+        let certs = st.registry().certificates_of(&id).await.unwrap();
+        assert_eq!((certs.len(), certs[0].key_source.as_str()), (1, "claim"));
+        ids.push(id);
+    }
+    assert_eq!(ids.len(), 3);
+    let claim_record = st.registry().claim(&DeviceId::parse("batch-7").unwrap()).await.unwrap().unwrap();
+    assert_eq!((claim_record.used, claim_record.quota), (3, 3));
+    // A claimed device runs like any other.
+    let again = Command::new(bins().join("fleet-sim"))
+        .args(["run", "--port", &broker.port(), "--duration", "2", "--rotate-within", "1d"])
+        .arg("--devices")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(
+        again.lines().filter(|l| l.starts_with("sensor-") && l.ends_with("connected")).count(),
+        3,
+        "{again}"
+    );
+    // A revoked claim cannot even connect.
+    st.revoke_device(
+        &DeviceId::parse("batch-7").unwrap(),
+        fleet_registry::RevocationReason::CessationOfOperation,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = tokio::task::block_in_place(|| claim(1));
+    assert!(!late.status.success());
+    assert!(broker.metric(&refused(Refusal::Revoked)).await >= 1.0);
+    let report = st.verify_log().await.unwrap();
+    assert!(report.disagreements.is_empty(), "{:?}", report.disagreements);
+}
+
+/// `fleet-provision rotate <id>`: the operator's request reaches the device through the issuer
+/// (retained `certs/rotate`), which then accepts its CSR although the certificate is not due.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_forced_rotation_reaches_the_device() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let _issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let fp = |args: &[&str]| {
+        let out = Command::new(bins().join("fleet-provision"))
+            .arg("--home")
+            .arg(fleet.home())
+            .args(args)
+            .env_remove("FLEET_HOME")
+            .env_remove("FLEET_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Nothing expires within 30 days: nothing selected.
+    assert!(fp(&["rotate", "--expiring-within", "30d"]).contains("requested for 0 device"));
+    assert!(fp(&["rotate", &fleet.id(1)]).contains("requested for 1 device"));
+    let out = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 5, &[]));
+    let rotated = events(&out, "rotated");
+    assert_eq!(rotated.len(), 1, "{out}");
+    assert_eq!(rotated[0].1, fleet.id(1));
+    assert_eq!(events(&out, "rotate-requested").len(), 1, "{out}");
+    // Fulfilled: the request is gone and a second run rotates nothing.
+    let st = fleet.station().await;
+    assert!(st.registry().rotation_requests().await.unwrap().is_empty());
+    let out = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 3, &[]));
+    assert!(events(&out, "rotated").is_empty() && events(&out, "rotate-requested").is_empty(), "{out}");
+}
