@@ -227,6 +227,17 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         conn.flush().map_err(|_| ClientError::Transport)
     }
 
+    /// Ends the MQTT session (DISCONNECT): the broker closes the connection without treating it
+    /// as lost. Close or drop the transport afterwards and call [`Device::disconnected`].
+    pub fn disconnect<T: Write>(&mut self, conn: &mut T) -> Result<(), ClientError> {
+        let mut out = [0u8; 2];
+        let n = crate::mqtt::Packet::Disconnect
+            .encode(&mut out)
+            .map_err(|e| ClientError::Session(SessionError::Encode(e)))?;
+        conn.write_all(&out[..n]).map_err(|_| ClientError::Transport)?;
+        conn.flush().map_err(|_| ClientError::Transport)
+    }
+
     /// The credentials in use.
     pub fn credentials(&self) -> &Credentials<'a> {
         &self.creds

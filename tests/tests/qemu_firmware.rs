@@ -39,13 +39,22 @@ struct Pki {
 }
 
 fn provision(bins: &Path, root: &Path, name: &str) -> Pki {
+    provision_with(bins, root, name, &[])
+}
+
+/// As `provision`, with extra `mint` arguments (e.g. a short lifetime).
+fn provision_with(bins: &Path, root: &Path, name: &str, mint: &[&str]) -> Pki {
     let home = root.join(name);
     let fp =
         |args: &[&str]| run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&home).args(args));
     fp(&["init", "--org", name]);
     fp(&["server-cert", "--dns", "localhost", "--ip", "127.0.0.1"]);
     fp(&["service-cert", "--name", "ops", "--out", home.join("ops").to_str().unwrap()]);
-    fp(&["mint", "--count", "1", "--out", home.join("devices").to_str().unwrap()]);
+    let mut args = vec!["mint", "--count", "1", "--out"];
+    let out = home.join("devices");
+    args.push(out.to_str().unwrap());
+    args.extend_from_slice(mint);
+    fp(&args);
     let device_dir = std::fs::read_dir(home.join("devices")).unwrap().next().unwrap().unwrap().path();
     let device_id = device_dir.file_name().unwrap().to_str().unwrap().to_owned();
     Pki { home, device_dir, device_id }
@@ -99,7 +108,11 @@ fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<S
         // Virtual time = instructions executed (1 ns each): the firmware's SysTick figure for
         // the TLS handshake becomes an instruction count (BENCHMARKS.md).
         .args(["-icount", "shift=0,align=off,sleep=off"])
-        .args(["-serial", &format!("tcp:127.0.0.1:{port}")])
+        // The UART is a TCP client of the broker; after the firmware ends a session (to
+        // reconnect with a new identity) QEMU connects again 1 s later.
+        .arg("-chardev")
+        .arg(format!("socket,id=net,host=127.0.0.1,port={port},reconnect=1"))
+        .args(["-serial", "chardev:net"])
         .arg("-device")
         .arg(format!("loader,file={},addr=0x003f0000,force-raw=on", bundle.display()))
         .arg("-kernel")
@@ -269,4 +282,173 @@ fn firmware_refuses_a_server_that_never_authenticates() {
     assert!(lines.iter().any(|l| l.contains("TLS refused") && l.contains("NoCertificate")), "{lines:?}");
     assert_eq!(report.app_bytes, 0, "firmware sent MQTT to an unauthenticated server: {report:?}");
     assert_ne!(report.client_sent_certificate, Some(true), "firmware showed its certificate: {report:?}");
+}
+
+/// A running `fleet-provision serve` (the online issuer); killed on drop.
+struct IssuerProc(Child);
+
+impl Drop for IssuerProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_issuer(bins: &Path, pki: &Pki, broker: &Broker) -> IssuerProc {
+    let fp = |args: &[&str]| {
+        run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&pki.home).args(args))
+    };
+    let dir = pki.home.join("issuer");
+    fp(&["issuer-cert", "--name", "issuer-1", "--out", dir.to_str().unwrap()]);
+    let log = pki.home.join("issuer.log");
+    let child = Command::new(bins.join("fleet-provision"))
+        .arg("--home")
+        .arg(&pki.home)
+        .args([
+            "serve",
+            "--identity",
+            dir.to_str().unwrap(),
+            "--port",
+            &broker.port.to_string(),
+            "--grace",
+            "1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("issuer connected") {
+        assert!(t.elapsed() < Duration::from_secs(10), "issuer did not connect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    IssuerProc(child)
+}
+
+fn certificates(home: &Path, device: &str) -> Vec<(String, String, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}", home.join("registry.db").display());
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        let rows = sqlx::query(
+            "SELECT serial, status, key_source FROM certificates WHERE device_id = $1 ORDER BY issued_at",
+        )
+        .bind(device)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        use sqlx::Row;
+        rows.iter().map(|r| (r.get::<String, _>(0), r.get::<String, _>(1), r.get::<String, _>(2))).collect()
+    })
+}
+
+fn command_when_stored(bins: &Path, pki: &Pki, port: u16, device: &str) {
+    run(Command::new(bins.join("fleet-sim"))
+        .args(["command", "--identity"])
+        .arg(pki.home.join("ops"))
+        .args(["--port", &port.to_string(), "--device", device, "--name", "blink", "--payload", "3"]));
+}
+
+/// The firmware rotates in QEMU: its certificate (10 days left) is inside the 30-day window, so
+/// it generates a new key on the emulated MCU, sends its CSR over MQTT, stages the issued
+/// certificate in the spare slot of its credentials region, reconnects with it, commits it, and
+/// then does its job as the new identity. The old certificate is superseded a second later.
+#[test]
+fn firmware_in_qemu_rotates_its_key_and_reconnects_with_the_new_identity() {
+    let bins = bin_dir();
+    let root = tempfile::tempdir().unwrap();
+    let pki = provision_with(&bins, root.path(), "qemu-rotate", &["--days", "10"]);
+    let broker = start_broker(&bins, &pki);
+    let _issuer = start_issuer(&bins, &pki, &broker);
+    let device = pki.device_id.clone();
+    let (ok, lines) = boot(broker.port, &pki.device_dir.join("credentials.bin"), |l| {
+        if l.contains("telemetry stored by the broker") {
+            command_when_stored(&bins, &pki, broker.port, &device);
+        }
+    });
+    let text = lines.join("\n");
+    let log = std::fs::read_to_string(pki.home.join("broker.log")).unwrap_or_default();
+    let issuer = std::fs::read_to_string(pki.home.join("issuer.log")).unwrap_or_default();
+    assert!(ok, "firmware failed: {text}\nbroker log:\n{log}\nissuer log:\n{issuer}");
+    let order = [
+        "certificate expires within 30 days: rotating",
+        "rotation: CSR sent",
+        "rotation: new certificate staged in the spare slot",
+        "rotated: the broker admitted the new identity",
+        "telemetry stored by the broker",
+        "command acknowledged",
+    ];
+    let mut at = 0;
+    for step in order {
+        let i =
+            text[at..].find(step).unwrap_or_else(|| panic!("missing or out of order: `{step}` in {text}"));
+        at += i + step.len();
+    }
+    assert_eq!(text.matches("TLS established").count(), 2, "{text}");
+    // The registry: the factory certificate superseded after the grace period, the new one
+    // (a key from the device's CSR) active.
+    let t = Instant::now();
+    loop {
+        let certs = certificates(&pki.home, &pki.device_id);
+        if certs.len() == 2 && certs[0].1 == "revoked" {
+            assert_eq!(
+                (certs[0].2.as_str(), certs[1].1.as_str(), certs[1].2.as_str()),
+                ("station", "active", "rotation")
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "not superseded: {certs:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rows = telemetry_topics(&pki.home, &pki.device_id);
+    assert!(rows.iter().any(|r| r.0.ends_with("/acks/blink")), "{rows:?}");
+}
+
+/// Claim-based first boot in QEMU: the credentials region holds only the batch's claim; the
+/// firmware generates its key, gets its own identity from the issuer, stores it, reconnects as
+/// itself and does its job. The station never saw the key; the claim's quota counts it.
+#[test]
+fn firmware_in_qemu_boots_from_a_claim_and_becomes_its_own_device() {
+    let bins = bin_dir();
+    let root = tempfile::tempdir().unwrap();
+    let pki = provision(&bins, root.path(), "qemu-claim");
+    let fp = |args: &[&str]| {
+        run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&pki.home).args(args))
+    };
+    let claim_dir = pki.home.join("claim");
+    fp(&["claim-cert", "--name", "batch-q", "--quota", "1", "--out", claim_dir.to_str().unwrap()]);
+    let broker = start_broker(&bins, &pki);
+    let _issuer = start_issuer(&bins, &pki, &broker);
+    let mut device = String::new();
+    let (ok, lines) = boot(broker.port, &claim_dir.join("credentials.bin"), |l| {
+        if let Some(rest) = l.split("asking for an identity as ").nth(1) {
+            device = rest.trim().to_owned();
+        }
+        if l.contains("telemetry stored by the broker") {
+            command_when_stored(&bins, &pki, broker.port, &device);
+        }
+    });
+    let text = lines.join("\n");
+    let issuer = std::fs::read_to_string(pki.home.join("issuer.log")).unwrap_or_default();
+    assert!(ok, "firmware failed: {text}\nissuer log:\n{issuer}");
+    for expected in [
+        "first boot with claim batch-q",
+        "claim: CSR sent",
+        "identity dev-",
+        "reconnecting as itself",
+        "telemetry stored by the broker",
+        "command acknowledged",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in {text}");
+    }
+    assert!(device.starts_with("dev-"), "{text}");
+    let certs = certificates(&pki.home, &device);
+    assert_eq!(certs.len(), 1);
+    assert_eq!((certs[0].1.as_str(), certs[0].2.as_str()), ("active", "claim"));
+    assert!(telemetry_topics(&pki.home, &device).iter().any(|r| r.0.ends_with("/acks/blink")));
+    // The quota of 1 is used up: a second device from the same claim is refused.
+    let (ok, lines) = boot(broker.port, &claim_dir.join("credentials.bin"), |_| {});
+    assert!(!ok);
+    assert!(lines.iter().any(|l| l.contains("claim_exhausted")), "{lines:?}");
 }

@@ -7,12 +7,20 @@
 //! acknowledged, 1 otherwise. One line per step goes to the semihosting console, prefixed
 //! `FLEETGATE:` for tests to read.
 //!
+//! Its identities live in two slots of the credentials region (`flash`): the factory's bundle is
+//! copied there at first boot. When the certificate expires within 30 days (or an operator asks),
+//! it rotates: a new P-256 key generated here, a CSR to the issuer over MQTT, the issued
+//! certificate staged in the spare slot, a new session with it, and the slot committed once the
+//! broker admitted it. Flashed with a batch *claim* instead of an identity, its first boot asks
+//! for its own identity the same way (docs/spec/rotation.md).
+//!
 //! TEST-ONLY parts, marked below: the RNG is seeded from the host's /dev/urandom and the clock
 //! read from the host, both over semihosting, because QEMU's board has no TRNG or RTC. A real
 //! board uses its TRNG and RTC; the SDK takes both as parameters.
 #![no_std]
 #![no_main]
 
+mod flash;
 mod semihost;
 mod stack;
 mod ticks;
@@ -23,6 +31,9 @@ use cortex_m_semihosting::debug;
 use fleet_device::client::{ClientError, Device, Incoming};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig};
+use fleet_device::rotation::{renewal_due, RotationConfig, Rotator};
+use fleet_device::store::{CredentialStore, StoreError};
+use fleet_device::tls::x509;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -65,32 +76,210 @@ fn main() -> ! {
     run(top)
 }
 
+/// Is this bundle a batch claim (`urn:fleetgate:claim:` identity) rather than a device's own?
+fn is_claim(creds: &Credentials<'_>) -> bool {
+    x509::parse(creds.cert_der)
+        .ok()
+        .and_then(|c| c.san)
+        .is_some_and(|san| x509::uris(san).any(|u| u.starts_with(b"urn:fleetgate:claim:")))
+}
+
+/// Lowercase hex of `bytes` into a string of capacity `N`.
+fn hex<const N: usize>(prefix: &str, bytes: &[u8]) -> heapless::String<N> {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = heapless::String::new();
+    let _ = s.push_str(prefix);
+    for b in bytes {
+        let _ = s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        let _ = s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// After this firmware closed a session, the UART link is down until QEMU's chardev reconnects
+/// (1 s): wait, dropping whatever was still in flight from the old connection.
+fn pause_for_reconnect(uart: &mut uart::Uart0) {
+    let until = semihost::clock_centis() + 250;
+    while semihost::clock_centis() < until {
+        uart.drain();
+    }
+}
+
+type Store = CredentialStore<flash::Slots>;
+
 /// Everything below `top` (painted) is the SDK's and this function's stack.
 #[inline(never)]
 fn run(top: usize) -> ! {
     if let Some(p) = cortex_m::Peripherals::take() {
         ticks::start(p.SYST);
     }
-    let bundle = semihost::credentials_region();
-    let creds = match Credentials::decode(bundle) {
+    // TEST-ONLY entropy and wall clock (see the crate docs).
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(semihost::host_entropy());
+    let unix_now = semihost::host_unix_time();
+    let mut uart = uart::Uart0::init();
+    let mut store = CredentialStore::new(flash::Slots);
+    let mut buf = [0u8; flash::SLOT];
+    let mut bundle = [0u8; flash::SLOT];
+    if let Err(StoreError::Empty) = store.load(&mut buf, &mut bundle) {
+        first_boot(&mut store, &mut uart, &mut rng, unix_now, &mut buf, &mut bundle);
+    }
+    loop {
+        // A staged identity (a rotation not yet confirmed) is tried first.
+        let (n, trying) = match store.candidate(&mut buf, &mut bundle) {
+            Ok(Some(n)) => (n, true),
+            _ => match store.load(&mut buf, &mut bundle) {
+                Ok(n) => (n, false),
+                Err(e) => {
+                    say!("no valid identity in the credential slots: {e:?}");
+                    exit(false)
+                }
+            },
+        };
+        let (head, _) = bundle.split_at(n);
+        match session(head, trying, &mut store, &mut uart, &mut rng, unix_now, top) {
+            Next::Done => exit(true),
+            Next::Reconnect => pause_for_reconnect(&mut uart),
+        }
+    }
+}
+
+/// The factory's bundle becomes the first identity; a claim is exchanged for the device's own.
+fn first_boot(
+    store: &mut Store,
+    uart: &mut uart::Uart0,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    unix_now: Option<i64>,
+    buf: &mut [u8; flash::SLOT],
+    bundle: &mut [u8; flash::SLOT],
+) {
+    let factory = flash::factory();
+    let creds = match Credentials::decode(factory) {
         Ok(c) => c,
         Err(e) => {
             say!("no valid credentials in the credentials region: {e}");
             exit(false)
         }
     };
+    let n = if is_claim(&creds) {
+        let n = claim(creds, uart, rng, unix_now, bundle);
+        pause_for_reconnect(uart);
+        n
+    } else {
+        let n = creds.encoded_len();
+        bundle[..n].copy_from_slice(&factory[..n]);
+        n
+    };
+    if let Err(e) = store.provision(&bundle[..n], buf) {
+        say!("cannot store the identity: {e:?}");
+        exit(false)
+    }
+}
+
+/// Claim-based first boot: a session as `claims/<claim>/<nonce>`, a CSR for a new id with a key
+/// generated here, the issued identity written into `out`. Returns its length.
+fn claim(
+    creds: Credentials<'_>,
+    uart: &mut uart::Uart0,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    unix_now: Option<i64>,
+    out: &mut [u8; flash::SLOT],
+) -> usize {
+    // TEST-ONLY id: a real board names itself from its unique id (e.g. the MCU's UID).
+    let (mut uid, mut nonce) = ([0u8; 6], [0u8; 16]);
+    rng.fill_bytes(&mut uid);
+    rng.fill_bytes(&mut nonce);
+    let id: heapless::String<16> = hex("dev-", &uid);
+    let mut client: heapless::String<128> = heapless::String::new();
+    let _ = client.push_str("claims/");
+    let _ = client.push_str(creds.device_id);
+    let _ = client.push_str(&hex::<40>("/", &nonce));
+    say!("first boot with claim {}: asking for an identity as {}", creds.device_id, id.as_str());
+    let mut device: Device<'_, 2, 32> = Device::new_claim(creds, &client, SessionConfig::default());
+    let mut rx = [0u8; 16_640];
+    let mut tx = [0u8; 4096];
+    let mut conn = match device.connect(&mut *uart, &mut rx, &mut tx, &mut *rng, unix_now, now()) {
+        Ok(c) => c,
+        Err(e) => {
+            say!("claim session refused: {e:?}");
+            exit(false)
+        }
+    };
+    let mut rot = Rotator::new(RotationConfig { answer_timeout_ms: 10_000, ..RotationConfig::default() });
+    let mut csr = [0u8; 512];
+    loop {
+        if device.session().is_connected() {
+            match rot.poll_csr(&id, now(), &mut csr) {
+                Ok(Some(req)) => {
+                    if device.publish_now(&mut conn, "certs/csr", req, now()).is_err() {
+                        exit(false)
+                    }
+                    say!("claim: CSR sent ({} bytes), key generated on this MCU", req.len());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    say!("CSR: {e:?}");
+                    exit(false)
+                }
+            }
+        }
+        match device.poll(&mut conn, now()) {
+            Ok(Some(Incoming::Connected)) => rot.start(&mut *rng, now()),
+            Ok(Some(Incoming::Certificate { der })) => match rot.bundle(&creds, &id, &der, out) {
+                Ok(n) => {
+                    let _ = device.disconnect(&mut conn);
+                    let _ = conn.close();
+                    say!("first boot: identity {} issued; reconnecting as itself", id.as_str());
+                    return n;
+                }
+                Err(e) => {
+                    say!("issued certificate refused: {e:?}");
+                    rot.rejected(now());
+                }
+            },
+            Ok(Some(Incoming::CertificateRejected { reason })) => {
+                say!("claim refused by the issuer: {}", reason.as_str());
+                exit(false)
+            }
+            Ok(_) => {}
+            Err(e) => {
+                say!("claim session lost: {e:?}");
+                exit(false)
+            }
+        }
+    }
+}
+
+enum Next {
+    /// Telemetry stored and a command acknowledged.
+    Done,
+    /// A new identity is staged: connect again with it.
+    Reconnect,
+}
+
+/// One session with `bundle`'s identity (`trying`: a staged one, committed once admitted).
+#[allow(clippy::too_many_arguments)]
+fn session(
+    bundle: &[u8],
+    trying: bool,
+    store: &mut Store,
+    uart: &mut uart::Uart0,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    unix_now: Option<i64>,
+    top: usize,
+) -> Next {
+    let creds = match Credentials::decode(bundle) {
+        Ok(c) => c,
+        Err(e) => {
+            say!("stored identity unreadable: {e}");
+            exit(false)
+        }
+    };
     say!("device {} -> {}:{}", creds.device_id, creds.broker_host, creds.broker_port);
-
-    // TEST-ONLY entropy and wall clock (see the crate docs).
-    let mut rng = rand_chacha::ChaCha20Rng::from_seed(semihost::host_entropy());
-    let unix_now = semihost::host_unix_time();
-
-    let uart = uart::Uart0::init();
     let mut device: Device<'_, 4, 128> = Device::new(creds, SessionConfig::default());
     let mut rx = [0u8; 16_640];
     let mut tx = [0u8; 4096];
     let t0 = ticks::now();
-    let mut conn = match device.connect(uart, &mut rx, &mut tx, &mut rng, unix_now, now()) {
+    let mut conn = match device.connect(&mut *uart, &mut rx, &mut tx, &mut *rng, unix_now, now()) {
         Ok(c) => c,
         Err(ClientError::Tls { error, rejection }) => {
             say!("TLS refused: {error:?}, broker rejection: {rejection:?}");
@@ -108,22 +297,49 @@ fn run(top: usize) -> ! {
         ticks::CORE_HZ / 1_000_000,
         stack::used(top)
     );
-    if let Err(e) = device.publish_telemetry(&Reading { seq: 1, temp_centi_c: 2150 }) {
-        say!("queue failed: {e:?}");
-        exit(false)
-    }
-    let mut delivered = 0;
+    let mut rot = Rotator::new(RotationConfig { answer_timeout_ms: 10_000, ..RotationConfig::default() });
+    let mut csr = [0u8; 512];
+    let mut delivered: i32 = 0;
     loop {
+        if device.session().is_connected() {
+            if let Ok(Some(req)) = rot.poll_csr(creds.device_id, now(), &mut csr) {
+                if device.publish_now(&mut conn, "certs/csr", req, now()).is_err() {
+                    exit(false)
+                }
+                say!("rotation: CSR sent ({} bytes), key generated on this MCU", req.len());
+            }
+        }
         match device.poll(&mut conn, now()) {
-            Ok(Some(Incoming::Connected)) => say!("MQTT session up"),
+            Ok(Some(Incoming::Connected)) => {
+                say!("MQTT session up");
+                let cert = creds.cert_der;
+                if trying {
+                    let (mut scratch, mut tmp) = ([0u8; flash::SLOT], [0u8; flash::SLOT]);
+                    if store.commit(&mut scratch, &mut tmp).is_err() {
+                        say!("cannot commit the new identity");
+                        exit(false)
+                    }
+                    let _ = device.publish("certs/active", b"", QoS::AtLeastOnce);
+                    delivered = -1; // that announcement's acknowledgement comes first
+                    say!("rotated: the broker admitted the new identity; it is now the active one");
+                } else if unix_now.is_some_and(|t| renewal_due(cert, t, 30 * 86_400)) {
+                    say!("certificate expires within 30 days: rotating");
+                    rot.start(&mut *rng, now());
+                    continue;
+                }
+                if let Err(e) = device.publish_telemetry(&Reading { seq: 1, temp_centi_c: 2150 }) {
+                    say!("queue failed: {e:?}");
+                    exit(false)
+                }
+            }
             Ok(Some(Incoming::Delivered)) => {
                 delivered += 1;
                 if delivered == 1 {
                     say!("telemetry stored by the broker");
-                } else {
+                } else if delivered >= 2 {
                     say!("command acknowledged");
                     say!("peak stack: {} bytes", stack::used(top));
-                    exit(true)
+                    return Next::Done;
                 }
             }
             Ok(Some(Incoming::Command { name, payload })) => {
@@ -138,6 +354,34 @@ fn run(top: usize) -> ! {
             Ok(Some(Incoming::CommandTooLarge { name_len, payload_len })) => {
                 say!("command too large for this firmware ({name_len} B name, {payload_len} B payload): ignored")
             }
+            Ok(Some(Incoming::RotateRequested)) => {
+                say!("the operator asked for a rotation");
+                rot.start(&mut *rng, now());
+            }
+            Ok(Some(Incoming::Certificate { der })) => {
+                let mut staged = [0u8; flash::SLOT];
+                match rot.bundle(&creds, creds.device_id, &der, &mut staged) {
+                    Ok(n) => {
+                        let _ = device.disconnect(&mut conn);
+                        let _ = conn.close();
+                        let mut scratch = [0u8; flash::SLOT];
+                        if let Err(e) = store.stage(&staged[..n], &mut scratch) {
+                            say!("cannot stage the new identity: {e:?}");
+                            exit(false)
+                        }
+                        say!("rotation: new certificate staged in the spare slot; reconnecting with it");
+                        return Next::Reconnect;
+                    }
+                    Err(e) => {
+                        say!("issued certificate refused: {e:?}");
+                        rot.rejected(now());
+                    }
+                }
+            }
+            Ok(Some(Incoming::CertificateRejected { reason })) => {
+                say!("rotation refused by the issuer: {}", reason.as_str());
+                rot.rejected(now());
+            }
             Ok(None) => {}
             Err(ClientError::Session(e)) => {
                 say!("session refused: {e:?}");
@@ -145,7 +389,6 @@ fn run(top: usize) -> ! {
             }
             Err(e) => {
                 say!("connection lost: {e:?}");
-                let _ = rng.next_u32();
                 exit(false)
             }
         }

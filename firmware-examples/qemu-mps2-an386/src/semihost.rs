@@ -8,11 +8,18 @@ extern "C" {
     static __credentials_start: u8;
 }
 
-/// The credentials region, as written at the factory.
-pub(crate) fn credentials_region() -> &'static [u8] {
-    // SAFETY: memory.x reserves 64 KiB at `__credentials_start` for the credentials bundle; it is
-    // mapped, never written by the firmware, and lives for the whole program.
-    unsafe { core::slice::from_raw_parts(core::ptr::addr_of!(__credentials_start), 64 * 1024) }
+/// Address of the 64 KiB credentials region.
+pub(crate) fn credentials_base() -> usize {
+    core::ptr::addr_of!(__credentials_start) as usize
+}
+
+/// The first `len` bytes of the credentials region: the factory's part, which the firmware
+/// never writes (its own identities live further in, see `flash`).
+pub(crate) fn factory_part(len: usize) -> &'static [u8] {
+    assert!(len <= 16 * 1024);
+    // SAFETY: memory.x reserves 64 KiB at `__credentials_start`; its first 16 KiB hold what the
+    // factory wrote, are mapped, never written by the firmware, and live for the whole program.
+    unsafe { core::slice::from_raw_parts(credentials_base() as *const u8, len) }
 }
 
 /// TEST-ONLY: 32 bytes from the host's /dev/urandom.

@@ -60,6 +60,15 @@ impl Uart0 {
     }
 }
 
+impl Uart0 {
+    /// Discards whatever bytes are waiting.
+    pub(crate) fn drain(&mut self) {
+        while read_reg(STATE) & RX_FULL != 0 {
+            let _ = read_reg(DATA);
+        }
+    }
+}
+
 impl ErrorType for Uart0 {
     type Error = RxTimeout;
 }
