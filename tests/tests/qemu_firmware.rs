@@ -133,7 +133,7 @@ fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<S
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) => {
-                if l.contains("TLS established in") {
+                if l.contains("TLS established in") || l.contains("peak stack") {
                     eprintln!("{l}");
                 }
                 on_line(&l);

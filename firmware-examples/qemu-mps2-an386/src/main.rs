@@ -107,6 +107,11 @@ fn pause_for_reconnect(uart: &mut uart::Uart0) {
 
 type Store = CredentialStore<flash::Slots>;
 
+/// The TLS receive buffer: one whole record. fleet-broker caps its records at 4 KiB by default
+/// (`max_tls_record_size`), so 5 KiB holds any record plus its header and tag; a broker without
+/// a cap needs 16,640 bytes.
+const RX_BUFFER: usize = 5 * 1024;
+
 /// Everything below `top` (painted) is the SDK's and this function's stack.
 #[inline(never)]
 fn run(top: usize) -> ! {
@@ -136,7 +141,8 @@ fn run(top: usize) -> ! {
             },
         };
         let (head, _) = bundle.split_at(n);
-        match session(head, trying, &mut store, &mut uart, &mut rng, unix_now, top) {
+        // `buf` is free again: the session's scratch for the store.
+        match session(head, trying, &mut store, &mut buf, &mut uart, &mut rng, unix_now, top) {
             Next::Done => exit(true),
             Next::Reconnect => pause_for_reconnect(&mut uart),
         }
@@ -195,7 +201,7 @@ fn claim(
     let _ = client.push_str(&hex::<40>("/", &nonce));
     say!("first boot with claim {}: asking for an identity as {}", creds.device_id, id.as_str());
     let mut device: Device<'_, 2, 32> = Device::new_claim(creds, &client, SessionConfig::default());
-    let mut rx = [0u8; 16_640];
+    let mut rx = [0u8; RX_BUFFER];
     let mut tx = [0u8; 4096];
     let mut conn = match device.connect(&mut *uart, &mut rx, &mut tx, &mut *rng, unix_now, now()) {
         Ok(c) => c,
@@ -262,6 +268,7 @@ fn session(
     bundle: &[u8],
     trying: bool,
     store: &mut Store,
+    scratch: &mut [u8; flash::SLOT],
     uart: &mut uart::Uart0,
     rng: &mut rand_chacha::ChaCha20Rng,
     unix_now: Option<i64>,
@@ -276,7 +283,7 @@ fn session(
     };
     say!("device {} -> {}:{}", creds.device_id, creds.broker_host, creds.broker_port);
     let mut device: Device<'_, 4, 128> = Device::new(creds, SessionConfig::default());
-    let mut rx = [0u8; 16_640];
+    let mut rx = [0u8; RX_BUFFER];
     let mut tx = [0u8; 4096];
     let t0 = ticks::now();
     let mut conn = match device.connect(&mut *uart, &mut rx, &mut tx, &mut *rng, unix_now, now()) {
@@ -299,6 +306,8 @@ fn session(
     );
     let mut rot = Rotator::new(RotationConfig { answer_timeout_ms: 10_000, ..RotationConfig::default() });
     let mut csr = [0u8; 512];
+    // The store's second buffer (commit and stage need two; `scratch` is the first).
+    let mut tmp = [0u8; flash::SLOT];
     let mut delivered: i32 = 0;
     loop {
         if device.session().is_connected() {
@@ -314,8 +323,7 @@ fn session(
                 say!("MQTT session up");
                 let cert = creds.cert_der;
                 if trying {
-                    let (mut scratch, mut tmp) = ([0u8; flash::SLOT], [0u8; flash::SLOT]);
-                    if store.commit(&mut scratch, &mut tmp).is_err() {
+                    if store.commit(scratch, &mut tmp).is_err() {
                         say!("cannot commit the new identity");
                         exit(false)
                     }
@@ -359,13 +367,11 @@ fn session(
                 rot.start(&mut *rng, now());
             }
             Ok(Some(Incoming::Certificate { der })) => {
-                let mut staged = [0u8; flash::SLOT];
-                match rot.bundle(&creds, creds.device_id, &der, &mut staged) {
+                match rot.bundle(&creds, creds.device_id, &der, scratch) {
                     Ok(n) => {
                         let _ = device.disconnect(&mut conn);
                         let _ = conn.close();
-                        let mut scratch = [0u8; flash::SLOT];
-                        if let Err(e) = store.stage(&staged[..n], &mut scratch) {
+                        if let Err(e) = store.stage(&scratch[..n], &mut tmp) {
                             say!("cannot stage the new identity: {e:?}");
                             exit(false)
                         }
