@@ -60,6 +60,8 @@ pub(crate) struct DeviceOpts {
     pub(crate) rotation: RotationConfig,
     /// Simulate a power loss this many bytes into writing a staged identity.
     pub(crate) power_loss_at_stage: Option<usize>,
+    /// Stop a device once it runs on a rotated certificate (for benchmarks).
+    pub(crate) exit_when_rotated: bool,
     pub(crate) start: Instant,
 }
 
@@ -308,6 +310,9 @@ impl Session<'_> {
                         let serial = serial_of(cert);
                         self.track.update(|s| s.rotations += 1);
                         event(start, self.id, "rotated", &serial);
+                        if self.opts.exit_when_rotated {
+                            return Ok(End::Done);
+                        }
                     } else if !self.rotator.in_progress()
                         && renewal_due(cert, unix_now(), self.opts.rotate_within)
                     {

@@ -56,6 +56,10 @@ enum Cmd {
         /// spare credential slot (the device stops; run again to see it boot).
         #[arg(long, hide = true)]
         power_loss_at_stage: Option<usize>,
+        /// Stop each device once it runs on a rotated certificate (the run ends when all have,
+        /// or at --duration).
+        #[arg(long)]
+        exit_when_rotated: bool,
     },
     /// Claim-based first boot of COUNT new devices: each generates its key, connects with the
     /// batch's claim credentials (`fleet-provision claim-cert`), gets its own identity from the
@@ -321,7 +325,16 @@ async fn command(
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Cmd::Run { devices, port, rate, duration, rotate_within, answer_timeout_ms, power_loss_at_stage } => {
+        Cmd::Run {
+            devices,
+            port,
+            rate,
+            duration,
+            rotate_within,
+            answer_timeout_ms,
+            power_loss_at_stage,
+            exit_when_rotated,
+        } => {
             let start = Instant::now();
             let opts = device::DeviceOpts {
                 port,
@@ -330,6 +343,7 @@ async fn main() -> std::process::ExitCode {
                 rotate_within,
                 rotation: RotationConfig { answer_timeout_ms, ..RotationConfig::default() },
                 power_loss_at_stage,
+                exit_when_rotated,
                 start,
             };
             run(devices, opts).await

@@ -19,13 +19,17 @@
 //! - `soak` (only when named; `--minutes`, default 60): 1,000 devices publishing and reconnecting
 //!   at random; RSS, open fds and p99 PUBACK latency every minute, and the drift;
 //! - `cluster`: three nodes on NATS JetStream + PostgreSQL: cross-node delivery latency, QoS 1
-//!   ingest through JetStream beside one node and Mosquitto, revoke → cut on three nodes.
+//!   ingest through JetStream beside one node and Mosquitto, revoke → cut on three nodes;
+//! - `rotation` (only when named; `--devices`, default 1,000 here): that many SDK devices
+//!   rotating their certificates at once through `fleet-provision serve`: issuer CSRs/s, latency,
+//!   time until the whole fleet runs on new certificates, beside an `openssl x509 -req` loop.
 //!
 //! Clients run in this process on the same cores as the server under test, so every figure is
 //! a lower bound, comparable only with the other figures of the same run.
 
 mod client;
 mod cluster;
+mod rotation;
 mod servers;
 mod soak;
 mod storm;
@@ -55,8 +59,10 @@ struct Args {
     secs: f64,
     conc: usize,
     sessions: usize,
-    /// Devices of the storm.
+    /// Devices of the storm (and of the rotation, when given).
     devices: usize,
+    /// `--devices` was given.
+    devices_set: bool,
     /// Length of the soak.
     minutes: u64,
     crl_sizes: Vec<usize>,
@@ -77,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
         conc: 16,
         sessions: 10_000,
         devices: 20_000,
+        devices_set: false,
         minutes: 60,
         crl_sizes: vec![0, 100_000, 1_000_000],
         peers: Peer::ALL.to_vec(),
@@ -92,7 +99,10 @@ fn parse_args() -> Result<Args, String> {
                 a.sessions = value("--sessions")?.parse().map_err(|e| format!("--sessions: {e}"))?
             }
             "--minutes" => a.minutes = value("--minutes")?.parse().map_err(|e| format!("--minutes: {e}"))?,
-            "--devices" => a.devices = value("--devices")?.parse().map_err(|e| format!("--devices: {e}"))?,
+            "--devices" => {
+                a.devices = value("--devices")?.parse().map_err(|e| format!("--devices: {e}"))?;
+                a.devices_set = true;
+            }
             "--crl-sizes" => {
                 a.crl_sizes = value("--crl-sizes")?
                     .split(',')
@@ -105,12 +115,12 @@ fn parse_args() -> Result<Args, String> {
                     .map(|s| Peer::parse(s.trim()).ok_or(format!("--peers: unknown server {s:?}")))
                     .collect::<Result<_, _>>()?
             }
-            "admissions" | "revoke" | "ingest" | "memory" | "storm" | "soak" | "cluster" => {
+            "admissions" | "revoke" | "ingest" | "memory" | "storm" | "soak" | "cluster" | "rotation" => {
                 a.scenarios.push(arg)
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: peers [admissions|revoke|ingest|memory|cluster]... [--secs S] [--conc C] \
+                    "usage: peers [admissions|revoke|ingest|memory|storm|soak|cluster|rotation]... [--secs S] [--conc C] \
                             [--sessions N] [--crl-sizes 0,100000,1000000] \
                             [--peers bare,fleet-broker,mosquitto,rumqttd]"
                         .into(),
@@ -712,6 +722,7 @@ fn main() {
                 "storm" => storm::scenario_storm(&env, &args, &mut report).await,
                 "soak" => soak::scenario_soak(&env, &args, &mut report).await,
                 "cluster" => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
+                "rotation" => rotation::scenario_rotation(&args, &mut report).await,
                 _ => unreachable!("validated in parse_args"),
             }
         }

@@ -242,7 +242,7 @@ pub(crate) fn start_fleet_broker(home: &Path, extra: &[&str]) -> Result<Server, 
     start_fleet_broker_on(home, 0, extra)
 }
 
-fn start_fleet_broker_on(home: &Path, port: u16, extra: &[&str]) -> Result<Server, String> {
+pub(crate) fn start_fleet_broker_on(home: &Path, port: u16, extra: &[&str]) -> Result<Server, String> {
     let bin = program(Peer::FleetBroker)?;
     let mut child = Command::new(&bin)
         .arg("--home")
