@@ -86,6 +86,7 @@ pub(crate) async fn scenario_rotation(a: &Args, report: &mut Report) {
     if rotated.is_empty() {
         println!("  no device rotated: {}", out.lines().rev().take(5).collect::<Vec<_>>().join(" / "));
         let _ = issuer.kill();
+        let _ = issuer.wait();
         return;
     }
     let first_csr = sent.iter().map(|e| e.0).min().unwrap_or(0);
