@@ -35,6 +35,9 @@ fn quickstart_runs_the_whole_story() {
         "fleet_handshakes_total{outcome=\"refused\",reason=\"revoked\"}",
         "fleet_kicks_total{reason=\"revoked\"} 1",
         "issuance log OK",
+        "fleet-sim: 1 certificate rotations",
+        "key:rotation",
+        "reason:superseded",
     ] {
         assert!(stdout.contains(expected), "quickstart output lacks `{expected}`:\n{stdout}");
     }
