@@ -56,6 +56,7 @@ pub struct Credentials<'a> {
 
 /// Why a bundle was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum BundleError {
     /// Fewer bytes than the header and the length field promise.
