@@ -212,6 +212,8 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     match (who.role, levels.as_slice()) {
         (Role::Device, [DEVICES, owner, _, ..]) => *owner == who.id.as_str(),
         (Role::Service, [DEVICES, ..]) => true,
+        // Command status (docs/spec/commands.md): services only.
+        (Role::Service, [crate::commands::STATUS, DEVICES, ..]) => true,
         // Devices' certificate requests and announcements, claim sessions' requests.
         (Role::Issuer, [DEVICES, owner, CERTS, CSR | ACTIVE]) => {
             *owner == "+" || DeviceId::parse(owner).is_ok()
@@ -293,6 +295,8 @@ mod tests {
         assert!(may_subscribe(&s, "devices/#"));
         assert!(!may_subscribe(&s, "#"));
         assert!(!may_subscribe(&s, "$SYS/#"));
+        assert!(may_subscribe(&s, "status/devices/+/commands/#"));
+        assert!(!may_subscribe(&who("dev-1", Role::Device), "status/devices/dev-1/commands/#"));
         assert!(may_publish(&s, "devices/dev-1/commands/reboot"));
         assert!(!may_publish(&s, "devices/dev-1/telemetry"));
         assert!(!may_publish(&s, "devices/dev-1/commands"));

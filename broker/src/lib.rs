@@ -10,6 +10,7 @@
 
 mod auth;
 mod cluster;
+mod commands;
 pub mod config;
 mod http;
 mod inbox;
@@ -183,6 +184,7 @@ impl Broker {
         let tracker = TaskTracker::new();
         tracker.spawn(watch::revocations(shared.clone(), feed));
         tracker.spawn(watch::files(shared.clone()));
+        tracker.spawn(commands::sweep(shared.clone()));
         if let Some(c) = &shared.cluster {
             tracker.spawn(watch::cluster_revocations(shared.clone()));
             if shared.config.nats_sql_sink {

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub(crate) cluster_sink_errors: IntCounter,
     /// Revocations other nodes announced over NATS.
     pub(crate) cluster_revocations_received: IntCounter,
+    /// Queued-command status transitions (docs/spec/commands.md), by status.
+    pub(crate) commands: IntCounterVec,
+    /// Commands not yet final (queued or delivered), as last counted.
+    pub(crate) commands_pending: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -148,6 +152,8 @@ impl Metrics {
                 "cluster_revocations_received_total",
                 "Revocations announced by other nodes over NATS",
             ),
+            commands: cv("commands_total", "Queued-command status transitions", &["status"]),
+            commands_pending: g("commands_pending", "Commands not yet acknowledged, expired or dropped"),
             registry: r,
         }
     }

@@ -643,7 +643,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let s = Station::open(home, db).await?;
                 s.registry().apply_broker_role(&broker_role).await?;
                 say!(
-                    "role {broker_role}: SELECT on devices, certificates; INSERT on telemetry; nothing else"
+                    "role {broker_role}: SELECT on devices, certificates; INSERT on telemetry; the command queue; nothing else"
                 );
             }
         }

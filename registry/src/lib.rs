@@ -15,6 +15,7 @@
 //! (`fleet-broker`) both depend on this crate and on nothing of each other.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod db;
 pub mod error;
 pub mod feed;
@@ -26,6 +27,7 @@ pub mod rows;
 pub mod telemetry;
 pub mod verify;
 
+pub use commands::{Command, CommandStatus, NewCommand};
 pub use db::{Backend, Registry};
 pub use error::{Error, Result};
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};

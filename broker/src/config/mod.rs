@@ -115,6 +115,13 @@ value::settings! {
     max_topic_length: usize = 256;
     /// Most levels in a topic or filter (same treatment).
     max_topic_levels: usize = 8;
+    /// Time-to-live of a queued command without a `ttl=<secs>` topic level, seconds.
+    command_ttl_secs: u64 = 86_400;
+    /// Most open (unacknowledged, unexpired) commands per device; the oldest are dropped.
+    max_queued_commands: usize = 100;
+    /// Largest command payload accepted into the queue, bytes (the SDK's 2 KiB inbox holds a
+    /// command of this size with its topic); larger ones are refused (`too_large`).
+    max_command_bytes: usize = 1900;
     /// ACL refusals and limit hits are logged at most once per session per this interval,
     /// with a count of those not logged, seconds.
     log_interval_secs: f64 = 10.0;

@@ -58,6 +58,8 @@ pub(crate) struct State {
     acl_log: LogLimiter,
     limit_log: LogLimiter,
     next_pkid: u16,
+    /// The device's queued commands in flight in this session.
+    delivery: crate::commands::Delivery,
 }
 
 /// Runs `f` unless the session is kicked or the broker stops first (`cut` is the session's
@@ -101,6 +103,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>, conn: Conn) -> (CloseReason, Conn) {
         acl_log: LogLimiter::new(every),
         limit_log: LogLimiter::new(every),
         next_pkid: 0,
+        delivery: crate::commands::Delivery::default(),
     };
     let end = st.select_loop(ctx).await;
     (end, st.conn)
@@ -185,8 +188,16 @@ impl State {
                 }
                 p = self.inbox.next() => {
                     let mut p = *p;
+                    if self.delivery.active && p.qos == QoS::AtLeastOnce && self.is_own_command(ctx, &p.topic) {
+                        // A queued command was stored for this device: read the queue, in order.
+                        if let Err(end) = guarded(ctx, &mut cut, self.send_commands(ctx)).await {
+                            return end;
+                        }
+                        continue;
+                    }
                     if p.qos == QoS::AtLeastOnce {
-                        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+                        // 1..=32767: command packet ids are above (docs/spec/commands.md).
+                        self.next_pkid = if self.next_pkid >= 32_767 { 1 } else { self.next_pkid + 1 };
                         p.pkid = self.next_pkid;
                     }
                     if let Err(end) = guarded(ctx, &mut cut, self.conn.send(Packet::Publish(p))).await {
@@ -195,6 +206,21 @@ impl State {
                 }
             }
         }
+    }
+
+    /// A delivery on this device's own `devices/<id>/commands/...`?
+    fn is_own_command(&self, ctx: &Ctx<'_>, topic: &str) -> bool {
+        ctx.id.role == Role::Device
+            && crate::commands::parse(topic).is_some_and(|r| r.is_ok_and(|(d, _, _)| d == ctx.id.id))
+    }
+
+    /// Sends the device's queued commands that are due (within the in-flight window).
+    async fn send_commands(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
+        for p in self.delivery.due(ctx.shared, &ctx.id.id).await {
+            ctx.shared.metrics.messages_delivered.inc();
+            self.conn.send(Packet::Publish(p)).await?;
+        }
+        Ok(())
     }
 
     /// Counts a cap hit and logs it (rate-limited per session).
@@ -227,7 +253,12 @@ impl State {
             Packet::Unsubscribe(u) => self.unsubscribe(ctx, u).await,
             Packet::PingReq => self.conn.send(Packet::PingResp).await,
             Packet::Disconnect => Err(CloseReason::ClientGone),
-            Packet::PubAck(_) => Ok(()),
+            Packet::PubAck(a) => {
+                if self.delivery.acked(ctx.shared, a.pkid).await {
+                    self.send_commands(ctx).await?;
+                }
+                Ok(())
+            }
             Packet::Connect(_) => Err(CloseReason::SecondConnect),
             _ => Err(CloseReason::UnexpectedPacket),
         }
@@ -251,6 +282,12 @@ impl State {
         if auth::is_active_announcement(&ctx.id, &p.topic) {
             // The broker, not the device, says which certificate the session runs on.
             p.payload = ctx.id.serial.to_hex().into();
+        }
+        if ctx.id.role == Role::Service
+            && p.qos == QoS::AtLeastOnce
+            && crate::commands::parse(&p.topic).is_some()
+        {
+            return self.command(ctx, p).await;
         }
         // Routed first (subscribers get copies, here and on the other nodes), then the publish
         // itself moves to the store.
@@ -279,6 +316,31 @@ impl State {
             }
         } else if qos == QoS::AtLeastOnce {
             self.pending.push_back(Box::pin(async move { (pkid, true) }));
+        }
+        Ok(())
+    }
+
+    /// A service's QoS 1 command: stored (then routed, to wake the device's session) or refused
+    /// with a status; acknowledged either way unless the registry is down.
+    async fn command(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
+        let shared = ctx.shared;
+        let pkid = p.pkid;
+        match crate::commands::accept(shared, &ctx.id, &p).await {
+            crate::commands::Accepted::Queued => {
+                if let Err(refused) = shared.router.route(&p, &shared.metrics) {
+                    self.limit_hit(ctx, refused.limit(), &p.topic);
+                }
+                if let Some(cluster) = &shared.cluster {
+                    cluster.publish(&p).await;
+                }
+                self.pending.push_back(Box::pin(async move { (pkid, true) }));
+            }
+            crate::commands::Accepted::Refused => {
+                self.pending.push_back(Box::pin(async move { (pkid, true) }));
+            }
+            crate::commands::Accepted::Unavailable => {
+                self.pending.push_back(Box::pin(async move { (pkid, false) }));
+            }
         }
         Ok(())
     }
@@ -315,6 +377,15 @@ impl State {
             p.qos = QoS::AtMostOnce;
             p.retain = true;
             self.conn.send(Packet::Publish(p)).await?;
+        }
+        // Subscribed to its commands: the queue is delivered from now on (and what waits, now).
+        let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
+        if ctx.id.role == Role::Device
+            && !self.delivery.active
+            && self.subs.iter().any(|f| auth::matches(f, &probe))
+        {
+            self.delivery.active = true;
+            self.send_commands(ctx).await?;
         }
         Ok(())
     }

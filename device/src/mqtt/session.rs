@@ -14,6 +14,9 @@
 
 use heapless::{Deque, String, Vec};
 
+/// How many recent command packet ids a session remembers for de-duplication.
+const SEEN: usize = 16;
+
 /// The topic scheme, device side (docs/spec): a device publishes under `devices/<id>/<suffix>`
 /// and receives commands on `devices/<id>/commands/<name>`.
 mod topic {
@@ -172,6 +175,10 @@ pub struct Session<'a, const N: usize, const M: usize> {
     pending_puback: Option<u16>,
     attempt: u32,
     dropped: u32,
+    /// Packet ids of the last commands received (kept across reconnects): a retransmission
+    /// (DUP) of one of them is acknowledged again but not reported twice.
+    seen: [u16; SEEN],
+    seen_at: usize,
 }
 
 impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
@@ -192,6 +199,8 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             pending_puback: None,
             attempt: 0,
             dropped: 0,
+            seen: [0; SEEN],
+            seen_at: 0,
         }
     }
 
@@ -525,7 +534,19 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                     self.pending_puback = Some(id);
                 }
                 match self.command_name(p.topic) {
-                    Some(name) => Some(Event::Command { name, payload: p.payload }),
+                    Some(name) => match p.pkid {
+                        // The broker's queue re-sends an unacknowledged command with DUP and the
+                        // same packet id, also in a later session: the application saw it.
+                        Some(id) if p.dup && id != 0 && self.seen.contains(&id) => None,
+                        Some(id) => {
+                            if !self.seen.contains(&id) {
+                                self.seen[self.seen_at] = id;
+                                self.seen_at = (self.seen_at + 1) % SEEN;
+                            }
+                            Some(Event::Command { name, payload: p.payload })
+                        }
+                        None => Some(Event::Command { name, payload: p.payload }),
+                    },
                     None => self.certs_kind(p.topic).map(|kind| Event::Certs { kind, payload: p.payload }),
                 }
             }
@@ -744,6 +765,37 @@ mod tests {
         let bytes = buf[..n].to_vec();
         assert_eq!(feed(&mut c, &bytes), Some(Event::Certs { kind: "rejected", payload: b"no" }));
         assert_eq!(c.command_name("claims/batch-1/0123456789abcdef/commands/x"), None);
+    }
+
+    #[test]
+    fn a_retransmitted_command_is_acknowledged_again_but_reported_once_across_sessions() {
+        let mut s = connected();
+        let mut buf = [0u8; 64];
+        let mut cmd = |dup: bool, pkid: u16| {
+            let p = Publish {
+                topic: "devices/dev-1/commands/reboot",
+                payload: b"now",
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                dup,
+                pkid: Some(pkid),
+            };
+            let n = Packet::Publish(p).encode(&mut buf).unwrap();
+            buf[..n].to_vec()
+        };
+        let (first, again, other) = (cmd(false, 40_000), cmd(true, 40_000), cmd(true, 40_001));
+        assert_eq!(feed(&mut s, &first), Some(Event::Command { name: "reboot", payload: b"now" }));
+        assert_eq!(tx(&mut s, 2), vec![vec![0x40, 2, 0x9c, 0x40]]);
+        // The PUBACK was lost; a new session gets it again with DUP.
+        s.transport_down(Millis(3), 0);
+        s.transport_up(Millis(4));
+        tx(&mut s, 4);
+        feed(&mut s, &[0x20, 2, 0, 0]);
+        tx(&mut s, 5);
+        assert_eq!(feed(&mut s, &again), None, "reported twice");
+        assert_eq!(tx(&mut s, 6), vec![vec![0x40, 2, 0x9c, 0x40]], "acknowledged again");
+        // A DUP of a command never seen (its first delivery was lost) is reported.
+        assert_eq!(feed(&mut s, &other), Some(Event::Command { name: "reboot", payload: b"now" }));
     }
 
     #[test]

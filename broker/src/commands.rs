@@ -1,0 +1,254 @@
+//! The durable command queue, broker side (docs/spec/commands.md): a service's QoS 1 command is
+//! stored in the registry before its PUBACK, delivered to the device in order with a packet id
+//! fixed for the command's life, settled by the device's PUBACK, expired by its time-to-live;
+//! every status change is published on `status/devices/<id>/commands/<name>`.
+
+use std::time::Duration;
+
+use fleet_registry::{Command, CommandStatus, DeviceId, NewCommand, Role, Status};
+use rumqttc::mqttbytes::v4::Publish;
+use rumqttc::mqttbytes::QoS;
+use tracing::warn;
+
+use crate::auth::{Identity, COMMANDS, DEVICES};
+use crate::{now_millis, Shared};
+
+/// The first level of the services-only status topics.
+pub(crate) const STATUS: &str = "status";
+/// Most commands in flight to one device.
+pub(crate) const IN_FLIGHT: usize = 16;
+/// Longest time-to-live a `ttl=` level may ask for, seconds (30 days).
+const MAX_TTL_SECS: i64 = 30 * 86_400;
+
+/// The packet identifier of command `id`, the same in every session: 32768 + id mod 32767
+/// (other QoS 1 deliveries use 1..=32767).
+pub(crate) fn pkid_of(id: i64) -> u16 {
+    32_768 + id.rem_euclid(32_767) as u16
+}
+
+/// A parsed command topic: the device, the name, the time-to-live in seconds (`None`: default).
+pub(crate) type Target = (DeviceId, String, Option<i64>);
+
+/// A service's command topic `devices/<id>/commands/<name>[/ttl=<secs>]`, parsed. `Err` for a
+/// bad `ttl=`.
+pub(crate) fn parse(topic: &str) -> Option<Result<Target, &'static str>> {
+    let rest = topic.strip_prefix(DEVICES)?.strip_prefix('/')?;
+    let (device, rest) = rest.split_once('/')?;
+    let name = rest.strip_prefix(COMMANDS)?.strip_prefix('/')?;
+    let device = DeviceId::parse(device).ok()?;
+    let (name, ttl) = match name.rsplit_once('/') {
+        Some((n, last)) if last.starts_with("ttl=") => {
+            match last[4..].parse::<i64>().ok().filter(|t| (1..=MAX_TTL_SECS).contains(t)) {
+                Some(t) => (n, Some(t)),
+                None => return Some(Err("bad_ttl")),
+            }
+        }
+        _ => (name, None),
+    };
+    Some(Ok((device, name.to_owned(), ttl)))
+}
+
+/// Publishes a status change to the services (here and, in a cluster, on every node).
+pub(crate) async fn status(
+    shared: &Shared,
+    id: i64,
+    device: &str,
+    name: &str,
+    s: CommandStatus,
+    reason: Option<&str>,
+) {
+    shared.metrics.commands.with_label_values(&[s.as_str()]).inc();
+    let mut body = serde_json::json!({
+        "id": id, "device": device, "name": name, "status": s.as_str(), "at": now_millis(),
+    });
+    if let Some(r) = reason {
+        body["reason"] = serde_json::Value::from(r);
+    }
+    let topic = format!("{STATUS}/{DEVICES}/{device}/{COMMANDS}/{name}");
+    let p = Publish::new(topic, QoS::AtLeastOnce, body.to_string());
+    let _ = shared.router.route(&p, &shared.metrics);
+    if let Some(cluster) = &shared.cluster {
+        cluster.publish(&p).await;
+    }
+}
+
+/// What became of a service's command.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// Stored: route the publish so the device's session (on any node) reads the queue.
+    Queued,
+    /// Refused, status published: do not route it.
+    Refused,
+    /// The registry failed: withhold the PUBACK (the service retransmits).
+    Unavailable,
+}
+
+/// Stores a service's QoS 1 command (or refuses it, with a status).
+pub(crate) async fn accept(shared: &Shared, sender: &Identity, p: &Publish) -> Accepted {
+    let Some(parsed) = parse(&p.topic) else { return Accepted::Refused };
+    let raw_device = p.topic.split('/').nth(1).unwrap_or_default();
+    let (device, name, ttl) = match parsed {
+        Ok(x) => x,
+        Err(reason) => {
+            status(shared, 0, raw_device, "", CommandStatus::Refused, Some(reason)).await;
+            return Accepted::Refused;
+        }
+    };
+    let refuse = |reason| status(shared, 0, device.as_str(), &name, CommandStatus::Refused, Some(reason));
+    if p.payload.len() > shared.config.max_command_bytes {
+        refuse("too_large").await;
+        return Accepted::Refused;
+    }
+    match shared.registry.device(&device).await {
+        Ok(Some(d)) if d.role == Role::Device && d.status == Status::Active => {}
+        Ok(Some(d)) if d.status == Status::Revoked => {
+            refuse("revoked").await;
+            return Accepted::Refused;
+        }
+        Ok(_) => {
+            refuse("unknown_device").await;
+            return Accepted::Refused;
+        }
+        Err(e) => {
+            warn!(error = %e, "registry unavailable: command not stored");
+            return Accepted::Unavailable;
+        }
+    }
+    let ttl_ms = ttl.unwrap_or(shared.config.command_ttl_secs as i64).saturating_mul(1000);
+    let c = NewCommand {
+        device_id: &device,
+        name: &name,
+        payload: &p.payload,
+        sender: sender.id.as_str(),
+        now: now_millis(),
+        ttl_ms,
+    };
+    match shared.registry.enqueue_command(&c, shared.config.max_queued_commands).await {
+        Ok((id, dropped)) => {
+            status(shared, id, device.as_str(), &name, CommandStatus::Queued, None).await;
+            for d in dropped {
+                status(shared, d.id, &d.device_id, &d.name, CommandStatus::Dropped, Some("queue_full")).await;
+            }
+            Accepted::Queued
+        }
+        Err(e) => {
+            warn!(error = %e, "registry unavailable: command not stored");
+            Accepted::Unavailable
+        }
+    }
+}
+
+/// A device session's side of the queue: which commands are in flight in this session.
+#[derive(Debug, Default)]
+pub(crate) struct Delivery {
+    /// Delivery is on: the device subscribed to its commands.
+    pub(crate) active: bool,
+    /// packet id → command id.
+    in_flight: Vec<(u16, i64)>,
+    /// Highest command id sent in this session.
+    last_sent: i64,
+}
+
+impl Delivery {
+    /// The commands to send now (in order), each marked as sent; statuses published.
+    pub(crate) async fn due(&mut self, shared: &Shared, device: &DeviceId) -> Vec<Publish> {
+        let room = IN_FLIGHT.saturating_sub(self.in_flight.len());
+        if !self.active || room == 0 {
+            return Vec::new();
+        }
+        let now = now_millis();
+        let open = match shared.registry.open_commands(device, self.last_sent, now, room as i64).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%device, error = %e, "cannot read the command queue");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(open.len());
+        for c in open {
+            out.push(self.send(shared, c).await);
+        }
+        out
+    }
+
+    async fn send(&mut self, shared: &Shared, c: Command) -> Publish {
+        let pkid = pkid_of(c.id);
+        let mut p = Publish::new(
+            format!("{DEVICES}/{}/{COMMANDS}/{}", c.device_id, c.name),
+            QoS::AtLeastOnce,
+            c.payload,
+        );
+        p.pkid = pkid;
+        p.dup = c.attempts > 0;
+        match shared.registry.command_sent(c.id, now_millis()).await {
+            Ok(true) => status(shared, c.id, &c.device_id, &c.name, CommandStatus::Delivered, None).await,
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "cannot record a command delivery"),
+        }
+        self.in_flight.retain(|(k, _)| *k != pkid);
+        self.in_flight.push((pkid, c.id));
+        self.last_sent = self.last_sent.max(c.id);
+        p
+    }
+
+    /// The device's PUBACK for `pkid`: settles the command if it is one. Returns whether it was.
+    pub(crate) async fn acked(&mut self, shared: &Shared, pkid: u16) -> bool {
+        let Some(i) = self.in_flight.iter().position(|(k, _)| *k == pkid) else { return false };
+        let (_, id) = self.in_flight.remove(i);
+        match shared.registry.command_acknowledged(id, now_millis()).await {
+            Ok(Some(c)) => {
+                status(shared, c.id, &c.device_id, &c.name, CommandStatus::Acknowledged, None).await
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot record a command acknowledgement"),
+        }
+        true
+    }
+}
+
+/// Expires commands past their time-to-live, every second, and counts the pending ones.
+pub(crate) async fn sweep(shared: std::sync::Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.registry.expire_commands(now_millis()).await {
+            Ok(expired) => {
+                for c in expired {
+                    status(&shared, c.id, &c.device_id, &c.name, CommandStatus::Expired, None).await;
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot expire commands"),
+        }
+        if let Ok(n) = shared.registry.open_command_count().await {
+            shared.metrics.commands_pending.set(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_names_and_ttls() {
+        let ok = |t: &str| parse(t).and_then(Result::ok).map(|(d, n, ttl)| (d.to_string(), n, ttl));
+        assert_eq!(ok("devices/dev-1/commands/blink"), Some(("dev-1".into(), "blink".into(), None)));
+        assert_eq!(
+            ok("devices/dev-1/commands/fw/update/ttl=60"),
+            Some(("dev-1".into(), "fw/update".into(), Some(60)))
+        );
+        assert_eq!(parse("devices/dev-1/commands/blink/ttl=0"), Some(Err("bad_ttl")));
+        assert_eq!(parse("devices/dev-1/commands/blink/ttl=x"), Some(Err("bad_ttl")));
+        assert_eq!(parse("devices/dev-1/commands/blink/ttl=99999999"), Some(Err("bad_ttl")));
+        assert!(parse("devices/dev-1/telemetry").is_none());
+        assert!(parse("devices/BAD/commands/x").is_none());
+        // Command packet ids never collide with the session's own (1..=32767), and stay put.
+        for id in [1, 2, 32_766, 32_767, 32_768, i64::MAX] {
+            assert!(pkid_of(id) >= 32_768);
+        }
+        assert_eq!(pkid_of(5), pkid_of(5 + 32_767));
+    }
+}

@@ -1,0 +1,202 @@
+//! The durable command queue (issue 16, docs/spec/commands.md) with the real broker: a command
+//! sent while the device is offline arrives on its next connect exactly once at the application
+//! (the SDK, through fleet-sim), and the sender sees queued → delivered → acknowledged; a command
+//! whose TTL passes is never delivered and is reported expired; a full queue drops the oldest; a
+//! command for an unknown or revoked device, or too large, is refused with a status; a kill -9 of
+//! the broker loses no stored command.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::QoS;
+
+fn sim() -> PathBuf {
+    fleet_tests::workspace_bin_dir(&["fleet-sim", "fleet-broker"]).join("fleet-sim")
+}
+
+/// A service session subscribed to every command status.
+async fn service(broker: &BrokerProc, fleet: &Fleet) -> Raw {
+    let mut s = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(
+        connack_code(&s.mqtt_connect("backend", 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+    );
+    subscribe(&mut s, "status/devices/+/commands/#", 1).await;
+    s
+}
+
+type Seen = Vec<(String, String, String)>;
+
+/// Records a status message (name, status, reason) and acknowledges it.
+async fn record(s: &mut Raw, p: &Publish, out: &mut Seen) {
+    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    out.push((
+        v["name"].as_str().unwrap_or_default().to_owned(),
+        v["status"].as_str().unwrap_or_default().to_owned(),
+        v["reason"].as_str().unwrap_or_default().to_owned(),
+    ));
+    if p.qos == QoS::AtLeastOnce {
+        s.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid))).await.unwrap();
+    }
+}
+
+/// Sends a QoS 1 command and waits for its PUBACK (the command is stored by then); status
+/// messages arriving meanwhile go to `seen`.
+async fn send(s: &mut Raw, seen: &mut Seen, topic: &str, payload: &[u8], pkid: u16) {
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    p.pkid = pkid;
+    s.send(Packet::Publish(p)).await.unwrap();
+    loop {
+        match s.recv(Duration::from_secs(5)).await {
+            Some(Packet::PubAck(a)) if a.pkid == pkid => return,
+            Some(Packet::Publish(p)) => record(s, &p, seen).await,
+            Some(_) => continue,
+            None => panic!("no PUBACK for the command on {topic}"),
+        }
+    }
+}
+
+/// Waits `within` for status messages; returns every one seen so far.
+async fn statuses(s: &mut Raw, seen: &mut Seen, within: Duration) -> Seen {
+    let t = std::time::Instant::now();
+    while t.elapsed() < within {
+        match s.recv(within - t.elapsed()).await {
+            Some(Packet::Publish(p)) => record(s, &p, seen).await,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    seen.clone()
+}
+
+fn run_sim(fleet: &Fleet, port: &str, secs: u32) -> String {
+    let out = Command::new(sim())
+        .args(["run", "--port", port, "--duration", &secs.to_string(), "--rate", "1"])
+        .arg("--devices")
+        .arg(fleet.dir.path().join("devices"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The COMMANDS column of a device's line in fleet-sim's table.
+fn commands_seen(out: &str, device: &str) -> u32 {
+    let line = out.lines().find(|l| l.starts_with(device)).unwrap_or_else(|| panic!("{device} not in {out}"));
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_sent_while_the_device_sleeps_arrives_once_on_its_next_connect() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut svc = service(&broker, &fleet).await;
+    let mut seen = Seen::new();
+    let dev = fleet.id(0);
+    send(&mut svc, &mut seen, &format!("devices/{dev}/commands/blink"), b"3", 10).await;
+    send(&mut svc, &mut seen, &format!("devices/{dev}/commands/reboot"), b"now", 11).await;
+    let queued = statuses(&mut svc, &mut seen, Duration::from_millis(500)).await;
+    assert_eq!(queued.iter().filter(|s| s.1 == "queued").count(), 2, "{queued:?}");
+    // The device wakes up: both, in order, once each (fleet-sim acknowledges each on acks/<name>).
+    let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 3));
+    assert_eq!(commands_seen(&out, &dev), 2, "{out}");
+    assert_eq!(commands_seen(&out, &fleet.id(1)), 0, "{out}");
+    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(500)).await;
+    let of = |name: &str| seen.iter().filter(|s| s.0 == name).map(|s| s.1.clone()).collect::<Vec<_>>();
+    assert_eq!(of("blink"), vec!["queued", "delivered", "acknowledged"], "{seen:?}");
+    assert_eq!(of("reboot"), vec!["queued", "delivered", "acknowledged"], "{seen:?}");
+    let acks: Vec<_> =
+        fleet.telemetry_rows(&dev).await.into_iter().filter(|r| r.0.contains("/acks/")).collect();
+    assert_eq!(
+        acks.iter().map(|r| r.0.rsplit('/').next().unwrap().to_owned()).collect::<Vec<_>>(),
+        ["blink", "reboot"]
+    );
+    // Settled: the next wake-up brings nothing again.
+    let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 2));
+    assert_eq!(commands_seen(&out, &dev), 0, "{out}");
+    assert!(broker.metric("fleet_commands_total{status=\"acknowledged\"}").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_command_is_never_delivered_and_a_full_queue_drops_the_oldest() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-queued-commands", "3"]);
+    let mut svc = service(&broker, &fleet).await;
+    let mut seen = Seen::new();
+    let dev = fleet.id(0);
+    send(&mut svc, &mut seen, &format!("devices/{dev}/commands/soon/ttl=1"), b"x", 1).await;
+    for (i, name) in ["c1", "c2", "c3", "c4"].iter().enumerate() {
+        send(&mut svc, &mut seen, &format!("devices/{dev}/commands/{name}"), b"y", 2 + i as u16).await;
+    }
+    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(2500)).await;
+    let is = |name: &str, st: &str| seen.iter().any(|s| s.0 == name && s.1 == st);
+    // Queue of 3: "soon" and "c1" dropped as the 4th and 5th arrived ("soon" may expire first).
+    assert!(is("c1", "dropped"), "{seen:?}");
+    assert!(is("soon", "dropped") || is("soon", "expired"), "{seen:?}");
+    assert!(seen.iter().any(|s| s.1 == "dropped" && s.2 == "queue_full"), "{seen:?}");
+    let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 3));
+    assert_eq!(commands_seen(&out, &dev), 3, "{out}");
+    let acks: Vec<String> = fleet
+        .telemetry_rows(&dev)
+        .await
+        .into_iter()
+        .filter(|r| r.0.contains("/acks/"))
+        .map(|r| r.0.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(acks, ["c2", "c3", "c4"]);
+
+    // A TTL that passes while the device is away: expired, never delivered.
+    send(&mut svc, &mut seen, &format!("devices/{dev}/commands/late/ttl=1"), b"z", 9).await;
+    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(2500)).await;
+    assert!(seen.iter().any(|s| s.0 == "late" && s.1 == "expired"), "{seen:?}");
+    let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 2));
+    assert_eq!(commands_seen(&out, &dev), 0, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_for_unknown_or_revoked_devices_or_too_large_are_refused_with_a_reason() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-command-bytes", "100"]);
+    let mut svc = service(&broker, &fleet).await;
+    let mut seen = Seen::new();
+    fleet.revoke(1).await;
+    send(&mut svc, &mut seen, "devices/dev-nosuchdevice/commands/x", b"1", 1).await;
+    send(&mut svc, &mut seen, &format!("devices/{}/commands/x", fleet.id(1)), b"1", 2).await;
+    send(&mut svc, &mut seen, &format!("devices/{}/commands/x", fleet.id(0)), &[7u8; 101], 3).await;
+    send(&mut svc, &mut seen, &format!("devices/{}/commands/x/ttl=0", fleet.id(0)), b"1", 4).await;
+    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(1000)).await;
+    let reasons: Vec<&str> = seen.iter().filter(|s| s.1 == "refused").map(|s| s.2.as_str()).collect();
+    assert_eq!(reasons, ["unknown_device", "revoked", "too_large", "bad_ttl"], "{seen:?}");
+    assert!(!seen.iter().any(|s| s.1 == "queued"), "{seen:?}");
+    assert_eq!(broker.metric("fleet_commands_total{status=\"refused\"}").await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_killed_with_queued_commands_loses_none_and_delivers_none_twice() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let port = broker.mqtt.port();
+    let mut svc = service(&broker, &fleet).await;
+    let mut seen = Seen::new();
+    let dev = fleet.id(0);
+    for i in 0..5u16 {
+        send(&mut svc, &mut seen, &format!("devices/{dev}/commands/n{i}"), b"p", 20 + i).await;
+    }
+    broker.kill9();
+    let broker = BrokerProc::start_on(&fleet, port, &[]);
+    let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 3));
+    assert_eq!(commands_seen(&out, &dev), 5, "{out}");
+    let acks: Vec<String> = fleet
+        .telemetry_rows(&dev)
+        .await
+        .into_iter()
+        .filter(|r| r.0.contains("/acks/"))
+        .map(|r| r.0.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(acks, ["n0", "n1", "n2", "n3", "n4"]);
+}
