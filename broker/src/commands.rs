@@ -206,7 +206,8 @@ impl Delivery {
     }
 }
 
-/// Expires commands past their time-to-live, every second, and counts the pending ones.
+/// Every second: expires commands past their time-to-live, counts the pending ones, and
+/// forgets persistent sessions past their expiry.
 pub(crate) async fn sweep(shared: std::sync::Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -225,6 +226,11 @@ pub(crate) async fn sweep(shared: std::sync::Arc<Shared>) {
         if let Ok(n) = shared.registry.open_command_count().await {
             shared.metrics.commands_pending.set(n);
         }
+        // Persistent sessions whose clients stayed away too long.
+        for p in shared.parked.expire(std::time::Instant::now()) {
+            crate::session::park::discard(&shared, p);
+        }
+        shared.metrics.sessions_parked.set(shared.parked.len() as i64);
     }
 }
 

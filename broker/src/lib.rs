@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     /// The NATS connection of a cluster member (`None`: a single node).
     pub(crate) cluster: Option<cluster::Cluster>,
     pub(crate) sessions: session::table::Sessions,
+    /// Persistent sessions whose clients are away.
+    pub(crate) parked: session::park::ParkedSessions,
     /// Registry verdicts of active certificates (admission without a database round trip).
     pub(crate) admissions: session::admit::AdmissionCache,
     pub(crate) metrics: Metrics,
@@ -158,6 +160,7 @@ impl Broker {
             })),
             cluster,
             sessions: Default::default(),
+            parked: Default::default(),
             admissions: Default::default(),
             metrics,
             shutdown: CancellationToken::new(),

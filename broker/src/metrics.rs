@@ -65,6 +65,8 @@ pub struct Metrics {
     pub(crate) commands: IntCounterVec,
     /// Commands not yet final (queued or delivered), as last counted.
     pub(crate) commands_pending: IntGauge,
+    /// Persistent sessions kept for clients that are away.
+    pub(crate) sessions_parked: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -154,6 +156,7 @@ impl Metrics {
             ),
             commands: cv("commands_total", "Queued-command status transitions", &["status"]),
             commands_pending: g("commands_pending", "Commands not yet acknowledged, expired or dropped"),
+            sessions_parked: g("sessions_parked", "Persistent sessions kept while their clients are away"),
             registry: r,
         }
     }

@@ -200,3 +200,117 @@ async fn a_broker_killed_with_queued_commands_loses_none_and_delivers_none_twice
         .collect();
     assert_eq!(acks, ["n0", "n1", "n2", "n3", "n4"]);
 }
+
+/// A raw CONNECT with the clean-session flag; returns (accepted, session present).
+async fn connect_with(c: &mut Raw, client_id: &str, clean: bool) -> (bool, bool) {
+    let mut conn = rumqttc::mqttbytes::v4::Connect::new(client_id);
+    conn.keep_alive = 30;
+    conn.clean_session = clean;
+    c.send(Packet::Connect(conn)).await.unwrap();
+    match c.recv(Duration::from_secs(5)).await {
+        Some(Packet::ConnAck(a)) => {
+            (a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success, a.session_present)
+        }
+        other => panic!("no CONNACK: {other:?}"),
+    }
+}
+
+/// MQTT 3.1.1 persistent sessions: with clean session = 0 the broker keeps the subscriptions
+/// and the QoS 1 messages routed while the client is away; the next clean-session-0 CONNACK says
+/// session present and the messages arrive without a new SUBSCRIBE; clean session = 1 discards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persistent_session_keeps_subscriptions_and_messages_while_the_client_is_away() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let dev = fleet.id(0);
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false));
+    subscribe(&mut svc, "devices/+/telemetry", 1).await;
+    svc.send(Packet::Disconnect).await.unwrap();
+    drop(svc);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+    // The device publishes while the service is away.
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(connect_with(&mut d, &dev, true).await.0);
+    for i in 0..3u16 {
+        let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![i as u8]);
+        p.pkid = 1 + i;
+        d.send(Packet::Publish(p)).await.unwrap();
+        assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    }
+    // Back with clean session = 0: present, and the three messages without a SUBSCRIBE.
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, true));
+    let mut got = Vec::new();
+    while let Some(p) = next_publish(&mut svc, Duration::from_secs(2)).await {
+        got.push(p.payload.to_vec());
+        svc.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid))).await.unwrap();
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(got, vec![vec![0u8], vec![1], vec![2]]);
+    // An unacknowledged delivery is sent again with DUP and its packet id in the next session.
+    let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![9]);
+    p.pkid = 9;
+    d.send(Packet::Publish(p)).await.unwrap();
+    let first = next_publish(&mut svc, Duration::from_secs(3)).await.expect("live delivery");
+    drop(svc); // no PUBACK
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, true));
+    let again = next_publish(&mut svc, Duration::from_secs(3)).await.expect("redelivery");
+    assert_eq!((again.pkid, again.dup, &again.payload[..]), (first.pkid, true, &[9u8][..]));
+    svc.send(Packet::Disconnect).await.unwrap();
+    drop(svc);
+    // Clean session = 1 discards what was kept.
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", true).await, (true, false));
+}
+
+/// Interop: `mosquitto_sub -c` (clean session off) gets the messages published while it was
+/// away, as from Mosquitto.
+#[tokio::test(flavor = "multi_thread")]
+async fn mosquitto_sub_with_a_persistent_session_gets_what_was_published_while_away() {
+    let subbin = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
+    let pubbin = fleet_tests::require_program("mosquitto_pub", "mosquitto-clients");
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (d, svc) = (&fleet.devices[0], &fleet.service);
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let sub = |extra: &[&str]| {
+        Command::new(&subbin)
+            .args(["-h", "localhost", "-p", &broker.port(), "--cafile", &s(&svc.join("broker-trust.pem"))])
+            .args(["--cert", &s(&svc.join("cert.pem")), "--key", &s(&svc.join("key.pem")), "-i", "backend"])
+            .args(["-c", "-q", "1", "-t", "devices/+/telemetry", "-v"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Subscribe with a persistent session, then leave.
+    let first = tokio::task::block_in_place(|| sub(&["-E"]));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    for i in 0..2 {
+        let out = Command::new(&pubbin)
+            .args(["-h", "localhost", "-p", &broker.port(), "--cafile", &s(&d.join("broker-trust.pem"))])
+            .args(["--cert", &s(&d.join("cert.pem")), "--key", &s(&d.join("key.pem")), "-i", &fleet.id(0)])
+            .args([
+                "-q",
+                "1",
+                "-t",
+                &format!("devices/{}/telemetry", fleet.id(0)),
+                "-m",
+                &format!("away-{i}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let back = tokio::task::block_in_place(|| sub(&["-C", "2", "-W", "10"]));
+    let text = String::from_utf8_lossy(&back.stdout);
+    assert!(
+        text.contains("away-0") && text.contains("away-1"),
+        "{text}{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+}

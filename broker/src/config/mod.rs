@@ -115,6 +115,9 @@ value::settings! {
     max_topic_length: usize = 256;
     /// Most levels in a topic or filter (same treatment).
     max_topic_levels: usize = 8;
+    /// How long a persistent session (clean session = 0) is kept after its client left,
+    /// seconds.
+    session_expiry_secs: u64 = 86_400;
     /// Time-to-live of a queued command without a `ttl=<secs>` topic level, seconds.
     command_ttl_secs: u64 = 86_400;
     /// Most open (unacknowledged, unexpired) commands per device; the oldest are dropped.

@@ -31,6 +31,8 @@ pub(crate) struct Refused {
 pub(crate) struct Bound {
     pub(crate) id: Identity,
     pub(crate) keep_alive: Duration,
+    /// MQTT clean session (false: a persistent session).
+    pub(crate) clean: bool,
 }
 
 /// Reads the CONNECT and binds it to the admission's identity.
@@ -63,7 +65,7 @@ pub(crate) async fn bind(
         return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
     }
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    Ok(Bound { id, keep_alive })
+    Ok(Bound { id, keep_alive, clean: connect.clean_session })
 }
 
 impl Refused {

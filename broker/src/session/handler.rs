@@ -22,6 +22,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::warn;
 
 use super::conn::{Conn, IDLE_RELEASE};
+use super::park::Parked;
 use super::table::Kick;
 use crate::auth::{self, Identity};
 use crate::inbox::Inbox;
@@ -60,7 +61,15 @@ pub(crate) struct State {
     next_pkid: u16,
     /// The device's queued commands in flight in this session.
     delivery: crate::commands::Delivery,
+    /// The router key of this session's subscriptions (a resumed session keeps its first one).
+    router_id: u64,
+    /// A persistent session (clean session = 0) tracks its unacknowledged QoS 1 deliveries.
+    persistent: bool,
+    in_flight: Vec<Publish>,
 }
+
+/// Most unacknowledged QoS 1 deliveries a persistent session has out before it waits.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Runs `f` unless the session is kicked or the broker stops first (`cut` is the session's
 /// [`Kick::cut_done`], made once per session: the kick is a child of the shutdown token, so one
@@ -90,26 +99,77 @@ fn expiry_check_at(not_after: i64) -> Instant {
     Instant::now() + Duration::from_millis(left).min(EXPIRY_RECHECK)
 }
 
-/// Runs the session until it ends; returns why, and the connection to close. The CONNACK has
-/// been sent.
-pub(crate) async fn run(ctx: &Ctx<'_>, conn: Conn) -> (CloseReason, Conn) {
-    let inbox = Arc::new(Inbox::new(ctx.shared.config.max_queued_messages));
+/// Runs the session until it ends; returns why, the connection to close, and what a persistent
+/// session keeps. The CONNACK has been sent. `resumed`: the kept state of a persistent session.
+pub(crate) async fn run(
+    ctx: &Ctx<'_>,
+    conn: Conn,
+    resumed: Option<Parked>,
+    persistent: bool,
+) -> (CloseReason, Conn, Parked) {
     let every = ctx.shared.config.log_interval();
+    let (inbox, subs, in_flight, router_id) = match resumed {
+        Some(p) => (p.inbox, p.subs, p.in_flight, p.router_id),
+        None => (
+            Arc::new(Inbox::new(ctx.shared.config.max_queued_messages)),
+            HashSet::new(),
+            Vec::new(),
+            ctx.conn_id,
+        ),
+    };
     let mut st = State {
         conn,
         inbox,
         pending: FuturesOrdered::new(),
-        subs: HashSet::new(),
+        subs,
         acl_log: LogLimiter::new(every),
         limit_log: LogLimiter::new(every),
-        next_pkid: 0,
+        next_pkid: in_flight.iter().map(|p| p.pkid).filter(|&k| k < 32_768).max().unwrap_or(0),
         delivery: crate::commands::Delivery::default(),
+        router_id,
+        persistent,
+        in_flight,
     };
-    let end = st.select_loop(ctx).await;
-    (end, st.conn)
+    let end = match st.resume(ctx).await {
+        Ok(()) => st.select_loop(ctx).await,
+        Err(end) => end,
+    };
+    let kept = Parked {
+        router_id: st.router_id,
+        inbox: st.inbox,
+        subs: st.subs,
+        in_flight: st.in_flight,
+        expires: Instant::now().into_std(),
+    };
+    (end, st.conn, kept)
 }
 
 impl State {
+    /// A resumed persistent session: its unacknowledged deliveries again (DUP, same packet
+    /// ids), and its queued commands if it kept their subscription.
+    async fn resume(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
+        for p in &mut self.in_flight {
+            p.dup = true;
+        }
+        for p in self.in_flight.clone() {
+            self.conn.send(Packet::Publish(p)).await?;
+        }
+        self.start_commands_if_subscribed(ctx).await
+    }
+
+    /// Delivery of the queue starts once the device holds a subscription to its commands.
+    async fn start_commands_if_subscribed(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
+        let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
+        if ctx.id.role == Role::Device
+            && !self.delivery.active
+            && self.subs.iter().any(|f| auth::matches(f, &probe))
+        {
+            self.delivery.active = true;
+            self.send_commands(ctx).await?;
+        }
+        Ok(())
+    }
+
     async fn select_loop(&mut self, ctx: &Ctx<'_>) -> CloseReason {
         // MQTT 3.1.1 §3.1.2.10: the server closes after 1.5 keep-alive periods without a packet.
         let grace = ctx.keep_alive.mul_f64(1.5);
@@ -186,7 +246,7 @@ impl State {
                     }
                     idle_at = Instant::now() + IDLE_RELEASE;
                 }
-                p = self.inbox.next() => {
+                p = self.inbox.next(), if !self.persistent || self.in_flight.len() < MAX_IN_FLIGHT => {
                     let mut p = *p;
                     if self.delivery.active && p.qos == QoS::AtLeastOnce && self.is_own_command(ctx, &p.topic) {
                         // A queued command was stored for this device: read the queue, in order.
@@ -199,6 +259,9 @@ impl State {
                         // 1..=32767: command packet ids are above (docs/spec/commands.md).
                         self.next_pkid = if self.next_pkid >= 32_767 { 1 } else { self.next_pkid + 1 };
                         p.pkid = self.next_pkid;
+                        if self.persistent {
+                            self.in_flight.push(p.clone());
+                        }
                     }
                     if let Err(end) = guarded(ctx, &mut cut, self.conn.send(Packet::Publish(p))).await {
                         return end;
@@ -254,6 +317,7 @@ impl State {
             Packet::PingReq => self.conn.send(Packet::PingResp).await,
             Packet::Disconnect => Err(CloseReason::ClientGone),
             Packet::PubAck(a) => {
+                self.in_flight.retain(|p| p.pkid != a.pkid);
                 if self.delivery.acked(ctx.shared, a.pkid).await {
                     self.send_commands(ctx).await?;
                 }
@@ -363,7 +427,7 @@ impl State {
                 codes.push(SubscribeReasonCode::Failure);
             } else {
                 let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                retained.extend(shared.router.subscribe(ctx.conn_id, &f.path, qos, self.inbox.clone()));
+                retained.extend(shared.router.subscribe(self.router_id, &f.path, qos, self.inbox.clone()));
                 if self.subs.insert(f.path.clone()) {
                     if let Some(cluster) = &shared.cluster {
                         cluster.watch(&f.path, &shared.router, &shared.metrics).await;
@@ -392,7 +456,7 @@ impl State {
 
     async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
         for f in &u.topics {
-            ctx.shared.router.unsubscribe(ctx.conn_id, f);
+            ctx.shared.router.unsubscribe(self.router_id, f);
             if self.subs.remove(f) {
                 if let Some(cluster) = &ctx.shared.cluster {
                     cluster.unwatch(f);

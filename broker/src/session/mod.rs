@@ -13,6 +13,7 @@ pub(crate) mod admit;
 pub(crate) mod conn;
 pub(crate) mod connect;
 pub(crate) mod handler;
+pub(crate) mod park;
 pub(crate) mod table;
 
 use std::net::SocketAddr;
@@ -126,7 +127,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     shared.metrics.accepted();
     shared.metrics.sessions_live.inc();
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
-    let live = Live { shared, conn, id, conn_id, keep_alive: bound.keep_alive, kick, claim: _claim, slot };
+    let live = Live {
+        shared,
+        conn,
+        id,
+        conn_id,
+        keep_alive: bound.keep_alive,
+        clean: bound.clean,
+        kick,
+        claim: _claim,
+        slot,
+    };
     tracker.spawn(live.run());
 }
 
@@ -137,6 +148,8 @@ struct Live {
     id: crate::auth::Identity,
     conn_id: u64,
     keep_alive: Duration,
+    /// MQTT clean session (false: keep the session when the client leaves).
+    clean: bool,
     kick: Kick,
     /// Held while the session lives (a cluster member listens for takeovers).
     claim: Option<crate::cluster::ClaimGuard>,
@@ -147,21 +160,46 @@ struct Live {
 impl Live {
     /// CONNACK, the session loop, then the clean-up.
     async fn run(self) {
-        let Live { shared, mut conn, id, conn_id, keep_alive, kick, claim, slot } = self;
+        let Live { shared, mut conn, id, conn_id, keep_alive, clean, kick, claim, slot } = self;
         let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive, kick };
+        let key = ctx.id.session_key();
+        // Clean session: whatever was kept goes. Otherwise the kept session resumes (present).
+        let kept = shared.parked.take(&key);
+        let resumed = match (clean, kept) {
+            (true, Some(old)) => {
+                park::discard(&shared, old);
+                None
+            }
+            (_, kept) => kept,
+        };
+        let present = resumed.is_some();
         // Not a `match` scrutinee: the CONNACK's write future would then live (and take room
         // in this task) as long as the session. The loop is not boxed: a box per session costs
         // more than the room it would save.
-        let connack = conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await;
-        let (end, mut conn) = match connack {
-            Ok(()) => handler::run(&ctx, conn).await,
-            Err(end) => (end, conn),
-        };
-        let filters = shared.router.remove_connection(conn_id);
-        if let Some(cluster) = &shared.cluster {
-            for f in &filters {
-                cluster.unwatch(f);
+        let connack = conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, present))).await;
+        let (end, mut conn, mut state) = match connack {
+            Ok(()) => handler::run(&ctx, conn, resumed, !clean).await,
+            Err(end) => {
+                let state = resumed.unwrap_or_else(|| park::Parked {
+                    router_id: conn_id,
+                    inbox: std::sync::Arc::new(crate::inbox::Inbox::new(1)),
+                    subs: Default::default(),
+                    in_flight: Vec::new(),
+                    expires: std::time::Instant::now(),
+                });
+                (end, conn, state)
             }
+        };
+        let keep = !clean
+            // A takeover's new session is already live (and started without this state).
+            && !matches!(end, CloseReason::Revoked | CloseReason::CertExpired | CloseReason::Takeover)
+            && !shared.shutdown.is_cancelled();
+        if keep {
+            state.expires =
+                std::time::Instant::now() + Duration::from_secs(shared.config.session_expiry_secs);
+            shared.parked.park(key, state);
+        } else {
+            park::discard(&shared, state);
         }
         shared.sessions.remove(&ctx.id.session_key(), conn_id);
         shared.metrics.sessions_live.dec();

@@ -70,6 +70,9 @@ pub struct SessionConfig {
     pub backoff_max_ms: u64,
     /// Outbox overflow policy.
     pub overflow: Overflow,
+    /// MQTT clean session. `false` asks the broker to keep the session (subscriptions, queued
+    /// QoS 1 messages) while the device sleeps (docs/spec/commands.md).
+    pub clean_session: bool,
 }
 
 impl Default for SessionConfig {
@@ -80,6 +83,7 @@ impl Default for SessionConfig {
             backoff_min_ms: 500,
             backoff_max_ms: 60_000,
             overflow: Overflow::DropOldest,
+            clean_session: true,
         }
     }
 }
@@ -353,7 +357,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 let p = Packet::Connect {
                     client_id: self.device_id,
                     keep_alive: self.cfg.keep_alive_secs,
-                    clean_session: true,
+                    clean_session: self.cfg.clean_session,
                 };
                 self.state = State::Connecting { sent_at: Some(now) };
                 p.encode(out).map_err(SessionError::Encode)?
