@@ -645,7 +645,12 @@ fn db_roles_prints_least_privilege_grants_and_refuses_sqlite() {
     let sql = st.ok(&["db-roles", "--print", "--broker-role", "ingest"]);
     assert!(sql.contains("GRANT SELECT ON devices, certificates, _sqlx_migrations TO ingest;"), "{sql}");
     assert!(sql.contains("GRANT INSERT ON telemetry TO ingest;"), "{sql}");
-    assert!(!sql.contains("UPDATE") && !sql.contains("issuance_log"), "{sql}");
+    // The broker settles commands (status updates) and may touch nothing else: no UPDATE
+    // outside `commands`, never the issuance log.
+    assert!(sql.contains("GRANT SELECT, INSERT, UPDATE ON commands TO ingest;"), "{sql}");
+    let updates: Vec<&str> = sql.lines().filter(|l| l.contains("UPDATE")).collect();
+    assert_eq!(updates, ["GRANT SELECT, INSERT, UPDATE ON commands TO ingest;"], "{sql}");
+    assert!(!sql.contains("issuance_log") && !sql.contains("DELETE"), "{sql}");
     assert!(st.fails(&["db-roles"]).contains("PostgreSQL"));
     assert!(st
         .fails(&["db-roles", "--print", "--broker-role", "x; DROP TABLE devices"])
