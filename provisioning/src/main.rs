@@ -306,6 +306,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A device's commands (newest first) and their status: queued, delivered, acknowledged,
+    /// expired or dropped (see docs/spec/commands.md). Refused commands are never stored: the
+    /// sender got the refusal on its status topic.
+    Commands {
+        /// The device.
+        device_id: String,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+        /// JSON output (one array; payloads as UTF-8 text, or hex when they are not).
+        #[arg(long)]
+        json: bool,
+    },
     /// PostgreSQL least privilege: create (if missing) and grant a role for the brokers that
     /// can read devices and certificates and insert telemetry, and nothing else (no UPDATE of
     /// a certificate or device row, no issuance-log or CRL-state access). Run it as the schema
@@ -632,6 +645,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         c.revocation_reason.as_deref().map(|r| format!("  reason:{r}")).unwrap_or_default()
                     );
                 }
+            }
+        }
+        Command::Commands { device_id, limit, json } => {
+            let s = Station::open(home, db).await?;
+            let cmds = s.commands(&DeviceId::parse(&device_id)?, limit).await?;
+            let ms = |t: i64| fmt_time(t.div_euclid(1000));
+            if json {
+                let v: Vec<_> = cmds
+                    .iter()
+                    .map(|c| {
+                        let payload = match std::str::from_utf8(&c.payload) {
+                            Ok(t) => serde_json::json!({ "text": t }),
+                            Err(_) => serde_json::json!({ "hex": hex::encode(&c.payload) }),
+                        };
+                        serde_json::json!({
+                            "id": c.id, "name": c.name, "status": c.status.as_str(), "sender": c.sender,
+                            "created_at": ms(c.created_at), "expires_at": ms(c.expires_at),
+                            "attempts": c.attempts, "payload": payload,
+                        })
+                    })
+                    .collect();
+                say!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for c in &cmds {
+                    say!(
+                        "{:>8}  {:<12}  {:<24}  sent {}  expires {}  attempts {}  from {}  {} bytes",
+                        c.id,
+                        c.status.as_str(),
+                        c.name,
+                        ms(c.created_at),
+                        ms(c.expires_at),
+                        c.attempts,
+                        c.sender,
+                        c.payload.len()
+                    );
+                }
+                say!("{} commands", cmds.len());
             }
         }
         Command::DbRoles { broker_role, print } => {

@@ -533,6 +533,14 @@ impl Station {
         Ok(DeviceReport { device, certificates })
     }
 
+    /// A device's newest `limit` commands, newest first (the device must exist).
+    pub async fn commands(&self, id: &DeviceId, limit: i64) -> Result<Vec<fleet_registry::Command>> {
+        if self.registry.device(id).await?.is_none() {
+            return Err(Error::from(fleet_registry::Error::UnknownDevice(id.to_string())));
+        }
+        Ok(self.registry.commands_of(id, limit).await?)
+    }
+
     /// Checks the issuance log.
     pub async fn verify_log(&self) -> Result<LogReport> {
         Ok(self.registry.verify_log().await?)

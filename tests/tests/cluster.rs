@@ -205,3 +205,66 @@ async fn malformed_and_flooded_revocation_announcements_cut_nothing() {
     assert_eq!(connack_code(&other.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
     assert_eq!(node.metric("fleet_cluster_revocations_received_total").await, 0.0);
 }
+
+/// The command queue is the cluster's: a command a service on node 2 sends to a device that is
+/// offline is delivered when the device connects to node 1, and the service on node 2 sees
+/// queued → delivered → acknowledged (issue 16).
+#[tokio::test]
+async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_status_comes_back() {
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let id = fleet.id(0);
+
+    let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut svc, "status/devices/+/commands/#", 1).await;
+    wait_nats_subscription(&nats, "fleet.t.status.devices.*.commands.>", true).await;
+    let mut cmd = Publish::new(format!("devices/{id}/commands/blink"), QoS::AtLeastOnce, b"3".to_vec());
+    cmd.pkid = 5;
+    svc.send(Packet::Publish(cmd)).await.unwrap();
+    let mut statuses = Vec::new();
+    let mut acked = false;
+    let t = Instant::now();
+    // The PUBACK (stored) and the `queued` status, in either order.
+    while !(acked && statuses.len() == 1) && t.elapsed() < Duration::from_secs(5) {
+        match svc.recv(Duration::from_secs(5)).await {
+            Some(Packet::PubAck(a)) if a.pkid == 5 => acked = true,
+            Some(Packet::Publish(p)) => {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                statuses.push(v["status"].as_str().unwrap().to_owned());
+            }
+            _ => {}
+        }
+    }
+    assert!(acked, "the command was not stored");
+    assert_eq!(statuses, ["queued"]);
+
+    // The device wakes up on the other node.
+    let mut dev = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
+    let got = next_publish(&mut dev, Duration::from_secs(5)).await.expect("the queued command never came");
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (format!("devices/{id}/commands/blink").as_str(), &b"3"[..])
+    );
+    dev.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(got.pkid))).await.unwrap();
+
+    let t = Instant::now();
+    while statuses.len() < 3 && t.elapsed() < Duration::from_secs(5) {
+        if let Some(p) = next_publish(&mut svc, Duration::from_millis(500)).await {
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            statuses.push(v["status"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(statuses, ["queued", "delivered", "acknowledged"]);
+    // Settled for every node: a new session on node 2 gets nothing.
+    drop(dev);
+    let mut again = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&again.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut again, &format!("devices/{id}/commands/#"), 1).await;
+    assert!(next_publish(&mut again, Duration::from_millis(800)).await.is_none(), "delivered twice");
+}

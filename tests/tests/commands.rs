@@ -120,6 +120,45 @@ async fn a_command_sent_while_the_device_sleeps_arrives_once_on_its_next_connect
     let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 2));
     assert_eq!(commands_seen(&out, &dev), 0, "{out}");
     assert!(broker.metric("fleet_commands_total{status=\"acknowledged\"}").await >= 2.0);
+
+    // The station reads the same history from the registry, newest first.
+    let listed = station_commands(&fleet, &dev);
+    let rows: Vec<(&str, &str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap(),
+                c["status"].as_str().unwrap(),
+                c["payload"]["text"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [("reboot", "acknowledged", "now"), ("blink", "acknowledged", "3")], "{listed}");
+    assert_eq!(station_commands(&fleet, &fleet.id(1)), serde_json::json!([]));
+    let unknown = Command::new(fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["commands", "dev-000000000000"])
+        .env_remove("FLEET_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("dev-000000000000"), "{unknown:?}");
+}
+
+/// `fleet-provision commands <id> --json`.
+fn station_commands(fleet: &Fleet, device: &str) -> serde_json::Value {
+    let out = Command::new(fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["commands", device, "--json"])
+        .env_remove("FLEET_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
