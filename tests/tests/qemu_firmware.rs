@@ -452,3 +452,75 @@ fn firmware_in_qemu_boots_from_a_claim_and_becomes_its_own_device() {
     assert!(!ok);
     assert!(lines.iter().any(|l| l.contains("claim_exhausted")), "{lines:?}");
 }
+
+/// `fleet-provision commands <id> --json`: (name, status) newest first.
+fn command_statuses(bins: &Path, pki: &Pki) -> Vec<(String, String)> {
+    let out = run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&pki.home).args([
+        "commands",
+        &pki.device_id,
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap().to_owned(), c["status"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// A sleeping board gets what was sent while it slept (issue 16): a command sent while the
+/// firmware is off is stored, delivered on its next boot exactly once, and acknowledged; the
+/// firmware's persistent session is resumed on the boot after (CONNACK session present, no new
+/// SUBSCRIBE) and brings only the command sent since, never the first one again.
+#[test]
+fn firmware_in_qemu_gets_commands_sent_while_it_was_off_once_each_on_a_persistent_session() {
+    let bins = bin_dir();
+    let root = tempfile::tempdir().unwrap();
+    let pki = provision(&bins, root.path(), "qemu-sleepy");
+    let broker = start_broker(&bins, &pki);
+    let bundle = pki.device_dir.join("credentials.bin");
+    let send = |name: &str, payload: &str| {
+        run(Command::new(bins.join("fleet-sim"))
+            .args(["command", "--identity"])
+            .arg(pki.home.join("ops"))
+            .args([
+                "--port",
+                &broker.port.to_string(),
+                "--device",
+                &pki.device_id,
+                "--name",
+                name,
+                "--payload",
+                payload,
+            ]));
+    };
+    send("blink", "3");
+    assert_eq!(command_statuses(&bins, &pki), [("blink".to_owned(), "queued".to_owned())]);
+
+    let (ok, lines) = boot(broker.port, &bundle, |_| {});
+    let text = lines.join("\n");
+    assert!(ok, "firmware failed: {text}");
+    assert!(text.contains("MQTT session up") && !text.contains("session resumed"), "{text}");
+    assert_eq!(lines.iter().filter(|l| l.contains("command blink")).count(), 1, "{text}");
+    assert!(text.contains("command acknowledged"), "{text}");
+    assert_eq!(command_statuses(&bins, &pki), [("blink".to_owned(), "acknowledged".to_owned())]);
+
+    // Asleep again; another command; the next boot resumes the kept session.
+    send("reboot", "now");
+    let (ok, lines) = boot(broker.port, &bundle, |_| {});
+    let text = lines.join("\n");
+    assert!(ok, "firmware failed: {text}");
+    assert!(text.contains("MQTT session up (persistent session resumed)"), "{text}");
+    assert_eq!(lines.iter().filter(|l| l.contains("command reboot")).count(), 1, "{text}");
+    assert!(!text.contains("command blink"), "delivered twice: {text}");
+    assert_eq!(
+        command_statuses(&bins, &pki),
+        [("reboot".to_owned(), "acknowledged".to_owned()), ("blink".to_owned(), "acknowledged".to_owned())]
+    );
+    let acks: Vec<String> = telemetry_topics(&pki.home, &pki.device_id)
+        .into_iter()
+        .filter(|r| r.0.contains("/acks/"))
+        .map(|r| r.0.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(acks, ["blink", "reboot"]);
+}

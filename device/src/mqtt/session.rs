@@ -176,6 +176,8 @@ pub struct Session<'a, const N: usize, const M: usize> {
     ping_sent: Option<Millis>,
     subscribe_pending: Option<u16>,
     subscribed: bool,
+    /// The last CONNACK said the broker kept this client's session (clean session = 0).
+    session_present: bool,
     pending_puback: Option<u16>,
     attempt: u32,
     dropped: u32,
@@ -200,6 +202,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             ping_sent: None,
             subscribe_pending: None,
             subscribed: false,
+            session_present: false,
             pending_puback: None,
             attempt: 0,
             dropped: 0,
@@ -286,6 +289,13 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             }
         }
         self.outbox.push_back(msg).map_err(|_| SessionError::OutboxFull)
+    }
+
+    /// Whether the broker resumed a kept session at the last connect (CONNACK session present,
+    /// with [`SessionConfig::clean_session`] false): messages sent while the device was away
+    /// follow without a new SUBSCRIBE.
+    pub fn session_present(&self) -> bool {
+        self.session_present
     }
 
     /// The caller should open a transport now (or at the returned time).
@@ -505,9 +515,15 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         };
         let _ = now;
         let event = match packet {
-            Packet::ConnAck { code: 0, .. } => {
+            Packet::ConnAck { code: 0, session_present } => {
                 self.state = State::Connected;
                 self.attempt = 0;
+                // A kept session keeps its subscriptions (MQTT 3.1.1 §3.2.2.2): no SUBSCRIBE,
+                // the broker goes on with the commands at once. Only on a session we asked for.
+                self.session_present = session_present && !self.cfg.clean_session;
+                if self.session_present {
+                    self.subscribed = true;
+                }
                 Some(Event::Connected)
             }
             Packet::ConnAck { code, .. } => return Err(SessionError::Refused(code)),
@@ -646,6 +662,39 @@ mod tests {
         assert_eq!(kinds(&out), vec![8, 3]);
         assert_eq!(out[1][0], 0x3a);
         assert!(out[1].ends_with(b"a"));
+    }
+
+    #[test]
+    fn a_resumed_persistent_session_does_not_subscribe_again() {
+        let cfg = SessionConfig { clean_session: false, ..SessionConfig::default() };
+        let mut s = S::new("dev-1", cfg);
+        s.transport_up(Millis(0));
+        let out = tx(&mut s, 0);
+        let Ok((Packet::Connect { clean_session, .. }, _)) = decode(&out[0], 1024) else {
+            panic!("no CONNECT")
+        };
+        assert!(!clean_session);
+        // No session kept: subscribe as usual.
+        feed(&mut s, &[0x20, 2, 0, 0]);
+        assert!(!s.session_present());
+        assert_eq!(kinds(&tx(&mut s, 1)), vec![8]);
+        // Kept: the subscriptions are in force, nothing to send.
+        s.transport_down(Millis(2), 0);
+        let retry = s.reconnect_at().unwrap();
+        s.transport_up(retry);
+        assert_eq!(kinds(&tx(&mut s, retry.0)), vec![1]);
+        feed(&mut s, &[0x20, 2, 1, 0]);
+        assert!(s.session_present());
+        assert!(tx(&mut s, retry.0 + 1).is_empty());
+        // A broker that claims a session for a clean-session client is not believed.
+        let mut s = connected();
+        s.transport_down(Millis(2), 0);
+        let retry = s.reconnect_at().unwrap();
+        s.transport_up(retry);
+        let _ = tx(&mut s, retry.0);
+        feed(&mut s, &[0x20, 2, 1, 0]);
+        assert!(!s.session_present());
+        assert_eq!(kinds(&tx(&mut s, retry.0 + 1)), vec![8]);
     }
 
     #[test]

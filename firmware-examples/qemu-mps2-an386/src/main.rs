@@ -282,7 +282,10 @@ fn session(
         }
     };
     say!("device {} -> {}:{}", creds.device_id, creds.broker_host, creds.broker_port);
-    let mut device: Device<'_, 4, 128> = Device::new(creds, SessionConfig::default());
+    // A persistent session (clean session = 0): the broker keeps the subscriptions and what was
+    // sent while this board slept; commands queued meanwhile arrive right after CONNACK.
+    let cfg = SessionConfig { clean_session: false, ..SessionConfig::default() };
+    let mut device: Device<'_, 4, 128> = Device::new(creds, cfg);
     let mut rx = [0u8; RX_BUFFER];
     let mut tx = [0u8; 4096];
     let t0 = ticks::now();
@@ -320,7 +323,11 @@ fn session(
         }
         match device.poll(&mut conn, now()) {
             Ok(Some(Incoming::Connected)) => {
-                say!("MQTT session up");
+                if device.session().session_present() {
+                    say!("MQTT session up (persistent session resumed)");
+                } else {
+                    say!("MQTT session up");
+                }
                 let cert = creds.cert_der;
                 if trying {
                     if store.commit(scratch, &mut tmp).is_err() {
