@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) tls: ArcSwap<tls::TlsState>,
     pub(crate) registry: Registry,
     pub(crate) store: store::Store,
+    /// The command queue's single writer.
+    pub(crate) command_writer: commands::writer::Writer,
     pub(crate) router: Arc<router::Router>,
     /// The NATS connection of a cluster member (`None`: a single node).
     pub(crate) cluster: Option<cluster::Cluster>,
@@ -106,6 +108,8 @@ pub struct Broker {
     /// Opened before the first admission: every revocation after it reaches the feed, every one
     /// before it is visible to admission queries.
     feed: RevocationFeed,
+    /// The command writer's queue, until `serve` starts the writer.
+    command_jobs: commands::writer::Jobs,
 }
 
 /// What `check-config` reports.
@@ -149,11 +153,13 @@ impl Broker {
             ),
             None => store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone()),
         };
+        let (command_writer, command_jobs) = commands::writer::channel();
         let shared = Arc::new(Shared {
             tls_paths,
             tls: ArcSwap::from_pointee(state),
             registry,
             store,
+            command_writer,
             router: Arc::new(router::Router::new(router::RetainLimits {
                 per_device: config.max_retained_per_device,
                 total_bytes: config.max_retained_bytes,
@@ -167,7 +173,7 @@ impl Broker {
             config,
         });
         watch::update_gauges(&shared);
-        Ok(Broker { shared, store_writer, feed })
+        Ok(Broker { shared, store_writer, feed, command_jobs })
     }
 
     /// Token that stops the broker when cancelled.
@@ -183,11 +189,12 @@ impl Broker {
     /// Serves MQTT on `listener` (and metrics on `metrics`) until the shutdown token is
     /// cancelled; then stops accepting, closes sessions and commits queued messages.
     pub async fn serve(self, listener: TcpListener, metrics: Option<TcpListener>) {
-        let Broker { shared, store_writer, feed } = self;
+        let Broker { shared, store_writer, feed, command_jobs } = self;
         let tracker = TaskTracker::new();
         tracker.spawn(watch::revocations(shared.clone(), feed));
         tracker.spawn(watch::files(shared.clone()));
         tracker.spawn(commands::sweep(shared.clone()));
+        tracker.spawn(commands::writer::run(shared.clone(), command_jobs));
         if let Some(c) = &shared.cluster {
             tracker.spawn(watch::cluster_revocations(shared.clone()));
             if shared.config.nats_sql_sink {

@@ -87,6 +87,98 @@ fn row(r: &sqlx::any::AnyRow) -> Result<Command> {
     })
 }
 
+/// `$from, $from+1, ...` (`n` of them).
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Binds every id in order.
+trait BindAll<'q> {
+    fn bind_all(self, ids: &'q [i64]) -> Self;
+}
+
+impl<'q> BindAll<'q> for sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    fn bind_all(mut self, ids: &'q [i64]) -> Self {
+        for id in ids {
+            self = self.bind(*id);
+        }
+        self
+    }
+}
+
+/// One change to the command queue ([`Registry::apply_commands`]).
+#[derive(Debug, Clone)]
+pub enum CommandOp<'a> {
+    /// Store a new command; when its device then has more than the limit of open commands, the
+    /// oldest are dropped.
+    Enqueue(NewCommand<'a>),
+    /// Command `id` is being sent to its device (attempts + 1; queued → delivered the first time).
+    Sent {
+        /// The command.
+        id: i64,
+        /// Unix milliseconds now.
+        now: i64,
+    },
+    /// The device acknowledged command `id` (queued or delivered → acknowledged).
+    Acknowledged {
+        /// The command.
+        id: i64,
+        /// Unix milliseconds now.
+        now: i64,
+    },
+}
+
+/// What a [`CommandOp`] did.
+#[derive(Debug, Clone)]
+pub enum CommandOutcome {
+    /// Stored as `id`; `dropped` are the commands it pushed out of a full queue.
+    Enqueued {
+        /// The new command's id.
+        id: i64,
+        /// Now dropped.
+        dropped: Vec<Command>,
+    },
+    /// `Sent`: true if this was the first delivery (queued → delivered). `Acknowledged`: true
+    /// if this settled the command (false: already final).
+    Changed(bool),
+}
+
+async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usize) -> Result<CommandOutcome> {
+    let id: i64 = sqlx::query(
+        "INSERT INTO commands (device_id, name, payload, sender, status, created_at, expires_at, attempts) \
+         VALUES ($1, $2, $3, $4, 'queued', $5, $6, 0) RETURNING id",
+    )
+    .bind(c.device_id.as_str())
+    .bind(c.name)
+    .bind(c.payload)
+    .bind(c.sender)
+    .bind(c.now)
+    .bind(c.now.saturating_add(c.ttl_ms))
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    let open =
+        sqlx::query(&format!("{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id"))
+            .bind(c.device_id.as_str())
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut dropped = Vec::new();
+    if open.len() > limit {
+        for r in &open[..open.len() - limit] {
+            let cmd = row(r)?;
+            sqlx::query(
+                "UPDATE commands SET status = 'dropped', done_at = $1 WHERE id = $2 AND status IN ('queued', 'delivered')",
+            )
+            .bind(c.now)
+            .bind(cmd.id)
+            .execute(&mut *conn)
+            .await?;
+            dropped.push(Command { status: CommandStatus::Dropped, ..cmd });
+        }
+    }
+    Ok(CommandOutcome::Enqueued { id, dropped })
+}
+
 /// A new command to store.
 #[derive(Debug, Clone)]
 pub struct NewCommand<'a> {
@@ -105,47 +197,6 @@ pub struct NewCommand<'a> {
 }
 
 impl Registry {
-    /// Stores a command; when the device then has more than `limit` open commands, the oldest
-    /// are dropped. Returns the new command's id and the commands dropped.
-    pub async fn enqueue_command(&self, c: &NewCommand<'_>, limit: usize) -> Result<(i64, Vec<Command>)> {
-        let mut tx = self.pool.begin().await?;
-        let id: i64 = sqlx::query(
-            "INSERT INTO commands (device_id, name, payload, sender, status, created_at, expires_at, attempts) \
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, 0) RETURNING id",
-        )
-        .bind(c.device_id.as_str())
-        .bind(c.name)
-        .bind(c.payload)
-        .bind(c.sender)
-        .bind(c.now)
-        .bind(c.now.saturating_add(c.ttl_ms))
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        let open = sqlx::query(&format!(
-            "{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id"
-        ))
-        .bind(c.device_id.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut dropped = Vec::new();
-        if open.len() > limit {
-            for r in &open[..open.len() - limit] {
-                let cmd = row(r)?;
-                sqlx::query(
-                    "UPDATE commands SET status = 'dropped', done_at = $1 WHERE id = $2 AND status IN ('queued', 'delivered')",
-                )
-                .bind(c.now)
-                .bind(cmd.id)
-                .execute(&mut *tx)
-                .await?;
-                dropped.push(Command { status: CommandStatus::Dropped, ..cmd });
-            }
-        }
-        tx.commit().await?;
-        Ok((id, dropped))
-    }
-
     /// A device's open (queued or delivered, unexpired) commands in order, at most `limit`,
     /// with ids above `after`.
     pub async fn open_commands(
@@ -168,43 +219,86 @@ impl Registry {
         rows.iter().map(row).collect()
     }
 
-    /// Records a delivery; returns true if it was the first (queued → delivered).
-    pub async fn command_sent(&self, id: i64, now: i64) -> Result<bool> {
-        let first = sqlx::query(
-            "UPDATE commands SET status = 'delivered', delivered_at = $1, attempts = attempts + 1 \
-             WHERE id = $2 AND status = 'queued'",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        if !first {
-            sqlx::query("UPDATE commands SET attempts = attempts + 1 WHERE id = $1 AND status = 'delivered'")
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
+    /// Applies `ops` in one transaction (one commit for the whole batch: the broker's single
+    /// command writer groups what its sessions submitted meanwhile). All or nothing: on an
+    /// error nothing is stored. New commands are stored in order, then the deliveries and the
+    /// acknowledgements each in one statement (a delivery and the acknowledgement of the same
+    /// command never share a batch: the device acknowledges what was sent after its commit).
+    /// `limit` is the per-device queue limit for `Enqueue`.
+    pub async fn apply_commands(&self, ops: &[CommandOp<'_>], limit: usize) -> Result<Vec<CommandOutcome>> {
+        let mut sent = Vec::new();
+        let mut acked = Vec::new();
+        let mut now = 0;
+        for op in ops {
+            match op {
+                CommandOp::Enqueue(_) => {}
+                CommandOp::Sent { id, now: t } => {
+                    sent.push(*id);
+                    now = now.max(*t);
+                }
+                CommandOp::Acknowledged { id, now: t } => {
+                    acked.push(*id);
+                    now = now.max(*t);
+                }
+            }
         }
-        Ok(first)
-    }
-
-    /// The device acknowledged command `id`: returns it if this settled it.
-    pub async fn command_acknowledged(&self, id: i64, now: i64) -> Result<Option<Command>> {
-        let settled = sqlx::query(
-            "UPDATE commands SET status = 'acknowledged', done_at = $1 WHERE id = $2 AND status IN ('queued', 'delivered')",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        if !settled {
-            return Ok(None);
+        let mut tx = self.pool.begin().await?;
+        let mut enqueued = Vec::new();
+        for op in ops {
+            if let CommandOp::Enqueue(c) = op {
+                enqueued.push(enqueue(&mut tx, c, limit).await?);
+            }
         }
-        let r = sqlx::query(&format!("{SELECT} WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
-        r.as_ref().map(row).transpose()
+        // Already delivered ones count an attempt; queued ones become delivered (first delivery).
+        let first = if sent.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(&format!(
+                "UPDATE commands SET attempts = attempts + 1 WHERE status = 'delivered' AND id IN ({})",
+                placeholders(1, sent.len())
+            ))
+            .bind_all(&sent)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "UPDATE commands SET status = 'delivered', delivered_at = $1, attempts = attempts + 1 \
+                 WHERE status = 'queued' AND id IN ({}) RETURNING id",
+                placeholders(2, sent.len())
+            ))
+            .bind(now)
+            .bind_all(&sent)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+        };
+        let settled = if acked.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(&format!(
+                "UPDATE commands SET status = 'acknowledged', done_at = $1 \
+                 WHERE status IN ('queued', 'delivered') AND id IN ({}) RETURNING id",
+                placeholders(2, acked.len())
+            ))
+            .bind(now)
+            .bind_all(&acked)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+        };
+        tx.commit().await?;
+        let mut enqueued = enqueued.into_iter();
+        Ok(ops
+            .iter()
+            .map(|op| match op {
+                CommandOp::Enqueue(_) => enqueued.next().unwrap_or(CommandOutcome::Changed(false)),
+                CommandOp::Sent { id, .. } => CommandOutcome::Changed(first.contains(id)),
+                CommandOp::Acknowledged { id, .. } => CommandOutcome::Changed(settled.contains(id)),
+            })
+            .collect())
     }
 
     /// Expires every open command whose time-to-live has passed; returns them.

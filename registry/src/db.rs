@@ -154,11 +154,23 @@ impl Registry {
         if backend == Backend::Sqlite && create && !url.contains("mode=") {
             url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
         }
-        let opts = AnyConnectOptions::from_str(&url)?;
-        let mut pool_opts = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
-            .acquire_timeout(acquire_timeout);
+        let max = if backend == Backend::Sqlite { 4 } else { 8 };
+        let pool = Self::pool_with(backend, &url, max, acquire_timeout).await?;
+        Ok(Self { pool, backend, url: given })
+    }
+
+    /// A pool of at most `max` connections to `url` (SQLite: WAL, durable commits).
+    pub(crate) async fn pool_with(
+        backend: Backend,
+        url: &str,
+        max: u32,
+        acquire_timeout: Duration,
+    ) -> Result<AnyPool> {
+        let opts = AnyConnectOptions::from_str(url)?;
+        let mut pool_opts = AnyPoolOptions::new().max_connections(max).acquire_timeout(acquire_timeout);
         if backend == Backend::Sqlite {
+            // A local file has no link to test: no ping round trip before every query.
+            pool_opts = pool_opts.test_before_acquire(false);
             pool_opts = pool_opts.after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL lets a broker read while the station writes; NORMAL keeps commits
@@ -171,8 +183,7 @@ impl Registry {
                 })
             });
         }
-        let pool = pool_opts.connect_with(opts).await?;
-        Ok(Self { pool, backend, url: given })
+        Ok(pool_opts.connect_with(opts).await?)
     }
 
     /// The connection pool, for queries this crate does not offer (tests, reports).

@@ -108,7 +108,15 @@ impl Registry {
             },
             Backend::Sqlite => None,
         };
-        Ok(RevocationFeed { registry: self.clone(), head, listener })
+        // Its own connection: the feed's polls keep the broker's admission cache trusted, so
+        // they must not queue behind a busy pool (a mass reconnect reading command queues).
+        let pool =
+            Registry::pool_with(self.backend, &self.url, 1, Duration::from_secs(3)).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no connection of its own for the revocation feed; sharing the pool");
+                self.pool.clone()
+            });
+        let registry = Registry { pool, backend: self.backend, url: self.url.clone() };
+        Ok(RevocationFeed { registry, head, listener })
     }
 }
 

@@ -27,7 +27,7 @@ pub mod rows;
 pub mod telemetry;
 pub mod verify;
 
-pub use commands::{Command, CommandStatus, NewCommand};
+pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand};
 pub use db::{Backend, Registry};
 pub use error::{Error, Result};
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};

@@ -250,6 +250,7 @@ impl State {
                     let mut p = *p;
                     if self.delivery.active && p.qos == QoS::AtLeastOnce && self.is_own_command(ctx, &p.topic) {
                         // A queued command was stored for this device: read the queue, in order.
+                        self.delivery.wake();
                         if let Err(end) = guarded(ctx, &mut cut, self.send_commands(ctx)).await {
                             return end;
                         }
@@ -318,7 +319,7 @@ impl State {
             Packet::Disconnect => Err(CloseReason::ClientGone),
             Packet::PubAck(a) => {
                 self.in_flight.retain(|p| p.pkid != a.pkid);
-                if self.delivery.acked(ctx.shared, a.pkid).await {
+                if self.delivery.acked(ctx.shared, &ctx.id.id, a.pkid).await {
                     self.send_commands(ctx).await?;
                 }
                 Ok(())

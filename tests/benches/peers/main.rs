@@ -22,13 +22,17 @@
 //!   ingest through JetStream beside one node and Mosquitto, revoke → cut on three nodes;
 //! - `rotation` (only when named; `--devices`, default 1,000 here): that many SDK devices
 //!   rotating their certificates at once through `fleet-provision serve`: issuer CSRs/s, latency,
-//!   time until the whole fleet runs on new certificates, beside an `openssl x509 -req` loop.
+//!   time until the whole fleet runs on new certificates, beside an `openssl x509 -req` loop;
+//! - `commands` (only when named; `--devices`, default 10,000 here): 3 commands queued for each
+//!   offline device, then the whole fleet reconnecting: commands queued/s, bytes per queued
+//!   command, delivery rate and duplicates, beside Mosquitto with persistent sessions.
 //!
 //! Clients run in this process on the same cores as the server under test, so every figure is
 //! a lower bound, comparable only with the other figures of the same run.
 
 mod client;
 mod cluster;
+mod commands;
 mod rotation;
 mod servers;
 mod soak;
@@ -115,12 +119,12 @@ fn parse_args() -> Result<Args, String> {
                     .map(|s| Peer::parse(s.trim()).ok_or(format!("--peers: unknown server {s:?}")))
                     .collect::<Result<_, _>>()?
             }
-            "admissions" | "revoke" | "ingest" | "memory" | "storm" | "soak" | "cluster" | "rotation" => {
+            "admissions" | "revoke" | "ingest" | "memory" | "storm" | "soak" | "cluster" | "rotation" | "commands" => {
                 a.scenarios.push(arg)
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: peers [admissions|revoke|ingest|memory|storm|soak|cluster|rotation]... [--secs S] [--conc C] \
+                    "usage: peers [admissions|revoke|ingest|memory|storm|soak|cluster|rotation|commands]... [--secs S] [--conc C] \
                             [--sessions N] [--crl-sizes 0,100000,1000000] \
                             [--peers bare,fleet-broker,mosquitto,rumqttd]"
                         .into(),
@@ -723,6 +727,7 @@ fn main() {
                 "soak" => soak::scenario_soak(&env, &args, &mut report).await,
                 "cluster" => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
                 "rotation" => rotation::scenario_rotation(&args, &mut report).await,
+                "commands" => commands::scenario_commands(&env, &args, &mut report).await,
                 _ => unreachable!("validated in parse_args"),
             }
         }

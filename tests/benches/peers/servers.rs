@@ -258,7 +258,16 @@ pub(crate) fn start_fleet_broker_on(home: &Path, port: u16, extra: &[&str]) -> R
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // BENCH_BROKER_LOG=FILE keeps the broker's warnings (appended) for a look afterwards.
+        .stderr(match std::env::var_os("BENCH_BROKER_LOG") {
+            Some(f) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .map(Stdio::from)
+                .map_err(|e| format!("BENCH_BROKER_LOG: {e}"))?,
+            None => Stdio::null(),
+        })
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     let addr = announced_addr(&mut child).ok_or("no listen address announced")?;

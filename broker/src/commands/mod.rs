@@ -3,9 +3,11 @@
 //! fixed for the command's life, settled by the device's PUBACK, expired by its time-to-live;
 //! every status change is published on `status/devices/<id>/commands/<name>`.
 
+pub(crate) mod writer;
+
 use std::time::Duration;
 
-use fleet_registry::{Command, CommandStatus, DeviceId, NewCommand, Role, Status};
+use fleet_registry::{Command, CommandStatus, DeviceId, Role, Status};
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tracing::warn;
@@ -115,27 +117,30 @@ pub(crate) async fn accept(shared: &Shared, sender: &Identity, p: &Publish) -> A
         }
     }
     let ttl_ms = ttl.unwrap_or(shared.config.command_ttl_secs as i64).saturating_mul(1000);
-    let c = NewCommand {
-        device_id: &device,
-        name: &name,
-        payload: &p.payload,
-        sender: sender.id.as_str(),
+    let change = writer::Change::Enqueue {
+        device,
+        name,
+        payload: p.payload.to_vec(),
+        sender: sender.id.as_str().to_owned(),
         now: now_millis(),
         ttl_ms,
     };
-    match shared.registry.enqueue_command(&c, shared.config.max_queued_commands).await {
-        Ok((id, dropped)) => {
-            status(shared, id, device.as_str(), &name, CommandStatus::Queued, None).await;
-            for d in dropped {
-                status(shared, d.id, &d.device_id, &d.name, CommandStatus::Dropped, Some("queue_full")).await;
-            }
-            Accepted::Queued
-        }
-        Err(e) => {
-            warn!(error = %e, "registry unavailable: command not stored");
+    // Stored (and its `queued` status published) by the writer before the answer.
+    match shared.command_writer.apply(vec![change]).await {
+        Some(_) => Accepted::Queued,
+        None => {
+            warn!("registry unavailable: command not stored");
             Accepted::Unavailable
         }
     }
+}
+
+/// A command sent in this session, awaiting the device's PUBACK.
+#[derive(Debug)]
+struct InFlight {
+    pkid: u16,
+    id: i64,
+    name: String,
 }
 
 /// A device session's side of the queue: which commands are in flight in this session.
@@ -143,36 +148,58 @@ pub(crate) async fn accept(shared: &Shared, sender: &Identity, p: &Publish) -> A
 pub(crate) struct Delivery {
     /// Delivery is on: the device subscribed to its commands.
     pub(crate) active: bool,
-    /// packet id → command id.
-    in_flight: Vec<(u16, i64)>,
+    /// Sent, not yet acknowledged.
+    in_flight: Vec<InFlight>,
     /// Highest command id sent in this session.
     last_sent: i64,
+    /// The last read of the queue found less than the window: nothing more is queued until a
+    /// wake-up ([`Delivery::wake`]) says otherwise, so an acknowledgement needs no new read.
+    drained: bool,
 }
 
 impl Delivery {
     /// The commands to send now (in order), each marked as sent; statuses published.
     pub(crate) async fn due(&mut self, shared: &Shared, device: &DeviceId) -> Vec<Publish> {
         let room = IN_FLIGHT.saturating_sub(self.in_flight.len());
-        if !self.active || room == 0 {
+        if !self.active || room == 0 || self.drained {
             return Vec::new();
         }
         let now = now_millis();
         let open = match shared.registry.open_commands(device, self.last_sent, now, room as i64).await {
-            Ok(c) => c,
+            Ok(c) => {
+                self.drained = c.len() < room;
+                c
+            }
             Err(e) => {
                 warn!(%device, error = %e, "cannot read the command queue");
                 return Vec::new();
             }
         };
-        let mut out = Vec::with_capacity(open.len());
-        for c in open {
-            out.push(self.send(shared, c).await);
-        }
-        out
+        // Recorded as sent (attempts + 1, `delivered` the first time) before they go out: a
+        // resend after a crash then carries DUP, which the SDK's de-duplication relies on.
+        let changes = open
+            .iter()
+            .map(|c| writer::Change::Sent {
+                id: c.id,
+                device: c.device_id.clone(),
+                name: c.name.clone(),
+                now,
+            })
+            .collect();
+        let Some(outcomes) = shared.command_writer.apply(changes).await else {
+            warn!(%device, "cannot record command deliveries: not sent now");
+            self.drained = false;
+            return Vec::new();
+        };
+        debug_assert_eq!(outcomes.len(), open.len());
+        open.into_iter().map(|c| self.send(c)).collect()
     }
 
-    async fn send(&mut self, shared: &Shared, c: Command) -> Publish {
+    fn send(&mut self, c: Command) -> Publish {
         let pkid = pkid_of(c.id);
+        self.in_flight.retain(|f| f.pkid != pkid);
+        self.in_flight.push(InFlight { pkid, id: c.id, name: c.name.clone() });
+        self.last_sent = self.last_sent.max(c.id);
         let mut p = Publish::new(
             format!("{DEVICES}/{}/{COMMANDS}/{}", c.device_id, c.name),
             QoS::AtLeastOnce,
@@ -180,28 +207,23 @@ impl Delivery {
         );
         p.pkid = pkid;
         p.dup = c.attempts > 0;
-        match shared.registry.command_sent(c.id, now_millis()).await {
-            Ok(true) => status(shared, c.id, &c.device_id, &c.name, CommandStatus::Delivered, None).await,
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "cannot record a command delivery"),
-        }
-        self.in_flight.retain(|(k, _)| *k != pkid);
-        self.in_flight.push((pkid, c.id));
-        self.last_sent = self.last_sent.max(c.id);
         p
     }
 
-    /// The device's PUBACK for `pkid`: settles the command if it is one. Returns whether it was.
-    pub(crate) async fn acked(&mut self, shared: &Shared, pkid: u16) -> bool {
-        let Some(i) = self.in_flight.iter().position(|(k, _)| *k == pkid) else { return false };
-        let (_, id) = self.in_flight.remove(i);
-        match shared.registry.command_acknowledged(id, now_millis()).await {
-            Ok(Some(c)) => {
-                status(shared, c.id, &c.device_id, &c.name, CommandStatus::Acknowledged, None).await
-            }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "cannot record a command acknowledgement"),
-        }
+    /// A command may have been stored for this device since the last read (a routed copy of
+    /// a service's command, or the start of delivery): the next [`Delivery::due`] reads.
+    pub(crate) fn wake(&mut self) {
+        self.drained = false;
+    }
+
+    /// The device's PUBACK for `pkid`: settles the command if it is one (through the writer,
+    /// not waited for). Returns whether it was.
+    pub(crate) async fn acked(&mut self, shared: &Shared, device: &DeviceId, pkid: u16) -> bool {
+        let Some(i) = self.in_flight.iter().position(|f| f.pkid == pkid) else { return false };
+        let f = self.in_flight.remove(i);
+        let change =
+            writer::Change::Acknowledged { id: f.id, device: device.to_string(), name: f.name, now: now_millis() };
+        shared.command_writer.submit(vec![change]).await;
         true
     }
 }

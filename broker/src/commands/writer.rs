@@ -1,0 +1,179 @@
+//! The one task that writes the command queue. Sessions submit changes (a service's new
+//! command, a delivery, a device's acknowledgement); the writer applies every change submitted
+//! while its previous commit ran in one transaction, then publishes the resulting statuses in
+//! order and answers. One writer, not one transaction per session: SQLite has one write lock,
+//! and sessions contending for it through the pool made a mass reconnect of 10,000 devices
+//! with queued commands starve admissions (BENCHMARKS.md, commands).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_registry::{Command, CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCommand};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::status;
+use crate::Shared;
+
+/// Changes applied in one transaction at most.
+const BATCH: usize = 256;
+/// Submitted changes waiting for the writer at most; a session waits for room beyond it.
+const QUEUE: usize = 4096;
+
+/// A change, owned (the writer outlives the session's borrow).
+#[derive(Debug)]
+pub(crate) enum Change {
+    /// A service's command.
+    Enqueue {
+        device: DeviceId,
+        name: String,
+        payload: Vec<u8>,
+        sender: String,
+        now: i64,
+        ttl_ms: i64,
+    },
+    /// Command `id` (`device`, `name`) is about to be sent.
+    Sent { id: i64, device: String, name: String, now: i64 },
+    /// The device acknowledged command `id`.
+    Acknowledged { id: i64, device: String, name: String, now: i64 },
+}
+
+impl Change {
+    fn op(&self) -> CommandOp<'_> {
+        match self {
+            Change::Enqueue { device, name, payload, sender, now, ttl_ms } => CommandOp::Enqueue(NewCommand {
+                device_id: device,
+                name,
+                payload,
+                sender,
+                now: *now,
+                ttl_ms: *ttl_ms,
+            }),
+            Change::Sent { id, now, .. } => CommandOp::Sent { id: *id, now: *now },
+            Change::Acknowledged { id, now, .. } => CommandOp::Acknowledged { id: *id, now: *now },
+        }
+    }
+}
+
+/// The answer to a job: each change's outcome, or `None` if nothing was stored.
+pub(crate) type Answer = Option<Vec<CommandOutcome>>;
+
+#[derive(Debug)]
+struct Job {
+    changes: Vec<Change>,
+    reply: Option<oneshot::Sender<Answer>>,
+}
+
+/// Submits changes to the writer; clone freely.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+/// The writer's end, handed to [`run`].
+#[derive(Debug)]
+pub(crate) struct Jobs(mpsc::Receiver<Job>);
+
+/// A writer and its job queue.
+pub(crate) fn channel() -> (Writer, Jobs) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (Writer { tx }, Jobs(rx))
+}
+
+impl Writer {
+    /// Applies `changes` (in order, all or none) and waits for the outcome.
+    pub(crate) async fn apply(&self, changes: Vec<Change>) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Job { changes, reply: Some(reply) }).await.ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// Submits `changes` without waiting (an acknowledgement: the device waits for nothing).
+    pub(crate) async fn submit(&self, changes: Vec<Change>) {
+        let _ = self.tx.send(Job { changes, reply: None }).await;
+    }
+}
+
+/// Publishes the statuses a committed change caused.
+async fn announce(shared: &Shared, change: &Change, outcome: &CommandOutcome) {
+    match (change, outcome) {
+        (Change::Enqueue { device, name, .. }, CommandOutcome::Enqueued { id, dropped }) => {
+            status(shared, *id, device.as_str(), name, CommandStatus::Queued, None).await;
+            for d in dropped {
+                drop_status(shared, d).await;
+            }
+        }
+        (Change::Sent { id, device, name, .. }, CommandOutcome::Changed(true)) => {
+            status(shared, *id, device, name, CommandStatus::Delivered, None).await
+        }
+        (Change::Acknowledged { id, device, name, .. }, CommandOutcome::Changed(true)) => {
+            status(shared, *id, device, name, CommandStatus::Acknowledged, None).await
+        }
+        _ => {}
+    }
+}
+
+async fn drop_status(shared: &Shared, d: &Command) {
+    status(shared, d.id, &d.device_id, &d.name, CommandStatus::Dropped, Some("queue_full")).await
+}
+
+/// Applies one batch, retrying once after a short pause (a busy or briefly unreachable
+/// database); `None` if it failed both times.
+async fn commit(shared: &Shared, batch: &[Job]) -> Option<Vec<CommandOutcome>> {
+    let ops: Vec<CommandOp<'_>> = batch.iter().flat_map(|j| j.changes.iter().map(Change::op)).collect();
+    let limit = shared.config.max_queued_commands;
+    for attempt in 0..2 {
+        match shared.registry.apply_commands(&ops, limit).await {
+            Ok(out) => return Some(out),
+            Err(e) if attempt == 0 => {
+                warn!(error = %e, changes = ops.len(), "command queue write failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => warn!(error = %e, changes = ops.len(), "command queue write failed"),
+        }
+    }
+    None
+}
+
+/// The writer: until shutdown, takes every job waiting (up to [`BATCH`] changes), commits them
+/// in one transaction, publishes the statuses and answers each job. A failed batch answers
+/// `None`: a new command is not acknowledged to its service (it retransmits); a delivery is
+/// not sent (the session tries again on its next wake-up); an acknowledgement is lost and the
+/// command is sent again (DUP) in the device's next session, where the SDK filters it out.
+pub(crate) async fn run(shared: Arc<Shared>, jobs: Jobs) {
+    let Jobs(mut rx) = jobs;
+    loop {
+        let first = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            j = rx.recv() => match j { Some(j) => j, None => return },
+        };
+        let mut n = first.changes.len();
+        let mut batch = vec![first];
+        while n < BATCH {
+            match rx.try_recv() {
+                Ok(j) => {
+                    n += j.changes.len();
+                    batch.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcomes = commit(&shared, &batch).await;
+        let mut outcomes = outcomes.map(Vec::into_iter);
+        for job in batch {
+            let answer = match outcomes.as_mut() {
+                Some(it) => {
+                    let mine: Vec<CommandOutcome> = it.by_ref().take(job.changes.len()).collect();
+                    for (c, o) in job.changes.iter().zip(&mine) {
+                        announce(&shared, c, o).await;
+                    }
+                    Some(mine)
+                }
+                None => None,
+            };
+            if let Some(reply) = job.reply {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
