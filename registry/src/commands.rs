@@ -126,6 +126,20 @@ pub enum CommandOp<'a> {
         /// Unix milliseconds now.
         now: i64,
     },
+    /// Read `device`'s open, unexpired commands with an id above `after` (in order, at most
+    /// `limit`) and mark them sent, as [`CommandOp::Sent`] does. All the takes of a batch are
+    /// one query, run before the batch's new commands are stored: a command stored in the
+    /// same batch is taken by the next one, so its `queued` status is announced first.
+    Take {
+        /// The device.
+        device: &'a DeviceId,
+        /// Highest command id already sent in this session.
+        after: i64,
+        /// At most this many.
+        limit: usize,
+        /// Unix milliseconds now.
+        now: i64,
+    },
 }
 
 /// What a [`CommandOp`] did.
@@ -141,6 +155,39 @@ pub enum CommandOutcome {
     /// `Sent`: true if this was the first delivery (queued → delivered). `Acknowledged`: true
     /// if this settled the command (false: already final).
     Changed(bool),
+    /// `Take`: the commands now being sent, each as it was before (status `queued` and
+    /// `attempts` 0 on a first delivery).
+    Taken(Vec<Command>),
+}
+
+/// The open, unexpired commands of each `(device, after, limit)`, in order: one query for all.
+async fn take(
+    conn: &mut sqlx::AnyConnection,
+    takes: &[(&str, i64, usize)],
+    now: i64,
+) -> Result<Vec<Vec<Command>>> {
+    if takes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut devices: Vec<&str> = takes.iter().map(|t| t.0).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let sql = format!(
+        "{SELECT} WHERE status IN ('queued', 'delivered') AND expires_at > $1 AND device_id IN ({}) \
+         ORDER BY device_id, id",
+        placeholders(2, devices.len())
+    );
+    let mut q = sqlx::query(&sql).bind(now);
+    for d in &devices {
+        q = q.bind(*d);
+    }
+    let open = q.fetch_all(&mut *conn).await?.iter().map(row).collect::<Result<Vec<_>>>()?;
+    Ok(takes
+        .iter()
+        .map(|(device, after, limit)| {
+            open.iter().filter(|c| c.device_id == *device && c.id > *after).take(*limit).cloned().collect()
+        })
+        .collect())
 }
 
 async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usize) -> Result<CommandOutcome> {
@@ -157,11 +204,12 @@ async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usiz
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
-    let open =
-        sqlx::query(&format!("{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id"))
-            .bind(c.device_id.as_str())
-            .fetch_all(&mut *conn)
-            .await?;
+    let open = sqlx::query(&format!(
+        "{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id"
+    ))
+    .bind(c.device_id.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
     let mut dropped = Vec::new();
     if open.len() > limit {
         for r in &open[..open.len() - limit] {
@@ -197,28 +245,6 @@ pub struct NewCommand<'a> {
 }
 
 impl Registry {
-    /// A device's open (queued or delivered, unexpired) commands in order, at most `limit`,
-    /// with ids above `after`.
-    pub async fn open_commands(
-        &self,
-        device: &DeviceId,
-        after: i64,
-        now: i64,
-        limit: i64,
-    ) -> Result<Vec<Command>> {
-        let rows = sqlx::query(&format!(
-            "{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') AND id > $2 AND expires_at > $3 \
-             ORDER BY id LIMIT $4"
-        ))
-        .bind(device.as_str())
-        .bind(after)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(row).collect()
-    }
-
     /// Applies `ops` in one transaction (one commit for the whole batch: the broker's single
     /// command writer groups what its sessions submitted meanwhile). All or nothing: on an
     /// error nothing is stored. New commands are stored in order, then the deliveries and the
@@ -228,10 +254,15 @@ impl Registry {
     pub async fn apply_commands(&self, ops: &[CommandOp<'_>], limit: usize) -> Result<Vec<CommandOutcome>> {
         let mut sent = Vec::new();
         let mut acked = Vec::new();
+        let mut takes = Vec::new();
         let mut now = 0;
         for op in ops {
             match op {
                 CommandOp::Enqueue(_) => {}
+                CommandOp::Take { device, after, limit, now: t } => {
+                    takes.push((device.as_str(), *after, *limit));
+                    now = now.max(*t);
+                }
                 CommandOp::Sent { id, now: t } => {
                     sent.push(*id);
                     now = now.max(*t);
@@ -243,6 +274,8 @@ impl Registry {
             }
         }
         let mut tx = self.pool.begin().await?;
+        let mut taken = take(&mut tx, &takes, now).await?;
+        sent.extend(taken.iter().flatten().map(|c| c.id));
         let mut enqueued = Vec::new();
         for op in ops {
             if let CommandOp::Enqueue(c) = op {
@@ -291,12 +324,14 @@ impl Registry {
         };
         tx.commit().await?;
         let mut enqueued = enqueued.into_iter();
+        let mut taken = taken.drain(..);
         Ok(ops
             .iter()
             .map(|op| match op {
                 CommandOp::Enqueue(_) => enqueued.next().unwrap_or(CommandOutcome::Changed(false)),
                 CommandOp::Sent { id, .. } => CommandOutcome::Changed(first.contains(id)),
                 CommandOp::Acknowledged { id, .. } => CommandOutcome::Changed(settled.contains(id)),
+                CommandOp::Take { .. } => CommandOutcome::Taken(taken.next().unwrap_or_default()),
             })
             .collect())
     }

@@ -164,34 +164,23 @@ impl Delivery {
         if !self.active || room == 0 || self.drained {
             return Vec::new();
         }
-        let now = now_millis();
-        let open = match shared.registry.open_commands(device, self.last_sent, now, room as i64).await {
-            Ok(c) => {
-                self.drained = c.len() < room;
-                c
-            }
-            Err(e) => {
-                warn!(%device, error = %e, "cannot read the command queue");
+        let take = writer::Change::Take {
+            device: device.clone(),
+            after: self.last_sent,
+            limit: room,
+            now: now_millis(),
+        };
+        // Read and recorded as sent (attempts + 1, `delivered` the first time) in one commit
+        // before they go out: a resend after a crash then carries DUP, which the SDK's
+        // de-duplication relies on.
+        let open = match shared.command_writer.apply(vec![take]).await.and_then(|mut o| o.pop()) {
+            Some(fleet_registry::CommandOutcome::Taken(c)) => c,
+            _ => {
+                warn!(%device, "cannot read the command queue: not sent now");
                 return Vec::new();
             }
         };
-        // Recorded as sent (attempts + 1, `delivered` the first time) before they go out: a
-        // resend after a crash then carries DUP, which the SDK's de-duplication relies on.
-        let changes = open
-            .iter()
-            .map(|c| writer::Change::Sent {
-                id: c.id,
-                device: c.device_id.clone(),
-                name: c.name.clone(),
-                now,
-            })
-            .collect();
-        let Some(outcomes) = shared.command_writer.apply(changes).await else {
-            warn!(%device, "cannot record command deliveries: not sent now");
-            self.drained = false;
-            return Vec::new();
-        };
-        debug_assert_eq!(outcomes.len(), open.len());
+        self.drained = open.len() < room;
         open.into_iter().map(|c| self.send(c)).collect()
     }
 
@@ -221,8 +210,12 @@ impl Delivery {
     pub(crate) async fn acked(&mut self, shared: &Shared, device: &DeviceId, pkid: u16) -> bool {
         let Some(i) = self.in_flight.iter().position(|f| f.pkid == pkid) else { return false };
         let f = self.in_flight.remove(i);
-        let change =
-            writer::Change::Acknowledged { id: f.id, device: device.to_string(), name: f.name, now: now_millis() };
+        let change = writer::Change::Acknowledged {
+            id: f.id,
+            device: device.to_string(),
+            name: f.name,
+            now: now_millis(),
+        };
         shared.command_writer.submit(vec![change]).await;
         true
     }

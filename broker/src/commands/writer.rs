@@ -3,7 +3,9 @@
 //! while its previous commit ran in one transaction, then publishes the resulting statuses in
 //! order and answers. One writer, not one transaction per session: SQLite has one write lock,
 //! and sessions contending for it through the pool made a mass reconnect of 10,000 devices
-//! with queued commands starve admissions (BENCHMARKS.md, commands).
+//! with queued commands starve admissions (BENCHMARKS.md, commands). Reads for delivery go
+//! through the writer too ([`Change::Take`]): on two busy cores a session holding a pooled
+//! connection across its awaits kept it for long, and reads timed out waiting for the pool.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,33 +26,31 @@ const QUEUE: usize = 4096;
 #[derive(Debug)]
 pub(crate) enum Change {
     /// A service's command.
-    Enqueue {
-        device: DeviceId,
-        name: String,
-        payload: Vec<u8>,
-        sender: String,
-        now: i64,
-        ttl_ms: i64,
-    },
-    /// Command `id` (`device`, `name`) is about to be sent.
-    Sent { id: i64, device: String, name: String, now: i64 },
+    Enqueue { device: DeviceId, name: String, payload: Vec<u8>, sender: String, now: i64, ttl_ms: i64 },
     /// The device acknowledged command `id`.
     Acknowledged { id: i64, device: String, name: String, now: i64 },
+    /// Read the device's next open commands (id above `after`, at most `limit`) and mark them
+    /// sent: a session's whole delivery step in the writer's transaction, not in the pool.
+    Take { device: DeviceId, after: i64, limit: usize, now: i64 },
 }
 
 impl Change {
     fn op(&self) -> CommandOp<'_> {
         match self {
-            Change::Enqueue { device, name, payload, sender, now, ttl_ms } => CommandOp::Enqueue(NewCommand {
-                device_id: device,
-                name,
-                payload,
-                sender,
-                now: *now,
-                ttl_ms: *ttl_ms,
-            }),
-            Change::Sent { id, now, .. } => CommandOp::Sent { id: *id, now: *now },
+            Change::Enqueue { device, name, payload, sender, now, ttl_ms } => {
+                CommandOp::Enqueue(NewCommand {
+                    device_id: device,
+                    name,
+                    payload,
+                    sender,
+                    now: *now,
+                    ttl_ms: *ttl_ms,
+                })
+            }
             Change::Acknowledged { id, now, .. } => CommandOp::Acknowledged { id: *id, now: *now },
+            Change::Take { device, after, limit, now } => {
+                CommandOp::Take { device, after: *after, limit: *limit, now: *now }
+            }
         }
     }
 }
@@ -103,11 +103,13 @@ async fn announce(shared: &Shared, change: &Change, outcome: &CommandOutcome) {
                 drop_status(shared, d).await;
             }
         }
-        (Change::Sent { id, device, name, .. }, CommandOutcome::Changed(true)) => {
-            status(shared, *id, device, name, CommandStatus::Delivered, None).await
-        }
         (Change::Acknowledged { id, device, name, .. }, CommandOutcome::Changed(true)) => {
             status(shared, *id, device, name, CommandStatus::Acknowledged, None).await
+        }
+        (Change::Take { .. }, CommandOutcome::Taken(commands)) => {
+            for c in commands.iter().filter(|c| c.status == CommandStatus::Queued) {
+                status(shared, c.id, &c.device_id, &c.name, CommandStatus::Delivered, None).await
+            }
         }
         _ => {}
     }

@@ -229,7 +229,11 @@ async fn run_peer(
     if peer == Peer::Mosquitto {
         let t = Instant::now();
         let known = register_sessions(addr, ids).await;
-        println!("  {}: {known} / {n} persistent sessions created in {:.1} s", peer.name(), t.elapsed().as_secs_f64());
+        println!(
+            "  {}: {known} / {n} persistent sessions created in {:.1} s",
+            peer.name(),
+            t.elapsed().as_secs_f64()
+        );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss0, disk0) = (server.rss_kib(), registry_bytes(&env.home));
@@ -298,7 +302,11 @@ async fn run_peer(
         ),
     );
     drop(server);
-    Some(Figures { queued_per_s: accepted as f64 / secs.max(0.001), mem_bytes_per_command: mem_per, delivered_per_s: rate })
+    Some(Figures {
+        queued_per_s: accepted as f64 / secs.max(0.001),
+        mem_bytes_per_command: mem_per,
+        delivered_per_s: rate,
+    })
 }
 
 pub(crate) async fn scenario_commands(env: &Env, a: &Args, report: &mut Report) {
