@@ -55,6 +55,8 @@ pub struct Metrics {
     pub(crate) sessions_cert_expiry: IntGaugeVec,
     /// 1 while the node's NATS connection is up (a cluster member).
     pub(crate) cluster_connected: IntGauge,
+    /// 1 on a node configured as a cluster member (so `cluster_connected == 0` means down).
+    pub(crate) cluster_member: IntGauge,
     /// Rows the node's SQL sink took from the stream into the telemetry table.
     pub(crate) cluster_sink_rows: IntCounter,
     /// Failed SQL sink commits (retried).
@@ -79,6 +81,49 @@ impl Metrics {
     /// A fresh registry with every metric at zero.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
+        let m = Self::unlabelled();
+        m.export_every_label();
+        m
+    }
+
+    /// Every label set the broker can count, at zero, so that `increase()` in alert rules and
+    /// dashboards sees the first event (a series that appears at 1 has no increase).
+    fn export_every_label(&self) {
+        self.handshakes.with_label_values(&["accepted", "ok"]);
+        for r in Refusal::ALL {
+            self.handshakes.with_label_values(&["refused", r.label()]);
+        }
+        for r in [Refusal::SourceLimit, Refusal::MaxConnections] {
+            self.connections_rejected.with_label_values(&[r.label()]);
+        }
+        for c in CloseReason::ALL {
+            match c.counter() {
+                CloseCounter::Kick => self.kicks.with_label_values(&[c.label()]),
+                CloseCounter::Protocol => self.protocol_errors.with_label_values(&[c.label()]),
+                CloseCounter::None => continue,
+            };
+        }
+        for l in Limit::ALL {
+            self.limits.with_label_values(&[l.label()]);
+        }
+        for a in [AclAction::Publish, AclAction::Subscribe] {
+            self.acl_denied.with_label_values(&[a.label()]);
+        }
+        for o in [Reload::Loaded, Reload::Rejected, Reload::Replayed] {
+            self.crl_reloads.with_label_values(&[o.label()]);
+        }
+        for h in ["hit", "miss"] {
+            self.admission_cache.with_label_values(&[h]);
+        }
+        for w in EXPIRY_LABELS {
+            self.sessions_cert_expiry.with_label_values(&[w]);
+        }
+        for s in fleet_registry::commands::CommandStatus::ALL {
+            self.commands.with_label_values(&[s.as_str()]);
+        }
+    }
+
+    fn unlabelled() -> Self {
         let r = Registry::new_custom(Some("fleet".into()), None).unwrap_or_default();
         let cv = |name: &str, help: &str, labels: &[&str]| {
             reg(&r, IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!()))
@@ -145,6 +190,7 @@ impl Metrics {
                 .unwrap_or_else(|_| unreachable!()),
             ),
             cluster_connected: g("cluster_connected", "1 while the NATS connection is up"),
+            cluster_member: g("cluster_member", "1 on a node configured as a cluster member"),
             cluster_sink_rows: c(
                 "cluster_sink_rows_total",
                 "Rows the SQL sink took from the JetStream stream into the telemetry table",
@@ -213,6 +259,9 @@ impl Metrics {
     }
 }
 
+/// Labels of `fleet_sessions_cert_expiry{within}`, one per bucket of days to expiry.
+pub(crate) const EXPIRY_LABELS: [&str; 6] = ["1d", "7d", "30d", "90d", "365d", "more"];
+
 /// A cap that was hit: `fleet_limits_total{limit}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -232,6 +281,16 @@ pub(crate) enum Limit {
 }
 
 impl Limit {
+    /// Every cap.
+    pub(crate) const ALL: [Limit; 6] = [
+        Self::Topic,
+        Self::Subscriptions,
+        Self::PerSource,
+        Self::RetainedPerDevice,
+        Self::RetainedBytes,
+        Self::QueuedMessages,
+    ];
+
     /// Metric label.
     pub(crate) fn label(self) -> &'static str {
         match self {

@@ -211,6 +211,28 @@ pub enum CloseCounter {
 }
 
 impl CloseReason {
+    /// Every reason, to export each counter at zero from the start.
+    pub const ALL: [CloseReason; 18] = [
+        Self::ClientGone,
+        Self::Shutdown,
+        Self::Revoked,
+        Self::Takeover,
+        Self::CertExpired,
+        Self::WriteTimeout,
+        Self::TopicLimit,
+        Self::RetainedPerDevice,
+        Self::RetainedBytes,
+        Self::PacketTooLarge,
+        Self::MalformedPacket,
+        Self::KeepaliveTimeout,
+        Self::Qos2Unsupported,
+        Self::SecondConnect,
+        Self::UnexpectedPacket,
+        Self::Encode,
+        Self::AclDenied,
+        Self::StoreFailed,
+    ];
+
     /// Metric label.
     pub fn label(self) -> &'static str {
         match self {

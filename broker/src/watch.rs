@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleet_registry::{DeviceId, RevocationFeed, SerialNumber};
 use tracing::{error, info, warn};
 
-use crate::metrics::Reload;
+use crate::metrics::{Reload, EXPIRY_LABELS};
 use crate::{now_unix, tls, Shared};
 
 /// Cuts the sessions of every revocation the feed reports, until shutdown.
@@ -132,10 +132,8 @@ fn reload(shared: &Shared, paths: &tls::TlsPaths) -> Reload {
     }
 }
 
-/// Sets the CRL and certificate-expiry gauges from the TLS state in force.
-/// Bounds of the certificate-expiry buckets of live sessions, and their labels.
+/// Bounds of the certificate-expiry buckets of live sessions (labels: `EXPIRY_LABELS`).
 const EXPIRY_DAYS: [i64; 5] = [1, 7, 30, 90, 365];
-const EXPIRY_LABELS: [&str; 6] = ["1d", "7d", "30d", "90d", "365d", "more"];
 
 /// Counts the live sessions by how soon their certificates expire (the devices to rotate).
 pub(crate) fn update_expiry_buckets(shared: &Shared) {
@@ -146,6 +144,7 @@ pub(crate) fn update_expiry_buckets(shared: &Shared) {
     }
 }
 
+/// Sets the CRL and certificate-expiry gauges from the TLS state in force.
 pub(crate) fn update_gauges(shared: &Shared) {
     let now = now_unix();
     let state = shared.tls.load();

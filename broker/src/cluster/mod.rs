@@ -92,6 +92,7 @@ impl Cluster {
     /// connection comes back by itself after an outage (retried every ≤ 1 s).
     pub(crate) async fn connect(config: &crate::Config, metrics: &Metrics) -> Result<Self, ClusterError> {
         let url = config.nats.clone().unwrap_or_default();
+        metrics.cluster_member.set(1);
         let gauge = metrics.cluster_connected.clone();
         let client = async_nats::ConnectOptions::new()
             .no_echo()
