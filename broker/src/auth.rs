@@ -16,7 +16,8 @@
 //! certificate the session was admitted with, so the issuer learns which certificate is in use
 //! from the broker, not from the device's word.
 use fleet_registry::{
-    DeviceId, Role, SerialNumber, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX, SERVICE_URI_PREFIX,
+    DeviceId, Role, SerialNumber, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX,
+    OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX,
 };
 
 use crate::outcome::Refusal;
@@ -102,6 +103,8 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
                 (Role::Issuer, rest)
             } else if let Some(rest) = uri.strip_prefix(CLAIM_URI_PREFIX) {
                 (Role::Claim, rest)
+            } else if let Some(rest) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
+                (Role::Operator, rest)
             } else {
                 continue;
             };

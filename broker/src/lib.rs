@@ -8,10 +8,12 @@
 //! The public surface is [`Broker`], [`Config`], [`check`] and the [`outcome`] labels; the rest
 //! is internal (the fuzzer reaches what it needs through `fuzzing`).
 
+mod admin;
 mod auth;
 mod cluster;
 mod commands;
 pub mod config;
+mod events;
 mod http;
 mod inbox;
 mod listener;
@@ -34,6 +36,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
+
+use outcome::Refusal;
 
 pub use config::{Config, ConfigError, CrlPolicy};
 pub use metrics::Metrics;
@@ -80,11 +84,26 @@ pub(crate) struct Shared {
     /// Registry verdicts of active certificates (admission without a database round trip).
     pub(crate) admissions: session::admit::AdmissionCache,
     pub(crate) metrics: Metrics,
+    /// Admissions, refusals and session ends, for the admin API.
+    pub(crate) events: events::Events,
     /// Cancelled to stop the broker.
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Shared {
+    /// A connection refused: counted, and recorded with the identity its certificate names.
+    pub(crate) fn refused(&self, why: Refusal, peer: SocketAddr, cert: Option<&[u8]>) {
+        self.metrics.refused(why);
+        let mut e = events::Event::new(events::Kind::Refused, why.label(), peer);
+        if let Some(der) = cert {
+            match auth::identify(der) {
+                Ok(id) => e = e.of(id.id.as_str(), id.serial.to_hex()),
+                Err(_) => e.serial = Some(session::admit::serial_hex(der)).filter(|s| !s.is_empty()),
+            }
+        }
+        self.events.record(e);
+    }
+
     /// Within the configured topic length and depth?
     pub(crate) fn topic_within(&self, topic: &str) -> bool {
         topic.len() <= self.config.max_topic_length
@@ -169,6 +188,7 @@ impl Broker {
             parked: Default::default(),
             admissions: Default::default(),
             metrics,
+            events: Default::default(),
             shutdown: CancellationToken::new(),
             config,
         });
@@ -188,7 +208,8 @@ impl Broker {
 
     /// Serves MQTT on `listener` (and metrics on `metrics`) until the shutdown token is
     /// cancelled; then stops accepting, closes sessions and commits queued messages.
-    pub async fn serve(self, listener: TcpListener, metrics: Option<TcpListener>) {
+    pub async fn serve(self, listeners: Listeners) {
+        let Listeners { mqtt: listener, metrics, admin: admin_listener } = listeners;
         let Broker { shared, store_writer, feed, command_jobs } = self;
         let tracker = TaskTracker::new();
         tracker.spawn(watch::revocations(shared.clone(), feed));
@@ -211,6 +232,10 @@ impl Broker {
         if let Some(m) = metrics {
             tracker.spawn(http::serve(shared.clone(), m));
         }
+        if let Some(a) = admin_listener {
+            let node = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            tracker.spawn(admin::serve(shared.clone(), a, node));
+        }
         listener::run(&shared, listener, &tracker).await;
         tracker.close();
         tracker.wait().await;
@@ -228,8 +253,30 @@ pub fn tls_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, TlsError
     Ok(tls::build(&tls::TlsPaths::of(config))?.config)
 }
 
-/// Binds the MQTT and metrics listeners of `config`.
-pub async fn bind(config: &Config) -> Result<(TcpListener, Option<TcpListener>), BrokerError> {
+/// The sockets a broker serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// MQTT over TLS.
+    pub mqtt: TcpListener,
+    /// `/metrics` and `/healthz` (plain HTTP).
+    pub metrics: Option<TcpListener>,
+    /// The admin API and console (HTTPS, operators only).
+    pub admin: Option<TcpListener>,
+}
+
+/// Binds the MQTT, metrics and admin listeners of `config`.
+pub async fn bind(config: &Config) -> Result<Listeners, BrokerError> {
+    let (mqtt, metrics) = bind_mqtt_and_metrics(config).await?;
+    let admin = match config.admin_listen.0 {
+        Some(a) => {
+            Some(TcpListener::bind(a).await.map_err(|e| BrokerError::Io(format!("admin listen {a}"), e))?)
+        }
+        None => None,
+    };
+    Ok(Listeners { mqtt, metrics, admin })
+}
+
+async fn bind_mqtt_and_metrics(config: &Config) -> Result<(TcpListener, Option<TcpListener>), BrokerError> {
     let mqtt = TcpListener::bind(config.listen)
         .await
         .map_err(|e| BrokerError::Io(format!("listen {}", config.listen), e))?;

@@ -93,13 +93,20 @@ async fn run(m: ArgMatches) -> anyhow::Result<()> {
         return Ok(());
     }
     let broker = Broker::new(config.clone()).await?;
-    let (mqtt, metrics) = fleet_broker::bind(&config).await?;
+    let listeners = fleet_broker::bind(&config).await?;
+    let (mqtt, metrics) = (&listeners.mqtt, &listeners.metrics);
     // Printed on stdout so scripts and tests that bind port 0 can find the ports.
     println!(
         "fleet-broker listening on {} (mqtts)",
-        fleet_broker::addr(&mqtt).map_or("?".into(), |a| a.to_string())
+        fleet_broker::addr(mqtt).map_or("?".into(), |a| a.to_string())
     );
-    if let Some(m) = &metrics {
+    if let Some(a) = &listeners.admin {
+        println!(
+            "fleet-broker admin console on https://{}/ (operator certificates only)",
+            fleet_broker::addr(a).map_or("?".into(), |a| a.to_string())
+        );
+    }
+    if let Some(m) = metrics {
         println!(
             "fleet-broker metrics on http://{}/metrics",
             fleet_broker::addr(m).map_or("?".into(), |a| a.to_string())
@@ -122,7 +129,7 @@ async fn run(m: ArgMatches) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new connections, finishing stores, closing sessions");
         token.cancel();
     });
-    broker.serve(mqtt, metrics).await;
+    broker.serve(listeners).await;
     Ok(())
 }
 

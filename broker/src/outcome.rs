@@ -69,11 +69,14 @@ pub enum Refusal {
     ConnectTimeout,
     /// The CONNECT client id is not the certificate's device id.
     ClientIdMismatch,
+    /// An identity that never speaks MQTT (an operator's, for the admin API) on the MQTT
+    /// listener, or one that is not an operator's on the admin listener.
+    WrongRole,
 }
 
 impl Refusal {
     /// Every refusal (for tests and dashboards).
-    pub const ALL: [Refusal; 28] = [
+    pub const ALL: [Refusal; 29] = [
         Self::SourceLimit,
         Self::MaxConnections,
         Self::HandshakeTimeout,
@@ -102,6 +105,7 @@ impl Refusal {
         Self::ProtocolError,
         Self::ConnectTimeout,
         Self::ClientIdMismatch,
+        Self::WrongRole,
     ];
 
     /// Metric label.
@@ -135,6 +139,7 @@ impl Refusal {
             Self::ProtocolError => "protocol_error",
             Self::ConnectTimeout => "connect_timeout",
             Self::ClientIdMismatch => "client_id_mismatch",
+            Self::WrongRole => "wrong_role",
         }
     }
 

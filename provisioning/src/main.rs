@@ -118,6 +118,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Issue an operator identity (role `operator`) into DIR: cert.pem and key.pem for curl and
+    /// scripts, and operator.p12 to import into a browser, for the broker's admin API and console
+    /// (`admin_listen`). Operators cannot connect over MQTT; devices and services cannot use the
+    /// admin API. Revoke one like any identity: `revoke <name>`.
+    OperatorCert {
+        /// Operator name (used as its id and written to the issuance log with each change).
+        #[arg(long)]
+        name: String,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Password of operator.p12 (at least 8 characters). Without it a random one is made and
+        /// written to DIR/p12-password (mode 0600).
+        #[arg(long, env = "FLEET_P12_PASSWORD", hide_env_values = true)]
+        p12_password: Option<String>,
+    },
     /// Issue a claim identity (role `claim`) into DIR, with a credentials.bin to flash into every
     /// device of a batch: at first boot each device generates its own key and exchanges a CSR
     /// for its own identity through `serve`, within the claim's quota. The station never sees
@@ -436,6 +452,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = Station::open(home, db).await?;
             let d = s.issuer_cert(&name, &out).await?;
             say!("issuer identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+        }
+        Command::OperatorCert { name, out, p12_password } => {
+            let s = Station::open(home, db).await?;
+            let (password, made) = match p12_password {
+                Some(p) => (p, false),
+                None => (hex::encode(rand::random::<[u8; 12]>()), true),
+            };
+            let d = s.operator_cert(&name, &out, &password).await?;
+            if made {
+                fleet_provision::home::write_new(&d.dir.join("p12-password"), password.as_bytes(), true)?;
+            }
+            say!("operator identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+            say!(
+                "  browsers: import {}/operator.p12 (password {})",
+                d.dir.display(),
+                if made { "in p12-password" } else { "as given" }
+            );
         }
         Command::ClaimCert { name, prefix, quota, days, out, broker_host, broker_port } => {
             let s = Station::open(home, db).await?;

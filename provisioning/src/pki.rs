@@ -460,6 +460,32 @@ fn rcgen_reason(r: RevocationReason) -> rcgen::RevocationReason {
     }
 }
 
+/// A PKCS#12 bundle of a key (PKCS#8 DER), its certificate and the CA chain (PEM), as browsers
+/// and `openssl pkcs12` import it: PBES2 (PBKDF2-HMAC-SHA-256, AES-256-CBC) and an
+/// HMAC-SHA-256 MAC, under `password`, with `name` as the friendly name.
+pub fn pkcs12(
+    name: &str,
+    key_pkcs8: &[u8],
+    cert_der: &[u8],
+    chain_pem: &str,
+    password: &str,
+) -> Result<Vec<u8>> {
+    use p12_keystore::{Certificate, KeyStore, KeyStoreEntry, PrivateKey, PrivateKeyChain};
+    let bad = |e: p12_keystore::error::Error| Error::InvalidInput(format!("PKCS#12: {e}"));
+    let mut certs = vec![Certificate::from_der(cert_der).map_err(bad)?];
+    for p in pem::parse_many(chain_pem).map_err(|e| Error::InvalidInput(format!("CA chain: {e}")))? {
+        if p.tag() == "CERTIFICATE" {
+            certs.push(Certificate::from_der(p.contents()).map_err(bad)?);
+        }
+    }
+    let key = PrivateKey::from_der(key_pkcs8).map_err(bad)?;
+    // The local key id ties the key to its certificate: the certificate's SHA-256, as NSS does.
+    let key_id = ring::digest::digest(&ring::digest::SHA256, cert_der).as_ref().to_vec();
+    let mut store = KeyStore::new();
+    store.add_entry(name, KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(key_id, key, certs)));
+    store.writer(password).write().map_err(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,6 +87,9 @@ pub(crate) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
+/// The browser bundle of an operator identity (PKCS#12).
+pub const OPERATOR_P12: &str = "operator.p12";
+
 impl Station {
     /// Creates the CA hierarchy and the registry in `home`. Refuses if a CA is already there.
     pub async fn init(home: Home, org: &str, database_url: Option<&str>) -> Result<Station> {
@@ -256,16 +259,38 @@ impl Station {
 
     /// Issues a backend-service identity (role `service`) into `out/`.
     pub async fn service_cert(&self, name: &str, out: &Path) -> Result<MintedDevice> {
-        self.role_cert(name, Role::Service, out).await
+        self.role_cert(name, Role::Service, out, |_, _| Ok(Vec::new())).await
+    }
+
+    /// Issues an operator identity (role `operator`: the broker's admin API and console, never
+    /// MQTT) into `out/`, with `operator.p12` (key, certificate and the device CA chain,
+    /// PBES2/AES-256 and an HMAC-SHA-256 MAC under `p12_password`) for browsers.
+    pub async fn operator_cert(&self, name: &str, out: &Path, p12_password: &str) -> Result<MintedDevice> {
+        if p12_password.len() < 8 {
+            return Err(Error::InvalidInput("the PKCS#12 password must have at least 8 characters".into()));
+        }
+        let chain_pem = home::read_text(&self.home.device_ca_chain())?;
+        self.role_cert(name, Role::Operator, out, |key, cert| {
+            let p12 = pki::pkcs12(name, key.key_pair.serialized_der(), &cert.der, &chain_pem, p12_password)?;
+            Ok(vec![(OPERATOR_P12, p12)])
+        })
+        .await
     }
 
     /// Issues a certificate-issuer identity (role `issuer`: reads devices' CSRs on
     /// `devices/+/certs/csr`, answers under `devices/<id>/certs/`) into `out/`.
     pub async fn issuer_cert(&self, name: &str, out: &Path) -> Result<MintedDevice> {
-        self.role_cert(name, Role::Issuer, out).await
+        self.role_cert(name, Role::Issuer, out, |_, _| Ok(Vec::new())).await
     }
 
-    async fn role_cert(&self, name: &str, role: Role, out: &Path) -> Result<MintedDevice> {
+    /// Issues an identity of `role`; `extra` adds private files made from its key and certificate.
+    async fn role_cert(
+        &self,
+        name: &str,
+        role: Role,
+        out: &Path,
+        extra: impl FnOnce(&DeviceKey, &pki::IssuedCert) -> Result<Vec<(&'static str, Vec<u8>)>>,
+    ) -> Result<MintedDevice> {
         let id = DeviceId::parse(name)?;
         let ca = self.device_ca()?;
         let at = now();
@@ -284,6 +309,7 @@ impl Station {
             .await?;
         let trust_chain = home::read_text(&self.home.server_ca_chain())?;
         let key_pem = key.key_pair.serialize_pem();
+        let extra = extra(&key, &cert)?;
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name =
             out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| id.to_string());
@@ -295,7 +321,10 @@ impl Station {
                 (IdentityFiles::CERT, cert.pem.as_bytes(), false),
                 (IdentityFiles::KEY, key_pem.as_bytes(), true),
                 (IdentityFiles::BROKER_TRUST, trust_chain.as_bytes(), false),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|(n, b)| (*n, b.as_slice(), true)))
+            .collect::<Vec<_>>(),
         )?;
         Ok(MintedDevice { device_id: id, serial: cert.serial, dir })
     }

@@ -18,6 +18,8 @@ pub const ISSUER_URI_PREFIX: &str = "urn:fleetgate:issuer:";
 /// SAN URI prefix of a claim identity: a batch credential a device uses once, at first boot, to
 /// ask for its own identity (docs/spec/rotation.md).
 pub const CLAIM_URI_PREFIX: &str = "urn:fleetgate:claim:";
+/// SAN URI prefix of an operator's identity: the broker's admin API and console, never MQTT.
+pub const OPERATOR_URI_PREFIX: &str = "urn:fleetgate:operator:";
 
 /// A device (or service) id: 1–64 chars of `[a-z0-9._-]`, starting with a letter or digit.
 ///
@@ -84,6 +86,7 @@ impl DeviceId {
             Role::Service => format!("{SERVICE_URI_PREFIX}{}", self.0),
             Role::Issuer => format!("{ISSUER_URI_PREFIX}{}", self.0),
             Role::Claim => format!("{CLAIM_URI_PREFIX}{}", self.0),
+            Role::Operator => format!("{OPERATOR_URI_PREFIX}{}", self.0),
         }
     }
 }
@@ -158,6 +161,8 @@ pub enum Role {
     /// A claim (batch) identity: only `claims/<claim-id>/<nonce>/certs/...`, to exchange a CSR for
     /// a device's own identity at first boot.
     Claim,
+    /// A person running the fleet: the broker's admin API and console (over HTTPS), never MQTT.
+    Operator,
 }
 
 impl Role {
@@ -168,6 +173,7 @@ impl Role {
             Role::Service => "service",
             Role::Issuer => "issuer",
             Role::Claim => "claim",
+            Role::Operator => "operator",
         }
     }
 
@@ -178,6 +184,7 @@ impl Role {
             "service" => Some(Role::Service),
             "issuer" => Some(Role::Issuer),
             "claim" => Some(Role::Claim),
+            "operator" => Some(Role::Operator),
             _ => None,
         }
     }

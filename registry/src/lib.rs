@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod commands;
+pub mod console;
 pub mod db;
 pub mod error;
 pub mod feed;
@@ -28,13 +29,14 @@ pub mod telemetry;
 pub mod verify;
 
 pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand};
+pub use console::{DeviceQuery, DeviceRow, Expiring};
 pub use db::{Backend, Registry};
 pub use error::{Error, Result};
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
 pub use home::{BrokerTls, Home, IdentityFiles};
 pub use ids::{
     DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX,
-    ISSUER_URI_PREFIX, SERVICE_URI_PREFIX,
+    ISSUER_URI_PREFIX, OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX,
 };
 pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};
 pub use telemetry::{Telemetry, TelemetryWriter};

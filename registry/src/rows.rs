@@ -263,6 +263,18 @@ impl Registry {
         reason: RevocationReason,
         now: i64,
     ) -> Result<Vec<SerialNumber>> {
+        self.revoke_device_by(id, reason, None, now).await
+    }
+
+    /// [`Registry::revoke_device`], naming who asked (an operator through the admin API) in the
+    /// issuance log's `revoke-device` entry (`"by"`).
+    pub async fn revoke_device_by(
+        &self,
+        id: &DeviceId,
+        reason: RevocationReason,
+        by: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<SerialNumber>> {
         let mut tx = self.pool.begin().await?;
         self.lock_log(&mut tx).await?;
         let found = sqlx::query("SELECT status FROM devices WHERE device_id = $1")
@@ -283,7 +295,11 @@ impl Registry {
         .rows_affected();
         let mut head = self.log_head(&mut tx).await?;
         if changed == 1 {
-            let detail = serde_json::json!({ "reason": reason.as_str() }).to_string();
+            let mut detail = serde_json::json!({ "reason": reason.as_str() });
+            if let Some(by) = by {
+                detail["by"] = serde_json::Value::from(by);
+            }
+            let detail = detail.to_string();
             let e = LogEntry { at: now, event: "revoke-device", device_id: id.as_str(), serial: "", detail };
             self.append_log(&mut tx, &mut head, e).await?;
         }
@@ -426,10 +442,11 @@ async fn revoked_entries_on(conn: &mut sqlx::AnyConnection) -> Result<Vec<Revoke
         .collect()
 }
 
-const CERT_SELECT: &str = "SELECT serial, device_id, not_before, not_after, key_source, status, issued_at, \
+pub(crate) const CERT_SELECT: &str =
+    "SELECT serial, device_id, not_before, not_after, key_source, status, issued_at, \
                            revoked_at, revocation_reason, cert_der FROM certificates";
 
-fn device_from_row(r: &sqlx::any::AnyRow) -> Result<DeviceRecord> {
+pub(crate) fn device_from_row(r: &sqlx::any::AnyRow) -> Result<DeviceRecord> {
     Ok(DeviceRecord {
         device_id: parse_id(r.try_get(0)?)?,
         role: parse_role(&r.try_get::<String, _>(1)?)?,
@@ -439,7 +456,7 @@ fn device_from_row(r: &sqlx::any::AnyRow) -> Result<DeviceRecord> {
     })
 }
 
-fn cert_from_row(r: &sqlx::any::AnyRow) -> Result<CertRecord> {
+pub(crate) fn cert_from_row(r: &sqlx::any::AnyRow) -> Result<CertRecord> {
     Ok(CertRecord {
         serial: parse_serial(&r.try_get::<String, _>(0)?)?,
         device_id: parse_id(r.try_get(1)?)?,

@@ -58,6 +58,13 @@ value::settings! {
     nats_timeout_secs: f64 = 3.0;
     /// Metrics and health endpoint (`/metrics`, `/healthz`); `off` disables it.
     metrics_listen: Endpoint = Endpoint(Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
+    /// Admin API and operator console over HTTPS (`https://<addr>/`), with the broker's
+    /// certificate; only clients with an operator certificate (`fleet-provision operator-cert`)
+    /// get in. Default: off.
+    admin_listen: Endpoint = Endpoint(None);
+    /// Registry URL the admin API revokes through (a role that may revoke; the broker's own
+    /// PostgreSQL role may not). Default: `database_url`.
+    admin_database_url: Option<String> = None;
     /// Broker certificate chain (PEM); default HOME/broker-tls/cert.pem.
     cert: Option<PathBuf> = None;
     /// Broker private key (PEM); default HOME/broker-tls/key.pem.

@@ -52,6 +52,9 @@ pub(crate) async fn bind(
         Ok(id) => id,
         Err(refusal) => return Err((Refused { refusal, connack: true }, Some(connect))),
     };
+    if id.role == Role::Operator {
+        return Err((Refused { refusal: Refusal::WrongRole, connack: true }, Some(connect)));
+    }
     if id.role == Role::Claim {
         // Many devices share a claim certificate: each session names itself
         // `claims/<claim-id>/<nonce>` and is confined to that subtree.
@@ -78,7 +81,7 @@ impl Refused {
         cert: &[u8],
         connect: Option<&Connect>,
     ) {
-        shared.metrics.refused(self.refusal);
+        shared.refused(self.refusal, peer, Some(cert));
         let reason = self.refusal.label();
         if !self.connack {
             debug!(%peer, reason, "connection closed before CONNECT");

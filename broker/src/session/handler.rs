@@ -46,6 +46,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) conn_id: u64,
     pub(crate) keep_alive: Duration,
     pub(crate) kick: Kick,
+    /// The admin API's view of it (counters).
+    pub(crate) info: Arc<super::table::SessionInfo>,
 }
 
 /// What a session holds.
@@ -264,6 +266,7 @@ impl State {
                             self.in_flight.push(p.clone());
                         }
                     }
+                    ctx.info.sent();
                     if let Err(end) = guarded(ctx, &mut cut, self.conn.send(Packet::Publish(p))).await {
                         return end;
                     }
@@ -282,6 +285,7 @@ impl State {
     async fn send_commands(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
         for p in self.delivery.due(ctx.shared, &ctx.id.id).await {
             ctx.shared.metrics.messages_delivered.inc();
+            ctx.info.sent();
             self.conn.send(Packet::Publish(p)).await?;
         }
         Ok(())
@@ -332,6 +336,7 @@ impl State {
     async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Publish) -> Result<(), CloseReason> {
         let shared = ctx.shared;
         shared.metrics.messages_received.inc();
+        ctx.info.received();
         if !shared.topic_within(&p.topic) {
             self.limit_hit(ctx, Limit::Topic, &p.topic);
             return Err(CloseReason::TopicLimit);
@@ -441,6 +446,7 @@ impl State {
         for mut p in retained {
             p.qos = QoS::AtMostOnce;
             p.retain = true;
+            ctx.info.sent();
             self.conn.send(Packet::Publish(p)).await?;
         }
         // Subscribed to its commands: the queue is delivered from now on (and what waits, now).

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use tokio_util::task::TaskTracker;
 
+use crate::events::{Event, Kind};
 use crate::listener::{ConnectionSlot, PreAdmission, PreAdmissionSlot};
 use crate::outcome::Refusal;
 use crate::outcome::{CloseCounter, CloseReason};
@@ -66,7 +67,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
                 Ok(Ok(crate::proxy::Header::Local)) => peer,
                 _ => {
                     debug!(%peer, "no valid PROXY v2 header");
-                    return shared.metrics.refused(Refusal::ProxyHeader);
+                    return shared.refused(Refusal::ProxyHeader, peer, None);
                 }
             };
             match sources.enter(client.ip(), shared.config.max_pre_admission_per_source) {
@@ -80,12 +81,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     };
     let tls = match Box::pin(admit::handshake(&shared, sock, peer)).await {
         Ok(tls) => tls,
-        Err(Some(refusal)) => return shared.metrics.refused(refusal),
+        Err(Some(refusal)) => return shared.refused(refusal, peer, None),
         Err(None) => return,
     };
     let cert = match admit::peer_certificate(&tls) {
         Ok(c) => c,
-        Err(refusal) => return shared.metrics.refused(refusal),
+        Err(refusal) => return shared.refused(refusal, peer, None),
     };
     // Boxed, like the handshake: the registry query is a big future that is never live together
     // with the session loop, and a connection task should not carry it for its whole life.
@@ -102,8 +103,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
 
     let id = bound.id;
     let kick = Kick::under(&shared.shutdown);
-    let live =
-        LiveSession { conn_id, serial: id.serial.clone(), not_after: id.not_after, kick: kick.clone() };
+    let info = table::SessionInfo::new(peer, crate::now_millis());
+    let live = LiveSession {
+        conn_id,
+        serial: id.serial.clone(),
+        not_after: id.not_after,
+        kick: kick.clone(),
+        info: info.clone(),
+    };
     let key = id.session_key();
     if let Some(old) = shared.sessions.register(&key, live) {
         info!(device = %id.id, "a new connection replaces the live session of this device");
@@ -125,12 +132,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         None => None,
     };
     shared.metrics.accepted();
+    let admitted = Event::new(Kind::Admitted, "ok", peer).of(id.id.as_str(), id.serial.to_hex());
+    shared.events.record(admitted);
     shared.metrics.sessions_live.inc();
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
     let live = Live {
         shared,
         conn,
         id,
+        info,
         conn_id,
         keep_alive: bound.keep_alive,
         clean: bound.clean,
@@ -146,6 +156,7 @@ struct Live {
     shared: Arc<Shared>,
     conn: Conn,
     id: crate::auth::Identity,
+    info: Arc<table::SessionInfo>,
     conn_id: u64,
     keep_alive: Duration,
     /// MQTT clean session (false: keep the session when the client leaves).
@@ -160,8 +171,8 @@ struct Live {
 impl Live {
     /// CONNACK, the session loop, then the clean-up.
     async fn run(self) {
-        let Live { shared, mut conn, id, conn_id, keep_alive, clean, kick, claim, slot } = self;
-        let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive, kick };
+        let Live { shared, mut conn, id, info, conn_id, keep_alive, clean, kick, claim, slot } = self;
+        let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive, kick, info };
         let key = ctx.id.session_key();
         // Clean session: whatever was kept goes. Otherwise the kept session resumes (present).
         let kept = shared.parked.take(&key);
@@ -204,6 +215,9 @@ impl Live {
         shared.sessions.remove(&ctx.id.session_key(), conn_id);
         shared.metrics.sessions_live.dec();
         shared.metrics.closed(end);
+        let closed = Event::new(Kind::Closed, end.label(), ctx.info.peer)
+            .of(ctx.id.id.as_str(), ctx.id.serial.to_hex());
+        shared.events.record(closed);
         let (device, reason) = (&ctx.id.id, end.label());
         match end.counter() {
             CloseCounter::Kick if end == CloseReason::WriteTimeout => {

@@ -7,6 +7,7 @@
 //! admission.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use fleet_registry::{DeviceId, SerialNumber};
@@ -56,6 +57,35 @@ impl Kick {
     }
 }
 
+/// What the admin API shows of a live session: where from, since when, packets in and out.
+#[derive(Debug)]
+pub(crate) struct SessionInfo {
+    /// The client's address (behind a PROXY-protocol balancer: the one it reported).
+    pub(crate) peer: std::net::SocketAddr,
+    /// Admission time, unix milliseconds.
+    pub(crate) since_ms: i64,
+    /// PUBLISH packets received from the client.
+    pub(crate) received: AtomicU64,
+    /// PUBLISH packets sent to it.
+    pub(crate) sent: AtomicU64,
+}
+
+impl SessionInfo {
+    pub(crate) fn new(peer: std::net::SocketAddr, since_ms: i64) -> Arc<Self> {
+        Arc::new(Self { peer, since_ms, received: AtomicU64::new(0), sent: AtomicU64::new(0) })
+    }
+
+    /// One PUBLISH received.
+    pub(crate) fn received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One PUBLISH sent.
+    pub(crate) fn sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One live session, as the table knows it.
 #[derive(Debug, Clone)]
 pub(crate) struct LiveSession {
@@ -67,6 +97,8 @@ pub(crate) struct LiveSession {
     pub(crate) not_after: i64,
     /// How to cut it.
     pub(crate) kick: Kick,
+    /// Peer, admission time, counters.
+    pub(crate) info: Arc<SessionInfo>,
 }
 
 #[derive(Debug, Default)]
@@ -138,8 +170,12 @@ impl Sessions {
         counts
     }
 
+    /// The live session under `key` (a device id), if any.
+    pub(crate) fn get(&self, key: &str) -> Option<LiveSession> {
+        self.lock().live.get(key).cloned()
+    }
+
     /// Number of live sessions.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().live.len()
     }
@@ -149,12 +185,16 @@ impl Sessions {
 mod tests {
     use super::*;
 
+    fn info() -> Arc<SessionInfo> {
+        SessionInfo::new(std::net::SocketAddr::from(([127, 0, 0, 1], 1)), 0)
+    }
+
     fn id(s: &str) -> DeviceId {
         DeviceId::parse(s).expect("id")
     }
 
     fn session(conn_id: u64, serial: &SerialNumber) -> LiveSession {
-        LiveSession { conn_id, serial: serial.clone(), not_after: 0, kick: Kick::default() }
+        LiveSession { conn_id, serial: serial.clone(), not_after: 0, kick: Kick::default(), info: info() }
     }
 
     #[test]
@@ -222,6 +262,7 @@ mod tests {
                 serial: SerialNumber::random(),
                 not_after: 1_000 + days_left * 86_400,
                 kick: Kick::default(),
+                info: info(),
             };
             t.register(&format!("dev-{i}"), live);
         }

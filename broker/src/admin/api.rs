@@ -1,0 +1,352 @@
+//! The admin API's routes (`docs/spec/admin-api.md`, `broker/src/admin/openapi.json`). Every
+//! answer is JSON; every error is `{"error": {"code", "message"}}` with a 4xx (bad input,
+//! unknown device, not an operator) or a 503 (the registry could not be asked), never a 500.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleet_registry::{DeviceId, DeviceQuery, RevocationReason, Role, Status};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::{Admin, Peer};
+use crate::auth::Identity;
+use crate::events::{Kind, MINUTES};
+use crate::now_unix;
+
+/// Largest request body (a revocation's JSON), bytes.
+const MAX_BODY: usize = 4096;
+/// The OpenAPI document the tests validate answers against.
+pub(crate) const OPENAPI: &str = include_str!("openapi.json");
+
+/// An error answer.
+#[derive(Debug)]
+pub(crate) struct ApiError(StatusCode, &'static str, String);
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, "bad_request", message.into())
+    }
+
+    fn registry(e: fleet_registry::Error) -> Self {
+        warn!(error = %e, "admin API: registry error");
+        Self(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", format!("registry: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": { "code": self.1, "message": self.2 } }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The operator making the request (any other identity: 403).
+pub(crate) struct Op(pub(crate) Identity, pub(crate) std::net::SocketAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Op {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        match parts.extensions.get::<ConnectInfo<Peer>>().map(|c| (&c.0.who, c.0.addr)) {
+            Some((Ok(id), addr)) => Ok(Op(id.clone(), addr)),
+            Some((Err(why), _)) => {
+                Err(ApiError(StatusCode::FORBIDDEN, "forbidden", format!("{why}: operators only")))
+            }
+            None => Err(ApiError(StatusCode::FORBIDDEN, "forbidden", "no client identity".into())),
+        }
+    }
+}
+
+pub(crate) fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/", get(super::page::index))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/summary", get(summary))
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}", get(device))
+        .route("/api/v1/devices/{id}/revoke", post(revoke))
+        .route("/api/v1/events", get(events))
+        .fallback(not_found)
+        .with_state(admin)
+}
+
+async fn not_found(_: Op) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "not_found", "no such path".into())
+}
+
+async fn openapi(_: Op) -> Response {
+    ([(CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+fn int_param(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64, ApiError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(v) => v.parse::<i64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+            ApiError::bad(format!("{name} must be an integer in {}..={}", range.start(), range.end()))
+        }),
+    }
+}
+
+fn device_id(id: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(id).map_err(|_| ApiError::bad(format!("{id:?} is not a device id ([a-z0-9._-], 1-64)")))
+}
+
+/// The issuance-log check, at most once a minute (it reads the whole log).
+static LOG_CHECK: Mutex<Option<(i64, Value)>> = Mutex::new(None);
+
+async fn log_status(admin: &Admin) -> Value {
+    let now = now_unix();
+    if let Some((at, v)) = LOG_CHECK.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if now - at < 60 {
+            return v.clone();
+        }
+    }
+    let v = match admin.writer.verify_log().await {
+        Ok(r) => json!({
+            "ok": r.disagreements.is_empty(), "entries": r.entries, "head": r.head,
+            "disagreements": r.disagreements.len(), "checked_at": now,
+        }),
+        Err(e) => json!({ "ok": false, "error": e.to_string(), "checked_at": now }),
+    };
+    *LOG_CHECK.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, v.clone()));
+    v
+}
+
+async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let days = int_param(&q, "expiring_within_days", 30, 0..=3650)?;
+    let minutes = int_param(&q, "minutes", 15, 1..=MINUTES)?;
+    let shared = &admin.shared;
+    let now = now_unix();
+    let mut devices = json!({ "active": 0, "revoked": 0 });
+    for (s, n) in shared.registry.status_counts(Role::Device).await.map_err(ApiError::registry)? {
+        devices[s.as_str()] = n.into();
+    }
+    let (count, first) =
+        shared.registry.expiring(now + days * 86_400, 20).await.map_err(ApiError::registry)?;
+    let first: Vec<Value> = first
+        .iter()
+        .map(|e| json!({ "device": e.device_id.as_str(), "serial": e.serial.to_hex(), "not_after": e.not_after }))
+        .collect();
+    let (mut admitted, mut refused, mut closed) = (0u64, BTreeMap::new(), BTreeMap::new());
+    for ((kind, reason), n) in shared.events.counts(minutes) {
+        match kind {
+            Kind::Admitted => admitted += n,
+            Kind::Refused => drop(refused.insert(reason, n)),
+            Kind::Closed => drop(closed.insert(reason, n)),
+        }
+    }
+    let crl = shared.tls.load().crl.as_ref().map(|c| {
+        json!({
+            "number": c.number, "revoked": c.revoked, "age_seconds": now - c.this_update,
+            "next_update_seconds": c.next_update.map(|n| n - now), "expired": c.expired(now),
+        })
+    });
+    Ok(Json(json!({
+        "node": admin.node,
+        "generated_at": now,
+        "devices": devices,
+        "sessions_live": shared.sessions.len(),
+        "window_minutes": minutes,
+        "admitted": admitted,
+        "refused": refused,
+        "closed": closed,
+        "expiring": { "within_days": days, "count": count, "first": first },
+        "issuance_log": log_status(&admin).await,
+        "crl": crl,
+    }))
+    .into_response())
+}
+
+async fn devices(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let limit = int_param(&q, "limit", 50, 1..=500)?;
+    let status = match q.get("status").map(String::as_str) {
+        None | Some("") => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| ApiError::bad("status must be active or revoked"))?),
+    };
+    let role = match q.get("role").map(String::as_str) {
+        None | Some("") => Some(Role::Device),
+        Some("any") => None,
+        Some(r) => Some(Role::parse(r).ok_or_else(|| ApiError::bad(format!("unknown role {r:?}")))?),
+    };
+    let expiring_before = match q.get("expiring_within_days") {
+        None => None,
+        Some(_) => Some(now_unix() + int_param(&q, "expiring_within_days", 0, 0..=3650)? * 86_400),
+    };
+    let prefix = q.get("prefix").cloned();
+    if prefix.as_ref().is_some_and(|p| p.len() > 64) {
+        return Err(ApiError::bad("prefix is longer than an id"));
+    }
+    let query = DeviceQuery {
+        status,
+        role,
+        prefix,
+        expiring_before,
+        after: q.get("after").cloned(),
+        limit: limit + 1,
+    };
+    let mut rows = admin.shared.registry.device_page(&query).await.map_err(ApiError::registry)?;
+    let next = (rows.len() as i64 > limit).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.device.device_id.to_string())
+    });
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let d = &r.device;
+            json!({
+                "device": d.device_id.as_str(), "role": d.role.as_str(), "status": d.status.as_str(),
+                "created_at": d.created_at, "revoked_at": d.revoked_at, "not_after": r.not_after,
+                "online": admin.shared.sessions.get(d.device_id.as_str()).is_some(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "devices": list, "next": next.flatten() })).into_response())
+}
+
+async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> ApiResult {
+    let id = device_id(&id)?;
+    let registry = &admin.shared.registry;
+    let Some(d) = registry.device(&id).await.map_err(ApiError::registry)? else {
+        return Err(ApiError(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id}")));
+    };
+    let certs: Vec<Value> = registry
+        .certificates_of(&id)
+        .await
+        .map_err(ApiError::registry)?
+        .iter()
+        .map(|c| {
+            json!({
+                "serial": c.serial.to_hex(), "status": c.status.as_str(), "not_before": c.not_before,
+                "not_after": c.not_after, "issued_at": c.issued_at, "key_source": c.key_source,
+                "revoked_at": c.revoked_at, "revocation_reason": c.revocation_reason,
+            })
+        })
+        .collect();
+    let session = admin.shared.sessions.get(id.as_str()).map(|s| {
+        use std::sync::atomic::Ordering::Relaxed;
+        json!({
+            "node": admin.node, "peer": s.info.peer.to_string(), "since_ms": s.info.since_ms,
+            "serial": s.serial.to_hex(), "not_after": s.not_after,
+            "received": s.info.received.load(Relaxed), "sent": s.info.sent.load(Relaxed),
+        })
+    });
+    let events = admin.shared.events.recent(Some(id.as_str()), None, 20);
+    let refusals = admin.shared.events.recent(Some(id.as_str()), Some(Kind::Refused), 10);
+    Ok(Json(json!({
+        "device": d.device_id.as_str(), "role": d.role.as_str(), "status": d.status.as_str(),
+        "created_at": d.created_at, "revoked_at": d.revoked_at, "certificates": certs,
+        "session": session, "events": events,
+        "last_refusals": refusals.iter().map(|e| e.reason).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+async fn revoke(
+    Op(op, peer): Op,
+    State(admin): State<Admin>,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let id = device_id(&id)?;
+    let body = to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {MAX_BODY} bytes"))
+    })?;
+    let reasons = || RevocationReason::ALL.map(|r| r.as_str()).join(", ");
+    let v: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the body is not JSON: {e}")))?;
+    let reason = match v.get("reason").and_then(Value::as_str) {
+        None => {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "reason_required",
+                format!("a reason is required: one of {}", reasons()),
+            ))
+        }
+        Some(r) => RevocationReason::parse(r).ok_or_else(|| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad_reason",
+                format!("unknown reason {r:?}: one of {}", reasons()),
+            )
+        })?,
+    };
+    let shared = &admin.shared;
+    match shared.registry.device(&id).await.map_err(ApiError::registry)? {
+        None => return Err(ApiError(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id}"))),
+        Some(d) if d.status == Status::Revoked => {
+            return Err(ApiError(StatusCode::CONFLICT, "already_revoked", format!("{id} is revoked already")))
+        }
+        Some(d) if d.role != Role::Device => {
+            return Err(ApiError::bad(format!("{id} is a {}: revoke it at the station", d.role.as_str())))
+        }
+        Some(_) => {}
+    }
+    let by = format!("operator:{}", op.id);
+    let serials = admin
+        .writer
+        .revoke_device_by(&id, reason, Some(&by), now_unix())
+        .await
+        .map_err(ApiError::registry)?;
+    // The feed cuts it within its poll on every node; here, at once.
+    let mut cut = false;
+    for s in &serials {
+        shared.admissions.revoked(s);
+        cut |= shared.sessions.kick_serial(&id, s);
+    }
+    info!(device = %id, operator = %op.id, %peer, reason = reason.as_str(), cut, "revoked through the admin API");
+    Ok(Json(json!({
+        "device": id.as_str(), "reason": reason.as_str(), "by": by,
+        "revoked_serials": serials.iter().map(|s| s.to_hex()).collect::<Vec<_>>(),
+        "session_cut": cut,
+        "crl": "refused by every node now (registry); the station lists it in the next CRL it signs (fleet-provision crl)",
+    }))
+    .into_response())
+}
+
+/// Server-sent events: the newest 20 events, then each one as it happens (`event:` is the
+/// kind, `data:` the JSON of an event).
+async fn events(_: Op, State(admin): State<Admin>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let shared = admin.shared.clone();
+    let rx = shared.events.subscribe();
+    let mut backlog = shared.events.recent(None, None, 20);
+    backlog.reverse();
+    let sse = |e: &crate::events::Event| {
+        let kind =
+            serde_json::to_value(e.kind).ok().and_then(|k| k.as_str().map(str::to_owned)).unwrap_or_default();
+        Ok(SseEvent::default().event(kind).data(serde_json::to_string(e).unwrap_or_default()))
+    };
+    let first: Vec<_> = backlog.iter().map(sse).collect();
+    let live = stream::unfold(rx, move |mut rx| async move {
+        let next = match rx.recv().await {
+            Ok(e) => sse(&e),
+            // A subscriber that fell behind is told how many events it missed.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Ok(SseEvent::default().event("lagged").data(n.to_string()))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((next, rx))
+    });
+    let stop = shared.shutdown.clone().cancelled_owned();
+    Sse::new(stream::iter(first).chain(live).take_until(stop))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
