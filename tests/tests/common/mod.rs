@@ -128,6 +128,8 @@ pub struct BrokerProc {
     pub child: Child,
     pub mqtt: SocketAddr,
     pub metrics: SocketAddr,
+    /// The admin API (`--admin-listen 127.0.0.1:0`).
+    pub admin: Option<SocketAddr>,
     pub stderr_log: PathBuf,
 }
 
@@ -150,25 +152,41 @@ impl BrokerProc {
         cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().expect("spawn fleet-broker");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut admin = None;
         let mut addr = |what: &str| -> SocketAddr {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| {
-                    panic!(
-                        "broker exited before printing its {what} address: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    )
-                })
-                .unwrap();
-            let a = line
-                .split_whitespace()
-                .find(|w| w.starts_with("127.0.0.1:") || w.starts_with("http://"))
-                .unwrap();
-            a.trim_start_matches("http://").trim_end_matches("/metrics").parse().unwrap()
+            loop {
+                let line = lines
+                    .next()
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "broker exited before printing its {what} address: {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        )
+                    })
+                    .unwrap();
+                let a = line
+                    .split_whitespace()
+                    .find(|w| {
+                        w.starts_with("127.0.0.1:") || w.starts_with("http://") || w.starts_with("https://")
+                    })
+                    .unwrap();
+                let a: SocketAddr = a
+                    .trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics")
+                    .trim_end_matches('/')
+                    .parse()
+                    .unwrap();
+                if line.contains("admin console") {
+                    admin = Some(a);
+                    continue;
+                }
+                return a;
+            }
         };
         let mqtt = addr("mqtt");
         let metrics = addr("metrics");
-        BrokerProc { child, mqtt, metrics, stderr_log: log }
+        BrokerProc { child, mqtt, metrics, admin, stderr_log: log }
     }
 
     pub fn port(&self) -> String {

@@ -1,0 +1,355 @@
+//! The admin API over mTLS, driven with curl (a client nobody here wrote): an operator sees the
+//! fleet and revokes a connected device (cut within a second, logged with the operator's name);
+//! devices, services, revoked operators and other CAs are kept out; every answer, errors too,
+//! matches the OpenAPI document.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fleet_broker::outcome::{CloseReason, Refusal};
+use fleet_tests::require_program;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use serde_json::{json, Value};
+
+const OPENAPI: &str = include_str!("../../broker/src/admin/openapi.json");
+
+/// Checks `v` against the document's schema `name`.
+fn conforms(name: &str, v: &Value) {
+    let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    let schema = json!({ "$ref": format!("#/components/schemas/{name}"), "components": doc["components"] });
+    if let Err(e) = jsonschema::validate(&schema, v) {
+        panic!("answer does not match schema {name}: {e}\n{v:#}");
+    }
+}
+
+/// curl with a client identity (`cert.pem` + `key.pem` in `dir`), or none.
+struct Client {
+    base: String,
+    trust: PathBuf,
+    identity: Option<PathBuf>,
+}
+
+impl Client {
+    fn new(broker: &BrokerProc, fleet: &Fleet, identity: Option<&Path>) -> Self {
+        Client {
+            base: format!("https://{}", broker.admin.expect("admin listener")),
+            trust: fleet.service.join("broker-trust.pem"),
+            identity: identity.map(Path::to_path_buf),
+        }
+    }
+
+    /// (HTTP status, JSON body); status 0 when no HTTP answer came (TLS refused).
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        let curl = require_program("curl", "curl");
+        let mut c = Command::new(curl);
+        c.args(["-s", "--max-time", "10", "-X", method, "-w", "\n%{http_code}", "--cacert"]).arg(&self.trust);
+        if let Some(d) = &self.identity {
+            c.arg("--cert").arg(d.join("cert.pem")).arg("--key").arg(d.join("key.pem"));
+        }
+        if body.is_some() {
+            c.args(["-H", "content-type: application/json", "--data-binary", "@-"]);
+        }
+        c.arg(format!("{}{path}", self.base))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(b) = body {
+            std::io::Write::write_all(&mut stdin, b).unwrap();
+        }
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        let json = if body.trim_start().starts_with(['{', '[']) {
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body}"))
+        } else {
+            Value::String(body.to_owned())
+        };
+        (code, json)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None)
+    }
+}
+
+async fn operator(fleet: &Fleet, name: &str) -> PathBuf {
+    let out = fleet.dir.path().join(format!("operator-{name}"));
+    fleet.station().await.operator_cert(name, &out, "correct horse battery").await.unwrap();
+    out
+}
+
+fn admin_broker(fleet: &Fleet) -> BrokerProc {
+    BrokerProc::start(fleet, &["--admin-listen", "127.0.0.1:0", "--revocation-poll-ms", "100"])
+}
+
+#[tokio::test]
+async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_within_a_second() {
+    let fleet = Fleet::new(3, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker = admin_broker(&fleet);
+    let api = Client::new(&broker, &fleet, Some(&alice));
+    let target = fleet.id(0);
+
+    let mut device = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(matches!(device.mqtt_connect(&target, 30).await, Some(Packet::ConnAck(_))));
+    broker.wait_metric("fleet_sessions_live", 1.0, Duration::from_secs(5)).await;
+
+    // The overview.
+    let (code, s) = api.get("/api/v1/summary?expiring_within_days=30&minutes=5");
+    assert_eq!(code, 200, "{s}");
+    conforms("Summary", &s);
+    assert_eq!((s["devices"]["active"].as_i64(), s["sessions_live"].as_i64()), (Some(3), Some(1)), "{s}");
+    assert_eq!(s["admitted"], 1, "{s}");
+    assert_eq!(s["issuance_log"]["ok"], true, "{s}");
+    assert_eq!(s["crl"]["expired"], false, "{s}");
+
+    // Pages, filters.
+    let (code, p1) = api.get("/api/v1/devices?limit=2");
+    assert_eq!(code, 200);
+    conforms("DevicePage", &p1);
+    let ids: Vec<&str> =
+        p1["devices"].as_array().unwrap().iter().map(|d| d["device"].as_str().unwrap()).collect();
+    assert_eq!(ids, [fleet.id(0), fleet.id(1)]);
+    assert_eq!(p1["devices"][0]["online"], true);
+    let next = p1["next"].as_str().unwrap();
+    let (_, p2) = api.get(&format!("/api/v1/devices?limit=2&after={next}"));
+    conforms("DevicePage", &p2);
+    assert_eq!(p2["devices"].as_array().unwrap().len(), 1);
+    assert!(p2["next"].is_null());
+    let (_, by_prefix) = api.get(&format!("/api/v1/devices?prefix={}", &fleet.id(2)[..10]));
+    assert!(by_prefix["devices"].as_array().unwrap().iter().any(|d| d["device"] == fleet.id(2)));
+    let (_, services) = api.get("/api/v1/devices?role=service");
+    assert_eq!(services["devices"][0]["device"], "backend");
+
+    // The device's page shows its live session.
+    let (code, d) = api.get(&format!("/api/v1/devices/{target}"));
+    assert_eq!(code, 200);
+    conforms("Device", &d);
+    assert_eq!(d["session"]["serial"], d["certificates"][0]["serial"]);
+    assert_eq!(d["events"][0]["kind"], "admitted");
+
+    // The live feed, from before the revocation.
+    let curl = require_program("curl", "curl");
+    let mut feed = Command::new(&curl)
+        .args(["-s", "-N", "--max-time", "20", "--cacert"])
+        .arg(fleet.service.join("broker-trust.pem"))
+        .arg("--cert")
+        .arg(alice.join("cert.pem"))
+        .arg("--key")
+        .arg(alice.join("key.pem"))
+        .arg(format!("https://{}/api/v1/events", broker.admin.unwrap()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Revoke it: the session is cut within a second.
+    let t = Instant::now();
+    let (code, r) =
+        api.call("POST", &format!("/api/v1/devices/{target}/revoke"), Some(br#"{"reason":"keyCompromise"}"#));
+    assert_eq!(code, 200, "{r}");
+    conforms("Revoked", &r);
+    assert_eq!((r["session_cut"].as_bool(), r["by"].as_str()), (Some(true), Some("operator:alice")));
+    assert!(device.closed_within(Duration::from_secs(1)).await, "session not cut within 1 s");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
+    let mut again = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    match again.mqtt_connect(&target, 30).await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("a revoked device got {other:?}"),
+    }
+
+    // The feed saw the admission backlog and the cut; the device page says so.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = feed.kill();
+    let out = feed.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for e in &events {
+        conforms("Event", e);
+    }
+    assert!(events.iter().any(|e| e["kind"] == "admitted" && e["device"] == target.as_str()), "{text}");
+    assert!(events.iter().any(|e| e["kind"] == "closed" && e["reason"] == "revoked"), "{text}");
+    assert!(events.iter().any(|e| e["kind"] == "refused" && e["reason"] == "revoked"), "{text}");
+    let (_, d) = api.get(&format!("/api/v1/devices/{target}"));
+    conforms("Device", &d);
+    assert_eq!((d["status"].as_str(), d["session"].is_null()), (Some("revoked"), true), "{d}");
+    assert_eq!(d["certificates"][0]["revocation_reason"], "keyCompromise");
+    assert_eq!(d["last_refusals"][0], "revoked");
+
+    // The issuance log names the operator, and still verifies.
+    let station = fleet.station().await;
+    assert!(station.verify_log().await.unwrap().disagreements.is_empty());
+    let registry = fleet_registry::Registry::open(
+        &fleet_registry::Home::new(fleet.home()).default_database_url(),
+        false,
+    )
+    .await
+    .unwrap();
+    let detail: String = sqlx::query_scalar(
+        "SELECT detail FROM issuance_log WHERE event = 'revoke-device' AND device_id = $1",
+    )
+    .bind(&target)
+    .fetch_one(registry.pool())
+    .await
+    .unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&detail).unwrap()["by"], "operator:alice");
+
+    // Bad input: a JSON error with a 4xx, never a 500.
+    let revoke = |id: &str| format!("/api/v1/devices/{id}/revoke");
+    let big = vec![b'x'; 10_000];
+    for (method, path, body, want) in [
+        ("POST", revoke(&target), Some(&br#"{"reason":"keyCompromise"}"#[..]), 409),
+        ("POST", revoke("no-such-device"), Some(&br#"{"reason":"keyCompromise"}"#[..]), 404),
+        ("POST", revoke(&fleet.id(1)), Some(&b"{}"[..]), 422),
+        ("POST", revoke(&fleet.id(1)), Some(&br#"{"reason":"because"}"#[..]), 422),
+        ("POST", revoke(&fleet.id(1)), Some(&b"not json"[..]), 400),
+        ("POST", revoke(&fleet.id(1)), Some(&big[..]), 413),
+        ("POST", revoke("backend"), Some(&br#"{"reason":"keyCompromise"}"#[..]), 400),
+        ("GET", "/api/v1/devices/Not_An_Id".into(), None, 400),
+        ("GET", "/api/v1/devices?limit=0".into(), None, 400),
+        ("GET", "/api/v1/devices?status=sleeping".into(), None, 400),
+        ("GET", "/api/v1/summary?minutes=9999".into(), None, 400),
+        ("GET", "/api/v1/nothing-here".into(), None, 404),
+    ] {
+        let (code, e) = api.call(method, &path, body);
+        assert_eq!(code, want, "{method} {path}: {e}");
+        conforms("Error", &e);
+    }
+    let (_, d1) = api.get(&format!("/api/v1/devices/{}", fleet.id(1)));
+    assert_eq!(d1["status"], "active", "a refused call changed nothing");
+
+    // The document itself is served.
+    let (code, doc) = api.get("/api/v1/openapi.json");
+    assert_eq!((code, doc), (200, serde_json::from_str::<Value>(OPENAPI).unwrap()));
+}
+
+#[test]
+fn the_schema_check_rejects_answers_that_break_the_document() {
+    let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}"), "components": doc["components"] });
+    let event =
+        json!({"at_ms": 1, "kind": "admitted", "reason": "ok", "device": "d", "serial": "01", "peer": "p"});
+    assert!(jsonschema::is_valid(&schema("Event"), &event));
+    for broken in [
+        json!({"at_ms": 1, "kind": "admitted", "reason": "ok", "device": "d", "serial": "01"}),
+        json!({"at_ms": "1", "kind": "admitted", "reason": "ok", "device": "d", "serial": "01", "peer": "p"}),
+        json!({"at_ms": 1, "kind": "joined", "reason": "ok", "device": "d", "serial": "01", "peer": "p"}),
+        json!({"at_ms": 1, "kind": "admitted", "reason": "ok", "device": "d", "serial": "01", "peer": "p", "x": 1}),
+    ] {
+        assert!(!jsonschema::is_valid(&schema("Event"), &broken), "{broken}");
+    }
+    assert!(!jsonschema::is_valid(&schema("Error"), &json!({"error": "text"})));
+}
+
+#[tokio::test]
+async fn devices_services_revoked_operators_and_other_cas_are_kept_out() {
+    let fleet = Fleet::new(2, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let mallory = operator(&fleet, "mallory").await;
+    let broker = admin_broker(&fleet);
+    let target = fleet.id(1);
+
+    for who in [&fleet.devices[0], &fleet.service] {
+        let c = Client::new(&broker, &fleet, Some(who));
+        for path in ["/", "/api/v1/summary", "/api/v1/events", "/api/v1/openapi.json"] {
+            let (code, e) = c.get(path);
+            let said: String = e.to_string().chars().take(200).collect();
+            assert_eq!(code, 403, "{} {path}: {said}", who.display());
+            conforms("Error", &e);
+        }
+        let (code, _) = c.call(
+            "POST",
+            &format!("/api/v1/devices/{target}/revoke"),
+            Some(br#"{"reason":"keyCompromise"}"#),
+        );
+        assert_eq!(code, 403);
+    }
+    // No certificate, or one from another fleet's CA: no TLS session at all.
+    let other = Fleet::new(1, None).await;
+    let stranger = operator(&other, "alice").await;
+    for who in [None, Some(stranger.as_path())] {
+        let (code, _) = Client::new(&broker, &fleet, who).get("/api/v1/summary");
+        assert_eq!(code, 0, "{who:?} got an HTTP answer");
+    }
+    let (_, d) = Client::new(&broker, &fleet, Some(&alice)).get(&format!("/api/v1/devices/{target}"));
+    assert_eq!(d["status"], "active", "nobody above could revoke");
+
+    // A revoked operator is out on its next connection.
+    let m = Client::new(&broker, &fleet, Some(&mallory));
+    assert_eq!(m.get("/api/v1/summary").0, 200);
+    let id = fleet_provision::DeviceId::parse("mallory").unwrap();
+    fleet
+        .station()
+        .await
+        .revoke_device(&id, fleet_provision::RevocationReason::PrivilegeWithdrawn)
+        .await
+        .unwrap();
+    let (code, e) = m.get("/api/v1/summary");
+    assert_eq!(code, 403, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("revoked"), "{e}");
+
+    // An operator's certificate does not speak MQTT.
+    let mut raw = Raw::device(broker.mqtt, &alice).await.unwrap();
+    match raw.mqtt_connect("alice", 30).await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("an operator on MQTT got {other:?}"),
+    }
+    broker.wait_refused(Refusal::WrongRole, 1.0, Duration::from_secs(2)).await;
+}
+
+#[test]
+fn operator_p12_is_read_by_openssl_and_nss() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fleet = rt.block_on(Fleet::new(1, None));
+    let dir = rt.block_on(operator(&fleet, "carol"));
+    let openssl = require_program("openssl", "openssl");
+    let out = Command::new(openssl)
+        .args(["pkcs12", "-nokeys", "-passin", "pass:correct horse battery", "-in"])
+        .arg(dir.join("operator.p12"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("CN = carol") && text.contains("OU = operator"), "{text}");
+    assert_eq!(text.matches("BEGIN CERTIFICATE").count(), 3, "leaf, device CA, root: {text}");
+    let out = Command::new(require_program("openssl", "openssl"))
+        .args(["pkcs12", "-nocerts", "-nodes", "-passin", "pass:wrong password", "-in"])
+        .arg(dir.join("operator.p12"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a wrong password opened it");
+
+    let certutil = require_program("certutil", "libnss3-tools");
+    let pk12util = require_program("pk12util", "libnss3-tools");
+    let nss = fleet.dir.path().join("nss");
+    std::fs::create_dir_all(&nss).unwrap();
+    let db = format!("sql:{}", nss.display());
+    assert!(Command::new(&certutil).args(["-N", "-d", &db, "--empty-password"]).status().unwrap().success());
+    let st = Command::new(pk12util)
+        .args(["-i"])
+        .arg(dir.join("operator.p12"))
+        .args(["-d", &db, "-W", "correct horse battery"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "pk12util: {}", String::from_utf8_lossy(&st.stderr));
+    let keys = Command::new(certutil).args(["-K", "-d", &db]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&keys.stdout).contains("carol"),
+        "{}",
+        String::from_utf8_lossy(&keys.stdout)
+    );
+}
