@@ -232,8 +232,11 @@ impl Broker {
         if let Some(m) = metrics {
             tracker.spawn(http::serve(shared.clone(), m));
         }
+        let node = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+        if shared.cluster.is_some() {
+            tracker.spawn(admin::views::answer(shared.clone(), node.clone()));
+        }
         if let Some(a) = admin_listener {
-            let node = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
             tracker.spawn(admin::serve(shared.clone(), a, node));
         }
         listener::run(&shared, listener, &tracker).await;

@@ -268,3 +268,57 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
     subscribe(&mut again, &format!("devices/{id}/commands/#"), 1).await;
     assert!(next_publish(&mut again, Duration::from_millis(800)).await.is_none(), "delivered twice");
 }
+
+#[tokio::test]
+async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
+    use common::admin::{conforms, operator, Client};
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let alice = operator(&fleet, "alice").await;
+    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url(), "--admin-listen", "127.0.0.1:0"]);
+    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let api = Client::new(&node1, &fleet, Some(&alice));
+    let id = fleet.id(0);
+
+    // The device and a refused connection are on node 2; node 1 serves the API.
+    let mut dev = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let mut wrong = Raw::device(node2.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&wrong.mqtt_connect("not-me", 30).await), Some(ConnectReturnCode::BadClientId));
+
+    let (code, s) = api.get("/api/v1/summary");
+    assert_eq!(code, 200, "{s}");
+    conforms("Summary", &s);
+    assert_eq!(s["sessions_live"], 1, "{s}");
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 2, "both nodes answered: {s}");
+    assert_eq!(
+        (s["admitted"].as_u64(), s["refused"]["client_id_mismatch"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    let (_, page) = api.get("/api/v1/devices");
+    conforms("DevicePage", &page);
+    assert_eq!(
+        page["devices"].as_array().unwrap().iter().find(|d| d["device"] == id.as_str()).unwrap()["online"],
+        true
+    );
+    let (_, d) = api.get(&format!("/api/v1/devices/{id}"));
+    conforms("Device", &d);
+    assert_eq!(d["session"]["node"], node2.mqtt.to_string(), "{d}");
+    assert_eq!(d["events"][0]["kind"], "admitted", "{d}");
+
+    // Revoked through node 1: node 2 cuts it within a second.
+    let t = Instant::now();
+    let (code, r) =
+        api.call("POST", &format!("/api/v1/devices/{id}/revoke"), Some(br#"{"reason":"keyCompromise"}"#));
+    assert_eq!(code, 200, "{r}");
+    assert!(dev.closed_within(Duration::from_secs(1)).await, "node 2 did not cut the session");
+    assert!(t.elapsed() < Duration::from_millis(1500));
+    let (_, d) = api.get(&format!("/api/v1/devices/{id}"));
+    assert!(d["session"].is_null(), "{d}");
+    assert!(
+        d["events"].as_array().unwrap().iter().any(|e| e["kind"] == "closed" && e["reason"] == "revoked"),
+        "{d}"
+    );
+}

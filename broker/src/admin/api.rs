@@ -2,7 +2,7 @@
 //! answer is JSON; every error is `{"error": {"code", "message"}}` with a 4xx (bad input,
 //! unknown device, not an operator) or a 503 (the registry could not be asked), never a 500.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -21,6 +21,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use super::views::{self, Query as Ask};
 use super::{Admin, Peer};
 use crate::auth::Identity;
 use crate::events::{Kind, MINUTES};
@@ -146,14 +147,17 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
         .iter()
         .map(|e| json!({ "device": e.device_id.as_str(), "serial": e.serial.to_hex(), "not_after": e.not_after }))
         .collect();
+    let views = views::gather(shared, &admin.node, &Ask { minutes, ..Ask::default() }).await;
     let (mut admitted, mut refused, mut closed) = (0u64, BTreeMap::new(), BTreeMap::new());
-    for ((kind, reason), n) in shared.events.counts(minutes) {
+    for (kind, reason, n) in views.iter().flat_map(|v| v.counts.iter()) {
         match kind {
             Kind::Admitted => admitted += n,
-            Kind::Refused => drop(refused.insert(reason, n)),
-            Kind::Closed => drop(closed.insert(reason, n)),
+            Kind::Refused => *refused.entry(reason.clone()).or_insert(0u64) += n,
+            Kind::Closed => *closed.entry(reason.clone()).or_insert(0u64) += n,
         }
     }
+    let nodes: Vec<Value> =
+        views.iter().map(|v| json!({ "node": v.node, "sessions_live": v.sessions_live })).collect();
     let crl = shared.tls.load().crl.as_ref().map(|c| {
         json!({
             "number": c.number, "revoked": c.revoked, "age_seconds": now - c.this_update,
@@ -164,7 +168,8 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
         "node": admin.node,
         "generated_at": now,
         "devices": devices,
-        "sessions_live": shared.sessions.len(),
+        "sessions_live": views.iter().map(|v| v.sessions_live).sum::<u64>(),
+        "nodes": nodes,
         "window_minutes": minutes,
         "admitted": admitted,
         "refused": refused,
@@ -208,6 +213,10 @@ async fn devices(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
         rows.truncate(limit as usize);
         rows.last().map(|r| r.device.device_id.to_string())
     });
+    let ids: Vec<String> = rows.iter().map(|r| r.device.device_id.to_string()).collect();
+    let q = Ask { minutes: 1, devices: ids, detail: false };
+    let online: HashSet<String> =
+        views::gather(&admin.shared, &admin.node, &q).await.into_iter().flat_map(|v| v.online).collect();
     let list: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -215,7 +224,7 @@ async fn devices(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
             json!({
                 "device": d.device_id.as_str(), "role": d.role.as_str(), "status": d.status.as_str(),
                 "created_at": d.created_at, "revoked_at": d.revoked_at, "not_after": r.not_after,
-                "online": admin.shared.sessions.get(d.device_id.as_str()).is_some(),
+                "online": online.contains(d.device_id.as_str()),
             })
         })
         .collect();
@@ -241,21 +250,19 @@ async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> Ap
             })
         })
         .collect();
-    let session = admin.shared.sessions.get(id.as_str()).map(|s| {
-        use std::sync::atomic::Ordering::Relaxed;
-        json!({
-            "node": admin.node, "peer": s.info.peer.to_string(), "since_ms": s.info.since_ms,
-            "serial": s.serial.to_hex(), "not_after": s.not_after,
-            "received": s.info.received.load(Relaxed), "sent": s.info.sent.load(Relaxed),
-        })
-    });
-    let events = admin.shared.events.recent(Some(id.as_str()), None, 20);
-    let refusals = admin.shared.events.recent(Some(id.as_str()), Some(Kind::Refused), 10);
+    let q = Ask { minutes: 1, devices: vec![id.to_string()], detail: true };
+    let views = views::gather(&admin.shared, &admin.node, &q).await;
+    let session = views.iter().flat_map(|v| v.sessions.iter()).next().cloned();
+    let mut events: Vec<Value> = views.into_iter().flat_map(|v| v.events).collect();
+    events.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_i64().unwrap_or(0)));
+    events.truncate(20);
+    let refusals: Vec<Value> =
+        events.iter().filter(|e| e["kind"] == "refused").map(|e| e["reason"].clone()).take(10).collect();
     Ok(Json(json!({
         "device": d.device_id.as_str(), "role": d.role.as_str(), "status": d.status.as_str(),
         "created_at": d.created_at, "revoked_at": d.revoked_at, "certificates": certs,
         "session": session, "events": events,
-        "last_refusals": refusals.iter().map(|e| e.reason).collect::<Vec<_>>(),
+        "last_refusals": refusals,
     }))
     .into_response())
 }

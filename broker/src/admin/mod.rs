@@ -10,6 +10,7 @@
 
 mod api;
 mod page;
+pub(crate) mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -23,6 +23,7 @@
 //!
 //! Not shared across nodes: retained messages (each node keeps those published through it).
 
+mod ask;
 mod claims;
 pub(crate) mod stream;
 pub(crate) mod subject;

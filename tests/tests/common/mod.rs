@@ -2,6 +2,8 @@
 //! `fleet-broker` binary on port 0, and clients (rumqttc, a raw TLS+MQTT client, mosquitto).
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test binaries; test code
 
+pub mod admin;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,124 @@
+//! What each node knows that the registry does not: its live sessions, its admission counts and
+//! its recent events. The admin API asks every node of a cluster (a request on `fleet.admin.q`,
+//! answers gathered for [`GATHER`]) and adds up the answers, so the views are cluster-wide
+//! whichever node serves the API. A single node answers alone.
+//!
+//! Every node answers, with or without `admin_listen`: any node's API may ask it. A node that
+//! does not answer within the window is missing from the sums (the summary lists the nodes that
+//! answered).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing::warn;
+
+use crate::events::Kind;
+use crate::Shared;
+
+/// The subject of the question.
+pub(crate) const SUBJECT: &str = "fleet.admin.q";
+/// How long answers are gathered.
+pub(crate) const GATHER: Duration = Duration::from_millis(300);
+/// Most devices one question may name (a page of the device list).
+const MAX_DEVICES: usize = 500;
+
+/// The question.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Query {
+    /// Window of the counts, minutes.
+    pub(crate) minutes: i64,
+    /// Devices whose live session (and, with `detail`, events) the answer should include.
+    pub(crate) devices: Vec<String>,
+    /// Include session details and events of `devices`.
+    pub(crate) detail: bool,
+}
+
+/// One node's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NodeView {
+    pub(crate) node: String,
+    pub(crate) sessions_live: u64,
+    /// (kind, reason, count) over the window.
+    pub(crate) counts: Vec<(Kind, String, u64)>,
+    /// Those of the devices asked about that have a live session here.
+    pub(crate) online: Vec<String>,
+    /// With `detail`: their sessions (JSON of the API's `session`).
+    pub(crate) sessions: Vec<Value>,
+    /// With `detail`: their events here, newest first.
+    pub(crate) events: Vec<Value>,
+}
+
+/// This node's answer to `q`.
+pub(crate) fn local(shared: &Shared, node: &str, q: &Query) -> NodeView {
+    let counts =
+        shared.events.counts(q.minutes).into_iter().map(|((k, r), n)| (k, r.to_owned(), n)).collect();
+    let mut view = NodeView {
+        node: node.to_owned(),
+        sessions_live: shared.sessions.len() as u64,
+        counts,
+        online: Vec::new(),
+        sessions: Vec::new(),
+        events: Vec::new(),
+    };
+    for d in q.devices.iter().take(MAX_DEVICES) {
+        let Some(s) = shared.sessions.get(d) else { continue };
+        view.online.push(d.clone());
+        if q.detail {
+            view.sessions.push(serde_json::json!({
+                "node": node, "peer": s.info.peer.to_string(), "since_ms": s.info.since_ms,
+                "serial": s.serial.to_hex(), "not_after": s.not_after,
+                "received": s.info.received.load(Relaxed), "sent": s.info.sent.load(Relaxed),
+            }));
+        }
+    }
+    if q.detail {
+        for d in q.devices.iter().take(MAX_DEVICES) {
+            let events = shared.events.recent(Some(d), None, 20);
+            view.events.extend(events.iter().filter_map(|e| serde_json::to_value(e).ok()));
+        }
+    }
+    view
+}
+
+/// Every node's answer: this node's, then the others' (in a cluster).
+pub(crate) async fn gather(shared: &Shared, node: &str, q: &Query) -> Vec<NodeView> {
+    let mut views = vec![local(shared, node, q)];
+    if let Some(cluster) = &shared.cluster {
+        match serde_json::to_vec(q) {
+            Ok(body) => {
+                for answer in cluster.scatter(SUBJECT, body, GATHER).await {
+                    match serde_json::from_slice::<NodeView>(&answer) {
+                        Ok(v) => views.push(v),
+                        Err(e) => warn!(error = %e, "admin: an unreadable answer from another node"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "admin: question not encoded"),
+        }
+    }
+    views
+}
+
+/// Answers other nodes' questions until the broker stops.
+pub(crate) async fn answer(shared: Arc<Shared>, node: String) {
+    let Some(cluster) = &shared.cluster else { return };
+    let weak = Arc::downgrade(&shared);
+    let served = cluster.answer(SUBJECT, move |question| {
+        let shared = weak.upgrade()?;
+        // A question that does not parse gets no answer (the asker's window just ends).
+        let q: Query = serde_json::from_slice(&question).ok()?;
+        serde_json::to_vec(&local(&shared, &node, &q)).ok()
+    });
+    match served.await {
+        Ok(task) => {
+            shared.shutdown.cancelled().await;
+            task.abort();
+        }
+        Err(e) => {
+            warn!(error = %e, "admin: cannot answer other nodes' questions; their views miss this node")
+        }
+    }
+}
