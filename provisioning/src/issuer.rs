@@ -140,6 +140,7 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Counts> {
     let (client, mut events) = AsyncClient::new(options(&cfg)?, 1024);
+    let crl = tokio::spawn(sign_crl_on_revocations(station.clone()));
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(8192);
     let worker = tokio::spawn(work(station, cfg.clone(), client.clone(), jobs_rx));
     tokio::pin!(stop);
@@ -186,8 +187,44 @@ pub async fn serve(
         }
     }
     drop(jobs_tx);
+    crl.abort();
     let _ = client.disconnect().await;
     worker.await.map_err(|e| Error::InvalidInput(format!("issuer worker failed: {e}")))
+}
+
+/// How often the registry is asked for revocations (PostgreSQL also notifies at once).
+const CRL_POLL: Duration = Duration::from_millis(500);
+
+/// Signs a fresh HOME/crl.pem whenever the registry reports revocations, whoever made them (the
+/// CLI, an operator through the broker's admin API, a rotation's supersede), so the CRL follows
+/// the registry within a second while the issuer runs. Revocations that land together are
+/// signed into one CRL.
+async fn sign_crl_on_revocations(station: Station) {
+    let mut feed = loop {
+        match station.registry.revocation_feed().await {
+            Ok(f) => break f,
+            Err(e) => {
+                warn!(error = %e, "CRL follower: no revocation feed yet; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    loop {
+        feed.changed(CRL_POLL).await;
+        match feed.next_batch().await {
+            Ok(events) if events.is_empty() => {}
+            Ok(events) => match station.write_crl(&station.home.crl()).await {
+                Ok(crl) => info!(
+                    number = crl.number,
+                    listed = crl.revoked,
+                    new = events.len(),
+                    "CRL signed after revocations"
+                ),
+                Err(e) => warn!(error = %e, "CRL not signed; the next revocation retries"),
+            },
+            Err(e) => warn!(error = %e, "CRL follower: registry unavailable"),
+        }
+    }
 }
 
 /// `devices/<id>/certs/active` → the device.

@@ -25,8 +25,8 @@ pub struct Settings {
     pub created_at: i64,
 }
 
-/// An open station: home + registry.
-#[derive(Debug)]
+/// An open station: home + registry (a clone shares the registry's pool).
+#[derive(Debug, Clone)]
 pub struct Station {
     pub(crate) home: Home,
     pub(crate) registry: Registry,

@@ -506,3 +506,45 @@ async fn an_operator_forced_rotation_reaches_the_device() {
     let out = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 3, &[]));
     assert!(events(&out, "rotated").is_empty() && events(&out, "rotate-requested").is_empty(), "{out}");
 }
+
+#[tokio::test]
+async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it() {
+    use common::admin::{operator, Client};
+    let fleet = Fleet::new(2, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker = BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--reload-poll-ms", "100"]);
+    let identity = issuer_identity(&fleet).await;
+    let issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let api = Client::new(&broker, &fleet, Some(&alice));
+    let crl_listed = || {
+        let (_, s) = api.get("/api/v1/summary");
+        (s["crl"]["number"].as_u64().unwrap_or(0), s["crl"]["revoked"].as_u64().unwrap_or(0))
+    };
+    let (n0, listed0) = crl_listed();
+
+    // An operator revokes through the broker, which holds no CA key: the issuer signs the CRL
+    // and the broker loads it.
+    let id = fleet.id(0);
+    let (code, r) =
+        api.call("POST", &format!("/api/v1/devices/{id}/revoke"), Some(br#"{"reason":"keyCompromise"}"#));
+    assert_eq!(code, 200, "{r}");
+    let serial = r["revoked_serials"][0].as_str().unwrap().to_owned();
+    let t = Instant::now();
+    while crl_listed().1 < listed0 + 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the CRL did not follow the revocation:\n{}",
+            issuer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(crl_listed().0 > n0);
+    let text = Command::new(fleet_tests::require_program("openssl", "openssl"))
+        .args(["crl", "-noout", "-text", "-in"])
+        .arg(fleet.home().join("crl.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).to_uppercase();
+    assert!(text.contains(&serial.to_uppercase()), "{serial} not in the CRL:\n{text}");
+    assert!(issuer.log().contains("CRL signed after revocations"), "{}", issuer.log());
+}

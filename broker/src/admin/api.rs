@@ -324,7 +324,7 @@ async fn revoke(
         "device": id.as_str(), "reason": reason.as_str(), "by": by,
         "revoked_serials": serials.iter().map(|s| s.to_hex()).collect::<Vec<_>>(),
         "session_cut": cut,
-        "crl": "refused by every node now (registry); the station lists it in the next CRL it signs (fleet-provision crl)",
+        "crl": "refused by every node now (registry); the issuer (fleet-provision serve) signs it into HOME/crl.pem within a second, or run fleet-provision crl at the station",
     }))
     .into_response())
 }
