@@ -282,3 +282,26 @@ fn operator_p12_is_read_by_openssl_and_nss() {
         String::from_utf8_lossy(&keys.stdout)
     );
 }
+
+#[tokio::test]
+async fn a_flood_of_silent_connections_from_one_address_does_not_lock_operators_out() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker = admin_broker(&fleet);
+    let admin = broker.admin.unwrap();
+    // 200 connections from 127.0.0.2 that never start TLS (each would hold a handshake slot
+    // for the whole handshake deadline).
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        match tcp_from([127, 0, 0, 2], admin).await {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("flood connect: {e}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let (code, s) = Client::new(&broker, &fleet, Some(&alice)).get("/api/v1/summary");
+    assert_eq!(code, 200, "{s}");
+    assert!(t.elapsed() < Duration::from_secs(3), "the operator waited {:?} behind the flood", t.elapsed());
+    drop(flood);
+}

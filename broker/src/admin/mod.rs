@@ -4,9 +4,10 @@
 //! services and revoked operators get 403 on every path; a certificate from another CA, or
 //! none, does not complete the handshake.
 //!
-//! Handshakes run in their own tasks (at most `HANDSHAKES` at once, each with the broker's
-//! handshake deadline) and hand finished connections to axum through [`AdminListener`], so a
-//! slow client never holds up the next one.
+//! Handshakes run in their own tasks (at most `HANDSHAKES` at once and
+//! `max_pre_admission_per_source` per address, each with the broker's handshake deadline; more
+//! are closed at accept) and hand finished connections to axum through [`AdminListener`], so a
+//! slow or silent client never holds up the next one.
 
 mod api;
 mod page;
@@ -24,6 +25,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::auth::{self, Identity};
+use crate::listener::PreAdmission;
 use crate::Shared;
 
 /// Handshakes in progress at once; more connections wait for a slot.
@@ -106,12 +108,8 @@ async fn accept_loop(
     ready: mpsc::Sender<(TlsStream<TcpStream>, Peer)>,
 ) {
     let slots = Arc::new(Semaphore::new(HANDSHAKES));
+    let sources = Arc::new(PreAdmission::default());
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p,
-            _ = shared.shutdown.cancelled() => return,
-        };
-        let Ok(permit) = permit else { return };
         let (sock, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -123,9 +121,19 @@ async fn accept_loop(
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        // Closed at once, not queued: one address may hold `max_pre_admission_per_source`
+        // handshakes, all addresses `HANDSHAKES`, so silent sockets cannot lock operators out.
+        let Some(source) = sources.enter(addr.ip(), shared.config.max_pre_admission_per_source) else {
+            debug!(peer = %addr, "admin connection refused: too many handshakes from this address");
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(peer = %addr, "admin connection refused: too many handshakes");
+            continue;
+        };
         let (shared, ready) = (shared.clone(), ready.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let held = (permit, source);
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.load().config.clone());
             let tls =
                 match tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(sock)).await {
@@ -137,6 +145,7 @@ async fn accept_loop(
             if let Err(why) = &who {
                 info!(peer = %addr, why, "admin API: not an operator");
             }
+            drop(held);
             let _ = ready.send((tls, Peer { addr, who })).await;
         });
     }
