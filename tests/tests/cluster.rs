@@ -322,3 +322,68 @@ async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
         "{d}"
     );
 }
+
+#[tokio::test]
+async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_right() {
+    use common::admin::{operator, Client};
+    use futures_util::StreamExt;
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let alice = operator(&fleet, "alice").await;
+    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url(), "--admin-listen", "127.0.0.1:0"]);
+    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let id = fleet.id(0);
+    let mut dev = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+
+    // A peer on NATS floods the question subject: garbage, no reply subject, oversized, and a
+    // valid question replayed; and it answers every question with garbage.
+    let peer = async_nats::connect(nats.url()).await.unwrap();
+    let mut garbage_answers = peer.subscribe("fleet.admin.q").await.unwrap();
+    let answerer = peer.clone();
+    let liar = tokio::spawn(async move {
+        while let Some(m) = garbage_answers.next().await {
+            if let Some(to) = m.reply {
+                let _ = answerer.publish(to, "{not json".into()).await;
+            }
+        }
+    });
+    let inbox = peer.new_inbox();
+    let mut answers = peer.subscribe(inbox.clone()).await.unwrap();
+    for i in 0..2000u32 {
+        let body: Vec<u8> = match i % 4 {
+            0 => b"\xff\x00garbage".to_vec(),
+            1 => vec![b'{'; 70_000],
+            2 => br#"{"minutes":1,"devices":[],"detail":false}"#.to_vec(),
+            _ => br#"{"minutes":"x"}"#.to_vec(),
+        };
+        if i % 8 == 2 {
+            peer.publish("fleet.admin.q", body.into()).await.unwrap(); // no reply subject
+        } else {
+            peer.publish_with_reply("fleet.admin.q", inbox.clone(), body.into()).await.unwrap();
+        }
+    }
+    peer.flush().await.unwrap();
+    // Only the valid questions (with a reply subject) got the nodes' answers: 250 per node,
+    // two nodes (the rest of the inbox is the liar's garbage).
+    let mut n = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), answers.next()).await {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+            assert!(v["node"].is_string(), "{v}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 2 * 250, "answers to 250 valid questions from 2 nodes");
+
+    // The views are still right: the liar's answers are dropped, the device is on node 2.
+    let api = Client::new(&node1, &fleet, Some(&alice));
+    let (code, s) = api.get("/api/v1/summary");
+    assert_eq!(code, 200, "{s}");
+    assert_eq!((s["sessions_live"].as_u64(), s["nodes"].as_array().map(Vec::len)), (Some(1), Some(2)), "{s}");
+    let (_, d) = api.get(&format!("/api/v1/devices/{id}"));
+    assert_eq!(d["session"]["node"], node2.mqtt.to_string(), "{d}");
+    dev.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    liar.abort();
+}
