@@ -34,6 +34,17 @@ pub(crate) enum Kind {
     Closed,
 }
 
+impl Kind {
+    /// The name in JSON and the SSE `event:` field.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::Refused => "refused",
+            Self::Closed => "closed",
+        }
+    }
+}
+
 /// One event.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Event {

@@ -3,21 +3,16 @@
 //! unknown device, not an operator) or a 503 (the registry could not be asked), never a 500.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::convert::Infallible;
-use std::sync::Mutex;
-use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleet_registry::{DeviceId, DeviceQuery, RevocationReason, Role, Status};
-use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -80,7 +75,7 @@ pub(crate) fn router(admin: Admin) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/revoke", post(revoke))
-        .route("/api/v1/events", get(events))
+        .route("/api/v1/events", get(super::feed::events))
         .fallback(not_found)
         .with_state(admin)
 }
@@ -112,11 +107,9 @@ fn device_id(id: &str) -> Result<DeviceId, ApiError> {
 }
 
 /// The issuance-log check, at most once a minute (it reads the whole log).
-static LOG_CHECK: Mutex<Option<(i64, Value)>> = Mutex::new(None);
-
 async fn log_status(admin: &Admin) -> Value {
     let now = now_unix();
-    if let Some((at, v)) = LOG_CHECK.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+    if let Some((at, v)) = admin.log_check.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         if now - at < 60 {
             return v.clone();
         }
@@ -128,7 +121,7 @@ async fn log_status(admin: &Admin) -> Value {
         }),
         Err(e) => json!({ "ok": false, "error": e.to_string(), "checked_at": now }),
     };
-    *LOG_CHECK.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, v.clone()));
+    *admin.log_check.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, v.clone()));
     v
 }
 
@@ -327,33 +320,4 @@ async fn revoke(
         "crl": "refused by every node now (registry); the issuer (fleet-provision serve) signs it into HOME/crl.pem within a second, or run fleet-provision crl at the station",
     }))
     .into_response())
-}
-
-/// Server-sent events: the newest 20 events, then each one as it happens (`event:` is the
-/// kind, `data:` the JSON of an event).
-async fn events(_: Op, State(admin): State<Admin>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let shared = admin.shared.clone();
-    let rx = shared.events.subscribe();
-    let mut backlog = shared.events.recent(None, None, 20);
-    backlog.reverse();
-    let sse = |e: &crate::events::Event| {
-        let kind =
-            serde_json::to_value(e.kind).ok().and_then(|k| k.as_str().map(str::to_owned)).unwrap_or_default();
-        Ok(SseEvent::default().event(kind).data(serde_json::to_string(e).unwrap_or_default()))
-    };
-    let first: Vec<_> = backlog.iter().map(sse).collect();
-    let live = stream::unfold(rx, move |mut rx| async move {
-        let next = match rx.recv().await {
-            Ok(e) => sse(&e),
-            // A subscriber that fell behind is told how many events it missed.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                Ok(SseEvent::default().event("lagged").data(n.to_string()))
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-        };
-        Some((next, rx))
-    });
-    let stop = shared.shutdown.clone().cancelled_owned();
-    Sse::new(stream::iter(first).chain(live).take_until(stop))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }

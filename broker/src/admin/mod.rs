@@ -10,6 +10,7 @@
 //! slow or silent client never holds up the next one.
 
 mod api;
+mod feed;
 mod page;
 pub(crate) mod views;
 
@@ -75,6 +76,8 @@ pub(crate) struct Admin {
     pub(crate) writer: Registry,
     /// This node, as the API names it (its MQTT listen address).
     pub(crate) node: String,
+    /// The last issuance-log check: (unix seconds, its JSON).
+    pub(crate) log_check: Arc<std::sync::Mutex<Option<(i64, serde_json::Value)>>>,
 }
 
 /// Serves the admin API on `listener` until the broker stops.
@@ -93,7 +96,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, node: Stri
     let (tx, ready) = mpsc::channel(HANDSHAKES);
     let shutdown = shared.shutdown.clone();
     tokio::spawn(accept_loop(shared.clone(), listener, tx));
-    let admin = Admin { shared, writer, node };
+    let admin = Admin { shared, writer, node, log_check: Arc::default() };
     let app = api::router(admin).into_make_service_with_connect_info::<Peer>();
     let server =
         axum::serve(AdminListener { ready, local }, app).with_graceful_shutdown(shutdown.cancelled_owned());
