@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::credentials::Credentials;
 use crate::mqtt::session::{Event, Millis, Session, SessionConfig, SessionError};
 use crate::mqtt::QoS;
-use crate::tls::{DeviceProvider, Rejection};
+use crate::tls::{DeviceProvider, DeviceSigner, RamSigner, Rejection};
 
 /// Bytes of MQTT input buffered between reads. The broker's `max_packet_size` (default 4096)
 /// caps every packet it sends; a PUBLISH larger than this inbox is not a connection error: it
@@ -45,6 +45,33 @@ pub const OUTBOX_PACKET: usize = 1024;
 
 /// An established mutual-TLS connection to the broker.
 pub type Connection<'b, T> = TlsConnection<'b, T, Aes128GcmSha256>;
+
+/// An established mutual-TLS connection over an `embedded-io-async` transport.
+#[cfg(feature = "async")]
+pub type AsyncConnection<'b, T> = embedded_tls::TlsConnection<'b, T, Aes128GcmSha256>;
+
+/// The largest TLS record (plaintext) fleet-broker sends with its default configuration
+/// (`max_tls_record_size = 4096`).
+pub const FLEET_BROKER_RECORD: usize = 4096;
+/// The largest TLS record any TLS 1.3 server may send (2^14): Mosquitto, EMQX, AWS IoT, ...
+pub const UNCAPPED_RECORD: usize = 16_384;
+
+/// The TLS receive buffer a connection needs when the broker's records carry at most
+/// `record_limit` bytes of plaintext: one whole record with its content type, AEAD tag and
+/// padding (RFC 8446 §5.2: at most 256 bytes more); the 5-byte header is read separately.
+///
+/// | broker setting | receive buffer |
+/// |---|---:|
+/// | fleet-broker default (`max_tls_record_size = 4096`) | 4,352 B |
+/// | fleet-broker `max_tls_record_size = 2048` | 2,304 B |
+/// | a broker without a cap (Mosquitto, ...) | 16,640 B |
+pub const fn rx_buffer_for(record_limit: usize) -> usize {
+    record_limit + 256
+}
+
+/// The smallest TLS send buffer: the client's Certificate message (a fleetgate device
+/// certificate is under 1 KiB) and the largest MQTT packet the device writes, in one record.
+pub const MIN_TX_BUFFER: usize = 2048;
 
 /// What arrived for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,10 +192,24 @@ impl Write for HostTcp {
     }
 }
 
-/// Why the device is not connected (any of these: call `disconnected` and retry later).
+/// Why the device is not connected (any of these: call `disconnected` and retry later, except
+/// `BufferTooSmall` and `Key`, which are the firmware's configuration).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum ClientError {
+    /// The TLS buffers cannot hold what the broker may send ([`rx_buffer_for`]) or what the
+    /// device must send ([`MIN_TX_BUFFER`]): refused before the handshake starts.
+    BufferTooSmall {
+        /// `"rx"` or `"tx"`.
+        which: &'static str,
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes given.
+        given: usize,
+    },
+    /// The device key is unusable: the bundle's key does not decode, the signer's public key
+    /// is not the certificate's, or the signer failed to sign during the handshake.
+    Key,
     /// The TLS handshake failed; `rejection` says why when the broker's certificate was refused.
     Tls {
         /// The TLS error.
@@ -194,18 +235,41 @@ pub struct Device<'a, const N: usize, const M: usize> {
     filled: usize,
     /// Bytes still to discard of an oversized packet.
     skip: usize,
+    /// Largest TLS record the broker sends (plaintext bytes).
+    record_limit: usize,
 }
 
 impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     /// A disconnected device.
     pub fn new(creds: Credentials<'a>, cfg: SessionConfig) -> Self {
-        Self { session: Session::new(creds.device_id, cfg), creds, inbox: [0; INBOX], filled: 0, skip: 0 }
+        Self::with_session(creds, Session::new(creds.device_id, cfg))
     }
 
     /// A claim session for first boot with the batch's claim credentials: `client_id` is
     /// `claims/<claim-id>/<nonce>`, the nonce fresh random hex (docs/spec/rotation.md).
     pub fn new_claim(creds: Credentials<'a>, client_id: &'a str, cfg: SessionConfig) -> Self {
-        Self { session: Session::new_claim(client_id, cfg), creds, inbox: [0; INBOX], filled: 0, skip: 0 }
+        Self::with_session(creds, Session::new_claim(client_id, cfg))
+    }
+
+    fn with_session(creds: Credentials<'a>, session: Session<'a, N, M>) -> Self {
+        Self { session, creds, inbox: [0; INBOX], filled: 0, skip: 0, record_limit: FLEET_BROKER_RECORD }
+    }
+
+    /// The largest TLS record the broker sends, in plaintext bytes: [`FLEET_BROKER_RECORD`] by
+    /// default (fleet-broker's default cap); [`UNCAPPED_RECORD`] for a broker without a cap.
+    /// `connect` refuses a receive buffer smaller than [`rx_buffer_for`] this.
+    pub fn set_broker_record_limit(&mut self, bytes: usize) {
+        self.record_limit = bytes;
+    }
+
+    /// Checks that `signer` holds the key of this device's certificate (one public-key
+    /// computation: call it once at boot, not before every connection).
+    pub fn check_signer(&self, signer: &mut impl DeviceSigner) -> Result<(), ClientError> {
+        let cert = crate::tls::x509::parse(self.creds.cert_der).map_err(|_| ClientError::Key)?;
+        match signer.public_key() {
+            Some(key) if key[..] == *cert.public_key => Ok(()),
+            _ => Err(ClientError::Key),
+        }
     }
 
     /// Sends `payload` on `<root>/<suffix>` at once, outside the outbox (e.g. a CSR, larger
@@ -230,11 +294,7 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     /// Ends the MQTT session (DISCONNECT): the broker closes the connection without treating it
     /// as lost. Close or drop the transport afterwards and call [`Device::disconnected`].
     pub fn disconnect<T: Write>(&mut self, conn: &mut T) -> Result<(), ClientError> {
-        let mut out = [0u8; 2];
-        let n = crate::mqtt::Packet::Disconnect
-            .encode(&mut out)
-            .map_err(|e| ClientError::Session(SessionError::Encode(e)))?;
-        conn.write_all(&out[..n]).map_err(|_| ClientError::Transport)?;
+        conn.write_all(&DISCONNECT).map_err(|_| ClientError::Transport)?;
         conn.flush().map_err(|_| ClientError::Transport)
     }
 
@@ -248,8 +308,9 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         &self.session
     }
 
-    /// Opens mutual TLS over `transport`, verifying the broker strictly, and starts MQTT.
-    /// `now_unix` enables certificate date checks; `now` is the monotonic clock.
+    /// Opens mutual TLS over `transport`, verifying the broker strictly, and starts MQTT; the
+    /// device key is the bundle's, in RAM. `now_unix` enables certificate date checks; `now` is
+    /// the monotonic clock. `rx` must hold [`rx_buffer_for`] the broker's record limit.
     pub fn connect<'b, T: Read + Write, R: CryptoRngCore>(
         &mut self,
         transport: T,
@@ -259,26 +320,70 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         now_unix: Option<i64>,
         now: Millis,
     ) -> Result<Connection<'b, T>, ClientError> {
+        let signer = RamSigner::from_sec1_der(self.creds.key_der).ok_or(ClientError::Key)?;
+        self.connect_with(transport, rx, tx, rng, signer, now_unix, now)
+    }
+
+    /// [`Device::connect`] with the device key held by `signer` (a secure element, PSA, ...).
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect_with<'b, T: Read + Write, R: CryptoRngCore, S: DeviceSigner>(
+        &mut self,
+        transport: T,
+        rx: &'b mut [u8],
+        tx: &'b mut [u8],
+        rng: R,
+        signer: S,
+        now_unix: Option<i64>,
+        now: Millis,
+    ) -> Result<Connection<'b, T>, ClientError> {
+        self.check_buffers(rx.len(), tx.len())?;
         let config = TlsConfig::new().with_server_name(self.creds.broker_host);
         let mut tls = TlsConnection::new(transport, rx, tx);
-        let mut provider = DeviceProvider::new(self.creds, rng, now_unix);
-        if let Err(error) = tls.open(TlsContext::new(&config, &mut provider)) {
+        let mut provider = DeviceProvider::new(self.creds, signer, rng, now_unix);
+        let opened = tls.open(TlsContext::new(&config, &mut provider));
+        self.handshake_done(opened, &provider, now)?;
+        Ok(tls)
+    }
+
+    fn check_buffers(&self, rx: usize, tx: usize) -> Result<(), ClientError> {
+        let needed = rx_buffer_for(self.record_limit);
+        if rx < needed {
+            warn!("TLS receive buffer {} B, the broker's records need {} B", rx, needed);
+            return Err(ClientError::BufferTooSmall { which: "rx", needed, given: rx });
+        }
+        if tx < MIN_TX_BUFFER {
+            return Err(ClientError::BufferTooSmall { which: "tx", needed: MIN_TX_BUFFER, given: tx });
+        }
+        Ok(())
+    }
+
+    /// After `open`: the broker must have proven its identity, then MQTT starts.
+    fn handshake_done<R: CryptoRngCore, S: DeviceSigner>(
+        &mut self,
+        opened: Result<(), TlsError>,
+        provider: &DeviceProvider<'_, R, S>,
+        now: Millis,
+    ) -> Result<(), ClientError> {
+        if provider.signer_failed() {
+            warn!("the device key's signer failed during the handshake");
+            return Err(ClientError::Key);
+        }
+        if let Err(error) = opened {
             let rejection = provider.rejection();
             warn!("TLS to {} failed: {:?}, broker rejection: {:?}", self.creds.broker_host, error, rejection);
             return Err(ClientError::Tls { error, rejection });
         }
         if let Err(rejection) = provider.authenticated() {
             // The server reached its Finished without proving its identity (embedded-tls does
-            // not require it). Drop the connection before a single application byte.
+            // not require it). The caller drops the connection before a single application byte.
             warn!("{} did not authenticate: {:?}", self.creds.broker_host, rejection);
-            drop(tls);
             return Err(ClientError::Tls { error: TlsError::InvalidCertificate, rejection: Some(rejection) });
         }
         info!("mutual TLS to {} established", self.creds.broker_host);
         self.filled = 0;
         self.skip = 0;
         self.session.transport_up(now);
-        Ok(tls)
+        Ok(())
     }
 
     /// Queues a postcard-encoded telemetry value for `devices/<id>/telemetry` (QoS 1).
@@ -306,17 +411,10 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
             return Ok(Some(ev));
         }
         self.flush(conn, now)?;
-        let n = match conn.read(&mut self.inbox[self.filled..]) {
-            Ok(n) => n,
-            // A host transport's read timeout with nothing arrived: idle, not a failure. (It
-            // fires between TLS records: nothing of the next record was consumed.)
-            Err(e) if matches!(e.kind(), embedded_io::ErrorKind::TimedOut) => return Ok(None),
-            Err(_) => return Err(ClientError::Transport),
-        };
-        if n == 0 {
-            return Err(ClientError::Transport);
+        let read = conn.read(&mut self.inbox[self.filled..]).map_err(|e| e.kind());
+        if !self.received(read)? {
+            return Ok(None);
         }
-        self.filled += n;
         let ev = self.take_event(now)?;
         self.flush(conn, now)?;
         Ok(ev)
@@ -334,6 +432,27 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
             conn.flush().map_err(|_| ClientError::Transport)?;
         }
         Ok(())
+    }
+
+    /// The outcome of one read into the inbox: `Ok(true)` if bytes arrived, `Ok(false)` if the
+    /// transport's read timed out with nothing (idle, not a failure: it fires between TLS
+    /// records, nothing of the next record was consumed).
+    fn received(&mut self, read: Result<usize, embedded_io::ErrorKind>) -> Result<bool, ClientError> {
+        match read {
+            Ok(0) => Err(ClientError::Transport),
+            Ok(n) => {
+                self.filled += n;
+                Ok(true)
+            }
+            Err(embedded_io::ErrorKind::TimedOut) => Ok(false),
+            Err(_) => Err(ClientError::Transport),
+        }
+    }
+
+    /// The next packet due (keep-alive, queued publishes, acknowledgements), encoded in `out`.
+    #[cfg(feature = "async")]
+    fn transmit(&mut self, now: Millis, out: &mut [u8; OUTBOX_PACKET]) -> Result<Option<usize>, ClientError> {
+        self.session.poll_transmit(now, out).map_err(ClientError::Session)
     }
 
     fn take_event(&mut self, now: Millis) -> Result<Option<Incoming>, ClientError> {
@@ -377,6 +496,12 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         }
     }
 
+    /// When the session next has something to send (a keep-alive PING, a retransmission):
+    /// a firmware without a read timeout wakes up by then and calls `poll` again.
+    pub fn poll_at(&self) -> Option<Millis> {
+        self.session.poll_at()
+    }
+
     /// The transport is gone: schedule the reconnect (jittered back-off).
     pub fn disconnected(&mut self, now: Millis, random: u32) {
         self.filled = 0;
@@ -389,6 +514,107 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         self.session.reconnect_at().unwrap_or(Millis(0))
     }
 }
+
+/// The same device over `embedded-io-async` (feature `async`): the same session, inbox and
+/// outbox, so blocking and async firmware behave alike. No executor or timer is assumed: a
+/// transport that should wake the device for keep-alive returns `ErrorKind::TimedOut` from a
+/// read that got nothing for a while (e.g. `embassy_time::with_timeout` around the socket's
+/// read), and `poll_async` returns `Ok(None)`; [`Device::poll_at`] says by when.
+#[cfg(feature = "async")]
+impl<const N: usize, const M: usize> Device<'_, N, M> {
+    /// [`Device::connect`] over an async transport (key in RAM).
+    pub async fn connect_async<'b, T, R>(
+        &mut self,
+        transport: T,
+        rx: &'b mut [u8],
+        tx: &'b mut [u8],
+        rng: R,
+        now_unix: Option<i64>,
+        now: Millis,
+    ) -> Result<AsyncConnection<'b, T>, ClientError>
+    where
+        T: embedded_io_async::Read + embedded_io_async::Write + 'b,
+        R: CryptoRngCore,
+    {
+        let signer = RamSigner::from_sec1_der(self.creds.key_der).ok_or(ClientError::Key)?;
+        self.connect_with_async(transport, rx, tx, rng, signer, now_unix, now).await
+    }
+
+    /// [`Device::connect_with`] over an async transport: the key is held by `signer`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect_with_async<'b, T, R, S>(
+        &mut self,
+        transport: T,
+        rx: &'b mut [u8],
+        tx: &'b mut [u8],
+        rng: R,
+        signer: S,
+        now_unix: Option<i64>,
+        now: Millis,
+    ) -> Result<AsyncConnection<'b, T>, ClientError>
+    where
+        T: embedded_io_async::Read + embedded_io_async::Write + 'b,
+        R: CryptoRngCore,
+        S: DeviceSigner,
+    {
+        self.check_buffers(rx.len(), tx.len())?;
+        let config = embedded_tls::TlsConfig::new().with_server_name(self.creds.broker_host);
+        let mut tls = embedded_tls::TlsConnection::new(transport, rx, tx);
+        let mut provider = DeviceProvider::new(self.creds, signer, rng, now_unix);
+        let opened = tls.open(embedded_tls::TlsContext::new(&config, &mut provider)).await;
+        self.handshake_done(opened, &provider, now)?;
+        Ok(tls)
+    }
+
+    /// [`Device::poll`]: sends what is due, reads once, returns the first thing that happened.
+    pub async fn poll_async<T>(&mut self, conn: &mut T, now: Millis) -> Result<Option<Incoming>, ClientError>
+    where
+        T: embedded_io_async::Read + embedded_io_async::Write,
+    {
+        if let Some(ev) = self.take_event(now)? {
+            self.flush_async(conn, now).await?;
+            return Ok(Some(ev));
+        }
+        self.flush_async(conn, now).await?;
+        let read = conn.read(&mut self.inbox[self.filled..]).await.map_err(|e| e.kind());
+        if !self.received(read)? {
+            return Ok(None);
+        }
+        let ev = self.take_event(now)?;
+        self.flush_async(conn, now).await?;
+        Ok(ev)
+    }
+
+    /// [`Device::flush`]: sends every packet the session has due.
+    pub async fn flush_async<T: embedded_io_async::Write>(
+        &mut self,
+        conn: &mut T,
+        now: Millis,
+    ) -> Result<(), ClientError> {
+        let mut out = [0u8; OUTBOX_PACKET];
+        let mut wrote = false;
+        while let Some(n) = self.transmit(now, &mut out)? {
+            conn.write_all(&out[..n]).await.map_err(|_| ClientError::Transport)?;
+            wrote = true;
+        }
+        if wrote {
+            conn.flush().await.map_err(|_| ClientError::Transport)?;
+        }
+        Ok(())
+    }
+
+    /// [`Device::disconnect`]: ends the MQTT session cleanly.
+    pub async fn disconnect_async<T: embedded_io_async::Write>(
+        &mut self,
+        conn: &mut T,
+    ) -> Result<(), ClientError> {
+        conn.write_all(&DISCONNECT).await.map_err(|_| ClientError::Transport)?;
+        conn.flush().await.map_err(|_| ClientError::Transport)
+    }
+}
+
+/// An MQTT DISCONNECT packet.
+const DISCONNECT: [u8; 2] = [0xE0, 0];
 
 #[cfg(test)]
 mod tests {

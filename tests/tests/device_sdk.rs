@@ -15,7 +15,7 @@ use embedded_tls::blocking::{TlsConfig, TlsConnection, TlsContext};
 use embedded_tls::Aes128GcmSha256;
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::codec::{decode, Packet, Publish, QoS};
-use fleet_device::tls::{DeviceProvider, Rejection};
+use fleet_device::tls::{DeviceProvider, DeviceSigner, RamSigner, Rejection};
 
 struct Outcome {
     handshake: Result<(), String>,
@@ -35,7 +35,8 @@ fn run_device(addr: SocketAddr, bundle: &[u8], topic_suffix: &str) -> Outcome {
     let mut tls: TlsConnection<'_, _, Aes128GcmSha256> =
         TlsConnection::new(FromStd::new(tcp), &mut rbuf, &mut wbuf);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut provider = DeviceProvider::new(creds, rand::rngs::OsRng, Some(now));
+    let signer = RamSigner::from_sec1_der(creds.key_der).unwrap();
+    let mut provider = DeviceProvider::new(creds, signer, rand::rngs::OsRng, Some(now));
     let handshake = tls
         .open(TlsContext::new(&config, &mut provider))
         .map_err(|e| format!("{e:?}"))
@@ -142,7 +143,7 @@ async fn sdk_is_refused_after_revocation() {
     broker.wait_refused(Refusal::Revoked, 1.0, Duration::from_secs(3)).await;
 }
 
-use fleet_device::client::{Device, Incoming};
+use fleet_device::client::{rx_buffer_for, ClientError, Device, Incoming, UNCAPPED_RECORD};
 use fleet_device::mqtt::{Millis, SessionConfig};
 use std::sync::mpsc;
 
@@ -281,59 +282,89 @@ async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart()
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "every telemetry value stored once, in order");
 }
 
+/// A Mosquitto broker with the fleet's device CA and broker certificate, client certificates
+/// required, on a free loopback port; killed on drop.
+struct Mosquitto {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Mosquitto {
+    fn start(fleet: &Fleet) -> Self {
+        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| fleet_tests::require_program("mosquitto", "mosquitto"));
+        let home = fleet.home();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = fleet.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+                 use_identity_as_username true\ntls_version tlsv1.3\nallow_anonymous false\nuser root\n",
+                home.join("device-ca-chain.pem").display(),
+                home.join("broker-tls/cert.pem").display(),
+                home.join("broker-tls/key.pem").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(fleet.dir.path().join("mosquitto.log")).unwrap();
+        let child = std::process::Command::new(mosquitto).arg("-c").arg(&conf).stderr(log).spawn().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start: {}",
+                std::fs::read_to_string(fleet.dir.path().join("mosquitto.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, addr }
+    }
+
+    /// `mosquitto_sub` as the fleet's backend service, printing one telemetry message.
+    fn watch(&self, fleet: &Fleet) -> std::process::Child {
+        let sub = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
+        let svc = &fleet.service;
+        let watcher = std::process::Command::new(sub)
+            .args(["-h", "localhost", "-p", &self.addr.port().to_string(), "--cafile"])
+            .arg(svc.join("broker-trust.pem"))
+            .arg("--cert")
+            .arg(svc.join("cert.pem"))
+            .arg("--key")
+            .arg(svc.join("key.pem"))
+            .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "20"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        watcher
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_interoperates_with_mosquitto() {
-    let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| fleet_tests::require_program("mosquitto", "mosquitto"));
-    let sub = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
     let fleet = Fleet::new(1, None).await;
-    let home = fleet.home();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let conf = fleet.dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-             use_identity_as_username true\ntls_version tlsv1.3\nallow_anonymous false\nuser root\n",
-            home.join("device-ca-chain.pem").display(),
-            home.join("broker-tls/cert.pem").display(),
-            home.join("broker-tls/key.pem").display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(fleet.dir.path().join("mosquitto.log")).unwrap();
-    let mut broker = std::process::Command::new(mosquitto).arg("-c").arg(&conf).stderr(log).spawn().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "mosquitto did not start: {}",
-            std::fs::read_to_string(fleet.dir.path().join("mosquitto.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let svc = &fleet.service;
-    let watcher = std::process::Command::new(sub)
-        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile"])
-        .arg(svc.join("broker-trust.pem"))
-        .arg("--cert")
-        .arg(svc.join("cert.pem"))
-        .arg("--key")
-        .arg(svc.join("key.pem"))
-        .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "20"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let mosquitto = Mosquitto::start(&fleet);
+    let watcher = mosquitto.watch(&fleet);
+    let addr = mosquitto.addr;
     let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
     tokio::task::spawn_blocking(move || {
         let creds = Credentials::decode(&bundle).unwrap();
         let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
-        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        // Mosquitto does not cap its records: the full 16 KiB + 256 receive buffer.
+        d.set_broker_record_limit(UNCAPPED_RECORD);
+        let (mut rx, mut tx) = (vec![0u8; rx_buffer_for(UNCAPPED_RECORD)], vec![0u8; 4096]);
         let mut conn = d.connect(tcp(addr), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
         d.publish("telemetry", b"hello-mosquitto", fleet_device::mqtt::QoS::AtLeastOnce).unwrap();
         poll_until(&mut d, &mut conn, |e| *e == Incoming::Delivered);
@@ -341,8 +372,7 @@ async fn sdk_interoperates_with_mosquitto() {
     .await
     .unwrap();
     let out = watcher.wait_with_output().unwrap();
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(mosquitto);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("devices/{}/telemetry hello-mosquitto", fleet.id(0))
@@ -444,4 +474,300 @@ async fn a_csr_built_on_the_device_is_accepted_by_the_station_and_openssl() {
     )
     .unwrap();
     assert_eq!(&spki.subject_public_key.data[..], key.verifying_key().to_encoded_point(false).as_bytes());
+}
+
+/// What the device asks of its mock secure element.
+enum SeCommand {
+    PublicKey,
+    Sign([u8; 32]),
+}
+
+/// A mock secure element: the key lives in another thread (the "chip"), the device sends it a
+/// command and waits for the answer, the way an I2C driver talks to an ATECC608 or an SE050.
+/// The device side holds no key at all.
+struct MockSe {
+    to_chip: mpsc::Sender<SeCommand>,
+    from_chip: mpsc::Receiver<Option<Vec<u8>>>,
+    signatures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MockSe {
+    /// A chip personalised with `key_der` (SEC1) at the factory; `None` is a chip that fails.
+    fn new(key_der: Option<Vec<u8>>) -> Self {
+        let (to_chip, commands) = mpsc::channel::<SeCommand>();
+        let (answers, from_chip) = mpsc::channel();
+        let signatures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = signatures.clone();
+        std::thread::spawn(move || {
+            let mut key = key_der.and_then(|k| RamSigner::from_sec1_der(&k));
+            for cmd in commands {
+                let answer = match (&mut key, cmd) {
+                    (Some(k), SeCommand::PublicKey) => k.public_key().map(|p| p.to_vec()),
+                    (Some(k), SeCommand::Sign(digest)) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        k.sign_digest(&digest).map(|s| s.to_vec())
+                    }
+                    (None, _) => None,
+                };
+                if answers.send(answer).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { to_chip, from_chip, signatures }
+    }
+
+    fn ask(&self, cmd: SeCommand) -> Option<Vec<u8>> {
+        self.to_chip.send(cmd).ok()?;
+        self.from_chip.recv_timeout(Duration::from_secs(5)).ok().flatten()
+    }
+}
+
+impl DeviceSigner for MockSe {
+    fn public_key(&mut self) -> Option<[u8; 65]> {
+        self.ask(SeCommand::PublicKey)?.try_into().ok()
+    }
+
+    fn sign_digest(&mut self, digest: &[u8; 32]) -> Option<[u8; 64]> {
+        self.ask(SeCommand::Sign(*digest))?.try_into().ok()
+    }
+}
+
+/// One session with the key in the mock secure element: connect, publish, wait for the PUBACK.
+fn session_with_se(
+    addr: SocketAddr,
+    bundle: &[u8],
+    se: &mut MockSe,
+    record: usize,
+) -> Result<(), ClientError> {
+    let creds = Credentials::decode(bundle).unwrap();
+    let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+    d.set_broker_record_limit(record);
+    d.check_signer(&mut *se)?;
+    let (mut rx, mut tx) = (vec![0u8; rx_buffer_for(record)], vec![0u8; 2048]);
+    let mut conn =
+        d.connect_with(tcp(addr), &mut rx, &mut tx, rand::rngs::OsRng, &mut *se, None, millis())?;
+    d.publish("telemetry", b"signed-by-the-se", fleet_device::mqtt::QoS::AtLeastOnce).unwrap();
+    poll_until(&mut d, &mut conn, |e| *e == Incoming::Delivered);
+    Ok(())
+}
+
+/// The device key in a secure element (a `DeviceSigner` that is not the SDK's RAM key): the
+/// handshake signs through it, against fleet-broker and against Mosquitto; exactly one
+/// signature per handshake; the message is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_signs_through_a_secure_element_against_fleet_broker_and_mosquitto() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mosquitto = Mosquitto::start(&fleet);
+    let watcher = mosquitto.watch(&fleet);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let key = Credentials::decode(&bundle).unwrap().key_der.to_vec();
+    let (fleet_addr, mosq_addr) = (broker.mqtt, mosquitto.addr);
+    let signatures = tokio::task::spawn_blocking(move || {
+        let mut se = MockSe::new(Some(key));
+        session_with_se(fleet_addr, &bundle, &mut se, fleet_device::client::FLEET_BROKER_RECORD).unwrap();
+        let after_fleet = se.signatures.load(std::sync::atomic::Ordering::SeqCst);
+        session_with_se(mosq_addr, &bundle, &mut se, UNCAPPED_RECORD).unwrap();
+        (after_fleet, se.signatures.load(std::sync::atomic::Ordering::SeqCst))
+    })
+    .await
+    .unwrap();
+    assert_eq!(signatures, (1, 2), "one CertificateVerify signature per handshake, made by the SE");
+    let rows = fleet.telemetry_rows(&fleet.id(0)).await;
+    assert_eq!(rows, vec![(format!("devices/{}/telemetry", fleet.id(0)), b"signed-by-the-se".to_vec())]);
+    let out = watcher.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("devices/{}/telemetry signed-by-the-se", fleet.id(0))
+    );
+}
+
+/// A secure element holding another device's key is caught before the handshake by
+/// `check_signer`; forced through anyway, the broker refuses the CertificateVerify. A chip that
+/// fails to sign ends the handshake with an error, not a hang or a panic.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_or_failing_secure_element_is_refused_cleanly() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let other = std::fs::read(fleet.devices[1].join("credentials.bin")).unwrap();
+    let other_key = Credentials::decode(&other).unwrap().key_der.to_vec();
+    let addr = broker.mqtt;
+    let (checked, forced, failing) = tokio::task::spawn_blocking(move || {
+        let mut wrong = MockSe::new(Some(other_key));
+        let checked = session_with_se(addr, &bundle, &mut wrong, 4096);
+        let creds = Credentials::decode(&bundle).unwrap();
+        let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+        let (mut rx, mut tx) = (vec![0u8; 5 * 1024], vec![0u8; 2048]);
+        let forced = d
+            .connect_with(tcp(addr), &mut rx, &mut tx, rand::rngs::OsRng, &mut wrong, None, millis())
+            .and_then(|mut conn| {
+                // TLS 1.3: the client's Finished goes out before the server judges it; the
+                // refusal arrives as an alert or a close on the first read.
+                let t = std::time::Instant::now();
+                loop {
+                    d.poll(&mut conn, millis())?;
+                    assert!(t.elapsed() < Duration::from_secs(10), "admitted with the wrong key");
+                }
+            })
+            .map(|()| ());
+        let mut failing = MockSe::new(None);
+        let t = std::time::Instant::now();
+        let failing = d
+            .connect_with(tcp(addr), &mut rx, &mut tx, rand::rngs::OsRng, &mut failing, None, millis())
+            .map(|_| ());
+        assert!(t.elapsed() < Duration::from_secs(5), "a failing chip stalled the handshake");
+        (checked, forced, failing)
+    })
+    .await
+    .unwrap();
+    assert!(matches!(checked, Err(ClientError::Key)), "{checked:?}");
+    assert!(forced.is_err(), "the broker admitted a device signing with another key");
+    assert!(matches!(failing, Err(ClientError::Key)), "{failing:?}");
+    assert!(fleet.telemetry_rows(&fleet.id(0)).await.is_empty());
+    // Both the wrong key and the failing chip's stand-in signature: a bad CertificateVerify.
+    broker.wait_refused(Refusal::BadSignature, 2.0, Duration::from_secs(3)).await;
+}
+
+/// A receive buffer smaller than the broker's records need is refused by `connect` with the
+/// size it needs, before a single byte is sent (not mid-handshake): 4,000 bytes against
+/// fleet-broker's default 4 KiB records, 5 KiB against a broker without a cap. 4,352 bytes
+/// (`rx_buffer_for(4096)`) is enough for the real broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_too_small_receive_buffer_is_refused_before_the_handshake() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = listener.local_addr().unwrap();
+    let addr = broker.mqtt;
+    let (small, uncapped, exact) = tokio::task::spawn_blocking(move || {
+        let creds = Credentials::decode(&bundle).unwrap();
+        let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+        let (mut rx, mut tx) = (vec![0u8; 4000], vec![0u8; 2048]);
+        let small = d.connect(tcp(silent), &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).map(|_| ());
+        let mut rx5 = vec![0u8; 5 * 1024];
+        d.set_broker_record_limit(UNCAPPED_RECORD);
+        let uncapped =
+            d.connect(tcp(silent), &mut rx5, &mut tx, rand::rngs::OsRng, None, millis()).map(|_| ());
+        d.set_broker_record_limit(fleet_device::client::FLEET_BROKER_RECORD);
+        let mut rx_exact = vec![0u8; rx_buffer_for(4096)];
+        let mut conn =
+            d.connect(tcp(addr), &mut rx_exact, &mut tx, rand::rngs::OsRng, None, millis()).unwrap();
+        d.publish_telemetry(&7u32).unwrap();
+        poll_until(&mut d, &mut conn, |e| *e == Incoming::Delivered);
+        (small, uncapped, rx_exact.len())
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(small, Err(ClientError::BufferTooSmall { which: "rx", needed: 4352, given: 4000 })),
+        "{small:?}"
+    );
+    assert!(
+        matches!(uncapped, Err(ClientError::BufferTooSmall { which: "rx", needed: 16_640, given: 5120 })),
+        "{uncapped:?}"
+    );
+    assert_eq!(exact, 4352);
+    // Both refused connections closed without a byte: no ClientHello went out.
+    listener.set_nonblocking(false).unwrap();
+    for _ in 0..2 {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut got).unwrap();
+        assert!(got.is_empty(), "{} bytes sent before the buffer check", got.len());
+    }
+}
+
+/// A tokio TCP stream as an `embedded-io-async` transport whose reads time out after `idle`
+/// with `ErrorKind::TimedOut`, as an embassy firmware does with `with_timeout`.
+struct IdleTimeout {
+    inner: embedded_io_adapters::tokio_1::FromTokio<tokio::net::TcpStream>,
+    idle: Duration,
+}
+
+impl embedded_io_async::ErrorType for IdleTimeout {
+    type Error = embedded_io::ErrorKind;
+}
+
+impl embedded_io_async::Read for IdleTimeout {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        match tokio::time::timeout(self.idle, self.inner.read(buf)).await {
+            Ok(r) => r.map_err(|e| e.kind().into()),
+            Err(_) => Err(embedded_io::ErrorKind::TimedOut),
+        }
+    }
+}
+
+impl embedded_io_async::Write for IdleTimeout {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        self.inner.write(buf).await.map_err(|e| e.kind().into())
+    }
+
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        self.inner.flush().await.map_err(|e| e.kind().into())
+    }
+}
+
+/// The async API (`connect_async`, `poll_async`) on an executor, against the real broker: a
+/// 4,352-byte receive buffer, telemetry stored, idle reads that time out without losing the
+/// session across more than one keep-alive interval, a command delivered, a clean DISCONNECT.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_async_api_connects_publishes_stays_up_while_idle_and_gets_a_command() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let creds = Credentials::decode(&bundle).unwrap();
+    let cfg = SessionConfig { keep_alive_secs: 1, ..SessionConfig::default() };
+    let mut d: Device<'_, 8, 256> = Device::new(creds, cfg);
+    let tcp = tokio::net::TcpStream::connect(broker.mqtt).await.unwrap();
+    let transport = IdleTimeout {
+        inner: embedded_io_adapters::tokio_1::FromTokio::new(tcp),
+        idle: Duration::from_millis(200),
+    };
+    let (mut rx, mut tx) = (vec![0u8; rx_buffer_for(4096)], vec![0u8; 2048]);
+    let mut conn =
+        d.connect_async(transport, &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).await.unwrap();
+    d.publish_telemetry(&(1u32, 20.5f32)).unwrap();
+    let mut events = Vec::new();
+    let t = std::time::Instant::now();
+    // 3 s idle after the telemetry: three keep-alive intervals. The broker drops a session
+    // silent for 1.5 keep-alives, so staying up proves the SDK's PINGREQs went out.
+    while t.elapsed() < Duration::from_secs(3) {
+        if let Some(ev) = d.poll_async(&mut conn, millis()).await.expect("session lost while idle") {
+            events.push(ev);
+        }
+    }
+    assert!(events.contains(&Incoming::Connected), "{events:?}");
+    assert!(events.contains(&Incoming::Delivered), "{events:?}");
+    let (svc, mut ev) =
+        rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
+    rumqttc_connected(&mut ev).await.unwrap();
+    let poller = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    svc.publish(
+        format!("devices/{}/commands/reboot", fleet.id(0)),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        b"now".to_vec(),
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let command = loop {
+        assert!(t.elapsed() < Duration::from_secs(10), "no command");
+        if let Some(ev @ Incoming::Command { .. }) = d.poll_async(&mut conn, millis()).await.unwrap() {
+            break ev;
+        }
+    };
+    poller.abort();
+    assert_eq!(
+        command,
+        Incoming::Command {
+            name: "reboot".try_into().unwrap(),
+            payload: heapless::Vec::from_slice(b"now").unwrap()
+        }
+    );
+    d.disconnect_async(&mut conn).await.unwrap();
+    assert_eq!(fleet.telemetry_rows(&fleet.id(0)).await.len(), 1);
 }

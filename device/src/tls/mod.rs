@@ -3,36 +3,48 @@
 //!
 //! The RNG and the clock come from the caller: the SDK never reaches for them itself.
 
+pub mod ecc;
+pub mod signer;
 pub mod verifier;
 pub mod x509;
 
 use embedded_tls::{Aes128GcmSha256, Certificate, CryptoProvider, SignatureScheme, TlsError, TlsVerifier};
-use p256::ecdsa::{DerSignature, SigningKey};
+use p256::ecdsa::DerSignature;
 use rand_core::CryptoRngCore;
 
+pub use signer::{DeviceSigner, RamSigner};
 pub use verifier::{Rejection, ServerVerifier};
 
 use crate::credentials::Credentials;
 
 /// The device's TLS identity and its view of the broker.
 #[derive(Debug)]
-pub struct DeviceProvider<'a, R> {
+pub struct DeviceProvider<'a, R, S> {
     rng: R,
     creds: Credentials<'a>,
+    signer: S,
+    sign_failed: bool,
     verifier: ServerVerifier<'a>,
 }
 
-impl<'a, R: CryptoRngCore> DeviceProvider<'a, R> {
-    /// A provider for `creds`. `now` (unix seconds) enables validity checks of the broker
-    /// certificate; pass `None` on a device without a trustworthy clock.
-    pub fn new(creds: Credentials<'a>, rng: R, now: Option<i64>) -> Self {
+impl<'a, R: CryptoRngCore, S: DeviceSigner> DeviceProvider<'a, R, S> {
+    /// A provider for `creds` whose key is held by `signer`. `now` (unix seconds) enables
+    /// validity checks of the broker certificate; pass `None` on a device without a trustworthy
+    /// clock.
+    pub fn new(creds: Credentials<'a>, signer: S, rng: R, now: Option<i64>) -> Self {
         let verifier = ServerVerifier::new(creds.server_ca_der, creds.broker_host, now);
-        Self { rng, creds, verifier }
+        Self { rng, creds, signer, sign_failed: false, verifier }
     }
 
     /// Why the broker was refused, after a failed handshake.
     pub fn rejection(&self) -> Option<Rejection> {
         self.verifier.last_rejection
+    }
+
+    /// Did the signer fail during the handshake? (The broker was sent an invalid signature
+    /// instead, and refuses the connection.)
+    pub fn signer_failed(&self) -> bool {
+        self.sign_failed
     }
 
     /// `Ok` once the broker proved its identity (verified Certificate, then CertificateVerify by
@@ -44,7 +56,7 @@ impl<'a, R: CryptoRngCore> DeviceProvider<'a, R> {
     }
 }
 
-impl<R: CryptoRngCore> CryptoProvider for DeviceProvider<'_, R> {
+impl<R: CryptoRngCore, S: DeviceSigner> CryptoProvider for DeviceProvider<'_, R, S> {
     type CipherSuite = Aes128GcmSha256;
     type Signature = DerSignature;
 
@@ -63,9 +75,8 @@ impl<R: CryptoRngCore> CryptoProvider for DeviceProvider<'_, R> {
         if self.verifier.authenticated().is_err() {
             return Err(TlsError::InvalidCertificate);
         }
-        let key =
-            p256::SecretKey::from_sec1_der(self.creds.key_der).map_err(|_| TlsError::InvalidPrivateKey)?;
-        Ok((SigningKey::from(&key), SignatureScheme::EcdsaSecp256r1Sha256))
+        let signer = signer::TlsSigner { signer: &mut self.signer, failed: &mut self.sign_failed };
+        Ok((signer, SignatureScheme::EcdsaSecp256r1Sha256))
     }
 
     /// embedded-tls asks for the client certificate right after it accepted the server's

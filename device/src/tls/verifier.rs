@@ -25,8 +25,6 @@
 use embedded_tls::{
     CertificateRef, CertificateVerifyRef, SignatureScheme, TlsCipherSuite, TlsError, TlsVerifier,
 };
-use p256::ecdsa::signature::Verifier as _;
-use p256::ecdsa::{DerSignature, VerifyingKey};
 
 use super::x509::{self, oid, X509Error};
 
@@ -128,9 +126,9 @@ impl<'a> ServerVerifier<'a> {
         if leaf.signature_algorithm != oid::ECDSA_SHA256 || ca.key_curve != Some(oid::P256) {
             return Err(Rejection::WrongIssuer);
         }
-        let ca_key = VerifyingKey::from_sec1_bytes(ca.public_key).map_err(|_| Rejection::WrongIssuer)?;
-        let sig = DerSignature::try_from(leaf.signature).map_err(|_| Rejection::WrongIssuer)?;
-        ca_key.verify(leaf.tbs, &sig).map_err(|_| Rejection::WrongIssuer)?;
+        if !super::ecc::verify_der(ca.public_key, leaf.tbs, leaf.signature) {
+            return Err(Rejection::WrongIssuer);
+        }
         if leaf.is_ca {
             return Err(Rejection::CaAsServer);
         }
@@ -224,11 +222,7 @@ impl<CipherSuite: TlsCipherSuite> TlsVerifier<CipherSuite> for ServerVerifier<'_
         let mut msg = [0x20u8; 64 + 34 + 32];
         msg[64..98].copy_from_slice(b"TLS 1.3, server CertificateVerify\x00");
         msg[98..].copy_from_slice(&transcript);
-        let ok = VerifyingKey::from_sec1_bytes(&key)
-            .ok()
-            .zip(DerSignature::try_from(verify.signature).ok())
-            .is_some_and(|(k, s)| k.verify(&msg, &s).is_ok());
-        if ok {
+        if super::ecc::verify_der(&key, &msg, verify.signature) {
             self.proof = Proof::Authenticated;
             Ok(())
         } else {

@@ -13,6 +13,7 @@ use cortex_m_rt::exception;
 
 const RELOAD: u32 = 0x00FF_FFFF;
 /// Core clock of the mps2-an386 board, Hz.
+#[allow(dead_code)]
 pub(crate) const CORE_HZ: u64 = 25_000_000;
 
 static WRAPS: AtomicU32 = AtomicU32::new(0);

@@ -6,7 +6,18 @@
 
 use embedded_io::{ErrorKind, ErrorType, Read, Write};
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use crate::semihost::clock_centis;
+
+/// Core ticks spent waiting for the peer in `read` (the handshake figure subtracts them: they
+/// measure the broker and the host, not the device).
+static WAITING: AtomicU32 = AtomicU32::new(0);
+
+/// Ticks spent waiting for input so far (wraps: subtract with `wrapping_sub`).
+pub(crate) fn waiting_ticks() -> u32 {
+    WAITING.load(Ordering::Relaxed)
+}
 
 /// Silence after which a read fails with `TimedOut` (15 s).
 const RX_TIMEOUT_CENTIS: u64 = 1500;
@@ -78,11 +89,14 @@ impl Read for Uart0 {
         if buf.is_empty() {
             return Ok(0);
         }
-        let start = clock_centis();
-        while read_reg(STATE) & RX_FULL == 0 {
-            if clock_centis().saturating_sub(start) > RX_TIMEOUT_CENTIS {
-                return Err(RxTimeout);
+        if read_reg(STATE) & RX_FULL == 0 {
+            let (start, t0) = (clock_centis(), crate::ticks::now());
+            while read_reg(STATE) & RX_FULL == 0 {
+                if clock_centis().saturating_sub(start) > RX_TIMEOUT_CENTIS {
+                    return Err(RxTimeout);
+                }
             }
+            WAITING.fetch_add((crate::ticks::now() - t0) as u32, Ordering::Relaxed);
         }
         let mut n = 0;
         while n < buf.len() && read_reg(STATE) & RX_FULL != 0 {

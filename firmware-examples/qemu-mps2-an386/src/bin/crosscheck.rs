@@ -1,0 +1,124 @@
+//! Cross-check of the SDK's P-256 on the Cortex-M4F (QEMU mps2-an386): `p256-cm4` (what
+//! `fleet_device::tls::ecc` uses on this target) against the generic RustCrypto `p256`, both
+//! ways, on random keys and digests, plus tampered signatures; and the cost of each in core
+//! ticks (x40 = instructions under `qemu -icount shift=0`). Exits 0 when every case agrees.
+//!
+//! `cargo run --release --bin crosscheck [-- CASES]` (default 64; semihosting command line).
+#![no_std]
+#![no_main]
+
+#[path = "../qemu_ldm.rs"]
+mod qemu_ldm;
+#[path = "../ticks.rs"]
+mod ticks;
+
+use core::fmt::Write as _;
+
+use cortex_m_rt::entry;
+use cortex_m_semihosting::{debug, hio};
+use fleet_device::tls::ecc;
+use p256::ecdsa::signature::hazmat::{PrehashSigner as _, PrehashVerifier as _};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use rand_core::{RngCore, SeedableRng};
+
+fn say(args: core::fmt::Arguments<'_>) {
+    if let Ok(mut out) = hio::hstdout() {
+        let _ = out.write_fmt(format_args!("CROSSCHECK: {args}\n"));
+    }
+}
+
+macro_rules! say {
+    ($($t:tt)*) => { say(format_args!($($t)*)) };
+}
+
+fn seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let path = b"/dev/urandom\0";
+    // SAFETY: SYS_OPEN/SYS_READ/SYS_CLOSE with valid pointers and lengths into live buffers.
+    unsafe {
+        use cortex_m_semihosting::syscall;
+        let fd = syscall!(OPEN, path.as_ptr(), 0usize, path.len() - 1);
+        if fd != usize::MAX {
+            let _ = syscall!(READ, fd, seed.as_mut_ptr(), seed.len());
+            let _ = syscall!(CLOSE, fd);
+        }
+    }
+    seed
+}
+
+/// Ticks of the cheapest of the runs: (ecc sign, ecc verify, generic sign, generic verify).
+#[derive(Default)]
+struct Cost([u64; 4]);
+
+impl Cost {
+    fn time<T>(&mut self, which: usize, f: impl FnOnce() -> T) -> T {
+        let t0 = ticks::now();
+        let out = f();
+        let t = ticks::now() - t0;
+        if self.0[which] == 0 || t < self.0[which] {
+            self.0[which] = t;
+        }
+        out
+    }
+}
+
+#[entry]
+fn main() -> ! {
+    if let Some(mut p) = cortex_m::Peripherals::take() {
+        qemu_ldm::enable(&mut p.SCB);
+        ticks::start(p.SYST);
+    }
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed());
+    let cases = 64;
+    let mut cost = Cost::default();
+    let mut failures = 0u32;
+    for case in 0..cases {
+        let mut secret = [0u8; 32];
+        let mut digest = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        rng.fill_bytes(&mut digest);
+        let Ok(generic) = SigningKey::from_bytes(&secret.into()) else { continue };
+        let generic_pub = generic.verifying_key().to_encoded_point(false);
+        let Some(fast_pub) = ecc::public_key(&secret) else {
+            say!("case {case}: no public key for a valid scalar");
+            failures += 1;
+            continue;
+        };
+        let vk = VerifyingKey::from_sec1_bytes(&fast_pub).ok();
+        let mut ok = fast_pub[..] == *generic_pub.as_bytes() && vk.is_some();
+        // ecc signs, the generic code verifies.
+        let rs = cost.time(0, || ecc::sign_digest(&secret, &digest));
+        let sig = rs.and_then(|rs| Signature::from_slice(&rs).ok());
+        ok &= sig.zip(vk).is_some_and(|(s, vk)| cost.time(3, || vk.verify_prehash(&digest, &s)).is_ok());
+        // The generic code signs, ecc verifies.
+        let theirs: Option<Signature> = cost.time(2, || generic.sign_prehash(&digest).ok());
+        let theirs: [u8; 64] = theirs.map(|s| s.to_bytes().into()).unwrap_or([0; 64]);
+        ok &= cost.time(1, || ecc::verify_digest(&fast_pub, &digest, &theirs));
+        // Tampering is caught by both.
+        let mut bad = theirs;
+        bad[usize::try_from(rng.next_u32() % 64).unwrap_or(0)] ^= 1 << (rng.next_u32() % 8);
+        ok &= !ecc::verify_digest(&fast_pub, &digest, &bad);
+        let mut other = digest;
+        other[0] ^= 0x80;
+        ok &= !ecc::verify_digest(&fast_pub, &other, &theirs);
+        if !ok {
+            say!("case {case}: the implementations disagree");
+            failures += 1;
+        }
+    }
+    let [s, v, gs, gv] = cost.0;
+    say!("p256-cm4 in use: {}", ecc::FAST);
+    say!("ticks (x40 = instructions): sign {s}, verify {v}; generic p256: sign {gs}, verify {gv}");
+    say!("{cases} cases, {failures} disagreements");
+    debug::exit(if failures == 0 { debug::EXIT_SUCCESS } else { debug::EXIT_FAILURE });
+    #[allow(clippy::empty_loop)]
+    loop {}
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    say!("panic: {info}");
+    debug::exit(debug::EXIT_FAILURE);
+    #[allow(clippy::empty_loop)]
+    loop {}
+}
