@@ -74,10 +74,15 @@ impl Drop for Broker {
 }
 
 fn start_broker(bins: &Path, pki: &Pki) -> Broker {
+    start_broker_on(bins, pki, 0)
+}
+
+/// A broker on `port` (0: any free port).
+fn start_broker_on(bins: &Path, pki: &Pki, port: u16) -> Broker {
     let mut child = Command::new(bins.join("fleet-broker"))
         .arg("--home")
         .arg(&pki.home)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(pki.home.join("broker.log")).unwrap())
         .spawn()
@@ -98,16 +103,41 @@ fn metrics(b: &Broker) -> String {
     out
 }
 
+/// The async (embassy) example firmware.
+fn async_firmware() -> PathBuf {
+    let elf = firmware().with_file_name("async_device");
+    assert!(
+        elf.is_file(),
+        "async firmware not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386 (./scripts/test does)"
+    );
+    elf
+}
+
 /// Boots the firmware with `bundle` in its credentials region; returns (exit ok, output lines).
 /// `on_line` sees each line as it arrives.
-fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<String>) {
+fn boot(port: u16, bundle: &Path, on_line: impl FnMut(&str)) -> (bool, Vec<String>) {
+    boot_elf(&firmware(), true, Duration::from_secs(60), port, bundle, on_line)
+}
+
+/// Boots `elf`: with `icount`, virtual time is instructions executed (1 ns each) and the
+/// firmware's SysTick figure for the TLS handshake becomes an instruction count
+/// (BENCHMARKS.md); without it, virtual time is real time (timers, keep-alive, back-off).
+fn boot_elf(
+    elf: &Path,
+    icount: bool,
+    limit: Duration,
+    port: u16,
+    bundle: &Path,
+    mut on_line: impl FnMut(&str),
+) -> (bool, Vec<String>) {
     let qemu = fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
-    let mut child = Command::new(qemu)
-        .args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
-        .args(["-semihosting-config", "enable=on,target=native"])
-        // Virtual time = instructions executed (1 ns each): the firmware's SysTick figure for
-        // the TLS handshake becomes an instruction count (BENCHMARKS.md).
-        .args(["-icount", "shift=0,align=off,sleep=off"])
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
+        .args(["-semihosting-config", "enable=on,target=native"]);
+    if icount {
+        cmd.args(["-icount", "shift=0,align=off,sleep=off"]);
+    }
+    let mut child = cmd
         // The UART is a TCP client of the broker; after the firmware ends a session (to
         // reconnect with a new identity) QEMU connects again 1 s later.
         .arg("-chardev")
@@ -116,7 +146,7 @@ fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<S
         .arg("-device")
         .arg(format!("loader,file={},addr=0x003f0000,force-raw=on", bundle.display()))
         .arg("-kernel")
-        .arg(firmware())
+        .arg(elf)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -128,12 +158,12 @@ fn boot(port: u16, bundle: &Path, mut on_line: impl FnMut(&str)) -> (bool, Vec<S
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + limit;
     let mut lines = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) => {
-                if l.contains("TLS established in") || l.contains("peak stack") {
+                if l.contains("TLS established") || l.contains("peak stack") {
                     eprintln!("{l}");
                 }
                 on_line(&l);
@@ -523,4 +553,83 @@ fn firmware_in_qemu_gets_commands_sent_while_it_was_off_once_each_on_a_persisten
         .map(|r| r.0.rsplit('/').next().unwrap().to_owned())
         .collect();
     assert_eq!(acks, ["blink", "reboot"]);
+}
+
+/// The async (embassy) firmware as a device that runs for days, in QEMU against the real
+/// broker: it signs its handshakes through its (mock) secure element, idles through more than
+/// two keep-alive intervals on one connection (PINGs, no reconnect), notices the broker's death
+/// (kill -9) by the missing PINGRESP, queues telemetry while it backs off, reconnects to the
+/// restarted broker with a resumed persistent session, drains its outbox (every reading stored
+/// once, in order), answers a command sent after the reconnect, and halts on request.
+#[test]
+fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command() {
+    let bins = bin_dir();
+    let root = tempfile::tempdir().unwrap();
+    let pki = provision(&bins, root.path(), "qemu-async");
+    let mut broker = Some(start_broker(&bins, &pki));
+    let port = broker.as_ref().unwrap().port;
+    let bundle = pki.device_dir.join("credentials.bin");
+    let send = |name: &str| {
+        run(Command::new(bins.join("fleet-sim"))
+            .args(["command", "--identity"])
+            .arg(pki.home.join("ops"))
+            .args(["--port", &port.to_string(), "--device", &pki.device_id, "--name", name, "--payload", "1"]));
+    };
+    #[derive(PartialEq, Debug)]
+    enum Stage {
+        FirstReading,
+        Idling(Instant),
+        BrokerDown,
+        Reconnected,
+        CommandSent,
+        Halting,
+    }
+    let mut stage = Stage::FirstReading;
+    let mut lost_before_kill = false;
+    let (ok, lines) = boot_elf(&async_firmware(), false, Duration::from_secs(120), port, &bundle, |l| {
+        match &stage {
+            Stage::FirstReading if l.contains("delivered") => stage = Stage::Idling(Instant::now()),
+            // The next reading 8 s later, on the same connection, after more than two 3 s
+            // keep-alive intervals of silence: then the broker dies.
+            Stage::Idling(since) if l.contains("delivered") && since.elapsed() > Duration::from_secs(5) => {
+                let mut b = broker.take().unwrap();
+                let _ = b.child.kill();
+                let _ = b.child.wait();
+                // Down for longer than the telemetry period: readings queue meanwhile.
+                std::thread::sleep(Duration::from_secs(10));
+                broker = Some(start_broker_on(&bins, &pki, port));
+                stage = Stage::BrokerDown;
+            }
+            Stage::FirstReading | Stage::Idling(_) if l.contains("connection lost") => lost_before_kill = true,
+            Stage::BrokerDown if l.contains("MQTT session up") => {
+                stage = Stage::Reconnected;
+            }
+            Stage::Reconnected if l.contains("delivered (0 still queued)") => {
+                send("blink");
+                stage = Stage::CommandSent;
+            }
+            Stage::CommandSent if l.contains("command blink") => stage = Stage::Halting,
+            Stage::Halting if l.contains("delivered") => send("halt"),
+            _ => {}
+        }
+    });
+    let text = lines.join("\n");
+    assert!(ok, "firmware failed (stage {stage:?}): {text}");
+    assert!(!lost_before_kill, "the session dropped while idle: {text}");
+    assert!(text.contains("key in the secure element"), "{text}");
+    assert!(text.contains("TLS established (connection 2)"), "{text}");
+    assert!(!text.contains("TLS established (connection 3)"), "reconnected more than once: {text}");
+    assert!(text.contains("2 signatures by the secure element"), "{text}");
+    assert!(text.contains("queued while the session is down"), "{text}");
+    assert!(text.contains("halting"), "{text}");
+    let rows = telemetry_topics(&pki.home, &pki.device_id);
+    let seqs: Vec<u32> = rows
+        .iter()
+        .filter(|r| r.0.ends_with("/telemetry"))
+        .map(|r| postcard::from_bytes::<(u32, i32)>(&r.1).unwrap().0)
+        .collect();
+    assert!(seqs.len() >= 3, "{seqs:?}");
+    assert_eq!(seqs, (1..=seqs.len() as u32).collect::<Vec<_>>(), "every reading stored once, in order");
+    assert!(rows.iter().any(|r| r.0.ends_with("/acks/blink")), "{rows:?}");
+    drop(broker);
 }

@@ -71,7 +71,30 @@ impl Uart0 {
     }
 }
 
+/// Is a received byte waiting?
+pub(crate) fn rx_ready() -> bool {
+    read_reg(STATE) & RX_FULL != 0
+}
+
 impl Uart0 {
+    /// Takes the bytes waiting (as many as fit); 0 if none.
+    pub(crate) fn take(&mut self, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() && rx_ready() {
+            buf[n] = read_reg(DATA) as u8;
+            n += 1;
+        }
+        n
+    }
+
+    /// Queues `buf` for transmission, waiting while the transmit buffer is full.
+    pub(crate) fn send(&mut self, buf: &[u8]) {
+        for b in buf {
+            while read_reg(STATE) & TX_FULL != 0 {}
+            write_reg(DATA, u32::from(*b));
+        }
+    }
+
     /// Discards whatever bytes are waiting.
     pub(crate) fn drain(&mut self) {
         while read_reg(STATE) & RX_FULL != 0 {
@@ -98,21 +121,13 @@ impl Read for Uart0 {
             }
             WAITING.fetch_add((crate::ticks::now() - t0) as u32, Ordering::Relaxed);
         }
-        let mut n = 0;
-        while n < buf.len() && read_reg(STATE) & RX_FULL != 0 {
-            buf[n] = read_reg(DATA) as u8;
-            n += 1;
-        }
-        Ok(n)
+        Ok(self.take(buf))
     }
 }
 
 impl Write for Uart0 {
     fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
-        for b in buf {
-            while read_reg(STATE) & TX_FULL != 0 {}
-            write_reg(DATA, u32::from(*b));
-        }
+        self.send(buf);
         Ok(buf.len())
     }
 
