@@ -633,3 +633,25 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
     assert!(rows.iter().any(|r| r.0.ends_with("/acks/blink")), "{rows:?}");
     drop(broker);
 }
+
+/// The SDK's P-256 on the Cortex-M4F (`p256-cm4`) against the generic RustCrypto code, both
+/// ways, on random keys and digests, with tampered signatures: run in QEMU (`--bin crosscheck`).
+#[test]
+fn p256_cm4_agrees_with_the_generic_p256_in_qemu() {
+    let qemu = fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
+    let elf = firmware().with_file_name("crosscheck");
+    assert!(elf.is_file(), "crosscheck not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386");
+    let out = Command::new(qemu)
+        .args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
+        .args(["-semihosting-config", "enable=on,target=native"])
+        .args(["-icount", "shift=0,align=off,sleep=off"])
+        .arg("-kernel")
+        .arg(&elf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("p256-cm4 in use: true"), "{text}");
+    assert!(text.contains("64 cases, 0 disagreements"), "{text}");
+}

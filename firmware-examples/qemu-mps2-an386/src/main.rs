@@ -109,9 +109,9 @@ fn pause_for_reconnect(uart: &mut uart::Uart0) {
 type Store = CredentialStore<flash::Slots>;
 
 /// The TLS receive buffer: one whole record. fleet-broker caps its records at 4 KiB by default
-/// (`max_tls_record_size`), so 5 KiB holds any record plus its header and tag; a broker without
-/// a cap needs 16,640 bytes.
-const RX_BUFFER: usize = 5 * 1024;
+/// (`max_tls_record_size`), so 4,352 bytes hold any record with its tag and padding; a broker
+/// without a cap needs 16,640 bytes (`rx_buffer_for`).
+const RX_BUFFER: usize = fleet_device::client::rx_buffer_for(fleet_device::client::FLEET_BROKER_RECORD);
 
 /// Everything below `top` (painted) is the SDK's and this function's stack.
 #[inline(never)]
@@ -204,7 +204,7 @@ fn claim(
     say!("first boot with claim {}: asking for an identity as {}", creds.device_id, id.as_str());
     let mut device: Device<'_, 2, 32> = Device::new_claim(creds, &client, SessionConfig::default());
     let mut rx = [0u8; RX_BUFFER];
-    let mut tx = [0u8; 4096];
+    let mut tx = [0u8; fleet_device::client::MIN_TX_BUFFER];
     let mut conn = match device.connect(&mut *uart, &mut rx, &mut tx, &mut *rng, unix_now, now()) {
         Ok(c) => c,
         Err(e) => {
@@ -289,7 +289,7 @@ fn session(
     let cfg = SessionConfig { clean_session: false, ..SessionConfig::default() };
     let mut device: Device<'_, 4, 128> = Device::new(creds, cfg);
     let mut rx = [0u8; RX_BUFFER];
-    let mut tx = [0u8; 4096];
+    let mut tx = [0u8; fleet_device::client::MIN_TX_BUFFER];
     let (t0, w0) = (ticks::now(), uart::waiting_ticks());
     let mut conn = match device.connect(&mut *uart, &mut rx, &mut tx, &mut *rng, unix_now, now()) {
         Ok(c) => c,

@@ -153,7 +153,12 @@ async fn main(spawner: Spawner) {
         say!("the secure element does not hold this certificate's key: {e:?}");
         exit(false)
     }
-    say!("device {} -> {}:{}, key in the secure element", creds.device_id, creds.broker_host, creds.broker_port);
+    say!(
+        "device {} -> {}:{}, key in the secure element",
+        creds.device_id,
+        creds.broker_host,
+        creds.broker_port
+    );
     let mut uart = uart::Uart0::init();
     let mut rx = [0u8; rx_buffer_for(FLEET_BROKER_RECORD)];
     let mut tx = [0u8; MIN_TX_BUFFER];
@@ -176,8 +181,9 @@ async fn main(spawner: Spawner) {
         async_uart::set_idle_timeout(HANDSHAKE_READ_MS);
         let (t0, w0) = (ticks::now(), async_uart::waiting_ticks());
         let transport = async_uart::AsyncUart(&mut uart);
-        let connected =
-            device.connect_with_async(transport, &mut rx, &mut tx, &mut rng, &mut signer, unix_now, now()).await;
+        let connected = device
+            .connect_with_async(transport, &mut rx, &mut tx, &mut rng, &mut signer, unix_now, now())
+            .await;
         let mut conn = match connected {
             Ok(c) => c,
             Err(e) => {
@@ -222,7 +228,6 @@ async fn main(spawner: Spawner) {
                 Err(e) => break e,
             }
         };
-        drop(conn);
         device.disconnected(now(), rng.next_u32());
         say!(
             "connection lost ({lost:?}); reconnecting in {} ms",
