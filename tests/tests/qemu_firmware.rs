@@ -573,7 +573,16 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
         run(Command::new(bins.join("fleet-sim"))
             .args(["command", "--identity"])
             .arg(pki.home.join("ops"))
-            .args(["--port", &port.to_string(), "--device", &pki.device_id, "--name", name, "--payload", "1"]));
+            .args([
+                "--port",
+                &port.to_string(),
+                "--device",
+                &pki.device_id,
+                "--name",
+                name,
+                "--payload",
+                "1",
+            ]));
     };
     #[derive(PartialEq, Debug)]
     enum Stage {
@@ -600,7 +609,9 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
                 broker = Some(start_broker_on(&bins, &pki, port));
                 stage = Stage::BrokerDown;
             }
-            Stage::FirstReading | Stage::Idling(_) if l.contains("connection lost") => lost_before_kill = true,
+            Stage::FirstReading | Stage::Idling(_) if l.contains("connection lost") => {
+                lost_before_kill = true
+            }
             Stage::BrokerDown if l.contains("MQTT session up") => {
                 stage = Stage::Reconnected;
             }
@@ -640,7 +651,10 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
 fn p256_cm4_agrees_with_the_generic_p256_in_qemu() {
     let qemu = fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
     let elf = firmware().with_file_name("crosscheck");
-    assert!(elf.is_file(), "crosscheck not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386");
+    assert!(
+        elf.is_file(),
+        "crosscheck not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386"
+    );
     let out = Command::new(qemu)
         .args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
         .args(["-semihosting-config", "enable=on,target=native"])
