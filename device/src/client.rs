@@ -5,9 +5,9 @@
 //! let mut device: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
 //! loop {
 //!     let tcp = open_tcp(creds.broker_host, creds.broker_port);     // TCP, UART, ... : embedded-io
-//!     // rx holds the broker's largest TLS record: 5 KiB for fleet-broker (records capped at
-//!     // 4 KiB by default), 16,640 bytes for a broker without a cap.
-//!     let (mut rx, mut tx) = ([0u8; 5 * 1024], [0u8; 4096]);
+//!     // rx holds the broker's largest TLS record: rx_buffer_for(4096) = 4,352 B for fleet-broker
+//!     // (records capped at 4 KiB by default), 16,640 B for a broker without a cap.
+//!     let (mut rx, mut tx) = ([0u8; rx_buffer_for(FLEET_BROKER_RECORD)], [0u8; MIN_TX_BUFFER]);
 //!     let mut tls = match device.connect(tcp, &mut rx, &mut tx, &mut rng, clock.unix(), clock.ms()) {
 //!         Ok(tls) => tls,
 //!         Err(e) => { device.disconnected(clock.ms(), rng.next_u32()); wait_until(device.reconnect_at()); continue }
@@ -21,7 +21,9 @@
 //! ```
 //!
 //! `poll` sends what the session has to send, then performs one read on the transport; on a
-//! host the socket's read timeout bounds it, on a board the transport decides.
+//! host the socket's read timeout bounds it, on a board the transport decides. With the `async`
+//! feature the same calls exist as `connect_async`, `poll_async`, ... over `embedded-io-async`;
+//! `connect_with` / `connect_with_async` take a [`DeviceSigner`] when the key is not in RAM.
 
 use embedded_io::{Error as _, Read, Write};
 use embedded_tls::blocking::{TlsConfig, TlsConnection, TlsContext};
