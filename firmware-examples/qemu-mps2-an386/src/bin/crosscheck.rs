@@ -3,7 +3,10 @@
 //! ways, on random keys and digests, plus tampered signatures; and the cost of each in core
 //! ticks (x40 = instructions under `qemu -icount shift=0`). Exits 0 when every case agrees.
 //!
-//! `cargo run --release --bin crosscheck [-- CASES]` (default 64; semihosting command line).
+//! Also hostile inputs both must refuse the same way: random "public keys" (off the curve),
+//! `r` or `s` zero, equal to the group order or all ones. `scripts/fuzz` runs it with thousands
+//! of cases: `qemu-system-arm ... -device loader,addr=0x003f0000,data=CASES,data-len=4`
+//! (default 64).
 #![no_std]
 #![no_main]
 
@@ -29,6 +32,58 @@ fn say(args: core::fmt::Arguments<'_>) {
 
 macro_rules! say {
     ($($t:tt)*) => { say(format_args!($($t)*)) };
+}
+
+/// The case count: a u32 QEMU's loader puts at the start of the (otherwise unused) credentials
+/// region (`-device loader,addr=0x003f0000,data=CASES,data-len=4`); 64 when none is there.
+fn cases() -> u32 {
+    // SAFETY: 0x003f0000 is mapped code memory on mps2-an386 (memory.x), aligned, only read.
+    let n = unsafe { core::ptr::read_volatile(0x003f_0000 as *const u32) };
+    if n == 0 || n == u32::MAX {
+        64
+    } else {
+        n
+    }
+}
+
+/// The group order n, big-endian.
+const N: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc, 0xe6,
+    0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+
+/// Does the generic code accept `rs` over `digest` with `key`?
+fn generic_accepts(key: &[u8; 65], digest: &[u8; 32], rs: &[u8; 64]) -> bool {
+    let (Ok(vk), Ok(sig)) = (VerifyingKey::from_sec1_bytes(key), Signature::from_slice(rs)) else {
+        return false;
+    };
+    vk.verify_prehash(digest, &sig).is_ok()
+}
+
+/// Hostile inputs: both implementations must refuse them alike. Returns the disagreements.
+fn hostile(rng: &mut impl RngCore, key: &[u8; 65], digest: &[u8; 32], good: &[u8; 64]) -> u32 {
+    let mut bad = 0;
+    let mut check = |k: &[u8; 65], rs: &[u8; 64]| {
+        if ecc::verify_digest(k, digest, rs) != generic_accepts(k, digest, rs) {
+            bad += 1;
+        }
+    };
+    // A random point encoding: off the curve (almost surely).
+    let mut off = [4u8; 65];
+    rng.fill_bytes(&mut off[1..]);
+    check(&off, good);
+    // The right point with a flipped y: on no curve point.
+    let mut flipped = *key;
+    flipped[64] ^= 1;
+    check(&flipped, good);
+    for half in [0usize, 32] {
+        for value in [[0u8; 32], N, [0xff; 32]] {
+            let mut rs = *good;
+            rs[half..half + 32].copy_from_slice(&value);
+            check(key, &rs);
+        }
+    }
+    bad
 }
 
 fn seed() -> [u8; 32] {
@@ -69,7 +124,7 @@ fn main() -> ! {
         ticks::start(p.SYST);
     }
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed());
-    let cases = 64;
+    let cases = cases();
     let mut cost = Cost::default();
     let mut failures = 0u32;
     for case in 0..cases {
@@ -101,6 +156,7 @@ fn main() -> ! {
         let mut other = digest;
         other[0] ^= 0x80;
         ok &= !ecc::verify_digest(&fast_pub, &other, &theirs);
+        ok &= hostile(&mut rng, &fast_pub, &digest, &theirs) == 0;
         if !ok {
             say!("case {case}: the implementations disagree");
             failures += 1;
