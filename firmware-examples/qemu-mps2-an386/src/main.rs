@@ -20,6 +20,8 @@
 #![no_std]
 #![no_main]
 
+#[macro_use]
+mod console;
 mod flash;
 mod qemu_ldm;
 mod semihost;
@@ -27,8 +29,8 @@ mod stack;
 mod ticks;
 mod uart;
 
+use console::exit;
 use cortex_m_rt::entry;
-use cortex_m_semihosting::debug;
 use fleet_device::client::{ClientError, Device, Incoming};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig};
@@ -43,28 +45,6 @@ use serde::Serialize;
 struct Reading {
     seq: u32,
     temp_centi_c: i32,
-}
-
-#[cfg(not(feature = "minimal"))]
-fn say(args: core::fmt::Arguments<'_>) {
-    use core::fmt::Write as _;
-    if let Ok(mut out) = cortex_m_semihosting::hio::hstdout() {
-        let _ = out.write_fmt(format_args!("FLEETGATE: {args}\n"));
-    }
-}
-
-/// The `minimal` build (for size figures) prints nothing: no `core::fmt` in the image.
-#[cfg(feature = "minimal")]
-fn say(_: core::fmt::Arguments<'_>) {}
-
-macro_rules! say {
-    ($($t:tt)*) => { say(format_args!($($t)*)) };
-}
-
-fn exit(ok: bool) -> ! {
-    debug::exit(if ok { debug::EXIT_SUCCESS } else { debug::EXIT_FAILURE });
-    #[allow(clippy::empty_loop)]
-    loop {}
 }
 
 fn now() -> Millis {

@@ -18,6 +18,9 @@
 
 #[path = "../async_uart.rs"]
 mod async_uart;
+#[path = "../console.rs"]
+#[macro_use]
+mod console;
 #[path = "../flash.rs"]
 #[allow(dead_code)]
 mod flash;
@@ -35,7 +38,7 @@ mod ticks;
 #[allow(dead_code)]
 mod uart;
 
-use cortex_m_semihosting::debug;
+use console::exit;
 use embassy_executor::Spawner;
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
 use embassy_sync::channel::Channel;
@@ -45,21 +48,6 @@ use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig};
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
-
-#[cfg(not(feature = "minimal"))]
-fn say(args: core::fmt::Arguments<'_>) {
-    use core::fmt::Write as _;
-    if let Ok(mut out) = cortex_m_semihosting::hio::hstdout() {
-        let _ = out.write_fmt(format_args!("FLEETGATE: {args}\n"));
-    }
-}
-
-#[cfg(feature = "minimal")]
-fn say(_: core::fmt::Arguments<'_>) {}
-
-macro_rules! say {
-    ($($t:tt)*) => { say(format_args!($($t)*)) };
-}
 
 /// A telemetry reading every 8 s: longer than the keep-alive, so the session idles through
 /// PINGs between readings.
@@ -109,12 +97,6 @@ fn queue_readings<const N: usize, const M: usize>(device: &mut Device<'_, N, M>)
             say!("reading {seq} queued while the session is down ({} queued)", device.session().queued());
         }
     }
-}
-
-fn exit(ok: bool) -> ! {
-    debug::exit(if ok { debug::EXIT_SUCCESS } else { debug::EXIT_FAILURE });
-    #[allow(clippy::empty_loop)]
-    loop {}
 }
 
 fn now() -> Millis {

@@ -12,6 +12,9 @@
 
 #[path = "../qemu_ldm.rs"]
 mod qemu_ldm;
+#[path = "../semihost.rs"]
+#[allow(dead_code)]
+mod semihost;
 #[path = "../ticks.rs"]
 mod ticks;
 
@@ -48,8 +51,8 @@ fn cases() -> u32 {
 
 /// The group order n, big-endian.
 const N: [u8; 32] = [
-    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc, 0xe6,
-    0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc,
+    0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
 ];
 
 /// Does the generic code accept `rs` over `digest` with `key`?
@@ -86,21 +89,6 @@ fn hostile(rng: &mut impl RngCore, key: &[u8; 65], digest: &[u8; 32], good: &[u8
     bad
 }
 
-fn seed() -> [u8; 32] {
-    let mut seed = [0u8; 32];
-    let path = b"/dev/urandom\0";
-    // SAFETY: SYS_OPEN/SYS_READ/SYS_CLOSE with valid pointers and lengths into live buffers.
-    unsafe {
-        use cortex_m_semihosting::syscall;
-        let fd = syscall!(OPEN, path.as_ptr(), 0usize, path.len() - 1);
-        if fd != usize::MAX {
-            let _ = syscall!(READ, fd, seed.as_mut_ptr(), seed.len());
-            let _ = syscall!(CLOSE, fd);
-        }
-    }
-    seed
-}
-
 /// Ticks of the cheapest of the runs: (ecc sign, ecc verify, generic sign, generic verify).
 #[derive(Default)]
 struct Cost([u64; 4]);
@@ -123,7 +111,7 @@ fn main() -> ! {
         qemu_ldm::enable(&mut p.SCB);
         ticks::start(p.SYST);
     }
-    let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed());
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(semihost::host_entropy());
     let cases = cases();
     let mut cost = Cost::default();
     let mut failures = 0u32;
