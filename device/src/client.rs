@@ -521,7 +521,8 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
 /// outbox, so blocking and async firmware behave alike. No executor or timer is assumed: a
 /// transport that should wake the device for keep-alive returns `ErrorKind::TimedOut` from a
 /// read that got nothing for a while (e.g. `embassy_time::with_timeout` around the socket's
-/// read), and `poll_async` returns `Ok(None)`; [`Device::poll_at`] says by when.
+/// read), and `poll_async` returns `Ok(None)`; [`Device::poll_at`] says by when. Wrap such a
+/// transport in [`crate::transport::RecordBoundary`] so that a timeout never cuts a TLS record.
 #[cfg(feature = "async")]
 impl<const N: usize, const M: usize> Device<'_, N, M> {
     /// [`Device::connect`] over an async transport (key in RAM).

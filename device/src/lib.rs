@@ -22,3 +22,5 @@ pub mod rotation;
 pub mod store;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "tls")]
+pub mod transport;

@@ -770,3 +770,114 @@ async fn sdk_async_api_connects_publishes_stays_up_while_idle_and_gets_a_command
     d.disconnect_async(&mut conn).await.unwrap();
     assert_eq!(fleet.telemetry_rows(&fleet.id(0)).await.len(), 1);
 }
+
+/// A link that pauses inside TLS records: a loopback proxy in front of the broker forwards what
+/// the broker sends in two halves with `pause` between them, from 1 s after the connection (the
+/// handshake goes through undisturbed).
+async fn stuttering_proxy(broker: SocketAddr, pause: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut uw).await });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let start = tokio::time::Instant::now();
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let half = if start.elapsed() < Duration::from_secs(1) { n } else { n / 2 };
+                    if cw.write_all(&buf[..half]).await.is_err() {
+                        break;
+                    }
+                    if half == n {
+                        continue;
+                    }
+                    tokio::time::sleep(pause).await;
+                    if cw.write_all(&buf[half..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One async session over a link that stalls 600 ms inside every TLS record while the device's
+/// idle read timeout is 200 ms: telemetry delivered, then a command. `Err` names what broke.
+async fn session_over_a_stuttering_link(
+    fleet: &Fleet,
+    broker: &BrokerProc,
+    boundary: bool,
+) -> Result<(), String> {
+    let proxy = stuttering_proxy(broker.mqtt, Duration::from_millis(600)).await;
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let creds = Credentials::decode(&bundle).unwrap();
+    let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let connected_at = std::time::Instant::now();
+    let idle = IdleTimeout {
+        inner: embedded_io_adapters::tokio_1::FromTokio::new(tcp),
+        idle: Duration::from_millis(200),
+    };
+    let (mut rx, mut tx) = (vec![0u8; rx_buffer_for(4096)], vec![0u8; 2048]);
+    let transport = fleet_device::transport::RecordBoundary::new(idle, if boundary { 50 } else { 0 });
+    let mut conn = d
+        .connect_async(transport, &mut rx, &mut tx, rand::rngs::OsRng, None, millis())
+        .await
+        .map_err(|e| format!("handshake: {e:?}"))?;
+    assert!(connected_at.elapsed() < Duration::from_secs(1), "the handshake must finish before the stutter");
+    // The telemetry goes out once every record from the broker comes in halves.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    d.publish_telemetry(&9u32).unwrap();
+    let (svc, mut ev) =
+        rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
+    rumqttc_connected(&mut ev).await.unwrap();
+    let poller = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let t = std::time::Instant::now();
+    let mut delivered = false;
+    let result = loop {
+        if t.elapsed() > Duration::from_secs(20) {
+            break Err("no command in 20 s".to_owned());
+        }
+        match d.poll_async(&mut conn, millis()).await {
+            Ok(Some(Incoming::Delivered)) if !delivered => {
+                delivered = true;
+                svc.publish(
+                    format!("devices/{}/commands/blink", fleet.id(0)),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    b"2".to_vec(),
+                )
+                .await
+                .unwrap();
+            }
+            Ok(Some(Incoming::Command { .. })) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(format!("session lost: {e:?}")),
+        }
+    };
+    poller.abort();
+    result
+}
+
+/// A link that pauses inside TLS records longer than the device's idle read timeout: with the
+/// SDK's `RecordBoundary` the timeouts fall only between records and the session carries on;
+/// without it (stall limit 0, the control) a timeout cuts a record and the session is lost.
+/// This test failed first: the async QEMU firmware lost sessions this way on a loaded host.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_timeouts_never_cut_a_tls_record() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let with = session_over_a_stuttering_link(&fleet, &broker, true).await;
+    assert_eq!(with, Ok(()), "with RecordBoundary");
+    let without = session_over_a_stuttering_link(&fleet, &broker, false).await;
+    assert!(without.as_ref().is_err_and(|e| e.starts_with("session lost")), "control: {without:?}");
+}

@@ -46,6 +46,7 @@ use embassy_time::{Ticker, Timer};
 use fleet_device::client::{rx_buffer_for, Device, Incoming, FLEET_BROKER_RECORD, MIN_TX_BUFFER};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig};
+use fleet_device::transport::RecordBoundary;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -162,7 +163,9 @@ async fn main(spawner: Spawner) {
         uart.drain();
         async_uart::set_idle_timeout(HANDSHAKE_READ_MS);
         let (t0, w0) = (ticks::now(), async_uart::waiting_ticks());
-        let transport = async_uart::AsyncUart(&mut uart);
+        // Idle reads time out between TLS records only; a broker that stalls inside one for
+        // 40 idle periods (10 s) is gone.
+        let transport = RecordBoundary::new(async_uart::AsyncUart(&mut uart), 40);
         let connected = device
             .connect_with_async(transport, &mut rx, &mut tx, &mut rng, &mut signer, unix_now, now())
             .await;
