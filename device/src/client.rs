@@ -150,14 +150,21 @@ fn command(name: &str, payload: &[u8]) -> Incoming {
     }
 }
 
-/// Connects TCP to the broker named in the bundle (host use, `std` feature), with a read
-/// timeout so that `poll` returns (`Ok(None)`) when nothing arrived.
+/// A host connection: TCP whose read timeouts fall only between TLS records.
 #[cfg(feature = "std")]
-pub fn connect_tcp(creds: &Credentials<'_>, read_timeout: core::time::Duration) -> std::io::Result<HostTcp> {
+pub type HostLink = crate::transport::RecordBoundary<HostTcp>;
+
+/// Connects TCP to the broker named in the bundle (host use, `std` feature), with a read
+/// timeout so that `poll` returns (`Ok(None)`) when nothing arrived. Inside a TLS record the
+/// timeout is waited out (for up to 10 s in all), so it never cuts one
+/// ([`crate::transport::RecordBoundary`]).
+#[cfg(feature = "std")]
+pub fn connect_tcp(creds: &Credentials<'_>, read_timeout: core::time::Duration) -> std::io::Result<HostLink> {
     let s = std::net::TcpStream::connect((creds.broker_host, creds.broker_port))?;
     s.set_read_timeout(Some(read_timeout))?;
     s.set_nodelay(true)?;
-    Ok(HostTcp(s))
+    let stalls = 10_000 / read_timeout.as_millis().clamp(1, 10_000);
+    Ok(crate::transport::RecordBoundary::new(HostTcp(s), u32::try_from(stalls).unwrap_or(1)))
 }
 
 /// A host TCP stream as an `embedded-io` transport whose read timeout is `TimedOut` (std

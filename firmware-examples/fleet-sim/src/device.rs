@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fleet_device::client::{ClientError, Device, HostTcp, Incoming};
+use fleet_device::client::{ClientError, Device, HostLink, Incoming};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig, SessionError};
 use fleet_device::rotation::{renewal_due, RotationConfig, Rotator};
@@ -266,7 +266,7 @@ impl Session<'_> {
     fn run<'a>(
         &mut self,
         device: &mut Device<'a, 64, 256>,
-        tcp: HostTcp,
+        tcp: HostLink,
         sample: &mut dyn FnMut(&mut Device<'a, 64, 256>),
     ) -> Result<End, ClientError> {
         let start = self.opts.start;
