@@ -50,10 +50,25 @@ impl core::fmt::Debug for RamSigner {
 }
 
 impl RamSigner {
-    /// The key of a SEC1 `ECPrivateKey` DER (the bundle's `key_der`), if it is a P-256 key.
+    /// The key of a SEC1 `ECPrivateKey` DER (the bundle's `key_der`, RFC 5915), if it holds a
+    /// valid P-256 scalar.
+    ///
+    /// Only the scalar is read. `p256::SecretKey::from_sec1_der` would also check the embedded
+    /// public key by recomputing it: a generic scalar multiplication, 7 M instructions on a
+    /// Cortex-M4, at every connection. [`crate::client::Device::check_signer`] makes that check
+    /// against the certificate once, at boot.
     pub fn from_sec1_der(der: &[u8]) -> Option<Self> {
-        let key = p256::SecretKey::from_sec1_der(der).ok()?;
-        Some(Self { secret: key.to_bytes().into() })
+        use super::x509::read_tlv;
+        let (seq, _) = read_tlv(der).ok()?;
+        let (version, rest) = read_tlv(seq.value).ok()?;
+        let (scalar, _) = read_tlv(rest).ok()?;
+        if seq.tag != 0x30 || version.tag != 0x02 || version.value != [1] || scalar.tag != 0x04 {
+            return None;
+        }
+        let secret: [u8; 32] = scalar.value.try_into().ok()?;
+        // In range 1..n-1 (a cheap comparison, no point arithmetic).
+        p256::SecretKey::from_bytes(&secret.into()).ok()?;
+        Some(Self { secret })
     }
 
     /// A key from its 32-byte big-endian scalar.
@@ -137,6 +152,17 @@ mod tests {
         let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&public).expect("point");
         assert!(vk.verify(b"TLS 1.3, client CertificateVerify", &sig).is_ok());
         assert!(RamSigner::from_sec1_der(&[0x30, 0]).is_none());
+        // The scalar as p256 reads it, from DER with and without the optional fields.
+        assert_eq!(RamSigner::from_sec1_der(&der).expect("sec1").secret, [3u8; 32]);
+        let mut bare = std::vec![0x30, 37, 2, 1, 1, 4, 32];
+        bare.extend_from_slice(&[3u8; 32]);
+        assert_eq!(RamSigner::from_sec1_der(&bare).expect("bare").secret, [3u8; 32]);
+        let mut zero = bare.clone();
+        zero[7..].fill(0);
+        assert!(RamSigner::from_sec1_der(&zero).is_none(), "zero is no key");
+        let mut v2 = bare.clone();
+        v2[4] = 2;
+        assert!(RamSigner::from_sec1_der(&v2).is_none(), "version 2");
         assert!(!failed);
     }
 

@@ -104,7 +104,8 @@ fn now() -> Millis {
     Millis(ticks::millis())
 }
 
-#[embassy_executor::main]
+#[cfg_attr(feature = "wfe-idle", embassy_executor::main)]
+#[cfg_attr(not(feature = "wfe-idle"), embassy_executor::main(entry = "cortex_m_rt::entry"))]
 async fn main(spawner: Spawner) {
     let top = stack::paint();
     if let Some(mut p) = cortex_m::Peripherals::take() {
