@@ -26,6 +26,7 @@ mod flash;
 mod qemu_ldm;
 mod semihost;
 mod stack;
+mod systick;
 mod ticks;
 mod uart;
 

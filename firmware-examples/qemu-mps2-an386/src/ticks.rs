@@ -7,7 +7,6 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use cortex_m::peripheral::syst::SystClkSource;
 use cortex_m::peripheral::SYST;
 use cortex_m_rt::exception;
 
@@ -24,21 +23,11 @@ fn SysTick() {
 }
 
 /// Starts counting.
-pub(crate) fn start(mut syst: SYST) {
-    syst.set_clock_source(SystClkSource::Core);
-    syst.set_reload(RELOAD);
-    syst.clear_current();
-    syst.enable_interrupt();
-    syst.enable_counter();
+pub(crate) fn start(syst: SYST) {
+    crate::systick::start(syst, RELOAD);
 }
 
 /// Ticks since `start`.
 pub(crate) fn now() -> u64 {
-    loop {
-        let wraps = WRAPS.load(Ordering::Acquire);
-        let current = SYST::get_current();
-        if WRAPS.load(Ordering::Acquire) == wraps {
-            return u64::from(wraps) * (u64::from(RELOAD) + 1) + u64::from(RELOAD - current);
-        }
-    }
+    crate::systick::ticks(&WRAPS, RELOAD)
 }

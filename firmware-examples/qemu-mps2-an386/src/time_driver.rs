@@ -8,7 +8,6 @@ use core::cell::{Cell, RefCell};
 use core::sync::atomic::{AtomicU32, Ordering};
 use core::task::Waker;
 
-use cortex_m::peripheral::syst::SystClkSource;
 use cortex_m::peripheral::SYST;
 use cortex_m_rt::exception;
 use critical_section::Mutex;
@@ -60,12 +59,8 @@ fn SysTick() {
 }
 
 /// Starts the 1 kHz tick.
-pub(crate) fn start(mut syst: SYST) {
-    syst.set_clock_source(SystClkSource::Core);
-    syst.set_reload(RELOAD);
-    syst.clear_current();
-    syst.enable_interrupt();
-    syst.enable_counter();
+pub(crate) fn start(syst: SYST) {
+    crate::systick::start(syst, RELOAD);
 }
 
 /// Milliseconds since `start`.
@@ -75,11 +70,5 @@ pub(crate) fn millis() -> u64 {
 
 /// Core ticks since `start` (x40 = instructions under `qemu -icount shift=0`).
 pub(crate) fn now() -> u64 {
-    loop {
-        let ms = MILLIS.load(Ordering::Acquire);
-        let current = SYST::get_current();
-        if MILLIS.load(Ordering::Acquire) == ms {
-            return u64::from(ms) * (u64::from(RELOAD) + 1) + u64::from(RELOAD - current);
-        }
-    }
+    crate::systick::ticks(&MILLIS, RELOAD)
 }

@@ -32,6 +32,8 @@ mod qemu_ldm;
 mod semihost;
 #[path = "../stack.rs"]
 mod stack;
+#[path = "../systick.rs"]
+mod systick;
 #[path = "../time_driver.rs"]
 mod ticks;
 #[path = "../uart.rs"]

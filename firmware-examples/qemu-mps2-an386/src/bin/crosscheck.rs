@@ -15,6 +15,8 @@ mod qemu_ldm;
 #[path = "../semihost.rs"]
 #[allow(dead_code)]
 mod semihost;
+#[path = "../systick.rs"]
+mod systick;
 #[path = "../ticks.rs"]
 mod ticks;
 
