@@ -433,7 +433,7 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     pub fn flush<T: Write>(&mut self, conn: &mut T, now: Millis) -> Result<(), ClientError> {
         let mut out = [0u8; OUTBOX_PACKET];
         let mut wrote = false;
-        while let Some(n) = self.session.poll_transmit(now, &mut out).map_err(ClientError::Session)? {
+        while let Some(n) = self.transmit(now, &mut out)? {
             conn.write_all(&out[..n]).map_err(|_| ClientError::Transport)?;
             wrote = true;
         }
@@ -459,7 +459,6 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     }
 
     /// The next packet due (keep-alive, queued publishes, acknowledgements), encoded in `out`.
-    #[cfg(feature = "async")]
     fn transmit(&mut self, now: Millis, out: &mut [u8; OUTBOX_PACKET]) -> Result<Option<usize>, ClientError> {
         self.session.poll_transmit(now, out).map_err(ClientError::Session)
     }
