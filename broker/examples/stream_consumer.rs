@@ -2,11 +2,16 @@
 //! subscribing over MQTT or reading the SQL table (`docs/spec/cluster-stream.md`).
 //!
 //! ```sh
-//! cargo run -p fleet-broker --example stream_consumer -- nats://127.0.0.1:4222 'devices/+/telemetry'
+//! fleet-provision node-cert --stream-reader --name analytics --out analytics-nats
+//! cargo run -p fleet-broker --example stream_consumer -- nats://127.0.0.1:4222 analytics-nats 'devices/+/telemetry'
 //! ```
 //!
-//! Arguments: NATS URL, MQTT topic filter (default `#`), durable consumer name (default
-//! `example-backend`), and how many messages to print before exiting (default: run forever).
+//! Arguments: NATS URL, the reader's identity directory (`fleet-provision node-cert
+//! --stream-reader`: `cert.pem`, `key.pem`, `broker-trust.pem`), MQTT topic filter (default
+//! `#`), and how many messages to print before exiting (default: run forever). The reader's
+//! name (the directory's certificate, `urn:fleetgate:stream-reader:<name>`) is its durable
+//! consumer's name and its inbox prefix (`_INBOX_<name>`): the only consumer and replies the
+//! shipped NATS configuration lets it use (`deploy/nats/nats-server.conf`).
 //! The consumer is durable: run it again and it continues where it stopped; every message is
 //! acknowledged after it was handled (here: printed), so a crash re-delivers, never skips.
 //! Each line: stream sequence, device, QoS, broker receive time (unix ms), topic, payload.
@@ -19,12 +24,22 @@ use futures_util::StreamExt;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
-    let url = args.next().ok_or("usage: stream_consumer NATS_URL [FILTER] [CONSUMER] [COUNT]")?;
+    let usage = "usage: stream_consumer NATS_URL IDENTITY_DIR [FILTER] [COUNT]";
+    let url = args.next().ok_or(usage)?;
+    let identity = std::path::PathBuf::from(args.next().ok_or(usage)?);
     let filter = args.next().unwrap_or_else(|| "#".to_owned());
-    let durable = args.next().unwrap_or_else(|| "example-backend".to_owned());
     let count: Option<usize> = args.next().map(|c| c.parse()).transpose()?;
+    let durable = reader_name(&identity.join("cert.pem"))
+        .ok_or("the identity's certificate names no stream reader (urn:fleetgate:stream-reader:<name>)")?;
 
-    let client = async_nats::connect(&url).await?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = async_nats::ConnectOptions::new()
+        .add_root_certificates(identity.join("broker-trust.pem"))
+        .add_client_certificate(identity.join("cert.pem"), identity.join("key.pem"))
+        .require_tls(true)
+        .custom_inbox_prefix(format!("_INBOX_{durable}"))
+        .connect(&url)
+        .await?;
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream("FLEET").await?;
     let consumer = stream
@@ -67,4 +82,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         seen += 1;
     }
     Ok(())
+}
+
+/// The reader name in the certificate's SAN URI (`urn:fleetgate:stream-reader:<name>`).
+fn reader_name(cert: &std::path::Path) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let der = rustls::pki_types::CertificateDer::from_pem_file(cert).ok()?;
+    let (_, x509) = X509Certificate::from_der(&der).ok()?;
+    let san = x509.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u.strip_prefix("urn:fleetgate:stream-reader:").map(str::to_owned),
+        _ => None,
+    })
 }

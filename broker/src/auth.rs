@@ -144,6 +144,28 @@ pub(crate) fn is_active_announcement(who: &Identity, topic: &str) -> bool {
             == Some("/active")
 }
 
+/// Is `topic` a CSR that `who` may send (`devices/<own id>/certs/csr`, or a claim session's
+/// `claims/<claim>/<nonce>/certs/csr`)? Such a payload is stamped with
+/// [`fleet_registry::CSR_ORIGIN`]: the issuer binds the CSR to that certificate, not to the
+/// topic alone.
+pub(crate) fn is_csr(who: &Identity, topic: &str) -> bool {
+    let levels: Vec<&str> = topic.split('/').collect();
+    match (who.role, levels.as_slice()) {
+        (Role::Device, [DEVICES, owner, CERTS, CSR]) => *owner == who.id.as_str(),
+        (Role::Claim, [CLAIMS, claim, nonce, CERTS, CSR]) => {
+            *claim == who.id.as_str() && who.nonce.as_deref() == Some(*nonce)
+        }
+        _ => false,
+    }
+}
+
+/// The CSR payload relayed for `who`: the origin line with its serial, then the CSR.
+pub(crate) fn stamp_csr(who: &Identity, csr: &[u8]) -> Vec<u8> {
+    let mut out = format!("{} {}\n", fleet_registry::CSR_ORIGIN, who.serial.to_hex()).into_bytes();
+    out.extend_from_slice(csr);
+    out
+}
+
 /// The device-id level of `devices/<id>/...` (a filter's may be a wildcard).
 pub(crate) fn device_level(topic: &str) -> Option<&str> {
     let mut levels = topic.split('/');

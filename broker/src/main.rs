@@ -83,7 +83,7 @@ async fn run(m: ArgMatches) -> anyhow::Result<()> {
     if m.subcommand_matches("check-config").is_some() {
         let plan = fleet_broker::check(config).await?;
         println!("# configuration OK");
-        print!("{}", plan.config.to_toml());
+        print!("{}", plan.config.redacted().to_toml());
         if let Some(crl) = &plan.crl {
             println!(
                 "# CRL: {} revoked, number {:?}, nextUpdate {:?}",

@@ -63,6 +63,10 @@ pub struct Metrics {
     pub(crate) cluster_sink_errors: IntCounter,
     /// Revocations other nodes announced over NATS.
     pub(crate) cluster_revocations_received: IntCounter,
+    /// Messages from the cluster bus a node refused to act on, by reason
+    /// (`cluster::BusRefusal`): not from a node, an origin that may not publish the topic, a
+    /// revocation the registry does not confirm.
+    pub(crate) cluster_refused: IntCounterVec,
     /// Queued-command status transitions (docs/spec/commands.md), by status.
     pub(crate) commands: IntCounterVec,
     /// Commands not yet final (queued or delivered), as last counted.
@@ -121,6 +125,14 @@ impl Metrics {
         for s in fleet_registry::commands::CommandStatus::ALL {
             self.commands.with_label_values(&[s.as_str()]);
         }
+        for b in crate::outcome::BusRefusal::ALL {
+            self.cluster_refused.with_label_values(&[b.label()]);
+        }
+    }
+
+    /// A message from the cluster bus refused.
+    pub(crate) fn bus_refused(&self, why: crate::outcome::BusRefusal) {
+        self.cluster_refused.with_label_values(&[why.label()]).inc();
     }
 
     fn unlabelled() -> Self {
@@ -199,6 +211,11 @@ impl Metrics {
             cluster_revocations_received: c(
                 "cluster_revocations_received_total",
                 "Revocations announced by other nodes over NATS",
+            ),
+            cluster_refused: cv(
+                "cluster_refused_total",
+                "Messages from the NATS bus refused (not from a node, origin may not publish the topic, unconfirmed revocation)",
+                &["reason"],
             ),
             commands: cv("commands_total", "Queued-command status transitions", &["status"]),
             commands_pending: g("commands_pending", "Commands not yet acknowledged, expired or dropped"),

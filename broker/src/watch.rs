@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_registry::{DeviceId, RevocationFeed, SerialNumber};
+use fleet_registry::{DeviceId, RevocationFeed, SerialNumber, Status};
 use tracing::{error, info, warn};
 
 use crate::metrics::{Reload, EXPIRY_LABELS};
@@ -58,25 +58,41 @@ pub(crate) fn revoked(shared: &Shared, device: &DeviceId, serial: &SerialNumber)
     }
 }
 
-/// Applies the revocations other cluster nodes announce, until shutdown.
+/// Applies the revocations other cluster nodes announce, until shutdown, each once the
+/// registry confirms it: an announcement is a hint to look now (PostgreSQL notifications may
+/// lag), never a verdict, so a forged one cannot lock a device out. While the registry cannot
+/// be asked the announcement is applied (fail closed: no device is admitted then either,
+/// unless cached).
 pub(crate) async fn cluster_revocations(shared: Arc<Shared>) {
     let Some(cluster) = &shared.cluster else { return };
-    let weak = Arc::downgrade(&shared);
-    let listener = cluster.revocations(move |device, serial| {
-        if let Some(shared) = weak.upgrade() {
-            shared.metrics.cluster_revocations_received.inc();
-            revoked(&shared, &device, &serial);
-        }
-    });
-    match listener.await {
-        Ok(task) => {
-            shared.shutdown.cancelled().await;
-            task.abort();
-        }
+    let (task, mut announced) = match cluster.revocations().await {
+        Ok(r) => r,
         Err(e) => {
-            error!(error = %e, "cluster revocation subscription failed; the registry feed alone cuts sessions")
+            return error!(error = %e, "cluster revocation subscription failed; the registry feed alone cuts sessions")
+        }
+    };
+    loop {
+        let (device, serial) = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = announced.recv() => match r { Some(r) => r, None => break },
+        };
+        shared.metrics.cluster_revocations_received.inc();
+        let confirmed = match shared.registry.admission(&serial).await {
+            Ok(Some(a)) => {
+                a.device_id == device
+                    && (a.cert_status == Status::Revoked || a.device_status == Status::Revoked)
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        if confirmed {
+            revoked(&shared, &device, &serial);
+        } else {
+            shared.metrics.bus_refused(crate::outcome::BusRefusal::Unconfirmed);
+            warn!(%device, %serial, "cluster revocation announcement not confirmed by the registry: ignored");
         }
     }
+    task.abort();
 }
 
 /// Reloads TLS material when its files change; refreshes the expiry gauges.

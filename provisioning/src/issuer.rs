@@ -236,6 +236,46 @@ fn active_device(topic: &str) -> Option<DeviceId> {
     }
 }
 
+/// The CSR of a payload the broker relayed, if the certificate it names (`fleetgate-origin
+/// <serial>`, set by the broker that admitted the publisher: docs/spec/rotation.md) is the
+/// asker's own and in force: a device's active certificate for `devices/<id>/certs/csr`, the
+/// claim's for a claim session. A CSR on a device's topic from anyone else, or unstamped, is
+/// refused (`unbound`): the topic alone never names whose key gets certified.
+async fn bound<'p>(
+    station: &Station,
+    who: &Asker,
+    payload: &'p [u8],
+) -> Result<std::result::Result<&'p [u8], Rejected>> {
+    let unbound = |detail: String| Ok(Err(Rejected::new("unbound", detail)));
+    let Some(rest) = payload.strip_prefix(format!("{} ", fleet_registry::CSR_ORIGIN).as_bytes()) else {
+        return unbound("the CSR carries no origin from the broker (is the broker fleet-broker?)".into());
+    };
+    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+        return unbound("unreadable origin".into());
+    };
+    let Some(serial) = std::str::from_utf8(&rest[..nl]).ok().and_then(|s| SerialNumber::parse(s).ok()) else {
+        return unbound("unreadable origin serial".into());
+    };
+    let (owner, role) = match who {
+        Asker::Device(id) => (id, fleet_registry::Role::Device),
+        Asker::Claim { claim, .. } => (claim, fleet_registry::Role::Claim),
+    };
+    let ok = match station.registry().admission(&serial).await? {
+        Some(a) => {
+            &a.device_id == owner
+                && a.role == role
+                && a.device_status == fleet_registry::Status::Active
+                && a.cert_status == fleet_registry::Status::Active
+        }
+        None => false,
+    };
+    if ok {
+        Ok(Ok(&rest[nl + 1..]))
+    } else {
+        unbound(format!("the CSR was sent with certificate {serial}, which is not {owner}'s in force"))
+    }
+}
+
 /// Where a CSR came from, and where the answer goes (`<root>/certs/issued|rejected`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Asker {
@@ -304,9 +344,13 @@ async fn work(
             }
             Job::Csr { topic, payload } => {
                 let Some(who) = asker(&topic) else { continue };
-                let decision = match &who {
-                    Asker::Device(id) => station.rotate_from_csr(id, &payload, &cfg.policy).await,
-                    Asker::Claim { claim, .. } => station.claim_from_csr(claim, &payload).await,
+                let decision = match bound(&station, &who, &payload).await {
+                    Ok(Ok(csr)) => match &who {
+                        Asker::Device(id) => station.rotate_from_csr(id, csr, &cfg.policy).await,
+                        Asker::Claim { claim, .. } => station.claim_from_csr(claim, csr).await,
+                    },
+                    Ok(Err(r)) => Ok(Err(r)),
+                    Err(e) => Err(e),
                 };
                 let root = who.root();
                 match decision {

@@ -43,7 +43,7 @@ pub struct Rejected {
 }
 
 impl Rejected {
-    fn new(label: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(label: &'static str, detail: impl Into<String>) -> Self {
         Self { label, detail: detail.into() }
     }
 

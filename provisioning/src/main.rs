@@ -107,6 +107,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Issue a broker node's identity on the cluster bus (NATS) from the server CA into DIR:
+    /// cert.pem, key.pem and broker-trust.pem, for the node's nats_cert, nats_key and nats_ca.
+    /// nats-server maps its URI (urn:fleetgate:node:NAME) to the node's user; see
+    /// deploy/nats/nats-server.conf. With --stream-reader: a backend's read-only identity
+    /// (urn:fleetgate:stream-reader:NAME), which may only consume the JetStream stream.
+    NodeCert {
+        /// Node name (e.g. n1), as listed in the NATS server's users.
+        #[arg(long)]
+        name: String,
+        /// Output directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// A backend's read-only stream identity instead of a broker node's.
+        #[arg(long)]
+        stream_reader: bool,
+    },
     /// Issue a certificate-issuer identity (role `issuer`: may subscribe to devices' CSRs on
     /// devices/+/certs/csr and publish under devices/<id>/certs/ only) into DIR, for the
     /// online issuer that rotates device certificates over MQTT.
@@ -447,6 +463,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let s = Station::open(home, db).await?;
             let d = s.service_cert(&name, &out).await?;
             say!("service identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+        }
+        Command::NodeCert { name, out, stream_reader } => {
+            let s = Station::open(home, db).await?;
+            let c = s.node_cert(&name, stream_reader, &out).await?;
+            let what = if stream_reader { "stream reader" } else { "node" };
+            say!(
+                "cluster-bus {what} identity {name} (serial {}) in {}, valid until {}",
+                c.serial,
+                out.display(),
+                fmt_time(c.not_after)
+            );
         }
         Command::IssuerCert { name, out } => {
             let s = Station::open(home, db).await?;

@@ -265,6 +265,30 @@ pub fn issue_client(
     finish(p, public_key, &ca.issuer, serial)
 }
 
+/// Issues a cluster-bus identity (EKU clientAuth, SAN URI `uri`, e.g.
+/// `urn:fleetgate:node:n1`) from the server CA: what a broker node or a stream reader presents
+/// to nats-server, which maps the URI to its user (`deploy/nats/`).
+pub fn issue_bus_client(
+    ca: &LoadedCa,
+    name: &str,
+    uri: &str,
+    key: &KeyPair,
+    life: Duration,
+    now: OffsetDateTime,
+) -> Result<IssuedCert> {
+    let mut p = base_params(&ca.org, name, now, life);
+    p.distinguished_name.push(DnType::OrganizationalUnitName, "cluster bus");
+    let serial = SerialNumber::random();
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(serial.as_bytes()));
+    p.subject_alt_names = vec![SanType::URI(
+        uri.try_into().map_err(|_| Error::InvalidInput(format!("invalid identity URI `{uri}`")))?,
+    )];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    finish(p, key, &ca.issuer, serial)
+}
+
 /// Issues a broker certificate (EKU serverAuth) for DNS names and IP addresses.
 pub fn issue_server(
     ca: &LoadedCa,

@@ -329,6 +329,46 @@ impl Station {
         Ok(MintedDevice { device_id: id, serial: cert.serial, dir })
     }
 
+    /// Issues a cluster-bus identity from the server CA into `out/`: a broker node's
+    /// (`urn:fleetgate:node:<name>`, may route and store through NATS) or, with
+    /// `stream_reader`, a backend's (`urn:fleetgate:stream-reader:<name>`, may only consume the
+    /// stream). `cert.pem`, `key.pem` (PKCS#8, mode 0600) and `broker-trust.pem` (server CA +
+    /// root: verifies the NATS server's certificate). Logged as `node-cert`.
+    pub async fn node_cert(&self, name: &str, stream_reader: bool, out: &Path) -> Result<IssuedCert> {
+        let id = DeviceId::parse(name)?;
+        let ca = self.load_ca(&self.home.server_ca(), &self.home.server_ca_key())?;
+        let prefix = if stream_reader {
+            fleet_registry::STREAM_READER_URI_PREFIX
+        } else {
+            fleet_registry::NODE_URI_PREFIX
+        };
+        let uri = format!("{prefix}{id}");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let at = now();
+        let cert = pki::issue_bus_client(&ca, id.as_str(), &uri, &key, self.lifetimes.client, at)?;
+        let trust_chain = home::read_text(&self.home.server_ca_chain())?;
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir_name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::InvalidInput("the output path must name a directory".into()))?;
+        home::create_dir(parent, false)?;
+        home::write_dir_atomically(
+            parent,
+            &dir_name,
+            &[
+                (IdentityFiles::CERT, cert.pem.as_bytes(), false),
+                (IdentityFiles::KEY, key.serialize_pem().as_bytes(), true),
+                (IdentityFiles::BROKER_TRUST, trust_chain.as_bytes(), false),
+            ],
+        )?;
+        let detail = serde_json::json!({ "uri": uri, "not_after": cert.not_after });
+        self.registry
+            .log_event("node-cert", id.as_str(), &cert.serial.to_hex(), detail, at.unix_timestamp())
+            .await?;
+        Ok(cert)
+    }
+
     /// Issues a broker certificate into `out/` (cert.pem = leaf + server CA, key.pem PKCS#8).
     pub async fn server_cert(&self, dns: &[String], ips: &[IpAddr], out: &Path) -> Result<IssuedCert> {
         let ca = self.load_ca(&self.home.server_ca(), &self.home.server_ca_key())?;

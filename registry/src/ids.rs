@@ -20,6 +20,16 @@ pub const ISSUER_URI_PREFIX: &str = "urn:fleetgate:issuer:";
 pub const CLAIM_URI_PREFIX: &str = "urn:fleetgate:claim:";
 /// SAN URI prefix of an operator's identity: the broker's admin API and console, never MQTT.
 pub const OPERATOR_URI_PREFIX: &str = "urn:fleetgate:operator:";
+/// SAN URI prefix of a broker node's identity on the cluster bus (NATS), issued by the server
+/// CA (`fleet-provision node-cert`); never an MQTT identity.
+pub const NODE_URI_PREFIX: &str = "urn:fleetgate:node:";
+/// SAN URI prefix of a backend's read-only identity on the cluster bus: it may consume the
+/// JetStream stream, nothing else (`fleet-provision node-cert --stream-reader`).
+pub const STREAM_READER_URI_PREFIX: &str = "urn:fleetgate:stream-reader:";
+/// First line of a CSR payload as the broker relays it to the issuer:
+/// `fleetgate-origin <serial hex>\n`, the serial of the certificate the publishing session was
+/// admitted with (docs/spec/rotation.md). The issuer binds the CSR to that certificate.
+pub const CSR_ORIGIN: &str = "fleetgate-origin";
 
 /// A device (or service) id: 1–64 chars of `[a-z0-9._-]`, starting with a letter or digit.
 ///

@@ -35,8 +35,8 @@ pub use error::{Error, Result};
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
 pub use home::{BrokerTls, Home, IdentityFiles};
 pub use ids::{
-    DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX,
-    ISSUER_URI_PREFIX, OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX,
+    DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, CSR_ORIGIN, DEVICE_URI_PREFIX,
+    ISSUER_URI_PREFIX, NODE_URI_PREFIX, OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX, STREAM_READER_URI_PREFIX,
 };
 pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};
 pub use telemetry::{Telemetry, TelemetryWriter};

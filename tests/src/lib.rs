@@ -281,6 +281,12 @@ fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
 
 /// A private `nats-server` on free loopback ports (client and HTTP monitoring), with JetStream
 /// in a temporary directory, stopped on drop.
+///
+/// [`NatsServer::start`] runs the configuration fleetgate ships (`deploy/nats/nats-server.conf`:
+/// TLS, certificates mapped to users, per-user permissions) with a server certificate and the
+/// cluster-bus identities [`NODES`] and [`READER`] made by `fleet-provision` from the fleet in
+/// `home`. [`NatsServer::start_open`] runs one with no authentication at all (what a node must
+/// refuse to join unless told it is insecure).
 #[derive(Debug)]
 pub struct NatsServer {
     child: std::process::Child,
@@ -289,24 +295,128 @@ pub struct NatsServer {
     pub port: u16,
     /// HTTP monitoring port (`/connz?subs=1`, `/varz`).
     pub monitor_port: u16,
+    /// With the shipped configuration: the directory it runs in (config, `tls/`, JetStream).
+    conf: Option<PathBuf>,
 }
 
+/// The broker nodes the shipped configuration lists (`urn:fleetgate:node:<name>`).
+pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// The stream reader it lists (`urn:fleetgate:stream-reader:analytics`), whose consumer is
+/// named the same.
+pub const READER: &str = "analytics";
+
 impl NatsServer {
-    /// Starts it and waits until it listens.
-    pub fn start() -> NatsServer {
+    /// The shipped configuration, its TLS material and identities from the fleet in `home`
+    /// (registry `database_url`, if not the home's SQLite), started; waits until it listens.
+    pub fn start(home: &Path, database_url: Option<&str>) -> NatsServer {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let (child, port, monitor_port) = Self::spawn(dir.path(), -1, -1);
-        NatsServer { child, _dir: dir, port, monitor_port }
+        let conf = dir.path().join("conf");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/nats-server.conf");
+        std::fs::create_dir_all(&conf).unwrap_or_else(|e| panic!("{}: {e}", conf.display()));
+        std::fs::copy(&shipped, conf.join("nats-server.conf"))
+            .unwrap_or_else(|e| panic!("{}: {e}", shipped.display()));
+        let provision = |args: &[&str]| {
+            let bin = workspace_bin_dir(&["fleet-provision"]).join("fleet-provision");
+            let mut cmd = Command::new(bin);
+            cmd.arg("--home").arg(home);
+            if let Some(db) = database_url {
+                cmd.args(["--database-url", db]);
+            }
+            let out = run(cmd.args(args));
+            assert!(
+                out.status.success(),
+                "fleet-provision {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        provision(&[
+            "server-cert",
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+            "--out",
+            &path(conf.join("tls")),
+        ]);
+        std::fs::copy(home.join("server-ca.pem"), conf.join("tls/server-ca.pem"))
+            .unwrap_or_else(|e| panic!("server-ca.pem: {e}"));
+        for n in NODES {
+            provision(&["node-cert", "--name", n, "--out", &path(dir.path().join("ids").join(n))]);
+        }
+        provision(&[
+            "node-cert",
+            "--stream-reader",
+            "--name",
+            READER,
+            "--out",
+            &path(dir.path().join("ids").join(READER)),
+        ]);
+        let (child, port, monitor_port) = Self::spawn(dir.path(), Some(&conf), &[], -1, -1);
+        NatsServer { child, _dir: dir, port, monitor_port, conf: Some(conf) }
     }
 
-    /// Starts nats-server with JetStream storing in `dir` on `port` (-1: any) and waits until it
-    /// listens; returns the process and its client and monitoring ports.
-    fn spawn(dir: &Path, port: i32, monitor_port: i32) -> (std::process::Child, u16, u16) {
+    /// A server with no TLS and no authentication (anyone who reaches it may do anything).
+    pub fn start_open() -> NatsServer {
+        Self::start_open_with(&[])
+    }
+
+    /// As `start_open`, with more nats-server flags (e.g. `--user`, `--pass`).
+    pub fn start_open_with(flags: &[&str]) -> NatsServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (child, port, monitor_port) = Self::spawn(dir.path(), None, flags, -1, -1);
+        NatsServer { child, _dir: dir, port, monitor_port, conf: None }
+    }
+
+    /// The directory of cluster-bus identity `name` ([`NODES`], [`READER`]): `cert.pem`,
+    /// `key.pem`, `broker-trust.pem`.
+    pub fn identity(&self, name: &str) -> PathBuf {
+        self._dir.path().join("ids").join(name)
+    }
+
+    /// The flags that make a broker node `name` of this bus (`--nats`, `--nats-ca`,
+    /// `--nats-cert`, `--nats-key`; `--insecure-nats-no-auth` on an open server).
+    pub fn node_args(&self, name: &str) -> Vec<String> {
+        if self.conf.is_none() {
+            return vec!["--nats".into(), self.url(), "--insecure-nats-no-auth".into(), "true".into()];
+        }
+        let id = self.identity(name);
+        let file = |f: &str| id.join(f).to_string_lossy().into_owned();
+        vec![
+            "--nats".into(),
+            self.url(),
+            "--nats-ca".into(),
+            file("broker-trust.pem"),
+            "--nats-cert".into(),
+            file("cert.pem"),
+            "--nats-key".into(),
+            file("key.pem"),
+        ]
+    }
+
+    /// Starts nats-server on `port` (-1: any) and waits until it listens; returns the process
+    /// and its client and monitoring ports. With `conf`: the shipped configuration, run in that
+    /// directory (its JetStream store is there); without: JetStream in `dir`, no authentication.
+    fn spawn(
+        dir: &Path,
+        conf: Option<&Path>,
+        flags: &[&str],
+        port: i32,
+        monitor_port: i32,
+    ) -> (std::process::Child, u16, u16) {
         use std::io::BufRead;
         let bin = require_program("nats-server", "nats-server");
-        let mut child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string(), "-js", "-sd"])
-            .arg(dir)
+        let mut cmd = Command::new(bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()]).args(flags);
+        match conf {
+            Some(c) => {
+                cmd.current_dir(c).args(["-c", "nats-server.conf"]);
+            }
+            None => {
+                cmd.args(["-js", "-sd"]).arg(dir);
+            }
+        }
+        let mut child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -317,10 +427,11 @@ impl NatsServer {
             line.split(marker).nth(1)?.trim().rsplit(':').next()?.parse().ok()
         };
         let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
         while port == 0 || monitor_port == 0 {
             let Some(Ok(line)) = lines.next() else {
                 let _ = child.kill();
-                panic!("nats-server exited before listening");
+                panic!("nats-server exited before listening:\n{}", seen.join("\n"));
             };
             if let Some(p) = port_after(&line, "Listening for client connections on") {
                 port = p;
@@ -328,6 +439,7 @@ impl NatsServer {
             if let Some(p) = port_after(&line, "Starting http monitor on") {
                 monitor_port = p;
             }
+            seen.push(line);
         }
         // Keep reading its log so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
@@ -369,7 +481,13 @@ impl NatsServer {
     /// Starts it again on the same ports with the same JetStream storage.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, _, _) = Self::spawn(self._dir.path(), i32::from(self.port), i32::from(self.monitor_port));
+        let (child, _, _) = Self::spawn(
+            self._dir.path(),
+            self.conf.as_deref(),
+            &[],
+            i32::from(self.port),
+            i32::from(self.monitor_port),
+        );
         self.child = child;
     }
 }

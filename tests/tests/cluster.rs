@@ -33,10 +33,10 @@ async fn wait_nats_subscription(nats: &fleet_tests::NatsServer, subject: &str, p
 #[tokio::test]
 async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_commands_cross_back() {
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
-    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let nats = bus::start(&fleet);
+    let node1 = bus::node(&fleet, &nats, "n1", &[]);
+    let node2 = bus::node(&fleet, &nats, "n2", &[]);
     let (id0, id1) = (fleet.id(0), fleet.id(1));
 
     // The backend service on node 2 watches every device's telemetry.
@@ -93,12 +93,13 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
 
 #[tokio::test]
 async fn a_cluster_node_needs_a_shared_postgresql_registry() {
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(1, None).await;
+    let nats = fleet_tests::NatsServer::start_open();
     let out = std::process::Command::new(broker_bin())
         .arg("--home")
         .arg(fleet.home())
-        .args(["--nats", &nats.url(), "check-config"])
+        .args(nats.node_args("n1"))
+        .arg("check-config")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -110,10 +111,10 @@ async fn a_cluster_node_needs_a_shared_postgresql_registry() {
 #[tokio::test]
 async fn a_connect_on_another_node_takes_the_session_over_within_a_second() {
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
-    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let nats = bus::start(&fleet);
+    let node1 = bus::node(&fleet, &nats, "n1", &[]);
+    let node2 = bus::node(&fleet, &nats, "n2", &[]);
     let id = fleet.id(0);
     let mut first = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&first.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
@@ -138,21 +139,22 @@ async fn a_connect_on_another_node_takes_the_session_over_within_a_second() {
 }
 
 /// Session claims replayed, malformed or flooded on a device's session subject never cut its
-/// live session: only a claim newer than the session's start does (what another node admitting
-/// the device sends). The NATS server itself is the trust boundary: only broker nodes may reach
-/// it (README, cluster).
+/// live session, even from a node's identity: only a claim newer than the session's start does
+/// (what another node admitting the device sends), and only from a node (`Fleet-Node`): the
+/// same newer claim without it (what a JetStream delivery of a stored device payload would
+/// look like) cuts nothing.
 #[tokio::test]
 async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let node = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let nats = bus::start(&fleet);
+    let node = bus::node(&fleet, &nats, "n1", &[]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     let subject = format!("fleet.s.{}", id.replace('.', "%2E"));
     wait_nats_subscription(&nats, &subject, true).await;
-    let peer = async_nats::connect(nats.url()).await.unwrap();
+    let peer = bus::client(&nats, "n3").await;
     // An old claim (a replay of an earlier session's), garbage, and a flood of both.
     for i in 0..2000u32 {
         let payload = match i % 3 {
@@ -160,7 +162,7 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
             1 => "not a claim".to_owned(),
             _ => String::new(),
         };
-        peer.publish(subject.clone(), payload.into()).await.unwrap();
+        peer.publish_with_headers(subject.clone(), bus::from_node(), payload.into()).await.unwrap();
     }
     peer.flush().await.unwrap();
     dev.send(Packet::PingReq).await.unwrap();
@@ -169,26 +171,44 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
         "session cut by stale claims"
     );
     assert_eq!(node.metric(&kicks(CloseReason::Takeover)).await, 0.0);
-    // Control: a claim newer than the session (another node admitting the device) cuts it.
+    // A newer claim that no node sent: refused, counted.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    peer.publish(subject, format!("{} 7", now + 1_000_000_000).into()).await.unwrap();
+    peer.publish(subject.clone(), format!("{} 7", now + 1_000_000_000).into()).await.unwrap();
+    peer.flush().await.unwrap();
+    node.wait_metric("fleet_cluster_refused_total{reason=\"not_from_node\"}", 1.0, Duration::from_secs(3))
+        .await;
+    dev.send(Packet::PingReq).await.unwrap();
+    assert!(
+        matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)),
+        "a claim without Fleet-Node cut the session"
+    );
+    // Control: a claim newer than the session from a node (another node admitting the device)
+    // cuts it.
+    peer.publish_with_headers(subject, bus::from_node(), format!("{} 7", now + 2_000_000_000).into())
+        .await
+        .unwrap();
     peer.flush().await.unwrap();
     assert!(dev.closed_within(Duration::from_secs(1)).await, "a newer claim did not take over");
 }
 
 /// Malformed revocation announcements flooded on the cluster's revocation subject never cut a
-/// live session nor stop the node from admitting (a real revocation announced twice is
-/// harmless: applying one is idempotent). NATS is the trust boundary (README, cluster).
+/// live session nor stop the node from admitting, and neither does a well-formed forged one
+/// (a real device and its real serial, from a node's identity): a node acts on an
+/// announcement only once the registry confirms the revocation, so a forged `fleet.r` cannot
+/// lock a device out (it did, until restart, before the check). A real revocation announced
+/// twice is harmless: applying one is idempotent.
 #[tokio::test]
-async fn malformed_and_flooded_revocation_announcements_cut_nothing() {
+async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let node = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let nats = bus::start(&fleet);
+    let node = bus::node(&fleet, &nats, "n1", &[]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
-    let peer = async_nats::connect(nats.url()).await.unwrap();
+    let serial = fleet.station().await.show(&fleet_provision::DeviceId::parse(&id).unwrap()).await.unwrap();
+    let serial = serial.certificates[0].serial.to_hex();
+    let peer = bus::client(&nats, "n3").await;
     for i in 0..2000u32 {
         let payload = match i % 4 {
             0 => id.clone(),
@@ -196,14 +216,42 @@ async fn malformed_and_flooded_revocation_announcements_cut_nothing() {
             2 => "../.. 4a0b".to_owned(),
             _ => String::new(),
         };
-        peer.publish("fleet.r", payload.into()).await.unwrap();
+        peer.publish_with_headers("fleet.r", bus::from_node(), payload.into()).await.unwrap();
     }
+    // The forgery: well-formed, from a node's identity, naming the live device's certificate.
+    peer.publish_with_headers("fleet.r", bus::from_node(), format!("{id} {serial}").into()).await.unwrap();
     peer.flush().await.unwrap();
+    node.wait_metric(
+        "fleet_cluster_refused_total{reason=\"unconfirmed_revocation\"}",
+        1.0,
+        Duration::from_secs(3),
+    )
+    .await;
     dev.send(Packet::PingReq).await.unwrap();
     assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    // Not locked out: the device connects again (its old session is taken over).
+    let mut again = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&again.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     let mut other = Raw::device(node.mqtt, &fleet.devices[1]).await.unwrap();
     assert_eq!(connack_code(&other.mqtt_connect(&fleet.id(1), 30).await), Some(ConnectReturnCode::Success));
-    assert_eq!(node.metric("fleet_cluster_revocations_received_total").await, 0.0);
+    assert_eq!(node.metric("fleet_cluster_revocations_received_total").await, 1.0);
+    // Control: a real revocation, announced the same way, is applied (the registry confirms).
+    fleet.revoke(1).await;
+    peer.publish_with_headers(
+        "fleet.r",
+        bus::from_node(),
+        format!("{} {}", fleet.id(1), {
+            let st = fleet.station().await;
+            st.show(&fleet_provision::DeviceId::parse(&fleet.id(1)).unwrap()).await.unwrap().certificates[0]
+                .serial
+                .to_hex()
+        })
+        .into(),
+    )
+    .await
+    .unwrap();
+    peer.flush().await.unwrap();
+    assert!(other.closed_within(Duration::from_secs(2)).await, "a confirmed revocation did not cut");
 }
 
 /// The command queue is the cluster's: a command a service on node 2 sends to a device that is
@@ -212,10 +260,10 @@ async fn malformed_and_flooded_revocation_announcements_cut_nothing() {
 #[tokio::test]
 async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_status_comes_back() {
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
-    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let nats = bus::start(&fleet);
+    let node1 = bus::node(&fleet, &nats, "n1", &[]);
+    let node2 = bus::node(&fleet, &nats, "n2", &[]);
     let id = fleet.id(0);
 
     let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
@@ -273,11 +321,11 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
 async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
     use common::admin::{conforms, operator, Client};
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let nats = bus::start(&fleet);
     let alice = operator(&fleet, "alice").await;
-    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url(), "--admin-listen", "127.0.0.1:0"]);
-    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let node1 = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
+    let node2 = bus::node(&fleet, &nats, "n2", &[]);
     let api = Client::new(&node1, &fleet, Some(&alice));
     let id = fleet.id(0);
 
@@ -328,24 +376,24 @@ async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_
     use common::admin::{operator, Client};
     use futures_util::StreamExt;
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let nats = bus::start(&fleet);
     let alice = operator(&fleet, "alice").await;
-    let node1 = BrokerProc::start(&fleet, &["--nats", &nats.url(), "--admin-listen", "127.0.0.1:0"]);
-    let node2 = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let node1 = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
+    let node2 = bus::node(&fleet, &nats, "n2", &[]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
 
-    // A peer on NATS floods the question subject: garbage, no reply subject, oversized, and a
-    // valid question replayed; and it answers every question with garbage.
-    let peer = async_nats::connect(nats.url()).await.unwrap();
+    // A node's identity floods the question subject: garbage, no reply subject, oversized, and
+    // a valid question replayed; and it answers every question with garbage.
+    let peer = bus::client(&nats, "n3").await;
     let mut garbage_answers = peer.subscribe("fleet.admin.q").await.unwrap();
     let answerer = peer.clone();
     let liar = tokio::spawn(async move {
         while let Some(m) = garbage_answers.next().await {
             if let Some(to) = m.reply {
-                let _ = answerer.publish(to, "{not json".into()).await;
+                let _ = answerer.publish_with_headers(to, bus::from_node(), "{not json".into()).await;
             }
         }
     });
@@ -359,9 +407,17 @@ async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_
             _ => br#"{"minutes":"x"}"#.to_vec(),
         };
         if i % 8 == 2 {
-            peer.publish("fleet.admin.q", body.into()).await.unwrap(); // no reply subject
+            peer.publish_with_headers("fleet.admin.q", bus::from_node(), body.into()).await.unwrap();
+        // no reply subject
         } else {
-            peer.publish_with_reply("fleet.admin.q", inbox.clone(), body.into()).await.unwrap();
+            peer.publish_with_reply_and_headers(
+                "fleet.admin.q",
+                inbox.clone(),
+                bus::from_node(),
+                body.into(),
+            )
+            .await
+            .unwrap();
         }
     }
     peer.flush().await.unwrap();

@@ -18,11 +18,10 @@ use rumqttc::mqttbytes::QoS;
 
 /// Every node of these tests: a cluster member, with the per-source pre-admission cap raised
 /// because behind HAProxy every device comes from the proxy's address.
-fn node(fleet: &Fleet, nats: &fleet_tests::NatsServer, extra: &[&str]) -> BrokerProc {
-    let url = nats.url();
-    let mut args = vec!["--nats", url.as_str(), "--max-pre-admission-per-source", "10000"];
+fn node(fleet: &Fleet, nats: &fleet_tests::NatsServer, name: &str, extra: &[&str]) -> BrokerProc {
+    let mut args = vec!["--max-pre-admission-per-source", "10000"];
     args.extend_from_slice(extra);
-    BrokerProc::start(fleet, &args)
+    bus::node(fleet, nats, name, &args)
 }
 
 async fn connected(addr: SocketAddr, dir: &std::path::Path, id: &str) -> Raw {
@@ -47,9 +46,9 @@ async fn publish_acked(c: &mut Raw, topic: &str, payload: &[u8], pkid: u16) -> b
 #[tokio::test]
 async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(5, Some(pg.create_database("fleet"))).await;
-    let nodes: Vec<BrokerProc> = (0..3).map(|_| node(&fleet, &nats, &[])).collect();
+    let nats = bus::start(&fleet);
+    let nodes: Vec<BrokerProc> = fleet_tests::NODES.iter().map(|n| node(&fleet, &nats, n, &[])).collect();
     let lb = fleet_tests::HaProxy::start(&nodes.iter().map(|n| (n.mqtt, n.metrics)).collect::<Vec<_>>());
 
     // A service on node 3 watches every device's telemetry; devices on nodes 1 and 2 publish.
@@ -113,13 +112,17 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     fleet.wait_telemetry_rows(&id0, 1, Duration::from_secs(5)).await;
     fleet.wait_telemetry_rows(&id1, 1, Duration::from_secs(5)).await;
 
-    // A backend can read the stream itself: the example consumer prints both messages.
+    // A backend can read the stream itself, with its read-only identity: the example consumer
+    // prints both messages.
     let consumer =
         fleet_tests::workspace_bin_dir(&["examples/stream_consumer"]).join("examples/stream_consumer");
+    let reader = nats.identity(fleet_tests::READER);
     let out = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::process::Command::new(consumer)
-            .args([nats.url().as_str(), "devices/+/telemetry", "test-backend", "2"])
+            .arg(nats.url())
+            .arg(&reader)
+            .args(["devices/+/telemetry", "2"])
             .output(),
     )
     .await
@@ -193,9 +196,9 @@ async fn device_load(
 async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_move() {
     const DEVICES: usize = 50;
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(DEVICES, Some(pg.create_database("fleet"))).await;
-    let mut nodes: Vec<BrokerProc> = (0..3).map(|_| node(&fleet, &nats, &[])).collect();
+    let nats = bus::start(&fleet);
+    let mut nodes: Vec<BrokerProc> = fleet_tests::NODES.iter().map(|n| node(&fleet, &nats, n, &[])).collect();
     let lb = fleet_tests::HaProxy::start(&nodes.iter().map(|n| (n.mqtt, n.metrics)).collect::<Vec<_>>());
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -282,9 +285,9 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_
 #[tokio::test]
 async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_after() {
     let pg = fleet_tests::PgCluster::start();
-    let mut nats = fleet_tests::NatsServer::start();
     let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let n = node(&fleet, &nats, &["--nats-timeout-secs", "1"]);
+    let mut nats = bus::start(&fleet);
+    let n = node(&fleet, &nats, "n1", &["--nats-timeout-secs", "1"]);
     let id = fleet.id(0);
     let topic = format!("devices/{id}/telemetry");
     let mut dev = connected(n.mqtt, &fleet.devices[0], &id).await;

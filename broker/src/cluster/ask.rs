@@ -8,7 +8,8 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::Cluster;
+use super::{bus, Cluster};
+use crate::outcome::BusRefusal;
 
 /// Most answers taken for one question (more nodes than this is not a fleetgate cluster).
 const MOST_ANSWERS: usize = 256;
@@ -32,7 +33,11 @@ impl Cluster {
                 return Vec::new();
             }
         };
-        if let Err(e) = self.client.publish_with_reply(subject, inbox, question.into()).await {
+        if let Err(e) = self
+            .client
+            .publish_with_reply_and_headers(subject, inbox, self.node_headers(), question.into())
+            .await
+        {
             warn!(error = %e, "cluster question not sent");
             return Vec::new();
         }
@@ -41,7 +46,8 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + wait;
         while answers.len() < MOST_ANSWERS {
             match tokio::time::timeout_at(deadline, sub.next()).await {
-                Ok(Some(m)) => answers.push(m.payload),
+                Ok(Some(m)) if bus::from_node(m.headers.as_ref()) => answers.push(m.payload),
+                Ok(Some(_)) => self.metrics.bus_refused(BusRefusal::NotFromNode),
                 Ok(None) | Err(_) => break,
             }
         }
@@ -56,14 +62,19 @@ impl Cluster {
     ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
         let mut sub = self.client.subscribe(subject).await?;
         let client = self.client.clone();
+        let (headers, metrics) = (self.node_headers(), self.metrics.clone());
         Ok(tokio::spawn(async move {
             while let Some(m) = sub.next().await {
+                if !bus::from_node(m.headers.as_ref()) {
+                    metrics.bus_refused(BusRefusal::NotFromNode);
+                    continue;
+                }
                 let Some(to) = m.reply else { continue };
                 if m.payload.len() > MAX_QUESTION {
                     continue;
                 }
                 if let Some(body) = reply(m.payload) {
-                    if let Err(e) = client.publish(to, body.into()).await {
+                    if let Err(e) = client.publish_with_headers(to, headers.clone(), body.into()).await {
                         warn!(error = %e, "cluster answer not sent");
                     }
                 }

@@ -4,10 +4,12 @@
 use bytes::Bytes;
 use fleet_registry::{DeviceId, SerialNumber};
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::{subject, Cluster};
+use super::{bus, subject, Cluster};
+use crate::outcome::BusRefusal;
 
 /// A claim: which node admitted a session of a device, and when (unix nanoseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,11 +58,16 @@ impl Cluster {
                 return None;
             }
         };
-        if let Err(e) = self.client.publish(subject, mine.encode()).await {
+        if let Err(e) = self.client.publish_with_headers(subject, self.node_headers(), mine.encode()).await {
             warn!(error = %e, "cluster session claim failed");
         }
+        let metrics = self.metrics.clone();
         Some(ClaimGuard(tokio::spawn(async move {
             while let Some(m) = sub.next().await {
+                if !bus::from_node(m.headers.as_ref()) {
+                    metrics.bus_refused(BusRefusal::NotFromNode);
+                    continue;
+                }
                 match Claim::decode(&m.payload) {
                     Some(theirs) if theirs > mine => {
                         cut();
@@ -87,26 +94,40 @@ impl Cluster {
     /// Tells the other nodes of a revocation this node saw in the registry.
     pub(crate) async fn announce_revocation(&self, device: &DeviceId, serial: &SerialNumber) {
         let payload = encode_revocation(device, serial);
-        if let Err(e) = self.client.publish(subject::REVOCATIONS, payload).await {
+        if let Err(e) =
+            self.client.publish_with_headers(subject::REVOCATIONS, self.node_headers(), payload).await
+        {
             warn!(error = %e, %device, "cluster revocation announcement failed (the registry feed still carries it)");
         }
     }
 
-    /// Calls `apply` with every revocation another node announces, until the connection
-    /// closes. Subscribed before it returns.
+    /// The revocations other nodes announce, until the connection closes (subscribed before it
+    /// returns). Only well-formed announcements from nodes come through; the receiver still
+    /// asks the registry before acting on one (`watch::cluster_revocations`).
     pub(crate) async fn revocations(
         &self,
-        apply: impl Fn(DeviceId, SerialNumber) + Send + 'static,
-    ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
+    ) -> Result<(JoinHandle<()>, mpsc::Receiver<(DeviceId, SerialNumber)>), async_nats::SubscribeError> {
         let mut sub = self.client.subscribe(subject::REVOCATIONS).await?;
-        Ok(tokio::spawn(async move {
-            while let Some(m) = sub.next().await {
-                match decode_revocation(&m.payload) {
-                    Some((device, serial)) => apply(device, serial),
-                    None => warn!(len = m.payload.len(), "malformed cluster revocation ignored"),
+        let (tx, rx) = mpsc::channel(1024);
+        let metrics = self.metrics.clone();
+        Ok((
+            tokio::spawn(async move {
+                while let Some(m) = sub.next().await {
+                    if !bus::from_node(m.headers.as_ref()) {
+                        metrics.bus_refused(BusRefusal::NotFromNode);
+                        continue;
+                    }
+                    match decode_revocation(&m.payload) {
+                        // A full queue: a flood. What is dropped the registry feed still carries.
+                        Some(r) => {
+                            let _ = tx.try_send(r);
+                        }
+                        None => warn!(len = m.payload.len(), "malformed cluster revocation ignored"),
+                    }
                 }
-            }
-        }))
+            }),
+            rx,
+        ))
     }
 }
 

@@ -24,6 +24,7 @@
 //! Not shared across nodes: retained messages (each node keeps those published through it).
 
 mod ask;
+pub(crate) mod bus;
 mod claims;
 pub(crate) mod stream;
 pub(crate) mod subject;
@@ -45,6 +46,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::outcome::BusRefusal;
 use crate::router::Router;
 
 /// Header carrying the QoS a message was published with.
@@ -65,6 +67,9 @@ pub enum ClusterError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The NATS connection would be unprotected, or its TLS or credential files are unusable.
+    #[error("{0}")]
+    Insecure(String),
     /// JetStream is off on the server, or the stream cannot be created as configured.
     #[error("JetStream stream {stream} (is the server started with -js?): {source}")]
     Stream {
@@ -84,6 +89,8 @@ pub(crate) struct Cluster {
     pub(crate) js: jetstream::Context,
     /// Random, for the session claims of this node.
     node_id: u64,
+    /// Metrics (bus refusals are counted where they happen).
+    metrics: Metrics,
     /// Subject → (local filters needing it, the task forwarding it to the router).
     subs: Mutex<HashMap<String, (usize, JoinHandle<()>)>>,
 }
@@ -91,11 +98,60 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Connects to NATS at `config.nats` and creates the stream if it is missing. The
     /// connection comes back by itself after an outage (retried every ≤ 1 s).
+    ///
+    /// The node authenticates as `Config::nats_security` requires: TLS verified against
+    /// `nats_ca`, a client certificate (`nats_cert`, `nats_key`), a credentials file, or the
+    /// user and password of the URL (async-nats ignores those in the URL: they are passed
+    /// explicitly, and the URL logged without them).
     pub(crate) async fn connect(config: &crate::Config, metrics: &Metrics) -> Result<Self, ClusterError> {
         let url = config.nats.clone().unwrap_or_default();
+        let shown = crate::config::redact_url(&url);
+        let security = config.nats_security(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
+        // async-nats builds its rustls configuration from the process default provider: the
+        // broker's (ring), unless the embedding program installed one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut options = async_nats::ConnectOptions::new();
+        let mut parsed = url::Url::parse(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
+        if !parsed.username().is_empty() {
+            let decode = |s: &str| {
+                percent_decode(s).ok_or_else(|| {
+                    ClusterError::Insecure(
+                        "nats: the URL's user or password is not valid percent-encoding".into(),
+                    )
+                })
+            };
+            let user = decode(parsed.username())?;
+            let pass = decode(parsed.password().unwrap_or(""))?;
+            options = options.user_and_password(user, pass);
+            // Neither in the URL async-nats keeps (it shows up in its errors) nor in ours.
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+        }
+        if let Some(ca) = &config.nats_ca {
+            file_readable(ca)?;
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&config.nats_cert, &config.nats_key) {
+            file_readable(cert)?;
+            file_readable(key)?;
+            options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        }
+        if let Some(creds) = &config.nats_creds {
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|e| ClusterError::Insecure(format!("nats_creds {}: {e}", creds.display())))?;
+        }
+        if !(security.tls && security.identity) {
+            warn!(
+                url = %shown,
+                "insecure_nats_no_auth: this node joins a NATS server without TLS or credentials; \
+                 anyone who reaches that server can forge device messages, commands and revocations"
+            );
+        }
         metrics.cluster_member.set(1);
         let gauge = metrics.cluster_connected.clone();
-        let client = async_nats::ConnectOptions::new()
+        let client = options
             .no_echo()
             .name("fleet-broker")
             .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(10) as u64))
@@ -115,9 +171,9 @@ impl Cluster {
                     }
                 }
             })
-            .connect(&url)
+            .connect(parsed.as_str())
             .await
-            .map_err(|source| ClusterError::Connect { url: url.clone(), source })?;
+            .map_err(|source| ClusterError::Connect { url: shown.clone(), source })?;
         metrics.cluster_connected.set(1);
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.nats_timeout());
@@ -129,8 +185,8 @@ impl Cluster {
         js.get_or_create_stream(want)
             .await
             .map_err(|source| ClusterError::Stream { stream: config.nats_stream.clone(), source })?;
-        info!(%url, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
-        Ok(Self { client, js, node_id: rand::random(), subs: Mutex::default() })
+        info!(url = %shown, tls = security.tls, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
+        Ok(Self { client, js, node_id: rand::random(), metrics: metrics.clone(), subs: Mutex::default() })
     }
 
     /// Is the NATS connection up?
@@ -142,10 +198,19 @@ impl Cluster {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes a message this node accepted, for the other nodes' subscribers. Best effort,
-    /// like delivery to local subscribers: the publisher's acknowledgement is the store's.
-    pub(crate) async fn publish(&self, p: &Publish) {
+    /// The headers every message this node publishes for the other nodes carries.
+    fn node_headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
+        headers.insert(bus::NODE, self.node_id.to_string().as_str());
+        headers
+    }
+
+    /// Publishes a message this node accepted from `origin`, for the other nodes' subscribers.
+    /// Best effort, like delivery to local subscribers: the publisher's acknowledgement is the
+    /// store's.
+    pub(crate) async fn publish(&self, p: &Publish, origin: bus::Origin<'_>) {
+        let mut headers = self.node_headers();
+        headers.insert(bus::ORIGIN, origin.encode().as_str());
         headers.insert(QOS, if p.qos == QoS::AtMostOnce { "0" } else { "1" });
         if p.retain {
             headers.insert(RETAIN, "1");
@@ -200,11 +265,74 @@ impl Cluster {
     }
 }
 
-/// Hands every message of `sub` to the router's local subscribers.
+/// Logs a refused bus message, at most once a second per process (a flood is counted, not
+/// logged line by line).
+fn warn_refused(why: BusRefusal, subject: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::now_unix().max(0) as u64;
+    if LAST.swap(now, Relaxed) != now {
+        warn!(reason = why.label(), %subject, "cluster bus: message refused (fleet_cluster_refused_total)");
+    }
+}
+
+/// `%XX`-decoded user or password of a URL.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A TLS file the node needs, readable (async-nats reports a missing one only as a failed
+/// connection, retried for ever).
+fn file_readable(path: &std::path::Path) -> Result<(), ClusterError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| ClusterError::Insecure(format!("nats: {}: {e}", path.display())))
+}
+
+/// The topic of a routed message from another node, if this node may hand it to its
+/// subscribers (`bus`: from a node, with an origin whose ACL allows the topic).
+fn relayable(m: &async_nats::Message) -> Result<String, BusRefusal> {
+    if !bus::from_node(m.headers.as_ref()) {
+        return Err(BusRefusal::NotFromNode);
+    }
+    let topic = subject::topic_of(m.subject.as_str()).ok_or(BusRefusal::BadSubject)?;
+    let origin = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(bus::ORIGIN))
+        .and_then(|v| bus::decode_origin(v.as_str()))
+        .ok_or(BusRefusal::NoOrigin)?;
+    if !bus::may_relay(&origin, &topic) {
+        return Err(BusRefusal::OriginDenied);
+    }
+    Ok(topic)
+}
+
+/// Hands every message of `sub` that passes [`relayable`] to the router's local subscribers.
 async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics: Metrics) {
     while let Some(m) = sub.next().await {
         let Some(router) = router.upgrade() else { return };
-        let Some(topic) = subject::topic_of(m.subject.as_str()) else { continue };
+        let topic = match relayable(&m) {
+            Ok(t) => t,
+            Err(why) => {
+                metrics.bus_refused(why);
+                warn_refused(why, m.subject.as_str());
+                continue;
+            }
+        };
         let header = |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str() == "1");
         let qos = if header(QOS) == Some(true) { QoS::AtLeastOnce } else { QoS::AtMostOnce };
         let mut p = Publish::new(topic, qos, Bytes::new());

@@ -70,7 +70,7 @@ pub(crate) async fn status(
     let p = Publish::new(topic, QoS::AtLeastOnce, body.to_string());
     let _ = shared.router.route(&p, &shared.metrics);
     if let Some(cluster) = &shared.cluster {
-        cluster.publish(&p).await;
+        cluster.publish(&p, crate::cluster::bus::Origin::Broker).await;
     }
 }
 

@@ -40,6 +40,21 @@ value::settings! {
     /// messages are routed to the other nodes' subscribers through NATS. Needs a PostgreSQL
     /// registry shared by the nodes. Default: off (a single node, in-process routing).
     nats: Option<String> = None;
+    /// CA certificates (PEM) the NATS server's certificate must chain to (e.g. the
+    /// `broker-trust.pem` that `fleet-provision node-cert` writes): the connection uses TLS and
+    /// verifies the server.
+    nats_ca: Option<PathBuf> = None;
+    /// This node's client certificate for NATS (PEM; `fleet-provision node-cert --name <node>`
+    /// writes `cert.pem`): the server maps it to the node's user (`deploy/nats/`).
+    nats_cert: Option<PathBuf> = None;
+    /// The private key of `nats_cert` (PEM).
+    nats_key: Option<PathBuf> = None;
+    /// A NATS credentials file (user JWT + nkey seed), instead of or besides a certificate.
+    nats_creds: Option<PathBuf> = None;
+    /// Lets a node join a NATS server without TLS or credentials. For a development NATS on
+    /// loopback only: anyone who reaches such a server can forge device messages, commands and
+    /// revocations. Logged as a warning at start.
+    insecure_nats_no_auth: bool = false;
     /// JetStream stream of a cluster's device messages (created at start if missing): a QoS 1
     /// PUBACK follows its acknowledgement.
     nats_stream: String = String::from("FLEET");
@@ -207,6 +222,9 @@ impl Config {
         if !(128..=268_435_455).contains(&self.max_packet_size) {
             return Err(ConfigError::Range("max_packet_size must be between 128 and 268435455".into()));
         }
+        if let Some(url) = &self.nats {
+            self.nats_security(url)?;
+        }
         if self.nats.is_some() && !self.database_url().starts_with("postgres") {
             return Err(ConfigError::Range(
                 "nats (a cluster) needs a PostgreSQL registry shared by the nodes: set database_url to postgres://...".into(),
@@ -219,6 +237,52 @@ impl Config {
             return Err(ConfigError::Range("revocation_poll_ms and reload_poll_ms must be positive".into()));
         }
         Ok(())
+    }
+
+    /// How a node's NATS connection is protected, or why it is refused: TLS (a CA to verify
+    /// the server, a client certificate or a `tls://` URL) and a client identity (certificate,
+    /// credentials file or `user:password@` in the URL), unless `insecure_nats_no_auth`.
+    pub fn nats_security(&self, url: &str) -> Result<NatsSecurity, ConfigError> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| ConfigError::Range(format!("nats: {} is not a URL: {e}", redact_url(url))))?;
+        if !matches!(parsed.scheme(), "nats" | "tls") {
+            return Err(ConfigError::Range(format!(
+                "nats: {} must start with nats:// or tls://",
+                redact_url(url)
+            )));
+        }
+        if self.nats_cert.is_some() != self.nats_key.is_some() {
+            return Err(ConfigError::Range("nats_cert and nats_key go together: set both or neither".into()));
+        }
+        let password = !parsed.username().is_empty();
+        let identity = self.nats_cert.is_some() || self.nats_creds.is_some() || password;
+        let tls = self.nats_ca.is_some() || self.nats_cert.is_some() || parsed.scheme() == "tls";
+        let security = NatsSecurity { tls, identity };
+        if !(tls && identity) && !self.insecure_nats_no_auth {
+            let missing = match (tls, identity) {
+                (false, false) => "neither TLS nor a client identity",
+                (false, true) => "no TLS (credentials would cross the network in clear)",
+                _ => "no client identity",
+            };
+            return Err(ConfigError::Range(format!(
+                "nats: the cluster bus has {missing}. Anyone who reaches an open NATS server can forge \
+                 device messages, commands and revocations. Give this node a certificate \
+                 (fleet-provision node-cert --name <node>; nats_ca, nats_cert, nats_key) and run \
+                 nats-server with deploy/nats/nats-server.conf, or set insecure_nats_no_auth = true \
+                 for a development server on loopback"
+            )));
+        }
+        Ok(security)
+    }
+
+    /// The configuration as `check-config` and the logs may show it: passwords in URLs
+    /// replaced by `***`.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.nats = c.nats.as_deref().map(redact_url);
+        c.database_url = c.database_url.as_deref().map(redact_url);
+        c.admin_database_url = c.admin_database_url.as_deref().map(redact_url);
+        c
     }
 
     /// Handshake deadline.
@@ -284,9 +348,81 @@ impl Config {
     }
 }
 
+/// What protects a node's NATS connection (`Config::nats_security`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatsSecurity {
+    /// The connection uses TLS.
+    pub tls: bool,
+    /// The node presents an identity (certificate, credentials file or user and password).
+    pub identity: bool,
+}
+
+/// `url` with its password (if any) replaced by `***`; what is not a URL is returned as it is
+/// unless it holds an `@`, which is then cut to what follows it.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            // Setting a password on a URL that has one (so it has a host) cannot fail.
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_owned(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nats_url_needs_tls_and_an_identity_unless_declared_insecure() {
+        let pg = |nats: &str| {
+            let mut c = Config::default();
+            c.set("database_url", "postgres://u@h/db").unwrap();
+            c.set("nats", nats).unwrap();
+            c
+        };
+        let err = |c: &Config| c.validate().unwrap_err().to_string();
+        assert!(err(&pg("nats://127.0.0.1:4222")).contains("neither TLS nor a client identity"));
+        // Credentials in the URL are used, but not over plain TCP.
+        assert!(err(&pg("nats://node:secret@127.0.0.1:4222")).contains("no TLS"));
+        assert!(!err(&pg("nats://node:secret@127.0.0.1:4222")).contains("secret"));
+        pg("tls://node:secret@127.0.0.1:4222").validate().unwrap();
+        let mut c = pg("nats://127.0.0.1:4222");
+        c.set("nats_ca", "/ca.pem").unwrap();
+        assert!(err(&c).contains("no client identity"));
+        c.set("nats_cert", "/cert.pem").unwrap();
+        assert!(err(&c).contains("go together"));
+        c.set("nats_key", "/key.pem").unwrap();
+        assert_eq!(
+            c.nats_security("nats://127.0.0.1:4222").unwrap(),
+            NatsSecurity { tls: true, identity: true }
+        );
+        let mut open = pg("nats://127.0.0.1:4222");
+        open.set("insecure_nats_no_auth", "true").unwrap();
+        open.validate().unwrap();
+        assert!(err(&pg("http://127.0.0.1:4222")).contains("nats:// or tls://"));
+    }
+
+    #[test]
+    fn passwords_never_reach_the_printed_configuration() {
+        assert_eq!(redact_url("tls://node:s3cret@nats.internal:4222"), "tls://node:***@nats.internal:4222");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("postgres://fleet:pw@db/fleet"), "postgres://fleet:***@db/fleet");
+        assert!(!redact_url("not a url:pw@host").contains("pw"));
+        let mut c = Config::default();
+        c.set("nats", "tls://node:s3cret@nats.internal:4222").unwrap();
+        c.set("database_url", "postgres://fleet:pw2@db/fleet").unwrap();
+        c.set("admin_database_url", "postgres://admin:pw3@db/fleet").unwrap();
+        let printed = c.redacted().to_toml();
+        for secret in ["s3cret", "pw2", "pw3"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+    }
 
     #[test]
     fn every_key_is_settable_by_name_and_round_trips_through_the_file_format() {

@@ -352,6 +352,9 @@ impl State {
         if auth::is_active_announcement(&ctx.id, &p.topic) {
             // The broker, not the device, says which certificate the session runs on.
             p.payload = ctx.id.serial.to_hex().into();
+        } else if auth::is_csr(&ctx.id, &p.topic) {
+            // ... and which certificate asks for a new one (the issuer checks it is the asker's).
+            p.payload = auth::stamp_csr(&ctx.id, &p.payload).into();
         }
         if ctx.id.role == Role::Service
             && p.qos == QoS::AtLeastOnce
@@ -366,7 +369,7 @@ impl State {
             return Err(refused.close_reason());
         }
         if let Some(cluster) = &shared.cluster {
-            cluster.publish(&p).await;
+            cluster.publish(&p, crate::cluster::bus::Origin::Client(&ctx.id)).await;
         }
         let (pkid, qos) = (p.pkid, p.qos);
         // Devices' telemetry is stored; services' commands are only routed.
@@ -401,7 +404,7 @@ impl State {
                     self.limit_hit(ctx, refused.limit(), &p.topic);
                 }
                 if let Some(cluster) = &shared.cluster {
-                    cluster.publish(&p).await;
+                    cluster.publish(&p, crate::cluster::bus::Origin::Client(&ctx.id)).await;
                 }
                 self.pending.push_back(Box::pin(async move { (pkid, true) }));
             }

@@ -140,20 +140,27 @@ async fn spread_ingest(addrs: &[SocketAddr], ids: &[Arc<Identity>], secs: f64) -
 
 pub(crate) async fn scenario_cluster(env: &Env, devices: &[Arc<Identity>], a: &Args, report: &mut Report) {
     println!(
-        "\n== cluster: 3 fleet-broker nodes + nats-server -js + PostgreSQL, vs one node (SQLite) and Mosquitto; {} s each",
+        "\n== cluster: 3 fleet-broker nodes + nats-server -js (TLS, shipped config) + PostgreSQL, vs one node (SQLite) and Mosquitto; {} s each",
         a.secs
     );
     let pg = fleet_tests::PgCluster::start();
-    let nats = fleet_tests::NatsServer::start();
     let db = pg.create_database("fleet");
     let cenv = Env::with_db(Some(&db)).await;
+    // The bus as shipped (TLS, certificates mapped to users, permissions).
+    let nats = fleet_tests::NatsServer::start(&cenv.home, Some(&db));
     let cdevices = cenv.mint("cdev", devices.len()).await;
     let service = cenv.service("backend").await;
-    let nats_url = nats.url();
-    let flags = ["--nats", nats_url.as_str(), "--database-url", db.as_str()];
     let start_nodes = |extra: &[&str]| -> Option<Vec<Server>> {
-        let args: Vec<&str> = flags.iter().chain(extra).copied().collect();
-        (0..3).map(|_| servers::start_fleet_broker(&cenv.home, &args).ok()).collect()
+        fleet_tests::NODES
+            .iter()
+            .map(|n| {
+                let mut args = nats.node_args(n);
+                args.extend(["--database-url".to_owned(), db.clone()]);
+                args.extend(extra.iter().map(|s| (*s).to_owned()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                servers::start_fleet_broker(&cenv.home, &args).ok()
+            })
+            .collect()
     };
     let Some(nodes) = start_nodes(&[]) else {
         println!("  skipped: the cluster nodes did not start");

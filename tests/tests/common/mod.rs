@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test binaries; test code
 
 pub mod admin;
+pub mod bus;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

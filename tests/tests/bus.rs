@@ -1,0 +1,416 @@
+//! The cluster bus (NATS) as a trust boundary (issue 25): nats-server runs the configuration
+//! fleetgate ships (`deploy/nats/nats-server.conf`: TLS, certificates mapped to users,
+//! per-user permissions), and every attack is a well-formed message, not garbage.
+//!
+//! - Outsiders (no TLS, no certificate, a device's certificate) do not get onto the bus; the
+//!   backend's stream reader may read the stream and nothing else: its forged CSR, telemetry,
+//!   command, claim, revocation and admin question are refused by nats-server and reach no one.
+//! - A node's identity (a compromised or buggy node) still cannot make another node hand its
+//!   subscribers (the issuer among them) a message whose origin could not have published it.
+//! - A node refuses an unprotected bus unless told it is insecure; credentials in the URL are
+//!   used, and never printed.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+
+/// Waits until the NATS server lists `subject` among its subscriptions.
+async fn wait_subscribed(nats: &fleet_tests::NatsServer, subject: &str) {
+    let t = Instant::now();
+    let listed = format!("\"{}\"", subject.replace('>', "\\u003e"));
+    while !nats.monitor("/connz?subs=1").contains(&listed) {
+        assert!(t.elapsed() < Duration::from_secs(5), "no subscription {subject}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The issuer's MQTT session on `node`, subscribed where the online issuer listens: whatever
+/// reaches it, `fleet-provision serve` would answer (certify a key, mint a device).
+async fn issuer_on(fleet: &Fleet, node: &BrokerProc) -> Raw {
+    let dir = fleet.dir.path().join("issuer");
+    fleet.station().await.issuer_cert("issuer-1", &dir).await.unwrap();
+    let mut issuer = Raw::device(node.mqtt, &dir).await.unwrap();
+    assert_eq!(connack_code(&issuer.mqtt_connect("issuer-1", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut issuer, "devices/+/certs/csr", 1).await;
+    subscribe(&mut issuer, "claims/+/+/certs/csr", 2).await;
+    issuer
+}
+
+fn serial_of(fleet: &Fleet, i: usize) -> impl std::future::Future<Output = String> + '_ {
+    async move {
+        let id = fleet_provision::DeviceId::parse(&fleet.id(i)).unwrap();
+        fleet.station().await.show(&id).await.unwrap().certificates[0].serial.to_hex()
+    }
+}
+
+#[tokio::test]
+async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let nats = bus::start(&fleet);
+    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let mut issuer = issuer_on(&fleet, &node).await;
+    let (id, victim) = (fleet.id(0), fleet.id(1));
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
+    wait_subscribed(&nats, &format!("fleet.t.devices.{id}.commands.>")).await;
+    wait_subscribed(&nats, "fleet.t.devices.*.certs.csr").await;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // No TLS, TLS without a certificate, a device's certificate: not on the bus.
+    assert!(async_nats::connect(nats.url()).await.is_err(), "plain connection accepted");
+    let trust = nats.identity("n1").join("broker-trust.pem");
+    let no_cert = async_nats::ConnectOptions::new()
+        .add_root_certificates(trust.clone())
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(3))
+        .connect(nats.url())
+        .await;
+    assert!(no_cert.is_err(), "TLS without a client certificate accepted");
+    assert!(
+        bus::client_with(&nats, &fleet.devices[1], &trust).await.is_err(),
+        "a device's certificate got onto the bus"
+    );
+
+    // The stream reader connects, and every well-formed forgery it tries is refused.
+    let refusals = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = refusals.clone();
+    let reader_dir = nats.identity(fleet_tests::READER);
+    let reader = async_nats::ConnectOptions::new()
+        .add_root_certificates(trust.clone())
+        .add_client_certificate(reader_dir.join("cert.pem"), reader_dir.join("key.pem"))
+        .require_tls(true)
+        .custom_inbox_prefix("_INBOX_analytics")
+        .event_callback(move |e| {
+            let seen = seen.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = e {
+                    seen.lock().unwrap().push(e.to_string());
+                }
+            }
+        })
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let stored_before = nats.stream_messages("FLEET");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap();
+    let csr = csr.der().to_vec();
+    let mut stored = async_nats::HeaderMap::new();
+    stored.insert("Fleet-Device", victim.as_str());
+    stored.insert("Fleet-QoS", "1");
+    stored.insert("Fleet-Received-At", "1700000000000");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let forgeries: Vec<(String, async_nats::HeaderMap, Vec<u8>)> = vec![
+        // A CSR on a device's rotation topic and on a claim session's: the issuer would certify
+        // the reader's key for the victim, or mint it a device.
+        (
+            format!("fleet.t.devices.{victim}.certs.csr"),
+            bus::relayed_from(&format!("device 01 {victim}")),
+            csr.clone(),
+        ),
+        ("fleet.t.claims.batch.0123456789abcdef.certs.csr".into(), bus::from_node(), csr),
+        // Telemetry stored as the victim, a command and its "acknowledged" status.
+        (format!("fleet.m.devices.{victim}.telemetry"), stored, b"t=99".to_vec()),
+        (
+            format!("fleet.t.devices.{id}.commands.unlock"),
+            bus::relayed_from("service 01 backend"),
+            b"now".to_vec(),
+        ),
+        (
+            format!("fleet.t.status.devices.{id}.commands.unlock"),
+            bus::relayed_from("broker"),
+            br#"{"status":"acknowledged"}"#.to_vec(),
+        ),
+        // A newer session claim (cut the device) and a revocation (lock it out).
+        (format!("fleet.s.{id}"), bus::from_node(), format!("{} 7", now + 1_000_000_000).into_bytes()),
+        ("fleet.r".into(), bus::from_node(), format!("{id} {}", serial_of(&fleet, 0).await).into_bytes()),
+    ];
+    for (subject, headers, payload) in &forgeries {
+        reader.publish_with_headers(subject.clone(), headers.clone(), payload.clone().into()).await.unwrap();
+    }
+    // Reading every session's peer and serial: an admin question, and listening for them.
+    let question = br#"{"minutes":1,"devices":[],"detail":true}"#.to_vec();
+    let asked =
+        tokio::time::timeout(Duration::from_secs(2), reader.request("fleet.admin.q", question.into())).await;
+    assert!(!matches!(asked, Ok(Ok(_))), "the reader got an answer to an admin question");
+    assert!(reader.subscribe("fleet.admin.q").await.is_ok()); // refused asynchronously, below
+    reader.flush().await.unwrap();
+
+    let t = Instant::now();
+    while refusals.lock().unwrap().len() < forgeries.len() + 2 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refusals.lock().unwrap().clone();
+    for (subject, _, _) in &forgeries {
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.to_lowercase().contains("permissions violation") && r.contains(subject.as_str())),
+            "publish to {subject} was not refused: {refused:?}"
+        );
+    }
+    assert!(
+        refused.iter().any(|r| r.to_lowercase().contains("permissions violation for subscription")),
+        "{refused:?}"
+    );
+    // And nothing reached anyone: no CSR at the issuer, no command at the device, the device's
+    // session alive and not revoked, nothing stored.
+    assert!(next_publish(&mut issuer, Duration::from_millis(500)).await.is_none(), "the issuer got a CSR");
+    assert!(next_publish(&mut dev, Duration::from_millis(200)).await.is_none(), "the device got a command");
+    dev.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    assert_eq!(nats.stream_messages("FLEET"), stored_before, "the reader stored a message");
+
+    // What it may do: read the stream through its own consumer (cluster_ha runs the example
+    // consumer end to end); the nodes' SQL-sink consumer is not its.
+    let js = async_nats::jetstream::new(reader.clone());
+    let stream = js.get_stream("FLEET").await.unwrap();
+    let own = stream
+        .get_or_create_consumer(
+            "analytics",
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some("analytics".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(own.is_ok(), "{own:?}");
+    let theirs = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("fleet-sql-sink").await;
+    assert!(theirs.is_err(), "the reader reached the nodes' SQL sink consumer");
+}
+
+/// Defence in depth: with a node's own identity (a compromised or buggy node), a message is
+/// handed to another node's subscribers only if it carries `Fleet-Node` and an origin whose
+/// publish ACL allows its topic. The issuer never sees a CSR on a device's topic from anyone
+/// but that device, nor on a claim session's from anyone but that session.
+#[tokio::test]
+async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let nats = bus::start(&fleet);
+    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let mut issuer = issuer_on(&fleet, &node).await;
+    wait_subscribed(&nats, "fleet.t.devices.*.certs.csr").await;
+    wait_subscribed(&nats, "fleet.t.claims.*.*.certs.csr").await;
+    let (id, victim) = (fleet.id(0), fleet.id(1));
+    let peer = bus::client(&nats, "n3").await;
+    let csr = || bytes::Bytes::from_static(b"0\x82csr");
+    let to_victim = format!("fleet.t.devices.{victim}.certs.csr");
+    let to_claim = "fleet.t.claims.batch.0123456789abcdef.certs.csr";
+    let attempts = [
+        // No Fleet-Node: not a node's (a stored message pushed onto the subject looks so).
+        (to_victim.clone(), async_nats::HeaderMap::new(), "not_from_node"),
+        // From a node, but no origin: which client sent it is unknown.
+        (to_victim.clone(), bus::from_node(), "no_origin"),
+        // Another device's identity, a service's, the broker's, an operator's.
+        (to_victim.clone(), bus::relayed_from(&format!("device 01 {id}")), "origin_denied"),
+        (to_victim.clone(), bus::relayed_from("service 01 backend"), "origin_denied"),
+        (to_victim.clone(), bus::relayed_from("broker"), "origin_denied"),
+        (to_victim.clone(), bus::relayed_from(&format!("operator 01 {victim}")), "origin_denied"),
+        // A claim session's topic from a device, and from another nonce of the claim.
+        (to_claim.to_owned(), bus::relayed_from(&format!("device 01 {id}")), "origin_denied"),
+        (to_claim.to_owned(), bus::relayed_from("claim 01 claims/batch/fedcba9876543210"), "origin_denied"),
+    ];
+    for (subject, headers, _) in &attempts {
+        peer.publish_with_headers(subject.clone(), headers.clone(), csr()).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    for reason in ["not_from_node", "no_origin", "origin_denied"] {
+        let n = attempts.iter().filter(|a| a.2 == reason).count() as f64;
+        node.wait_metric(
+            &format!("fleet_cluster_refused_total{{reason=\"{reason}\"}}"),
+            n,
+            Duration::from_secs(3),
+        )
+        .await;
+    }
+    assert!(
+        next_publish(&mut issuer, Duration::from_millis(300)).await.is_none(),
+        "a forged CSR reached the issuer"
+    );
+
+    // Control: what a node relays for the device itself, and for the claim session itself,
+    // reaches the issuer.
+    peer.publish_with_headers(to_victim.clone(), bus::relayed_from(&format!("device 01 {victim}")), csr())
+        .await
+        .unwrap();
+    peer.publish_with_headers(to_claim, bus::relayed_from("claim 01 claims/batch/0123456789abcdef"), csr())
+        .await
+        .unwrap();
+    peer.flush().await.unwrap();
+    let a = next_publish(&mut issuer, Duration::from_secs(3))
+        .await
+        .expect("the device's own CSR was not relayed");
+    let b =
+        next_publish(&mut issuer, Duration::from_secs(3)).await.expect("the claim's own CSR was not relayed");
+    let mut topics = [a.topic, b.topic];
+    topics.sort();
+    assert_eq!(
+        topics,
+        ["claims/batch/0123456789abcdef/certs/csr".to_owned(), format!("devices/{victim}/certs/csr")]
+    );
+}
+
+#[tokio::test]
+async fn a_node_refuses_an_unprotected_bus_uses_url_credentials_and_never_prints_them() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let db = fleet.db.clone().unwrap();
+    let open = fleet_tests::NatsServer::start_open_with(&["-js", "--user", "node", "--pass", "s3cret-pw"]);
+    let check = |args: &[String]| {
+        let out = std::process::Command::new(broker_bin())
+            .arg("--home")
+            .arg(fleet.home())
+            .args(["--database-url", &db])
+            .args(args)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let with_creds = format!("nats://node:s3cret-pw@127.0.0.1:{}", open.port);
+    // No TLS and no identity; an identity but no TLS: refused, with what to do.
+    let (ok, _, err) = check(&["--nats".into(), format!("nats://127.0.0.1:{}", open.port)]);
+    assert!(!ok && err.contains("neither TLS nor a client identity") && err.contains("node-cert"), "{err}");
+    let (ok, out, err) = check(&["--nats".into(), with_creds.clone()]);
+    assert!(!ok && err.contains("no TLS"), "{err}");
+    assert!(!out.contains("s3cret-pw") && !err.contains("s3cret-pw"), "{out}{err}");
+    // Declared insecure: accepted, and the password is not printed.
+    let insecure = ["--nats".to_owned(), with_creds.clone(), "--insecure-nats-no-auth".into(), "true".into()];
+    let (ok, out, err) = check(&insecure);
+    assert!(ok, "{err}");
+    assert!(out.contains("node:***@127.0.0.1") && !out.contains("s3cret-pw"), "{out}");
+
+    // The credentials in the URL are used: the node joins a server that requires them (before,
+    // async-nats dropped them: "authorization violation").
+    let args: Vec<&str> = insecure.iter().map(String::as_str).collect();
+    let node = BrokerProc::start(&fleet, &args);
+    node.wait_metric("fleet_cluster_connected", 1.0, Duration::from_secs(5)).await;
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    let log = node.log();
+    assert!(log.contains("insecure_nats_no_auth"), "no warning at start:\n{log}");
+    assert!(!log.contains("s3cret-pw"), "the password is in the log:\n{log}");
+    // A wrong password is refused by the server, and said so.
+    let wrong = format!("nats://node:wrong@127.0.0.1:{}", open.port);
+    let out = std::process::Command::new(broker_bin())
+        .arg("--home")
+        .arg(fleet.home())
+        .args([
+            "--database-url",
+            &db,
+            "--nats",
+            &wrong,
+            "--insecure-nats-no-auth",
+            "true",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.to_lowercase().contains("authorization"), "{err}");
+    assert!(!err.contains("wrong@"), "{err}");
+}
+
+/// A CSR for a device's key that reaches the issuer on the device's topic is certified only if
+/// the broker that relayed it stamped it with a certificate in force of that device (the
+/// `fleetgate-origin` line, docs/spec/rotation.md): after `rotate X`, a CSR for the attacker's
+/// key relayed on X's topic without the stamp, or stamped with another device's certificate, is
+/// refused (`unbound`), not certified.
+#[tokio::test]
+async fn the_issuer_certifies_only_csrs_bound_to_the_askers_certificate() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let db = fleet.db.clone().unwrap();
+    let nats = bus::start(&fleet);
+    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let (x, y) = (fleet.id(0), fleet.id(1));
+    let identity = fleet.dir.path().join("issuer");
+    fleet.station().await.issuer_cert("issuer-1", &identity).await.unwrap();
+    let bins = fleet_tests::workspace_bin_dir(&["fleet-provision"]);
+    let provision = |args: &[&str]| {
+        let mut c = std::process::Command::new(bins.join("fleet-provision"));
+        c.arg("--home").arg(fleet.home()).args(["--database-url", &db]).args(args);
+        c
+    };
+    let log = fleet.dir.path().join("issuer.log");
+    let mut issuer = provision(&[
+        "serve",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--port",
+        &node.port(),
+        "--tick",
+        "1s",
+    ])
+    .env("RUST_LOG", "info")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("issuer connected") {
+        assert!(t.elapsed() < Duration::from_secs(10), "issuer did not connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_subscribed(&nats, "fleet.t.devices.*.certs.csr").await;
+    // X is due: an operator asked it to rotate.
+    assert!(provision(&["rotate", &x]).output().unwrap().status.success());
+    let mut svc = Raw::device(node.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut svc, &format!("devices/{x}/certs/+"), 1).await;
+    wait_subscribed(&nats, &format!("fleet.t.devices.{x}.certs.*")).await;
+
+    let attacker = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, x.as_str());
+    let csr = params.serialize_request(&attacker).unwrap().der().to_vec();
+    let stamped = |serial: &str| {
+        let mut p = format!("fleetgate-origin {serial}\n").into_bytes();
+        p.extend_from_slice(&csr);
+        p
+    };
+    let peer = bus::client(&nats, "n3").await;
+    let subject = format!("fleet.t.devices.{x}.certs.csr");
+    let origin = bus::relayed_from(&format!("device 01 {x}"));
+    for payload in [csr.clone(), stamped(&serial_of(&fleet, 1).await)] {
+        peer.publish_with_headers(subject.clone(), origin.clone(), payload.into()).await.unwrap();
+        peer.flush().await.unwrap();
+        let (topic, body) = issuer_answer(&mut svc).await;
+        assert_eq!(topic, format!("devices/{x}/certs/rejected"), "{}", String::from_utf8_lossy(&body));
+        assert!(body.starts_with(b"unbound:"), "{}", String::from_utf8_lossy(&body));
+    }
+    let _ = y;
+    // Nothing was issued for X.
+    let st = fleet.station().await;
+    assert_eq!(st.show(&fleet_provision::DeviceId::parse(&x).unwrap()).await.unwrap().certificates.len(), 1);
+    let _ = issuer.kill();
+    let _ = issuer.wait();
+}
+
+/// The issuer's next answer (`certs/issued` or `certs/rejected`) that `svc` sees.
+async fn issuer_answer(svc: &mut Raw) -> (String, Vec<u8>) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        match next_publish(svc, Duration::from_secs(5)).await {
+            Some(p) if p.topic.ends_with("/certs/rejected") || p.topic.ends_with("/certs/issued") => {
+                return (p.topic, p.payload.to_vec())
+            }
+            _ => {}
+        }
+    }
+    panic!("the issuer did not answer");
+}
