@@ -149,6 +149,10 @@ pub(crate) fn is_active_announcement(who: &Identity, topic: &str) -> bool {
 /// [`fleet_registry::CSR_ORIGIN`]: the issuer binds the CSR to that certificate, not to the
 /// topic alone.
 pub(crate) fn is_csr(who: &Identity, topic: &str) -> bool {
+    // On the ingest path: no allocation for the common case (telemetry).
+    if !topic.ends_with("/certs/csr") {
+        return false;
+    }
     let levels: Vec<&str> = topic.split('/').collect();
     match (who.role, levels.as_slice()) {
         (Role::Device, [DEVICES, owner, CERTS, CSR]) => *owner == who.id.as_str(),
@@ -270,6 +274,27 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_askers_own_csr_is_stamped_with_its_serial() {
+        let dev = Identity {
+            id: DeviceId::parse("dev-1").unwrap(),
+            role: Role::Device,
+            serial: SerialNumber::parse("4a0b").unwrap(),
+            not_after: 0,
+            nonce: None,
+        };
+        assert!(is_csr(&dev, "devices/dev-1/certs/csr"));
+        assert!(!is_csr(&dev, "devices/dev-2/certs/csr"));
+        assert!(!is_csr(&dev, "devices/dev-1/telemetry"));
+        assert!(!is_csr(&dev, "devices/dev-1/x/certs/csr"));
+        let claim = Identity { role: Role::Claim, nonce: Some("0123456789abcdef".into()), ..dev.clone() };
+        assert!(is_csr(&claim, "claims/dev-1/0123456789abcdef/certs/csr"));
+        assert!(!is_csr(&claim, "claims/dev-1/fedcba9876543210/certs/csr"));
+        let stamped = stamp_csr(&dev, b"\x30\x82");
+        assert!(stamped.starts_with(format!("fleetgate-origin {}\n", dev.serial.to_hex()).as_bytes()));
+        assert!(stamped.ends_with(b"\x30\x82"));
+    }
 
     fn who(id: &str, role: Role) -> Identity {
         Identity {

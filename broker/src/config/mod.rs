@@ -258,7 +258,8 @@ impl Config {
         let identity = self.nats_cert.is_some() || self.nats_creds.is_some() || password;
         let tls = self.nats_ca.is_some() || self.nats_cert.is_some() || parsed.scheme() == "tls";
         let security = NatsSecurity { tls, identity };
-        if !(tls && identity) && !self.insecure_nats_no_auth {
+        let protected = tls && identity;
+        if !protected && !self.insecure_nats_no_auth {
             let missing = match (tls, identity) {
                 (false, false) => "neither TLS nor a client identity",
                 (false, true) => "no TLS (credentials would cross the network in clear)",
