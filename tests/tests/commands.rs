@@ -439,3 +439,32 @@ async fn a_command_published_retained_is_delivered_once_and_never_retained() {
     assert!(again.is_none(), "delivered again in a new session: {again:?}");
     assert!(broker.metric("fleet_limits_total{limit=\"command_retained\"}").await >= 1.0);
 }
+
+/// In a cluster, a node also learns of revocations from the other nodes (`fleet.r`, what a
+/// node announces after seeing one in the registry). Such an announcement alone (nothing
+/// revoked in the registry, so this node's own feed reports nothing) discards the sessions the
+/// certificate parked on this node.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_nodes_revocation_announcement_discards_the_kept_session() {
+    let pg = fleet_tests::PgCluster::start();
+    let nats = fleet_tests::NatsServer::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let node = BrokerProc::start(&fleet, &["--nats", &nats.url()]);
+    let dev = fleet.id(0);
+    let mut d = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connect_session(&mut d, &dev, false).await, (true, false));
+    subscribe(&mut d, &format!("devices/{dev}/commands/#"), 1).await;
+    d.send(Packet::Disconnect).await.unwrap();
+    drop(d);
+    node.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+
+    let pem = std::fs::read_to_string(fleet.devices[0].join("cert.pem")).unwrap();
+    let der = fleet_provision::pki::pem_decode(&pem, "CERTIFICATE").unwrap();
+    let serial = fleet_provision::pki::summarize(&der).unwrap().serial.to_hex();
+    let peer = async_nats::connect(nats.url()).await.unwrap();
+    peer.publish("fleet.r", format!("{dev} {serial}").into()).await.unwrap();
+    peer.flush().await.unwrap();
+    node.wait_metric("fleet_cluster_revocations_received_total", 1.0, Duration::from_secs(3)).await;
+    node.wait_metric_at_most("fleet_sessions_parked", 0.0, Duration::from_secs(3)).await;
+    assert_eq!(node.metric("fleet_revocations_seen_total").await, 0.0, "the registry feed reported it");
+}
