@@ -12,7 +12,7 @@
 //! [`crate::watch::revoked`]). Kept sessions are capped per claim (the nonces of one claim
 //! certificate) and in total; one over a cap is not kept (`fleet_limits_total`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -31,7 +31,7 @@ pub(crate) struct Parked {
     /// Where the router keeps delivering.
     pub(crate) inbox: Arc<Inbox>,
     /// Its filters.
-    pub(crate) subs: std::collections::HashSet<String>,
+    pub(crate) subs: HashSet<String>,
     /// QoS 1 deliveries sent and not acknowledged (re-sent with DUP on resume).
     pub(crate) in_flight: Vec<Publish>,
     /// Forgotten after this.
@@ -94,6 +94,9 @@ struct Inner {
     by_key: HashMap<String, Parked>,
     /// Kept sessions per claim id.
     per_claim: HashMap<String, usize>,
+    /// Session keys by the serial that parked them: a revocation finds its sessions without
+    /// a walk over every kept session (a batch revocation reports many serials).
+    by_serial: HashMap<SerialNumber, HashSet<String>>,
 }
 
 impl Inner {
@@ -101,11 +104,18 @@ impl Inner {
         if p.claim {
             *self.per_claim.entry(p.owner.clone()).or_default() += 1;
         }
+        self.by_serial.entry(p.serial.clone()).or_default().insert(key.clone());
         self.by_key.insert(key, p);
     }
 
     fn remove(&mut self, key: &str) -> Option<Parked> {
         let p = self.by_key.remove(key)?;
+        if let Some(keys) = self.by_serial.get_mut(&p.serial) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_serial.remove(&p.serial);
+            }
+        }
         if p.claim {
             if let Some(n) = self.per_claim.get_mut(&p.owner) {
                 *n -= 1;
@@ -176,7 +186,7 @@ impl ParkedSessions {
     pub(crate) fn take_parked_by(&self, serial: &SerialNumber) -> Vec<Parked> {
         let mut m = self.lock();
         let keys: Vec<String> =
-            m.by_key.iter().filter(|(_, p)| &p.serial == serial).map(|(k, _)| k.clone()).collect();
+            m.by_serial.get(serial).map(|k| k.iter().cloned().collect()).unwrap_or_default();
         keys.iter().filter_map(|k| m.remove(k)).collect()
     }
 
@@ -296,5 +306,7 @@ mod tests {
         assert_eq!(s.take_parked_by(&old).len(), 2);
         assert_eq!(s.len(), 1);
         assert!(s.take_if_parked_by("dev-2", &new).is_some());
+        let inner = s.lock();
+        assert!(inner.by_key.is_empty() && inner.by_serial.is_empty() && inner.per_claim.is_empty());
     }
 }
