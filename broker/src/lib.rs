@@ -182,10 +182,14 @@ impl Broker {
             router: Arc::new(router::Router::new(router::RetainLimits {
                 per_device: config.max_retained_per_device,
                 total_bytes: config.max_retained_bytes,
+                issuer_bytes: config.max_retained_bytes_issuer,
             })),
             cluster,
             sessions: Default::default(),
-            parked: Default::default(),
+            parked: session::park::ParkedSessions::new(session::park::ParkLimits {
+                per_claim: config.max_parked_per_claim,
+                total: config.max_parked_sessions,
+            }),
             admissions: Default::default(),
             metrics,
             events: Default::default(),

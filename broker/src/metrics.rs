@@ -73,6 +73,8 @@ pub struct Metrics {
     pub(crate) commands_pending: IntGauge,
     /// Persistent sessions kept for clients that are away.
     pub(crate) sessions_parked: IntGauge,
+    /// Kept persistent sessions forgotten before a resume, by reason.
+    pub(crate) sessions_parked_discarded: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -124,6 +126,9 @@ impl Metrics {
         }
         for s in fleet_registry::commands::CommandStatus::ALL {
             self.commands.with_label_values(&[s.as_str()]);
+        }
+        for d in crate::session::park::Discard::ALL {
+            self.sessions_parked_discarded.with_label_values(&[d.label()]);
         }
         for b in crate::outcome::BusRefusal::ALL {
             self.cluster_refused.with_label_values(&[b.label()]);
@@ -220,6 +225,11 @@ impl Metrics {
             commands: cv("commands_total", "Queued-command status transitions", &["status"]),
             commands_pending: g("commands_pending", "Commands not yet acknowledged, expired or dropped"),
             sessions_parked: g("sessions_parked", "Persistent sessions kept while their clients are away"),
+            sessions_parked_discarded: cv(
+                "parked_sessions_discarded_total",
+                "Kept persistent sessions forgotten before a resume (clean start, other certificate, revoked, expired)",
+                &["reason"],
+            ),
             registry: r,
         }
     }
@@ -246,6 +256,11 @@ impl Metrics {
             CloseCounter::Protocol => self.protocol_errors.with_label_values(&[why.label()]).inc(),
             CloseCounter::None => {}
         }
+    }
+
+    /// A kept persistent session forgotten.
+    pub(crate) fn parked_discarded(&self, why: crate::session::park::Discard) {
+        self.sessions_parked_discarded.with_label_values(&[why.label()]).inc();
     }
 
     /// A cap hit.
@@ -295,17 +310,29 @@ pub(crate) enum Limit {
     RetainedBytes,
     /// Messages queued for one session.
     QueuedMessages,
+    /// Persistent sessions kept for one claim certificate's nonces.
+    ParkedPerClaim,
+    /// Persistent sessions kept in the broker.
+    ParkedTotal,
+    /// A command published with the retain flag (stripped: commands are never retained).
+    CommandRetained,
+    /// A device or claim session over its publish rate (messages or bytes per second): waited.
+    PublishRate,
 }
 
 impl Limit {
     /// Every cap.
-    pub(crate) const ALL: [Limit; 6] = [
+    pub(crate) const ALL: [Limit; 10] = [
         Self::Topic,
         Self::Subscriptions,
         Self::PerSource,
         Self::RetainedPerDevice,
         Self::RetainedBytes,
         Self::QueuedMessages,
+        Self::ParkedPerClaim,
+        Self::ParkedTotal,
+        Self::CommandRetained,
+        Self::PublishRate,
     ];
 
     /// Metric label.
@@ -317,6 +344,10 @@ impl Limit {
             Self::RetainedPerDevice => "retained_per_device",
             Self::RetainedBytes => "retained_bytes",
             Self::QueuedMessages => "queued_messages",
+            Self::ParkedPerClaim => "parked_per_claim",
+            Self::ParkedTotal => "parked_total",
+            Self::CommandRetained => "command_retained",
+            Self::PublishRate => "publish_rate",
         }
     }
 }

@@ -8,6 +8,10 @@
 //! Retained messages are indexed the same way, so a device's SUBSCRIBE (always to its own
 //! literal `devices/<id>/...`) looks only at that device's retained messages. They are capped per
 //! device and in bytes for the whole broker ([`RetainLimits`]); a revoked device's are cleared.
+//!
+//! The issuer's retained messages (`devices/<id>/certs/rotate`, operator-forced rotation) count
+//! against a budget of their own ([`RetainBudget::Issuer`]): devices that fill theirs cannot
+//! stop a rotation, and they do not count toward the device's per-device cap.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,9 +41,43 @@ struct Inner {
     /// only its own entries, never a scan of other sessions' subscriptions.
     by_conn: HashMap<u64, std::collections::HashSet<(String, String)>>,
     /// Retained messages by device-id level, then topic.
-    retained: HashMap<String, HashMap<String, Publish>>,
-    /// Topic + payload bytes of every retained message.
-    retained_bytes: usize,
+    retained: HashMap<String, HashMap<String, Retained>>,
+    /// Topic + payload bytes of every retained message, per budget ([`RetainBudget::index`]).
+    retained_bytes: [usize; 2],
+}
+
+/// A retained message and the budget it counts against.
+#[derive(Debug, Clone)]
+struct Retained {
+    publish: Publish,
+    budget: RetainBudget,
+}
+
+/// Whose budget a retained message counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetainBudget {
+    /// Devices' and services' (`max_retained_per_device`, `max_retained_bytes`).
+    Clients,
+    /// The online issuer's (`max_retained_bytes_issuer`; no per-device count).
+    Issuer,
+}
+
+impl RetainBudget {
+    /// The budget of a publisher of this role.
+    pub(crate) fn of(role: fleet_registry::Role) -> Self {
+        if role == fleet_registry::Role::Issuer {
+            Self::Issuer
+        } else {
+            Self::Clients
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::Clients => 0,
+            Self::Issuer => 1,
+        }
+    }
 }
 
 /// Caps on retained messages.
@@ -49,11 +87,22 @@ pub(crate) struct RetainLimits {
     pub(crate) per_device: usize,
     /// Topic + payload bytes in total.
     pub(crate) total_bytes: usize,
+    /// Topic + payload bytes of the issuer's retained messages.
+    pub(crate) issuer_bytes: usize,
+}
+
+impl RetainLimits {
+    fn bytes(&self, budget: RetainBudget) -> usize {
+        match budget {
+            RetainBudget::Clients => self.total_bytes,
+            RetainBudget::Issuer => self.issuer_bytes,
+        }
+    }
 }
 
 impl Default for RetainLimits {
     fn default() -> Self {
-        Self { per_device: 16, total_bytes: 16 << 20 }
+        Self { per_device: 16, total_bytes: 16 << 20, issuer_bytes: 4 << 20 }
     }
 }
 
@@ -162,11 +211,15 @@ impl Router {
             .entry(key.to_owned())
             .or_default()
             .insert((conn_id, filter.to_owned()), Sub { qos, inbox });
-        let retained: Box<dyn Iterator<Item = &HashMap<String, Publish>>> = match key {
+        let retained: Box<dyn Iterator<Item = &HashMap<String, Retained>>> = match key {
             "" => Box::new(inner.retained.values()),
             key => Box::new(inner.retained.get(key).into_iter()),
         };
-        retained.flat_map(|m| m.values()).filter(|p| matches(filter, &p.topic)).cloned().collect()
+        retained
+            .flat_map(|m| m.values())
+            .filter(|r| matches(filter, &r.publish.topic))
+            .map(|r| r.publish.clone())
+            .collect()
     }
 
     /// Drops every retained message under `devices/<device>/` (a revoked device's). Returns how
@@ -174,7 +227,9 @@ impl Router {
     pub(crate) fn clear_retained(&self, device: &str) -> usize {
         let mut inner = lock(&self.inner);
         let Some(gone) = inner.retained.remove(device) else { return 0 };
-        inner.retained_bytes -= gone.values().map(retained_size).sum::<usize>();
+        for r in gone.values() {
+            inner.retained_bytes[r.budget.index()] -= retained_size(&r.publish);
+        }
         gone.len()
     }
 
@@ -199,12 +254,17 @@ impl Router {
         filters
     }
 
-    /// Delivers to every matching subscription (once per connection); keeps it if retained.
-    /// A retained message over a cap is refused whole: not kept, not delivered.
-    pub(crate) fn route(&self, publish: &Publish, metrics: &Metrics) -> Result<(), RetainRefused> {
+    /// Delivers to every matching subscription (once per connection); keeps it if retained,
+    /// against `budget`. A retained message over a cap is refused whole: not kept, not delivered.
+    pub(crate) fn route(
+        &self,
+        publish: &Publish,
+        budget: RetainBudget,
+        metrics: &Metrics,
+    ) -> Result<(), RetainRefused> {
         let mut inner = lock(&self.inner);
         if publish.retain {
-            self.retain(&mut inner, key_of(&publish.topic), publish)?;
+            self.retain(&mut inner, key_of(&publish.topic), publish, budget)?;
         }
         deliver(&inner, publish, metrics);
         Ok(())
@@ -215,11 +275,21 @@ impl Router {
         deliver(&lock(&self.inner), publish, metrics);
     }
 
-    fn retain(&self, inner: &mut Inner, key: &str, publish: &Publish) -> Result<(), RetainRefused> {
-        let old = inner.retained.get(key).and_then(|m| m.get(&publish.topic)).map(retained_size);
+    fn retain(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        publish: &Publish,
+        budget: RetainBudget,
+    ) -> Result<(), RetainRefused> {
+        let old = inner
+            .retained
+            .get(key)
+            .and_then(|m| m.get(&publish.topic))
+            .map(|r| (r.budget, retained_size(&r.publish)));
         if publish.payload.is_empty() {
-            if let Some(old) = old {
-                inner.retained_bytes -= old;
+            if let Some((was, size)) = old {
+                inner.retained_bytes[was.index()] -= size;
                 if let Some(m) = inner.retained.get_mut(key) {
                     m.remove(&publish.topic);
                     if m.is_empty() {
@@ -229,18 +299,31 @@ impl Router {
             }
             return Ok(());
         }
-        let count = inner.retained.get(key).map_or(0, HashMap::len);
-        if old.is_none() && count >= self.limits.per_device {
-            return Err(RetainRefused::PerDevice);
+        if budget == RetainBudget::Clients {
+            let count = inner
+                .retained
+                .get(key)
+                .map_or(0, |m| m.values().filter(|r| r.budget == RetainBudget::Clients).count());
+            if old.is_none_or(|(was, _)| was != budget) && count >= self.limits.per_device {
+                return Err(RetainRefused::PerDevice);
+            }
         }
-        let bytes = inner.retained_bytes - old.unwrap_or(0) + retained_size(publish);
-        if bytes > self.limits.total_bytes {
+        let freed = old.filter(|(was, _)| *was == budget).map_or(0, |(_, size)| size);
+        let bytes = inner.retained_bytes[budget.index()] - freed + retained_size(publish);
+        if bytes > self.limits.bytes(budget) {
             return Err(RetainRefused::TotalBytes);
         }
-        inner.retained_bytes = bytes;
+        if let Some((was, size)) = old.filter(|(was, _)| *was != budget) {
+            inner.retained_bytes[was.index()] -= size;
+        }
+        inner.retained_bytes[budget.index()] = bytes;
         let mut kept = publish.clone();
         kept.dup = false;
-        inner.retained.entry(key.to_owned()).or_default().insert(publish.topic.clone(), kept);
+        inner
+            .retained
+            .entry(key.to_owned())
+            .or_default()
+            .insert(publish.topic.clone(), Retained { publish: kept, budget });
         Ok(())
     }
 }
@@ -257,7 +340,7 @@ mod tests {
     fn a_closed_connection_gets_nothing_and_leaves_nothing_behind() {
         let router = Router::default();
         let metrics = Metrics::new();
-        let route = |p: &Publish| router.route(p, &metrics).expect("not retained");
+        let route = |p: &Publish| router.route(p, RetainBudget::Clients, &metrics).expect("not retained");
         let (rx1, rx2) = (Arc::new(Inbox::new(8)), Arc::new(Inbox::new(8)));
         router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, rx1.clone());
         router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, rx1.clone());
@@ -286,24 +369,51 @@ mod tests {
 
     #[test]
     fn retained_messages_are_capped_per_device_and_in_bytes_and_cleared() {
-        let router = Router::new(RetainLimits { per_device: 2, total_bytes: 100 });
+        let router = Router::new(RetainLimits { per_device: 2, total_bytes: 100, issuer_bytes: 100 });
         let m = Metrics::new();
-        assert_eq!(router.route(&retained("devices/a/s1", b"x"), &m), Ok(()));
-        assert_eq!(router.route(&retained("devices/a/s2", b"x"), &m), Ok(()));
-        assert_eq!(router.route(&retained("devices/a/s3", b"x"), &m), Err(RetainRefused::PerDevice));
+        assert_eq!(router.route(&retained("devices/a/s1", b"x"), RetainBudget::Clients, &m), Ok(()));
+        assert_eq!(router.route(&retained("devices/a/s2", b"x"), RetainBudget::Clients, &m), Ok(()));
+        assert_eq!(
+            router.route(&retained("devices/a/s3", b"x"), RetainBudget::Clients, &m),
+            Err(RetainRefused::PerDevice)
+        );
         // Replacing an existing topic is no new entry.
-        assert_eq!(router.route(&retained("devices/a/s1", b"y"), &m), Ok(()));
-        assert_eq!(router.route(&retained("devices/b/big", &[0u8; 90]), &m), Err(RetainRefused::TotalBytes));
-        assert_eq!(router.route(&retained("devices/b/ok", &[0u8; 50]), &m), Ok(()));
+        assert_eq!(router.route(&retained("devices/a/s1", b"y"), RetainBudget::Clients, &m), Ok(()));
+        assert_eq!(
+            router.route(&retained("devices/b/big", &[0u8; 90]), RetainBudget::Clients, &m),
+            Err(RetainRefused::TotalBytes)
+        );
+        assert_eq!(router.route(&retained("devices/b/ok", &[0u8; 50]), RetainBudget::Clients, &m), Ok(()));
         // Only the device's own retained messages are looked at for its literal filter.
         let inbox = Arc::new(Inbox::new(8));
         assert_eq!(router.subscribe(1, "devices/a/#", QoS::AtMostOnce, inbox.clone()).len(), 2);
         assert_eq!(router.subscribe(2, "devices/+/#", QoS::AtMostOnce, inbox).len(), 3);
         assert_eq!(router.clear_retained("a"), 2);
-        assert_eq!(lock(&router.inner).retained_bytes, "devices/b/ok".len() + 50);
+        assert_eq!(lock(&router.inner).retained_bytes, ["devices/b/ok".len() + 50, 0]);
         // An empty retained payload deletes.
-        assert_eq!(router.route(&retained("devices/b/ok", b""), &m), Ok(()));
+        assert_eq!(router.route(&retained("devices/b/ok", b""), RetainBudget::Clients, &m), Ok(()));
         let inner = lock(&router.inner);
-        assert!(inner.retained.is_empty() && inner.retained_bytes == 0, "{inner:?}");
+        assert!(inner.retained.is_empty() && inner.retained_bytes == [0, 0], "{inner:?}");
+    }
+
+    #[test]
+    fn devices_filling_their_retained_budget_leave_the_issuers_alone() {
+        let router = Router::new(RetainLimits { per_device: 2, total_bytes: 100, issuer_bytes: 100 });
+        let m = Metrics::new();
+        let clients = |p: &Publish| router.route(p, RetainBudget::Clients, &m);
+        assert_eq!(clients(&retained("devices/a/s1", &[0u8; 70])), Ok(()));
+        assert_eq!(clients(&retained("devices/a/s2", b"x")), Ok(()));
+        assert_eq!(clients(&retained("devices/b/s1", &[0u8; 50])), Err(RetainRefused::TotalBytes));
+        // Full on both counts for device a, and in bytes: the issuer's rotate still goes in.
+        let rotate = retained("devices/a/certs/rotate", b"rotate");
+        assert_eq!(router.route(&rotate, RetainBudget::Issuer, &m), Ok(()));
+        let inbox = Arc::new(Inbox::new(8));
+        let got = router.subscribe(1, "devices/a/certs/+", QoS::AtMostOnce, inbox);
+        assert_eq!(got.iter().map(|p| p.topic.as_str()).collect::<Vec<_>>(), ["devices/a/certs/rotate"]);
+        // Withdrawn with an empty payload; its bytes go back to the issuer's budget.
+        assert_eq!(router.route(&retained("devices/a/certs/rotate", b""), RetainBudget::Issuer, &m), Ok(()));
+        assert_eq!(lock(&router.inner).retained_bytes[1], 0);
+        assert_eq!(router.clear_retained("a"), 2);
+        assert_eq!(lock(&router.inner).retained_bytes, [0, 0]);
     }
 }

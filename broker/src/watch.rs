@@ -45,12 +45,18 @@ pub(crate) async fn revocations(shared: Arc<Shared>, mut feed: RevocationFeed) {
     }
 }
 
-/// A certificate was revoked: forget its cached verdict, cut its session, clear its device's
-/// retained messages. Idempotent (the registry feed and other nodes may both report it).
+/// A certificate was revoked: forget its cached verdict, cut its session, discard the
+/// persistent sessions it parked, clear its device's retained messages. Idempotent (the registry
+/// feed and other nodes may both report it).
 pub(crate) fn revoked(shared: &Shared, device: &DeviceId, serial: &SerialNumber) {
     shared.admissions.revoked(serial);
     if shared.sessions.kick_serial(device, serial) {
         info!(%device, %serial, "revoked: cutting live session");
+    }
+    // After `kick_serial` recorded the serial: a session parking concurrently sees the mark.
+    let parked = crate::session::park::revoked(shared, serial);
+    if parked > 0 {
+        info!(%device, %serial, parked, "revoked: kept persistent sessions discarded");
     }
     let cleared = shared.router.clear_retained(device.as_str());
     if cleared > 0 {

@@ -262,7 +262,7 @@ pub fn issue_client(
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    finish(p, public_key, &ca.issuer, serial)
+    finish(p, public_key, &ca.issuer)
 }
 
 /// Issues a cluster-bus identity (EKU clientAuth, SAN URI `uri`, e.g.
@@ -286,7 +286,7 @@ pub fn issue_bus_client(
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    finish(p, key, &ca.issuer, serial)
+    finish(p, key, &ca.issuer)
 }
 
 /// Issues a broker certificate (EKU serverAuth) for DNS names and IP addresses.
@@ -314,20 +314,23 @@ pub fn issue_server(
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let serial = SerialNumber::random();
-    finish(p, key, &ca.issuer, serial)
+    finish(p, key, &ca.issuer)
 }
 
+/// Signs `p`. The serial returned (printed, recorded in the registry, written to the issuance
+/// log) is read back from the signed certificate, never carried beside it: a serial chosen
+/// apart from the certificate once was printed and logged while the certificate held another.
 fn finish(
     p: CertificateParams,
     public_key: &impl PublicKeyData,
     issuer: &Issuer<'_, KeyPair>,
-    serial: SerialNumber,
 ) -> Result<IssuedCert> {
     let not_before = p.not_before.unix_timestamp();
     let not_after = p.not_after.unix_timestamp();
     let cert = p.signed_by(public_key, issuer)?;
-    Ok(IssuedCert { serial, der: cert.der().to_vec(), pem: cert.pem(), not_before, not_after })
+    let der = cert.der().to_vec();
+    let serial = summarize(&der)?.serial;
+    Ok(IssuedCert { serial, der, pem: cert.pem(), not_before, not_after })
 }
 
 /// A CSR that passed the device profile: its public key and the id it asks for.
@@ -527,6 +530,27 @@ mod tests {
         assert_eq!(pem_decode(&two, "B").as_deref(), Some(&b"second"[..]));
         assert_eq!(pem_decode(&two, "C"), None);
         assert_eq!(pem_decode("no pem here", "A"), None);
+    }
+
+    #[test]
+    fn every_issued_serial_is_the_certificates_own() {
+        let at = OffsetDateTime::now_utc();
+        let life = Lifetimes::default();
+        let h = create_hierarchy("Serial Test", &life, at).expect("hierarchy");
+        let server_ca = LoadedCa::from_pem(&h.server_ca.cert_pem, &h.server_ca.key_pem).expect("server CA");
+        let device_ca = LoadedCa::from_pem(&h.device_ca.cert_pem, &h.device_ca.key_pem).expect("device CA");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let server =
+            issue_server(&server_ca, &["localhost".into()], &[], &key, life.server, at).expect("server cert");
+        assert_eq!(server.serial, summarize(&server.der).expect("parses").serial);
+        let id = DeviceId::parse("dev-0a1b2c3d4e5f").expect("id");
+        for role in [Role::Device, Role::Service, Role::Issuer, Role::Claim, Role::Operator] {
+            let wanted = SerialNumber::random();
+            let c =
+                issue_client(&device_ca, &id, role, &key, life.client, at, wanted.clone()).expect("client");
+            assert_eq!(c.serial, summarize(&c.der).expect("parses").serial, "{role:?}");
+            assert_eq!(c.serial, wanted, "{role:?}");
+        }
     }
 
     #[test]

@@ -406,8 +406,11 @@ impl Station {
         renewed: bool,
         at: OffsetDateTime,
     ) -> Result<()> {
-        let detail =
-            serde_json::json!({ "dns": dns, "ip": ips, "not_after": cert.not_after, "renewed": renewed });
+        // The certificate itself (DER, hex): `verify-log` checks the logged serial against it.
+        let detail = serde_json::json!({
+            "dns": dns, "ip": ips, "not_after": cert.not_after, "renewed": renewed,
+            "cert_der": hex::encode(&cert.der),
+        });
         self.registry
             .log_event(
                 "server-cert",

@@ -681,3 +681,196 @@ fn list_expiring_within_names_the_devices_to_rotate() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(2) && err.contains("unit is d, h, m or s"), "{err}");
 }
+
+/// Rows of a query on the SQLite registry, every column as text.
+fn sqlite_rows(st: &Station, sql: &str) -> Vec<Vec<String>> {
+    use sqlx::Row;
+    let url = format!("sqlite://{}", st.home().join("registry.db").display());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        let rows = sqlx::query(sql).fetch_all(&pool).await.unwrap();
+        let out = rows
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        r.try_get::<String, _>(i)
+                            .or_else(|_| r.try_get::<i64, _>(i).map(|n| n.to_string()))
+                            .unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        pool.close().await;
+        out
+    })
+}
+
+/// `openssl x509 -serial` of the first certificate in a PEM file, lowercase hex.
+fn openssl_serial(cert: &Path) -> String {
+    let out = openssl_text(&["x509", "-in", s(cert), "-noout", "-serial"]);
+    out.trim().trim_start_matches("serial=").to_lowercase()
+}
+
+/// The word after `serial ` in a CLI line.
+fn printed_serial(out: &str) -> String {
+    let at = out.find("serial ").unwrap_or_else(|| panic!("no serial printed: {out}")) + "serial ".len();
+    out[at..].split(|c: char| !c.is_ascii_hexdigit()).next().unwrap().to_lowercase()
+}
+
+/// The serials the issuance log recorded for `event` entries of `subject`, oldest first.
+fn logged_serials(st: &Station, event: &str, subject: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT serial FROM issuance_log WHERE event = '{event}' AND device_id = '{subject}' ORDER BY seq"
+    );
+    sqlite_rows(st, &sql).into_iter().map(|mut r| r.remove(0)).collect()
+}
+
+/// Every certificate the station issues, of every role, is printed, recorded in the registry and
+/// written to the issuance log with the serial OpenSSL reads from the certificate itself. The
+/// broker certificate's printed and logged serial was once a random number never put into it.
+#[test]
+fn every_role_prints_records_and_logs_the_certificates_own_serial() {
+    let st = Station::new(None);
+    st.ok(&["init", "--org", "Acme Test"]);
+    let broker = st.path("broker");
+    let said = st.ok(&["server-cert", "--dns", "localhost", "--out", s(&broker)]);
+    let own = openssl_serial(&broker.join("cert.pem"));
+    assert_eq!(printed_serial(&said), own, "server-cert printed another serial than its certificate's");
+    assert_eq!(
+        logged_serials(&st, "server-cert", "localhost"),
+        std::slice::from_ref(&own),
+        "server-cert log entry"
+    );
+    let said = st.ok(&["server-cert", "--renew", "--out", s(&broker)]);
+    let renewed = openssl_serial(&broker.join("cert.pem"));
+    assert_eq!(printed_serial(&said), renewed, "server-cert --renew");
+    assert_eq!(logged_serials(&st, "server-cert", "localhost"), [own, renewed]);
+
+    // Client roles: printed, registry (`show`), log (`issue` entry), certificate.
+    let check = |id: &str, said: &str, cert: &Path| {
+        let own = openssl_serial(cert);
+        assert_eq!(printed_serial(said), own, "{id}: printed serial");
+        let shown = show(&st, id);
+        let recorded: Vec<&str> =
+            shown["certificates"].as_array().unwrap().iter().map(|c| c["serial"].as_str().unwrap()).collect();
+        assert!(recorded.contains(&own.as_str()), "{id}: registry serials {recorded:?}, certificate {own}");
+        assert_eq!(logged_serials(&st, "issue", id).last(), Some(&own), "{id}: logged serial");
+    };
+    let said = st.ok(&["service-cert", "--name", "backend", "--out", s(&st.path("svc"))]);
+    check("backend", &said, &st.path("svc/cert.pem"));
+    let said = st.ok(&["issuer-cert", "--name", "issuer-1", "--out", s(&st.path("iss"))]);
+    check("issuer-1", &said, &st.path("iss/cert.pem"));
+    let said = st.ok(&[
+        "operator-cert",
+        "--name",
+        "alice",
+        "--p12-password",
+        "secret-pw",
+        "--out",
+        s(&st.path("op")),
+    ]);
+    check("alice", &said, &st.path("op/cert.pem"));
+    let said = st.ok(&["claim-cert", "--name", "batch-1", "--quota", "5", "--out", s(&st.path("claim"))]);
+    check("batch-1", &said, &st.path("claim/cert.pem"));
+    let devices = st.path("devices");
+    let said = st.ok(&["mint", "--count", "1", "--out", s(&devices)]);
+    let dev = device_dirs(&devices).remove(0);
+    check(&name_of(&dev), &said, &dev.join("cert.pem"));
+    let (_, csr) = ec_csr(&st, "csr", "/CN=csr-device-1");
+    let signed = st.path("signed.pem");
+    let said = st.ok(&["sign-csr", "--csr", s(&csr), "--out", s(&signed)]);
+    check("csr-device-1", &said, &signed);
+    let (_, csr) = ec_csr(&st, "rekey", "/CN=csr-device-1");
+    let rekeyed = st.path("rekeyed.pem");
+    let said = st.ok(&["rekey", "csr-device-1", "--csr", s(&csr), "--out", s(&rekeyed)]);
+    check("csr-device-1", said.lines().next().unwrap(), &rekeyed);
+    let renewed = st.path("renewed.pem");
+    let said = st.ok(&["renew", "csr-device-1", "--out", s(&renewed)]);
+    check("csr-device-1", &said, &renewed);
+    st.ok(&["verify-log"]);
+}
+
+/// Rewrites the serial of log entry `seq` (and of the registry row, if any) to `to`, then
+/// recomputes the hash chain and the anchor as an attacker with the database would: only the
+/// serial / certificate mismatch remains.
+fn rewrite_logged_serial(st: &Station, seq: i64, to: &str) {
+    use sha2::{Digest, Sha256};
+    let from =
+        sqlite_rows(st, &format!("SELECT serial FROM issuance_log WHERE seq = {seq}")).remove(0).remove(0);
+    sqlite_exec(st, &format!("UPDATE issuance_log SET serial = '{to}' WHERE seq = {seq}"));
+    sqlite_exec(st, &format!("UPDATE certificates SET serial = '{to}' WHERE serial = '{from}'"));
+    let rows =
+        sqlite_rows(st, "SELECT seq, at, event, device_id, serial, detail FROM issuance_log ORDER BY seq");
+    let mut prev = "0".repeat(64);
+    for r in rows {
+        let mut h = Sha256::new();
+        for part in [&prev, &r[0], &r[1], &r[2], &r[3], &r[4], &r[5]] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        let hash = hex::encode(h.finalize());
+        sqlite_exec(
+            st,
+            &format!("UPDATE issuance_log SET prev_hash = '{prev}', hash = '{hash}' WHERE seq = {}", r[0]),
+        );
+        sqlite_exec(st, &format!("UPDATE log_anchor SET hash = '{hash}' WHERE id = 1"));
+        prev = hash;
+    }
+}
+
+/// A log (and registry) rewritten so that an entry names a serial its certificate does not hold
+/// (a CRL listing that serial would not revoke the certificate) fails `verify-log`, for the
+/// broker certificate's entry and for every client role's, though the hash chain is intact.
+#[test]
+fn a_logged_serial_that_is_not_the_certificates_own_fails_verify_log() {
+    let setup = || {
+        let st = Station::new(None);
+        st.init();
+        st.mint(1);
+        st.ok(&["service-cert", "--name", "backend", "--out", s(&st.path("svc"))]);
+        st.ok(&["issuer-cert", "--name", "issuer-1", "--out", s(&st.path("iss"))]);
+        st.ok(&[
+            "operator-cert",
+            "--name",
+            "alice",
+            "--p12-password",
+            "secret-pw",
+            "--out",
+            s(&st.path("op")),
+        ]);
+        st.ok(&["claim-cert", "--name", "batch-1", "--quota", "5", "--out", s(&st.path("claim"))]);
+        st.ok(&["verify-log"]);
+        st
+    };
+    let forged = "4a0b0c0d0e0f10111213141516171819";
+    let probe = setup();
+    let entries = sqlite_rows(
+        &probe,
+        "SELECT seq, event, detail FROM issuance_log WHERE event IN ('server-cert', 'issue') ORDER BY seq",
+    );
+    let mut roles = std::collections::BTreeSet::new();
+    for e in entries {
+        let role = if e[1] == "server-cert" {
+            "server".to_owned()
+        } else {
+            serde_json::from_str::<serde_json::Value>(&e[2]).unwrap()["role"].as_str().unwrap().to_owned()
+        };
+        roles.insert(role.clone());
+        let st = setup();
+        let seq: i64 = e[0].parse().unwrap();
+        rewrite_logged_serial(&st, seq, forged);
+        let err = st.fails(&["verify-log"]);
+        assert!(
+            err.contains("issuance log verification failed")
+                && err.contains(forged)
+                && (err.contains("holds") || err.contains("own serial")),
+            "{role} (entry {seq}): {err}"
+        );
+    }
+    let want: std::collections::BTreeSet<String> =
+        ["server", "device", "service", "issuer", "operator", "claim"].map(String::from).into();
+    assert_eq!(roles, want);
+}

@@ -5,6 +5,13 @@
 //! notAfter) and its `revoke` entry (status, time, reason); every device row with its first
 //! `issue` entry (role) and its `revoke-device` entry. Editing or deleting any entry breaks the
 //! chain or the anchor; editing a row is reported as a disagreement.
+//!
+//! Serials are checked against the certificates themselves: the serial of every certificate row
+//! (which its `issue` entry names and whose bytes that entry's digest covers) must be the one
+//! inside its DER, and a `server-cert` entry that carries its certificate must name that
+//! certificate's serial. A log and registry rewritten to a serial the certificate does not hold
+//! (a CRL listing that serial would not revoke the certificate) is a disagreement even with the
+//! hash chain recomputed.
 
 use std::collections::HashMap;
 
@@ -41,6 +48,13 @@ struct Revoked {
     reason: String,
 }
 
+/// The serial inside a DER certificate, lowercase hex as the registry keys it; `None` if the
+/// bytes are not a certificate.
+fn der_serial(der: &[u8]) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
+    crate::SerialNumber::from_bytes(x509.raw_serial()).map(|s| s.to_hex())
+}
+
 fn detail_json(seq: i64, detail: &str) -> Result<serde_json::Value> {
     serde_json::from_str(detail).map_err(|_| Error::LogTampered(format!("entry {seq} detail is not JSON")))
 }
@@ -58,6 +72,7 @@ impl Registry {
         let mut revoked: HashMap<String, Revoked> = HashMap::new();
         let mut roles: HashMap<String, String> = HashMap::new();
         let mut device_revocations: HashMap<String, (i64, String)> = HashMap::new();
+        let mut server_mismatches = Vec::new();
         for (i, r) in rows.iter().enumerate() {
             let seq: i64 = r.try_get(0)?;
             let expected_seq = i as i64 + 1;
@@ -101,6 +116,19 @@ impl Registry {
                     let reason = d["reason"].as_str().unwrap_or_default().to_owned();
                     revoked.insert(serial.clone(), Revoked { seq, at: e.at, reason });
                 }
+                "server-cert" => {
+                    // Entries written before the certificate was logged carry none to check.
+                    let d = detail_json(seq, &e.detail)?;
+                    if let Some(h) = d["cert_der"].as_str() {
+                        let inside = hex::decode(h).ok().and_then(|der| der_serial(&der));
+                        if inside.as_deref() != Some(serial.as_str()) {
+                            server_mismatches.push(format!(
+                                "entry {seq} (server-cert) names serial {serial} but its certificate holds {}",
+                                inside.as_deref().unwrap_or("no readable serial")
+                            ));
+                        }
+                    }
+                }
                 "revoke-device" => {
                     let d = detail_json(seq, &e.detail)?;
                     let reason = d["reason"].as_str().unwrap_or_default().to_owned();
@@ -123,7 +151,7 @@ impl Registry {
                 anchor.0
             )));
         }
-        let mut bad = Vec::new();
+        let mut bad = server_mismatches;
         let certs = sqlx::query(
             "SELECT serial, device_id, cert_der, revoked_seq, status, revoked_at, revocation_reason, not_after \
              FROM certificates",
@@ -145,6 +173,13 @@ impl Registry {
                 bad.push(format!("certificate {serial} has no issue entry in the log"));
                 continue;
             };
+            let inside = der_serial(&der);
+            if inside.as_deref() != Some(serial.as_str()) {
+                bad.push(format!(
+                    "certificate {serial}: the certificate's own serial is {} (serial rewritten?)",
+                    inside.as_deref().unwrap_or("unreadable")
+                ));
+            }
             if issue.device_id != owner || issue.digest != cert_digest(&der) {
                 bad.push(format!("certificate {serial} differs from what the log recorded (owner or bytes)"));
             }

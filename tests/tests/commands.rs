@@ -353,3 +353,126 @@ async fn mosquitto_sub_with_a_persistent_session_gets_what_was_published_while_a
         String::from_utf8_lossy(&back.stderr)
     );
 }
+
+// ---- persistent sessions of revoked devices; retained commands ----
+
+/// A stolen device certificate parks a session (clean session = 0) subscribed to the device's
+/// commands; the operator revokes the device. The kept session, and its subscription in the
+/// router, goes within a couple of seconds, not after `session_expiry_secs` (24 h): nothing
+/// routed to the device is queued for the revoked certificate any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_devices_kept_session_is_discarded_at_once() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let dev = fleet.id(0);
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connect_session(&mut d, &dev, false).await, (true, false));
+    subscribe(&mut d, &format!("devices/{dev}/commands/#"), 1).await;
+    d.send(Packet::Disconnect).await.unwrap();
+    drop(d);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+
+    fleet.revoke(0).await;
+    broker.wait_metric("fleet_revocations_seen_total", 1.0, Duration::from_secs(5)).await;
+    broker.wait_metric_at_most("fleet_sessions_parked", 0.0, Duration::from_secs(3)).await;
+    // Its subscription left the router: a QoS 0 command (routed, not queued) reaches no one.
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert!(connect_session(&mut svc, "backend", true).await.0);
+    let before = broker.metric("fleet_messages_delivered_total").await;
+    let p = Publish::new(format!("devices/{dev}/commands/unlock"), QoS::AtMostOnce, b"1".to_vec());
+    svc.send(Packet::Publish(p)).await.unwrap();
+    svc.send(Packet::PingReq).await.unwrap();
+    assert!(matches!(svc.recv(Duration::from_secs(5)).await, Some(Packet::PingResp)));
+    assert_eq!(
+        broker.metric("fleet_messages_delivered_total").await,
+        before,
+        "delivered to a revoked session"
+    );
+}
+
+/// A service publishes a command with the retain flag. It is queued (delivered once, settled by
+/// the device's PUBACK) but never retained: after the acknowledgement a new SUBSCRIBE, or a new
+/// session, brings nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_published_retained_is_delivered_once_and_never_retained() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut svc = service(&broker, &fleet).await;
+    let mut seen = Seen::new();
+    let dev = fleet.id(0);
+    let topic = format!("devices/{dev}/commands/open-valve");
+    let mut p = Publish::new(&topic, QoS::AtLeastOnce, b"now".to_vec());
+    p.pkid = 7;
+    p.retain = true;
+    svc.send(Packet::Publish(p)).await.unwrap();
+    loop {
+        match svc.recv(Duration::from_secs(5)).await {
+            Some(Packet::PubAck(a)) if a.pkid == 7 => break,
+            Some(Packet::Publish(p)) => record(&mut svc, &p, &mut seen).await,
+            Some(_) => continue,
+            None => panic!("no PUBACK for the retained command"),
+        }
+    }
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(connect_session(&mut d, &dev, true).await.0);
+    subscribe(&mut d, &format!("devices/{dev}/commands/#"), 1).await;
+    let cmd = next_publish(&mut d, Duration::from_secs(5)).await.expect("the queued command");
+    assert_eq!((cmd.topic.as_str(), cmd.retain), (topic.as_str(), false));
+    d.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(cmd.pkid))).await.unwrap();
+    let settled = statuses(&mut svc, &mut seen, Duration::from_millis(1500)).await;
+    assert!(settled.iter().any(|s| s.0 == "open-valve" && s.1 == "acknowledged"), "{settled:?}");
+    // Nothing else came with the first SUBSCRIBE (a retained copy would have).
+    assert!(next_publish(&mut d, Duration::from_millis(500)).await.is_none(), "a second copy");
+    // A new SUBSCRIBE, and a new session, bring nothing.
+    let mut unsub = rumqttc::mqttbytes::v4::Unsubscribe::new(format!("devices/{dev}/commands/#"));
+    unsub.pkid = 2;
+    d.send(Packet::Unsubscribe(unsub)).await.unwrap();
+    assert!(matches!(d.recv(Duration::from_secs(3)).await, Some(Packet::UnsubAck(_))));
+    subscribe(&mut d, &format!("devices/{dev}/commands/#"), 3).await;
+    let again = next_publish(&mut d, Duration::from_secs(1)).await;
+    assert!(again.is_none(), "delivered again on SUBSCRIBE: {again:?}");
+    drop(d);
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(connect_session(&mut d, &dev, true).await.0);
+    subscribe(&mut d, &format!("devices/{dev}/commands/#"), 1).await;
+    let again = next_publish(&mut d, Duration::from_secs(1)).await;
+    assert!(again.is_none(), "delivered again in a new session: {again:?}");
+    assert!(broker.metric("fleet_limits_total{limit=\"command_retained\"}").await >= 1.0);
+}
+
+/// In a cluster, a node also learns of revocations from the other nodes (`fleet.r`, what a
+/// node announces after seeing one in the registry). Such an announcement (the certificate
+/// revoked in the registry behind the feed's back, so this node's own feed reports nothing;
+/// the announcement is applied once the registry confirms it) discards the sessions the
+/// certificate parked on this node.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_nodes_revocation_announcement_discards_the_kept_session() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let nats = bus::start(&fleet);
+    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let dev = fleet.id(0);
+    let mut d = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connect_session(&mut d, &dev, false).await, (true, false));
+    subscribe(&mut d, &format!("devices/{dev}/commands/#"), 1).await;
+    d.send(Packet::Disconnect).await.unwrap();
+    drop(d);
+    node.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+
+    let pem = std::fs::read_to_string(fleet.devices[0].join("cert.pem")).unwrap();
+    let der = fleet_provision::pki::pem_decode(&pem, "CERTIFICATE").unwrap();
+    let serial = fleet_provision::pki::summarize(&der).unwrap().serial.to_hex();
+    // Revoked in the registry without the feed's sequence (what the feed reports) moving.
+    let db = sqlx::PgPool::connect(fleet.db.as_deref().unwrap()).await.unwrap();
+    sqlx::query("UPDATE certificates SET status = 'revoked' WHERE serial = $1")
+        .bind(&serial)
+        .execute(&db)
+        .await
+        .unwrap();
+    let peer = bus::client(&nats, "n3").await;
+    peer.publish_with_headers("fleet.r", bus::from_node(), format!("{dev} {serial}").into()).await.unwrap();
+    peer.flush().await.unwrap();
+    node.wait_metric("fleet_cluster_revocations_received_total", 1.0, Duration::from_secs(3)).await;
+    node.wait_metric_at_most("fleet_sessions_parked", 0.0, Duration::from_secs(3)).await;
+    assert_eq!(node.metric("fleet_revocations_seen_total").await, 0.0, "the registry feed reported it");
+}

@@ -74,7 +74,8 @@ async fn a_device_cannot_command_itself_and_revocation_clears_its_retained_messa
         .unwrap();
     assert!(thief.closed_within(Duration::from_secs(2)).await, "a device published its own command");
     assert_eq!(broker.metric("fleet_acl_denied_total{action=\"publish\"}").await, 1.0);
-    // Retained state is still allowed, for both devices; a service may retain a command.
+    // Retained state is still allowed, for both devices; a service's command is never retained
+    // (the flag is stripped, docs/spec/commands.md).
     let mut dev = connected(&broker, &fleet, 0).await;
     dev.send(publish(format!("devices/{a}/state"), QoS::AtLeastOnce, true, b"on", 6)).await.unwrap();
     assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
@@ -87,7 +88,7 @@ async fn a_device_cannot_command_itself_and_revocation_clears_its_retained_messa
     let mut watcher = service(&broker, &fleet).await;
     assert_eq!(
         retained_for(&mut watcher, "devices/+/#", 1).await,
-        [format!("devices/{a}/commands/blink"), format!("devices/{a}/state"), format!("devices/{b}/state")]
+        [format!("devices/{a}/state"), format!("devices/{b}/state")]
     );
     // Revoked: everything retained under devices/a/ is gone; b's stays.
     fleet.revoke(0).await;
@@ -257,4 +258,107 @@ async fn a_peer_that_accepts_no_bytes_is_closed_after_the_write_timeout() {
     broker.wait_metric(&kicks(CloseReason::WriteTimeout), 1.0, Duration::from_secs(4)).await;
     assert!(broker.log().contains("write_timeout"));
     assert_eq!(broker.metric("fleet_sessions_live").await, 1.0, "only the service is left");
+}
+
+// ---- persistent sessions: caps ----
+
+/// Parks `n` claim sessions (clean session = 0, one nonce each) of the claim in `dir`.
+async fn park_claim_sessions(broker: &BrokerProc, dir: &std::path::Path, claim: &str, n: usize) {
+    for i in 0..n {
+        let mut c = Raw::device(broker.mqtt, dir).await.unwrap();
+        let id = format!("claims/{claim}/{i:016}");
+        assert_eq!(connect_session(&mut c, &id, false).await, (true, false), "{id}");
+        c.send(Packet::Disconnect).await.unwrap();
+        assert!(c.closed_within(Duration::from_secs(5)).await);
+    }
+}
+
+/// One claim certificate (shared by a whole batch of devices, so a thief's easiest find) once
+/// parked as many persistent sessions as it opened, one per nonce, each kept 24 h. Kept sessions
+/// are capped per claim (`max_parked_per_claim`, default 16) and in total
+/// (`max_parked_sessions`): one over a cap is not kept, and counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_claim_certificate_cannot_park_sessions_without_bound() {
+    let fleet = Fleet::new(1, None).await;
+    let opts = fleet_provision::lifecycle::ClaimOptions {
+        name: "batch-1".into(),
+        id_prefix: "dev".into(),
+        quota: 5,
+        days: 30,
+        out: fleet.dir.path().join("claim"),
+        broker_host: "localhost".into(),
+        broker_port: 8883,
+    };
+    let claim = fleet.station().await.claim_cert(&opts).await.unwrap().dir;
+    let broker = BrokerProc::start(&fleet, &[]);
+    park_claim_sessions(&broker, &claim, "batch-1", 24).await;
+    broker.wait_metric("fleet_limits_total{limit=\"parked_per_claim\"}", 8.0, Duration::from_secs(5)).await;
+    assert_eq!(broker.metric("fleet_sessions_parked").await, 16.0);
+    // The claim's cap leaves the devices' sessions alone.
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(connect_session(&mut d, &fleet.id(0), false).await.0);
+    d.send(Packet::Disconnect).await.unwrap();
+    broker.wait_metric("fleet_sessions_parked", 17.0, Duration::from_secs(5)).await;
+    drop(broker);
+
+    // The total cap (an environment setting: a broker without it would ignore it).
+    let broker = BrokerProc::start_with_env(&fleet, 0, &[], &[("FLEET_MAX_PARKED_SESSIONS", "4")]);
+    park_claim_sessions(&broker, &claim, "batch-1", 6).await;
+    broker.wait_metric("fleet_limits_total{limit=\"parked_total\"}", 2.0, Duration::from_secs(5)).await;
+    assert_eq!(broker.metric("fleet_sessions_parked").await, 4.0);
+}
+
+// ---- per-device publish rate ----
+
+/// Publishes QoS 1 as fast as the broker lets it (up to 100 in flight) for `window`; returns
+/// the PUBACKs received in that time.
+async fn flood(mut c: Raw, topic: String, window: Duration) -> usize {
+    let t = Instant::now();
+    let (mut pkid, mut in_flight, mut acked) = (0u16, 0usize, 0usize);
+    while t.elapsed() < window {
+        while in_flight < 100 {
+            pkid = pkid % 60_000 + 1;
+            let mut p = Publish::new(&topic, QoS::AtLeastOnce, vec![0u8; 16]);
+            p.pkid = pkid;
+            c.send(Packet::Publish(p)).await.unwrap();
+            in_flight += 1;
+        }
+        if let Some(Packet::PubAck(_)) = c.recv(Duration::from_millis(50)).await {
+            acked += 1;
+            in_flight -= 1;
+        }
+    }
+    acked
+}
+
+/// One device publishes as fast as its link allows; with `max_publish_rate` = 50 messages per
+/// second it gets at most one second's burst plus 50 acknowledgements a second (QoS 1: the
+/// PUBACK waits until it is within its rate), while another device, within its own rate, is
+/// served at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_publishing_far_above_its_rate_is_held_to_it_and_others_are_unaffected() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start_with_env(&fleet, 0, &[], &[("FLEET_MAX_PUBLISH_RATE", "50")]);
+    let flooder = connected(&broker, &fleet, 0).await;
+    let window = Duration::from_secs(4);
+    let topic = format!("devices/{}/telemetry", fleet.id(0));
+    let flood = tokio::spawn(flood(flooder, topic, window));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The other device: 20 messages, each acknowledged, well within the window.
+    let mut other = connected(&broker, &fleet, 1).await;
+    let t = Instant::now();
+    for i in 0..20u16 {
+        let mut p = Publish::new(format!("devices/{}/telemetry", fleet.id(1)), QoS::AtLeastOnce, vec![1]);
+        p.pkid = i + 1;
+        other.send(Packet::Publish(p)).await.unwrap();
+        assert!(matches!(other.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))), "message {i}");
+    }
+    let other_took = t.elapsed();
+    let acked = flood.await.unwrap();
+    // 4 s at 50/s after a burst of 50: 250; generous for a loaded machine, far below a flood.
+    assert!(acked <= 300, "the flooding device got {acked} PUBACKs in {window:?}");
+    assert!(acked >= 100, "the flooding device was starved: {acked} PUBACKs");
+    assert!(other_took < Duration::from_secs(3), "the other device waited {other_took:?}");
+    assert!(broker.metric("fleet_limits_total{limit=\"publish_rate\"}").await >= 1.0);
+    fleet.wait_telemetry_rows(&fleet.id(1), 20, Duration::from_secs(5)).await;
 }

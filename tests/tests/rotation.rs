@@ -548,3 +548,153 @@ async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it(
     assert!(text.contains(&serial.to_uppercase()), "{serial} not in the CRL:\n{text}");
     assert!(issuer.log().contains("CRL signed after revocations"), "{}", issuer.log());
 }
+
+// ---- persistent sessions across certificates ----
+
+/// `fleet-provision` with the fleet's home; its stdout.
+fn station_cli(fleet: &Fleet, args: &[&str]) -> String {
+    let out = Command::new(bins().join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(args)
+        .env_remove("FLEET_HOME")
+        .env_remove("FLEET_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleet-provision {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A device directory for `cert` and `key` (PEM files), trusting the fleet's broker.
+fn identity_dir(fleet: &Fleet, name: &str, cert: &Path, key: &Path) -> PathBuf {
+    let dir = fleet.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fleet.devices[0].join("broker-trust.pem"), dir.join("broker-trust.pem")).unwrap();
+    std::fs::copy(cert, dir.join("cert.pem")).unwrap();
+    std::fs::copy(key, dir.join("key.pem")).unwrap();
+    dir
+}
+
+/// The attack: a thief holding device E's key parks a session (clean session = 0) subscribed only
+/// to E's telemetry. The operator re-keys E (`fleet-provision rekey`); the real E connects on its
+/// new certificate with clean session = 0. It must start clean (session present = 0), so that,
+/// like the SDK, it subscribes to its commands and receives them; resuming the thief's session it
+/// would send no SUBSCRIBE and never receive a command again. The same holds for a renewed
+/// certificate (new serial, old one still valid, so no revocation discards the kept session):
+/// a session is resumed only by the certificate that parked it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_parked_on_one_certificate_is_never_resumed_on_another() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let dev = fleet.id(0);
+    let mut thief = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connect_session(&mut thief, &dev, false).await, (true, false));
+    subscribe(&mut thief, &format!("devices/{dev}/telemetry"), 1).await;
+    thief.send(Packet::Disconnect).await.unwrap();
+    drop(thief);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+
+    // The operator re-keys E with a key generated on the device.
+    let openssl = fleet_tests::require_program("openssl", "openssl");
+    let (key, csr, cert) =
+        (fleet.dir.path().join("e.key"), fleet.dir.path().join("e.csr"), fleet.dir.path().join("e.pem"));
+    let ok =
+        |args: &[&std::ffi::OsStr]| assert!(Command::new(&openssl).args(args).status().unwrap().success());
+    ok(&[
+        "ecparam".as_ref(),
+        "-name".as_ref(),
+        "prime256v1".as_ref(),
+        "-genkey".as_ref(),
+        "-noout".as_ref(),
+        "-out".as_ref(),
+        key.as_os_str(),
+    ]);
+    let subj = format!("/CN={dev}");
+    ok(&[
+        "req".as_ref(),
+        "-new".as_ref(),
+        "-key".as_ref(),
+        key.as_os_str(),
+        "-subj".as_ref(),
+        subj.as_ref(),
+        "-out".as_ref(),
+        csr.as_os_str(),
+    ]);
+    let said = station_cli(
+        &fleet,
+        &["rekey", &dev, "--csr", csr.to_str().unwrap(), "--out", cert.to_str().unwrap()],
+    );
+    assert!(said.contains("re-keyed"), "{said}");
+    let real = identity_dir(&fleet, "real-e", &cert, &key);
+
+    let mut e = Raw::device(broker.mqtt, &real).await.unwrap();
+    assert_eq!(connect_session(&mut e, &dev, false).await, (true, false), "the thief's session was resumed");
+    // Not resumed: like the SDK, E subscribes, and its commands arrive.
+    subscribe(&mut e, &format!("devices/{dev}/commands/#"), 1).await;
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert!(connect_session(&mut svc, "backend", true).await.0);
+    let mut p = Publish::new(format!("devices/{dev}/commands/blink"), QoS::AtLeastOnce, b"3".to_vec());
+    p.pkid = 1;
+    svc.send(Packet::Publish(p)).await.unwrap();
+    let got = next_publish(&mut e, Duration::from_secs(5)).await.expect("E's command");
+    assert_eq!(got.topic, format!("devices/{dev}/commands/blink"));
+    e.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(got.pkid))).await.unwrap();
+    e.send(Packet::Disconnect).await.unwrap();
+    drop(e);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+
+    // A renewed certificate (same key, new serial; the re-keyed one stays valid) starts clean
+    // too: no revocation is involved, only the serial that parked the session.
+    let renewed = fleet.dir.path().join("renewed.pem");
+    station_cli(&fleet, &["renew", &dev, "--out", renewed.to_str().unwrap()]);
+    let renewed = identity_dir(&fleet, "renewed-e", &renewed, &key);
+    let mut e = Raw::device(broker.mqtt, &renewed).await.unwrap();
+    assert_eq!(connect_session(&mut e, &dev, false).await, (true, false), "resumed on another certificate");
+    assert!(
+        broker.metric("fleet_parked_sessions_discarded_total{reason=\"other_certificate\"}").await >= 1.0
+    );
+    // The certificate that parked a session still resumes it.
+    subscribe(&mut e, &format!("devices/{dev}/commands/#"), 1).await;
+    e.send(Packet::Disconnect).await.unwrap();
+    drop(e);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+    let mut e = Raw::device(broker.mqtt, &renewed).await.unwrap();
+    assert_eq!(connect_session(&mut e, &dev, false).await, (true, true));
+}
+
+/// Devices fill the broker's retained-message budget (`max_retained_bytes`) to the last byte;
+/// an operator then asks device 1 to rotate. The issuer's retained `certs/rotate` counts
+/// against a budget of its own, so the request still reaches the device and it rotates.
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_filling_the_retained_budget_cannot_stop_a_forced_rotation() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-retained-bytes", "2000"]);
+    let filler = fleet.id(0);
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(connect_session(&mut d, &filler, true).await.0);
+    let topic = format!("devices/{filler}/state/blob");
+    let mut p = Publish::new(&topic, QoS::AtLeastOnce, vec![b'x'; 2000 - topic.len()]);
+    p.pkid = 1;
+    p.retain = true;
+    d.send(Packet::Publish(p)).await.unwrap();
+    assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    // Full: one more retained byte from any device is refused.
+    let mut more = Publish::new(format!("devices/{filler}/state/more"), QoS::AtLeastOnce, b"y".to_vec());
+    more.pkid = 2;
+    more.retain = true;
+    d.send(Packet::Publish(more)).await.unwrap();
+    assert!(d.closed_within(Duration::from_secs(5)).await, "the retained budget was not full");
+    assert!(broker.metric("fleet_limits_total{limit=\"retained_bytes\"}").await >= 1.0);
+
+    let identity = issuer_identity(&fleet).await;
+    let issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    assert!(station_cli(&fleet, &["rotate", &fleet.id(1)]).contains("requested for 1 device"));
+    let out = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 5, &[]));
+    let requested = events(&out, "rotate-requested");
+    assert!(
+        requested.iter().any(|e| e.1 == fleet.id(1)),
+        "the rotation request did not reach the device:\n{out}\n{}",
+        issuer.log()
+    );
+    assert!(events(&out, "rotated").iter().any(|e| e.1 == fleet.id(1)), "{out}");
+}

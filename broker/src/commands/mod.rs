@@ -68,7 +68,7 @@ pub(crate) async fn status(
     }
     let topic = format!("{STATUS}/{DEVICES}/{device}/{COMMANDS}/{name}");
     let p = Publish::new(topic, QoS::AtLeastOnce, body.to_string());
-    let _ = shared.router.route(&p, &shared.metrics);
+    let _ = shared.router.route(&p, crate::router::RetainBudget::Clients, &shared.metrics);
     if let Some(cluster) = &shared.cluster {
         cluster.publish(&p, crate::cluster::bus::Origin::Broker).await;
     }
@@ -243,7 +243,7 @@ pub(crate) async fn sweep(shared: std::sync::Arc<Shared>) {
         }
         // Persistent sessions whose clients stayed away too long.
         for p in shared.parked.expire(std::time::Instant::now()) {
-            crate::session::park::discard(&shared, p);
+            crate::session::park::discard(&shared, p, crate::session::park::Discard::Expired);
         }
         shared.metrics.sessions_parked.set(shared.parked.len() as i64);
     }

@@ -130,6 +130,17 @@ value::settings! {
     max_retained_per_device: usize = 16;
     /// Most bytes (topic + payload) of retained messages in the whole broker.
     max_retained_bytes: usize = 16 << 20;
+    /// Most bytes (topic + payload) of the online issuer's retained messages (operator-forced
+    /// rotation requests, `devices/<id>/certs/rotate`): a budget of their own, so that devices
+    /// filling theirs cannot stop a rotation.
+    max_retained_bytes_issuer: usize = 4 << 20;
+    /// Most PUBLISH packets per second from one device or claim session (a token bucket holding
+    /// one second's worth); a client over it waits: its next message is handled, and a QoS 1
+    /// one acknowledged, once it is back within the rate (counted, `publish_rate`). 0: off.
+    max_publish_rate: u64 = 20_000;
+    /// Most PUBLISH bytes (topic + payload) per second from one device or claim session, the
+    /// same way (counted, `publish_rate`). 0: off.
+    max_publish_bytes_rate: u64 = 32 << 20;
     /// Most messages queued for delivery to one session; more are dropped (counted).
     max_queued_messages: usize = 256;
     /// Longest topic or filter, bytes: a PUBLISH over it closes the session, a filter gets
@@ -140,6 +151,13 @@ value::settings! {
     /// How long a persistent session (clean session = 0) is kept after its client left,
     /// seconds.
     session_expiry_secs: u64 = 86_400;
+    /// Most persistent sessions kept (for clients that are away) in the broker; a client that
+    /// leaves when this many are kept is not kept (counted, `parked_total`).
+    max_parked_sessions: usize = 100_000;
+    /// Most persistent sessions kept for the nonces of one claim certificate (one session key
+    /// per device or service identity caps those at one each); more are not kept (counted,
+    /// `parked_per_claim`).
+    max_parked_per_claim: usize = 16;
     /// Time-to-live of a queued command without a `ttl=<secs>` topic level, seconds.
     command_ttl_secs: u64 = 86_400;
     /// Most open (unacknowledged, unexpired) commands per device; the oldest are dropped.
@@ -208,6 +226,7 @@ impl Config {
             (self.max_subscriptions_per_session, "max_subscriptions_per_session"),
             (self.max_queued_messages, "max_queued_messages"),
             (self.store_batch, "store_batch"),
+            (self.max_parked_sessions, "max_parked_sessions"),
         ] {
             if v == 0 {
                 return Err(ConfigError::Range(format!("{name} must be at least 1")));

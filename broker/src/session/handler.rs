@@ -68,6 +68,8 @@ pub(crate) struct State {
     /// A persistent session (clean session = 0) tracks its unacknowledged QoS 1 deliveries.
     persistent: bool,
     in_flight: Vec<Publish>,
+    /// A device's or claim session's publish rate (`None`: a service or the issuer).
+    rate: Option<super::rate::PublishRate>,
 }
 
 /// Most unacknowledged QoS 1 deliveries a persistent session has out before it waits.
@@ -131,6 +133,10 @@ pub(crate) async fn run(
         router_id,
         persistent,
         in_flight,
+        rate: matches!(ctx.id.role, Role::Device | Role::Claim).then(|| {
+            let c = &ctx.shared.config;
+            super::rate::PublishRate::new(c.max_publish_rate, c.max_publish_bytes_rate, Instant::now())
+        }),
     };
     let end = match st.resume(ctx).await {
         Ok(()) => st.select_loop(ctx).await,
@@ -142,6 +148,9 @@ pub(crate) async fn run(
         subs: st.subs,
         in_flight: st.in_flight,
         expires: Instant::now().into_std(),
+        serial: ctx.id.serial.clone(),
+        owner: ctx.id.id.to_string(),
+        claim: ctx.id.role == Role::Claim,
     };
     (end, st.conn, kept)
 }
@@ -337,6 +346,15 @@ impl State {
         let shared = ctx.shared;
         shared.metrics.messages_received.inc();
         ctx.info.received();
+        if let Some(rate) = &mut self.rate {
+            let wait = rate.take(p.topic.len() + p.payload.len(), Instant::now());
+            if !wait.is_zero() {
+                // Over its rate: handled (and acknowledged) once back within it; nothing is
+                // read meanwhile. The caller races this against the kick.
+                self.limit_hit(ctx, Limit::PublishRate, &p.topic);
+                tokio::time::sleep(wait).await;
+            }
+        }
         if !shared.topic_within(&p.topic) {
             self.limit_hit(ctx, Limit::Topic, &p.topic);
             return Err(CloseReason::TopicLimit);
@@ -348,6 +366,13 @@ impl State {
         }
         if p.qos == QoS::ExactlyOnce {
             return Err(CloseReason::Qos2Unsupported);
+        }
+        if p.retain && crate::commands::parse(&p.topic).is_some() {
+            // Commands are never retained (docs/spec/commands.md): a retained copy would reach
+            // the device on every SUBSCRIBE, after the command expired or was acknowledged.
+            // The flag is stripped; the command itself is queued (QoS 1) or routed (QoS 0).
+            p.retain = false;
+            self.limit_hit(ctx, Limit::CommandRetained, &p.topic);
         }
         if auth::is_active_announcement(&ctx.id, &p.topic) {
             // The broker, not the device, says which certificate the session runs on.
@@ -364,7 +389,8 @@ impl State {
         }
         // Routed first (subscribers get copies, here and on the other nodes), then the publish
         // itself moves to the store.
-        if let Err(refused) = shared.router.route(&p, &shared.metrics) {
+        let budget = crate::router::RetainBudget::of(ctx.id.role);
+        if let Err(refused) = shared.router.route(&p, budget, &shared.metrics) {
             self.limit_hit(ctx, refused.limit(), &p.topic);
             return Err(refused.close_reason());
         }
@@ -400,7 +426,9 @@ impl State {
         let pkid = p.pkid;
         match crate::commands::accept(shared, &ctx.id, &p).await {
             crate::commands::Accepted::Queued => {
-                if let Err(refused) = shared.router.route(&p, &shared.metrics) {
+                if let Err(refused) =
+                    shared.router.route(&p, crate::router::RetainBudget::Clients, &shared.metrics)
+                {
                     self.limit_hit(ctx, refused.limit(), &p.topic);
                 }
                 if let Some(cluster) = &shared.cluster {

@@ -14,6 +14,7 @@ pub(crate) mod conn;
 pub(crate) mod connect;
 pub(crate) mod handler;
 pub(crate) mod park;
+pub(crate) mod rate;
 pub(crate) mod table;
 
 use std::net::SocketAddr;
@@ -174,15 +175,24 @@ impl Live {
         let Live { shared, mut conn, id, info, conn_id, keep_alive, clean, kick, claim, slot } = self;
         let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive, kick, info };
         let key = ctx.id.session_key();
-        // Clean session: whatever was kept goes. Otherwise the kept session resumes (present).
+        // Clean session: whatever was kept goes. Otherwise the kept session resumes (present),
+        // but only on the certificate that parked it: another certificate of the identity (a
+        // re-keyed device, or a thief's copy of its old key) starts clean.
         let kept = shared.parked.take(&key);
-        let resumed = match (clean, kept) {
-            (true, Some(old)) => {
-                park::discard(&shared, old);
+        let resumed = match kept {
+            Some(old) if clean => {
+                park::discard(&shared, old, park::Discard::CleanStart);
                 None
             }
-            (_, kept) => kept,
+            Some(old) if old.serial != ctx.id.serial => {
+                info!(device = %ctx.id.id, parked_by = %old.serial, serial = %ctx.id.serial,
+                    "kept session not resumed: parked by another certificate");
+                park::discard(&shared, old, park::Discard::OtherCertificate);
+                None
+            }
+            kept => kept,
         };
+        shared.metrics.sessions_parked.set(shared.parked.len() as i64);
         let present = resumed.is_some();
         // Not a `match` scrutinee: the CONNACK's write future would then live (and take room
         // in this task) as long as the session. The loop is not boxed: a box per session costs
@@ -197,6 +207,9 @@ impl Live {
                     subs: Default::default(),
                     in_flight: Vec::new(),
                     expires: std::time::Instant::now(),
+                    serial: ctx.id.serial.clone(),
+                    owner: ctx.id.id.to_string(),
+                    claim: ctx.id.role == fleet_registry::Role::Claim,
                 });
                 (end, conn, state)
             }
@@ -208,9 +221,9 @@ impl Live {
         if keep {
             state.expires =
                 std::time::Instant::now() + Duration::from_secs(shared.config.session_expiry_secs);
-            shared.parked.park(key, state);
+            park::keep(&shared, key, state);
         } else {
-            park::discard(&shared, state);
+            park::release(&shared, state);
         }
         shared.sessions.remove(&ctx.id.session_key(), conn_id);
         shared.metrics.sessions_live.dec();

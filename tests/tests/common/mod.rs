@@ -144,6 +144,12 @@ impl BrokerProc {
     /// As `start`, listening for MQTT on `port` (0: any), e.g. to restart a broker where its
     /// clients expect it.
     pub fn start_on(fleet: &Fleet, port: u16, extra: &[&str]) -> BrokerProc {
+        Self::start_with_env(fleet, port, extra, &[])
+    }
+
+    /// As `start_on`, with `FLEET_<KEY>` settings in the environment (a broker that does not
+    /// know a key ignores it, where it would refuse an unknown flag).
+    pub fn start_with_env(fleet: &Fleet, port: u16, extra: &[&str], env: &[(&str, &str)]) -> BrokerProc {
         let log = fleet.dir.path().join(format!("broker-{}.log", rand_suffix()));
         let mut cmd = Command::new(broker_bin());
         cmd.arg("--home").arg(fleet.home());
@@ -152,6 +158,7 @@ impl BrokerProc {
             cmd.arg("--database-url").arg(db);
         }
         cmd.env("RUST_LOG", "info").env_remove("FLEET_HOME").env_remove("FLEET_DATABASE_URL");
+        cmd.envs(env.iter().copied());
         cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().expect("spawn fleet-broker");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -412,6 +419,37 @@ pub async fn rumqttc_connected(ev: &mut rumqttc::EventLoop) -> Result<(), rumqtt
             .expect("rumqttc poll timed out")?;
         if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) = event {
             return Ok(());
+        }
+    }
+}
+
+// ---- persistent sessions (clean session = 0) ----
+
+/// A raw CONNECT with the clean-session flag; returns (accepted, session present).
+pub async fn connect_session(c: &mut Raw, client_id: &str, clean: bool) -> (bool, bool) {
+    let mut conn = rumqttc::mqttbytes::v4::Connect::new(client_id);
+    conn.keep_alive = 30;
+    conn.clean_session = clean;
+    c.send(Packet::Connect(conn)).await.unwrap();
+    match c.recv(Duration::from_secs(5)).await {
+        Some(Packet::ConnAck(a)) => {
+            (a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success, a.session_present)
+        }
+        other => panic!("no CONNACK: {other:?}"),
+    }
+}
+
+impl BrokerProc {
+    /// Waits until `metric(prefix) <= value`.
+    pub async fn wait_metric_at_most(&self, prefix: &str, value: f64, within: Duration) {
+        let t = Instant::now();
+        while self.metric(prefix).await > value {
+            assert!(
+                t.elapsed() < within,
+                "metric {prefix} did not fall to {value} within {within:?}:\n{}",
+                self.metrics_text().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
