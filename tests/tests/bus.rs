@@ -414,3 +414,43 @@ async fn issuer_answer(svc: &mut Raw) -> (String, Vec<u8>) {
     }
     panic!("the issuer did not answer");
 }
+
+/// A node may present an nkey instead of a certificate (`nats_nkey`: a file with its seed):
+/// it joins a server that lists the public key, and without the seed it is refused.
+#[tokio::test]
+async fn a_node_joins_with_its_nkey_and_not_without() {
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    let user = nkeys::KeyPair::new_user();
+    let conf = fleet.dir.path().join("nkey.conf");
+    std::fs::write(&conf, format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key()))
+        .unwrap();
+    let seed = fleet.dir.path().join("node.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    let nats = fleet_tests::NatsServer::start_open_with(&["-c", conf.to_str().unwrap()]);
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let node = BrokerProc::start(
+        &fleet,
+        &["--nats", &url, "--nats-nkey", seed.to_str().unwrap(), "--insecure-nats-no-auth", "true"],
+    );
+    node.wait_metric("fleet_cluster_connected", 1.0, Duration::from_secs(5)).await;
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    // Without the seed the server refuses the node, and the node says so.
+    let out = std::process::Command::new(broker_bin())
+        .arg("--home")
+        .arg(fleet.home())
+        .args([
+            "--database-url",
+            fleet.db.as_deref().unwrap(),
+            "--nats",
+            &url,
+            "--insecure-nats-no-auth",
+            "true",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.to_lowercase().contains("authorization"), "{err}");
+}

@@ -100,7 +100,7 @@ impl Cluster {
     /// connection comes back by itself after an outage (retried every ≤ 1 s).
     ///
     /// The node authenticates as `Config::nats_security` requires: TLS verified against
-    /// `nats_ca`, a client certificate (`nats_cert`, `nats_key`), a credentials file, or the
+    /// `nats_ca`, a client certificate (`nats_cert`, `nats_key`), an nkey seed (`nats_nkey`), or the
     /// user and password of the URL (async-nats ignores those in the URL: they are passed
     /// explicitly, and the URL logged without them).
     pub(crate) async fn connect(config: &crate::Config, metrics: &Metrics) -> Result<Self, ClusterError> {
@@ -136,11 +136,17 @@ impl Cluster {
             file_readable(key)?;
             options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
         }
-        if let Some(creds) = &config.nats_creds {
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|e| ClusterError::Insecure(format!("nats_creds {}: {e}", creds.display())))?;
+        if let Some(path) = &config.nats_nkey {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| ClusterError::Insecure(format!("nats_nkey {}: {e}", path.display())))?;
+            let seed = seed.trim();
+            if !seed.starts_with("SU") {
+                return Err(ClusterError::Insecure(format!(
+                    "nats_nkey {}: not a user nkey seed (it starts with SU)",
+                    path.display()
+                )));
+            }
+            options = options.nkey(seed.to_owned());
         }
         if !(security.tls && security.identity) {
             warn!(

@@ -49,8 +49,9 @@ value::settings! {
     nats_cert: Option<PathBuf> = None;
     /// The private key of `nats_cert` (PEM).
     nats_key: Option<PathBuf> = None;
-    /// A NATS credentials file (user JWT + nkey seed), instead of or besides a certificate.
-    nats_creds: Option<PathBuf> = None;
+    /// A file holding this node's NATS nkey seed (`SU...`, mode 0600), for a server that lists
+    /// the node's public nkey as a user; instead of or besides a certificate.
+    nats_nkey: Option<PathBuf> = None;
     /// Lets a node join a NATS server without TLS or credentials. For a development NATS on
     /// loopback only: anyone who reaches such a server can forge device messages, commands and
     /// revocations. Logged as a warning at start.
@@ -260,7 +261,7 @@ impl Config {
 
     /// How a node's NATS connection is protected, or why it is refused: TLS (a CA to verify
     /// the server, a client certificate or a `tls://` URL) and a client identity (certificate,
-    /// credentials file or `user:password@` in the URL), unless `insecure_nats_no_auth`.
+    /// nkey seed or `user:password@` in the URL), unless `insecure_nats_no_auth`.
     pub fn nats_security(&self, url: &str) -> Result<NatsSecurity, ConfigError> {
         let parsed = url::Url::parse(url)
             .map_err(|e| ConfigError::Range(format!("nats: {} is not a URL: {e}", redact_url(url))))?;
@@ -274,7 +275,7 @@ impl Config {
             return Err(ConfigError::Range("nats_cert and nats_key go together: set both or neither".into()));
         }
         let password = !parsed.username().is_empty();
-        let identity = self.nats_cert.is_some() || self.nats_creds.is_some() || password;
+        let identity = self.nats_cert.is_some() || self.nats_nkey.is_some() || password;
         let tls = self.nats_ca.is_some() || self.nats_cert.is_some() || parsed.scheme() == "tls";
         let security = NatsSecurity { tls, identity };
         let protected = tls && identity;
@@ -287,7 +288,7 @@ impl Config {
             return Err(ConfigError::Range(format!(
                 "nats: the cluster bus has {missing}. Anyone who reaches an open NATS server can forge \
                  device messages, commands and revocations. Give this node a certificate \
-                 (fleet-provision node-cert --name <node>; nats_ca, nats_cert, nats_key) and run \
+                 (fleet-provision node-cert --name <node>; nats_ca, nats_cert, nats_key; or nats_nkey) and run \
                  nats-server with deploy/nats/nats-server.conf, or set insecure_nats_no_auth = true \
                  for a development server on loopback"
             )));
