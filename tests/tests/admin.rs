@@ -517,3 +517,44 @@ async fn an_expired_crl_refuses_an_operator_on_the_admin_listener_as_a_device_on
     conforms("Error", &e);
     broker.wait_refused(Refusal::CrlExpired, 2.0, Duration::from_secs(3)).await;
 }
+
+/// Event streams live as long as their client keeps them: an operator holds at most
+/// `admin_max_event_streams_per_operator`, all operators `admin_max_event_streams`; more get 429.
+#[tokio::test]
+async fn event_streams_are_capped_per_operator_and_in_all() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let bob = operator(&fleet, "bob").await;
+    let broker = BrokerProc::start(
+        &fleet,
+        &[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-max-event-streams-per-operator",
+            "2",
+            "--admin-max-event-streams",
+            "3",
+        ],
+    );
+    let mut streams = Vec::new();
+    for who in [&alice, &alice, &alice, &bob, &bob] {
+        let mut c = Https::connect(&broker, &fleet, who, [127, 0, 0, 1]).await.unwrap();
+        let status = c.get("/api/v1/events").await.map(|a| a.0);
+        streams.push((c, status));
+    }
+    let got: Vec<_> = streams.iter().map(|(_, s)| *s).collect();
+    // alice: 2 streams, the third refused; bob: one more (3 in all), then refused.
+    assert_eq!(got, [Some(200), Some(200), Some(429), Some(200), Some(429)]);
+    assert!(broker.metric("fleet_admin_denied_total{reason=\"event_streams\"}").await >= 2.0);
+    // A stream that ends gives its place back.
+    drop(streams.remove(0));
+    let t = Instant::now();
+    loop {
+        let mut c = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+        if c.get("/api/v1/events").await.map(|a| a.0) == Some(200) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "a closed stream kept its place");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
