@@ -558,3 +558,19 @@ async fn event_streams_are_capped_per_operator_and_in_all() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A connection that moves no byte either way for `admin_idle_timeout_secs` is closed, even in
+/// the middle of an answer (an event stream nobody reads or that has nothing to say), where the
+/// header timeout does not run.
+#[tokio::test]
+async fn a_connection_that_moves_nothing_is_closed_after_the_idle_timeout() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker =
+        BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--admin-idle-timeout-secs", "1"]);
+    let mut stream = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+    assert_eq!(stream.get("/api/v1/events").await.map(|a| a.0), Some(200));
+    let t = Instant::now();
+    assert!(stream.closed_within(Duration::from_secs(5)).await, "an idle event stream stayed open");
+    assert!(t.elapsed() >= Duration::from_millis(500), "closed before the timeout: {:?}", t.elapsed());
+}

@@ -218,7 +218,7 @@ async fn serve_http(shared: &Shared, router: axum::Router, tls: Box<Tls>, caller
                 return;
             }
             _ = kick.cut_done() => return,
-            _ = tokio::time::sleep(idle - quiet) => {}
+            _ = tokio::time::sleep(idle.saturating_sub(quiet)) => {}
         }
     }
 }
