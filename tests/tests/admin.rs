@@ -574,3 +574,31 @@ async fn a_connection_that_moves_nothing_is_closed_after_the_idle_timeout() {
     assert!(stream.closed_within(Duration::from_secs(5)).await, "an idle event stream stayed open");
     assert!(t.elapsed() >= Duration::from_millis(500), "closed before the timeout: {:?}", t.elapsed());
 }
+
+/// Open operator connections are capped per source address after TLS, whoever's certificate
+/// they use; another address is not affected.
+#[tokio::test]
+async fn operator_connections_are_capped_per_source_address() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let bob = operator(&fleet, "bob").await;
+    let broker = BrokerProc::start(
+        &fleet,
+        &["--admin-listen", "127.0.0.1:0", "--admin-max-connections-per-source", "2"],
+    );
+    let mut open = Vec::new();
+    for who in [&alice, &bob] {
+        let mut c = Https::connect(&broker, &fleet, who, [127, 0, 0, 2]).await.unwrap();
+        assert_eq!(c.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+        open.push(c);
+    }
+    let mut third = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 2]).await.unwrap();
+    assert_eq!(third.answer(Duration::from_secs(3)).await.map(|a| a.0), Some(429));
+    assert!(third.closed_within(Duration::from_secs(3)).await);
+    assert!(broker.metric("fleet_admin_denied_total{reason=\"source_limit\"}").await >= 1.0);
+    let mut elsewhere = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 3]).await.unwrap();
+    assert_eq!(elsewhere.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+    for c in &mut open {
+        assert_eq!(c.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+    }
+}
