@@ -135,7 +135,12 @@ async fn connection(
 ) {
     let Admission { tls, cert, verdict } = match Box::pin(admit::gate(&shared, sock, addr)).await {
         Ok(a) => a,
-        Err(Some(refusal)) => return shared.refused(refusal, addr, None),
+        // Counted as MQTT's are, but not recorded as events: browsers open spare connections
+        // and close them unused (`peer_closed`), which would fill the console's own feed.
+        Err(Some(refusal)) => {
+            shared.metrics.refused(refusal);
+            return debug!(peer = %addr, reason = refusal.label(), "admin TLS handshake refused");
+        }
         Err(None) => return,
     };
     // Until the one answer is written, a refused client keeps its handshake slot.
