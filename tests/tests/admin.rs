@@ -384,13 +384,16 @@ async fn a_revoked_operators_kept_alive_connection_is_cut_within_a_second() {
     let mut conn = Https::connect(&broker, &fleet, &mallory, [127, 0, 0, 1]).await.unwrap();
     let (code, body) = conn.get("/api/v1/summary").await.expect("an answer");
     assert_eq!(code, 200, "{body}");
-    let id = fleet_provision::DeviceId::parse("mallory").unwrap();
-    fleet
-        .station()
-        .await
-        .revoke_device(&id, fleet_provision::RevocationReason::PrivilegeWithdrawn)
-        .await
+    // At the station, as an administrator would.
+    let out = Command::new(fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["revoke", "mallory", "--reason", "privilegeWithdrawn"])
+        .env_remove("FLEET_DATABASE_URL")
+        .env_remove("FLEET_HOME")
+        .output()
         .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let t = Instant::now();
     if !conn.closed_within(Duration::from_secs(1)).await {
         let next = conn.get(&format!("/api/v1/devices/{}", fleet.id(0))).await;
