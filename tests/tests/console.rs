@@ -203,6 +203,15 @@ async fn an_operator_revokes_a_connected_device_from_the_console_in_chromium() {
     wait(client, "nav a[href='#/devices']").await.click().await.unwrap();
     wait(client, "#search input[name=prefix]").await.send_keys(&target).await.unwrap();
     wait(client, "#search button").await.click().await.unwrap();
+    // The unfiltered list (rendered first) also links the target: wait for the search's answer
+    // (the header row and one device), or the click may land on a replaced element.
+    let t = Instant::now();
+    while client.execute("return document.querySelectorAll('#devices tr').length", vec![]).await.unwrap()
+        != json!(2)
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "the search did not narrow the list to one device");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     wait(client, &format!("#devices a[href='#/device/{target}']")).await.click().await.unwrap();
     text_becomes(client, "#session", "online since").await;
     text_becomes(client, "#device-status", "active").await;
