@@ -75,6 +75,10 @@ pub struct Metrics {
     pub(crate) sessions_parked: IntGauge,
     /// Kept persistent sessions forgotten before a resume, by reason.
     pub(crate) sessions_parked_discarded: IntCounterVec,
+    /// Admin listener: requests and connections turned away, by reason.
+    pub(crate) admin_denied: IntCounterVec,
+    /// Admin listener: open operator connections.
+    pub(crate) admin_connections: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -126,6 +130,9 @@ impl Metrics {
         }
         for s in fleet_registry::commands::CommandStatus::ALL {
             self.commands.with_label_values(&[s.as_str()]);
+        }
+        for d in AdminDenial::ALL {
+            self.admin_denied.with_label_values(&[d.label()]);
         }
         for d in crate::session::park::Discard::ALL {
             self.sessions_parked_discarded.with_label_values(&[d.label()]);
@@ -230,8 +237,19 @@ impl Metrics {
                 "Kept persistent sessions forgotten before a resume (clean start, other certificate, revoked, expired)",
                 &["reason"],
             ),
+            admin_denied: cv(
+                "admin_denied_total",
+                "Admin listener: requests and connections turned away, by reason",
+                &["reason"],
+            ),
+            admin_connections: g("admin_connections", "Admin listener: open operator connections"),
             registry: r,
         }
+    }
+
+    /// A request or connection the admin listener turned away.
+    pub(crate) fn admin_denied(&self, why: AdminDenial) {
+        self.admin_denied.with_label_values(&[why.label()]).inc();
     }
 
     /// A session admitted.
@@ -389,6 +407,63 @@ impl AclAction {
         match self {
             Self::Publish => "publish",
             Self::Subscribe => "subscribe",
+        }
+    }
+}
+
+/// Why the admin listener turned a request or connection away:
+/// `fleet_admin_denied_total{reason}`. (The admission gate's own refusals, the same as MQTT's,
+/// are in `fleet_handshakes_total{outcome="refused"}`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub(crate) enum AdminDenial {
+    /// At accept: the source address holds its share of the handshake slots, or all are taken.
+    HandshakeShare,
+    /// The gate refused the certificate (at the connection or at a request: revoked, CRL
+    /// expired, unknown...): one answer, then the connection is closed.
+    Refused,
+    /// An admitted identity that is not an operator's: one 403, then the connection is closed.
+    NotOperator,
+    /// More open connections of one operator certificate than allowed.
+    IdentityLimit,
+    /// More open operator connections from one source (IPv6: /64) than allowed.
+    SourceLimit,
+    /// A state-changing request from another origin (`Origin`, `Sec-Fetch-Site`).
+    CrossOrigin,
+    /// A state-changing request without the `X-Fleetgate-Request` header.
+    RequestHeader,
+    /// A state-changing request whose body is not declared `application/json`.
+    ContentType,
+    /// More live event streams than allowed (in all or for the operator).
+    EventStreams,
+}
+
+impl AdminDenial {
+    /// Every reason.
+    pub(crate) const ALL: [AdminDenial; 9] = [
+        Self::HandshakeShare,
+        Self::Refused,
+        Self::NotOperator,
+        Self::IdentityLimit,
+        Self::SourceLimit,
+        Self::CrossOrigin,
+        Self::RequestHeader,
+        Self::ContentType,
+        Self::EventStreams,
+    ];
+
+    /// Metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::HandshakeShare => "handshake_share",
+            Self::Refused => "refused",
+            Self::NotOperator => "not_operator",
+            Self::IdentityLimit => "identity_limit",
+            Self::SourceLimit => "source_limit",
+            Self::CrossOrigin => "cross_origin",
+            Self::RequestHeader => "request_header",
+            Self::ContentType => "content_type",
+            Self::EventStreams => "event_streams",
         }
     }
 }

@@ -217,7 +217,8 @@ async fn devices_services_revoked_operators_and_other_cas_are_kept_out() {
     let (_, d) = Client::new(&broker, &fleet, Some(&alice)).get(&format!("/api/v1/devices/{target}"));
     assert_eq!(d["status"], "active", "nobody above could revoke");
 
-    // A revoked operator is out on its next connection.
+    // A revoked operator is out on its next connection, from the moment the revocation feed
+    // saw it (admission is MQTT's: the cached verdict holds until then, within its poll).
     let m = Client::new(&broker, &fleet, Some(&mallory));
     assert_eq!(m.get("/api/v1/summary").0, 200);
     let id = fleet_provision::DeviceId::parse("mallory").unwrap();
@@ -227,6 +228,7 @@ async fn devices_services_revoked_operators_and_other_cas_are_kept_out() {
         .revoke_device(&id, fleet_provision::RevocationReason::PrivilegeWithdrawn)
         .await
         .unwrap();
+    broker.wait_metric("fleet_revocations_seen_total", 1.0, Duration::from_secs(2)).await;
     let (code, e) = m.get("/api/v1/summary");
     assert_eq!(code, 403, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("revoked"), "{e}");
@@ -304,4 +306,302 @@ async fn a_flood_of_silent_connections_from_one_address_does_not_lock_operators_
     assert_eq!(code, 200, "{s}");
     assert!(t.elapsed() < Duration::from_secs(3), "the operator waited {:?} behind the flood", t.elapsed());
     drop(flood);
+}
+
+/// `fleet_admin_denied_total` series of a denial.
+fn denied(reason: &str) -> String {
+    format!("fleet_admin_denied_total{{reason=\"{reason}\"}}")
+}
+
+async fn status_of(fleet: &Fleet, device: &str) -> String {
+    let st = fleet.station().await;
+    sqlx::query_scalar("SELECT status FROM devices WHERE device_id = $1")
+        .bind(device)
+        .fetch_one(st.registry().pool())
+        .await
+        .unwrap()
+}
+
+/// Cross-site request forgery with curl: an operator's client holds the certificate, the
+/// attacker chooses the request. Only JSON with the request header and no foreign origin
+/// changes anything; each of these forgeries would revoke the device on a server that parses
+/// any body as JSON.
+#[tokio::test]
+async fn a_state_changing_request_needs_json_the_request_header_and_the_same_origin() {
+    let fleet = Fleet::new(2, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker = admin_broker(&fleet);
+    let api = Client::new(&broker, &fleet, Some(&alice));
+    let target = fleet.id(0);
+    let path = format!("/api/v1/devices/{target}/revoke");
+    let body = br#"{"reason":"keyCompromise"}"#;
+    let origin = format!("origin: https://{}", broker.admin.unwrap());
+    for (headers, reason) in [
+        // A form with enctype=text/plain, from another site.
+        (vec!["content-type: text/plain", "origin: http://127.0.0.1:9"], "cross_origin"),
+        // The same, with no Origin (an old browser, a privacy extension).
+        (vec!["content-type: text/plain", "x-fleetgate-request: 1"], "content_type"),
+        // fetch(..., {mode: "no-cors"}) with a form-urlencoded raw JSON body.
+        (vec!["content-type: application/x-www-form-urlencoded", "x-fleetgate-request: 1"], "content_type"),
+        // JSON but no request header (a browser cannot add one cross-site without a preflight).
+        (vec!["content-type: application/json"], "request_header"),
+        // Everything, but from another origin.
+        (
+            vec!["content-type: application/json", "x-fleetgate-request: 1", "origin: https://evil.example"],
+            "cross_origin",
+        ),
+        (
+            vec!["content-type: application/json", "x-fleetgate-request: 1", "sec-fetch-site: same-site"],
+            "cross_origin",
+        ),
+    ] {
+        let (code, e) = api.call_with("POST", &path, &headers, Some(body));
+        assert_eq!(code, 403, "{headers:?}: {e}");
+        conforms("Error", &e);
+        assert_eq!(status_of(&fleet, &target).await, "active", "{headers:?} revoked the device");
+        assert!(broker.metric(&denied(reason)).await >= 1.0, "{headers:?}: no {reason} denial counted");
+    }
+    // The console's own request (same origin, JSON, the header) and a plain API client's.
+    let same = [
+        "content-type: application/json",
+        "x-fleetgate-request: 1",
+        origin.as_str(),
+        "sec-fetch-site: same-origin",
+    ];
+    let (code, r) = api.call_with("POST", &path, &same, Some(body));
+    assert_eq!(code, 200, "{r}");
+    let (code, r) = api.call("POST", &format!("/api/v1/devices/{}/revoke", fleet.id(1)), Some(body));
+    assert_eq!(code, 200, "{r}");
+}
+
+/// An operator revoked at the station while its browser holds a kept-alive connection: the
+/// connection is cut within a second, as an MQTT session is.
+#[tokio::test]
+async fn a_revoked_operators_kept_alive_connection_is_cut_within_a_second() {
+    let fleet = Fleet::new(1, None).await;
+    let mallory = operator(&fleet, "mallory").await;
+    let broker = admin_broker(&fleet);
+    let mut conn = Https::connect(&broker, &fleet, &mallory, [127, 0, 0, 1]).await.unwrap();
+    let (code, body) = conn.get("/api/v1/summary").await.expect("an answer");
+    assert_eq!(code, 200, "{body}");
+    // At the station, as an administrator would.
+    let out = Command::new(fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["revoke", "mallory", "--reason", "privilegeWithdrawn"])
+        .env_remove("FLEET_DATABASE_URL")
+        .env_remove("FLEET_HOME")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = Instant::now();
+    if !conn.closed_within(Duration::from_secs(1)).await {
+        let next = conn.get(&format!("/api/v1/devices/{}", fleet.id(0))).await;
+        panic!(
+            "the revoked operator's connection is open after {:?}; its next request got {next:?}",
+            t.elapsed()
+        );
+    }
+    // On a new connection: one 403, then the connection is closed.
+    let mut again = Https::connect(&broker, &fleet, &mallory, [127, 0, 0, 1]).await.unwrap();
+    let answer = again.get("/api/v1/summary").await;
+    assert_eq!(answer.as_ref().map(|a| a.0), Some(403), "{answer:?}");
+    assert!(again.closed_within(Duration::from_secs(3)).await);
+}
+
+/// Silent sockets from two addresses (each within the per-source cap) must not take every
+/// handshake slot: an operator from a third address still gets in at once.
+#[tokio::test]
+async fn floods_from_two_addresses_do_not_lock_an_operator_out() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker = admin_broker(&fleet);
+    let admin = broker.admin.unwrap();
+    let mut flood = Vec::new();
+    for src in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+        for _ in 0..40 {
+            flood.push(tcp_from(src, admin).await.unwrap());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let (code, s) = Client::new(&broker, &fleet, Some(&alice)).get("/api/v1/summary");
+    assert_eq!(code, 200, "{s}");
+    assert!(t.elapsed() < Duration::from_secs(3), "the operator waited {:?} behind the flood", t.elapsed());
+    assert!(broker.metric(&denied("handshake_share")).await >= 1.0, "the flood was not held to its share");
+    drop(flood);
+}
+
+/// A device certificate (valid, admitted by the MQTT rules) gets one 403 on the admin listener
+/// and its connection is closed: it cannot hold admin connections open (each would be a
+/// descriptor of the broker's).
+#[tokio::test]
+async fn a_device_certificate_cannot_hold_admin_connections() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = admin_broker(&fleet);
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.push(Https::connect(&broker, &fleet, &fleet.devices[0], [127, 0, 0, 1]).await.unwrap());
+    }
+    for (i, c) in held.iter_mut().enumerate() {
+        assert!(c.closed_within(Duration::from_secs(5)).await, "connection {i} of a device is still open");
+        assert!(c.unread().starts_with("HTTP/1.1 403"), "connection {i}: {:?}", c.unread());
+    }
+    assert!(broker.metric(&denied("not_operator")).await >= 24.0);
+    broker.wait_refused(Refusal::WrongRole, 24.0, Duration::from_secs(2)).await;
+}
+
+/// An operator's connection that sends no request (or goes quiet after one) is closed after the
+/// header timeout; more connections than the per-identity cap are refused after TLS.
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_header_timeout_and_capped_per_identity() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker = BrokerProc::start(
+        &fleet,
+        &[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-header-timeout-secs",
+            "1",
+            "--admin-max-connections-per-identity",
+            "3",
+        ],
+    );
+    let t = Instant::now();
+    let mut silent = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+    assert!(silent.closed_within(Duration::from_secs(5)).await, "a silent connection stayed open");
+    assert!(t.elapsed() >= Duration::from_millis(800), "closed before the timeout: {:?}", t.elapsed());
+    let mut quiet = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+    assert_eq!(quiet.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+    assert!(quiet.closed_within(Duration::from_secs(5)).await, "an idle kept-alive connection stayed open");
+
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap());
+    }
+    let mut fourth = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+    assert_eq!(fourth.answer(Duration::from_secs(3)).await.map(|a| a.0), Some(429));
+    assert!(fourth.closed_within(Duration::from_secs(3)).await);
+    assert!(broker.metric(&denied("identity_limit")).await >= 1.0);
+    for c in &mut open {
+        assert_eq!(c.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+    }
+}
+
+/// One gate: an expired CRL under the default fail-closed policy refuses an operator on the
+/// admin listener as it refuses a device on MQTT, counted in the same metric.
+#[tokio::test]
+async fn an_expired_crl_refuses_an_operator_on_the_admin_listener_as_a_device_on_mqtt() {
+    use fleet_provision::pki::{self, LoadedCa};
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let home = fleet.home();
+    let ca = LoadedCa::from_pem(
+        &std::fs::read_to_string(home.join("device-ca.pem")).unwrap(),
+        &std::fs::read_to_string(home.join("private/device-ca.key")).unwrap(),
+    )
+    .unwrap();
+    let past = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+    let expired = pki::sign_crl(&ca, 99, &[], past, time::Duration::days(1)).unwrap();
+    std::fs::write(home.join("crl.pem"), expired.pem().unwrap()).unwrap();
+    let broker = admin_broker(&fleet);
+    assert_eq!(broker.metric("fleet_crl_expired").await, 1.0);
+
+    if let Ok(mut device) = Raw::device(broker.mqtt, &fleet.devices[0]).await {
+        assert_eq!(
+            connack_code(&device.mqtt_connect(&fleet.id(0), 30).await),
+            Some(ConnectReturnCode::ServiceUnavailable)
+        );
+    }
+    broker.wait_refused(Refusal::CrlExpired, 1.0, Duration::from_secs(3)).await;
+    let (code, e) = Client::new(&broker, &fleet, Some(&alice)).get("/api/v1/summary");
+    assert_eq!(code, 503, "an operator was let in under an expired CRL: {e}");
+    conforms("Error", &e);
+    broker.wait_refused(Refusal::CrlExpired, 2.0, Duration::from_secs(3)).await;
+}
+
+/// Event streams live as long as their client keeps them: an operator holds at most
+/// `admin_max_event_streams_per_operator`, all operators `admin_max_event_streams`; more get 429.
+#[tokio::test]
+async fn event_streams_are_capped_per_operator_and_in_all() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let bob = operator(&fleet, "bob").await;
+    let broker = BrokerProc::start(
+        &fleet,
+        &[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-max-event-streams-per-operator",
+            "2",
+            "--admin-max-event-streams",
+            "3",
+        ],
+    );
+    let mut streams = Vec::new();
+    for who in [&alice, &alice, &alice, &bob, &bob] {
+        let mut c = Https::connect(&broker, &fleet, who, [127, 0, 0, 1]).await.unwrap();
+        let status = c.get("/api/v1/events").await.map(|a| a.0);
+        streams.push((c, status));
+    }
+    let got: Vec<_> = streams.iter().map(|(_, s)| *s).collect();
+    // alice: 2 streams, the third refused; bob: one more (3 in all), then refused.
+    assert_eq!(got, [Some(200), Some(200), Some(429), Some(200), Some(429)]);
+    assert!(broker.metric("fleet_admin_denied_total{reason=\"event_streams\"}").await >= 2.0);
+    // A stream that ends gives its place back.
+    drop(streams.remove(0));
+    let t = Instant::now();
+    loop {
+        let mut c = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+        if c.get("/api/v1/events").await.map(|a| a.0) == Some(200) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "a closed stream kept its place");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A connection that moves no byte either way for `admin_idle_timeout_secs` is closed, even in
+/// the middle of an answer (an event stream nobody reads or that has nothing to say), where the
+/// header timeout does not run.
+#[tokio::test]
+async fn a_connection_that_moves_nothing_is_closed_after_the_idle_timeout() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let broker =
+        BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--admin-idle-timeout-secs", "1"]);
+    let mut stream = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+    assert_eq!(stream.get("/api/v1/events").await.map(|a| a.0), Some(200));
+    let t = Instant::now();
+    assert!(stream.closed_within(Duration::from_secs(5)).await, "an idle event stream stayed open");
+    assert!(t.elapsed() >= Duration::from_millis(500), "closed before the timeout: {:?}", t.elapsed());
+}
+
+/// Open operator connections are capped per source address after TLS, whoever's certificate
+/// they use; another address is not affected.
+#[tokio::test]
+async fn operator_connections_are_capped_per_source_address() {
+    let fleet = Fleet::new(1, None).await;
+    let alice = operator(&fleet, "alice").await;
+    let bob = operator(&fleet, "bob").await;
+    let broker = BrokerProc::start(
+        &fleet,
+        &["--admin-listen", "127.0.0.1:0", "--admin-max-connections-per-source", "2"],
+    );
+    let mut open = Vec::new();
+    for who in [&alice, &bob] {
+        let mut c = Https::connect(&broker, &fleet, who, [127, 0, 0, 2]).await.unwrap();
+        assert_eq!(c.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+        open.push(c);
+    }
+    let mut third = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 2]).await.unwrap();
+    assert_eq!(third.answer(Duration::from_secs(3)).await.map(|a| a.0), Some(429));
+    assert!(third.closed_within(Duration::from_secs(3)).await);
+    assert!(broker.metric("fleet_admin_denied_total{reason=\"source_limit\"}").await >= 1.0);
+    let mut elsewhere = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 3]).await.unwrap();
+    assert_eq!(elsewhere.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+    for c in &mut open {
+        assert_eq!(c.get("/api/v1/summary").await.map(|a| a.0), Some(200));
+    }
 }

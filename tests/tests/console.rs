@@ -34,7 +34,8 @@ impl Policy {
             panic!("cannot create {POLICY_DIR} ({e}): the browser test writes a Chromium policy there; run as root (CI does)");
         }
         let rule = json!({ "pattern": origin, "filter": { "SUBJECT": { "CN": operator } } }).to_string();
-        let path = dir.join(format!("fleetgate-test-{}.json", std::process::id()));
+        // One file per browser: tests of this binary run at once, each with its own origin.
+        let path = dir.join(format!("fleetgate-test-{}-{}.json", std::process::id(), rand_suffix()));
         std::fs::write(&path, json!({ "AutoSelectCertificateForUrls": [rule] }).to_string())
             .unwrap_or_else(|e| panic!("cannot write {} ({e}): run as root (CI does)", path.display()));
         Policy(path)
@@ -134,6 +135,41 @@ async fn text_becomes(client: &Client, css: &str, want: &str) {
     }
 }
 
+/// Headless Chromium holding the operator's certificate for `origin` (chromedriver and the
+/// policy go when dropped).
+struct Browser {
+    client: Client,
+    _driver: Driver,
+    _policy: Policy,
+}
+
+impl Browser {
+    async fn start(fleet: &Fleet, operator: &Path, name: &str, password: &str, origin: &str) -> Browser {
+        let browser_home = fleet.dir.path().join(format!("browser-{}", rand_suffix()));
+        nss(&browser_home, operator, &fleet.home().join("root-ca.pem"), password);
+        let policy = Policy::auto_select(origin, name);
+        let driver = Driver::start(&browser_home);
+        let caps = json!({
+            "goog:chromeOptions": {
+                "binary": require_program("chromium", "chromium"),
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                    format!("--user-data-dir={}", browser_home.join("profile").display()),
+                ]
+            }
+        });
+        // fantoccini's HTTP client (plain HTTP to chromedriver) builds a rustls config: one provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = ClientBuilder::rustls()
+            .unwrap()
+            .capabilities(caps.as_object().unwrap().clone())
+            .connect(&format!("http://127.0.0.1:{}", driver.1))
+            .await
+            .expect("a WebDriver session with chromedriver");
+        Browser { client, _driver: driver, _policy: policy }
+    }
+}
+
 fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -153,55 +189,45 @@ async fn an_operator_revokes_a_connected_device_from_the_console_in_chromium() {
     let mut device = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
     assert!(matches!(device.mqtt_connect(&target, 30).await, Some(Packet::ConnAck(_))));
 
-    let browser_home = fleet.dir.path().join("browser");
-    nss(&browser_home, &alice, &fleet.home().join("root-ca.pem"), password);
-    let _policy = Policy::auto_select(&origin, "alice");
-    let driver = Driver::start(&browser_home);
-    let caps = json!({
-        "goog:chromeOptions": {
-            "binary": require_program("chromium", "chromium"),
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
-                format!("--user-data-dir={}", browser_home.join("profile").display()),
-            ]
-        }
-    });
-    // fantoccini's HTTP client (plain HTTP to chromedriver) builds a rustls config: one provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = ClientBuilder::rustls()
-        .unwrap()
-        .capabilities(caps.as_object().unwrap().clone())
-        .connect(&format!("http://127.0.0.1:{}", driver.1))
-        .await
-        .expect("a WebDriver session with chromedriver");
+    let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
+    let client = &browser.client;
     // The overview: counts from the registry and the live session.
     client.goto(&format!("{origin}/")).await.unwrap();
-    text_becomes(&client, "#count-active", "3").await;
-    text_becomes(&client, "#sessions-live", "1").await;
-    text_becomes(&client, "#who", "operator alice").await;
-    text_becomes(&client, "#feed-state", "connected").await;
+    text_becomes(client, "#count-active", "3").await;
+    text_becomes(client, "#sessions-live", "1").await;
+    text_becomes(client, "#who", "operator alice").await;
+    text_becomes(client, "#feed-state", "connected").await;
     std::fs::write(screenshots().join("overview.png"), client.screenshot().await.unwrap()).unwrap();
 
     // Device search, then the device's page.
-    wait(&client, "nav a[href='#/devices']").await.click().await.unwrap();
-    wait(&client, "#search input[name=prefix]").await.send_keys(&target).await.unwrap();
-    wait(&client, "#search button").await.click().await.unwrap();
-    wait(&client, &format!("#devices a[href='#/device/{target}']")).await.click().await.unwrap();
-    text_becomes(&client, "#session", "online since").await;
-    text_becomes(&client, "#device-status", "active").await;
+    wait(client, "nav a[href='#/devices']").await.click().await.unwrap();
+    wait(client, "#search input[name=prefix]").await.send_keys(&target).await.unwrap();
+    wait(client, "#search button").await.click().await.unwrap();
+    // The unfiltered list (rendered first) also links the target: wait for the search's answer
+    // (the header row and one device), or the click may land on a replaced element.
+    let t = Instant::now();
+    while client.execute("return document.querySelectorAll('#devices tr').length", vec![]).await.unwrap()
+        != json!(2)
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "the search did not narrow the list to one device");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait(client, &format!("#devices a[href='#/device/{target}']")).await.click().await.unwrap();
+    text_becomes(client, "#session", "online since").await;
+    text_becomes(client, "#device-status", "active").await;
 
     // Revoke through the page, behind its confirmation.
-    wait(&client, "#revoke").await.click().await.unwrap();
+    wait(client, "#revoke").await.click().await.unwrap();
     let reason = client.execute("return document.querySelector('#confirm').open", vec![]).await.unwrap();
     assert_eq!(reason, json!(true), "the confirmation is showing");
     let t = Instant::now();
-    wait(&client, "#confirm-revoke").await.click().await.unwrap();
+    wait(client, "#confirm-revoke").await.click().await.unwrap();
     assert!(device.closed_within(Duration::from_secs(2)).await, "the device's session was not cut");
     let cut_after = t.elapsed();
-    text_becomes(&client, "#device-status", "revoked").await;
-    text_becomes(&client, "#session", "offline").await;
+    text_becomes(client, "#device-status", "revoked").await;
+    text_becomes(client, "#session", "offline").await;
     let feed = format!("#feed div[data-kind=closed][data-device='{target}']");
-    assert!(wait(&client, &feed).await.text().await.unwrap().contains("revoked"));
+    assert!(wait(client, &feed).await.text().await.unwrap().contains("revoked"));
     broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
     assert!(cut_after < Duration::from_millis(1500), "cut {cut_after:?} after the click");
     std::fs::write(screenshots().join("device-revoked.png"), client.screenshot().await.unwrap()).unwrap();
@@ -209,12 +235,217 @@ async fn an_operator_revokes_a_connected_device_from_the_console_in_chromium() {
     // Readable on a phone: no sideways scrolling at 390 px.
     client.set_window_size(390, 844).await.unwrap();
     client.goto(&format!("{origin}/#/")).await.unwrap();
-    text_becomes(&client, "#count-active", "2").await;
+    text_becomes(client, "#count-active", "2").await;
     let fits = client
         .execute("return document.documentElement.scrollWidth <= window.innerWidth + 1", vec![])
         .await
         .unwrap();
     std::fs::write(screenshots().join("overview-phone.png"), client.screenshot().await.unwrap()).unwrap();
     assert_eq!(fits, json!(true), "the overview scrolls sideways on a phone");
-    client.close().await.unwrap();
+    browser.client.clone().close().await.unwrap();
+}
+
+/// An operator's browser, with its certificate, opens a page of another origin (served here
+/// from another localhost port). The page tries both forgeries that need no CORS preflight: an
+/// auto-submitting `enctype=text/plain` form whose body is JSON, and a `no-cors` fetch with a
+/// form-urlencoded JSON body. Neither revokes; the console's own button still does.
+#[tokio::test]
+async fn a_page_on_another_origin_cannot_revoke_through_the_operators_browser() {
+    require_program("chromium", "chromium");
+    let fleet = Fleet::new(3, None).await;
+    let password = "correct horse battery";
+    let alice = fleet.dir.path().join("alice");
+    fleet.station().await.operator_cert("alice", &alice, password).await.unwrap();
+    let broker = BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0"]);
+    let origin = format!("https://{}", broker.admin.unwrap());
+    let revoke = |i: usize| format!("{origin}/api/v1/devices/{}/revoke", fleet.id(i));
+    let form = format!(
+        r#"<!doctype html><form id="f" method="POST" action="{}" enctype="text/plain"><input type="hidden" name='{{"reason":"keyCompromise","x":"' value='"}}'></form><script>document.getElementById("f").submit()</script>"#,
+        revoke(0)
+    );
+    let fetch = format!(
+        r#"<!doctype html><script>fetch("{}", {{method: "POST", mode: "no-cors", credentials: "include", headers: {{"content-type": "application/x-www-form-urlencoded"}}, body: '{{"reason":"keyCompromise"}}'}}).then(() => document.title = "sent", (e) => document.title = "failed " + e)</script>"#,
+        revoke(1)
+    );
+    let evil = serve_pages(vec![("/form", form), ("/fetch", fetch)]).await;
+    let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
+    let client = &browser.client;
+
+    let mut denials = 0.0;
+    for (page, victim) in [("/form", 0), ("/fetch", 1)] {
+        client.goto(&format!("http://{evil}{page}")).await.unwrap();
+        denials += 1.0;
+        let t = Instant::now();
+        loop {
+            assert_eq!(
+                status_of(&fleet, &fleet.id(victim)).await,
+                "active",
+                "the page {page} revoked a device"
+            );
+            if broker.metric("fleet_admin_denied_total{reason=\"cross_origin\"}").await >= denials {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the page {page} sent no request that was refused"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status_of(&fleet, &fleet.id(victim)).await, "active", "the page {page} revoked a device");
+    }
+
+    // The console's own revoke button still works.
+    let target = fleet.id(2);
+    client.goto(&format!("{origin}/#/device/{target}")).await.unwrap();
+    text_becomes(client, "#device-status", "active").await;
+    wait(client, "#revoke").await.click().await.unwrap();
+    wait(client, "#confirm-revoke").await.click().await.unwrap();
+    text_becomes(client, "#device-status", "revoked").await;
+    assert_eq!(status_of(&fleet, &target).await, "revoked");
+    browser.client.clone().close().await.unwrap();
+}
+
+/// Markup in values the API returns shows as text: no element is made of it and no handler
+/// runs, neither the `onerror` of an image nor the `ontoggle` of an open `<details>` nor an SVG
+/// animation's `onbegin`, each of which would mark the page and revoke another device in the
+/// operator's name. The values come from where a console cannot trust them: registry rows
+/// (written with SQL here, as a compromised station could) and another node's answer over the
+/// cluster bus (a peer on NATS answers `fleet.admin.q` with a session and events of markup).
+#[tokio::test]
+async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
+    use futures_util::StreamExt;
+    require_program("chromium", "chromium");
+    let pg = fleet_tests::PgCluster::start();
+    let fleet = Fleet::new(3, Some(pg.create_database("fleet"))).await;
+    let nats = bus::start(&fleet);
+    let password = "correct horse battery";
+    let alice = fleet.dir.path().join("alice");
+    fleet.station().await.operator_cert("alice", &alice, password).await.unwrap();
+    let victim = fleet.id(2);
+    let act = |marker: &str| {
+        format!(
+            "document.documentElement.dataset.pwned='{marker}';fetch('/api/v1/devices/{victim}/revoke',{{method:'POST',headers:{{'content-type':'application/json','x-fleetgate-request':'1'}},body:JSON.stringify({{reason:'keyCompromise'}})}})"
+        )
+    };
+    let img = format!(r#"<img src=x onerror="{}">"#, act("img"));
+    let details = format!(r#"<details open ontoggle="{}">"#, act("details"));
+    let svg = format!(r#"<svg><animate onbegin="{}" attributeName=x dur=1s>"#, act("svg"));
+    let st = fleet.station().await;
+    for (i, (key_source, reason)) in [(&img, &details), (&svg, &img)].into_iter().enumerate() {
+        sqlx::query("UPDATE certificates SET key_source = $1, revocation_reason = $2 WHERE device_id = $3")
+            .bind(key_source)
+            .bind(reason)
+            .bind(fleet.id(i))
+            .execute(st.registry().pool())
+            .await
+            .unwrap();
+    }
+    // A node of the bus (a compromised one: only nodes may answer) answers every question, with
+    // markup in every string and in the session's counters (a node's answer is JSON, its values
+    // any JSON).
+    let peer = bus::client(&nats, "n3").await;
+    let mut questions = peer.subscribe("fleet.admin.q").await.unwrap();
+    let (img_a, details_a, svg_a) = (img.clone(), details.clone(), svg.clone());
+    let liar = tokio::spawn({
+        let peer = peer.clone();
+        async move {
+            while let Some(m) = questions.next().await {
+                let (Some(to), Ok(q)) = (m.reply, serde_json::from_slice::<serde_json::Value>(&m.payload))
+                else {
+                    continue;
+                };
+                let devices = q["devices"].clone();
+                let first = devices[0].clone();
+                let answer = json!({
+                    "node": img_a, "sessions_live": 1, "counts": [["refused", details_a, 1]],
+                    "online": devices,
+                    "sessions": [{
+                        "node": svg_a, "peer": details_a, "since_ms": 0, "serial": img_a,
+                        "not_after": 0, "received": img_a, "sent": svg_a,
+                    }],
+                    "events": [{
+                        "at_ms": 1, "kind": "refused", "reason": img_a, "device": first,
+                        "serial": details_a, "peer": svg_a,
+                    }],
+                });
+                let _ = peer.publish_with_headers(to, bus::from_node(), answer.to_string().into()).await;
+            }
+        }
+    });
+    let broker = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
+    let origin = format!("https://{}", broker.admin.unwrap());
+    let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
+    let client = &browser.client;
+    for i in 0..2 {
+        client.goto(&format!("{origin}/#/device/{}", fleet.id(i))).await.unwrap();
+        text_becomes(client, "#device-status", "active").await;
+        text_becomes(client, "#session", "online since").await;
+        // Handlers would have run by now (an image error, a toggle, an animation start).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let marker =
+            client.execute("return document.documentElement.dataset.pwned || null", vec![]).await.unwrap();
+        assert_eq!(marker, json!(null), "a handler from an API value ran");
+        assert_eq!(status_of(&fleet, &victim).await, "active", "script from an API value revoked a device");
+        let made = client
+            .execute("return document.querySelectorAll('#view img, #view details, #view svg').length", vec![])
+            .await
+            .unwrap();
+        assert_eq!(made, json!(0), "elements were made of API values");
+        let shown = wait(client, "#device").await.text().await.unwrap();
+        let want = if i == 0 { "<details open ontoggle=" } else { "<svg><animate onbegin=" };
+        assert!(shown.contains("<img src=x onerror=") && shown.contains(want), "{shown}");
+    }
+    // The overview shows another node's refusal reasons too.
+    client.goto(&format!("{origin}/#/")).await.unwrap();
+    text_becomes(client, "#refusals", "<details open ontoggle=").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let marker =
+        client.execute("return document.documentElement.dataset.pwned || null", vec![]).await.unwrap();
+    assert_eq!(marker, json!(null), "a handler from an API value ran");
+    assert_eq!(status_of(&fleet, &victim).await, "active", "script from an API value revoked a device");
+    browser.client.clone().close().await.unwrap();
+    liar.abort();
+}
+
+async fn status_of(fleet: &Fleet, device: &str) -> String {
+    let st = fleet.station().await;
+    sqlx::query_scalar("SELECT status FROM devices WHERE device_id = $1")
+        .bind(device)
+        .fetch_one(st.registry().pool())
+        .await
+        .unwrap()
+}
+
+/// A plain-HTTP server on another localhost port (another origin) serving `pages` by path.
+async fn serve_pages(pages: Vec<(&'static str, String)>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let pages = pages.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => req.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&req);
+                let path = text.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = match pages.iter().find(|(p, _)| *p == path) {
+                    Some((_, b)) => ("200 OK", b.clone()),
+                    None => ("404 Not Found", String::new()),
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
 }

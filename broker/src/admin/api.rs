@@ -5,9 +5,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,9 +15,9 @@ use fleet_registry::{DeviceId, DeviceQuery, RevocationReason, Role, Status};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use super::auth::Op;
 use super::views::{self, Query as Ask};
-use super::{Admin, Peer};
-use crate::auth::Identity;
+use super::Admin;
 use crate::events::{Kind, MINUTES};
 use crate::now_unix;
 
@@ -29,7 +28,7 @@ pub(crate) const OPENAPI: &str = include_str!("openapi.json");
 
 /// An error answer.
 #[derive(Debug)]
-pub(crate) struct ApiError(StatusCode, &'static str, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) &'static str, pub(crate) String);
 
 impl ApiError {
     fn bad(message: impl Into<String>) -> Self {
@@ -50,26 +49,11 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The operator making the request (any other identity: 403).
-pub(crate) struct Op(pub(crate) Identity, pub(crate) std::net::SocketAddr);
-
-impl<S: Send + Sync> FromRequestParts<S> for Op {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        match parts.extensions.get::<ConnectInfo<Peer>>().map(|c| (&c.0.who, c.0.addr)) {
-            Some((Ok(id), addr)) => Ok(Op(id.clone(), addr)),
-            Some((Err(why), _)) => {
-                Err(ApiError(StatusCode::FORBIDDEN, "forbidden", format!("{why}: operators only")))
-            }
-            None => Err(ApiError(StatusCode::FORBIDDEN, "forbidden", "no client identity".into())),
-        }
-    }
-}
-
 pub(crate) fn router(admin: Admin) -> Router {
     Router::new()
         .route("/", get(super::page::index))
+        .route("/console.js", get(super::page::script))
+        .route("/console.css", get(super::page::style))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/summary", get(summary))
         .route("/api/v1/devices", get(devices))
@@ -267,9 +251,19 @@ async fn revoke(
     body: Body,
 ) -> ApiResult {
     let id = device_id(&id)?;
-    let body = to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {MAX_BODY} bytes"))
-    })?;
+    // The body within the header deadline too: a client that trickles it holds nothing long.
+    let deadline = admin.shared.config.admin_header_timeout();
+    let body = match tokio::time::timeout(deadline, to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is over {MAX_BODY} bytes"),
+            ))
+        }
+        Err(_) => return Err(ApiError::bad("the body did not arrive in time")),
+    };
     let reasons = || RevocationReason::ALL.map(|r| r.as_str()).join(", ");
     let v: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the body is not JSON: {e}")))?;

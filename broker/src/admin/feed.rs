@@ -1,22 +1,50 @@
-//! `GET /api/v1/events`: admissions, refusals and session ends as server-sent events.
+//! `GET /api/v1/events`: admissions, refusals and session ends as server-sent events. A stream
+//! lives as long as its client keeps it, so they are capped: `admin_max_event_streams` in all,
+//! `admin_max_event_streams_per_operator` per operator (more: 429).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 
-use super::api::Op;
+use super::api::ApiError;
+use super::auth::Op;
 use super::Admin;
+use crate::listener::{Tally, TallySlot};
+use crate::metrics::AdminDenial;
+
+/// Live event streams.
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    all: Arc<Tally<()>>,
+    per_operator: Arc<Tally<String>>,
+}
 
 /// Server-sent events: the newest 20 events, then each one as it happens (`event:` is the
 /// kind, `data:` the JSON of an event).
 pub(crate) async fn events(
-    _: Op,
+    Op(op, _): Op,
     State(admin): State<Admin>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let shared = admin.shared.clone();
+    let config = &shared.config;
+    let held: Option<(TallySlot<()>, TallySlot<String>)> = admin
+        .streams
+        .per_operator
+        .enter(op.id.to_string(), config.admin_max_event_streams_per_operator)
+        .and_then(|mine| Some((admin.streams.all.enter((), config.admin_max_event_streams)?, mine)));
+    let Some(held) = held else {
+        shared.metrics.admin_denied(AdminDenial::EventStreams);
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            "too many live event streams (in all or of this operator)".into(),
+        ));
+    };
     let rx = shared.events.subscribe();
     let mut backlog = shared.events.recent(None, None, 20);
     backlog.reverse();
@@ -24,7 +52,8 @@ pub(crate) async fn events(
         Ok(SseEvent::default().event(e.kind.label()).data(serde_json::to_string(e).unwrap_or_default()))
     };
     let first: Vec<_> = backlog.iter().map(sse).collect();
-    let live = stream::unfold(rx, move |mut rx| async move {
+    // The stream holds its places under the caps until it ends.
+    let live = stream::unfold((rx, held), move |(mut rx, held)| async move {
         let next = match rx.recv().await {
             Ok(e) => sse(&e),
             // A subscriber that fell behind is told how many events it missed.
@@ -33,9 +62,9 @@ pub(crate) async fn events(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
         };
-        Some((next, rx))
+        Some((next, (rx, held)))
     });
     let stop = shared.shutdown.clone().cancelled_owned();
-    Sse::new(stream::iter(first).chain(live).take_until(stop))
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok(Sse::new(stream::iter(first).chain(live).take_until(stop))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

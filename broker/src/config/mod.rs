@@ -81,6 +81,26 @@ value::settings! {
     /// Registry URL the admin API revokes through (a role that may revoke; the broker's own
     /// PostgreSQL role may not). Default: `database_url`.
     admin_database_url: Option<String> = None;
+    /// Admin listener: most TLS handshakes in progress at once. A source address gets at most
+    /// `max_pre_admission_per_source` of them and at most its fair share (this divided by the
+    /// addresses holding slots, plus one kept for a newcomer), so floods from a few addresses
+    /// cannot take them all.
+    admin_handshakes: usize = 64;
+    /// Admin listener: a request's headers must arrive within this many seconds of the
+    /// connection (or of the previous answer); otherwise the connection is closed.
+    admin_header_timeout_secs: f64 = 10.0;
+    /// Admin listener: a connection that moves no byte either way for this long is closed
+    /// (an event stream sends a keep-alive every 15 s), seconds.
+    admin_idle_timeout_secs: f64 = 60.0;
+    /// Admin listener: most open connections of one operator certificate; more get 429.
+    admin_max_connections_per_identity: usize = 16;
+    /// Admin listener: most open operator connections from one source address (IPv6: one
+    /// /64); more get 429.
+    admin_max_connections_per_source: usize = 32;
+    /// Admin listener: most live event streams (`/api/v1/events`) in all; more get 429.
+    admin_max_event_streams: usize = 32;
+    /// Admin listener: most live event streams of one operator; more get 429.
+    admin_max_event_streams_per_operator: usize = 4;
     /// Broker certificate chain (PEM); default HOME/broker-tls/cert.pem.
     cert: Option<PathBuf> = None;
     /// Broker private key (PEM); default HOME/broker-tls/key.pem.
@@ -211,6 +231,8 @@ impl Config {
         secs(self.log_interval_secs, "log_interval_secs")?;
         secs(self.nats_duplicate_window_secs, "nats_duplicate_window_secs")?;
         secs(self.nats_timeout_secs, "nats_timeout_secs")?;
+        secs(self.admin_header_timeout_secs, "admin_header_timeout_secs")?;
+        secs(self.admin_idle_timeout_secs, "admin_idle_timeout_secs")?;
         if self.nats_replicas == 0 || self.nats_replicas > 5 {
             return Err(ConfigError::Range(
                 "nats_replicas must be between 1 and 5 (JetStream's limit)".into(),
@@ -228,6 +250,11 @@ impl Config {
             (self.max_queued_messages, "max_queued_messages"),
             (self.store_batch, "store_batch"),
             (self.max_parked_sessions, "max_parked_sessions"),
+            (self.admin_handshakes, "admin_handshakes"),
+            (self.admin_max_connections_per_identity, "admin_max_connections_per_identity"),
+            (self.admin_max_connections_per_source, "admin_max_connections_per_source"),
+            (self.admin_max_event_streams, "admin_max_event_streams"),
+            (self.admin_max_event_streams_per_operator, "admin_max_event_streams_per_operator"),
         ] {
             if v == 0 {
                 return Err(ConfigError::Range(format!("{name} must be at least 1")));
@@ -329,6 +356,16 @@ impl Config {
     /// Interval of rate-limited log lines.
     pub fn log_interval(&self) -> Duration {
         Duration::from_secs_f64(self.log_interval_secs)
+    }
+
+    /// Admin listener: deadline for a request's headers.
+    pub fn admin_header_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.admin_header_timeout_secs)
+    }
+
+    /// Admin listener: a connection that moves no byte for this long is closed.
+    pub fn admin_idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.admin_idle_timeout_secs)
     }
 
     /// CONNECT deadline.

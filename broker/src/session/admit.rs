@@ -1,5 +1,7 @@
 //! Admission: the TLS handshake's outcome, the identity in the certificate, the registry's
-//! verdict. Each step either yields what the next needs or a [`Refusal`].
+//! verdict. Each step either yields what the next needs or a [`Refusal`]. [`gate`] runs them in
+//! order and is the one front door of both listeners: MQTT then binds CONNECT to the identity,
+//! the admin listener requires role `operator` (and asks [`admit`] again at every request).
 //!
 //! The registry is asked once per certificate: verdicts of active certificates are kept in an
 //! [`AdmissionCache`] fed by the revocation feed. An entry is used only while the feed's last
@@ -95,6 +97,30 @@ pub(crate) async fn handshake(
         },
         _ = shared.shutdown.cancelled() => Err(None),
     }
+}
+
+/// A connection through the TLS handshake, with the gate's verdict on its certificate.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub(crate) tls: Box<Tls>,
+    /// The client certificate (DER), for the refusal's log line and later re-checks.
+    pub(crate) cert: Vec<u8>,
+    /// The identity, if the CRL policy, the revocation feed and the registry admit it.
+    pub(crate) verdict: Result<Identity, Refusal>,
+}
+
+/// The gate: the handshake within its deadline, the client certificate, then [`admit`].
+/// `Err(Some)`: no TLS session (nothing to answer on); `Err(None)`: the broker is stopping.
+/// Each step's future is boxed (see [`handshake`]).
+pub(crate) async fn gate(
+    shared: &Shared,
+    sock: TcpStream,
+    peer: SocketAddr,
+) -> Result<Admission, Option<Refusal>> {
+    let tls = Box::pin(handshake(shared, sock, peer)).await?;
+    let cert = peer_certificate(&tls).map_err(Some)?;
+    let verdict = Box::pin(admit(shared, &cert)).await;
+    Ok(Admission { tls, cert, verdict })
 }
 
 /// The client certificate rustls verified (DER).

@@ -71,7 +71,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
                     return shared.refused(Refusal::ProxyHeader, peer, None);
                 }
             };
-            match sources.enter(client.ip(), shared.config.max_pre_admission_per_source) {
+            match sources
+                .enter(crate::listener::Source::of(client.ip()), shared.config.max_pre_admission_per_source)
+            {
                 Some(p) => (client, p),
                 None => {
                     debug!(peer = %client, "connection refused: too many unauthenticated connections from this address");
@@ -80,18 +82,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
             }
         }
     };
-    let tls = match Box::pin(admit::handshake(&shared, sock, peer)).await {
-        Ok(tls) => tls,
-        Err(Some(refusal)) => return shared.refused(refusal, peer, None),
-        Err(None) => return,
-    };
-    let cert = match admit::peer_certificate(&tls) {
-        Ok(c) => c,
-        Err(refusal) => return shared.refused(refusal, peer, None),
-    };
-    // Boxed, like the handshake: the registry query is a big future that is never live together
-    // with the session loop, and a connection task should not carry it for its whole life.
-    let admission = Box::pin(admit::admit(&shared, &cert)).await;
+    // Boxed: the handshake and the registry query are big futures that are never live together
+    // with the session loop, and a connection task should not carry them for its whole life.
+    let admit::Admission { tls, cert, verdict: admission } =
+        match Box::pin(admit::gate(&shared, sock, peer)).await {
+            Ok(a) => a,
+            Err(Some(refusal)) => return shared.refused(refusal, peer, None),
+            Err(None) => return,
+        };
     let mut conn = Conn::new(tls, shared.config.max_packet_size, shared.config.write_timeout());
     let bound = match connect::bind(&shared, &mut conn, admission).await {
         Ok(bound) => bound,

@@ -105,6 +105,8 @@ pub(crate) struct LiveSession {
 struct Inner {
     live: HashMap<String, LiveSession>,
     revoked: HashSet<SerialNumber>,
+    /// Connections of other listeners (the admin API), by certificate, then connection id.
+    attached: HashMap<SerialNumber, HashMap<u64, Kick>>,
 }
 
 /// Live sessions by session key (the device id; a claim session's client id).
@@ -138,11 +140,37 @@ impl Sessions {
         }
     }
 
+    /// Attaches a connection of another listener (the admin API) to its certificate: the
+    /// revocation feed cuts it as it cuts an MQTT session, and one whose serial the feed
+    /// already reported is cut at once (the same race, closed the same way). Detach it when it
+    /// ends.
+    pub(crate) fn attach(&self, serial: &SerialNumber, conn_id: u64, kick: &Kick) {
+        let mut m = self.lock();
+        if m.revoked.contains(serial) {
+            kick.cut(CloseReason::Revoked);
+        }
+        m.attached.entry(serial.clone()).or_default().insert(conn_id, kick.clone());
+    }
+
+    /// Forgets an attached connection.
+    pub(crate) fn detach(&self, serial: &SerialNumber, conn_id: u64) {
+        let mut m = self.lock();
+        if let Some(conns) = m.attached.get_mut(serial) {
+            conns.remove(&conn_id);
+            if conns.is_empty() {
+                m.attached.remove(serial);
+            }
+        }
+    }
+
     /// Records that certificate `serial` of `id` is revoked and cuts the session running on it,
-    /// if any. Returns whether one was cut.
+    /// if any, and every connection attached to it. Returns whether a session was cut.
     pub(crate) fn kick_serial(&self, id: &DeviceId, serial: &SerialNumber) -> bool {
         let mut m = self.lock();
         m.revoked.insert(serial.clone());
+        for kick in m.attached.remove(serial).into_iter().flat_map(HashMap::into_values) {
+            kick.cut(CloseReason::Revoked);
+        }
         match m.live.get(id.as_str()) {
             Some(s) if &s.serial == serial => {
                 s.kick.cut(CloseReason::Revoked);
@@ -243,6 +271,24 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.remove("d", 2);
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn attached_connections_are_cut_by_their_certificates_revocation_before_or_after() {
+        let t = Sessions::default();
+        let (serial, other) = (SerialNumber::random(), SerialNumber::random());
+        let (a, b, c) = (Kick::default(), Kick::default(), Kick::default());
+        t.attach(&serial, 1, &a);
+        t.attach(&serial, 2, &b);
+        t.attach(&other, 3, &c);
+        assert!(!t.kick_serial(&id("op"), &serial), "no MQTT session to cut");
+        assert!(a.is_cut() && b.is_cut(), "both connections of the revoked certificate");
+        assert!(!c.is_cut(), "another certificate's connection");
+        let late = Kick::default();
+        t.attach(&serial, 4, &late);
+        assert_eq!(late.reason(), Some(CloseReason::Revoked), "attached after the report: cut at once");
+        t.detach(&other, 3);
+        t.detach(&serial, 4);
     }
 
     #[test]

@@ -1,0 +1,170 @@
+// The operator console over the JSON API. Every value from an answer is set as text
+// (`h()` makes text nodes, attributes are set with setAttribute): values come from the registry
+// and from other nodes' answers over the cluster bus, and are never parsed as HTML. The page's
+// CSP allows no inline script or handler (script-src 'self').
+"use strict";
+const $ = (s, el = document) => el.querySelector(s);
+const when = (s) => s == null ? "" : new Date(s * 1000).toISOString().replace("T", " ").slice(0, 19);
+
+// An element: `props` are attributes (strings), `class`, `data-*`; children are elements or text.
+function h(tag, props, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v != null && v !== false) el.setAttribute(k, String(v));
+  }
+  for (const c of children.flat()) {
+    if (c == null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+const show = (...sections) => $("#view").replaceChildren(...sections);
+const deviceLink = (id) => h("a", { href: "#/device/" + encodeURIComponent(id) }, id);
+
+// Every state-changing call is JSON with the request header (docs/spec/admin-api.md).
+async function api(path, opts) {
+  const r = await fetch("/api/v1/" + path, opts);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error ? body.error.message : r.status);
+  return body;
+}
+function fail(e) { show(h("section", { class: "wide bad", id: "error" }, String(e.message))); }
+
+function card(value, label, props) {
+  return h("div", { class: "card" }, h("b", props || {}, value), h("span", {}, label));
+}
+
+async function overview() {
+  const s = await api("summary?expiring_within_days=30");
+  const refused = Object.entries(s.refused).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+  const max = Math.max(1, ...refused.map(([, n]) => n));
+  const log = s.issuance_log;
+  const bars = refused.length ? refused.map(([r, n]) => {
+    const bar = h("i");
+    bar.style.width = Math.round(60 * n / max) + "%";
+    return h("div", { class: "bar" }, h("span", {}, r), bar, n);
+  }) : [h("p", { class: "muted" }, "none")];
+  const crl = s.crl
+    ? h("dd", {}, `#${s.crl.number}, ${Math.round(s.crl.age_seconds / 3600)} h old, `,
+      s.crl.expired ? h("b", { class: "bad" }, "expired") : "next update in " + Math.round(s.crl.next_update_seconds / 3600) + " h")
+    : h("dd", {}, h("span", { class: "muted" }, "none loaded"));
+  const expiring = s.expiring.first.length
+    ? s.expiring.first.map((e) => h("tr", {}, h("td", {}, deviceLink(e.device)), h("td", {}, when(e.not_after))))
+    : [h("tr", {}, h("td", { colspan: 2, class: "muted" }, "none"))];
+  show(
+    h("section", { class: "wide", id: "overview" }, h("h2", {}, "Fleet on ", s.node), h("div", { class: "cards" },
+      card(s.devices.active, "active devices", { id: "count-active" }),
+      card(s.devices.revoked, "revoked"),
+      card(s.sessions_live, "live sessions", { id: "sessions-live" }),
+      card(s.admitted, `admitted, ${s.window_minutes} min`),
+      card(refused.reduce((a, [, n]) => a + n, 0), `refused, ${s.window_minutes} min`),
+      card(s.expiring.count, `certs expiring in ${s.expiring.within_days} d`, { class: s.expiring.count ? "bad" : "ok" }))),
+    h("section", {}, h("h2", {}, `Refusals by reason (${s.window_minutes} min)`), h("div", { id: "refusals" }, bars)),
+    h("section", {}, h("h2", {}, "Health"), h("dl", {},
+      h("dt", {}, "CRL"), crl,
+      h("dt", {}, "Issuance log"),
+      h("dd", { class: log.ok ? "ok" : "bad" }, log.ok ? `verified, ${log.entries} entries` : (log.error || log.disagreements + " disagreements")))),
+    h("section", {}, h("h2", {}, "Expiring certificates"),
+      h("table", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "notAfter")), expiring)));
+}
+
+async function devices(params) {
+  const q = new URLSearchParams(params);
+  const page = await api("devices?" + q);
+  const status = q.get("status");
+  const search = h("form", { class: "search", id: "search" },
+    h("input", { name: "prefix", placeholder: "id starts with", "aria-label": "id prefix" }),
+    h("select", { name: "status", "aria-label": "status" },
+      h("option", { value: "" }, "any status"),
+      h("option", { selected: status === "active" }, "active"),
+      h("option", { selected: status === "revoked" }, "revoked")),
+    h("button", {}, "Search"));
+  search.elements.prefix.value = q.get("prefix") || "";
+  search.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    location.hash = "#/devices?" + new URLSearchParams(new FormData(ev.target));
+  });
+  const rows = page.devices.map((d) => h("tr", {},
+    h("td", {}, deviceLink(d.device)),
+    h("td", { class: d.status === "active" ? "ok" : "bad" }, d.status),
+    h("td", {}, d.online ? "online" : ""),
+    h("td", {}, when(d.not_after))));
+  const next = page.next
+    ? h("p", {}, h("a", { id: "next", href: "#/devices?" + new URLSearchParams({ ...Object.fromEntries(q), after: page.next }) }, "next page"))
+    : null;
+  show(h("section", { class: "wide" }, h("h2", {}, "Devices"), search,
+    h("table", { id: "devices" },
+      h("tr", {}, h("th", {}, "Device"), h("th", {}, "Status"), h("th", {}, "Online"), h("th", {}, "Certificate until")),
+      rows),
+    next));
+}
+
+async function device(id) {
+  const d = await api("devices/" + encodeURIComponent(id));
+  const s = d.session;
+  const refusals = d.last_refusals.length ? d.last_refusals.join(", ") : h("span", { class: "muted" }, "none");
+  const certs = d.certificates.map((c) => h("tr", {},
+    h("td", {}, c.serial),
+    h("td", {}, c.status, c.revocation_reason ? ` (${c.revocation_reason})` : ""),
+    h("td", {}, when(c.not_after)),
+    h("td", {}, c.key_source)));
+  const revoke = d.status === "active" ? h("p", {}, h("button", { class: "danger", id: "revoke" }, "Revoke…")) : null;
+  if (revoke) {
+    revoke.firstChild.addEventListener("click", () => {
+      $("#confirm-id").textContent = d.device;
+      $("#confirm").showModal();
+    });
+  }
+  show(h("section", { class: "wide", id: "device", "data-device": d.device },
+    h("h2", {}, d.device, " ", h("span", { id: "device-status", class: d.status === "active" ? "ok" : "bad" }, d.status)),
+    h("dl", {},
+      h("dt", {}, "Session"),
+      h("dd", { id: "session" }, s ? `online since ${when(s.since_ms / 1000)} from ${s.peer}, ${s.received} in / ${s.sent} out` : "offline"),
+      h("dt", {}, "Last refusals"), h("dd", {}, refusals)),
+    revoke,
+    h("h2", {}, "Certificates"),
+    h("table", {}, h("tr", {}, h("th", {}, "Serial"), h("th", {}, "Status"), h("th", {}, "notAfter"), h("th", {}, "Key")), certs)));
+}
+
+$("#confirm").addEventListener("close", async () => {
+  if ($("#confirm").returnValue !== "revoke") return;
+  const id = $("#confirm-id").textContent;
+  try {
+    await api(`devices/${encodeURIComponent(id)}/revoke`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-fleetgate-request": "1" },
+      body: JSON.stringify({ reason: $("#confirm-reason").value }),
+    });
+    await device(id);
+  } catch (e) { fail(e); }
+});
+
+function route() {
+  const hash = location.hash.slice(1) || "/";
+  const [path, query] = hash.split("?");
+  const p = path.startsWith("/device/") ? device(decodeURIComponent(path.slice(8)))
+    : path === "/devices" ? devices(query || "") : overview();
+  p.catch(fail);
+}
+window.addEventListener("hashchange", route);
+route();
+
+function feed() {
+  const es = new EventSource("/api/v1/events");
+  es.onopen = () => { $("#feed-state").textContent = "(connected)"; };
+  es.onerror = () => { $("#feed-state").textContent = "(reconnecting)"; };
+  for (const kind of ["admitted", "refused", "closed"]) {
+    es.addEventListener(kind, (m) => {
+      const e = JSON.parse(m.data);
+      const row = document.createElement("div");
+      row.className = kind === "admitted" ? "ok" : kind === "refused" ? "bad" : "";
+      row.dataset.kind = kind; row.dataset.device = e.device || "";
+      row.textContent = `${new Date(e.at_ms).toISOString().slice(11, 19)} ${kind} ${e.reason} ${e.device || "-"} ${e.peer}`;
+      $("#feed").prepend(row);
+      while ($("#feed").children.length > 200) $("#feed").lastChild.remove();
+      const open = $("#device");
+      if (open && open.dataset.device === e.device && kind !== "refused") device(e.device).catch(fail);
+    });
+  }
+}
+feed();
