@@ -261,7 +261,10 @@ fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else { continue };
         if meta.is_dir() {
-            if p.file_name().is_some_and(|n| n == "target") {
+            // A binary is not rebuilt when only an example (or the tests) of its crate changed.
+            let skipped = p.file_name().is_some_and(|n| n == "target")
+                || (bin == "fleet-broker" && p.file_name().is_some_and(|n| n == "examples"));
+            if skipped {
                 continue;
             }
             if let Ok(entries) = std::fs::read_dir(&p) {
@@ -385,6 +388,8 @@ impl NatsServer {
         vec![
             "--nats".into(),
             self.url(),
+            "--nats-readers".into(),
+            READER.into(),
             "--nats-ca".into(),
             file("broker-trust.pem"),
             "--nats-cert".into(),

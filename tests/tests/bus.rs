@@ -86,7 +86,6 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
         .add_root_certificates(trust.clone())
         .add_client_certificate(reader_dir.join("cert.pem"), reader_dir.join("key.pem"))
         .require_tls(true)
-        .custom_inbox_prefix("_INBOX_analytics")
         .event_callback(move |e| {
             let seen = seen.clone();
             async move {
@@ -168,22 +167,48 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
     assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
     assert_eq!(nats.stream_messages("FLEET"), stored_before, "the reader stored a message");
 
-    // What it may do: read the stream through its own consumer (cluster_ha runs the example
-    // consumer end to end); the nodes' SQL-sink consumer is not its.
+    // What it may do: fetch from the consumer the nodes made for it (cluster_ha runs the
+    // example consumer end to end). It may not make or change a consumer (a push consumer
+    // delivering onto the nodes' subjects), nor reach the nodes' SQL-sink consumer, nor name a
+    // reply subject that lands in the nodes' account (a stored subject: re-stored forever).
+    let fetch = |consumer: &str, reply: String| {
+        let reader = reader.clone();
+        let subject = format!("$JS.API.CONSUMER.MSG.NEXT.FLEET.{consumer}");
+        async move {
+            let mut sub = reader.subscribe(reply.clone()).await.unwrap();
+            reader
+                .publish_with_reply(subject, reply, r#"{"batch":1,"expires":1000000000}"#.into())
+                .await
+                .unwrap();
+            reader.flush().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(3), futures_util::StreamExt::next(&mut sub))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let got = fetch("analytics", reader.new_inbox()).await.expect("no answer from its own consumer");
+    assert!(got.status.is_some() || got.reply.is_some(), "{got:?}");
+    let before = nats.stream_messages("FLEET");
+    let _ = fetch("analytics", format!("fleet.m.devices.{victim}.telemetry")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(nats.stream_messages("FLEET"), before, "a reply subject wrote into the stream");
     let js = async_nats::jetstream::new(reader.clone());
-    let stream = js.get_stream("FLEET").await.unwrap();
-    let own = stream
-        .get_or_create_consumer(
-            "analytics",
-            async_nats::jetstream::consumer::pull::Config {
-                durable_name: Some("analytics".into()),
+    let made = js
+        .create_consumer_on_stream(
+            async_nats::jetstream::consumer::push::Config {
+                durable_name: Some("analytics-push".into()),
+                deliver_subject: format!("fleet.s.{id}"),
                 ..Default::default()
             },
+            "FLEET",
         )
         .await;
-    assert!(own.is_ok(), "{own:?}");
-    let theirs = stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>("fleet-sql-sink").await;
-    assert!(theirs.is_err(), "the reader reached the nodes' SQL sink consumer");
+    assert!(made.is_err(), "the reader made a consumer");
+    assert!(
+        fetch("fleet-sql-sink", reader.new_inbox()).await.is_none(),
+        "the reader fetched from the SQL sink"
+    );
 }
 
 /// Defence in depth: with a node's own identity (a compromised or buggy node), a message is

@@ -188,9 +188,20 @@ impl Cluster {
             config.nats_replicas,
             Duration::from_secs_f64(config.nats_duplicate_window_secs),
         );
-        js.get_or_create_stream(want)
+        let fleet_stream = js
+            .get_or_create_stream(want)
             .await
             .map_err(|source| ClusterError::Stream { stream: config.nats_stream.clone(), source })?;
+        // The readers' consumers: a reader may only fetch from and acknowledge its own, so the
+        // nodes make it (validated with the configuration).
+        for (name, filter) in config.nats_readers().unwrap_or_default() {
+            let made =
+                fleet_stream.get_or_create_consumer(&name, stream::reader_consumer(&name, &filter)).await;
+            match made {
+                Ok(_) => info!(consumer = %name, %filter, "stream reader's consumer ready"),
+                Err(e) => warn!(consumer = %name, error = %e, "stream reader's consumer not created"),
+            }
+        }
         info!(url = %shown, tls = security.tls, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
         Ok(Self { client, js, node_id: rand::random(), metrics: metrics.clone(), subs: Mutex::default() })
     }

@@ -51,6 +51,20 @@ pub(crate) fn stream_config(name: &str, replicas: usize, duplicate_window: Durat
     }
 }
 
+/// A stream reader's durable pull consumer (`nats_readers`): the stored subjects of `filter`
+/// (nats-server 2.9 takes one filter subject: the first of a `…/#` filter covers every topic a
+/// device publishes), explicit acknowledgements.
+pub(crate) fn reader_consumer(name: &str, filter: &str) -> pull::Config {
+    pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject: subject::stored_filter_subjects(filter).into_iter().next().unwrap_or_default(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
 /// The de-duplication id of a QoS 1 message: the same for a device's retransmission of it,
 /// whichever node it arrives at.
 pub(crate) fn message_id(device: &str, pkid: u16, topic: &str, payload: &[u8]) -> String {

@@ -52,6 +52,11 @@ value::settings! {
     /// A file holding this node's NATS nkey seed (`SU...`, mode 0600), for a server that lists
     /// the node's public nkey as a user; instead of or besides a certificate.
     nats_nkey: Option<PathBuf> = None;
+    /// Stream readers' durable pull consumers this node creates on the stream (if missing):
+    /// `name` or `name=<MQTT filter>`, comma-separated, e.g. `analytics=devices/+/telemetry`.
+    /// A reader (`fleet-provision node-cert --stream-reader --name <name>`) may only fetch from
+    /// and acknowledge its own consumer (`deploy/nats/nats-server.conf`); it cannot create one.
+    nats_readers: String = String::new();
     /// Lets a node join a NATS server without TLS or credentials. For a development NATS on
     /// loopback only: anyone who reaches such a server can forge device messages, commands and
     /// revocations. Logged as a warning at start.
@@ -272,6 +277,7 @@ impl Config {
         if let Some(url) = &self.nats {
             self.nats_security(url)?;
         }
+        self.nats_readers()?;
         if self.nats.is_some() && !self.database_url().starts_with("postgres") {
             return Err(ConfigError::Range(
                 "nats (a cluster) needs a PostgreSQL registry shared by the nodes: set database_url to postgres://...".into(),
@@ -321,6 +327,30 @@ impl Config {
             )));
         }
         Ok(security)
+    }
+
+    /// The stream readers' consumers of `nats_readers`: (name, MQTT filter; `#` when none).
+    pub fn nats_readers(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out = Vec::new();
+        for entry in self.nats_readers.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (name, filter) = entry.split_once('=').unwrap_or((entry, "#"));
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok || name == crate::cluster::stream::SQL_CONSUMER {
+                return Err(ConfigError::Range(format!(
+                    "nats_readers: {name:?} is not a reader's consumer name (letters, digits, '-', '_'; not the nodes' {})",
+                    crate::cluster::stream::SQL_CONSUMER
+                )));
+            }
+            if !crate::auth::valid_filter(filter) {
+                return Err(ConfigError::Range(format!(
+                    "nats_readers: {filter:?} is not an MQTT topic filter"
+                )));
+            }
+            out.push((name.to_owned(), filter.to_owned()));
+        }
+        Ok(out)
     }
 
     /// The configuration as `check-config` and the logs may show it: passwords in URLs
