@@ -187,8 +187,20 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
                 .flatten()
         }
     };
+    // Two stored messages for it to read.
+    for pkid in [1, 2] {
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            format!("devices/{id}/telemetry"),
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            b"t=20".to_vec(),
+        );
+        p.pkid = pkid;
+        dev.send(Packet::Publish(p)).await.unwrap();
+        assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == pkid));
+    }
     let got = fetch("analytics", reader.new_inbox()).await.expect("no answer from its own consumer");
-    assert!(got.status.is_some() || got.reply.is_some(), "{got:?}");
+    assert!(got.status.is_none() && got.reply.is_some(), "not a stored message: {got:?}");
+    assert_eq!(&got.payload[..], b"t=20");
     let before = nats.stream_messages("FLEET");
     let _ = fetch("analytics", format!("fleet.m.devices.{victim}.telemetry")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
