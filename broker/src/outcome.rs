@@ -72,11 +72,14 @@ pub enum Refusal {
     /// An identity that never speaks MQTT (an operator's, for the admin API) on the MQTT
     /// listener, or one that is not an operator's on the admin listener.
     WrongRole,
+    /// A claim certificate already holds `max_sessions_per_claim` live sessions (one leaked
+    /// claim key cannot take every connection slot).
+    ClaimBusy,
 }
 
 impl Refusal {
     /// Every refusal (for tests and dashboards).
-    pub const ALL: [Refusal; 29] = [
+    pub const ALL: [Refusal; 30] = [
         Self::SourceLimit,
         Self::MaxConnections,
         Self::HandshakeTimeout,
@@ -106,6 +109,7 @@ impl Refusal {
         Self::ConnectTimeout,
         Self::ClientIdMismatch,
         Self::WrongRole,
+        Self::ClaimBusy,
     ];
 
     /// Metric label.
@@ -140,6 +144,7 @@ impl Refusal {
             Self::ConnectTimeout => "connect_timeout",
             Self::ClientIdMismatch => "client_id_mismatch",
             Self::WrongRole => "wrong_role",
+            Self::ClaimBusy => "claim_busy",
         }
     }
 
@@ -147,7 +152,7 @@ impl Refusal {
     /// cannot decide, "bad client id" for a mismatch, "not authorised" otherwise.
     pub fn connack(self) -> ConnectReturnCode {
         match self {
-            Self::CrlExpired | Self::RegistryUnavailable | Self::ClusterUnavailable => {
+            Self::CrlExpired | Self::RegistryUnavailable | Self::ClusterUnavailable | Self::ClaimBusy => {
                 ConnectReturnCode::ServiceUnavailable
             }
             Self::ClientIdMismatch => ConnectReturnCode::BadClientId,

@@ -147,7 +147,7 @@ impl Registry {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(Error::UnsupportedUrl(url.to_owned()));
+            return Err(Error::UnsupportedUrl(crate::redact_url(url)));
         };
         let given = url.to_owned();
         let mut url = url.to_owned();

@@ -32,12 +32,14 @@ pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand
 pub use console::{DeviceQuery, DeviceRow, Expiring};
 pub use db::{Backend, Registry};
 pub use error::{Error, Result};
+mod redact;
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
 pub use home::{BrokerTls, Home, IdentityFiles};
 pub use ids::{
     DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, CSR_ORIGIN, DEVICE_URI_PREFIX,
     ISSUER_URI_PREFIX, NODE_URI_PREFIX, OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX, STREAM_READER_URI_PREFIX,
 };
+pub use redact::redact_url;
 pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};
 pub use telemetry::{Telemetry, TelemetryWriter};
 pub use verify::LogReport;

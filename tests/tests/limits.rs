@@ -362,3 +362,61 @@ async fn a_device_publishing_far_above_its_rate_is_held_to_it_and_others_are_una
     assert!(broker.metric("fleet_limits_total{limit=\"publish_rate\"}").await >= 1.0);
     fleet.wait_telemetry_rows(&fleet.id(1), 20, Duration::from_secs(5)).await;
 }
+
+/// One claim certificate is on every device of a batch, so a thief's easiest find: it once
+/// held as many live sessions as the broker has connection slots (`max_connections`), each a
+/// new nonce, locking every device out. Live sessions of one claim are capped
+/// (`max_sessions_per_claim`): over it, CONNACK 3 (`claim_busy`) until one ends; a session's own
+/// reconnect is still let in, and devices are not affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_claim_certificate_cannot_hold_every_connection_slot() {
+    let fleet = Fleet::new(1, None).await;
+    let opts = fleet_provision::lifecycle::ClaimOptions {
+        name: "batch-2".into(),
+        id_prefix: "dev".into(),
+        quota: 5,
+        days: 30,
+        out: fleet.dir.path().join("claim"),
+        broker_host: "localhost".into(),
+        broker_port: 8883,
+    };
+    let claim = fleet.station().await.claim_cert(&opts).await.unwrap().dir;
+    let broker = BrokerProc::start(&fleet, &["--max-connections", "12", "--max-sessions-per-claim", "4"]);
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut c = Raw::device(broker.mqtt, &claim).await.unwrap();
+        let id = format!("claims/batch-2/{i:016}");
+        assert_eq!(connack_code(&c.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success), "{id}");
+        held.push(c);
+    }
+    // The fifth nonce is refused, and the refusal counted; so would every later one be.
+    for i in 4..10 {
+        let mut c = Raw::device(broker.mqtt, &claim).await.unwrap();
+        let id = format!("claims/batch-2/{i:016}");
+        assert_eq!(
+            connack_code(&c.mqtt_connect(&id, 30).await),
+            Some(ConnectReturnCode::ServiceUnavailable),
+            "{id} was admitted past the cap"
+        );
+    }
+    broker.wait_refused(Refusal::ClaimBusy, 6.0, Duration::from_secs(3)).await;
+    // A device still gets in (the claim holds 4 of 12 slots, not all of them).
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&d.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    // A held session's own reconnect replaces it; when one ends, a new nonce gets its place.
+    let mut again = Raw::device(broker.mqtt, &claim).await.unwrap();
+    let first = "claims/batch-2/0000000000000000";
+    assert_eq!(connack_code(&again.mqtt_connect(first, 30).await), Some(ConnectReturnCode::Success));
+    drop(held.pop());
+    let t = Instant::now();
+    loop {
+        let mut c = Raw::device(broker.mqtt, &claim).await.unwrap();
+        if connack_code(&c.mqtt_connect("claims/batch-2/0000000000000099", 30).await)
+            == Some(ConnectReturnCode::Success)
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the freed place was not given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -150,6 +150,9 @@ value::settings! {
     /// A socket that accepts no bytes for this long is closed (reason `write_timeout`),
     /// seconds.
     write_timeout_secs: f64 = 10.0;
+    /// Most live sessions of one claim certificate at once (first boots of a batch; all
+    /// nonces together); more get CONNACK 3 (reason `claim_busy`) until one ends.
+    max_sessions_per_claim: usize = 64;
     /// Most subscriptions one session holds; more get SUBACK 0x80.
     max_subscriptions_per_session: usize = 64;
     /// Most retained messages under one device's topics (`devices/<id>/...`).
@@ -255,6 +258,7 @@ impl Config {
             (self.max_queued_messages, "max_queued_messages"),
             (self.store_batch, "store_batch"),
             (self.max_parked_sessions, "max_parked_sessions"),
+            (self.max_sessions_per_claim, "max_sessions_per_claim"),
             (self.admin_handshakes, "admin_handshakes"),
             (self.admin_max_connections_per_identity, "admin_max_connections_per_identity"),
             (self.admin_max_connections_per_source, "admin_max_connections_per_source"),
@@ -445,21 +449,9 @@ pub struct NatsSecurity {
     pub identity: bool,
 }
 
-/// `url` with its password (if any) replaced by `***`; what is not a URL is returned as it is
-/// unless it holds an `@`, which is then cut to what follows it.
+/// `url` with its passwords replaced by `***` (user information and query parameters).
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            // Setting a password on a URL that has one (so it has a host) cannot fail.
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => match url.rsplit_once('@') {
-            Some((_, host)) => format!("***@{host}"),
-            None => url.to_owned(),
-        },
-    }
+    fleet_registry::redact_url(url)
 }
 
 #[cfg(test)]
@@ -504,7 +496,7 @@ mod tests {
         assert!(!redact_url("not a url:pw@host").contains("pw"));
         let mut c = Config::default();
         c.set("nats", "tls://node:s3cret@nats.internal:4222").unwrap();
-        c.set("database_url", "postgres://fleet:pw2@db/fleet").unwrap();
+        c.set("database_url", "postgres://db/fleet?user=fleet&password=pw2").unwrap();
         c.set("admin_database_url", "postgres://admin:pw3@db/fleet").unwrap();
         let printed = c.redacted().to_toml();
         for secret in ["s3cret", "pw2", "pw3"] {

@@ -64,6 +64,12 @@ pub(crate) async fn bind(
                 return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)))
             }
         }
+        // One claim key is on every device of a batch: a leaked one must not take every
+        // connection slot (a reconnect of a session it holds replaces it, so it is let in).
+        let held = shared.sessions.claim_sessions(id.id.as_str());
+        if held >= shared.config.max_sessions_per_claim && shared.sessions.get(&id.session_key()).is_none() {
+            return Err((Refused { refusal: Refusal::ClaimBusy, connack: true }, Some(connect)));
+        }
     } else if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
         return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
     }

@@ -104,9 +104,16 @@ pub(crate) struct LiveSession {
 #[derive(Debug, Default)]
 struct Inner {
     live: HashMap<String, LiveSession>,
+    /// Live claim sessions (`claims/<claim>/<nonce>`) per claim id.
+    claims: HashMap<String, usize>,
     revoked: HashSet<SerialNumber>,
     /// Connections of other listeners (the admin API), by certificate, then connection id.
     attached: HashMap<SerialNumber, HashMap<u64, Kick>>,
+}
+
+/// The claim id of a claim session's key (`claims/<claim>/<nonce>`).
+fn claim_of(key: &str) -> Option<&str> {
+    key.strip_prefix(crate::auth::CLAIMS)?.strip_prefix('/')?.split('/').next()
 }
 
 /// Live sessions by session key (the device id; a claim session's client id).
@@ -128,7 +135,18 @@ impl Sessions {
         if m.revoked.contains(&s.serial) {
             s.kick.cut(CloseReason::Revoked);
         }
-        m.live.insert(key.to_owned(), s).map(|old| old.kick)
+        let old = m.live.insert(key.to_owned(), s).map(|old| old.kick);
+        if old.is_none() {
+            if let Some(claim) = claim_of(key) {
+                *m.claims.entry(claim.to_owned()).or_default() += 1;
+            }
+        }
+        old
+    }
+
+    /// Live sessions of claim `claim` (all its nonces).
+    pub(crate) fn claim_sessions(&self, claim: &str) -> usize {
+        self.lock().claims.get(claim).copied().unwrap_or(0)
     }
 
     /// Forgets the session of `id` if connection `conn_id` still runs it (a takeover may have
@@ -137,6 +155,14 @@ impl Sessions {
         let mut m = self.lock();
         if m.live.get(key).is_some_and(|s| s.conn_id == conn_id) {
             m.live.remove(key);
+            if let Some(claim) = claim_of(key) {
+                if let Some(n) = m.claims.get_mut(claim) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.claims.remove(claim);
+                    }
+                }
+            }
         }
     }
 
