@@ -1,7 +1,7 @@
 //! URLs as they may be shown (check-config, logs, errors): passwords replaced by `***`.
 
 /// `url` with its password replaced by `***`: the one in the user information
-/// (`scheme://user:password@host`) and any `password=`, `pass=` or `sslpassword=` query
+/// (`scheme://user:password@host`; all of it in NATS's token form `nats://token@host`) and any `password=`, `pass=` or `sslpassword=` query
 /// parameter (libpq takes both). Something that is no URL but holds an `@` is cut to what
 /// follows the last `@`.
 pub fn redact_url(url: &str) -> String {
@@ -11,8 +11,14 @@ pub fn redact_url(url: &str) -> String {
             let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
             let mut out = url.to_owned();
             if let Some(at) = url[start..end].rfind('@') {
-                if let Some(colon) = url[start..start + at].find(':') {
-                    out.replace_range(start + colon + 1..start + at, "***");
+                match url[start..start + at].find(':') {
+                    Some(colon) => out.replace_range(start + colon + 1..start + at, "***"),
+                    // NATS's token form, `nats://<token>@host`: the user information is the
+                    // secret.
+                    None if matches!(&url[..scheme_end], "nats" | "tls" | "ws" | "wss") => {
+                        out.replace_range(start..start + at, "***")
+                    }
+                    None => {}
                 }
             }
             out
@@ -58,5 +64,7 @@ mod tests {
         assert_eq!(redact_url("sqlite:///var/lib/fleet/registry.db"), "sqlite:///var/lib/fleet/registry.db");
         assert_eq!(redact_url("u:pw@host"), "***@host");
         assert_eq!(redact_url("postgres://user@db/fleet"), "postgres://user@db/fleet");
+        assert_eq!(redact_url("tls://s3cr3ttoken@nats.internal:4222"), "tls://***@nats.internal:4222");
+        assert_eq!(redact_url("nats://tok@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
     }
 }

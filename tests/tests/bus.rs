@@ -339,6 +339,15 @@ async fn a_node_refuses_an_unprotected_bus_uses_url_credentials_and_never_prints
     let log = node.log();
     assert!(log.contains("insecure_nats_no_auth"), "no warning at start:\n{log}");
     assert!(!log.contains("s3cret-pw"), "the password is in the log:\n{log}");
+    // NATS's token form (`nats://<token>@host`) is used too, and never printed.
+    let tokened = fleet_tests::NatsServer::start_open_with(&["-js", "--auth", "t0ken-s3cret"]);
+    let url = format!("nats://t0ken-s3cret@127.0.0.1:{}", tokened.port);
+    let (ok, out, err) =
+        check(&["--nats".into(), url.clone(), "--insecure-nats-no-auth".into(), "true".into()]);
+    assert!(ok && !out.contains("t0ken-s3cret") && out.contains("nats://***@127.0.0.1"), "{out}{err}");
+    let with_token = BrokerProc::start(&fleet, &["--nats", &url, "--insecure-nats-no-auth", "true"]);
+    with_token.wait_metric("fleet_cluster_connected", 1.0, Duration::from_secs(5)).await;
+    assert!(!with_token.log().contains("t0ken-s3cret"), "the token is in the log");
     // A wrong password is refused by the server, and said so.
     let wrong = format!("nats://node:wrong@127.0.0.1:{}", open.port);
     let out = std::process::Command::new(broker_bin())

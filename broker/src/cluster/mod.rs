@@ -121,8 +121,11 @@ impl Cluster {
                 })
             };
             let user = decode(parsed.username())?;
-            let pass = decode(parsed.password().unwrap_or(""))?;
-            options = options.user_and_password(user, pass);
+            options = match parsed.password() {
+                Some(p) => options.user_and_password(user, decode(p)?),
+                // `nats://<token>@host`: NATS's token authentication.
+                None => options.token(user),
+            };
             // Neither in the URL async-nats keeps (it shows up in its errors) nor in ours.
             let _ = parsed.set_username("");
             let _ = parsed.set_password(None);
