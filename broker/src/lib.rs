@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     /// The NATS connection of a cluster member (`None`: a single node).
     pub(crate) cluster: Option<cluster::Cluster>,
     pub(crate) sessions: session::table::Sessions,
+    /// CSR buckets by identity (`csr_interval_secs`).
+    pub(crate) csr_rate: session::rate::KeyedBuckets,
     /// Persistent sessions whose clients are away.
     pub(crate) parked: session::park::ParkedSessions,
     /// Registry verdicts of active certificates (admission without a database round trip).
@@ -186,6 +188,7 @@ impl Broker {
             })),
             cluster,
             sessions: Default::default(),
+            csr_rate: Default::default(),
             parked: session::park::ParkedSessions::new(session::park::ParkLimits {
                 per_claim: config.max_parked_per_claim,
                 total: config.max_parked_sessions,

@@ -336,11 +336,13 @@ pub(crate) enum Limit {
     CommandRetained,
     /// A device or claim session over its publish rate (messages or bytes per second): waited.
     PublishRate,
+    /// A CSR over its identity's CSR rate (`csr_interval_secs`): dropped, never reaches the issuer.
+    CsrRate,
 }
 
 impl Limit {
     /// Every cap.
-    pub(crate) const ALL: [Limit; 10] = [
+    pub(crate) const ALL: [Limit; 11] = [
         Self::Topic,
         Self::Subscriptions,
         Self::PerSource,
@@ -351,6 +353,7 @@ impl Limit {
         Self::ParkedTotal,
         Self::CommandRetained,
         Self::PublishRate,
+        Self::CsrRate,
     ];
 
     /// Metric label.
@@ -366,6 +369,7 @@ impl Limit {
             Self::ParkedTotal => "parked_total",
             Self::CommandRetained => "command_retained",
             Self::PublishRate => "publish_rate",
+            Self::CsrRate => "csr_rate",
         }
     }
 }

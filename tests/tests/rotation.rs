@@ -17,7 +17,7 @@ use common::*;
 use fleet_device::credentials::Credentials;
 use fleet_device::store::{CredentialStore, Slot, SlotStorage};
 use fleet_registry::{DeviceId, Status};
-use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 
 fn bins() -> PathBuf {
@@ -320,7 +320,9 @@ async fn answer(c: &mut Raw) -> Publish {
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_issuer_down_the_device_keeps_its_identity_and_retries_with_backoff() {
     let fleet = Fleet::new(1, None).await;
-    let broker = BrokerProc::start(&fleet, &[]);
+    // The device's answer timeout here is 0.5 s (30 s by default): the broker's CSR ration
+    // (one per 10 s after 3) would drop its fifth try.
+    let broker = BrokerProc::start(&fleet, &["--csr-interval-secs", "0.2"]);
     let identity = issuer_identity(&fleet).await;
     let sim = Command::new(bins().join("fleet-sim"))
         .args(["run", "--port", &broker.port(), "--duration", "11", "--rate", "2"])
@@ -697,4 +699,77 @@ async fn devices_filling_the_retained_budget_cannot_stop_a_forced_rotation() {
         issuer.log()
     );
     assert!(events(&out, "rotated").iter().any(|e| e.1 == fleet.id(1)), "{out}");
+}
+
+/// A CSR for a fresh P-256 key naming `id`.
+fn csr_naming(id: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, id);
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+/// One stolen device key flooding its own `certs/csr` (QoS 0, as fast as its link allows)
+/// once took the online issuer from the whole fleet: every CSR reached the issuer, which
+/// decides one at a time, and another device's operator-forced rotation got no answer. The
+/// broker now rations CSRs per identity (`csr_interval_secs`, broker-wide so reconnecting
+/// does not help): the flood is dropped at the broker (counted) and the other device's
+/// rotation is answered while it goes on (found by the attack review).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_stolen_device_flooding_csrs_cannot_take_the_issuer_from_the_fleet() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let _issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let (attacker, victim) = (fleet.id(0), fleet.id(1));
+    let rotate = Command::new(bins().join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["rotate", &victim])
+        .env_remove("FLEET_HOME")
+        .env_remove("FLEET_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(rotate.status.success(), "{}", String::from_utf8_lossy(&rotate.stderr));
+
+    let mut dev = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&attacker, 60).await), Some(ConnectReturnCode::Success));
+    let topic = format!("devices/{attacker}/certs/csr");
+    let csr = csr_naming(&attacker);
+    let flood = tokio::spawn(async move {
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while t.elapsed() < Duration::from_secs(12) {
+            let p = Publish::new(&topic, QoS::AtMostOnce, csr.clone());
+            if dev.send(Packet::Publish(p)).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The victim's operator-requested rotation is answered during the flood.
+    let mut v = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&v.mqtt_connect(&victim, 60).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut v, &format!("devices/{victim}/certs/issued"), 1).await;
+    let mut p = Publish::new(format!("devices/{victim}/certs/csr"), QoS::AtLeastOnce, csr_naming(&victim));
+    p.pkid = 3;
+    v.send(Packet::Publish(p)).await.unwrap();
+    let t = Instant::now();
+    let issued = loop {
+        match next_publish(&mut v, Duration::from_secs(8)).await {
+            Some(p) if p.topic.ends_with("/certs/issued") => break Some(p),
+            Some(_) => {}
+            None => break None,
+        }
+        if t.elapsed() > Duration::from_secs(8) {
+            break None;
+        }
+    };
+    assert!(issued.is_some(), "the issuer did not answer the victim during the flood");
+    let sent = flood.await.unwrap();
+    let dropped = broker.metric("fleet_limits_total{limit=\"csr_rate\"}").await;
+    assert!(sent > 1_000 && dropped > 1_000.0, "sent {sent}, dropped at the broker {dropped}");
 }

@@ -153,6 +153,10 @@ value::settings! {
     /// Most live sessions of one claim certificate at once (first boots of a batch; all
     /// nonces together); more get CONNACK 3 (reason `claim_busy`) until one ends.
     max_sessions_per_claim: usize = 64;
+    /// One CSR (`certs/csr`) per identity per this long, seconds, after a burst of 3 (a claim's
+    /// burst: `max_sessions_per_claim`); more are dropped (acknowledged, never relayed to the
+    /// issuer; `fleet_limits_total{limit="csr_rate"}`). The SDK asks every 30 s at most.
+    csr_interval_secs: f64 = 10.0;
     /// Most subscriptions one session holds; more get SUBACK 0x80.
     max_subscriptions_per_session: usize = 64;
     /// Most retained messages under one device's topics (`devices/<id>/...`).
@@ -237,6 +241,7 @@ impl Config {
         secs(self.registry_timeout_secs, "registry_timeout_secs")?;
         secs(self.write_timeout_secs, "write_timeout_secs")?;
         secs(self.log_interval_secs, "log_interval_secs")?;
+        secs(self.csr_interval_secs, "csr_interval_secs")?;
         secs(self.nats_duplicate_window_secs, "nats_duplicate_window_secs")?;
         secs(self.nats_timeout_secs, "nats_timeout_secs")?;
         secs(self.admin_header_timeout_secs, "admin_header_timeout_secs")?;

@@ -378,6 +378,23 @@ impl State {
             // The broker, not the device, says which certificate the session runs on.
             p.payload = ctx.id.serial.to_hex().into();
         } else if auth::is_csr(&ctx.id, &p.topic) {
+            // One identity's CSRs are rationed (broker-wide, so reconnecting does not help): a
+            // flood from one stolen key must not take the issuer from the fleet. A claim's
+            // burst covers a batch booting at once.
+            let shared = ctx.shared;
+            let (key, burst) = match ctx.id.role {
+                Role::Claim => (format!("claim:{}", ctx.id.id), shared.config.max_sessions_per_claim),
+                _ => (format!("device:{}", ctx.id.id), 3),
+            };
+            let every = std::time::Duration::from_secs_f64(shared.config.csr_interval_secs);
+            if !shared.csr_rate.take(&key, burst, every, tokio::time::Instant::now()) {
+                self.limit_hit(ctx, Limit::CsrRate, &p.topic);
+                if p.qos == QoS::AtLeastOnce {
+                    let pkid = p.pkid;
+                    self.pending.push_back(Box::pin(async move { (pkid, true) }));
+                }
+                return Ok(());
+            }
             // ... and which certificate asks for a new one (the issuer checks it is the asker's).
             p.payload = auth::stamp_csr(&ctx.id, &p.payload).into();
         }

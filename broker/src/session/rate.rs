@@ -73,6 +73,41 @@ impl PublishRate {
     }
 }
 
+/// Token buckets by key (an identity), for rare, costly messages: CSRs to the issuer. One
+/// device's flood must not take the issuer from the whole fleet, and reconnecting must not
+/// reset its bucket, so the buckets live broker-wide, not in the session.
+#[derive(Debug, Default)]
+pub(crate) struct KeyedBuckets {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+/// Buckets kept before the full ones are forgotten (a full bucket is the same as none).
+const MOST_BUCKETS: usize = 100_000;
+
+impl KeyedBuckets {
+    /// Takes one token from `key`'s bucket (`burst` tokens, one more every `every`); false
+    /// when it is empty.
+    pub(crate) fn take(&self, key: &str, burst: usize, every: Duration, now: Instant) -> bool {
+        let mut m = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let burst = burst.max(1) as f64;
+        let per_sec = 1.0 / every.as_secs_f64().max(1e-3);
+        if m.len() >= MOST_BUCKETS && !m.contains_key(key) {
+            m.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+        }
+        let (tokens, at) = m.entry(key.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +148,18 @@ mod tests {
         let later = t + Duration::from_secs(3_600);
         let waits = (0..20).filter(|_| !r.take(1, later).is_zero()).count();
         assert_eq!(waits, 10);
+    }
+
+    #[test]
+    fn a_key_gets_its_burst_then_one_per_interval_and_other_keys_are_unaffected() {
+        let b = KeyedBuckets::default();
+        let t0 = Instant::now();
+        let every = Duration::from_secs(10);
+        assert!((0..3).all(|_| b.take("dev-1", 3, every, t0)));
+        assert!(!b.take("dev-1", 3, every, t0));
+        assert!(b.take("dev-2", 3, every, t0), "another identity has its own bucket");
+        assert!(!b.take("dev-1", 3, every, t0 + Duration::from_secs(9)));
+        assert!(b.take("dev-1", 3, every, t0 + Duration::from_secs(11)));
+        assert!(!b.take("dev-1", 3, every, t0 + Duration::from_secs(12)));
     }
 }
