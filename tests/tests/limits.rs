@@ -366,8 +366,10 @@ async fn a_device_publishing_far_above_its_rate_is_held_to_it_and_others_are_una
 /// One claim certificate is on every device of a batch, so a thief's easiest find: it once
 /// held as many live sessions as the broker has connection slots (`max_connections`), each a
 /// new nonce, locking every device out. Live sessions of one claim are capped
-/// (`max_sessions_per_claim`): over it, CONNACK 3 (`claim_busy`) until one ends; a session's own
-/// reconnect is still let in, and devices are not affected.
+/// (`max_sessions_per_claim`, and a quarter of `max_connections` at most): over it, CONNACK 3
+/// (`claim_busy`) until one ends; a session's own reconnect is still let in, and devices are
+/// not affected. The second half: with 12 slots and the default claim cap (64), the claim
+/// gets 3 (the attack review's setting).
 #[tokio::test(flavor = "multi_thread")]
 async fn one_claim_certificate_cannot_hold_every_connection_slot() {
     let fleet = Fleet::new(1, None).await;
@@ -381,7 +383,7 @@ async fn one_claim_certificate_cannot_hold_every_connection_slot() {
         broker_port: 8883,
     };
     let claim = fleet.station().await.claim_cert(&opts).await.unwrap().dir;
-    let broker = BrokerProc::start(&fleet, &["--max-connections", "12", "--max-sessions-per-claim", "4"]);
+    let broker = BrokerProc::start(&fleet, &["--max-connections", "40", "--max-sessions-per-claim", "4"]);
     let mut held = Vec::new();
     for i in 0..4 {
         let mut c = Raw::device(broker.mqtt, &claim).await.unwrap();
@@ -400,7 +402,7 @@ async fn one_claim_certificate_cannot_hold_every_connection_slot() {
         );
     }
     broker.wait_refused(Refusal::ClaimBusy, 6.0, Duration::from_secs(3)).await;
-    // A device still gets in (the claim holds 4 of 12 slots, not all of them).
+    // A device still gets in (the claim holds 4 of 40 slots, not all of them).
     let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&d.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
     // A held session's own reconnect replaces it; when one ends, a new nonce gets its place.
@@ -419,4 +421,22 @@ async fn one_claim_certificate_cannot_hold_every_connection_slot() {
         assert!(t.elapsed() < Duration::from_secs(5), "the freed place was not given back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(broker);
+
+    let broker = BrokerProc::start(&fleet, &["--max-connections", "12"]);
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut c = Raw::device(broker.mqtt, &claim).await.unwrap();
+        let id = format!("claims/batch-2/{i:016}");
+        assert_eq!(connack_code(&c.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success), "{id}");
+        held.push(c);
+    }
+    let mut c = Raw::device(broker.mqtt, &claim).await.unwrap();
+    assert_eq!(
+        connack_code(&c.mqtt_connect("claims/batch-2/0000000000000003", 30).await),
+        Some(ConnectReturnCode::ServiceUnavailable),
+        "a claim took more than a quarter of 12 slots"
+    );
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&d.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
 }

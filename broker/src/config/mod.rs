@@ -151,7 +151,8 @@ value::settings! {
     /// seconds.
     write_timeout_secs: f64 = 10.0;
     /// Most live sessions of one claim certificate at once (first boots of a batch; all
-    /// nonces together); more get CONNACK 3 (reason `claim_busy`) until one ends.
+    /// nonces together), and never more than a quarter of `max_connections`; more get
+    /// CONNACK 3 (reason `claim_busy`) until one ends.
     max_sessions_per_claim: usize = 64;
     /// One CSR (`certs/csr`) per identity per this long, seconds, after a burst of 3 (a claim's
     /// burst: `max_sessions_per_claim`); more are dropped (acknowledged, never relayed to the

@@ -66,8 +66,10 @@ pub(crate) async fn bind(
         }
         // One claim key is on every device of a batch: a leaked one must not take every
         // connection slot (a reconnect of a session it holds replaces it, so it is let in).
+        // Never more than a quarter of the broker's connection slots, whatever the setting.
+        let cap = shared.config.max_sessions_per_claim.min((shared.config.max_connections / 4).max(1));
         let held = shared.sessions.claim_sessions(id.id.as_str());
-        if held >= shared.config.max_sessions_per_claim && shared.sessions.get(&id.session_key()).is_none() {
+        if held >= cap && shared.sessions.get(&id.session_key()).is_none() {
             return Err((Refused { refusal: Refusal::ClaimBusy, connack: true }, Some(connect)));
         }
     } else if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {

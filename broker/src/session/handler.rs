@@ -396,7 +396,9 @@ impl State {
                 return Ok(());
             }
             // ... and which certificate asks for a new one (the issuer checks it is the asker's).
+            // Never retained: a retained CSR would be decided again at every issuer reconnect.
             p.payload = auth::stamp_csr(&ctx.id, &p.payload).into();
+            p.retain = false;
         }
         if ctx.id.role == Role::Service
             && p.qos == QoS::AtLeastOnce
