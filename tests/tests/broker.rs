@@ -657,14 +657,41 @@ async fn check_config_and_bad_configuration() {
     assert!(!out.status.success() && err.contains("must hold only the device issuing CA"), "{err}");
 }
 
-#[tokio::test]
+/// A QoS 1 PUBLISH whose commit is still running when SIGTERM arrives is finished: committed,
+/// acknowledged, and only then the session closed and the broker stopped. The registry's write
+/// lock is held by the test, so the commit cannot complete before the signal.
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_inflight_and_exits() {
     let fleet = Fleet::new(1, None).await;
     let mut broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    // Hold SQLite's write lock: the broker's commit waits (busy_timeout 10 s) until we let go.
+    let st = fleet.station().await;
+    let mut lock = st.registry().pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    let mut p = Publish::new(format!("devices/{id}/telemetry/t"), QoS::AtLeastOnce, b"in flight".to_vec());
+    p.pkid = 7;
+    raw.send(Packet::Publish(p)).await.unwrap();
+    broker.wait_metric("fleet_messages_received_total", 1.0, Duration::from_secs(10)).await;
+    assert!(
+        raw.recv(Duration::from_millis(300)).await.is_none(),
+        "acknowledged while the registry was locked: nothing was in flight"
+    );
     let pid = broker.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    while !broker.log().contains("shutting down") {
+        assert!(t.elapsed() < Duration::from_secs(5), "no shutdown logged:\n{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+    drop(lock);
+    match raw.recv(Duration::from_secs(10)).await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.pkid, 7),
+        other => panic!("no PUBACK for the in-flight PUBLISH after SIGTERM: {other:?}\n{}", broker.log()),
+    }
     assert!(raw.closed_within(Duration::from_secs(5)).await, "session not closed on SIGTERM");
     let t = Instant::now();
     loop {
@@ -672,10 +699,12 @@ async fn sigterm_finishes_inflight_and_exits() {
             assert!(status.success(), "broker exit status {status:?}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "broker did not exit after SIGTERM");
+        assert!(t.elapsed() < Duration::from_secs(10), "broker did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(broker.log().contains("broker stopped"));
+    let rows = fleet.telemetry_rows(&id).await;
+    assert_eq!(rows, [(format!("devices/{id}/telemetry/t"), b"in flight".to_vec())]);
     let _ = (DeviceId::parse("x"), Role::Device, SerialNumber::random());
 }
 
