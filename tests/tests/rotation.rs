@@ -299,9 +299,15 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
     assert!(c.closed_within(Duration::from_secs(3)).await, "a device published an issuer answer");
     // Nor may A ask on B's topic.
     let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    c.mqtt_connect(&a, 30).await;
+    assert_eq!(
+        connack_code(&c.mqtt_connect(&a, 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+        "A must be admitted, or the close below proves nothing"
+    );
     c.send(ask(&b, csr_for(&b), 14)).await.unwrap();
     assert!(c.closed_within(Duration::from_secs(3)).await, "a device asked for another device");
+    // Both closes were the ACL's (the forged answer and the ask on B's topic).
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 2.0, Duration::from_secs(5)).await;
     // Nothing was issued.
     let st = fleet.station().await;
     for id in [&a, &b] {
