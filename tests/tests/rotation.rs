@@ -419,17 +419,18 @@ async fn devices_boot_from_a_claim_within_its_quota_and_a_revoked_claim_is_refus
     };
     st.claim_cert(&opts).await.unwrap();
     let out_dir = fleet.dir.path().join("claimed");
-    let claim = |count: u32| {
+    let claim_with = |claim_dir: &Path, out_dir: &Path, count: u32| {
         Command::new(bins().join("fleet-sim"))
             .args(["claim", "--port", &broker.port(), "--prefix", "sensor", "--duration", "8"])
             .args(["--count", &count.to_string(), "--answer-timeout-ms", "1000"])
             .arg("--claim")
-            .arg(&claim_dir)
+            .arg(claim_dir)
             .arg("--out")
-            .arg(&out_dir)
+            .arg(out_dir)
             .output()
             .unwrap()
     };
+    let claim = |count: u32| claim_with(&claim_dir, &out_dir, count);
     let first = tokio::task::block_in_place(|| claim(4));
     let text = String::from_utf8_lossy(&first.stdout);
     assert!(!first.status.success(), "4 devices on a quota of 3 all booted?\n{text}");
@@ -463,17 +464,34 @@ async fn devices_boot_from_a_claim_within_its_quota_and_a_revoked_claim_is_refus
         3,
         "{again}"
     );
-    // A revoked claim cannot even connect.
-    st.revoke_device(
-        &DeviceId::parse("batch-7").unwrap(),
-        fleet_registry::RevocationReason::CessationOfOperation,
-    )
+    // A revoked claim cannot even connect. Another claim, with quota left (so only its
+    // revocation can stop it): one device boots from it, then it is revoked, and the next gets
+    // nothing although the quota allows one more.
+    let spare_dir = fleet.dir.path().join("claim-spare");
+    st.claim_cert(&fleet_provision::lifecycle::ClaimOptions {
+        name: "batch-8".into(),
+        quota: 2,
+        out: spare_dir.clone(),
+        ..opts
+    })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let late = tokio::task::block_in_place(|| claim(1));
-    assert!(!late.status.success());
-    assert!(broker.metric(&refused(Refusal::Revoked)).await >= 1.0);
+    let spare_out = fleet.dir.path().join("claimed-spare");
+    let control = tokio::task::block_in_place(|| claim_with(&spare_dir, &spare_out, 1));
+    let text = String::from_utf8_lossy(&control.stdout);
+    assert!(control.status.success(), "the spare claim did not boot a device:\n{text}");
+    assert_eq!(broker.metric(&refused(Refusal::Revoked)).await, 0.0);
+    let spare = DeviceId::parse("batch-8").unwrap();
+    let seen = broker.metric("fleet_revocations_seen_total").await;
+    st.revoke_device(&spare, fleet_registry::RevocationReason::CessationOfOperation).await.unwrap();
+    broker.wait_metric("fleet_revocations_seen_total", seen + 1.0, Duration::from_secs(10)).await;
+    let late = tokio::task::block_in_place(|| claim_with(&spare_dir, &fleet.dir.path().join("late"), 1));
+    let text = String::from_utf8_lossy(&late.stdout);
+    assert!(!late.status.success(), "a revoked claim booted a device:\n{text}");
+    assert!(!text.contains("claim_exhausted"), "refused for the quota, not the revocation:\n{text}");
+    broker.wait_metric(&refused(Refusal::Revoked), 1.0, Duration::from_secs(10)).await;
+    let spare_record = st.registry().claim(&spare).await.unwrap().unwrap();
+    assert_eq!((spare_record.used, spare_record.quota), (1, 2));
     let report = st.verify_log().await.unwrap();
     assert!(report.disagreements.is_empty(), "{:?}", report.disagreements);
 }
