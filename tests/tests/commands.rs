@@ -82,13 +82,20 @@ fn run_sim(fleet: &Fleet, port: &str, secs: u32) -> String {
         .arg(fleet.dir.path().join("devices"))
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "fleet-sim failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
 }
 
-/// The COMMANDS column of a device's line in fleet-sim's table.
+/// The COMMANDS column of a device's line in fleet-sim's table; the device must have been
+/// connected at the end and had telemetry acknowledged, or "0 commands" would prove nothing.
 fn commands_seen(out: &str, device: &str) -> u32 {
     let line = out.lines().find(|l| l.starts_with(device)).unwrap_or_else(|| panic!("{device} not in {out}"));
-    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+    assert!(line.ends_with("  connected"), "{device} was not connected:\n{out}");
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let acked: u64 = cols[2].parse().unwrap();
+    assert!(acked >= 1, "{device} had no telemetry acknowledged:\n{out}");
+    cols[3].parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
