@@ -138,12 +138,18 @@ async fn accept_loop(
         tokio::spawn(async move {
             let held = (permit, source);
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.load().config.clone());
-            let tls =
-                match tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(sock)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return info!(peer = %addr, error = %e, "admin TLS handshake refused"),
-                    Err(_) => return debug!(peer = %addr, "admin TLS handshake timed out"),
-                };
+            let tls = match tokio::time::timeout(shared.config.handshake_timeout(), acceptor.accept(sock))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    // Counted and recorded like the MQTT listener's refusals.
+                    let why = crate::tls::refusal(&e);
+                    shared.refused(why, addr, None);
+                    return info!(peer = %addr, reason = why.label(), error = %e, "admin TLS handshake refused");
+                }
+                Err(_) => return debug!(peer = %addr, "admin TLS handshake timed out"),
+            };
             let who = operator(&shared, &tls).await;
             if let Err(why) = &who {
                 info!(peer = %addr, why, "admin API: not an operator");
