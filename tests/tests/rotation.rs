@@ -722,3 +722,117 @@ async fn devices_filling_the_retained_budget_cannot_stop_a_forced_rotation() {
     );
     assert!(events(&out, "rotated").iter().any(|e| e.1 == fleet.id(1)), "{out}");
 }
+
+// ---- the issuer's decisions, one per rejection reason of docs/spec/rotation.md ----
+
+/// The rejection label of an issuer decision (panics on a grant).
+fn rejected_as(
+    r: Result<fleet_provision::lifecycle::Granted, fleet_provision::lifecycle::Rejected>,
+) -> &'static str {
+    match r {
+        Ok(g) => panic!("granted a certificate for {}", g.device_id),
+        Err(r) => r.label,
+    }
+}
+
+/// A CSR built by the device SDK for `id` with `key`.
+fn sdk_csr(id: &str, key: &p256::ecdsa::SigningKey) -> Vec<u8> {
+    let mut buf = [0u8; 512];
+    let n = fleet_device::csr::build(id, key, &mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+/// Every reason the issuer's decision functions give (docs/spec/rotation.md, "Rejection
+/// reasons"), each reached with a well-formed CSR built by the device SDK (the reasons `unbound`
+/// and `unavailable` are the serving loop's: `bus.rs::the_issuer_certifies_only_csrs_bound_to_the_askers_certificate`,
+/// and the registry error below). The device's own checks of what it is issued: a
+/// certificate for another key is `WrongKey`, one naming another device `WrongId`.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rejection_reason_is_reached_with_a_real_csr_and_the_device_checks_what_it_is_issued() {
+    use fleet_device::mqtt::Millis;
+    use fleet_device::rotation::{RotationConfig, RotationError, Rotator};
+    use fleet_provision::lifecycle::{ClaimOptions, Policy};
+
+    let fleet = Fleet::new(3, None).await;
+    let st = fleet.station().await;
+    let id = |i: usize| DeviceId::parse(&fleet.id(i)).unwrap();
+    let (a, b, c) = (id(0), id(1), id(2));
+    let fresh = || fleet_device::csr::generate_key(&mut rand::rngs::OsRng);
+    let due = Policy { renew_within: 3650 * 86_400, min_interval: 3_600, grace: 3_600 };
+    let rotate = |who: &DeviceId, csr: Vec<u8>, policy: Policy| {
+        let (st, who) = (&st, who.clone());
+        async move { st.rotate_from_csr(&who, &csr, &policy).await.unwrap() }
+    };
+
+    // bad_csr: a real CSR whose signature no longer verifies.
+    let mut broken = sdk_csr(a.as_str(), &fresh());
+    let last = broken.len() - 1;
+    broken[last] ^= 0x01;
+    assert_eq!(rejected_as(rotate(&a, broken, due).await), "bad_csr");
+    // id_mismatch: B's CSR on A's topic.
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(b.as_str(), &fresh()), due).await), "id_mismatch");
+    // unknown_device: an id never registered, and a service's id.
+    let ghost = DeviceId::parse("dev-000000000000").unwrap();
+    assert_eq!(rejected_as(rotate(&ghost, sdk_csr(ghost.as_str(), &fresh()), due).await), "unknown_device");
+    let svc = DeviceId::parse("backend").unwrap();
+    assert_eq!(rejected_as(rotate(&svc, sdk_csr("backend", &fresh()), due).await), "unknown_device");
+    // revoked.
+    fleet.revoke(2).await;
+    assert_eq!(rejected_as(rotate(&c, sdk_csr(c.as_str(), &fresh()), due).await), "revoked");
+    // same_key: A's current key (the factory's key.pem).
+    let pem = std::fs::read_to_string(fleet.devices[0].join("key.pem")).unwrap();
+    let current = p256::ecdsa::SigningKey::from(p256::SecretKey::from_sec1_pem(&pem).unwrap());
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(a.as_str(), &current), due).await), "same_key");
+    // not_due: a 5-year certificate, a 30-day window.
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(a.as_str(), &fresh()), Policy::default()).await), "not_due");
+
+    // A rotation the SDK drives: its CSR is granted and its check takes the certificate.
+    let mut rot = Rotator::new(RotationConfig::default());
+    rot.start(&mut rand::rngs::OsRng, Millis(0));
+    let mut buf = [0u8; 512];
+    let csr = rot.poll_csr(a.as_str(), Millis(0), &mut buf).unwrap().unwrap().to_vec();
+    let granted = rotate(&a, csr, due).await.expect("the SDK's CSR is granted");
+    assert_eq!(rot.check(&granted.cert.der, a.as_str()).unwrap(), &granted.cert.der[..]);
+    // rate_limited: another key within the minimum interval.
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(a.as_str(), &fresh()), due).await), "rate_limited");
+    // WrongKey: A's new certificate offered to a rotation that generated another key.
+    let mut other = Rotator::new(RotationConfig::default());
+    other.start(&mut rand::rngs::OsRng, Millis(0));
+    assert_eq!(other.check(&granted.cert.der, a.as_str()), Err(RotationError::WrongKey));
+    // WrongId: a certificate for this rotation's own key that names B.
+    let csr_b = other.poll_csr(b.as_str(), Millis(0), &mut buf).unwrap().unwrap().to_vec();
+    let for_b = rotate(&b, csr_b, due).await.expect("B's rotation is granted");
+    assert_eq!(other.check(&for_b.cert.der, b.as_str()).unwrap(), &for_b.cert.der[..]);
+    assert_eq!(other.check(&for_b.cert.der, a.as_str()), Err(RotationError::WrongId));
+
+    // The claim's reasons.
+    st.claim_cert(&ClaimOptions {
+        name: "batch-9".into(),
+        id_prefix: "sensor".into(),
+        quota: 1,
+        days: 7,
+        out: fleet.dir.path().join("claim"),
+        broker_host: "localhost".into(),
+        broker_port: 8883,
+    })
+    .await
+    .unwrap();
+    let batch = DeviceId::parse("batch-9").unwrap();
+    let claim = |who: &DeviceId, csr: Vec<u8>| {
+        let (st, who) = (&st, who.clone());
+        async move { st.claim_from_csr(&who, &csr).await.unwrap() }
+    };
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("probe-000000000001", &fresh())).await), "bad_id");
+    assert_eq!(rejected_as(claim(&a, sdk_csr("sensor-000000000001", &fresh())).await), "claim_invalid");
+    let first = fresh();
+    claim(&batch, sdk_csr("sensor-000000000001", &first)).await.expect("within the quota");
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("sensor-000000000001", &fresh())).await), "id_taken");
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("sensor-000000000002", &fresh())).await), "claim_exhausted");
+    st.revoke_device(&batch, fleet_registry::RevocationReason::CessationOfOperation).await.unwrap();
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("sensor-000000000003", &fresh())).await), "claim_invalid");
+
+    // unavailable: the serving loop answers it when a decision fails; a decision fails when the
+    // registry cannot be read.
+    st.registry().pool().close().await;
+    assert!(st.rotate_from_csr(&a, &sdk_csr(a.as_str(), &fresh()), &due).await.is_err());
+}
