@@ -657,6 +657,42 @@ async fn check_config_and_bad_configuration() {
     assert!(!out.status.success() && err.contains("must hold only the device issuing CA"), "{err}");
 }
 
+/// A setting's value in force, as `check-config` prints it: the flag over `FLEET_<KEY>` over
+/// the file over the default (README, "Configuration"), each layer shown by the one below it.
+#[tokio::test]
+async fn configuration_precedence_is_flag_then_env_then_file_then_default() {
+    let fleet = Fleet::new(1, None).await;
+    let file = fleet.dir.path().join("precedence.toml");
+    std::fs::write(&file, "max_packet_size = 5000\n").unwrap();
+    let in_force = |config: bool, env: Option<&str>, flag: Option<&str>| -> String {
+        let mut c = Command::new(broker_bin());
+        c.arg("--home").arg(fleet.home());
+        if config {
+            c.arg("--config").arg(&file);
+        }
+        if let Some(v) = flag {
+            c.args(["--max-packet-size", v]);
+        }
+        c.arg("check-config").env_remove("FLEET_HOME").env_remove("FLEET_DATABASE_URL");
+        match env {
+            Some(v) => c.env("FLEET_MAX_PACKET_SIZE", v),
+            None => c.env_remove("FLEET_MAX_PACKET_SIZE"),
+        };
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        let line =
+            text.lines().find(|l| l.starts_with("max_packet_size = ")).unwrap_or_else(|| panic!("{text}"));
+        line.trim_start_matches("max_packet_size = ").to_owned()
+    };
+    assert_eq!(in_force(false, None, None), "4096", "the default");
+    assert_eq!(in_force(true, None, None), "5000", "the file over the default");
+    assert_eq!(in_force(true, Some("6000"), None), "6000", "the environment over the file");
+    assert_eq!(in_force(true, Some("6000"), Some("7000")), "7000", "the flag over the environment");
+    assert_eq!(in_force(true, None, Some("7000")), "7000", "the flag over the file");
+    assert_eq!(in_force(false, Some("6000"), None), "6000", "the environment over the default");
+}
+
 /// A QoS 1 PUBLISH whose commit is still running when SIGTERM arrives is finished: committed,
 /// acknowledged, and only then the session closed and the broker stopped. The registry's write
 /// lock is held by the test, so the commit cannot complete before the signal.
