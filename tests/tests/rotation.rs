@@ -534,11 +534,11 @@ async fn an_operator_forced_rotation_reaches_the_device() {
 #[tokio::test]
 async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it() {
     use common::admin::{operator, Client};
-    let fleet = Fleet::new(2, None).await;
+    let fleet = Fleet::new(3, None).await;
     let alice = operator(&fleet, "alice").await;
     let broker = BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--reload-poll-ms", "100"]);
     let identity = issuer_identity(&fleet).await;
-    let issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let issuer = Issuer::start(&fleet, &broker, &identity, &["--grace", "1s", "--renew-within", "3650d"]);
     let api = Client::new(&broker, &fleet, Some(&alice));
     let crl_listed = || {
         let (_, s) = api.get("/api/v1/summary");
@@ -571,6 +571,57 @@ async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it(
     let text = String::from_utf8_lossy(&text.stdout).to_uppercase();
     assert!(text.contains(&serial.to_uppercase()), "{serial} not in the CRL:\n{text}");
     assert!(issuer.log().contains("CRL signed after revocations"), "{}", issuer.log());
+
+    // The station's CLI revokes (it writes a CRL itself): the issuer, following the registry,
+    // signs a fresh one after it.
+    let crl_text = || {
+        let out = Command::new(fleet_tests::require_program("openssl", "openssl"))
+            .args(["crl", "-noout", "-text", "-in"])
+            .arg(fleet.home().join("crl.pem"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_uppercase()
+    };
+    let signed = || issuer.log().matches("CRL signed after revocations").count();
+    let before = signed();
+    let cli_victim = fleet.id(1);
+    let cli_serial = fleet.station().await.show(&DeviceId::parse(&cli_victim).unwrap()).await.unwrap();
+    let cli_serial = cli_serial.certificates[0].serial.to_hex();
+    station_cli(&fleet, &["revoke", &cli_victim, "--reason", "keyCompromise"]);
+    let t = Instant::now();
+    while signed() <= before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the issuer did not re-sign after the CLI's revocation:\n{}",
+            issuer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(crl_text().contains(&cli_serial.to_uppercase()), "{cli_serial} not in the CRL");
+
+    // A rotation's supersede (the issuer revokes the old certificate after the grace period):
+    // the CRL lists the old serial.
+    let dir = fleet.devices[2].clone();
+    let old_serial = cert_serial(
+        Credentials::decode(&std::fs::read(dir.join("credentials.bin")).unwrap()).unwrap().cert_der,
+    );
+    let out = Command::new(bins().join("fleet-sim"))
+        .args(["run", "--port", &broker.port(), "--duration", "6", "--rate", "2", "--rotate-within", "3650d"])
+        .arg("--devices")
+        .arg(dir.parent().unwrap())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(events(&out, "rotated").iter().any(|e| e.1 == fleet.id(2)), "{out}");
+    let t = Instant::now();
+    while !crl_text().contains(&old_serial.to_uppercase()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the superseded serial {old_serial} never reached the CRL:\n{}",
+            issuer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 // ---- persistent sessions across certificates ----
