@@ -59,6 +59,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Op {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         match parts.extensions.get::<ConnectInfo<Peer>>().map(|c| (&c.0.who, c.0.addr)) {
             Some((Ok(id), addr)) => Ok(Op(id.clone(), addr)),
+            Some((Err(why), _)) if *why == super::REGISTRY_UNAVAILABLE => Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "registry_unavailable",
+                format!("{why}: the operator could not be checked; retry"),
+            )),
             Some((Err(why), _)) => {
                 Err(ApiError(StatusCode::FORBIDDEN, "forbidden", format!("{why}: operators only")))
             }

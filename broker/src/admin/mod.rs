@@ -160,6 +160,10 @@ async fn accept_loop(
     }
 }
 
+/// Why an operator could not be admitted when the registry could not be asked: the API answers
+/// 503 for it (the caller may be an operator), never 403.
+pub(crate) const REGISTRY_UNAVAILABLE: &str = "the registry is unavailable";
+
 /// The operator the verified client certificate names, if the registry admits it.
 async fn operator(shared: &Shared, tls: &TlsStream<TcpStream>) -> Result<Identity, &'static str> {
     let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
@@ -168,7 +172,7 @@ async fn operator(shared: &Shared, tls: &TlsStream<TcpStream>) -> Result<Identit
         return Err("the certificate is not an operator's");
     }
     match shared.registry.admission(&id.serial).await {
-        Err(_) => Err("the registry is unavailable"),
+        Err(_) => Err(REGISTRY_UNAVAILABLE),
         Ok(None) => Err("the certificate is not in the registry"),
         Ok(Some(a)) if a.device_id != id.id || a.role != Role::Operator => Err("the registry disagrees"),
         Ok(Some(a)) if a.device_status == Status::Revoked || a.cert_status == Status::Revoked => {
