@@ -896,9 +896,15 @@ async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
     csr.pkid = 2;
     dev.send(Packet::Publish(csr)).await.unwrap();
     let got = next_publish(&mut issuer, Duration::from_secs(3)).await.expect("the issuer got no CSR");
+    // The broker stamps the CSR with the certificate the session was admitted with
+    // (docs/spec/rotation.md): the issuer sees `fleetgate-origin <serial>\n`, then the bytes.
+    let serial = fleet.station().await.show(&DeviceId::parse(&id).unwrap()).await.unwrap().certificates[0]
+        .serial
+        .to_hex();
+    let stamped = [format!("fleetgate-origin {serial}\n").into_bytes(), b"csr-der".to_vec()].concat();
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
-        (format!("devices/{id}/certs/csr").as_str(), &b"csr-der"[..])
+        (format!("devices/{id}/certs/csr").as_str(), &stamped[..])
     );
 
     let mut answer = Publish::new(format!("devices/{id}/certs/issued"), QoS::AtLeastOnce, b"chain".to_vec());
