@@ -657,14 +657,77 @@ async fn check_config_and_bad_configuration() {
     assert!(!out.status.success() && err.contains("must hold only the device issuing CA"), "{err}");
 }
 
+/// A setting's value in force, as `check-config` prints it: the flag over `FLEET_<KEY>` over
+/// the file over the default (README, "Configuration"), each layer shown by the one below it.
 #[tokio::test]
+async fn configuration_precedence_is_flag_then_env_then_file_then_default() {
+    let fleet = Fleet::new(1, None).await;
+    let file = fleet.dir.path().join("precedence.toml");
+    std::fs::write(&file, "max_packet_size = 5000\n").unwrap();
+    let in_force = |config: bool, env: Option<&str>, flag: Option<&str>| -> String {
+        let mut c = Command::new(broker_bin());
+        c.arg("--home").arg(fleet.home());
+        if config {
+            c.arg("--config").arg(&file);
+        }
+        if let Some(v) = flag {
+            c.args(["--max-packet-size", v]);
+        }
+        c.arg("check-config").env_remove("FLEET_HOME").env_remove("FLEET_DATABASE_URL");
+        match env {
+            Some(v) => c.env("FLEET_MAX_PACKET_SIZE", v),
+            None => c.env_remove("FLEET_MAX_PACKET_SIZE"),
+        };
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        let line =
+            text.lines().find(|l| l.starts_with("max_packet_size = ")).unwrap_or_else(|| panic!("{text}"));
+        line.trim_start_matches("max_packet_size = ").to_owned()
+    };
+    assert_eq!(in_force(false, None, None), "4096", "the default");
+    assert_eq!(in_force(true, None, None), "5000", "the file over the default");
+    assert_eq!(in_force(true, Some("6000"), None), "6000", "the environment over the file");
+    assert_eq!(in_force(true, Some("6000"), Some("7000")), "7000", "the flag over the environment");
+    assert_eq!(in_force(true, None, Some("7000")), "7000", "the flag over the file");
+    assert_eq!(in_force(false, Some("6000"), None), "6000", "the environment over the default");
+}
+
+/// A QoS 1 PUBLISH whose commit is still running when SIGTERM arrives is finished: committed,
+/// acknowledged, and only then the session closed and the broker stopped. The registry's write
+/// lock is held by the test, so the commit cannot complete before the signal.
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_inflight_and_exits() {
     let fleet = Fleet::new(1, None).await;
     let mut broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    // Hold SQLite's write lock: the broker's commit waits (busy_timeout 10 s) until we let go.
+    let st = fleet.station().await;
+    let mut lock = st.registry().pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    let mut p = Publish::new(format!("devices/{id}/telemetry/t"), QoS::AtLeastOnce, b"in flight".to_vec());
+    p.pkid = 7;
+    raw.send(Packet::Publish(p)).await.unwrap();
+    broker.wait_metric("fleet_messages_received_total", 1.0, Duration::from_secs(10)).await;
+    assert!(
+        raw.recv(Duration::from_millis(300)).await.is_none(),
+        "acknowledged while the registry was locked: nothing was in flight"
+    );
     let pid = broker.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    while !broker.log().contains("shutting down") {
+        assert!(t.elapsed() < Duration::from_secs(5), "no shutdown logged:\n{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+    drop(lock);
+    match raw.recv(Duration::from_secs(10)).await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.pkid, 7),
+        other => panic!("no PUBACK for the in-flight PUBLISH after SIGTERM: {other:?}\n{}", broker.log()),
+    }
     assert!(raw.closed_within(Duration::from_secs(5)).await, "session not closed on SIGTERM");
     let t = Instant::now();
     loop {
@@ -672,10 +735,12 @@ async fn sigterm_finishes_inflight_and_exits() {
             assert!(status.success(), "broker exit status {status:?}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "broker did not exit after SIGTERM");
+        assert!(t.elapsed() < Duration::from_secs(10), "broker did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(broker.log().contains("broker stopped"));
+    let rows = fleet.telemetry_rows(&id).await;
+    assert_eq!(rows, [(format!("devices/{id}/telemetry/t"), b"in flight".to_vec())]);
     let _ = (DeviceId::parse("x"), Role::Device, SerialNumber::random());
 }
 
@@ -831,9 +896,15 @@ async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
     csr.pkid = 2;
     dev.send(Packet::Publish(csr)).await.unwrap();
     let got = next_publish(&mut issuer, Duration::from_secs(3)).await.expect("the issuer got no CSR");
+    // The broker stamps the CSR with the certificate the session was admitted with
+    // (docs/spec/rotation.md): the issuer sees `fleetgate-origin <serial>\n`, then the bytes.
+    let serial = fleet.station().await.show(&DeviceId::parse(&id).unwrap()).await.unwrap().certificates[0]
+        .serial
+        .to_hex();
+    let stamped = [format!("fleetgate-origin {serial}\n").into_bytes(), b"csr-der".to_vec()].concat();
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
-        (format!("devices/{id}/certs/csr").as_str(), &b"csr-der"[..])
+        (format!("devices/{id}/certs/csr").as_str(), &stamped[..])
     );
 
     let mut answer = Publish::new(format!("devices/{id}/certs/issued"), QoS::AtLeastOnce, b"chain".to_vec());

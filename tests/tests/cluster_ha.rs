@@ -289,6 +289,7 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
     let mut dev = connected(n.mqtt, &fleet.devices[0], &id).await;
     assert!(publish_acked(&mut dev, &topic, b"before", 1).await);
     assert_eq!(n.metric("fleet_cluster_connected").await, 1.0);
+    assert_eq!(n.healthz().await, (200, "ok\n".to_owned()));
 
     nats.stop();
     let t = Instant::now();
@@ -309,6 +310,9 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
         Some(ConnectReturnCode::ServiceUnavailable)
     );
     n.wait_refused(Refusal::ClusterUnavailable, 1.0, Duration::from_secs(1)).await;
+    let (status, body) = n.healthz().await;
+    assert_eq!(status, 503, "/healthz while NATS is down: {body}");
+    assert!(body.contains("NATS connection down"), "{body}");
 
     // NATS comes back: the node recovers by itself, the device retransmits, stored once.
     nats.restart();
@@ -317,6 +321,7 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
         assert!(t.elapsed() < Duration::from_secs(5), "the node did not reconnect to NATS");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(n.healthz().await, (200, "ok\n".to_owned()), "/healthz after NATS came back");
     let mut dev = connected(n.mqtt, &fleet.devices[0], &id).await;
     let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, b"during".to_vec());
     (p.pkid, p.dup) = (2, true);

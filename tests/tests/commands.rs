@@ -10,7 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rumqttc::mqttbytes::v4::{Packet, Publish};
@@ -82,13 +82,20 @@ fn run_sim(fleet: &Fleet, port: &str, secs: u32) -> String {
         .arg(fleet.dir.path().join("devices"))
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "fleet-sim failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
 }
 
-/// The COMMANDS column of a device's line in fleet-sim's table.
+/// The COMMANDS column of a device's line in fleet-sim's table; the device must have been
+/// connected at the end and had telemetry acknowledged, or "0 commands" would prove nothing.
 fn commands_seen(out: &str, device: &str) -> u32 {
     let line = out.lines().find(|l| l.starts_with(device)).unwrap_or_else(|| panic!("{device} not in {out}"));
-    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+    assert!(line.ends_with("  connected"), "{device} was not connected:\n{out}");
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let acked: u64 = cols[2].parse().unwrap();
+    assert!(acked >= 1, "{device} had no telemetry acknowledged:\n{out}");
+    cols[3].parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -305,6 +312,67 @@ async fn a_persistent_session_keeps_subscriptions_and_messages_while_the_client_
     // Clean session = 1 discards what was kept.
     let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connect_with(&mut svc, "backend", true).await, (true, false));
+}
+
+/// A kept session's inbox holds at most `max_queued_messages` (the rest are dropped and counted,
+/// never buffered), and a kept session the client does not resume within `session_expiry_secs`
+/// is discarded: its subscriptions leave the router and the next CONNACK says no session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_sessions_inbox_is_capped_and_the_session_expires() {
+    let fleet = Fleet::new(1, None).await;
+    let cfg = fleet.dir.path().join("parked.toml");
+    std::fs::write(&cfg, "max_queued_messages = 5\nsession_expiry_secs = 3\n").unwrap();
+    let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let dev = fleet.id(0);
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false));
+    subscribe(&mut svc, "devices/+/telemetry", 1).await;
+    svc.send(Packet::Disconnect).await.unwrap();
+    drop(svc);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(5)).await;
+    // 20 messages while the service is away: 5 kept, 15 dropped.
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(connect_with(&mut d, &dev, true).await.0);
+    for i in 0..20u16 {
+        let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![i as u8]);
+        p.pkid = 1 + i;
+        d.send(Packet::Publish(p)).await.unwrap();
+        assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(broker.metric("fleet_messages_dropped_total").await, 15.0);
+    assert_eq!(broker.metric("fleet_limits_total{limit=\"queued_messages\"}").await, 15.0);
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, true));
+    let mut got = 0;
+    while let Some(p) = next_publish(&mut svc, Duration::from_secs(2)).await {
+        got += 1;
+        svc.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid))).await.unwrap();
+    }
+    assert_eq!(got, 5, "the kept inbox held {got} messages, its cap is 5");
+    svc.send(Packet::Disconnect).await.unwrap();
+    drop(svc);
+    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(5)).await;
+    let parked_at = Instant::now();
+    // Away longer than session_expiry_secs (3 s, checked every second): discarded.
+    broker
+        .wait_metric(
+            "fleet_parked_sessions_discarded_total{reason=\"expired\"}",
+            1.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(parked_at.elapsed() >= Duration::from_secs(2), "expired after {:?}", parked_at.elapsed());
+    assert_eq!(broker.metric("fleet_sessions_parked").await, 0.0);
+    // Its subscription left the router: nothing is delivered into it any more.
+    let dropped = broker.metric("fleet_messages_dropped_total").await;
+    let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![99]);
+    p.pkid = 50;
+    d.send(Packet::Publish(p)).await.unwrap();
+    assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false), "an expired session resumed");
+    assert!(next_publish(&mut svc, Duration::from_millis(500)).await.is_none());
+    assert_eq!(broker.metric("fleet_messages_dropped_total").await, dropped);
 }
 
 /// Interop: `mosquitto_sub -c` (clean session off) gets the messages published while it was

@@ -115,6 +115,74 @@ async fn the_dashboard_and_the_alerts_use_only_metrics_the_broker_exports_from_i
     ] {
         assert!(text.lines().any(|l| l == series), "no `{series}` at start:\n{text}");
     }
+
+    // Every label value a rule or a panel selects on (`reason="registry_unavailable"`,
+    // `cert="client_ca"`, …) is exported by the fresh broker: a misspelt or renamed value would
+    // select nothing, and the alert would never fire.
+    let selected: BTreeSet<_> = label_values(&exprs).into_iter().chain(label_values(&alerts)).collect();
+    assert!(
+        selected.iter().any(|(_, l, v)| l == "cert" && v == "client_ca"),
+        "the label parser found too little: {selected:?}"
+    );
+    let series: Vec<&str> = text.lines().filter(|l| l.starts_with("fleet_")).collect();
+    for (name, label, value) in &selected {
+        let wanted = format!("{label}=\"{value}\"");
+        let found = series.iter().any(|l| {
+            l.strip_prefix(name.as_str())
+                .and_then(|rest| rest.strip_prefix('{'))
+                .and_then(|rest| rest.split_once('}'))
+                .is_some_and(|(labels, _)| labels.split(',').any(|m| m == wanted))
+        });
+        assert!(
+            found,
+            "{name}{{{wanted}}} is selected by a rule or panel but not exported at start:\n{text}"
+        );
+    }
+}
+
+/// Every `(metric, label, value)` a selector in `text` names with `label="value"` or
+/// `label=~"a|b"` (literal alternatives), except the dashboard's `$instance` variable.
+fn label_values(text: &str) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("fleet_") {
+        let start = i + at;
+        let name_end =
+            start + text[start..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(0);
+        i = name_end.max(start + 1);
+        if !text[name_end..].starts_with('{') {
+            continue;
+        }
+        let close = name_end + text[name_end..].find('}').expect("an unclosed selector");
+        let name = &text[start..name_end];
+        for matcher in text[name_end + 1..close].split(',') {
+            let matcher = matcher.trim();
+            let (label, op, value) = if let Some((l, v)) = matcher.split_once("=~") {
+                (l, "=~", v)
+            } else if let Some((l, v)) = matcher.split_once("!=").or_else(|| matcher.split_once("!~")) {
+                let _ = (l, v);
+                continue; // a negative matcher names no value that must exist
+            } else if let Some((l, v)) = matcher.split_once('=') {
+                (l, "=", v)
+            } else {
+                continue;
+            };
+            let value = value.trim().trim_matches('"');
+            if value.contains('$') || label.trim() == "instance" {
+                continue;
+            }
+            let values: Vec<&str> = if op == "=~" { value.split('|').collect() } else { vec![value] };
+            for v in values {
+                assert!(
+                    v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{name}{{{matcher}}}: not a literal value list"
+                );
+                out.insert((name.to_owned(), label.trim().to_owned(), v.to_owned()));
+            }
+        }
+        i = close;
+    }
+    out
 }
 
 /// The unit's `key=` lines (continuations not used in our units).

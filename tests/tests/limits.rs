@@ -249,6 +249,47 @@ async fn a_stuck_write_never_delays_a_revocation() {
     assert!(t.elapsed() < Duration::from_secs(1), "revocation waited {:?} on a stuck write", t.elapsed());
 }
 
+/// The device's certificate connects again while the broker's write to its first session is
+/// stuck: the takeover cuts the old session at once and the new one is admitted.
+#[tokio::test]
+async fn a_stuck_write_never_delays_a_takeover() {
+    let fleet = Fleet::new(1, None).await;
+    let cfg = config(&fleet, "write_timeout_secs = 60\n");
+    let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let _clients = stuck_reader(&fleet, &broker).await;
+    broker.wait_metric("fleet_messages_dropped_total", 1.0, Duration::from_secs(10)).await;
+    let t = Instant::now();
+    let mut again = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&again.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    broker.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "the takeover waited {:?} on a stuck write", t.elapsed());
+    assert_eq!(broker.metric(&kicks(CloseReason::WriteTimeout)).await, 0.0);
+}
+
+/// SIGTERM while the broker's write to a session is stuck (write timeout 60 s): the broker
+/// stops within seconds, with exit status 0.
+#[tokio::test]
+async fn a_stuck_write_never_delays_a_sigterm() {
+    let fleet = Fleet::new(1, None).await;
+    let cfg = config(&fleet, "write_timeout_secs = 60\n");
+    let mut broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
+    let _clients = stuck_reader(&fleet, &broker).await;
+    broker.wait_metric("fleet_messages_dropped_total", 1.0, Duration::from_secs(10)).await;
+    let t = Instant::now();
+    let pid = broker.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = loop {
+        if let Some(status) = broker.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the broker did not stop: a stuck write held it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "broker exit status {status:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "SIGTERM waited {:?} on a stuck write", t.elapsed());
+    assert!(broker.log().contains("broker stopped"), "{}", broker.log());
+}
+
 #[tokio::test]
 async fn a_peer_that_accepts_no_bytes_is_closed_after_the_write_timeout() {
     let fleet = Fleet::new(1, None).await;

@@ -32,7 +32,6 @@ fn quickstart_runs_the_whole_story() {
         "command sent: devices/",
         "revoked device",
         "cut off (",
-        "fleet_handshakes_total{outcome=\"refused\",reason=\"revoked\"}",
         "fleet_kicks_total{reason=\"revoked\"} 1",
         "issuance log OK",
         "fleet-sim: 1 certificate rotations",
@@ -41,6 +40,14 @@ fn quickstart_runs_the_whole_story() {
     ] {
         assert!(stdout.contains(expected), "quickstart output lacks `{expected}`:\n{stdout}");
     }
+    // The series is exported at 0 from the start: its value shows the revoked device's
+    // reconnection was refused as revoked.
+    let revoked_refusals: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_handshakes_total{outcome=\"refused\",reason=\"revoked\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revoked-refusal series:\n{stdout}"));
+    assert!(revoked_refusals >= 1.0, "the revoked device was never refused as revoked:\n{stdout}");
     // Four devices stay connected and one of them got the command.
     assert_eq!(stdout.matches("  connected").count(), 4, "{stdout}");
     let stored: u64 = stdout

@@ -299,9 +299,15 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
     assert!(c.closed_within(Duration::from_secs(3)).await, "a device published an issuer answer");
     // Nor may A ask on B's topic.
     let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    c.mqtt_connect(&a, 30).await;
+    assert_eq!(
+        connack_code(&c.mqtt_connect(&a, 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+        "A must be admitted, or the close below proves nothing"
+    );
     c.send(ask(&b, csr_for(&b), 14)).await.unwrap();
     assert!(c.closed_within(Duration::from_secs(3)).await, "a device asked for another device");
+    // Both closes were the ACL's (the forged answer and the ask on B's topic).
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 2.0, Duration::from_secs(5)).await;
     // Nothing was issued.
     let st = fleet.station().await;
     for id in [&a, &b] {
@@ -415,17 +421,18 @@ async fn devices_boot_from_a_claim_within_its_quota_and_a_revoked_claim_is_refus
     };
     st.claim_cert(&opts).await.unwrap();
     let out_dir = fleet.dir.path().join("claimed");
-    let claim = |count: u32| {
+    let claim_with = |claim_dir: &Path, out_dir: &Path, count: u32| {
         Command::new(bins().join("fleet-sim"))
             .args(["claim", "--port", &broker.port(), "--prefix", "sensor", "--duration", "8"])
             .args(["--count", &count.to_string(), "--answer-timeout-ms", "1000"])
             .arg("--claim")
-            .arg(&claim_dir)
+            .arg(claim_dir)
             .arg("--out")
-            .arg(&out_dir)
+            .arg(out_dir)
             .output()
             .unwrap()
     };
+    let claim = |count: u32| claim_with(&claim_dir, &out_dir, count);
     let first = tokio::task::block_in_place(|| claim(4));
     let text = String::from_utf8_lossy(&first.stdout);
     assert!(!first.status.success(), "4 devices on a quota of 3 all booted?\n{text}");
@@ -459,17 +466,34 @@ async fn devices_boot_from_a_claim_within_its_quota_and_a_revoked_claim_is_refus
         3,
         "{again}"
     );
-    // A revoked claim cannot even connect.
-    st.revoke_device(
-        &DeviceId::parse("batch-7").unwrap(),
-        fleet_registry::RevocationReason::CessationOfOperation,
-    )
+    // A revoked claim cannot even connect. Another claim, with quota left (so only its
+    // revocation can stop it): one device boots from it, then it is revoked, and the next gets
+    // nothing although the quota allows one more.
+    let spare_dir = fleet.dir.path().join("claim-spare");
+    st.claim_cert(&fleet_provision::lifecycle::ClaimOptions {
+        name: "batch-8".into(),
+        quota: 2,
+        out: spare_dir.clone(),
+        ..opts
+    })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let late = tokio::task::block_in_place(|| claim(1));
-    assert!(!late.status.success());
-    assert!(broker.metric(&refused(Refusal::Revoked)).await >= 1.0);
+    let spare_out = fleet.dir.path().join("claimed-spare");
+    let control = tokio::task::block_in_place(|| claim_with(&spare_dir, &spare_out, 1));
+    let text = String::from_utf8_lossy(&control.stdout);
+    assert!(control.status.success(), "the spare claim did not boot a device:\n{text}");
+    assert_eq!(broker.metric(&refused(Refusal::Revoked)).await, 0.0);
+    let spare = DeviceId::parse("batch-8").unwrap();
+    let seen = broker.metric("fleet_revocations_seen_total").await;
+    st.revoke_device(&spare, fleet_registry::RevocationReason::CessationOfOperation).await.unwrap();
+    broker.wait_metric("fleet_revocations_seen_total", seen + 1.0, Duration::from_secs(10)).await;
+    let late = tokio::task::block_in_place(|| claim_with(&spare_dir, &fleet.dir.path().join("late"), 1));
+    let text = String::from_utf8_lossy(&late.stdout);
+    assert!(!late.status.success(), "a revoked claim booted a device:\n{text}");
+    assert!(!text.contains("claim_exhausted"), "refused for the quota, not the revocation:\n{text}");
+    broker.wait_metric(&refused(Refusal::Revoked), 1.0, Duration::from_secs(10)).await;
+    let spare_record = st.registry().claim(&spare).await.unwrap().unwrap();
+    assert_eq!((spare_record.used, spare_record.quota), (1, 2));
     let report = st.verify_log().await.unwrap();
     assert!(report.disagreements.is_empty(), "{:?}", report.disagreements);
 }
@@ -512,11 +536,11 @@ async fn an_operator_forced_rotation_reaches_the_device() {
 #[tokio::test]
 async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it() {
     use common::admin::{operator, Client};
-    let fleet = Fleet::new(2, None).await;
+    let fleet = Fleet::new(3, None).await;
     let alice = operator(&fleet, "alice").await;
     let broker = BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--reload-poll-ms", "100"]);
     let identity = issuer_identity(&fleet).await;
-    let issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let issuer = Issuer::start(&fleet, &broker, &identity, &["--grace", "1s", "--renew-within", "3650d"]);
     let api = Client::new(&broker, &fleet, Some(&alice));
     let crl_listed = || {
         let (_, s) = api.get("/api/v1/summary");
@@ -549,6 +573,57 @@ async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it(
     let text = String::from_utf8_lossy(&text.stdout).to_uppercase();
     assert!(text.contains(&serial.to_uppercase()), "{serial} not in the CRL:\n{text}");
     assert!(issuer.log().contains("CRL signed after revocations"), "{}", issuer.log());
+
+    // The station's CLI revokes (it writes a CRL itself): the issuer, following the registry,
+    // signs a fresh one after it.
+    let crl_text = || {
+        let out = Command::new(fleet_tests::require_program("openssl", "openssl"))
+            .args(["crl", "-noout", "-text", "-in"])
+            .arg(fleet.home().join("crl.pem"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_uppercase()
+    };
+    let signed = || issuer.log().matches("CRL signed after revocations").count();
+    let before = signed();
+    let cli_victim = fleet.id(1);
+    let cli_serial = fleet.station().await.show(&DeviceId::parse(&cli_victim).unwrap()).await.unwrap();
+    let cli_serial = cli_serial.certificates[0].serial.to_hex();
+    station_cli(&fleet, &["revoke", &cli_victim, "--reason", "keyCompromise"]);
+    let t = Instant::now();
+    while signed() <= before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the issuer did not re-sign after the CLI's revocation:\n{}",
+            issuer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(crl_text().contains(&cli_serial.to_uppercase()), "{cli_serial} not in the CRL");
+
+    // A rotation's supersede (the issuer revokes the old certificate after the grace period):
+    // the CRL lists the old serial.
+    let dir = fleet.devices[2].clone();
+    let old_serial = cert_serial(
+        Credentials::decode(&std::fs::read(dir.join("credentials.bin")).unwrap()).unwrap().cert_der,
+    );
+    let out = Command::new(bins().join("fleet-sim"))
+        .args(["run", "--port", &broker.port(), "--duration", "6", "--rate", "2", "--rotate-within", "3650d"])
+        .arg("--devices")
+        .arg(dir.parent().unwrap())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(events(&out, "rotated").iter().any(|e| e.1 == fleet.id(2)), "{out}");
+    let t = Instant::now();
+    while !crl_text().contains(&old_serial.to_uppercase()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the superseded serial {old_serial} never reached the CRL:\n{}",
+            issuer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 // ---- persistent sessions across certificates ----
@@ -772,4 +847,118 @@ async fn one_stolen_device_flooding_csrs_cannot_take_the_issuer_from_the_fleet()
     let sent = flood.await.unwrap();
     let dropped = broker.metric("fleet_limits_total{limit=\"csr_rate\"}").await;
     assert!(sent > 1_000 && dropped > 1_000.0, "sent {sent}, dropped at the broker {dropped}");
+}
+
+// ---- the issuer's decisions, one per rejection reason of docs/spec/rotation.md ----
+
+/// The rejection label of an issuer decision (panics on a grant).
+fn rejected_as(
+    r: Result<fleet_provision::lifecycle::Granted, fleet_provision::lifecycle::Rejected>,
+) -> &'static str {
+    match r {
+        Ok(g) => panic!("granted a certificate for {}", g.device_id),
+        Err(r) => r.label,
+    }
+}
+
+/// A CSR built by the device SDK for `id` with `key`.
+fn sdk_csr(id: &str, key: &p256::ecdsa::SigningKey) -> Vec<u8> {
+    let mut buf = [0u8; 512];
+    let n = fleet_device::csr::build(id, key, &mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+/// Every reason the issuer's decision functions give (docs/spec/rotation.md, "Rejection
+/// reasons"), each reached with a well-formed CSR built by the device SDK (the reasons `unbound`
+/// and `unavailable` are the serving loop's: `bus.rs::the_issuer_certifies_only_csrs_bound_to_the_askers_certificate`,
+/// and the registry error below). The device's own checks of what it is issued: a
+/// certificate for another key is `WrongKey`, one naming another device `WrongId`.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rejection_reason_is_reached_with_a_real_csr_and_the_device_checks_what_it_is_issued() {
+    use fleet_device::mqtt::Millis;
+    use fleet_device::rotation::{RotationConfig, RotationError, Rotator};
+    use fleet_provision::lifecycle::{ClaimOptions, Policy};
+
+    let fleet = Fleet::new(3, None).await;
+    let st = fleet.station().await;
+    let id = |i: usize| DeviceId::parse(&fleet.id(i)).unwrap();
+    let (a, b, c) = (id(0), id(1), id(2));
+    let fresh = || fleet_device::csr::generate_key(&mut rand::rngs::OsRng);
+    let due = Policy { renew_within: 3650 * 86_400, min_interval: 3_600, grace: 3_600 };
+    let rotate = |who: &DeviceId, csr: Vec<u8>, policy: Policy| {
+        let (st, who) = (&st, who.clone());
+        async move { st.rotate_from_csr(&who, &csr, &policy).await.unwrap() }
+    };
+
+    // bad_csr: a real CSR whose signature no longer verifies.
+    let mut broken = sdk_csr(a.as_str(), &fresh());
+    let last = broken.len() - 1;
+    broken[last] ^= 0x01;
+    assert_eq!(rejected_as(rotate(&a, broken, due).await), "bad_csr");
+    // id_mismatch: B's CSR on A's topic.
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(b.as_str(), &fresh()), due).await), "id_mismatch");
+    // unknown_device: an id never registered, and a service's id.
+    let ghost = DeviceId::parse("dev-000000000000").unwrap();
+    assert_eq!(rejected_as(rotate(&ghost, sdk_csr(ghost.as_str(), &fresh()), due).await), "unknown_device");
+    let svc = DeviceId::parse("backend").unwrap();
+    assert_eq!(rejected_as(rotate(&svc, sdk_csr("backend", &fresh()), due).await), "unknown_device");
+    // revoked.
+    fleet.revoke(2).await;
+    assert_eq!(rejected_as(rotate(&c, sdk_csr(c.as_str(), &fresh()), due).await), "revoked");
+    // same_key: A's current key (the factory's key.pem).
+    let pem = std::fs::read_to_string(fleet.devices[0].join("key.pem")).unwrap();
+    let current = p256::ecdsa::SigningKey::from(p256::SecretKey::from_sec1_pem(&pem).unwrap());
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(a.as_str(), &current), due).await), "same_key");
+    // not_due: a 5-year certificate, a 30-day window.
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(a.as_str(), &fresh()), Policy::default()).await), "not_due");
+
+    // A rotation the SDK drives: its CSR is granted and its check takes the certificate.
+    let mut rot = Rotator::new(RotationConfig::default());
+    rot.start(&mut rand::rngs::OsRng, Millis(0));
+    let mut buf = [0u8; 512];
+    let csr = rot.poll_csr(a.as_str(), Millis(0), &mut buf).unwrap().unwrap().to_vec();
+    let granted = rotate(&a, csr, due).await.expect("the SDK's CSR is granted");
+    assert_eq!(rot.check(&granted.cert.der, a.as_str()).unwrap(), &granted.cert.der[..]);
+    // rate_limited: another key within the minimum interval.
+    assert_eq!(rejected_as(rotate(&a, sdk_csr(a.as_str(), &fresh()), due).await), "rate_limited");
+    // WrongKey: A's new certificate offered to a rotation that generated another key.
+    let mut other = Rotator::new(RotationConfig::default());
+    other.start(&mut rand::rngs::OsRng, Millis(0));
+    assert_eq!(other.check(&granted.cert.der, a.as_str()), Err(RotationError::WrongKey));
+    // WrongId: a certificate for this rotation's own key that names B.
+    let csr_b = other.poll_csr(b.as_str(), Millis(0), &mut buf).unwrap().unwrap().to_vec();
+    let for_b = rotate(&b, csr_b, due).await.expect("B's rotation is granted");
+    assert_eq!(other.check(&for_b.cert.der, b.as_str()).unwrap(), &for_b.cert.der[..]);
+    assert_eq!(other.check(&for_b.cert.der, a.as_str()), Err(RotationError::WrongId));
+
+    // The claim's reasons.
+    st.claim_cert(&ClaimOptions {
+        name: "batch-9".into(),
+        id_prefix: "sensor".into(),
+        quota: 1,
+        days: 7,
+        out: fleet.dir.path().join("claim"),
+        broker_host: "localhost".into(),
+        broker_port: 8883,
+    })
+    .await
+    .unwrap();
+    let batch = DeviceId::parse("batch-9").unwrap();
+    let claim = |who: &DeviceId, csr: Vec<u8>| {
+        let (st, who) = (&st, who.clone());
+        async move { st.claim_from_csr(&who, &csr).await.unwrap() }
+    };
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("probe-000000000001", &fresh())).await), "bad_id");
+    assert_eq!(rejected_as(claim(&a, sdk_csr("sensor-000000000001", &fresh())).await), "claim_invalid");
+    let first = fresh();
+    claim(&batch, sdk_csr("sensor-000000000001", &first)).await.expect("within the quota");
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("sensor-000000000001", &fresh())).await), "id_taken");
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("sensor-000000000002", &fresh())).await), "claim_exhausted");
+    st.revoke_device(&batch, fleet_registry::RevocationReason::CessationOfOperation).await.unwrap();
+    assert_eq!(rejected_as(claim(&batch, sdk_csr("sensor-000000000003", &fresh())).await), "claim_invalid");
+
+    // unavailable: the serving loop answers it when a decision fails; a decision fails when the
+    // registry cannot be read.
+    st.registry().pool().close().await;
+    assert!(st.rotate_from_csr(&a, &sdk_csr(a.as_str(), &fresh()), &due).await.is_err());
 }

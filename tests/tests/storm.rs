@@ -1,7 +1,8 @@
 //! The whole fleet reconnecting at once after the broker restarts (issue 17, at a small scale;
-//! `./scripts/bench storm` measures 20,000 devices): every device runs the SDK's reconnect
-//! policy, the broker is killed with -9 and started again on the same port, and every device
-//! must be back, with no handshake timing out in the broker.
+//! `./scripts/bench storm` measures 20,000 devices): every device runs the SDK's own MQTT
+//! session (`fleet_device::mqtt::Session`: its CONNECT, its back-off and jitter, not a copy of
+//! them), the broker is killed with -9 and started again on the same port, and every device must
+//! be back, with no handshake timing out in the broker.
 #![allow(clippy::unwrap_used)] // test code
 
 mod common;
@@ -11,18 +12,61 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rumqttc::mqttbytes::v4::ConnectReturnCode;
+use fleet_device::mqtt::{Event, Millis, SessionConfig};
+use tokio::io::AsyncReadExt;
 
 const DEVICES: usize = 500;
 
-/// The SDK's reconnect delay (`fleet-device` `transport_down`): 500 ms × 2^attempt up to 60 s,
-/// jittered to [d/2, d].
-fn backoff(attempt: u32) -> Duration {
-    let d = 500u64.saturating_mul(1 << attempt.min(20)).min(60_000);
-    Duration::from_millis(d / 2 + rand::random::<u64>() % (d / 2 + 1))
+/// The device's MQTT session: the SDK's own state machine (`fleet_device::mqtt::Session`), whose
+/// `transport_down` picks the reconnect delay (back-off with jitter) and `reconnect_at` says when.
+type SdkSession<'a> = fleet_device::mqtt::Session<'a, 4, 256>;
+
+/// Milliseconds since `start`, the session's clock.
+fn millis(start: Instant) -> Millis {
+    Millis(start.elapsed().as_millis() as u64)
 }
 
-/// One device: connect, hold the session until it ends, back off, again. Counts admissions.
+/// One connection attempt driven by the session: TLS, then the session's CONNECT, then its
+/// handling of the answer. `Some` once the session says `Connected`.
+async fn connect(
+    addr: std::net::SocketAddr,
+    dir: &std::path::Path,
+    session: &mut SdkSession<'_>,
+    start: Instant,
+) -> Option<Raw> {
+    let mut c = Raw::device(addr, dir).await.ok()?;
+    session.transport_up(millis(start));
+    let mut out = [0u8; 512];
+    while let Some(n) = session.poll_transmit(millis(start), &mut out).ok()? {
+        c.send_raw(&out[..n]).await.ok()?;
+        if !session.is_connected() {
+            break; // the CONNECT: wait for its answer
+        }
+    }
+    let mut input = Vec::new();
+    loop {
+        let mut buf = [0u8; 512];
+        let n = c.tls.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        input.extend_from_slice(&buf[..n]);
+        loop {
+            let (used, event) = session.handle(millis(start), &input).ok()?;
+            let connected = event == Some(Event::Connected);
+            if used == 0 {
+                break;
+            }
+            input.drain(..used);
+            if connected {
+                return Some(c);
+            }
+        }
+    }
+}
+
+/// One device: the SDK session decides when to connect; hold the session until it ends, tell
+/// the session, again. Counts admissions.
 async fn device(
     addr: std::net::SocketAddr,
     dir: std::path::PathBuf,
@@ -30,25 +74,26 @@ async fn device(
     admitted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut attempt = 0;
+    let start = Instant::now();
+    let cfg = SessionConfig { keep_alive_secs: 600, ..SessionConfig::default() };
+    let mut session = SdkSession::new(&id, cfg);
     while !stop.load(Ordering::Relaxed) {
-        let attempt_result = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut c = Raw::device(addr, &dir).await.ok()?;
-            (connack_code(&c.mqtt_connect(&id, 600).await) == Some(ConnectReturnCode::Success)).then_some(c)
-        })
-        .await;
-        if let Ok(Some(mut c)) = attempt_result {
-            attempt = 0;
+        let at = session.reconnect_at().expect("a disconnected session says when to reconnect");
+        let now = millis(start);
+        if at > now {
+            tokio::time::sleep(Duration::from_millis((at.0 - now.0).min(200))).await;
+            continue;
+        }
+        let attempt = tokio::time::timeout(Duration::from_secs(10), connect(addr, &dir, &mut session, start));
+        if let Ok(Some(mut c)) = attempt.await {
             admitted.fetch_add(1, Ordering::Relaxed);
             while !stop.load(Ordering::Relaxed) {
                 if c.closed_within(Duration::from_millis(200)).await {
                     break;
                 }
             }
-            continue;
         }
-        tokio::time::sleep(backoff(attempt)).await;
-        attempt += 1;
+        session.transport_down(millis(start), rand::random());
     }
 }
 

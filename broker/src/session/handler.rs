@@ -142,6 +142,9 @@ pub(crate) async fn run(
         Ok(()) => st.select_loop(ctx).await,
         Err(end) => end,
     };
+    if end == CloseReason::Shutdown {
+        st.finish_pending(ctx).await;
+    }
     let kept = Parked {
         router_id: st.router_id,
         inbox: st.inbox,
@@ -282,6 +285,25 @@ impl State {
                 }
             }
         }
+    }
+
+    /// At shutdown: waits for the commits of the PUBLISHes already taken in and sends their
+    /// PUBACKs, so a client sees acknowledged what was stored (and retransmits only what was
+    /// not). Bounded by the write timeout: a stuck store or a peer that reads nothing cannot
+    /// hold the shutdown.
+    async fn finish_pending(&mut self, ctx: &Ctx<'_>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let (pending, conn) = (&mut self.pending, &mut self.conn);
+        let finish = async move {
+            let mut acks = Vec::with_capacity(pending.len());
+            while let Some(done) = pending.next().await {
+                acks.push(done);
+            }
+            conn.send_acks(&acks).await
+        };
+        let _ = tokio::time::timeout(ctx.shared.config.write_timeout(), finish).await;
     }
 
     /// A delivery on this device's own `devices/<id>/commands/...`?

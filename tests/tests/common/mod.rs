@@ -211,6 +211,17 @@ impl BrokerProc {
         out
     }
 
+    /// `GET /healthz` on the metrics listener: (HTTP status, body).
+    pub async fn healthz(&self) -> (u16, String) {
+        let mut s = TcpStream::connect(self.metrics).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
     /// Value of a metric line that starts with `prefix` (name and labels), 0 if absent.
     pub async fn metric(&self, prefix: &str) -> f64 {
         let text = self.metrics_text().await;
