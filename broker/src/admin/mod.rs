@@ -231,6 +231,10 @@ async fn serve_http(shared: &Shared, router: axum::Router, tls: Box<Tls>, caller
 /// The status and code of an answer to a refused certificate: 503 where MQTT says "server
 /// unavailable" (the broker cannot decide now), 403 otherwise.
 pub(crate) fn refused_status(refusal: Refusal) -> (StatusCode, &'static str) {
+    if refusal == Refusal::RegistryUnavailable {
+        // As every other endpoint says it when the registry cannot be asked.
+        return (StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable");
+    }
     match refusal.connack() {
         rumqttc::mqttbytes::v4::ConnectReturnCode::ServiceUnavailable => {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
