@@ -41,11 +41,9 @@ async fn issuer_on(fleet: &Fleet, node: &BrokerProc) -> Raw {
     issuer
 }
 
-fn serial_of(fleet: &Fleet, i: usize) -> impl std::future::Future<Output = String> + '_ {
-    async move {
-        let id = fleet_provision::DeviceId::parse(&fleet.id(i)).unwrap();
-        fleet.station().await.show(&id).await.unwrap().certificates[0].serial.to_hex()
-    }
+async fn serial_of(fleet: &Fleet, i: usize) -> String {
+    let id = fleet_provision::DeviceId::parse(&fleet.id(i)).unwrap();
+    fleet.station().await.show(&id).await.unwrap().certificates[0].serial.to_hex()
 }
 
 #[tokio::test]
