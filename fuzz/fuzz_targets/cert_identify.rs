@@ -22,7 +22,7 @@ use fleet_registry::{
     SERVICE_URI_PREFIX,
 };
 use libfuzzer_sys::fuzz_target;
-use x509_parser::asn1_rs::{Any, FromDer as _};
+use x509_parser::asn1_rs::Any;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::oid_registry::{Oid, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_SUBJECT_ALT_NAME};
 use x509_parser::prelude::{FromDer, X509Certificate};
