@@ -147,7 +147,11 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, X509Error> {
     let (key_alg, kr) = expect(spki.value, SEQUENCE, "key algorithm")?;
     let (key_bits, _) = expect(kr, BIT_STRING, "public key")?;
     let (key_oid, cr) = expect(key_alg.value, OID, "key algorithm OID")?;
-    let key_curve = read_tlv(cr).ok().filter(|(t, _)| t.tag == OID).map(|(t, _)| t.value);
+    // Parameters: absent, or one element that must be readable (an OID names the curve).
+    let key_curve = match cr {
+        [] => None,
+        _ => Some(read_tlv(cr)?.0).filter(|t| t.tag == OID).map(|t| t.value),
+    };
     let public_key = match key_bits.value.split_first() {
         Some((0, k)) => k,
         _ => return Err(X509Error::Malformed("public key bit string")),
@@ -367,6 +371,15 @@ mod tests {
         // cA as a constructed BOOLEAN (0x21): read as true by x509-parser, refused here.
         let bc = [0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x04, 0x05, 0x30, 0x03, 0x21, 0x01, 0xff];
         assert_eq!(parse_extensions(&bc, &mut cert), Err(X509Error::Malformed("basicConstraints")));
+    }
+
+    /// Found by x509_parse against x509-parser: the key's parameters `06 81 00` (a long-form
+    /// length of zero, not DER) read as "no curve" here and an empty OID there. Unreadable
+    /// parameters now make the certificate malformed.
+    #[test]
+    fn unreadable_key_parameters_are_malformed() {
+        let der = include_bytes!("../../tests/data/x509/curve-length-non-minimal.der");
+        assert_eq!(parse(der).map(|c| c.key_curve), Err(X509Error::Malformed("non-minimal length")));
     }
 
     #[test]
