@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         role: Role::Device,
         serial: SerialNumber::from_bytes(&[1; 16]).expect("serial"),
         not_after: 0,
+        nonce: None,
     };
     let own = format!("devices/{id}/");
     let commands = format!("{own}commands");

@@ -256,7 +256,61 @@ fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
         "fleet-sim" => &["firmware-examples/fleet-sim", "device"],
         _ => &[],
     };
-    let mut stack: Vec<PathBuf> = crates.iter().map(|d| repo.join(d)).collect();
+    newest_file(crates.iter().map(|d| repo.join(d)).collect(), &["rs", "sql", "toml"])
+}
+
+/// The firmware image `elf` of the crate `firmware-examples/<example>`, checked to exist and
+/// to be newer than every file it was built from: the sources cargo records for it in the
+/// dep-info file next to it (`<elf>.d`: the example's own modules, the device crate's sources,
+/// build.rs and its inputs such as memory.x and the Wycheproof vectors the cross-check embeds).
+/// That crate is outside the workspace, so `cargo test` never rebuilds it: a test must not boot
+/// the image of older sources. Panics saying what to rebuild. (Manifest edits are not compared:
+/// cargo rebuilds on what they change, not on every edit.)
+pub fn firmware_image(example: &str, elf: &Path) -> PathBuf {
+    let rebuild =
+        format!("`cargo build --release --bins` in firmware-examples/{example} (./scripts/test does)");
+    let built = std::fs::metadata(elf)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("firmware not built: {} is missing: run {rebuild}", elf.display()));
+    let dep_info = elf.with_extension("d");
+    let deps = std::fs::read_to_string(&dep_info)
+        .unwrap_or_else(|e| panic!("{}: {e}: run {rebuild}", dep_info.display()));
+    if let Some((newest, path)) = newest_file(dep_info_sources(&deps), &["rs", "x", "json"]) {
+        assert!(
+            built >= newest,
+            "stale firmware image: {} is older than {}: run {rebuild}",
+            elf.display(),
+            path.display()
+        );
+    }
+    elf.to_path_buf()
+}
+
+/// The prerequisites of a Makefile-style dep-info file (`target: a.rs b.rs ...`, spaces in
+/// names escaped with `\`).
+fn dep_info_sources(deps: &str) -> Vec<PathBuf> {
+    let first = deps.lines().next().unwrap_or_default();
+    let list = first.split_once(": ").map_or("", |(_, l)| l);
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = list.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            ' ' if !cur.is_empty() => out.push(PathBuf::from(std::mem::take(&mut cur))),
+            ' ' => {}
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(PathBuf::from(cur));
+    }
+    out
+}
+
+/// The most recently modified file with one of the `extensions` under `stack` (files or
+/// directories; `target/` skipped).
+fn newest_file(mut stack: Vec<PathBuf>, extensions: &[&str]) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else { continue };
@@ -272,7 +326,7 @@ fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
             }
             continue;
         }
-        let relevant = p.extension().is_some_and(|e| e == "rs" || e == "sql" || e == "toml");
+        let relevant = p.extension().is_some_and(|e| extensions.iter().any(|x| e == *x));
         if let (true, Ok(t)) = (relevant, meta.modified()) {
             if newest.as_ref().is_none_or(|(n, _)| t > *n) {
                 newest = Some((t, p));
@@ -564,5 +618,54 @@ impl Drop for HaProxy {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn set_mtime(path: &Path, t: SystemTime) {
+        let f = std::fs::File::options().write(true).open(path).expect("open");
+        f.set_modified(t).expect("set mtime");
+    }
+
+    #[test]
+    fn dep_info_lists_prerequisites_with_escaped_spaces() {
+        let d = "/t/elf: /a/b.rs /c\\ d/e.rs  /f.json\n\n/a/b.rs:\n";
+        let expected: Vec<PathBuf> = ["/a/b.rs", "/c d/e.rs", "/f.json"].iter().map(PathBuf::from).collect();
+        assert_eq!(dep_info_sources(d), expected);
+    }
+
+    /// An image older than one of its sources fails, naming the source and what to rebuild.
+    #[test]
+    fn a_firmware_image_older_than_its_sources_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (elf, src, data) = (dir.path().join("fw"), dir.path().join("main.rs"), dir.path().join("v.json"));
+        for f in [&elf, &src, &data] {
+            std::fs::write(f, b"x").expect("write");
+        }
+        std::fs::write(
+            elf.with_extension("d"),
+            format!("{}: {} {}\n", elf.display(), src.display(), data.display()),
+        )
+        .expect("write dep-info");
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        set_mtime(&src, t0);
+        set_mtime(&data, t0);
+        set_mtime(&elf, t0 + Duration::from_secs(60));
+        assert_eq!(firmware_image("qemu-mps2-an386", &elf), elf, "newer than its sources: fresh");
+
+        set_mtime(&data, t0 + Duration::from_secs(120));
+        let stale = std::panic::catch_unwind(|| firmware_image("qemu-mps2-an386", &elf)).expect_err("stale");
+        let msg = stale.downcast_ref::<String>().expect("message");
+        assert!(msg.contains("stale firmware image") && msg.contains("v.json"), "{msg}");
+        assert!(msg.contains("cargo build --release --bins` in firmware-examples/qemu-mps2-an386"), "{msg}");
+
+        std::fs::remove_file(&elf).expect("rm");
+        let missing =
+            std::panic::catch_unwind(|| firmware_image("qemu-mps2-an386", &elf)).expect_err("missing");
+        assert!(missing.downcast_ref::<String>().expect("message").contains("firmware not built"));
     }
 }

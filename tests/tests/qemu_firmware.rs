@@ -15,15 +15,17 @@ fn bin_dir() -> PathBuf {
     fleet_tests::workspace_bin_dir(&["fleet-provision", "fleet-broker", "fleet-sim"])
 }
 
+/// The image of `bin` in firmware-examples/qemu-mps2-an386, checked to be built from the
+/// current sources (`fleet_tests::firmware_image`).
+fn image(bin: &str) -> PathBuf {
+    let elf = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../firmware-examples/qemu-mps2-an386/target/thumbv7em-none-eabihf/release")
+        .join(bin);
+    fleet_tests::firmware_image("qemu-mps2-an386", &elf)
+}
+
 fn firmware() -> PathBuf {
-    let elf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(
-        "../firmware-examples/qemu-mps2-an386/target/thumbv7em-none-eabihf/release/fleet-firmware-mps2-an386",
-    );
-    assert!(
-        elf.is_file(),
-        "firmware not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386 (./scripts/test does)"
-    );
-    elf
+    image("fleet-firmware-mps2-an386")
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -105,12 +107,7 @@ fn metrics(b: &Broker) -> String {
 
 /// The async (embassy) example firmware.
 fn async_firmware() -> PathBuf {
-    let elf = firmware().with_file_name("async_device");
-    assert!(
-        elf.is_file(),
-        "async firmware not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386 (./scripts/test does)"
-    );
-    elf
+    image("async_device")
 }
 
 /// Boots the firmware with `bundle` in its credentials region; returns (exit ok, output lines).
@@ -645,16 +642,13 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
     drop(broker);
 }
 
-/// The SDK's P-256 on the Cortex-M4F (`p256-cm4`) against the generic RustCrypto code, both
-/// ways, on random keys and digests, with tampered signatures: run in QEMU (`--bin crosscheck`).
+/// The SDK's P-256 on the Cortex-M4F (`p256-cm4`) against the Wycheproof vectors (every
+/// verdict as expected) and the generic RustCrypto code, both ways, on random keys and digests,
+/// with tampered signatures: run in QEMU (`--bin crosscheck`).
 #[test]
 fn p256_cm4_agrees_with_the_generic_p256_in_qemu() {
     let qemu = fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
-    let elf = firmware().with_file_name("crosscheck");
-    assert!(
-        elf.is_file(),
-        "crosscheck not built: run `cargo build --release` in firmware-examples/qemu-mps2-an386"
-    );
+    let elf = image("crosscheck");
     let out = Command::new(qemu)
         .args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
         .args(["-semihosting-config", "enable=on,target=native"])
@@ -667,5 +661,6 @@ fn p256_cm4_agrees_with_the_generic_p256_in_qemu() {
     eprintln!("{text}");
     assert!(out.status.success(), "{text}");
     assert!(text.contains("p256-cm4 in use: true"), "{text}");
+    assert!(text.contains("wycheproof: 484 vectors, 0 disagreements"), "{text}");
     assert!(text.contains("64 cases, 0 disagreements"), "{text}");
 }

@@ -82,6 +82,8 @@ pub(crate) mod oid {
 pub struct Certificate<'a> {
     /// The signed bytes (tbsCertificate, whole element).
     pub tbs: &'a [u8],
+    /// serialNumber, the INTEGER's content bytes as encoded (big-endian, sign byte kept).
+    pub serial: &'a [u8],
     /// Signature algorithm OID.
     pub signature_algorithm: &'a [u8],
     /// Signature value (BIT STRING content without the unused-bits byte).
@@ -134,7 +136,7 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, X509Error> {
     if first.tag == 0xa0 {
         r = rest;
     }
-    let (_serial, r) = expect(r, 0x02, "serial")?;
+    let (serial, r) = expect(r, 0x02, "serial")?;
     let (_sig_alg, r) = expect(r, SEQUENCE, "tbs signature")?;
     let (issuer, r) = expect(r, SEQUENCE, "issuer")?;
     let (validity, r) = expect(r, SEQUENCE, "validity")?;
@@ -145,7 +147,11 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, X509Error> {
     let (key_alg, kr) = expect(spki.value, SEQUENCE, "key algorithm")?;
     let (key_bits, _) = expect(kr, BIT_STRING, "public key")?;
     let (key_oid, cr) = expect(key_alg.value, OID, "key algorithm OID")?;
-    let key_curve = read_tlv(cr).ok().filter(|(t, _)| t.tag == OID).map(|(t, _)| t.value);
+    // Parameters: absent, or one element that must be readable (an OID names the curve).
+    let key_curve = match cr {
+        [] => None,
+        _ => Some(read_tlv(cr)?.0).filter(|t| t.tag == OID).map(|t| t.value),
+    };
     let public_key = match key_bits.value.split_first() {
         Some((0, k)) => k,
         _ => return Err(X509Error::Malformed("public key bit string")),
@@ -153,6 +159,7 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, X509Error> {
 
     let mut out = Certificate {
         tbs: tbs.raw,
+        serial: serial.value,
         signature_algorithm: sig_oid.value,
         signature,
         issuer: issuer.raw,
@@ -167,12 +174,17 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, X509Error> {
         eku_server_auth: false,
         san: None,
     };
+    // Then only issuerUniqueID [1], subjectUniqueID [2] (both unused here) and extensions [3].
     while !r.is_empty() {
         let (t, rest) = read_tlv(r)?;
         r = rest;
-        if t.tag == 0xa3 {
-            let (exts, _) = expect(t.value, SEQUENCE, "extensions")?;
-            parse_extensions(exts.value, &mut out)?;
+        match t.tag {
+            0x81 | 0x82 => {}
+            0xa3 => {
+                let (exts, _) = expect(t.value, SEQUENCE, "extensions")?;
+                parse_extensions(exts.value, &mut out)?;
+            }
+            _ => return Err(X509Error::Malformed("tbsCertificate field")),
         }
     }
     Ok(out)
@@ -186,7 +198,7 @@ fn parse_extensions<'a>(mut r: &'a [u8], out: &mut Certificate<'a>) -> Result<()
         let (mut next, mut er2) = read_tlv(er)?;
         let mut critical = false;
         if next.tag == BOOLEAN {
-            critical = next.value == [0xff];
+            critical = der_bool(next)?;
             (next, er2) = read_tlv(er2)?;
         }
         let _ = er2;
@@ -197,9 +209,15 @@ fn parse_extensions<'a>(mut r: &'a [u8], out: &mut Certificate<'a>) -> Result<()
         match id.value {
             oid::BASIC_CONSTRAINTS => {
                 let (seq, _) = expect(v, SEQUENCE, "basicConstraints")?;
-                if let Ok((b, _)) = read_tlv(seq.value) {
-                    out.is_ca = b.tag == BOOLEAN && b.value == [0xff];
-                }
+                // SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLenConstraint INTEGER OPTIONAL }
+                out.is_ca = match seq.value {
+                    [] => false,
+                    v => match read_tlv(v)? {
+                        (b, _) if b.tag == BOOLEAN => der_bool(b)?,
+                        (n, _) if n.tag == 0x02 => false,
+                        _ => return Err(X509Error::Malformed("basicConstraints")),
+                    },
+                };
             }
             oid::EXT_KEY_USAGE => {
                 let (seq, _) = expect(v, SEQUENCE, "extKeyUsage")?;
@@ -221,6 +239,16 @@ fn parse_extensions<'a>(mut r: &'a [u8], out: &mut Certificate<'a>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// A DER BOOLEAN: one byte, 0x00 or 0xff. BER's "any non-zero byte is true" is refused: a
+/// reader that took 0x01 as false would ignore a critical flag or a cA another reader honours.
+fn der_bool(t: Tlv<'_>) -> Result<bool, X509Error> {
+    match t.value {
+        [0x00] => Ok(false),
+        [0xff] => Ok(true),
+        _ => Err(X509Error::Malformed("boolean")),
+    }
 }
 
 /// Iterates the dNSName entries of a SAN.
@@ -302,6 +330,56 @@ mod tests {
         assert!(t(0x17, "2611222130Z").is_err());
         assert!(t(0x17, "261322213000Z").is_err());
         assert!(t(0x17, "26112221300+Z").is_err());
+    }
+
+    /// Found by the x509_parse fuzz target against x509-parser: `cA` encoded 0xbf read as
+    /// false here and true there. Only DER's 0x00 and 0xff are booleans, in cA and in the
+    /// critical flag alike.
+    #[test]
+    fn booleans_are_der_or_malformed() {
+        let b = |v: &'static [u8]| der_bool(Tlv { tag: BOOLEAN, value: v, raw: &[] });
+        assert_eq!((b(&[0xff]), b(&[0x00])), (Ok(true), Ok(false)));
+        for bad in [&[0x01][..], &[0xbf], &[], &[0xff, 0xff]] {
+            assert_eq!(b(bad), Err(X509Error::Malformed("boolean")), "{bad:?}");
+        }
+        let mut cert = Certificate {
+            tbs: &[],
+            serial: &[],
+            signature_algorithm: &[],
+            signature: &[],
+            issuer: &[],
+            subject: &[],
+            not_before: 0,
+            not_after: 0,
+            key_algorithm: &[],
+            key_curve: None,
+            public_key: &[],
+            is_ca: false,
+            has_eku: false,
+            eku_server_auth: false,
+            san: None,
+        };
+        // An unknown extension marked critical with 0x01: refused, not taken as non-critical.
+        let ext = [0x30, 0x0b, 0x06, 0x03, 0x2a, 0x03, 0x04, 0x01, 0x01, 0x01, 0x04, 0x01, 0x00];
+        assert_eq!(parse_extensions(&ext, &mut cert), Err(X509Error::Malformed("boolean")));
+        // basicConstraints with cA encoded 0xbf.
+        let bc = [0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x04, 0x05, 0x30, 0x03, 0x01, 0x01, 0xbf];
+        assert_eq!(parse_extensions(&bc, &mut cert), Err(X509Error::Malformed("boolean")));
+        let bc = [0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x04, 0x05, 0x30, 0x03, 0x01, 0x01, 0xff];
+        assert_eq!(parse_extensions(&bc, &mut cert), Ok(()));
+        assert!(cert.is_ca);
+        // cA as a constructed BOOLEAN (0x21): read as true by x509-parser, refused here.
+        let bc = [0x30, 0x0c, 0x06, 0x03, 0x55, 0x1d, 0x13, 0x04, 0x05, 0x30, 0x03, 0x21, 0x01, 0xff];
+        assert_eq!(parse_extensions(&bc, &mut cert), Err(X509Error::Malformed("basicConstraints")));
+    }
+
+    /// Found by x509_parse against x509-parser: the key's parameters `06 81 00` (a long-form
+    /// length of zero, not DER) read as "no curve" here and an empty OID there. Unreadable
+    /// parameters now make the certificate malformed.
+    #[test]
+    fn unreadable_key_parameters_are_malformed() {
+        let der = include_bytes!("../../tests/data/x509/curve-length-non-minimal.der");
+        assert_eq!(parse(der).map(|c| c.key_curve), Err(X509Error::Malformed("non-minimal length")));
     }
 
     #[test]
