@@ -256,7 +256,8 @@ fn newest_source(bin: &str) -> Option<(std::time::SystemTime, PathBuf)> {
         "fleet-sim" => &["firmware-examples/fleet-sim", "device"],
         _ => &[],
     };
-    newest_file(crates.iter().map(|d| repo.join(d)).collect(), &["rs", "sql", "toml"])
+    // A binary is not rebuilt when only an example of its crate changed.
+    newest_file(crates.iter().map(|d| repo.join(d)).collect(), &["rs", "sql", "toml"], bin == "fleet-broker")
 }
 
 /// The firmware image `elf` of the crate `firmware-examples/<example>`, checked to exist and
@@ -275,7 +276,7 @@ pub fn firmware_image(example: &str, elf: &Path) -> PathBuf {
     let dep_info = elf.with_extension("d");
     let deps = std::fs::read_to_string(&dep_info)
         .unwrap_or_else(|e| panic!("{}: {e}: run {rebuild}", dep_info.display()));
-    if let Some((newest, path)) = newest_file(dep_info_sources(&deps), &["rs", "x", "json"]) {
+    if let Some((newest, path)) = newest_file(dep_info_sources(&deps), &["rs", "x", "json"], false) {
         assert!(
             built >= newest,
             "stale firmware image: {} is older than {}: run {rebuild}",
@@ -309,15 +310,18 @@ fn dep_info_sources(deps: &str) -> Vec<PathBuf> {
 }
 
 /// The most recently modified file with one of the `extensions` under `stack` (files or
-/// directories; `target/` skipped).
-fn newest_file(mut stack: Vec<PathBuf>, extensions: &[&str]) -> Option<(std::time::SystemTime, PathBuf)> {
+/// directories; `target/` skipped, and `examples/` with `skip_examples`).
+fn newest_file(
+    mut stack: Vec<PathBuf>,
+    extensions: &[&str],
+    skip_examples: bool,
+) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else { continue };
         if meta.is_dir() {
-            // A binary is not rebuilt when only an example (or the tests) of its crate changed.
             let skipped = p.file_name().is_some_and(|n| n == "target")
-                || (bin == "fleet-broker" && p.file_name().is_some_and(|n| n == "examples"));
+                || (skip_examples && p.file_name().is_some_and(|n| n == "examples"));
             if skipped {
                 continue;
             }
