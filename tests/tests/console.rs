@@ -141,10 +141,18 @@ struct Browser {
     client: Client,
     _driver: Driver,
     _policy: Policy,
+    /// One browser at a time: Chromium's policy file is machine-wide, and two or three
+    /// Chromiums at once on a loaded 2-core machine time out their renderers (seen in the
+    /// full run). Dropped last.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+/// Whose turn it is to run a browser.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Browser {
     async fn start(fleet: &Fleet, operator: &Path, name: &str, password: &str, origin: &str) -> Browser {
+        let turn = TURN.lock().await;
         let browser_home = fleet.dir.path().join(format!("browser-{}", rand_suffix()));
         nss(&browser_home, operator, &fleet.home().join("root-ca.pem"), password);
         let policy = Policy::auto_select(origin, name);
@@ -166,7 +174,7 @@ impl Browser {
             .connect(&format!("http://127.0.0.1:{}", driver.1))
             .await
             .expect("a WebDriver session with chromedriver");
-        Browser { client, _driver: driver, _policy: policy }
+        Browser { client, _driver: driver, _policy: policy, _turn: turn }
     }
 }
 
