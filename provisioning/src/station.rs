@@ -347,15 +347,8 @@ impl Station {
         let at = now();
         let cert = pki::issue_bus_client(&ca, id.as_str(), &uri, &key, self.lifetimes.client, at)?;
         let trust_chain = home::read_text(&self.home.server_ca_chain())?;
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let dir_name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| Error::InvalidInput("the output path must name a directory".into()))?;
-        home::create_dir(parent, false)?;
-        home::write_dir_atomically(
-            parent,
-            &dir_name,
+        write_out_dir(
+            out,
             &[
                 (IdentityFiles::CERT, cert.pem.as_bytes(), false),
                 (IdentityFiles::KEY, key.serialize_pem().as_bytes(), true),
@@ -378,15 +371,8 @@ impl Station {
         let chain = format!("{}{}", cert.pem, ca.cert_pem);
         let key_pem = key.serialize_pem();
         let device_ca_pem = home::read_text(&self.home.device_ca())?;
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| Error::InvalidInput("the output path must name a directory".into()))?;
-        home::create_dir(parent, false)?;
-        home::write_dir_atomically(
-            parent,
-            &name,
+        write_out_dir(
+            out,
             &[
                 (BrokerTls::CERT, chain.as_bytes(), false),
                 (BrokerTls::KEY, key_pem.as_bytes(), true),
@@ -646,4 +632,16 @@ pub(crate) fn new_cert(id: &DeviceId, role: Role, c: &IssuedCert, key_source: &'
         key_source,
         cert_der: c.der.clone(),
     }
+}
+
+/// Writes `files` (name, bytes, private) as the new directory `out`, atomically, creating its
+/// parent if needed (`server-cert`, `node-cert`).
+fn write_out_dir(out: &Path, files: &[(&str, &[u8], bool)]) -> Result<PathBuf> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::InvalidInput("the output path must name a directory".into()))?;
+    home::create_dir(parent, false)?;
+    home::write_dir_atomically(parent, &name, files)
 }
