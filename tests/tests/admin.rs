@@ -21,7 +21,7 @@ fn admin_broker(fleet: &Fleet) -> BrokerProc {
 }
 
 #[tokio::test]
-async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_within_a_second() {
+async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_at_once() {
     let fleet = Fleet::new(3, None).await;
     let alice = operator(&fleet, "alice").await;
     let broker = admin_broker(&fleet);
@@ -69,7 +69,7 @@ async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_
     // The live feed, from before the revocation.
     let curl = require_program("curl", "curl");
     let mut feed = Command::new(&curl)
-        .args(["-s", "-N", "--max-time", "20", "--cacert"])
+        .args(["-s", "-N", "--max-time", "60", "--cacert"])
         .arg(fleet.service.join("broker-trust.pem"))
         .arg("--cert")
         .arg(alice.join("cert.pem"))
@@ -79,18 +79,40 @@ async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = lines_of(feed.stdout.take().unwrap());
+    let events = std::cell::RefCell::new(Vec::<Value>::new());
+    let wait_event = |what: &str, pred: &dyn Fn(&Value) -> bool| {
+        let t = Instant::now();
+        loop {
+            if events.borrow().iter().any(pred) {
+                return;
+            }
+            let left = PATIENCE
+                .checked_sub(t.elapsed())
+                .unwrap_or_else(|| panic!("the event feed never showed {what}: {:?}", events.borrow()));
+            match lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(data) = l.strip_prefix("data: ") {
+                        events.borrow_mut().push(serde_json::from_str(data).unwrap());
+                    }
+                }
+                Err(_) => panic!("the event feed never showed {what}: {:?}", events.borrow()),
+            }
+        }
+    };
+    // The feed is live once it replays the admission backlog.
+    wait_event("the admission", &|e| e["kind"] == "admitted" && e["device"] == target.as_str());
 
-    // Revoke it: the session is cut within a second.
-    let t = Instant::now();
+    // Revoke it: the session is cut at once (timed from the answer, i.e. from the commit).
     let (code, r) =
         api.call("POST", &format!("/api/v1/devices/{target}/revoke"), Some(br#"{"reason":"keyCompromise"}"#));
+    let t = Instant::now();
     assert_eq!(code, 200, "{r}");
     conforms("Revoked", &r);
     assert_eq!((r["session_cut"].as_bool(), r["by"].as_str()), (Some(true), Some("operator:alice")));
-    assert!(device.closed_within(Duration::from_secs(1)).await, "session not cut within 1 s");
-    assert!(t.elapsed() < Duration::from_secs(2));
-    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
+    assert!(device.closed_within(PATIENCE).await, "the revoked session was never cut");
+    assert!(t.elapsed() < LATENCY_BOUND, "the cut took {:?} after the commit", t.elapsed());
+    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, PATIENCE).await;
     let mut again = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     match again.mqtt_connect(&target, 30).await {
         Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
@@ -98,21 +120,14 @@ async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_
     }
 
     // The feed saw the admission backlog and the cut; the device page says so.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_event("the cut", &|e| e["kind"] == "closed" && e["reason"] == "revoked");
+    wait_event("the refusal", &|e| e["kind"] == "refused" && e["reason"] == "revoked");
     let _ = feed.kill();
-    let out = feed.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let _ = feed.wait();
+    let events = events.into_inner();
     for e in &events {
         conforms("Event", e);
     }
-    assert!(events.iter().any(|e| e["kind"] == "admitted" && e["device"] == target.as_str()), "{text}");
-    assert!(events.iter().any(|e| e["kind"] == "closed" && e["reason"] == "revoked"), "{text}");
-    assert!(events.iter().any(|e| e["kind"] == "refused" && e["reason"] == "revoked"), "{text}");
     let (_, d) = api.get(&format!("/api/v1/devices/{target}"));
     conforms("Device", &d);
     assert_eq!((d["status"].as_str(), d["session"].is_null()), (Some("revoked"), true), "{d}");
@@ -321,11 +336,12 @@ async fn a_flood_of_silent_connections_from_one_address_does_not_lock_operators_
             Err(e) => panic!("flood connect: {e}"),
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The broker has taken the flood in once it refused the part over the source's share.
+    broker.wait_metric(&denied("handshake_share"), 1.0, PATIENCE).await;
     let t = Instant::now();
     let (code, s) = Client::new(&broker, &fleet, Some(&alice)).get("/api/v1/summary");
     assert_eq!(code, 200, "{s}");
-    assert!(t.elapsed() < Duration::from_secs(3), "the operator waited {:?} behind the flood", t.elapsed());
+    assert!(t.elapsed() < LATENCY_BOUND, "the operator waited {:?} behind the flood", t.elapsed());
     drop(flood);
 }
 
@@ -398,7 +414,7 @@ async fn a_state_changing_request_needs_json_the_request_header_and_the_same_ori
 /// An operator revoked at the station while its browser holds a kept-alive connection: the
 /// connection is cut within a second, as an MQTT session is.
 #[tokio::test]
-async fn a_revoked_operators_kept_alive_connection_is_cut_within_a_second() {
+async fn a_revoked_operators_kept_alive_connection_is_cut_at_once() {
     let fleet = Fleet::new(1, None).await;
     let mallory = operator(&fleet, "mallory").await;
     let broker = admin_broker(&fleet);
@@ -415,8 +431,8 @@ async fn a_revoked_operators_kept_alive_connection_is_cut_within_a_second() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let t = Instant::now();
-    if !conn.closed_within(Duration::from_secs(1)).await {
+    let t = Instant::now(); // the station has committed the revocation
+    if !conn.closed_within(LATENCY_BOUND).await {
         let next = conn.get(&format!("/api/v1/devices/{}", fleet.id(0))).await;
         panic!(
             "the revoked operator's connection is open after {:?}; its next request got {next:?}",
@@ -427,7 +443,7 @@ async fn a_revoked_operators_kept_alive_connection_is_cut_within_a_second() {
     let mut again = Https::connect(&broker, &fleet, &mallory, [127, 0, 0, 1]).await.unwrap();
     let answer = again.get("/api/v1/summary").await;
     assert_eq!(answer.as_ref().map(|a| a.0), Some(403), "{answer:?}");
-    assert!(again.closed_within(Duration::from_secs(3)).await);
+    assert!(again.closed_within(PATIENCE).await);
 }
 
 /// Silent sockets from two addresses (each within the per-source cap) must not take every
@@ -444,12 +460,12 @@ async fn floods_from_two_addresses_do_not_lock_an_operator_out() {
             flood.push(tcp_from(src, admin).await.unwrap());
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flood holds its share of the handshake slots (the rest refused) before the operator comes.
+    broker.wait_metric(&denied("handshake_share"), 1.0, PATIENCE).await;
     let t = Instant::now();
     let (code, s) = Client::new(&broker, &fleet, Some(&alice)).get("/api/v1/summary");
     assert_eq!(code, 200, "{s}");
-    assert!(t.elapsed() < Duration::from_secs(3), "the operator waited {:?} behind the flood", t.elapsed());
-    assert!(broker.metric(&denied("handshake_share")).await >= 1.0, "the flood was not held to its share");
+    assert!(t.elapsed() < LATENCY_BOUND, "the operator waited {:?} behind the flood", t.elapsed());
     drop(flood);
 }
 
@@ -465,7 +481,7 @@ async fn a_device_certificate_cannot_hold_admin_connections() {
         held.push(Https::connect(&broker, &fleet, &fleet.devices[0], [127, 0, 0, 1]).await.unwrap());
     }
     for (i, c) in held.iter_mut().enumerate() {
-        assert!(c.closed_within(Duration::from_secs(5)).await, "connection {i} of a device is still open");
+        assert!(c.closed_within(PATIENCE).await, "connection {i} of a device is still open");
         assert!(c.unread().starts_with("HTTP/1.1 403"), "connection {i}: {:?}", c.unread());
     }
     assert!(broker.metric(&denied("not_operator")).await >= 24.0);
@@ -491,25 +507,25 @@ async fn silent_connections_are_closed_after_the_header_timeout_and_capped_per_i
     );
     let t = Instant::now();
     let mut silent = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
-    assert!(silent.closed_within(Duration::from_secs(5)).await, "a silent connection stayed open");
+    assert!(silent.closed_within(PATIENCE).await, "a silent connection stayed open");
     assert!(t.elapsed() >= Duration::from_millis(800), "closed before the timeout: {:?}", t.elapsed());
     let mut quiet = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
     assert_eq!(quiet.get("/api/v1/summary").await.map(|a| a.0), Some(200));
-    assert!(quiet.closed_within(Duration::from_secs(5)).await, "an idle kept-alive connection stayed open");
+    assert!(quiet.closed_within(PATIENCE).await, "an idle kept-alive connection stayed open");
 
     let mut open = Vec::new();
     for _ in 0..3 {
         open.push(Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap());
     }
     let mut fourth = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
-    assert_eq!(fourth.answer(Duration::from_secs(3)).await.map(|a| a.0), Some(429));
-    assert!(fourth.closed_within(Duration::from_secs(3)).await);
+    assert_eq!(fourth.answer(PATIENCE).await.map(|a| a.0), Some(429));
+    assert!(fourth.closed_within(PATIENCE).await);
     assert!(broker.metric(&denied("identity_limit")).await >= 1.0);
     // The three held places come back when their connections end (here: the header timeout,
     // 1 s; on a loaded machine the fourth's answer may take longer than that, so the three are
     // not asked to still be open): then the operator gets in again.
     for c in &mut open {
-        assert!(c.closed_within(Duration::from_secs(5)).await, "a silent connection stayed open");
+        assert!(c.closed_within(PATIENCE).await, "a silent connection stayed open");
     }
     let mut again = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
     assert_eq!(again.get("/api/v1/summary").await.map(|a| a.0), Some(200));
@@ -583,7 +599,7 @@ async fn event_streams_are_capped_per_operator_and_in_all() {
         if c.get("/api/v1/events").await.map(|a| a.0) == Some(200) {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "a closed stream kept its place");
+        assert!(t.elapsed() < PATIENCE, "a closed stream kept its place");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -600,7 +616,7 @@ async fn a_connection_that_moves_nothing_is_closed_after_the_idle_timeout() {
     let mut stream = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
     assert_eq!(stream.get("/api/v1/events").await.map(|a| a.0), Some(200));
     let t = Instant::now();
-    assert!(stream.closed_within(Duration::from_secs(5)).await, "an idle event stream stayed open");
+    assert!(stream.closed_within(PATIENCE).await, "an idle event stream stayed open");
     assert!(t.elapsed() >= Duration::from_millis(500), "closed before the timeout: {:?}", t.elapsed());
 }
 
@@ -622,8 +638,8 @@ async fn operator_connections_are_capped_per_source_address() {
         open.push(c);
     }
     let mut third = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 2]).await.unwrap();
-    assert_eq!(third.answer(Duration::from_secs(3)).await.map(|a| a.0), Some(429));
-    assert!(third.closed_within(Duration::from_secs(3)).await);
+    assert_eq!(third.answer(PATIENCE).await.map(|a| a.0), Some(429));
+    assert!(third.closed_within(PATIENCE).await);
     assert!(broker.metric("fleet_admin_denied_total{reason=\"source_limit\"}").await >= 1.0);
     let mut elsewhere = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 3]).await.unwrap();
     assert_eq!(elsewhere.get("/api/v1/summary").await.map(|a| a.0), Some(200));

@@ -55,15 +55,16 @@ async fn mosquitto_clients_publish_and_a_service_subscribes() {
     let broker = BrokerProc::start(&fleet, &[]);
     let (d, svc) = (&fleet.devices[0], &fleet.service);
     let id = fleet.id(0);
-    let sub = Command::new(subbin)
+    let mut sub = Command::new(subbin)
         .args(["-h", "localhost", "-p", &broker.port(), "--cafile", s(&svc.join("broker-trust.pem"))])
         .args(["--cert", s(&svc.join("cert.pem")), "--key", s(&svc.join("key.pem")), "-i", "backend"])
-        .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "20"])
+        .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "60", "-d"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    broker.wait_metric("fleet_sessions_live", 1.0, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // SUBSCRIBE after CONNACK
+    // Publish once the subscription is in place (`-d` prints the SUBACK).
+    let lines = lines_of(sub.stdout.take().unwrap());
+    wait_line(&lines, "SUBACK", |l| l.contains("received SUBACK"));
     let out = Command::new(pubbin)
         .args(["-h", "localhost", "-p", &broker.port(), "--cafile", s(&d.join("broker-trust.pem"))])
         .args(["--cert", s(&d.join("cert.pem")), "--key", s(&d.join("key.pem")), "-i", &id])
@@ -71,9 +72,9 @@ async fn mosquitto_clients_publish_and_a_service_subscribes() {
         .output()
         .unwrap();
     assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
-    let got = sub.wait_with_output().unwrap();
-    let line = String::from_utf8_lossy(&got.stdout);
-    assert_eq!(line.trim(), format!("devices/{id}/telemetry {{\"temp\":21.5}}"));
+    let want = format!("devices/{id}/telemetry {{\"temp\":21.5}}");
+    wait_line(&lines, "the message", |l| l == want);
+    assert!(sub.wait().unwrap().success(), "mosquitto_sub failed");
     assert_eq!(fleet.telemetry_rows(&id).await.len(), 1);
 }
 
@@ -232,12 +233,12 @@ async fn client_id_binding() {
     let mut p = Publish::new(&topic, QoS::AtLeastOnce, b"anon".to_vec());
     p.pkid = 7;
     raw.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == 7));
+    assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == 7));
     assert_eq!(fleet.telemetry_rows(&fleet.id(0)).await, vec![(topic, b"anon".to_vec())]);
     // A second connection of the same device replaces the first.
     let mut second = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&second.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
-    assert!(raw.closed_within(Duration::from_secs(2)).await, "the replaced session must be closed");
+    assert!(raw.closed_within(PATIENCE).await, "the replaced session must be closed");
     assert!(broker.log().contains("replaces the live session"));
     assert_eq!(broker.metric("fleet_sessions_live").await, 1.0);
     broker.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
@@ -310,13 +311,13 @@ async fn handshake_connect_keepalive_and_size_limits() {
     broker.wait_refused(Refusal::HandshakeTimeout, 1.0, Duration::from_secs(3)).await;
     // TLS but no CONNECT.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(3)).await);
+    assert!(raw.closed_within(PATIENCE).await);
     broker.wait_refused(Refusal::ConnectTimeout, 1.0, Duration::from_secs(3)).await;
     // Keep-alive of 1 s: silent for 1.5 s → closed.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 1).await), Some(ConnectReturnCode::Success));
     let t = Instant::now();
-    assert!(raw.closed_within(Duration::from_secs(4)).await);
+    assert!(raw.closed_within(PATIENCE).await);
     assert!(t.elapsed() >= Duration::from_millis(1400), "closed too early: {:?}", t.elapsed());
     // An oversized packet closes the session; nothing stored.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
@@ -330,16 +331,16 @@ async fn handshake_connect_keepalive_and_size_limits() {
     // Garbage instead of MQTT.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     raw.send_raw(&[0xff; 64]).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(3)).await);
+    assert!(raw.closed_within(PATIENCE).await);
 }
 
 /// Connects a device and returns the time its session is cut after `revoke` runs.
 async fn time_revocation_cut(fleet: &Fleet, broker: &BrokerProc, i: usize) -> Duration {
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[i]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
-    let t = Instant::now();
     fleet.revoke(i).await;
-    assert!(raw.closed_within(Duration::from_secs(3)).await, "revoked session was not cut");
+    let t = Instant::now(); // the registry has committed the revocation
+    assert!(raw.closed_within(PATIENCE).await, "revoked session was not cut");
     t.elapsed()
 }
 
@@ -349,25 +350,37 @@ async fn time_revocation_cut(fleet: &Fleet, broker: &BrokerProc, i: usize) -> Du
 async fn repeat_admissions_come_from_the_cache_and_revocation_still_refuses() {
     let fleet = Fleet::new(1, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
-    tokio::time::sleep(Duration::from_millis(500)).await; // the watcher's first poll
-    for _ in 0..3 {
+    let (hits, misses) =
+        ("fleet_admission_cache_total{result=\"hit\"}", "fleet_admission_cache_total{result=\"miss\"}");
+    let admit = || async {
         let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
         assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
         raw.send(Packet::Disconnect).await.unwrap();
+    };
+    // The cache answers once the revocation watcher's first poll succeeded (until then every
+    // admission asks the registry): admit until the first hit, without guessing when that is.
+    let t = Instant::now();
+    while broker.metric(hits).await < 1.0 {
+        assert!(t.elapsed() < PATIENCE, "no admission came from the cache");
+        admit().await;
     }
-    assert_eq!(broker.metric("fleet_admission_cache_total{result=\"miss\"}").await, 1.0);
-    assert_eq!(broker.metric("fleet_admission_cache_total{result=\"hit\"}").await, 2.0);
+    let missed = broker.metric(misses).await;
+    assert!(missed >= 1.0, "the first admission asked nobody");
+    admit().await;
+    admit().await;
+    assert_eq!(broker.metric(misses).await, missed, "a cached device went to the registry again");
+    assert_eq!(broker.metric(hits).await, 3.0);
     fleet.revoke(0).await;
     broker.wait_metric("fleet_revocations_seen_total", 1.0, Duration::from_secs(2)).await;
     expect_refused_after_revoke(&broker, &fleet, 0).await;
 }
 
 #[tokio::test]
-async fn revoke_while_connected_cuts_within_a_second_sqlite() {
+async fn revoke_while_connected_cuts_the_session_sqlite() {
     let fleet = Fleet::new(2, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let took = time_revocation_cut(&fleet, &broker, 0).await;
-    assert!(took < Duration::from_secs(1), "cut took {took:?}");
+    assert!(took < LATENCY_BOUND, "cut took {took:?}");
     broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
     // And it can never connect again.
     expect_refused_after_revoke(&broker, &fleet, 0).await;
@@ -391,7 +404,7 @@ async fn revoke_cuts_sessions_on_every_node_postgres() {
     let node2 = BrokerProc::start(&fleet, &[]);
     let t1 = time_revocation_cut(&fleet, &node1, 0).await;
     let t2 = time_revocation_cut(&fleet, &node2, 1).await;
-    assert!(t1 < Duration::from_secs(1) && t2 < Duration::from_secs(1), "cuts took {t1:?} and {t2:?}");
+    assert!(t1 < LATENCY_BOUND && t2 < LATENCY_BOUND, "cuts took {t1:?} and {t2:?}");
     expect_refused_after_revoke(&node2, &fleet, 0).await;
     expect_refused_after_revoke(&node1, &fleet, 1).await;
 }
@@ -418,10 +431,10 @@ async fn broker_works_under_the_least_privilege_postgres_role() {
         Publish::new(format!("devices/{}/telemetry", fleet.id(1)), QoS::AtLeastOnce, b"least".to_vec());
     p.pkid = 9;
     raw.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == 9));
+    assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == 9));
     assert_eq!(fleet.telemetry_rows(&fleet.id(1)).await.len(), 1);
     let took = time_revocation_cut(&fleet, &broker, 0).await;
-    assert!(took < Duration::from_secs(1), "cut took {took:?} under the broker role");
+    assert!(took < LATENCY_BOUND, "cut took {took:?} under the broker role");
     expect_refused_after_revoke(&broker, &fleet, 0).await;
 
     sqlx::any::install_default_drivers();
@@ -588,7 +601,7 @@ async fn a_renewed_server_certificate_is_taken_without_dropping_sessions() {
     assert!(broker.metric("fleet_cert_expiry_days{cert=\"server\"}").await <= 30.0);
     // The live session was not touched.
     live.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(live.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)));
+    assert!(matches!(live.recv(PATIENCE).await, Some(Packet::PingResp)));
     // A new connection sees the new certificate.
     let fresh = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     let served = fresh.tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
@@ -602,11 +615,12 @@ async fn a_session_is_cut_when_its_certificate_expires() {
     let fleet = Fleet::new(1, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let d = fleet.dir.path().join("short-lived");
-    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    // Long enough that a loaded machine still connects before notAfter.
+    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(6);
     forge_registered(&fleet, "dev-short", expires, &d).await;
     let mut raw = Raw::device(broker.mqtt, &d).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect("dev-short", 0).await), Some(ConnectReturnCode::Success));
-    assert!(raw.closed_within(Duration::from_secs(6)).await, "session outlived its certificate");
+    assert!(raw.closed_within(PATIENCE).await, "session outlived its certificate");
     assert!(OffsetDateTime::now_utc() >= expires, "cut before notAfter");
     broker.wait_metric(&kicks(CloseReason::CertExpired), 1.0, Duration::from_secs(2)).await;
 }
@@ -728,14 +742,14 @@ async fn sigterm_finishes_inflight_and_exits() {
         Some(Packet::PubAck(a)) => assert_eq!(a.pkid, 7),
         other => panic!("no PUBACK for the in-flight PUBLISH after SIGTERM: {other:?}\n{}", broker.log()),
     }
-    assert!(raw.closed_within(Duration::from_secs(5)).await, "session not closed on SIGTERM");
+    assert!(raw.closed_within(PATIENCE).await, "session not closed on SIGTERM");
     let t = Instant::now();
     loop {
         if let Some(status) = broker.child.try_wait().unwrap() {
             assert!(status.success(), "broker exit status {status:?}");
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "broker did not exit after SIGTERM");
+        assert!(t.elapsed() < PATIENCE, "broker did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(broker.log().contains("broker stopped"));
@@ -781,7 +795,7 @@ async fn retained_state_is_delivered_to_later_subscribers() {
     p.retain = true;
     p.pkid = 1;
     dev.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     let mut svc = Raw::connect(
         broker.mqtt,
         client_config(
@@ -795,7 +809,7 @@ async fn retained_state_is_delivered_to_later_subscribers() {
     let mut sub = Subscribe::new("devices/+/state", QoS::AtLeastOnce);
     sub.pkid = 1;
     svc.send(Packet::Subscribe(sub)).await.unwrap();
-    assert!(matches!(svc.recv(Duration::from_secs(5)).await, Some(Packet::SubAck(_))));
+    assert!(matches!(svc.recv(PATIENCE).await, Some(Packet::SubAck(_))));
     match svc.recv(Duration::from_secs(5)).await {
         Some(Packet::Publish(p)) => {
             assert!(p.retain, "retained flag set for a stored state");
@@ -839,7 +853,7 @@ async fn crl_alone_refuses_a_revoked_certificate_and_reload_keeps_live_sessions(
     expect_refused(&broker, &fleet.devices[0], &fleet.id(0), Refusal::Revoked).await;
     // The reload did not touch the live session.
     live.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(live.recv(Duration::from_secs(3)).await, Some(Packet::PingResp)));
+    assert!(matches!(live.recv(PATIENCE).await, Some(Packet::PingResp)));
 }
 
 /// A broker never migrates the registry (it may run under a role that cannot): against a
@@ -895,7 +909,7 @@ async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
     let mut csr = Publish::new(format!("devices/{id}/certs/csr"), QoS::AtLeastOnce, b"csr-der".to_vec());
     csr.pkid = 2;
     dev.send(Packet::Publish(csr)).await.unwrap();
-    let got = next_publish(&mut issuer, Duration::from_secs(3)).await.expect("the issuer got no CSR");
+    let got = next_publish(&mut issuer, PATIENCE).await.expect("the issuer got no CSR");
     // The broker stamps the CSR with the certificate the session was admitted with
     // (docs/spec/rotation.md): the issuer sees `fleetgate-origin <serial>\n`, then the bytes.
     let serial = fleet.station().await.show(&DeviceId::parse(&id).unwrap()).await.unwrap().certificates[0]
@@ -910,12 +924,12 @@ async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
     let mut answer = Publish::new(format!("devices/{id}/certs/issued"), QoS::AtLeastOnce, b"chain".to_vec());
     answer.pkid = 3;
     issuer.send(Packet::Publish(answer)).await.unwrap();
-    let got = next_publish(&mut dev, Duration::from_secs(3)).await.expect("the device got no answer");
+    let got = next_publish(&mut dev, PATIENCE).await.expect("the device got no answer");
     assert_eq!(&got.payload[..], b"chain");
     // An issuer is no service: a command is refused and its session closed.
     let mut cmd = Publish::new(format!("devices/{id}/commands/reboot"), QoS::AtLeastOnce, b"x".to_vec());
     cmd.pkid = 4;
     issuer.send(Packet::Publish(cmd)).await.unwrap();
-    assert!(issuer.closed_within(Duration::from_secs(2)).await, "an issuer published a command");
+    assert!(issuer.closed_within(PATIENCE).await, "an issuer published a command");
     assert!(next_publish(&mut dev, Duration::from_millis(300)).await.is_none());
 }

@@ -19,16 +19,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 
-/// Waits until the NATS server lists `subject` among its subscriptions.
-async fn wait_subscribed(nats: &fleet_tests::NatsServer, subject: &str) {
-    let t = Instant::now();
-    let listed = format!("\"{}\"", subject.replace('>', "\\u003e"));
-    while !nats.monitor("/connz?subs=1").contains(&listed) {
-        assert!(t.elapsed() < Duration::from_secs(5), "no subscription {subject}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The issuer's MQTT session on `node`, subscribed where the online issuer listens: whatever
 /// reaches it, `fleet-provision serve` would answer (certify a key, mint a device).
 async fn issuer_on(fleet: &Fleet, node: &BrokerProc) -> Raw {
@@ -57,8 +47,8 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
-    wait_subscribed(&nats, &format!("fleet.t.devices.{id}.commands.>")).await;
-    wait_subscribed(&nats, "fleet.t.devices.*.certs.csr").await;
+    bus::wait_subscription(&nats, &format!("fleet.t.devices.{id}.commands.>"), true).await;
+    bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     // No TLS, TLS without a certificate, a device's certificate: not on the bus.
@@ -141,7 +131,7 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
     reader.flush().await.unwrap();
 
     let t = Instant::now();
-    while refusals.lock().unwrap().len() < forgeries.len() + 2 && t.elapsed() < Duration::from_secs(5) {
+    while refusals.lock().unwrap().len() < forgeries.len() + 2 && t.elapsed() < PATIENCE {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let refused = refusals.lock().unwrap().clone();
@@ -162,14 +152,14 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
     assert!(next_publish(&mut issuer, Duration::from_millis(500)).await.is_none(), "the issuer got a CSR");
     assert!(next_publish(&mut dev, Duration::from_millis(200)).await.is_none(), "the device got a command");
     dev.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PingResp)), "session cut");
     assert_eq!(nats.stream_messages("FLEET"), stored_before, "the reader stored a message");
 
     // What it may do: fetch from the consumer the nodes made for it (cluster_ha runs the
     // example consumer end to end). It may not make or change a consumer (a push consumer
     // delivering onto the nodes' subjects), nor reach the nodes' SQL-sink consumer, nor name a
     // reply subject that lands in the nodes' account (a stored subject: re-stored forever).
-    let fetch = |consumer: &str, reply: String| {
+    let fetch = |consumer: &str, reply: String, within: Duration| {
         let reader = reader.clone();
         let subject = format!("$JS.API.CONSUMER.MSG.NEXT.FLEET.{consumer}");
         async move {
@@ -179,10 +169,7 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
                 .await
                 .unwrap();
             reader.flush().await.unwrap();
-            tokio::time::timeout(Duration::from_secs(3), futures_util::StreamExt::next(&mut sub))
-                .await
-                .ok()
-                .flatten()
+            tokio::time::timeout(within, futures_util::StreamExt::next(&mut sub)).await.ok().flatten()
         }
     };
     // Two stored messages for it to read.
@@ -194,13 +181,14 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
         );
         p.pkid = pkid;
         dev.send(Packet::Publish(p)).await.unwrap();
-        assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == pkid));
+        assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == pkid));
     }
-    let got = fetch("analytics", reader.new_inbox()).await.expect("no answer from its own consumer");
+    let got =
+        fetch("analytics", reader.new_inbox(), PATIENCE).await.expect("no answer from its own consumer");
     assert!(got.status.is_none() && got.reply.is_some(), "not a stored message: {got:?}");
     assert_eq!(&got.payload[..], b"t=20");
     let before = nats.stream_messages("FLEET");
-    let _ = fetch("analytics", format!("fleet.m.devices.{victim}.telemetry")).await;
+    let _ = fetch("analytics", format!("fleet.m.devices.{victim}.telemetry"), Duration::from_secs(3)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(nats.stream_messages("FLEET"), before, "a reply subject wrote into the stream");
     let js = async_nats::jetstream::new(reader.clone());
@@ -216,7 +204,7 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
         .await;
     assert!(made.is_err(), "the reader made a consumer");
     assert!(
-        fetch("fleet-sql-sink", reader.new_inbox()).await.is_none(),
+        fetch("fleet-sql-sink", reader.new_inbox(), Duration::from_secs(3)).await.is_none(),
         "the reader fetched from the SQL sink"
     );
 }
@@ -232,8 +220,8 @@ async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published(
     let nats = bus::start(&fleet);
     let node = bus::node(&fleet, &nats, "n1", &[]);
     let mut issuer = issuer_on(&fleet, &node).await;
-    wait_subscribed(&nats, "fleet.t.devices.*.certs.csr").await;
-    wait_subscribed(&nats, "fleet.t.claims.*.*.certs.csr").await;
+    bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
+    bus::wait_subscription(&nats, "fleet.t.claims.*.*.certs.csr", true).await;
     let (id, victim) = (fleet.id(0), fleet.id(1));
     let peer = bus::client(&nats, "n3").await;
     let csr = || bytes::Bytes::from_static(b"0\x82csr");
@@ -283,8 +271,7 @@ async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published(
     let a = next_publish(&mut issuer, Duration::from_secs(3))
         .await
         .expect("the device's own CSR was not relayed");
-    let b =
-        next_publish(&mut issuer, Duration::from_secs(3)).await.expect("the claim's own CSR was not relayed");
+    let b = next_publish(&mut issuer, PATIENCE).await.expect("the claim's own CSR was not relayed");
     let mut topics = [a.topic, b.topic];
     topics.sort();
     assert_eq!(
@@ -410,13 +397,13 @@ async fn the_issuer_certifies_only_csrs_bound_to_the_askers_certificate() {
         assert!(t.elapsed() < Duration::from_secs(10), "issuer did not connect");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_subscribed(&nats, "fleet.t.devices.*.certs.csr").await;
+    bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
     // X is due: an operator asked it to rotate.
     assert!(provision(&["rotate", &x]).output().unwrap().status.success());
     let mut svc = Raw::device(node.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut svc, &format!("devices/{x}/certs/+"), 1).await;
-    wait_subscribed(&nats, &format!("fleet.t.devices.{x}.certs.*")).await;
+    bus::wait_subscription(&nats, &format!("fleet.t.devices.{x}.certs.*"), true).await;
 
     let attacker = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(vec![]).unwrap();

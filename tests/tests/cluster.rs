@@ -12,24 +12,6 @@ use common::*;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 
-/// Waits until the NATS server lists (or stops listing) `subject` among its subscriptions.
-async fn wait_nats_subscription(nats: &fleet_tests::NatsServer, subject: &str, present: bool) {
-    let t = Instant::now();
-    loop {
-        let connz = nats.monitor("/connz?subs=1");
-        // The monitor's JSON escapes `>` as \u003e.
-        let listed = format!("\"{}\"", subject.replace('>', "\\u003e"));
-        if connz.contains(&listed) == present {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "subscription {subject} present={present} not reached:\n{connz}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_commands_cross_back() {
     let pg = fleet_tests::PgCluster::start();
@@ -43,7 +25,7 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
     let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut svc, "devices/+/telemetry", 1).await;
-    wait_nats_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
+    bus::wait_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
 
     // Device 0 on node 1, device 1 on node 2; each listens for its commands.
     let mut dev0 = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
@@ -53,14 +35,14 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
     assert_eq!(connack_code(&dev1.mqtt_connect(&id1, 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut dev1, &format!("devices/{id1}/commands/#"), 1).await;
     let commands0 = format!("fleet.t.devices.{id0}.commands.>");
-    wait_nats_subscription(&nats, &commands0, true).await;
+    bus::wait_subscription(&nats, &commands0, true).await;
 
     // Telemetry from node 1 reaches the service on node 2 (and is stored, PUBACK as usual).
     let mut p = Publish::new(format!("devices/{id0}/telemetry"), QoS::AtLeastOnce, b"t=21.5".to_vec());
     p.pkid = 7;
     dev0.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(dev0.recv(Duration::from_secs(3)).await, Some(Packet::PubAck(a)) if a.pkid == 7));
-    let got = next_publish(&mut svc, Duration::from_secs(3)).await.expect("telemetry crossed no node");
+    assert!(matches!(dev0.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == 7));
+    let got = next_publish(&mut svc, PATIENCE).await.expect("telemetry crossed no node");
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
         (format!("devices/{id0}/telemetry").as_str(), &b"t=21.5"[..])
@@ -70,7 +52,7 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
     let mut cmd = Publish::new(format!("devices/{id0}/commands/reboot"), QoS::AtLeastOnce, b"now".to_vec());
     cmd.pkid = 2;
     svc.send(Packet::Publish(cmd)).await.unwrap();
-    let got = next_publish(&mut dev0, Duration::from_secs(3)).await.expect("command crossed no node");
+    let got = next_publish(&mut dev0, PATIENCE).await.expect("command crossed no node");
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
         (format!("devices/{id0}/commands/reboot").as_str(), &b"now"[..])
@@ -84,7 +66,7 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
 
     // When device 0 leaves, node 1 drops the subscription for its commands.
     drop(dev0);
-    wait_nats_subscription(&nats, &commands0, false).await;
+    bus::wait_subscription(&nats, &commands0, false).await;
     // Stored once (through the stream and the nodes' SQL sink), though both nodes run a sink.
     fleet.wait_telemetry_rows(&id0, 1, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -109,7 +91,7 @@ async fn a_cluster_node_needs_a_shared_postgresql_registry() {
 /// One session per device across the cluster: the device connecting on node 2 cuts its session
 /// on node 1 within a second (`takeover`), and the new session goes on.
 #[tokio::test]
-async fn a_connect_on_another_node_takes_the_session_over_within_a_second() {
+async fn a_connect_on_another_node_takes_the_session_over_at_once() {
     let pg = fleet_tests::PgCluster::start();
     let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
     let nats = bus::start(&fleet);
@@ -121,20 +103,17 @@ async fn a_connect_on_another_node_takes_the_session_over_within_a_second() {
     let t = Instant::now();
     let mut second = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&second.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
-    assert!(first.closed_within(Duration::from_secs(1)).await, "the session on node 1 outlived the takeover");
-    assert!(t.elapsed() < Duration::from_secs(2), "takeover took {:?}", t.elapsed());
+    assert!(first.closed_within(PATIENCE).await, "the session on node 1 outlived the takeover");
+    assert!(t.elapsed() < LATENCY_BOUND, "takeover took {:?}", t.elapsed());
     node1.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
     assert_eq!(node2.metric(&kicks(CloseReason::Takeover)).await, 0.0, "the new session was cut");
     // The new session works.
     second.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(second.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)));
+    assert!(matches!(second.recv(PATIENCE).await, Some(Packet::PingResp)));
     // And back again: node 1 takes it from node 2.
     let mut third = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&third.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
-    assert!(
-        second.closed_within(Duration::from_secs(1)).await,
-        "the session on node 2 outlived the takeover"
-    );
+    assert!(second.closed_within(PATIENCE).await, "the session on node 2 outlived the takeover");
     node2.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
 }
 
@@ -153,7 +132,7 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     let subject = format!("fleet.s.{}", id.replace('.', "%2E"));
-    wait_nats_subscription(&nats, &subject, true).await;
+    bus::wait_subscription(&nats, &subject, true).await;
     let peer = bus::client(&nats, "n3").await;
     // An old claim (a replay of an earlier session's), garbage, and a flood of both.
     for i in 0..2000u32 {
@@ -166,10 +145,7 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
     }
     peer.flush().await.unwrap();
     dev.send(Packet::PingReq).await.unwrap();
-    assert!(
-        matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)),
-        "session cut by stale claims"
-    );
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PingResp)), "session cut by stale claims");
     assert_eq!(node.metric(&kicks(CloseReason::Takeover)).await, 0.0);
     // A newer claim that no node sent: refused, counted.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
@@ -179,7 +155,7 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
         .await;
     dev.send(Packet::PingReq).await.unwrap();
     assert!(
-        matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)),
+        matches!(dev.recv(PATIENCE).await, Some(Packet::PingResp)),
         "a claim without Fleet-Node cut the session"
     );
     // Control: a claim newer than the session from a node (another node admitting the device)
@@ -188,7 +164,7 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
         .await
         .unwrap();
     peer.flush().await.unwrap();
-    assert!(dev.closed_within(Duration::from_secs(1)).await, "a newer claim did not take over");
+    assert!(dev.closed_within(PATIENCE).await, "a newer claim did not take over");
 }
 
 /// Malformed revocation announcements flooded on the cluster's revocation subject never cut a
@@ -228,7 +204,7 @@ async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
     )
     .await;
     dev.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PingResp)), "session cut");
     // Not locked out: the device connects again (its old session is taken over).
     let mut again = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&again.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
@@ -251,7 +227,7 @@ async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
     .await
     .unwrap();
     peer.flush().await.unwrap();
-    assert!(other.closed_within(Duration::from_secs(2)).await, "a confirmed revocation did not cut");
+    assert!(other.closed_within(PATIENCE).await, "a confirmed revocation did not cut");
 }
 
 /// The command queue is the cluster's: a command a service on node 2 sends to a device that is
@@ -269,7 +245,7 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
     let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut svc, "status/devices/+/commands/#", 1).await;
-    wait_nats_subscription(&nats, "fleet.t.status.devices.*.commands.>", true).await;
+    bus::wait_subscription(&nats, "fleet.t.status.devices.*.commands.>", true).await;
     let mut cmd = Publish::new(format!("devices/{id}/commands/blink"), QoS::AtLeastOnce, b"3".to_vec());
     cmd.pkid = 5;
     svc.send(Packet::Publish(cmd)).await.unwrap();
@@ -277,8 +253,8 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
     let mut acked = false;
     let t = Instant::now();
     // The PUBACK (stored) and the `queued` status, in either order.
-    while !(acked && statuses.len() == 1) && t.elapsed() < Duration::from_secs(5) {
-        match svc.recv(Duration::from_secs(5)).await {
+    while !(acked && statuses.len() == 1) && t.elapsed() < PATIENCE {
+        match svc.recv(PATIENCE).await {
             Some(Packet::PubAck(a)) if a.pkid == 5 => acked = true,
             Some(Packet::Publish(p)) => {
                 let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
@@ -294,7 +270,7 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
     let mut dev = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
-    let got = next_publish(&mut dev, Duration::from_secs(5)).await.expect("the queued command never came");
+    let got = next_publish(&mut dev, PATIENCE).await.expect("the queued command never came");
     assert_eq!(
         (got.topic.as_str(), &got.payload[..]),
         (format!("devices/{id}/commands/blink").as_str(), &b"3"[..])
@@ -302,7 +278,7 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
     dev.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(got.pkid))).await.unwrap();
 
     let t = Instant::now();
-    while statuses.len() < 3 && t.elapsed() < Duration::from_secs(5) {
+    while statuses.len() < 3 && t.elapsed() < PATIENCE {
         if let Some(p) = next_publish(&mut svc, Duration::from_millis(500)).await {
             let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
             statuses.push(v["status"].as_str().unwrap().to_owned());
@@ -356,13 +332,13 @@ async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
     assert_eq!(d["session"]["node"], node2.mqtt.to_string(), "{d}");
     assert_eq!(d["events"][0]["kind"], "admitted", "{d}");
 
-    // Revoked through node 1: node 2 cuts it within a second.
-    let t = Instant::now();
+    // Revoked through node 1: node 2 cuts it at once (timed from the answer: the commit).
     let (code, r) =
         api.call("POST", &format!("/api/v1/devices/{id}/revoke"), Some(br#"{"reason":"keyCompromise"}"#));
+    let t = Instant::now();
     assert_eq!(code, 200, "{r}");
-    assert!(dev.closed_within(Duration::from_secs(1)).await, "node 2 did not cut the session");
-    assert!(t.elapsed() < Duration::from_millis(1500));
+    assert!(dev.closed_within(PATIENCE).await, "node 2 did not cut the session");
+    assert!(t.elapsed() < LATENCY_BOUND, "node 2 cut the session {:?} after the commit", t.elapsed());
     let (_, d) = api.get(&format!("/api/v1/devices/{id}"));
     assert!(d["session"].is_null(), "{d}");
     assert!(
@@ -440,6 +416,6 @@ async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_
     let (_, d) = api.get(&format!("/api/v1/devices/{id}"));
     assert_eq!(d["session"]["node"], node2.mqtt.to_string(), "{d}");
     dev.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(2)).await, Some(Packet::PingResp)), "session cut");
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PingResp)), "session cut");
     liar.abort();
 }

@@ -40,7 +40,7 @@ async fn publish_acked(c: &mut Raw, topic: &str, payload: &[u8], pkid: u16) -> b
     if c.send(Packet::Publish(p)).await.is_err() {
         return false;
     }
-    matches!(c.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(a)) if a.pkid == pkid)
+    matches!(c.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == pkid)
 }
 
 #[tokio::test]
@@ -60,12 +60,13 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     subscribe(&mut dev0, &format!("devices/{id0}/commands/#"), 1).await;
     let mut dev1 = connected(nodes[1].mqtt, &fleet.devices[1], &id1).await;
     // The subscriptions travel to NATS asynchronously.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus::wait_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
+    bus::wait_subscription(&nats, &format!("fleet.t.devices.{id0}.commands.>"), true).await;
     assert!(publish_acked(&mut dev0, &format!("devices/{id0}/telemetry"), b"from-node-1", 1).await);
     assert!(publish_acked(&mut dev1, &format!("devices/{id1}/telemetry"), b"from-node-2", 1).await);
     let mut seen = BTreeSet::new();
     for _ in 0..2 {
-        let p = next_publish(&mut svc, Duration::from_secs(3)).await.expect("telemetry did not reach node 3");
+        let p = next_publish(&mut svc, PATIENCE).await.expect("telemetry did not reach node 3");
         seen.insert(p.payload.to_vec());
     }
     assert_eq!(seen, BTreeSet::from([b"from-node-1".to_vec(), b"from-node-2".to_vec()]));
@@ -74,14 +75,14 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     let mut cmd = Publish::new(format!("devices/{id0}/commands/reboot"), QoS::AtLeastOnce, b"now".to_vec());
     cmd.pkid = 2;
     svc.send(Packet::Publish(cmd)).await.unwrap();
-    let got = next_publish(&mut dev0, Duration::from_secs(3)).await.expect("command did not reach node 1");
+    let got = next_publish(&mut dev0, PATIENCE).await.expect("command did not reach node 1");
     assert_eq!(&got.payload[..], b"now");
 
     // Takeover across nodes: device 0 connecting through node 3 cuts its session on node 1.
     let t = Instant::now();
     let _dev0_again = connected(nodes[2].mqtt, &fleet.devices[0], &id0).await;
-    assert!(dev0.closed_within(Duration::from_secs(1)).await, "no takeover across nodes");
-    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(dev0.closed_within(PATIENCE).await, "no takeover across nodes");
+    assert!(t.elapsed() < LATENCY_BOUND, "the takeover took {:?}", t.elapsed());
 
     // Devices 2, 3, 4 on nodes 1, 2, 3; each revoked: each cut within a second, on its node.
     let mut live = Vec::new();
@@ -89,10 +90,10 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
         live.push(connected(n.mqtt, &fleet.devices[i], &fleet.id(i)).await);
     }
     for (k, mut c) in live.into_iter().enumerate() {
-        let t = Instant::now();
         fleet.revoke(k + 2).await;
-        assert!(c.closed_within(Duration::from_secs(1)).await, "device {} on node {} not cut", k + 2, k + 1);
-        assert!(t.elapsed() < Duration::from_millis(1500), "cut after {:?}", t.elapsed());
+        let t = Instant::now(); // the registry has committed the revocation
+        assert!(c.closed_within(PATIENCE).await, "device {} on node {} not cut", k + 2, k + 1);
+        assert!(t.elapsed() < LATENCY_BOUND, "cut {:?} after the commit", t.elapsed());
     }
     // Refused by every node afterwards, and through the load balancer.
     for i in 2..5 {
@@ -214,11 +215,23 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_
     for n in &nodes {
         n.wait_metric("fleet_sessions_live", 5.0, Duration::from_secs(20)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every device has messages acknowledged before the kill.
+    let acked_by_all =
+        |since: Instant| acked.iter().all(|a| a.lock().unwrap().iter().any(|(_, at)| *at > since));
+    let t = Instant::now();
+    while !acked_by_all(t) {
+        assert!(t.elapsed() < PATIENCE, "not every device got a message acknowledged before the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let victims = nodes[0].metric("fleet_sessions_live").await;
     nodes[0].kill9();
     let killed_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Run on until every device has been acknowledged again after the kill (the killed node's
+    // devices through HAProxy to the survivors), however long that takes on this machine.
+    while !acked_by_all(killed_at) && killed_at.elapsed() < PATIENCE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // a little more load after the move
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -254,7 +267,7 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_
         if missing == 0 {
             break m;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "{missing} acknowledged messages not in the table");
+        assert!(t.elapsed() < 3 * PATIENCE, "{missing} acknowledged messages not in the table");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let dups: Vec<_> = stored.iter().filter(|(_, c)| **c > 1).collect();
@@ -273,7 +286,7 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_
         if rows as u64 == in_stream {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "table {rows} rows, stream {in_stream} messages");
+        assert!(t.elapsed() < 3 * PATIENCE, "table {rows} rows, stream {in_stream} messages");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -294,7 +307,7 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
     nats.stop();
     let t = Instant::now();
     while n.metric("fleet_cluster_connected").await != 0.0 {
-        assert!(t.elapsed() < Duration::from_secs(3), "the node did not notice NATS went away");
+        assert!(t.elapsed() < PATIENCE, "the node did not notice NATS went away");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A message that cannot be stored is never acknowledged; its session closes.
@@ -309,7 +322,7 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
         connack_code(&other.mqtt_connect(&fleet.id(1), 30).await),
         Some(ConnectReturnCode::ServiceUnavailable)
     );
-    n.wait_refused(Refusal::ClusterUnavailable, 1.0, Duration::from_secs(1)).await;
+    n.wait_refused(Refusal::ClusterUnavailable, 1.0, PATIENCE).await;
     let (status, body) = n.healthz().await;
     assert_eq!(status, 503, "/healthz while NATS is down: {body}");
     assert!(body.contains("NATS connection down"), "{body}");
@@ -318,7 +331,7 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
     nats.restart();
     let t = Instant::now();
     while n.metric("fleet_cluster_connected").await != 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "the node did not reconnect to NATS");
+        assert!(t.elapsed() < PATIENCE, "the node did not reconnect to NATS");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(n.healthz().await, (200, "ok\n".to_owned()), "/healthz after NATS came back");
@@ -326,7 +339,7 @@ async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_af
     let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, b"during".to_vec());
     (p.pkid, p.dup) = (2, true);
     dev.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(3)).await, Some(Packet::PubAck(a)) if a.pkid == 2));
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == 2));
     assert!(publish_acked(&mut dev, &topic, b"after", 3).await);
     fleet.wait_telemetry_rows(&id, 3, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

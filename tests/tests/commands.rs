@@ -62,17 +62,24 @@ async fn send(s: &mut Raw, seen: &mut Seen, topic: &str, payload: &[u8], pkid: u
     }
 }
 
-/// Waits `within` for status messages; returns every one seen so far.
-async fn statuses(s: &mut Raw, seen: &mut Seen, within: Duration) -> Seen {
+/// Reads status messages until `done` holds for every one seen so far (at most [`PATIENCE`]);
+/// returns them.
+async fn statuses_until(s: &mut Raw, seen: &mut Seen, what: &str, done: impl Fn(&Seen) -> bool) -> Seen {
     let t = std::time::Instant::now();
-    while t.elapsed() < within {
-        match s.recv(within - t.elapsed()).await {
+    while !done(seen) {
+        let left = PATIENCE.checked_sub(t.elapsed()).unwrap_or_default();
+        match s.recv(left).await {
             Some(Packet::Publish(p)) => record(s, &p, seen).await,
             Some(_) => {}
-            None => break,
+            None => panic!("statuses: no {what} in {:?}: {seen:?}", t.elapsed()),
         }
     }
     seen.clone()
+}
+
+/// Whether `seen` holds status `status` of command `name`.
+fn has(seen: &Seen, name: &str, status: &str) -> bool {
+    seen.iter().any(|s| s.0 == name && s.1 == status)
 }
 
 fn run_sim(fleet: &Fleet, port: &str, secs: u32) -> String {
@@ -107,13 +114,19 @@ async fn a_command_sent_while_the_device_sleeps_arrives_once_on_its_next_connect
     let dev = fleet.id(0);
     send(&mut svc, &mut seen, &format!("devices/{dev}/commands/blink"), b"3", 10).await;
     send(&mut svc, &mut seen, &format!("devices/{dev}/commands/reboot"), b"now", 11).await;
-    let queued = statuses(&mut svc, &mut seen, Duration::from_millis(500)).await;
+    let queued = statuses_until(&mut svc, &mut seen, "two queued", |s| {
+        s.iter().filter(|s| s.1 == "queued").count() >= 2
+    })
+    .await;
     assert_eq!(queued.iter().filter(|s| s.1 == "queued").count(), 2, "{queued:?}");
     // The device wakes up: both, in order, once each (fleet-sim acknowledges each on acks/<name>).
     let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 3));
     assert_eq!(commands_seen(&out, &dev), 2, "{out}");
     assert_eq!(commands_seen(&out, &fleet.id(1)), 0, "{out}");
-    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(500)).await;
+    let _ = statuses_until(&mut svc, &mut seen, "both acknowledged", |s| {
+        has(s, "blink", "acknowledged") && has(s, "reboot", "acknowledged")
+    })
+    .await;
     let of = |name: &str| seen.iter().filter(|s| s.0 == name).map(|s| s.1.clone()).collect::<Vec<_>>();
     assert_eq!(of("blink"), vec!["queued", "delivered", "acknowledged"], "{seen:?}");
     assert_eq!(of("reboot"), vec!["queued", "delivered", "acknowledged"], "{seen:?}");
@@ -179,8 +192,11 @@ async fn an_expired_command_is_never_delivered_and_a_full_queue_drops_the_oldest
     for (i, name) in ["c1", "c2", "c3", "c4"].iter().enumerate() {
         send(&mut svc, &mut seen, &format!("devices/{dev}/commands/{name}"), b"y", 2 + i as u16).await;
     }
-    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(2500)).await;
-    let is = |name: &str, st: &str| seen.iter().any(|s| s.0 == name && s.1 == st);
+    let _ = statuses_until(&mut svc, &mut seen, "two dropped", |s| {
+        has(s, "c1", "dropped") && (has(s, "soon", "dropped") || has(s, "soon", "expired"))
+    })
+    .await;
+    let is = |name: &str, st: &str| has(&seen, name, st);
     // Queue of 3: "soon" and "c1" dropped as the 4th and 5th arrived ("soon" may expire first).
     assert!(is("c1", "dropped"), "{seen:?}");
     assert!(is("soon", "dropped") || is("soon", "expired"), "{seen:?}");
@@ -198,8 +214,7 @@ async fn an_expired_command_is_never_delivered_and_a_full_queue_drops_the_oldest
 
     // A TTL that passes while the device is away: expired, never delivered.
     send(&mut svc, &mut seen, &format!("devices/{dev}/commands/late/ttl=1"), b"z", 9).await;
-    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(2500)).await;
-    assert!(seen.iter().any(|s| s.0 == "late" && s.1 == "expired"), "{seen:?}");
+    let _ = statuses_until(&mut svc, &mut seen, "late expired", |s| has(s, "late", "expired")).await;
     let out = tokio::task::block_in_place(|| run_sim(&fleet, &broker.port(), 2));
     assert_eq!(commands_seen(&out, &dev), 0, "{out}");
 }
@@ -215,7 +230,10 @@ async fn commands_for_unknown_or_revoked_devices_or_too_large_are_refused_with_a
     send(&mut svc, &mut seen, &format!("devices/{}/commands/x", fleet.id(1)), b"1", 2).await;
     send(&mut svc, &mut seen, &format!("devices/{}/commands/x", fleet.id(0)), &[7u8; 101], 3).await;
     send(&mut svc, &mut seen, &format!("devices/{}/commands/x/ttl=0", fleet.id(0)), b"1", 4).await;
-    let _ = statuses(&mut svc, &mut seen, Duration::from_millis(1000)).await;
+    let _ = statuses_until(&mut svc, &mut seen, "four refusals", |s| {
+        s.iter().filter(|s| s.1 == "refused").count() >= 4
+    })
+    .await;
     let reasons: Vec<&str> = seen.iter().filter(|s| s.1 == "refused").map(|s| s.2.as_str()).collect();
     assert_eq!(reasons, ["unknown_device", "revoked", "too_large", "bad_ttl"], "{seen:?}");
     assert!(!seen.iter().any(|s| s.1 == "queued"), "{seen:?}");
@@ -282,7 +300,7 @@ async fn a_persistent_session_keeps_subscriptions_and_messages_while_the_client_
         let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![i as u8]);
         p.pkid = 1 + i;
         d.send(Packet::Publish(p)).await.unwrap();
-        assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+        assert!(matches!(d.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     }
     // Back with clean session = 0: present, and the three messages without a SUBSCRIBE.
     let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
@@ -300,12 +318,12 @@ async fn a_persistent_session_keeps_subscriptions_and_messages_while_the_client_
     let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![9]);
     p.pkid = 9;
     d.send(Packet::Publish(p)).await.unwrap();
-    let first = next_publish(&mut svc, Duration::from_secs(3)).await.expect("live delivery");
+    let first = next_publish(&mut svc, PATIENCE).await.expect("live delivery");
     drop(svc); // no PUBACK
     broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
     let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connect_with(&mut svc, "backend", false).await, (true, true));
-    let again = next_publish(&mut svc, Duration::from_secs(3)).await.expect("redelivery");
+    let again = next_publish(&mut svc, PATIENCE).await.expect("redelivery");
     assert_eq!((again.pkid, again.dup, &again.payload[..]), (first.pkid, true, &[9u8][..]));
     svc.send(Packet::Disconnect).await.unwrap();
     drop(svc);
@@ -337,7 +355,7 @@ async fn a_kept_sessions_inbox_is_capped_and_the_session_expires() {
         let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![i as u8]);
         p.pkid = 1 + i;
         d.send(Packet::Publish(p)).await.unwrap();
-        assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+        assert!(matches!(d.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     }
     assert_eq!(broker.metric("fleet_messages_dropped_total").await, 15.0);
     assert_eq!(broker.metric("fleet_limits_total{limit=\"queued_messages\"}").await, 15.0);
@@ -368,7 +386,7 @@ async fn a_kept_sessions_inbox_is_capped_and_the_session_expires() {
     let mut p = Publish::new(format!("devices/{dev}/telemetry"), QoS::AtLeastOnce, vec![99]);
     p.pkid = 50;
     d.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    assert!(matches!(d.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false), "an expired session resumed");
     assert!(next_publish(&mut svc, Duration::from_millis(500)).await.is_none());
@@ -450,7 +468,7 @@ async fn a_revoked_devices_kept_session_is_discarded_at_once() {
     let p = Publish::new(format!("devices/{dev}/commands/unlock"), QoS::AtMostOnce, b"1".to_vec());
     svc.send(Packet::Publish(p)).await.unwrap();
     svc.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(svc.recv(Duration::from_secs(5)).await, Some(Packet::PingResp)));
+    assert!(matches!(svc.recv(PATIENCE).await, Some(Packet::PingResp)));
     assert_eq!(
         broker.metric("fleet_messages_delivered_total").await,
         before,
@@ -484,18 +502,17 @@ async fn a_command_published_retained_is_delivered_once_and_never_retained() {
     let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert!(connect_session(&mut d, &dev, true).await.0);
     subscribe(&mut d, &format!("devices/{dev}/commands/#"), 1).await;
-    let cmd = next_publish(&mut d, Duration::from_secs(5)).await.expect("the queued command");
+    let cmd = next_publish(&mut d, PATIENCE).await.expect("the queued command");
     assert_eq!((cmd.topic.as_str(), cmd.retain), (topic.as_str(), false));
     d.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(cmd.pkid))).await.unwrap();
-    let settled = statuses(&mut svc, &mut seen, Duration::from_millis(1500)).await;
-    assert!(settled.iter().any(|s| s.0 == "open-valve" && s.1 == "acknowledged"), "{settled:?}");
+    statuses_until(&mut svc, &mut seen, "acknowledged", |s| has(s, "open-valve", "acknowledged")).await;
     // Nothing else came with the first SUBSCRIBE (a retained copy would have).
     assert!(next_publish(&mut d, Duration::from_millis(500)).await.is_none(), "a second copy");
     // A new SUBSCRIBE, and a new session, bring nothing.
     let mut unsub = rumqttc::mqttbytes::v4::Unsubscribe::new(format!("devices/{dev}/commands/#"));
     unsub.pkid = 2;
     d.send(Packet::Unsubscribe(unsub)).await.unwrap();
-    assert!(matches!(d.recv(Duration::from_secs(3)).await, Some(Packet::UnsubAck(_))));
+    assert!(matches!(d.recv(PATIENCE).await, Some(Packet::UnsubAck(_))));
     subscribe(&mut d, &format!("devices/{dev}/commands/#"), 3).await;
     let again = next_publish(&mut d, Duration::from_secs(1)).await;
     assert!(again.is_none(), "delivered again on SUBSCRIBE: {again:?}");

@@ -230,14 +230,14 @@ async fn an_operator_revokes_a_connected_device_from_the_console_in_chromium() {
     assert_eq!(reason, json!(true), "the confirmation is showing");
     let t = Instant::now();
     wait(client, "#confirm-revoke").await.click().await.unwrap();
-    assert!(device.closed_within(Duration::from_secs(2)).await, "the device's session was not cut");
+    assert!(device.closed_within(PATIENCE).await, "the device's session was not cut");
     let cut_after = t.elapsed();
     text_becomes(client, "#device-status", "revoked").await;
     text_becomes(client, "#session", "offline").await;
     let feed = format!("#feed div[data-kind=closed][data-device='{target}']");
     assert!(wait(client, &feed).await.text().await.unwrap().contains("revoked"));
     broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
-    assert!(cut_after < Duration::from_millis(1500), "cut {cut_after:?} after the click");
+    assert!(cut_after < LATENCY_BOUND, "cut {cut_after:?} after the click");
     std::fs::write(screenshots().join("device-revoked.png"), client.screenshot().await.unwrap()).unwrap();
 
     // Readable on a phone: no sideways scrolling at 390 px.

@@ -31,7 +31,7 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&id0, 30).await), Some(ConnectReturnCode::Success));
     raw.send(publish(&topic, 1, "before")).await.unwrap();
-    assert_eq!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(PubAck::new(1))));
+    assert_eq!(raw.recv(PATIENCE).await, Some(Packet::PubAck(PubAck::new(1))));
 
     // The database stops (immediate shutdown, as in a crash).
     pg.stop();
@@ -40,9 +40,11 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
     // the device will send it again on its next session.
     raw.send(publish(&topic, 2, "during")).await.unwrap();
     let t = Instant::now();
-    let reply = raw.recv(Duration::from_secs(20)).await;
+    let reply = raw.recv(PATIENCE).await;
     assert_eq!(reply, None, "expected the session to close without PUBACK, got {reply:?}");
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?} to give up on the store", t.elapsed());
+    // The registry timeout (2 s), not a hang: generous for a loaded machine, far below PATIENCE.
+    let bound = Duration::from_secs(2) + LATENCY_BOUND;
+    assert!(t.elapsed() < bound, "took {:?} to give up on the store", t.elapsed());
     assert!(broker.metric("fleet_store_errors_total").await >= 1.0);
 
     // New sessions are refused with a clear reason: CONNACK 3 (server unavailable), a metric and
@@ -53,7 +55,7 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
         connack_code(&other.mqtt_connect(&id1, 30).await),
         Some(ConnectReturnCode::ServiceUnavailable)
     );
-    assert!(t.elapsed() < Duration::from_secs(4), "refusal took {:?} (registry timeout 2 s)", t.elapsed());
+    assert!(t.elapsed() < bound, "refusal took {:?} (registry timeout 2 s)", t.elapsed());
     broker.wait_refused(Refusal::RegistryUnavailable, 1.0, Duration::from_secs(2)).await;
     assert!(broker.log().contains("registry unavailable"), "log:\n{}", broker.log());
 
@@ -65,22 +67,22 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
         match connack_code(&r.mqtt_connect(&id0, 30).await) {
             Some(ConnectReturnCode::Success) => break r,
             other => {
-                assert!(t.elapsed() < Duration::from_secs(20), "not admitted after recovery: {other:?}");
+                assert!(t.elapsed() < PATIENCE, "not admitted after recovery: {other:?}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
     raw.send(publish(&topic, 3, "during")).await.unwrap(); // the device's retransmission
     raw.send(publish(&topic, 4, "after")).await.unwrap();
-    assert_eq!(raw.recv(Duration::from_secs(10)).await, Some(Packet::PubAck(PubAck::new(3))));
-    assert_eq!(raw.recv(Duration::from_secs(10)).await, Some(Packet::PubAck(PubAck::new(4))));
+    assert_eq!(raw.recv(PATIENCE).await, Some(Packet::PubAck(PubAck::new(3))));
+    assert_eq!(raw.recv(PATIENCE).await, Some(Packet::PubAck(PubAck::new(4))));
     let rows: Vec<String> =
         fleet.telemetry_rows(&id0).await.into_iter().map(|r| String::from_utf8(r.1).unwrap()).collect();
     assert_eq!(rows, ["before", "during", "after"], "stored rows");
 
     // Revocation watching resumed too: a revocation now still cuts a live session.
     fleet.revoke(0).await;
-    assert!(raw.closed_within(Duration::from_secs(3)).await, "revocation after the outage did not cut");
+    assert!(raw.closed_within(PATIENCE).await, "revocation after the outage did not cut");
 }
 
 #[tokio::test]

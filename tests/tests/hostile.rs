@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 /// Time for a fresh device session to reach CONNACK Success.
 async fn time_valid_admission(addr: SocketAddr, dir: &Path, id: &str) -> Duration {
     let t = Instant::now();
-    let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device(addr, dir))
+    let mut raw = tokio::time::timeout(PATIENCE, Raw::device(addr, dir))
         .await
         .expect("TLS handshake of the valid device timed out")
         .expect("TLS handshake of the valid device failed");
@@ -82,10 +82,11 @@ async fn garbage_before_and_during_the_handshake_is_refused_and_devices_still_ge
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flood is on once the broker has refused some of it.
+    broker.wait_metric("fleet_handshakes_total{outcome=\"refused\"", 8.0, PATIENCE).await;
     for _ in 0..3 {
         let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
-        assert!(took < Duration::from_secs(1), "valid device took {took:?} under a garbage flood");
+        assert!(took < LATENCY_BOUND, "valid device took {took:?} under a garbage flood");
     }
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
@@ -107,16 +108,16 @@ async fn a_length_header_claiming_256_mib_closes_the_session_at_once() {
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
     // PUBLISH, remaining length 268,435,455 (the MQTT maximum), then a trickle of bytes.
     raw.send_raw(&[0x32, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x05]).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(2)).await, "broker waited for a 256 MiB packet");
+    assert!(raw.closed_within(LATENCY_BOUND).await, "broker waited for a 256 MiB packet");
     broker.wait_metric(&protocol_errors(CloseReason::PacketTooLarge), 1.0, Duration::from_secs(2)).await;
     // A malformed remaining length (five continuation bytes) is a protocol error, not a hang.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
     raw.send_raw(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(2)).await);
+    assert!(raw.closed_within(PATIENCE).await);
     // The broker is unharmed.
     let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < LATENCY_BOUND, "{took:?}");
 }
 
 #[tokio::test]
@@ -149,17 +150,22 @@ async fn a_connect_flood_from_one_source_does_not_lock_out_other_devices() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The flood is on once its sessions replace each other.
+    broker.wait_metric(&kicks(CloseReason::Takeover), 3.0, PATIENCE).await;
     let mut worst = Duration::ZERO;
     for _ in 0..3 {
         worst = worst.max(time_valid_admission(broker.mqtt, &fleet.devices[1], &fleet.id(1)).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the flood reach its size (however slow the machine), then stop it.
+    let t = Instant::now();
+    while admitted.load(Ordering::Relaxed) < 20 && t.elapsed() < PATIENCE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
     for f in flooders {
         f.await.unwrap();
     }
-    assert!(worst < Duration::from_secs(1), "another device took {worst:?} during the flood");
+    assert!(worst < LATENCY_BOUND, "another device took {worst:?} during the flood");
     assert!(admitted.load(Ordering::Relaxed) >= 20, "the flood itself barely ran");
     // The flood's sessions replaced each other; none is left behind when they are gone.
     assert!(broker.metric(&kicks(CloseReason::Takeover)).await >= 10.0);
@@ -186,19 +192,15 @@ async fn half_open_connections_are_reaped_and_do_not_block_admission() {
         silent.push(Raw::device_over(tcp, &fleet.devices[0]).await.unwrap());
     }
     let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
-    assert!(took < Duration::from_secs(1), "valid device took {took:?} behind 250 half-open connections");
-    // All of them are closed by the broker's deadlines (1 s each), none lingers.
-    let t = Instant::now();
+    assert!(took < LATENCY_BOUND, "valid device took {took:?} behind 250 half-open connections");
+    // All of them are closed by the broker's deadlines (1 s each), none lingers (without the
+    // deadlines nothing would ever close them).
     for s in &mut stalled {
-        assert!(tcp_closed_within(s, Duration::from_secs(4)).await, "a half-open handshake was never reaped");
+        assert!(tcp_closed_within(s, PATIENCE).await, "a half-open handshake was never reaped");
     }
     for r in &mut silent {
-        assert!(
-            r.closed_within(Duration::from_secs(4)).await,
-            "a TLS session without CONNECT was never reaped"
-        );
+        assert!(r.closed_within(PATIENCE).await, "a TLS session without CONNECT was never reaped");
     }
-    assert!(t.elapsed() < Duration::from_secs(4), "reaping took {:?}", t.elapsed());
     broker.wait_refused(Refusal::HandshakeTimeout, 200.0, Duration::from_secs(2)).await;
     broker.wait_refused(Refusal::ConnectTimeout, 50.0, Duration::from_secs(2)).await;
 }
@@ -213,7 +215,7 @@ async fn a_thousand_idle_sockets_do_not_delay_a_valid_device() {
         idle.push(tcp_from([127, 0, 2, 1 + (i % 40) as u8], broker.mqtt).await.unwrap());
     }
     let took = time_valid_admission(broker.mqtt, &fleet.devices[0], &fleet.id(0)).await;
-    assert!(took < Duration::from_secs(1), "valid connect took {took:?} behind 1000 idle sockets");
+    assert!(took < LATENCY_BOUND, "valid connect took {took:?} behind 1000 idle sockets");
     assert!(broker.metric("fleet_connections_open").await >= 1000.0);
     drop(idle);
 }
@@ -255,12 +257,12 @@ async fn silent_sockets_from_one_address_cannot_take_every_slot() {
     broker.wait_metric(&rejected(Refusal::SourceLimit), 168.0, Duration::from_secs(3)).await;
     let t = Instant::now();
     let tcp = tcp_from([127, 0, 3, 2], broker.mqtt).await.unwrap();
-    let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device_over(tcp, &fleet.devices[0]))
+    let mut raw = tokio::time::timeout(PATIENCE, Raw::device_over(tcp, &fleet.devices[0]))
         .await
         .expect("handshake timed out")
         .expect("the device on another address was refused");
     assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
-    assert!(t.elapsed() < Duration::from_secs(1), "admission took {:?}", t.elapsed());
+    assert!(t.elapsed() < LATENCY_BOUND, "admission took {:?}", t.elapsed());
     assert_eq!(broker.metric("fleet_limits_total{limit=\"source_limit\"}").await, 168.0);
     assert!(broker.log().contains("source_limit"), "no logged reason");
     drop(silent);
@@ -300,7 +302,7 @@ async fn behind_a_proxy_the_per_source_cap_applies_to_the_clients_address() {
     broker.wait_metric(&rejected(Refusal::SourceLimit), 6.0, Duration::from_secs(5)).await;
     // A device on another address gets in through the proxy, and is logged with its address.
     let tcp = tcp_from([127, 0, 4, 2], lb.addr).await.unwrap();
-    let mut raw = tokio::time::timeout(Duration::from_secs(5), Raw::device_over(tcp, &fleet.devices[0]))
+    let mut raw = tokio::time::timeout(PATIENCE, Raw::device_over(tcp, &fleet.devices[0]))
         .await
         .expect("handshake timed out")
         .expect("the device on another address was refused");

@@ -51,9 +51,9 @@ fn subscribe(pkid: u16, filters: impl IntoIterator<Item = String>) -> Packet {
 /// Retained messages a fresh subscription to `filter` receives (topics).
 async fn retained_for(raw: &mut Raw, filter: &str, pkid: u16) -> Vec<String> {
     raw.send(subscribe(pkid, [filter.to_owned()])).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::SubAck(_))));
+    assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::SubAck(_))));
     let mut topics = Vec::new();
-    while let Some(Packet::Publish(p)) = raw.recv(Duration::from_millis(300)).await {
+    while let Some(Packet::Publish(p)) = raw.recv(Duration::from_secs(1)).await {
         assert!(p.retain);
         topics.push(p.topic);
     }
@@ -72,19 +72,19 @@ async fn a_device_cannot_command_itself_and_revocation_clears_its_retained_messa
         .send(publish(format!("devices/{a}/commands/unlock"), QoS::AtLeastOnce, true, b"1", 5))
         .await
         .unwrap();
-    assert!(thief.closed_within(Duration::from_secs(2)).await, "a device published its own command");
+    assert!(thief.closed_within(PATIENCE).await, "a device published its own command");
     assert_eq!(broker.metric("fleet_acl_denied_total{action=\"publish\"}").await, 1.0);
     // Retained state is still allowed, for both devices; a service's command is never retained
     // (the flag is stripped, docs/spec/commands.md).
     let mut dev = connected(&broker, &fleet, 0).await;
     dev.send(publish(format!("devices/{a}/state"), QoS::AtLeastOnce, true, b"on", 6)).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     let mut other = connected(&broker, &fleet, 1).await;
     other.send(publish(format!("devices/{b}/state"), QoS::AtLeastOnce, true, b"on", 7)).await.unwrap();
-    assert!(matches!(other.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    assert!(matches!(other.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     let mut svc = service(&broker, &fleet).await;
     svc.send(publish(format!("devices/{a}/commands/blink"), QoS::AtLeastOnce, true, b"2", 8)).await.unwrap();
-    assert!(matches!(svc.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    assert!(matches!(svc.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     let mut watcher = service(&broker, &fleet).await;
     assert_eq!(
         retained_for(&mut watcher, "devices/+/#", 1).await,
@@ -118,22 +118,22 @@ async fn subscriptions_are_capped_per_session_and_twenty_thousand_cost_nothing()
         }
     }
     assert_eq!(granted, 64);
-    assert!(t.elapsed() < Duration::from_secs(10), "20,000 subscriptions took {:?}", t.elapsed());
+    assert!(t.elapsed() < PATIENCE, "20,000 subscriptions took {:?}", t.elapsed());
     assert_eq!(broker.metric("fleet_limits_total{limit=\"subscriptions\"}").await, 20_000.0 - 64.0);
     // Re-subscribing a held filter is no new subscription; unsubscribing frees a slot.
     raw.send(subscribe(300, [format!("devices/{id}/s/0/0")])).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await,
+    assert!(matches!(raw.recv(PATIENCE).await,
         Some(Packet::SubAck(a)) if matches!(a.return_codes[..], [SubscribeReasonCode::Success(_)])));
     let mut u = rumqttc::mqttbytes::v4::Unsubscribe::new(format!("devices/{id}/s/0/0"));
     u.pkid = 301;
     raw.send(Packet::Unsubscribe(u)).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::UnsubAck(_))));
+    assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::UnsubAck(_))));
     raw.send(subscribe(302, [format!("devices/{id}/new")])).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await,
+    assert!(matches!(raw.recv(PATIENCE).await,
         Some(Packet::SubAck(a)) if matches!(a.return_codes[..], [SubscribeReasonCode::Success(_)])));
     // Still a working session.
     raw.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PingResp)));
+    assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PingResp)));
     assert!(broker.log().contains("limit reached"), "no logged reason");
 }
 
@@ -148,14 +148,14 @@ async fn retained_messages_are_capped_per_device_and_in_total_bytes() {
         raw.send(publish(format!("devices/{a}/{t}"), QoS::AtLeastOnce, true, b"x", k as u16 + 1))
             .await
             .unwrap();
-        assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))), "{t}");
+        assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PubAck(_))), "{t}");
     }
     raw.send(publish(format!("devices/{a}/s3"), QoS::AtLeastOnce, true, b"x", 9)).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(2)).await, "a third retained topic was kept");
+    assert!(raw.closed_within(PATIENCE).await, "a third retained topic was kept");
     broker.wait_metric(&kicks(CloseReason::RetainedPerDevice), 1.0, Duration::from_secs(2)).await;
     let mut raw = connected(&broker, &fleet, 1).await;
     raw.send(publish(format!("devices/{b}/big"), QoS::AtLeastOnce, true, &[7u8; 1990], 1)).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(2)).await, "retained bytes over the total were kept");
+    assert!(raw.closed_within(PATIENCE).await, "retained bytes over the total were kept");
     broker.wait_metric(&kicks(CloseReason::RetainedBytes), 1.0, Duration::from_secs(2)).await;
     // The refused message was neither retained nor stored.
     let mut watcher = service(&broker, &fleet).await;
@@ -191,7 +191,7 @@ async fn topics_over_the_length_or_depth_cap_are_refused() {
         other => panic!("{other:?}"),
     }
     raw.send(publish(format!("devices/{id}/a/b/c/d"), QoS::AtMostOnce, false, b"deep", 0)).await.unwrap();
-    assert!(raw.closed_within(Duration::from_secs(2)).await, "a 6-level topic was accepted");
+    assert!(raw.closed_within(PATIENCE).await, "a 6-level topic was accepted");
     broker.wait_metric(&kicks(CloseReason::TopicLimit), 1.0, Duration::from_secs(2)).await;
     assert_eq!(broker.metric("fleet_limits_total{limit=\"topic\"}").await, 3.0);
 }
@@ -208,7 +208,7 @@ async fn acl_refusals_are_counted_each_but_logged_once_per_interval() {
             .unwrap();
     }
     raw.send(Packet::PingReq).await.unwrap();
-    assert!(matches!(raw.recv(Duration::from_secs(5)).await, Some(Packet::PingResp)));
+    assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PingResp)));
     broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 500.0, Duration::from_secs(2)).await;
     let lines = broker.log().lines().filter(|l| l.contains("publish refused by ACL")).count();
     assert_eq!(lines, 1, "500 refusals within the interval must log one line");
@@ -225,14 +225,15 @@ async fn stuck_reader(fleet: &Fleet, broker: &BrokerProc) -> (Raw, Raw) {
     let mut dev = Raw::device_over(tcp, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 0).await), Some(ConnectReturnCode::Success));
     dev.send(subscribe(1, [format!("devices/{id}/commands/#")])).await.unwrap();
-    assert!(matches!(dev.recv(Duration::from_secs(5)).await, Some(Packet::SubAck(_))));
+    assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::SubAck(_))));
     // From now on the device reads nothing. 12 MB of commands fill every buffer on the way.
     let mut svc = service(broker, fleet).await;
     let topic = format!("devices/{id}/commands/fill");
     for _ in 0..3000 {
         svc.send(publish(topic.clone(), QoS::AtMostOnce, false, &[0x5a; 4000], 0)).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Stuck: the device's queue overflowed.
+    broker.wait_metric("fleet_messages_dropped_total", 1.0, PATIENCE).await;
     (dev, svc)
 }
 
@@ -243,10 +244,10 @@ async fn a_stuck_write_never_delays_a_revocation() {
     let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
     let _clients = stuck_reader(&fleet, &broker).await;
     assert!(broker.metric("fleet_messages_dropped_total").await > 0.0, "the device's queue never filled");
-    let t = Instant::now();
     fleet.revoke(0).await;
-    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, Duration::from_secs(2)).await;
-    assert!(t.elapsed() < Duration::from_secs(1), "revocation waited {:?} on a stuck write", t.elapsed());
+    let t = Instant::now(); // the registry has committed the revocation
+    broker.wait_metric(&kicks(CloseReason::Revoked), 1.0, PATIENCE).await;
+    assert!(t.elapsed() < LATENCY_BOUND, "revocation waited {:?} on a stuck write", t.elapsed());
 }
 
 /// The device's certificate connects again while the broker's write to its first session is
@@ -262,7 +263,7 @@ async fn a_stuck_write_never_delays_a_takeover() {
     let mut again = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&again.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
     broker.wait_metric(&kicks(CloseReason::Takeover), 1.0, Duration::from_secs(2)).await;
-    assert!(t.elapsed() < Duration::from_secs(2), "the takeover waited {:?} on a stuck write", t.elapsed());
+    assert!(t.elapsed() < LATENCY_BOUND, "the takeover waited {:?} on a stuck write", t.elapsed());
     assert_eq!(broker.metric(&kicks(CloseReason::WriteTimeout)).await, 0.0);
 }
 
@@ -282,11 +283,12 @@ async fn a_stuck_write_never_delays_a_sigterm() {
         if let Some(status) = broker.child.try_wait().unwrap() {
             break status;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "the broker did not stop: a stuck write held it");
+        assert!(t.elapsed() < PATIENCE, "the broker did not stop: a stuck write held it");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "broker exit status {status:?}");
-    assert!(t.elapsed() < Duration::from_secs(5), "SIGTERM waited {:?} on a stuck write", t.elapsed());
+    // Far below the 60 s write timeout it would otherwise wait for.
+    assert!(t.elapsed() < 2 * LATENCY_BOUND, "SIGTERM waited {:?} on a stuck write", t.elapsed());
     assert!(broker.log().contains("broker stopped"), "{}", broker.log());
 }
 
@@ -310,7 +312,7 @@ async fn park_claim_sessions(broker: &BrokerProc, dir: &std::path::Path, claim: 
         let id = format!("claims/{claim}/{i:016}");
         assert_eq!(connect_session(&mut c, &id, false).await, (true, false), "{id}");
         c.send(Packet::Disconnect).await.unwrap();
-        assert!(c.closed_within(Duration::from_secs(5)).await);
+        assert!(c.closed_within(PATIENCE).await);
     }
 }
 
@@ -384,7 +386,8 @@ async fn a_device_publishing_far_above_its_rate_is_held_to_it_and_others_are_una
     let window = Duration::from_secs(4);
     let topic = format!("devices/{}/telemetry", fleet.id(0));
     let flood = tokio::spawn(flood(flooder, topic, window));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flooder is being held to its rate.
+    broker.wait_metric("fleet_limits_total{limit=\"publish_rate\"}", 1.0, PATIENCE).await;
     // The other device: 20 messages, each acknowledged, well within the window.
     let mut other = connected(&broker, &fleet, 1).await;
     let t = Instant::now();
@@ -392,14 +395,14 @@ async fn a_device_publishing_far_above_its_rate_is_held_to_it_and_others_are_una
         let mut p = Publish::new(format!("devices/{}/telemetry", fleet.id(1)), QoS::AtLeastOnce, vec![1]);
         p.pkid = i + 1;
         other.send(Packet::Publish(p)).await.unwrap();
-        assert!(matches!(other.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))), "message {i}");
+        assert!(matches!(other.recv(PATIENCE).await, Some(Packet::PubAck(_))), "message {i}");
     }
     let other_took = t.elapsed();
     let acked = flood.await.unwrap();
     // 4 s at 50/s after a burst of 50: 250; generous for a loaded machine, far below a flood.
     assert!(acked <= 300, "the flooding device got {acked} PUBACKs in {window:?}");
     assert!(acked >= 100, "the flooding device was starved: {acked} PUBACKs");
-    assert!(other_took < Duration::from_secs(3), "the other device waited {other_took:?}");
+    assert!(other_took < LATENCY_BOUND, "the other device waited {other_took:?}");
     assert!(broker.metric("fleet_limits_total{limit=\"publish_rate\"}").await >= 1.0);
     fleet.wait_telemetry_rows(&fleet.id(1), 20, Duration::from_secs(5)).await;
 }
@@ -459,7 +462,7 @@ async fn one_claim_certificate_cannot_hold_every_connection_slot() {
         {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "the freed place was not given back");
+        assert!(t.elapsed() < PATIENCE, "the freed place was not given back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(broker);

@@ -51,7 +51,7 @@ impl Issuer {
         let issuer = Issuer { child, log };
         let t = Instant::now();
         while !issuer.log().contains("issuer connected") {
-            assert!(t.elapsed() < Duration::from_secs(10), "issuer did not connect:\n{}", issuer.log());
+            assert!(t.elapsed() < PATIENCE, "issuer did not connect:\n{}", issuer.log());
             std::thread::sleep(Duration::from_millis(50));
         }
         issuer
@@ -134,7 +134,7 @@ async fn wait_until<F: std::future::Future<Output = bool>>(
     within: Duration,
     mut f: impl FnMut() -> F,
 ) {
-    let t = Instant::now();
+    let (t, within) = (Instant::now(), within.max(PATIENCE));
     while !f().await {
         assert!(t.elapsed() < within, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -220,7 +220,7 @@ async fn a_device_rotates_its_key_and_the_old_certificate_dies_after_the_grace_p
         if refused {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "the superseded certificate is still admitted");
+        assert!(t.elapsed() < PATIENCE, "the superseded certificate is still admitted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let again = tokio::task::block_in_place(|| sim_run(&fleet, &broker, 2, &["--rotate-within", "1d"]));
@@ -296,7 +296,7 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
     let mut forged = Publish::new(format!("devices/{a}/certs/issued"), QoS::AtLeastOnce, vec![0x30, 0]);
     forged.pkid = 13;
     c.send(Packet::Publish(forged)).await.unwrap();
-    assert!(c.closed_within(Duration::from_secs(3)).await, "a device published an issuer answer");
+    assert!(c.closed_within(PATIENCE).await, "a device published an issuer answer");
     // Nor may A ask on B's topic.
     let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(
@@ -305,7 +305,7 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
         "A must be admitted, or the close below proves nothing"
     );
     c.send(ask(&b, csr_for(&b), 14)).await.unwrap();
-    assert!(c.closed_within(Duration::from_secs(3)).await, "a device asked for another device");
+    assert!(c.closed_within(PATIENCE).await, "a device asked for another device");
     // Both closes were the ACL's (the forged answer and the ask on B's topic).
     broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 2.0, Duration::from_secs(5)).await;
     // Nothing was issued.
@@ -318,7 +318,7 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
 
 /// The issuer's next answer on a raw device session.
 async fn answer(c: &mut Raw) -> Publish {
-    next_publish(c, Duration::from_secs(5)).await.expect("an answer from the issuer")
+    next_publish(c, PATIENCE).await.expect("an answer from the issuer")
 }
 
 /// With the issuer down the device keeps its identity and its session, and repeats its CSR with
@@ -330,7 +330,7 @@ async fn with_the_issuer_down_the_device_keeps_its_identity_and_retries_with_bac
     // (one per 10 s after 3) would drop its fifth try.
     let broker = BrokerProc::start(&fleet, &["--csr-interval-secs", "0.2"]);
     let identity = issuer_identity(&fleet).await;
-    let sim = Command::new(bins().join("fleet-sim"))
+    let mut sim = Command::new(bins().join("fleet-sim"))
         .args(["run", "--port", &broker.port(), "--duration", "11", "--rate", "2"])
         .args(["--rotate-within", "3650d", "--answer-timeout-ms", "500"])
         .arg("--devices")
@@ -338,10 +338,20 @@ async fn with_the_issuer_down_the_device_keeps_its_identity_and_retries_with_bac
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The issuer comes back after the device's third unanswered CSR (0.5 s, then 1 s apart),
+    // however long the machine takes to get there.
+    let lines = lines_of(sim.stdout.take().unwrap());
+    let mut out = tokio::task::block_in_place(|| {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.extend(wait_line(&lines, "csr-sent", |l| events(l, "csr-sent").len() == 1));
+        }
+        seen
+    });
     let _issuer = Issuer::start(&fleet, &broker, &identity, &["--renew-within", "3650d"]);
-    let out = tokio::task::block_in_place(|| sim.wait_with_output()).unwrap();
-    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(tokio::task::block_in_place(|| sim.wait()).unwrap().success(), "fleet-sim failed");
+    out.extend(lines.try_iter());
+    let out = out.join("\n");
     let sent: Vec<u64> = events(&out, "csr-sent").iter().map(|e| e.0).collect();
     assert!(sent.len() >= 4, "{out}");
     let gaps: Vec<u64> = sent.windows(2).map(|w| w[1] - w[0]).collect();
@@ -557,11 +567,7 @@ async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it(
     let serial = r["revoked_serials"][0].as_str().unwrap().to_owned();
     let t = Instant::now();
     while crl_listed().1 < listed0 + 1 {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the CRL did not follow the revocation:\n{}",
-            issuer.log()
-        );
+        assert!(t.elapsed() < PATIENCE, "the CRL did not follow the revocation:\n{}", issuer.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(crl_listed().0 > n0);
@@ -593,7 +599,7 @@ async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it(
     let t = Instant::now();
     while signed() <= before {
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < PATIENCE,
             "the issuer did not re-sign after the CLI's revocation:\n{}",
             issuer.log()
         );
@@ -618,7 +624,7 @@ async fn while_the_issuer_runs_the_crl_follows_every_revocation_whoever_made_it(
     let t = Instant::now();
     while !crl_text().contains(&old_serial.to_uppercase()) {
         assert!(
-            t.elapsed() < Duration::from_secs(15),
+            t.elapsed() < PATIENCE,
             "the superseded serial {old_serial} never reached the CRL:\n{}",
             issuer.log()
         );
@@ -713,7 +719,7 @@ async fn a_session_parked_on_one_certificate_is_never_resumed_on_another() {
     let mut p = Publish::new(format!("devices/{dev}/commands/blink"), QoS::AtLeastOnce, b"3".to_vec());
     p.pkid = 1;
     svc.send(Packet::Publish(p)).await.unwrap();
-    let got = next_publish(&mut e, Duration::from_secs(5)).await.expect("E's command");
+    let got = next_publish(&mut e, PATIENCE).await.expect("E's command");
     assert_eq!(got.topic, format!("devices/{dev}/commands/blink"));
     e.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(got.pkid))).await.unwrap();
     e.send(Packet::Disconnect).await.unwrap();
@@ -754,13 +760,13 @@ async fn devices_filling_the_retained_budget_cannot_stop_a_forced_rotation() {
     p.pkid = 1;
     p.retain = true;
     d.send(Packet::Publish(p)).await.unwrap();
-    assert!(matches!(d.recv(Duration::from_secs(5)).await, Some(Packet::PubAck(_))));
+    assert!(matches!(d.recv(PATIENCE).await, Some(Packet::PubAck(_))));
     // Full: one more retained byte from any device is refused.
     let mut more = Publish::new(format!("devices/{filler}/state/more"), QoS::AtLeastOnce, b"y".to_vec());
     more.pkid = 2;
     more.retain = true;
     d.send(Packet::Publish(more)).await.unwrap();
-    assert!(d.closed_within(Duration::from_secs(5)).await, "the retained budget was not full");
+    assert!(d.closed_within(PATIENCE).await, "the retained budget was not full");
     assert!(broker.metric("fleet_limits_total{limit=\"retained_bytes\"}").await >= 1.0);
 
     let identity = issuer_identity(&fleet).await;
@@ -811,19 +817,23 @@ async fn one_stolen_device_flooding_csrs_cannot_take_the_issuer_from_the_fleet()
     assert_eq!(connack_code(&dev.mqtt_connect(&attacker, 60).await), Some(ConnectReturnCode::Success));
     let topic = format!("devices/{attacker}/certs/csr");
     let csr = csr_naming(&attacker);
-    let flood = tokio::spawn(async move {
-        let t = Instant::now();
-        let mut sent = 0u64;
-        while t.elapsed() < Duration::from_secs(12) {
-            let p = Publish::new(&topic, QoS::AtMostOnce, csr.clone());
-            if dev.send(Packet::Publish(p)).await.is_err() {
-                break;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = Publish::new(&topic, QoS::AtMostOnce, csr.clone());
+                if dev.send(Packet::Publish(p)).await.is_err() {
+                    break;
+                }
+                sent += 1;
             }
-            sent += 1;
+            sent
         }
-        sent
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The flood is on: the broker is dropping it.
+    broker.wait_metric("fleet_limits_total{limit=\"csr_rate\"}", 1_000.0, PATIENCE).await;
 
     // The victim's operator-requested rotation is answered during the flood.
     let mut v = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
@@ -834,16 +844,19 @@ async fn one_stolen_device_flooding_csrs_cannot_take_the_issuer_from_the_fleet()
     v.send(Packet::Publish(p)).await.unwrap();
     let t = Instant::now();
     let issued = loop {
-        match next_publish(&mut v, Duration::from_secs(8)).await {
+        match next_publish(&mut v, PATIENCE).await {
             Some(p) if p.topic.ends_with("/certs/issued") => break Some(p),
             Some(_) => {}
             None => break None,
         }
-        if t.elapsed() > Duration::from_secs(8) {
+        if t.elapsed() > PATIENCE {
             break None;
         }
     };
     assert!(issued.is_some(), "the issuer did not answer the victim during the flood");
+    // The flood went on the whole time (the send loop only stops when told).
+    assert!(!flood.is_finished(), "the flooding session ended before the answer");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flood.await.unwrap();
     let dropped = broker.metric("fleet_limits_total{limit=\"csr_rate\"}").await;
     assert!(sent > 1_000 && dropped > 1_000.0, "sent {sent}, dropped at the broker {dropped}");

@@ -273,10 +273,9 @@ async fn watch(
             e = ev.poll() => e,
         };
         match e {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                client.subscribe(&filter, QoS::AtLeastOnce).await?;
-                println!("watching {filter}");
-            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => client.subscribe(&filter, QoS::AtLeastOnce).await?,
+            // Said once the broker granted it: from here on nothing published is missed.
+            Ok(Event::Incoming(Packet::SubAck(_))) => println!("watching {filter}"),
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 // Text as text; binary (postcard telemetry from SDK devices) as hex.
                 match std::str::from_utf8(&p.payload) {

@@ -3,12 +3,12 @@
 //! (a node's, the stream reader's, or a device's).
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{ConnectOptions, HeaderMap};
 use fleet_tests::NatsServer;
 
-use super::{BrokerProc, Fleet};
+use super::{BrokerProc, Fleet, PATIENCE};
 
 /// The bus of `fleet` (its PKI, its registry): `deploy/nats/nats-server.conf` as shipped.
 pub fn start(fleet: &Fleet) -> NatsServer {
@@ -58,4 +58,20 @@ pub fn relayed_from(origin: &str) -> HeaderMap {
     let mut h = from_node();
     h.insert("Fleet-Origin", origin);
     h
+}
+
+/// Waits until the NATS server lists (or stops listing) `subject` among its subscriptions: a
+/// node's interest travels to NATS after the SUBACK, asynchronously.
+pub async fn wait_subscription(nats: &NatsServer, subject: &str, present: bool) {
+    let t = Instant::now();
+    // The monitor's JSON escapes `>` as \u003e.
+    let listed = format!("\"{}\"", subject.replace('>', "\\u003e"));
+    loop {
+        let connz = nats.monitor("/connz?subs=1");
+        if connz.contains(&listed) == present {
+            return;
+        }
+        assert!(t.elapsed() < PATIENCE, "subscription {subject} present={present} not reached:\n{connz}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
