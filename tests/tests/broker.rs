@@ -55,7 +55,10 @@ async fn mosquitto_clients_publish_and_a_service_subscribes() {
     let broker = BrokerProc::start(&fleet, &[]);
     let (d, svc) = (&fleet.devices[0], &fleet.service);
     let id = fleet.id(0);
-    let mut sub = Command::new(subbin)
+    // Line-buffered: `-d` lines go through stdio, block-buffered into a pipe otherwise.
+    let mut sub = Command::new("stdbuf")
+        .arg("-oL")
+        .arg(subbin)
         .args(["-h", "localhost", "-p", &broker.port(), "--cafile", s(&svc.join("broker-trust.pem"))])
         .args(["--cert", s(&svc.join("cert.pem")), "--key", s(&svc.join("key.pem")), "-i", "backend"])
         .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "60", "-d"])

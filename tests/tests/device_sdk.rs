@@ -330,7 +330,10 @@ impl Mosquitto {
     fn watch(&self, fleet: &Fleet) -> Watcher {
         let sub = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
         let svc = &fleet.service;
-        let watcher = std::process::Command::new(sub)
+        // Line-buffered: `-d` lines go through stdio, block-buffered into a pipe otherwise.
+        let watcher = std::process::Command::new("stdbuf")
+            .arg("-oL")
+            .arg(sub)
             .args(["-h", "localhost", "-p", &self.addr.port().to_string(), "--cafile"])
             .arg(svc.join("broker-trust.pem"))
             .arg("--cert")
