@@ -975,3 +975,79 @@ async fn every_rejection_reason_is_reached_with_a_real_csr_and_the_device_checks
     st.registry().pool().close().await;
     assert!(st.rotate_from_csr(&a, &sdk_csr(a.as_str(), &fresh()), &due).await.is_err());
 }
+
+/// `unavailable`, end to end: the registry goes away under a running issuer (PostgreSQL stopped
+/// as in a crash); a device's well-formed, due CSR is answered `unavailable` on its
+/// `certs/rejected` (not silence, not a crash), the issuer logs why, and once the registry is
+/// back the same device asking again is certified.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_registry_down_the_issuer_answers_unavailable_and_certifies_once_it_is_back() {
+    let pg = fleet_tests::PgCluster::start();
+    let db = pg.create_database("fleet");
+    let fleet = Fleet::new(1, Some(db.clone())).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let identity = issuer_identity(&fleet).await;
+    let log = fleet.dir.path().join("issuer-pg.log");
+    let mut issuer = Command::new(bins().join("fleet-provision"))
+        .arg("--home")
+        .arg(fleet.home())
+        .args(["--database-url", &db, "serve", "--identity"])
+        .arg(&identity)
+        .args(["--port", &broker.port(), "--tick", "1s", "--renew-within", "3650d"])
+        .env("RUST_LOG", "info")
+        .env_remove("FLEET_HOME")
+        .env_remove("FLEET_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let issuer_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the issuer to connect", PATIENCE, || async { issuer_log().contains("issuer connected") }).await;
+
+    let a = fleet.id(0);
+    let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(
+        connack_code(&c.mqtt_connect(&a, 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+    );
+    subscribe(&mut c, &format!("devices/{a}/certs/+"), 1).await;
+    // QoS 0: with the registry down the broker cannot store a QoS 1 message, and would close the
+    // session instead of acknowledging it (faults.rs); the CSR is routed to the issuer either way.
+    let ask = |key: &p256::ecdsa::SigningKey| {
+        Packet::Publish(Publish::new(format!("devices/{a}/certs/csr"), QoS::AtMostOnce, sdk_csr(&a, key)))
+    };
+
+    pg.stop();
+    let key = fleet_device::csr::generate_key(&mut rand::rngs::OsRng);
+    c.send(ask(&key)).await.unwrap();
+    let p = answer(&mut c).await;
+    assert_eq!(p.topic, format!("devices/{a}/certs/rejected"));
+    assert!(p.payload.starts_with(b"unavailable: "), "{:?}", String::from_utf8_lossy(&p.payload));
+    assert!(issuer_log().contains("cannot decide a CSR"), "{}", issuer_log());
+
+    // The registry is back: the device asks again (as its back-off would) and is certified.
+    pg.restart();
+    let t = Instant::now();
+    let issued = loop {
+        c.send(ask(&key)).await.unwrap();
+        let p = answer(&mut c).await;
+        if p.topic.ends_with("/certs/issued") {
+            break p;
+        }
+        assert!(
+            p.payload.starts_with(b"unavailable: ") && t.elapsed() < PATIENCE,
+            "{}: {:?}",
+            p.topic,
+            String::from_utf8_lossy(&p.payload)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // A chain: the new certificate for the device's key, then the device CA.
+    let creds_der = issued.payload.to_vec();
+    let new_serial = cert_serial(&creds_der);
+    let st = fleet.station().await;
+    let certs = st.registry().certificates_of(&DeviceId::parse(&a).unwrap()).await.unwrap();
+    assert!(certs.iter().any(|c| c.serial.to_hex() == new_serial), "{new_serial} not registered: {certs:?}");
+    let _ = issuer.kill();
+    let _ = issuer.wait();
+}
