@@ -232,3 +232,12 @@ mod tests {
         assert_eq!(build("", &key, &mut buf), Err(CsrError::BadDeviceId));
     }
 }
+
+impl core::fmt::Display for CsrError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BufferTooSmall(n) => write!(f, "the CSR needs a {n}-byte buffer"),
+            Self::BadDeviceId => f.write_str("the device id is empty or longer than 64 bytes"),
+        }
+    }
+}

@@ -34,6 +34,37 @@ impl CrlInfo {
     }
 }
 
+impl std::fmt::Display for CrlInfo {
+    /// `CRL #5, 2 revoked, issued 2026-12-06T06:11:46Z, next update 2026-12-13T06:11:46Z`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CRL")?;
+        if let Some(n) = self.number {
+            write!(f, " #{n}")?;
+        }
+        write!(f, ", {} revoked, issued {}", self.revoked, rfc3339(self.this_update))?;
+        match self.next_update {
+            Some(t) => write!(f, ", next update {}", rfc3339(t)),
+            None => f.write_str(", no next update"),
+        }
+    }
+}
+
+/// Unix seconds as `2026-12-06T06:11:46Z`.
+pub(crate) fn rfc3339(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{unix} (unix seconds)"),
+    }
+}
+
 /// A serial number as a fixed-size key: length, then up to 21 content bytes (20 octets of value
 /// plus DER's leading zero).
 type SerialKey = [u8; 22];

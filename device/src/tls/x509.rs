@@ -409,3 +409,12 @@ mod tests {
         }
     }
 }
+
+impl core::fmt::Display for X509Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Malformed(what) => write!(f, "malformed certificate ({what})"),
+            Self::UnknownCriticalExtension => f.write_str("certificate has an unknown critical extension"),
+        }
+    }
+}

@@ -183,7 +183,9 @@ mod slots;
 
 #[derive(Debug, Default, Clone)]
 struct Stats {
+    /// QoS 1 messages queued: telemetry, command acknowledgements and `certs/active`.
     sent: u64,
+    /// Those of them the broker acknowledged (stored).
     acked: u64,
     commands: u64,
     connects: u64,
