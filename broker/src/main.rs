@@ -175,8 +175,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match hint(&e) {
-                Some(h) => eprintln!("error: {e:#}; {h}"),
-                None => eprintln!("error: {e:#}"),
+                Some(h) => eprintln!("error: {}; {h}", fleet_registry::report(e.as_ref())),
+                None => eprintln!("error: {}", fleet_registry::report(e.as_ref())),
             }
             ExitCode::FAILURE
         }

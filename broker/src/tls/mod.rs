@@ -97,24 +97,45 @@ impl TlsPaths {
     }
 }
 
+/// What a certificate that does not decode is called (x509-parser's own message is its parser's
+/// `Debug`).
+pub(crate) const NOT_A_CERT: &str = "not an X.509 certificate (the DER does not decode)";
+
 pub(crate) fn read(p: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(p).map_err(|e| TlsError::Read(p.to_path_buf(), e))
+}
+
+/// A PEM error in words (its own message shows the base64 decoder's `Debug`).
+pub(crate) fn pem_words(e: &rustls::pki_types::pem::Error) -> &'static str {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => "bad PEM: a section has no END line",
+        E::IllegalSectionStart { .. } => "bad PEM: a malformed BEGIN line",
+        E::Base64Decode(_) => "bad PEM: the base64 does not decode",
+        E::NoItemsFound => "no PEM items of the expected kind",
+        E::SectionTooLarge => "bad PEM: a section is too large",
+        _ => "bad PEM",
+    }
 }
 
 fn certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(p)?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Parse(p.to_path_buf(), format!("bad PEM: {e}")))?;
+        .map_err(|e| TlsError::Parse(p.to_path_buf(), pem_words(&e).into()))?;
     if certs.is_empty() {
         return Err(TlsError::Parse(p.to_path_buf(), "no CERTIFICATE in file".into()));
+    }
+    // Decoded here so that a broken one is named by its file, in words.
+    for c in &certs {
+        X509Certificate::from_der(c).map_err(|_| TlsError::Parse(p.to_path_buf(), NOT_A_CERT.into()))?;
     }
     Ok(certs)
 }
 
 fn not_after(p: &Path, der: &[u8]) -> Result<i64, TlsError> {
     let (_, c) =
-        X509Certificate::from_der(der).map_err(|e| TlsError::Parse(p.to_path_buf(), e.to_string()))?;
+        X509Certificate::from_der(der).map_err(|_| TlsError::Parse(p.to_path_buf(), NOT_A_CERT.into()))?;
     Ok(c.validity().not_after.timestamp())
 }
 
@@ -125,7 +146,7 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let chain = certs(&paths.cert)?;
     let key_bytes = read(&paths.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_bytes)
-        .map_err(|e| TlsError::Parse(paths.key.clone(), format!("no private key: {e}")))?;
+        .map_err(|e| TlsError::Parse(paths.key.clone(), format!("no private key: {}", pem_words(&e))))?;
     let ca = certs(&paths.client_ca)?;
     if ca.len() != 1 {
         return Err(TlsError::Parse(

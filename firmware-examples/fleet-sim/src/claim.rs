@@ -47,7 +47,7 @@ pub(crate) fn run(opts: &ClaimOpts) -> anyhow::Result<()> {
             Ok(Ok(id)) => println!("fleet-sim: {id} booted with its own identity"),
             Ok(Err(e)) => {
                 failed += 1;
-                eprintln!("fleet-sim: first boot failed: {e:#}");
+                eprintln!("fleet-sim: first boot failed: {}", crate::report(e.as_ref()));
             }
             Err(_) => failed += 1,
         }
