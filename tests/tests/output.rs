@@ -223,3 +223,36 @@ fn every_config_key_is_a_flag_of_the_same_name_and_help_names_its_default() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cert.pem") && !err.contains("unexpected argument"), "{err}");
 }
+
+/// One figure for the device's TLS receive buffer, the one the SDK computes and `connect`
+/// enforces: the broker's `--help`, the README and the SDK docs say it, and no older figure
+/// (4,113 B, "+17 bytes", "5 KiB buffer", "16.6 KiB") is left anywhere.
+#[test]
+fn one_receive_buffer_figure_everywhere() {
+    use fleet_device::client::{rx_buffer_for, FLEET_BROKER_RECORD, UNCAPPED_RECORD};
+    let with_commas = |n: usize| format!("{},{:03}", n / 1000, n % 1000);
+    let record = Config::default().max_tls_record_size;
+    assert_eq!(record, FLEET_BROKER_RECORD, "the SDK's default matches the broker's");
+    let (capped, uncapped) =
+        (with_commas(rx_buffer_for(record)), with_commas(rx_buffer_for(UNCAPPED_RECORD)));
+    let key = Config::KEYS.iter().find(|k| k.name == "max_tls_record_size").unwrap();
+    assert!(key.help.contains(&capped) && key.help.contains(&uncapped), "{}", key.help);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    assert!(readme.contains(&format!("{capped} bytes")), "README does not state {capped}");
+    let mut files = vec![repo.join("README.md"), repo.join("BENCHMARKS.md")];
+    for dir in ["docs", "broker/src", "broker/src/config", "broker/src/tls", "device/src", "device/src/tls"] {
+        for e in std::fs::read_dir(repo.join(dir)).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "md" || x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for stale in ["4,113", "4113", "+ 17 bytes", "+17", "5 KiB buffer", "~5 KiB", "16.6 KiB"] {
+            assert!(!text.contains(stale), "{} still says `{stale}`", f.display());
+        }
+    }
+}

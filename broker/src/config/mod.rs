@@ -126,9 +126,9 @@ value::settings! {
     max_connections: usize = 10_000;
     /// Largest MQTT packet accepted from or sent to a client, bytes.
     max_packet_size: usize = 4096;
-    /// Largest TLS record the broker sends, bytes, 5-byte header included (2048-16389): a
-    /// device's receive buffer must hold this + 17 bytes. 4096 fits a 5 KiB buffer; 16389 is the
-    /// TLS maximum (a 16.6 KiB buffer).
+    /// Largest TLS record the broker sends, bytes, 5-byte header included (2048-16389). A
+    /// device's TLS receive buffer is `rx_buffer_for(this)` = this + 256 bytes: 4,352 for the
+    /// default 4096; 16,640 for 16389, the TLS maximum.
     max_tls_record_size: usize = 4096;
     /// How often the registry is polled for revocations, milliseconds (PostgreSQL also
     /// LISTENs).

@@ -6,8 +6,9 @@
 //! not a CA; EKU clientAuth; the [`crl`] table). The client-CA file must hold exactly one
 //! certificate, the device issuing CA: a chain file there would make the broker trust
 //! everything the root ever signed. Key exchange keeps secp256r1 (embedded-tls offers only
-//! P-256) and records are capped at `max_tls_record_size` (4 KiB by default) so a device can
-//! read with a ~5 KiB buffer instead of 16.6 KiB. Resumption is off: a resumed session skips client-certificate checks.
+//! P-256) and records are capped at `max_tls_record_size` (4096 by default) so a device can
+//! read with a 4,352-byte buffer (`fleet_device::client::rx_buffer_for(4096)`) instead of
+//! 16,640. Resumption is off: a resumed session skips client-certificate checks.
 
 pub(crate) mod crl;
 mod verifier;
@@ -181,7 +182,8 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
         .with_single_cert(chain.clone(), key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     // Every record the broker sends, handshake included, fits a device receive buffer of
-    // `max_record + 17` bytes (the AEAD tag and content type). The handshake messages are far
+    // `rx_buffer_for(max_record)` = `max_record + 256` bytes (4,352 by default; the SDK's
+    // margin for the content type, AEAD tag and padding). The handshake messages are far
     // smaller than the minimum allowed (a P-256 chain is ~1 KiB), so embedded-tls, which cannot
     // reassemble a handshake message across records, never sees one split.
     config.max_fragment_size = paths.max_record;
