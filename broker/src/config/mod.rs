@@ -83,6 +83,9 @@ value::settings! {
     /// certificate; only clients with an operator certificate (`fleet-provision operator-cert`)
     /// get in. Default: off.
     admin_listen: Endpoint = Endpoint(None);
+    /// The organisation the operator console names in its header; default: the organisation
+    /// (O) in the client CA's subject, as `fleet-provision init --org` wrote it.
+    org_name: Option<String> = None;
     /// Registry URL the admin API revokes through (a role that may revoke; the broker's own
     /// PostgreSQL role may not). Default: `database_url`.
     admin_database_url: Option<String> = None;
@@ -272,6 +275,7 @@ impl Config {
             "client_ca" => d.client_ca_path().display().to_string(),
             "crl" => format!("{} when it exists", Home::new(&d.home).crl().display()),
             "admin_database_url" => "database_url".to_owned(),
+            "org_name" => "the client CA's organisation".to_owned(),
             _ if Self::KEYS.iter().any(|k| k.name == key) => "off".to_owned(),
             _ => return None,
         })

@@ -36,6 +36,11 @@ pub(crate) struct TlsState {
     pub config: Arc<ServerConfig>,
     /// The CRL in force, if any.
     pub crl: Option<CrlInfo>,
+    /// The serials it lists (the verifier's table), for the console's check against the
+    /// registry.
+    pub crl_serials: Option<Arc<RevokedSerials>>,
+    /// The organisation (O) in the client CA's subject, if it has one.
+    pub client_ca_org: Option<String>,
     /// Expiry (unix seconds) of the server leaf and the client CA.
     pub server_not_after: i64,
     /// Expiry of the client CA.
@@ -140,6 +145,13 @@ fn not_after(p: &Path, der: &[u8]) -> Result<i64, TlsError> {
     Ok(c.validity().not_after.timestamp())
 }
 
+/// The organisation (O) in a certificate's subject.
+fn organisation(der: &[u8]) -> Option<String> {
+    let (_, c) = X509Certificate::from_der(der).ok()?;
+    let o = c.subject().iter_organization().next()?.as_str().ok()?.trim().to_owned();
+    (!o.is_empty()).then_some(o)
+}
+
 /// Builds the TLS state from files.
 pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let fingerprint = paths.fingerprint();
@@ -170,11 +182,11 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let (revoked, crl_info) = match &paths.crl {
         Some(crl_path) => {
             let (revoked, info) = crl::load_crl(crl_path, &ca[0])?;
-            (Some(revoked), Some(info))
+            (Some(Arc::new(revoked)), Some(info))
         }
         None => (None, None),
     };
-    let verifier = Arc::new(ClientVerifier { inner: webpki, revoked });
+    let verifier = Arc::new(ClientVerifier { inner: webpki, revoked: revoked.clone() });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -196,6 +208,8 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     Ok(TlsState {
         config: Arc::new(config),
         crl: crl_info,
+        crl_serials: revoked,
+        client_ca_org: organisation(&ca[0]),
         server_not_after: not_after(&paths.cert, &chain[0])?,
         client_ca_not_after: not_after(&paths.client_ca, &ca[0])?,
         fingerprint,
