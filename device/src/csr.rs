@@ -183,6 +183,15 @@ pub fn build(device_id: &str, key: &SigningKey, out: &mut [u8]) -> Result<usize,
     Ok(total)
 }
 
+impl core::fmt::Display for CsrError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BufferTooSmall(n) => write!(f, "the CSR needs a {n}-byte buffer"),
+            Self::BadDeviceId => f.write_str("the device id is empty or longer than 64 bytes"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,14 +239,5 @@ mod tests {
         let mut small = [0u8; 100];
         assert!(matches!(build("dev-1", &key, &mut small), Err(CsrError::BufferTooSmall(_))));
         assert_eq!(build("", &key, &mut buf), Err(CsrError::BadDeviceId));
-    }
-}
-
-impl core::fmt::Display for CsrError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::BufferTooSmall(n) => write!(f, "the CSR needs a {n}-byte buffer"),
-            Self::BadDeviceId => f.write_str("the device id is empty or longer than 64 bytes"),
-        }
     }
 }
