@@ -87,8 +87,9 @@ mod report_tests {
     fn a_cause_already_in_the_message_is_not_repeated() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "unable to open database file");
         let e = Error::Database(sqlx::Error::Io(io));
-        assert_eq!(report(&e), "registry database error: unable to open database file");
+        let once = "registry database error: error communicating with database: unable to open database file";
+        assert_eq!(report(&e), once);
         let p = std::io::Error::other(e);
-        assert_eq!(report(&p), "registry database error: unable to open database file");
+        assert_eq!(report(&p), once);
     }
 }
