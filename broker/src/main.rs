@@ -90,7 +90,7 @@ async fn run(m: ArgMatches) -> anyhow::Result<()> {
     if m.subcommand_matches("check-config").is_some() {
         let plan = fleet_broker::check(config).await?;
         print!("{}", plan.config.redacted().to_commented_toml());
-        println!("\n# Checked: certificates, key and client CA load; the registry opens.");
+        println!("\n# configuration OK: certificates, key and client CA load; the registry opens.");
         match &plan.crl {
             Some(crl) => println!("# {crl}"),
             None => println!("# CRL: none loaded"),
