@@ -6,7 +6,7 @@
 //! `FEED` events skips ahead (it is told how many it missed). Metrics remain the record; this
 //! is what an operator looks at.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -21,6 +21,9 @@ const RECENT: usize = 1024;
 pub(crate) const MINUTES: i64 = 60;
 /// Events a feed subscriber may lag before it skips.
 const FEED: usize = 256;
+/// Identities whose last session end is remembered (one entry per identity that had a
+/// session: bounded by the identities the fleet's CA issued, and by this).
+const LAST_SEEN: usize = 1 << 20;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
@@ -82,6 +85,8 @@ struct Inner {
     recent: VecDeque<Event>,
     /// (minute since the epoch, counts by kind and reason), oldest first.
     minutes: VecDeque<(i64, Counts)>,
+    /// When each identity's last session here ended (unix milliseconds).
+    last_seen: HashMap<String, i64>,
 }
 
 /// The broker's event log.
@@ -109,6 +114,11 @@ impl Events {
             let mut m = self.lock();
             if m.recent.len() == RECENT {
                 m.recent.pop_front();
+            }
+            if let (Kind::Closed, Some(d)) = (e.kind, &e.device) {
+                if m.last_seen.len() < LAST_SEEN || m.last_seen.contains_key(d) {
+                    m.last_seen.insert(d.clone(), e.at_ms);
+                }
             }
             m.recent.push_back(e.clone());
             if m.minutes.back().is_none_or(|(at, _)| *at < minute) {
@@ -150,6 +160,12 @@ impl Events {
             .take(limit)
             .cloned()
             .collect()
+    }
+
+    /// When `device`'s last session on this node ended (unix milliseconds), if one did since
+    /// the broker started.
+    pub(crate) fn last_seen(&self, device: &str) -> Option<i64> {
+        self.lock().last_seen.get(device).copied()
     }
 
     /// A live feed of the events from now on.

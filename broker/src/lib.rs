@@ -57,7 +57,7 @@ pub enum BrokerError {
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
     /// Registry unreachable or broken.
-    #[error("registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] fleet_registry::Error),
     /// Socket errors.
     #[error("{0}: {1}")]

@@ -26,7 +26,7 @@ With no flags it serves the fleet home ./fleet-pki (as written by `fleet-provisi
 
 Every configuration key is a flag (--max-packet-size) and an environment variable
 (FLEET_MAX_PACKET_SIZE). Precedence: flags > FLEET_* environment > --config file > defaults.
-`check-config` prints the resolved configuration as a file.";
+`check-config` prints the resolved configuration as a commented TOML file to start from.";
 
 /// The command line: `--config`, one flag per configuration key, and `check-config`.
 fn cli() -> Command {
@@ -47,15 +47,22 @@ fn cli() -> Command {
                 .about("Validate the configuration, load certificates and CRL, open the registry, print the resolved configuration"),
         );
     for key in Config::KEYS {
-        let help = key.help.trim_end().replace('\n', " ");
-        cmd = cmd.arg(
-            Arg::new(key.name)
-                .long(key.flag())
-                .env(key.env())
-                .value_name(key.name.to_ascii_uppercase())
-                .action(ArgAction::Set)
-                .help(help),
-        );
+        let mut help = key.help.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Shown as clap shows a default, but not given to clap: a default there would
+        // override the --config file.
+        if let Some(d) = Config::default_text(key.name) {
+            help.push_str(&format!(" [default: {d}]"));
+        }
+        let mut arg = Arg::new(key.name)
+            .long(key.flag())
+            .env(key.env())
+            .value_name(key.name.to_ascii_uppercase())
+            .action(ArgAction::Set)
+            .help(help);
+        if let Some(old) = key.alias {
+            arg = arg.alias(old);
+        }
+        cmd = cmd.arg(arg);
     }
     cmd
 }
@@ -82,13 +89,11 @@ async fn run(m: ArgMatches) -> anyhow::Result<()> {
     let config = resolve(&m)?;
     if m.subcommand_matches("check-config").is_some() {
         let plan = fleet_broker::check(config).await?;
-        println!("# configuration OK");
-        print!("{}", plan.config.redacted().to_toml());
-        if let Some(crl) = &plan.crl {
-            println!(
-                "# CRL: {} revoked, number {:?}, nextUpdate {:?}",
-                crl.revoked, crl.number, crl.next_update
-            );
+        print!("{}", plan.config.redacted().to_commented_toml());
+        println!("\n# configuration OK: certificates, key and client CA load; the registry opens.");
+        match &plan.crl {
+            Some(crl) => println!("# {crl}"),
+            None => println!("# CRL: none loaded"),
         }
         return Ok(());
     }
@@ -143,6 +148,12 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
     }
 }
 
+/// Colour only on a terminal, and never with `NO_COLOR` set (<https://no-color.org>): logs that
+/// go to a file or journald stay plain text.
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     let matches = cli().get_matches_from(std::env::args_os().collect::<Vec<OsString>>());
     tracing_subscriber::fmt()
@@ -151,6 +162,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -163,8 +175,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match hint(&e) {
-                Some(h) => eprintln!("error: {e:#}; {h}"),
-                None => eprintln!("error: {e:#}"),
+                Some(h) => eprintln!("error: {}; {h}", fleet_registry::report(e.as_ref())),
+                None => eprintln!("error: {}", fleet_registry::report(e.as_ref())),
             }
             ExitCode::FAILURE
         }
@@ -185,12 +197,17 @@ mod tests {
                 "8192",
                 "--handshake-timeout",
                 "2",
+                "--connect-timeout-secs",
+                "3",
                 "--metrics-listen",
                 "off",
             ])
             .expect("parses");
         let c = resolve(&m).expect("resolves");
-        assert_eq!((c.max_packet_size, c.handshake_timeout_secs, c.metrics_listen.0), (8192, 2.0, None));
+        assert_eq!(
+            (c.max_packet_size, c.handshake_timeout_secs, c.connect_timeout_secs, c.metrics_listen.0),
+            (8192, 2.0, 3.0, None)
+        );
         let m = cli().try_get_matches_from(["fleet-broker", "--max-packet-size", "big"]).expect("parses");
         let e = format!("{:#}", resolve(&m).expect_err("not a number"));
         assert!(e.contains("--max-packet-size") && e.contains("big"), "{e}");

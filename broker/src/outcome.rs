@@ -148,6 +148,43 @@ impl Refusal {
         }
     }
 
+    /// One line for an operator: what happened, and what usually causes it (the console shows
+    /// it next to the label).
+    pub fn explain(self) -> &'static str {
+        match self {
+            Self::SourceLimit => "One address had too many connections still in their handshake (max_pre_admission_per_source); a flood or a NAT of many devices.",
+            Self::MaxConnections => "The broker was at max_connections and closed the new connection at once.",
+            Self::HandshakeTimeout => "The client did not finish the TLS handshake in time (handshake_timeout_secs): a slow link, or a socket held open on purpose.",
+            Self::PeerClosed => "The client hung up during the handshake or before CONNECT, often because it did not trust the broker's certificate.",
+            Self::Io => "A network error cut the connection during the handshake.",
+            Self::NoCertificate => "The client presented no certificate: every client needs one from the fleet's device CA.",
+            Self::Expired => "The client's certificate is past its notAfter date: rotate it (fleet-provision rotate) or reissue it.",
+            Self::NotYetValid => "The client's certificate is not valid yet: its clock, or the station's, is wrong.",
+            Self::Revoked => "The certificate is revoked (registry or CRL): this device may not connect any more.",
+            Self::UnknownCa => "The certificate is not issued by this fleet's device CA: another fleet's device, or a forgery.",
+            Self::BadSignature => "A signature in the certificate or the handshake does not verify: a forged or corrupted certificate.",
+            Self::WrongPurpose => "The certificate is not for client authentication (extended key usage).",
+            Self::CrlExpired => "The CRL is past its next update and crl_policy is fail-closed: sign a new CRL (fleet-provision crl, or run the issuer).",
+            Self::RevocationUnknown => "The broker could not tell whether the certificate is revoked.",
+            Self::CaAsClient => "A CA certificate was presented as a client's: a misconfigured client, or an attack.",
+            Self::BadCertificate => "The certificate is malformed or breaks the device profile.",
+            Self::Incompatible => "The client shares no TLS version, cipher suite or key-exchange group with the broker.",
+            Self::Malformed => "The client sent a malformed TLS message.",
+            Self::PeerAlert => "The client aborted the handshake with a TLS alert, usually because it refused the broker's certificate.",
+            Self::TlsError => "The TLS handshake failed for another reason (see the broker's log).",
+            Self::BadIdentity => "The certificate names no fleetgate identity, or the registry records it differently.",
+            Self::UnknownDevice => "The certificate's serial is not in the registry: minted elsewhere, or the registry was restored from an old backup.",
+            Self::RegistryUnavailable => "The registry database did not answer in time, so the broker could not decide; the client should retry.",
+            Self::ClusterUnavailable => "This node's connection to the cluster bus (NATS) is down; the client should retry.",
+            Self::ProxyHeader => "proxy_protocol is on and the connection did not start with a valid PROXY v2 header: something other than the load balancer connected.",
+            Self::ProtocolError => "The first packet after the handshake was not a valid MQTT CONNECT.",
+            Self::ConnectTimeout => "No MQTT CONNECT arrived in time after the handshake (connect_timeout_secs).",
+            Self::ClientIdMismatch => "The MQTT client id is not the device id in the certificate.",
+            Self::WrongRole => "The identity's role may not use this listener (an operator on MQTT, or a device on the admin API).",
+            Self::ClaimBusy => "A claim certificate already holds max_sessions_per_claim sessions: a batch booting at once, or a leaked claim key.",
+        }
+    }
+
     /// The CONNACK return code a client refused at CONNECT gets: "try later" when the broker
     /// cannot decide, "bad client id" for a mismatch, "not authorised" otherwise.
     pub fn connack(self) -> ConnectReturnCode {
@@ -298,6 +335,16 @@ impl std::fmt::Display for CloseReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_has_a_one_line_explanation_of_its_own() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Refusal::ALL {
+            let e = r.explain();
+            assert!(e.len() > 20 && e.ends_with('.') && !e.contains('\n'), "{}: {e}", r.label());
+            assert!(seen.insert(e), "{} shares its explanation", r.label());
+        }
+    }
 
     #[test]
     fn labels_are_unique_metric_label_values() {

@@ -135,15 +135,19 @@ pub(crate) async fn files(shared: Arc<Shared>) {
 fn reload(shared: &Shared, paths: &tls::TlsPaths) -> Reload {
     match tls::build(paths) {
         Ok(state) if tls::crl_replayed(shared.tls.load().crl.as_ref(), state.crl.as_ref()) => {
+            let number = |c: Option<&tls::CrlInfo>| c.and_then(|c| c.number).unwrap_or(0);
             error!(
-                loaded = ?shared.tls.load().crl.as_ref().and_then(|c| c.number),
-                offered = ?state.crl.as_ref().and_then(|c| c.number),
+                loaded = number(shared.tls.load().crl.as_ref()),
+                offered = number(state.crl.as_ref()),
                 "CRL refused: its number is lower than the loaded CRL's (an old CRL replayed?); keeping the loaded one"
             );
             Reload::Replayed
         }
         Ok(state) => {
-            info!(crl = ?state.crl, "TLS configuration reloaded");
+            match &state.crl {
+                Some(crl) => info!("TLS configuration reloaded; {crl}"),
+                None => info!("TLS configuration reloaded; no CRL"),
+            }
             shared.tls.store(Arc::new(state));
             Reload::Loaded
         }

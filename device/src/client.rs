@@ -234,6 +234,63 @@ pub enum ClientError {
     Serialize,
 }
 
+impl core::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BufferTooSmall { which, needed, given } => {
+                write!(f, "the TLS {which} buffer holds {given} bytes; {needed} are needed")
+            }
+            Self::Key => f.write_str("the device key is unusable"),
+            // The verifier's reason says it all: the TLS error is only its consequence.
+            Self::Tls { rejection: Some(r), .. } => write!(f, "{r}"),
+            Self::Tls { error, rejection: None } => write!(f, "TLS handshake failed: {}", TlsWords(error)),
+            Self::Session(e) => write!(f, "{e}"),
+            Self::Transport => f.write_str("the connection failed or closed"),
+            Self::Serialize => f.write_str("a telemetry value does not fit the payload size"),
+        }
+    }
+}
+
+/// An embedded-tls error in words (its own `Display` is its `Debug`).
+struct TlsWords<'e>(&'e TlsError);
+
+impl core::fmt::Display for TlsWords<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use embedded_io::ErrorKind as K;
+        use embedded_tls::alert::AlertDescription as A;
+        let alert = |d: &A| match d {
+            A::CertificateRevoked => "certificate revoked",
+            A::CertificateExpired => "certificate expired",
+            A::BadCertificate => "bad certificate",
+            A::UnknownCa => "unknown CA",
+            A::AccessDenied => "access denied",
+            A::HandshakeFailure => "handshake failure",
+            A::DecryptError => "decrypt error",
+            _ => "alert",
+        };
+        f.write_str(match self.0 {
+            TlsError::ConnectionClosed
+            | TlsError::Io(K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted | K::NotConnected) => {
+                "the broker closed the connection"
+            }
+            TlsError::Io(K::TimedOut) => "timed out",
+            TlsError::Io(_) | TlsError::IoError => "the connection failed",
+            TlsError::HandshakeAborted(_, d) => return write!(f, "the broker sent an alert: {}", alert(d)),
+            TlsError::AbortHandshake(_, d) => return write!(f, "aborted by this device: {}", alert(d)),
+            TlsError::InsufficientSpace | TlsError::OutOfMemory => "a TLS buffer is too small",
+            TlsError::InvalidCertificate | TlsError::InvalidCertificateEntry => {
+                "the broker's certificate is invalid"
+            }
+            TlsError::InvalidSignature => "a handshake signature does not verify",
+            TlsError::InvalidPrivateKey => "the device key is unusable",
+            TlsError::InvalidCipherSuite | TlsError::InvalidKeyShare | TlsError::InvalidSupportedVersions => {
+                "the broker offered no compatible TLS parameters"
+            }
+            _ => "protocol error",
+        })
+    }
+}
+
 /// A device: its credentials and its MQTT session with a bounded outbox of `N` messages of up
 /// to `M` bytes.
 #[derive(Debug)]

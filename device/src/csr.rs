@@ -183,6 +183,15 @@ pub fn build(device_id: &str, key: &SigningKey, out: &mut [u8]) -> Result<usize,
     Ok(total)
 }
 
+impl core::fmt::Display for CsrError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BufferTooSmall(n) => write!(f, "the CSR needs a {n}-byte buffer"),
+            Self::BadDeviceId => f.write_str("the device id is empty or longer than 64 bytes"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,6 +218,19 @@ impl Rotator {
     }
 }
 
+impl core::fmt::Display for RotationError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotStarted => f.write_str("no rotation is in progress"),
+            Self::Malformed => f.write_str("the issued certificate does not parse"),
+            Self::WrongKey => f.write_str("the issued certificate is for another key"),
+            Self::WrongId => f.write_str("the issued certificate names another device"),
+            Self::Bundle(e) => write!(f, "the new credentials: {e}"),
+            Self::Csr(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

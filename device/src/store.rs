@@ -223,6 +223,17 @@ impl<S: SlotStorage> CredentialStore<S> {
     }
 }
 
+impl<E: core::fmt::Display> core::fmt::Display for StoreError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Storage(e) => write!(f, "storage failed: {e}"),
+            Self::TooLarge => f.write_str("the credentials do not fit a slot"),
+            Self::Empty => f.write_str("no valid identity in either slot"),
+            Self::NoCandidate => f.write_str("no staged identity to commit"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

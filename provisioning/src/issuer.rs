@@ -410,7 +410,8 @@ async fn housekeeping(
             for (device, serials) in done {
                 counts.superseded += serials.len() as u64;
                 let list: Vec<String> = serials.iter().map(SerialNumber::to_hex).collect();
-                info!(%device, revoked = ?list, "old certificates revoked (superseded) after the grace period");
+                let revoked = list.join(",");
+                info!(%device, %revoked, "old certificates revoked (superseded) after the grace period");
             }
         }
         Err(e) => warn!(error = %e, "cannot supersede due rotations"),

@@ -795,6 +795,12 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Colour only on a terminal, and never with `NO_COLOR` set (<https://no-color.org>): the
+/// issuer's log in a file or journald stays plain text.
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The issuer is a service: it logs what it decides unless RUST_LOG says otherwise.
@@ -805,7 +811,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -818,8 +824,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match hint(&e) {
-                Some(h) => eprintln!("error: {e:#}; {h}"),
-                None => eprintln!("error: {e:#}"),
+                Some(h) => eprintln!("error: {}; {h}", fleet_registry::report(e.as_ref())),
+                None => eprintln!("error: {}", fleet_registry::report(e.as_ref())),
             }
             ExitCode::FAILURE
         }

@@ -33,6 +33,8 @@ pub struct DeviceRow {
     pub device: DeviceRecord,
     /// notAfter of its newest active certificate (none: no active certificate).
     pub not_after: Option<i64>,
+    /// Its open commands (queued or delivered, not yet acknowledged or expired).
+    pub open_commands: i64,
 }
 
 /// A certificate that expires soon.
@@ -51,7 +53,8 @@ impl Registry {
     pub async fn device_page(&self, q: &DeviceQuery) -> Result<Vec<DeviceRow>> {
         let mut sql = String::from(
             "SELECT * FROM (SELECT d.device_id, d.role, d.status, d.created_at, d.revoked_at, \
-             (SELECT MAX(c.not_after) FROM certificates c WHERE c.device_id = d.device_id AND c.status = 'active') AS not_after \
+             (SELECT MAX(c.not_after) FROM certificates c WHERE c.device_id = d.device_id AND c.status = 'active') AS not_after, \
+             (SELECT COUNT(*) FROM commands k WHERE k.device_id = d.device_id AND k.status IN ('queued', 'delivered')) AS open_commands \
              FROM devices d WHERE 1 = 1",
         );
         let mut binds: Vec<String> = Vec::new();
@@ -82,7 +85,15 @@ impl Registry {
             query = query.bind(b);
         }
         let rows = query.fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok(DeviceRow { device: device_from_row(r)?, not_after: r.try_get(5)? })).collect()
+        rows.iter()
+            .map(|r| {
+                Ok(DeviceRow {
+                    device: device_from_row(r)?,
+                    not_after: r.try_get(5)?,
+                    open_commands: r.try_get(6)?,
+                })
+            })
+            .collect()
     }
 
     /// Identities of `role` by status.

@@ -61,3 +61,35 @@ pub enum Error {
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its causes on one line, each said once: `context: cause: its cause`. A cause
+/// whose text the line already holds is left out (many errors, sqlx's among them, print their
+/// source in their own message), so that nothing is said twice.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "unable to open database file");
+        let e = Error::Database(sqlx::Error::Io(io));
+        let once = "registry database error: error communicating with database: unable to open database file";
+        assert_eq!(report(&e), once);
+        let p = std::io::Error::other(e);
+        assert_eq!(report(&p), once);
+    }
+}

@@ -31,7 +31,7 @@ pub mod verify;
 pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand};
 pub use console::{DeviceQuery, DeviceRow, Expiring};
 pub use db::{Backend, Registry};
-pub use error::{Error, Result};
+pub use error::{report, Error, Result};
 mod redact;
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
 pub use home::{BrokerTls, Home, IdentityFiles};

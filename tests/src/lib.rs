@@ -24,6 +24,49 @@ pub fn require_program(program: &str, debian_package: &str) -> PathBuf {
     }
 }
 
+/// Panics unless `text` (a program's output) is plain words for a person: no colour codes, no
+/// Rust `Debug` syntax (`Some(..)`, `Io(BrokenPipe)`, `CrlInfo { .. }`), and no clause said
+/// twice in one line (an error whose message repeats its cause's).
+pub fn assert_plain_words(text: &str) {
+    assert!(!text.contains('\x1b'), "colour codes in output:\n{text}");
+    for line in text.lines() {
+        if let Some(bad) = debug_syntax(line) {
+            panic!("Rust Debug syntax `{bad}` in: {line}");
+        }
+        let clauses: Vec<&str> = line.split([':', ';']).map(str::trim).filter(|c| c.len() >= 12).collect();
+        for (i, c) in clauses.iter().enumerate() {
+            assert!(!clauses[i + 1..].contains(c), "`{c}` said twice in: {line}");
+        }
+    }
+}
+
+/// The first `Word(` or `Word { ident:` in `line`: an enum variant or struct printed with `{:?}`.
+fn debug_syntax(line: &str) -> Option<&str> {
+    let b = line.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let starts_word = b[i].is_ascii_uppercase() && (i == 0 || !b[i - 1].is_ascii_alphanumeric());
+        if !starts_word {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+            j += 1;
+        }
+        let rest = &line[j..];
+        let is_struct = rest.strip_prefix(" { ").is_some_and(|r| {
+            let field: String = r.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            !field.is_empty() && r[field.len()..].starts_with(": ")
+        });
+        if rest.starts_with('(') || is_struct {
+            return Some(&line[i..(j + 1).min(line.len())]);
+        }
+        i = j;
+    }
+    None
+}
+
 /// Runs a command, returning its output; panics if it cannot be started.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
@@ -633,6 +676,19 @@ mod tests {
     fn set_mtime(path: &Path, t: SystemTime) {
         let f = std::fs::File::options().write(true).open(path).expect("open");
         f.set_modified(t).expect("set mtime");
+    }
+
+    #[test]
+    fn plain_words_are_told_from_debug_output() {
+        assert_plain_words("cut off (TLS handshake failed: the broker closed the connection)");
+        assert_plain_words("rotation requested for 1 device(s); refused (CONNACK 5)");
+        assert_eq!(debug_syntax("cut off (TLS Io(BrokenPipe))"), Some("Io("));
+        assert_eq!(debug_syntax("crl=Some(CrlInfo { this_update: 1 })"), Some("Some("));
+        assert_eq!(debug_syntax("CrlInfo { this_update: 1 }"), Some("CrlInfo "));
+        let twice = std::panic::catch_unwind(|| {
+            assert_plain_words("error: reading x.pem: No such file or directory: No such file or directory")
+        });
+        assert!(twice.is_err());
     }
 
     #[test]

@@ -40,6 +40,17 @@ async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_
     assert_eq!(s["admitted"], 1, "{s}");
     assert_eq!(s["issuance_log"]["ok"], true, "{s}");
     assert_eq!(s["crl"]["expired"], false, "{s}");
+    // The console's header names the organisation (the device CA's O), not the listen address.
+    assert!(s["organisation"].as_str().unwrap().starts_with("Test Fleet "), "{s}");
+    assert_eq!(
+        (s["crl_health"]["ok"].as_bool(), s["crl_health"]["missing"].as_i64()),
+        (Some(true), Some(0)),
+        "{s}"
+    );
+    // Every refusal reason comes with its one-line explanation.
+    for r in Refusal::ALL {
+        assert_eq!(s["refusal_reasons"][r.label()], r.explain(), "{s}");
+    }
 
     // Pages, filters.
     let (code, p1) = api.get("/api/v1/devices?limit=2");
@@ -49,6 +60,18 @@ async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_
         p1["devices"].as_array().unwrap().iter().map(|d| d["device"].as_str().unwrap()).collect();
     assert_eq!(ids, [fleet.id(0), fleet.id(1)]);
     assert_eq!(p1["devices"][0]["online"], true);
+    // Last seen, message rate, open commands: now and a rate when online; none when offline.
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let seen = p1["devices"][0]["last_seen_ms"].as_i64().unwrap();
+    assert!((now_ms - seen).abs() < 10_000, "{p1}");
+    assert!(p1["devices"][0]["messages_per_minute"].as_f64().is_some(), "{p1}");
+    assert_eq!(p1["devices"][0]["open_commands"], 0, "{p1}");
+    assert_eq!(p1["devices"][1]["online"], false, "{p1}");
+    assert!(
+        p1["devices"][1]["last_seen_ms"].is_null() && p1["devices"][1]["messages_per_minute"].is_null(),
+        "{p1}"
+    );
     let next = p1["next"].as_str().unwrap();
     let (_, p2) = api.get(&format!("/api/v1/devices?limit=2&after={next}"));
     conforms("DevicePage", &p2);
@@ -133,6 +156,31 @@ async fn an_operator_sees_the_fleet_and_revokes_a_connected_device_which_is_cut_
     assert_eq!((d["status"].as_str(), d["session"].is_null()), (Some("revoked"), true), "{d}");
     assert_eq!(d["certificates"][0]["revocation_reason"], "keyCompromise");
     assert_eq!(d["last_refusals"][0], "revoked");
+    // Offline now: seen when its session was cut, no rate.
+    assert!(
+        d["last_seen_ms"].as_i64().unwrap() >= now_ms - 10_000 && d["messages_per_minute"].is_null(),
+        "{d}"
+    );
+
+    // The revocation is in the registry, and no issuer runs here to sign it into the CRL: the
+    // CRL's health says it lacks it, until the station signs a new one.
+    let (_, s) = api.get("/api/v1/summary");
+    conforms("Summary", &s);
+    assert_eq!(s["crl_health"]["ok"], false, "{s}");
+    assert_eq!(s["crl_health"]["missing"], 1, "{s}");
+    assert_eq!(s["crl_health"]["first_missing"][0]["device"], target.as_str(), "{s}");
+    assert!(s["crl_health"]["message"].as_str().unwrap().contains("lacks 1 revocation"), "{s}");
+    fleet.station().await.write_crl(&fleet.home().join("crl.pem")).await.unwrap();
+    let t = Instant::now();
+    loop {
+        let (_, s) = api.get("/api/v1/summary");
+        if s["crl_health"]["ok"] == true {
+            assert_eq!(s["crl_health"]["missing"], 0, "{s}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the new CRL did not make it healthy: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The issuance log names the operator, and still verifies.
     let station = fleet.station().await;

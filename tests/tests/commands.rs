@@ -236,6 +236,9 @@ async fn commands_for_unknown_or_revoked_devices_or_too_large_are_refused_with_a
     .await;
     let reasons: Vec<&str> = seen.iter().filter(|s| s.1 == "refused").map(|s| s.2.as_str()).collect();
     assert_eq!(reasons, ["unknown_device", "revoked", "too_large", "bad_ttl"], "{seen:?}");
+    // Every refusal names the command it refuses, a bad `ttl=` level included.
+    let names: Vec<&str> = seen.iter().filter(|s| s.1 == "refused").map(|s| s.0.as_str()).collect();
+    assert_eq!(names, ["x", "x", "x", "x"], "{seen:?}");
     assert!(!seen.iter().any(|s| s.1 == "queued"), "{seen:?}");
     assert_eq!(broker.metric("fleet_commands_total{status=\"refused\"}").await, 4.0);
 }

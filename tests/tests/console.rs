@@ -415,6 +415,126 @@ async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
     liar.abort();
 }
 
+/// What an operator needs at a glance, each seen in the page: the organisation in the header
+/// (text, even with markup in it), CRL health red while the registry holds a revocation the CRL
+/// lacks and green once a new CRL is signed, each refusal reason with its explanation, and each
+/// device's state, last seen, message rate and commands, "offline" included.
+#[tokio::test]
+async fn the_console_names_the_organisation_and_explains_what_it_shows_in_chromium() {
+    require_program("chromium", "chromium");
+    let fleet = Fleet::new(3, None).await;
+    let password = "correct horse battery";
+    let alice = fleet.dir.path().join("alice");
+    fleet.station().await.operator_cert("alice", &alice, password).await.unwrap();
+    let org = "Acme <b>Water</b> Works";
+    let broker = BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--org-name", org]);
+    let origin = format!("https://{}", broker.admin.unwrap());
+    let (online, revoked, offline) = (fleet.id(0), fleet.id(1), fleet.id(2));
+    let mut device = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert!(matches!(device.mqtt_connect(&online, 30).await, Some(Packet::ConnAck(_))));
+    // A command waits for the offline device (sent as the backend service).
+    let sim = fleet_tests::workspace_bin_dir(&["fleet-sim"]).join("fleet-sim");
+    let out = Command::new(sim)
+        .args(["command", "--port", &broker.port(), "--device", &offline, "--name", "blink", "--identity"])
+        .arg(&fleet.service)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Revoked in the registry only (the admin API's way; no issuer runs here to sign a CRL),
+    // then refused when it tries.
+    let st = fleet.station().await;
+    let id = fleet_provision::DeviceId::parse(&revoked).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    st.registry().revoke_device(&id, fleet_provision::RevocationReason::KeyCompromise, now).await.unwrap();
+    let mut refused = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    let answer = refused.mqtt_connect(&revoked, 30).await;
+    assert!(
+        matches!(answer, Some(Packet::ConnAck(ref a)) if a.code != rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+        "{answer:?}"
+    );
+
+    let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
+    let client = &browser.client;
+    client.goto(&format!("{origin}/")).await.unwrap();
+    // The header: the organisation, as text (no element made of its markup).
+    text_becomes(client, "#org", org).await;
+    let made = client.execute("return document.querySelectorAll('header b').length", vec![]).await.unwrap();
+    assert_eq!(made, json!(0), "the organisation's markup became elements");
+    text_becomes(client, "#overview h2", &format!("Fleet of {org}")).await;
+    // CRL health: red, naming the revocation it lacks.
+    text_becomes(client, "#crl-health", "lacks 1 revocation").await;
+    text_becomes(client, "#crl-health", &revoked).await;
+    assert_eq!(class_and_text(client, "#crl-health").await.0, "bad");
+    // The refusal, with what it means.
+    let revoked_why = fleet_broker::outcome::Refusal::Revoked.explain();
+    text_becomes(client, "#refusals", "revoked").await;
+    text_becomes(client, "#refusals", revoked_why).await;
+    // Every reason is explained in the glossary.
+    let glossary = client
+        .execute("return document.querySelectorAll('#reasons dd[data-reason]').length", vec![])
+        .await
+        .unwrap();
+    assert_eq!(glossary, json!(fleet_broker::outcome::Refusal::ALL.len()));
+    std::fs::write(screenshots().join("overview-crl-missing.png"), client.screenshot().await.unwrap())
+        .unwrap();
+
+    // A new CRL: green.
+    st.write_crl(&fleet.home().join("crl.pem")).await.unwrap();
+    let t = Instant::now();
+    loop {
+        client.goto(&format!("{origin}/#/?{}", t.elapsed().as_millis())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (class, text) = class_and_text(client, "#crl-health").await;
+        if class == "ok" {
+            assert!(text.contains("lists all 1 revocation"), "{text}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "CRL health stayed red after a new CRL: {text}");
+    }
+
+    // The device list: online with a rate and "now"; offline said in words, its command open.
+    client.goto(&format!("{origin}/#/devices")).await.unwrap();
+    let cell = |id: &str, col: &str| format!("#devices tr:has(a[href='#/device/{id}']) td[data-col={col}]");
+    text_becomes(client, &cell(&online, "online"), "online").await;
+    text_becomes(client, &cell(&online, "last-seen"), "now").await;
+    text_becomes(client, &cell(&online, "rate"), "/min").await;
+    text_becomes(client, &cell(&offline, "online"), "offline").await;
+    text_becomes(client, &cell(&offline, "last-seen"), "not since the broker started").await;
+    text_becomes(client, &cell(&offline, "rate"), "–").await;
+    text_becomes(client, &cell(&offline, "commands"), "1").await;
+    std::fs::write(screenshots().join("devices.png"), client.screenshot().await.unwrap()).unwrap();
+    // The offline device's page: its command; the revoked one's: its refusal explained.
+    client.goto(&format!("{origin}/#/device/{offline}")).await.unwrap();
+    text_becomes(client, "#commands", "blink").await;
+    text_becomes(client, "#commands", "queued").await;
+    text_becomes(client, "#session", "offline").await;
+    client.goto(&format!("{origin}/#/device/{revoked}")).await.unwrap();
+    text_becomes(client, "#last-refusals", revoked_why).await;
+    // The online device, after its session ends: last seen a moment ago.
+    drop(device);
+    client.goto(&format!("{origin}/#/device/{online}")).await.unwrap();
+    let t = Instant::now();
+    loop {
+        client.goto(&format!("{origin}/#/device/{online}?{}", t.elapsed().as_millis())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = class_and_text(client, "#last-seen").await.1;
+        if seen.contains("ago") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "last seen: {seen}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    browser.client.clone().close().await.unwrap();
+}
+
+/// The class and text of `css`, read at once (the page re-renders while it is read).
+async fn class_and_text(client: &Client, css: &str) -> (String, String) {
+    let script =
+        "const e = document.querySelector(arguments[0]); return e ? [e.className, e.textContent] : ['', ''];";
+    let v = client.execute(script, vec![json!(css)]).await.unwrap();
+    (v[0].as_str().unwrap_or_default().to_owned(), v[1].as_str().unwrap_or_default().to_owned())
+}
+
 async fn status_of(fleet: &Fleet, device: &str) -> String {
     let st = fleet.station().await;
     sqlx::query_scalar("SELECT status FROM devices WHERE device_id = $1")

@@ -405,12 +405,13 @@ async fn sdk_interoperates_with_mosquitto() {
 }
 
 /// The broker caps its TLS records (`max_tls_record_size`, 4096 by default), so a device reads
-/// with a 5 KiB receive buffer even when a command is larger than that: the 9,000-byte command
+/// with a 4,352-byte receive buffer (`rx_buffer_for(4096)`) even when a command is larger than
+/// that: the 9,000-byte command
 /// arrives in 4 KiB records, is skipped as too large for the inbox, and the session goes on.
 /// Control: the same device against a broker sending 16 KiB records loses its connection.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_device_with_a_5_kib_receive_buffer_gets_large_commands_through_capped_records() {
-    const RX: usize = 5 * 1024;
+async fn a_device_with_a_4352_byte_receive_buffer_gets_large_commands_through_capped_records() {
+    const RX: usize = fleet_device::client::rx_buffer_for(fleet_device::client::FLEET_BROKER_RECORD);
     let fleet = Fleet::new(1, None).await;
     for (record, fits) in [("4096", true), ("16389", false)] {
         let broker =

@@ -64,4 +64,19 @@ fn quickstart_runs_the_whole_story() {
     assert!(stored >= acked, "every acknowledged message is stored ({stored} stored, {acked} acked)");
     let watched = stdout.lines().find(|l| l.contains("what the backend service received")).unwrap();
     assert!(!watched.contains("of 0 messages"), "{watched}");
+    // Output a person can read: only the metrics that moved, ACKED never above SENT, errors in
+    // words, and logs written to files without colour codes.
+    let zeros: Vec<&str> = stdout.lines().filter(|l| l.starts_with("fleet_") && l.ends_with(" 0")).collect();
+    assert!(zeros.is_empty(), "metrics at 0 are printed: {zeros:?}");
+    let table = stdout.lines().skip_while(|l| !l.starts_with("DEVICE  ")).skip(1);
+    for row in table.take_while(|l| l.starts_with("dev-")) {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        let (sent, acked): (u64, u64) = (cols[1].parse().unwrap(), cols[2].parse().unwrap());
+        assert!(acked <= sent, "ACKED above SENT: {row}");
+    }
+    fleet_tests::assert_plain_words(&stdout);
+    for log in ["broker.log", "issuer.log"] {
+        let text = std::fs::read_to_string(demo.path().join("demo").join(log)).unwrap();
+        assert!(!text.is_empty() && !text.contains('\x1b'), "{log} has colour codes:\n{text}");
+    }
 }

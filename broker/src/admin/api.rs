@@ -19,7 +19,8 @@ use super::auth::Op;
 use super::views::{self, Query as Ask};
 use super::Admin;
 use crate::events::{Kind, MINUTES};
-use crate::now_unix;
+use crate::outcome::Refusal;
+use crate::{now_millis, now_unix};
 
 /// Largest request body (a revocation's JSON), bytes.
 const MAX_BODY: usize = 4096;
@@ -109,6 +110,47 @@ async fn log_status(admin: &Admin) -> Value {
     v
 }
 
+/// Whether the loaded CRL lists every revocation the registry holds: a broker or tool that
+/// reads only the CRL admits a device whose revocation it lacks.
+async fn crl_health(admin: &Admin, now: i64) -> Result<Value, ApiError> {
+    let revoked = admin.shared.registry.revocations_since(0).await.map_err(ApiError::registry)?;
+    let tls = admin.shared.tls.load();
+    let listed = |s: &fleet_registry::SerialNumber| {
+        tls.crl_serials.as_ref().is_some_and(|crl| {
+            // DER INTEGER content: a leading zero when the top bit is set.
+            let b = s.as_bytes();
+            crl.contains(b)
+                || (b.first().is_some_and(|x| x & 0x80 != 0) && crl.contains(&[&[0u8][..], b].concat()))
+        })
+    };
+    let missing: Vec<&fleet_registry::RevocationEvent> =
+        revoked.iter().filter(|r| !listed(&r.serial)).collect();
+    let first: Vec<Value> = missing
+        .iter()
+        .take(5)
+        .map(|r| json!({ "device": r.device_id.as_str(), "serial": r.serial.to_hex() }))
+        .collect();
+    let fix =
+        "sign a new one: the issuer (fleet-provision serve) does within a second, or run fleet-provision crl";
+    let (ok, message) = match &tls.crl {
+        None if missing.is_empty() => (true, "no CRL is loaded and the registry holds no revocation".to_owned()),
+        None => (
+            false,
+            format!("no CRL is loaded while the registry holds {} revocation(s); {fix}", missing.len()),
+        ),
+        Some(_) if !missing.is_empty() => (
+            false,
+            format!(
+                "the CRL lacks {} revocation(s) the registry holds (tools and brokers that read only the CRL admit those devices); {fix}",
+                missing.len()
+            ),
+        ),
+        Some(c) if c.expired(now) => (false, format!("the CRL is past its next update; {fix}")),
+        Some(c) => (true, format!("lists all {} revocation(s) in the registry", c.revoked.min(revoked.len()))),
+    };
+    Ok(json!({ "ok": ok, "missing": missing.len(), "first_missing": first, "message": message }))
+}
+
 async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
     let days = int_param(&q, "expiring_within_days", 30, 0..=3650)?;
     let minutes = int_param(&q, "minutes", 15, 1..=MINUTES)?;
@@ -141,8 +183,11 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
             "next_update_seconds": c.next_update.map(|n| n - now), "expired": c.expired(now),
         })
     });
+    let reasons: serde_json::Map<String, Value> =
+        Refusal::ALL.iter().map(|r| (r.label().to_owned(), Value::from(r.explain()))).collect();
     Ok(Json(json!({
         "node": admin.node,
+        "organisation": admin.organisation(),
         "generated_at": now,
         "devices": devices,
         "sessions_live": views.iter().map(|v| v.sessions_live).sum::<u64>(),
@@ -154,6 +199,8 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
         "expiring": { "within_days": days, "count": count, "first": first },
         "issuance_log": log_status(&admin).await,
         "crl": crl,
+        "crl_health": crl_health(&admin, now).await?,
+        "refusal_reasons": reasons,
     }))
     .into_response())
 }
@@ -192,20 +239,67 @@ async fn devices(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
     });
     let ids: Vec<String> = rows.iter().map(|r| r.device.device_id.to_string()).collect();
     let q = Ask { minutes: 1, devices: ids, detail: false };
-    let online: HashSet<String> =
-        views::gather(&admin.shared, &admin.node, &q).await.into_iter().flat_map(|v| v.online).collect();
+    let seen = Seen::of(views::gather(&admin.shared, &admin.node, &q).await);
     let list: Vec<Value> = rows
         .iter()
         .map(|r| {
             let d = &r.device;
+            let id = d.device_id.as_str();
             json!({
-                "device": d.device_id.as_str(), "role": d.role.as_str(), "status": d.status.as_str(),
+                "device": id, "role": d.role.as_str(), "status": d.status.as_str(),
                 "created_at": d.created_at, "revoked_at": d.revoked_at, "not_after": r.not_after,
-                "online": online.contains(d.device_id.as_str()),
+                "online": seen.online.contains(id), "last_seen_ms": seen.last_seen(id),
+                "messages_per_minute": seen.rate(id), "open_commands": r.open_commands,
             })
         })
         .collect();
     Ok(Json(json!({ "devices": list, "next": next.flatten() })).into_response())
+}
+
+/// What the nodes' answers say about the devices asked about: online where, last seen when,
+/// sending how fast.
+struct Seen {
+    now_ms: i64,
+    online: HashSet<String>,
+    activity: HashMap<String, views::Activity>,
+    ended: HashMap<String, i64>,
+}
+
+impl Seen {
+    fn of(views: Vec<views::NodeView>) -> Self {
+        let mut s = Seen {
+            now_ms: now_millis(),
+            online: HashSet::new(),
+            activity: HashMap::new(),
+            ended: HashMap::new(),
+        };
+        for v in views {
+            s.online.extend(v.online);
+            for a in v.activity {
+                s.activity.insert(a.device.clone(), a);
+            }
+            for (d, at) in v.last_seen {
+                let e = s.ended.entry(d).or_insert(at);
+                *e = (*e).max(at);
+            }
+        }
+        s
+    }
+
+    /// Now when online; else when its last session ended on a node that answered (none: not
+    /// since those nodes started).
+    fn last_seen(&self, id: &str) -> Option<i64> {
+        if self.online.contains(id) {
+            Some(self.now_ms)
+        } else {
+            self.ended.get(id).copied()
+        }
+    }
+
+    /// Messages per minute over its live session; none when offline.
+    fn rate(&self, id: &str) -> Option<f64> {
+        self.activity.get(id).map(|a| a.per_minute(self.now_ms))
+    }
 }
 
 async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> ApiResult {
@@ -227,10 +321,23 @@ async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> Ap
             })
         })
         .collect();
+    let commands: Vec<Value> = registry
+        .commands_of(&id, 10)
+        .await
+        .map_err(ApiError::registry)?
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name, "status": c.status.as_str(), "created_at_ms": c.created_at,
+                "expires_at_ms": c.expires_at, "sender": c.sender,
+            })
+        })
+        .collect();
     let q = Ask { minutes: 1, devices: vec![id.to_string()], detail: true };
-    let views = views::gather(&admin.shared, &admin.node, &q).await;
+    let mut views = views::gather(&admin.shared, &admin.node, &q).await;
     let session = views.iter().flat_map(|v| v.sessions.iter()).next().cloned();
-    let mut events: Vec<Value> = views.into_iter().flat_map(|v| v.events).collect();
+    let mut events: Vec<Value> = views.iter_mut().flat_map(|v| std::mem::take(&mut v.events)).collect();
+    let seen = Seen::of(views);
     events.sort_by_key(|e| std::cmp::Reverse(e["at_ms"].as_i64().unwrap_or(0)));
     events.truncate(20);
     let refusals: Vec<Value> =
@@ -240,6 +347,8 @@ async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> Ap
         "created_at": d.created_at, "revoked_at": d.revoked_at, "certificates": certs,
         "session": session, "events": events,
         "last_refusals": refusals,
+        "last_seen_ms": seen.last_seen(id.as_str()), "messages_per_minute": seen.rate(id.as_str()),
+        "commands": commands,
     }))
     .into_response())
 }

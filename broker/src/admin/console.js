@@ -12,13 +12,31 @@ function h(tag, props, ...children) {
   for (const [k, v] of Object.entries(props || {})) {
     if (v != null && v !== false) el.setAttribute(k, String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c == null || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
   return el;
 }
 const show = (...sections) => $("#view").replaceChildren(...sections);
+// Refusal reason -> one-line explanation, from the summary (`refusal_reasons`).
+let reasons = {};
+const why = (r) => reasons[r] || "";
+// The header names the organisation (the API's `organisation`), as text.
+function header(s) {
+  reasons = s.refusal_reasons;
+  if (s.organisation) {
+    $("#org").textContent = s.organisation;
+    document.title = s.organisation + " · fleetgate console";
+  }
+}
+const ago = (ms) => {
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 60 ? `${s} s ago` : s < 3600 ? `${Math.round(s / 60)} min ago` : when(ms / 1000);
+};
+// Last seen: now when online, else when its last session ended (if a node remembers).
+const lastSeen = (online, ms) => online ? "now" : ms == null ? "not since the broker started" : ago(ms);
+const rate = (r) => r == null ? "–" : `${r}/min`;
 const deviceLink = (id) => h("a", { href: "#/device/" + encodeURIComponent(id) }, id);
 
 // Every state-changing call is JSON with the request header (docs/spec/admin-api.md).
@@ -36,30 +54,38 @@ function card(value, label, props) {
 
 async function overview() {
   const s = await api("summary?expiring_within_days=30");
+  header(s);
   const refused = Object.entries(s.refused).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   const max = Math.max(1, ...refused.map(([, n]) => n));
   const log = s.issuance_log;
   const bars = refused.length ? refused.map(([r, n]) => {
     const bar = h("i");
     bar.style.width = Math.round(60 * n / max) + "%";
-    return h("div", { class: "bar" }, h("span", {}, r), bar, n);
+    return [h("div", { class: "bar", "data-reason": r }, h("span", {}, r), bar, n), h("p", { class: "why" }, why(r))];
   }) : [h("p", { class: "muted" }, "none")];
-  const crl = s.crl
-    ? h("dd", {}, `#${s.crl.number}, ${Math.round(s.crl.age_seconds / 3600)} h old, `,
-      s.crl.expired ? h("b", { class: "bad" }, "expired") : "next update in " + Math.round(s.crl.next_update_seconds / 3600) + " h")
-    : h("dd", {}, h("span", { class: "muted" }, "none loaded"));
+  const health = s.crl_health;
+  const crl = h("dd", { id: "crl-health", class: health.ok ? "ok" : "bad" },
+    s.crl ? `#${s.crl.number}, ${Math.round(s.crl.age_seconds / 3600)} h old, ` +
+      (s.crl.expired ? "expired" : "next update in " + Math.round(s.crl.next_update_seconds / 3600) + " h") + "; "
+      : "none loaded; ",
+    health.message,
+    health.first_missing.length ? h("span", { class: "why" }, " missing: ", health.first_missing.map((m) => m.device).join(", ")) : null);
+  const glossary = h("details", { id: "reasons" }, h("summary", {}, "What each refusal reason means"),
+    h("dl", {}, Object.entries(s.refusal_reasons).map(([r, text]) => [h("dt", {}, r), h("dd", { "data-reason": r }, text)])));
   const expiring = s.expiring.first.length
     ? s.expiring.first.map((e) => h("tr", {}, h("td", {}, deviceLink(e.device)), h("td", {}, when(e.not_after))))
     : [h("tr", {}, h("td", { colspan: 2, class: "muted" }, "none"))];
   show(
-    h("section", { class: "wide", id: "overview" }, h("h2", {}, "Fleet on ", s.node), h("div", { class: "cards" },
+    h("section", { class: "wide", id: "overview" },
+      h("h2", {}, "Fleet of ", s.organisation || "this broker", " ", h("span", { class: "muted" }, "served by ", s.node)),
+      h("div", { class: "cards" },
       card(s.devices.active, "active devices", { id: "count-active" }),
       card(s.devices.revoked, "revoked"),
       card(s.sessions_live, "live sessions", { id: "sessions-live" }),
       card(s.admitted, `admitted, ${s.window_minutes} min`),
       card(refused.reduce((a, [, n]) => a + n, 0), `refused, ${s.window_minutes} min`),
       card(s.expiring.count, `certs expiring in ${s.expiring.within_days} d`, { class: s.expiring.count ? "bad" : "ok" }))),
-    h("section", {}, h("h2", {}, `Refusals by reason (${s.window_minutes} min)`), h("div", { id: "refusals" }, bars)),
+    h("section", {}, h("h2", {}, `Refusals by reason (${s.window_minutes} min)`), h("div", { id: "refusals" }, bars), glossary),
     h("section", {}, h("h2", {}, "Health"), h("dl", {},
       h("dt", {}, "CRL"), crl,
       h("dt", {}, "Issuance log"),
@@ -87,14 +113,18 @@ async function devices(params) {
   const rows = page.devices.map((d) => h("tr", {},
     h("td", {}, deviceLink(d.device)),
     h("td", { class: d.status === "active" ? "ok" : "bad" }, d.status),
-    h("td", {}, d.online ? "online" : ""),
+    h("td", { class: d.online ? "ok" : "muted", "data-col": "online" }, d.online ? "online" : "offline"),
+    h("td", { "data-col": "last-seen" }, lastSeen(d.online, d.last_seen_ms)),
+    h("td", { "data-col": "rate" }, rate(d.messages_per_minute)),
+    h("td", { "data-col": "commands" }, d.open_commands),
     h("td", {}, when(d.not_after))));
   const next = page.next
     ? h("p", {}, h("a", { id: "next", href: "#/devices?" + new URLSearchParams({ ...Object.fromEntries(q), after: page.next }) }, "next page"))
     : null;
   show(h("section", { class: "wide" }, h("h2", {}, "Devices"), search,
     h("table", { id: "devices" },
-      h("tr", {}, h("th", {}, "Device"), h("th", {}, "Status"), h("th", {}, "Online"), h("th", {}, "Certificate until")),
+      h("tr", {}, h("th", {}, "Device"), h("th", {}, "Status"), h("th", {}, "Online"), h("th", {}, "Last seen"),
+        h("th", {}, "Messages"), h("th", {}, "Open commands"), h("th", {}, "Certificate until")),
       rows),
     next));
 }
@@ -102,7 +132,12 @@ async function devices(params) {
 async function device(id) {
   const d = await api("devices/" + encodeURIComponent(id));
   const s = d.session;
-  const refusals = d.last_refusals.length ? d.last_refusals.join(", ") : h("span", { class: "muted" }, "none");
+  const refusals = d.last_refusals.length
+    ? h("ul", { id: "last-refusals" }, d.last_refusals.map((r) => h("li", {}, h("b", {}, r), " ", h("span", { class: "why" }, why(r)))))
+    : h("span", { class: "muted" }, "none");
+  const commands = d.commands.length
+    ? d.commands.map((c) => h("tr", {}, h("td", {}, c.name), h("td", {}, c.status), h("td", {}, when(c.created_at_ms / 1000)), h("td", {}, c.sender)))
+    : [h("tr", {}, h("td", { colspan: 4, class: "muted" }, "none"))];
   const certs = d.certificates.map((c) => h("tr", {},
     h("td", {}, c.serial),
     h("td", {}, c.status, c.revocation_reason ? ` (${c.revocation_reason})` : ""),
@@ -120,8 +155,12 @@ async function device(id) {
     h("dl", {},
       h("dt", {}, "Session"),
       h("dd", { id: "session" }, s ? `online since ${when(s.since_ms / 1000)} from ${s.peer}, ${s.received} in / ${s.sent} out` : "offline"),
+      h("dt", {}, "Last seen"), h("dd", { id: "last-seen" }, lastSeen(!!s, d.last_seen_ms)),
+      h("dt", {}, "Messages"), h("dd", { id: "rate" }, rate(d.messages_per_minute)),
       h("dt", {}, "Last refusals"), h("dd", {}, refusals)),
     revoke,
+    h("h2", {}, "Commands"),
+    h("table", { id: "commands" }, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Status"), h("th", {}, "Sent"), h("th", {}, "By")), commands),
     h("h2", {}, "Certificates"),
     h("table", {}, h("tr", {}, h("th", {}, "Serial"), h("th", {}, "Status"), h("th", {}, "notAfter"), h("th", {}, "Key")), certs)));
 }
@@ -147,7 +186,8 @@ function route() {
   p.catch(fail);
 }
 window.addEventListener("hashchange", route);
-route();
+// The header and the reasons' explanations, whichever page opens first.
+api("summary").then(header).catch(() => {}).finally(route);
 
 function feed() {
   const es = new EventSource("/api/v1/events");
@@ -160,6 +200,7 @@ function feed() {
       row.className = kind === "admitted" ? "ok" : kind === "refused" ? "bad" : "";
       row.dataset.kind = kind; row.dataset.device = e.device || "";
       row.textContent = `${new Date(e.at_ms).toISOString().slice(11, 19)} ${kind} ${e.reason} ${e.device || "-"} ${e.peer}`;
+      if (kind === "refused") row.title = why(e.reason);
       $("#feed").prepend(row);
       while ($("#feed").children.length > 200) $("#feed").lastChild.remove();
       const open = $("#device");

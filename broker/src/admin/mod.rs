@@ -71,6 +71,13 @@ pub(crate) struct Admin {
     pub(crate) streams: Arc<feed::Streams>,
 }
 
+impl Admin {
+    /// The organisation the console names: `org_name`, else the client CA's O, else none.
+    pub(crate) fn organisation(&self) -> Option<String> {
+        self.shared.config.org_name.clone().or_else(|| self.shared.tls.load().client_ca_org.clone())
+    }
+}
+
 /// The listener's caps.
 #[derive(Debug, Default)]
 struct Caps {

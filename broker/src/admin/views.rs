@@ -49,6 +49,31 @@ pub(crate) struct NodeView {
     pub(crate) sessions: Vec<Value>,
     /// With `detail`: their events here, newest first.
     pub(crate) events: Vec<Value>,
+    /// The live sessions here of the devices asked about: what they have sent so far.
+    #[serde(default)]
+    pub(crate) activity: Vec<Activity>,
+    /// The devices asked about that are offline here but had a session here that ended:
+    /// (device, unix milliseconds it ended).
+    #[serde(default)]
+    pub(crate) last_seen: Vec<(String, i64)>,
+}
+
+/// A live session's traffic, for message rates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Activity {
+    pub(crate) device: String,
+    /// Unix milliseconds the session started.
+    pub(crate) since_ms: i64,
+    /// PUBLISH packets received from the device.
+    pub(crate) received: u64,
+}
+
+impl Activity {
+    /// Messages per minute from the device over its session so far (at least a second of it).
+    pub(crate) fn per_minute(&self, now_ms: i64) -> f64 {
+        let minutes = ((now_ms - self.since_ms).max(1000) as f64) / 60_000.0;
+        (self.received as f64 / minutes * 10.0).round() / 10.0
+    }
 }
 
 /// This node's answer to `q`.
@@ -62,10 +87,22 @@ pub(crate) fn local(shared: &Shared, node: &str, q: &Query) -> NodeView {
         online: Vec::new(),
         sessions: Vec::new(),
         events: Vec::new(),
+        activity: Vec::new(),
+        last_seen: Vec::new(),
     };
     for d in q.devices.iter().take(MAX_DEVICES) {
-        let Some(s) = shared.sessions.get(d) else { continue };
+        let Some(s) = shared.sessions.get(d) else {
+            if let Some(at) = shared.events.last_seen(d) {
+                view.last_seen.push((d.clone(), at));
+            }
+            continue;
+        };
         view.online.push(d.clone());
+        view.activity.push(Activity {
+            device: d.clone(),
+            since_ms: s.info.since_ms,
+            received: s.info.received.load(Relaxed),
+        });
         if q.detail {
             view.sessions.push(serde_json::json!({
                 "node": node, "peer": s.info.peer.to_string(), "since_ms": s.info.since_ms,

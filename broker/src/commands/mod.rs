@@ -32,8 +32,8 @@ pub(crate) fn pkid_of(id: i64) -> u16 {
 pub(crate) type Target = (DeviceId, String, Option<i64>);
 
 /// A service's command topic `devices/<id>/commands/<name>[/ttl=<secs>]`, parsed. `Err` for a
-/// bad `ttl=`.
-pub(crate) fn parse(topic: &str) -> Option<Result<Target, &'static str>> {
+/// bad `ttl=`: the reason and the command's name (the refusal's status names the command).
+pub(crate) fn parse(topic: &str) -> Option<Result<Target, (&'static str, String)>> {
     let rest = topic.strip_prefix(DEVICES)?.strip_prefix('/')?;
     let (device, rest) = rest.split_once('/')?;
     let name = rest.strip_prefix(COMMANDS)?.strip_prefix('/')?;
@@ -42,7 +42,7 @@ pub(crate) fn parse(topic: &str) -> Option<Result<Target, &'static str>> {
         Some((n, last)) if last.starts_with("ttl=") => {
             match last[4..].parse::<i64>().ok().filter(|t| (1..=MAX_TTL_SECS).contains(t)) {
                 Some(t) => (n, Some(t)),
-                None => return Some(Err("bad_ttl")),
+                None => return Some(Err(("bad_ttl", n.to_owned()))),
             }
         }
         _ => (name, None),
@@ -91,8 +91,8 @@ pub(crate) async fn accept(shared: &Shared, sender: &Identity, p: &Publish) -> A
     let raw_device = p.topic.split('/').nth(1).unwrap_or_default();
     let (device, name, ttl) = match parsed {
         Ok(x) => x,
-        Err(reason) => {
-            status(shared, 0, raw_device, "", CommandStatus::Refused, Some(reason)).await;
+        Err((reason, name)) => {
+            status(shared, 0, raw_device, &name, CommandStatus::Refused, Some(reason)).await;
             return Accepted::Refused;
         }
     };
@@ -261,9 +261,12 @@ mod tests {
             ok("devices/dev-1/commands/fw/update/ttl=60"),
             Some(("dev-1".into(), "fw/update".into(), Some(60)))
         );
-        assert_eq!(parse("devices/dev-1/commands/blink/ttl=0"), Some(Err("bad_ttl")));
-        assert_eq!(parse("devices/dev-1/commands/blink/ttl=x"), Some(Err("bad_ttl")));
-        assert_eq!(parse("devices/dev-1/commands/blink/ttl=99999999"), Some(Err("bad_ttl")));
+        assert_eq!(parse("devices/dev-1/commands/blink/ttl=0"), Some(Err(("bad_ttl", "blink".into()))));
+        assert_eq!(parse("devices/dev-1/commands/blink/ttl=x"), Some(Err(("bad_ttl", "blink".into()))));
+        assert_eq!(
+            parse("devices/dev-1/commands/blink/ttl=99999999"),
+            Some(Err(("bad_ttl", "blink".into())))
+        );
         assert!(parse("devices/dev-1/telemetry").is_none());
         assert!(parse("devices/BAD/commands/x").is_none());
         // Command packet ids never collide with the session's own (1..=32767), and stay put.

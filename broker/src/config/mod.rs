@@ -83,6 +83,9 @@ value::settings! {
     /// certificate; only clients with an operator certificate (`fleet-provision operator-cert`)
     /// get in. Default: off.
     admin_listen: Endpoint = Endpoint(None);
+    /// The organisation the operator console names in its header; default: the organisation
+    /// (O) in the client CA's subject, as `fleet-provision init --org` wrote it.
+    org_name: Option<String> = None;
     /// Registry URL the admin API revokes through (a role that may revoke; the broker's own
     /// PostgreSQL role may not). Default: `database_url`.
     admin_database_url: Option<String> = None;
@@ -119,16 +122,16 @@ value::settings! {
     /// fail-open (admit, alert).
     crl_policy: CrlPolicy = CrlPolicy::FailClosed;
     /// TLS handshake deadline, seconds.
-    handshake_timeout_secs: f64 = 10.0, flag "handshake-timeout";
+    handshake_timeout_secs: f64 = 10.0, alias "handshake-timeout";
     /// Deadline for CONNECT after the handshake, seconds.
-    connect_timeout_secs: f64 = 10.0, flag "connect-timeout";
+    connect_timeout_secs: f64 = 10.0, alias "connect-timeout";
     /// Most open connections; more are closed at accept.
     max_connections: usize = 10_000;
     /// Largest MQTT packet accepted from or sent to a client, bytes.
     max_packet_size: usize = 4096;
-    /// Largest TLS record the broker sends, bytes, 5-byte header included (2048-16389): a
-    /// device's receive buffer must hold this + 17 bytes. 4096 fits a 5 KiB buffer; 16389 is the
-    /// TLS maximum (a 16.6 KiB buffer).
+    /// Largest TLS record the broker sends, bytes, 5-byte header included (2048-16389). A
+    /// device's TLS receive buffer is `rx_buffer_for(this)` = this + 256 bytes: 4,352 for the
+    /// default 4096; 16,640 for 16389, the TLS maximum.
     max_tls_record_size: usize = 4096;
     /// How often the registry is polled for revocations, milliseconds (PostgreSQL also
     /// LISTENs).
@@ -139,7 +142,7 @@ value::settings! {
     store_batch: usize = 4096;
     /// Longest wait for a registry connection, seconds: while the database is down, new
     /// devices get CONNACK 3 and unstored messages stay unacknowledged after this long.
-    registry_timeout_secs: f64 = 3.0, flag "registry-timeout";
+    registry_timeout_secs: f64 = 3.0, alias "registry-timeout";
     /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) before TLS on every
     /// connection, and take the client address from it (per-source cap, logs). Enable only
     /// where nothing but the load balancer can reach the broker: the header is trusted.
@@ -218,10 +221,64 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError::File(e.to_string()))
     }
 
-    /// The configuration as a TOML file (what `check-config` prints).
+    /// The configuration as a bare TOML file.
     pub fn to_toml(&self) -> String {
         // Every field is a TOML scalar or absent: serialisation cannot fail.
         toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The configuration as a TOML file to start from (what `check-config` prints): every key
+    /// in file order, its doc as a comment above it; a key that is not set (an optional one
+    /// that is off) is a comment too.
+    pub fn to_commented_toml(&self) -> String {
+        let table = self.table();
+        let mut out = String::from(
+            "# fleet-broker configuration: use it with `fleet-broker --config FILE`.\n\
+             # Flags (--key-name) and FLEET_KEY_NAME environment variables override the file.\n",
+        );
+        for key in Self::KEYS {
+            out.push('\n');
+            for line in key.help.lines() {
+                out.push_str(format!("# {}", line.trim()).trim_end());
+                out.push('\n');
+            }
+            match table.get(key.name) {
+                Some(v) => out.push_str(&format!("{} = {v}\n", key.name)),
+                None => out.push_str(&format!("# {}: not set\n", key.name)),
+            }
+        }
+        out
+    }
+
+    /// The keys that are set, as TOML values.
+    fn table(&self) -> toml::Table {
+        // Every field is a TOML scalar or absent: the conversion cannot fail.
+        toml::Table::try_from(self).unwrap_or_default()
+    }
+
+    /// What a key is when nothing sets it, as `--help` shows it: the default value, the
+    /// path or URL it falls back to, or `off`.
+    pub fn default_text(key: &str) -> Option<String> {
+        let d = Self::default();
+        let text = |v: &toml::Value| match v {
+            toml::Value::String(s) if s.is_empty() => "\"\"".to_owned(),
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if let Some(v) = d.table().get(key) {
+            return Some(text(v));
+        }
+        Some(match key {
+            "database_url" => d.database_url(),
+            "cert" => d.cert_path().display().to_string(),
+            "key" => d.key_path().display().to_string(),
+            "client_ca" => d.client_ca_path().display().to_string(),
+            "crl" => format!("{} when it exists", Home::new(&d.home).crl().display()),
+            "admin_database_url" => "database_url".to_owned(),
+            "org_name" => "the client CA's organisation".to_owned(),
+            _ if Self::KEYS.iter().any(|k| k.name == key) => "off".to_owned(),
+            _ => return None,
+        })
     }
 
     /// The same configuration with every default path and URL written out.
@@ -535,10 +592,30 @@ mod tests {
     }
 
     #[test]
-    fn flags_keep_their_old_spellings() {
-        let flag = |n: &str| Config::KEYS.iter().find(|k| k.name == n).unwrap().flag();
-        assert_eq!(flag("handshake_timeout_secs"), "handshake-timeout");
-        assert_eq!(flag("max_packet_size"), "max-packet-size");
+    fn flags_are_the_keys_and_keep_their_old_spellings_as_aliases() {
+        let key = |n: &str| *Config::KEYS.iter().find(|k| k.name == n).unwrap();
+        assert_eq!(key("handshake_timeout_secs").flag(), "handshake-timeout-secs");
+        assert_eq!(key("handshake_timeout_secs").alias, Some("handshake-timeout"));
+        assert_eq!(key("max_packet_size").flag(), "max-packet-size");
         assert_eq!(Config::KEYS[0].env(), "FLEET_LISTEN");
+        for k in Config::KEYS {
+            assert!(Config::default_text(k.name).is_some(), "{} has no default text", k.name);
+        }
+        assert_eq!(Config::default_text("handshake_timeout_secs").as_deref(), Some("10.0"));
+        assert_eq!(Config::default_text("nats").as_deref(), Some("off"));
+    }
+
+    #[test]
+    fn the_commented_file_parses_back_to_the_same_configuration() {
+        let mut c = Config::default().resolved();
+        c.set("nats_readers", "analytics=devices/+/telemetry").unwrap();
+        let text = c.to_commented_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), c, "{text}");
+        assert!(
+            text.contains("# TLS handshake deadline, seconds.\nhandshake_timeout_secs = 10.0\n"),
+            "{text}"
+        );
+        assert!(text.contains("# nats: not set\n"), "{text}");
+        assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
     }
 }

@@ -33,16 +33,17 @@ impl From<Endpoint> for String {
 pub struct Key {
     /// TOML key (`max_packet_size`); the environment variable is `FLEET_` + its upper case.
     pub name: &'static str,
-    /// Flag name when it is not the key with `-` for `_` (older spellings kept).
-    pub flag: Option<&'static str>,
+    /// An older flag spelling, still accepted (e.g. `handshake-timeout` for
+    /// `--handshake-timeout-secs`).
+    pub alias: Option<&'static str>,
     /// The key's doc comment.
     pub help: &'static str,
 }
 
 impl Key {
-    /// `--flag` name without the dashes.
+    /// `--flag` name without the dashes: the key with `-` for `_`.
     pub fn flag(&self) -> String {
-        self.flag.map_or_else(|| self.name.replace('_', "-"), str::to_owned)
+        self.name.replace('_', "-")
     }
 
     /// Environment variable.
@@ -121,7 +122,7 @@ impl FromSetting for CrlPolicy {
 }
 
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr $(, flag $flag:literal)? ;)+) => {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr $(, alias $alias:literal)? ;)+) => {
         /// Everything the broker needs to run. See each key's doc; `fleet-broker --help` shows
         /// the same text.
         #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -139,7 +140,7 @@ macro_rules! settings {
         impl Config {
             /// Every key, in file order.
             pub const KEYS: &'static [$crate::config::Key] = &[
-                $( $crate::config::Key { name: stringify!($name), flag: $crate::config::value::settings!(@flag $($flag)?), help: concat!($($doc, "\n"),+) }, )+
+                $( $crate::config::Key { name: stringify!($name), alias: $crate::config::value::settings!(@alias $($alias)?), help: concat!($($doc, "\n"),+) }, )+
             ];
 
             /// Sets `key` from its text form (a flag or environment value).
@@ -153,7 +154,7 @@ macro_rules! settings {
             }
         }
     };
-    (@flag) => { None };
-    (@flag $flag:literal) => { Some($flag) };
+    (@alias) => { None };
+    (@alias $alias:literal) => { Some($alias) };
 }
 pub(crate) use settings;

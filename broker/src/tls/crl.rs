@@ -34,6 +34,41 @@ impl CrlInfo {
     }
 }
 
+impl std::fmt::Display for CrlInfo {
+    /// `CRL #5, 2 revoked, issued 2026-12-06T06:11:46Z, next update 2026-12-13T06:11:46Z`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CRL")?;
+        if let Some(n) = self.number {
+            write!(f, " #{n}")?;
+        }
+        write!(f, ", {} revoked, issued {}", self.revoked, rfc3339(self.this_update))?;
+        match self.next_update {
+            Some(t) => write!(f, ", next update {}", rfc3339(t)),
+            None => f.write_str(", no next update"),
+        }
+    }
+}
+
+/// What a file that does not decode as a CRL is called (x509-parser's own message is its
+/// parser's `Debug`).
+const NOT_A_CRL: &str = "not an X.509 CRL (the DER does not decode)";
+
+/// Unix seconds as `2026-12-06T06:11:46Z`.
+pub(crate) fn rfc3339(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{unix} (unix seconds)"),
+    }
+}
+
 /// A serial number as a fixed-size key: length, then up to 21 content bytes (20 octets of value
 /// plus DER's leading zero).
 type SerialKey = [u8; 22];
@@ -92,13 +127,13 @@ pub enum CrlError {
 pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), CrlError> {
     let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
         CertificateRevocationListDer::from_pem_slice(bytes)
-            .map_err(|e| CrlError::Parse(format!("bad CRL PEM: {e}")))?
+            .map_err(|e| CrlError::Parse(format!("CRL: {}", super::pem_words(&e))))?
     } else {
         CertificateRevocationListDer::from(bytes.to_vec())
     };
     let (_, crl) =
-        CertificateRevocationList::from_der(&der).map_err(|e| CrlError::Parse(format!("bad CRL: {e}")))?;
-    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|e| CrlError::Parse(e.to_string()))?;
+        CertificateRevocationList::from_der(&der).map_err(|_| CrlError::Parse(NOT_A_CRL.into()))?;
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(super::NOT_A_CERT.into()))?;
     if crl.issuer() != ca.subject() || crl.verify_signature(ca.public_key()).is_err() {
         return Err(CrlError::Signature);
     }

@@ -6,8 +6,9 @@
 //! not a CA; EKU clientAuth; the [`crl`] table). The client-CA file must hold exactly one
 //! certificate, the device issuing CA: a chain file there would make the broker trust
 //! everything the root ever signed. Key exchange keeps secp256r1 (embedded-tls offers only
-//! P-256) and records are capped at `max_tls_record_size` (4 KiB by default) so a device can
-//! read with a ~5 KiB buffer instead of 16.6 KiB. Resumption is off: a resumed session skips client-certificate checks.
+//! P-256) and records are capped at `max_tls_record_size` (4096 by default) so a device can
+//! read with a 4,352-byte buffer (`fleet_device::client::rx_buffer_for(4096)`) instead of
+//! 16,640. Resumption is off: a resumed session skips client-certificate checks.
 
 pub(crate) mod crl;
 mod verifier;
@@ -35,6 +36,11 @@ pub(crate) struct TlsState {
     pub config: Arc<ServerConfig>,
     /// The CRL in force, if any.
     pub crl: Option<CrlInfo>,
+    /// The serials it lists (the verifier's table), for the console's check against the
+    /// registry.
+    pub crl_serials: Option<Arc<RevokedSerials>>,
+    /// The organisation (O) in the client CA's subject, if it has one.
+    pub client_ca_org: Option<String>,
     /// Expiry (unix seconds) of the server leaf and the client CA.
     pub server_not_after: i64,
     /// Expiry of the client CA.
@@ -97,25 +103,53 @@ impl TlsPaths {
     }
 }
 
+/// What a certificate that does not decode is called (x509-parser's own message is its parser's
+/// `Debug`).
+pub(crate) const NOT_A_CERT: &str = "not an X.509 certificate (the DER does not decode)";
+
 pub(crate) fn read(p: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(p).map_err(|e| TlsError::Read(p.to_path_buf(), e))
+}
+
+/// A PEM error in words (its own message shows the base64 decoder's `Debug`).
+pub(crate) fn pem_words(e: &rustls::pki_types::pem::Error) -> &'static str {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => "bad PEM: a section has no END line",
+        E::IllegalSectionStart { .. } => "bad PEM: a malformed BEGIN line",
+        E::Base64Decode(_) => "bad PEM: the base64 does not decode",
+        E::NoItemsFound => "no PEM items of the expected kind",
+        E::SectionTooLarge => "bad PEM: a section is too large",
+        _ => "bad PEM",
+    }
 }
 
 fn certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(p)?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Parse(p.to_path_buf(), format!("bad PEM: {e}")))?;
+        .map_err(|e| TlsError::Parse(p.to_path_buf(), pem_words(&e).into()))?;
     if certs.is_empty() {
         return Err(TlsError::Parse(p.to_path_buf(), "no CERTIFICATE in file".into()));
+    }
+    // Decoded here so that a broken one is named by its file, in words.
+    for c in &certs {
+        X509Certificate::from_der(c).map_err(|_| TlsError::Parse(p.to_path_buf(), NOT_A_CERT.into()))?;
     }
     Ok(certs)
 }
 
 fn not_after(p: &Path, der: &[u8]) -> Result<i64, TlsError> {
     let (_, c) =
-        X509Certificate::from_der(der).map_err(|e| TlsError::Parse(p.to_path_buf(), e.to_string()))?;
+        X509Certificate::from_der(der).map_err(|_| TlsError::Parse(p.to_path_buf(), NOT_A_CERT.into()))?;
     Ok(c.validity().not_after.timestamp())
+}
+
+/// The organisation (O) in a certificate's subject.
+fn organisation(der: &[u8]) -> Option<String> {
+    let (_, c) = X509Certificate::from_der(der).ok()?;
+    let o = c.subject().iter_organization().next()?.as_str().ok()?.trim().to_owned();
+    (!o.is_empty()).then_some(o)
 }
 
 /// Builds the TLS state from files.
@@ -125,7 +159,7 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let chain = certs(&paths.cert)?;
     let key_bytes = read(&paths.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_bytes)
-        .map_err(|e| TlsError::Parse(paths.key.clone(), format!("no private key: {e}")))?;
+        .map_err(|e| TlsError::Parse(paths.key.clone(), format!("no private key: {}", pem_words(&e))))?;
     let ca = certs(&paths.client_ca)?;
     if ca.len() != 1 {
         return Err(TlsError::Parse(
@@ -148,11 +182,11 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     let (revoked, crl_info) = match &paths.crl {
         Some(crl_path) => {
             let (revoked, info) = crl::load_crl(crl_path, &ca[0])?;
-            (Some(revoked), Some(info))
+            (Some(Arc::new(revoked)), Some(info))
         }
         None => (None, None),
     };
-    let verifier = Arc::new(ClientVerifier { inner: webpki, revoked });
+    let verifier = Arc::new(ClientVerifier { inner: webpki, revoked: revoked.clone() });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -160,7 +194,8 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
         .with_single_cert(chain.clone(), key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     // Every record the broker sends, handshake included, fits a device receive buffer of
-    // `max_record + 17` bytes (the AEAD tag and content type). The handshake messages are far
+    // `rx_buffer_for(max_record)` = `max_record + 256` bytes (4,352 by default; the SDK's
+    // margin for the content type, AEAD tag and padding). The handshake messages are far
     // smaller than the minimum allowed (a P-256 chain is ~1 KiB), so embedded-tls, which cannot
     // reassemble a handshake message across records, never sees one split.
     config.max_fragment_size = paths.max_record;
@@ -173,6 +208,8 @@ pub(crate) fn build(paths: &TlsPaths) -> Result<TlsState, TlsError> {
     Ok(TlsState {
         config: Arc::new(config),
         crl: crl_info,
+        crl_serials: revoked,
+        client_ca_org: organisation(&ca[0]),
         server_not_after: not_after(&paths.cert, &chain[0])?,
         client_ca_not_after: not_after(&paths.client_ca, &ca[0])?,
         fingerprint,

@@ -16,7 +16,7 @@ use super::crl::RevokedSerials;
 #[derive(Debug)]
 pub(crate) struct ClientVerifier {
     pub(crate) inner: Arc<dyn ClientCertVerifier>,
-    pub(crate) revoked: Option<RevokedSerials>,
+    pub(crate) revoked: Option<Arc<RevokedSerials>>,
 }
 
 /// True if the certificate has an extendedKeyUsage extension listing clientAuth.

@@ -576,6 +576,32 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
     }
 }
 
+impl core::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Refused(code) => {
+                let why = match code {
+                    1 => "unacceptable protocol version",
+                    2 => "client id refused",
+                    3 => "broker unavailable",
+                    4 => "bad user name or password",
+                    5 => "not authorized",
+                    _ => "unknown return code",
+                };
+                write!(f, "the broker refused the connection: {why} (CONNACK {code})")
+            }
+            Self::Protocol(e) => write!(f, "the broker sent invalid MQTT: {e}"),
+            Self::SubscriptionRefused => f.write_str("the broker refused the command subscription"),
+            Self::KeepAliveTimeout => f.write_str("the broker did not answer a keep-alive ping"),
+            Self::ConnectTimeout => f.write_str("the broker did not answer CONNECT in time"),
+            Self::OutboxFull => f.write_str("the outbox is full"),
+            Self::TooLarge => f.write_str("the topic or payload is too large"),
+            Self::Encode(e) => write!(f, "{e}"),
+            Self::NotConnected => f.write_str("not connected"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

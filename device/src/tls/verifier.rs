@@ -230,3 +230,23 @@ impl<CipherSuite: TlsCipherSuite> TlsVerifier<CipherSuite> for ServerVerifier<'_
         }
     }
 }
+
+impl core::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::NoCertificate => "the server sent no certificate",
+            Self::Malformed(e) => return write!(f, "the server's certificate or the pinned CA: {e}"),
+            Self::WrongIssuer => "the server's certificate is not issued by the pinned server CA",
+            Self::UnsupportedKey => "the server's key is not P-256 ECDSA",
+            Self::CaAsServer => "the server presented a CA certificate",
+            Self::NotServerAuth => "the server's certificate is not for server authentication (EKU)",
+            Self::HostMismatch => "the server's certificate does not name the broker host",
+            Self::Expired => "the server's certificate has expired",
+            Self::NotYetValid => "the server's certificate is not valid yet",
+            Self::BadHandshakeSignature => "the server's handshake signature does not verify",
+            Self::NoCertificateVerify => "the server never proved it holds its certificate's key",
+            Self::CertificateVerifyBeforeCertificate => "the server signed before sending its certificate",
+            Self::UnexpectedCertificate => "the server sent a second certificate",
+        })
+    }
+}

@@ -316,6 +316,15 @@ fn parse_time(t: Tlv<'_>) -> Result<i64, X509Error> {
     Ok(days * 86_400 + h * 3600 + mi * 60 + s)
 }
 
+impl core::fmt::Display for X509Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Malformed(what) => write!(f, "malformed certificate ({what})"),
+            Self::UnknownCriticalExtension => f.write_str("certificate has an unknown critical extension"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,7 +47,7 @@ pub(crate) fn run(opts: &ClaimOpts) -> anyhow::Result<()> {
             Ok(Ok(id)) => println!("fleet-sim: {id} booted with its own identity"),
             Ok(Err(e)) => {
                 failed += 1;
-                eprintln!("fleet-sim: first boot failed: {e:#}");
+                eprintln!("fleet-sim: first boot failed: {}", crate::report(e.as_ref()));
             }
             Err(_) => failed += 1,
         }
@@ -100,7 +100,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
             match device.connect(tcp, &mut rx, &mut tx, &mut rng, Some(crate::device::unix_now()), ms()) {
                 Ok(c) => c,
                 Err(e) => {
-                    last = format!("{e:?}");
+                    last = format!("{e}");
                     device.disconnected(ms(), rng.next_u32());
                     continue;
                 }
@@ -112,7 +112,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
             }
             if device.session().is_connected() {
                 if let Some(req) =
-                    rotator.poll_csr(&id, ms(), &mut csr).map_err(|e| anyhow::anyhow!("CSR: {e:?}"))?
+                    rotator.poll_csr(&id, ms(), &mut csr).map_err(|e| anyhow::anyhow!("CSR: {e}"))?
                 {
                     if device.publish_now(&mut conn, "certs/csr", req, ms()).is_err() {
                         break;
@@ -125,7 +125,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
                     match rotator.bundle(&claim_creds, &id, &der, &mut bundle) {
                         Ok(n) => break 'claim n,
                         Err(e) => {
-                            last = format!("certificate refused: {e:?}");
+                            last = format!("certificate refused: {e}");
                             rotator.rejected(ms());
                         }
                     }
@@ -137,7 +137,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    last = format!("{e:?}");
+                    last = format!("{e}");
                     break;
                 }
             }
@@ -150,7 +150,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
     std::fs::create_dir_all(&dir)?;
     let mut store = CredentialStore::new(FileSlots::open(dir.join("slots.bin"))?);
     let mut buf = vec![0u8; SLOT_SIZE];
-    store.provision(&bundle, &mut buf).map_err(|e| anyhow::anyhow!("store: {e:?}"))?;
+    store.provision(&bundle, &mut buf).map_err(|e| anyhow::anyhow!("store: {e}"))?;
     std::fs::write(dir.join("credentials.bin"), &bundle)?;
     rotator.finish();
     let own = Credentials::decode(&bundle).map_err(|e| anyhow::anyhow!("own bundle: {e}"))?;
@@ -161,13 +161,13 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
     let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
     let mut conn = device
         .connect(tcp, &mut rx, &mut tx, &mut rng, Some(crate::device::unix_now()), ms())
-        .map_err(|e| anyhow::anyhow!("{id}: own identity refused: {e:?}"))?;
-    device.publish_telemetry(&1u32).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("{id}: own identity refused: {e}"))?;
+    device.publish_telemetry(&1u32).map_err(|e| anyhow::anyhow!("{e}"))?;
     loop {
         if Instant::now() >= opts.until {
             bail!("{id}: no acknowledgement as itself before the deadline");
         }
-        match device.poll(&mut conn, ms()).map_err(|e| anyhow::anyhow!("{id}: as itself: {e:?}"))? {
+        match device.poll(&mut conn, ms()).map_err(|e| anyhow::anyhow!("{id}: as itself: {e}"))? {
             Some(Incoming::Delivered) => break,
             _ => continue,
         }

@@ -85,12 +85,7 @@ pub(crate) fn event(start: Instant, id: &str, what: &str, detail: &str) {
 }
 
 fn describe(e: &ClientError) -> String {
-    match e {
-        ClientError::Tls { error, rejection: Some(r) } => format!("TLS {error:?}, broker refused: {r:?}"),
-        ClientError::Tls { error, .. } => format!("TLS {error:?}"),
-        ClientError::Session(SessionError::Refused(5)) => "refused: not authorized (CONNACK 5)".to_owned(),
-        other => format!("{other:?}"),
-    }
+    e.to_string()
 }
 
 /// A refusal of the identity itself (as opposed to the network).
@@ -103,7 +98,10 @@ type Store = CredentialStore<FileSlots>;
 fn store_err(e: StoreError<SlotError>) -> anyhow::Error {
     match e {
         StoreError::Storage(SlotError::Io(io)) => anyhow::anyhow!("credential slots: {io}"),
-        other => anyhow::anyhow!("credential slots: {other:?}"),
+        StoreError::Storage(SlotError::PowerLost) => {
+            anyhow::anyhow!("credential slots: power lost while writing")
+        }
+        other => anyhow::anyhow!("credential slots: {other}"),
     }
 }
 
@@ -307,6 +305,8 @@ impl Session<'_> {
                         self.trying = false;
                         self.rotator.finish();
                         device.publish("certs/active", b"", QoS::AtLeastOnce)?;
+                        // Every QoS 1 message of the outbox is SENT, so that ACKED never passes it.
+                        self.track.update(|s| s.sent += 1);
                         let serial = serial_of(cert);
                         self.track.update(|s| s.rotations += 1);
                         event(start, self.id, "rotated", &serial);
@@ -326,6 +326,7 @@ impl Session<'_> {
                     let mut topic = String::from("acks/");
                     topic.push_str(&name);
                     device.publish(&topic, &payload, QoS::AtLeastOnce)?;
+                    self.track.update(|s| s.sent += 1);
                 }
                 Some(Incoming::CommandTooLarge { name_len, payload_len }) => {
                     let msg = format!("command too large: {name_len} B name, {payload_len} B payload");
@@ -348,13 +349,13 @@ impl Session<'_> {
                                 }
                                 Err(StoreError::Storage(SlotError::PowerLost)) => return Ok(End::PowerLost),
                                 Err(e) => {
-                                    event(start, self.id, "stage-failed", &format!("{e:?}"));
+                                    event(start, self.id, "stage-failed", &e.to_string());
                                     self.rotator.rejected(ms());
                                 }
                             }
                         }
                         Err(e) => {
-                            event(start, self.id, "certificate-refused", &format!("{e:?}"));
+                            event(start, self.id, "certificate-refused", &e.to_string());
                             self.rotator.rejected(ms());
                         }
                     }

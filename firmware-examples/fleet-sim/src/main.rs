@@ -183,7 +183,9 @@ mod slots;
 
 #[derive(Debug, Default, Clone)]
 struct Stats {
+    /// QoS 1 messages queued: telemetry, command acknowledgements and `certs/active`.
     sent: u64,
+    /// Those of them the broker acknowledged (stored).
     acked: u64,
     commands: u64,
     connects: u64,
@@ -320,6 +322,22 @@ async fn command(
     }
 }
 
+/// An error and its causes on one line, each said once (as `fleet_registry::report`): a cause
+/// whose text the line already holds is left out.
+pub(crate) fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -372,7 +390,7 @@ async fn main() -> std::process::ExitCode {
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -70,3 +70,12 @@ impl SlotStorage for FileSlots {
         Ok(())
     }
 }
+
+impl std::fmt::Display for SlotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PowerLost => f.write_str("power lost while writing"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
