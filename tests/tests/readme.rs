@@ -17,7 +17,7 @@
 //!     port (one per name), `{bin}` the freshly built binaries, `{work}` the temporary directory.
 //!   - `bg: PATTERN => READY`: the line holding PATTERN is a long-running program: it runs in the
 //!     background with its own log, and the block goes on once that log holds READY (or, when
-//!     READY is empty, once it has stayed alive for a second).
+//!     READY is empty, once it has stayed alive for two seconds).
 //!   - `before:` / `after:`: hidden lines run before / after the block (e.g. waiting for a
 //!     device message through the cluster).
 //!   - `expect: TEXT`: the block's output holds TEXT. A trailing comment `# prints "TEXT"` in
@@ -314,13 +314,13 @@ fn background(text: &str, bg: &[(String, String)], block: usize, origin: &str) -
 fn prelude(t: &mut Tokens) -> String {
     let text = r#"set -eu
 fleet_readme_fail() { printf '%s\n' "$*" > "$FLEET_README_OUT/failure"; exit 1; }
-# PID LOG TEXT: wait until the background command's log holds TEXT (empty: alive for 1 s).
+# PID LOG TEXT: wait until the background command's log holds TEXT (empty: alive for 2 s).
 fleet_readme_ready() {
   local pid=$1 log=$2 text=$3 i
   for i in $(seq 900); do
     if [ -n "$text" ] && grep -qF -- "$text" "$log" 2>/dev/null; then return 0; fi
     kill -0 "$pid" 2>/dev/null || fleet_readme_fail "background command (pid $pid) ended before printing '$text'; its log: $(tail -n 30 "$log")"
-    if [ -z "$text" ] && [ "$i" -ge 10 ]; then return 0; fi
+    if [ -z "$text" ] && [ "$i" -ge 20 ]; then return 0; fi
     sleep 0.1
   done
   fleet_readme_fail "background command did not print '$text' within 90 s; its log: $(tail -n 30 "$log")"
