@@ -682,3 +682,56 @@ fn every_command_the_readme_gives_runs_as_written() {
     let _ = tmp.keep();
     panic!("{report}");
 }
+
+/// The runner's own pieces, on small inputs.
+mod runner {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced_once_and_numbers_only_whole() {
+        let subs = vec![
+            ("0.0.0.0:8883".to_owned(), "127.0.0.1:4000".to_owned()),
+            ("8883".to_owned(), "4000".to_owned()),
+            ("/tmp/".to_owned(), "/tmp/work/vm/tmp/".to_owned()),
+        ];
+        assert_eq!(
+            substitute("--listen 0.0.0.0:8883 -p 8883 port 18883 88830", &subs),
+            "--listen 127.0.0.1:4000 -p 4000 port 18883 88830"
+        );
+        // A replacement is not searched again (its /tmp/ stays as it is).
+        assert_eq!(substitute("cp a /tmp/", &subs), "cp a /tmp/work/vm/tmp/");
+    }
+
+    #[test]
+    fn comments_and_what_they_say_is_printed() {
+        assert_eq!(comment_start("echo '# not' \"# not\" # yes"), Some(21));
+        assert_eq!(comment_start("ls a#b"), None);
+        assert_eq!(
+            printed("fleet-broker &   # prints \"listening on\" and \"x\"\necho '# prints \"no\"'\n"),
+            vec!["listening on".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_long_running_line_goes_to_the_background_and_is_waited_for() {
+        let text = "a \\\n  --flag &   # keeps running\nb\n";
+        let out = background(text, &[("a".into(), "ready".into())], 3, "t");
+        assert_eq!(
+            out,
+            "a \\\n  --flag > \"$FLEET_README_OUT/3-bg-0.log\" 2>&1 &\n\
+             fleet_readme_ready $! \"$FLEET_README_OUT/3-bg-0.log\" 'ready'\nb\n"
+        );
+    }
+
+    #[test]
+    fn directives_attach_to_the_next_shell_block_only() {
+        let md =
+            "<!-- readme-test\nskip: why\ninstead: true\n-->\n```sh\nx\n```\n\n```rust\nfn f() {}\n```\n";
+        let (_, b) = blocks("f.md", md);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].directives.skip.as_deref(), Some("why"));
+        assert_eq!(b[0].origin, "f.md:5");
+        let stray = "<!-- readme-test\nexpect: x\n-->\n```rust\nfn f() {}\n```\n";
+        assert!(std::panic::catch_unwind(|| blocks("f.md", stray)).is_err());
+    }
+}
