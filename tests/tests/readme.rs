@@ -1,5 +1,5 @@
-//! The README, executed: every shell block of `README.md` (and the command blocks of
-//! `docs/spec/*.md` a reader is told to run) runs in order, in one bash, in a temporary
+//! The README, executed: every shell block of `README.md` (and of every Markdown file under
+//! `docs/`: the commands a reader is told to run) runs in order, in one bash, in a temporary
 //! directory that looks like a checkout, with the real binaries and the real peers (mosquitto
 //! clients, openssl, PostgreSQL, nats-server, HAProxy, QEMU, NSS tools, curl).
 //!
@@ -39,9 +39,24 @@ use std::time::{Duration, Instant};
 
 use fleet_tests::{require_program, workspace_bin_dir, PgCluster};
 
-/// The files whose blocks run, in this order (the docs after the README: they use its state).
-const FILES: [&str; 4] =
-    ["README.md", "docs/spec/admin-api.md", "docs/spec/cluster-stream.md", "docs/spec/rotation.md"];
+/// The files whose blocks run, in this order: the README, then every Markdown file under
+/// `docs/` by path (they use the state the README's commands left).
+fn files(repo: &Path) -> Vec<PathBuf> {
+    let mut docs = Vec::new();
+    let mut stack = vec![repo.join("docs")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "md") {
+                docs.push(p.strip_prefix(repo).unwrap().to_path_buf());
+            }
+        }
+    }
+    docs.sort();
+    std::iter::once(PathBuf::from("README.md")).chain(docs).collect()
+}
 
 /// The whole run's limit.
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -514,9 +529,9 @@ fn every_command_the_readme_gives_runs_as_written() {
     let mut script = prelude(&mut t);
     let mut global = Directives::default();
     let mut all = Vec::new();
-    for file in FILES {
-        let text = std::fs::read_to_string(t.repo.join(file)).unwrap();
-        let (g, b) = blocks(file, &text);
+    for file in files(&t.repo) {
+        let text = std::fs::read_to_string(t.repo.join(&file)).unwrap();
+        let (g, b) = blocks(&file.display().to_string(), &text);
         global.subs.extend(g.subs);
         global.before.extend(g.before);
         all.extend(b);
