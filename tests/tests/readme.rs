@@ -26,6 +26,9 @@
 //!     check it as far as possible, or `sandbox: deploy` to run it with the VM's paths in the
 //!     temporary directory and stand-ins for sudo, useradd, scp, systemctl and journalctl.
 //!
+//! `FLEET_README_KEEP=1` keeps the temporary directory (the script, each block's log) after a
+//! pass too; after a failure it is always kept.
+//!
 //! Everything the blocks start runs in one process group, which the test created; it is
 //! stopped (SIGTERM, then SIGKILL) when the test ends, whatever the outcome. A missing peer makes
 //! the test fail with what to install.
@@ -394,7 +397,8 @@ fleet_readme_claim_refused_for_good() {
   fleet-provision revoke batch-check > /dev/null
 }
 # The cluster answers: a device message through HAProxy is acknowledged (QoS 1: stored in
-# JetStream), and a connection to a node without the PROXY header is refused and logged.
+# JetStream) and reaches the telemetry table, and a connection to a node without the PROXY
+# header is refused and logged.
 fleet_readme_cluster_check() {
   local d i
   d=$(ls cluster-devices | sed -n 1p)
@@ -403,6 +407,12 @@ fleet_readme_cluster_check() {
       --cert cluster-devices/$d/cert.pem --key cluster-devices/$d/key.pem -i "$d" \
       -t "devices/$d/telemetry" -m '{"t":1}' -q 1 2>/dev/null && break
     [ "$i" -lt 100 ] || fleet_readme_fail "no device message acknowledged through HAProxy in 30 s"
+    sleep 0.3
+  done
+  # ... and the nodes, on the brokers' least-privilege role, feed it into the SQL table.
+  for i in $(seq 100); do
+    [ "$(psql -d fleet -tAc 'SELECT count(*) FROM telemetry')" -ge 1 ] && break
+    [ "$i" -lt 100 ] || fleet_readme_fail "the SQL sink stored nothing in 30 s"
     sleep 0.3
   done
   (exec 3<>/dev/tcp/127.0.0.1/{port:n1}; printf 'no PROXY header\r\n' >&3; cat <&3 > /dev/null) || true
@@ -502,6 +512,7 @@ fn every_command_the_readme_gives_runs_as_written() {
         ("pk12util", "libnss3-tools"),
         ("curl", "curl"),
         ("createuser", "postgresql-client"),
+        ("psql", "postgresql-client"),
         ("python3", "python3"),
         ("tar", "tar"),
     ] {
@@ -665,6 +676,9 @@ fn every_command_the_readme_gives_runs_as_written() {
     }
     println!("README run: {:.0} s", elapsed.as_secs_f64());
     if out_dir.join("done").exists() && status.is_some_and(|s| s.success()) {
+        if std::env::var_os("FLEET_README_KEEP").is_some() {
+            println!("kept: {}", tmp.keep().display());
+        }
         return;
     }
     // What failed: the block, the reason, its output and its background commands' logs.
