@@ -248,9 +248,9 @@ impl Station {
         }
     }
 
-    /// Issues a claim identity into `opts.out`: cert.pem, key.pem, broker-trust.pem and a
+    /// Issues a claim identity into `opts.out`: cert.pem, key.pem, broker-trust.pem, a
     /// credentials.bin whose device id is the claim's (the factory flashes it into every
-    /// device of the batch).
+    /// device of the batch) and id-prefix (what the devices' ids must start with).
     pub async fn claim_cert(&self, opts: &ClaimOptions) -> Result<crate::station::MintedDevice> {
         let id = DeviceId::parse_for_device(&opts.name)?;
         DeviceId::parse(&format!("{}-000000000000", opts.id_prefix))
@@ -309,6 +309,7 @@ impl Station {
                 (IdentityFiles::SERVER_CA, server_ca_pem.as_bytes(), false),
                 (IdentityFiles::BROKER_TRUST, trust_chain.as_bytes(), false),
                 (IdentityFiles::BUNDLE, &bundle, true),
+                (IdentityFiles::CLAIM_PREFIX, opts.id_prefix.as_bytes(), false),
             ],
         )?;
         Ok(crate::station::MintedDevice { device_id: id, serial: cert.serial, dir })

@@ -49,7 +49,7 @@ macro_rules! say_raw {
 ///
 /// Typical flow:
 ///   fleet-provision init --org "Acme"
-///   fleet-provision server-cert --dns broker.example.com --out broker-tls
+///   fleet-provision server-cert --dns broker.example.com       # into HOME/broker-tls, where fleet-broker looks
 ///   fleet-provision mint --count 100 --out devices --broker-host broker.example.com
 ///   fleet-provision revoke dev-0a1b2c3d4e5f --reason keyCompromise
 #[derive(Debug, Parser)]
@@ -441,7 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             say!("  device CA       {}", s.home().device_ca().display());
             say!("  server CA       {}", s.home().server_ca().display());
             say!("  CRL             {}", s.home().crl().display());
-            say!("next: fleet-provision server-cert --dns <broker host> --out broker-tls");
+            say!("next: fleet-provision server-cert --dns <broker host>   (writes {}, where fleet-broker looks)", s.home().broker_tls().dir().display());
         }
         Command::ServerCert { dns, ip, out, renew, days } => {
             let mut s = Station::open(home, db).await?;

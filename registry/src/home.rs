@@ -146,4 +146,8 @@ impl IdentityFiles {
     pub const BROKER_TRUST: &'static str = "broker-trust.pem";
     /// The credential bundle the SDK loads (postcard).
     pub const BUNDLE: &'static str = "credentials.bin";
+    /// A claim's device-id prefix (UTF-8, no newline): devices it creates are named
+    /// `<prefix>-...`. Beside a claim's bundle, for the factory's firmware configuration and for
+    /// `fleet-sim claim`; the issuer holds the authoritative copy in the registry.
+    pub const CLAIM_PREFIX: &'static str = "id-prefix";
 }

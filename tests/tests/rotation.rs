@@ -1010,7 +1010,8 @@ async fn with_the_registry_down_the_issuer_answers_unavailable_and_certifies_onc
         connack_code(&c.mqtt_connect(&a, 30).await),
         Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
     );
-    subscribe(&mut c, &format!("devices/{a}/certs/+"), 1).await;
+    subscribe(&mut c, &format!("devices/{a}/certs/rejected"), 1).await;
+    subscribe(&mut c, &format!("devices/{a}/certs/issued"), 2).await;
     // QoS 0: with the registry down the broker cannot store a QoS 1 message, and would close the
     // session instead of acknowledging it (faults.rs); the CSR is routed to the issuer either way.
     let ask = |key: &p256::ecdsa::SigningKey| {

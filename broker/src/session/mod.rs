@@ -66,8 +66,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
             let client = match tokio::time::timeout(deadline, crate::proxy::read(&mut sock)).await {
                 Ok(Ok(crate::proxy::Header::Proxied(client))) => client,
                 Ok(Ok(crate::proxy::Header::Local)) => peer,
-                _ => {
-                    debug!(%peer, "no valid PROXY v2 header");
+                // Logged like a refused TLS handshake (one line per connection): with
+                // `proxy_protocol` on, only the balancer may connect, so this is either a
+                // misconfigured balancer or someone who reached the node directly.
+                Ok(Err(e)) => {
+                    info!(%peer, reason = Refusal::ProxyHeader.label(), error = ?e, "connection refused: no valid PROXY v2 header");
+                    return shared.refused(Refusal::ProxyHeader, peer, None);
+                }
+                Err(_) => {
+                    info!(%peer, reason = Refusal::ProxyHeader.label(), "connection refused: no valid PROXY v2 header (none within handshake_timeout_secs)");
                     return shared.refused(Refusal::ProxyHeader, peer, None);
                 }
             };

@@ -21,11 +21,52 @@ use crate::slots::{FileSlots, SLOT_SIZE};
 pub(crate) struct ClaimOpts {
     pub(crate) claim: PathBuf,
     pub(crate) count: usize,
-    pub(crate) prefix: String,
+    /// None: the claim's own, from `CLAIM/id-prefix`.
+    pub(crate) prefix: Option<String>,
     pub(crate) out: PathBuf,
     pub(crate) port: Option<u16>,
     pub(crate) until: Instant,
     pub(crate) rotation: RotationConfig,
+}
+
+/// The rejection reasons (docs/spec/rotation.md, "Rejection reasons") after which asking
+/// again cannot succeed: the claim, the CSR or the id is wrong for good. Anything else
+/// (`unavailable`, `rate_limited`, `not_due`, an unknown reason) is asked again with back-off.
+const PERMANENT: [&str; 9] = [
+    "claim_invalid",
+    "claim_exhausted",
+    "bad_id",
+    "id_taken",
+    "bad_csr",
+    "id_mismatch",
+    "unknown_device",
+    "revoked",
+    "unbound",
+];
+
+/// Whether a `certs/rejected` payload (`<reason>: <detail>`) is final.
+fn is_permanent(rejection: &str) -> bool {
+    let reason = rejection.split(':').next().unwrap_or_default().trim();
+    PERMANENT.contains(&reason)
+}
+
+/// The id prefix for devices of the claim in `dir`: `--prefix`, else `dir/id-prefix`.
+fn claim_prefix(dir: &std::path::Path, given: Option<&str>) -> anyhow::Result<String> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let path = dir.join("id-prefix");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: the claim's id prefix (written by `fleet-provision claim-cert`; or pass --prefix)",
+            path.display()
+        )
+    })?;
+    let prefix = text.trim();
+    if prefix.is_empty() {
+        bail!("{}: empty id prefix", path.display());
+    }
+    Ok(prefix.to_owned())
 }
 
 /// Boots `count` devices, each on its own thread; fails if any did not get its identity.
@@ -33,12 +74,13 @@ pub(crate) fn run(opts: &ClaimOpts) -> anyhow::Result<()> {
     let path = opts.claim.join("credentials.bin");
     let claim = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
     Credentials::decode(&claim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let prefix = claim_prefix(&opts.claim, opts.prefix.as_deref())?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("{}", opts.out.display()))?;
     let start = Instant::now();
     let threads: Vec<_> = (0..opts.count)
         .map(|_| {
-            let (claim, opts) = (claim.clone(), opts.clone());
-            std::thread::spawn(move || first_boot(&claim, &opts, start))
+            let (claim, opts, prefix) = (claim.clone(), opts.clone(), prefix.clone());
+            std::thread::spawn(move || first_boot(&claim, &opts, &prefix, start))
         })
         .collect();
     let mut failed = 0;
@@ -60,7 +102,7 @@ pub(crate) fn run(opts: &ClaimOpts) -> anyhow::Result<()> {
 }
 
 /// One device: claim session → own identity in its slots → a session as itself.
-fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<String> {
+fn first_boot(claim: &[u8], opts: &ClaimOpts, prefix: &str, start: Instant) -> anyhow::Result<String> {
     let mut rng = rand::rngs::OsRng;
     let mut claim_creds = Credentials::decode(claim).map_err(|e| anyhow::anyhow!("claim bundle: {e}"))?;
     if let Some(p) = opts.port {
@@ -68,7 +110,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
     }
     let mut id_bytes = [0u8; 6];
     rng.fill_bytes(&mut id_bytes);
-    let id = format!("{}-{}", opts.prefix, hex(&id_bytes));
+    let id = format!("{prefix}-{}", hex(&id_bytes));
     let mut nonce = [0u8; 16];
     rng.fill_bytes(&mut nonce);
     let client_id = format!("claims/{}/{}", claim_creds.device_id, hex(&nonce));
@@ -132,6 +174,9 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
                 }
                 Ok(Some(Incoming::CertificateRejected { reason })) => {
                     event(start, &id, "claim-rejected", &reason);
+                    if is_permanent(&reason) {
+                        bail!("{id}: the issuer refused for good: {reason}");
+                    }
                     last = reason.to_string();
                     rotator.rejected(ms());
                 }
@@ -174,4 +219,27 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, start: Instant) -> anyhow::Result<
     }
     event(start, &id, "first-boot-done", "");
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_rejections_are_the_specs_final_reasons() {
+        assert!(is_permanent("bad_id: claim `batch` creates devices named `sensor-...`, not `dev-1`"));
+        assert!(is_permanent("claim_exhausted: quota 3 used"));
+        assert!(!is_permanent("unavailable: registry error"));
+        assert!(!is_permanent("rate_limited: rotated 10 s ago"));
+        assert!(!is_permanent("something_new: later"));
+    }
+
+    #[test]
+    fn the_prefix_comes_from_the_claim_unless_given() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(claim_prefix(dir.path(), None).is_err(), "no file, no flag");
+        std::fs::write(dir.path().join("id-prefix"), "sensor").unwrap();
+        assert_eq!(claim_prefix(dir.path(), None).unwrap(), "sensor");
+        assert_eq!(claim_prefix(dir.path(), Some("other")).unwrap(), "other");
+    }
 }

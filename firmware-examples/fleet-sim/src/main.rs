@@ -71,9 +71,10 @@ enum Cmd {
         /// How many devices boot.
         #[arg(long, default_value_t = 1)]
         count: usize,
-        /// Device ids are <prefix>-<12 random hex digits> (the claim's prefix).
-        #[arg(long, default_value = "dev")]
-        prefix: String,
+        /// Device ids are <prefix>-<12 random hex digits>; default: the claim's prefix, from
+        /// CLAIM/id-prefix (written by `fleet-provision claim-cert`).
+        #[arg(long)]
+        prefix: Option<String>,
         /// Where each device's identity is written (OUT/<device-id>/slots.bin, credentials.bin).
         #[arg(long)]
         out: PathBuf,
