@@ -1002,7 +1002,8 @@ async fn with_the_registry_down_the_issuer_answers_unavailable_and_certifies_onc
         .spawn()
         .unwrap();
     let issuer_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_until("the issuer to connect", PATIENCE, || async { issuer_log().contains("issuer connected") }).await;
+    wait_until("the issuer to connect", PATIENCE, || async { issuer_log().contains("issuer connected") })
+        .await;
 
     let a = fleet.id(0);
     let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
