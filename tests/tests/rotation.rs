@@ -33,9 +33,12 @@ struct Issuer {
 impl Issuer {
     fn start(fleet: &Fleet, broker: &BrokerProc, identity: &Path, extra: &[&str]) -> Issuer {
         let log = fleet.dir.path().join(format!("issuer-{}.log", rand_suffix()));
-        let child = Command::new(bins().join("fleet-provision"))
-            .arg("--home")
-            .arg(fleet.home())
+        let mut cmd = Command::new(bins().join("fleet-provision"));
+        cmd.arg("--home").arg(fleet.home());
+        if let Some(db) = &fleet.db {
+            cmd.args(["--database-url", db]);
+        }
+        let child = cmd
             .arg("serve")
             .arg("--identity")
             .arg(identity)
@@ -983,27 +986,11 @@ async fn every_rejection_reason_is_reached_with_a_real_csr_and_the_device_checks
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_registry_down_the_issuer_answers_unavailable_and_certifies_once_it_is_back() {
     let pg = fleet_tests::PgCluster::start();
-    let db = pg.create_database("fleet");
-    let fleet = Fleet::new(1, Some(db.clone())).await;
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let identity = issuer_identity(&fleet).await;
-    let log = fleet.dir.path().join("issuer-pg.log");
-    let mut issuer = Command::new(bins().join("fleet-provision"))
-        .arg("--home")
-        .arg(fleet.home())
-        .args(["--database-url", &db, "serve", "--identity"])
-        .arg(&identity)
-        .args(["--port", &broker.port(), "--tick", "1s", "--renew-within", "3650d"])
-        .env("RUST_LOG", "info")
-        .env_remove("FLEET_HOME")
-        .env_remove("FLEET_DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let issuer_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_until("the issuer to connect", PATIENCE, || async { issuer_log().contains("issuer connected") })
-        .await;
+    let issuer = Issuer::start(&fleet, &broker, &identity, &["--renew-within", "3650d"]);
+    let issuer_log = || issuer.log();
 
     let a = fleet.id(0);
     let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
@@ -1050,6 +1037,4 @@ async fn with_the_registry_down_the_issuer_answers_unavailable_and_certifies_onc
     let st = fleet.station().await;
     let certs = st.registry().certificates_of(&DeviceId::parse(&a).unwrap()).await.unwrap();
     assert!(certs.iter().any(|c| c.serial.to_hex() == new_serial), "{new_serial} not registered: {certs:?}");
-    let _ = issuer.kill();
-    let _ = issuer.wait();
 }
