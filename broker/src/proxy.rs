@@ -35,6 +35,15 @@ pub enum ProxyError {
     Malformed,
 }
 
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Incomplete(n) => write!(f, "the PROXY v2 header ended early ({n} bytes expected)"),
+            Self::Malformed => f.write_str("not a PROXY v2 header, or an inconsistent one"),
+        }
+    }
+}
+
 /// Decodes the header at the start of `b`; on success also returns its length in bytes.
 pub fn parse(b: &[u8]) -> Result<(Header, usize), ProxyError> {
     if b.len() < FIXED {

@@ -70,7 +70,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
                 // `proxy_protocol` on, only the balancer may connect, so this is either a
                 // misconfigured balancer or someone who reached the node directly.
                 Ok(Err(e)) => {
-                    info!(%peer, reason = Refusal::ProxyHeader.label(), error = ?e, "connection refused: no valid PROXY v2 header");
+                    info!(%peer, reason = Refusal::ProxyHeader.label(), error = %e, "connection refused: no valid PROXY v2 header");
                     return shared.refused(Refusal::ProxyHeader, peer, None);
                 }
                 Err(_) => {
