@@ -181,11 +181,33 @@ pub(crate) fn source_limited(shared: &Shared) {
     shared.metrics.limit(Limit::PerSource);
 }
 
+/// Is `ip` in the block `net`/`bits`? (IPv4-mapped IPv6 peers are compared as IPv4.)
+pub(crate) fn within(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
 /// Accepts until shutdown, spawning one task per connection on `tracker`.
 pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &TaskTracker) {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let pre_admission = Arc::new(PreAdmission::default());
     let mut source_limit_log = LogLimiter::new(shared.config.log_interval());
+    let mut proxy_log = LogLimiter::new(shared.config.log_interval());
+    // Validated at start (`Config::validate`).
+    let balancers = shared.config.proxy_from().unwrap_or_default();
     let next_conn = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -207,6 +229,13 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
         // Behind a PROXY-protocol balancer the client's address is known only once its header
         // is read, in the connection's task (`session::serve`), which applies the cap then.
         let slot = if shared.config.proxy_protocol {
+            if !balancers.is_empty() && !balancers.iter().any(|&(net, bits)| within(peer.ip(), net, bits)) {
+                shared.metrics.rejected_at_accept(Refusal::ProxyHeader);
+                if let Some(skipped) = proxy_log.allow() {
+                    warn!(%peer, reason = Refusal::ProxyHeader.label(), skipped, "connection refused: not from a balancer in proxy_from");
+                }
+                continue;
+            }
             None
         } else {
             match pre_admission.enter(Source::of(peer.ip()), shared.config.max_pre_admission_per_source) {

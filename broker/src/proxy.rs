@@ -15,6 +15,12 @@ use tokio::net::TcpStream;
 pub(crate) const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Signature, version/command, family/protocol, length.
 const FIXED: usize = 16;
+/// The longest header taken: addresses (36 bytes for IPv6) and the TLVs a balancer adds (unique
+/// id, TLS details) fit many times over. The format allows 64 KiB, which a silent peer would
+/// make the broker hold for every connection it opens.
+pub(crate) const MAX_HEADER: usize = FIXED + 1024;
+/// How long a connection may take to send its header: a balancer sends it as it connects.
+pub(crate) const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What a header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,8 @@ pub enum ProxyError {
     Incomplete(usize),
     /// Not a PROXY v2 header, or an inconsistent one.
     Malformed,
+    /// A header longer than [`MAX_HEADER`] (its declared length).
+    TooLong(usize),
 }
 
 impl std::fmt::Display for ProxyError {
@@ -40,6 +48,7 @@ impl std::fmt::Display for ProxyError {
         match self {
             Self::Incomplete(n) => write!(f, "the PROXY v2 header ended early ({n} bytes expected)"),
             Self::Malformed => f.write_str("not a PROXY v2 header, or an inconsistent one"),
+            Self::TooLong(n) => write!(f, "a PROXY v2 header of {n} bytes (at most {MAX_HEADER} are taken)"),
         }
     }
 }
@@ -60,6 +69,9 @@ pub fn parse(b: &[u8]) -> Result<(Header, usize), ProxyError> {
     }
     let len = usize::from(u16::from_be_bytes([b[14], b[15]]));
     let total = FIXED + len;
+    if total > MAX_HEADER {
+        return Err(ProxyError::TooLong(total));
+    }
     if b.len() < total {
         return Err(ProxyError::Incomplete(total));
     }
@@ -94,7 +106,7 @@ pub(crate) async fn read(sock: &mut TcpStream) -> Result<Header, ProxyError> {
     loop {
         match parse(&buf[..have]) {
             Ok((h, _)) => return Ok(h),
-            Err(ProxyError::Malformed) => return Err(ProxyError::Malformed),
+            Err(e @ (ProxyError::Malformed | ProxyError::TooLong(_))) => return Err(e),
             Err(ProxyError::Incomplete(total)) => {
                 if buf.len() < total {
                     buf.resize(total, 0);

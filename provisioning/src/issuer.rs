@@ -171,7 +171,7 @@ pub async fn serve(
                     None => Job::Csr { topic: p.topic.clone(), payload: p.payload.to_vec() },
                 };
                 if jobs_tx.try_send(job).is_err() {
-                    warn!(topic = %p.topic, "issuer queue full; the device will ask again");
+                    warn!(topic = p.topic.as_str(), "issuer queue full; the device will ask again");
                 }
             }
             Ok(_) => {}
@@ -387,13 +387,14 @@ async fn work(
 }
 
 async fn reject(client: &AsyncClient, root: &str, r: &Rejected) {
-    info!(via = %root, reason = r.label, detail = %r.detail, "CSR rejected");
+    // The detail may quote the CSR (its CN): as a str field it is quoted and escaped.
+    info!(via = %root, reason = r.label, detail = r.detail.as_str(), "CSR rejected");
     publish(client, format!("{root}/certs/rejected"), r.payload().into_bytes(), false).await;
 }
 
 async fn publish(client: &AsyncClient, topic: String, payload: Vec<u8>, retain: bool) {
     if let Err(e) = client.publish(&topic, QoS::AtLeastOnce, retain, payload).await {
-        warn!(%topic, error = %e, "publish failed");
+        warn!(topic = topic.as_str(), error = %e, "publish failed");
     }
 }
 

@@ -318,3 +318,80 @@ async fn behind_a_proxy_the_per_source_cap_applies_to_the_clients_address() {
     broker.wait_refused(Refusal::ProxyHeader, 1.0, Duration::from_secs(3)).await;
     drop(silent);
 }
+
+/// Behind a balancer, anyone else who reaches the node's port once held a connection slot per
+/// silent socket for the whole handshake deadline (10 s), with no per-source cap (the source is
+/// known only from the header), and made the broker hold a 64 KiB buffer per socket that
+/// declared a long header; 100 such sockets locked the balancer out (found by the attack
+/// review). With `proxy_from` only the balancer's address may connect: others are closed at
+/// accept and hold nothing, and the device behind HAProxy gets in.
+#[tokio::test]
+async fn with_proxy_from_only_the_balancer_may_connect_and_others_hold_no_slot() {
+    let fleet = Fleet::new(1, None).await;
+    let args = ["--proxy-protocol", "true", "--proxy-from", "127.0.0.1", "--max-connections", "20"];
+    let broker = BrokerProc::start(&fleet, &args);
+    let lb = fleet_tests::HaProxy::start_with(&[(broker.mqtt, broker.metrics)], "send-proxy-v2");
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(tcp_from([127, 0, 5, 1], broker.mqtt).await.unwrap());
+    }
+    broker.wait_metric(&rejected(Refusal::ProxyHeader), 100.0, PATIENCE).await;
+    let tcp = tcp_from([127, 0, 5, 2], lb.addr).await.unwrap();
+    let mut raw = tokio::time::timeout(PATIENCE, Raw::device_over(tcp, &fleet.devices[0]))
+        .await
+        .expect("handshake timed out")
+        .expect("the device behind the balancer was refused");
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    assert_eq!(broker.metric(&rejected(Refusal::MaxConnections)).await, 0.0);
+    // 100 refusals, a rate-limited handful of log lines.
+    let lines = broker.log().lines().filter(|l| l.contains("not from a balancer in proxy_from")).count();
+    assert!((1..=2).contains(&lines), "{lines} log lines for 100 refusals");
+    drop(silent);
+}
+
+/// Without `proxy_from` (a firewall is all that keeps others off the port) a peer that sends no
+/// header is closed after 3 s, not after the 10 s handshake deadline, and one that declares a
+/// header longer than any balancer sends is closed at once: neither holds a slot or a buffer
+/// for long. Each is refused as `proxy_header`, with rate-limited log lines.
+#[tokio::test]
+async fn a_peer_without_a_proxy_header_is_closed_soon_and_a_long_header_at_once() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--proxy-protocol", "true", "--handshake-timeout-secs", "10"]);
+    // The fixed part of a PROXY v2 header declaring 65,535 bytes to follow.
+    let mut long = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    long.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+    let mut s = tcp_from([127, 0, 6, 1], broker.mqtt).await.unwrap();
+    s.write_all(&long).await.unwrap();
+    let t = Instant::now();
+    assert!(tcp_closed_within(&mut s, PATIENCE).await, "a 64 KiB header was waited for");
+    assert!(t.elapsed() < LATENCY_BOUND, "closed after {:?}", t.elapsed());
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        quiet.push(tcp_from([127, 0, 6, 2], broker.mqtt).await.unwrap());
+    }
+    let t = Instant::now();
+    for s in &mut quiet {
+        assert!(tcp_closed_within(s, PATIENCE).await, "a silent peer kept its socket");
+    }
+    // The header deadline (3 s), well before the handshake deadline (10 s).
+    assert!(t.elapsed() < Duration::from_secs(8), "silent peers were closed after {:?}", t.elapsed());
+    broker.wait_refused(Refusal::ProxyHeader, 21.0, PATIENCE).await;
+    let lines =
+        broker.log().lines().filter(|l| l.contains("connection refused") && l.contains("PROXY")).count();
+    assert!((1..=2).contains(&lines), "{lines} log lines for 21 refusals:\n{}", broker.log());
+}
+
+/// A client id is the peer's text: a newline in it must not start a line of the broker's log
+/// (a forged "session admitted" line in an audit log; found by the attack review).
+#[tokio::test]
+async fn a_client_id_with_a_newline_cannot_forge_a_log_line() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let forged = "x\n2030-01-01T00:00:00.000000Z  INFO fleet_broker::session: session admitted device=forged";
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_ne!(connack_code(&raw.mqtt_connect(forged, 30).await), Some(ConnectReturnCode::Success));
+    broker.wait_refused(Refusal::ClientIdMismatch, 1.0, PATIENCE).await;
+    let log = broker.log();
+    assert!(log.contains("2030-01-01T00:00:00"), "the refusal was not logged with its client id:\n{log}");
+    assert!(!log.lines().any(|l| l.starts_with("2030-01-01")), "a forged line:\n{log}");
+}

@@ -263,7 +263,7 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
     let fleet = Fleet::new(2, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let identity = issuer_identity(&fleet).await;
-    let _issuer = Issuer::start(&fleet, &broker, &identity, &[]);
+    let issuer = Issuer::start(&fleet, &broker, &identity, &[]);
     let (a, b) = (fleet.id(0), fleet.id(1));
     let mut c = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(
@@ -295,6 +295,22 @@ async fn csrs_for_another_id_or_out_of_policy_are_rejected_and_answers_cannot_be
     c.send(ask(&a, b"\x30\x03\x02\x01\x00".to_vec(), 12)).await.unwrap();
     let p = answer(&mut c).await;
     assert!(p.payload.starts_with(b"bad_csr: "), "{:?}", String::from_utf8_lossy(&p.payload));
+    // A CN that carries a log line (from B, whose CSR ration is untouched): the rejection
+    // quotes it, escaped (found by the attack review).
+    let mut cb = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(
+        connack_code(&cb.mqtt_connect(&b, 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+    );
+    subscribe(&mut cb, &format!("devices/{b}/certs/rejected"), 1).await;
+    cb.send(ask(&b, csr_naming("x\n2030-01-01T00:00:00Z  INFO issuer: certificate issued device=x"), 15))
+        .await
+        .unwrap();
+    let p = answer(&mut cb).await;
+    assert_eq!(p.topic, format!("devices/{b}/certs/rejected"));
+    wait_until("the rejection logged", PATIENCE, || async { issuer.log().contains("2030-01-01") }).await;
+    assert!(!issuer.log().lines().any(|l| l.starts_with("2030-01-01")), "a forged line:\n{}", issuer.log());
+    drop(cb);
     // Forging the issuer's answer to itself is refused by the broker's ACL (QoS 1: cut off).
     let mut forged = Publish::new(format!("devices/{a}/certs/issued"), QoS::AtLeastOnce, vec![0x30, 0]);
     forged.pkid = 13;

@@ -112,8 +112,35 @@ async fn log_status(admin: &Admin) -> Value {
 
 /// Whether the loaded CRL lists every revocation the registry holds: a broker or tool that
 /// reads only the CRL admits a device whose revocation it lacks.
+/// Every revocation the registry held at the last look, and the feed position after it: each
+/// summary reads only what is new (an operator's page asking every few seconds once read the
+/// whole list each time, and with 20,000 revocations took the registry from admissions).
+#[derive(Debug, Default)]
+pub(crate) struct Revocations {
+    after: i64,
+    all: Vec<fleet_registry::RevocationEvent>,
+}
+
+/// The registry's revocations, up to date (the new ones since the last call read); the guard is
+/// held while the caller compares them with the CRL (no await meanwhile).
+async fn revocations(admin: &Admin) -> Result<std::sync::MutexGuard<'_, Revocations>, ApiError> {
+    let lock = || admin.revocations.lock().unwrap_or_else(|p| p.into_inner());
+    let after = lock().after;
+    let new = admin.shared.registry.revocations_since(after).await.map_err(ApiError::registry)?;
+    let mut seen = lock();
+    // Two summaries at once read the same range: keep each revocation once.
+    for r in new {
+        if r.seq > seen.after {
+            seen.after = r.seq;
+            seen.all.push(r);
+        }
+    }
+    Ok(seen)
+}
+
 async fn crl_health(admin: &Admin, now: i64) -> Result<Value, ApiError> {
-    let revoked = admin.shared.registry.revocations_since(0).await.map_err(ApiError::registry)?;
+    let seen = revocations(admin).await?;
+    let revoked = &seen.all;
     let tls = admin.shared.tls.load();
     let listed = |s: &fleet_registry::SerialNumber| {
         tls.crl_serials.as_ref().is_some_and(|crl| {

@@ -69,6 +69,8 @@ pub(crate) struct Admin {
     pub(crate) log_check: Arc<std::sync::Mutex<Option<(i64, serde_json::Value)>>>,
     /// Live event streams, in all and per operator.
     pub(crate) streams: Arc<feed::Streams>,
+    /// The registry's revocations read so far, for the CRL health check (read incrementally).
+    pub(crate) revocations: Arc<std::sync::Mutex<api::Revocations>>,
 }
 
 impl Admin {
@@ -98,8 +100,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, node: Stri
         },
         None => shared.registry.clone(),
     };
-    let admin =
-        Admin { shared: shared.clone(), writer, node, log_check: Arc::default(), streams: Arc::default() };
+    let admin = Admin {
+        shared: shared.clone(),
+        writer,
+        node,
+        log_check: Arc::default(),
+        streams: Arc::default(),
+        revocations: Arc::default(),
+    };
     let router = api::router(admin);
     let caps = Arc::new(Caps::default());
     let next_conn = AtomicU64::new(1);

@@ -237,7 +237,7 @@ impl Cluster {
         }
         let subject = subject::subject_of(&p.topic);
         if let Err(e) = self.client.publish_with_headers(subject, headers, p.payload.clone()).await {
-            warn!(error = %e, topic = %p.topic, "cluster publish failed");
+            warn!(error = %e, topic = p.topic.as_str(), "cluster publish failed");
         }
     }
 

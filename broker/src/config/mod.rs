@@ -147,6 +147,11 @@ value::settings! {
     /// connection, and take the client address from it (per-source cap, logs). Enable only
     /// where nothing but the load balancer can reach the broker: the header is trusted.
     proxy_protocol: bool = false;
+    /// With `proxy_protocol`: the load balancers' addresses (comma-separated IPs or CIDR blocks,
+    /// e.g. `10.0.0.5, 10.0.1.0/28`). A connection from any other address is closed at accept
+    /// (reason `proxy_header`), before it can hold a connection slot. Unset: any address may send
+    /// a header, so only a firewall keeps others from the port.
+    proxy_from: Option<String> = None;
     /// Most connections from one source address in the pre-admission phase (TLS handshake +
     /// CONNECT) at once; more are closed at accept (reason `source_limit`).
     max_pre_admission_per_source: usize = 32;
@@ -345,6 +350,11 @@ impl Config {
             self.nats_security(url)?;
         }
         self.nats_readers()?;
+        if !self.proxy_from()?.is_empty() && !self.proxy_protocol {
+            return Err(ConfigError::Range(
+                "proxy_from names balancers: it needs proxy_protocol = true".into(),
+            ));
+        }
         if self.nats.is_some() && !self.database_url().starts_with("postgres") {
             return Err(ConfigError::Range(
                 "nats (a cluster) needs a PostgreSQL registry shared by the nodes: set database_url to postgres://...".into(),
@@ -394,6 +404,25 @@ impl Config {
             )));
         }
         Ok(security)
+    }
+
+    /// The balancers of `proxy_from`: (network address, prefix length), empty when unset.
+    pub fn proxy_from(&self) -> Result<Vec<(std::net::IpAddr, u8)>, ConfigError> {
+        let mut out = Vec::new();
+        let Some(list) = &self.proxy_from else { return Ok(out) };
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let bad =
+                || ConfigError::Range(format!("proxy_from: {entry:?} is not an IP address or CIDR block"));
+            let (ip, bits) = entry.split_once('/').map_or((entry, None), |(a, b)| (a, Some(b)));
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                None => max,
+                Some(b) => b.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(bad)?,
+            };
+            out.push((ip, bits));
+        }
+        Ok(out)
     }
 
     /// The stream readers' consumers of `nats_readers`: (name, MQTT filter; `#` when none).

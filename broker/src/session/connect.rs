@@ -97,7 +97,8 @@ impl Refused {
         }
         let client_id = connect.map_or("", |c| c.client_id.as_str());
         let serial = super::admit::serial_hex(cert);
-        warn!(%peer, %serial, %client_id, reason, "connection refused");
+        // As a str field the client id is quoted and escaped: a newline in it cannot forge a line.
+        warn!(%peer, %serial, client_id, reason, "connection refused");
         let _ = conn.send(Packet::ConnAck(ConnAck::new(self.refusal.connack(), false))).await;
         conn.close(Duration::from_secs(1)).await;
     }

@@ -56,27 +56,34 @@ pub(crate) struct Accepted {
     pub(crate) tracker: TaskTracker,
 }
 
+/// The log limiter of refused PROXY headers, one per process (`log_interval_secs`).
+fn proxy_log(shared: &Shared) -> &'static std::sync::Mutex<crate::log_limit::LogLimiter> {
+    static LOG: std::sync::OnceLock<std::sync::Mutex<crate::log_limit::LogLimiter>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| std::sync::Mutex::new(crate::log_limit::LogLimiter::new(shared.config.log_interval())))
+}
+
 /// Serves one accepted TCP connection to the end.
 pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
     let Accepted { mut sock, peer, conn_id, pre_admission, sources, slot, tracker } = accepted;
     let (peer, pre_admission) = match pre_admission {
         Some(p) => (peer, p),
         None => {
-            let deadline = shared.config.handshake_timeout();
+            // A balancer sends its header as it connects: a peer that does not, holds no
+            // connection slot for long (and never more than `proxy::MAX_HEADER` bytes).
+            let deadline = shared.config.handshake_timeout().min(crate::proxy::HEADER_DEADLINE);
+            let refused = |why: String| {
+                // Rate-limited: anyone who reaches the port can make these.
+                if let Some(skipped) = proxy_log(&shared).lock().unwrap_or_else(|p| p.into_inner()).allow() {
+                    info!(%peer, reason = Refusal::ProxyHeader.label(), skipped, "connection refused: {why}");
+                }
+                shared.refused(Refusal::ProxyHeader, peer, None);
+            };
             let client = match tokio::time::timeout(deadline, crate::proxy::read(&mut sock)).await {
                 Ok(Ok(crate::proxy::Header::Proxied(client))) => client,
                 Ok(Ok(crate::proxy::Header::Local)) => peer,
-                // Logged like a refused TLS handshake (one line per connection): with
-                // `proxy_protocol` on, only the balancer may connect, so this is either a
-                // misconfigured balancer or someone who reached the node directly.
-                Ok(Err(e)) => {
-                    info!(%peer, reason = Refusal::ProxyHeader.label(), error = %e, "connection refused: no valid PROXY v2 header");
-                    return shared.refused(Refusal::ProxyHeader, peer, None);
-                }
-                Err(_) => {
-                    info!(%peer, reason = Refusal::ProxyHeader.label(), "connection refused: no valid PROXY v2 header (none within handshake_timeout_secs)");
-                    return shared.refused(Refusal::ProxyHeader, peer, None);
-                }
+                Ok(Err(e)) => return refused(format!("no valid PROXY v2 header: {e}")),
+                Err(_) => return refused(format!("no PROXY v2 header within {} s", deadline.as_secs_f64())),
             };
             match sources
                 .enter(crate::listener::Source::of(client.ip()), shared.config.max_pre_admission_per_source)
