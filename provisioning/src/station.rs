@@ -1,5 +1,5 @@
 //! The station: every `fleet-provision` operation as a library call that returns values.
-//! Terminal output and argument parsing stay in `main.rs`.
+//! Terminal output and argument parsing stay in the binary (`main.rs`, `cli/`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

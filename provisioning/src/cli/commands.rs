@@ -3,7 +3,7 @@
 //! returns what happened as a [`super::report`] value. Nothing here prints a result.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use fleet_provision::home::{self, Home};
@@ -135,7 +135,7 @@ pub(crate) async fn mint(mut s: Station, opts: MintOptions, days: i64) -> anyhow
     Ok(Minted { devices, dir: opts.out })
 }
 
-fn read_csr(csr: &PathBuf) -> anyhow::Result<Vec<u8>> {
+fn read_csr(csr: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(csr).with_context(|| format!("reading {}", csr.display()))
 }
 
