@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fleet_registry::{DeviceId, IdentityFiles, Role, SerialNumber, Status};
+use fleet_registry::{expiry, DeviceId, ExpiryWindow, IdentityFiles, Role, SerialNumber, Status};
 use time::Duration;
 
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use crate::station::{csr_identity, new_cert, now, Station};
 /// What the online issuer allows.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
-    /// A device may rotate when its newest certificate expires within this many seconds.
+    /// A device may rotate when it expires within this many seconds ([`fleet_registry::expiry`]).
     pub renew_within: i64,
     /// At most one rotation per device in this many seconds (an operator's request overrides).
     pub min_interval: i64,
@@ -138,13 +138,13 @@ impl Station {
         let at = now().unix_timestamp();
         let forced = self.registry.rotation_requests().await?.iter().any(|(d, _)| d == topic_id);
         if !forced {
-            let newest_end = active.iter().map(|c| c.not_after).max().unwrap_or(at);
-            if newest_end - at > policy.renew_within {
+            let ends = expiry(active.iter().copied());
+            if !ExpiryWindow::within(at, policy.renew_within).contains(ends) {
                 return Ok(Err(Rejected::new(
                     "not_due",
                     format!(
                         "the certificate expires in {} days; rotation opens {} days before expiry",
-                        (newest_end - at) / 86_400,
+                        (ends.unwrap_or(at) - at) / 86_400,
                         policy.renew_within / 86_400
                     ),
                 )));
@@ -322,25 +322,12 @@ impl Station {
         Ok(devices.len())
     }
 
-    /// Active devices (role device) whose newest certificate expires within `secs`, or all of
-    /// them with `None`.
+    /// Active devices (role device) expiring within `secs` ([`fleet_registry::expiry`]), or all
+    /// of them with `None`. One registry query.
     pub async fn devices_to_rotate(&self, within: Option<i64>) -> Result<Vec<DeviceId>> {
-        let at = now().unix_timestamp();
-        let mut out = Vec::new();
-        for d in self.registry.devices(Some(Status::Active)).await? {
-            if d.role != Role::Device {
-                continue;
-            }
-            if let Some(secs) = within {
-                let certs = self.registry.certificates_of(&d.device_id).await?;
-                let end = certs.iter().filter(|c| c.status == Status::Active).map(|c| c.not_after).max();
-                if end.is_none_or(|e| e - at > secs) {
-                    continue;
-                }
-            }
-            out.push(d.device_id);
-        }
-        Ok(out)
+        let window = within.map(|secs| ExpiryWindow::within(now().unix_timestamp(), secs));
+        let listed = self.registry.listing(Some(Status::Active), window).await?;
+        Ok(listed.into_iter().filter(|l| l.device.role == Role::Device).map(|l| l.device.device_id).collect())
     }
 
     /// Revokes the superseded certificates of every rotation whose grace period has passed,

@@ -1,45 +1,21 @@
-//! `fleet-provision`: the factory provisioning station CLI. Parses arguments, calls the library,
-//! prints results. See `fleet-provision --help`.
+//! `fleet-provision`: the factory provisioning station CLI. Parses arguments and dispatches:
+//! each command is a handler in [`cli::commands`] that returns a value, printed by
+//! [`cli::report`]. See `fleet-provision --help`.
+
+mod cli;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use cli::commands;
+use cli::report::{emit, Report};
 use fleet_provision::home::Home;
-use fleet_provision::issuer::IssuerConfig;
 use fleet_provision::lifecycle::{ClaimOptions, Policy};
 use fleet_provision::station::{MintOptions, Station};
-use fleet_provision::{DeviceId, Error, RevocationReason, SerialNumber, Status};
-use fleet_registry::Registry;
-use indicatif::{ProgressBar, ProgressStyle};
-
-/// `println!` that ends the process quietly when stdout is closed (e.g. piped into `head`),
-/// instead of panicking like `println!` does.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
-
-/// `print!` with the same broken-pipe handling.
-macro_rules! say_raw {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
+use fleet_provision::{Error, RevocationReason, Status};
 
 /// The fleetgate factory provisioning station.
 ///
@@ -377,7 +353,6 @@ fn reason_parser() -> impl TypedValueParser<Value = RevocationReason> {
         .map(|s| RevocationReason::parse(&s).unwrap_or(RevocationReason::Unspecified))
 }
 
-/// `--status`: `active` or `revoked`.
 /// `30d`, `12h`, `90m`, `45s` (or a plain number of days) as seconds.
 fn parse_duration_secs(s: &str) -> Result<i64, String> {
     let s = s.trim();
@@ -396,6 +371,7 @@ fn parse_duration_secs(s: &str) -> Result<i64, String> {
     n.checked_mul(unit).ok_or_else(|| format!("{s:?}: too long"))
 }
 
+/// `--status`: `active` or `revoked`.
 fn status_parser() -> impl TypedValueParser<Value = Status> {
     PossibleValuesParser::new(Status::ALL.map(Status::as_str))
         .map(|s| Status::parse(&s).unwrap_or(Status::Active))
@@ -419,380 +395,77 @@ fn hint(e: &anyhow::Error) -> Option<String> {
     })
 }
 
-fn fmt_time(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| t.to_string())
-}
-
+/// Runs one command and prints its result.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let home = Home::new(&cli.home);
     let db = cli.database_url.as_deref();
-    match cli.command {
-        Command::Init { org } => {
-            let s = Station::init(home, &org, db).await?;
-            say!("initialised fleet home {}", s.home().root().display());
-            say!(
-                "  root CA         {}  (move {} offline)",
-                s.home().root_ca().display(),
-                s.home().root_ca_key().display()
-            );
-            say!("  device CA       {}", s.home().device_ca().display());
-            say!("  server CA       {}", s.home().server_ca().display());
-            say!("  CRL             {}", s.home().crl().display());
-            say!("next: fleet-provision server-cert --dns <broker host>   (writes {}, where fleet-broker looks)", s.home().broker_tls().dir().display());
-        }
+    let station = || Station::open(home.clone(), db);
+    let json = matches!(
+        cli.command,
+        Command::List { json: true, .. }
+            | Command::Show { json: true, .. }
+            | Command::Commands { json: true, .. }
+    );
+    let report: Box<dyn Report> = match cli.command {
+        Command::Init { org } => Box::new(commands::init(home.clone(), db, &org).await?),
         Command::ServerCert { dns, ip, out, renew, days } => {
-            let mut s = Station::open(home, db).await?;
-            s.set_server_lifetime(days)?;
-            let out = out.unwrap_or_else(|| s.home().broker_tls().dir().to_path_buf());
-            let c = if renew {
-                s.renew_server_cert(&dns, &ip, &out).await?
-            } else {
-                s.server_cert(&dns, &ip, &out).await?
-            };
-            say!(
-                "server certificate {} (serial {}) valid until {}",
-                out.display(),
-                c.serial,
-                fmt_time(c.not_after)
-            );
+            Box::new(commands::server_cert(station().await?, &dns, &ip, out, renew, days).await?)
         }
         Command::ServiceCert { name, out } => {
-            let s = Station::open(home, db).await?;
-            let d = s.service_cert(&name, &out).await?;
-            say!("service identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+            Box::new(commands::service_cert(station().await?, &name, out).await?)
         }
         Command::NodeCert { name, out, stream_reader } => {
-            let s = Station::open(home, db).await?;
-            let c = s.node_cert(&name, stream_reader, &out).await?;
-            let what = if stream_reader { "stream reader" } else { "node" };
-            say!(
-                "cluster-bus {what} identity {name} (serial {}) in {}, valid until {}",
-                c.serial,
-                out.display(),
-                fmt_time(c.not_after)
-            );
+            Box::new(commands::node_cert(station().await?, name, out, stream_reader).await?)
         }
         Command::IssuerCert { name, out } => {
-            let s = Station::open(home, db).await?;
-            let d = s.issuer_cert(&name, &out).await?;
-            say!("issuer identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
+            Box::new(commands::issuer_cert(station().await?, &name, out).await?)
         }
         Command::OperatorCert { name, out, p12_password } => {
-            let s = Station::open(home, db).await?;
-            let (password, made) = match p12_password {
-                Some(p) => (p, false),
-                None => (hex::encode(rand::random::<[u8; 12]>()), true),
-            };
-            let d = s.operator_cert(&name, &out, &password).await?;
-            if made {
-                fleet_provision::home::write_new(&d.dir.join("p12-password"), password.as_bytes(), true)?;
-            }
-            say!("operator identity {} (serial {}) in {}", d.device_id, d.serial, d.dir.display());
-            say!(
-                "  browsers: import {}/operator.p12 (password {})",
-                d.dir.display(),
-                if made { "in p12-password" } else { "as given" }
-            );
+            Box::new(commands::operator_cert(station().await?, &name, out, p12_password).await?)
         }
         Command::ClaimCert { name, prefix, quota, days, out, broker_host, broker_port } => {
-            let s = Station::open(home, db).await?;
             let opts = ClaimOptions { name, id_prefix: prefix, quota, days, out, broker_host, broker_port };
-            let d = s.claim_cert(&opts).await?;
-            say!(
-                "claim identity {} (serial {}, quota {}, devices {}-...) in {}",
-                d.device_id,
-                d.serial,
-                opts.quota,
-                opts.id_prefix,
-                d.dir.display()
-            );
+            Box::new(commands::claim_cert(station().await?, opts).await?)
         }
         Command::Serve { identity, host, port, renew_within, min_interval, grace, tick } => {
-            let s = Station::open(home, db).await?;
             let policy = Policy { renew_within, min_interval, grace };
-            let tick = std::time::Duration::from_secs(tick.max(1) as u64);
-            let cfg = IssuerConfig { identity, host, port, policy, tick };
-            let c = fleet_provision::issuer::serve(s, cfg, shutdown_signal()).await?;
-            say!("issuer stopped: {} issued, {} rejected, {} superseded", c.issued, c.rejected, c.superseded);
+            Box::new(commands::serve(station().await?, identity, host, port, policy, tick).await?)
         }
         Command::Rotate { device_id, expiring_within, all, by } => {
-            let s = Station::open(home, db).await?;
-            let ids = match device_id {
-                Some(id) => vec![DeviceId::parse(&id)?],
-                None => s.devices_to_rotate(if all { None } else { expiring_within }).await?,
-            };
-            let n = s.request_rotation(&ids, &by).await?;
-            say!("rotation requested for {n} device(s); the issuer (fleet-provision serve) asks each to rotate");
+            let within = if all { None } else { expiring_within };
+            Box::new(commands::rotate(station().await?, device_id, within, &by).await?)
         }
         Command::Mint { count, prefix, out, broker_host, broker_port, days, chunk } => {
-            let mut s = Station::open(home, db).await?;
-            s.set_client_lifetime(days)?;
-            let bar = ProgressBar::new(count as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} minting [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-                    .context("progress template")?
-                    .progress_chars("=> "),
-            );
-            if count < 50 {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            let opts = MintOptions { count, prefix, out: out.clone(), broker_host, broker_port, chunk };
-            let minted = s.mint(&opts, &|n| bar.inc(n)).await?;
-            bar.finish_and_clear();
-            for d in minted.iter().take(20) {
-                say!("{}  serial {}", d.device_id, d.serial);
-            }
-            if minted.len() > 20 {
-                say!("... and {} more", minted.len() - 20);
-            }
-            say!("minted {} device identities into {}", minted.len(), out.display());
+            let opts = MintOptions { count, prefix, out, broker_host, broker_port, chunk };
+            Box::new(commands::mint(station().await?, opts, days).await?)
         }
         Command::SignCsr { csr, device_id, out, days } => {
-            let mut s = Station::open(home, db).await?;
-            s.set_client_lifetime(days)?;
-            let bytes = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
-            let c = s.sign_csr(&bytes, device_id.as_deref()).await?;
-            fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
-            say!("issued serial {} valid until {} -> {}", c.serial, fmt_time(c.not_after), out.display());
+            Box::new(commands::sign_csr(station().await?, csr, device_id, out, days).await?)
         }
         Command::Rekey { device_id, csr, out, days } => {
-            let mut s = Station::open(home, db).await?;
-            s.set_client_lifetime(days)?;
-            let bytes = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
-            let (c, superseded, crl) = s.rekey(&DeviceId::parse(&device_id)?, &bytes).await?;
-            fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
-            say!(
-                "re-keyed {device_id}: serial {} valid until {} -> {}",
-                c.serial,
-                fmt_time(c.not_after),
-                out.display()
-            );
-            for sn in superseded {
-                say!("  revoked (superseded) serial {sn}");
-            }
-            say!("CRL #{} with {} entries written to {}", crl.number, crl.revoked, s.home().crl().display());
+            Box::new(commands::rekey(station().await?, &device_id, csr, out, days).await?)
         }
         Command::Renew { device_id, out } => {
-            let s = Station::open(home, db).await?;
-            let c = s.renew(&DeviceId::parse(&device_id)?).await?;
-            match out {
-                Some(out) => {
-                    fleet_provision::home::write_new(&out, c.pem.as_bytes(), false)?;
-                    say!(
-                        "renewed {device_id}: serial {} valid until {} -> {}",
-                        c.serial,
-                        fmt_time(c.not_after),
-                        out.display()
-                    );
-                }
-                None => say_raw!("{}", c.pem),
-            }
+            Box::new(commands::renew(station().await?, &device_id, out).await?)
         }
         Command::Revoke { device_id, serial, reason } => {
-            let s = Station::open(home, db).await?;
-            let crl = match (device_id, serial) {
-                (Some(id), _) => {
-                    let (serials, crl) = s.revoke_device(&DeviceId::parse(&id)?, reason).await?;
-                    say!(
-                        "revoked device {id} ({reason}): {} certificate(s)",
-                        serials.len(),
-                        reason = reason.as_str()
-                    );
-                    for sn in serials {
-                        say!("  serial {sn}");
-                    }
-                    crl
-                }
-                (None, Some(sn)) => {
-                    let (owner, crl) = s.revoke_serial(&SerialNumber::parse(&sn)?, reason).await?;
-                    say!("revoked certificate {sn} of {owner} ({})", reason.as_str());
-                    crl
-                }
-                (None, None) => anyhow::bail!("give a DEVICE_ID or --serial"),
-            };
-            say!("CRL #{} with {} entries written to {}", crl.number, crl.revoked, s.home().crl().display());
+            Box::new(commands::revoke(station().await?, device_id, serial, reason).await?)
         }
-        Command::Crl { out, der, days } => {
-            let s = Station::open(home, db).await?;
-            let crl = s.crl(Some(days)).await?;
-            let bytes = if der { crl.der.clone() } else { crl.pem.clone().into_bytes() };
-            fleet_provision::home::write_replace(&out, &bytes)?;
-            say!("CRL #{} with {} revoked certificate(s) -> {}", crl.number, crl.revoked, out.display());
+        Command::Crl { out, der, days } => Box::new(commands::crl(station().await?, out, der, days).await?),
+        Command::List { status, expiring_within, .. } => {
+            Box::new(commands::list(station().await?, status, expiring_within).await?)
         }
-        Command::List { status, expiring_within, json } => {
-            let s = Station::open(home, db).await?;
-            let mut devices = s.registry().devices(status).await?;
-            if let Some(within) = expiring_within {
-                let until = time::OffsetDateTime::now_utc().unix_timestamp().saturating_add(within);
-                let mut kept = Vec::new();
-                for d in devices {
-                    let certs = s.registry().certificates_of(&d.device_id).await?;
-                    let expiring = certs.first().is_some_and(|c| c.not_after <= until);
-                    if d.status == Status::Active && expiring {
-                        kept.push(d);
-                    }
-                }
-                devices = kept;
-            }
-            if json {
-                let mut rows = Vec::new();
-                for d in &devices {
-                    let certs = s.registry().certificates_of(&d.device_id).await?;
-                    let latest = certs.first();
-                    rows.push(serde_json::json!({
-                        "device_id": d.device_id.as_str(),
-                        "role": d.role.as_str(),
-                        "status": d.status.as_str(),
-                        "serial": latest.map(|c| c.serial.to_hex()),
-                        "not_after": latest.map(|c| fmt_time(c.not_after)),
-                    }));
-                }
-                say!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                say!("{:<40} {:<8} {:<8} {:<34} EXPIRES", "DEVICE", "ROLE", "STATUS", "SERIAL");
-                for d in &devices {
-                    let certs = s.registry().certificates_of(&d.device_id).await?;
-                    let (serial, exp) = certs.first().map_or((String::new(), String::new()), |c| {
-                        (c.serial.to_hex(), fmt_time(c.not_after))
-                    });
-                    say!(
-                        "{:<40} {:<8} {:<8} {:<34} {}",
-                        d.device_id,
-                        d.role.as_str(),
-                        d.status.as_str(),
-                        serial,
-                        exp
-                    );
-                }
-                say!("{} identities", devices.len());
-            }
+        Command::Show { device_id, .. } => Box::new(commands::show(station().await?, &device_id).await?),
+        Command::Commands { device_id, limit, .. } => {
+            Box::new(commands::commands(station().await?, &device_id, limit).await?)
         }
-        Command::Show { device_id, json } => {
-            let s = Station::open(home, db).await?;
-            let r = s.show(&DeviceId::parse(&device_id)?).await?;
-            if json {
-                let certs: Vec<_> = r
-                    .certificates
-                    .iter()
-                    .map(|c| serde_json::json!({
-                        "serial": c.serial.to_hex(), "status": c.status.as_str(), "key_source": c.key_source,
-                        "not_before": fmt_time(c.not_before), "not_after": fmt_time(c.not_after),
-                        "revocation_reason": c.revocation_reason,
-                    }))
-                    .collect();
-                let v = serde_json::json!({
-                    "device_id": r.device.device_id.as_str(), "role": r.device.role.as_str(),
-                    "status": r.device.status.as_str(), "created_at": fmt_time(r.device.created_at),
-                    "certificates": certs,
-                });
-                say!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                say!("device   {}", r.device.device_id);
-                say!("role     {}", r.device.role.as_str());
-                say!("status   {}", r.device.status.as_str());
-                say!("created  {}", fmt_time(r.device.created_at));
-                for c in &r.certificates {
-                    say!(
-                        "cert     {}  {}  {} .. {}  key:{}{}",
-                        c.serial,
-                        c.status.as_str(),
-                        fmt_time(c.not_before),
-                        fmt_time(c.not_after),
-                        c.key_source,
-                        c.revocation_reason.as_deref().map(|r| format!("  reason:{r}")).unwrap_or_default()
-                    );
-                }
-            }
+        Command::DbRoles { broker_role, print: true } => Box::new(commands::broker_role_sql(&broker_role)?),
+        Command::DbRoles { broker_role, print: false } => {
+            Box::new(commands::apply_broker_role(station().await?, broker_role).await?)
         }
-        Command::Commands { device_id, limit, json } => {
-            let s = Station::open(home, db).await?;
-            let cmds = s.commands(&DeviceId::parse(&device_id)?, limit).await?;
-            let ms = |t: i64| fmt_time(t.div_euclid(1000));
-            if json {
-                let v: Vec<_> = cmds
-                    .iter()
-                    .map(|c| {
-                        let payload = match std::str::from_utf8(&c.payload) {
-                            Ok(t) => serde_json::json!({ "text": t }),
-                            Err(_) => serde_json::json!({ "hex": hex::encode(&c.payload) }),
-                        };
-                        serde_json::json!({
-                            "id": c.id, "name": c.name, "status": c.status.as_str(), "sender": c.sender,
-                            "created_at": ms(c.created_at), "expires_at": ms(c.expires_at),
-                            "attempts": c.attempts, "payload": payload,
-                        })
-                    })
-                    .collect();
-                say!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                for c in &cmds {
-                    say!(
-                        "{:>8}  {:<12}  {:<24}  sent {}  expires {}  attempts {}  from {}  {} bytes",
-                        c.id,
-                        c.status.as_str(),
-                        c.name,
-                        ms(c.created_at),
-                        ms(c.expires_at),
-                        c.attempts,
-                        c.sender,
-                        c.payload.len()
-                    );
-                }
-                say!("{} commands", cmds.len());
-            }
-        }
-        Command::DbRoles { broker_role, print } => {
-            if print {
-                for stmt in Registry::broker_role_sql(&broker_role)? {
-                    say!("{stmt};");
-                }
-            } else {
-                let s = Station::open(home, db).await?;
-                s.registry().apply_broker_role(&broker_role).await?;
-                say!(
-                    "role {broker_role}: SELECT on devices, certificates; INSERT on telemetry; the command queue; nothing else"
-                );
-            }
-        }
-        Command::VerifyLog => {
-            let s = Station::open(home, db).await?;
-            let r = s.verify_log().await?;
-            if !r.disagreements.is_empty() {
-                for d in &r.disagreements {
-                    eprintln!("  {d}");
-                }
-                anyhow::bail!(
-                    "issuance log verification failed: the hash chain of {} entries is intact, but {} registry \
-                     row(s) disagree with it (edited outside fleet-provision?)",
-                    r.entries,
-                    r.disagreements.len()
-                );
-            }
-            say!("issuance log OK: {} entries, head {}", r.entries, r.head);
-        }
-    }
-    Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+        Command::VerifyLog => Box::new(commands::verify_log(station().await?).await?),
+    };
+    emit(report.as_ref(), json)
 }
 
 /// Colour only on a terminal, and never with `NO_COLOR` set (<https://no-color.org>): the
@@ -823,6 +496,11 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(d) = e.downcast_ref::<commands::LogDisagrees>() {
+                for row in &d.0.disagreements {
+                    eprintln!("  {row}");
+                }
+            }
             match hint(&e) {
                 Some(h) => eprintln!("error: {}; {h}", fleet_registry::report(e.as_ref())),
                 None => eprintln!("error: {}", fleet_registry::report(e.as_ref())),

@@ -1,5 +1,5 @@
 //! The station: every `fleet-provision` operation as a library call that returns values.
-//! Terminal output and argument parsing stay in `main.rs`.
+//! Terminal output and argument parsing stay in the binary (`main.rs`, `cli/`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::home::{self, Home};
 use crate::pki::{self, DeviceKey, IssuedCert, Lifetimes, LoadedCa};
 use fleet_registry::{
-    BrokerTls, CertRecord, DeviceId, DeviceRecord, IdentityFiles, LogReport, NewCert, Registry,
-    RevocationReason, Role, SerialNumber, Status,
+    BrokerTls, CertRecord, DeviceId, DeviceRecord, ExpiryWindow, IdentityFiles, ListedIdentity, LogReport,
+    NewCert, Registry, RevocationReason, Role, SerialNumber, Status,
 };
 
 /// Settings written by `init`.
@@ -589,6 +589,18 @@ impl Station {
             .ok_or_else(|| Error::from(fleet_registry::Error::UnknownDevice(id.to_string())))?;
         let certificates = self.registry.certificates_of(id).await?;
         Ok(DeviceReport { device, certificates })
+    }
+
+    /// The identities (or those of `status`), ordered by id, each with its newest certificate;
+    /// with `expiring_within` (seconds), only those expiring within that long from now
+    /// ([`fleet_registry::expiry`]). One registry query.
+    pub async fn list(
+        &self,
+        status: Option<Status>,
+        expiring_within: Option<i64>,
+    ) -> Result<Vec<ListedIdentity>> {
+        let window = expiring_within.map(|secs| ExpiryWindow::within(now().unix_timestamp(), secs));
+        Ok(self.registry.listing(status, window).await?)
     }
 
     /// A device's newest `limit` commands, newest first (the device must exist).

@@ -7,6 +7,8 @@
 //! - [`rows`]: devices and certificates (issue, re-key, revoke, list, CRL snapshot).
 //! - [`lifecycle`]: rotations over MQTT, forced-rotation requests, claims.
 //! - [`log`] and [`verify`]: the hash-chained issuance log and its verifier.
+//! - [`console`] and [`expiry`]: listings and pages of the fleet in one query each; the one
+//!   definition of an identity that expires soon.
 //! - [`feed`]: what a broker reads: admission verdicts and the revocation feed.
 //! - [`telemetry`]: typed batch inserts of stored device messages.
 //! - [`home`]: the file layout of a fleet home, in one place.
@@ -19,6 +21,7 @@ pub mod commands;
 pub mod console;
 pub mod db;
 pub mod error;
+pub mod expiry;
 pub mod feed;
 pub mod home;
 pub mod ids;
@@ -29,9 +32,10 @@ pub mod telemetry;
 pub mod verify;
 
 pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand};
-pub use console::{DeviceQuery, DeviceRow, Expiring};
+pub use console::{DeviceQuery, DeviceRow, Expiring, ListedIdentity};
 pub use db::{Backend, Registry};
 pub use error::{report, Error, Result};
+pub use expiry::{expiry, ExpiryWindow};
 mod redact;
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
 pub use home::{BrokerTls, Home, IdentityFiles};
