@@ -129,6 +129,9 @@ pub(crate) const CSR: &str = "csr";
 /// `devices/<id>/certs/active`: a device says it runs on a new certificate (payload stamped by
 /// the broker with the session's serial).
 pub(crate) const ACTIVE: &str = "active";
+/// The first level of the services-only command status topics
+/// (`status/devices/<id>/commands/<name>`).
+pub(crate) const STATUS: &str = "status";
 /// `claims/<claim-id>/<nonce>/...`: the first-boot exchange of a claim session.
 pub(crate) const CLAIMS: &str = "claims";
 
@@ -242,7 +245,7 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
         (Role::Device, [DEVICES, owner, _, ..]) => *owner == who.id.as_str(),
         (Role::Service, [DEVICES, ..]) => true,
         // Command status (docs/spec/commands.md): services only.
-        (Role::Service, [crate::commands::STATUS, DEVICES, ..]) => true,
+        (Role::Service, [STATUS, DEVICES, ..]) => true,
         // Devices' certificate requests and announcements, claim sessions' requests.
         (Role::Issuer, [DEVICES, owner, CERTS, CSR | ACTIVE]) => {
             *owner == "+" || DeviceId::parse(owner).is_ok()

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::auth::{device_level, matches};
 use crate::inbox::Inbox;
-use crate::metrics::Limit;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Limit;
+use crate::observe::metrics::Metrics;
 use crate::outcome::CloseReason;
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;

@@ -25,9 +25,11 @@ pub enum CrlPolicy {
     FailOpen,
 }
 
+mod nats;
 mod value;
 
-pub use value::{ConfigError, Endpoint, Key};
+pub use nats::{redact_url, NatsSecurity, SQL_CONSUMER};
+pub use value::{ConfigError, Endpoint, Key, Secs};
 
 value::settings! {
     /// MQTT over TLS listen address.
@@ -69,14 +71,14 @@ value::settings! {
     nats_replicas: usize = 1;
     /// JetStream de-duplication window, seconds: a device's retransmission of a message within
     /// it is stored once.
-    nats_duplicate_window_secs: f64 = 120.0;
+    nats_duplicate_window_secs: Secs = Secs::of(120.0);
     /// Whether this node feeds the SQL `telemetry` table from the stream (a durable consumer
     /// shared by the nodes that do; idempotent). `false` leaves the table to other nodes or to
     /// your own consumers.
     nats_sql_sink: bool = true;
     /// Longest wait for JetStream to acknowledge a stored message, seconds: while NATS is down,
     /// unstored messages stay unacknowledged and their sessions close after this long.
-    nats_timeout_secs: f64 = 3.0;
+    nats_timeout_secs: Secs = Secs::of(3.0);
     /// Metrics and health endpoint (`/metrics`, `/healthz`); `off` disables it.
     metrics_listen: Endpoint = Endpoint(Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
     /// Admin API and operator console over HTTPS (`https://<addr>/`), with the broker's
@@ -96,10 +98,10 @@ value::settings! {
     admin_handshakes: usize = 64;
     /// Admin listener: a request's headers must arrive within this many seconds of the
     /// connection (or of the previous answer); otherwise the connection is closed.
-    admin_header_timeout_secs: f64 = 10.0;
+    admin_header_timeout_secs: Secs = Secs::of(10.0);
     /// Admin listener: a connection that moves no byte either way for this long is closed
     /// (an event stream sends a keep-alive every 15 s), seconds.
-    admin_idle_timeout_secs: f64 = 60.0;
+    admin_idle_timeout_secs: Secs = Secs::of(60.0);
     /// Admin listener: most open connections of one operator certificate; more get 429.
     admin_max_connections_per_identity: usize = 16;
     /// Admin listener: most open operator connections from one source address (IPv6: one
@@ -122,9 +124,9 @@ value::settings! {
     /// fail-open (admit, alert).
     crl_policy: CrlPolicy = CrlPolicy::FailClosed;
     /// TLS handshake deadline, seconds.
-    handshake_timeout_secs: f64 = 10.0, alias "handshake-timeout";
+    handshake_timeout_secs: Secs = Secs::of(10.0), alias "handshake-timeout";
     /// Deadline for CONNECT after the handshake, seconds.
-    connect_timeout_secs: f64 = 10.0, alias "connect-timeout";
+    connect_timeout_secs: Secs = Secs::of(10.0), alias "connect-timeout";
     /// Most open connections; more are closed at accept.
     max_connections: usize = 10_000;
     /// Largest MQTT packet accepted from or sent to a client, bytes.
@@ -142,7 +144,7 @@ value::settings! {
     store_batch: usize = 4096;
     /// Longest wait for a registry connection, seconds: while the database is down, new
     /// devices get CONNACK 3 and unstored messages stay unacknowledged after this long.
-    registry_timeout_secs: f64 = 3.0, alias "registry-timeout";
+    registry_timeout_secs: Secs = Secs::of(3.0), alias "registry-timeout";
     /// Expect a PROXY protocol v2 header (HAProxy `send-proxy-v2`) before TLS on every
     /// connection, and take the client address from it (per-source cap, logs). Enable only
     /// where nothing but the load balancer can reach the broker: the header is trusted.
@@ -152,7 +154,7 @@ value::settings! {
     max_pre_admission_per_source: usize = 32;
     /// A socket that accepts no bytes for this long is closed (reason `write_timeout`),
     /// seconds.
-    write_timeout_secs: f64 = 10.0;
+    write_timeout_secs: Secs = Secs::of(10.0);
     /// Most live sessions of one claim certificate at once (first boots of a batch; all
     /// nonces together), and never more than a quarter of `max_connections`; more get
     /// CONNACK 3 (reason `claim_busy`) until one ends.
@@ -160,7 +162,7 @@ value::settings! {
     /// One CSR (`certs/csr`) per identity per this long, seconds, after a burst of 3 (a claim's
     /// burst: `max_sessions_per_claim`); more are dropped (acknowledged, never relayed to the
     /// issuer; `fleet_limits_total{limit="csr_rate"}`). The SDK asks every 30 s at most.
-    csr_interval_secs: f64 = 10.0;
+    csr_interval_secs: Secs = Secs::of(10.0);
     /// Most subscriptions one session holds; more get SUBACK 0x80.
     max_subscriptions_per_session: usize = 64;
     /// Most retained messages under one device's topics (`devices/<id>/...`).
@@ -204,15 +206,7 @@ value::settings! {
     max_command_bytes: usize = 1900;
     /// ACL refusals and limit hits are logged at most once per session per this interval,
     /// with a count of those not logged, seconds.
-    log_interval_secs: f64 = 10.0;
-}
-
-fn secs(v: f64, name: &str) -> Result<Duration, ConfigError> {
-    if v.is_finite() && v > 0.0 && v <= 3600.0 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(ConfigError::Range(format!("{name} must be between 0 and 3600 seconds, got {v}")))
-    }
+    log_interval_secs: Secs = Secs::of(10.0);
 }
 
 impl Config {
@@ -294,16 +288,6 @@ impl Config {
 
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        secs(self.handshake_timeout_secs, "handshake_timeout_secs")?;
-        secs(self.connect_timeout_secs, "connect_timeout_secs")?;
-        secs(self.registry_timeout_secs, "registry_timeout_secs")?;
-        secs(self.write_timeout_secs, "write_timeout_secs")?;
-        secs(self.log_interval_secs, "log_interval_secs")?;
-        secs(self.csr_interval_secs, "csr_interval_secs")?;
-        secs(self.nats_duplicate_window_secs, "nats_duplicate_window_secs")?;
-        secs(self.nats_timeout_secs, "nats_timeout_secs")?;
-        secs(self.admin_header_timeout_secs, "admin_header_timeout_secs")?;
-        secs(self.admin_idle_timeout_secs, "admin_idle_timeout_secs")?;
         if self.nats_replicas == 0 || self.nats_replicas > 5 {
             return Err(ConfigError::Range(
                 "nats_replicas must be between 1 and 5 (JetStream's limit)".into(),
@@ -359,67 +343,6 @@ impl Config {
         Ok(())
     }
 
-    /// How a node's NATS connection is protected, or why it is refused: TLS (a CA to verify
-    /// the server, a client certificate or a `tls://` URL) and a client identity (certificate,
-    /// nkey seed or `user:password@` in the URL), unless `insecure_nats_no_auth`.
-    pub fn nats_security(&self, url: &str) -> Result<NatsSecurity, ConfigError> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| ConfigError::Range(format!("nats: {} is not a URL: {e}", redact_url(url))))?;
-        if !matches!(parsed.scheme(), "nats" | "tls") {
-            return Err(ConfigError::Range(format!(
-                "nats: {} must start with nats:// or tls://",
-                redact_url(url)
-            )));
-        }
-        if self.nats_cert.is_some() != self.nats_key.is_some() {
-            return Err(ConfigError::Range("nats_cert and nats_key go together: set both or neither".into()));
-        }
-        let password = !parsed.username().is_empty();
-        let identity = self.nats_cert.is_some() || self.nats_nkey.is_some() || password;
-        let tls = self.nats_ca.is_some() || self.nats_cert.is_some() || parsed.scheme() == "tls";
-        let security = NatsSecurity { tls, identity };
-        let protected = tls && identity;
-        if !protected && !self.insecure_nats_no_auth {
-            let missing = match (tls, identity) {
-                (false, false) => "neither TLS nor a client identity",
-                (false, true) => "no TLS (credentials would cross the network in clear)",
-                _ => "no client identity",
-            };
-            return Err(ConfigError::Range(format!(
-                "nats: the cluster bus has {missing}. Anyone who reaches an open NATS server can forge \
-                 device messages, commands and revocations. Give this node a certificate \
-                 (fleet-provision node-cert --name <node>; nats_ca, nats_cert, nats_key; or nats_nkey) and run \
-                 nats-server with deploy/nats/nats-server.conf, or set insecure_nats_no_auth = true \
-                 for a development server on loopback"
-            )));
-        }
-        Ok(security)
-    }
-
-    /// The stream readers' consumers of `nats_readers`: (name, MQTT filter; `#` when none).
-    pub fn nats_readers(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        let mut out = Vec::new();
-        for entry in self.nats_readers.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, filter) = entry.split_once('=').unwrap_or((entry, "#"));
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !name_ok || name == crate::cluster::stream::SQL_CONSUMER {
-                return Err(ConfigError::Range(format!(
-                    "nats_readers: {name:?} is not a reader's consumer name (letters, digits, '-', '_'; not the nodes' {})",
-                    crate::cluster::stream::SQL_CONSUMER
-                )));
-            }
-            if !crate::auth::valid_filter(filter) {
-                return Err(ConfigError::Range(format!(
-                    "nats_readers: {filter:?} is not an MQTT topic filter"
-                )));
-            }
-            out.push((name.to_owned(), filter.to_owned()));
-        }
-        Ok(out)
-    }
-
     /// The configuration as `check-config` and the logs may show it: passwords in URLs
     /// replaced by `***`.
     pub fn redacted(&self) -> Self {
@@ -432,42 +355,42 @@ impl Config {
 
     /// Handshake deadline.
     pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.handshake_timeout_secs)
+        self.handshake_timeout_secs.duration()
     }
 
     /// Longest wait for a registry connection.
     pub fn registry_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.registry_timeout_secs)
+        self.registry_timeout_secs.duration()
     }
 
     /// Longest wait for a JetStream acknowledgement.
     pub fn nats_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.nats_timeout_secs)
+        self.nats_timeout_secs.duration()
     }
 
     /// Longest a write may wait for the peer to accept bytes.
     pub fn write_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.write_timeout_secs)
+        self.write_timeout_secs.duration()
     }
 
     /// Interval of rate-limited log lines.
     pub fn log_interval(&self) -> Duration {
-        Duration::from_secs_f64(self.log_interval_secs)
+        self.log_interval_secs.duration()
     }
 
     /// Admin listener: deadline for a request's headers.
     pub fn admin_header_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.admin_header_timeout_secs)
+        self.admin_header_timeout_secs.duration()
     }
 
     /// Admin listener: a connection that moves no byte for this long is closed.
     pub fn admin_idle_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.admin_idle_timeout_secs)
+        self.admin_idle_timeout_secs.duration()
     }
 
     /// CONNECT deadline.
     pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.connect_timeout_secs)
+        self.connect_timeout_secs.duration()
     }
 
     fn fleet_home(&self) -> Home {
@@ -503,119 +426,5 @@ impl Config {
     }
 }
 
-/// What protects a node's NATS connection (`Config::nats_security`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NatsSecurity {
-    /// The connection uses TLS.
-    pub tls: bool,
-    /// The node presents an identity (certificate, credentials file or user and password).
-    pub identity: bool,
-}
-
-/// `url` with its passwords replaced by `***` (user information and query parameters).
-pub fn redact_url(url: &str) -> String {
-    fleet_registry::redact_url(url)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_nats_url_needs_tls_and_an_identity_unless_declared_insecure() {
-        let pg = |nats: &str| {
-            let mut c = Config::default();
-            c.set("database_url", "postgres://u@h/db").unwrap();
-            c.set("nats", nats).unwrap();
-            c
-        };
-        let err = |c: &Config| c.validate().unwrap_err().to_string();
-        assert!(err(&pg("nats://127.0.0.1:4222")).contains("neither TLS nor a client identity"));
-        // Credentials in the URL are used, but not over plain TCP.
-        assert!(err(&pg("nats://node:secret@127.0.0.1:4222")).contains("no TLS"));
-        assert!(!err(&pg("nats://node:secret@127.0.0.1:4222")).contains("secret"));
-        pg("tls://node:secret@127.0.0.1:4222").validate().unwrap();
-        let mut c = pg("nats://127.0.0.1:4222");
-        c.set("nats_ca", "/ca.pem").unwrap();
-        assert!(err(&c).contains("no client identity"));
-        c.set("nats_cert", "/cert.pem").unwrap();
-        assert!(err(&c).contains("go together"));
-        c.set("nats_key", "/key.pem").unwrap();
-        assert_eq!(
-            c.nats_security("nats://127.0.0.1:4222").unwrap(),
-            NatsSecurity { tls: true, identity: true }
-        );
-        let mut open = pg("nats://127.0.0.1:4222");
-        open.set("insecure_nats_no_auth", "true").unwrap();
-        open.validate().unwrap();
-        assert!(err(&pg("http://127.0.0.1:4222")).contains("nats:// or tls://"));
-    }
-
-    #[test]
-    fn passwords_never_reach_the_printed_configuration() {
-        assert_eq!(redact_url("tls://node:s3cret@nats.internal:4222"), "tls://node:***@nats.internal:4222");
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(redact_url("postgres://fleet:pw@db/fleet"), "postgres://fleet:***@db/fleet");
-        assert!(!redact_url("not a url:pw@host").contains("pw"));
-        let mut c = Config::default();
-        c.set("nats", "tls://node:s3cret@nats.internal:4222").unwrap();
-        c.set("database_url", "postgres://db/fleet?user=fleet&password=pw2").unwrap();
-        c.set("admin_database_url", "postgres://admin:pw3@db/fleet").unwrap();
-        let printed = c.redacted().to_toml();
-        for secret in ["s3cret", "pw2", "pw3"] {
-            assert!(!printed.contains(secret), "{printed}");
-        }
-    }
-
-    #[test]
-    fn every_key_is_settable_by_name_and_round_trips_through_the_file_format() {
-        let mut c = Config::default();
-        for k in Config::KEYS {
-            assert!(!k.help.trim().is_empty(), "{} has no doc", k.name);
-            assert!(matches!(c.set(k.name, "not a value at all"), Err(ConfigError::Value { .. }) | Ok(())));
-        }
-        c = Config::default();
-        c.set("max_packet_size", "8192").unwrap();
-        c.set("metrics_listen", "off").unwrap();
-        c.set("crl_policy", "fail-open").unwrap();
-        c.set("database_url", "postgres://u@h/db").unwrap();
-        c.set("handshake_timeout_secs", "2.5").unwrap();
-        assert_eq!(
-            (c.max_packet_size, c.metrics_listen, c.crl_policy),
-            (8192, Endpoint(None), CrlPolicy::FailOpen)
-        );
-        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
-        let resolved = Config::default().resolved();
-        assert_eq!(Config::from_toml(&resolved.to_toml()).unwrap(), resolved);
-        assert!(matches!(c.set("no_such_key", "1"), Err(ConfigError::UnknownKey(_))));
-        assert!(matches!(c.set("max_packet_size", "big"), Err(ConfigError::Value { .. })));
-    }
-
-    #[test]
-    fn flags_are_the_keys_and_keep_their_old_spellings_as_aliases() {
-        let key = |n: &str| *Config::KEYS.iter().find(|k| k.name == n).unwrap();
-        assert_eq!(key("handshake_timeout_secs").flag(), "handshake-timeout-secs");
-        assert_eq!(key("handshake_timeout_secs").alias, Some("handshake-timeout"));
-        assert_eq!(key("max_packet_size").flag(), "max-packet-size");
-        assert_eq!(Config::KEYS[0].env(), "FLEET_LISTEN");
-        for k in Config::KEYS {
-            assert!(Config::default_text(k.name).is_some(), "{} has no default text", k.name);
-        }
-        assert_eq!(Config::default_text("handshake_timeout_secs").as_deref(), Some("10.0"));
-        assert_eq!(Config::default_text("nats").as_deref(), Some("off"));
-    }
-
-    #[test]
-    fn the_commented_file_parses_back_to_the_same_configuration() {
-        let mut c = Config::default().resolved();
-        c.set("nats_readers", "analytics=devices/+/telemetry").unwrap();
-        let text = c.to_commented_toml();
-        assert_eq!(Config::from_toml(&text).unwrap(), c, "{text}");
-        assert!(
-            text.contains("# TLS handshake deadline, seconds.\nhandshake_timeout_secs = 10.0\n"),
-            "{text}"
-        );
-        assert!(text.contains("# nats: not set\n"), "{text}");
-        assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
-    }
-}
+mod tests;

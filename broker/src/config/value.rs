@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +15,67 @@ use super::CrlPolicy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Endpoint(pub Option<SocketAddr>);
+
+/// A duration setting, in seconds: finite, above 0 and at most an hour. It is checked where it
+/// is parsed (file, environment, flag), so a duration key is one declaration in `settings!`
+/// and nothing else: no range check to add to `validate`, no accessor to write by hand.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Secs(f64);
+
+impl Secs {
+    /// Longest duration a setting may name, seconds.
+    pub const MAX: f64 = 3600.0;
+
+    /// `v` seconds, if within (0, [`Secs::MAX`]].
+    pub fn new(v: f64) -> Result<Self, String> {
+        if v.is_finite() && v > 0.0 && v <= Self::MAX {
+            Ok(Self(v))
+        } else {
+            Err(format!("must be between 0 and {} seconds, got {v}", Self::MAX))
+        }
+    }
+
+    /// A default written in the `settings!` list (checked by the configuration's tests).
+    pub(crate) const fn of(v: f64) -> Self {
+        Self(v)
+    }
+
+    /// The number of seconds.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// As a duration.
+    pub fn duration(self) -> Duration {
+        Duration::from_secs_f64(self.0)
+    }
+}
+
+impl TryFrom<f64> for Secs {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        Secs::new(v)
+    }
+}
+
+impl From<Secs> for f64 {
+    fn from(s: Secs) -> f64 {
+        s.0
+    }
+}
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromSetting for Secs {
+    fn from_setting(s: &str) -> Result<Self, String> {
+        Secs::new(f64::from_setting(s)?)
+    }
+}
 
 impl TryFrom<String> for Endpoint {
     type Error = String;

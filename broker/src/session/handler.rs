@@ -23,13 +23,17 @@ use tracing::warn;
 
 use super::conn::{Conn, IDLE_RELEASE};
 use super::park::Parked;
-use super::table::Kick;
+use super::services::Services;
 use crate::auth::{self, Identity};
+use crate::clock::{now_millis, now_unix};
+use crate::cluster::bus::Origin;
+use crate::commands::{Accepted, Delivery};
 use crate::inbox::Inbox;
-use crate::log_limit::LogLimiter;
-use crate::metrics::{AclAction, Limit};
+use crate::observe::log_limit::LogLimiter;
+use crate::observe::metrics::{AclAction, Limit};
 use crate::outcome::CloseReason;
-use crate::{now_millis, now_unix, Shared};
+use crate::router::RetainBudget;
+use crate::sessions::{Kick, SessionInfo};
 use fleet_registry::{Role, Telemetry};
 
 /// Most QoS 1 messages awaiting their store commit before the session stops reading.
@@ -41,13 +45,13 @@ type PendingAck = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
 
 /// What a session is: fixed for its life.
 pub(crate) struct Ctx<'a> {
-    pub(crate) shared: &'a Shared,
+    pub(crate) svc: &'a Services,
     pub(crate) id: Identity,
     pub(crate) conn_id: u64,
     pub(crate) keep_alive: Duration,
     pub(crate) kick: Kick,
     /// The admin API's view of it (counters).
-    pub(crate) info: Arc<super::table::SessionInfo>,
+    pub(crate) info: Arc<SessionInfo>,
 }
 
 /// What a session holds.
@@ -62,7 +66,7 @@ pub(crate) struct State {
     limit_log: LogLimiter,
     next_pkid: u16,
     /// The device's queued commands in flight in this session.
-    delivery: crate::commands::Delivery,
+    delivery: Delivery,
     /// The router key of this session's subscriptions (a resumed session keeps its first one).
     router_id: u64,
     /// A persistent session (clean session = 0) tracks its unacknowledged QoS 1 deliveries.
@@ -111,11 +115,11 @@ pub(crate) async fn run(
     resumed: Option<Parked>,
     persistent: bool,
 ) -> (CloseReason, Conn, Parked) {
-    let every = ctx.shared.config.log_interval();
+    let every = ctx.svc.config.log_interval();
     let (inbox, subs, in_flight, router_id) = match resumed {
         Some(p) => (p.inbox, p.subs, p.in_flight, p.router_id),
         None => (
-            Arc::new(Inbox::new(ctx.shared.config.max_queued_messages)),
+            Arc::new(Inbox::new(ctx.svc.config.max_queued_messages)),
             HashSet::new(),
             Vec::new(),
             ctx.conn_id,
@@ -129,12 +133,12 @@ pub(crate) async fn run(
         acl_log: LogLimiter::new(every),
         limit_log: LogLimiter::new(every),
         next_pkid: in_flight.iter().map(|p| p.pkid).filter(|&k| k < 32_768).max().unwrap_or(0),
-        delivery: crate::commands::Delivery::default(),
+        delivery: Delivery::default(),
         router_id,
         persistent,
         in_flight,
         rate: matches!(ctx.id.role, Role::Device | Role::Claim).then(|| {
-            let c = &ctx.shared.config;
+            let c = &ctx.svc.config;
             super::rate::PublishRate::new(c.max_publish_rate, c.max_publish_bytes_rate, Instant::now())
         }),
     };
@@ -303,7 +307,7 @@ impl State {
             }
             conn.send_acks(&acks).await
         };
-        let _ = tokio::time::timeout(ctx.shared.config.write_timeout(), finish).await;
+        let _ = tokio::time::timeout(ctx.svc.config.write_timeout(), finish).await;
     }
 
     /// A delivery on this device's own `devices/<id>/commands/...`?
@@ -314,8 +318,8 @@ impl State {
 
     /// Sends the device's queued commands that are due (within the in-flight window).
     async fn send_commands(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
-        for p in self.delivery.due(ctx.shared, &ctx.id.id).await {
-            ctx.shared.metrics.messages_delivered.inc();
+        for p in self.delivery.due(ctx.svc.ingest.commands().writer(), &ctx.id.id).await {
+            ctx.svc.observe.metrics().messages_delivered.inc();
             ctx.info.sent();
             self.conn.send(Packet::Publish(p)).await?;
         }
@@ -324,7 +328,7 @@ impl State {
 
     /// Counts a cap hit and logs it (rate-limited per session).
     fn limit_hit(&mut self, ctx: &Ctx<'_>, limit: Limit, what: &str) {
-        ctx.shared.metrics.limit(limit);
+        ctx.svc.observe.metrics().limit(limit);
         if let Some(skipped) = self.limit_log.allow() {
             warn!(device = %ctx.id.id, limit = limit.label(), what, skipped, "limit reached");
         }
@@ -332,7 +336,7 @@ impl State {
 
     /// Counts an ACL refusal and logs it (rate-limited per session).
     fn acl_denied(&mut self, ctx: &Ctx<'_>, action: AclAction, what: &str) {
-        ctx.shared.metrics.acl_denied(action);
+        ctx.svc.observe.metrics().acl_denied(action);
         if let Some(skipped) = self.acl_log.allow() {
             match action {
                 AclAction::Publish => {
@@ -354,7 +358,7 @@ impl State {
             Packet::Disconnect => Err(CloseReason::ClientGone),
             Packet::PubAck(a) => {
                 self.in_flight.retain(|p| p.pkid != a.pkid);
-                if self.delivery.acked(ctx.shared, &ctx.id.id, a.pkid).await {
+                if self.delivery.acked(ctx.svc.ingest.commands().writer(), &ctx.id.id, a.pkid).await {
                     self.send_commands(ctx).await?;
                 }
                 Ok(())
@@ -365,8 +369,8 @@ impl State {
     }
 
     async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Publish) -> Result<(), CloseReason> {
-        let shared = ctx.shared;
-        shared.metrics.messages_received.inc();
+        let svc = ctx.svc;
+        svc.observe.metrics().messages_received.inc();
         ctx.info.received();
         if let Some(rate) = &mut self.rate {
             let wait = rate.take(p.topic.len() + p.payload.len(), Instant::now());
@@ -377,7 +381,7 @@ impl State {
                 tokio::time::sleep(wait).await;
             }
         }
-        if !shared.topic_within(&p.topic) {
+        if !svc.topic_within(&p.topic) {
             self.limit_hit(ctx, Limit::Topic, &p.topic);
             return Err(CloseReason::TopicLimit);
         }
@@ -403,13 +407,12 @@ impl State {
             // One identity's CSRs are rationed (broker-wide, so reconnecting does not help): a
             // flood from one stolen key must not take the issuer from the fleet. A claim's
             // burst covers a batch booting at once.
-            let shared = ctx.shared;
             let (key, burst) = match ctx.id.role {
-                Role::Claim => (format!("claim:{}", ctx.id.id), shared.config.max_sessions_per_claim),
+                Role::Claim => (format!("claim:{}", ctx.id.id), svc.config.max_sessions_per_claim),
                 _ => (format!("device:{}", ctx.id.id), 3),
             };
-            let every = std::time::Duration::from_secs_f64(shared.config.csr_interval_secs);
-            if !shared.csr_rate.take(&key, burst, every, tokio::time::Instant::now()) {
+            let every = svc.config.csr_interval_secs.duration();
+            if !svc.csr_rate.take(&key, burst, every, tokio::time::Instant::now()) {
                 self.limit_hit(ctx, Limit::CsrRate, &p.topic);
                 if p.qos == QoS::AtLeastOnce {
                     let pkid = p.pkid;
@@ -430,13 +433,10 @@ impl State {
         }
         // Routed first (subscribers get copies, here and on the other nodes), then the publish
         // itself moves to the store.
-        let budget = crate::router::RetainBudget::of(ctx.id.role);
-        if let Err(refused) = shared.router.route(&p, budget, &shared.metrics) {
+        let budget = RetainBudget::of(ctx.id.role);
+        if let Err(refused) = svc.fabric.publish(&p, budget, Origin::Client(&ctx.id)).await {
             self.limit_hit(ctx, refused.limit(), &p.topic);
             return Err(refused.close_reason());
-        }
-        if let Some(cluster) = &shared.cluster {
-            cluster.publish(&p, crate::cluster::bus::Origin::Client(&ctx.id)).await;
         }
         let (pkid, qos) = (p.pkid, p.qos);
         // Devices' telemetry is stored; services' commands are only routed.
@@ -449,10 +449,10 @@ impl State {
                 received_at: now_millis(),
             };
             if qos == QoS::AtLeastOnce {
-                let done = shared.store.submit(row, pkid).await;
+                let done = svc.ingest.store().submit(row, pkid).await;
                 self.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
             } else {
-                shared.store.submit_nowait(row).await;
+                svc.ingest.store().submit_nowait(row).await;
             }
         } else if qos == QoS::AtLeastOnce {
             self.pending.push_back(Box::pin(async move { (pkid, true) }));
@@ -463,24 +463,20 @@ impl State {
     /// A service's QoS 1 command: stored (then routed, to wake the device's session) or refused
     /// with a status; acknowledged either way unless the registry is down.
     async fn command(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
-        let shared = ctx.shared;
+        let svc = ctx.svc;
         let pkid = p.pkid;
-        match crate::commands::accept(shared, &ctx.id, &p).await {
-            crate::commands::Accepted::Queued => {
-                if let Err(refused) =
-                    shared.router.route(&p, crate::router::RetainBudget::Clients, &shared.metrics)
-                {
+        match svc.ingest.commands().accept(&ctx.id, &p).await {
+            Accepted::Queued => {
+                let origin = Origin::Client(&ctx.id);
+                if let Err(refused) = svc.fabric.publish_everywhere(&p, RetainBudget::Clients, origin).await {
                     self.limit_hit(ctx, refused.limit(), &p.topic);
                 }
-                if let Some(cluster) = &shared.cluster {
-                    cluster.publish(&p, crate::cluster::bus::Origin::Client(&ctx.id)).await;
-                }
                 self.pending.push_back(Box::pin(async move { (pkid, true) }));
             }
-            crate::commands::Accepted::Refused => {
+            Accepted::Refused => {
                 self.pending.push_back(Box::pin(async move { (pkid, true) }));
             }
-            crate::commands::Accepted::Unavailable => {
+            Accepted::Unavailable => {
                 self.pending.push_back(Box::pin(async move { (pkid, false) }));
             }
         }
@@ -488,13 +484,13 @@ impl State {
     }
 
     async fn subscribe(&mut self, ctx: &Ctx<'_>, s: Subscribe) -> Result<(), CloseReason> {
-        let shared = ctx.shared;
+        let svc = ctx.svc;
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         for f in &s.filters {
-            let full = !self.subs.contains(&f.path)
-                && self.subs.len() >= shared.config.max_subscriptions_per_session;
-            if !shared.topic_within(&f.path) {
+            let full =
+                !self.subs.contains(&f.path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
+            if !svc.topic_within(&f.path) {
                 self.limit_hit(ctx, Limit::Topic, &f.path);
                 codes.push(SubscribeReasonCode::Failure);
             } else if !auth::may_subscribe(&ctx.id, &f.path) {
@@ -505,12 +501,9 @@ impl State {
                 codes.push(SubscribeReasonCode::Failure);
             } else {
                 let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                retained.extend(shared.router.subscribe(self.router_id, &f.path, qos, self.inbox.clone()));
-                if self.subs.insert(f.path.clone()) {
-                    if let Some(cluster) = &shared.cluster {
-                        cluster.watch(&f.path, &shared.router, &shared.metrics).await;
-                    }
-                }
+                let first = self.subs.insert(f.path.clone());
+                let inbox = self.inbox.clone();
+                retained.extend(svc.fabric.subscribe(self.router_id, &f.path, qos, inbox, first).await);
                 codes.push(SubscribeReasonCode::Success(qos));
             }
         }
@@ -535,12 +528,8 @@ impl State {
 
     async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
         for f in &u.topics {
-            ctx.shared.router.unsubscribe(self.router_id, f);
-            if self.subs.remove(f) {
-                if let Some(cluster) = &ctx.shared.cluster {
-                    cluster.unwatch(f);
-                }
-            }
+            let held = self.subs.remove(f);
+            ctx.svc.fabric.unsubscribe(self.router_id, f, held);
         }
         self.conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
     }

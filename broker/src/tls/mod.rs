@@ -84,7 +84,7 @@ pub(crate) struct TlsPaths {
 
 impl TlsPaths {
     /// The files `config` names (the CRL: HOME/crl.pem once it exists).
-    pub(crate) fn of(config: &crate::Config) -> Self {
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
         Self {
             cert: config.cert_path(),
             key: config.key_path(),
@@ -254,3 +254,6 @@ pub(crate) fn refusal(err: &std::io::Error) -> Refusal {
         _ => Refusal::TlsError,
     }
 }
+
+/// A client connection after the TLS handshake.
+pub(crate) type Tls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;

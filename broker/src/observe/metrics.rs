@@ -134,7 +134,7 @@ impl Metrics {
         for d in AdminDenial::ALL {
             self.admin_denied.with_label_values(&[d.label()]);
         }
-        for d in crate::session::park::Discard::ALL {
+        for d in crate::outcome::Discard::ALL {
             self.sessions_parked_discarded.with_label_values(&[d.label()]);
         }
         for b in crate::outcome::BusRefusal::ALL {
@@ -277,7 +277,7 @@ impl Metrics {
     }
 
     /// A kept persistent session forgotten.
-    pub(crate) fn parked_discarded(&self, why: crate::session::park::Discard) {
+    pub(crate) fn parked_discarded(&self, why: crate::outcome::Discard) {
         self.sessions_parked_discarded.with_label_values(&[why.label()]).inc();
     }
 
