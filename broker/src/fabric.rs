@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::cluster::bus::Origin;
-use crate::cluster::{ClaimGuard, Cluster};
+use crate::cluster::claims::ClaimGuard;
+use crate::cluster::Cluster;
 use crate::inbox::Inbox;
 use crate::observe::metrics::Metrics;
 use crate::router::{RetainBudget, RetainRefused, Router};

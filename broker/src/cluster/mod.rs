@@ -25,11 +25,9 @@
 
 mod ask;
 pub(crate) mod bus;
-mod claims;
+pub(crate) mod claims;
 pub(crate) mod stream;
 pub(crate) mod subject;
-
-pub(crate) use claims::ClaimGuard;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

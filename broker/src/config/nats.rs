@@ -1,7 +1,8 @@
 //! The cluster's keys: how a node authenticates to NATS (`nats_security`) and the stream
 //! readers' consumers (`nats_readers`).
 
-use super::{Config, ConfigError};
+use super::settings::Config;
+use super::value::ConfigError;
 
 /// The durable consumer the nodes' SQL sinks share (no reader may take its name).
 pub const SQL_CONSUMER: &str = "fleet-sql-sink";

@@ -8,7 +8,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::CrlPolicy;
+/// What to do when the CRL is past its nextUpdate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrlPolicy {
+    /// Refuse new connections until a fresh CRL is loaded (default); live sessions continue.
+    #[default]
+    FailClosed,
+    /// Keep admitting (the registry is still consulted), but raise the alert metric.
+    FailOpen,
+}
 
 /// An address, or `off`: how the file, flags and environment spell an endpoint that can be
 /// disabled.
@@ -201,16 +210,16 @@ macro_rules! settings {
 
         impl Config {
             /// Every key, in file order.
-            pub const KEYS: &'static [$crate::config::Key] = &[
-                $( $crate::config::Key { name: stringify!($name), alias: $crate::config::value::settings!(@alias $($alias)?), help: concat!($($doc, "\n"),+) }, )+
+            pub const KEYS: &'static [$crate::config::value::Key] = &[
+                $( $crate::config::value::Key { name: stringify!($name), alias: $crate::config::value::settings!(@alias $($alias)?), help: concat!($($doc, "\n"),+) }, )+
             ];
 
             /// Sets `key` from its text form (a flag or environment value).
-            pub fn set(&mut self, key: &str, value: &str) -> Result<(), $crate::config::ConfigError> {
-                let bad = |why: String| $crate::config::ConfigError::Value { key: key.to_owned(), value: value.to_owned(), why };
+            pub fn set(&mut self, key: &str, value: &str) -> Result<(), $crate::config::value::ConfigError> {
+                let bad = |why: String| $crate::config::value::ConfigError::Value { key: key.to_owned(), value: value.to_owned(), why };
                 match key {
                     $( stringify!($name) => self.$name = $crate::config::value::FromSetting::from_setting(value).map_err(bad)?, )+
-                    _ => return Err($crate::config::ConfigError::UnknownKey(key.to_owned())),
+                    _ => return Err($crate::config::value::ConfigError::UnknownKey(key.to_owned())),
                 }
                 Ok(())
             }

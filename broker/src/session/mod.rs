@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Identity;
 use crate::caps::Source;
-use crate::cluster::ClaimGuard;
+use crate::cluster::claims::ClaimGuard;
 use crate::gate::Admission;
 use crate::listener::{Accepted, ConnectionSlot};
 use crate::outcome::{CloseCounter, CloseReason, Refusal};

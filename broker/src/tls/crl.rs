@@ -12,7 +12,7 @@ use rustls::pki_types::CertificateRevocationListDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use super::{read, TlsError};
+use super::files::{pem_words, read, TlsError, NOT_A_CERT};
 
 /// Facts about the loaded CRL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,13 +127,13 @@ pub enum CrlError {
 pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), CrlError> {
     let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
         CertificateRevocationListDer::from_pem_slice(bytes)
-            .map_err(|e| CrlError::Parse(format!("CRL: {}", super::pem_words(&e))))?
+            .map_err(|e| CrlError::Parse(format!("CRL: {}", pem_words(&e))))?
     } else {
         CertificateRevocationListDer::from(bytes.to_vec())
     };
     let (_, crl) =
         CertificateRevocationList::from_der(&der).map_err(|_| CrlError::Parse(NOT_A_CRL.into()))?;
-    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(super::NOT_A_CERT.into()))?;
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(NOT_A_CERT.into()))?;
     if crl.issuer() != ca.subject() || crl.verify_signature(ca.public_key()).is_err() {
         return Err(CrlError::Signature);
     }
