@@ -6,6 +6,7 @@
 
 pub(crate) mod events;
 pub(crate) mod http;
+mod labels;
 pub(crate) mod log_limit;
 pub(crate) mod metrics;
 

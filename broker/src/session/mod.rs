@@ -12,6 +12,7 @@
 pub(crate) mod conn;
 pub(crate) mod connect;
 pub(crate) mod handler;
+mod inbound;
 pub(crate) mod park;
 pub(crate) mod rate;
 pub(crate) mod services;
