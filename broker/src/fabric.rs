@@ -31,7 +31,7 @@ pub(crate) enum Link {
     /// A single node: there are no others.
     Local,
     /// A cluster member's NATS connection.
-    Nats(Cluster),
+    Nats(Box<Cluster>),
 }
 
 /// The router and the link; clone freely (two `Arc`s and the metrics handle).

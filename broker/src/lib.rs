@@ -145,7 +145,7 @@ impl Broker {
         };
         let sql_sink = cluster.as_ref().filter(|_| config.nats_sql_sink).map(|c| c.js.clone());
         let link = match cluster {
-            Some(c) => Link::Nats(c),
+            Some(c) => Link::Nats(Box::new(c)),
             None => Link::Local,
         };
         let router = router::Router::new(router::RetainLimits {
