@@ -1,10 +1,10 @@
 //! The admin API and operator console: HTTPS on `admin_listen`, admitted by the same gate as
-//! MQTT ([`crate::gate::gate`]: handshake with its deadline, the certificate's
+//! MQTT ([`crate::gate::Gate::pass`]: handshake with its deadline, the certificate's
 //! identity, the CRL policy, the revocation feed, the admission cache and the registry), then
 //! one more rule: the identity's role must be `operator`.
 //!
 //! - **Before TLS**: handshakes in progress are capped (`admin_handshakes`), each source (IPv6:
-//!   a /64) to `max_pre_admission_per_source` and to its fair share ([`FairShare`]), so silent
+//!   a /64) to `max_pre_admission_per_source` and to its fair share ([`crate::caps::FairShare`]), so silent
 //!   sockets from a few addresses cannot lock operators out.
 //! - **After TLS**: an identity the gate refuses, or one that is not an operator's, gets one
 //!   answer (403, or 503 when the broker cannot decide) and the connection is closed: only an

@@ -1,7 +1,7 @@
 //! The MQTT session of an admitted client: one `select!` over the socket, the queue of routed
 //! messages, the store's acknowledgements, timers, the kick and the shutdown.
 //!
-//! A [`Session`] is split in two: what it is ([`Ctx`]: identity, limits, kick; read-only) and
+//! A session is split in two: what it is ([`Ctx`]: identity, limits, kick; read-only) and
 //! what it holds ([`State`]: the connection, queues, subscriptions). Packet handling borrows the
 //! state mutably while the kick and the shutdown are watched through the context, so a stuck
 //! write never delays a revocation, a takeover or a shutdown.

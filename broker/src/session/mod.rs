@@ -1,6 +1,6 @@
-//! A connection in phases: the TLS handshake and admission ([`admit`]), CONNECT binding
+//! A connection in phases: the TLS handshake and admission ([`crate::gate`]), CONNECT binding
 //! ([`connect`]), then the MQTT session ([`handler`]) until the client leaves, the broker cuts it
-//! ([`table`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and its
+//! ([`crate::sessions`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and its
 //! buffers.
 //!
 //! Two tasks: one for the phases up to admission, and one, spawned at admission, for the live

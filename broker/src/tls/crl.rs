@@ -123,7 +123,7 @@ pub enum CrlError {
     Signature,
 }
 
-/// [`load_crl`] on bytes: PEM or DER, issuer and signature checked against `ca_der`.
+/// `load_crl` on bytes: PEM or DER, issuer and signature checked against `ca_der`.
 pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), CrlError> {
     let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
         CertificateRevocationListDer::from_pem_slice(bytes)
