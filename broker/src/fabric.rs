@@ -132,12 +132,16 @@ impl Fabric {
         }
     }
 
-    /// This node admitted a session under `key`: the others' sessions of it end, and `cut`
-    /// runs if another node admits it later. Held while the session lives.
-    pub(crate) async fn claim(&self, key: &str, cut: impl Fn() + Send + 'static) -> Option<ClaimGuard> {
+    /// This node admitted a session under `key`: the others' sessions of it end, and the
+    /// callback `cut()` makes runs if another node admits it later (made only on a cluster
+    /// member: a single node's admission allocates nothing for it). Held while the session lives.
+    pub(crate) async fn claim<F>(&self, key: &str, cut: impl FnOnce() -> F) -> Option<ClaimGuard>
+    where
+        F: Fn() + Send + 'static,
+    {
         match &*self.link {
             Link::Local => None,
-            Link::Nats(c) => c.claim(key, cut).await,
+            Link::Nats(c) => c.claim(key, cut()).await,
         }
     }
 

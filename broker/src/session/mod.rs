@@ -99,15 +99,14 @@ pub(crate) async fn serve(svc: Arc<Services>, accepted: Accepted) {
     // A revocation that landed between the admission query and registration is cut by
     // `register` (the feed reported it already) or by the feed (it reports it later).
     // In a cluster, a later session of the device on another node cuts this one.
-    let claim = {
+    let cut = || {
         let (kick, device) = (kick.clone(), id.id.clone());
-        svc.fabric
-            .claim(&key, move || {
-                info!(%device, "a session on another node replaces this one");
-                kick.cut(CloseReason::Takeover);
-            })
-            .await
+        move || {
+            info!(%device, "a session on another node replaces this one");
+            kick.cut(CloseReason::Takeover);
+        }
     };
+    let claim = svc.fabric.claim(&key, cut).await;
     svc.observe.admitted(peer, id.id.as_str(), id.serial.to_hex());
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
     let live = Live {
