@@ -10,37 +10,49 @@
 
 mod admin;
 mod auth;
+mod caps;
+mod clock;
 mod cluster;
 mod commands;
 pub mod config;
-mod events;
-mod http;
+mod fabric;
+mod gate;
 mod inbox;
+mod ingest;
 mod listener;
-mod log_limit;
-mod metrics;
+mod observe;
 pub mod outcome;
 mod proxy;
 mod router;
 mod session;
+mod sessions;
 mod store;
 mod tls;
 mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use fleet_registry::{Registry, RevocationFeed};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use outcome::Refusal;
+use commands::status::Statuses;
+use commands::Commands;
+use fabric::{Fabric, Link};
+use gate::Gate;
+use ingest::Ingest;
+use observe::Observe;
+use session::park::{ParkLimits, Parking};
+use session::services::Services;
+use sessions::Sessions;
+use watch::Watch;
 
 pub use config::{Config, ConfigError, CrlPolicy};
-pub use metrics::Metrics;
+pub use observe::metrics::Metrics;
 pub use tls::{CrlInfo, TlsError};
 
 /// Why the broker could not start.
@@ -64,73 +76,29 @@ pub enum BrokerError {
     Io(String, std::io::Error),
 }
 
-/// State shared by the tasks of one broker.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    /// The TLS files found at start (a CRL that appears later is picked up too).
-    pub(crate) tls_paths: tls::TlsPaths,
-    pub(crate) tls: ArcSwap<tls::TlsState>,
-    pub(crate) registry: Registry,
-    pub(crate) store: store::Store,
-    /// The command queue's single writer.
-    pub(crate) command_writer: commands::writer::Writer,
-    pub(crate) router: Arc<router::Router>,
-    /// The NATS connection of a cluster member (`None`: a single node).
-    pub(crate) cluster: Option<cluster::Cluster>,
-    pub(crate) sessions: session::table::Sessions,
-    /// CSR buckets by identity (`csr_interval_secs`).
-    pub(crate) csr_rate: session::rate::KeyedBuckets,
-    /// Persistent sessions whose clients are away.
-    pub(crate) parked: session::park::ParkedSessions,
-    /// Registry verdicts of active certificates (admission without a database round trip).
-    pub(crate) admissions: session::admit::AdmissionCache,
-    pub(crate) metrics: Metrics,
-    /// Admissions, refusals and session ends, for the admin API.
-    pub(crate) events: events::Events,
-    /// Cancelled to stop the broker.
-    pub(crate) shutdown: CancellationToken,
-}
-
-impl Shared {
-    /// A connection refused: counted, and recorded with the identity its certificate names.
-    pub(crate) fn refused(&self, why: Refusal, peer: SocketAddr, cert: Option<&[u8]>) {
-        self.metrics.refused(why);
-        let mut e = events::Event::new(events::Kind::Refused, why.label(), peer);
-        if let Some(der) = cert {
-            match auth::identify(der) {
-                Ok(id) => e = e.of(id.id.as_str(), id.serial.to_hex()),
-                Err(_) => e.serial = Some(session::admit::serial_hex(der)).filter(|s| !s.is_empty()),
-            }
-        }
-        self.events.record(e);
-    }
-
-    /// Within the configured topic length and depth?
-    pub(crate) fn topic_within(&self, topic: &str) -> bool {
-        topic.len() <= self.config.max_topic_length
-            && topic.split('/').count() <= self.config.max_topic_levels
-    }
-}
-
-pub(crate) fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-pub(crate) fn now_millis() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-/// A configured broker, ready to serve.
+/// A configured broker, ready to serve: its services, built and wired, and the tasks that
+/// [`Broker::serve`] starts. This is the only place that knows every service; each task is
+/// handed the few it uses.
 #[derive(Debug)]
 pub struct Broker {
-    shared: Arc<Shared>,
+    config: Arc<Config>,
+    registry: Registry,
+    observe: Observe,
+    gate: Arc<Gate>,
+    fabric: Fabric,
+    sessions: Arc<Sessions>,
+    parking: Parking,
+    ingest: Ingest,
+    statuses: Statuses,
+    shutdown: CancellationToken,
     store_writer: tokio::task::JoinHandle<()>,
     /// Opened before the first admission: every revocation after it reaches the feed, every one
     /// before it is visible to admission queries.
     feed: RevocationFeed,
     /// The command writer's queue, until `serve` starts the writer.
     command_jobs: commands::writer::Jobs,
+    /// A cluster member's JetStream, when this node feeds the SQL table from the stream.
+    sql_sink: Option<async_nats::jetstream::Context>,
 }
 
 /// What `check-config` reports.
@@ -160,7 +128,8 @@ impl Broker {
         let state = tls::build(&tls_paths)?;
         let registry = Registry::open_existing(&config.database_url(), config.registry_timeout()).await?;
         let feed = registry.revocation_feed().await?;
-        let metrics = Metrics::new();
+        let observe = Observe::new();
+        let metrics = observe.metrics().clone();
         let cluster = match &config.nats {
             Some(_) => Some(cluster::Cluster::connect(&config, &metrics).await?),
             None => None,
@@ -174,84 +143,176 @@ impl Broker {
             ),
             None => store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone()),
         };
-        let (command_writer, command_jobs) = commands::writer::channel();
-        let shared = Arc::new(Shared {
-            tls_paths,
-            tls: ArcSwap::from_pointee(state),
-            registry,
-            store,
-            command_writer,
-            router: Arc::new(router::Router::new(router::RetainLimits {
-                per_device: config.max_retained_per_device,
-                total_bytes: config.max_retained_bytes,
-                issuer_bytes: config.max_retained_bytes_issuer,
-            })),
-            cluster,
-            sessions: Default::default(),
-            csr_rate: Default::default(),
-            parked: session::park::ParkedSessions::new(session::park::ParkLimits {
-                per_claim: config.max_parked_per_claim,
-                total: config.max_parked_sessions,
-            }),
-            admissions: Default::default(),
-            metrics,
-            events: Default::default(),
-            shutdown: CancellationToken::new(),
-            config,
+        let sql_sink = cluster.as_ref().filter(|_| config.nats_sql_sink).map(|c| c.js.clone());
+        let link = match cluster {
+            Some(c) => Link::Nats(Box::new(c)),
+            None => Link::Local,
+        };
+        let router = router::Router::new(router::RetainLimits {
+            per_device: config.max_retained_per_device,
+            total_bytes: config.max_retained_bytes,
+            issuer_bytes: config.max_retained_bytes_issuer,
         });
-        watch::update_gauges(&shared);
-        Ok(Broker { shared, store_writer, feed, command_jobs })
+        let fabric = Fabric::new(router, link, metrics.clone());
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let sessions = Arc::new(Sessions::default());
+        let gate = Arc::new(Gate::new(gate::Parts {
+            config: config.clone(),
+            tls_paths,
+            tls: state,
+            registry: registry.clone(),
+            sessions: sessions.clone(),
+            fabric: fabric.clone(),
+            observe: observe.clone(),
+            shutdown: shutdown.clone(),
+        }));
+        let limits = ParkLimits { per_claim: config.max_parked_per_claim, total: config.max_parked_sessions };
+        let parking = Parking::new(limits, fabric.clone(), observe.clone(), sessions.clone());
+        let (writer, command_jobs) = commands::writer::channel();
+        let statuses = Statuses { fabric: fabric.clone(), metrics };
+        let commands = Commands::new(
+            writer,
+            registry.clone(),
+            statuses.clone(),
+            config.max_command_bytes,
+            config.command_ttl_secs,
+        );
+        let ingest = Ingest::new(store, commands);
+        gate.update_gauges();
+        Ok(Broker {
+            config,
+            registry,
+            observe,
+            gate,
+            fabric,
+            sessions,
+            parking,
+            ingest,
+            statuses,
+            shutdown,
+            store_writer,
+            feed,
+            command_jobs,
+            sql_sink,
+        })
     }
 
     /// Token that stops the broker when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shared.shutdown.clone()
+        self.shutdown.clone()
     }
 
     /// The broker's metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        self.observe.metrics()
     }
 
     /// Serves MQTT on `listener` (and metrics on `metrics`) until the shutdown token is
     /// cancelled; then stops accepting, closes sessions and commits queued messages.
     pub async fn serve(self, listeners: Listeners) {
-        let Listeners { mqtt: listener, metrics, admin: admin_listener } = listeners;
-        let Broker { shared, store_writer, feed, command_jobs } = self;
+        let Listeners { mqtt: listener, metrics: metrics_listener, admin: admin_listener } = listeners;
+        let Broker {
+            config,
+            registry,
+            observe,
+            gate,
+            fabric,
+            sessions,
+            parking,
+            ingest,
+            statuses,
+            shutdown,
+            store_writer,
+            feed,
+            command_jobs,
+            sql_sink,
+        } = self;
+        let metrics = observe.metrics().clone();
         let tracker = TaskTracker::new();
-        tracker.spawn(watch::revocations(shared.clone(), feed));
-        tracker.spawn(watch::files(shared.clone()));
-        tracker.spawn(commands::sweep(shared.clone()));
-        tracker.spawn(commands::writer::run(shared.clone(), command_jobs));
-        if let Some(c) = &shared.cluster {
-            tracker.spawn(watch::cluster_revocations(shared.clone()));
-            if shared.config.nats_sql_sink {
-                tracker.spawn(cluster::stream::feed_sql(
-                    c.js.clone(),
-                    shared.config.nats_stream.clone(),
-                    shared.registry.telemetry_writer(),
-                    shared.config.store_batch,
-                    shared.metrics.clone(),
-                    shared.shutdown.clone(),
-                ));
-            }
+        let watch = Arc::new(Watch {
+            gate: gate.clone(),
+            sessions: sessions.clone(),
+            parking: parking.clone(),
+            fabric: fabric.clone(),
+            registry: registry.clone(),
+            observe: observe.clone(),
+            revocation_poll: Duration::from_millis(config.revocation_poll_ms),
+            reload_poll_ms: config.reload_poll_ms,
+            shutdown: shutdown.clone(),
+        });
+        tracker.spawn(watch.clone().revocations(feed));
+        tracker.spawn(watch.clone().files());
+        tracker.spawn(watch.cluster_revocations());
+        tracker.spawn(ingest.commands().clone().sweep(shutdown.clone()));
+        tracker.spawn(parking.clone().sweep(shutdown.clone()));
+        let max_queued = config.max_queued_commands;
+        tracker.spawn(commands::writer::run(
+            registry.clone(),
+            statuses,
+            max_queued,
+            command_jobs,
+            shutdown.clone(),
+        ));
+        if let Some(js) = sql_sink {
+            tracker.spawn(cluster::stream::feed_sql(
+                js,
+                config.nats_stream.clone(),
+                registry.telemetry_writer(),
+                config.store_batch,
+                metrics.clone(),
+                shutdown.clone(),
+            ));
         }
-        if let Some(m) = metrics {
-            tracker.spawn(http::serve(shared.clone(), m));
+        if let Some(m) = metrics_listener {
+            let (g, f) = (gate.clone(), fabric.clone());
+            let probes = observe::http::Probes {
+                refresh: Arc::new(move || g.update_gauges()),
+                healthy: Arc::new(move || f.connected()),
+            };
+            tracker.spawn(observe::http::serve(metrics.clone(), probes, m, shutdown.clone()));
         }
         let node = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
-        if shared.cluster.is_some() {
-            tracker.spawn(admin::views::answer(shared.clone(), node.clone()));
-        }
+        let views = admin::Views::new(node, sessions.clone(), observe.clone(), fabric.clone());
+        tracker.spawn(views.clone().answer(shutdown.clone()));
         if let Some(a) = admin_listener {
-            tracker.spawn(admin::serve(shared.clone(), a, node));
+            let parts = admin::Parts {
+                config: config.clone(),
+                gate: gate.clone(),
+                sessions: sessions.clone(),
+                observe: observe.clone(),
+                registry,
+                views,
+                shutdown: shutdown.clone(),
+            };
+            tracker.spawn(admin::serve(parts, a));
         }
-        listener::run(&shared, listener, &tracker).await;
+        let limits = listener::Limits {
+            max_connections: config.max_connections,
+            per_source: config.max_pre_admission_per_source,
+            proxy_protocol: config.proxy_protocol,
+            // Validated at start (`Config::validate`).
+            balancers: config.proxy_from().unwrap_or_default(),
+            log_interval: config.log_interval(),
+        };
+        let svc = Arc::new(Services {
+            config,
+            gate,
+            fabric,
+            ingest,
+            sessions,
+            parking,
+            observe,
+            csr_rate: Default::default(),
+            shutdown: shutdown.clone(),
+        });
+        listener::run(limits, &metrics, listener, &tracker, &shutdown, |a| session::serve(svc.clone(), a))
+            .await;
         tracker.close();
         tracker.wait().await;
         // Every session is gone: dropping the last store handle lets the writer commit what is
         // queued and stop.
-        drop(shared);
+        drop(svc);
         let _ = store_writer.await;
         info!("broker stopped");
     }

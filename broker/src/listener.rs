@@ -1,157 +1,56 @@
 //! The accept loop: never blocks on a handshake (that runs in the connection's own task), caps
 //! connections in total and per source address before admission, backs off when accept fails
-//! (EMFILE), and stops on shutdown.
+//! (EMFILE), and stops on shutdown. What becomes of an accepted connection is the caller's
+//! (`serve`, statically dispatched): the loop knows nothing of sessions.
 
-use std::collections::HashMap;
-use std::hash::Hash;
-use std::net::{IpAddr, Ipv4Addr};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::log_limit::LogLimiter;
-use crate::metrics::Limit;
+use crate::caps::{PreAdmission, PreAdmissionSlot, Source};
+use crate::observe::log_limit::LogLimiter;
+use crate::observe::metrics::{Limit, Metrics};
 use crate::outcome::Refusal;
-use crate::{session, Shared};
 
-/// Where a connection comes from, for per-source caps: an IPv4 address, or an IPv6 /64 (a
-/// host given a /64, the usual end-site prefix, may use any of its 2^64 addresses, so counting
-/// IPv6 addresses one by one would cap nothing). An IPv4-mapped IPv6 address is its IPv4
-/// address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Source {
-    V4(Ipv4Addr),
-    /// The upper 64 bits.
-    V6(u64),
+/// What the accept loop needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// `max_connections`.
+    pub(crate) max_connections: usize,
+    /// `max_pre_admission_per_source`.
+    pub(crate) per_source: usize,
+    /// `proxy_protocol`: the client's address is known only once its header is read.
+    pub(crate) proxy_protocol: bool,
+    /// `proxy_from`: the balancers (address, prefix length); empty, any address.
+    pub(crate) balancers: Vec<(IpAddr, u8)>,
+    /// `log_interval_secs`.
+    pub(crate) log_interval: Duration,
 }
 
-impl Source {
-    pub(crate) fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(a) => Self::V4(a),
-            IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) => Self::V4(v4),
-                None => Self::V6((u128::from(a) >> 64) as u64),
-            },
-        }
-    }
-}
-
-/// Open things counted per key (a source, an identity), each under its own cap.
+/// A TCP connection the listener let in.
 #[derive(Debug)]
-pub(crate) struct Tally<K> {
-    inner: Mutex<HashMap<K, usize>>,
-}
-
-impl<K> Default for Tally<K> {
-    fn default() -> Self {
-        Self { inner: Mutex::default() }
-    }
-}
-
-/// One thing counted in a [`Tally`] until dropped.
-#[derive(Debug)]
-pub(crate) struct TallySlot<K: Hash + Eq> {
-    table: Arc<Tally<K>>,
-    key: K,
-}
-
-impl<K: Hash + Eq + Clone> Tally<K> {
-    /// Counts one more under `key`, or `None` if `key` already has `max`.
-    pub(crate) fn enter(self: &Arc<Self>, key: K, max: usize) -> Option<TallySlot<K>> {
-        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(key.clone()).or_insert(0);
-        if *n >= max {
-            if *n == 0 {
-                m.remove(&key);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(TallySlot { table: self.clone(), key })
-    }
-}
-
-impl<K: Hash + Eq> Drop for TallySlot<K> {
-    fn drop(&mut self) {
-        let mut m = self.table.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
-}
-
-/// Connections per source still in the pre-admission phase (TLS handshake + CONNECT): one
-/// source cannot hold more than `max_pre_admission_per_source` of the broker's connection
-/// slots with sockets that never authenticate.
-pub(crate) type PreAdmission = Tally<Source>;
-
-/// A connection counted in [`PreAdmission`] until dropped (at admission or when it ends).
-pub(crate) type PreAdmissionSlot = TallySlot<Source>;
-
-/// A fixed number of slots (handshakes in progress) shared fairly between sources: a source
-/// gets at most `min(per_source, total / (holders + 1))`, where `holders` counts the sources
-/// holding slots, itself included. The `+ 1` keeps a share free for a source that has none
-/// yet, so a few flooding addresses cannot take every slot, and the more sources flood, the
-/// smaller each one's share.
-#[derive(Debug, Default)]
-pub(crate) struct FairShare {
-    inner: Mutex<Shares>,
-}
-
-#[derive(Debug, Default)]
-struct Shares {
-    by_source: HashMap<Source, usize>,
-    used: usize,
-}
-
-/// A slot of a [`FairShare`], given back when dropped.
-#[derive(Debug)]
-pub(crate) struct FairSlot {
-    table: Arc<FairShare>,
-    source: Source,
-}
-
-impl FairShare {
-    /// A slot for `source`, or `None` if all `total` are taken or `source` holds its share.
-    pub(crate) fn enter(
-        self: &Arc<Self>,
-        source: Source,
-        per_source: usize,
-        total: usize,
-    ) -> Option<FairSlot> {
-        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let held = s.by_source.get(&source).copied().unwrap_or(0);
-        let holders = s.by_source.len() + usize::from(held == 0);
-        let share = per_source.min((total / (holders + 1)).max(1));
-        if s.used >= total || held >= share {
-            return None;
-        }
-        s.used += 1;
-        *s.by_source.entry(source).or_insert(0) += 1;
-        Some(FairSlot { table: self.clone(), source })
-    }
-}
-
-impl Drop for FairSlot {
-    fn drop(&mut self) {
-        let mut s = self.table.inner.lock().unwrap_or_else(|p| p.into_inner());
-        s.used = s.used.saturating_sub(1);
-        if let Some(n) = s.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                s.by_source.remove(&self.source);
-            }
-        }
-    }
+pub(crate) struct Accepted {
+    pub(crate) sock: TcpStream,
+    pub(crate) peer: SocketAddr,
+    /// Unique for the broker's life (router and session-table key).
+    pub(crate) conn_id: u64,
+    /// Its place in the source address's pre-admission share, given back at admission (`None`
+    /// behind a PROXY-protocol balancer: taken once the header names the client).
+    pub(crate) pre_admission: Option<PreAdmissionSlot>,
+    /// The per-source table, for that.
+    pub(crate) sources: Arc<PreAdmission>,
+    /// Its place under `max_connections`, held until the connection ends.
+    pub(crate) slot: ConnectionSlot,
+    /// Where the live session's task is spawned (the broker waits for it at shutdown).
+    pub(crate) tracker: TaskTracker,
 }
 
 /// A connection's place under `max_connections` and in `fleet_connections_open`, from accept
@@ -163,7 +62,7 @@ pub(crate) struct ConnectionSlot {
 }
 
 impl ConnectionSlot {
-    fn new(metrics: &crate::Metrics, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(metrics: &Metrics, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
         metrics.connections_open.inc();
         Self { gauge: metrics.connections_open.clone(), _permit: permit }
     }
@@ -176,9 +75,9 @@ impl Drop for ConnectionSlot {
 }
 
 /// Counts a connection refused by the per-source pre-admission cap.
-pub(crate) fn source_limited(shared: &Shared) {
-    shared.metrics.rejected_at_accept(Refusal::SourceLimit);
-    shared.metrics.limit(Limit::PerSource);
+pub(crate) fn source_limited(metrics: &Metrics) {
+    metrics.rejected_at_accept(Refusal::SourceLimit);
+    metrics.limit(Limit::PerSource);
 }
 
 /// Is `ip` in the block `net`/`bits`? (IPv4-mapped IPv6 peers are compared as IPv4.)
@@ -200,19 +99,27 @@ pub(crate) fn within(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     }
 }
 
-/// Accepts until shutdown, spawning one task per connection on `tracker`.
-pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &TaskTracker) {
-    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+/// Accepts until `shutdown`, spawning `serve(connection)` on `tracker` for each.
+pub(crate) async fn run<F, Fut>(
+    limits: Limits,
+    metrics: &Metrics,
+    listener: TcpListener,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    serve: F,
+) where
+    F: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let pre_admission = Arc::new(PreAdmission::default());
-    let mut source_limit_log = LogLimiter::new(shared.config.log_interval());
-    let mut proxy_log = LogLimiter::new(shared.config.log_interval());
-    // Validated at start (`Config::validate`).
-    let balancers = shared.config.proxy_from().unwrap_or_default();
+    let mut source_limit_log = LogLimiter::new(limits.log_interval);
+    let mut proxy_log = LogLimiter::new(limits.log_interval);
     let next_conn = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             r = listener.accept() => r,
         };
         let (sock, peer) = match accepted {
@@ -228,9 +135,10 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
         backoff = Duration::from_millis(5);
         // Behind a PROXY-protocol balancer the client's address is known only once its header
         // is read, in the connection's task (`session::serve`), which applies the cap then.
-        let slot = if shared.config.proxy_protocol {
+        let slot = if limits.proxy_protocol {
+            let balancers = &limits.balancers;
             if !balancers.is_empty() && !balancers.iter().any(|&(net, bits)| within(peer.ip(), net, bits)) {
-                shared.metrics.rejected_at_accept(Refusal::ProxyHeader);
+                metrics.rejected_at_accept(Refusal::ProxyHeader);
                 if let Some(skipped) = proxy_log.allow() {
                     warn!(%peer, reason = Refusal::ProxyHeader.label(), skipped, "connection refused: not from a balancer in proxy_from");
                 }
@@ -238,10 +146,10 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
             }
             None
         } else {
-            match pre_admission.enter(Source::of(peer.ip()), shared.config.max_pre_admission_per_source) {
+            match pre_admission.enter(Source::of(peer.ip()), limits.per_source) {
                 Some(s) => Some(s),
                 None => {
-                    source_limited(shared);
+                    source_limited(metrics);
                     if let Some(skipped) = source_limit_log.allow() {
                         warn!(%peer, reason = Refusal::SourceLimit.label(), skipped, "connection refused: too many unauthenticated connections from this address");
                     }
@@ -250,78 +158,20 @@ pub(crate) async fn run(shared: &Arc<Shared>, listener: TcpListener, tracker: &T
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.metrics.rejected_at_accept(Refusal::MaxConnections);
+            metrics.rejected_at_accept(Refusal::MaxConnections);
             warn!(%peer, reason = Refusal::MaxConnections.label(), "connection refused: max_connections reached");
             continue;
         };
         let conn_id = next_conn.fetch_add(1, Ordering::Relaxed);
-        let accepted = session::Accepted {
+        let accepted = Accepted {
             sock,
             peer,
             conn_id,
             pre_admission: slot,
             sources: pre_admission.clone(),
-            slot: ConnectionSlot::new(&shared.metrics, permit),
+            slot: ConnectionSlot::new(metrics, permit),
             tracker: tracker.clone(),
         };
-        tracker.spawn(session::serve(shared.clone(), accepted));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_address_holds_at_most_max_slots_and_gets_them_back() {
-        let t = Arc::new(PreAdmission::default());
-        let a: IpAddr = "127.0.0.2".parse().expect("ip");
-        let b: IpAddr = "127.0.0.3".parse().expect("ip");
-        let (a, b) = (Source::of(a), Source::of(b));
-        let first = t.enter(a, 2).expect("1st");
-        let _second = t.enter(a, 2).expect("2nd");
-        assert!(t.enter(a, 2).is_none(), "third from the same address");
-        assert!(t.enter(b, 2).is_some(), "another address is not affected");
-        drop(first);
-        assert!(t.enter(a, 2).is_some(), "a slot comes back when its connection moves on");
-    }
-
-    #[test]
-    fn ipv6_sources_are_grouped_by_their_64_bit_prefix() {
-        let ip = |s: &str| Source::of(s.parse::<IpAddr>().expect("ip"));
-        assert_eq!(ip("2001:db8:1:2::1"), ip("2001:db8:1:2:ffff:ffff:ffff:ffff"));
-        assert_ne!(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1"));
-        assert_eq!(ip("::ffff:192.0.2.7"), ip("192.0.2.7"));
-        assert_ne!(ip("192.0.2.7"), ip("192.0.2.8"));
-        // One /64 rotating addresses holds one source's cap, not one per address.
-        let t = Arc::new(PreAdmission::default());
-        let held: Vec<_> = (1..=4).filter_map(|i| t.enter(ip(&format!("2001:db8:0:1::{i:x}")), 3)).collect();
-        assert_eq!(held.len(), 3, "a fourth address of the same /64 got past the cap");
-        assert!(t.enter(ip("2001:db8:0:2::1"), 3).is_some(), "another /64 is not affected");
-    }
-
-    #[test]
-    fn floods_from_a_few_sources_leave_handshake_slots_for_others() {
-        let t = Arc::new(FairShare::default());
-        let src = |i: u8| Source::of(IpAddr::from([127, 0, 0, i]));
-        let (total, per_source) = (64, 32);
-        let mut held = Vec::new();
-        for flooder in [2, 3] {
-            held.extend((0..100).map_while(|_| t.enter(src(flooder), per_source, total)));
-        }
-        assert!(held.len() < total, "two sources took all {total} slots");
-        assert!(t.enter(src(1), per_source, total).is_some(), "a third source is locked out");
-        // Many sources: each newcomer still finds a slot until every one is used.
-        let mut newcomers = 0;
-        for i in 10..80 {
-            if let Some(s) = t.enter(src(i), per_source, total) {
-                held.push(s);
-                newcomers += 1;
-            }
-        }
-        assert!(newcomers >= 10, "only {newcomers} newcomers got a slot");
-        assert!(held.len() <= total);
-        held.clear();
-        assert!(t.enter(src(2), per_source, total).is_some(), "slots come back");
+        tracker.spawn(serve(accepted));
     }
 }

@@ -205,7 +205,12 @@ mod tests {
             .expect("parses");
         let c = resolve(&m).expect("resolves");
         assert_eq!(
-            (c.max_packet_size, c.handshake_timeout_secs, c.connect_timeout_secs, c.metrics_listen.0),
+            (
+                c.max_packet_size,
+                c.handshake_timeout_secs.get(),
+                c.connect_timeout_secs.get(),
+                c.metrics_listen.0
+            ),
             (8192, 2.0, 3.0, None)
         );
         let m = cli().try_get_matches_from(["fleet-broker", "--max-packet-size", "big"]).expect("parses");

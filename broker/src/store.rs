@@ -16,7 +16,7 @@ use fleet_registry::{Telemetry, TelemetryWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// Why a sink did not store a batch.
 pub(crate) type SinkError = Box<dyn std::error::Error + Send + Sync>;

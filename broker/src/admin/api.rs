@@ -7,69 +7,32 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use axum::body::{to_bytes, Body};
 use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use fleet_registry::{DeviceId, DeviceQuery, RevocationReason, Role, Status};
 use serde_json::{json, Value};
-use tracing::{info, warn};
+use tracing::info;
 
-use super::auth::Op;
+use super::error::{ApiCode, ApiError};
+use super::extract::Op;
+use super::state::Admin;
 use super::views::{self, Query as Ask};
-use super::Admin;
-use crate::events::{Kind, MINUTES};
+use crate::clock::{now_millis, now_unix};
+use crate::observe::events::{Kind, MINUTES};
 use crate::outcome::Refusal;
-use crate::{now_millis, now_unix};
 
 /// Largest request body (a revocation's JSON), bytes.
 const MAX_BODY: usize = 4096;
 /// The OpenAPI document the tests validate answers against.
 pub(crate) const OPENAPI: &str = include_str!("openapi.json");
 
-/// An error answer.
-#[derive(Debug)]
-pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) &'static str, pub(crate) String);
-
-impl ApiError {
-    fn bad(message: impl Into<String>) -> Self {
-        Self(StatusCode::BAD_REQUEST, "bad_request", message.into())
-    }
-
-    fn registry(e: fleet_registry::Error) -> Self {
-        warn!(error = %e, "admin API: registry error");
-        Self(StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", format!("registry: {e}"))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": { "code": self.1, "message": self.2 } }))).into_response()
-    }
-}
-
 type ApiResult = Result<Response, ApiError>;
 
-pub(crate) fn router(admin: Admin) -> Router {
-    Router::new()
-        .route("/", get(super::page::index))
-        .route("/console.js", get(super::page::script))
-        .route("/console.css", get(super::page::style))
-        .route("/api/v1/openapi.json", get(openapi))
-        .route("/api/v1/summary", get(summary))
-        .route("/api/v1/devices", get(devices))
-        .route("/api/v1/devices/{id}", get(device))
-        .route("/api/v1/devices/{id}/revoke", post(revoke))
-        .route("/api/v1/events", get(super::feed::events))
-        .fallback(not_found)
-        .with_state(admin)
+pub(crate) async fn not_found(_: Op) -> ApiError {
+    ApiError::new(ApiCode::NotFound, "no such path")
 }
 
-async fn not_found(_: Op) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "not_found", "no such path".into())
-}
-
-async fn openapi(_: Op) -> Response {
+pub(crate) async fn openapi(_: Op) -> Response {
     ([(CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
@@ -110,23 +73,14 @@ async fn log_status(admin: &Admin) -> Value {
     v
 }
 
-/// Whether the loaded CRL lists every revocation the registry holds: a broker or tool that
-/// reads only the CRL admits a device whose revocation it lacks.
-/// Every revocation the registry held at the last look, and the feed position after it: each
-/// summary reads only what is new (an operator's page asking every few seconds once read the
-/// whole list each time, and with 20,000 revocations took the registry from admissions).
-#[derive(Debug, Default)]
-pub(crate) struct Revocations {
-    after: i64,
-    all: Vec<fleet_registry::RevocationEvent>,
-}
-
 /// The registry's revocations, up to date (the new ones since the last call read); the guard is
 /// held while the caller compares them with the CRL (no await meanwhile).
-async fn revocations(admin: &Admin) -> Result<std::sync::MutexGuard<'_, Revocations>, ApiError> {
+async fn revocations(
+    admin: &Admin,
+) -> Result<std::sync::MutexGuard<'_, super::state::Revocations>, ApiError> {
     let lock = || admin.revocations.lock().unwrap_or_else(|p| p.into_inner());
     let after = lock().after;
-    let new = admin.shared.registry.revocations_since(after).await.map_err(ApiError::registry)?;
+    let new = admin.registry.revocations_since(after).await.map_err(ApiError::registry)?;
     let mut seen = lock();
     // Two summaries at once read the same range: keep each revocation once.
     for r in new {
@@ -138,10 +92,12 @@ async fn revocations(admin: &Admin) -> Result<std::sync::MutexGuard<'_, Revocati
     Ok(seen)
 }
 
+/// Whether the loaded CRL lists every revocation the registry holds: a broker or tool that
+/// reads only the CRL admits a device whose revocation it lacks.
 async fn crl_health(admin: &Admin, now: i64) -> Result<Value, ApiError> {
     let seen = revocations(admin).await?;
     let revoked = &seen.all;
-    let tls = admin.shared.tls.load();
+    let tls = admin.gate.tls();
     let listed = |s: &fleet_registry::SerialNumber| {
         tls.crl_serials.as_ref().is_some_and(|crl| {
             // DER INTEGER content: a leading zero when the top bit is set.
@@ -178,22 +134,25 @@ async fn crl_health(admin: &Admin, now: i64) -> Result<Value, ApiError> {
     Ok(json!({ "ok": ok, "missing": missing.len(), "first_missing": first, "message": message }))
 }
 
-async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub(crate) async fn summary(
+    _: Op,
+    State(admin): State<Admin>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let days = int_param(&q, "expiring_within_days", 30, 0..=3650)?;
     let minutes = int_param(&q, "minutes", 15, 1..=MINUTES)?;
-    let shared = &admin.shared;
     let now = now_unix();
     let mut devices = json!({ "active": 0, "revoked": 0 });
-    for (s, n) in shared.registry.status_counts(Role::Device).await.map_err(ApiError::registry)? {
+    for (s, n) in admin.registry.status_counts(Role::Device).await.map_err(ApiError::registry)? {
         devices[s.as_str()] = n.into();
     }
     let (count, first) =
-        shared.registry.expiring(now + days * 86_400, 20).await.map_err(ApiError::registry)?;
+        admin.registry.expiring(now + days * 86_400, 20).await.map_err(ApiError::registry)?;
     let first: Vec<Value> = first
         .iter()
         .map(|e| json!({ "device": e.device_id.as_str(), "serial": e.serial.to_hex(), "not_after": e.not_after }))
         .collect();
-    let views = views::gather(shared, &admin.node, &Ask { minutes, ..Ask::default() }).await;
+    let views = admin.views.gather(&Ask { minutes, ..Ask::default() }).await;
     let (mut admitted, mut refused, mut closed) = (0u64, BTreeMap::new(), BTreeMap::new());
     for (kind, reason, n) in views.iter().flat_map(|v| v.counts.iter()) {
         match kind {
@@ -204,7 +163,7 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
     }
     let nodes: Vec<Value> =
         views.iter().map(|v| json!({ "node": v.node, "sessions_live": v.sessions_live })).collect();
-    let crl = shared.tls.load().crl.as_ref().map(|c| {
+    let crl = admin.gate.tls().crl.as_ref().map(|c| {
         json!({
             "number": c.number, "revoked": c.revoked, "age_seconds": now - c.this_update,
             "next_update_seconds": c.next_update.map(|n| n - now), "expired": c.expired(now),
@@ -213,7 +172,7 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
     let reasons: serde_json::Map<String, Value> =
         Refusal::ALL.iter().map(|r| (r.label().to_owned(), Value::from(r.explain()))).collect();
     Ok(Json(json!({
-        "node": admin.node,
+        "node": admin.node(),
         "organisation": admin.organisation(),
         "generated_at": now,
         "devices": devices,
@@ -232,7 +191,11 @@ async fn summary(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
     .into_response())
 }
 
-async fn devices(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+pub(crate) async fn devices(
+    _: Op,
+    State(admin): State<Admin>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let limit = int_param(&q, "limit", 50, 1..=500)?;
     let status = match q.get("status").map(String::as_str) {
         None | Some("") => None,
@@ -259,14 +222,14 @@ async fn devices(_: Op, State(admin): State<Admin>, Query(q): Query<HashMap<Stri
         after: q.get("after").cloned(),
         limit: limit + 1,
     };
-    let mut rows = admin.shared.registry.device_page(&query).await.map_err(ApiError::registry)?;
+    let mut rows = admin.registry.device_page(&query).await.map_err(ApiError::registry)?;
     let next = (rows.len() as i64 > limit).then(|| {
         rows.truncate(limit as usize);
         rows.last().map(|r| r.device.device_id.to_string())
     });
     let ids: Vec<String> = rows.iter().map(|r| r.device.device_id.to_string()).collect();
     let q = Ask { minutes: 1, devices: ids, detail: false };
-    let seen = Seen::of(views::gather(&admin.shared, &admin.node, &q).await);
+    let seen = Seen::of(admin.views.gather(&q).await);
     let list: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -329,11 +292,11 @@ impl Seen {
     }
 }
 
-async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> ApiResult {
+pub(crate) async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> ApiResult {
     let id = device_id(&id)?;
-    let registry = &admin.shared.registry;
+    let registry = &admin.registry;
     let Some(d) = registry.device(&id).await.map_err(ApiError::registry)? else {
-        return Err(ApiError(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id}")));
+        return Err(ApiError::new(ApiCode::UnknownDevice, format!("no device {id}")));
     };
     let certs: Vec<Value> = registry
         .certificates_of(&id)
@@ -361,7 +324,7 @@ async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> Ap
         })
         .collect();
     let q = Ask { minutes: 1, devices: vec![id.to_string()], detail: true };
-    let mut views = views::gather(&admin.shared, &admin.node, &q).await;
+    let mut views = admin.views.gather(&q).await;
     let session = views.iter().flat_map(|v| v.sessions.iter()).next().cloned();
     let mut events: Vec<Value> = views.iter_mut().flat_map(|v| std::mem::take(&mut v.events)).collect();
     let seen = Seen::of(views);
@@ -380,7 +343,7 @@ async fn device(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> Ap
     .into_response())
 }
 
-async fn revoke(
+pub(crate) async fn revoke(
     Op(op, peer): Op,
     State(admin): State<Admin>,
     Path(id): Path<String>,
@@ -388,15 +351,11 @@ async fn revoke(
 ) -> ApiResult {
     let id = device_id(&id)?;
     // The body within the header deadline too: a client that trickles it holds nothing long.
-    let deadline = admin.shared.config.admin_header_timeout();
+    let deadline = admin.config.admin_header_timeout();
     let body = match tokio::time::timeout(deadline, to_bytes(body, MAX_BODY)).await {
         Ok(Ok(b)) => b,
         Ok(Err(_)) => {
-            return Err(ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the body is over {MAX_BODY} bytes"),
-            ))
+            return Err(ApiError::new(ApiCode::TooLarge, format!("the body is over {MAX_BODY} bytes")))
         }
         Err(_) => return Err(ApiError::bad("the body did not arrive in time")),
     };
@@ -405,25 +364,19 @@ async fn revoke(
         serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("the body is not JSON: {e}")))?;
     let reason = match v.get("reason").and_then(Value::as_str) {
         None => {
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "reason_required",
+            return Err(ApiError::new(
+                ApiCode::ReasonRequired,
                 format!("a reason is required: one of {}", reasons()),
             ))
         }
         Some(r) => RevocationReason::parse(r).ok_or_else(|| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "bad_reason",
-                format!("unknown reason {r:?}: one of {}", reasons()),
-            )
+            ApiError::new(ApiCode::BadReason, format!("unknown reason {r:?}: one of {}", reasons()))
         })?,
     };
-    let shared = &admin.shared;
-    match shared.registry.device(&id).await.map_err(ApiError::registry)? {
-        None => return Err(ApiError(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id}"))),
+    match admin.registry.device(&id).await.map_err(ApiError::registry)? {
+        None => return Err(ApiError::new(ApiCode::UnknownDevice, format!("no device {id}"))),
         Some(d) if d.status == Status::Revoked => {
-            return Err(ApiError(StatusCode::CONFLICT, "already_revoked", format!("{id} is revoked already")))
+            return Err(ApiError::new(ApiCode::AlreadyRevoked, format!("{id} is revoked already")))
         }
         Some(d) if d.role != Role::Device => {
             return Err(ApiError::bad(format!("{id} is a {}: revoke it at the station", d.role.as_str())))
@@ -439,8 +392,8 @@ async fn revoke(
     // The feed cuts it within its poll on every node; here, at once.
     let mut cut = false;
     for s in &serials {
-        shared.admissions.revoked(s);
-        cut |= shared.sessions.kick_serial(&id, s);
+        admin.gate.forget(s);
+        cut |= admin.sessions.kick_serial(&id, s);
     }
     info!(device = %id, operator = %op.id, %peer, reason = reason.as_str(), cut, "revoked through the admin API");
     Ok(Json(json!({

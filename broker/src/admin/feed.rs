@@ -3,26 +3,18 @@
 //! `admin_max_event_streams_per_operator` per operator (more: 429).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 
-use super::api::ApiError;
-use super::auth::Op;
-use super::Admin;
-use crate::listener::{Tally, TallySlot};
-use crate::metrics::AdminDenial;
-
-/// Live event streams.
-#[derive(Debug, Default)]
-pub(crate) struct Streams {
-    all: Arc<Tally<()>>,
-    per_operator: Arc<Tally<String>>,
-}
+use super::error::{ApiCode, ApiError};
+use super::extract::Op;
+use super::state::Admin;
+use crate::caps::TallySlot;
+use crate::observe::events::Event;
+use crate::observe::metrics::AdminDenial;
 
 /// Server-sent events: the newest 20 events, then each one as it happens (`event:` is the
 /// kind, `data:` the JSON of an event).
@@ -30,25 +22,24 @@ pub(crate) async fn events(
     Op(op, _): Op,
     State(admin): State<Admin>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let shared = admin.shared.clone();
-    let config = &shared.config;
+    let config = &admin.config;
     let held: Option<(TallySlot<()>, TallySlot<String>)> = admin
         .streams
         .per_operator
         .enter(op.id.to_string(), config.admin_max_event_streams_per_operator)
         .and_then(|mine| Some((admin.streams.all.enter((), config.admin_max_event_streams)?, mine)));
     let Some(held) = held else {
-        shared.metrics.admin_denied(AdminDenial::EventStreams);
-        return Err(ApiError(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_streams",
-            "too many live event streams (in all or of this operator)".into(),
+        admin.observe.metrics().admin_denied(AdminDenial::EventStreams);
+        return Err(ApiError::new(
+            ApiCode::TooManyStreams,
+            "too many live event streams (in all or of this operator)",
         ));
     };
-    let rx = shared.events.subscribe();
-    let mut backlog = shared.events.recent(None, None, 20);
+    let events = admin.observe.events();
+    let rx = events.subscribe();
+    let mut backlog = events.recent(None, None, 20);
     backlog.reverse();
-    let sse = |e: &crate::events::Event| {
+    let sse = |e: &Event| {
         Ok(SseEvent::default().event(e.kind.label()).data(serde_json::to_string(e).unwrap_or_default()))
     };
     let first: Vec<_> = backlog.iter().map(sse).collect();
@@ -64,7 +55,7 @@ pub(crate) async fn events(
         };
         Some((next, (rx, held)))
     });
-    let stop = shared.shutdown.clone().cancelled_owned();
+    let stop = admin.shutdown.clone().cancelled_owned();
     Ok(Sse::new(stream::iter(first).chain(live).take_until(stop))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -6,7 +6,7 @@
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use axum::response::IntoResponse;
 
-use super::auth::Op;
+use super::extract::Op;
 
 const PAGE: &str = include_str!("console.html");
 const SCRIPT: &str = include_str!("console.js");

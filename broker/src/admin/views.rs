@@ -13,10 +13,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::events::Kind;
-use crate::Shared;
+use crate::fabric::Fabric;
+use crate::observe::events::Kind;
+use crate::observe::Observe;
+use crate::sessions::Sessions;
 
 /// The subject of the question.
 pub(crate) const SUBJECT: &str = "fleet.admin.q";
@@ -76,57 +79,78 @@ impl Activity {
     }
 }
 
-/// This node's answer to `q`.
-pub(crate) fn local(shared: &Shared, node: &str, q: &Query) -> NodeView {
-    let counts =
-        shared.events.counts(q.minutes).into_iter().map(|((k, r), n)| (k, r.to_owned(), n)).collect();
-    let mut view = NodeView {
-        node: node.to_owned(),
-        sessions_live: shared.sessions.len() as u64,
-        counts,
-        online: Vec::new(),
-        sessions: Vec::new(),
-        events: Vec::new(),
-        activity: Vec::new(),
-        last_seen: Vec::new(),
-    };
-    for d in q.devices.iter().take(MAX_DEVICES) {
-        let Some(s) = shared.sessions.get(d) else {
-            if let Some(at) = shared.events.last_seen(d) {
-                view.last_seen.push((d.clone(), at));
-            }
-            continue;
-        };
-        view.online.push(d.clone());
-        view.activity.push(Activity {
-            device: d.clone(),
-            since_ms: s.info.since_ms,
-            received: s.info.received.load(Relaxed),
-        });
-        if q.detail {
-            view.sessions.push(serde_json::json!({
-                "node": node, "peer": s.info.peer.to_string(), "since_ms": s.info.since_ms,
-                "serial": s.serial.to_hex(), "not_after": s.not_after,
-                "received": s.info.received.load(Relaxed), "sent": s.info.sent.load(Relaxed),
-            }));
-        }
-    }
-    if q.detail {
-        for d in q.devices.iter().take(MAX_DEVICES) {
-            let events = shared.events.recent(Some(d), None, 20);
-            view.events.extend(events.iter().filter_map(|e| serde_json::to_value(e).ok()));
-        }
-    }
-    view
+/// A node's views and the way to the other nodes'; clone freely.
+#[derive(Debug, Clone)]
+pub(crate) struct Views {
+    /// This node, as the API names it (its MQTT listen address).
+    node: String,
+    sessions: Arc<Sessions>,
+    observe: Observe,
+    fabric: Fabric,
 }
 
-/// Every node's answer: this node's, then the others' (in a cluster).
-pub(crate) async fn gather(shared: &Shared, node: &str, q: &Query) -> Vec<NodeView> {
-    let mut views = vec![local(shared, node, q)];
-    if let Some(cluster) = &shared.cluster {
+impl Views {
+    /// Views of this node (`node`), asking the others through `fabric`.
+    pub(crate) fn new(node: String, sessions: Arc<Sessions>, observe: Observe, fabric: Fabric) -> Self {
+        Self { node, sessions, observe, fabric }
+    }
+
+    /// This node's name.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// This node's answer to `q`.
+    fn local(&self, q: &Query) -> NodeView {
+        let node = self.node.as_str();
+        let events = self.observe.events();
+        let counts = events.counts(q.minutes).into_iter().map(|((k, r), n)| (k, r.to_owned(), n)).collect();
+        let mut view = NodeView {
+            node: node.to_owned(),
+            sessions_live: self.sessions.len() as u64,
+            counts,
+            online: Vec::new(),
+            sessions: Vec::new(),
+            events: Vec::new(),
+            activity: Vec::new(),
+            last_seen: Vec::new(),
+        };
+        for d in q.devices.iter().take(MAX_DEVICES) {
+            let Some(s) = self.sessions.get(d) else {
+                if let Some(at) = events.last_seen(d) {
+                    view.last_seen.push((d.clone(), at));
+                }
+                continue;
+            };
+            view.online.push(d.clone());
+            view.activity.push(Activity {
+                device: d.clone(),
+                since_ms: s.info.since_ms,
+                received: s.info.received.load(Relaxed),
+            });
+            if q.detail {
+                view.sessions.push(serde_json::json!({
+                    "node": node, "peer": s.info.peer.to_string(), "since_ms": s.info.since_ms,
+                    "serial": s.serial.to_hex(), "not_after": s.not_after,
+                    "received": s.info.received.load(Relaxed), "sent": s.info.sent.load(Relaxed),
+                }));
+            }
+        }
+        if q.detail {
+            for d in q.devices.iter().take(MAX_DEVICES) {
+                let events = events.recent(Some(d), None, 20);
+                view.events.extend(events.iter().filter_map(|e| serde_json::to_value(e).ok()));
+            }
+        }
+        view
+    }
+
+    /// Every node's answer: this node's, then the others' (in a cluster).
+    pub(crate) async fn gather(&self, q: &Query) -> Vec<NodeView> {
+        let mut views = vec![self.local(q)];
         match serde_json::to_vec(q) {
             Ok(body) => {
-                for answer in cluster.scatter(SUBJECT, body, GATHER).await {
+                for answer in self.fabric.scatter(SUBJECT, body, GATHER).await {
                     match serde_json::from_slice::<NodeView>(&answer) {
                         Ok(v) => views.push(v),
                         Err(e) => warn!(error = %e, "admin: an unreadable answer from another node"),
@@ -135,27 +159,26 @@ pub(crate) async fn gather(shared: &Shared, node: &str, q: &Query) -> Vec<NodeVi
             }
             Err(e) => warn!(error = %e, "admin: question not encoded"),
         }
+        views
     }
-    views
-}
 
-/// Answers other nodes' questions until the broker stops.
-pub(crate) async fn answer(shared: Arc<Shared>, node: String) {
-    let Some(cluster) = &shared.cluster else { return };
-    let weak = Arc::downgrade(&shared);
-    let served = cluster.answer(SUBJECT, move |question| {
-        let shared = weak.upgrade()?;
-        // A question that does not parse gets no answer (the asker's window just ends).
-        let q: Query = serde_json::from_slice(&question).ok()?;
-        serde_json::to_vec(&local(&shared, &node, &q)).ok()
-    });
-    match served.await {
-        Ok(task) => {
-            shared.shutdown.cancelled().await;
-            task.abort();
-        }
-        Err(e) => {
-            warn!(error = %e, "admin: cannot answer other nodes' questions; their views miss this node")
+    /// Answers other nodes' questions until the broker stops.
+    pub(crate) async fn answer(self, shutdown: CancellationToken) {
+        let me = self.clone();
+        let served = self.fabric.answer(SUBJECT, move |question| {
+            // A question that does not parse gets no answer (the asker's window just ends).
+            let q: Query = serde_json::from_slice(&question).ok()?;
+            serde_json::to_vec(&me.local(&q)).ok()
+        });
+        match served.await {
+            Ok(None) => {}
+            Ok(Some(task)) => {
+                shutdown.cancelled().await;
+                task.abort();
+            }
+            Err(e) => {
+                warn!(error = %e, "admin: cannot answer other nodes' questions; their views miss this node")
+            }
         }
     }
 }

@@ -91,8 +91,7 @@ pub(crate) fn may_relay(origin: &Relayed, topic: &str) -> bool {
     match origin {
         Relayed::Client(id) => id.role != Role::Operator && auth::may_publish(id, topic),
         Relayed::Broker => {
-            topic.starts_with(crate::commands::STATUS)
-                && topic[crate::commands::STATUS.len()..].starts_with('/')
+            topic.starts_with(crate::auth::STATUS) && topic[crate::auth::STATUS.len()..].starts_with('/')
         }
     }
 }

@@ -25,11 +25,9 @@
 
 mod ask;
 pub(crate) mod bus;
-mod claims;
+pub(crate) mod claims;
 pub(crate) mod stream;
 pub(crate) mod subject;
-
-pub(crate) use claims::ClaimGuard;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -45,7 +43,7 @@ use rumqttc::mqttbytes::QoS;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::outcome::BusRefusal;
 use crate::router::Router;
 
@@ -103,7 +101,10 @@ impl Cluster {
     /// `nats_ca`, a client certificate (`nats_cert`, `nats_key`), an nkey seed (`nats_nkey`), or the
     /// user and password of the URL (async-nats ignores those in the URL: they are passed
     /// explicitly, and the URL logged without them).
-    pub(crate) async fn connect(config: &crate::Config, metrics: &Metrics) -> Result<Self, ClusterError> {
+    pub(crate) async fn connect(
+        config: &crate::config::Config,
+        metrics: &Metrics,
+    ) -> Result<Self, ClusterError> {
         let url = config.nats.clone().unwrap_or_default();
         let shown = crate::config::redact_url(&url);
         let security = config.nats_security(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
@@ -189,7 +190,7 @@ impl Cluster {
         let want = stream::stream_config(
             &config.nats_stream,
             config.nats_replicas,
-            Duration::from_secs_f64(config.nats_duplicate_window_secs),
+            config.nats_duplicate_window_secs.duration(),
         );
         let fleet_stream = js
             .get_or_create_stream(want)
@@ -290,7 +291,7 @@ impl Cluster {
 fn warn_refused(why: BusRefusal, subject: &str) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::now_unix().max(0) as u64;
+    let now = crate::clock::now_unix().max(0) as u64;
     if LAST.swap(now, Relaxed) != now {
         warn!(reason = why.label(), %subject, "cluster bus: message refused (fleet_cluster_refused_total)");
     }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::subject;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::store::{Sink, SinkError};
 
 /// Header: the publishing device.
@@ -37,7 +37,7 @@ pub const QOS: &str = "Fleet-QoS";
 /// Header: unix milliseconds at the broker that accepted the message.
 pub const RECEIVED_AT: &str = "Fleet-Received-At";
 /// The durable consumer the nodes' SQL sinks share.
-pub const SQL_CONSUMER: &str = "fleet-sql-sink";
+pub use crate::config::SQL_CONSUMER;
 
 /// The stream a cluster's nodes store into, as `config` describes it.
 pub(crate) fn stream_config(name: &str, replicas: usize, duplicate_window: Duration) -> stream::Config {

@@ -7,15 +7,15 @@
 //! through the writer too ([`Change::Take`]): on two busy cores a session holding a pooled
 //! connection across its awaits kept it for long, and reads timed out waiting for the pool.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_registry::{Command, CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCommand};
+use fleet_registry::{Command, CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCommand, Registry};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::status;
-use crate::Shared;
+use super::status::Statuses;
+use crate::outcome::CommandRefusal;
 
 /// Changes applied in one transaction at most.
 const BATCH: usize = 256;
@@ -95,37 +95,38 @@ impl Writer {
 }
 
 /// Publishes the statuses a committed change caused.
-async fn announce(shared: &Shared, change: &Change, outcome: &CommandOutcome) {
+async fn announce(statuses: &Statuses, change: &Change, outcome: &CommandOutcome) {
     match (change, outcome) {
         (Change::Enqueue { device, name, .. }, CommandOutcome::Enqueued { id, dropped }) => {
-            status(shared, *id, device.as_str(), name, CommandStatus::Queued, None).await;
+            statuses.publish(*id, device.as_str(), name, CommandStatus::Queued, None).await;
             for d in dropped {
-                drop_status(shared, d).await;
+                drop_status(statuses, d).await;
             }
         }
         (Change::Acknowledged { id, device, name, .. }, CommandOutcome::Changed(true)) => {
-            status(shared, *id, device, name, CommandStatus::Acknowledged, None).await
+            statuses.publish(*id, device, name, CommandStatus::Acknowledged, None).await
         }
         (Change::Take { .. }, CommandOutcome::Taken(commands)) => {
             for c in commands.iter().filter(|c| c.status == CommandStatus::Queued) {
-                status(shared, c.id, &c.device_id, &c.name, CommandStatus::Delivered, None).await
+                statuses.publish(c.id, &c.device_id, &c.name, CommandStatus::Delivered, None).await
             }
         }
         _ => {}
     }
 }
 
-async fn drop_status(shared: &Shared, d: &Command) {
-    status(shared, d.id, &d.device_id, &d.name, CommandStatus::Dropped, Some("queue_full")).await
+async fn drop_status(statuses: &Statuses, d: &Command) {
+    statuses
+        .publish(d.id, &d.device_id, &d.name, CommandStatus::Dropped, Some(CommandRefusal::QueueFull))
+        .await
 }
 
 /// Applies one batch, retrying once after a short pause (a busy or briefly unreachable
 /// database); `None` if it failed both times.
-async fn commit(shared: &Shared, batch: &[Job]) -> Option<Vec<CommandOutcome>> {
+async fn commit(registry: &Registry, limit: usize, batch: &[Job]) -> Option<Vec<CommandOutcome>> {
     let ops: Vec<CommandOp<'_>> = batch.iter().flat_map(|j| j.changes.iter().map(Change::op)).collect();
-    let limit = shared.config.max_queued_commands;
     for attempt in 0..2 {
-        match shared.registry.apply_commands(&ops, limit).await {
+        match registry.apply_commands(&ops, limit).await {
             Ok(out) => return Some(out),
             Err(e) if attempt == 0 => {
                 warn!(error = %e, changes = ops.len(), "command queue write failed; retrying");
@@ -142,11 +143,17 @@ async fn commit(shared: &Shared, batch: &[Job]) -> Option<Vec<CommandOutcome>> {
 /// `None`: a new command is not acknowledged to its service (it retransmits); a delivery is
 /// not sent (the session tries again on its next wake-up); an acknowledgement is lost and the
 /// command is sent again (DUP) in the device's next session, where the SDK filters it out.
-pub(crate) async fn run(shared: Arc<Shared>, jobs: Jobs) {
+pub(crate) async fn run(
+    registry: Registry,
+    statuses: Statuses,
+    max_queued_commands: usize,
+    jobs: Jobs,
+    shutdown: CancellationToken,
+) {
     let Jobs(mut rx) = jobs;
     loop {
         let first = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             j = rx.recv() => match j { Some(j) => j, None => return },
         };
         let mut n = first.changes.len();
@@ -160,14 +167,14 @@ pub(crate) async fn run(shared: Arc<Shared>, jobs: Jobs) {
                 Err(_) => break,
             }
         }
-        let outcomes = commit(&shared, &batch).await;
+        let outcomes = commit(&registry, max_queued_commands, &batch).await;
         let mut outcomes = outcomes.map(Vec::into_iter);
         for job in batch {
             let answer = match outcomes.as_mut() {
                 Some(it) => {
                     let mine: Vec<CommandOutcome> = it.by_ref().take(job.changes.len()).collect();
                     for (c, o) in job.changes.iter().zip(&mine) {
-                        announce(&shared, c, o).await;
+                        announce(&statuses, c, o).await;
                     }
                     Some(mine)
                 }

@@ -13,8 +13,8 @@ use rumqttc::mqttbytes::Error as MqttError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
-use super::Tls;
 use crate::outcome::CloseReason;
+use crate::tls::Tls;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 4096;

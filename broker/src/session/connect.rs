@@ -12,9 +12,9 @@ use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use super::conn::Conn;
+use super::services::Services;
 use crate::auth::Identity;
 use crate::outcome::Refusal;
-use crate::Shared;
 use fleet_registry::Role;
 
 /// A connection that will not become a session.
@@ -37,12 +37,12 @@ pub(crate) struct Bound {
 
 /// Reads the CONNECT and binds it to the admission's identity.
 pub(crate) async fn bind(
-    shared: &Shared,
+    svc: &Services,
     conn: &mut Conn,
     admission: Result<Identity, Refusal>,
 ) -> Result<Bound, (Refused, Option<Connect>)> {
     let early = |refusal| (Refused { refusal, connack: false }, None);
-    let connect = match timeout(shared.config.connect_timeout(), conn.read_packet()).await {
+    let connect = match timeout(svc.config.connect_timeout(), conn.read_packet()).await {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(_))) | Ok(Err(_)) => return Err(early(Refusal::ProtocolError)),
         Ok(Ok(None)) => return Err(early(Refusal::PeerClosed)),
@@ -67,9 +67,9 @@ pub(crate) async fn bind(
         // One claim key is on every device of a batch: a leaked one must not take every
         // connection slot (a reconnect of a session it holds replaces it, so it is let in).
         // Never more than a quarter of the broker's connection slots, whatever the setting.
-        let cap = shared.config.max_sessions_per_claim.min((shared.config.max_connections / 4).max(1));
-        let held = shared.sessions.claim_sessions(id.id.as_str());
-        if held >= cap && shared.sessions.get(&id.session_key()).is_none() {
+        let cap = svc.config.max_sessions_per_claim.min((svc.config.max_connections / 4).max(1));
+        let held = svc.sessions.claim_sessions(id.id.as_str());
+        if held >= cap && svc.sessions.get(&id.session_key()).is_none() {
             return Err((Refused { refusal: Refusal::ClaimBusy, connack: true }, Some(connect)));
         }
     } else if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
@@ -83,20 +83,20 @@ impl Refused {
     /// The one exit of every refused connection.
     pub(crate) async fn finish(
         self,
-        shared: &Shared,
+        svc: &Services,
         conn: &mut Conn,
         peer: SocketAddr,
         cert: &[u8],
         connect: Option<&Connect>,
     ) {
-        shared.refused(self.refusal, peer, Some(cert));
+        svc.gate.refused(self.refusal, peer, Some(cert));
         let reason = self.refusal.label();
         if !self.connack {
             debug!(%peer, reason, "connection closed before CONNECT");
             return;
         }
         let client_id = connect.map_or("", |c| c.client_id.as_str());
-        let serial = super::admit::serial_hex(cert);
+        let serial = crate::gate::serial_hex(cert);
         // As a str field the client id is quoted and escaped: a newline in it cannot forge a line.
         warn!(%peer, %serial, client_id, reason, "connection refused");
         let _ = conn.send(Packet::ConnAck(ConnAck::new(self.refusal.connack(), false))).await;

@@ -1,7 +1,7 @@
 //! The MQTT session of an admitted client: one `select!` over the socket, the queue of routed
 //! messages, the store's acknowledgements, timers, the kick and the shutdown.
 //!
-//! A [`Session`] is split in two: what it is ([`Ctx`]: identity, limits, kick; read-only) and
+//! A session is split in two: what it is ([`Ctx`]: identity, limits, kick; read-only) and
 //! what it holds ([`State`]: the connection, queues, subscriptions). Packet handling borrows the
 //! state mutably while the kick and the shutdown are watched through the context, so a stuck
 //! write never delays a revocation, a takeover or a shutdown.
@@ -14,23 +14,21 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
-use rumqttc::mqttbytes::v4::{
-    Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
-};
+use rumqttc::mqttbytes::v4::{Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 use tokio::time::{sleep_until, Instant};
-use tracing::warn;
 
 use super::conn::{Conn, IDLE_RELEASE};
 use super::park::Parked;
-use super::table::Kick;
+use super::services::Services;
 use crate::auth::{self, Identity};
+use crate::clock::{now_millis, now_unix};
+use crate::commands::Delivery;
 use crate::inbox::Inbox;
-use crate::log_limit::LogLimiter;
-use crate::metrics::{AclAction, Limit};
+use crate::observe::log_limit::LogLimiter;
 use crate::outcome::CloseReason;
-use crate::{now_millis, now_unix, Shared};
-use fleet_registry::{Role, Telemetry};
+use crate::sessions::{Kick, SessionInfo};
+use fleet_registry::Role;
 
 /// Most QoS 1 messages awaiting their store commit before the session stops reading.
 const MAX_PENDING_ACKS: usize = 1024;
@@ -41,35 +39,35 @@ type PendingAck = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
 
 /// What a session is: fixed for its life.
 pub(crate) struct Ctx<'a> {
-    pub(crate) shared: &'a Shared,
+    pub(crate) svc: &'a Services,
     pub(crate) id: Identity,
     pub(crate) conn_id: u64,
     pub(crate) keep_alive: Duration,
     pub(crate) kick: Kick,
     /// The admin API's view of it (counters).
-    pub(crate) info: Arc<super::table::SessionInfo>,
+    pub(crate) info: Arc<SessionInfo>,
 }
 
 /// What a session holds.
 pub(crate) struct State {
-    conn: Conn,
+    pub(super) conn: Conn,
     /// Deliveries from the router (shared with it through the subscriptions).
-    inbox: Arc<Inbox>,
-    pending: FuturesOrdered<PendingAck>,
+    pub(super) inbox: Arc<Inbox>,
+    pub(super) pending: FuturesOrdered<PendingAck>,
     /// Filters held, for the subscription cap.
-    subs: HashSet<String>,
-    acl_log: LogLimiter,
-    limit_log: LogLimiter,
-    next_pkid: u16,
+    pub(super) subs: HashSet<String>,
+    pub(super) acl_log: LogLimiter,
+    pub(super) limit_log: LogLimiter,
+    pub(super) next_pkid: u16,
     /// The device's queued commands in flight in this session.
-    delivery: crate::commands::Delivery,
+    pub(super) delivery: Delivery,
     /// The router key of this session's subscriptions (a resumed session keeps its first one).
-    router_id: u64,
+    pub(super) router_id: u64,
     /// A persistent session (clean session = 0) tracks its unacknowledged QoS 1 deliveries.
-    persistent: bool,
-    in_flight: Vec<Publish>,
+    pub(super) persistent: bool,
+    pub(super) in_flight: Vec<Publish>,
     /// A device's or claim session's publish rate (`None`: a service or the issuer).
-    rate: Option<super::rate::PublishRate>,
+    pub(super) rate: Option<super::rate::PublishRate>,
 }
 
 /// Most unacknowledged QoS 1 deliveries a persistent session has out before it waits.
@@ -111,11 +109,11 @@ pub(crate) async fn run(
     resumed: Option<Parked>,
     persistent: bool,
 ) -> (CloseReason, Conn, Parked) {
-    let every = ctx.shared.config.log_interval();
+    let every = ctx.svc.config.log_interval();
     let (inbox, subs, in_flight, router_id) = match resumed {
         Some(p) => (p.inbox, p.subs, p.in_flight, p.router_id),
         None => (
-            Arc::new(Inbox::new(ctx.shared.config.max_queued_messages)),
+            Arc::new(Inbox::new(ctx.svc.config.max_queued_messages)),
             HashSet::new(),
             Vec::new(),
             ctx.conn_id,
@@ -129,12 +127,12 @@ pub(crate) async fn run(
         acl_log: LogLimiter::new(every),
         limit_log: LogLimiter::new(every),
         next_pkid: in_flight.iter().map(|p| p.pkid).filter(|&k| k < 32_768).max().unwrap_or(0),
-        delivery: crate::commands::Delivery::default(),
+        delivery: Delivery::default(),
         router_id,
         persistent,
         in_flight,
         rate: matches!(ctx.id.role, Role::Device | Role::Claim).then(|| {
-            let c = &ctx.shared.config;
+            let c = &ctx.svc.config;
             super::rate::PublishRate::new(c.max_publish_rate, c.max_publish_bytes_rate, Instant::now())
         }),
     };
@@ -303,7 +301,7 @@ impl State {
             }
             conn.send_acks(&acks).await
         };
-        let _ = tokio::time::timeout(ctx.shared.config.write_timeout(), finish).await;
+        let _ = tokio::time::timeout(ctx.svc.config.write_timeout(), finish).await;
     }
 
     /// A delivery on this device's own `devices/<id>/commands/...`?
@@ -313,235 +311,12 @@ impl State {
     }
 
     /// Sends the device's queued commands that are due (within the in-flight window).
-    async fn send_commands(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
-        for p in self.delivery.due(ctx.shared, &ctx.id.id).await {
-            ctx.shared.metrics.messages_delivered.inc();
+    pub(super) async fn send_commands(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
+        for p in self.delivery.due(ctx.svc.ingest.commands().writer(), &ctx.id.id).await {
+            ctx.svc.observe.metrics().messages_delivered.inc();
             ctx.info.sent();
             self.conn.send(Packet::Publish(p)).await?;
         }
         Ok(())
-    }
-
-    /// Counts a cap hit and logs it (rate-limited per session).
-    fn limit_hit(&mut self, ctx: &Ctx<'_>, limit: Limit, what: &str) {
-        ctx.shared.metrics.limit(limit);
-        if let Some(skipped) = self.limit_log.allow() {
-            warn!(device = %ctx.id.id, limit = limit.label(), what, skipped, "limit reached");
-        }
-    }
-
-    /// Counts an ACL refusal and logs it (rate-limited per session).
-    fn acl_denied(&mut self, ctx: &Ctx<'_>, action: AclAction, what: &str) {
-        ctx.shared.metrics.acl_denied(action);
-        if let Some(skipped) = self.acl_log.allow() {
-            match action {
-                AclAction::Publish => {
-                    warn!(device = %ctx.id.id, topic = what, skipped, "publish refused by ACL")
-                }
-                AclAction::Subscribe => {
-                    warn!(device = %ctx.id.id, filter = what, skipped, "subscribe refused by ACL")
-                }
-            }
-        }
-    }
-
-    async fn handle_packet(&mut self, ctx: &Ctx<'_>, packet: Packet) -> Result<(), CloseReason> {
-        match packet {
-            Packet::Publish(p) => self.publish(ctx, p).await,
-            Packet::Subscribe(s) => self.subscribe(ctx, s).await,
-            Packet::Unsubscribe(u) => self.unsubscribe(ctx, u).await,
-            Packet::PingReq => self.conn.send(Packet::PingResp).await,
-            Packet::Disconnect => Err(CloseReason::ClientGone),
-            Packet::PubAck(a) => {
-                self.in_flight.retain(|p| p.pkid != a.pkid);
-                if self.delivery.acked(ctx.shared, &ctx.id.id, a.pkid).await {
-                    self.send_commands(ctx).await?;
-                }
-                Ok(())
-            }
-            Packet::Connect(_) => Err(CloseReason::SecondConnect),
-            _ => Err(CloseReason::UnexpectedPacket),
-        }
-    }
-
-    async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Publish) -> Result<(), CloseReason> {
-        let shared = ctx.shared;
-        shared.metrics.messages_received.inc();
-        ctx.info.received();
-        if let Some(rate) = &mut self.rate {
-            let wait = rate.take(p.topic.len() + p.payload.len(), Instant::now());
-            if !wait.is_zero() {
-                // Over its rate: handled (and acknowledged) once back within it; nothing is
-                // read meanwhile. The caller races this against the kick.
-                self.limit_hit(ctx, Limit::PublishRate, &p.topic);
-                tokio::time::sleep(wait).await;
-            }
-        }
-        if !shared.topic_within(&p.topic) {
-            self.limit_hit(ctx, Limit::Topic, &p.topic);
-            return Err(CloseReason::TopicLimit);
-        }
-        if !auth::may_publish(&ctx.id, &p.topic) {
-            self.acl_denied(ctx, AclAction::Publish, &p.topic);
-            // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
-            return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(CloseReason::AclDenied) };
-        }
-        if p.qos == QoS::ExactlyOnce {
-            return Err(CloseReason::Qos2Unsupported);
-        }
-        if p.retain && crate::commands::parse(&p.topic).is_some() {
-            // Commands are never retained (docs/spec/commands.md): a retained copy would reach
-            // the device on every SUBSCRIBE, after the command expired or was acknowledged.
-            // The flag is stripped; the command itself is queued (QoS 1) or routed (QoS 0).
-            p.retain = false;
-            self.limit_hit(ctx, Limit::CommandRetained, &p.topic);
-        }
-        if auth::is_active_announcement(&ctx.id, &p.topic) {
-            // The broker, not the device, says which certificate the session runs on.
-            p.payload = ctx.id.serial.to_hex().into();
-        } else if auth::is_csr(&ctx.id, &p.topic) {
-            // One identity's CSRs are rationed (broker-wide, so reconnecting does not help): a
-            // flood from one stolen key must not take the issuer from the fleet. A claim's
-            // burst covers a batch booting at once.
-            let shared = ctx.shared;
-            let (key, burst) = match ctx.id.role {
-                Role::Claim => (format!("claim:{}", ctx.id.id), shared.config.max_sessions_per_claim),
-                _ => (format!("device:{}", ctx.id.id), 3),
-            };
-            let every = std::time::Duration::from_secs_f64(shared.config.csr_interval_secs);
-            if !shared.csr_rate.take(&key, burst, every, tokio::time::Instant::now()) {
-                self.limit_hit(ctx, Limit::CsrRate, &p.topic);
-                if p.qos == QoS::AtLeastOnce {
-                    let pkid = p.pkid;
-                    self.pending.push_back(Box::pin(async move { (pkid, true) }));
-                }
-                return Ok(());
-            }
-            // ... and which certificate asks for a new one (the issuer checks it is the asker's).
-            // Never retained: a retained CSR would be decided again at every issuer reconnect.
-            p.payload = auth::stamp_csr(&ctx.id, &p.payload).into();
-            p.retain = false;
-        }
-        if ctx.id.role == Role::Service
-            && p.qos == QoS::AtLeastOnce
-            && crate::commands::parse(&p.topic).is_some()
-        {
-            return self.command(ctx, p).await;
-        }
-        // Routed first (subscribers get copies, here and on the other nodes), then the publish
-        // itself moves to the store.
-        let budget = crate::router::RetainBudget::of(ctx.id.role);
-        if let Err(refused) = shared.router.route(&p, budget, &shared.metrics) {
-            self.limit_hit(ctx, refused.limit(), &p.topic);
-            return Err(refused.close_reason());
-        }
-        if let Some(cluster) = &shared.cluster {
-            cluster.publish(&p, crate::cluster::bus::Origin::Client(&ctx.id)).await;
-        }
-        let (pkid, qos) = (p.pkid, p.qos);
-        // Devices' telemetry is stored; services' commands are only routed.
-        if ctx.id.role == Role::Device {
-            let row = Telemetry {
-                device_id: ctx.id.id.clone(),
-                topic: p.topic,
-                payload: p.payload,
-                qos: qos as u8,
-                received_at: now_millis(),
-            };
-            if qos == QoS::AtLeastOnce {
-                let done = shared.store.submit(row, pkid).await;
-                self.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
-            } else {
-                shared.store.submit_nowait(row).await;
-            }
-        } else if qos == QoS::AtLeastOnce {
-            self.pending.push_back(Box::pin(async move { (pkid, true) }));
-        }
-        Ok(())
-    }
-
-    /// A service's QoS 1 command: stored (then routed, to wake the device's session) or refused
-    /// with a status; acknowledged either way unless the registry is down.
-    async fn command(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
-        let shared = ctx.shared;
-        let pkid = p.pkid;
-        match crate::commands::accept(shared, &ctx.id, &p).await {
-            crate::commands::Accepted::Queued => {
-                if let Err(refused) =
-                    shared.router.route(&p, crate::router::RetainBudget::Clients, &shared.metrics)
-                {
-                    self.limit_hit(ctx, refused.limit(), &p.topic);
-                }
-                if let Some(cluster) = &shared.cluster {
-                    cluster.publish(&p, crate::cluster::bus::Origin::Client(&ctx.id)).await;
-                }
-                self.pending.push_back(Box::pin(async move { (pkid, true) }));
-            }
-            crate::commands::Accepted::Refused => {
-                self.pending.push_back(Box::pin(async move { (pkid, true) }));
-            }
-            crate::commands::Accepted::Unavailable => {
-                self.pending.push_back(Box::pin(async move { (pkid, false) }));
-            }
-        }
-        Ok(())
-    }
-
-    async fn subscribe(&mut self, ctx: &Ctx<'_>, s: Subscribe) -> Result<(), CloseReason> {
-        let shared = ctx.shared;
-        let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained = Vec::new();
-        for f in &s.filters {
-            let full = !self.subs.contains(&f.path)
-                && self.subs.len() >= shared.config.max_subscriptions_per_session;
-            if !shared.topic_within(&f.path) {
-                self.limit_hit(ctx, Limit::Topic, &f.path);
-                codes.push(SubscribeReasonCode::Failure);
-            } else if !auth::may_subscribe(&ctx.id, &f.path) {
-                self.acl_denied(ctx, AclAction::Subscribe, &f.path);
-                codes.push(SubscribeReasonCode::Failure);
-            } else if full {
-                self.limit_hit(ctx, Limit::Subscriptions, &f.path);
-                codes.push(SubscribeReasonCode::Failure);
-            } else {
-                let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                retained.extend(shared.router.subscribe(self.router_id, &f.path, qos, self.inbox.clone()));
-                if self.subs.insert(f.path.clone()) {
-                    if let Some(cluster) = &shared.cluster {
-                        cluster.watch(&f.path, &shared.router, &shared.metrics).await;
-                    }
-                }
-                codes.push(SubscribeReasonCode::Success(qos));
-            }
-        }
-        self.conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
-        for mut p in retained {
-            p.qos = QoS::AtMostOnce;
-            p.retain = true;
-            ctx.info.sent();
-            self.conn.send(Packet::Publish(p)).await?;
-        }
-        // Subscribed to its commands: the queue is delivered from now on (and what waits, now).
-        let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
-        if ctx.id.role == Role::Device
-            && !self.delivery.active
-            && self.subs.iter().any(|f| auth::matches(f, &probe))
-        {
-            self.delivery.active = true;
-            self.send_commands(ctx).await?;
-        }
-        Ok(())
-    }
-
-    async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
-        for f in &u.topics {
-            ctx.shared.router.unsubscribe(self.router_id, f);
-            if self.subs.remove(f) {
-                if let Some(cluster) = &ctx.shared.cluster {
-                    cluster.unwatch(f);
-                }
-            }
-        }
-        self.conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
     }
 }

@@ -1,6 +1,6 @@
-//! A connection in phases: the TLS handshake and admission ([`admit`]), CONNECT binding
+//! A connection in phases: the TLS handshake and admission ([`crate::gate`]), CONNECT binding
 //! ([`connect`]), then the MQTT session ([`handler`]) until the client leaves, the broker cuts it
-//! ([`table`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and its
+//! ([`crate::sessions`]: revocation, takeover) or the broker stops. [`conn`] owns the stream and its
 //! buffers.
 //!
 //! Two tasks: one for the phases up to admission, and one, spawned at admission, for the live
@@ -9,75 +9,54 @@
 //! whole life (4.2 KiB of future, of which the session loop is 1.7 KiB). The admission task's
 //! memory is reused by the next connection's.
 
-pub(crate) mod admit;
 pub(crate) mod conn;
 pub(crate) mod connect;
 pub(crate) mod handler;
+mod inbound;
 pub(crate) mod park;
 pub(crate) mod rate;
-pub(crate) mod table;
+pub(crate) mod services;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
-use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
-use tokio_util::task::TaskTracker;
-
-use crate::events::{Event, Kind};
-use crate::listener::{ConnectionSlot, PreAdmission, PreAdmissionSlot};
-use crate::outcome::Refusal;
-use crate::outcome::{CloseCounter, CloseReason};
-use crate::Shared;
+use crate::auth::Identity;
+use crate::caps::Source;
+use crate::cluster::claims::ClaimGuard;
+use crate::gate::Admission;
+use crate::listener::{Accepted, ConnectionSlot};
+use crate::outcome::{CloseCounter, CloseReason, Refusal};
+use crate::sessions::{Kick, LiveSession, SessionInfo};
 use conn::Conn;
-use table::{Kick, LiveSession};
-
-pub(crate) type Tls = TlsStream<TcpStream>;
-
-/// A TCP connection the listener let in.
-#[derive(Debug)]
-pub(crate) struct Accepted {
-    pub(crate) sock: TcpStream,
-    pub(crate) peer: SocketAddr,
-    /// Unique for the broker's life (router and session-table key).
-    pub(crate) conn_id: u64,
-    /// Its place in the source address's pre-admission share, given back at admission (`None`
-    /// behind a PROXY-protocol balancer: taken once the header names the client).
-    pub(crate) pre_admission: Option<PreAdmissionSlot>,
-    /// The per-source table, for that.
-    pub(crate) sources: Arc<PreAdmission>,
-    /// Its place under `max_connections`, held until the connection ends.
-    pub(crate) slot: ConnectionSlot,
-    /// Where the live session's task is spawned (the broker waits for it at shutdown).
-    pub(crate) tracker: TaskTracker,
-}
+use services::Services;
 
 /// The log limiter of refused PROXY headers, one per process (`log_interval_secs`).
-fn proxy_log(shared: &Shared) -> &'static std::sync::Mutex<crate::log_limit::LogLimiter> {
-    static LOG: std::sync::OnceLock<std::sync::Mutex<crate::log_limit::LogLimiter>> =
+fn proxy_log(svc: &Services) -> &'static std::sync::Mutex<crate::observe::log_limit::LogLimiter> {
+    static LOG: std::sync::OnceLock<std::sync::Mutex<crate::observe::log_limit::LogLimiter>> =
         std::sync::OnceLock::new();
-    LOG.get_or_init(|| std::sync::Mutex::new(crate::log_limit::LogLimiter::new(shared.config.log_interval())))
+    LOG.get_or_init(|| {
+        std::sync::Mutex::new(crate::observe::log_limit::LogLimiter::new(svc.config.log_interval()))
+    })
 }
 
 /// Serves one accepted TCP connection to the end.
-pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
+pub(crate) async fn serve(svc: Arc<Services>, accepted: Accepted) {
     let Accepted { mut sock, peer, conn_id, pre_admission, sources, slot, tracker } = accepted;
     let (peer, pre_admission) = match pre_admission {
         Some(p) => (peer, p),
         None => {
             // A balancer sends its header as it connects: a peer that does not, holds no
             // connection slot for long (and never more than `proxy::MAX_HEADER` bytes).
-            let deadline = shared.config.handshake_timeout().min(crate::proxy::HEADER_DEADLINE);
+            let deadline = svc.config.handshake_timeout().min(crate::proxy::HEADER_DEADLINE);
             let refused = |why: String| {
                 // Rate-limited: anyone who reaches the port can make these.
-                if let Some(skipped) = proxy_log(&shared).lock().unwrap_or_else(|p| p.into_inner()).allow() {
+                if let Some(skipped) = proxy_log(&svc).lock().unwrap_or_else(|p| p.into_inner()).allow() {
                     info!(%peer, reason = Refusal::ProxyHeader.label(), skipped, "connection refused: {why}");
                 }
-                shared.refused(Refusal::ProxyHeader, peer, None);
+                svc.gate.refused(Refusal::ProxyHeader, peer, None);
             };
             let client = match tokio::time::timeout(deadline, crate::proxy::read(&mut sock)).await {
                 Ok(Ok(crate::proxy::Header::Proxied(client))) => client,
@@ -85,38 +64,35 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
                 Ok(Err(e)) => return refused(format!("no valid PROXY v2 header: {e}")),
                 Err(_) => return refused(format!("no PROXY v2 header within {} s", deadline.as_secs_f64())),
             };
-            match sources
-                .enter(crate::listener::Source::of(client.ip()), shared.config.max_pre_admission_per_source)
-            {
+            match sources.enter(Source::of(client.ip()), svc.config.max_pre_admission_per_source) {
                 Some(p) => (client, p),
                 None => {
                     debug!(peer = %client, "connection refused: too many unauthenticated connections from this address");
-                    return crate::listener::source_limited(&shared);
+                    return crate::listener::source_limited(svc.observe.metrics());
                 }
             }
         }
     };
     // Boxed: the handshake and the registry query are big futures that are never live together
     // with the session loop, and a connection task should not carry them for its whole life.
-    let admit::Admission { tls, cert, verdict: admission } =
-        match Box::pin(admit::gate(&shared, sock, peer)).await {
-            Ok(a) => a,
-            Err(Some(refusal)) => return shared.refused(refusal, peer, None),
-            Err(None) => return,
-        };
-    let mut conn = Conn::new(tls, shared.config.max_packet_size, shared.config.write_timeout());
-    let bound = match connect::bind(&shared, &mut conn, admission).await {
+    let Admission { tls, cert, verdict: admission } = match Box::pin(svc.gate.pass(sock, peer)).await {
+        Ok(a) => a,
+        Err(Some(refusal)) => return svc.gate.refused(refusal, peer, None),
+        Err(None) => return,
+    };
+    let mut conn = Conn::new(tls, svc.config.max_packet_size, svc.config.write_timeout());
+    let bound = match connect::bind(&svc, &mut conn, admission).await {
         Ok(bound) => bound,
         Err((refused, connect)) => {
-            return refused.finish(&shared, &mut conn, peer, &cert, connect.as_ref()).await
+            return refused.finish(&svc, &mut conn, peer, &cert, connect.as_ref()).await
         }
     };
     drop(cert);
     drop(pre_admission);
 
     let id = bound.id;
-    let kick = Kick::under(&shared.shutdown);
-    let info = table::SessionInfo::new(peer, crate::now_millis());
+    let kick = Kick::under(&svc.shutdown);
+    let info = SessionInfo::new(peer, crate::clock::now_millis());
     let live = LiveSession {
         conn_id,
         serial: id.serial.clone(),
@@ -125,32 +101,25 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         info: info.clone(),
     };
     let key = id.session_key();
-    if let Some(old) = shared.sessions.register(&key, live) {
+    if let Some(old) = svc.sessions.register(&key, live) {
         info!(device = %id.id, "a new connection replaces the live session of this device");
         old.cut(CloseReason::Takeover);
     }
     // A revocation that landed between the admission query and registration is cut by
     // `register` (the feed reported it already) or by the feed (it reports it later).
     // In a cluster, a later session of the device on another node cuts this one.
-    let _claim = match &shared.cluster {
-        Some(cluster) => {
-            let (kick, device) = (kick.clone(), id.id.clone());
-            cluster
-                .claim(&key, move || {
-                    info!(%device, "a session on another node replaces this one");
-                    kick.cut(CloseReason::Takeover);
-                })
-                .await
+    let cut = || {
+        let (kick, device) = (kick.clone(), id.id.clone());
+        move || {
+            info!(%device, "a session on another node replaces this one");
+            kick.cut(CloseReason::Takeover);
         }
-        None => None,
     };
-    shared.metrics.accepted();
-    let admitted = Event::new(Kind::Admitted, "ok", peer).of(id.id.as_str(), id.serial.to_hex());
-    shared.events.record(admitted);
-    shared.metrics.sessions_live.inc();
+    let claim = svc.fabric.claim(&key, cut).await;
+    svc.observe.admitted(peer, id.id.as_str(), id.serial.to_hex());
     info!(%peer, device = %id.id, role = id.role.as_str(), serial = %id.serial, "session admitted");
     let live = Live {
-        shared,
+        svc,
         conn,
         id,
         info,
@@ -158,7 +127,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         keep_alive: bound.keep_alive,
         clean: bound.clean,
         kick,
-        claim: _claim,
+        claim,
         slot,
     };
     tracker.spawn(live.run());
@@ -166,17 +135,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
 
 /// An admitted session, moving to its own task.
 struct Live {
-    shared: Arc<Shared>,
+    svc: Arc<Services>,
     conn: Conn,
-    id: crate::auth::Identity,
-    info: Arc<table::SessionInfo>,
+    id: Identity,
+    info: Arc<SessionInfo>,
     conn_id: u64,
     keep_alive: Duration,
     /// MQTT clean session (false: keep the session when the client leaves).
     clean: bool,
     kick: Kick,
     /// Held while the session lives (a cluster member listens for takeovers).
-    claim: Option<crate::cluster::ClaimGuard>,
+    claim: Option<ClaimGuard>,
     /// Dropped when the session task ends.
     slot: ConnectionSlot,
 }
@@ -184,27 +153,27 @@ struct Live {
 impl Live {
     /// CONNACK, the session loop, then the clean-up.
     async fn run(self) {
-        let Live { shared, mut conn, id, info, conn_id, keep_alive, clean, kick, claim, slot } = self;
-        let ctx = handler::Ctx { shared: &shared, id, conn_id, keep_alive, kick, info };
+        let Live { svc, mut conn, id, info, conn_id, keep_alive, clean, kick, claim, slot } = self;
+        let ctx = handler::Ctx { svc: &svc, id, conn_id, keep_alive, kick, info };
         let key = ctx.id.session_key();
         // Clean session: whatever was kept goes. Otherwise the kept session resumes (present),
         // but only on the certificate that parked it: another certificate of the identity (a
         // re-keyed device, or a thief's copy of its old key) starts clean.
-        let kept = shared.parked.take(&key);
+        let kept = svc.parking.take(&key);
         let resumed = match kept {
             Some(old) if clean => {
-                park::discard(&shared, old, park::Discard::CleanStart);
+                svc.parking.discard(old, crate::outcome::Discard::CleanStart);
                 None
             }
             Some(old) if old.serial != ctx.id.serial => {
                 info!(device = %ctx.id.id, parked_by = %old.serial, serial = %ctx.id.serial,
                     "kept session not resumed: parked by another certificate");
-                park::discard(&shared, old, park::Discard::OtherCertificate);
+                svc.parking.discard(old, crate::outcome::Discard::OtherCertificate);
                 None
             }
             kept => kept,
         };
-        shared.metrics.sessions_parked.set(shared.parked.len() as i64);
+        svc.parking.count();
         let present = resumed.is_some();
         // Not a `match` scrutinee: the CONNACK's write future would then live (and take room
         // in this task) as long as the session. The loop is not boxed: a box per session costs
@@ -229,20 +198,15 @@ impl Live {
         let keep = !clean
             // A takeover's new session is already live (and started without this state).
             && !matches!(end, CloseReason::Revoked | CloseReason::CertExpired | CloseReason::Takeover)
-            && !shared.shutdown.is_cancelled();
+            && !svc.shutdown.is_cancelled();
         if keep {
-            state.expires =
-                std::time::Instant::now() + Duration::from_secs(shared.config.session_expiry_secs);
-            park::keep(&shared, key, state);
+            state.expires = std::time::Instant::now() + Duration::from_secs(svc.config.session_expiry_secs);
+            svc.parking.keep(key, state);
         } else {
-            park::release(&shared, state);
+            svc.parking.release(state);
         }
-        shared.sessions.remove(&ctx.id.session_key(), conn_id);
-        shared.metrics.sessions_live.dec();
-        shared.metrics.closed(end);
-        let closed = Event::new(Kind::Closed, end.label(), ctx.info.peer)
-            .of(ctx.id.id.as_str(), ctx.id.serial.to_hex());
-        shared.events.record(closed);
+        svc.sessions.remove(&ctx.id.session_key(), conn_id);
+        svc.observe.closed(end, ctx.info.peer, ctx.id.id.as_str(), ctx.id.serial.to_hex());
         let (device, reason) = (&ctx.id.id, end.label());
         match end.counter() {
             CloseCounter::Kick if end == CloseReason::WriteTimeout => {

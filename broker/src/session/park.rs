@@ -9,7 +9,7 @@
 //! renewed device, or a thief's copy of an old key — starts clean and the kept state is
 //! discarded. A revoked certificate's kept sessions are discarded when the revocation is seen
 //! (the registry feed and, in a cluster, other nodes' announcements both end in
-//! [`crate::watch::revoked`]). Kept sessions are capped per claim (the nonces of one claim
+//! [`crate::watch`]). Kept sessions are capped per claim (the nonces of one claim
 //! certificate) and in total; one over a cap is not kept (`fleet_limits_total`).
 
 use std::collections::{HashMap, HashSet};
@@ -19,9 +19,14 @@ use std::time::Instant;
 use fleet_registry::SerialNumber;
 use rumqttc::mqttbytes::v4::Publish;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::fabric::Fabric;
 use crate::inbox::Inbox;
-use crate::metrics::Limit;
-use crate::Shared;
+use crate::observe::metrics::Limit;
+use crate::observe::Observe;
+use crate::outcome::Discard;
+use crate::sessions::Sessions;
 
 /// What a disconnected persistent session keeps.
 #[derive(Debug)]
@@ -42,36 +47,6 @@ pub(crate) struct Parked {
     pub(crate) owner: String,
     /// Whether the owner is a claim (capped per claim).
     pub(crate) claim: bool,
-}
-
-/// Why a kept session was forgotten before its client resumed it:
-/// `fleet_parked_sessions_discarded_total{reason}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Discard {
-    /// The client came back with clean session = 1.
-    CleanStart,
-    /// The client came back on another certificate than the one that parked it.
-    OtherCertificate,
-    /// The certificate that parked it was revoked.
-    Revoked,
-    /// `session_expiry_secs` passed.
-    Expired,
-}
-
-impl Discard {
-    /// Every reason.
-    pub(crate) const ALL: [Discard; 4] =
-        [Self::CleanStart, Self::OtherCertificate, Self::Revoked, Self::Expired];
-
-    /// Metric label.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::CleanStart => "clean_start",
-            Self::OtherCertificate => "other_certificate",
-            Self::Revoked => "revoked",
-            Self::Expired => "expired",
-        }
-    }
 }
 
 /// Caps on kept sessions.
@@ -204,59 +179,100 @@ impl ParkedSessions {
     }
 }
 
-/// Forgets a kept session: its subscriptions leave the router (and the cluster).
-pub(crate) fn discard(shared: &Shared, p: Parked, why: Discard) {
-    shared.metrics.parked_discarded(why);
-    release(shared, p);
+/// Kept sessions and what forgetting one involves (its subscriptions leave the fabric): the
+/// service the session task, the revocation watcher and the sweep share.
+#[derive(Debug, Clone)]
+pub(crate) struct Parking {
+    table: Arc<ParkedSessions>,
+    fabric: Fabric,
+    observe: Observe,
+    /// Serials the revocation feed reported.
+    sessions: Arc<Sessions>,
 }
 
-/// Drops a session's subscriptions from the router (and the cluster).
-pub(crate) fn release(shared: &Shared, p: Parked) {
-    for f in shared.router.remove_connection(p.router_id) {
-        if let Some(cluster) = &shared.cluster {
-            cluster.unwatch(&f);
-        }
+impl Parking {
+    /// Kept sessions within `limits`.
+    pub(crate) fn new(limits: ParkLimits, fabric: Fabric, observe: Observe, sessions: Arc<Sessions>) -> Self {
+        Self { table: Arc::new(ParkedSessions::new(limits)), fabric, observe, sessions }
     }
-}
 
-/// Keeps a persistent session whose client left, within the caps. A revocation of its
-/// certificate seen meanwhile is honoured: the feed marks the serial revoked before it looks
-/// for kept sessions ([`revoked`]), and this looks at the mark after keeping, so whichever runs
-/// second finds the other's work and the session is never left kept.
-pub(crate) fn keep(shared: &Shared, key: String, p: Parked) {
-    let serial = p.serial.clone();
-    match shared.parked.park(key.clone(), p) {
-        Ok(replaced) => {
-            if let Some(old) = replaced {
-                release(shared, old);
-            }
-            if shared.sessions.is_revoked(&serial) {
-                if let Some(p) = shared.parked.take_if_parked_by(&key, &serial) {
-                    discard(shared, p, Discard::Revoked);
+    /// Takes the kept session of `key`, if any (a resume).
+    pub(crate) fn take(&self, key: &str) -> Option<Parked> {
+        self.table.take(key)
+    }
+
+    /// Sets the kept-sessions gauge.
+    pub(crate) fn count(&self) {
+        self.observe.metrics().sessions_parked.set(self.table.len() as i64);
+    }
+
+    /// Forgets a kept session: its subscriptions leave the router (and the cluster).
+    pub(crate) fn discard(&self, p: Parked, why: Discard) {
+        self.observe.metrics().parked_discarded(why);
+        self.release(p);
+    }
+
+    /// Drops a session's subscriptions from the router (and the cluster).
+    pub(crate) fn release(&self, p: Parked) {
+        self.fabric.remove_connection(p.router_id);
+    }
+
+    /// Keeps a persistent session whose client left, within the caps. A revocation of its
+    /// certificate seen meanwhile is honoured: the feed marks the serial revoked before it
+    /// looks for kept sessions ([`Parking::revoked`]), and this looks at the mark after
+    /// keeping, so whichever runs second finds the other's work and the session is never left
+    /// kept.
+    pub(crate) fn keep(&self, key: String, p: Parked) {
+        let serial = p.serial.clone();
+        match self.table.park(key.clone(), p) {
+            Ok(replaced) => {
+                if let Some(old) = replaced {
+                    self.release(old);
+                }
+                if self.sessions.is_revoked(&serial) {
+                    if let Some(p) = self.table.take_if_parked_by(&key, &serial) {
+                        self.discard(p, Discard::Revoked);
+                    }
                 }
             }
+            Err((limit, p)) => {
+                self.observe.metrics().limit(limit);
+                tracing::warn!(session = %key, limit = limit.label(), "persistent session not kept: cap reached");
+                self.release(*p);
+            }
         }
-        Err((limit, p)) => {
-            shared.metrics.limit(limit);
-            tracing::warn!(session = %key, limit = limit.label(), "persistent session not kept: cap reached");
-            release(shared, *p);
-        }
+        self.count();
     }
-    shared.metrics.sessions_parked.set(shared.parked.len() as i64);
-}
 
-/// Certificate `serial` was revoked: its kept sessions go (subscriptions out of the router).
-/// Returns how many. Called after the session table recorded the revocation.
-pub(crate) fn revoked(shared: &Shared, serial: &SerialNumber) -> usize {
-    let gone = shared.parked.take_parked_by(serial);
-    let n = gone.len();
-    for p in gone {
-        discard(shared, p, Discard::Revoked);
+    /// Certificate `serial` was revoked: its kept sessions go (subscriptions out of the
+    /// router). Returns how many. Called after the session table recorded the revocation.
+    pub(crate) fn revoked(&self, serial: &SerialNumber) -> usize {
+        let gone = self.table.take_parked_by(serial);
+        let n = gone.len();
+        for p in gone {
+            self.discard(p, Discard::Revoked);
+        }
+        if n > 0 {
+            self.count();
+        }
+        n
     }
-    if n > 0 {
-        shared.metrics.sessions_parked.set(shared.parked.len() as i64);
+
+    /// Every second until `shutdown`: forgets the kept sessions whose clients stayed away
+    /// longer than `session_expiry_secs`.
+    pub(crate) async fn sweep(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for p in self.table.expire(Instant::now()) {
+                self.discard(p, Discard::Expired);
+            }
+            self.count();
+        }
     }
-    n
 }
 
 #[cfg(test)]

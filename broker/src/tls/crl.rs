@@ -12,7 +12,7 @@ use rustls::pki_types::CertificateRevocationListDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use super::{read, TlsError};
+use super::files::{pem_words, read, TlsError, NOT_A_CERT};
 
 /// Facts about the loaded CRL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,17 +123,17 @@ pub enum CrlError {
     Signature,
 }
 
-/// [`load_crl`] on bytes: PEM or DER, issuer and signature checked against `ca_der`.
+/// `load_crl` on bytes: PEM or DER, issuer and signature checked against `ca_der`.
 pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), CrlError> {
     let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
         CertificateRevocationListDer::from_pem_slice(bytes)
-            .map_err(|e| CrlError::Parse(format!("CRL: {}", super::pem_words(&e))))?
+            .map_err(|e| CrlError::Parse(format!("CRL: {}", pem_words(&e))))?
     } else {
         CertificateRevocationListDer::from(bytes.to_vec())
     };
     let (_, crl) =
         CertificateRevocationList::from_der(&der).map_err(|_| CrlError::Parse(NOT_A_CRL.into()))?;
-    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(super::NOT_A_CERT.into()))?;
+    let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(NOT_A_CERT.into()))?;
     if crl.issuer() != ca.subject() || crl.verify_signature(ca.public_key()).is_err() {
         return Err(CrlError::Signature);
     }

@@ -11,6 +11,7 @@
 //! 16,640. Resumption is off: a resumed session skips client-certificate checks.
 
 pub(crate) mod crl;
+mod files;
 mod verifier;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub(crate) use crl::crl_replayed;
 pub use crl::{parse_crl, CrlError, CrlInfo, RevokedSerials};
 
 use crate::outcome::Refusal;
+pub use files::TlsError;
+use files::{pem_words, read, NOT_A_CERT};
 use verifier::ClientVerifier;
 
 /// A complete, consistent TLS state.
@@ -49,24 +52,6 @@ pub(crate) struct TlsState {
     pub fingerprint: Vec<Option<SystemTime>>,
 }
 
-/// Why TLS material was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TlsError {
-    /// A file could not be read.
-    #[error("{0}: {1}")]
-    Read(PathBuf, std::io::Error),
-    /// A file holds no usable PEM/DER.
-    #[error("{0}: {1}")]
-    Parse(PathBuf, String),
-    /// The CRL's signature does not verify against the client CA.
-    #[error("{0}: CRL signature does not verify against the client CA")]
-    CrlSignature(PathBuf),
-    /// rustls refused the configuration.
-    #[error("TLS configuration: {0}")]
-    Rustls(String),
-}
-
 /// The files the TLS state is built from.
 #[derive(Debug, Clone)]
 pub(crate) struct TlsPaths {
@@ -84,7 +69,7 @@ pub(crate) struct TlsPaths {
 
 impl TlsPaths {
     /// The files `config` names (the CRL: HOME/crl.pem once it exists).
-    pub(crate) fn of(config: &crate::Config) -> Self {
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
         Self {
             cert: config.cert_path(),
             key: config.key_path(),
@@ -100,27 +85,6 @@ impl TlsPaths {
         let mut v = vec![mtime(&self.cert), mtime(&self.key), mtime(&self.client_ca)];
         v.push(self.crl.as_deref().and_then(mtime));
         v
-    }
-}
-
-/// What a certificate that does not decode is called (x509-parser's own message is its parser's
-/// `Debug`).
-pub(crate) const NOT_A_CERT: &str = "not an X.509 certificate (the DER does not decode)";
-
-pub(crate) fn read(p: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(p).map_err(|e| TlsError::Read(p.to_path_buf(), e))
-}
-
-/// A PEM error in words (its own message shows the base64 decoder's `Debug`).
-pub(crate) fn pem_words(e: &rustls::pki_types::pem::Error) -> &'static str {
-    use rustls::pki_types::pem::Error as E;
-    match e {
-        E::MissingSectionEnd { .. } => "bad PEM: a section has no END line",
-        E::IllegalSectionStart { .. } => "bad PEM: a malformed BEGIN line",
-        E::Base64Decode(_) => "bad PEM: the base64 does not decode",
-        E::NoItemsFound => "no PEM items of the expected kind",
-        E::SectionTooLarge => "bad PEM: a section is too large",
-        _ => "bad PEM",
     }
 }
 
@@ -254,3 +218,6 @@ pub(crate) fn refusal(err: &std::io::Error) -> Refusal {
         _ => Refusal::TlsError,
     }
 }
+
+/// A client connection after the TLS handshake.
+pub(crate) type Tls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;

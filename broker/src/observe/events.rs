@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::now_millis;
+use crate::clock::now_millis;
 
 /// Events kept for the console and the device pages.
 const RECENT: usize = 1024;

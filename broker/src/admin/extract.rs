@@ -1,4 +1,4 @@
-//! Who may make a request ([`Op`]): the operator of the connection, asked of the gate again at
+//! The admin API's extractor: who may make a request ([`Op`]): the operator of the connection, asked of the gate again at
 //! every request (a revocation since the handshake, an expired CRL, a registry that now
 //! disagrees: refused, and the connection closed after the answer), and, for a request that
 //! changes state, proof that it came from the console or an API client and not from a page on
@@ -17,15 +17,15 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::header::CONNECTION;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use fleet_registry::Role;
 
-use super::api::ApiError;
-use super::{refused_message, refused_status, Admin, Caller};
+use super::error::{ApiCode, ApiError};
+use super::state::{Admin, Caller};
 use crate::auth::Identity;
-use crate::metrics::AdminDenial;
-use crate::session::admit;
+use crate::observe::metrics::AdminDenial;
+use crate::outcome::Refusal;
 
 /// The header a state-changing request must carry (any value; the console sends `1`).
 pub(crate) const REQUEST_HEADER: &str = "x-fleetgate-request";
@@ -37,22 +37,19 @@ impl FromRequestParts<Admin> for Op {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, admin: &Admin) -> Result<Self, Response> {
-        let shared = &admin.shared;
         let Some(caller) = parts.extensions.get::<Arc<Caller>>().cloned() else {
-            return Err(
-                ApiError(StatusCode::FORBIDDEN, "forbidden", "no client identity".into()).into_response()
-            );
+            return Err(ApiError::new(ApiCode::Forbidden, "no client identity").into_response());
         };
+        let metrics = admin.observe.metrics();
         // The same rules as at the handshake (and as MQTT's), at every request.
-        match admit::admit(shared, &caller.cert).await {
+        match admin.gate.admit(&caller.cert).await {
             Ok(id) if id.role == Role::Operator => {}
             verdict => {
-                let refusal = verdict.err().unwrap_or(crate::outcome::Refusal::WrongRole);
-                shared.refused(refusal, caller.addr, Some(&caller.cert));
-                shared.metrics.admin_denied(AdminDenial::Refused);
+                let refusal = verdict.err().unwrap_or(Refusal::WrongRole);
+                admin.gate.refused(refusal, caller.addr, Some(&caller.cert));
+                metrics.admin_denied(AdminDenial::Refused);
                 tracing::info!(peer = %caller.addr, operator = %caller.id.id, reason = refusal.label(), "admin request refused: closing the connection");
-                let (status, code) = refused_status(refusal);
-                let mut answer = ApiError(status, code, refused_message(refusal)).into_response();
+                let mut answer = ApiError::refused(refusal).into_response();
                 // hyper closes the connection after an answer that says so.
                 answer.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
                 return Err(answer);
@@ -60,7 +57,7 @@ impl FromRequestParts<Admin> for Op {
         }
         if !matches!(parts.method, Method::GET | Method::HEAD) {
             if let Err(denial) = same_origin_json(&parts.headers) {
-                shared.metrics.admin_denied(denial);
+                metrics.admin_denied(denial);
                 tracing::warn!(peer = %caller.addr, operator = %caller.id.id, reason = denial.label(), "admin request refused: not a same-origin JSON request (cross-site request forgery?)");
                 let message = match denial {
                     AdminDenial::CrossOrigin => "a request from another origin may not change anything",
@@ -69,7 +66,7 @@ impl FromRequestParts<Admin> for Op {
                     }
                     _ => "a request that changes anything must be Content-Type: application/json",
                 };
-                return Err(ApiError(StatusCode::FORBIDDEN, "forbidden", message.into()).into_response());
+                return Err(ApiError::new(ApiCode::Forbidden, message).into_response());
             }
         }
         Ok(Op(caller.id.clone(), caller.addr))

@@ -1,0 +1,162 @@
+use super::*;
+
+#[test]
+fn only_the_askers_own_csr_is_stamped_with_its_serial() {
+    let dev = Identity {
+        id: DeviceId::parse("dev-1").unwrap(),
+        role: Role::Device,
+        serial: SerialNumber::parse("4a0b").unwrap(),
+        not_after: 0,
+        nonce: None,
+    };
+    assert!(is_csr(&dev, "devices/dev-1/certs/csr"));
+    assert!(!is_csr(&dev, "devices/dev-2/certs/csr"));
+    assert!(!is_csr(&dev, "devices/dev-1/telemetry"));
+    assert!(!is_csr(&dev, "devices/dev-1/x/certs/csr"));
+    let claim = Identity { role: Role::Claim, nonce: Some("0123456789abcdef".into()), ..dev.clone() };
+    assert!(is_csr(&claim, "claims/dev-1/0123456789abcdef/certs/csr"));
+    assert!(!is_csr(&claim, "claims/dev-1/fedcba9876543210/certs/csr"));
+    let stamped = stamp_csr(&dev, b"\x30\x82");
+    assert!(stamped.starts_with(format!("fleetgate-origin {}\n", dev.serial.to_hex()).as_bytes()));
+    assert!(stamped.ends_with(b"\x30\x82"));
+}
+
+fn who(id: &str, role: Role) -> Identity {
+    Identity {
+        id: DeviceId::parse(id).unwrap(),
+        role,
+        serial: SerialNumber::random(),
+        not_after: 0,
+        nonce: None,
+    }
+}
+
+#[test]
+fn device_acl() {
+    let d = who("dev-1", Role::Device);
+    assert!(may_publish(&d, "devices/dev-1/telemetry"));
+    assert!(may_publish(&d, "devices/dev-1/a/b"));
+    for bad in [
+        "devices/dev-2/telemetry",
+        "devices/dev-1",
+        "devices/dev-1/",
+        "devices/+/x",
+        "other/dev-1/x",
+        "devices/dev-1/#",
+        "devices/dev-10/x",
+        "devices/dev-1/commands/reboot",
+        "devices/dev-1/commands",
+    ] {
+        assert!(!may_publish(&d, bad), "{bad}");
+    }
+    assert!(may_subscribe(&d, "devices/dev-1/commands/#"));
+    assert!(may_subscribe(&d, "devices/dev-1/#"));
+    for bad in [
+        "devices/+/commands",
+        "devices/#",
+        "#",
+        "devices/dev-2/commands/#",
+        "devices/dev-1",
+        "devices/dev-1/a#",
+    ] {
+        assert!(!may_subscribe(&d, bad), "{bad}");
+    }
+}
+
+#[test]
+fn service_acl() {
+    let s = who("backend", Role::Service);
+    assert!(may_subscribe(&s, "devices/+/telemetry"));
+    assert!(may_subscribe(&s, "devices/#"));
+    assert!(!may_subscribe(&s, "#"));
+    assert!(!may_subscribe(&s, "$SYS/#"));
+    assert!(may_subscribe(&s, "status/devices/+/commands/#"));
+    assert!(!may_subscribe(&who("dev-1", Role::Device), "status/devices/dev-1/commands/#"));
+    assert!(may_publish(&s, "devices/dev-1/commands/reboot"));
+    assert!(!may_publish(&s, "devices/dev-1/telemetry"));
+    assert!(!may_publish(&s, "devices/dev-1/commands"));
+    assert!(!may_publish(&s, "devices/BAD/commands/x"));
+}
+
+#[test]
+fn issuer_acl() {
+    let i = who("issuer-1", Role::Issuer);
+    assert!(may_subscribe(&i, "devices/+/certs/csr"));
+    assert!(may_subscribe(&i, "devices/dev-1/certs/csr"));
+    assert!(may_subscribe(&i, "devices/+/certs/active"));
+    assert!(may_subscribe(&i, "claims/+/+/certs/csr"));
+    assert!(may_publish(&i, "claims/batch-1/0123456789abcdef/certs/issued"));
+    for bad in
+        ["devices/+/telemetry", "devices/#", "devices/+/certs/#", "devices/+/certs/issued", "#", "claims/#"]
+    {
+        assert!(!may_subscribe(&i, bad), "{bad}");
+    }
+    assert!(may_publish(&i, "devices/dev-1/certs/issued"));
+    assert!(may_publish(&i, "devices/dev-1/certs/rejected"));
+    for bad in [
+        "devices/dev-1/certs/csr",
+        "devices/dev-1/certs",
+        "devices/dev-1/commands/reboot",
+        "devices/dev-1/telemetry",
+        "devices/BAD/certs/issued",
+        "devices/dev-1/certs/active",
+        "claims/batch-1/0123456789abcdef/certs/csr",
+    ] {
+        assert!(!may_publish(&i, bad), "{bad}");
+    }
+    // A device asks on its own `certs/csr` and reads its own answers.
+    let d = who("dev-1", Role::Device);
+    assert!(may_publish(&d, "devices/dev-1/certs/csr"));
+    assert!(may_subscribe(&d, "devices/dev-1/certs/#"));
+    assert!(may_publish(&d, "devices/dev-1/certs/active"));
+    assert!(!may_publish(&d, "devices/dev-2/certs/csr"));
+    // ... but never answers itself.
+    assert!(!may_publish(&d, "devices/dev-1/certs/issued"));
+    assert!(!may_publish(&d, "devices/dev-1/certs/csr/x"));
+    assert!(is_active_announcement(&d, "devices/dev-1/certs/active"));
+    assert!(!is_active_announcement(&d, "devices/dev-1/certs/activex"));
+    assert!(!is_active_announcement(&d, "devices/dev-10/certs/active"));
+}
+
+#[test]
+fn claim_acl() {
+    let mut c = who("batch-1", Role::Claim);
+    assert_eq!(c.claim_nonce("claims/batch-1/0123456789abcdef"), Some("0123456789abcdef"));
+    for bad in [
+        "claims/batch-1/short",
+        "claims/batch-2/0123456789abcdef",
+        "batch-1",
+        "claims/batch-1/0123456789ABCDEF",
+        "claims/batch-1/0123456789abcdef/x",
+    ] {
+        assert_eq!(c.claim_nonce(bad), None, "{bad}");
+    }
+    c.nonce = Some("0123456789abcdef".into());
+    assert_eq!(c.session_key(), "claims/batch-1/0123456789abcdef");
+    assert!(may_publish(&c, "claims/batch-1/0123456789abcdef/certs/csr"));
+    assert!(may_subscribe(&c, "claims/batch-1/0123456789abcdef/certs/+"));
+    assert!(may_subscribe(&c, "claims/batch-1/0123456789abcdef/certs/issued"));
+    for bad in [
+        "claims/batch-1/fedcba9876543210/certs/csr",
+        "claims/batch-1/0123456789abcdef/certs/issued",
+        "devices/batch-1/telemetry",
+        "claims/batch-2/0123456789abcdef/certs/csr",
+    ] {
+        assert!(!may_publish(&c, bad), "{bad}");
+    }
+    for bad in
+        ["claims/batch-1/+/certs/+", "claims/#", "devices/#", "claims/batch-1/0123456789abcdef/certs/#"]
+    {
+        assert!(!may_subscribe(&c, bad), "{bad}");
+    }
+}
+
+#[test]
+fn topic_matching() {
+    assert!(matches("devices/+/telemetry", "devices/a/telemetry"));
+    assert!(matches("devices/#", "devices/a/b/c"));
+    assert!(matches("devices/a/#", "devices/a/x"));
+    assert!(!matches("devices/+/telemetry", "devices/a/b/telemetry"));
+    assert!(!matches("devices/a", "devices/a/b"));
+    assert!(valid_filter("a/+/#") && !valid_filter("a/#/b") && !valid_filter("a+/b"));
+}

@@ -1,0 +1,230 @@
+//! What a session does with each packet its client sends: PUBLISH (rate, topic limits, ACL,
+//! the CSR and certificate stamps, then the fabric and the store, or the command queue),
+//! SUBSCRIBE, UNSUBSCRIBE, PUBACK of a delivery, PINGREQ.
+
+use fleet_registry::{Role, Telemetry};
+use rumqttc::mqttbytes::v4::{
+    Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+use rumqttc::mqttbytes::QoS;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::handler::{Ctx, State};
+use crate::auth;
+use crate::clock::now_millis;
+use crate::cluster::bus::Origin;
+use crate::commands::Accepted;
+use crate::observe::metrics::{AclAction, Limit};
+use crate::outcome::CloseReason;
+use crate::router::RetainBudget;
+
+impl State {
+    /// Counts a cap hit and logs it (rate-limited per session).
+    pub(super) fn limit_hit(&mut self, ctx: &Ctx<'_>, limit: Limit, what: &str) {
+        ctx.svc.observe.metrics().limit(limit);
+        if let Some(skipped) = self.limit_log.allow() {
+            warn!(device = %ctx.id.id, limit = limit.label(), what, skipped, "limit reached");
+        }
+    }
+
+    /// Counts an ACL refusal and logs it (rate-limited per session).
+    fn acl_denied(&mut self, ctx: &Ctx<'_>, action: AclAction, what: &str) {
+        ctx.svc.observe.metrics().acl_denied(action);
+        if let Some(skipped) = self.acl_log.allow() {
+            match action {
+                AclAction::Publish => {
+                    warn!(device = %ctx.id.id, topic = what, skipped, "publish refused by ACL")
+                }
+                AclAction::Subscribe => {
+                    warn!(device = %ctx.id.id, filter = what, skipped, "subscribe refused by ACL")
+                }
+            }
+        }
+    }
+
+    pub(super) async fn handle_packet(&mut self, ctx: &Ctx<'_>, packet: Packet) -> Result<(), CloseReason> {
+        match packet {
+            Packet::Publish(p) => self.publish(ctx, p).await,
+            Packet::Subscribe(s) => self.subscribe(ctx, s).await,
+            Packet::Unsubscribe(u) => self.unsubscribe(ctx, u).await,
+            Packet::PingReq => self.conn.send(Packet::PingResp).await,
+            Packet::Disconnect => Err(CloseReason::ClientGone),
+            Packet::PubAck(a) => {
+                self.in_flight.retain(|p| p.pkid != a.pkid);
+                if self.delivery.acked(ctx.svc.ingest.commands().writer(), &ctx.id.id, a.pkid).await {
+                    self.send_commands(ctx).await?;
+                }
+                Ok(())
+            }
+            Packet::Connect(_) => Err(CloseReason::SecondConnect),
+            _ => Err(CloseReason::UnexpectedPacket),
+        }
+    }
+
+    async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Publish) -> Result<(), CloseReason> {
+        let svc = ctx.svc;
+        svc.observe.metrics().messages_received.inc();
+        ctx.info.received();
+        if let Some(rate) = &mut self.rate {
+            let wait = rate.take(p.topic.len() + p.payload.len(), Instant::now());
+            if !wait.is_zero() {
+                // Over its rate: handled (and acknowledged) once back within it; nothing is
+                // read meanwhile. The caller races this against the kick.
+                self.limit_hit(ctx, Limit::PublishRate, &p.topic);
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if !svc.topic_within(&p.topic) {
+            self.limit_hit(ctx, Limit::Topic, &p.topic);
+            return Err(CloseReason::TopicLimit);
+        }
+        if !auth::may_publish(&ctx.id, &p.topic) {
+            self.acl_denied(ctx, AclAction::Publish, &p.topic);
+            // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
+            return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(CloseReason::AclDenied) };
+        }
+        if p.qos == QoS::ExactlyOnce {
+            return Err(CloseReason::Qos2Unsupported);
+        }
+        if p.retain && crate::commands::parse(&p.topic).is_some() {
+            // Commands are never retained (docs/spec/commands.md): a retained copy would reach
+            // the device on every SUBSCRIBE, after the command expired or was acknowledged.
+            // The flag is stripped; the command itself is queued (QoS 1) or routed (QoS 0).
+            p.retain = false;
+            self.limit_hit(ctx, Limit::CommandRetained, &p.topic);
+        }
+        if auth::is_active_announcement(&ctx.id, &p.topic) {
+            // The broker, not the device, says which certificate the session runs on.
+            p.payload = ctx.id.serial.to_hex().into();
+        } else if auth::is_csr(&ctx.id, &p.topic) {
+            // One identity's CSRs are rationed (broker-wide, so reconnecting does not help): a
+            // flood from one stolen key must not take the issuer from the fleet. A claim's
+            // burst covers a batch booting at once.
+            let (key, burst) = match ctx.id.role {
+                Role::Claim => (format!("claim:{}", ctx.id.id), svc.config.max_sessions_per_claim),
+                _ => (format!("device:{}", ctx.id.id), 3),
+            };
+            let every = svc.config.csr_interval_secs.duration();
+            if !svc.csr_rate.take(&key, burst, every, tokio::time::Instant::now()) {
+                self.limit_hit(ctx, Limit::CsrRate, &p.topic);
+                if p.qos == QoS::AtLeastOnce {
+                    let pkid = p.pkid;
+                    self.pending.push_back(Box::pin(async move { (pkid, true) }));
+                }
+                return Ok(());
+            }
+            // ... and which certificate asks for a new one (the issuer checks it is the asker's).
+            // Never retained: a retained CSR would be decided again at every issuer reconnect.
+            p.payload = auth::stamp_csr(&ctx.id, &p.payload).into();
+            p.retain = false;
+        }
+        if ctx.id.role == Role::Service
+            && p.qos == QoS::AtLeastOnce
+            && crate::commands::parse(&p.topic).is_some()
+        {
+            return self.command(ctx, p).await;
+        }
+        // Routed first (subscribers get copies, here and on the other nodes), then the publish
+        // itself moves to the store.
+        let budget = RetainBudget::of(ctx.id.role);
+        if let Err(refused) = svc.fabric.publish(&p, budget, Origin::Client(&ctx.id)).await {
+            self.limit_hit(ctx, refused.limit(), &p.topic);
+            return Err(refused.close_reason());
+        }
+        let (pkid, qos) = (p.pkid, p.qos);
+        // Devices' telemetry is stored; services' commands are only routed.
+        if ctx.id.role == Role::Device {
+            let row = Telemetry {
+                device_id: ctx.id.id.clone(),
+                topic: p.topic,
+                payload: p.payload,
+                qos: qos as u8,
+                received_at: now_millis(),
+            };
+            if qos == QoS::AtLeastOnce {
+                let done = svc.ingest.store().submit(row, pkid).await;
+                self.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
+            } else {
+                svc.ingest.store().submit_nowait(row).await;
+            }
+        } else if qos == QoS::AtLeastOnce {
+            self.pending.push_back(Box::pin(async move { (pkid, true) }));
+        }
+        Ok(())
+    }
+
+    /// A service's QoS 1 command: stored (then routed, to wake the device's session) or refused
+    /// with a status; acknowledged either way unless the registry is down.
+    async fn command(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
+        let svc = ctx.svc;
+        let pkid = p.pkid;
+        match svc.ingest.commands().accept(&ctx.id, &p).await {
+            Accepted::Queued => {
+                let origin = Origin::Client(&ctx.id);
+                if let Err(refused) = svc.fabric.publish_everywhere(&p, RetainBudget::Clients, origin).await {
+                    self.limit_hit(ctx, refused.limit(), &p.topic);
+                }
+                self.pending.push_back(Box::pin(async move { (pkid, true) }));
+            }
+            Accepted::Refused => {
+                self.pending.push_back(Box::pin(async move { (pkid, true) }));
+            }
+            Accepted::Unavailable => {
+                self.pending.push_back(Box::pin(async move { (pkid, false) }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, ctx: &Ctx<'_>, s: Subscribe) -> Result<(), CloseReason> {
+        let svc = ctx.svc;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for f in &s.filters {
+            let full =
+                !self.subs.contains(&f.path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
+            if !svc.topic_within(&f.path) {
+                self.limit_hit(ctx, Limit::Topic, &f.path);
+                codes.push(SubscribeReasonCode::Failure);
+            } else if !auth::may_subscribe(&ctx.id, &f.path) {
+                self.acl_denied(ctx, AclAction::Subscribe, &f.path);
+                codes.push(SubscribeReasonCode::Failure);
+            } else if full {
+                self.limit_hit(ctx, Limit::Subscriptions, &f.path);
+                codes.push(SubscribeReasonCode::Failure);
+            } else {
+                let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                let first = self.subs.insert(f.path.clone());
+                let inbox = self.inbox.clone();
+                retained.extend(svc.fabric.subscribe(self.router_id, &f.path, qos, inbox, first).await);
+                codes.push(SubscribeReasonCode::Success(qos));
+            }
+        }
+        self.conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+        for mut p in retained {
+            p.qos = QoS::AtMostOnce;
+            p.retain = true;
+            ctx.info.sent();
+            self.conn.send(Packet::Publish(p)).await?;
+        }
+        // Subscribed to its commands: the queue is delivered from now on (and what waits, now).
+        let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
+        if ctx.id.role == Role::Device
+            && !self.delivery.active
+            && self.subs.iter().any(|f| auth::matches(f, &probe))
+        {
+            self.delivery.active = true;
+            self.send_commands(ctx).await?;
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
+        for f in &u.topics {
+            let held = self.subs.remove(f);
+            ctx.svc.fabric.unsubscribe(self.router_id, f, held);
+        }
+        self.conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+    }
+}
