@@ -156,9 +156,13 @@ async fn a_connect_flood_from_one_source_does_not_lock_out_other_devices() {
     for _ in 0..3 {
         worst = worst.max(time_valid_admission(broker.mqtt, &fleet.devices[1], &fleet.id(1)).await);
     }
-    // Let the flood reach its size (however slow the machine), then stop it.
+    // Let the flood reach its size (however slow the machine): 20 admissions, 10 of them
+    // taking over a session another flooder still held. Then stop it.
+    let takeovers = kicks(CloseReason::Takeover);
     let t = Instant::now();
-    while admitted.load(Ordering::Relaxed) < 20 && t.elapsed() < PATIENCE {
+    while (admitted.load(Ordering::Relaxed) < 20 || broker.metric(&takeovers).await < 10.0)
+        && t.elapsed() < PATIENCE
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -167,9 +171,8 @@ async fn a_connect_flood_from_one_source_does_not_lock_out_other_devices() {
     }
     assert!(worst < LATENCY_BOUND, "another device took {worst:?} during the flood");
     assert!(admitted.load(Ordering::Relaxed) >= 20, "the flood itself barely ran");
-    // The flood's sessions replaced each other; none is left behind when they are gone.
-    // (Counted as each replaced session ends: waited for, not read once.)
-    broker.wait_metric(&kicks(CloseReason::Takeover), 10.0, PATIENCE).await;
+    // The flood's sessions replaced each other.
+    assert!(broker.metric(&takeovers).await >= 10.0, "the flood's sessions did not replace each other");
 }
 
 #[tokio::test]
