@@ -391,7 +391,9 @@ pub mod stream {
 pub mod fuzzing {
     pub use crate::auth::{identify, matches, may_publish, may_subscribe, Identity, IdentityError};
     pub use crate::cluster::subject::{filter_subjects, subject_of, topic_of};
-    pub use crate::proxy::{parse as parse_proxy_header, Header as ProxyHeader, ProxyError};
+    pub use crate::proxy::{
+        parse as parse_proxy_header, Header as ProxyHeader, ProxyError, MAX_HEADER as MAX_PROXY_HEADER,
+    };
     pub use crate::session::conn::decode_client_packet;
     pub use crate::tls::{parse_crl, CrlError, RevokedSerials};
 }

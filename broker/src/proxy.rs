@@ -18,7 +18,7 @@ const FIXED: usize = 16;
 /// The longest header taken: addresses (36 bytes for IPv6) and the TLVs a balancer adds (unique
 /// id, TLS details) fit many times over. The format allows 64 KiB, which a silent peer would
 /// make the broker hold for every connection it opens.
-pub(crate) const MAX_HEADER: usize = FIXED + 1024;
+pub const MAX_HEADER: usize = FIXED + 1024;
 /// How long a connection may take to send its header: a balancer sends it as it connects.
 pub(crate) const HEADER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
