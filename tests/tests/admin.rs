@@ -561,20 +561,22 @@ async fn silent_connections_are_closed_after_the_header_timeout_and_capped_per_i
     assert_eq!(quiet.get("/api/v1/summary").await.map(|a| a.0), Some(200));
     assert!(quiet.closed_within(PATIENCE).await, "an idle kept-alive connection stayed open");
 
+    // Three connections that hold their places however slow the machine (a silent one would
+    // lose its place to the 1 s header timeout before a loaded machine opens the fourth): each
+    // an open event stream.
     let mut open = Vec::new();
     for _ in 0..3 {
-        open.push(Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap());
+        let mut c = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
+        assert_eq!(c.get("/api/v1/events").await.map(|a| a.0), Some(200));
+        open.push(c);
     }
     let mut fourth = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
     assert_eq!(fourth.answer(PATIENCE).await.map(|a| a.0), Some(429));
     assert!(fourth.closed_within(PATIENCE).await);
     assert!(broker.metric(&denied("identity_limit")).await >= 1.0);
-    // The three held places come back when their connections end (here: the header timeout,
-    // 1 s; on a loaded machine the fourth's answer may take longer than that, so the three are
-    // not asked to still be open): then the operator gets in again.
-    for c in &mut open {
-        assert!(c.closed_within(PATIENCE).await, "a silent connection stayed open");
-    }
+    // The three held places come back when their connections end: then the operator gets in
+    // again.
+    drop(open);
     let mut again = Https::connect(&broker, &fleet, &alice, [127, 0, 0, 1]).await.unwrap();
     assert_eq!(again.get("/api/v1/summary").await.map(|a| a.0), Some(200));
 }
