@@ -170,7 +170,7 @@ impl State {
     }
 
     /// Delivery of the queue starts once the device holds a subscription to its commands.
-    async fn start_commands_if_subscribed(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
+    pub(super) async fn start_commands_if_subscribed(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
         let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
         if ctx.id.role == Role::Device
             && !self.delivery.active

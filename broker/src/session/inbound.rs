@@ -209,15 +209,7 @@ impl State {
             self.conn.send(Packet::Publish(p)).await?;
         }
         // Subscribed to its commands: the queue is delivered from now on (and what waits, now).
-        let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
-        if ctx.id.role == Role::Device
-            && !self.delivery.active
-            && self.subs.iter().any(|f| auth::matches(f, &probe))
-        {
-            self.delivery.active = true;
-            self.send_commands(ctx).await?;
-        }
-        Ok(())
+        self.start_commands_if_subscribed(ctx).await
     }
 
     async fn unsubscribe(&mut self, ctx: &Ctx<'_>, u: Unsubscribe) -> Result<(), CloseReason> {
