@@ -290,12 +290,7 @@ async fn a_persistent_session_keeps_subscriptions_and_messages_while_the_client_
     let fleet = Fleet::new(1, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let dev = fleet.id(0);
-    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
-    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false));
-    subscribe(&mut svc, "devices/+/telemetry", 1).await;
-    svc.send(Packet::Disconnect).await.unwrap();
-    drop(svc);
-    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(3)).await;
+    park_backend(&broker, &fleet).await;
     // The device publishes while the service is away.
     let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert!(connect_with(&mut d, &dev, true).await.0);
@@ -345,12 +340,7 @@ async fn a_kept_sessions_inbox_is_capped_and_the_session_expires() {
     std::fs::write(&cfg, "max_queued_messages = 5\nsession_expiry_secs = 3\n").unwrap();
     let broker = BrokerProc::start(&fleet, &["--config", cfg.to_str().unwrap()]);
     let dev = fleet.id(0);
-    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
-    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false));
-    subscribe(&mut svc, "devices/+/telemetry", 1).await;
-    svc.send(Packet::Disconnect).await.unwrap();
-    drop(svc);
-    broker.wait_metric("fleet_sessions_parked", 1.0, Duration::from_secs(5)).await;
+    park_backend(&broker, &fleet).await;
     // 20 messages while the service is away: 5 kept, 15 dropped.
     let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert!(connect_with(&mut d, &dev, true).await.0);
@@ -563,4 +553,15 @@ async fn another_nodes_revocation_announcement_discards_the_kept_session() {
     node.wait_metric("fleet_cluster_revocations_received_total", 1.0, Duration::from_secs(3)).await;
     node.wait_metric_at_most("fleet_sessions_parked", 0.0, Duration::from_secs(3)).await;
     assert_eq!(node.metric("fleet_revocations_seen_total").await, 0.0, "the registry feed reported it");
+}
+
+/// The backend service subscribes to every device's telemetry in a persistent session, then
+/// leaves: its session is parked.
+async fn park_backend(broker: &BrokerProc, fleet: &Fleet) {
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connect_with(&mut svc, "backend", false).await, (true, false));
+    subscribe(&mut svc, "devices/+/telemetry", 1).await;
+    svc.send(Packet::Disconnect).await.unwrap();
+    drop(svc);
+    broker.wait_metric("fleet_sessions_parked", 1.0, PATIENCE).await;
 }
