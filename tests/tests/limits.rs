@@ -323,16 +323,7 @@ async fn park_claim_sessions(broker: &BrokerProc, dir: &std::path::Path, claim: 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_claim_certificate_cannot_park_sessions_without_bound() {
     let fleet = Fleet::new(1, None).await;
-    let opts = fleet_provision::lifecycle::ClaimOptions {
-        name: "batch-1".into(),
-        id_prefix: "dev".into(),
-        quota: 5,
-        days: 30,
-        out: fleet.dir.path().join("claim"),
-        broker_host: "localhost".into(),
-        broker_port: 8883,
-    };
-    let claim = fleet.station().await.claim_cert(&opts).await.unwrap().dir;
+    let claim = claim_cert(&fleet, "batch-1").await;
     let broker = BrokerProc::start(&fleet, &[]);
     park_claim_sessions(&broker, &claim, "batch-1", 24).await;
     broker.wait_metric("fleet_limits_total{limit=\"parked_per_claim\"}", 8.0, Duration::from_secs(5)).await;
@@ -417,16 +408,7 @@ async fn a_device_publishing_far_above_its_rate_is_held_to_it_and_others_are_una
 #[tokio::test(flavor = "multi_thread")]
 async fn one_claim_certificate_cannot_hold_every_connection_slot() {
     let fleet = Fleet::new(1, None).await;
-    let opts = fleet_provision::lifecycle::ClaimOptions {
-        name: "batch-2".into(),
-        id_prefix: "dev".into(),
-        quota: 5,
-        days: 30,
-        out: fleet.dir.path().join("claim"),
-        broker_host: "localhost".into(),
-        broker_port: 8883,
-    };
-    let claim = fleet.station().await.claim_cert(&opts).await.unwrap().dir;
+    let claim = claim_cert(&fleet, "batch-2").await;
     let broker = BrokerProc::start(&fleet, &["--max-connections", "40", "--max-sessions-per-claim", "4"]);
     let mut held = Vec::new();
     for i in 0..4 {
@@ -483,4 +465,18 @@ async fn one_claim_certificate_cannot_hold_every_connection_slot() {
     );
     let mut d = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&d.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+}
+
+/// A claim certificate `name` for ids `dev-...` (quota 5), issued at the station; its directory.
+async fn claim_cert(fleet: &Fleet, name: &str) -> std::path::PathBuf {
+    let opts = fleet_provision::lifecycle::ClaimOptions {
+        name: name.into(),
+        id_prefix: "dev".into(),
+        quota: 5,
+        days: 30,
+        out: fleet.dir.path().join("claim"),
+        broker_host: "localhost".into(),
+        broker_port: 8883,
+    };
+    fleet.station().await.claim_cert(&opts).await.unwrap().dir
 }
