@@ -425,7 +425,7 @@ impl<'a> Root<'a> {
     }
 
     /// The rest of `topic` after `<root>/`, if the topic is under this root.
-    pub fn strip<'t>(self, topic: &'t str) -> Option<&'t str> {
+    pub fn strip(self, topic: &str) -> Option<&str> {
         let rest = match self {
             Root::Device(id) => topic.strip_prefix(level::DEVICES)?.strip_prefix('/')?.strip_prefix(id)?,
             Root::Claim(client_id) => topic.strip_prefix(client_id)?,
@@ -434,12 +434,12 @@ impl<'a> Root<'a> {
     }
 
     /// The command name of `<root>/commands/<name>`.
-    pub fn command_name<'t>(self, topic: &'t str) -> Option<&'t str> {
+    pub fn command_name(self, topic: &str) -> Option<&str> {
         self.strip(topic)?.strip_prefix(level::COMMANDS)?.strip_prefix('/').filter(|n| !n.is_empty())
     }
 
     /// The kind of `<root>/certs/<kind>` (one level).
-    pub fn certs_kind<'t>(self, topic: &'t str) -> Option<&'t str> {
+    pub fn certs_kind(self, topic: &str) -> Option<&str> {
         let kind = self.strip(topic)?.strip_prefix(level::CERTS)?.strip_prefix('/')?;
         (!kind.is_empty() && !kind.contains('/')).then_some(kind)
     }

@@ -48,18 +48,29 @@ fn the_scheme_reads_each_kind_of_topic() {
     }
     assert_eq!(a("devices/dev-1/telemetry"), Addressed::DeviceData { device: "dev-1", rest: "telemetry" });
     assert_eq!(a("devices/dev-1/a/b"), Addressed::DeviceData { device: "dev-1", rest: "a/b" });
-    assert_eq!(a("devices/dev-1/commands/fw/update"), Addressed::Command { device: "dev-1", name: "fw/update" });
+    assert_eq!(
+        a("devices/dev-1/commands/fw/update"),
+        Addressed::Command { device: "dev-1", name: "fw/update" }
+    );
     assert_eq!(a("devices/dev-1/certs/csr"), Addressed::DeviceCerts { device: "dev-1", kind: "csr" });
     assert_eq!(
         a("claims/batch/00ff/certs/issued"),
         Addressed::ClaimCerts { claim: "batch", nonce: "00ff", kind: "issued" }
     );
-    assert_eq!(a("status/devices/dev-1/commands/reboot"), Addressed::Status { device: "dev-1", name: "reboot" });
-    for other in ["devices", "devices/dev-1", "claims/b/n", "claims/b/n/x/csr", "status/x/d/commands/n", "x/y"] {
+    assert_eq!(
+        a("status/devices/dev-1/commands/reboot"),
+        Addressed::Status { device: "dev-1", name: "reboot" }
+    );
+    for other in
+        ["devices", "devices/dev-1", "claims/b/n", "claims/b/n/x/csr", "status/x/d/commands/n", "x/y"]
+    {
         assert_eq!(a(other), Addressed::Other, "{other}");
     }
     // A level named like the scheme's is still data when it is not where the scheme puts it.
-    assert_eq!(a("devices/dev-1/commandsx/a"), Addressed::DeviceData { device: "dev-1", rest: "commandsx/a" });
+    assert_eq!(
+        a("devices/dev-1/commandsx/a"),
+        Addressed::DeviceData { device: "dev-1", rest: "commandsx/a" }
+    );
     assert_eq!(a("devices/dev-1/commands"), Addressed::DeviceData { device: "dev-1", rest: "commands" });
 }
 
@@ -75,7 +86,10 @@ fn topics_are_written_from_their_levels() {
     let mut buf = String::new();
     Root::Device("dev-1").with(&[level::CERTS, level::CSR]).write_to(&mut buf).unwrap();
     assert_eq!(buf, "devices/dev-1/certs/csr");
-    assert_eq!(Root::Claim("claims/b/n").with(&[level::CERTS, level::ISSUED]).to_string(), "claims/b/n/certs/issued");
+    assert_eq!(
+        Root::Claim("claims/b/n").with(&[level::CERTS, level::ISSUED]).to_string(),
+        "claims/b/n/certs/issued"
+    );
     assert_eq!(Root::Device("d").with(&[level::COMMANDS, "#"]).to_string(), "devices/d/commands/#");
 }
 
