@@ -396,4 +396,5 @@ pub mod fuzzing {
     };
     pub use crate::session::conn::decode_client_packet;
     pub use crate::tls::{parse_crl, CrlError, RevokedSerials};
+    pub use fleet_topic::{Topic, TopicFilter};
 }

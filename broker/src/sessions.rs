@@ -113,7 +113,7 @@ struct Inner {
 
 /// The claim id of a claim session's key (`claims/<claim>/<nonce>`).
 fn claim_of(key: &str) -> Option<&str> {
-    key.strip_prefix(crate::auth::CLAIMS)?.strip_prefix('/')?.split('/').next()
+    fleet_topic::parse_claim_session(key).map(|(claim, _)| claim)
 }
 
 /// Live sessions by session key (the device id; a claim session's client id).

@@ -9,23 +9,20 @@ use std::str::FromStr;
 
 use crate::error::Error;
 
-/// URI prefix of the SAN that names a device.
-pub const DEVICE_URI_PREFIX: &str = "urn:fleetgate:device:";
+/// URI prefix of the SAN that names a device (the scheme's, from `fleet-topic`).
+pub const DEVICE_URI_PREFIX: &str = fleet_topic::uri::DEVICE;
 /// URI prefix of the SAN that names a backend service.
-pub const SERVICE_URI_PREFIX: &str = "urn:fleetgate:service:";
+pub const SERVICE_URI_PREFIX: &str = fleet_topic::uri::SERVICE;
 /// SAN URI prefix of a certificate issuer's identity (rotation over MQTT).
-pub const ISSUER_URI_PREFIX: &str = "urn:fleetgate:issuer:";
-/// SAN URI prefix of a claim identity: a batch credential a device uses once, at first boot, to
-/// ask for its own identity (docs/spec/rotation.md).
-pub const CLAIM_URI_PREFIX: &str = "urn:fleetgate:claim:";
+pub const ISSUER_URI_PREFIX: &str = fleet_topic::uri::ISSUER;
+/// SAN URI prefix of a claim identity (docs/spec/rotation.md).
+pub const CLAIM_URI_PREFIX: &str = fleet_topic::uri::CLAIM;
 /// SAN URI prefix of an operator's identity: the broker's admin API and console, never MQTT.
-pub const OPERATOR_URI_PREFIX: &str = "urn:fleetgate:operator:";
-/// SAN URI prefix of a broker node's identity on the cluster bus (NATS), issued by the server
-/// CA (`fleet-provision node-cert`); never an MQTT identity.
-pub const NODE_URI_PREFIX: &str = "urn:fleetgate:node:";
-/// SAN URI prefix of a backend's read-only identity on the cluster bus: it may consume the
-/// JetStream stream, nothing else (`fleet-provision node-cert --stream-reader`).
-pub const STREAM_READER_URI_PREFIX: &str = "urn:fleetgate:stream-reader:";
+pub const OPERATOR_URI_PREFIX: &str = fleet_topic::uri::OPERATOR;
+/// SAN URI prefix of a broker node's identity on the cluster bus (NATS).
+pub const NODE_URI_PREFIX: &str = fleet_topic::uri::NODE;
+/// SAN URI prefix of a backend's read-only identity on the cluster bus.
+pub const STREAM_READER_URI_PREFIX: &str = fleet_topic::uri::STREAM_READER;
 /// First line of a CSR payload as the broker relays it to the issuer:
 /// `fleetgate-origin <serial hex>\n`, the serial of the certificate the publishing session was
 /// admitted with (docs/spec/rotation.md). The issuer binds the CSR to that certificate.

@@ -38,6 +38,8 @@ fn matching_follows_mqtt() {
     assert!(m("#", "anything/at/all"));
     assert!(!m("devices/+", "devices"));
     assert!(!m("devices/a", "devices/b"));
+    assert!(!m("devices/a", "devices/a/b"));
+    assert!(m("devices/a/#", "devices/a/x"));
     assert!(m("a//b", "a//b") && m("a/+/b", "a//b"));
 }
 

@@ -19,6 +19,7 @@ use fleet_registry::{
     DeviceId, Role, SerialNumber, CLAIM_URI_PREFIX, DEVICE_URI_PREFIX, ISSUER_URI_PREFIX,
     OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX,
 };
+use fleet_topic::Addressed;
 
 use crate::outcome::Refusal;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -43,7 +44,7 @@ impl Identity {
     /// (which contains `/`, so it never equals a device id).
     pub fn session_key(&self) -> String {
         match &self.nonce {
-            Some(n) => format!("{CLAIMS}/{}/{n}", self.id),
+            Some(n) => fleet_topic::claim_session(self.id.as_str(), n).to_string(),
             None => self.id.as_str().to_owned(),
         }
     }
@@ -51,8 +52,10 @@ impl Identity {
     /// The client id a claim session must use, `claims/<claim-id>/<nonce>`, parsed: the nonce
     /// is 16 to 64 characters of `[0-9a-z]`.
     pub fn claim_nonce<'c>(&self, client_id: &'c str) -> Option<&'c str> {
-        let rest = client_id.strip_prefix(CLAIMS)?.strip_prefix('/')?.strip_prefix(self.id.as_str())?;
-        let nonce = rest.strip_prefix('/')?;
+        let (claim, nonce) = fleet_topic::parse_claim_session(client_id)?;
+        if claim != self.id.as_str() {
+            return None;
+        }
         let ok = (16..=64).contains(&nonce.len())
             && nonce.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
         ok.then_some(nonce)
@@ -118,49 +121,27 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
     Ok(Identity { id, role, serial, not_after: cert.validity().not_after.timestamp(), nonce: None })
 }
 
-/// The first level of every topic a client may use: `devices/<id>/...`.
-pub(crate) const DEVICES: &str = "devices";
-/// The level under `devices/<id>/` that carries commands to the device.
-pub(crate) const COMMANDS: &str = "commands";
-/// `devices/<id>/certs/...`: certificate rotation (`csr` from the device; the issuer's answers).
-pub(crate) const CERTS: &str = "certs";
-/// `devices/<id>/certs/csr`: what a device asks the issuer.
-pub(crate) const CSR: &str = "csr";
-/// `devices/<id>/certs/active`: a device says it runs on a new certificate (payload stamped by
-/// the broker with the session's serial).
-pub(crate) const ACTIVE: &str = "active";
-/// The first level of the services-only command status topics
-/// (`status/devices/<id>/commands/<name>`).
-pub(crate) const STATUS: &str = "status";
-/// `claims/<claim-id>/<nonce>/...`: the first-boot exchange of a claim session.
-pub(crate) const CLAIMS: &str = "claims";
+/// The levels of the topic scheme (`fleet-topic`), as the ACL reads them.
+pub(crate) use fleet_topic::level::{ACTIVE, CERTS, CLAIMS, COMMANDS, CSR, DEVICES, STATUS};
+pub use fleet_topic::matches;
+pub(crate) use fleet_topic::{Topic, TopicFilter};
 
 /// The topic of a device's `certs/active` announcement, if `topic` is one from `who`.
-pub(crate) fn is_active_announcement(who: &Identity, topic: &str) -> bool {
+pub(crate) fn is_active_announcement(who: &Identity, topic: Topic<'_>) -> bool {
     who.role == Role::Device
-        && topic
-            .strip_prefix(DEVICES)
-            .and_then(|r| r.strip_prefix('/'))
-            .and_then(|r| r.strip_prefix(who.id.as_str()))
-            .and_then(|r| r.strip_prefix('/'))
-            .and_then(|r| r.strip_prefix(CERTS))
-            == Some("/active")
+        && topic.addressed() == Addressed::DeviceCerts { device: who.id.as_str(), kind: ACTIVE }
 }
 
 /// Is `topic` a CSR that `who` may send (`devices/<own id>/certs/csr`, or a claim session's
 /// `claims/<claim>/<nonce>/certs/csr`)? Such a payload is stamped with
 /// [`fleet_registry::CSR_ORIGIN`]: the issuer binds the CSR to that certificate, not to the
 /// topic alone.
-pub(crate) fn is_csr(who: &Identity, topic: &str) -> bool {
-    // On the ingest path: no allocation for the common case (telemetry).
-    if !topic.ends_with("/certs/csr") {
-        return false;
-    }
-    let levels: Vec<&str> = topic.split('/').collect();
-    match (who.role, levels.as_slice()) {
-        (Role::Device, [DEVICES, owner, CERTS, CSR]) => *owner == who.id.as_str(),
-        (Role::Claim, [CLAIMS, claim, nonce, CERTS, CSR]) => {
-            *claim == who.id.as_str() && who.nonce.as_deref() == Some(*nonce)
+pub(crate) fn is_csr(who: &Identity, topic: Topic<'_>) -> bool {
+    // On the ingest path: no allocation.
+    match (who.role, topic.addressed()) {
+        (Role::Device, Addressed::DeviceCerts { device, kind: CSR }) => device == who.id.as_str(),
+        (Role::Claim, Addressed::ClaimCerts { claim, nonce, kind: CSR }) => {
+            claim == who.id.as_str() && who.nonce.as_deref() == Some(nonce)
         }
         _ => false,
     }
@@ -173,42 +154,12 @@ pub(crate) fn stamp_csr(who: &Identity, csr: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The device-id level of `devices/<id>/...` (a filter's may be a wildcard).
-pub(crate) fn device_level(topic: &str) -> Option<&str> {
-    let mut levels = topic.split('/');
-    match levels.next() {
-        Some(DEVICES) => levels.next(),
-        _ => None,
-    }
-}
-
-/// True if `topic` (a concrete publish topic) is valid MQTT and free of wildcards.
-fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 1024
-}
-
-/// True if `filter` is a syntactically valid MQTT topic filter.
-pub(crate) fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') || filter.len() > 1024 {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    levels.iter().enumerate().all(|(i, l)| match *l {
-        "#" => i == levels.len() - 1,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
-}
-
 /// May `who` publish to `topic`?
-pub fn may_publish(who: &Identity, topic: &str) -> bool {
-    if !valid_topic(topic) {
+pub fn may_publish(who: &Identity, topic: Topic<'_>) -> bool {
+    if topic.has_empty_level() {
         return false;
     }
-    let levels: Vec<&str> = topic.split('/').collect();
-    if levels.iter().any(|l| l.is_empty()) {
-        return false;
-    }
+    let levels: Vec<&str> = topic.levels().collect();
     match (who.role, levels.as_slice()) {
         // A device never writes its own commands: a stolen certificate could otherwise plant a
         // (retained) command that the real device obeys after every reconnect. Under `certs/` it
@@ -236,11 +187,8 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
 }
 
 /// May `who` subscribe to `filter`?
-pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
-    if !valid_filter(filter) {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
+pub fn may_subscribe(who: &Identity, filter: TopicFilter<'_>) -> bool {
+    let levels: Vec<&str> = filter.levels().collect();
     match (who.role, levels.as_slice()) {
         (Role::Device, [DEVICES, owner, _, ..]) => *owner == who.id.as_str(),
         (Role::Service, [DEVICES, ..]) => true,
@@ -256,21 +204,6 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
             *claim == who.id.as_str() && who.nonce.as_deref() == Some(*nonce) && *answer != "#"
         }
         _ => false,
-    }
-}
-
-/// Does `topic` match `filter` (MQTT 3.1.1 rules, no `$` topics here)?
-pub fn matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 

@@ -18,7 +18,7 @@
 use async_nats::HeaderMap;
 use fleet_registry::{DeviceId, Role, SerialNumber};
 
-use crate::auth::{self, Identity};
+use crate::auth::{self, Identity, Topic};
 
 /// Header naming the node that published a message.
 pub(crate) const NODE: &str = "Fleet-Node";
@@ -66,8 +66,7 @@ pub(crate) fn decode_origin(v: &str) -> Option<Relayed> {
     let key = parts.next()?;
     let (id, nonce) = match role {
         Role::Claim => {
-            let rest = key.strip_prefix(auth::CLAIMS)?.strip_prefix('/')?;
-            let (claim, nonce) = rest.split_once('/')?;
+            let (claim, nonce) = fleet_topic::parse_claim_session(key)?;
             (DeviceId::parse(claim).ok()?, Some(nonce.to_owned()))
         }
         _ => (DeviceId::parse(key).ok()?, None),
@@ -89,9 +88,11 @@ pub(crate) fn from_node(headers: Option<&HeaderMap>) -> bool {
 /// topic must pass its publish ACL; a node publishes only command status.
 pub(crate) fn may_relay(origin: &Relayed, topic: &str) -> bool {
     match origin {
-        Relayed::Client(id) => id.role != Role::Operator && auth::may_publish(id, topic),
+        Relayed::Client(id) => {
+            id.role != Role::Operator && Topic::parse(topic).is_ok_and(|t| auth::may_publish(id, t))
+        }
         Relayed::Broker => {
-            topic.starts_with(crate::auth::STATUS) && topic[crate::auth::STATUS.len()..].starts_with('/')
+            topic.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::STATUS)
         }
     }
 }

@@ -221,7 +221,7 @@ mod tests {
 
         #[test]
         fn a_filter_receives_exactly_the_topics_it_matches(f in filter(), t in topic()) {
-            let mqtt = crate::auth::matches(&f, &t);
+            let mqtt = fleet_topic::matches(&f, &t);
             let subjects = filter_subjects(&f);
             for s in &subjects {
                 prop_assert!(valid_pattern(s), "{s}");
@@ -236,7 +236,7 @@ mod tests {
             prop_assert!(valid_subject(&stored), "{stored}");
             prop_assert_eq!(topic_of_stored(&stored), Some(t.clone()));
             prop_assert_eq!(topic_of(&stored), None);
-            let mqtt = crate::auth::matches(&f, &t);
+            let mqtt = fleet_topic::matches(&f, &t);
             prop_assert_eq!(mqtt, stored_filter_subjects(&f).iter().any(|s| nats_matches(s, &stored)));
             // A routing subscription never receives a stored message, nor the stream a routed one.
             prop_assert!(!filter_subjects(&f).iter().any(|s| nats_matches(s, &stored)));

@@ -8,7 +8,6 @@ use tracing::warn;
 
 use super::topic::pkid_of;
 use super::writer::{self, Writer};
-use crate::auth::{COMMANDS, DEVICES};
 use crate::clock::now_millis;
 
 /// Most commands in flight to one device.
@@ -69,7 +68,7 @@ impl Delivery {
         self.in_flight.push(InFlight { pkid, id: c.id, name: c.name.clone() });
         self.last_sent = self.last_sent.max(c.id);
         let mut p = Publish::new(
-            format!("{DEVICES}/{}/{COMMANDS}/{}", c.device_id, c.name),
+            fleet_topic::command(c.device_id.as_str(), &c.name).to_string(),
             QoS::AtLeastOnce,
             c.payload,
         );

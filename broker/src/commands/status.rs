@@ -5,7 +5,6 @@ use fleet_registry::CommandStatus;
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 
-use crate::auth::{COMMANDS, DEVICES, STATUS};
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;
 use crate::fabric::Fabric;
@@ -37,7 +36,7 @@ impl Statuses {
         if let Some(r) = reason {
             body["reason"] = serde_json::Value::from(r.label());
         }
-        let topic = format!("{STATUS}/{DEVICES}/{device}/{COMMANDS}/{name}");
+        let topic = fleet_topic::status(device, name).to_string();
         let p = Publish::new(topic, QoS::AtLeastOnce, body.to_string());
         let _ = self.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
     }

@@ -3,7 +3,8 @@
 
 use fleet_registry::DeviceId;
 
-use crate::auth::{COMMANDS, DEVICES};
+use fleet_topic::{level, Addressed, Topic};
+
 use crate::outcome::CommandRefusal;
 
 /// Longest time-to-live a `ttl=` level may ask for, seconds (30 days).
@@ -21,13 +22,13 @@ pub(crate) type Target = (DeviceId, String, Option<i64>);
 /// A service's command topic `devices/<id>/commands/<name>[/ttl=<secs>]`, parsed. `Err` for a
 /// bad `ttl=`: the reason and the command's name (the refusal's status names the command).
 pub(crate) fn parse(topic: &str) -> Option<Result<Target, (CommandRefusal, String)>> {
-    let rest = topic.strip_prefix(DEVICES)?.strip_prefix('/')?;
-    let (device, rest) = rest.split_once('/')?;
-    let name = rest.strip_prefix(COMMANDS)?.strip_prefix('/')?;
+    let Addressed::Command { device, name } = Topic::parse(topic).ok()?.addressed() else {
+        return None;
+    };
     let device = DeviceId::parse(device).ok()?;
     let (name, ttl) = match name.rsplit_once('/') {
-        Some((n, last)) if last.starts_with("ttl=") => {
-            match last[4..].parse::<i64>().ok().filter(|t| (1..=MAX_TTL_SECS).contains(t)) {
+        Some((n, last)) if last.starts_with(level::TTL) => {
+            match last[level::TTL.len()..].parse::<i64>().ok().filter(|t| (1..=MAX_TTL_SECS).contains(t)) {
                 Some(t) => (n, Some(t)),
                 None => return Some(Err((CommandRefusal::BadTtl, n.to_owned()))),
             }

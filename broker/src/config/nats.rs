@@ -59,7 +59,7 @@ impl Config {
                     SQL_CONSUMER
                 )));
             }
-            if !crate::auth::valid_filter(filter) {
+            if fleet_topic::TopicFilter::parse(filter).is_err() {
                 return Err(ConfigError::Range(format!(
                     "nats_readers: {filter:?} is not an MQTT topic filter"
                 )));

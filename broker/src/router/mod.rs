@@ -16,11 +16,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::auth::{device_level, matches};
 use crate::inbox::Inbox;
 use crate::observe::metrics::Limit;
 use crate::observe::metrics::Metrics;
 use crate::outcome::CloseReason;
+use fleet_topic::{device_level, matches};
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 

@@ -21,7 +21,7 @@ use tokio::time::{sleep_until, Instant};
 use super::conn::{Conn, IDLE_RELEASE};
 use super::park::Parked;
 use super::services::Services;
-use crate::auth::{self, Identity};
+use crate::auth::Identity;
 use crate::clock::{now_millis, now_unix};
 use crate::commands::Delivery;
 use crate::inbox::Inbox;
@@ -171,10 +171,10 @@ impl State {
 
     /// Delivery of the queue starts once the device holds a subscription to its commands.
     pub(super) async fn start_commands_if_subscribed(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
-        let probe = format!("{}/{}/{}/x", auth::DEVICES, ctx.id.id, auth::COMMANDS);
+        let probe = fleet_topic::command(ctx.id.id.as_str(), "x").to_string();
         if ctx.id.role == Role::Device
             && !self.delivery.active
-            && self.subs.iter().any(|f| auth::matches(f, &probe))
+            && self.subs.iter().any(|f| fleet_topic::matches(f, &probe))
         {
             self.delivery.active = true;
             self.send_commands(ctx).await?;

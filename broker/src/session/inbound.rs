@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::handler::{Ctx, State};
-use crate::auth;
+use crate::auth::{self, Topic, TopicFilter};
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;
 use crate::commands::Accepted;
@@ -79,7 +79,8 @@ impl State {
             self.limit_hit(ctx, Limit::Topic, &p.topic);
             return Err(CloseReason::TopicLimit);
         }
-        if !auth::may_publish(&ctx.id, &p.topic) {
+        // Parsed once here; a topic that is not one (a wildcard, NUL) is denied like any other.
+        if !Topic::parse(&p.topic).is_ok_and(|t| auth::may_publish(&ctx.id, t)) {
             self.acl_denied(ctx, AclAction::Publish, &p.topic);
             // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
             return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(CloseReason::AclDenied) };
@@ -94,10 +95,12 @@ impl State {
             p.retain = false;
             self.limit_hit(ctx, Limit::CommandRetained, &p.topic);
         }
-        if auth::is_active_announcement(&ctx.id, &p.topic) {
+        // Valid: may_publish parsed it.
+        let topic = Topic::parse(&p.topic).map_err(|_| CloseReason::AclDenied)?;
+        if auth::is_active_announcement(&ctx.id, topic) {
             // The broker, not the device, says which certificate the session runs on.
             p.payload = ctx.id.serial.to_hex().into();
-        } else if auth::is_csr(&ctx.id, &p.topic) {
+        } else if auth::is_csr(&ctx.id, topic) {
             // One identity's CSRs are rationed (broker-wide, so reconnecting does not help): a
             // flood from one stolen key must not take the issuer from the fleet. A claim's
             // burst covers a batch booting at once.
@@ -187,7 +190,7 @@ impl State {
             if !svc.topic_within(&f.path) {
                 self.limit_hit(ctx, Limit::Topic, &f.path);
                 codes.push(SubscribeReasonCode::Failure);
-            } else if !auth::may_subscribe(&ctx.id, &f.path) {
+            } else if !TopicFilter::parse(&f.path).is_ok_and(|f| auth::may_subscribe(&ctx.id, f)) {
                 self.acl_denied(ctx, AclAction::Subscribe, &f.path);
                 codes.push(SubscribeReasonCode::Failure);
             } else if full {
