@@ -456,7 +456,9 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     pub fn publish_telemetry<V: Serialize>(&mut self, value: &V) -> Result<(), ClientError> {
         let mut buf = [0u8; M];
         let bytes = postcard::to_slice(value, &mut buf).map_err(|_| ClientError::Serialize)?;
-        self.session.publish("telemetry", bytes, QoS::AtLeastOnce).map_err(ClientError::Session)
+        self.session
+            .publish(fleet_topic::suffix::TELEMETRY, bytes, QoS::AtLeastOnce)
+            .map_err(ClientError::Session)
     }
 
     /// Queues raw bytes for `devices/<id>/<suffix>`.

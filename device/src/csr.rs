@@ -19,7 +19,7 @@ const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
 const OID_EXTENSION_REQUEST: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x0e];
 const OID_SAN: &[u8] = &[0x55, 0x1d, 0x11];
 /// The SAN URI prefix of a device identity (docs/spec/certificate-profile.md).
-const URI_PREFIX: &str = "urn:fleetgate:device:";
+const URI_PREFIX: &str = fleet_topic::uri::DEVICE;
 
 /// Why a request could not be built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

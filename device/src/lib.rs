@@ -27,3 +27,7 @@ pub mod store;
 pub mod tls;
 #[cfg(feature = "tls")]
 pub mod transport;
+
+/// The topic scheme (`fleet-topic`): the suffixes a device publishes on
+/// (`topic::suffix::CERTS_CSR`), its levels and filters, the identity URI prefixes.
+pub use fleet_topic as topic;

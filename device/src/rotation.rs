@@ -182,7 +182,8 @@ impl Rotator {
             return Err(RotationError::WrongKey);
         }
         let names_it = cert.san.is_some_and(|san| {
-            x509::uris(san).any(|u| u.strip_prefix(b"urn:fleetgate:device:") == Some(device_id.as_bytes()))
+            x509::uris(san)
+                .any(|u| u.strip_prefix(fleet_topic::uri::DEVICE.as_bytes()) == Some(device_id.as_bytes()))
         });
         if !names_it {
             return Err(RotationError::WrongId);

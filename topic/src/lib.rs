@@ -51,8 +51,27 @@ pub mod level {
     pub const CLAIMS: &str = "claims";
     /// Where fleet-sim and the example firmware publish their readings.
     pub const TELEMETRY: &str = "telemetry";
+    /// Where fleet-sim and the example firmware acknowledge a command: `devices/<id>/acks/<name>`
+    /// (an application convention of the examples, not read by the broker).
+    pub const ACKS: &str = "acks";
     /// The last level of a command topic that sets its time-to-live: `ttl=<secs>`.
     pub const TTL: &str = "ttl=";
+}
+
+/// A device's own topics after its root `devices/<id>/`, as the SDK's `publish(suffix, ..)`
+/// takes them (each is checked against its levels in the tests).
+pub mod suffix {
+    /// Telemetry.
+    pub const TELEMETRY: &str = "telemetry";
+    /// A CSR for rotation (or a claim session's first certificate).
+    pub const CERTS_CSR: &str = "certs/csr";
+    /// "I run on my new certificate."
+    pub const CERTS_ACTIVE: &str = "certs/active";
+
+    /// `acks/<name>`: the examples' acknowledgement of command `name`.
+    pub fn ack(name: &str) -> super::Levels<'_, 2> {
+        super::Levels([super::level::ACKS, name])
+    }
 }
 
 /// Filters named by the scheme, written out (each is checked against its levels in the tests).
@@ -86,6 +105,12 @@ pub mod uri {
     /// A backend's read-only identity on the cluster bus.
     pub const STREAM_READER: &str = "urn:fleetgate:stream-reader:";
 }
+
+/// `devices/`, stripped at once (a device reads its own topics with the least code).
+const DEVICES_: &str = "devices/";
+/// `/commands/` and `/certs/`, likewise.
+const _COMMANDS_: &str = "/commands/";
+const _CERTS_: &str = "/certs/";
 
 /// Longest topic or filter the broker takes, bytes.
 pub const MAX_LEN: usize = 1024;
@@ -425,23 +450,32 @@ impl<'a> Root<'a> {
     }
 
     /// The rest of `topic` after `<root>/`, if the topic is under this root.
+    #[inline]
     pub fn strip(self, topic: &str) -> Option<&str> {
-        let rest = match self {
-            Root::Device(id) => topic.strip_prefix(level::DEVICES)?.strip_prefix('/')?.strip_prefix(id)?,
-            Root::Claim(client_id) => topic.strip_prefix(client_id)?,
-        };
-        rest.strip_prefix('/')
+        self.after_root(topic)?.strip_prefix('/')
     }
 
-    /// The command name of `<root>/commands/<name>`.
+    /// The rest of `topic` after the root, `/` included. (Written for the least code on a device:
+    /// each step is one `strip_prefix` of a string.)
+    #[inline]
+    fn after_root(self, topic: &str) -> Option<&str> {
+        let (rest, root) = match self {
+            Root::Device(id) => (topic.strip_prefix(DEVICES_)?, id),
+            Root::Claim(client_id) => (topic, client_id),
+        };
+        rest.strip_prefix(root)
+    }
+
+    /// The command name of `<root>/commands/<name>` (what follows `commands/`).
+    #[inline]
     pub fn command_name(self, topic: &str) -> Option<&str> {
-        self.strip(topic)?.strip_prefix(level::COMMANDS)?.strip_prefix('/').filter(|n| !n.is_empty())
+        self.after_root(topic)?.strip_prefix(_COMMANDS_)
     }
 
     /// The kind of `<root>/certs/<kind>` (one level).
+    #[inline]
     pub fn certs_kind(self, topic: &str) -> Option<&str> {
-        let kind = self.strip(topic)?.strip_prefix(level::CERTS)?.strip_prefix('/')?;
-        (!kind.is_empty() && !kind.contains('/')).then_some(kind)
+        self.after_root(topic)?.strip_prefix(_CERTS_).filter(|k| !k.contains('/'))
     }
 }
 
@@ -454,11 +488,14 @@ pub struct Under<'t> {
 
 impl Under<'_> {
     /// Writes the topic into `w` (only `write_str` is called).
+    #[inline]
     pub fn write_to<W: fmt::Write + ?Sized>(&self, w: &mut W) -> fmt::Result {
-        match self.root {
-            Root::Device(id) => write_joined(w, &[level::DEVICES, id])?,
-            Root::Claim(client_id) => w.write_str(client_id)?,
-        }
+        let (first, root) = match self.root {
+            Root::Device(id) => (DEVICES_, id),
+            Root::Claim(client_id) => ("", client_id),
+        };
+        w.write_str(first)?;
+        w.write_str(root)?;
         for l in self.tail {
             w.write_str("/")?;
             w.write_str(l)?;

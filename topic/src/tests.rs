@@ -101,6 +101,10 @@ fn the_named_filters_are_their_levels() {
     assert_eq!(filter::DEVICE_CSRS, device_certs("+", level::CSR).to_string());
     assert_eq!(filter::DEVICE_ACTIVE, device_certs("+", level::ACTIVE).to_string());
     assert_eq!(filter::CLAIM_CSRS, Root::Claim("claims/+/+").with(&[level::CERTS, level::CSR]).to_string());
+    assert_eq!(suffix::CERTS_CSR, Levels([level::CERTS, level::CSR]).to_string());
+    assert_eq!(suffix::CERTS_ACTIVE, Levels([level::CERTS, level::ACTIVE]).to_string());
+    assert_eq!(suffix::TELEMETRY, level::TELEMETRY);
+    assert_eq!(suffix::ack("blink").to_string(), "acks/blink");
     for f in filter::ISSUER {
         assert!(TopicFilter::parse(f).is_ok());
     }
@@ -113,7 +117,8 @@ fn a_root_reads_only_its_own_topics() {
     assert_eq!(d.strip("devices/dev-10/telemetry"), None);
     assert_eq!(d.strip("devices/dev-1"), None);
     assert_eq!(d.command_name("devices/dev-1/commands/a/b"), Some("a/b"));
-    assert_eq!(d.command_name("devices/dev-1/commands/"), None);
+    assert_eq!(d.command_name("devices/dev-1/commands/"), Some(""));
+    assert_eq!(d.command_name("devices/dev-1/commandsx"), None);
     assert_eq!(d.command_name("devices/dev-2/commands/a"), None);
     assert_eq!(d.certs_kind("devices/dev-1/certs/issued"), Some("issued"));
     assert_eq!(d.certs_kind("devices/dev-1/certs/issued/x"), None);
@@ -129,6 +134,9 @@ fn a_root_reads_only_its_own_topics() {
 
 #[test]
 fn device_level_reads_the_id_or_wildcard() {
+    assert_eq!(DEVICES_, Levels([level::DEVICES, ""]).to_string());
+    assert_eq!(_COMMANDS_, Levels(["", level::COMMANDS, ""]).to_string());
+    assert_eq!(_CERTS_, Levels(["", level::CERTS, ""]).to_string());
     assert_eq!(device_level("devices/dev-1/t"), Some("dev-1"));
     assert_eq!(device_level("devices/+/t"), Some("+"));
     assert_eq!(device_level("status/devices/x"), None);

@@ -17,21 +17,9 @@ use heapless::{Deque, String, Vec};
 /// How many recent command packet ids a session remembers for de-duplication.
 const SEEN: usize = 16;
 
-/// The topic scheme, device side (docs/spec): a device publishes under `devices/<id>/<suffix>`
-/// and receives commands on `devices/<id>/commands/<name>`.
-mod topic {
-    /// Before the device id.
-    pub(super) const DEVICES: &str = "devices/";
-    /// Between the device id and a command name.
-    pub(super) const COMMANDS: &str = "/commands/";
-    /// Between the device id (or a claim session's root) and a rotation message kind.
-    pub(super) const CERTS: &str = "/certs/";
-    /// The filters a session subscribes to, after its root.
-    pub(super) const COMMANDS_ALL: &str = "/commands/#";
-    pub(super) const ISSUED: &str = "/certs/issued";
-    pub(super) const REJECTED: &str = "/certs/rejected";
-    pub(super) const ROTATE: &str = "/certs/rotate";
-}
+/// The topic scheme (`fleet-topic`): a device publishes under `devices/<id>/<suffix>` and
+/// receives commands on `devices/<id>/commands/<name>`; a claim session's root is its client id.
+use fleet_topic::{level, Root};
 
 use super::codec::{
     decode, decode_publish_head, DecodeError, EncodeError, Packet, Publish, PublishHead, QoS,
@@ -219,11 +207,12 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
     }
 
     /// The topic root: `devices/<id>` or a claim session's client id.
-    fn push_root<const L: usize>(&self, out: &mut String<L>) -> Result<(), SessionError> {
-        if !self.claim {
-            out.push_str(topic::DEVICES).map_err(|_| SessionError::TooLarge)?;
+    fn root(&self) -> Root<'a> {
+        if self.claim {
+            Root::Claim(self.device_id)
+        } else {
+            Root::Device(self.device_id)
         }
-        out.push_str(self.device_id).map_err(|_| SessionError::TooLarge)
     }
 
     /// A PUBLISH of `payload` on `<root>/<suffix>` written straight into `out` (not queued, not
@@ -241,9 +230,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             return Err(SessionError::NotConnected);
         }
         let mut t: String<192> = String::new();
-        self.push_root(&mut t)?;
-        t.push('/').map_err(|_| SessionError::TooLarge)?;
-        t.push_str(suffix).map_err(|_| SessionError::TooLarge)?;
+        self.root().with(&[suffix]).write_to(t.as_mut_view()).map_err(|_| SessionError::TooLarge)?;
         let pkid = if qos == QoS::AtMostOnce { None } else { Some(self.take_pkid()) };
         let qos = if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
         let p = Publish { topic: &t, payload, qos, retain: false, dup: false, pkid };
@@ -397,11 +384,18 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             // Commands (devices only) and the issuer's answers, by name: `certs/+` would echo
             // the device's own CSRs back to it.
             let mut f: [String<160>; 4] = Default::default();
-            for (i, tail) in
-                [topic::COMMANDS_ALL, topic::ISSUED, topic::REJECTED, topic::ROTATE].iter().enumerate()
-            {
-                self.push_root(&mut f[i])?;
-                f[i].push_str(tail).map_err(|_| SessionError::TooLarge)?;
+            let tails: [&[&str]; 4] = [
+                &[level::COMMANDS, "#"],
+                &[level::CERTS, level::ISSUED],
+                &[level::CERTS, level::REJECTED],
+                &[level::CERTS, level::ROTATE],
+            ];
+            for i in 0..f.len() {
+                // One copy of the writer for every buffer size: through the string's view.
+                self.root()
+                    .with(tails[i])
+                    .write_to(f[i].as_mut_view())
+                    .map_err(|_| SessionError::TooLarge)?;
             }
             let all = [
                 (f[0].as_str(), QoS::AtLeastOnce),
@@ -430,17 +424,13 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 } else {
                     None
                 };
+            let root = self.root();
             if let Some(msg) = self.outbox.front_mut() {
                 if let Some(id) = fresh_pkid {
                     msg.pkid = Some(id);
                 }
                 let mut topic: String<192> = String::new();
-                if !self.claim {
-                    let _ = topic.push_str(topic::DEVICES);
-                }
-                let _ = topic.push_str(self.device_id);
-                let _ = topic.push('/');
-                let _ = topic.push_str(&msg.suffix);
+                let _ = root.with(&[msg.suffix.as_str()]).write_to(topic.as_mut_view());
                 let dup = msg.qos == QoS::AtLeastOnce && fresh_pkid.is_none();
                 let p = Publish {
                     topic: &topic,
@@ -482,23 +472,18 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         Ok(p)
     }
 
-    /// The rest of `topic` after this session's root, if it is under it.
-    fn under_root<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        let t = if self.claim { Some(topic) } else { topic.strip_prefix(topic::DEVICES) };
-        t.and_then(|r| r.strip_prefix(self.device_id))
-    }
-
     /// The command name of a topic addressed to this device, if it is one.
     pub fn command_name<'t>(&self, topic: &'t str) -> Option<&'t str> {
         if self.claim {
             return None;
         }
-        self.under_root(topic).and_then(|r| r.strip_prefix(topic::COMMANDS))
+        self.root().command_name(topic)
     }
 
     /// The rotation message kind of a topic addressed to this session (`<root>/certs/<kind>`).
+    #[inline(never)] // one copy for every caller: the smallest image
     pub fn certs_kind<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        self.under_root(topic).and_then(|r| r.strip_prefix(topic::CERTS)).filter(|k| !k.contains('/'))
+        self.root().certs_kind(topic)
     }
 
     /// Consumes one packet from `input`. Returns the bytes used (0: need more input) and any

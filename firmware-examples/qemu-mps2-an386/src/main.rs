@@ -38,6 +38,7 @@ use fleet_device::mqtt::{Millis, QoS, SessionConfig};
 use fleet_device::rotation::{renewal_due, RotationConfig, Rotator};
 use fleet_device::store::{CredentialStore, StoreError};
 use fleet_device::tls::x509;
+use fleet_device::topic;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -63,7 +64,7 @@ fn is_claim(creds: &Credentials<'_>) -> bool {
     x509::parse(creds.cert_der)
         .ok()
         .and_then(|c| c.san)
-        .is_some_and(|san| x509::uris(san).any(|u| u.starts_with(b"urn:fleetgate:claim:")))
+        .is_some_and(|san| x509::uris(san).any(|u| u.starts_with(topic::uri::CLAIM.as_bytes())))
 }
 
 /// Lowercase hex of `bytes` into a string of capacity `N`.
@@ -179,9 +180,7 @@ fn claim(
     rng.fill_bytes(&mut nonce);
     let id: heapless::String<16> = hex("dev-", &uid);
     let mut client: heapless::String<128> = heapless::String::new();
-    let _ = client.push_str("claims/");
-    let _ = client.push_str(creds.device_id);
-    let _ = client.push_str(&hex::<40>("/", &nonce));
+    let _ = topic::claim_session(creds.device_id, &hex::<32>("", &nonce)).write_to(&mut client);
     say!("first boot with claim {}: asking for an identity as {}", creds.device_id, id.as_str());
     let mut device: Device<'_, 2, 32> = Device::new_claim(creds, &client, SessionConfig::default());
     let mut rx = [0u8; RX_BUFFER];
@@ -199,7 +198,7 @@ fn claim(
         if device.session().is_connected() {
             match rot.poll_csr(&id, now(), &mut csr) {
                 Ok(Some(req)) => {
-                    if device.publish_now(&mut conn, "certs/csr", req, now()).is_err() {
+                    if device.publish_now(&mut conn, topic::suffix::CERTS_CSR, req, now()).is_err() {
                         exit(false)
                     }
                     say!("claim: CSR sent ({} bytes), key generated on this MCU", req.len());
@@ -300,7 +299,7 @@ fn session(
     loop {
         if device.session().is_connected() {
             if let Ok(Some(req)) = rot.poll_csr(creds.device_id, now(), &mut csr) {
-                if device.publish_now(&mut conn, "certs/csr", req, now()).is_err() {
+                if device.publish_now(&mut conn, topic::suffix::CERTS_CSR, req, now()).is_err() {
                     exit(false)
                 }
                 say!("rotation: CSR sent ({} bytes), key generated on this MCU", req.len());
@@ -319,7 +318,7 @@ fn session(
                         say!("cannot commit the new identity");
                         exit(false)
                     }
-                    let _ = device.publish("certs/active", b"", QoS::AtLeastOnce);
+                    let _ = device.publish(topic::suffix::CERTS_ACTIVE, b"", QoS::AtLeastOnce);
                     delivered = -1; // that announcement's acknowledgement comes first
                     say!("rotated: the broker admitted the new identity; it is now the active one");
                 } else if unix_now.is_some_and(|t| renewal_due(cert, t, 30 * 86_400)) {
@@ -344,10 +343,9 @@ fn session(
             }
             Ok(Some(Incoming::Command { name, payload })) => {
                 say!("command {} ({} bytes)", name.as_str(), payload.len());
-                let mut topic: heapless::String<48> = heapless::String::new();
-                let _ = topic.push_str("acks/");
-                let _ = topic.push_str(&name);
-                if device.publish(&topic, &payload, QoS::AtLeastOnce).is_err() {
+                let mut ack: heapless::String<48> = heapless::String::new();
+                let _ = topic::suffix::ack(&name).write_to(&mut ack);
+                if device.publish(&ack, &payload, QoS::AtLeastOnce).is_err() {
                     exit(false)
                 }
             }
