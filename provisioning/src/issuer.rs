@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_registry::{DeviceId, IdentityFiles, SerialNumber, ISSUER_URI_PREFIX};
+use fleet_topic::{level, Addressed, Root, Topic};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -131,7 +132,7 @@ fn options(cfg: &IssuerConfig) -> Result<MqttOptions> {
 }
 
 /// The filters the issuer subscribes to.
-pub const FILTERS: [&str; 3] = ["devices/+/certs/csr", "devices/+/certs/active", "claims/+/+/certs/csr"];
+pub const FILTERS: [&str; 3] = fleet_topic::filter::ISSUER;
 
 /// Runs the issuer until `stop` resolves. Reconnects by itself when the broker goes away.
 pub async fn serve(
@@ -229,9 +230,8 @@ async fn sign_crl_on_revocations(station: Station) {
 
 /// `devices/<id>/certs/active` → the device.
 fn active_device(topic: &str) -> Option<DeviceId> {
-    let mut l = topic.split('/');
-    match (l.next(), l.next(), l.next(), l.next(), l.next()) {
-        (Some("devices"), Some(id), Some("certs"), Some("active"), None) => DeviceId::parse(id).ok(),
+    match Topic::parse(topic).ok()?.addressed() {
+        Addressed::DeviceCerts { device, kind: level::ACTIVE } => DeviceId::parse(device).ok(),
         _ => None,
     }
 }
@@ -284,22 +284,24 @@ enum Asker {
 }
 
 fn asker(topic: &str) -> Option<Asker> {
-    let l: Vec<&str> = topic.split('/').collect();
-    match l.as_slice() {
-        ["devices", id, "certs", "csr"] => DeviceId::parse(id).ok().map(Asker::Device),
-        ["claims", claim, nonce, "certs", "csr"] => {
+    match Topic::parse(topic).ok()?.addressed() {
+        Addressed::DeviceCerts { device, kind: level::CSR } => {
+            DeviceId::parse(device).ok().map(Asker::Device)
+        }
+        Addressed::ClaimCerts { claim, nonce, kind: level::CSR } => {
             let claim = DeviceId::parse(claim).ok()?;
-            Some(Asker::Claim { root: format!("claims/{claim}/{nonce}"), claim })
+            let root = fleet_topic::claim_session(claim.as_str(), nonce).to_string();
+            Some(Asker::Claim { root, claim })
         }
         _ => None,
     }
 }
 
 impl Asker {
-    fn root(&self) -> String {
+    fn root(&self) -> Root<'_> {
         match self {
-            Asker::Device(id) => format!("devices/{id}"),
-            Asker::Claim { root, .. } => root.clone(),
+            Asker::Device(id) => Root::Device(id.as_str()),
+            Asker::Claim { root, .. } => Root::Claim(root),
         }
     }
 }
@@ -359,23 +361,30 @@ async fn work(
                         info!(device = %device_id, serial = %cert.serial, repeated, via = %root, "certificate issued");
                         let mut chain = cert.der.clone();
                         chain.extend_from_slice(&ca_der);
-                        publish(&client, format!("{root}/certs/issued"), chain, false).await;
+                        publish(&client, root.with(&[level::CERTS, level::ISSUED]).to_string(), chain, false)
+                            .await;
                         if let Asker::Device(id) = &who {
                             if requested.remove(id) {
-                                publish(&client, format!("{root}/certs/rotate"), Vec::new(), true).await;
+                                publish(
+                                    &client,
+                                    root.with(&[level::CERTS, level::ROTATE]).to_string(),
+                                    Vec::new(),
+                                    true,
+                                )
+                                .await;
                             }
                         }
                     }
                     Ok(Err(r)) => {
                         counts.rejected += 1;
-                        reject(&client, &root, &r).await;
+                        reject(&client, root, &r).await;
                     }
                     Err(e) => {
                         // A registry or CA failure: say so, the device retries later.
                         warn!(via = %root, error = %e, "cannot decide a CSR");
                         reject(
                             &client,
-                            &root,
+                            root,
                             &Rejected { label: "unavailable", detail: "issuer error; retry later".into() },
                         )
                         .await;
@@ -386,10 +395,11 @@ async fn work(
     }
 }
 
-async fn reject(client: &AsyncClient, root: &str, r: &Rejected) {
+async fn reject(client: &AsyncClient, root: Root<'_>, r: &Rejected) {
     // The detail may quote the CSR (its CN): as a str field it is quoted and escaped.
     info!(via = %root, reason = r.label, detail = r.detail.as_str(), "CSR rejected");
-    publish(client, format!("{root}/certs/rejected"), r.payload().into_bytes(), false).await;
+    publish(client, root.with(&[level::CERTS, level::REJECTED]).to_string(), r.payload().into_bytes(), false)
+        .await;
 }
 
 async fn publish(client: &AsyncClient, topic: String, payload: Vec<u8>, retain: bool) {
@@ -421,7 +431,8 @@ async fn housekeeping(
         Ok(reqs) => {
             for (device, _) in reqs {
                 // Retained: a device that connects later still sees it when it subscribes.
-                publish(client, format!("devices/{device}/certs/rotate"), b"rotate".to_vec(), true).await;
+                let topic = fleet_topic::device_certs(device.as_str(), level::ROTATE).to_string();
+                publish(client, topic, b"rotate".to_vec(), true).await;
                 requested.insert(device);
             }
         }

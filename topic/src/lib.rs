@@ -479,6 +479,12 @@ impl<'a> Root<'a> {
     }
 }
 
+impl fmt::Display for Root<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.with(&[]).write_to(f)
+    }
+}
+
 /// A topic under a [`Root`]: `<root>/<tail...>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Under<'t> {

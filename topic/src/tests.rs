@@ -93,6 +93,8 @@ fn topics_are_written_from_their_levels() {
         "claims/b/n/certs/issued"
     );
     assert_eq!(Root::Device("d").with(&[level::COMMANDS, "#"]).to_string(), "devices/d/commands/#");
+    assert_eq!(Root::Device("d").to_string(), "devices/d");
+    assert_eq!(Root::Claim("claims/b/n").to_string(), "claims/b/n");
 }
 
 #[test]

@@ -12,6 +12,7 @@ use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, SessionConfig};
 use fleet_device::rotation::{RotationConfig, Rotator};
 use fleet_device::store::CredentialStore;
+use fleet_device::topic;
 use rand::RngCore as _;
 
 use crate::device::{event, hex, serial_of};
@@ -113,7 +114,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, prefix: &str, start: Instant) -> a
     let id = format!("{prefix}-{}", hex(&id_bytes));
     let mut nonce = [0u8; 16];
     rng.fill_bytes(&mut nonce);
-    let client_id = format!("claims/{}/{}", claim_creds.device_id, hex(&nonce));
+    let client_id = topic::claim_session(claim_creds.device_id, &hex(&nonce)).to_string();
     let ms = || Millis(start.elapsed().as_millis() as u64);
     let mut rotator = Rotator::new(opts.rotation);
     rotator.start(&mut rng, ms());
@@ -156,7 +157,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, prefix: &str, start: Instant) -> a
                 if let Some(req) =
                     rotator.poll_csr(&id, ms(), &mut csr).map_err(|e| anyhow::anyhow!("CSR: {e}"))?
                 {
-                    if device.publish_now(&mut conn, "certs/csr", req, ms()).is_err() {
+                    if device.publish_now(&mut conn, topic::suffix::CERTS_CSR, req, ms()).is_err() {
                         break;
                     }
                     event(start, &id, "claim-csr-sent", &rotator.attempts().to_string());

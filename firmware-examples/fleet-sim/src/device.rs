@@ -16,6 +16,7 @@ use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig, SessionError};
 use fleet_device::rotation::{renewal_due, RotationConfig, Rotator};
 use fleet_device::store::{CredentialStore, StoreError};
+use fleet_device::topic;
 use rand::RngCore as _;
 
 use crate::slots::{FileSlots, SlotError, SLOT_SIZE};
@@ -284,7 +285,7 @@ impl Session<'_> {
                 if let Some(req) =
                     self.rotator.poll_csr(self.id, ms(), &mut csr).map_err(|_| ClientError::Serialize)?
                 {
-                    device.publish_now(&mut conn, "certs/csr", req, ms())?;
+                    device.publish_now(&mut conn, topic::suffix::CERTS_CSR, req, ms())?;
                     let n = self.rotator.attempts();
                     self.track.update(|s| s.csrs += 1);
                     event(start, self.id, "csr-sent", &n.to_string());
@@ -304,7 +305,7 @@ impl Session<'_> {
                         *self.active = now_active;
                         self.trying = false;
                         self.rotator.finish();
-                        device.publish("certs/active", b"", QoS::AtLeastOnce)?;
+                        device.publish(topic::suffix::CERTS_ACTIVE, b"", QoS::AtLeastOnce)?;
                         // Every QoS 1 message of the outbox is SENT, so that ACKED never passes it.
                         self.track.update(|s| s.sent += 1);
                         let serial = serial_of(cert);
@@ -323,9 +324,8 @@ impl Session<'_> {
                 Some(Incoming::Delivered) => self.track.update(|s| s.acked += 1),
                 Some(Incoming::Command { name, payload }) => {
                     self.track.update(|s| s.commands += 1);
-                    let mut topic = String::from("acks/");
-                    topic.push_str(&name);
-                    device.publish(&topic, &payload, QoS::AtLeastOnce)?;
+                    let ack = topic::suffix::ack(&name).to_string();
+                    device.publish(&ack, &payload, QoS::AtLeastOnce)?;
                     self.track.update(|s| s.sent += 1);
                 }
                 Some(Incoming::CommandTooLarge { name_len, payload_len }) => {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fleet_device::rotation::RotationConfig;
+use fleet_device::topic;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -100,7 +101,7 @@ enum Cmd {
         #[arg(long, default_value_t = 8883)]
         port: u16,
         /// Topic filter.
-        #[arg(long, default_value = "devices/+/telemetry")]
+        #[arg(long, default_value = topic::filter::ALL_TELEMETRY)]
         filter: String,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10.0)]
@@ -169,7 +170,7 @@ fn service_options(dir: &Path, host: &str, port: u16) -> anyhow::Result<MqttOpti
 /// The id in a certificate's `urn:fleetgate:service:<id>` SAN URI, read by the X.509 parser.
 fn service_id(der: &[u8]) -> Option<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    const PREFIX: &str = "urn:fleetgate:service:";
+    const PREFIX: &str = topic::uri::SERVICE;
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
@@ -304,7 +305,7 @@ async fn command(
     payload: String,
 ) -> anyhow::Result<()> {
     let (client, mut ev) = AsyncClient::new(service_options(&identity, &host, port)?, 8);
-    let topic = format!("devices/{device}/commands/{name}");
+    let topic = topic::command(&device, &name).to_string();
     loop {
         match tokio::time::timeout(Duration::from_secs(10), ev.poll())
             .await
