@@ -26,6 +26,7 @@ use embedded_io::ErrorKind;
 use fleet_device::client::{rx_buffer_for, Device, Incoming, FLEET_BROKER_RECORD, MIN_TX_BUFFER};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::{Millis, QoS, SessionConfig};
+use fleet_device::topic;
 use fleet_device::transport::RecordBoundary;
 use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -174,10 +175,9 @@ async fn main(spawner: Spawner) {
             }
             match device.poll_async(&mut conn, now()).await {
                 Ok(Some(Incoming::Command { name, payload })) => {
-                    let mut topic: heapless::String<48> = heapless::String::new();
-                    let _ = topic.push_str("acks/");
-                    let _ = topic.push_str(&name);
-                    let _ = device.publish(&topic, &payload, QoS::AtLeastOnce);
+                    let mut ack: heapless::String<48> = heapless::String::new();
+                    let _ = topic::suffix::ack(&name).write_to(&mut ack);
+                    let _ = device.publish(&ack, &payload, QoS::AtLeastOnce);
                 }
                 Ok(_) => {}
                 Err(_) => break,
