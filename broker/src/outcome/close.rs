@@ -34,6 +34,8 @@ pub enum CloseReason {
     SecondConnect,
     /// A packet a client never sends (CONNACK, SUBACK...).
     UnexpectedPacket,
+    /// An MQTT 5 topic alias that is 0, over the maximum, or never set.
+    TopicAliasInvalid,
     /// A packet the broker could not encode.
     Encode,
     /// A QoS 1 PUBLISH the ACL refuses (no PUBACK to withhold otherwise).
@@ -55,7 +57,7 @@ pub enum CloseCounter {
 
 impl CloseReason {
     /// Every reason, to export each counter at zero from the start.
-    pub const ALL: [CloseReason; 18] = [
+    pub const ALL: [CloseReason; 19] = [
         Self::ClientGone,
         Self::Shutdown,
         Self::Revoked,
@@ -71,6 +73,7 @@ impl CloseReason {
         Self::Qos2Unsupported,
         Self::SecondConnect,
         Self::UnexpectedPacket,
+        Self::TopicAliasInvalid,
         Self::Encode,
         Self::AclDenied,
         Self::StoreFailed,
@@ -94,6 +97,7 @@ impl CloseReason {
             Self::Qos2Unsupported => "qos2_unsupported",
             Self::SecondConnect => "second_connect",
             Self::UnexpectedPacket => "unexpected_packet",
+            Self::TopicAliasInvalid => "topic_alias_invalid",
             Self::Encode => "encode",
             Self::AclDenied => "acl",
             Self::StoreFailed => "store_failed",
@@ -116,6 +120,7 @@ impl CloseReason {
             | Self::Qos2Unsupported
             | Self::SecondConnect
             | Self::UnexpectedPacket
+            | Self::TopicAliasInvalid
             | Self::Encode => CloseCounter::Protocol,
             Self::ClientGone | Self::Shutdown | Self::AclDenied | Self::StoreFailed => CloseCounter::None,
         }

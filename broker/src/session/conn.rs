@@ -13,8 +13,10 @@ use rumqttc::mqttbytes::Error as MqttError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
-use crate::outcome::CloseReason;
+use super::v5::{self, Edge, PubRefusal, SubResult, Version};
+use crate::outcome::{CloseReason, Refusal};
 use crate::tls::Tls;
+use rumqttc::v5::mqttbytes::v5 as m5;
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 4096;
@@ -45,6 +47,17 @@ pub(crate) fn write_end(e: std::io::Error) -> CloseReason {
     }
 }
 
+/// How a QoS 1 PUBLISH ended, for its PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// Stored (or routed): acknowledged.
+    Done,
+    /// Not stored: no PUBACK, and the session ends (the client retransmits).
+    Failed,
+    /// Refused: a v5 client gets a PUBACK with the reason, a 3.1.1 client a plain PUBACK.
+    Refused(PubRefusal),
+}
+
 /// A client connection after the handshake.
 pub(crate) struct Conn {
     tls: Box<Tls>,
@@ -52,11 +65,39 @@ pub(crate) struct Conn {
     out: BytesMut,
     max_packet: usize,
     write_timeout: Duration,
+    /// Known once the CONNECT is read.
+    version: Option<Version>,
+    /// A v5 client's state at the edge (boxed: most fleets speak 3.1.1, and an idle session
+    /// should not carry it).
+    edge: Option<Box<Edge>>,
 }
 
 impl Conn {
     pub(crate) fn new(tls: Box<Tls>, max_packet: usize, write_timeout: Duration) -> Self {
-        Self { tls, buf: BytesMut::new(), out: BytesMut::new(), max_packet, write_timeout }
+        Self {
+            tls,
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
+            max_packet,
+            write_timeout,
+            version: None,
+            edge: None,
+        }
+    }
+
+    /// The protocol the client speaks (3.1.1 until its CONNECT said otherwise).
+    pub(crate) fn version(&self) -> Version {
+        self.version.unwrap_or(Version::V4)
+    }
+
+    /// A v5 client's state at the edge.
+    pub(crate) fn edge(&self) -> Option<&Edge> {
+        self.edge.as_deref()
+    }
+
+    /// The largest packet the client takes.
+    fn out_max(&self) -> usize {
+        self.edge.as_ref().map_or(self.max_packet, |e| e.max_packet(self.max_packet))
     }
 
     /// Reads until one packet is complete. `Ok(None)`: the peer closed (or reset).
@@ -96,29 +137,133 @@ impl Conn {
 
     /// The next packet already buffered, if complete.
     pub(crate) fn parse(&mut self) -> Result<Option<Packet>, CloseReason> {
-        decode_client_packet(&mut self.buf, self.max_packet)
+        let version = match self.version {
+            Some(v) => v,
+            None => match v5::protocol_level(&self.buf) {
+                None => return Ok(None),
+                Some(5) => {
+                    self.edge = Some(Box::default());
+                    *self.version.insert(Version::V5)
+                }
+                Some(_) => *self.version.insert(Version::V4),
+            },
+        };
+        match (version, self.edge.as_mut()) {
+            (Version::V5, Some(edge)) => edge.decode(&mut self.buf, self.max_packet),
+            _ => decode_client_packet(&mut self.buf, self.max_packet),
+        }
     }
 
     /// Sends one packet. A packet too large for this client is dropped (the caller counts it).
     pub(crate) async fn send(&mut self, p: Packet) -> Result<(), CloseReason> {
         self.out.clear();
-        if p.write(&mut self.out, self.max_packet).is_err() {
+        let max = self.out_max();
+        let written = match self.edge.as_ref() {
+            Some(edge) => match edge.encode(p) {
+                Some(p5) => p5.write(&mut self.out, Some(max as u32)).is_ok(),
+                None => false,
+            },
+            None => p.write(&mut self.out, max).is_ok(),
+        };
+        if !written {
             return Ok(());
         }
         self.flush_out().await
     }
 
+    /// Sends a v5 packet (only to a v5 client).
+    async fn send5(&mut self, p: m5::Packet) -> Result<(), CloseReason> {
+        self.out.clear();
+        let max = self.out_max();
+        if p.write(&mut self.out, Some(max as u32)).is_err() {
+            return Ok(());
+        }
+        self.flush_out().await
+    }
+
+    /// The CONNACK of an admitted session.
+    pub(crate) async fn send_connack(&mut self, admitted: v5::Admitted) -> Result<(), CloseReason> {
+        match self.version() {
+            Version::V5 => self.send5(m5::Packet::ConnAck(v5::connack_ok(admitted))).await,
+            Version::V4 => {
+                let ack = rumqttc::mqttbytes::v4::ConnAck::new(
+                    rumqttc::mqttbytes::v4::ConnectReturnCode::Success,
+                    admitted.session_present,
+                );
+                self.send(Packet::ConnAck(ack)).await
+            }
+        }
+    }
+
+    /// The CONNACK of a refusal at CONNECT.
+    pub(crate) async fn send_refusal(&mut self, refusal: Refusal) -> Result<(), CloseReason> {
+        match self.edge.as_ref() {
+            Some(edge) => {
+                let ack = v5::connack_refused(refusal, edge.terms.problem_info);
+                self.send5(m5::Packet::ConnAck(ack)).await
+            }
+            None => {
+                let ack = rumqttc::mqttbytes::v4::ConnAck::new(refusal.connack(), false);
+                self.send(Packet::ConnAck(ack)).await
+            }
+        }
+    }
+
+    /// The SUBACK of a SUBSCRIBE.
+    pub(crate) async fn send_suback(&mut self, pkid: u16, results: &[SubResult]) -> Result<(), CloseReason> {
+        match self.version() {
+            Version::V5 => {
+                let codes = results.iter().map(|r| r.v5()).collect();
+                self.send5(m5::Packet::SubAck(m5::SubAck { pkid, return_codes: codes, properties: None }))
+                    .await
+            }
+            Version::V4 => {
+                let codes = results.iter().map(|r| r.v4()).collect();
+                self.send(Packet::SubAck(rumqttc::mqttbytes::v4::SubAck::new(pkid, codes))).await
+            }
+        }
+    }
+
+    /// The UNSUBACK of an UNSUBSCRIBE of `filters` filters.
+    pub(crate) async fn send_unsuback(&mut self, pkid: u16, filters: usize) -> Result<(), CloseReason> {
+        match self.version() {
+            Version::V5 => {
+                let reasons = vec![m5::UnsubAckReason::Success; filters];
+                self.send5(m5::Packet::UnsubAck(m5::UnsubAck { pkid, reasons, properties: None })).await
+            }
+            Version::V4 => self.send(Packet::UnsubAck(rumqttc::mqttbytes::v4::UnsubAck::new(pkid))).await,
+        }
+    }
+
+    /// A v5 client is told why the broker ends its session (DISCONNECT with the reason code).
+    pub(crate) async fn say_goodbye(&mut self, end: CloseReason) {
+        let Some(problem_info) = self.edge.as_ref().map(|e| e.terms.problem_info) else { return };
+        if let Some(d) = v5::disconnect(end, problem_info) {
+            let _ = self.send5(m5::Packet::Disconnect(d)).await;
+        }
+    }
+
     /// Sends PUBACKs for the messages of `acks` in order, in one write, up to the first that
     /// was not stored; then fails with `StoreFailed` if one was not.
-    pub(crate) async fn send_acks(&mut self, acks: &[(u16, bool)]) -> Result<(), CloseReason> {
+    pub(crate) async fn send_acks(&mut self, acks: &[(u16, Ack)]) -> Result<(), CloseReason> {
         self.out.clear();
         let mut failed = false;
-        for &(pkid, stored) in acks {
-            if !stored {
-                failed = true;
-                break;
-            }
-            if Packet::PubAck(PubAck::new(pkid)).write(&mut self.out, self.max_packet).is_err() {
+        let v5 = self.edge.is_some();
+        for &(pkid, ack) in acks {
+            let written = match (ack, v5) {
+                (Ack::Failed, _) => {
+                    failed = true;
+                    break;
+                }
+                (Ack::Refused(r), true) => {
+                    m5::Packet::PubAck(v5::puback(pkid, r.code())).write(&mut self.out, None).is_ok()
+                }
+                (_, true) => m5::Packet::PubAck(v5::puback(pkid, m5::PubAckReason::Success))
+                    .write(&mut self.out, None)
+                    .is_ok(),
+                (_, false) => Packet::PubAck(PubAck::new(pkid)).write(&mut self.out, self.max_packet).is_ok(),
+            };
+            if !written {
                 return Err(CloseReason::Encode);
             }
         }

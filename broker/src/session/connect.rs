@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, Packet};
+use rumqttc::mqttbytes::v4::{Connect, Packet};
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
@@ -26,13 +26,21 @@ pub(crate) struct Refused {
     pub(crate) connack: bool,
 }
 
-/// A bound session: who, and its keep-alive.
+/// A bound session: who, its keep-alive, and how long it outlives its connection.
 #[derive(Debug)]
 pub(crate) struct Bound {
     pub(crate) id: Identity,
     pub(crate) keep_alive: Duration,
-    /// MQTT clean session (false: a persistent session).
-    pub(crate) clean: bool,
+    /// Start clean: a kept session is discarded (3.1.1 clean session, v5 Clean Start).
+    pub(crate) clean_start: bool,
+    /// How long the session is kept after the connection ends (zero: not kept). 3.1.1: the
+    /// configured `session_expiry_secs` unless clean session; v5: what the client asked for,
+    /// at most that.
+    pub(crate) expiry: Duration,
+    /// The client asked for more than the broker grants (v5: the CONNACK says how much).
+    pub(crate) expiry_capped: bool,
+    /// The client sent an empty client id (v5: the CONNACK says which one it got).
+    pub(crate) assigned: bool,
 }
 
 /// Reads the CONNECT and binds it to the admission's identity.
@@ -76,7 +84,23 @@ pub(crate) async fn bind(
         return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
     }
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
-    Ok(Bound { id, keep_alive, clean: connect.clean_session })
+    let cap = svc.config.session_expiry_secs;
+    let (asked, expiry) = match conn.edge() {
+        Some(edge) => {
+            let asked = u64::from(edge.terms.session_expiry);
+            (asked, asked.min(cap))
+        }
+        None if connect.clean_session => (0, 0),
+        None => (cap, cap),
+    };
+    Ok(Bound {
+        id,
+        keep_alive,
+        clean_start: connect.clean_session,
+        expiry: Duration::from_secs(expiry),
+        expiry_capped: asked > expiry,
+        assigned: connect.client_id.is_empty(),
+    })
 }
 
 impl Refused {
@@ -99,7 +123,7 @@ impl Refused {
         let serial = crate::gate::serial_hex(cert);
         // As a str field the client id is quoted and escaped: a newline in it cannot forge a line.
         warn!(%peer, %serial, client_id, reason, "connection refused");
-        let _ = conn.send(Packet::ConnAck(ConnAck::new(self.refusal.connack(), false))).await;
+        let _ = conn.send_refusal(self.refusal).await;
         conn.close(Duration::from_secs(1)).await;
     }
 }

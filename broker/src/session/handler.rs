@@ -18,7 +18,7 @@ use rumqttc::mqttbytes::v4::{Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 use tokio::time::{sleep_until, Instant};
 
-use super::conn::{Conn, IDLE_RELEASE};
+use super::conn::{Ack, Conn, IDLE_RELEASE};
 use super::park::Parked;
 use super::services::Services;
 use crate::auth::Identity;
@@ -32,10 +32,12 @@ use fleet_registry::Role;
 
 /// Most QoS 1 messages awaiting their store commit before the session stops reading.
 const MAX_PENDING_ACKS: usize = 1024;
+/// What a v5 CONNACK says of it (Receive Maximum).
+pub(crate) const RECEIVE_MAX: u16 = MAX_PENDING_ACKS as u16;
 /// Longest single timer for the certificate-expiry check (tokio timers cap at ~2 years).
 const EXPIRY_RECHECK: Duration = Duration::from_secs(86_400);
 
-type PendingAck = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
+type PendingAck = Pin<Box<dyn Future<Output = (u16, Ack)> + Send>>;
 
 /// What a session is: fixed for its life.
 pub(crate) struct Ctx<'a> {
@@ -63,15 +65,22 @@ pub(crate) struct State {
     pub(super) delivery: Delivery,
     /// The router key of this session's subscriptions (a resumed session keeps its first one).
     pub(super) router_id: u64,
-    /// A persistent session (clean session = 0) tracks its unacknowledged QoS 1 deliveries.
-    pub(super) persistent: bool,
+    /// Unacknowledged QoS 1 deliveries (a persistent session resends them when it resumes).
     pub(super) in_flight: Vec<Publish>,
+    /// Most unacknowledged QoS 1 deliveries out at once (`None`: not counted, a 3.1.1 session
+    /// that keeps nothing): [`MAX_IN_FLIGHT`], or a v5 client's Receive Maximum if lower.
+    pub(super) window: Option<usize>,
     /// A device's or claim session's publish rate (`None`: a service or the issuer).
     pub(super) rate: Option<super::rate::PublishRate>,
 }
 
 /// Most unacknowledged QoS 1 deliveries a persistent session has out before it waits.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// A v5 client's Receive Maximum (65,535 when it set none).
+fn st_receive_max(conn: &Conn) -> Option<usize> {
+    conn.edge().map(|e| usize::from(e.terms.receive_max.unwrap_or(u16::MAX)))
+}
 
 /// Runs `f` unless the session is kicked or the broker stops first (`cut` is the session's
 /// [`Kick::cut_done`], made once per session: the kick is a child of the shutdown token, so one
@@ -119,6 +128,10 @@ pub(crate) async fn run(
             ctx.conn_id,
         ),
     };
+    let window = match st_receive_max(&conn) {
+        Some(max) => Some(MAX_IN_FLIGHT.min(max)),
+        None => persistent.then_some(MAX_IN_FLIGHT),
+    };
     let mut st = State {
         conn,
         inbox,
@@ -129,7 +142,7 @@ pub(crate) async fn run(
         next_pkid: in_flight.iter().map(|p| p.pkid).filter(|&k| k < 32_768).max().unwrap_or(0),
         delivery: Delivery::default(),
         router_id,
-        persistent,
+        window,
         in_flight,
         rate: matches!(ctx.id.role, Role::Device | Role::Claim).then(|| {
             let c = &ctx.svc.config;
@@ -258,7 +271,7 @@ impl State {
                     }
                     idle_at = Instant::now() + IDLE_RELEASE;
                 }
-                p = self.inbox.next(), if !self.persistent || self.in_flight.len() < MAX_IN_FLIGHT => {
+                p = self.inbox.next(), if self.window.is_none_or(|w| self.in_flight.len() < w) => {
                     let mut p = *p;
                     if self.delivery.active && p.qos == QoS::AtLeastOnce && self.is_own_command(ctx, &p.topic) {
                         // A queued command was stored for this device: read the queue, in order.
@@ -272,7 +285,7 @@ impl State {
                         // 1..=32767: command packet ids are above (docs/spec/commands.md).
                         self.next_pkid = if self.next_pkid >= 32_767 { 1 } else { self.next_pkid + 1 };
                         p.pkid = self.next_pkid;
-                        if self.persistent {
+                        if self.window.is_some() {
                             self.in_flight.push(p.clone());
                         }
                     }

@@ -3,14 +3,14 @@
 //! SUBSCRIBE, UNSUBSCRIBE, PUBACK of a delivery, PINGREQ.
 
 use fleet_registry::{Role, Telemetry};
-use rumqttc::mqttbytes::v4::{
-    Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
-};
+use rumqttc::mqttbytes::v4::{Packet, Publish, Subscribe, Unsubscribe};
 use rumqttc::mqttbytes::QoS;
 use tokio::time::Instant;
 use tracing::warn;
 
+use super::conn::Ack;
 use super::handler::{Ctx, State};
+use super::v5::{PubRefusal, SubResult, Version};
 use crate::auth::{self, Topic, TopicFilter};
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;
@@ -82,8 +82,17 @@ impl State {
         // Parsed once here; a topic that is not one (a wildcard, NUL) is denied like any other.
         if !Topic::parse(&p.topic).is_ok_and(|t| auth::may_publish(&ctx.id, t)) {
             self.acl_denied(ctx, AclAction::Publish, &p.topic);
-            // QoS 0 has no acknowledgement to withhold; QoS 1 and 2 are cut off.
-            return if p.qos == QoS::AtMostOnce { Ok(()) } else { Err(CloseReason::AclDenied) };
+            // QoS 0 has no acknowledgement to withhold. A v5 client's QoS 1 gets a PUBACK that
+            // says "not authorised"; a 3.1.1 client (no way to say it) is cut off.
+            return match (p.qos, self.conn.version()) {
+                (QoS::AtMostOnce, _) => Ok(()),
+                (QoS::AtLeastOnce, Version::V5) => {
+                    let (pkid, ack) = (p.pkid, Ack::Refused(PubRefusal::NotAuthorized));
+                    self.pending.push_back(Box::pin(async move { (pkid, ack) }));
+                    Ok(())
+                }
+                _ => Err(CloseReason::AclDenied),
+            };
         }
         if p.qos == QoS::ExactlyOnce {
             return Err(CloseReason::Qos2Unsupported);
@@ -113,7 +122,8 @@ impl State {
                 self.limit_hit(ctx, Limit::CsrRate, &p.topic);
                 if p.qos == QoS::AtLeastOnce {
                     let pkid = p.pkid;
-                    self.pending.push_back(Box::pin(async move { (pkid, true) }));
+                    let ack = Ack::Refused(PubRefusal::QuotaExceeded);
+                    self.pending.push_back(Box::pin(async move { (pkid, ack) }));
                 }
                 return Ok(());
             }
@@ -147,12 +157,14 @@ impl State {
             };
             if qos == QoS::AtLeastOnce {
                 let done = svc.ingest.store().submit(row, pkid).await;
-                self.pending.push_back(Box::pin(async move { (pkid, done.await.unwrap_or(false)) }));
+                self.pending.push_back(Box::pin(async move {
+                    (pkid, if done.await.unwrap_or(false) { Ack::Done } else { Ack::Failed })
+                }));
             } else {
                 svc.ingest.store().submit_nowait(row).await;
             }
         } else if qos == QoS::AtLeastOnce {
-            self.pending.push_back(Box::pin(async move { (pkid, true) }));
+            self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
         }
         Ok(())
     }
@@ -168,13 +180,13 @@ impl State {
                 if let Err(refused) = svc.fabric.publish_everywhere(&p, RetainBudget::Clients, origin).await {
                     self.limit_hit(ctx, refused.limit(), &p.topic);
                 }
-                self.pending.push_back(Box::pin(async move { (pkid, true) }));
+                self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
             }
             Accepted::Refused => {
-                self.pending.push_back(Box::pin(async move { (pkid, true) }));
+                self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
             }
             Accepted::Unavailable => {
-                self.pending.push_back(Box::pin(async move { (pkid, false) }));
+                self.pending.push_back(Box::pin(async move { (pkid, Ack::Failed) }));
             }
         }
         Ok(())
@@ -189,22 +201,24 @@ impl State {
                 !self.subs.contains(&f.path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
             if !svc.topic_within(&f.path) {
                 self.limit_hit(ctx, Limit::Topic, &f.path);
-                codes.push(SubscribeReasonCode::Failure);
+                codes.push(SubResult::Invalid);
+            } else if f.path.starts_with("$share/") && self.conn.version() == Version::V5 {
+                codes.push(SubResult::SharedUnsupported);
             } else if !TopicFilter::parse(&f.path).is_ok_and(|f| auth::may_subscribe(&ctx.id, f)) {
                 self.acl_denied(ctx, AclAction::Subscribe, &f.path);
-                codes.push(SubscribeReasonCode::Failure);
+                codes.push(SubResult::NotAuthorized);
             } else if full {
                 self.limit_hit(ctx, Limit::Subscriptions, &f.path);
-                codes.push(SubscribeReasonCode::Failure);
+                codes.push(SubResult::Quota);
             } else {
                 let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
                 let first = self.subs.insert(f.path.clone());
                 let inbox = self.inbox.clone();
                 retained.extend(svc.fabric.subscribe(self.router_id, &f.path, qos, inbox, first).await);
-                codes.push(SubscribeReasonCode::Success(qos));
+                codes.push(SubResult::Granted(qos));
             }
         }
-        self.conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+        self.conn.send_suback(s.pkid, &codes).await?;
         for mut p in retained {
             p.qos = QoS::AtMostOnce;
             p.retain = true;
@@ -220,6 +234,6 @@ impl State {
             let held = self.subs.remove(f);
             ctx.svc.fabric.unsubscribe(self.router_id, f, held);
         }
-        self.conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+        self.conn.send_unsuback(u.pkid, u.topics.len()).await
     }
 }

@@ -16,11 +16,11 @@ mod inbound;
 pub(crate) mod park;
 pub(crate) mod rate;
 pub(crate) mod services;
+pub(crate) mod v5;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use tracing::{debug, info, warn};
 
 use crate::auth::Identity;
@@ -125,12 +125,26 @@ pub(crate) async fn serve(svc: Arc<Services>, accepted: Accepted) {
         info,
         conn_id,
         keep_alive: bound.keep_alive,
-        clean: bound.clean,
+        bound: Terms {
+            clean_start: bound.clean_start,
+            expiry: bound.expiry,
+            expiry_capped: bound.expiry_capped,
+            assigned: bound.assigned,
+        },
         kick,
         claim,
         slot,
     };
     tracker.spawn(live.run());
+}
+
+/// A session's terms from its CONNECT (see [`connect::Bound`]).
+#[derive(Debug, Clone, Copy)]
+struct Terms {
+    clean_start: bool,
+    expiry: Duration,
+    expiry_capped: bool,
+    assigned: bool,
 }
 
 /// An admitted session, moving to its own task.
@@ -141,8 +155,8 @@ struct Live {
     info: Arc<SessionInfo>,
     conn_id: u64,
     keep_alive: Duration,
-    /// MQTT clean session (false: keep the session when the client leaves).
-    clean: bool,
+    /// What the CONNECT asked for and got.
+    bound: Terms,
     kick: Kick,
     /// Held while the session lives (a cluster member listens for takeovers).
     claim: Option<ClaimGuard>,
@@ -153,7 +167,7 @@ struct Live {
 impl Live {
     /// CONNACK, the session loop, then the clean-up.
     async fn run(self) {
-        let Live { svc, mut conn, id, info, conn_id, keep_alive, clean, kick, claim, slot } = self;
+        let Live { svc, mut conn, id, info, conn_id, keep_alive, bound, kick, claim, slot } = self;
         let ctx = handler::Ctx { svc: &svc, id, conn_id, keep_alive, kick, info };
         let key = ctx.id.session_key();
         // Clean session: whatever was kept goes. Otherwise the kept session resumes (present),
@@ -161,7 +175,7 @@ impl Live {
         // re-keyed device, or a thief's copy of its old key) starts clean.
         let kept = svc.parking.take(&key);
         let resumed = match kept {
-            Some(old) if clean => {
+            Some(old) if bound.clean_start => {
                 svc.parking.discard(old, crate::outcome::Discard::CleanStart);
                 None
             }
@@ -178,9 +192,19 @@ impl Live {
         // Not a `match` scrutinee: the CONNACK's write future would then live (and take room
         // in this task) as long as the session. The loop is not boxed: a box per session costs
         // more than the room it would save.
-        let connack = conn.send(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, present))).await;
+        let admitted = v5::Admitted {
+            session_present: present,
+            session_expiry: bound
+                .expiry_capped
+                .then(|| u32::try_from(bound.expiry.as_secs()).unwrap_or(u32::MAX)),
+            assigned_id: bound.assigned.then(|| key.clone()),
+            receive_max: handler::RECEIVE_MAX,
+            max_packet: u32::try_from(svc.config.max_packet_size).unwrap_or(u32::MAX),
+        };
+        let connack = conn.send_connack(admitted).await;
+        let persistent = !bound.expiry.is_zero();
         let (end, mut conn, mut state) = match connack {
-            Ok(()) => handler::run(&ctx, conn, resumed, !clean).await,
+            Ok(()) => handler::run(&ctx, conn, resumed, persistent).await,
             Err(end) => {
                 let state = resumed.unwrap_or_else(|| park::Parked {
                     router_id: conn_id,
@@ -195,12 +219,18 @@ impl Live {
                 (end, conn, state)
             }
         };
-        let keep = !clean
+        // A v5 client may shorten (or end) its session's expiry in its DISCONNECT; one that
+        // connected with none may not give itself one (MQTT 5 §3.14.2.2.2).
+        let expiry = match conn.edge().and_then(|e| e.disconnect_expiry) {
+            Some(secs) if persistent => bound.expiry.min(Duration::from_secs(u64::from(secs))),
+            _ => bound.expiry,
+        };
+        let keep = !expiry.is_zero()
             // A takeover's new session is already live (and started without this state).
             && !matches!(end, CloseReason::Revoked | CloseReason::CertExpired | CloseReason::Takeover)
             && !svc.shutdown.is_cancelled();
         if keep {
-            state.expires = std::time::Instant::now() + Duration::from_secs(svc.config.session_expiry_secs);
+            state.expires = std::time::Instant::now() + expiry;
             svc.parking.keep(key, state);
         } else {
             svc.parking.release(state);
@@ -216,6 +246,7 @@ impl Live {
             CloseCounter::Protocol => info!(%device, reason, "session closed for a protocol violation"),
             CloseCounter::None => debug!(%device, reason, "session ended"),
         }
+        conn.say_goodbye(end).await;
         conn.close(Duration::from_secs(1)).await;
         drop(claim);
         drop(slot);

@@ -1,0 +1,538 @@
+//! MQTT 5 at the session's edge (docs/spec/mqtt5.md).
+//!
+//! A client speaks 3.1.1 or 5, chosen by its CONNECT's protocol level. Inside, the broker works in
+//! one vocabulary (the 3.1.1 packets of `rumqttc::mqttbytes::v4`); this module translates a v5
+//! client's packets on the way in and the broker's on the way out, and adds what only v5 can say:
+//! the reason codes of every refusal and close (one table: [`connack_code`], [`disconnect_code`]),
+//! the session expiry a client asks for, its Receive Maximum and Maximum Packet Size, topic aliases
+//! for what it publishes, and the identifier assigned to an empty client id.
+//!
+//! Not yet carried: PUBLISH properties (user properties, content type, payload format, message
+//! expiry, response topic, correlation data), subscription options and identifiers, shared
+//! subscriptions. The CONNACK says so truthfully (`shared_subscription_available = 0`,
+//! `subscription_identifiers_available = 0`), and a `$share/` filter is answered 0x9E.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::v4;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5 as m5;
+use rumqttc::v5::mqttbytes::Error as Error5;
+
+use crate::outcome::{CloseReason, Refusal};
+
+/// The protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// MQTT 3.1.1 (protocol level 4).
+    V4,
+    /// MQTT 5 (protocol level 5).
+    V5,
+}
+
+/// Most topic aliases a v5 client may set on what it publishes (CONNACK Topic Alias Maximum).
+pub(crate) const TOPIC_ALIAS_MAX: u16 = 16;
+
+/// The protocol level of the CONNECT at the front of `buf`: `None` until enough bytes are there
+/// (or when the first packet is not a CONNECT: the 3.1.1 decoder then refuses it).
+pub(crate) fn protocol_level(buf: &[u8]) -> Option<u8> {
+    if buf.first() != Some(&0x10) {
+        return buf.first().map(|_| 4);
+    }
+    // Remaining length: 1 to 4 bytes.
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 || i > 4 {
+            break;
+        }
+    }
+    // Protocol name (length 4, "MQTT"), then the level.
+    match buf.get(i..i + 7)? {
+        [0, 4, b'M', b'Q', b'T', b'T', level] => Some(*level),
+        _ => Some(4),
+    }
+}
+
+/// What a v5 CONNECT asks for beyond 3.1.1.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectTerms {
+    /// Session Expiry Interval, seconds (0: the session ends with the connection).
+    pub(crate) session_expiry: u32,
+    /// Receive Maximum: QoS 1 deliveries it takes unacknowledged at once.
+    pub(crate) receive_max: Option<u16>,
+    /// Maximum Packet Size it accepts.
+    pub(crate) max_packet: Option<u32>,
+    /// It asked for reason strings (Request Problem Information, default 1).
+    pub(crate) problem_info: bool,
+}
+
+/// A v5 client's state at the edge.
+#[derive(Debug, Default)]
+pub(crate) struct Edge {
+    pub(crate) terms: ConnectTerms,
+    /// Topic aliases the client set on its PUBLISHes.
+    aliases: HashMap<u16, String>,
+    /// A DISCONNECT's new Session Expiry Interval.
+    pub(crate) disconnect_expiry: Option<u32>,
+}
+
+/// Why a v5 packet cannot be taken in.
+fn decode_error(e: &Error5) -> Option<CloseReason> {
+    match e {
+        Error5::InsufficientBytes(_) => None,
+        Error5::PayloadSizeLimitExceeded { .. } => Some(CloseReason::PacketTooLarge),
+        _ => Some(CloseReason::MalformedPacket),
+    }
+}
+
+impl Edge {
+    /// Takes one v5 packet off `buf`, as the broker's 3.1.1 vocabulary.
+    pub(crate) fn decode(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        max_packet: usize,
+    ) -> Result<Option<v4::Packet>, CloseReason> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        // A DISCONNECT without a body is "normal disconnection" (the codec wants a body).
+        if buf[0] == 0xE0 && buf.get(1) == Some(&0) {
+            let _ = buf.split_to(2);
+            return Ok(Some(v4::Packet::Disconnect));
+        }
+        let max = u32::try_from(max_packet).unwrap_or(u32::MAX);
+        let packet = match m5::Packet::read(buf, Some(max)) {
+            Ok(p) => p,
+            Err(e) => return decode_error(&e).map_or(Ok(None), Err),
+        };
+        Ok(Some(match packet {
+            m5::Packet::Connect(c, _will, _login) => {
+                let p = c.properties.as_ref();
+                self.terms = ConnectTerms {
+                    session_expiry: p.and_then(|p| p.session_expiry_interval).unwrap_or(0),
+                    receive_max: p.and_then(|p| p.receive_maximum),
+                    max_packet: p.and_then(|p| p.max_packet_size),
+                    problem_info: p.and_then(|p| p.request_problem_info) != Some(0),
+                };
+                let mut connect = v4::Connect::new(c.client_id);
+                connect.keep_alive = c.keep_alive;
+                connect.clean_session = c.clean_start;
+                v4::Packet::Connect(connect)
+            }
+            m5::Packet::Publish(p) => v4::Packet::Publish(self.publish_in(p)?),
+            m5::Packet::PubAck(a) => v4::Packet::PubAck(v4::PubAck::new(a.pkid)),
+            m5::Packet::Subscribe(s) => v4::Packet::Subscribe(v4::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| v4::SubscribeFilter::new(f.path, qos_in(f.qos)))
+                    .collect(),
+            }),
+            m5::Packet::Unsubscribe(u) => {
+                v4::Packet::Unsubscribe(v4::Unsubscribe { pkid: u.pkid, topics: u.filters })
+            }
+            m5::Packet::PingReq(_) => v4::Packet::PingReq,
+            m5::Packet::Disconnect(d) => {
+                self.disconnect_expiry = d.properties.and_then(|p| p.session_expiry_interval);
+                v4::Packet::Disconnect
+            }
+            m5::Packet::PubRec(_) | m5::Packet::PubRel(_) | m5::Packet::PubComp(_) => {
+                return Err(CloseReason::Qos2Unsupported)
+            }
+            // No enhanced authentication: the certificate is the identity.
+            m5::Packet::Auth(_)
+            | m5::Packet::ConnAck(_)
+            | m5::Packet::PingResp(_)
+            | m5::Packet::SubAck(_)
+            | m5::Packet::UnsubAck(_) => return Err(CloseReason::UnexpectedPacket),
+        }))
+    }
+
+    /// A v5 PUBLISH in the broker's vocabulary: its topic alias resolved (set when it comes with
+    /// a topic, used when it comes without).
+    fn publish_in(&mut self, p: m5::Publish) -> Result<v4::Publish, CloseReason> {
+        let qos = qos_in(p.qos);
+        if qos == QoS::ExactlyOnce {
+            return Err(CloseReason::Qos2Unsupported);
+        }
+        let topic = String::from_utf8(p.topic.to_vec()).map_err(|_| CloseReason::MalformedPacket)?;
+        let alias = p.properties.as_ref().and_then(|props| props.topic_alias);
+        let topic = match alias {
+            None => topic,
+            Some(a) if a == 0 || a > TOPIC_ALIAS_MAX => return Err(CloseReason::TopicAliasInvalid),
+            Some(a) if topic.is_empty() => {
+                self.aliases.get(&a).cloned().ok_or(CloseReason::TopicAliasInvalid)?
+            }
+            // An alias costs room for as long as the session: never more than a topic may be.
+            Some(_) if topic.len() > fleet_topic::MAX_LEN => return Err(CloseReason::TopicLimit),
+            Some(a) => {
+                self.aliases.insert(a, topic.clone());
+                topic
+            }
+        };
+        let mut out = v4::Publish::from_bytes(topic, qos, p.payload);
+        out.dup = p.dup;
+        out.retain = p.retain;
+        out.pkid = p.pkid;
+        Ok(out)
+    }
+
+    /// The broker's packet as this v5 client gets it (`None`: not sent to v5 clients this way).
+    pub(crate) fn encode(&self, p: v4::Packet) -> Option<m5::Packet> {
+        Some(match p {
+            v4::Packet::Publish(p) => m5::Packet::Publish(m5::Publish {
+                dup: p.dup,
+                qos: qos_out(p.qos),
+                retain: p.retain,
+                topic: Bytes::from(p.topic.into_bytes()),
+                pkid: p.pkid,
+                payload: p.payload,
+                properties: None,
+            }),
+            v4::Packet::PubAck(a) => m5::Packet::PubAck(puback(a.pkid, PubAckReason5::Success)),
+            v4::Packet::PingResp => m5::Packet::PingResp(m5::PingResp),
+            _ => return None,
+        })
+    }
+
+    /// The largest packet this client takes, within the broker's own limit.
+    pub(crate) fn max_packet(&self, broker_max: usize) -> usize {
+        self.terms.max_packet.map_or(broker_max, |m| broker_max.min(usize::try_from(m).unwrap_or(usize::MAX)))
+    }
+}
+
+type PubAckReason5 = m5::PubAckReason;
+
+/// A v5 QoS in the broker's vocabulary.
+fn qos_in(q: rumqttc::v5::mqttbytes::QoS) -> QoS {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    match q {
+        Q5::AtMostOnce => QoS::AtMostOnce,
+        Q5::AtLeastOnce => QoS::AtLeastOnce,
+        Q5::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+/// The broker's QoS as a v5 packet carries it.
+fn qos_out(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    match q {
+        QoS::AtMostOnce => Q5::AtMostOnce,
+        QoS::AtLeastOnce => Q5::AtLeastOnce,
+        QoS::ExactlyOnce => Q5::ExactlyOnce,
+    }
+}
+
+/// CONNACK properties that say nothing.
+fn no_connack_properties() -> m5::ConnAckProperties {
+    m5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+/// A v5 PUBACK.
+pub(crate) fn puback(pkid: u16, reason: m5::PubAckReason) -> m5::PubAck {
+    m5::PubAck { pkid, reason, properties: None }
+}
+
+/// Why a QoS 1 PUBLISH was not taken, as a v5 PUBACK says it (a 3.1.1 client is cut instead, or
+/// gets a PUBACK as before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PubRefusal {
+    /// The ACL refuses the topic (0x87).
+    NotAuthorized,
+    /// A rate or quota (0x97).
+    QuotaExceeded,
+}
+
+impl PubRefusal {
+    pub(crate) fn code(self) -> m5::PubAckReason {
+        match self {
+            Self::NotAuthorized => m5::PubAckReason::NotAuthorized,
+            Self::QuotaExceeded => m5::PubAckReason::QuotaExceeded,
+        }
+    }
+}
+
+/// The answer to one SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubResult {
+    /// Granted at this QoS.
+    Granted(QoS),
+    /// The ACL refuses it (v5 0x87).
+    NotAuthorized,
+    /// Not a valid filter, or over the topic limits (v5 0x8F).
+    Invalid,
+    /// Over the subscription cap (v5 0x97).
+    Quota,
+    /// `$share/...` (v5 0x9E).
+    SharedUnsupported,
+}
+
+impl SubResult {
+    pub(crate) fn v4(self) -> v4::SubscribeReasonCode {
+        match self {
+            Self::Granted(q) => v4::SubscribeReasonCode::Success(q),
+            _ => v4::SubscribeReasonCode::Failure,
+        }
+    }
+
+    pub(crate) fn v5(self) -> m5::SubscribeReasonCode {
+        match self {
+            Self::Granted(q) => m5::SubscribeReasonCode::Success(qos_out(q)),
+            Self::NotAuthorized => m5::SubscribeReasonCode::NotAuthorized,
+            Self::Invalid => m5::SubscribeReasonCode::TopicFilterInvalid,
+            Self::Quota => m5::SubscribeReasonCode::QuotaExceeded,
+            Self::SharedUnsupported => m5::SubscribeReasonCode::SharedSubscriptionsNotSupported,
+        }
+    }
+}
+
+/// The CONNACK reason code of a refusal at CONNECT (docs/spec/mqtt5.md has the table).
+pub(crate) fn connack_code(r: Refusal) -> m5::ConnectReturnCode {
+    use m5::ConnectReturnCode as C;
+    match r {
+        Refusal::Revoked => C::Banned,
+        Refusal::CrlExpired | Refusal::RegistryUnavailable | Refusal::ClusterUnavailable => {
+            C::ServerUnavailable
+        }
+        Refusal::ClaimBusy | Refusal::MaxConnections | Refusal::SourceLimit => C::ServerBusy,
+        Refusal::ClientIdMismatch => C::ClientIdentifierNotValid,
+        Refusal::ProtocolError => C::ProtocolError,
+        _ => C::NotAuthorized,
+    }
+}
+
+/// The DISCONNECT reason code of a session the broker ends (`None`: the client left, or the
+/// connection cannot carry one).
+pub(crate) fn disconnect_code(end: CloseReason) -> Option<m5::DisconnectReasonCode> {
+    use m5::DisconnectReasonCode as D;
+    Some(match end {
+        CloseReason::ClientGone | CloseReason::WriteTimeout => return None,
+        CloseReason::Shutdown => D::ServerShuttingDown,
+        CloseReason::Revoked | CloseReason::CertExpired => D::AdministrativeAction,
+        CloseReason::Takeover => D::SessionTakenOver,
+        CloseReason::TopicLimit => D::TopicNameInvalid,
+        CloseReason::RetainedPerDevice | CloseReason::RetainedBytes => D::QuotaExceeded,
+        CloseReason::PacketTooLarge => D::PacketTooLarge,
+        CloseReason::MalformedPacket => D::MalformedPacket,
+        CloseReason::KeepaliveTimeout => D::KeepAliveTimeout,
+        CloseReason::Qos2Unsupported => D::QoSNotSupported,
+        CloseReason::SecondConnect | CloseReason::UnexpectedPacket => D::ProtocolError,
+        CloseReason::TopicAliasInvalid => D::TopicAliasInvalid,
+        CloseReason::Encode | CloseReason::StoreFailed => D::UnspecifiedError,
+        CloseReason::AclDenied => D::NotAuthorized,
+    })
+}
+
+/// The v5 DISCONNECT the broker sends before closing (a reason string only if asked for).
+pub(crate) fn disconnect(end: CloseReason, problem_info: bool) -> Option<m5::Disconnect> {
+    let code = disconnect_code(end)?;
+    let mut d = m5::Disconnect::new(code);
+    if problem_info {
+        d.properties = Some(m5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(end.label().to_owned()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        });
+    }
+    Some(d)
+}
+
+/// What the broker says in a v5 CONNACK that admits a session.
+#[derive(Debug, Clone)]
+pub(crate) struct Admitted {
+    pub(crate) session_present: bool,
+    /// The session expiry granted (when less than asked for).
+    pub(crate) session_expiry: Option<u32>,
+    /// The client id assigned to an empty one.
+    pub(crate) assigned_id: Option<String>,
+    /// QoS 1 PUBLISHes the broker takes unacknowledged at once.
+    pub(crate) receive_max: u16,
+    pub(crate) max_packet: u32,
+}
+
+/// The v5 CONNACK of an admitted session: what the broker offers, truthfully.
+pub(crate) fn connack_ok(a: Admitted) -> m5::ConnAck {
+    m5::ConnAck {
+        session_present: a.session_present,
+        code: m5::ConnectReturnCode::Success,
+        properties: Some(m5::ConnAckProperties {
+            session_expiry_interval: a.session_expiry,
+            receive_max: Some(a.receive_max),
+            max_qos: Some(1),
+            retain_available: Some(1),
+            max_packet_size: Some(a.max_packet),
+            assigned_client_identifier: a.assigned_id,
+            topic_alias_max: Some(TOPIC_ALIAS_MAX),
+            wildcard_subscription_available: Some(1),
+            subscription_identifiers_available: Some(0),
+            shared_subscription_available: Some(0),
+            ..no_connack_properties()
+        }),
+    }
+}
+
+/// The v5 CONNACK of a refusal.
+pub(crate) fn connack_refused(r: Refusal, problem_info: bool) -> m5::ConnAck {
+    m5::ConnAck {
+        session_present: false,
+        code: connack_code(r),
+        properties: problem_info.then(|| m5::ConnAckProperties {
+            reason_string: Some(r.label().to_owned()),
+            ..no_connack_properties()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    fn connect5() -> m5::Connect {
+        m5::Connect { keep_alive: 30, client_id: "dev-1".into(), clean_start: true, properties: None }
+    }
+
+    fn encoded(p: m5::Packet) -> BytesMut {
+        let mut b = BytesMut::new();
+        p.write(&mut b, None).unwrap();
+        b
+    }
+
+    #[test]
+    fn the_connect_says_which_protocol() {
+        let mut c5 = encoded(m5::Packet::Connect(connect5(), None, None));
+        assert_eq!(protocol_level(&c5), Some(5));
+        assert_eq!(protocol_level(&c5[..8]), None, "not enough bytes yet");
+        let mut b4 = BytesMut::new();
+        v4::Packet::Connect(v4::Connect::new("dev-1")).write(&mut b4, 1024).unwrap();
+        assert_eq!(protocol_level(&b4), Some(4));
+        assert_eq!(protocol_level(&[0x30, 0]), Some(4), "not a CONNECT: the 3.1.1 decoder refuses it");
+        assert_eq!(protocol_level(&[]), None);
+        let mut edge = Edge::default();
+        assert!(
+            matches!(edge.decode(&mut c5, 1024), Ok(Some(v4::Packet::Connect(c))) if c.client_id == "dev-1")
+        );
+    }
+
+    #[test]
+    fn connect_terms_are_read() {
+        let mut c = connect5();
+        c.clean_start = false;
+        c.properties = Some(m5::ConnectProperties {
+            session_expiry_interval: Some(600),
+            receive_maximum: Some(5),
+            max_packet_size: Some(2048),
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: Some(0),
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let mut edge = Edge::default();
+        let p = edge.decode(&mut encoded(m5::Packet::Connect(c, None, None)), 4096).unwrap();
+        assert!(matches!(p, Some(v4::Packet::Connect(c)) if !c.clean_session));
+        assert_eq!(edge.terms.session_expiry, 600);
+        assert_eq!(edge.terms.receive_max, Some(5));
+        assert_eq!(edge.max_packet(4096), 2048);
+        assert!(!edge.terms.problem_info);
+    }
+
+    #[test]
+    fn topic_aliases_resolve_and_a_bad_one_is_refused() {
+        let mut edge = Edge::default();
+        let mut first = m5::Publish::new("devices/dev-1/telemetry", qos_out(QoS::AtLeastOnce), "a", None);
+        first.pkid = 1;
+        first.properties = Some(m5::PublishProperties { topic_alias: Some(3), ..Default::default() });
+        let mut later = m5::Publish::new("", qos_out(QoS::AtLeastOnce), "b", None);
+        later.pkid = 2;
+        later.properties = Some(m5::PublishProperties { topic_alias: Some(3), ..Default::default() });
+        let mut buf = encoded(m5::Packet::Publish(first));
+        buf.extend_from_slice(&encoded(m5::Packet::Publish(later.clone())));
+        let topics: Vec<String> = (0..2)
+            .map(|_| match edge.decode(&mut buf, 4096) {
+                Ok(Some(v4::Packet::Publish(p))) => p.topic,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(topics, ["devices/dev-1/telemetry", "devices/dev-1/telemetry"]);
+        let mut unknown = later.clone();
+        unknown.properties = Some(m5::PublishProperties { topic_alias: Some(4), ..Default::default() });
+        assert_eq!(
+            Edge::default().decode(&mut encoded(m5::Packet::Publish(unknown)), 4096).err(),
+            Some(CloseReason::TopicAliasInvalid)
+        );
+        let mut over = later;
+        over.properties =
+            Some(m5::PublishProperties { topic_alias: Some(TOPIC_ALIAS_MAX + 1), ..Default::default() });
+        over.topic = Bytes::from_static(b"devices/dev-1/t");
+        assert_eq!(
+            edge.decode(&mut encoded(m5::Packet::Publish(over)), 4096).err(),
+            Some(CloseReason::TopicAliasInvalid)
+        );
+    }
+
+    #[test]
+    fn an_empty_disconnect_is_a_normal_one_and_one_with_expiry_is_read() {
+        let mut edge = Edge::default();
+        let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
+        assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(v4::Packet::Disconnect))));
+        let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
+        d.properties = Some(m5::DisconnectProperties {
+            session_expiry_interval: Some(0),
+            reason_string: None,
+            user_properties: Vec::new(),
+            server_reference: None,
+        });
+        assert!(matches!(
+            edge.decode(&mut encoded(m5::Packet::Disconnect(d)), 4096),
+            Ok(Some(v4::Packet::Disconnect))
+        ));
+        assert_eq!(edge.disconnect_expiry, Some(0));
+    }
+
+    #[test]
+    fn every_broker_close_has_a_reason_code_and_the_client_leaving_has_none() {
+        for end in CloseReason::ALL {
+            let code = disconnect_code(end);
+            assert_eq!(
+                code.is_none(),
+                matches!(end, CloseReason::ClientGone | CloseReason::WriteTimeout),
+                "{end:?}"
+            );
+        }
+        assert_eq!(
+            disconnect_code(CloseReason::Revoked),
+            Some(m5::DisconnectReasonCode::AdministrativeAction)
+        );
+        assert_eq!(disconnect_code(CloseReason::Takeover), Some(m5::DisconnectReasonCode::SessionTakenOver));
+        assert_eq!(connack_code(Refusal::Revoked), m5::ConnectReturnCode::Banned);
+        assert_eq!(connack_code(Refusal::UnknownDevice), m5::ConnectReturnCode::NotAuthorized);
+        // A reason string only for a client that asked for problem information.
+        assert!(disconnect(CloseReason::Revoked, false).is_some_and(|d| d.properties.is_none()));
+        assert!(connack_refused(Refusal::Revoked, false).properties.is_none());
+    }
+}

@@ -1,0 +1,457 @@
+//! MQTT 5 on fleet-broker (docs/spec/mqtt5.md): the CONNACK's properties, reason codes for
+//! refusals and closes, session expiry, topic aliases, Receive Maximum; 3.1.1 and 5 clients on
+//! one broker; mosquitto_pub/sub -V 5 and paho-mqtt as peers nobody here wrote.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet,
+    PubAckReason, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A v5 client over a raw TLS session: every byte it sends is what the test says.
+struct Raw5 {
+    raw: Raw,
+    buf: BytesMut,
+}
+
+impl Raw5 {
+    async fn device(broker: &BrokerProc, dir: &Path) -> Raw5 {
+        Raw5 { raw: Raw::device(broker.mqtt, dir).await.unwrap(), buf: BytesMut::new() }
+    }
+
+    async fn send(&mut self, p: Packet) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, None).unwrap();
+        self.raw.tls.write_all(&out).await.unwrap();
+        self.raw.tls.flush().await.unwrap();
+    }
+
+    /// The next packet; `None` when the broker closed the connection (or nothing came).
+    async fn recv(&mut self, within: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if !self.buf.is_empty() {
+                match Packet::read(&mut self.buf, None) {
+                    Ok(p) => return Some(p),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("undecodable packet from the broker: {e}"),
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.raw.tls.read_buf(&mut self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// CONNECT v5 with `props`; the CONNACK.
+    async fn connect(&mut self, client_id: &str, clean_start: bool, props: ConnectProperties) -> ConnAck {
+        let c = Connect { keep_alive: 30, client_id: client_id.into(), clean_start, properties: Some(props) };
+        self.send(Packet::Connect(c, None, None)).await;
+        match self.recv(PATIENCE).await {
+            Some(Packet::ConnAck(a)) => a,
+            other => panic!("expected a CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn publish(&mut self, topic: &str, pkid: u16, payload: &'static str, alias: Option<u16>) {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, payload, None);
+        p.pkid = pkid;
+        p.properties = alias.map(|a| PublishProperties { topic_alias: Some(a), ..Default::default() });
+        self.send(Packet::Publish(p)).await;
+    }
+
+    /// The PUBACK of `pkid` (other packets before it are skipped).
+    async fn puback(&mut self, pkid: u16) -> PubAckReason {
+        loop {
+            match self.recv(PATIENCE).await {
+                Some(Packet::PubAck(a)) if a.pkid == pkid => return a.reason,
+                Some(_) => {}
+                None => panic!("no PUBACK for {pkid}: the broker closed the session"),
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, pkid: u16, filters: &[&str]) -> Vec<SubscribeReasonCode> {
+        let filters = filters.iter().map(|f| Filter::new(*f, QoS::AtLeastOnce)).collect();
+        self.send(Packet::Subscribe(Subscribe { pkid, filters, properties: None })).await;
+        loop {
+            match self.recv(PATIENCE).await {
+                Some(Packet::SubAck(a)) if a.pkid == pkid => return a.return_codes,
+                Some(_) => {}
+                None => panic!("no SUBACK: the broker closed the session"),
+            }
+        }
+    }
+
+    /// The broker's DISCONNECT (packets before it are skipped), or `None` if it closed without one.
+    async fn disconnect_reason(&mut self, within: Duration) -> Option<DisconnectReasonCode> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv(left).await {
+                Some(Packet::Disconnect(d)) => return Some(d.reason_code),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+}
+
+fn props() -> ConnectProperties {
+    ConnectProperties {
+        session_expiry_interval: None,
+        receive_maximum: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        request_response_info: None,
+        request_problem_info: None,
+        user_properties: Vec::new(),
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+#[tokio::test]
+async fn a_v5_connack_says_what_the_broker_offers_and_assigns_the_device_id() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    let ack = c.connect("", true, props()).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    let p = ack.properties.expect("CONNACK properties");
+    assert_eq!(
+        p.assigned_client_identifier.as_deref(),
+        Some(fleet.id(0).as_str()),
+        "the empty client id gets the device id"
+    );
+    assert_eq!(p.max_qos, Some(1), "no QoS 2");
+    assert_eq!(p.retain_available, Some(1));
+    assert_eq!(p.wildcard_subscription_available, Some(1));
+    assert_eq!(p.shared_subscription_available, Some(0), "not yet: it must not claim them");
+    assert_eq!(p.subscription_identifiers_available, Some(0));
+    assert!(p.topic_alias_max.is_some_and(|m| m > 0));
+    assert_eq!(p.max_packet_size, Some(4096), "the configured max_packet_size");
+    assert!(p.receive_max.is_some_and(|m| m > 0));
+    assert_eq!(p.session_expiry_interval, None, "nothing asked, nothing to cap");
+    drop(c);
+    // A session that asks to be kept for ever gets the configured cap, and is told so.
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    let ack = c
+        .connect(&fleet.id(0), true, ConnectProperties { session_expiry_interval: Some(u32::MAX), ..props() })
+        .await;
+    assert_eq!(ack.properties.and_then(|p| p.session_expiry_interval), Some(86_400), "session_expiry_secs");
+}
+
+#[tokio::test]
+async fn v5_refusals_and_denials_carry_reason_codes_and_the_session_lives_on() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (me, other) = (fleet.id(0), fleet.id(1));
+
+    // Another device's client id: CONNACK 0x85, with a reason string only when asked for.
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    let ack = c.connect(&other, true, props()).await;
+    assert_eq!(ack.code, ConnectReturnCode::ClientIdentifierNotValid);
+    assert_eq!(ack.properties.and_then(|p| p.reason_string).as_deref(), Some("client_id_mismatch"));
+    let mut quiet = Raw5::device(&broker, &fleet.devices[0]).await;
+    let ack =
+        quiet.connect(&other, true, ConnectProperties { request_problem_info: Some(0), ..props() }).await;
+    assert_eq!(ack.code, ConnectReturnCode::ClientIdentifierNotValid);
+    assert!(ack.properties.is_none_or(|p| p.reason_string.is_none()), "no reason string unasked");
+
+    // Admitted: a QoS 1 PUBLISH outside its subtree gets PUBACK 0x87 and the session goes on.
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(c.connect(&me, true, props()).await.code, ConnectReturnCode::Success);
+    c.publish(&format!("devices/{other}/telemetry"), 1, "forged", None).await;
+    assert_eq!(c.puback(1).await, PubAckReason::NotAuthorized);
+    c.publish(&format!("devices/{me}/commands/reboot"), 2, "self-command", None).await;
+    assert_eq!(c.puback(2).await, PubAckReason::NotAuthorized);
+    c.publish(&format!("devices/{me}/telemetry"), 3, "21.5", None).await;
+    assert_eq!(c.puback(3).await, PubAckReason::Success);
+    // SUBACK: another device's commands 0x87; a shared subscription 0x9E (not offered).
+    let codes = c
+        .subscribe(
+            4,
+            &[
+                &format!("devices/{other}/commands/#"),
+                "$share/g/devices/+/telemetry",
+                &format!("devices/{me}/commands/#"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        codes,
+        [
+            SubscribeReasonCode::NotAuthorized,
+            SubscribeReasonCode::SharedSubscriptionsNotSupported,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        ]
+    );
+    let rows = fleet.telemetry_rows(&me).await;
+    assert_eq!(
+        rows,
+        [(format!("devices/{me}/telemetry"), b"21.5".to_vec())],
+        "only its own message is stored"
+    );
+    assert!(fleet.telemetry_rows(&other).await.is_empty(), "nothing was stored for the forged topic");
+}
+
+#[tokio::test]
+async fn a_revoked_v5_session_is_told_administrative_action_and_a_takeover_is_told_so() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let mut a = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(a.connect(&fleet.id(0), true, props()).await.code, ConnectReturnCode::Success);
+    // A second connection of the same device takes the session over: the first hears 0x8E.
+    let mut b = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(b.connect(&fleet.id(0), true, props()).await.code, ConnectReturnCode::Success);
+    assert_eq!(a.disconnect_reason(PATIENCE).await, Some(DisconnectReasonCode::SessionTakenOver));
+    // Revoked while connected: DISCONNECT 0x98 (administrative action), then the connection ends.
+    fleet.revoke(0).await;
+    assert_eq!(b.disconnect_reason(PATIENCE).await, Some(DisconnectReasonCode::AdministrativeAction));
+    assert!(b.raw.closed_within(PATIENCE).await);
+    // And a 3.1.1 client, which has no DISCONNECT from a server, is simply cut (unchanged).
+    let mut v4 = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert!(matches!(
+        v4.mqtt_connect(&fleet.id(1), 30).await,
+        Some(rumqttc::mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    fleet.revoke(1).await;
+    assert!(v4.closed_within(PATIENCE).await);
+}
+
+#[tokio::test]
+async fn topic_aliases_expand_to_the_full_topic_and_an_unknown_alias_ends_the_session() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let topic = format!("devices/{id}/telemetry");
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(c.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    c.publish(&topic, 1, "first", Some(1)).await;
+    c.publish("", 2, "second", Some(1)).await;
+    assert_eq!(c.puback(1).await, PubAckReason::Success);
+    assert_eq!(c.puback(2).await, PubAckReason::Success);
+    let rows = fleet.telemetry_rows(&id).await;
+    assert_eq!(rows, [(topic.clone(), b"first".to_vec()), (topic, b"second".to_vec())]);
+    c.publish("", 3, "third", Some(2)).await;
+    assert_eq!(c.disconnect_reason(PATIENCE).await, Some(DisconnectReasonCode::TopicAliasInvalid));
+    broker.wait_metric("fleet_protocol_errors_total{reason=\"topic_alias_invalid\"}", 1.0, PATIENCE).await;
+}
+
+#[tokio::test]
+async fn session_expiry_keeps_what_a_v5_session_asked_for_and_a_disconnect_can_end_it() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+
+    // Expiry 600 s and a subscription to its commands, then gone.
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    let keep = ConnectProperties { session_expiry_interval: Some(600), ..props() };
+    assert!(!c.connect(&id, false, keep.clone()).await.session_present);
+    c.subscribe(1, &[&format!("devices/{id}/commands/#")]).await;
+    drop(c);
+    broker.wait_metric("fleet_sessions_parked", 1.0, PATIENCE).await;
+
+    // A command while it is away (stored by the broker, acknowledged to the service).
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert!(matches!(
+        svc.mqtt_connect("backend", 30).await,
+        Some(rumqttc::mqttbytes::v4::Packet::ConnAck(_))
+    ));
+    let mut cmd = rumqttc::mqttbytes::v4::Publish::new(
+        format!("devices/{id}/commands/blink"),
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        "3",
+    );
+    cmd.pkid = 1;
+    svc.send(rumqttc::mqttbytes::v4::Packet::Publish(cmd)).await.unwrap();
+    assert!(matches!(svc.recv(PATIENCE).await, Some(rumqttc::mqttbytes::v4::Packet::PubAck(_))));
+
+    // Back: the session is present and still subscribed, so the command arrives unasked.
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert!(c.connect(&id, false, keep.clone()).await.session_present, "the kept session resumes");
+    let mut got = None;
+    while let Some(p) = c.recv(PATIENCE).await {
+        if let Packet::Publish(p) = p {
+            got = Some((p.topic, p.payload));
+            break;
+        }
+    }
+    let topic = Bytes::from(format!("devices/{id}/commands/blink"));
+    assert_eq!(got, Some((topic, Bytes::from_static(b"3"))));
+
+    // A DISCONNECT with Session Expiry 0 ends it: the next connection starts without it.
+    let mut d = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
+    d.properties = Some(rumqttc::v5::mqttbytes::v5::DisconnectProperties {
+        session_expiry_interval: Some(0),
+        reason_string: None,
+        user_properties: Vec::new(),
+        server_reference: None,
+    });
+    c.send(Packet::Disconnect(d)).await;
+    assert!(c.raw.closed_within(PATIENCE).await);
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert!(!c.connect(&id, false, props()).await.session_present, "ended by its DISCONNECT");
+
+    // Expiry 0 (the v5 default): nothing is kept.
+    drop(c);
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert!(!c.connect(&id, false, props()).await.session_present, "expiry 0 keeps nothing");
+}
+
+#[tokio::test]
+async fn mosquitto_v5_and_v311_clients_share_one_broker() {
+    let pubbin = fleet_tests::require_program("mosquitto_pub", "mosquitto-clients");
+    let subbin = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let svc = &fleet.service;
+    let mut sub = Command::new("stdbuf")
+        .arg("-oL")
+        .arg(subbin)
+        .args([
+            "-V",
+            "5",
+            "-h",
+            "localhost",
+            "-p",
+            &broker.port(),
+            "--cafile",
+            s(&svc.join("broker-trust.pem")),
+        ])
+        .args(["--cert", s(&svc.join("cert.pem")), "--key", s(&svc.join("key.pem")), "-i", "backend"])
+        .args(["-t", "devices/+/telemetry", "-C", "2", "-v", "-W", "60", "-d"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(sub.stdout.take().unwrap());
+    wait_line(&lines, "SUBACK", |l| l.contains("received SUBACK"));
+    for (i, version) in [(0, "5"), (1, "311")] {
+        let (d, id) = (&fleet.devices[i], fleet.id(i));
+        let mut cmd = Command::new(&pubbin);
+        cmd.args([
+            "-V",
+            version,
+            "-h",
+            "localhost",
+            "-p",
+            &broker.port(),
+            "--cafile",
+            s(&d.join("broker-trust.pem")),
+        ])
+        .args(["--cert", s(&d.join("cert.pem")), "--key", s(&d.join("key.pem")), "-i", &id])
+        .args([
+            "-t",
+            &format!("devices/{id}/telemetry"),
+            "-m",
+            &format!("from v{version}"),
+            "-q",
+            "1",
+        ]);
+        if version == "5" {
+            // A v5 publisher may alias its topic.
+            cmd.args(["-D", "publish", "topic-alias", "1"]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -V {version} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_line(&lines, "the message", |l| l == format!("devices/{id}/telemetry from v{version}"));
+    }
+    assert!(sub.wait().unwrap().success(), "mosquitto_sub -V 5 failed");
+    // A v5 publisher outside its subtree: mosquitto_pub reports the PUBACK's reason.
+    let (d, id) = (&fleet.devices[0], fleet.id(0));
+    let out = Command::new(&pubbin)
+        .args([
+            "-V",
+            "5",
+            "-h",
+            "localhost",
+            "-p",
+            &broker.port(),
+            "--cafile",
+            s(&d.join("broker-trust.pem")),
+        ])
+        .args(["--cert", s(&d.join("cert.pem")), "--key", s(&d.join("key.pem")), "-i", &id])
+        .args(["-t", &format!("devices/{}/telemetry", fleet.id(1)), "-m", "forged", "-q", "1"])
+        .output()
+        .unwrap();
+    // It warns (and exits 0, as it does for any refused PUBLISH).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Publish 1 failed: Not authorized"), "a forged topic must be refused: {stderr}");
+}
+
+#[tokio::test]
+async fn paho_mqtt_v5_sees_reason_codes() {
+    let python = fleet_tests::require_program("python3", "python3");
+    let probe = Command::new(&python).args(["-c", "import paho.mqtt"]).output().unwrap();
+    assert!(
+        probe.status.success(),
+        "paho-mqtt (PyPI) is required by this test: run `python3 -m pip install 'paho-mqtt>=2,<3'` (./scripts/test installs it)"
+    );
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d = &fleet.devices[0];
+    let script = r#"
+import sys, ssl, threading
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+port, ca, cert, key, me, other = sys.argv[1:7]
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=me, protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+done = threading.Event()
+acks = {}
+def on_connect(client, userdata, flags, reason_code, properties):
+    print("connack", reason_code.value, flush=True)
+    client.publish("devices/%s/telemetry" % other, "forged", qos=1)
+    client.publish("devices/%s/telemetry" % me, "21.5", qos=1)
+def on_publish(client, userdata, mid, reason_code, properties):
+    acks[mid] = reason_code.value
+    if len(acks) == 2:
+        print("pubacks", " ".join(str(acks[m]) for m in sorted(acks)), flush=True)
+        done.set()
+c.on_connect = on_connect
+c.on_publish = on_publish
+c.connect("localhost", int(port))
+c.loop_start()
+ok = done.wait(20)
+c.disconnect()
+c.loop_stop()
+sys.exit(0 if ok else 1)
+"#;
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            script,
+            &broker.port(),
+            s(&d.join("broker-trust.pem")),
+            s(&d.join("cert.pem")),
+            s(&d.join("key.pem")),
+        ])
+        .args([fleet.id(0), fleet.id(1)])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "paho failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("connack 0"), "{stdout}");
+    // 135 = 0x87 not authorised for the forged topic; 0 for its own.
+    assert!(stdout.contains("pubacks 135 0"), "{stdout}");
+}
