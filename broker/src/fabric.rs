@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::message::Message;
 use bytes::Bytes;
 use fleet_registry::{DeviceId, SerialNumber};
-use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -55,7 +55,7 @@ impl Fabric {
     /// if retained (against `budget`), then, if it was routed, hands it to the other nodes.
     pub(crate) async fn publish(
         &self,
-        p: &Publish,
+        p: &Message,
         budget: RetainBudget,
         origin: Origin<'_>,
     ) -> Result<(), RetainRefused> {
@@ -68,7 +68,7 @@ impl Fabric {
     /// (a stored command, a command status: the other nodes' sessions must see those).
     pub(crate) async fn publish_everywhere(
         &self,
-        p: &Publish,
+        p: &Message,
         budget: RetainBudget,
         origin: Origin<'_>,
     ) -> Result<(), RetainRefused> {
@@ -77,7 +77,7 @@ impl Fabric {
         routed
     }
 
-    async fn to_others(&self, p: &Publish, origin: Origin<'_>) {
+    async fn to_others(&self, p: &Message, origin: Origin<'_>) {
         if let Link::Nats(c) = &*self.link {
             c.publish(p, origin).await;
         }
@@ -93,7 +93,7 @@ impl Fabric {
         qos: QoS,
         inbox: Arc<Inbox>,
         first: bool,
-    ) -> Vec<Publish> {
+    ) -> Vec<Message> {
         let retained = self.router.subscribe(router_id, filter, qos, inbox);
         if let (true, Link::Nats(c)) = (first, &*self.link) {
             c.watch(filter, &self.router, &self.metrics).await;

@@ -10,13 +10,13 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
-use rumqttc::mqttbytes::v4::Publish;
+use crate::message::Message;
 use tokio::sync::Notify;
 
 /// Deliveries waiting for one session.
 #[derive(Debug)]
 pub(crate) struct Inbox {
-    queue: Mutex<VecDeque<Box<Publish>>>,
+    queue: Mutex<VecDeque<Box<Message>>>,
     ready: Notify,
     capacity: usize,
 }
@@ -27,13 +27,13 @@ impl Inbox {
         Self { queue: Mutex::new(VecDeque::new()), ready: Notify::new(), capacity }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Box<Publish>>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Box<Message>>> {
         // Every critical section is one push or pop: a poisoned lock holds a consistent queue.
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues `p`; `false` (and `p` dropped) if the inbox is full.
-    pub(crate) fn push(&self, p: Box<Publish>) -> bool {
+    pub(crate) fn push(&self, p: Box<Message>) -> bool {
         {
             let mut q = self.lock();
             if q.len() >= self.capacity {
@@ -48,7 +48,7 @@ impl Inbox {
 
     /// The oldest message, waiting for one if there is none. Cancel-safe: a message is taken
     /// only in the poll that returns it.
-    pub(crate) async fn next(&self) -> Box<Publish> {
+    pub(crate) async fn next(&self) -> Box<Message> {
         loop {
             if let Some(p) = self.lock().pop_front() {
                 return p;
@@ -59,7 +59,7 @@ impl Inbox {
 
     /// The oldest message, if any, without waiting.
     #[cfg(test)]
-    pub(crate) fn try_next(&self) -> Option<Box<Publish>> {
+    pub(crate) fn try_next(&self) -> Option<Box<Message>> {
         self.lock().pop_front()
     }
 
@@ -77,8 +77,8 @@ mod tests {
     use super::*;
     use rumqttc::mqttbytes::QoS;
 
-    fn msg(i: u8) -> Box<Publish> {
-        Box::new(Publish::new("devices/a/commands/x", QoS::AtMostOnce, vec![i]))
+    fn msg(i: u8) -> Box<Message> {
+        Box::new(Message::new("devices/a/commands/x", QoS::AtMostOnce, vec![i]))
     }
 
     #[tokio::test]

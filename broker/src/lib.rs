@@ -20,6 +20,7 @@ mod gate;
 mod inbox;
 mod ingest;
 mod listener;
+mod message;
 mod observe;
 pub mod outcome;
 mod proxy;
@@ -368,7 +369,7 @@ pub fn addr(l: &TcpListener) -> Option<SocketAddr> {
 /// The contract of a cluster's JetStream stream, for backends that consume it directly
 /// (`docs/spec/cluster-stream.md`, `broker/examples/stream_consumer.rs`).
 pub mod stream {
-    pub use crate::cluster::stream::{DEVICE, QOS, RECEIVED_AT, SQL_CONSUMER};
+    pub use crate::cluster::stream::{DEVICE, PROPERTIES, QOS, RECEIVED_AT, SQL_CONSUMER};
 
     /// The subject a device message on `topic` is stored under.
     pub fn subject_of(topic: &str) -> String {

@@ -155,6 +155,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"x"),
             qos: 1,
             received_at: i,
+            properties: None,
         }
     }
 

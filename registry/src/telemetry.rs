@@ -24,6 +24,8 @@ pub struct Telemetry {
     pub qos: u8,
     /// Unix milliseconds at the broker.
     pub received_at: i64,
+    /// Its MQTT 5 properties as one line of JSON (docs/spec/mqtt5.md); `None` without any.
+    pub properties: Option<String>,
 }
 
 /// Rows per INSERT statement (5 or 6 parameters each).
@@ -33,13 +35,17 @@ const ROWS_PER_STATEMENT: usize = 100;
 /// sequence is stored already. SQLite gets anonymous `?` parameters: for numbered ones sqlx asks
 /// SQLite each parameter's name, a linear walk, which made binding quadratic in the row count
 /// (16% of the broker's time under QoS 1 load).
-fn insert_sql(backend: Backend, rows: usize, from_stream: bool) -> String {
-    let columns = if from_stream { 6 } else { 5 };
-    let mut sql = String::from(if from_stream {
-        "INSERT INTO telemetry (stream_seq, device_id, topic, payload, qos, received_at) VALUES "
-    } else {
-        "INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES "
-    });
+fn insert_sql(backend: Backend, rows: usize, from_stream: bool, with_props: bool) -> String {
+    let columns = 5 + usize::from(from_stream) + usize::from(with_props);
+    let mut sql = String::from("INSERT INTO telemetry (");
+    if from_stream {
+        sql.push_str("stream_seq, ");
+    }
+    sql.push_str("device_id, topic, payload, qos, received_at");
+    if with_props {
+        sql.push_str(", properties");
+    }
+    sql.push_str(") VALUES ");
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
@@ -68,12 +74,24 @@ type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q
 
 /// Binds a row's columns after `device_id` (borrowed: the rows outlive the statement, so no
 /// per-row copies).
-fn bind_row<'q>(q: AnyQuery<'q>, m: &'q Telemetry) -> AnyQuery<'q> {
-    q.bind(m.device_id.as_str())
+fn bind_row<'q>(q: AnyQuery<'q>, m: &'q Telemetry, with_props: bool) -> AnyQuery<'q> {
+    let q = q
+        .bind(m.device_id.as_str())
         .bind(m.topic.as_str())
         .bind(&m.payload[..])
         .bind(i64::from(m.qos))
-        .bind(m.received_at)
+        .bind(m.received_at);
+    if with_props {
+        q.bind(m.properties.as_deref())
+    } else {
+        q
+    }
+}
+
+/// Does a batch need the `properties` column? (Most carry none: 3.1.1 devices, and v5 ones
+/// that set no properties; their statement stays the shorter one.)
+fn with_props(rows: &[&Telemetry]) -> bool {
+    rows.iter().any(|m| m.properties.is_some())
 }
 
 /// Statements prepared once per registry handle user (the full-size one is reused).
@@ -86,13 +104,16 @@ pub struct TelemetryWriter {
 impl Registry {
     /// A writer of telemetry batches.
     pub fn telemetry_writer(&self) -> TelemetryWriter {
-        TelemetryWriter { registry: self.clone(), full: insert_sql(self.backend, ROWS_PER_STATEMENT, false) }
+        TelemetryWriter {
+            registry: self.clone(),
+            full: insert_sql(self.backend, ROWS_PER_STATEMENT, false, false),
+        }
     }
 
     /// A device's stored messages, oldest first (topic, payload).
     pub async fn telemetry_of(&self, id: &DeviceId) -> Result<Vec<Telemetry>> {
         let rows = sqlx::query(
-            "SELECT device_id, topic, payload, qos, received_at FROM telemetry WHERE device_id = $1 ORDER BY id",
+            "SELECT device_id, topic, payload, qos, received_at, properties FROM telemetry WHERE device_id = $1 ORDER BY id",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -105,6 +126,7 @@ impl Registry {
                     payload: Bytes::from(r.try_get::<Vec<u8>, _>(2)?),
                     qos: u8::try_from(r.try_get::<i64, _>(3)?).unwrap_or(u8::MAX),
                     received_at: r.try_get(4)?,
+                    properties: r.try_get(5)?,
                 })
             })
             .collect()
@@ -116,16 +138,17 @@ impl TelemetryWriter {
     pub async fn insert(&self, rows: &[Telemetry]) -> Result<()> {
         let mut tx = self.registry.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let props = with_props(&chunk.iter().collect::<Vec<_>>());
             let partial;
-            let sql = if chunk.len() == ROWS_PER_STATEMENT {
+            let sql = if chunk.len() == ROWS_PER_STATEMENT && !props {
                 &self.full
             } else {
-                partial = insert_sql(self.registry.backend, chunk.len(), false);
+                partial = insert_sql(self.registry.backend, chunk.len(), false, props);
                 &partial
             };
             let mut q = sqlx::query(sql);
             for m in chunk {
-                q = bind_row(q, m);
+                q = bind_row(q, m, props);
             }
             q.execute(&mut *tx).await?;
         }
@@ -141,10 +164,11 @@ impl TelemetryWriter {
     pub async fn insert_from_stream(&self, rows: &[(u64, Telemetry)]) -> Result<()> {
         let mut tx = self.registry.pool.begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let sql = insert_sql(self.registry.backend, chunk.len(), true);
+            let props = with_props(&chunk.iter().map(|(_, m)| m).collect::<Vec<_>>());
+            let sql = insert_sql(self.registry.backend, chunk.len(), true, props);
             let mut q = sqlx::query(&sql);
             for (seq, m) in chunk {
-                q = bind_row(q.bind(i64::try_from(*seq).unwrap_or(i64::MAX)), m);
+                q = bind_row(q.bind(i64::try_from(*seq).unwrap_or(i64::MAX)), m, props);
             }
             q.execute(&mut *tx).await?;
         }
@@ -160,13 +184,16 @@ mod tests {
     #[test]
     fn insert_statement_shapes() {
         assert_eq!(
-            insert_sql(Backend::Sqlite, 2, false),
+            insert_sql(Backend::Sqlite, 2, false, false),
             "INSERT INTO telemetry (device_id, topic, payload, qos, received_at) VALUES (?, ?, ?, ?, ?),(?, ?, ?, ?, ?)"
         );
-        assert!(
-            insert_sql(Backend::Postgres, 2, false).ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)")
+        assert!(insert_sql(Backend::Postgres, 2, false, false)
+            .ends_with("($1, $2, $3, $4, $5),($6, $7, $8, $9, $10)"));
+        assert_eq!(
+            insert_sql(Backend::Sqlite, 1, false, true),
+            "INSERT INTO telemetry (device_id, topic, payload, qos, received_at, properties) VALUES (?, ?, ?, ?, ?, ?)"
         );
-        assert!(insert_sql(Backend::Postgres, 2, true)
+        assert!(insert_sql(Backend::Postgres, 2, true, false)
             .ends_with("($1, $2, $3, $4, $5, $6),($7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING"));
     }
 
@@ -183,6 +210,7 @@ mod tests {
                 payload: Bytes::from(vec![i as u8; 3]),
                 qos: 1,
                 received_at: i,
+                properties: (i % 7 == 0).then(|| format!("{{\"content_type\":\"t{i}\"}}")),
             })
             .collect();
         reg.telemetry_writer().insert(&rows).await.expect("insert");
@@ -201,6 +229,7 @@ mod tests {
             payload: Bytes::from(vec![i; 2]),
             qos: 1,
             received_at: i64::from(i),
+            properties: None,
         };
         let first: Vec<(u64, Telemetry)> = (0..150).map(|i| (u64::from(i) + 1, row(i))).collect();
         let w = reg.telemetry_writer();

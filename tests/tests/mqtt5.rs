@@ -455,3 +455,87 @@ sys.exit(0 if ok else 1)
     // 135 = 0x87 not authorised for the forged topic; 0 for its own.
     assert!(stdout.contains("pubacks 135 0"), "{stdout}");
 }
+
+/// The next PUBLISH (other packets skipped).
+async fn next_publish5(c: &mut Raw5) -> Publish {
+    loop {
+        match c.recv(PATIENCE).await {
+            Some(Packet::Publish(p)) => return p,
+            Some(_) => {}
+            None => panic!("no PUBLISH: the broker closed the session or sent nothing"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn v5_properties_reach_v5_subscribers_and_the_store_and_expired_messages_are_not_delivered() {
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (d0, d1) = (fleet.id(0), fleet.id(1));
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc.subscribe(1, &["devices/+/telemetry"]).await;
+
+    // A v5 device's properties reach a v5 subscriber as sent, with what remains of the expiry.
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let sent = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(600),
+        content_type: Some("application/json".into()),
+        user_properties: vec![("schema".into(), "t1".into()), ("unit".into(), "°C".into())],
+        ..Default::default()
+    };
+    let mut p = Publish::new(format!("devices/{d0}/telemetry"), QoS::AtLeastOnce, "{\"t\":21.5}", None);
+    p.pkid = 1;
+    p.properties = Some(sent.clone());
+    dev.send(Packet::Publish(p)).await;
+    assert_eq!(dev.puback(1).await, PubAckReason::Success);
+    let got = next_publish5(&mut svc).await.properties.expect("the properties");
+    assert_eq!(got.content_type, sent.content_type);
+    assert_eq!(got.payload_format_indicator, Some(1));
+    assert_eq!(got.user_properties, sent.user_properties, "in order, repeated keys kept");
+    assert!(got.message_expiry_interval.is_some_and(|s| (590..=600).contains(&s)), "{got:?}");
+
+    // Stored with the message, for backends that read the table.
+    let st = fleet.station().await;
+    let stored = st.registry().telemetry_of(&fleet_provision::DeviceId::parse(&d0).unwrap()).await.unwrap();
+    let json = stored[0].properties.as_deref().expect("stored properties");
+    assert!(json.contains("\"content_type\":\"application/json\"") && json.contains("schema"), "{json}");
+
+    // A 3.1.1 subscriber gets the message without them (device 1, from the service).
+    let mut old = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+    assert!(matches!(old.mqtt_connect(&d1, 30).await, Some(rumqttc::mqttbytes::v4::Packet::ConnAck(_))));
+    old.send(rumqttc::mqttbytes::v4::Packet::Subscribe(rumqttc::mqttbytes::v4::Subscribe::new(
+        format!("devices/{d1}/commands/#"),
+        rumqttc::mqttbytes::QoS::AtMostOnce,
+    )))
+    .await
+    .unwrap();
+    assert!(matches!(old.recv(PATIENCE).await, Some(rumqttc::mqttbytes::v4::Packet::SubAck(_))));
+    let mut cmd = Publish::new(format!("devices/{d1}/commands/blink"), QoS::AtMostOnce, "3", None);
+    cmd.properties =
+        Some(PublishProperties { user_properties: vec![("k".into(), "v".into())], ..Default::default() });
+    svc.send(Packet::Publish(cmd)).await;
+    match old.recv(PATIENCE).await {
+        Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) => assert_eq!(&p.payload[..], b"3"),
+        other => panic!("expected the command, got {other:?}"),
+    }
+
+    // A retained message that expired is not delivered to a later subscriber; one that did not is.
+    let mut gone = Publish::new(format!("devices/{d0}/state"), QoS::AtLeastOnce, "stale", None);
+    (gone.pkid, gone.retain) = (2, true);
+    gone.properties = Some(PublishProperties { message_expiry_interval: Some(1), ..Default::default() });
+    dev.send(Packet::Publish(gone)).await;
+    assert_eq!(dev.puback(2).await, PubAckReason::Success);
+    let mut kept = Publish::new(format!("devices/{d0}/config"), QoS::AtLeastOnce, "fresh", None);
+    (kept.pkid, kept.retain) = (3, true);
+    dev.send(Packet::Publish(kept)).await;
+    assert_eq!(dev.puback(3).await, PubAckReason::Success);
+    // The expiry is the point of the test: wait it out.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    svc.subscribe(2, &[&format!("devices/{d0}/state"), &format!("devices/{d0}/config")]).await;
+    let p = next_publish5(&mut svc).await;
+    assert_eq!((&p.topic[..], &p.payload[..]), (format!("devices/{d0}/config").as_bytes(), &b"fresh"[..]));
+    assert!(svc.recv(Duration::from_millis(500)).await.is_none(), "the expired retained message came");
+}

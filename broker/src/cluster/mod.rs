@@ -34,15 +34,16 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use std::time::Duration;
 
+use crate::message::Message;
 use async_nats::connection::State;
 use async_nats::{jetstream, Client, Event, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::message::Props;
 use crate::observe::metrics::Metrics;
 use crate::outcome::BusRefusal;
 use crate::router::Router;
@@ -229,12 +230,15 @@ impl Cluster {
     /// Publishes a message this node accepted from `origin`, for the other nodes' subscribers.
     /// Best effort, like delivery to local subscribers: the publisher's acknowledgement is the
     /// store's.
-    pub(crate) async fn publish(&self, p: &Publish, origin: bus::Origin<'_>) {
+    pub(crate) async fn publish(&self, p: &Message, origin: bus::Origin<'_>) {
         let mut headers = self.node_headers();
         headers.insert(bus::ORIGIN, origin.encode().as_str());
         headers.insert(QOS, if p.qos == QoS::AtMostOnce { "0" } else { "1" });
         if p.retain {
             headers.insert(RETAIN, "1");
+        }
+        if let Some(props) = &p.props {
+            headers.insert(stream::PROPERTIES, props.to_json().as_str());
         }
         let subject = subject::subject_of(&p.topic);
         if let Err(e) = self.client.publish_with_headers(subject, headers, p.payload.clone()).await {
@@ -356,9 +360,16 @@ async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics:
         };
         let header = |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str() == "1");
         let qos = if header(QOS) == Some(true) { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-        let mut p = Publish::new(topic, qos, Bytes::new());
+        let mut p = Message::new(topic, qos, Bytes::new());
         p.payload = m.payload;
         p.retain = header(RETAIN) == Some(true);
+        p.props = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(stream::PROPERTIES))
+            .and_then(|v| Props::from_json(v.as_str()))
+            .filter(|props| !props.is_empty())
+            .map(Arc::new);
         router.deliver_remote(&p, &metrics);
     }
 }

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::subject;
+use crate::message::Props;
 use crate::observe::metrics::Metrics;
 use crate::store::{Sink, SinkError};
 
@@ -36,6 +37,8 @@ pub const DEVICE: &str = "Fleet-Device";
 pub const QOS: &str = "Fleet-QoS";
 /// Header: unix milliseconds at the broker that accepted the message.
 pub const RECEIVED_AT: &str = "Fleet-Received-At";
+/// Header of a stored message's MQTT 5 properties (one line of ASCII JSON, docs/spec/mqtt5.md).
+pub const PROPERTIES: &str = "Mqtt-Properties";
 /// The durable consumer the nodes' SQL sinks share.
 pub use crate::config::SQL_CONSUMER;
 
@@ -95,6 +98,9 @@ impl Sink for JetStreamSink {
             headers.insert(DEVICE, row.device_id.as_str());
             headers.insert(QOS, if row.qos == 0 { "0" } else { "1" });
             headers.insert(RECEIVED_AT, row.received_at.to_string().as_str());
+            if let Some(props) = &row.properties {
+                headers.insert(PROPERTIES, props.as_str());
+            }
             let mut p = Publish::build().payload(row.payload.clone()).headers(headers);
             if pkid != 0 {
                 p = p.message_id(message_id(row.device_id.as_str(), pkid, &row.topic, &row.payload));
@@ -125,6 +131,8 @@ fn row_of(m: &async_nats::Message) -> Option<Telemetry> {
         payload: m.payload.clone(),
         qos: if header(QOS)? == "0" { 0 } else { 1 },
         received_at: header(RECEIVED_AT)?.parse().ok()?,
+        // Written by a node from the properties it parsed: kept only if they still read as such.
+        properties: header(PROPERTIES).filter(|p| Props::from_json(p).is_some()),
     })
 }
 

@@ -1,8 +1,8 @@
 //! A device session's side of the command queue: which commands are in flight in this session,
 //! read and marked sent through the writer, settled by the device's PUBACKs.
 
+use crate::message::{Message, Props};
 use fleet_registry::{Command, DeviceId};
-use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tracing::warn;
 
@@ -37,7 +37,7 @@ pub(crate) struct Delivery {
 
 impl Delivery {
     /// The commands to send now (in order), each marked as sent; statuses published.
-    pub(crate) async fn due(&mut self, writer: &Writer, device: &DeviceId) -> Vec<Publish> {
+    pub(crate) async fn due(&mut self, writer: &Writer, device: &DeviceId) -> Vec<Message> {
         let room = IN_FLIGHT.saturating_sub(self.in_flight.len());
         if !self.active || room == 0 || self.drained {
             return Vec::new();
@@ -62,18 +62,20 @@ impl Delivery {
         open.into_iter().map(|c| self.send(c)).collect()
     }
 
-    fn send(&mut self, c: Command) -> Publish {
+    fn send(&mut self, c: Command) -> Message {
         let pkid = pkid_of(c.id);
         self.in_flight.retain(|f| f.pkid != pkid);
         self.in_flight.push(InFlight { pkid, id: c.id, name: c.name.clone() });
         self.last_sent = self.last_sent.max(c.id);
-        let mut p = Publish::new(
+        let mut p = Message::new(
             fleet_topic::command(c.device_id.as_str(), &c.name).to_string(),
             QoS::AtLeastOnce,
             c.payload,
         );
         p.pkid = pkid;
         p.dup = c.attempts > 0;
+        // A v5 device is told how long the command has left (MQTT 5 Message Expiry).
+        p.props = Some(std::sync::Arc::new(Props { expires_at_ms: Some(c.expires_at), ..Props::default() }));
         p
     }
 

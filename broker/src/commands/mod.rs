@@ -11,8 +11,8 @@ pub(crate) mod writer;
 
 use std::time::Duration;
 
+use crate::message::Message;
 use fleet_registry::{CommandStatus, Registry, Role, Status};
-use rumqttc::mqttbytes::v4::Publish;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -65,7 +65,7 @@ impl Commands {
     }
 
     /// Stores a service's QoS 1 command (or refuses it, with a status).
-    pub(crate) async fn accept(&self, sender: &Identity, p: &Publish) -> Accepted {
+    pub(crate) async fn accept(&self, sender: &Identity, p: &Message) -> Accepted {
         let Some(parsed) = parse(&p.topic) else { return Accepted::Refused };
         let raw_device = p.topic.split('/').nth(1).unwrap_or_default();
         let (device, name, ttl) = match parsed {
@@ -96,13 +96,21 @@ impl Commands {
                 return Accepted::Unavailable;
             }
         }
-        let ttl_ms = ttl.unwrap_or(self.default_ttl_secs as i64).saturating_mul(1000);
+        // A `ttl=` level first (3.1.1 senders), then a v5 sender's Message Expiry (capped like
+        // `ttl=`), then the default.
+        let now = now_millis();
+        let expiry_ms = p.props.as_ref().and_then(|props| props.expires_at_ms).map(|at| (at - now).max(1));
+        let ttl_ms = match (ttl, expiry_ms) {
+            (Some(secs), _) => secs.saturating_mul(1000),
+            (None, Some(ms)) => ms.min(topic::MAX_TTL_SECS * 1000),
+            (None, None) => (self.default_ttl_secs as i64).saturating_mul(1000),
+        };
         let change = writer::Change::Enqueue {
             device,
             name,
             payload: p.payload.to_vec(),
             sender: sender.id.as_str().to_owned(),
-            now: now_millis(),
+            now,
             ttl_ms,
         };
         // Stored (and its `queued` status published) by the writer before the answer.

@@ -1,8 +1,8 @@
 //! Status changes of queued commands, published to the services on
 //! `status/devices/<id>/commands/<name>` (here and, in a cluster, on every node).
 
+use crate::message::Message;
 use fleet_registry::CommandStatus;
-use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 
 use crate::clock::now_millis;
@@ -37,7 +37,7 @@ impl Statuses {
             body["reason"] = serde_json::Value::from(r.label());
         }
         let topic = fleet_topic::status(device, name).to_string();
-        let p = Publish::new(topic, QoS::AtLeastOnce, body.to_string());
+        let p = Message::new(topic, QoS::AtLeastOnce, body.to_string());
         let _ = self.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
     }
 }

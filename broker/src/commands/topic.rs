@@ -8,7 +8,7 @@ use fleet_topic::{level, Addressed, Topic};
 use crate::outcome::CommandRefusal;
 
 /// Longest time-to-live a `ttl=` level may ask for, seconds (30 days).
-const MAX_TTL_SECS: i64 = 30 * 86_400;
+pub(crate) const MAX_TTL_SECS: i64 = 30 * 86_400;
 
 /// The packet identifier of command `id`, the same in every session: 32768 + id mod 32767
 /// (other QoS 1 deliveries use 1..=32767).

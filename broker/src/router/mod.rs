@@ -17,11 +17,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::inbox::Inbox;
+use crate::message::Message;
 use crate::observe::metrics::Limit;
 use crate::observe::metrics::Metrics;
 use crate::outcome::CloseReason;
 use fleet_topic::{device_level, matches};
-use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ struct Inner {
 /// A retained message and the budget it counts against.
 #[derive(Debug, Clone)]
 struct Retained {
-    publish: Publish,
+    publish: Message,
     budget: RetainBudget,
 }
 
@@ -149,7 +149,7 @@ fn remove_sub(inner: &mut Inner, key: &str, conn_id: u64, filter: &str) {
     }
 }
 
-fn retained_size(p: &Publish) -> usize {
+fn retained_size(p: &Message) -> usize {
     p.topic.len() + p.payload.len()
 }
 
@@ -168,7 +168,7 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 /// Sends a copy to every subscription matching `publish` (once per connection).
-fn deliver(inner: &Inner, publish: &Publish, metrics: &Metrics) {
+fn deliver(inner: &Inner, publish: &Message, metrics: &Metrics) {
     let key = key_of(&publish.topic);
     let mut seen: Vec<u64> = Vec::new();
     let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
@@ -202,7 +202,7 @@ impl Router {
 
     /// Adds (or replaces) a subscription; returns the retained messages it matches. A filter
     /// with a literal device level looks only at that device's retained messages.
-    pub(crate) fn subscribe(&self, conn_id: u64, filter: &str, qos: QoS, inbox: Arc<Inbox>) -> Vec<Publish> {
+    pub(crate) fn subscribe(&self, conn_id: u64, filter: &str, qos: QoS, inbox: Arc<Inbox>) -> Vec<Message> {
         let mut inner = lock(&self.inner);
         let key = key_of(filter);
         inner.by_conn.entry(conn_id).or_default().insert((key.to_owned(), filter.to_owned()));
@@ -217,7 +217,7 @@ impl Router {
         };
         retained
             .flat_map(|m| m.values())
-            .filter(|r| matches(filter, &r.publish.topic))
+            .filter(|r| matches(filter, &r.publish.topic) && !r.publish.expired())
             .map(|r| r.publish.clone())
             .collect()
     }
@@ -258,7 +258,7 @@ impl Router {
     /// against `budget`. A retained message over a cap is refused whole: not kept, not delivered.
     pub(crate) fn route(
         &self,
-        publish: &Publish,
+        publish: &Message,
         budget: RetainBudget,
         metrics: &Metrics,
     ) -> Result<(), RetainRefused> {
@@ -271,7 +271,7 @@ impl Router {
     }
 
     /// Delivers a message another cluster node accepted to the matching local subscriptions.
-    pub(crate) fn deliver_remote(&self, publish: &Publish, metrics: &Metrics) {
+    pub(crate) fn deliver_remote(&self, publish: &Message, metrics: &Metrics) {
         deliver(&lock(&self.inner), publish, metrics);
     }
 
@@ -279,7 +279,7 @@ impl Router {
         &self,
         inner: &mut Inner,
         key: &str,
-        publish: &Publish,
+        publish: &Message,
         budget: RetainBudget,
     ) -> Result<(), RetainRefused> {
         let old = inner

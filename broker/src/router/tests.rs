@@ -1,14 +1,14 @@
 use super::*;
 
-fn publish(topic: &str) -> Publish {
-    Publish::new(topic, QoS::AtMostOnce, b"x".to_vec())
+fn publish(topic: &str) -> Message {
+    Message::new(topic, QoS::AtMostOnce, b"x".to_vec())
 }
 
 #[test]
 fn a_closed_connection_gets_nothing_and_leaves_nothing_behind() {
     let router = Router::default();
     let metrics = Metrics::new();
-    let route = |p: &Publish| router.route(p, RetainBudget::Clients, &metrics).expect("not retained");
+    let route = |p: &Message| router.route(p, RetainBudget::Clients, &metrics).expect("not retained");
     let (rx1, rx2) = (Arc::new(Inbox::new(8)), Arc::new(Inbox::new(8)));
     router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, rx1.clone());
     router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, rx1.clone());
@@ -29,8 +29,8 @@ fn a_closed_connection_gets_nothing_and_leaves_nothing_behind() {
     assert!(inner.subs.is_empty() && inner.by_conn.is_empty(), "{inner:?}");
 }
 
-fn retained(topic: &str, payload: &[u8]) -> Publish {
-    let mut p = Publish::new(topic, QoS::AtMostOnce, payload.to_vec());
+fn retained(topic: &str, payload: &[u8]) -> Message {
+    let mut p = Message::new(topic, QoS::AtMostOnce, payload.to_vec());
     p.retain = true;
     p
 }
@@ -68,7 +68,7 @@ fn retained_messages_are_capped_per_device_and_in_bytes_and_cleared() {
 fn devices_filling_their_retained_budget_leave_the_issuers_alone() {
     let router = Router::new(RetainLimits { per_device: 2, total_bytes: 100, issuer_bytes: 100 });
     let m = Metrics::new();
-    let clients = |p: &Publish| router.route(p, RetainBudget::Clients, &m);
+    let clients = |p: &Message| router.route(p, RetainBudget::Clients, &m);
     assert_eq!(clients(&retained("devices/a/s1", &[0u8; 70])), Ok(()));
     assert_eq!(clients(&retained("devices/a/s2", b"x")), Ok(()));
     assert_eq!(clients(&retained("devices/b/s1", &[0u8; 50])), Err(RetainRefused::TotalBytes));

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 use super::v5::{self, Edge, PubRefusal, SubResult, Version};
+use crate::message::Message;
 use crate::outcome::{CloseReason, Refusal};
 use crate::tls::Tls;
 use rumqttc::v5::mqttbytes::v5 as m5;
@@ -44,6 +45,22 @@ pub(crate) fn write_end(e: std::io::Error) -> CloseReason {
         CloseReason::WriteTimeout
     } else {
         CloseReason::ClientGone
+    }
+}
+
+/// What a client sent: a message, or another packet (never a PUBLISH).
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    Publish(Message),
+    Packet(Packet),
+}
+
+impl Inbound {
+    fn v4(p: Packet) -> Self {
+        match p {
+            Packet::Publish(p) => Self::Publish(Message::from_v4(p)),
+            p => Self::Packet(p),
+        }
     }
 }
 
@@ -101,7 +118,7 @@ impl Conn {
     }
 
     /// Reads until one packet is complete. `Ok(None)`: the peer closed (or reset).
-    pub(crate) async fn read_packet(&mut self) -> Result<Option<Packet>, CloseReason> {
+    pub(crate) async fn read_packet(&mut self) -> Result<Option<Inbound>, CloseReason> {
         loop {
             if let Some(p) = self.parse()? {
                 return Ok(Some(p));
@@ -136,7 +153,7 @@ impl Conn {
     }
 
     /// The next packet already buffered, if complete.
-    pub(crate) fn parse(&mut self) -> Result<Option<Packet>, CloseReason> {
+    pub(crate) fn parse(&mut self) -> Result<Option<Inbound>, CloseReason> {
         let version = match self.version {
             Some(v) => v,
             None => match v5::protocol_level(&self.buf) {
@@ -150,7 +167,7 @@ impl Conn {
         };
         match (version, self.edge.as_mut()) {
             (Version::V5, Some(edge)) => edge.decode(&mut self.buf, self.max_packet),
-            _ => decode_client_packet(&mut self.buf, self.max_packet),
+            _ => Ok(decode_client_packet(&mut self.buf, self.max_packet)?.map(Inbound::v4)),
         }
     }
 
@@ -169,6 +186,18 @@ impl Conn {
             return Ok(());
         }
         self.flush_out().await
+    }
+
+    /// Delivers a message: with its properties (and what remains of its expiry) to a v5 client,
+    /// as topic and payload to a 3.1.1 client. An expired message is not sent.
+    pub(crate) async fn send_message(&mut self, m: Message) -> Result<(), CloseReason> {
+        if m.expired() {
+            return Ok(());
+        }
+        match self.edge.is_some() {
+            true => self.send5(m5::Packet::Publish(v5::publish_out(m))).await,
+            false => self.send(Packet::Publish(m.into_v4())).await,
+        }
     }
 
     /// Sends a v5 packet (only to a v5 client).

@@ -11,7 +11,7 @@ use rumqttc::mqttbytes::v4::{Connect, Packet};
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use super::conn::Conn;
+use super::conn::{Conn, Inbound};
 use super::services::Services;
 use crate::auth::Identity;
 use crate::outcome::Refusal;
@@ -51,7 +51,7 @@ pub(crate) async fn bind(
 ) -> Result<Bound, (Refused, Option<Connect>)> {
     let early = |refusal| (Refused { refusal, connack: false }, None);
     let connect = match timeout(svc.config.connect_timeout(), conn.read_packet()).await {
-        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(Inbound::Packet(Packet::Connect(c))))) => c,
         Ok(Ok(Some(_))) | Ok(Err(_)) => return Err(early(Refusal::ProtocolError)),
         Ok(Ok(None)) => return Err(early(Refusal::PeerClosed)),
         Err(_) => return Err(early(Refusal::ConnectTimeout)),

@@ -12,9 +12,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::message::Message;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
-use rumqttc::mqttbytes::v4::{Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 use tokio::time::{sleep_until, Instant};
 
@@ -66,7 +66,7 @@ pub(crate) struct State {
     /// The router key of this session's subscriptions (a resumed session keeps its first one).
     pub(super) router_id: u64,
     /// Unacknowledged QoS 1 deliveries (a persistent session resends them when it resumes).
-    pub(super) in_flight: Vec<Publish>,
+    pub(super) in_flight: Vec<Message>,
     /// Most unacknowledged QoS 1 deliveries out at once (`None`: not counted, a 3.1.1 session
     /// that keeps nothing): [`MAX_IN_FLIGHT`], or a v5 client's Receive Maximum if lower.
     pub(super) window: Option<usize>,
@@ -177,7 +177,7 @@ impl State {
             p.dup = true;
         }
         for p in self.in_flight.clone() {
-            self.conn.send(Packet::Publish(p)).await?;
+            self.conn.send_message(p).await?;
         }
         self.start_commands_if_subscribed(ctx).await
     }
@@ -290,7 +290,7 @@ impl State {
                         }
                     }
                     ctx.info.sent();
-                    if let Err(end) = guarded(ctx, &mut cut, self.conn.send(Packet::Publish(p))).await {
+                    if let Err(end) = guarded(ctx, &mut cut, self.conn.send_message(p)).await {
                         return end;
                     }
                 }
@@ -328,7 +328,7 @@ impl State {
         for p in self.delivery.due(ctx.svc.ingest.commands().writer(), &ctx.id.id).await {
             ctx.svc.observe.metrics().messages_delivered.inc();
             ctx.info.sent();
-            self.conn.send(Packet::Publish(p)).await?;
+            self.conn.send_message(p).await?;
         }
         Ok(())
     }

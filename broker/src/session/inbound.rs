@@ -3,12 +3,14 @@
 //! SUBSCRIBE, UNSUBSCRIBE, PUBACK of a delivery, PINGREQ.
 
 use fleet_registry::{Role, Telemetry};
-use rumqttc::mqttbytes::v4::{Packet, Publish, Subscribe, Unsubscribe};
+use rumqttc::mqttbytes::v4::{Packet, Subscribe, Unsubscribe};
+
+use crate::message::Message;
 use rumqttc::mqttbytes::QoS;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::conn::Ack;
+use super::conn::{Ack, Inbound};
 use super::handler::{Ctx, State};
 use super::v5::{PubRefusal, SubResult, Version};
 use crate::auth::{self, Topic, TopicFilter};
@@ -43,9 +45,12 @@ impl State {
         }
     }
 
-    pub(super) async fn handle_packet(&mut self, ctx: &Ctx<'_>, packet: Packet) -> Result<(), CloseReason> {
+    pub(super) async fn handle_packet(&mut self, ctx: &Ctx<'_>, inbound: Inbound) -> Result<(), CloseReason> {
+        let packet = match inbound {
+            Inbound::Publish(m) => return self.publish(ctx, m).await,
+            Inbound::Packet(p) => p,
+        };
         match packet {
-            Packet::Publish(p) => self.publish(ctx, p).await,
             Packet::Subscribe(s) => self.subscribe(ctx, s).await,
             Packet::Unsubscribe(u) => self.unsubscribe(ctx, u).await,
             Packet::PingReq => self.conn.send(Packet::PingResp).await,
@@ -62,7 +67,7 @@ impl State {
         }
     }
 
-    async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Publish) -> Result<(), CloseReason> {
+    async fn publish(&mut self, ctx: &Ctx<'_>, mut p: Message) -> Result<(), CloseReason> {
         let svc = ctx.svc;
         svc.observe.metrics().messages_received.inc();
         ctx.info.received();
@@ -154,6 +159,7 @@ impl State {
                 payload: p.payload,
                 qos: qos as u8,
                 received_at: now_millis(),
+                properties: p.props.as_ref().map(|props| props.to_json()),
             };
             if qos == QoS::AtLeastOnce {
                 let done = svc.ingest.store().submit(row, pkid).await;
@@ -171,7 +177,7 @@ impl State {
 
     /// A service's QoS 1 command: stored (then routed, to wake the device's session) or refused
     /// with a status; acknowledged either way unless the registry is down.
-    async fn command(&mut self, ctx: &Ctx<'_>, p: Publish) -> Result<(), CloseReason> {
+    async fn command(&mut self, ctx: &Ctx<'_>, p: Message) -> Result<(), CloseReason> {
         let svc = ctx.svc;
         let pkid = p.pkid;
         match svc.ingest.commands().accept(&ctx.id, &p).await {
@@ -223,7 +229,7 @@ impl State {
             p.qos = QoS::AtMostOnce;
             p.retain = true;
             ctx.info.sent();
-            self.conn.send(Packet::Publish(p)).await?;
+            self.conn.send_message(p).await?;
         }
         // Subscribed to its commands: the queue is delivered from now on (and what waits, now).
         self.start_commands_if_subscribed(ctx).await

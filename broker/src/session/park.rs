@@ -16,8 +16,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::message::Message;
 use fleet_registry::SerialNumber;
-use rumqttc::mqttbytes::v4::Publish;
 
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ pub(crate) struct Parked {
     /// Its filters.
     pub(crate) subs: HashSet<String>,
     /// QoS 1 deliveries sent and not acknowledged (re-sent with DUP on resume).
-    pub(crate) in_flight: Vec<Publish>,
+    pub(crate) in_flight: Vec<Message>,
     /// Forgotten after this.
     pub(crate) expires: Instant,
     /// The certificate that parked it: the only one that may resume it.

@@ -20,6 +20,11 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::v5::mqttbytes::Error as Error5;
 
+use std::sync::Arc;
+
+use super::conn::Inbound;
+use crate::clock::now_millis;
+use crate::message::{Message, Props};
 use crate::outcome::{CloseReason, Refusal};
 
 /// The protocol a client speaks.
@@ -94,21 +99,21 @@ impl Edge {
         &mut self,
         buf: &mut bytes::BytesMut,
         max_packet: usize,
-    ) -> Result<Option<v4::Packet>, CloseReason> {
+    ) -> Result<Option<Inbound>, CloseReason> {
         if buf.is_empty() {
             return Ok(None);
         }
         // A DISCONNECT without a body is "normal disconnection" (the codec wants a body).
         if buf[0] == 0xE0 && buf.get(1) == Some(&0) {
             let _ = buf.split_to(2);
-            return Ok(Some(v4::Packet::Disconnect));
+            return Ok(Some(Inbound::Packet(v4::Packet::Disconnect)));
         }
         let max = u32::try_from(max_packet).unwrap_or(u32::MAX);
         let packet = match m5::Packet::read(buf, Some(max)) {
             Ok(p) => p,
             Err(e) => return decode_error(&e).map_or(Ok(None), Err),
         };
-        Ok(Some(match packet {
+        Ok(Some(Inbound::Packet(match packet {
             m5::Packet::Connect(c, _will, _login) => {
                 let p = c.properties.as_ref();
                 self.terms = ConnectTerms {
@@ -122,7 +127,7 @@ impl Edge {
                 connect.clean_session = c.clean_start;
                 v4::Packet::Connect(connect)
             }
-            m5::Packet::Publish(p) => v4::Packet::Publish(self.publish_in(p)?),
+            m5::Packet::Publish(p) => return self.publish_in(p).map(|m| Some(Inbound::Publish(m))),
             m5::Packet::PubAck(a) => v4::Packet::PubAck(v4::PubAck::new(a.pkid)),
             m5::Packet::Subscribe(s) => v4::Packet::Subscribe(v4::Subscribe {
                 pkid: s.pkid,
@@ -149,12 +154,12 @@ impl Edge {
             | m5::Packet::PingResp(_)
             | m5::Packet::SubAck(_)
             | m5::Packet::UnsubAck(_) => return Err(CloseReason::UnexpectedPacket),
-        }))
+        })))
     }
 
     /// A v5 PUBLISH in the broker's vocabulary: its topic alias resolved (set when it comes with
     /// a topic, used when it comes without).
-    fn publish_in(&mut self, p: m5::Publish) -> Result<v4::Publish, CloseReason> {
+    fn publish_in(&mut self, p: m5::Publish) -> Result<Message, CloseReason> {
         let qos = qos_in(p.qos);
         if qos == QoS::ExactlyOnce {
             return Err(CloseReason::Qos2Unsupported);
@@ -174,25 +179,14 @@ impl Edge {
                 topic
             }
         };
-        let mut out = v4::Publish::from_bytes(topic, qos, p.payload);
-        out.dup = p.dup;
-        out.retain = p.retain;
-        out.pkid = p.pkid;
-        Ok(out)
+        let props = p.properties.map(props_in).filter(|props| !props.is_empty()).map(Arc::new);
+        Ok(Message { dup: p.dup, qos, retain: p.retain, topic, pkid: p.pkid, payload: p.payload, props })
     }
 
     /// The broker's packet as this v5 client gets it (`None`: not sent to v5 clients this way).
     pub(crate) fn encode(&self, p: v4::Packet) -> Option<m5::Packet> {
         Some(match p {
-            v4::Packet::Publish(p) => m5::Packet::Publish(m5::Publish {
-                dup: p.dup,
-                qos: qos_out(p.qos),
-                retain: p.retain,
-                topic: Bytes::from(p.topic.into_bytes()),
-                pkid: p.pkid,
-                payload: p.payload,
-                properties: None,
-            }),
+            v4::Packet::Publish(p) => m5::Packet::Publish(publish_out(Message::from_v4(p))),
             v4::Packet::PubAck(a) => m5::Packet::PubAck(puback(a.pkid, PubAckReason5::Success)),
             v4::Packet::PingResp => m5::Packet::PingResp(m5::PingResp),
             _ => return None,
@@ -206,6 +200,42 @@ impl Edge {
 }
 
 type PubAckReason5 = m5::PubAckReason;
+
+/// A v5 PUBLISH's properties as the broker keeps them (the topic alias stays at the edge; an
+/// expiry becomes an instant).
+fn props_in(p: m5::PublishProperties) -> Props {
+    Props {
+        payload_format: p.payload_format_indicator,
+        content_type: p.content_type,
+        user: p.user_properties,
+        response_topic: p.response_topic,
+        correlation: p.correlation_data,
+        expires_at_ms: p.message_expiry_interval.map(|s| now_millis() + i64::from(s) * 1000),
+    }
+}
+
+/// A message as a v5 client gets it: its properties, and what remains of its expiry.
+pub(crate) fn publish_out(m: Message) -> m5::Publish {
+    let properties = m.props.as_deref().map(|p| m5::PublishProperties {
+        payload_format_indicator: p.payload_format,
+        message_expiry_interval: p.expiry_left(now_millis()),
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation.clone(),
+        user_properties: p.user.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    });
+    m5::Publish {
+        dup: m.dup,
+        qos: qos_out(m.qos),
+        retain: m.retain,
+        topic: Bytes::from(m.topic.into_bytes()),
+        pkid: m.pkid,
+        payload: m.payload,
+        properties,
+    }
+}
 
 /// A v5 QoS in the broker's vocabulary.
 fn qos_in(q: rumqttc::v5::mqttbytes::QoS) -> QoS {
@@ -433,7 +463,7 @@ mod tests {
         assert_eq!(protocol_level(&[]), None);
         let mut edge = Edge::default();
         assert!(
-            matches!(edge.decode(&mut c5, 1024), Ok(Some(v4::Packet::Connect(c))) if c.client_id == "dev-1")
+            matches!(edge.decode(&mut c5, 1024), Ok(Some(Inbound::Packet(v4::Packet::Connect(c)))) if c.client_id == "dev-1")
         );
     }
 
@@ -454,7 +484,7 @@ mod tests {
         });
         let mut edge = Edge::default();
         let p = edge.decode(&mut encoded(m5::Packet::Connect(c, None, None)), 4096).unwrap();
-        assert!(matches!(p, Some(v4::Packet::Connect(c)) if !c.clean_session));
+        assert!(matches!(p, Some(Inbound::Packet(v4::Packet::Connect(c))) if !c.clean_session));
         assert_eq!(edge.terms.session_expiry, 600);
         assert_eq!(edge.terms.receive_max, Some(5));
         assert_eq!(edge.max_packet(4096), 2048);
@@ -474,7 +504,7 @@ mod tests {
         buf.extend_from_slice(&encoded(m5::Packet::Publish(later.clone())));
         let topics: Vec<String> = (0..2)
             .map(|_| match edge.decode(&mut buf, 4096) {
-                Ok(Some(v4::Packet::Publish(p))) => p.topic,
+                Ok(Some(Inbound::Publish(m))) => m.topic,
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -499,7 +529,7 @@ mod tests {
     fn an_empty_disconnect_is_a_normal_one_and_one_with_expiry_is_read() {
         let mut edge = Edge::default();
         let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
-        assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(v4::Packet::Disconnect))));
+        assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))));
         let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
         d.properties = Some(m5::DisconnectProperties {
             session_expiry_interval: Some(0),
@@ -509,7 +539,7 @@ mod tests {
         });
         assert!(matches!(
             edge.decode(&mut encoded(m5::Packet::Disconnect(d)), 4096),
-            Ok(Some(v4::Packet::Disconnect))
+            Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))
         ));
         assert_eq!(edge.disconnect_expiry, Some(0));
     }
