@@ -158,7 +158,8 @@ pub struct FaultInjector<T> {
 impl<T> FaultInjector<T> {
     /// Wraps `inner` with no faults yet, on; the seed from `FLEET_FAULT_SEED` or a fresh one.
     pub fn new(inner: T) -> Self {
-        let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(fresh_seed);
+        let seed =
+            std::env::var(SEED_VAR).ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(fresh_seed);
         let switch = FaultSwitch(Arc::default());
         switch.on();
         let mut injector = Self {
@@ -388,9 +389,8 @@ impl<T> FaultInjector<T> {
 
 fn fresh_seed() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let mut r = Rng(nanos ^ (u64::from(std::process::id()) << 32) ^ N.fetch_add(1, Ordering::Relaxed));
     r.next()
 }
@@ -586,7 +586,8 @@ mod tests {
     #[test]
     fn a_seed_replays_the_same_faults() {
         let run = |seed: u64| {
-            let mut t = FaultInjector::new(pipe(records(40, 20), 9)).seed(seed).drop_chunks(0.3).cut_chance(0.02);
+            let mut t =
+                FaultInjector::new(pipe(records(40, 20), 9)).seed(seed).drop_chunks(0.3).cut_chance(0.02);
             let (got, err) = drain(&mut t);
             (got, err, t.switch().dropped())
         };

@@ -38,10 +38,8 @@ async fn serial_of(fleet: &Fleet, i: usize) -> String {
 
 #[tokio::test]
 async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let mut issuer = issuer_on(&fleet, &node).await;
     let (id, victim) = (fleet.id(0), fleet.id(1));
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
@@ -215,10 +213,8 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
 /// but that device, nor on a claim session's from anyone but that session.
 #[tokio::test]
 async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let mut issuer = issuer_on(&fleet, &node).await;
     bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
     bus::wait_subscription(&nats, "fleet.t.claims.*.*.certs.csr", true).await;
@@ -363,11 +359,9 @@ async fn a_node_refuses_an_unprotected_bus_uses_url_credentials_and_never_prints
 /// refused (`unbound`), not certified.
 #[tokio::test]
 async fn the_issuer_certifies_only_csrs_bound_to_the_askers_certificate() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let db = fleet.db.clone().unwrap();
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
     let (x, y) = (fleet.id(0), fleet.id(1));
     let identity = fleet.dir.path().join("issuer");
     fleet.station().await.issuer_cert("issuer-1", &identity).await.unwrap();

@@ -14,11 +14,9 @@ use rumqttc::mqttbytes::QoS;
 
 #[tokio::test]
 async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_commands_cross_back() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node1 = bus::node(&fleet, &nats, "n1", &[]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    let cluster = Cluster::builder().devices(2).nodes(2).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let [node1, node2] = &cluster.nodes[..] else { unreachable!("two nodes") };
     let (id0, id1) = (fleet.id(0), fleet.id(1));
 
     // The backend service on node 2 watches every device's telemetry.
@@ -92,11 +90,9 @@ async fn a_cluster_node_needs_a_shared_postgresql_registry() {
 /// on node 1 within a second (`takeover`), and the new session goes on.
 #[tokio::test]
 async fn a_connect_on_another_node_takes_the_session_over_at_once() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node1 = bus::node(&fleet, &nats, "n1", &[]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    let cluster = Cluster::builder().devices(1).nodes(2).start().await;
+    let fleet = &cluster.fleet;
+    let [node1, node2] = &cluster.nodes[..] else { unreachable!("two nodes") };
     let id = fleet.id(0);
     let mut first = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&first.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
@@ -124,10 +120,8 @@ async fn a_connect_on_another_node_takes_the_session_over_at_once() {
 /// look like) cuts nothing.
 #[tokio::test]
 async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(1).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
@@ -175,10 +169,8 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
 /// twice is harmless: applying one is idempotent.
 #[tokio::test]
 async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
@@ -235,11 +227,9 @@ async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
 /// queued → delivered → acknowledged (issue 16).
 #[tokio::test]
 async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_status_comes_back() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node1 = bus::node(&fleet, &nats, "n1", &[]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    let cluster = Cluster::builder().devices(1).nodes(2).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let [node1, node2] = &cluster.nodes[..] else { unreachable!("two nodes") };
     let id = fleet.id(0);
 
     let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
@@ -296,12 +286,12 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
 #[tokio::test]
 async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
     use common::admin::{conforms, operator, Client};
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let alice = operator(&fleet, "alice").await;
-    let node1 = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    // The nodes start once the operator exists.
+    let cluster = Cluster::builder().devices(2).nodes(0).start().await;
+    let fleet = &cluster.fleet;
+    let alice = operator(fleet, "alice").await;
+    let node1 = cluster.node("n1", &["--admin-listen", "127.0.0.1:0"]);
+    let node2 = cluster.node("n2", &[]);
     let api = Client::new(&node1, &fleet, Some(&alice));
     let id = fleet.id(0);
 
@@ -351,12 +341,12 @@ async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
 async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_right() {
     use common::admin::{operator, Client};
     use futures_util::StreamExt;
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let alice = operator(&fleet, "alice").await;
-    let node1 = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    // The nodes start once the operator exists.
+    let cluster = Cluster::builder().devices(1).nodes(0).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let alice = operator(fleet, "alice").await;
+    let node1 = cluster.node("n1", &["--admin-listen", "127.0.0.1:0"]);
+    let node2 = cluster.node("n2", &[]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));

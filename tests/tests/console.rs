@@ -323,9 +323,9 @@ async fn a_page_on_another_origin_cannot_revoke_through_the_operators_browser() 
 async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
     use futures_util::StreamExt;
     require_program("chromium", "chromium");
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(3, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
+    // The node starts once the operator and the peer answering for it are in place.
+    let cluster = Cluster::builder().devices(3).nodes(0).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
     let password = "correct horse battery";
     let alice = fleet.dir.path().join("alice");
     fleet.station().await.operator_cert("alice", &alice, password).await.unwrap();
@@ -380,7 +380,7 @@ async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
             }
         }
     });
-    let broker = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
+    let broker = cluster.node("n1", &["--admin-listen", "127.0.0.1:0"]);
     let origin = format!("https://{}", broker.admin.unwrap());
     let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
     let client = &browser.client;

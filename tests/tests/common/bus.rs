@@ -15,7 +15,7 @@ pub fn start(fleet: &Fleet) -> NatsServer {
     NatsServer::start(&fleet.home(), fleet.db.as_deref())
 }
 
-/// Broker node `name` (`n1`..`n3`) of `fleet` on `nats`, with `extra` flags.
+#[allow(unused_imports)] // each test binary uses some
 pub use fleet_tests::fixture::node;
 
 /// A NATS client presenting the certificate in `dir` (`cert.pem`, `key.pem`) and trusting

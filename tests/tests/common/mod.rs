@@ -9,13 +9,10 @@ pub mod bus;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use fleet_provision::home::Home;
-use fleet_provision::station::{MintOptions, Station};
 use rumqttc::mqttbytes::v4::Packet;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -23,8 +20,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use fleet_broker::outcome::{CloseReason, Refusal};
+#[allow(unused_imports)] // each test binary uses some
 pub use fleet_tests::fixture::{
-    rand_suffix, refused, BrokerProc, Cluster, Fleet, Mosquitto, LATENCY_BOUND, PATIENCE,
+    rand_suffix, refused, BrokerProc, Cluster, ClusterBuilder, Fleet, Mosquitto, LATENCY_BOUND, PATIENCE,
 };
 
 /// `fleet_connections_rejected_total` series of an accept-time refusal.
