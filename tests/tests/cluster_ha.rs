@@ -55,8 +55,8 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     subscribe(&mut dev0, &format!("devices/{id0}/commands/#"), 1).await;
     let mut dev1 = connected(nodes[1].mqtt, &fleet.devices[1], &id1).await;
     // The subscriptions travel to NATS asynchronously.
-    bus::wait_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
-    bus::wait_subscription(&nats, &format!("fleet.t.devices.{id0}.commands.>"), true).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.telemetry", true).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id0}.commands.>"), true).await;
     assert!(publish_acked(&mut dev0, &format!("devices/{id0}/telemetry"), b"from-node-1", 1).await);
     assert!(publish_acked(&mut dev1, &format!("devices/{id1}/telemetry"), b"from-node-2", 1).await);
     let mut seen = BTreeSet::new();

@@ -545,7 +545,7 @@ async fn another_nodes_revocation_announcement_discards_the_kept_session() {
         .execute(&db)
         .await
         .unwrap();
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     peer.publish_with_headers("fleet.r", bus::from_node(), format!("{dev} {serial}").into()).await.unwrap();
     peer.flush().await.unwrap();
     node.wait_metric("fleet_cluster_revocations_received_total", 1.0, Duration::from_secs(3)).await;
