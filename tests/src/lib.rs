@@ -5,7 +5,13 @@
 //!   free loopback port), stopped on drop.
 //! - [`require_program`]: fail (never skip) with an install hint when an external peer is missing.
 //! - [`rogue_tls`]: a hostile TLS 1.3 server that omits or reorders server authentication.
+//! - [`fixture`]: a provisioned fleet, a broker process, a Mosquitto peer and a cluster
+//!   (PostgreSQL + NATS + N nodes + HAProxy), shared by the tests and the `peers` bench.
+//! - [`fault`]: a seeded fault-injecting transport (drop, delay, stall inside a TLS record, cut)
+//!   for the SDK tests.
 
+pub mod fault;
+pub mod fixture;
 pub mod rogue_tls;
 
 use std::path::{Path, PathBuf};

@@ -38,17 +38,15 @@ async fn serial_of(fleet: &Fleet, i: usize) -> String {
 
 #[tokio::test]
 async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
-    let mut issuer = issuer_on(&fleet, &node).await;
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let mut issuer = issuer_on(fleet, node).await;
     let (id, victim) = (fleet.id(0), fleet.id(1));
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
-    bus::wait_subscription(&nats, &format!("fleet.t.devices.{id}.commands.>"), true).await;
-    bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id}.commands.>"), true).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.certs.csr", true).await;
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     // No TLS, TLS without a certificate, a device's certificate: not on the bus.
@@ -62,7 +60,7 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
         .await;
     assert!(no_cert.is_err(), "TLS without a client certificate accepted");
     assert!(
-        bus::client_with(&nats, &fleet.devices[1], &trust).await.is_err(),
+        bus::client_with(nats, &fleet.devices[1], &trust).await.is_err(),
         "a device's certificate got onto the bus"
     );
 
@@ -117,7 +115,7 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
         ),
         // A newer session claim (cut the device) and a revocation (lock it out).
         (format!("fleet.s.{id}"), bus::from_node(), format!("{} 7", now + 1_000_000_000).into_bytes()),
-        ("fleet.r".into(), bus::from_node(), format!("{id} {}", serial_of(&fleet, 0).await).into_bytes()),
+        ("fleet.r".into(), bus::from_node(), format!("{id} {}", serial_of(fleet, 0).await).into_bytes()),
     ];
     for (subject, headers, payload) in &forgeries {
         reader.publish_with_headers(subject.clone(), headers.clone(), payload.clone().into()).await.unwrap();
@@ -215,15 +213,13 @@ async fn outsiders_are_refused_and_the_stream_reader_may_only_read() {
 /// but that device, nor on a claim session's from anyone but that session.
 #[tokio::test]
 async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
-    let mut issuer = issuer_on(&fleet, &node).await;
-    bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
-    bus::wait_subscription(&nats, "fleet.t.claims.*.*.certs.csr", true).await;
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let mut issuer = issuer_on(fleet, node).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.certs.csr", true).await;
+    bus::wait_subscription(nats, "fleet.t.claims.*.*.certs.csr", true).await;
     let (id, victim) = (fleet.id(0), fleet.id(1));
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     let csr = || bytes::Bytes::from_static(b"0\x82csr");
     let to_victim = format!("fleet.t.devices.{victim}.certs.csr");
     let to_claim = "fleet.t.claims.batch.0123456789abcdef.certs.csr";
@@ -363,11 +359,9 @@ async fn a_node_refuses_an_unprotected_bus_uses_url_credentials_and_never_prints
 /// refused (`unbound`), not certified.
 #[tokio::test]
 async fn the_issuer_certifies_only_csrs_bound_to_the_askers_certificate() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let db = fleet.db.clone().unwrap();
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
     let (x, y) = (fleet.id(0), fleet.id(1));
     let identity = fleet.dir.path().join("issuer");
     fleet.station().await.issuer_cert("issuer-1", &identity).await.unwrap();
@@ -397,13 +391,13 @@ async fn the_issuer_certifies_only_csrs_bound_to_the_askers_certificate() {
         assert!(t.elapsed() < Duration::from_secs(10), "issuer did not connect");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bus::wait_subscription(&nats, "fleet.t.devices.*.certs.csr", true).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.certs.csr", true).await;
     // X is due: an operator asked it to rotate.
     assert!(provision(&["rotate", &x]).output().unwrap().status.success());
     let mut svc = Raw::device(node.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut svc, &format!("devices/{x}/certs/+"), 1).await;
-    bus::wait_subscription(&nats, &format!("fleet.t.devices.{x}.certs.*"), true).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{x}.certs.*"), true).await;
 
     let attacker = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
@@ -414,10 +408,10 @@ async fn the_issuer_certifies_only_csrs_bound_to_the_askers_certificate() {
         p.extend_from_slice(&csr);
         p
     };
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     let subject = format!("fleet.t.devices.{x}.certs.csr");
     let origin = bus::relayed_from(&format!("device 01 {x}"));
-    for payload in [csr.clone(), stamped(&serial_of(&fleet, 1).await)] {
+    for payload in [csr.clone(), stamped(&serial_of(fleet, 1).await)] {
         peer.publish_with_headers(subject.clone(), origin.clone(), payload.into()).await.unwrap();
         peer.flush().await.unwrap();
         let (topic, body) = issuer_answer(&mut svc).await;

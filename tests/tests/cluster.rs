@@ -14,18 +14,16 @@ use rumqttc::mqttbytes::QoS;
 
 #[tokio::test]
 async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_commands_cross_back() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node1 = bus::node(&fleet, &nats, "n1", &[]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    let cluster = Cluster::builder().devices(2).nodes(2).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let [node1, node2] = &cluster.nodes[..] else { unreachable!("two nodes") };
     let (id0, id1) = (fleet.id(0), fleet.id(1));
 
     // The backend service on node 2 watches every device's telemetry.
     let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut svc, "devices/+/telemetry", 1).await;
-    bus::wait_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.telemetry", true).await;
 
     // Device 0 on node 1, device 1 on node 2; each listens for its commands.
     let mut dev0 = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
@@ -35,7 +33,7 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
     assert_eq!(connack_code(&dev1.mqtt_connect(&id1, 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut dev1, &format!("devices/{id1}/commands/#"), 1).await;
     let commands0 = format!("fleet.t.devices.{id0}.commands.>");
-    bus::wait_subscription(&nats, &commands0, true).await;
+    bus::wait_subscription(nats, &commands0, true).await;
 
     // Telemetry from node 1 reaches the service on node 2 (and is stored, PUBACK as usual).
     let mut p = Publish::new(format!("devices/{id0}/telemetry"), QoS::AtLeastOnce, b"t=21.5".to_vec());
@@ -66,7 +64,7 @@ async fn a_service_on_one_node_gets_telemetry_from_a_device_on_another_and_its_c
 
     // When device 0 leaves, node 1 drops the subscription for its commands.
     drop(dev0);
-    bus::wait_subscription(&nats, &commands0, false).await;
+    bus::wait_subscription(nats, &commands0, false).await;
     // Stored once (through the stream and the nodes' SQL sink), though both nodes run a sink.
     fleet.wait_telemetry_rows(&id0, 1, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -92,11 +90,9 @@ async fn a_cluster_node_needs_a_shared_postgresql_registry() {
 /// on node 1 within a second (`takeover`), and the new session goes on.
 #[tokio::test]
 async fn a_connect_on_another_node_takes_the_session_over_at_once() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node1 = bus::node(&fleet, &nats, "n1", &[]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    let cluster = Cluster::builder().devices(1).nodes(2).start().await;
+    let fleet = &cluster.fleet;
+    let [node1, node2] = &cluster.nodes[..] else { unreachable!("two nodes") };
     let id = fleet.id(0);
     let mut first = Raw::device(node1.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&first.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
@@ -124,16 +120,14 @@ async fn a_connect_on_another_node_takes_the_session_over_at_once() {
 /// look like) cuts nothing.
 #[tokio::test]
 async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(1).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     let subject = format!("fleet.s.{}", id.replace('.', "%2E"));
-    bus::wait_subscription(&nats, &subject, true).await;
-    let peer = bus::client(&nats, "n3").await;
+    bus::wait_subscription(nats, &subject, true).await;
+    let peer = bus::client(nats, "n3").await;
     // An old claim (a replay of an earlier session's), garbage, and a flood of both.
     for i in 0..2000u32 {
         let payload = match i % 3 {
@@ -175,16 +169,14 @@ async fn replayed_malformed_and_flooded_claims_do_not_cut_a_session() {
 /// twice is harmless: applying one is idempotent.
 #[tokio::test]
 async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     let serial = fleet.station().await.show(&fleet_provision::DeviceId::parse(&id).unwrap()).await.unwrap();
     let serial = serial.certificates[0].serial.to_hex();
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     for i in 0..2000u32 {
         let payload = match i % 4 {
             0 => id.clone(),
@@ -235,17 +227,15 @@ async fn forged_malformed_and_flooded_revocation_announcements_cut_nothing() {
 /// queued → delivered → acknowledged (issue 16).
 #[tokio::test]
 async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_status_comes_back() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node1 = bus::node(&fleet, &nats, "n1", &[]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    let cluster = Cluster::builder().devices(1).nodes(2).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let [node1, node2] = &cluster.nodes[..] else { unreachable!("two nodes") };
     let id = fleet.id(0);
 
     let mut svc = Raw::device(node2.mqtt, &fleet.service).await.unwrap();
     assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
     subscribe(&mut svc, "status/devices/+/commands/#", 1).await;
-    bus::wait_subscription(&nats, "fleet.t.status.devices.*.commands.>", true).await;
+    bus::wait_subscription(nats, "fleet.t.status.devices.*.commands.>", true).await;
     let mut cmd = Publish::new(format!("devices/{id}/commands/blink"), QoS::AtLeastOnce, b"3".to_vec());
     cmd.pkid = 5;
     svc.send(Packet::Publish(cmd)).await.unwrap();
@@ -296,13 +286,13 @@ async fn a_command_queued_on_one_node_reaches_its_device_on_another_and_the_stat
 #[tokio::test]
 async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
     use common::admin::{conforms, operator, Client};
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let alice = operator(&fleet, "alice").await;
-    let node1 = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
-    let api = Client::new(&node1, &fleet, Some(&alice));
+    // The nodes start once the operator exists.
+    let cluster = Cluster::builder().devices(2).nodes(0).start().await;
+    let fleet = &cluster.fleet;
+    let alice = operator(fleet, "alice").await;
+    let node1 = cluster.node("n1", &["--admin-listen", "127.0.0.1:0"]);
+    let node2 = cluster.node("n2", &[]);
+    let api = Client::new(&node1, fleet, Some(&alice));
     let id = fleet.id(0);
 
     // The device and a refused connection are on node 2; node 1 serves the API.
@@ -351,19 +341,19 @@ async fn the_admin_api_on_one_node_sees_and_revokes_a_device_on_another() {
 async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_right() {
     use common::admin::{operator, Client};
     use futures_util::StreamExt;
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let alice = operator(&fleet, "alice").await;
-    let node1 = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
-    let node2 = bus::node(&fleet, &nats, "n2", &[]);
+    // The nodes start once the operator exists.
+    let cluster = Cluster::builder().devices(1).nodes(0).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let alice = operator(fleet, "alice").await;
+    let node1 = cluster.node("n1", &["--admin-listen", "127.0.0.1:0"]);
+    let node2 = cluster.node("n2", &[]);
     let id = fleet.id(0);
     let mut dev = Raw::device(node2.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
 
     // A node's identity floods the question subject: garbage, no reply subject, oversized, and
     // a valid question replayed; and it answers every question with garbage.
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     let mut garbage_answers = peer.subscribe("fleet.admin.q").await.unwrap();
     let answerer = peer.clone();
     let liar = tokio::spawn(async move {
@@ -409,7 +399,7 @@ async fn malformed_flooded_and_garbage_answered_admin_questions_leave_the_views_
     assert_eq!(n, 2 * 250, "answers to 250 valid questions from 2 nodes");
 
     // The views are still right: the liar's answers are dropped, the device is on node 2.
-    let api = Client::new(&node1, &fleet, Some(&alice));
+    let api = Client::new(&node1, fleet, Some(&alice));
     let (code, s) = api.get("/api/v1/summary");
     assert_eq!(code, 200, "{s}");
     assert_eq!((s["sessions_live"].as_u64(), s["nodes"].as_array().map(Vec::len)), (Some(1), Some(2)), "{s}");

@@ -16,12 +16,10 @@ use common::*;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 
-/// Every node of these tests: a cluster member, with the per-source pre-admission cap raised
-/// because behind HAProxy every device comes from the proxy's address.
-fn node(fleet: &Fleet, nats: &fleet_tests::NatsServer, name: &str, extra: &[&str]) -> BrokerProc {
-    let mut args = vec!["--max-pre-admission-per-source", "10000"];
-    args.extend_from_slice(extra);
-    bus::node(fleet, nats, name, &args)
+/// The cluster of these tests, with `devices` devices: every node has the per-source
+/// pre-admission cap raised because behind HAProxy every device comes from the proxy's address.
+fn cluster(devices: usize) -> ClusterBuilder {
+    Cluster::builder().devices(devices).node_args(&["--max-pre-admission-per-source", "10000"])
 }
 
 async fn connected(addr: SocketAddr, dir: &std::path::Path, id: &str) -> Raw {
@@ -45,11 +43,8 @@ async fn publish_acked(c: &mut Raw, topic: &str, payload: &[u8], pkid: u16) -> b
 
 #[tokio::test]
 async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(5, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let nodes: Vec<BrokerProc> = fleet_tests::NODES.iter().map(|n| node(&fleet, &nats, n, &[])).collect();
-    let lb = fleet_tests::HaProxy::start(&nodes.iter().map(|n| (n.mqtt, n.metrics)).collect::<Vec<_>>());
+    let cluster = cluster(5).nodes(3).haproxy().start().await;
+    let (fleet, nats, nodes, lb) = (&cluster.fleet, &cluster.nats, &cluster.nodes, cluster.lb_addr());
 
     // A service on node 3 watches every device's telemetry; devices on nodes 1 and 2 publish.
     let mut svc = Raw::device(nodes[2].mqtt, &fleet.service).await.unwrap();
@@ -60,8 +55,8 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     subscribe(&mut dev0, &format!("devices/{id0}/commands/#"), 1).await;
     let mut dev1 = connected(nodes[1].mqtt, &fleet.devices[1], &id1).await;
     // The subscriptions travel to NATS asynchronously.
-    bus::wait_subscription(&nats, "fleet.t.devices.*.telemetry", true).await;
-    bus::wait_subscription(&nats, &format!("fleet.t.devices.{id0}.commands.>"), true).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.telemetry", true).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id0}.commands.>"), true).await;
     assert!(publish_acked(&mut dev0, &format!("devices/{id0}/telemetry"), b"from-node-1", 1).await);
     assert!(publish_acked(&mut dev1, &format!("devices/{id1}/telemetry"), b"from-node-2", 1).await);
     let mut seen = BTreeSet::new();
@@ -86,7 +81,7 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
 
     // Devices 2, 3, 4 on nodes 1, 2, 3; each revoked: each cut within a second, on its node.
     let mut live = Vec::new();
-    for (i, n) in (2..5).zip(&nodes) {
+    for (i, n) in (2..5).zip(nodes) {
         live.push(connected(n.mqtt, &fleet.devices[i], &fleet.id(i)).await);
     }
     for (k, mut c) in live.into_iter().enumerate() {
@@ -97,7 +92,7 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
     }
     // Refused by every node afterwards, and through the load balancer.
     for i in 2..5 {
-        for addr in nodes.iter().map(|n| n.mqtt).chain([lb.addr]) {
+        for addr in nodes.iter().map(|n| n.mqtt).chain([lb]) {
             let code = match Raw::device(addr, &fleet.devices[i]).await {
                 Ok(mut c) => connack_code(&c.mqtt_connect(&fleet.id(i), 30).await),
                 Err(_) => None, // refused at the handshake (CRL)
@@ -106,7 +101,7 @@ async fn three_nodes_behind_haproxy_route_take_over_and_revoke_everywhere() {
         }
     }
     // The revocations also travelled over NATS: every node heard of the other nodes' ones.
-    for n in &nodes {
+    for n in nodes.iter() {
         n.wait_metric("fleet_cluster_revocations_received_total", 1.0, Duration::from_secs(2)).await;
     }
     // The telemetry is in the table (through the stream and the SQL sinks), once.
@@ -192,18 +187,16 @@ async fn device_load(
 #[tokio::test]
 async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_move() {
     const DEVICES: usize = 50;
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(DEVICES, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let mut nodes: Vec<BrokerProc> = fleet_tests::NODES.iter().map(|n| node(&fleet, &nats, n, &[])).collect();
-    let lb = fleet_tests::HaProxy::start(&nodes.iter().map(|n| (n.mqtt, n.metrics)).collect::<Vec<_>>());
+    let mut cluster = cluster(DEVICES).nodes(3).haproxy().start().await;
+    let (fleet, nats, lb) = (&cluster.fleet, &cluster.nats, cluster.lb_addr());
+    let nodes = &mut cluster.nodes;
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Vec<Acked> = (0..DEVICES).map(|_| Arc::default()).collect();
     let tasks: Vec<_> = (0..DEVICES)
         .map(|i| {
             tokio::spawn(device_load(
-                lb.addr,
+                lb,
                 fleet.devices[i].clone(),
                 fleet.id(i),
                 stop.clone(),
@@ -212,7 +205,7 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_
         })
         .collect();
     // Every node holds sessions before one dies.
-    for n in &nodes {
+    for n in nodes.iter() {
         n.wait_metric("fleet_sessions_live", 5.0, Duration::from_secs(20)).await;
     }
     // Every device has messages acknowledged before the kill.
@@ -293,10 +286,8 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message_and_its_devices_
 
 #[tokio::test]
 async fn nats_stopped_mid_run_no_puback_without_a_stored_message_and_recovery_after() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let mut nats = bus::start(&fleet);
-    let n = node(&fleet, &nats, "n1", &["--nats-timeout-secs", "1"]);
+    let mut cluster = cluster(2).node_args(&["--nats-timeout-secs", "1"]).start().await;
+    let (fleet, n, nats) = (&cluster.fleet, &cluster.nodes[0], &mut cluster.nats);
     let id = fleet.id(0);
     let topic = format!("devices/{id}/telemetry");
     let mut dev = connected(n.mqtt, &fleet.devices[0], &id).await;

@@ -525,10 +525,8 @@ async fn a_command_published_retained_is_delivered_once_and_never_retained() {
 /// certificate parked on this node.
 #[tokio::test(flavor = "multi_thread")]
 async fn another_nodes_revocation_announcement_discards_the_kept_session() {
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
-    let node = bus::node(&fleet, &nats, "n1", &[]);
+    let cluster = Cluster::builder().devices(1).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
     let dev = fleet.id(0);
     let mut d = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connect_session(&mut d, &dev, false).await, (true, false));
@@ -547,7 +545,7 @@ async fn another_nodes_revocation_announcement_discards_the_kept_session() {
         .execute(&db)
         .await
         .unwrap();
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     peer.publish_with_headers("fleet.r", bus::from_node(), format!("{dev} {serial}").into()).await.unwrap();
     peer.flush().await.unwrap();
     node.wait_metric("fleet_cluster_revocations_received_total", 1.0, Duration::from_secs(3)).await;

@@ -323,9 +323,9 @@ async fn a_page_on_another_origin_cannot_revoke_through_the_operators_browser() 
 async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
     use futures_util::StreamExt;
     require_program("chromium", "chromium");
-    let pg = fleet_tests::PgCluster::start();
-    let fleet = Fleet::new(3, Some(pg.create_database("fleet"))).await;
-    let nats = bus::start(&fleet);
+    // The node starts once the operator and the peer answering for it are in place.
+    let cluster = Cluster::builder().devices(3).nodes(0).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
     let password = "correct horse battery";
     let alice = fleet.dir.path().join("alice");
     fleet.station().await.operator_cert("alice", &alice, password).await.unwrap();
@@ -351,7 +351,7 @@ async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
     // A node of the bus (a compromised one: only nodes may answer) answers every question, with
     // markup in every string and in the session's counters (a node's answer is JSON, its values
     // any JSON).
-    let peer = bus::client(&nats, "n3").await;
+    let peer = bus::client(nats, "n3").await;
     let mut questions = peer.subscribe("fleet.admin.q").await.unwrap();
     let (img_a, details_a, svg_a) = (img.clone(), details.clone(), svg.clone());
     let liar = tokio::spawn({
@@ -380,9 +380,9 @@ async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
             }
         }
     });
-    let broker = bus::node(&fleet, &nats, "n1", &["--admin-listen", "127.0.0.1:0"]);
+    let broker = cluster.node("n1", &["--admin-listen", "127.0.0.1:0"]);
     let origin = format!("https://{}", broker.admin.unwrap());
-    let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
+    let browser = Browser::start(fleet, &alice, "alice", password, &origin).await;
     let client = &browser.client;
     for i in 0..2 {
         client.goto(&format!("{origin}/#/device/{}", fleet.id(i))).await.unwrap();
@@ -393,7 +393,7 @@ async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
         let marker =
             client.execute("return document.documentElement.dataset.pwned || null", vec![]).await.unwrap();
         assert_eq!(marker, json!(null), "a handler from an API value ran");
-        assert_eq!(status_of(&fleet, &victim).await, "active", "script from an API value revoked a device");
+        assert_eq!(status_of(fleet, &victim).await, "active", "script from an API value revoked a device");
         let made = client
             .execute("return document.querySelectorAll('#view img, #view details, #view svg').length", vec![])
             .await
@@ -410,7 +410,7 @@ async fn markup_in_api_values_shows_as_text_and_runs_nothing_in_chromium() {
     let marker =
         client.execute("return document.documentElement.dataset.pwned || null", vec![]).await.unwrap();
     assert_eq!(marker, json!(null), "a handler from an API value ran");
-    assert_eq!(status_of(&fleet, &victim).await, "active", "script from an API value revoked a device");
+    assert_eq!(status_of(fleet, &victim).await, "active", "script from an API value revoked a device");
     browser.client.clone().close().await.unwrap();
     liar.abort();
 }

@@ -11,11 +11,13 @@ use std::time::Duration;
 use common::*;
 use embedded_io::Write;
 use embedded_io_adapters::std::FromStd;
+use embedded_io_adapters::tokio_1::FromTokio;
 use embedded_tls::blocking::{TlsConfig, TlsConnection, TlsContext};
 use embedded_tls::Aes128GcmSha256;
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::codec::{decode, Packet, Publish, QoS};
 use fleet_device::tls::{DeviceProvider, DeviceSigner, RamSigner, Rejection};
+use fleet_tests::fault::FaultInjector;
 
 struct Outcome {
     handshake: Result<(), String>,
@@ -282,73 +284,29 @@ async fn sdk_device_gets_commands_and_drains_its_outbox_after_a_broker_restart()
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "every telemetry value stored once, in order");
 }
 
-/// A Mosquitto broker with the fleet's device CA and broker certificate, client certificates
-/// required, on a free loopback port; killed on drop.
-struct Mosquitto {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl Mosquitto {
-    fn start(fleet: &Fleet) -> Self {
-        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .map(std::path::PathBuf::from)
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| fleet_tests::require_program("mosquitto", "mosquitto"));
-        let home = fleet.home();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let conf = fleet.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-                 use_identity_as_username true\ntls_version tlsv1.3\nallow_anonymous false\nuser root\n",
-                home.join("device-ca-chain.pem").display(),
-                home.join("broker-tls/cert.pem").display(),
-                home.join("broker-tls/key.pem").display()
-            ),
-        )
+/// `mosquitto_sub` on `mosquitto` as the fleet's backend service, printing one telemetry
+/// message; returned once its subscription is in place (`-d` prints the SUBACK).
+fn watch(mosquitto: &Mosquitto, fleet: &Fleet) -> Watcher {
+    let sub = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
+    let svc = &fleet.service;
+    // Line-buffered: `-d` lines go through stdio, block-buffered into a pipe otherwise.
+    let watcher = std::process::Command::new("stdbuf")
+        .arg("-oL")
+        .arg(sub)
+        .args(["-h", "localhost", "-p", &mosquitto.addr.port().to_string(), "--cafile"])
+        .arg(svc.join("broker-trust.pem"))
+        .arg("--cert")
+        .arg(svc.join("cert.pem"))
+        .arg("--key")
+        .arg(svc.join("key.pem"))
+        .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "60", "-d"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-        let log = std::fs::File::create(fleet.dir.path().join("mosquitto.log")).unwrap();
-        let child = std::process::Command::new(mosquitto).arg("-c").arg(&conf).stderr(log).spawn().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let t = std::time::Instant::now();
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start: {}",
-                std::fs::read_to_string(fleet.dir.path().join("mosquitto.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, addr }
-    }
-
-    /// `mosquitto_sub` as the fleet's backend service, printing one telemetry message; returned
-    /// once its subscription is in place (`-d` prints the SUBACK).
-    fn watch(&self, fleet: &Fleet) -> Watcher {
-        let sub = fleet_tests::require_program("mosquitto_sub", "mosquitto-clients");
-        let svc = &fleet.service;
-        // Line-buffered: `-d` lines go through stdio, block-buffered into a pipe otherwise.
-        let watcher = std::process::Command::new("stdbuf")
-            .arg("-oL")
-            .arg(sub)
-            .args(["-h", "localhost", "-p", &self.addr.port().to_string(), "--cafile"])
-            .arg(svc.join("broker-trust.pem"))
-            .arg("--cert")
-            .arg(svc.join("cert.pem"))
-            .arg("--key")
-            .arg(svc.join("key.pem"))
-            .args(["-t", "devices/+/telemetry", "-C", "1", "-v", "-W", "60", "-d"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut child = watcher;
-        let watcher = Watcher { lines: lines_of(child.stdout.take().unwrap()), child };
-        wait_line(&watcher.lines, "SUBACK", |l| l.contains("received SUBACK"));
-        watcher
-    }
+    let mut child = watcher;
+    let watcher = Watcher { lines: lines_of(child.stdout.take().unwrap()), child };
+    wait_line(&watcher.lines, "SUBACK", |l| l.contains("received SUBACK"));
+    watcher
 }
 
 /// A `mosquitto_sub` waiting for one message.
@@ -373,18 +331,11 @@ impl Drop for Watcher {
     }
 }
 
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_interoperates_with_mosquitto() {
     let fleet = Fleet::new(1, None).await;
     let mosquitto = Mosquitto::start(&fleet);
-    let watcher = mosquitto.watch(&fleet);
+    let watcher = watch(&mosquitto, &fleet);
     let addr = mosquitto.addr;
     let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
     tokio::task::spawn_blocking(move || {
@@ -586,7 +537,7 @@ async fn sdk_signs_through_a_secure_element_against_fleet_broker_and_mosquitto()
     let fleet = Fleet::new(1, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let mosquitto = Mosquitto::start(&fleet);
-    let watcher = mosquitto.watch(&fleet);
+    let watcher = watch(&mosquitto, &fleet);
     let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
     let key = Credentials::decode(&bundle).unwrap().key_der.to_vec();
     let (fleet_addr, mosq_addr) = (broker.mqtt, mosquitto.addr);
@@ -702,36 +653,6 @@ async fn a_too_small_receive_buffer_is_refused_before_the_handshake() {
     }
 }
 
-/// A tokio TCP stream as an `embedded-io-async` transport whose reads time out after `idle`
-/// with `ErrorKind::TimedOut`, as an embassy firmware does with `with_timeout`.
-struct IdleTimeout {
-    inner: embedded_io_adapters::tokio_1::FromTokio<tokio::net::TcpStream>,
-    idle: Duration,
-}
-
-impl embedded_io_async::ErrorType for IdleTimeout {
-    type Error = embedded_io::ErrorKind;
-}
-
-impl embedded_io_async::Read for IdleTimeout {
-    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
-        match tokio::time::timeout(self.idle, self.inner.read(buf)).await {
-            Ok(r) => r.map_err(|e| e.kind().into()),
-            Err(_) => Err(embedded_io::ErrorKind::TimedOut),
-        }
-    }
-}
-
-impl embedded_io_async::Write for IdleTimeout {
-    async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
-        self.inner.write(buf).await.map_err(|e| e.kind().into())
-    }
-
-    async fn flush(&mut self) -> Result<(), Self::Error> {
-        self.inner.flush().await.map_err(|e| e.kind().into())
-    }
-}
-
 /// The async API (`connect_async`, `poll_async`) on an executor, against the real broker: a
 /// 4,352-byte receive buffer, telemetry stored, idle reads that time out without losing the
 /// session across more than one keep-alive interval, a command delivered, a clean DISCONNECT.
@@ -744,10 +665,8 @@ async fn sdk_async_api_connects_publishes_stays_up_while_idle_and_gets_a_command
     let cfg = SessionConfig { keep_alive_secs: 1, ..SessionConfig::default() };
     let mut d: Device<'_, 8, 256> = Device::new(creds, cfg);
     let tcp = tokio::net::TcpStream::connect(broker.mqtt).await.unwrap();
-    let transport = IdleTimeout {
-        inner: embedded_io_adapters::tokio_1::FromTokio::new(tcp),
-        idle: Duration::from_millis(200),
-    };
+    // Reads time out after 200 ms idle, as an embassy firmware's do with `with_timeout`.
+    let transport = FaultInjector::new(FromTokio::new(tcp)).read_timeout(Duration::from_millis(200));
     let (mut rx, mut tx) = (vec![0u8; rx_buffer_for(4096)], vec![0u8; 2048]);
     let mut conn =
         d.connect_async(transport, &mut rx, &mut tx, rand::rngs::OsRng, None, millis()).await.unwrap();
@@ -794,50 +713,6 @@ async fn sdk_async_api_connects_publishes_stays_up_while_idle_and_gets_a_command
     assert_eq!(fleet.telemetry_rows(&fleet.id(0)).await.len(), 1);
 }
 
-/// A link that pauses inside TLS records: a loopback proxy in front of the broker forwards what
-/// the broker sends in two halves with `pause` between them, once `stutter` is set (the test
-/// sets it after the handshake, which goes through undisturbed).
-async fn stuttering_proxy(
-    broker: SocketAddr,
-    pause: Duration,
-    stutter: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
-            let (mut cr, mut cw) = client.into_split();
-            let (mut ur, mut uw) = upstream.into_split();
-            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut uw).await });
-            let stutter = stutter.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    let n = match ur.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let on = stutter.load(std::sync::atomic::Ordering::SeqCst);
-                    let half = if on { n / 2 } else { n };
-                    if cw.write_all(&buf[..half]).await.is_err() {
-                        break;
-                    }
-                    if half == n {
-                        continue;
-                    }
-                    tokio::time::sleep(pause).await;
-                    if cw.write_all(&buf[half..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// One async session over a link that stalls 600 ms inside every TLS record while the device's
 /// idle read timeout is 200 ms: telemetry delivered, then a command. `Err` names what broke.
 async fn session_over_a_stuttering_link(
@@ -845,24 +720,25 @@ async fn session_over_a_stuttering_link(
     broker: &BrokerProc,
     boundary: bool,
 ) -> Result<(), String> {
-    let stutter = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let proxy = stuttering_proxy(broker.mqtt, Duration::from_millis(600), stutter.clone()).await;
     let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
     let creds = Credentials::decode(&bundle).unwrap();
     let mut d: Device<'_, 8, 256> = Device::new(creds, SessionConfig::default());
-    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let idle = IdleTimeout {
-        inner: embedded_io_adapters::tokio_1::FromTokio::new(tcp),
-        idle: Duration::from_millis(200),
-    };
+    let tcp = tokio::net::TcpStream::connect(broker.mqtt).await.unwrap();
+    // Every record from the broker stalls 600 ms after its header and 3 bytes of its body, once
+    // switched on (after the handshake, which goes through undisturbed).
+    let link = FaultInjector::new(FromTokio::new(tcp))
+        .read_timeout(Duration::from_millis(200))
+        .stall_inside_records(8, Duration::from_millis(600))
+        .paused();
+    let stutter = link.switch();
     let (mut rx, mut tx) = (vec![0u8; rx_buffer_for(4096)], vec![0u8; 2048]);
-    let transport = fleet_device::transport::RecordBoundary::new(idle, if boundary { 50 } else { 0 });
+    let transport = fleet_device::transport::RecordBoundary::new(link, if boundary { 50 } else { 0 });
     let mut conn = d
         .connect_async(transport, &mut rx, &mut tx, rand::rngs::OsRng, None, millis())
         .await
         .map_err(|e| format!("handshake: {e:?}"))?;
-    // From here on every record from the broker comes in halves.
-    stutter.store(true, std::sync::atomic::Ordering::SeqCst);
+    // From here on every record from the broker stalls inside.
+    stutter.on();
     d.publish_telemetry(&9u32).unwrap();
     let (svc, mut ev) =
         rumqttc::AsyncClient::new(rumqttc_options(&fleet.service, "backend", broker.mqtt), 10);
@@ -892,7 +768,11 @@ async fn session_over_a_stuttering_link(
         }
     };
     poller.abort();
-    result
+    // The link did stall inside records (else this proves nothing).
+    result.and_then(|()| match stutter.stalled() {
+        0 => Err("no record stalled".to_owned()),
+        _ => Ok(()),
+    })
 }
 
 /// A link that pauses inside TLS records longer than the device's idle read timeout: with the

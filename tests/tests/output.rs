@@ -123,7 +123,7 @@ async fn a_revoked_device_and_a_reloaded_crl_are_logged_in_words_without_colour(
             "ACKED above SENT: {row}"
         );
     }
-    let log = std::fs::read_to_string(&broker.stderr_log).unwrap();
+    let log = broker.log();
     assert!(log.contains("TLS configuration reloaded; CRL #"), "{log}");
     assert!(log.contains("revoked"), "{log}");
     assert_plain_words(&log);
@@ -158,7 +158,7 @@ async fn colour_only_on_a_terminal_and_never_with_no_color() {
         &["--admin-listen", "127.0.0.1:0", "--admin-database-url", "sqlite:///nonexistent/x.db"],
     );
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let log = std::fs::read_to_string(&broker.stderr_log).unwrap();
+    let log = broker.log();
     assert!(log.contains("admin API off") && !log.contains('\x1b'), "{log}");
 }
 

@@ -6,8 +6,6 @@
 #![allow(clippy::unwrap_used)] // test code
 
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use embedded_io_adapters::std::FromStd;
@@ -15,36 +13,26 @@ use fleet_device::client::{ClientError, Device, Incoming};
 use fleet_device::credentials::Credentials;
 use fleet_device::mqtt::session::{Millis, SessionConfig};
 use fleet_device::tls::Rejection;
+use fleet_tests::fixture::Fleet;
 use fleet_tests::rogue_tls::{Mode, Report, RogueServer};
 use p256::pkcs8::DecodePrivateKey;
 
 struct Pki {
-    _dir: tempfile::TempDir,
+    _fleet: Fleet,
     bundle: Vec<u8>,
     broker_cert: Vec<u8>,
     broker_key: p256::ecdsa::SigningKey,
 }
 
+/// A fleet of one device; the rogue servers present its broker certificate and key.
 fn provision() -> Pki {
-    let bins = fleet_tests::workspace_bin_dir(&["fleet-provision"]);
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("pki");
-    let fp = |args: &[&str]| {
-        let out =
-            fleet_tests::run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&home).args(args));
-        assert!(out.status.success(), "fleet-provision {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    fp(&["init", "--org", "rogue-test"]);
-    fp(&["server-cert", "--dns", "localhost", "--ip", "127.0.0.1"]);
-    let devices = home.join("devices");
-    fp(&["mint", "--count", "1", "--out", devices.to_str().unwrap()]);
-    let device: PathBuf = std::fs::read_dir(&devices).unwrap().next().unwrap().unwrap().path();
-    let bundle = std::fs::read(device.join("credentials.bin")).unwrap();
-    let cert_pem = std::fs::read_to_string(home.join("broker-tls/cert.pem")).unwrap();
+    let fleet = Fleet::new_blocking(1, None);
+    let bundle = fleet.bundle(0);
+    let cert_pem = std::fs::read_to_string(fleet.home().join("broker-tls/cert.pem")).unwrap();
     let broker_cert = fleet_tests::rogue_tls::first_certificate_der(&cert_pem);
-    let key_pem = std::fs::read_to_string(home.join("broker-tls/key.pem")).unwrap();
+    let key_pem = std::fs::read_to_string(fleet.home().join("broker-tls/key.pem")).unwrap();
     let broker_key = p256::ecdsa::SigningKey::from_pkcs8_pem(&key_pem).unwrap();
-    Pki { _dir: dir, bundle, broker_cert, broker_key }
+    Pki { _fleet: fleet, bundle, broker_cert, broker_key }
 }
 
 fn millis(start: Instant) -> Millis {

@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use crate::client::{self, Identity};
 use crate::servers::{self, Peer, Server};
 use crate::{ingest_rate, open_sessions, percentile, revoke_each, stored_rows, Args, Env, Report};
+use fleet_tests::fixture::ClusterBuilder;
 
 /// Messages per second of the latency run, over all publishing devices.
 const RATE: u64 = 10_000;
@@ -150,17 +151,11 @@ pub(crate) async fn scenario_cluster(env: &Env, devices: &[Arc<Identity>], a: &A
     let nats = fleet_tests::NatsServer::start(&cenv.home, Some(&db));
     let cdevices = cenv.mint("cdev", devices.len()).await;
     let service = cenv.service("backend").await;
+    let cluster = ClusterBuilder::default().nodes(3);
     let start_nodes = |extra: &[&str]| -> Option<Vec<Server>> {
-        fleet_tests::NODES
-            .iter()
-            .map(|n| {
-                let mut args = nats.node_args(n);
-                args.extend(["--database-url".to_owned(), db.clone()]);
-                args.extend(extra.iter().map(|s| (*s).to_owned()));
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                servers::start_fleet_broker(&cenv.home, &args).ok()
-            })
-            .collect()
+        let base = servers::fleet_broker(&cenv.home).ok()?.database_url(Some(&db));
+        let nodes = cluster.launch_nodes(&base, &nats, extra).ok()?;
+        nodes.into_iter().map(|n| servers::serve(Peer::FleetBroker.name(), n.child, n.mqtt).ok()).collect()
     };
     let Some(nodes) = start_nodes(&[]) else {
         println!("  skipped: the cluster nodes did not start");

@@ -4,6 +4,8 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use fleet_tests::fixture::{BrokerCommand, BrokerLog, Mosquitto, Process};
 use std::time::{Duration, Instant};
 
 /// The servers compared.
@@ -47,7 +49,7 @@ impl Peer {
 /// A running server process, killed on drop.
 pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
-    child: Child,
+    child: Process,
 }
 
 impl Server {
@@ -78,13 +80,6 @@ impl Server {
     /// CPU time the server has used so far (user + system), seconds.
     pub(crate) fn cpu_secs(&self) -> f64 {
         cpu_secs(self.pid())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -133,7 +128,7 @@ pub(crate) fn program(peer: Peer) -> Result<PathBuf, String> {
     match peer {
         Peer::Bare => std::env::current_exe().map_err(|e| e.to_string()),
         Peer::FleetBroker => Ok(fleet_tests::workspace_bin_dir(&["fleet-broker"]).join("fleet-broker")),
-        Peer::Mosquitto => found(&["mosquitto"]).ok_or_else(|| "not installed (apt-get install mosquitto)".into()),
+        Peer::Mosquitto => Mosquitto::program(),
         Peer::Rumqttd => std::env::var_os("RUMQTTD").map(PathBuf::from).or_else(|| found(&["rumqttd"])).ok_or_else(
             || {
                 "not installed (cargo install rumqttd --version 0.20.0 --features verify-client-cert --locked; \
@@ -142,10 +137,6 @@ pub(crate) fn program(peer: Peer) -> Result<PathBuf, String> {
             },
         ),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 fn wait_listening(addr: SocketAddr) -> bool {
@@ -174,13 +165,19 @@ pub(crate) fn start(peer: Peer, home: &Path, work: &Path) -> Result<Server, Stri
 
 /// As [`start`], on a given port (0: any; mosquitto and rumqttd get a free one).
 pub(crate) fn start_on(peer: Peer, home: &Path, work: &Path, port: u16) -> Result<Server, String> {
-    if peer == Peer::FleetBroker {
-        return start_fleet_broker_on(home, port, &[]);
-    }
-    let port = if port == 0 { free_port() } else { port };
-    let bin = program(peer)?;
     let (child, addr) = match peer {
-        Peer::Bare | Peer::FleetBroker => {
+        Peer::FleetBroker => return start_fleet_broker_on(home, port, &[]),
+        Peer::Mosquitto => {
+            let mosquitto = Mosquitto::builder(home)
+                .port(port)
+                .crl()
+                .line("log_type none")
+                .line("max_queued_messages 10000")
+                .start(work)?;
+            (mosquitto.process, mosquitto.addr)
+        }
+        Peer::Bare => {
+            let bin = program(peer)?;
             let mut child = Command::new(&bin)
                 .arg("--serve-bare")
                 .arg(home)
@@ -189,26 +186,11 @@ pub(crate) fn start_on(peer: Peer, home: &Path, work: &Path, port: u16) -> Resul
                 .spawn()
                 .map_err(|e| format!("{}: {e}", bin.display()))?;
             let addr = announced_addr(&mut child).ok_or("no listen address announced")?;
-            (child, addr)
-        }
-        Peer::Mosquitto => {
-            let conf = work.join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\ncrlfile {}\n\
-                     require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.3\n\
-                     allow_anonymous false\nuser root\nlog_type none\nmax_queued_messages 10000\n",
-                    home.join("device-ca-chain.pem").display(),
-                    home.join("broker-tls/cert.pem").display(),
-                    home.join("broker-tls/key.pem").display(),
-                    home.join("crl.pem").display(),
-                ),
-            )
-            .map_err(|e| e.to_string())?;
-            (spawn_with_config(&bin, &conf)?, SocketAddr::from(([127, 0, 0, 1], port)))
+            (Process::new(child), addr)
         }
         Peer::Rumqttd => {
+            let bin = program(peer)?;
+            let port = if port == 0 { fleet_tests::fixture::free_port() } else { port };
             let conf = work.join("rumqttd.toml");
             std::fs::write(
                 &conf,
@@ -225,14 +207,19 @@ pub(crate) fn start_on(peer: Peer, home: &Path, work: &Path, port: u16) -> Resul
                 ),
             )
             .map_err(|e| e.to_string())?;
-            (spawn_with_config(&bin, &conf)?, SocketAddr::from(([127, 0, 0, 1], port)))
+            (Process::new(spawn_with_config(&bin, &conf)?), SocketAddr::from(([127, 0, 0, 1], port)))
         }
     };
+    serve(peer.name(), child, addr)
+}
+
+/// The server `child` once it listens on `addr`, and has had time for its start-up work (CRL
+/// parsing, registry open) before anything is measured.
+pub(crate) fn serve(name: &str, child: Process, addr: SocketAddr) -> Result<Server, String> {
     let server = Server { addr, child };
     if !wait_listening(addr) {
-        return Err(format!("{} did not start listening on {addr}", peer.name()));
+        return Err(format!("{name} did not start listening on {addr}"));
     }
-    // Let start-up work (CRL parsing, registry open) finish before measuring.
     std::thread::sleep(Duration::from_millis(300));
     Ok(server)
 }
@@ -243,40 +230,24 @@ pub(crate) fn start_fleet_broker(home: &Path, extra: &[&str]) -> Result<Server, 
 }
 
 pub(crate) fn start_fleet_broker_on(home: &Path, port: u16, extra: &[&str]) -> Result<Server, String> {
-    let bin = program(Peer::FleetBroker)?;
-    let mut child = Command::new(&bin)
-        .arg("--home")
-        .arg(home)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            "off",
-            "--max-connections",
-            "100000",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        // BENCH_BROKER_LOG=FILE keeps the broker's warnings (appended) for a look afterwards.
-        .stderr(match std::env::var_os("BENCH_BROKER_LOG") {
-            Some(f) => std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(f)
-                .map(Stdio::from)
-                .map_err(|e| format!("BENCH_BROKER_LOG: {e}"))?,
-            None => Stdio::null(),
-        })
-        .spawn()
-        .map_err(|e| format!("{}: {e}", bin.display()))?;
-    let addr = announced_addr(&mut child).ok_or("no listen address announced")?;
-    let server = Server { addr, child };
-    if !wait_listening(addr) {
-        return Err(format!("fleet-broker did not start listening on {addr}"));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(server)
+    let broker = fleet_broker(home)?.port(port).args(extra).spawn()?;
+    serve(Peer::FleetBroker.name(), broker.child, broker.mqtt)
+}
+
+/// fleet-broker as the bench runs it on `home`: no metrics listener, room for 100,000
+/// connections, warnings only, kept (appended) in the file `BENCH_BROKER_LOG` names for a look
+/// afterwards.
+pub(crate) fn fleet_broker(home: &Path) -> Result<BrokerCommand, String> {
+    program(Peer::FleetBroker)?;
+    let log = match std::env::var_os("BENCH_BROKER_LOG") {
+        Some(f) => BrokerLog::Append(PathBuf::from(f)),
+        None => BrokerLog::Discard,
+    };
+    Ok(BrokerCommand::new(home)
+        .metrics_off()
+        .args(&["--max-connections", "100000"])
+        .rust_log("warn")
+        .log(log))
 }
 
 /// The bare rustls server (`--serve-bare HOME`, run as a child process of the bench so it has

@@ -8,20 +8,15 @@ use std::time::{Duration, Instant};
 use async_nats::{ConnectOptions, HeaderMap};
 use fleet_tests::NatsServer;
 
-use super::{BrokerProc, Fleet, PATIENCE};
+use super::{Fleet, PATIENCE};
 
 /// The bus of `fleet` (its PKI, its registry): `deploy/nats/nats-server.conf` as shipped.
 pub fn start(fleet: &Fleet) -> NatsServer {
     NatsServer::start(&fleet.home(), fleet.db.as_deref())
 }
 
-/// Broker node `name` (`n1`..`n3`) of `fleet` on `nats`, with `extra` flags.
-pub fn node(fleet: &Fleet, nats: &NatsServer, name: &str, extra: &[&str]) -> BrokerProc {
-    let mut args = nats.node_args(name);
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    BrokerProc::start(fleet, &args)
-}
+#[allow(unused_imports)] // each test binary uses some
+pub use fleet_tests::fixture::node;
 
 /// A NATS client presenting the certificate in `dir` (`cert.pem`, `key.pem`) and trusting
 /// `trust` for the server; the connection's first failure is returned, not retried.
