@@ -8,6 +8,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use fleet_tests::fixture::{BrokerCommand, BrokerLog, Fleet, Launched};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -34,74 +36,55 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A provisioned fleet of one device (the library's fixture), seen as the firmware tests use it.
 struct Pki {
+    /// Holds the home and the identities; removed on drop.
+    _fleet: Fleet,
     home: PathBuf,
     device_dir: PathBuf,
     device_id: String,
+    /// The backend service's identity directory.
+    service: PathBuf,
 }
 
-fn provision(bins: &Path, root: &Path, name: &str) -> Pki {
-    provision_with(bins, root, name, &[])
+fn provision() -> Pki {
+    provision_for(None)
 }
 
-/// As `provision`, with extra `mint` arguments (e.g. a short lifetime).
-fn provision_with(bins: &Path, root: &Path, name: &str, mint: &[&str]) -> Pki {
-    let home = root.join(name);
-    let fp =
-        |args: &[&str]| run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&home).args(args));
-    fp(&["init", "--org", name]);
-    fp(&["server-cert", "--dns", "localhost", "--ip", "127.0.0.1"]);
-    fp(&["service-cert", "--name", "ops", "--out", home.join("ops").to_str().unwrap()]);
-    let mut args = vec!["mint", "--count", "1", "--out"];
-    let out = home.join("devices");
-    args.push(out.to_str().unwrap());
-    args.extend_from_slice(mint);
-    fp(&args);
-    let device_dir = std::fs::read_dir(home.join("devices")).unwrap().next().unwrap().unwrap().path();
-    let device_id = device_dir.file_name().unwrap().to_str().unwrap().to_owned();
-    Pki { home, device_dir, device_id }
+/// As `provision`, the device's certificate valid for `days` only.
+fn provision_for(days: Option<i64>) -> Pki {
+    let fleet = Fleet::with_lifetime_blocking(1, None, days);
+    let (home, device_dir, device_id, service) =
+        (fleet.home(), fleet.devices[0].clone(), fleet.id(0), fleet.service.clone());
+    Pki { _fleet: fleet, home, device_dir, device_id, service }
 }
 
+/// A broker of the fleet (the library's launcher); its log appended to `home/broker.log`, so a
+/// restarted broker's follows the first one's.
 struct Broker {
-    child: Child,
+    /// The process (killed on drop) and its addresses.
+    launched: Launched,
     port: u16,
-    metrics: String,
+    metrics: std::net::SocketAddr,
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_broker(bins: &Path, pki: &Pki) -> Broker {
-    start_broker_on(bins, pki, 0)
+fn start_broker(pki: &Pki) -> Broker {
+    start_broker_on(pki, 0)
 }
 
 /// A broker on `port` (0: any free port).
-fn start_broker_on(bins: &Path, pki: &Pki, port: u16) -> Broker {
-    let mut child = Command::new(bins.join("fleet-broker"))
-        .arg("--home")
-        .arg(&pki.home)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        // Appended: a restarted broker's log follows the first one's.
-        .stderr(
-            std::fs::OpenOptions::new().create(true).append(true).open(pki.home.join("broker.log")).unwrap(),
-        )
+fn start_broker_on(pki: &Pki, port: u16) -> Broker {
+    let launched = BrokerCommand::new(&pki.home)
+        .port(port)
+        .log(BrokerLog::Append(pki.home.join("broker.log")))
         .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mqtt = lines.next().unwrap().unwrap();
-    let metrics = lines.next().unwrap().unwrap();
-    let port = mqtt.split("127.0.0.1:").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    let metrics = metrics.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_owned();
-    Broker { child, port, metrics }
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (port, metrics) = (launched.mqtt.port(), launched.metrics.unwrap());
+    Broker { launched: launched, port, metrics }
 }
 
 fn metrics(b: &Broker) -> String {
-    let mut s = TcpStream::connect(&b.metrics).unwrap();
+    let mut s = TcpStream::connect(b.metrics).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -208,15 +191,14 @@ fn telemetry_topics(home: &Path, device: &str) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn firmware_in_qemu_connects_publishes_gets_a_command_and_is_cut_off_when_revoked() {
     let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision(&bins, root.path(), "qemu-fleet");
-    let broker = start_broker(&bins, &pki);
+    let pki = provision();
+    let broker = start_broker(&pki);
     let bundle = pki.device_dir.join("credentials.bin");
 
     // A service watches telemetry while the firmware runs.
     let mut watch = Command::new(bins.join("fleet-sim"))
         .args(["watch", "--identity"])
-        .arg(pki.home.join("ops"))
+        .arg(&pki.service)
         .args(["--port", &broker.port.to_string(), "--duration", "60"])
         .stdout(Stdio::piped())
         .spawn()
@@ -237,19 +219,16 @@ fn firmware_in_qemu_connects_publishes_gets_a_command_and_is_cut_off_when_revoke
         other => panic!("fleet-sim watch did not subscribe: {other:?}"),
     }
     let send_command = || {
-        run(Command::new(bins.join("fleet-sim"))
-            .args(["command", "--identity"])
-            .arg(pki.home.join("ops"))
-            .args([
-                "--port",
-                &broker.port.to_string(),
-                "--device",
-                &pki.device_id,
-                "--name",
-                "blink",
-                "--payload",
-                "3",
-            ]));
+        run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
+            "--port",
+            &broker.port.to_string(),
+            "--device",
+            &pki.device_id,
+            "--name",
+            "blink",
+            "--payload",
+            "3",
+        ]));
     };
     let (ok, lines) = boot(broker.port, &bundle, |l| {
         if l.contains("telemetry stored by the broker") {
@@ -306,11 +285,9 @@ fn firmware_in_qemu_connects_publishes_gets_a_command_and_is_cut_off_when_revoke
 
 #[test]
 fn firmware_with_another_pkis_bundle_refuses_the_broker() {
-    let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision(&bins, root.path(), "fleet-a");
-    let foreign = provision(&bins, root.path(), "fleet-b");
-    let broker = start_broker(&bins, &pki);
+    let pki = provision();
+    let foreign = provision();
+    let broker = start_broker(&pki);
     let (ok, lines) = boot(broker.port, &foreign.device_dir.join("credentials.bin"), |_| {});
     assert!(!ok);
     assert!(lines.iter().any(|l| l.contains("TLS refused") && l.contains("WrongIssuer")), "{lines:?}");
@@ -322,9 +299,7 @@ fn firmware_with_another_pkis_bundle_refuses_the_broker() {
 #[test]
 fn firmware_refuses_a_server_that_never_authenticates() {
     use fleet_tests::rogue_tls::{Mode, RogueServer};
-    let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision(&bins, root.path(), "fleet-rogue");
+    let pki = provision();
     let cert = std::fs::read_to_string(pki.home.join("broker-tls/cert.pem")).unwrap();
     let cert_der = fleet_tests::rogue_tls::first_certificate_der(&cert);
     // The attacker has no broker key; a random one stands in (this mode never signs).
@@ -398,10 +373,16 @@ fn certificates(home: &Path, device: &str) -> Vec<(String, String, String)> {
 }
 
 fn command_when_stored(bins: &Path, pki: &Pki, port: u16, device: &str) {
-    run(Command::new(bins.join("fleet-sim"))
-        .args(["command", "--identity"])
-        .arg(pki.home.join("ops"))
-        .args(["--port", &port.to_string(), "--device", device, "--name", "blink", "--payload", "3"]));
+    run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
+        "--port",
+        &port.to_string(),
+        "--device",
+        device,
+        "--name",
+        "blink",
+        "--payload",
+        "3",
+    ]));
 }
 
 /// The firmware rotates in QEMU: its certificate (10 days left) is inside the 30-day window, so
@@ -411,9 +392,8 @@ fn command_when_stored(bins: &Path, pki: &Pki, port: u16, device: &str) {
 #[test]
 fn firmware_in_qemu_rotates_its_key_and_reconnects_with_the_new_identity() {
     let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision_with(&bins, root.path(), "qemu-rotate", &["--days", "10"]);
-    let broker = start_broker(&bins, &pki);
+    let pki = provision_for(Some(10));
+    let broker = start_broker(&pki);
     let _issuer = start_issuer(&bins, &pki, &broker);
     let device = pki.device_id.clone();
     let (ok, lines) = boot(broker.port, &pki.device_dir.join("credentials.bin"), |l| {
@@ -465,14 +445,13 @@ fn firmware_in_qemu_rotates_its_key_and_reconnects_with_the_new_identity() {
 #[test]
 fn firmware_in_qemu_boots_from_a_claim_and_becomes_its_own_device() {
     let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision(&bins, root.path(), "qemu-claim");
+    let pki = provision();
     let fp = |args: &[&str]| {
         run(Command::new(bins.join("fleet-provision")).arg("--home").arg(&pki.home).args(args))
     };
     let claim_dir = pki.home.join("claim");
     fp(&["claim-cert", "--name", "batch-q", "--quota", "1", "--out", claim_dir.to_str().unwrap()]);
-    let broker = start_broker(&bins, &pki);
+    let broker = start_broker(&pki);
     let _issuer = start_issuer(&bins, &pki, &broker);
     let mut device = String::new();
     let (ok, lines) = boot(broker.port, &claim_dir.join("credentials.bin"), |l| {
@@ -529,24 +508,20 @@ fn command_statuses(bins: &Path, pki: &Pki) -> Vec<(String, String)> {
 #[test]
 fn firmware_in_qemu_gets_commands_sent_while_it_was_off_once_each_on_a_persistent_session() {
     let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision(&bins, root.path(), "qemu-sleepy");
-    let broker = start_broker(&bins, &pki);
+    let pki = provision();
+    let broker = start_broker(&pki);
     let bundle = pki.device_dir.join("credentials.bin");
     let send = |name: &str, payload: &str| {
-        run(Command::new(bins.join("fleet-sim"))
-            .args(["command", "--identity"])
-            .arg(pki.home.join("ops"))
-            .args([
-                "--port",
-                &broker.port.to_string(),
-                "--device",
-                &pki.device_id,
-                "--name",
-                name,
-                "--payload",
-                payload,
-            ]));
+        run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
+            "--port",
+            &broker.port.to_string(),
+            "--device",
+            &pki.device_id,
+            "--name",
+            name,
+            "--payload",
+            payload,
+        ]));
     };
     send("blink", "3");
     assert_eq!(command_statuses(&bins, &pki), [("blink".to_owned(), "queued".to_owned())]);
@@ -588,26 +563,16 @@ fn firmware_in_qemu_gets_commands_sent_while_it_was_off_once_each_on_a_persisten
 #[test]
 fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command() {
     let bins = bin_dir();
-    let root = tempfile::tempdir().unwrap();
-    let pki = provision(&bins, root.path(), "qemu-async");
-    let mut broker = Some(start_broker(&bins, &pki));
+    let pki = provision();
+    let mut broker = Some(start_broker(&pki));
     let port = broker.as_ref().unwrap().port;
     let bundle = pki.device_dir.join("credentials.bin");
-    let send = |name: &str| {
-        run(Command::new(bins.join("fleet-sim"))
-            .args(["command", "--identity"])
-            .arg(pki.home.join("ops"))
-            .args([
-                "--port",
-                &port.to_string(),
-                "--device",
-                &pki.device_id,
-                "--name",
-                name,
-                "--payload",
-                "1",
-            ]));
-    };
+    let send =
+        |name: &str| {
+            run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args(
+                ["--port", &port.to_string(), "--device", &pki.device_id, "--name", name, "--payload", "1"],
+            ));
+        };
     #[derive(PartialEq, Debug)]
     enum Stage {
         FirstReading,
@@ -626,11 +591,10 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
             // keep-alive intervals of silence: then the broker dies.
             Stage::Idling(since) if l.contains("delivered") && since.elapsed() > Duration::from_secs(5) => {
                 let mut b = broker.take().unwrap();
-                let _ = b.child.kill();
-                let _ = b.child.wait();
+                b.launched.child.kill9();
                 // Down for longer than the telemetry period: readings queue meanwhile.
                 std::thread::sleep(Duration::from_secs(10));
-                broker = Some(start_broker_on(&bins, &pki, port));
+                broker = Some(start_broker_on(&pki, port));
                 stage = Stage::BrokerDown;
             }
             Stage::FirstReading | Stage::Idling(_) if l.contains("connection lost") => {
