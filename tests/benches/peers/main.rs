@@ -1,65 +1,218 @@
 //! Side-by-side broker benchmarks on loopback, in one run, every server started by this tool
 //! with equivalent mutual-TLS settings: fleet-broker, Mosquitto (`require_certificate`,
 //! `use_identity_as_username`, `crlfile`), rumqttd (`verify-client-cert`; it has no CRL support)
-//! and a bare rustls server with the broker's own TLS configuration (the ceiling).
+//! and a bare rustls server with the broker's own TLS configuration (the ceiling); optionally a
+//! second fleet-broker binary (`--before-broker`), to compare a change with its parent in one run.
 //!
-//!     scripts/bench [SCENARIO...] [--secs S] [--conc C] [--sessions N] [--crl-sizes A,B,..]
-//!                   [--peers bare,fleet-broker,mosquitto,rumqttd]
+//!     scripts/bench [SCENARIO...] [OPTIONS]          (scripts/bench --help lists both)
 //!     cargo bench -p fleet-tests --bench peers -- [same arguments]   (after building the release fleet-broker)
 //!
-//! Scenarios (default: all of them, in this order):
-//! - `admissions`: TCP + TLS 1.3 full handshake (P-256 client certificate, no resumption) +
-//!   CONNECT/CONNACK + DISCONNECT per second, for each CRL size (default 0, 100k, 1M entries);
-//! - `revoke`: revoke → disconnect latency over 100 revocations of connected devices;
-//! - `ingest`: QoS 1 and QoS 0 PUBLISH throughput from 100 concurrently connected devices;
-//! - `memory`: resident memory per idle mTLS session with N sessions (default 10,000);
-//! - `storm`: N devices (default 20,000, `--devices`) with the SDK's reconnect policy, the server
-//!   stopped (SIGTERM, SIGKILL) and restarted: time until 50/99/100% are back, against the raw
-//!   handshake ceiling; Mosquitto in the same run;
-//! - `soak` (only when named; `--minutes`, default 60): 1,000 devices publishing and reconnecting
-//!   at random; RSS, open fds and p99 PUBACK latency every minute, and the drift;
-//! - `cluster`: three nodes on NATS JetStream + PostgreSQL: cross-node delivery latency, QoS 1
-//!   ingest through JetStream beside one node and Mosquitto, revoke → cut on three nodes;
-//! - `rotation` (only when named; `--devices`, default 1,000 here): that many SDK devices
-//!   rotating their certificates at once through `fleet-provision serve`: issuer CSRs/s, latency,
-//!   time until the whole fleet runs on new certificates, beside an `openssl x509 -req` loop;
-//! - `commands` (only when named; `--devices`, default 10,000 here): 3 commands queued for each
-//!   offline device, then the whole fleet reconnecting: commands queued/s, bytes per queued
-//!   command, delivery rate and duplicates, beside Mosquitto with persistent sessions.
-//!
-//! Clients run in this process on the same cores as the server under test, so every figure is
-//! a lower bound, comparable only with the other figures of the same run.
+//! This file parses the arguments ([`Cli`], resolved into [`Args`]) and dispatches to one module
+//! per scenario; it also holds what the scenarios share: the fleet ([`Env`]), the servers they
+//! measure ([`Subject`]) and the report. Clients run in this process on the same cores as the
+//! server under test, so every figure is a lower bound, comparable only with the other figures
+//! of the same run.
 
+mod admissions;
 mod client;
 mod cluster;
 mod commands;
+mod ingest;
+mod memory;
+mod revoke;
 mod rotation;
 mod servers;
 mod soak;
 mod storm;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::BytesMut;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
 use client::Identity;
 use fleet_provision::home::Home;
 use fleet_provision::pki::{self, LoadedCa};
 use fleet_provision::station::{MintOptions, Station};
-use fleet_provision::{DeviceId, RevocationReason, SerialNumber};
+use fleet_provision::{RevocationReason, SerialNumber};
 use fleet_registry::RevokedEntry;
-use rumqttc::mqttbytes::v4::Packet;
-use rumqttc::mqttbytes::QoS;
 use servers::{Peer, Server};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
 
+// What the scenario modules share, under the names they import from the crate root.
+pub(crate) use admissions::admissions_per_sec;
+pub(crate) use ingest::{ingest_rate, stored_rows};
+pub(crate) use revoke::{open_sessions, revoke_each, RevokeTimes};
+
+/// Side-by-side broker benchmarks on loopback: fleet-broker against Mosquitto, rumqttd and a bare
+/// rustls server, every server started by this tool with the same PKI (one fleet-provision home).
+///
+/// Clients run in this process on the same cores as the server under test: every figure is a
+/// lower bound, comparable only with the other figures of the same run. Each scenario prints its
+/// rows as it goes and all of them again at the end, as table rows for BENCHMARKS.md.
+#[derive(Debug, Parser)]
+#[command(
+    name = "scripts/bench",
+    bin_name = "scripts/bench",
+    after_help = "Examples:
+  scripts/bench                                   # admissions, revoke, ingest, memory, storm, cluster
+  scripts/bench admissions --secs 10 --peers fleet-broker,mosquitto
+  scripts/bench admissions ingest --crl-sizes 0 --before-broker ../before/target/release/fleet-broker
+  scripts/bench memory --sessions 10000
+  scripts/bench storm --devices 20000
+  scripts/bench soak --minutes 60
+  scripts/bench rotation
+  scripts/bench commands"
+)]
+struct Cli {
+    /// Scenarios to run, in the order given [default: admissions revoke ingest memory storm
+    /// cluster; soak, rotation and commands run only when named].
+    #[arg(value_enum, value_name = "SCENARIO")]
+    scenarios: Vec<Scenario>,
+    /// Seconds each measurement runs: admissions per server and CRL size, ingest per server and
+    /// QoS, the cluster's phases.
+    #[arg(long, value_name = "S", default_value_t = 5.0, value_parser = positive_secs)]
+    secs: f64,
+    /// Concurrent clients connecting in the admissions scenario.
+    #[arg(long, value_name = "C", default_value_t = 16, value_parser = at_least_one)]
+    conc: usize,
+    /// Idle sessions each server holds in the memory scenario.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = at_least_one)]
+    sessions: usize,
+    /// Devices of the storm [default: 20000, capped by the open-file limit]; of the rotation
+    /// [default: 1000, at most 2000] and of commands [default: 10000] when given.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    devices: Option<usize>,
+    /// Length of the soak, in minutes.
+    #[arg(long, value_name = "M", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    minutes: u64,
+    /// Revoked serials in the CRL for each admissions round (a synthetic CRL signed by the
+    /// device CA; 0: the station's real, empty CRL). Underscores allowed: 1_000_000.
+    #[arg(
+        long,
+        value_name = "N,..",
+        value_delimiter = ',',
+        value_parser = crl_size,
+        default_value = "0,100000,1000000"
+    )]
+    crl_sizes: Vec<usize>,
+    /// Servers to measure. Storm, cluster and commands measure only fleet-broker and mosquitto;
+    /// fleet-broker-before (needs --before-broker) is measured by admissions, revoke, ingest
+    /// and memory.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "PEER,..",
+        value_delimiter = ',',
+        default_value = "bare,fleet-broker,mosquitto,rumqttd"
+    )]
+    peers: Vec<PeerArg>,
+    /// Another fleet-broker binary (e.g. the release build of the commit before a change),
+    /// measured as the peer fleet-broker-before beside fleet-broker in the same run, started the
+    /// same way. Adds that peer to --peers.
+    #[arg(long, value_name = "PATH", env = "BENCH_BEFORE_BROKER", value_parser = executable_file)]
+    before_broker: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Internal: run the bare rustls server on this home (the bench starts itself with it).
+    #[arg(long, hide = true, value_name = "HOME")]
+    serve_bare: Option<PathBuf>,
+}
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// TCP + TLS 1.3 full handshake (P-256 client certificate, no resumption) + CONNECT/CONNACK +
+    /// DISCONNECT per second, for each CRL size (--crl-sizes), with --conc clients
+    Admissions,
+    /// Revoke → disconnect latency over 100 revocations of connected devices
+    Revoke,
+    /// QoS 1 and QoS 0 PUBLISH throughput from 100 concurrently connected devices, --secs each
+    Ingest,
+    /// Resident memory per idle mTLS session with --sessions sessions
+    Memory,
+    /// --devices devices with the SDK's reconnect policy, the server stopped (SIGTERM, SIGKILL)
+    /// and restarted: time until 50/99/100% are back, against the raw handshake ceiling
+    Storm,
+    /// Only when named (--minutes): 1,000 devices publishing and reconnecting at random; RSS,
+    /// open fds and p99 PUBACK latency every minute, and the drift
+    Soak,
+    /// Three nodes on NATS JetStream + PostgreSQL: cross-node delivery latency, QoS 1 ingest
+    /// through JetStream beside one node and Mosquitto, revoke → cut on three nodes
+    Cluster,
+    /// Only when named: --devices SDK devices rotating their certificates at once through
+    /// `fleet-provision serve` (issuer CSRs/s, latency, time to a fleet on new certificates),
+    /// beside an `openssl x509 -req` loop
+    Rotation,
+    /// Only when named: 3 commands queued for each of --devices offline devices, then the whole
+    /// fleet reconnecting (queued/s, bytes per command, delivery rate, duplicates), beside
+    /// Mosquitto with persistent sessions
+    Commands,
+}
+
+impl Scenario {
+    /// What runs when no scenario is named.
+    const DEFAULT: [Scenario; 6] = [
+        Scenario::Admissions,
+        Scenario::Revoke,
+        Scenario::Ingest,
+        Scenario::Memory,
+        Scenario::Storm,
+        Scenario::Cluster,
+    ];
+}
+
+/// A server named in `--peers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PeerArg {
+    /// A bare rustls server with fleet-broker's TLS configuration, handshake only (the ceiling)
+    #[value(alias = "rustls")]
+    Bare,
+    /// The release fleet-broker of this workspace
+    #[value(alias = "fleet")]
+    FleetBroker,
+    /// The fleet-broker binary given by --before-broker
+    FleetBrokerBefore,
+    /// Mosquitto 2 (OpenSSL), with its CRL file
+    Mosquitto,
+    /// rumqttd 0.20 with verify-client-cert (no CRL support)
+    Rumqttd,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("must be a positive number of seconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn crl_size(s: &str) -> Result<usize, String> {
+    s.trim().replace('_', "").parse().map_err(|e| format!("{e}"))
+}
+
+fn executable_file(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err("no such file (build it: cargo build --release -p fleet-broker --bin fleet-broker in that checkout)".into())
+    }
+}
+
+/// The run's settings, resolved from [`Cli`]: what the scenario modules read.
 struct Args {
-    scenarios: Vec<String>,
+    scenarios: Vec<Scenario>,
     secs: f64,
     conc: usize,
     sessions: usize,
@@ -72,75 +225,96 @@ struct Args {
     crl_sizes: Vec<usize>,
     /// Servers to measure (default: all).
     peers: Vec<Peer>,
+    /// The second fleet-broker binary, when fleet-broker-before is measured.
+    before_broker: Option<PathBuf>,
 }
 
 impl Args {
     fn wants(&self, p: Peer) -> bool {
         self.peers.contains(&p)
     }
+
+    /// The wanted servers among `among`, in that order, with fleet-broker-before right after
+    /// fleet-broker when it is measured.
+    fn subjects(&self, among: &[Peer]) -> Vec<Subject> {
+        let mut out = Vec::new();
+        for &peer in among {
+            if peer == Peer::FleetBroker {
+                if self.wants(peer) {
+                    out.push(Subject { peer, before: None });
+                }
+                if let Some(bin) = &self.before_broker {
+                    out.push(Subject { peer, before: Some(bin.clone()) });
+                }
+            } else if self.wants(peer) {
+                out.push(Subject { peer, before: None });
+            }
+        }
+        out
+    }
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        scenarios: Vec::new(),
-        secs: 5.0,
-        conc: 16,
-        sessions: 10_000,
-        devices: 20_000,
-        devices_set: false,
-        minutes: 60,
-        crl_sizes: vec![0, 100_000, 1_000_000],
-        peers: Peer::ALL.to_vec(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        match arg.as_str() {
-            "--bench" => {}
-            "--secs" => a.secs = value("--secs")?.parse().map_err(|e| format!("--secs: {e}"))?,
-            "--conc" => a.conc = value("--conc")?.parse().map_err(|e| format!("--conc: {e}"))?,
-            "--sessions" => {
-                a.sessions = value("--sessions")?.parse().map_err(|e| format!("--sessions: {e}"))?
+impl Cli {
+    fn resolve(self) -> Result<Args, clap::Error> {
+        let mut peers = Vec::new();
+        let mut before_named = false;
+        for p in &self.peers {
+            let peer = match p {
+                PeerArg::Bare => Peer::Bare,
+                PeerArg::FleetBroker => Peer::FleetBroker,
+                PeerArg::Mosquitto => Peer::Mosquitto,
+                PeerArg::Rumqttd => Peer::Rumqttd,
+                PeerArg::FleetBrokerBefore => {
+                    before_named = true;
+                    continue;
+                }
+            };
+            if !peers.contains(&peer) {
+                peers.push(peer);
             }
-            "--minutes" => a.minutes = value("--minutes")?.parse().map_err(|e| format!("--minutes: {e}"))?,
-            "--devices" => {
-                a.devices = value("--devices")?.parse().map_err(|e| format!("--devices: {e}"))?;
-                a.devices_set = true;
-            }
-            "--crl-sizes" => {
-                a.crl_sizes = value("--crl-sizes")?
-                    .split(',')
-                    .map(|s| s.trim().replace('_', "").parse().map_err(|e| format!("--crl-sizes: {e}")))
-                    .collect::<Result<_, _>>()?
-            }
-            "--peers" => {
-                a.peers = value("--peers")?
-                    .split(',')
-                    .map(|s| Peer::parse(s.trim()).ok_or(format!("--peers: unknown server {s:?}")))
-                    .collect::<Result<_, _>>()?
-            }
-            "admissions" | "revoke" | "ingest" | "memory" | "storm" | "soak" | "cluster" | "rotation" | "commands" => {
-                a.scenarios.push(arg)
-            }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: peers [admissions|revoke|ingest|memory|storm|soak|cluster|rotation|commands]... [--secs S] [--conc C] \
-                            [--sessions N] [--crl-sizes 0,100000,1000000] \
-                            [--peers bare,fleet-broker,mosquitto,rumqttd]"
-                        .into(),
-                )
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+        if before_named && self.before_broker.is_none() {
+            return Err(Cli::command().error(
+                ErrorKind::MissingRequiredArgument,
+                "--peers fleet-broker-before needs --before-broker PATH (or BENCH_BEFORE_BROKER)",
+            ));
+        }
+        Ok(Args {
+            scenarios: if self.scenarios.is_empty() { Scenario::DEFAULT.to_vec() } else { self.scenarios },
+            secs: self.secs,
+            conc: self.conc,
+            sessions: self.sessions,
+            devices: self.devices.unwrap_or(20_000),
+            devices_set: self.devices.is_some(),
+            minutes: self.minutes,
+            crl_sizes: self.crl_sizes,
+            peers,
+            before_broker: self.before_broker,
+        })
+    }
+}
+
+/// A server the admissions, revoke, ingest and memory scenarios measure: a peer, or (`before`)
+/// the fleet-broker binary of `--before-broker`, started as the fleet-broker peer is.
+#[derive(Debug, Clone)]
+struct Subject {
+    peer: Peer,
+    before: Option<PathBuf>,
+}
+
+impl Subject {
+    fn name(&self) -> &'static str {
+        if self.before.is_some() {
+            "fleet-broker-before"
+        } else {
+            self.peer.name()
         }
     }
-    if a.scenarios.is_empty() {
-        a.scenarios =
-            ["admissions", "revoke", "ingest", "memory", "storm", "cluster"].map(String::from).to_vec();
+
+    /// This is `peer` itself (not the before binary).
+    fn is(&self, peer: Peer) -> bool {
+        self.before.is_none() && self.peer == peer
     }
-    if a.secs <= 0.0 || a.conc == 0 {
-        return Err("--secs and --conc must be positive".into());
-    }
-    Ok(a)
 }
 
 /// The fleet the benchmarks run against: one home, identities minted by the station.
@@ -185,10 +359,22 @@ impl Env {
     }
 
     fn start(&self, peer: Peer) -> Option<Server> {
-        match servers::start(peer, &self.home, self.dir.path()) {
+        Self::started(peer.name(), servers::start(peer, &self.home, self.dir.path()))
+    }
+
+    /// Starts a subject: its peer, or the before binary with the fleet-broker peer's flags.
+    fn start_subject(&self, s: &Subject) -> Option<Server> {
+        match &s.before {
+            None => self.start(s.peer),
+            Some(bin) => Self::started(s.name(), servers::start_broker_program(bin, &self.home, 0, &[])),
+        }
+    }
+
+    fn started(name: &str, r: Result<Server, String>) -> Option<Server> {
+        match r {
             Ok(s) => Some(s),
             Err(e) => {
-                println!("  {:<30} skipped: {e}", peer.name());
+                println!("  {name:<30} skipped: {e}");
                 None
             }
         }
@@ -226,110 +412,20 @@ impl Report {
         println!("  {row}");
         self.rows.entry(section.to_owned()).or_default().push(row);
     }
+
+    fn print_summary(&self) {
+        println!("\n== summary (rows for BENCHMARKS.md)");
+        for (section, rows) in &self.rows {
+            println!("[{section}]");
+            for r in rows {
+                println!("{r}");
+            }
+        }
+    }
 }
 
 fn mean_rate(done: u64, secs: f64) -> f64 {
     done as f64 / secs
-}
-
-/// Admissions per second against `addr` for `secs` with `conc` clients.
-async fn admissions_per_sec(
-    addr: SocketAddr,
-    ids: &[Arc<Identity>],
-    bare: bool,
-    secs: f64,
-    conc: usize,
-) -> (f64, u64) {
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for w in 0..conc {
-        let (ids, done, failed) = (ids.to_vec(), done.clone(), failed.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = w;
-            while Instant::now() < until {
-                let who = &ids[i % ids.len()];
-                let ok = if bare {
-                    client::handshake_only(addr, who).await
-                } else {
-                    client::admit(addr, who).await
-                };
-                if ok { &done } else { &failed }.fetch_add(1, Ordering::Relaxed);
-                i += conc;
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    (mean_rate(done.load(Ordering::Relaxed), secs), failed.load(Ordering::Relaxed))
-}
-
-async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Args, report: &mut Report) {
-    println!(
-        "\n== admissions: TLS 1.3 full handshake (P-256 client cert) + CONNECT/CONNACK, {} s each, {} concurrent clients",
-        a.secs, a.conc
-    );
-    let mut by: BTreeMap<(usize, &str), f64> = BTreeMap::new();
-    let mut cpu: BTreeMap<(usize, &str), f64> = BTreeMap::new();
-    for &n in &a.crl_sizes {
-        if n > 0 {
-            let t = Instant::now();
-            env.write_synthetic_crl(n);
-            println!("-- CRL with {n} revoked serials (signed in {:.1} s)", t.elapsed().as_secs_f64());
-        } else {
-            env.station.write_crl(&env.home.join("crl.pem")).await.expect("crl");
-            println!("-- empty CRL");
-        }
-        for peer in Peer::ALL.into_iter().filter(|&p| a.wants(p)) {
-            if n > 0 && !peer.checks_crl() {
-                println!("  {:<30} no CRL support: not measured", peer.name());
-                continue;
-            }
-            let t = Instant::now();
-            let Some(server) = env.start(peer) else { continue };
-            let startup = t.elapsed().as_secs_f64();
-            let cpu0 = server.cpu_secs();
-            let (rate, failed) =
-                admissions_per_sec(server.addr, ids, peer == Peer::Bare, a.secs, a.conc).await;
-            let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / (rate * a.secs).max(1.0);
-            cpu.insert((n, peer.name()), cpu_us);
-            by.insert((n, peer.name()), rate);
-            let base = by.get(&(0, peer.name())).copied();
-            let vs_empty = match base {
-                Some(b) if n > 0 && b > 0.0 => format!("{:.2}× its empty-CRL rate", rate / b),
-                _ => String::new(),
-            };
-            report.add(
-                "admissions",
-                format!(
-                    "| {} | {n} | {rate:.0} | {cpu_us:.0} µs | {failed} | {startup:.1} s | {vs_empty} |",
-                    peer.name()
-                ),
-            );
-        }
-        let get = |p: Peer| by.get(&(n, p.name())).copied().unwrap_or(0.0);
-        let fb = get(Peer::FleetBroker);
-        for (other, what) in
-            [(Peer::Bare, "bare rustls"), (Peer::Mosquitto, "mosquitto"), (Peer::Rumqttd, "rumqttd")]
-        {
-            if get(other) > 0.0 && fb > 0.0 {
-                report.add("ratios", format!("| CRL {n}: fleet-broker / {what} | {:.2}× |", fb / get(other)));
-            }
-            let cpu_of = |p: Peer| cpu.get(&(n, p.name())).copied().unwrap_or(0.0);
-            if cpu_of(other) > 0.0 && cpu_of(Peer::FleetBroker) > 0.0 {
-                report.add(
-                    "ratios",
-                    format!(
-                        "| CRL {n}: server CPU per admission, fleet-broker / {what} | {:.2}× |",
-                        cpu_of(Peer::FleetBroker) / cpu_of(other)
-                    ),
-                );
-            }
-        }
-    }
-    env.station.write_crl(&env.home.join("crl.pem")).await.expect("crl");
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -340,373 +436,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Connects every identity and returns, per session, a receiver that fires when it closes.
-async fn open_sessions(
-    addr: SocketAddr,
-    ids: &[Arc<Identity>],
-) -> Vec<Option<tokio::sync::oneshot::Receiver<Instant>>> {
-    let mut closed = Vec::new();
-    for who in ids {
-        match client::session(addr, who, 120).await {
-            Some(s) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
-                    let (mut rd, _wr) = tokio::io::split(s);
-                    client::read_packets(&mut rd, |_| true).await;
-                    let _ = tx.send(Instant::now());
-                });
-                closed.push(Some(rx));
-            }
-            None => closed.push(None),
-        }
-    }
-    closed
-}
-
-async fn revoke(env: &Env, who: &Identity) -> Duration {
-    let t = Instant::now();
-    let id = DeviceId::parse(&who.id).expect("device id");
-    env.station.revoke_device(&id, RevocationReason::KeyCompromise).await.expect("revoke");
-    t.elapsed()
-}
-
-/// How long each revocation took to cut its session, and the revoke calls themselves.
-struct RevokeTimes {
-    cut: Vec<Duration>,
-    calls: Vec<Duration>,
-    /// Sessions never opened or never cut within 5 s.
-    never: usize,
-}
-
-/// Revokes each of `ids` at a random moment and waits for its session (from `open_sessions`)
-/// to close.
-async fn revoke_each(
-    env: &Env,
-    ids: &[Arc<Identity>],
-    sessions: Vec<Option<tokio::sync::oneshot::Receiver<Instant>>>,
-) -> RevokeTimes {
-    let mut r = RevokeTimes { cut: Vec::new(), calls: Vec::new(), never: 0 };
-    for (who, closed) in ids.iter().zip(sessions) {
-        let Some(closed) = closed else {
-            r.never += 1;
-            continue;
-        };
-        // Revocations arrive at random moments, not in step with the broker's poll.
-        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 250)).await;
-        let t = Instant::now();
-        r.calls.push(revoke(env, who).await);
-        match tokio::time::timeout(Duration::from_secs(5), closed).await {
-            Ok(Ok(at)) => r.cut.push(at.saturating_duration_since(t)),
-            _ => r.never += 1,
-        }
-    }
-    r
-}
-
-async fn scenario_revoke(env: &Env, a: &Args, report: &mut Report) {
-    const N: usize = 100;
-    println!(
-        "\n== revoke → disconnect: {N} connected devices revoked one by one (`fleet-provision revoke` path)"
-    );
-    // fleet-broker: each revocation, then wait for that session to close.
-    let ids = env.mint("rvf", N).await;
-    if let Some(server) = a.wants(Peer::FleetBroker).then(|| env.start(Peer::FleetBroker)).flatten() {
-        let sessions = open_sessions(server.addr, &ids).await;
-        let RevokeTimes { cut: mut lat, mut calls, never } = revoke_each(env, &ids, sessions).await;
-        lat.sort();
-        calls.sort();
-        let refused = client::session(server.addr, &ids[0], 30).await.is_none();
-        report.add(
-            "revoke",
-            format!(
-                "| fleet-broker | {} / {N} cut | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | revoke command p50 {:.0} ms | reconnect {} | {never} never cut |",
-                lat.len(),
-                percentile(&lat, 50.0).as_secs_f64() * 1e3,
-                percentile(&lat, 99.0).as_secs_f64() * 1e3,
-                lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-                percentile(&calls, 50.0).as_secs_f64() * 1e3,
-                if refused { "refused" } else { "ADMITTED" },
-            ),
-        );
-    }
-    // Peers: they cannot see the registry; their only revocation input is the CRL file.
-    for (peer, prefix) in
-        [(Peer::Mosquitto, "rvm"), (Peer::Rumqttd, "rvr")].into_iter().filter(|&(p, _)| a.wants(p))
-    {
-        let ids = env.mint(prefix, N).await;
-        let Some(server) = env.start(peer) else { continue };
-        let sessions = open_sessions(server.addr, &ids).await;
-        let t = Instant::now();
-        for who in &ids {
-            revoke(env, who).await;
-        }
-        // Mosquitto re-reads its configuration on SIGHUP; rumqttd has nothing to reload.
-        let how = if peer == Peer::Mosquitto {
-            server.hangup();
-            "CRL rewritten + SIGHUP"
-        } else {
-            "CRL rewritten (ignored: no CRL support)"
-        };
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let mut cut = 0;
-        let mut connected = 0;
-        for mut closed in sessions.into_iter().flatten() {
-            connected += 1;
-            if closed.try_recv().is_ok() {
-                cut += 1;
-            }
-        }
-        let refused = client::session(server.addr, &ids[0], 30).await.is_none();
-        report.add(
-            "revoke",
-            format!(
-                "| {} | {cut} / {connected} cut within {:.0} s | – | {how} | reconnect {} | {} never cut |",
-                peer.name(),
-                t.elapsed().as_secs_f64(),
-                if refused { "refused" } else { "ADMITTED" },
-                connected - cut,
-            ),
-        );
-    }
-}
-
-/// Publishes from every device for `secs`: QoS 1 with a window of in-flight messages per device
-/// (rate = PUBACKs received), or QoS 0 (rate = messages the server handled: every device ends
-/// with PINGREQ and the clock stops at the last PINGRESP).
-async fn ingest_rate(addr: SocketAddr, ids: &[Arc<Identity>], qos: QoS, secs: f64) -> (f64, u64, u64) {
-    const WINDOW: usize = 16;
-    let payload = [0x5au8; 48];
-    let acked = Arc::new(AtomicU64::new(0));
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut streams = Vec::new();
-    for who in ids {
-        if let Some(s) = client::session(addr, who, 120).await {
-            streams.push((who.id.clone(), s));
-        }
-    }
-    let start = Instant::now();
-    let until = start + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for (id, s) in streams {
-        let (acked, sent) = (acked.clone(), sent.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut rd, mut wr) = tokio::io::split(s);
-            let window = Arc::new(Semaphore::new(WINDOW));
-            let w2 = window.clone();
-            let acked2 = acked.clone();
-            let reader = tokio::spawn(async move {
-                client::read_packets(&mut rd, |p| match p {
-                    Packet::PubAck(_) => {
-                        if Instant::now() <= until {
-                            acked2.fetch_add(1, Ordering::Relaxed);
-                        }
-                        w2.add_permits(1);
-                        true
-                    }
-                    Packet::PingResp => false,
-                    _ => true,
-                })
-                .await;
-                Instant::now()
-            });
-            let topic = format!("devices/{id}/telemetry");
-            let mut out = BytesMut::with_capacity(256);
-            let mut pkid: u16 = 0;
-            while Instant::now() < until {
-                out.clear();
-                if qos == QoS::AtLeastOnce {
-                    let Ok(Ok(p)) = tokio::time::timeout(Duration::from_secs(2), window.acquire()).await
-                    else {
-                        break;
-                    };
-                    p.forget();
-                    pkid = pkid.wrapping_add(1).max(1);
-                }
-                client::publish(&mut out, &topic, qos, pkid, &payload);
-                if wr.write_all(&out).await.is_err() {
-                    break;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-            }
-            let _ = client::ping(&mut wr).await;
-            // The server may still be working through what the socket buffers hold.
-            let end = tokio::time::timeout(Duration::from_secs(300), reader).await;
-            let _ = wr.write_all(&[0xe0, 0]).await;
-            end.ok().and_then(|r| r.ok())
-        }));
-    }
-    let mut last = start;
-    for t in tasks {
-        if let Ok(Some(end)) = t.await {
-            last = last.max(end);
-        }
-    }
-    let sent = sent.load(Ordering::Relaxed);
-    let acked = acked.load(Ordering::Relaxed);
-    let rate = if qos == QoS::AtLeastOnce {
-        mean_rate(acked, secs)
-    } else {
-        mean_rate(sent, last.duration_since(start).as_secs_f64())
-    };
-    (rate, sent, acked)
-}
-
-async fn stored_rows(env: &Env) -> i64 {
-    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM telemetry")
-        .fetch_one(env.station.registry().pool())
-        .await
-        .unwrap_or(-1)
-}
-
-async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, report: &mut Report) {
-    println!(
-        "\n== ingest: {} devices publishing 48-byte messages to devices/<id>/telemetry for {} s (QoS 1: 16 in flight per device)",
-        ids.len(),
-        a.secs
-    );
-    let mut by: BTreeMap<(u8, &str), f64> = BTreeMap::new();
-    let mut cpu: BTreeMap<(u8, &str), f64> = BTreeMap::new();
-    for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
-        for peer in [Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd].into_iter().filter(|&p| a.wants(p)) {
-            let Some(server) = env.start(peer) else { continue };
-            let before = stored_rows(env).await;
-            let cpu0 = server.cpu_secs();
-            let (rate, sent, acked) = ingest_rate(server.addr, ids, qos, a.secs).await;
-            let handled = if qos == QoS::AtLeastOnce { acked } else { sent };
-            let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / handled.max(1) as f64;
-            drop(server); // SIGKILL: whatever was acknowledged must already be stored
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let durable = match peer {
-                Peer::FleetBroker => {
-                    format!("SQLite, {} rows stored ≥ {acked} acked", stored_rows(env).await - before)
-                }
-                Peer::Mosquitto => "memory only (persistence off, the default)".into(),
-                _ => "memory only (in-process commit log)".into(),
-            };
-            by.insert((qos as u8, peer.name()), rate);
-            cpu.insert((qos as u8, peer.name()), cpu_us);
-            report.add(
-                "ingest",
-                format!(
-                    "| {} | QoS {} | {rate:.0} msg/s | {cpu_us:.1} µs server CPU/msg | {sent} sent, {acked} acked | {durable} |",
-                    peer.name(),
-                    qos as u8
-                ),
-            );
-        }
-        let fb = by.get(&(qos as u8, Peer::FleetBroker.name())).copied().unwrap_or(0.0);
-        let fb_cpu = cpu.get(&(qos as u8, Peer::FleetBroker.name())).copied().unwrap_or(0.0);
-        for other in [Peer::Mosquitto, Peer::Rumqttd] {
-            if let Some(&o) = by.get(&(qos as u8, other.name())).filter(|&&o| o > 0.0) {
-                report.add(
-                    "ratios",
-                    format!("| QoS {}: fleet-broker / {} | {:.2}× |", qos as u8, other.name(), fb / o),
-                );
-            }
-            if let Some(&o) = cpu.get(&(qos as u8, other.name())).filter(|&&o| o > 0.0) {
-                report.add(
-                    "ratios",
-                    format!(
-                        "| QoS {}: server CPU per message, fleet-broker / {} | {:.2}× |",
-                        qos as u8,
-                        other.name(),
-                        fb_cpu / o
-                    ),
-                );
-            }
-        }
-    }
-}
-
 fn fd_limit() -> u64 {
     servers::proc_field("/proc/self/limits", "Max open files", 3).unwrap_or(1024)
 }
 
-async fn scenario_memory(env: &Env, a: &Args, report: &mut Report) {
-    let n = a.sessions;
-    println!("\n== memory: resident set of each server with {n} idle mTLS sessions");
-    let limit = fd_limit();
-    if limit < (n as u64) + 1024 {
-        println!(
-            "  skipped: open-file limit {limit} < {n} sessions; raise it (ulimit -n {}; scripts/bench does)",
-            n * 2 + 1024
-        );
-        return;
-    }
-    let t = Instant::now();
-    let ids = env.mint("mem", n).await;
-    println!("  minted {n} identities in {:.1} s", t.elapsed().as_secs_f64());
-    for peer in Peer::ALL.into_iter().filter(|&p| a.wants(p)) {
-        let Some(server) = env.start(peer) else { continue };
-        let before = server.rss_kib();
-        let held = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
-        let next = Arc::new(AtomicU64::new(0));
-        let t = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..64 {
-            let (ids, held, next, addr) = (ids.clone(), held.clone(), next.clone(), server.addr);
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(who) = ids.get(i) else { break };
-                    let s = if peer == Peer::Bare {
-                        match client::tls(addr, who).await {
-                            Some(mut s) => {
-                                let mut b = [0u8; 1];
-                                tokio::io::AsyncReadExt::read(&mut s, &mut b)
-                                    .await
-                                    .ok()
-                                    .filter(|&k| k == 1)
-                                    .map(|_| s)
-                            }
-                            None => None,
-                        }
-                    } else {
-                        client::session(addr, who, 600).await
-                    };
-                    if let Some(s) = s {
-                        held.lock().await.push(s);
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
-        let open = held.lock().await.len();
-        let took = t.elapsed().as_secs_f64();
-        // Idle means idle: past fleet-broker's 2 s buffer release.
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        let after = server.rss_kib();
-        let per = if open > 0 { (after.saturating_sub(before)) as f64 / open as f64 } else { 0.0 };
-        report.add(
-            "memory",
-            format!(
-                "| {} | {open} / {n} | {:.1} MiB → {:.1} MiB | **{per:.1} KiB** | connected in {took:.0} s |",
-                peer.name(),
-                before as f64 / 1024.0,
-                after as f64 / 1024.0
-            ),
-        );
-        drop(server);
-        held.lock().await.clear();
-    }
-}
-
 fn main() {
-    let mut raw = std::env::args().skip(1);
-    if raw.next().as_deref() == Some("--serve-bare") {
-        let home: PathBuf = raw.next().map(PathBuf::from).unwrap_or_default();
-        servers::serve_bare(Path::new(&home));
+    let cli = Cli::parse();
+    if let Some(home) = &cli.serve_bare {
+        servers::serve_bare(Path::new(home));
         return;
     }
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let args = cli.resolve().unwrap_or_else(|e| e.exit());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let env = Env::new().await;
@@ -718,25 +458,20 @@ fn main() {
             }
         }
         for s in &args.scenarios {
-            match s.as_str() {
-                "admissions" => scenario_admissions(&env, &devices, &args, &mut report).await,
-                "revoke" => scenario_revoke(&env, &args, &mut report).await,
-                "ingest" => scenario_ingest(&env, &devices, &args, &mut report).await,
-                "memory" => scenario_memory(&env, &args, &mut report).await,
-                "storm" => storm::scenario_storm(&env, &args, &mut report).await,
-                "soak" => soak::scenario_soak(&env, &args, &mut report).await,
-                "cluster" => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
-                "rotation" => rotation::scenario_rotation(&args, &mut report).await,
-                "commands" => commands::scenario_commands(&env, &args, &mut report).await,
-                _ => unreachable!("validated in parse_args"),
+            match s {
+                Scenario::Admissions => {
+                    admissions::scenario_admissions(&env, &devices, &args, &mut report).await
+                }
+                Scenario::Revoke => revoke::scenario_revoke(&env, &args, &mut report).await,
+                Scenario::Ingest => ingest::scenario_ingest(&env, &devices, &args, &mut report).await,
+                Scenario::Memory => memory::scenario_memory(&env, &args, &mut report).await,
+                Scenario::Storm => storm::scenario_storm(&env, &args, &mut report).await,
+                Scenario::Soak => soak::scenario_soak(&env, &args, &mut report).await,
+                Scenario::Cluster => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
+                Scenario::Rotation => rotation::scenario_rotation(&args, &mut report).await,
+                Scenario::Commands => commands::scenario_commands(&env, &args, &mut report).await,
             }
         }
-        println!("\n== summary (rows for BENCHMARKS.md)");
-        for (section, rows) in &report.rows {
-            println!("[{section}]");
-            for r in rows {
-                println!("{r}");
-            }
-        }
+        report.print_summary();
     });
 }

@@ -21,16 +21,6 @@ pub(crate) enum Peer {
 impl Peer {
     pub(crate) const ALL: [Peer; 4] = [Peer::Bare, Peer::FleetBroker, Peer::Mosquitto, Peer::Rumqttd];
 
-    pub(crate) fn parse(s: &str) -> Option<Peer> {
-        match s {
-            "bare" | "rustls" => Some(Peer::Bare),
-            "fleet-broker" | "fleet" => Some(Peer::FleetBroker),
-            "mosquitto" => Some(Peer::Mosquitto),
-            "rumqttd" => Some(Peer::Rumqttd),
-            _ => None,
-        }
-    }
-
     pub(crate) fn name(self) -> &'static str {
         match self {
             Peer::Bare => "bare rustls (handshake only)",
@@ -230,7 +220,17 @@ pub(crate) fn start_fleet_broker(home: &Path, extra: &[&str]) -> Result<Server, 
 }
 
 pub(crate) fn start_fleet_broker_on(home: &Path, port: u16, extra: &[&str]) -> Result<Server, String> {
-    let broker = fleet_broker(home)?.port(port).args(extra).spawn()?;
+    start_broker_program(&program(Peer::FleetBroker)?, home, port, extra)
+}
+
+/// As [`start_fleet_broker_on`], running the fleet-broker binary `bin` (`--before-broker`).
+pub(crate) fn start_broker_program(
+    bin: &Path,
+    home: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Result<Server, String> {
+    let broker = fleet_broker(home)?.program(bin).port(port).args(extra).spawn()?;
     serve(Peer::FleetBroker.name(), broker.child, broker.mqtt)
 }
 
