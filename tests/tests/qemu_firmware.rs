@@ -80,7 +80,7 @@ fn start_broker_on(pki: &Pki, port: u16) -> Broker {
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     let (port, metrics) = (launched.mqtt.port(), launched.metrics.unwrap());
-    Broker { launched: launched, port, metrics }
+    Broker { launched, port, metrics }
 }
 
 fn metrics(b: &Broker) -> String {
