@@ -35,9 +35,10 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use client::Identity;
 use fleet_provision::home::Home;
 use fleet_provision::pki::{self, LoadedCa};
-use fleet_provision::station::{MintOptions, Station};
+use fleet_provision::station::Station;
 use fleet_provision::{RevocationReason, SerialNumber};
 use fleet_registry::RevokedEntry;
+use fleet_tests::fixture::Fleet;
 use servers::{Peer, Server};
 
 // What the scenario modules share, under the names they import from the crate root.
@@ -318,8 +319,10 @@ impl Subject {
 }
 
 /// The fleet the benchmarks run against: one home, identities minted by the station.
+/// The fleet a scenario measures with (the library's fixture, minted in batches) and its
+/// station.
 struct Env {
-    dir: tempfile::TempDir,
+    fleet: Fleet,
     home: PathBuf,
     station: Station,
 }
@@ -331,35 +334,28 @@ impl Env {
 
     /// A fleet whose registry is at `db` (default: SQLite in the home).
     async fn with_db(db: Option<&str>) -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = dir.path().join("home");
-        let station = Station::init(Home::new(&home), "Bench", db).await.expect("init");
-        station.server_cert(&["localhost".into()], &[], &home.join("broker-tls")).await.expect("server cert");
-        Env { dir, home, station }
+        let fleet = Fleet::new(0, db.map(str::to_owned)).await;
+        let (home, station) = (fleet.home(), fleet.station().await);
+        Env { fleet, home, station }
     }
 
     async fn mint(&self, prefix: &str, count: usize) -> Vec<Arc<Identity>> {
-        let opts = MintOptions {
-            count,
-            prefix: prefix.into(),
-            out: self.dir.path().join(prefix),
-            broker_host: "localhost".into(),
-            broker_port: 8883,
-            chunk: 1024,
-        };
-        let minted = self.station.mint(&opts, &|_| {}).await.expect("mint");
-        minted.iter().map(|d| Arc::new(Identity::load(&d.dir))).collect()
+        let dirs = self.fleet.mint(prefix, count).await;
+        dirs.iter().map(|d| Arc::new(Identity::load(d))).collect()
     }
 
     /// A backend service identity.
     async fn service(&self, name: &str) -> Identity {
-        let minted =
-            self.station.service_cert(name, &self.dir.path().join(name)).await.expect("service cert");
-        Identity::load(&minted.dir)
+        Identity::load(&self.fleet.service_identity(name).await)
+    }
+
+    /// The directory everything of this fleet lives in.
+    fn dir(&self) -> &Path {
+        self.fleet.dir.path()
     }
 
     fn start(&self, peer: Peer) -> Option<Server> {
-        Self::started(peer.name(), servers::start(peer, &self.home, self.dir.path()))
+        Self::started(peer.name(), servers::start(peer, &self.home, self.dir()))
     }
 
     /// Starts a subject: its peer, or the before binary with the fleet-broker peer's flags.

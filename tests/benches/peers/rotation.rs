@@ -37,7 +37,7 @@ pub(crate) async fn scenario_rotation(a: &Args, report: &mut Report) {
     let t = Instant::now();
     let _ = env.mint("rot", n).await;
     println!("  minted {n} devices in {:.1} s", t.elapsed().as_secs_f64());
-    let issuer_dir = env.dir.path().join("issuer");
+    let issuer_dir = env.dir().join("issuer");
     env.station.issuer_cert("issuer-bench", &issuer_dir).await.expect("issuer cert");
     // All devices connect from 127.0.0.1 at once: lift the per-source pre-admission cap.
     let server =
@@ -49,7 +49,7 @@ pub(crate) async fn scenario_rotation(a: &Args, report: &mut Report) {
             }
         };
     let port = server.addr.port().to_string();
-    let log = env.dir.path().join("issuer.log");
+    let log = env.dir().join("issuer.log");
     let mut issuer = Command::new(bin("fleet-provision"))
         .arg("--home")
         .arg(&env.home)
@@ -64,7 +64,7 @@ pub(crate) async fn scenario_rotation(a: &Args, report: &mut Report) {
     let cpu0 = servers::cpu_secs(issuer.id());
     let started = Instant::now();
     let out = tokio::task::spawn_blocking({
-        let dir = env.dir.path().join("rot");
+        let dir = env.dir().join("rot");
         move || {
             Command::new(bin("fleet-sim"))
                 .args(["run", "--port", &port, "--rate", "0.2", "--duration", "180"])
@@ -119,7 +119,7 @@ pub(crate) async fn scenario_rotation(a: &Args, report: &mut Report) {
         ),
     );
     // The peer: openssl signing CSRs with the same device CA, one process each.
-    if let Some(rate) = openssl_rate(&env.home, env.dir.path(), 100) {
+    if let Some(rate) = openssl_rate(&env.home, env.dir(), 100) {
         report
             .add("rotation", format!("| openssl x509 -req, 100 CSRs, one process each | {rate:.0} CSRs/s |"));
         report.add(

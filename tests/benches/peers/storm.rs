@@ -104,7 +104,7 @@ async fn storm(
 ) {
     let n = ids.len();
     let port = free_port();
-    let start = || servers::start_on(peer, &env.home, env.dir.path(), port);
+    let start = || servers::start_on(peer, &env.home, env.dir(), port);
     let Ok(mut server) = start() else {
         println!("  {}: did not start", peer.name());
         return;
