@@ -13,7 +13,9 @@ use rumqttc::mqttbytes::Error as MqttError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
-use super::v5::{self, Edge, PubRefusal, SubResult, Version};
+use super::v5::{self, Edge, Version};
+use super::wire::SubResult;
+pub(crate) use super::wire::{Ack, Inbound};
 use crate::message::Message;
 use crate::outcome::{CloseReason, Refusal};
 use crate::tls::Tls;
@@ -46,33 +48,6 @@ pub(crate) fn write_end(e: std::io::Error) -> CloseReason {
     } else {
         CloseReason::ClientGone
     }
-}
-
-/// What a client sent: a message, or another packet (never a PUBLISH).
-#[derive(Debug)]
-pub(crate) enum Inbound {
-    Publish(Message),
-    Packet(Packet),
-}
-
-impl Inbound {
-    fn v4(p: Packet) -> Self {
-        match p {
-            Packet::Publish(p) => Self::Publish(Message::from_v4(p)),
-            p => Self::Packet(p),
-        }
-    }
-}
-
-/// How a QoS 1 PUBLISH ended, for its PUBACK.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ack {
-    /// Stored (or routed): acknowledged.
-    Done,
-    /// Not stored: no PUBACK, and the session ends (the client retransmits).
-    Failed,
-    /// Refused: a v5 client gets a PUBACK with the reason, a 3.1.1 client a plain PUBACK.
-    Refused(PubRefusal),
 }
 
 /// A client connection after the handshake.

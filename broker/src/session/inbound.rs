@@ -12,7 +12,8 @@ use tracing::warn;
 
 use super::conn::{Ack, Inbound};
 use super::handler::{Ctx, State};
-use super::v5::{PubRefusal, SubResult, Version};
+use super::v5::Version;
+use super::wire::{PubRefusal, SubResult};
 use crate::auth::{self, Topic, TopicFilter};
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;

@@ -17,6 +17,7 @@ pub(crate) mod park;
 pub(crate) mod rate;
 pub(crate) mod services;
 pub(crate) mod v5;
+pub(crate) mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
