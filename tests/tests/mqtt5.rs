@@ -22,6 +22,17 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The arguments that make `mosquitto_pub` or `mosquitto_sub` speak MQTT `version` to `broker`
+/// with the identity in `dir` as `client_id`.
+fn mosquitto_args(version: &str, broker: &BrokerProc, dir: &Path, client_id: &str) -> Vec<String> {
+    let file = |name: &str| s(&dir.join(name)).to_owned();
+    let mut args: Vec<String> =
+        ["-V", version, "-h", "localhost", "-p", &broker.port()].map(String::from).into();
+    args.extend(["--cafile".into(), file("broker-trust.pem"), "--cert".into(), file("cert.pem")]);
+    args.extend(["--key".into(), file("key.pem"), "-i".into(), client_id.into()]);
+    args
+}
+
 /// A v5 client over a raw TLS session: every byte it sends is what the test says.
 struct Raw5 {
     raw: Raw,
@@ -325,17 +336,7 @@ async fn mosquitto_v5_and_v311_clients_share_one_broker() {
     let mut sub = Command::new("stdbuf")
         .arg("-oL")
         .arg(subbin)
-        .args([
-            "-V",
-            "5",
-            "-h",
-            "localhost",
-            "-p",
-            &broker.port(),
-            "--cafile",
-            s(&svc.join("broker-trust.pem")),
-        ])
-        .args(["--cert", s(&svc.join("cert.pem")), "--key", s(&svc.join("key.pem")), "-i", "backend"])
+        .args(mosquitto_args("5", &broker, svc, "backend"))
         .args(["-t", "devices/+/telemetry", "-C", "2", "-v", "-W", "60", "-d"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -345,18 +346,7 @@ async fn mosquitto_v5_and_v311_clients_share_one_broker() {
     for (i, version) in [(0, "5"), (1, "311")] {
         let (d, id) = (&fleet.devices[i], fleet.id(i));
         let mut cmd = Command::new(&pubbin);
-        cmd.args([
-            "-V",
-            version,
-            "-h",
-            "localhost",
-            "-p",
-            &broker.port(),
-            "--cafile",
-            s(&d.join("broker-trust.pem")),
-        ])
-        .args(["--cert", s(&d.join("cert.pem")), "--key", s(&d.join("key.pem")), "-i", &id])
-        .args([
+        cmd.args(mosquitto_args(version, &broker, d, &id)).args([
             "-t",
             &format!("devices/{id}/telemetry"),
             "-m",
@@ -380,17 +370,7 @@ async fn mosquitto_v5_and_v311_clients_share_one_broker() {
     // A v5 publisher outside its subtree: mosquitto_pub reports the PUBACK's reason.
     let (d, id) = (&fleet.devices[0], fleet.id(0));
     let out = Command::new(&pubbin)
-        .args([
-            "-V",
-            "5",
-            "-h",
-            "localhost",
-            "-p",
-            &broker.port(),
-            "--cafile",
-            s(&d.join("broker-trust.pem")),
-        ])
-        .args(["--cert", s(&d.join("cert.pem")), "--key", s(&d.join("key.pem")), "-i", &id])
+        .args(mosquitto_args("5", &broker, d, &id))
         .args(["-t", &format!("devices/{}/telemetry", fleet.id(1)), "-m", "forged", "-q", "1"])
         .output()
         .unwrap();

@@ -218,18 +218,7 @@ fn firmware_in_qemu_connects_publishes_gets_a_command_and_is_cut_off_when_revoke
         Ok(l) if l.starts_with("watching") => {}
         other => panic!("fleet-sim watch did not subscribe: {other:?}"),
     }
-    let send_command = || {
-        run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
-            "--port",
-            &broker.port.to_string(),
-            "--device",
-            &pki.device_id,
-            "--name",
-            "blink",
-            "--payload",
-            "3",
-        ]));
-    };
+    let send_command = || send_command(&bins, &pki, broker.port, &pki.device_id, "blink", "3");
     let (ok, lines) = boot(broker.port, &bundle, |l| {
         if l.contains("telemetry stored by the broker") {
             send_command();
@@ -372,17 +361,22 @@ fn certificates(home: &Path, device: &str) -> Vec<(String, String, String)> {
     })
 }
 
-fn command_when_stored(bins: &Path, pki: &Pki, port: u16, device: &str) {
+/// `fleet-sim command`: the fleet's service sends command `name` with `payload` to `device`.
+fn send_command(bins: &Path, pki: &Pki, port: u16, device: &str, name: &str, payload: &str) {
     run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
         "--port",
         &port.to_string(),
         "--device",
         device,
         "--name",
-        "blink",
+        name,
         "--payload",
-        "3",
+        payload,
     ]));
+}
+
+fn command_when_stored(bins: &Path, pki: &Pki, port: u16, device: &str) {
+    send_command(bins, pki, port, device, "blink", "3");
 }
 
 /// The firmware rotates in QEMU: its certificate (10 days left) is inside the 30-day window, so
@@ -511,18 +505,8 @@ fn firmware_in_qemu_gets_commands_sent_while_it_was_off_once_each_on_a_persisten
     let pki = provision();
     let broker = start_broker(&pki);
     let bundle = pki.device_dir.join("credentials.bin");
-    let send = |name: &str, payload: &str| {
-        run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
-            "--port",
-            &broker.port.to_string(),
-            "--device",
-            &pki.device_id,
-            "--name",
-            name,
-            "--payload",
-            payload,
-        ]));
-    };
+    let send =
+        |name: &str, payload: &str| send_command(&bins, &pki, broker.port, &pki.device_id, name, payload);
     send("blink", "3");
     assert_eq!(command_statuses(&bins, &pki), [("blink".to_owned(), "queued".to_owned())]);
 
@@ -567,12 +551,7 @@ fn async_firmware_in_qemu_idles_survives_a_broker_restart_and_answers_a_command(
     let mut broker = Some(start_broker(&pki));
     let port = broker.as_ref().unwrap().port;
     let bundle = pki.device_dir.join("credentials.bin");
-    let send =
-        |name: &str| {
-            run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args(
-                ["--port", &port.to_string(), "--device", &pki.device_id, "--name", name, "--payload", "1"],
-            ));
-        };
+    let send = |name: &str| send_command(&bins, &pki, port, &pki.device_id, name, "1");
     #[derive(PartialEq, Debug)]
     enum Stage {
         FirstReading,

@@ -167,16 +167,6 @@ impl<'a> Topic<'a> {
         Ok(Self(s))
     }
 
-    /// The topic as text.
-    pub fn as_str(self) -> &'a str {
-        self.0
-    }
-
-    /// Its levels.
-    pub fn levels(self) -> core::str::Split<'a, char> {
-        self.0.split('/')
-    }
-
     /// True if a level is empty (`a//b`, `/a`, `a/`): valid MQTT, but never a topic of the scheme.
     pub fn has_empty_level(self) -> bool {
         self.levels().any(str::is_empty)
@@ -185,12 +175,6 @@ impl<'a> Topic<'a> {
     /// What the topic means in the scheme.
     pub fn addressed(self) -> Addressed<'a> {
         Addressed::of(self.0)
-    }
-}
-
-impl fmt::Display for Topic<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
     }
 }
 
@@ -217,16 +201,6 @@ impl<'a> TopicFilter<'a> {
         Ok(Self(s))
     }
 
-    /// The filter as text.
-    pub fn as_str(self) -> &'a str {
-        self.0
-    }
-
-    /// Its levels.
-    pub fn levels(self) -> core::str::Split<'a, char> {
-        self.0.split('/')
-    }
-
     /// Does `topic` match this filter?
     pub fn matches(self, topic: Topic<'_>) -> bool {
         matches(self.0, topic.0)
@@ -238,11 +212,31 @@ impl<'a> TopicFilter<'a> {
     }
 }
 
-impl fmt::Display for TopicFilter<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
-    }
+/// What a topic and a filter share: the text, its levels, `Display`.
+macro_rules! text_newtype {
+    ($t:ident) => {
+        impl<'a> $t<'a> {
+            /// As text.
+            pub fn as_str(self) -> &'a str {
+                self.0
+            }
+
+            /// Its levels.
+            pub fn levels(self) -> core::str::Split<'a, char> {
+                self.0.split('/')
+            }
+        }
+
+        impl fmt::Display for $t<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+    };
 }
+
+text_newtype!(Topic);
+text_newtype!(TopicFilter);
 
 /// Does `topic` match `filter` (MQTT rules; no `$` topics occur in the scheme)? For text already
 /// parsed as a [`TopicFilter`] and a [`Topic`] (the broker keeps its subscriptions as text).
