@@ -112,6 +112,13 @@ pub enum Incoming {
         /// Bytes of the payload.
         payload_len: usize,
     },
+    /// MQTT 5: the broker refused a queued QoS 1 message with this reason code (0x87 not
+    /// authorized, 0x97 quota exceeded); it is not sent again.
+    #[cfg(feature = "mqtt5")]
+    Refused {
+        /// The reason code.
+        reason: u8,
+    },
 }
 
 /// `<root>/certs/<kind>` as an event: the leaf of an `issued` chain, a rejection's reason, an
@@ -554,6 +561,8 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
                 Event::Subscribed => None,
                 Event::Command { name, payload } => Some(command(name, payload)),
                 Event::Certs { kind, payload } => certs(kind, payload),
+                #[cfg(feature = "mqtt5")]
+                Event::Refused { reason, .. } => Some(Incoming::Refused { reason }),
             });
             self.inbox.copy_within(used..self.filled, 0);
             self.filled -= used;

@@ -519,3 +519,89 @@ async fn v5_properties_reach_v5_subscribers_and_the_store_and_expired_messages_a
     assert_eq!((&p.topic[..], &p.payload[..]), (format!("devices/{d0}/config").as_bytes(), &b"fresh"[..]));
     assert!(svc.recv(Duration::from_millis(500)).await.is_none(), "the expired retained message came");
 }
+
+/// The SDK's feature `mqtt5` against the broker: CONNECT v5, telemetry under a topic alias
+/// (every message stored under its full topic), a refused QoS 1 message reported with its reason
+/// code, and a live revocation read as DISCONNECT 0x98, after which the device waits its longest
+/// back-off instead of hammering the broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sdk_speaks_mqtt5_aliases_its_telemetry_and_reads_why_it_was_cut() {
+    use fleet_device::client::{ClientError, Device, Incoming};
+    use fleet_device::credentials::Credentials;
+    use fleet_device::mqtt::{Millis, Mqtt5, SessionConfig, SessionError};
+    use std::sync::mpsc;
+
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let addr = broker.mqtt;
+    let (to_test, from_device) = mpsc::channel::<&'static str>();
+    let start = std::time::Instant::now();
+    let now = move || Millis(start.elapsed().as_millis() as u64);
+    let device = std::thread::spawn(move || {
+        let creds = Credentials::decode(&bundle).unwrap();
+        let cfg = SessionConfig {
+            mqtt5: Some(Mqtt5::default()),
+            backoff_max_ms: 600_000,
+            ..SessionConfig::default()
+        };
+        let mut d: Device<'_, 8, 256> = Device::new(creds, cfg);
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        let mut conn = d
+            .connect(
+                embedded_io_adapters::std::FromStd::new(tcp),
+                &mut rx,
+                &mut tx,
+                rand::rngs::OsRng,
+                None,
+                now(),
+            )
+            .unwrap();
+        for i in 0..3u32 {
+            d.publish_telemetry(&(i, 21.5f32)).unwrap();
+        }
+        // Its own commands topic is not its to publish: refused with 0x87, not retried.
+        d.publish("commands/forged", b"x", fleet_device::mqtt::QoS::AtLeastOnce).unwrap();
+        let (mut delivered, mut refused) = (0, None);
+        let t = std::time::Instant::now();
+        while delivered < 3 || refused.is_none() {
+            assert!(t.elapsed() < PATIENCE, "no PUBACKs");
+            match d.poll(&mut conn, now()).expect("poll") {
+                Some(Incoming::Delivered) => delivered += 1,
+                Some(Incoming::Refused { reason }) => refused = Some(reason),
+                _ => {}
+            }
+        }
+        assert_eq!(refused, Some(0x87));
+        assert_eq!(d.session().queued(), 0, "the refused message is not retried");
+        to_test.send("published").unwrap();
+        let t = std::time::Instant::now();
+        let err = loop {
+            assert!(t.elapsed() < PATIENCE, "the revocation did not reach the device");
+            if let Err(e) = d.poll(&mut conn, now()) {
+                break e;
+            }
+        };
+        assert!(matches!(err, ClientError::Session(SessionError::Disconnected(0x98))), "{err:?}");
+        drop(conn);
+        let at = now();
+        d.disconnected(at, 7);
+        let wait = d.session().reconnect_at().unwrap().0 - at.0;
+        assert!(wait >= 300_000, "a revoked device backs off to its longest wait, not {wait} ms");
+    });
+    let from_device = tokio::task::spawn_blocking(move || {
+        assert_eq!(from_device.recv_timeout(PATIENCE).unwrap(), "published");
+        from_device
+    })
+    .await
+    .unwrap();
+    let id = fleet.id(0);
+    let rows = fleet.telemetry_rows(&id).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|(t, _)| *t == format!("devices/{id}/telemetry")), "aliases resolved: {rows:?}");
+    fleet.revoke(0).await;
+    tokio::task::spawn_blocking(move || device.join()).await.unwrap().expect("device thread");
+    drop(from_device);
+}

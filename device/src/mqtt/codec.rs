@@ -113,6 +113,20 @@ pub enum Packet<'a> {
     PingResp,
     /// DISCONNECT.
     Disconnect,
+    /// MQTT 5: a PUBACK whose reason code refuses the message (0x80 and above).
+    #[cfg(feature = "mqtt5")]
+    PubRefused {
+        /// The refused message's packet id.
+        pkid: u16,
+        /// The reason code (0x87 not authorized, 0x97 quota exceeded, ...).
+        reason: u8,
+    },
+    /// MQTT 5: the broker ends the session, saying why.
+    #[cfg(feature = "mqtt5")]
+    ServerDisconnect {
+        /// The reason code (0x98 administrative action: revoked; 0x8E session taken over, ...).
+        reason: u8,
+    },
 }
 
 /// SUBSCRIBE filters: a slice to encode, or the decoded bytes.
@@ -191,7 +205,7 @@ impl core::error::Error for EncodeError {}
 
 const MAX_REMAINING: usize = 268_435_455;
 
-fn read_u16(b: &[u8], at: usize) -> Result<u16, DecodeError> {
+pub(super) fn read_u16(b: &[u8], at: usize) -> Result<u16, DecodeError> {
     match b.get(at..at + 2) {
         Some(&[hi, lo]) => Ok(u16::from_be_bytes([hi, lo])),
         _ => Err(DecodeError::Malformed("truncated field")),
@@ -199,7 +213,7 @@ fn read_u16(b: &[u8], at: usize) -> Result<u16, DecodeError> {
 }
 
 /// Reads a length-prefixed UTF-8 string at `at`; returns it and the offset after it.
-fn read_str(b: &[u8], at: usize) -> Result<(&str, usize), DecodeError> {
+pub(super) fn read_str(b: &[u8], at: usize) -> Result<(&str, usize), DecodeError> {
     let len = usize::from(read_u16(b, at)?);
     let bytes = b.get(at + 2..at + 2 + len).ok_or(DecodeError::Malformed("truncated string"))?;
     let s = core::str::from_utf8(bytes).map_err(|_| DecodeError::Malformed("invalid UTF-8"))?;
@@ -210,7 +224,7 @@ fn read_str(b: &[u8], at: usize) -> Result<(&str, usize), DecodeError> {
 }
 
 /// Decodes the remaining-length varint at `b[1..]`: (value, header length).
-fn remaining_length(b: &[u8]) -> Result<(usize, usize), DecodeError> {
+pub(super) fn remaining_length(b: &[u8]) -> Result<(usize, usize), DecodeError> {
     let mut value = 0usize;
     for i in 0..4 {
         let Some(&byte) = b.get(1 + i) else {
@@ -419,32 +433,43 @@ fn decode_publish(flags: u8, body: &[u8]) -> Result<Packet<'_>, DecodeError> {
 }
 
 /// Writes into `out` at a cursor, failing on overflow.
-struct Writer<'o> {
+pub(super) struct Writer<'o> {
     out: &'o mut [u8],
     at: usize,
 }
 
-impl Writer<'_> {
-    fn bytes(&mut self, b: &[u8]) -> Result<(), EncodeError> {
+impl<'o> Writer<'o> {
+    #[cfg(feature = "mqtt5")]
+    pub(super) fn new(out: &'o mut [u8]) -> Self {
+        Self { out, at: 0 }
+    }
+
+    /// Bytes written.
+    #[cfg(feature = "mqtt5")]
+    pub(super) fn at(&self) -> usize {
+        self.at
+    }
+
+    pub(super) fn bytes(&mut self, b: &[u8]) -> Result<(), EncodeError> {
         let end = self.at + b.len();
         let dst = self.out.get_mut(self.at..end).ok_or(EncodeError::BufferTooSmall { needed: end })?;
         dst.copy_from_slice(b);
         self.at = end;
         Ok(())
     }
-    fn u8(&mut self, v: u8) -> Result<(), EncodeError> {
+    pub(super) fn u8(&mut self, v: u8) -> Result<(), EncodeError> {
         self.bytes(&[v])
     }
-    fn u16(&mut self, v: u16) -> Result<(), EncodeError> {
+    pub(super) fn u16(&mut self, v: u16) -> Result<(), EncodeError> {
         self.bytes(&v.to_be_bytes())
     }
-    fn str(&mut self, s: &str) -> Result<(), EncodeError> {
+    pub(super) fn str(&mut self, s: &str) -> Result<(), EncodeError> {
         let len =
             u16::try_from(s.len()).map_err(|_| EncodeError::Invalid("string longer than 65535 bytes"))?;
         self.u16(len)?;
         self.bytes(s.as_bytes())
     }
-    fn header(&mut self, first: u8, remaining: usize) -> Result<(), EncodeError> {
+    pub(super) fn header(&mut self, first: u8, remaining: usize) -> Result<(), EncodeError> {
         if remaining > MAX_REMAINING {
             return Err(EncodeError::Invalid("packet too large for MQTT"));
         }
@@ -550,6 +575,10 @@ impl Packet<'_> {
             Packet::PingReq => w.header(0xc0, 0)?,
             Packet::PingResp => w.header(0xd0, 0)?,
             Packet::Disconnect => w.header(0xe0, 0)?,
+            #[cfg(feature = "mqtt5")]
+            Packet::PubRefused { .. } | Packet::ServerDisconnect { .. } => {
+                return Err(EncodeError::Invalid("a broker's MQTT 5 packet"))
+            }
         }
         Ok(w.at)
     }

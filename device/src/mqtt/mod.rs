@@ -5,6 +5,10 @@
 
 pub mod codec;
 pub mod session;
+#[cfg(feature = "mqtt5")]
+pub mod v5;
 
 pub use codec::{decode, decode_publish_head, DecodeError, EncodeError, Packet, Publish, PublishHead, QoS};
+#[cfg(feature = "mqtt5")]
+pub use session::Mqtt5;
 pub use session::{Event, Millis, Overflow, Session, SessionConfig, SessionError};

@@ -26,6 +26,28 @@ use super::codec::{
     SubscribeFilters,
 };
 
+/// A PUBLISH: 3.1.1, or (`alias_set` given) MQTT 5 with telemetry named by its alias once set.
+fn encode_publish(
+    p: &Publish<'_>,
+    alias_set: Option<&mut bool>,
+    telemetry: bool,
+    out: &mut [u8],
+) -> Result<usize, SessionError> {
+    #[cfg(feature = "mqtt5")]
+    if let Some(set) = alias_set {
+        let alias = match (telemetry, *set) {
+            (false, _) => super::v5::Alias::None,
+            (true, false) => super::v5::Alias::Set(1),
+            (true, true) => super::v5::Alias::Use(1),
+        };
+        let n = super::v5::encode_publish(p, alias, out).map_err(SessionError::Encode)?;
+        *set |= telemetry;
+        return Ok(n);
+    }
+    let _ = (alias_set, telemetry);
+    Packet::Publish(*p).encode(out).map_err(SessionError::Encode)
+}
+
 /// Milliseconds on the caller's monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Millis(pub u64);
@@ -61,6 +83,27 @@ pub struct SessionConfig {
     /// MQTT clean session. `false` asks the broker to keep the session (subscriptions, queued
     /// QoS 1 messages) while the device sleeps (docs/spec/commands.md).
     pub clean_session: bool,
+    /// Speak MQTT 5 instead of 3.1.1 (feature `mqtt5`).
+    #[cfg(feature = "mqtt5")]
+    pub mqtt5: Option<Mqtt5>,
+}
+
+/// An MQTT 5 session's terms (feature `mqtt5`).
+#[cfg(feature = "mqtt5")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mqtt5 {
+    /// How long the broker keeps the session after the connection ends, seconds (used when
+    /// `clean_session` is `false`; the broker may grant less).
+    pub session_expiry_secs: u32,
+    /// QoS 1 deliveries the device takes unacknowledged at once (it handles one at a time).
+    pub receive_max: u16,
+}
+
+#[cfg(feature = "mqtt5")]
+impl Default for Mqtt5 {
+    fn default() -> Self {
+        Self { session_expiry_secs: 86_400, receive_max: 1 }
+    }
 }
 
 impl Default for SessionConfig {
@@ -72,6 +115,8 @@ impl Default for SessionConfig {
             backoff_max_ms: 60_000,
             overflow: Overflow::DropOldest,
             clean_session: true,
+            #[cfg(feature = "mqtt5")]
+            mqtt5: None,
         }
     }
 }
@@ -94,6 +139,14 @@ pub enum Event<'a> {
         name: &'a str,
         /// Its payload.
         payload: &'a [u8],
+    },
+    /// MQTT 5: the broker refused a QoS 1 message (it is not retried).
+    #[cfg(feature = "mqtt5")]
+    Refused {
+        /// Its packet id.
+        pkid: u16,
+        /// The reason code (0x87 not authorized, 0x97 quota exceeded, ...).
+        reason: u8,
     },
     /// A rotation message arrived on `<root>/certs/<kind>` (`issued`, `rejected`, `rotate`;
     /// docs/spec/rotation.md).
@@ -127,6 +180,10 @@ pub enum SessionError {
     Encode(EncodeError),
     /// Sending needs an accepted session.
     NotConnected,
+    /// MQTT 5: the broker ended the session with this reason code (0x98: the device was
+    /// revoked; 0x8E: another connection took the session over; 0x8B: the broker stops).
+    #[cfg(feature = "mqtt5")]
+    Disconnected(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +230,13 @@ pub struct Session<'a, const N: usize, const M: usize> {
     /// (DUP) of one of them is acknowledged again but not reported twice.
     seen: [u16; SEEN],
     seen_at: usize,
+    /// MQTT 5: the telemetry topic alias is set on this connection.
+    #[cfg(feature = "mqtt5")]
+    alias_set: bool,
+    /// MQTT 5: the broker said this identity is not welcome (banned, not authorized, revoked):
+    /// the next attempt waits `backoff_max_ms`.
+    #[cfg(feature = "mqtt5")]
+    hold_off: bool,
 }
 
 impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
@@ -196,6 +260,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             dropped: 0,
             seen: [0; SEEN],
             seen_at: 0,
+            #[cfg(feature = "mqtt5")]
+            alias_set: false,
+            #[cfg(feature = "mqtt5")]
+            hold_off: false,
         }
     }
 
@@ -234,7 +302,21 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         let pkid = if qos == QoS::AtMostOnce { None } else { Some(self.take_pkid()) };
         let qos = if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
         let p = Publish { topic: &t, payload, qos, retain: false, dup: false, pkid };
-        Packet::Publish(p).encode(out).map_err(SessionError::Encode)
+        self.encode_publish(&p, false, out)
+    }
+
+    /// A PUBLISH in the session's protocol; `telemetry`: on MQTT 5 it names its topic by alias.
+    fn encode_publish(
+        &mut self,
+        p: &Publish<'_>,
+        telemetry: bool,
+        out: &mut [u8],
+    ) -> Result<usize, SessionError> {
+        #[cfg(feature = "mqtt5")]
+        let alias = self.cfg.mqtt5.map(|_| &mut self.alias_set);
+        #[cfg(not(feature = "mqtt5"))]
+        let alias = None;
+        encode_publish(p, alias, telemetry, out)
     }
 
     /// True once CONNACK was accepted on the current transport.
@@ -301,13 +383,22 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         self.subscribe_pending = None;
         self.pending_puback = None;
         self.in_flight_since = None; // retransmitted (DUP) after CONNACK
+        #[cfg(feature = "mqtt5")]
+        {
+            self.alias_set = false;
+        }
     }
 
     /// The transport failed or closed: back off before the next attempt. `random` is any random
     /// number from the caller's RNG (for jitter).
     pub fn transport_down(&mut self, now: Millis, random: u32) {
         let exp = self.cfg.backoff_min_ms.saturating_mul(1u64 << self.attempt.min(20));
-        let delay = exp.min(self.cfg.backoff_max_ms);
+        #[allow(unused_mut)]
+        let mut delay = exp.min(self.cfg.backoff_max_ms);
+        #[cfg(feature = "mqtt5")]
+        if core::mem::take(&mut self.hold_off) {
+            delay = self.cfg.backoff_max_ms;
+        }
         let jittered = delay / 2 + u64::from(random) % (delay / 2 + 1);
         self.attempt = self.attempt.saturating_add(1);
         self.state = State::Disconnected { retry_at: now.plus(jittered) };
@@ -351,13 +442,8 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         let n = match self.state {
             State::Disconnected { .. } => return Ok(None),
             State::Connecting { sent_at: None } => {
-                let p = Packet::Connect {
-                    client_id: self.device_id,
-                    keep_alive: self.cfg.keep_alive_secs,
-                    clean_session: self.cfg.clean_session,
-                };
                 self.state = State::Connecting { sent_at: Some(now) };
-                p.encode(out).map_err(SessionError::Encode)?
+                self.encode_connect(out)?
             }
             State::Connecting { sent_at: Some(t) } => {
                 if now >= t.plus(self.keep_alive_ms().max(10_000)) {
@@ -372,6 +458,21 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         };
         self.last_sent = now;
         Ok(Some(n))
+    }
+
+    fn encode_connect(&self, out: &mut [u8]) -> Result<usize, SessionError> {
+        let (client_id, keep_alive, clean) =
+            (self.device_id, self.cfg.keep_alive_secs, self.cfg.clean_session);
+        #[cfg(feature = "mqtt5")]
+        if let Some(v5) = self.cfg.mqtt5 {
+            // A clean session ends with its connection (expiry 0); a kept one lasts as asked.
+            let expiry = if clean { 0 } else { v5.session_expiry_secs };
+            return super::v5::encode_connect(client_id, keep_alive, clean, expiry, v5.receive_max, out)
+                .map_err(SessionError::Encode);
+        }
+        Packet::Connect { client_id, keep_alive, clean_session: clean }
+            .encode(out)
+            .map_err(SessionError::Encode)
     }
 
     fn next_connected_packet(&mut self, now: Millis, out: &mut [u8]) -> Result<Option<usize>, SessionError> {
@@ -404,11 +505,14 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 (f[3].as_str(), QoS::AtLeastOnce),
             ];
             // A claim session has no commands and no operator requests.
-            let list = if self.claim { &all[1..3] } else { &all[..] };
-            return Packet::Subscribe { pkid, filters: SubscribeFilters::List(list) }
-                .encode(out)
-                .map(Some)
-                .map_err(SessionError::Encode);
+            let filters = SubscribeFilters::List(if self.claim { &all[1..3] } else { &all[..] });
+            #[cfg(feature = "mqtt5")]
+            if self.cfg.mqtt5.is_some() {
+                return super::v5::encode_subscribe(pkid, filters, out)
+                    .map(Some)
+                    .map_err(SessionError::Encode);
+            }
+            return Packet::Subscribe { pkid, filters }.encode(out).map(Some).map_err(SessionError::Encode);
         }
         if let Some(p) = self.ping_sent {
             if now >= p.plus(self.keep_alive_ms()) {
@@ -425,6 +529,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                     None
                 };
             let root = self.root();
+            #[cfg(feature = "mqtt5")]
+            let alias = self.cfg.mqtt5.map(|_| &mut self.alias_set);
+            #[cfg(not(feature = "mqtt5"))]
+            let alias = None;
             if let Some(msg) = self.outbox.front_mut() {
                 if let Some(id) = fresh_pkid {
                     msg.pkid = Some(id);
@@ -440,8 +548,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                     dup,
                     pkid: msg.pkid,
                 };
-                let n = Packet::Publish(p).encode(out).map_err(SessionError::Encode)?;
-                if msg.qos == QoS::AtMostOnce {
+                let telemetry = msg.suffix.as_str() == fleet_topic::suffix::TELEMETRY;
+                let qos = msg.qos;
+                let n = encode_publish(&p, alias, telemetry, out)?;
+                if qos == QoS::AtMostOnce {
                     let _ = self.outbox.pop_front();
                 } else {
                     self.in_flight_since = Some(now);
@@ -493,7 +603,14 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         now: Millis,
         input: &'b [u8],
     ) -> Result<(usize, Option<Event<'b>>), SessionError> {
-        let (packet, used) = match decode(input, usize::MAX) {
+        #[cfg(feature = "mqtt5")]
+        let decoded = match self.cfg.mqtt5 {
+            Some(_) => super::v5::decode(input, usize::MAX),
+            None => decode(input, usize::MAX),
+        };
+        #[cfg(not(feature = "mqtt5"))]
+        let decoded = decode(input, usize::MAX);
+        let (packet, used) = match decoded {
             Ok(x) => x,
             Err(DecodeError::Incomplete { .. }) => return Ok((0, None)),
             Err(e) => return Err(SessionError::Protocol(e)),
@@ -511,7 +628,30 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 }
                 Some(Event::Connected)
             }
-            Packet::ConnAck { code, .. } => return Err(SessionError::Refused(code)),
+            Packet::ConnAck { code, .. } => {
+                #[cfg(feature = "mqtt5")]
+                {
+                    self.hold_off = super::v5::Retry::after(code) == super::v5::Retry::MuchLater;
+                }
+                return Err(SessionError::Refused(code));
+            }
+            #[cfg(feature = "mqtt5")]
+            Packet::ServerDisconnect { reason } => {
+                self.hold_off = super::v5::Retry::after(reason) == super::v5::Retry::MuchLater;
+                return Err(SessionError::Disconnected(reason));
+            }
+            #[cfg(feature = "mqtt5")]
+            Packet::PubRefused { pkid, reason } => {
+                // Refused for good: retrying the same message changes nothing.
+                let head = self.outbox.front().and_then(|m| m.pkid);
+                if head == Some(pkid) && self.in_flight_since.is_some() {
+                    let _ = self.outbox.pop_front();
+                    self.in_flight_since = None;
+                    Some(Event::Refused { pkid, reason })
+                } else {
+                    None
+                }
+            }
             Packet::PubAck { pkid } => {
                 let head = self.outbox.front().and_then(|m| m.pkid);
                 if head == Some(pkid) && self.in_flight_since.is_some() {
@@ -524,7 +664,7 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             }
             Packet::SubAck { pkid, codes } if Some(pkid) == self.subscribe_pending => {
                 self.subscribe_pending = None;
-                if codes.contains(&0x80) {
+                if codes.iter().any(|&c| c >= 0x80) {
                     return Err(SessionError::SubscriptionRefused);
                 }
                 self.subscribed = true;
@@ -583,6 +723,10 @@ impl core::fmt::Display for SessionError {
             Self::TooLarge => f.write_str("the topic or payload is too large"),
             Self::Encode(e) => write!(f, "{e}"),
             Self::NotConnected => f.write_str("not connected"),
+            #[cfg(feature = "mqtt5")]
+            Self::Disconnected(reason) => {
+                write!(f, "the broker ended the session (DISCONNECT reason 0x{reason:02x})")
+            }
         }
     }
 }
@@ -880,5 +1024,54 @@ mod tests {
         // Incomplete input is not an error.
         assert_eq!(s.handle(Millis(0), &[0x20]), Ok((0, None)));
         assert!(matches!(s.handle(Millis(0), &[0xf0, 0]), Err(SessionError::Protocol(_))));
+    }
+
+    /// MQTT 5: telemetry sets its alias on the first PUBLISH of a connection and uses it after;
+    /// a new connection sets it again; the broker's DISCONNECT 0x98 makes the next wait the
+    /// longest.
+    #[cfg(feature = "mqtt5")]
+    #[test]
+    fn a_v5_session_aliases_telemetry_per_connection_and_holds_off_after_a_revocation() {
+        use rumqttc::v5::mqttbytes::v5 as m5;
+        let topic_of = |bytes: &[u8]| {
+            let mut b = bytes::BytesMut::from(bytes);
+            match m5::Packet::read(&mut b, None).expect("v5 packet") {
+                m5::Packet::Publish(p) => (p.topic.to_vec(), p.properties.and_then(|p| p.topic_alias)),
+                other => panic!("{other:?}"),
+            }
+        };
+        let cfg = SessionConfig {
+            mqtt5: Some(Mqtt5::default()),
+            backoff_max_ms: 60_000,
+            ..SessionConfig::default()
+        };
+        let mut s = S::new("dev-1", cfg);
+        s.transport_up(Millis(0));
+        let connect = tx(&mut s, 0);
+        assert_eq!(connect[0][8], 5, "protocol level 5");
+        assert_eq!(feed(&mut s, &[0x20, 3, 0, 0, 0]), Some(Event::Connected));
+        let sub = tx(&mut s, 1);
+        let [hi, lo] = [sub[0][2], sub[0][3]];
+        assert_eq!(feed(&mut s, &[0x90, 4, hi, lo, 0, 1]), Some(Event::Subscribed));
+        s.publish("telemetry", b"1", QoS::AtLeastOnce).unwrap();
+        let first = tx(&mut s, 2);
+        assert_eq!(topic_of(&first[0]), (b"devices/dev-1/telemetry".to_vec(), Some(1)));
+        let pkid = u16::from_be_bytes([first[0][27], first[0][28]]); // after "devices/dev-1/telemetry"
+        let [hi, lo] = pkid.to_be_bytes();
+        assert_eq!(feed(&mut s, &[0x40, 2, hi, lo]), Some(Event::Delivered { pkid }));
+        s.publish("telemetry", b"2", QoS::AtLeastOnce).unwrap();
+        assert_eq!(topic_of(&tx(&mut s, 3)[0]), (std::vec::Vec::new(), Some(1)), "the alias alone");
+        // The broker cuts it: revoked. The next attempt waits the longest back-off.
+        let err = s.handle(Millis(4), &[0xe0, 1, 0x98]).unwrap_err();
+        assert_eq!(err, SessionError::Disconnected(0x98));
+        s.transport_down(Millis(5), 0);
+        assert!(s.reconnect_at().is_some_and(|t| t.0 >= 5 + 30_000));
+        // A new connection sets the alias again (the retransmission carries the topic).
+        s.transport_up(Millis(40_000));
+        tx(&mut s, 40_000);
+        feed(&mut s, &[0x20, 3, 0, 0, 0]);
+        let again = tx(&mut s, 40_001);
+        let publish = again.iter().find(|p| p[0] >> 4 == 3).expect("the retransmission");
+        assert_eq!(topic_of(publish), (b"devices/dev-1/telemetry".to_vec(), Some(1)));
     }
 }

@@ -332,6 +332,14 @@ impl Session<'_> {
                     let msg = format!("command too large: {name_len} B name, {payload_len} B payload");
                     self.track.update(|s| s.last_error = Some(msg.clone()));
                 }
+                Some(Incoming::Refused { reason }) => {
+                    // The broker refused a message (MQTT 5): it is not sent again.
+                    self.track.update(|s| {
+                        s.acked += 1;
+                        s.last_error =
+                            Some(format!("a message was refused by the broker (reason 0x{reason:02x})"));
+                    });
+                }
                 Some(Incoming::RotateRequested) if !self.trying => {
                     self.rotator.start(&mut rng, ms());
                     event(start, self.id, "rotate-requested", "");

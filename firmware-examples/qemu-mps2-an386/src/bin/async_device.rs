@@ -133,6 +133,8 @@ async fn main(spawner: Spawner) {
         clean_session: false,
         backoff_min_ms: 1_000,
         backoff_max_ms: 8_000,
+        #[cfg(feature = "mqtt5")]
+        mqtt5: Some(fleet_device::mqtt::Mqtt5::default()),
         ..SessionConfig::default()
     };
     let mut device: Device<'_, 8, 64> = Device::new(creds, cfg);
