@@ -173,6 +173,8 @@ impl State {
     /// A resumed persistent session: its unacknowledged deliveries again (DUP, same packet
     /// ids), and its queued commands if it kept their subscription.
     async fn resume(&mut self, ctx: &Ctx<'_>) -> Result<(), CloseReason> {
+        // One that expired meanwhile is not sent again, so it must not hold a place either.
+        self.in_flight.retain(|p| !p.expired());
         for p in &mut self.in_flight {
             p.dup = true;
         }
@@ -273,6 +275,12 @@ impl State {
                 }
                 p = self.inbox.next(), if self.window.is_none_or(|w| self.in_flight.len() < w) => {
                     let mut p = *p;
+                    if p.expired() {
+                        // Expired while it waited (MQTT 5 Message Expiry): never sent, so it
+                        // takes no place in the window; a device sending such messages must not
+                        // stop a subscriber's deliveries.
+                        continue;
+                    }
                     if self.delivery.active && p.qos == QoS::AtLeastOnce && self.is_own_command(ctx, &p.topic) {
                         // A queued command was stored for this device: read the queue, in order.
                         self.delivery.wake();

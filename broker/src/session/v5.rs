@@ -103,16 +103,30 @@ impl Edge {
         if buf.is_empty() {
             return Ok(None);
         }
-        // A DISCONNECT without a body is "normal disconnection" (the codec wants a body).
-        if buf[0] == 0xE0 && buf.get(1) == Some(&0) {
-            let _ = buf.split_to(2);
+        // A DISCONNECT without properties: "normal disconnection" without a body, or a reason
+        // code alone (MQTT 5 §3.14.2.1; the codec wants a body, then a property length).
+        if buf[0] == 0xE0 && matches!(buf.get(1), Some(0 | 1)) {
+            let len = 2 + usize::from(buf[1]);
+            if buf.len() < len {
+                return Ok(None);
+            }
+            let _ = buf.split_to(len);
             return Ok(Some(Inbound::Packet(v4::Packet::Disconnect)));
         }
         let max = u32::try_from(max_packet).unwrap_or(u32::MAX);
-        let packet = match m5::Packet::read(buf, Some(max)) {
-            Ok(p) => p,
-            Err(e) => return decode_error(&e).map_or(Ok(None), Err),
-        };
+        // Framed first: once the whole packet is there, "more bytes" from the codec means a
+        // length inside it that runs out (a 3.1.1 PUBLISH has no property length), and the
+        // packet is already taken off the buffer. Malformed, not a wait for bytes.
+        if let Err(e) = m5::check(buf.iter(), Some(max)) {
+            return decode_error(&e).map_or(Ok(None), Err);
+        }
+        // AUTH: no enhanced authentication, the certificate is the identity (the codec does not
+        // know the packet at all).
+        if buf[0] == 0xF0 {
+            return Err(CloseReason::UnexpectedPacket);
+        }
+        let packet = m5::Packet::read(buf, Some(max))
+            .map_err(|e| decode_error(&e).unwrap_or(CloseReason::MalformedPacket))?;
         Ok(Some(Inbound::Packet(match packet {
             m5::Packet::Connect(c, _will, _login) => {
                 let p = c.properties.as_ref();
@@ -148,7 +162,6 @@ impl Edge {
             m5::Packet::PubRec(_) | m5::Packet::PubRel(_) | m5::Packet::PubComp(_) => {
                 return Err(CloseReason::Qos2Unsupported)
             }
-            // No enhanced authentication: the certificate is the identity.
             m5::Packet::Auth(_)
             | m5::Packet::ConnAck(_)
             | m5::Packet::PingResp(_)
@@ -530,6 +543,12 @@ mod tests {
         let mut edge = Edge::default();
         let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
         assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))));
+        // A reason code alone (here: with Will Message) is a DISCONNECT too, not malformed.
+        let mut buf = BytesMut::from(&[0xE0u8, 0x01][..]);
+        assert!(matches!(edge.decode(&mut buf, 4096), Ok(None)), "the reason code is still coming");
+        buf.extend_from_slice(&[0x04]);
+        assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))));
+        assert!(buf.is_empty());
         let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
         d.properties = Some(m5::DisconnectProperties {
             session_expiry_interval: Some(0),
@@ -542,6 +561,24 @@ mod tests {
             Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))
         ));
         assert_eq!(edge.disconnect_expiry, Some(0));
+    }
+
+    #[test]
+    fn a_length_that_runs_out_inside_a_whole_packet_is_malformed_and_a_partial_one_waits() {
+        // A 3.1.1 QoS 1 PUBLISH with an empty payload: no property length after the packet id.
+        let mut b4 = BytesMut::new();
+        let mut p = v4::Publish::new("devices/dev-1/state", QoS::AtLeastOnce, "");
+        p.pkid = 1;
+        v4::Packet::Publish(p).write(&mut b4, 4096).unwrap();
+        let mut edge = Edge::default();
+        assert_eq!(edge.decode(&mut b4.clone(), 4096).err(), Some(CloseReason::MalformedPacket));
+        let mut partial = BytesMut::from(&b4[..b4.len() - 1]);
+        assert!(matches!(edge.decode(&mut partial, 4096), Ok(None)), "not all there yet");
+        assert_eq!(partial.len(), b4.len() - 1, "nothing taken");
+        for auth in [&[0xF0u8, 0x00][..], &[0xF0, 0x02, 0x18, 0x00]] {
+            let mut auth = BytesMut::from(auth);
+            assert_eq!(edge.decode(&mut auth, 4096).err(), Some(CloseReason::UnexpectedPacket), "{auth:?}");
+        }
     }
 
     #[test]
