@@ -756,3 +756,34 @@ async fn a_disconnect_cannot_give_a_session_a_life_its_connect_did_not_ask_for()
     assert!(!c.connect(&id, false, keep).await.session_present, "nothing was kept");
     assert_eq!(broker.metric("fleet_sessions_parked").await, 0.0);
 }
+
+#[tokio::test]
+async fn deliveries_too_large_for_a_subscriber_do_not_take_its_window() {
+    // A topic alias lets a device fill a whole packet with payload: delivered with the full
+    // topic, the message is larger than the subscriber takes, and is dropped (as MQTT 5 says).
+    // It was still counted in the in-flight window and never acknowledged: 64 of them stopped
+    // every later delivery to the backend.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d0 = fleet.id(0);
+    let long = format!("devices/{d0}/{}", "t".repeat(200));
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc.subscribe(1, &[&format!("devices/{d0}/#")]).await;
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    dev.publish(&long, 1, "alias set", Some(1)).await;
+    assert_eq!(dev.puback(1).await, PubAckReason::Success);
+    let full: &'static str = Box::leak("x".repeat(4080).into_boxed_str());
+    for pkid in 2..=65 {
+        dev.publish("", pkid, full, Some(1)).await;
+        assert_eq!(dev.puback(pkid).await, PubAckReason::Success);
+    }
+    dev.publish(&format!("devices/{d0}/telemetry"), 66, "fresh", None).await;
+    assert_eq!(dev.puback(66).await, PubAckReason::Success);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(next_publish5(&mut svc).await.payload);
+    }
+    assert_eq!(got, [Bytes::from_static(b"alias set"), Bytes::from_static(b"fresh")]);
+}
