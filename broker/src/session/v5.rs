@@ -7,9 +7,9 @@
 //! the session expiry a client asks for, its Receive Maximum and Maximum Packet Size, topic aliases
 //! for what it publishes, and the identifier assigned to an empty client id.
 //!
-//! Not yet carried: PUBLISH properties (user properties, content type, payload format, message
-//! expiry, response topic, correlation data), subscription options and identifiers, shared
-//! subscriptions. The CONNACK says so truthfully (`shared_subscription_available = 0`,
+//! A PUBLISH's properties become the message's [`Props`] (the session checks that a Response
+//! Topic leads back to the publisher). Not yet carried: subscription options and identifiers,
+//! shared subscriptions. The CONNACK says so truthfully (`shared_subscription_available = 0`,
 //! `subscription_identifiers_available = 0`), and a `$share/` filter is answered 0x9E.
 
 use std::collections::HashMap;
