@@ -43,6 +43,17 @@ impl Props {
         self.expires_at_ms.is_some_and(|at| now_ms >= at)
     }
 
+    /// Bytes it holds: its strings and correlation data, and each user property's own room in
+    /// memory besides its text (thousands of empty ones fit in one packet, and are not free).
+    pub(crate) fn size(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let user: usize =
+            self.user.iter().map(|(k, v)| std::mem::size_of::<(String, String)>() + k.len() + v.len()).sum();
+        user + text(&self.content_type)
+            + text(&self.response_topic)
+            + self.correlation.as_ref().map_or(0, Bytes::len)
+    }
+
     /// True if there is nothing to carry.
     pub(crate) fn is_empty(&self) -> bool {
         *self == Props::default()
@@ -176,6 +187,12 @@ impl Message {
         }
     }
 
+    /// Bytes it carries: topic, payload and properties (what the publish byte rate and the
+    /// retained budget count).
+    pub(crate) fn size(&self) -> usize {
+        self.topic.len() + self.payload.len() + self.props.as_ref().map_or(0, |p| p.size())
+    }
+
     /// True once its Message Expiry has passed (never for a message without one).
     pub(crate) fn expired(&self) -> bool {
         self.props.as_ref().is_some_and(|p| p.expired(now_millis()))
@@ -207,6 +224,22 @@ mod tests {
         assert_eq!(Props::from_json("[1]"), None);
         assert_eq!(Props::from_json(r#"{"user":[["a"]]}"#), None);
         assert_eq!(Props::from_json(r#"{"correlation":"zz"}"#), None);
+    }
+
+    #[test]
+    fn properties_count_in_a_messages_size() {
+        let mut m = Message::new("devices/d/t", QoS::AtMostOnce, "x");
+        assert_eq!(m.size(), 12);
+        let empty = (String::new(), String::new());
+        m.props = Some(Arc::new(Props { user: vec![empty; 1000], ..Props::default() }));
+        assert!(m.size() >= 12 + 1000 * 48, "empty user properties take room: {}", m.size());
+        let p = Props {
+            content_type: Some("abc".into()),
+            response_topic: Some("devices/d/r".into()),
+            correlation: Some(Bytes::from_static(b"12")),
+            ..Props::default()
+        };
+        assert_eq!(p.size(), 3 + 11 + 2);
     }
 
     #[test]

@@ -605,3 +605,251 @@ async fn the_sdk_speaks_mqtt5_aliases_its_telemetry_and_reads_why_it_was_cut() {
     tokio::task::spawn_blocking(move || device.join()).await.unwrap().expect("device thread");
     drop(from_device);
 }
+
+/// A device's QoS 1 message with these properties, `pkid` 1 unless told.
+fn publish_with(topic: &str, pkid: u16, payload: &'static str, props: PublishProperties) -> Packet {
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload, None);
+    p.pkid = pkid;
+    p.properties = Some(props);
+    Packet::Publish(p)
+}
+
+/// `n` user properties of `len` bytes each (key and value together).
+fn user_properties(n: usize, len: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (format!("k{i}"), "v".repeat(len.saturating_sub(format!("k{i}").len())))).collect()
+}
+
+#[tokio::test]
+async fn messages_that_expire_before_they_leave_do_not_take_a_subscribers_window() {
+    // Message Expiry 0: expired before any delivery starts. Each such message was counted in
+    // the subscriber's in-flight window and never sent (so never acknowledged): 64 of them from
+    // one device stopped every later delivery to the backend.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d0 = fleet.id(0);
+    let topic = format!("devices/{d0}/telemetry");
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc.subscribe(1, &["devices/+/telemetry"]).await;
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let stale = PublishProperties { message_expiry_interval: Some(0), ..Default::default() };
+    for pkid in 1..=64 {
+        dev.send(publish_with(&topic, pkid, "stale", stale.clone())).await;
+        assert_eq!(dev.puback(pkid).await, PubAckReason::Success);
+    }
+    dev.publish(&topic, 65, "fresh", None).await;
+    assert_eq!(dev.puback(65).await, PubAckReason::Success);
+    let p = next_publish5(&mut svc).await;
+    assert_eq!(&p.payload[..], b"fresh", "only the message that had not expired is delivered");
+}
+
+#[tokio::test]
+async fn a_response_topic_must_lead_back_to_the_publisher() {
+    // A request whose Response Topic is another device's command topic: a backend answering it
+    // (MQTT 5 request/response) would command that device in the requester's stead.
+    let fleet = Fleet::new(2, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let (d0, d1) = (fleet.id(0), fleet.id(1));
+    let topic = format!("devices/{d0}/telemetry");
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc.subscribe(1, &["devices/+/telemetry"]).await;
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let ask = |response: String| PublishProperties {
+        response_topic: Some(response),
+        correlation_data: Some(Bytes::from_static(b"req-1")),
+        ..Default::default()
+    };
+    for (pkid, response) in [
+        (1, format!("devices/{d1}/commands/unlock")),
+        (2, format!("status/devices/{d1}/commands/unlock")),
+        (3, format!("devices/{d0}/responses/#")),
+    ] {
+        dev.send(publish_with(&topic, pkid, "forged", ask(response))).await;
+        assert_eq!(dev.puback(pkid).await, PubAckReason::NotAuthorized, "pkid {pkid}");
+    }
+    // Its own subtree is where its answers come back: relayed, with the property.
+    let own = format!("devices/{d0}/responses/7");
+    dev.send(publish_with(&topic, 4, "asks", ask(own.clone()))).await;
+    assert_eq!(dev.puback(4).await, PubAckReason::Success);
+    let p = next_publish5(&mut svc).await;
+    assert_eq!(&p.payload[..], b"asks", "the refused requests were not relayed");
+    assert_eq!(p.properties.and_then(|p| p.response_topic), Some(own));
+    let rows = fleet.telemetry_rows(&d0).await;
+    assert_eq!(rows, [(topic, b"asks".to_vec())], "nor stored");
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 3.0, PATIENCE).await;
+}
+
+#[tokio::test]
+async fn properties_count_against_the_retained_budget() {
+    // A retained message whose bulk is in its user properties was counted as topic + payload:
+    // a device could keep far more than `max_retained_bytes` says.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-retained-bytes", "2048"]);
+    let d0 = fleet.id(0);
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let light = PublishProperties { user_properties: user_properties(4, 32), ..Default::default() };
+    let mut p = publish_with(&format!("devices/{d0}/light"), 1, "x", light);
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    dev.send(p).await;
+    assert_eq!(dev.puback(1).await, PubAckReason::Success, "within the budget");
+    let heavy = PublishProperties { user_properties: user_properties(30, 100), ..Default::default() };
+    let mut p = publish_with(&format!("devices/{d0}/heavy"), 2, "x", heavy);
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    dev.send(p).await;
+    assert_eq!(dev.disconnect_reason(PATIENCE).await, Some(DisconnectReasonCode::QuotaExceeded));
+    broker.wait_metric("fleet_limits_total{limit=\"retained_bytes\"}", 1.0, PATIENCE).await;
+}
+
+#[tokio::test]
+async fn properties_count_against_the_publish_byte_rate() {
+    // 3 KB of user properties around a 1-byte payload were 1 byte to the byte-rate bucket.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-publish-bytes-rate", "4096"]);
+    let d0 = fleet.id(0);
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let bulk = PublishProperties { user_properties: user_properties(30, 100), ..Default::default() };
+    for pkid in 1..=2 {
+        dev.send(publish_with(&format!("devices/{d0}/telemetry"), pkid, "x", bulk.clone())).await;
+        assert_eq!(dev.puback(pkid).await, PubAckReason::Success);
+    }
+    broker.wait_metric("fleet_limits_total{limit=\"publish_rate\"}", 1.0, PATIENCE).await;
+}
+
+#[tokio::test]
+async fn a_v311_packet_after_a_v5_connect_is_malformed_not_swallowed() {
+    // A 3.1.1 PUBLISH with an empty payload has no property length where v5 wants one: the
+    // codec said "more bytes", after taking the packet off the buffer. It vanished: no PUBACK,
+    // no close.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d0 = fleet.id(0);
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let mut clear = rumqttc::mqttbytes::v4::Publish::new(
+        format!("devices/{d0}/state"),
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        "",
+    );
+    (clear.pkid, clear.retain) = (1, true);
+    let mut out = BytesMut::new();
+    rumqttc::mqttbytes::v4::Packet::Publish(clear).write(&mut out, 4096).unwrap();
+    dev.raw.tls.write_all(&out).await.unwrap();
+    dev.raw.tls.flush().await.unwrap();
+    assert_eq!(dev.disconnect_reason(PATIENCE).await, Some(DisconnectReasonCode::MalformedPacket));
+    broker.wait_metric("fleet_protocol_errors_total{reason=\"malformed_packet\"}", 1.0, PATIENCE).await;
+}
+
+/// A v5 session of device 0 that sends `bytes` raw; the broker's DISCONNECT reason.
+async fn raw_v5_ends(broker: &BrokerProc, fleet: &Fleet, bytes: &[u8]) -> Option<DisconnectReasonCode> {
+    let mut c = Raw5::device(broker, &fleet.devices[0]).await;
+    assert_eq!(c.connect(&fleet.id(0), true, props()).await.code, ConnectReturnCode::Success);
+    c.raw.tls.write_all(bytes).await.unwrap();
+    c.raw.tls.flush().await.unwrap();
+    c.disconnect_reason(PATIENCE).await
+}
+
+#[tokio::test]
+async fn hostile_v5_packets_end_the_session_with_their_reason_and_the_broker_lives_on() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    use DisconnectReasonCode as D;
+    let cases: [(&str, &[u8], D); 8] = [
+        // AUTH without a body (success, no properties): still no enhanced authentication.
+        ("empty AUTH", &[0xF0, 0x00], D::ProtocolError),
+        ("AUTH continue", &[0xF0, 0x02, 0x18, 0x00], D::ProtocolError),
+        ("empty PUBREL", &[0x62, 0x00], D::MalformedPacket),
+        ("PUBREL", &[0x62, 0x02, 0x00, 0x01], D::QoSNotSupported),
+        // A remaining length of five bytes.
+        ("huge remaining length", &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F], D::MalformedPacket),
+        // A PUBLISH whose property length is a five-byte variable integer.
+        (
+            "huge property length",
+            &[0x30, 0x0B, 0x00, 0x01, b't', 0xFF, 0xFF, 0xFF, 0xFF, 0x7F, 0x00, 0x00, 0x00],
+            D::MalformedPacket,
+        ),
+        // A PUBLISH whose properties claim more bytes than the packet has.
+        (
+            "property length past the end",
+            &[0x30, 0x06, 0x00, 0x01, b't', 0x40, 0x26, 0x00],
+            D::MalformedPacket,
+        ),
+        // A second CONNECT (v5), which would also reset the session's terms.
+        (
+            "second CONNECT",
+            &[0x10, 0x0D, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x1E, 0x00, 0x00, 0x00],
+            D::ProtocolError,
+        ),
+    ];
+    for (what, bytes, code) in cases {
+        assert_eq!(raw_v5_ends(&broker, &fleet, bytes).await, Some(code), "{what}");
+    }
+    // And the broker still admits and serves.
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(c.connect(&fleet.id(0), true, props()).await.code, ConnectReturnCode::Success);
+    c.publish(&format!("devices/{}/telemetry", fleet.id(0)), 1, "alive", None).await;
+    assert_eq!(c.puback(1).await, PubAckReason::Success);
+}
+
+#[tokio::test]
+async fn a_disconnect_cannot_give_a_session_a_life_its_connect_did_not_ask_for() {
+    // Connected with Session Expiry 0 (the default), left with a DISCONNECT asking for 600 s.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(c.connect(&id, false, props()).await.code, ConnectReturnCode::Success);
+    c.subscribe(1, &[&format!("devices/{id}/commands/#")]).await;
+    let mut d = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
+    d.properties = Some(rumqttc::v5::mqttbytes::v5::DisconnectProperties {
+        session_expiry_interval: Some(600),
+        reason_string: None,
+        user_properties: Vec::new(),
+        server_reference: None,
+    });
+    c.send(Packet::Disconnect(d)).await;
+    assert!(c.raw.closed_within(PATIENCE).await);
+    let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+    let keep = ConnectProperties { session_expiry_interval: Some(600), ..props() };
+    assert!(!c.connect(&id, false, keep).await.session_present, "nothing was kept");
+    assert_eq!(broker.metric("fleet_sessions_parked").await, 0.0);
+}
+
+#[tokio::test]
+async fn deliveries_too_large_for_a_subscriber_do_not_take_its_window() {
+    // A topic alias lets a device fill a whole packet with payload: delivered with the full
+    // topic, the message is larger than the subscriber takes, and is dropped (as MQTT 5 says).
+    // It was still counted in the in-flight window and never acknowledged: 64 of them stopped
+    // every later delivery to the backend.
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let d0 = fleet.id(0);
+    let long = format!("devices/{d0}/{}", "t".repeat(200));
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc.subscribe(1, &[&format!("devices/{d0}/#")]).await;
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    dev.publish(&long, 1, "alias set", Some(1)).await;
+    assert_eq!(dev.puback(1).await, PubAckReason::Success);
+    let full: &'static str = Box::leak("x".repeat(4080).into_boxed_str());
+    for pkid in 2..=65 {
+        dev.publish("", pkid, full, Some(1)).await;
+        assert_eq!(dev.puback(pkid).await, PubAckReason::Success);
+    }
+    dev.publish(&format!("devices/{d0}/telemetry"), 66, "fresh", None).await;
+    assert_eq!(dev.puback(66).await, PubAckReason::Success);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(next_publish5(&mut svc).await.payload);
+    }
+    assert_eq!(got, [Bytes::from_static(b"alias set"), Bytes::from_static(b"fresh")]);
+}

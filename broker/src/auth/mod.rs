@@ -207,5 +207,13 @@ pub fn may_subscribe(who: &Identity, filter: TopicFilter<'_>) -> bool {
     }
 }
 
+/// May `who` name `topic` as the Response Topic of a message (MQTT 5)? Only a topic it reads
+/// itself: an answer goes back to the asker, and a backend that answers must not be made to
+/// publish where the asker may not (another device's commands, its certificate answers).
+pub(crate) fn may_be_answered_on(who: &Identity, topic: Topic<'_>) -> bool {
+    !topic.has_empty_level()
+        && TopicFilter::parse(topic.as_str()).is_ok_and(|filter| may_subscribe(who, filter))
+}
+
 #[cfg(test)]
 mod tests;

@@ -168,3 +168,32 @@ fn claim_acl() {
         assert!(!may_subscribe(&c, bad), "{bad}");
     }
 }
+
+#[test]
+fn a_response_topic_is_one_the_asker_reads() {
+    let dev = Identity {
+        id: DeviceId::parse("dev-1").unwrap(),
+        role: Role::Device,
+        serial: SerialNumber::parse("4a0b").unwrap(),
+        not_after: 0,
+        nonce: None,
+    };
+    let answered_on = |who: &Identity, t: &str| Topic::parse(t).is_ok_and(|t| may_be_answered_on(who, t));
+    assert!(answered_on(&dev, "devices/dev-1/responses/7"));
+    assert!(answered_on(&dev, "devices/dev-1/commands/reply"), "its own commands: it reads them");
+    for other in [
+        "devices/dev-2/commands/unlock",
+        "devices/dev-2/responses/7",
+        "status/devices/dev-2/commands/unlock",
+        "devices/dev-1/responses/#",
+        "devices/dev-1//x",
+        "claims/dev-1/0123456789abcdef/certs/issued",
+    ] {
+        assert!(!answered_on(&dev, other), "{other}");
+    }
+    let service = Identity { id: DeviceId::parse("backend").unwrap(), role: Role::Service, ..dev.clone() };
+    assert!(answered_on(&service, "status/devices/dev-2/commands/unlock"));
+    let claim = Identity { role: Role::Claim, nonce: Some("0123456789abcdef".into()), ..dev };
+    assert!(answered_on(&claim, "claims/dev-1/0123456789abcdef/certs/issued"));
+    assert!(!answered_on(&claim, "claims/dev-1/fedcba9876543210/certs/issued"));
+}

@@ -149,9 +149,10 @@ settings! {
     max_subscriptions_per_session: usize = 64;
     /// Most retained messages under one device's topics (`devices/<id>/...`).
     max_retained_per_device: usize = 16;
-    /// Most bytes (topic + payload) of retained messages in the whole broker.
+    /// Most bytes (topic, payload and MQTT 5 properties) of retained messages in the whole
+    /// broker.
     max_retained_bytes: usize = 16 << 20;
-    /// Most bytes (topic + payload) of the online issuer's retained messages (operator-forced
+    /// Most bytes (topic, payload, properties) of the online issuer's retained messages (operator-forced
     /// rotation requests, `devices/<id>/certs/rotate`): a budget of their own, so that devices
     /// filling theirs cannot stop a rotation.
     max_retained_bytes_issuer: usize = 4 << 20;
@@ -159,8 +160,8 @@ settings! {
     /// one second's worth); a client over it waits: its next message is handled, and a QoS 1
     /// one acknowledged, once it is back within the rate (counted, `publish_rate`). 0: off.
     max_publish_rate: u64 = 20_000;
-    /// Most PUBLISH bytes (topic + payload) per second from one device or claim session, the
-    /// same way (counted, `publish_rate`). 0: off.
+    /// Most PUBLISH bytes (topic, payload and MQTT 5 properties) per second from one device or
+    /// claim session, the same way (counted, `publish_rate`). 0: off.
     max_publish_bytes_rate: u64 = 32 << 20;
     /// Most messages queued for delivery to one session; more are dropped (counted).
     max_queued_messages: usize = 256;

@@ -149,8 +149,9 @@ fn remove_sub(inner: &mut Inner, key: &str, conn_id: u64, filter: &str) {
     }
 }
 
+/// What a retained message counts against its budget: topic, payload and MQTT 5 properties.
 fn retained_size(p: &Message) -> usize {
-    p.topic.len() + p.payload.len()
+    p.size()
 }
 
 /// Index key of a topic or filter: its literal device-id level, or "" for a wildcard there.

@@ -164,15 +164,22 @@ impl Conn {
     }
 
     /// Delivers a message: with its properties (and what remains of its expiry) to a v5 client,
-    /// as topic and payload to a 3.1.1 client. An expired message is not sent.
-    pub(crate) async fn send_message(&mut self, m: Message) -> Result<(), CloseReason> {
+    /// as topic and payload to a 3.1.1 client. `Ok(false)`: not sent, and never will be (it
+    /// expired, or it is larger than the client takes): no acknowledgement will come for it.
+    pub(crate) async fn send_message(&mut self, m: Message) -> Result<bool, CloseReason> {
         if m.expired() {
-            return Ok(());
+            return Ok(false);
         }
-        match self.edge.is_some() {
-            true => self.send5(m5::Packet::Publish(v5::publish_out(m))).await,
-            false => self.send(Packet::Publish(m.into_v4())).await,
+        self.out.clear();
+        let max = self.out_max();
+        let written = match self.edge.is_some() {
+            true => m5::Packet::Publish(v5::publish_out(m)).write(&mut self.out, Some(max as u32)).is_ok(),
+            false => Packet::Publish(m.into_v4()).write(&mut self.out, max).is_ok(),
+        };
+        if !written {
+            return Ok(false);
         }
+        self.flush_out().await.map(|()| true)
     }
 
     /// Sends a v5 packet (only to a v5 client).

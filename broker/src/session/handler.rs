@@ -176,9 +176,15 @@ impl State {
         for p in &mut self.in_flight {
             p.dup = true;
         }
+        // One that expired meanwhile, or is now larger than the client takes, is not sent
+        // again, so it must not hold a place either.
+        let mut unsent = Vec::new();
         for p in self.in_flight.clone() {
-            self.conn.send_message(p).await?;
+            if !self.conn.send_message(p.clone()).await? {
+                unsent.push(p.pkid);
+            }
         }
+        self.in_flight.retain(|p| !unsent.contains(&p.pkid));
         self.start_commands_if_subscribed(ctx).await
     }
 
@@ -273,6 +279,12 @@ impl State {
                 }
                 p = self.inbox.next(), if self.window.is_none_or(|w| self.in_flight.len() < w) => {
                     let mut p = *p;
+                    if p.expired() {
+                        // Expired while it waited (MQTT 5 Message Expiry): never sent, so it
+                        // takes no place in the window; a device sending such messages must not
+                        // stop a subscriber's deliveries.
+                        continue;
+                    }
                     if self.delivery.active && p.qos == QoS::AtLeastOnce && self.is_own_command(ctx, &p.topic) {
                         // A queued command was stored for this device: read the queue, in order.
                         self.delivery.wake();
@@ -281,17 +293,26 @@ impl State {
                         }
                         continue;
                     }
+                    let counted = p.qos == QoS::AtLeastOnce && self.window.is_some();
                     if p.qos == QoS::AtLeastOnce {
                         // 1..=32767: command packet ids are above (docs/spec/commands.md).
                         self.next_pkid = if self.next_pkid >= 32_767 { 1 } else { self.next_pkid + 1 };
                         p.pkid = self.next_pkid;
-                        if self.window.is_some() {
+                        if counted {
                             self.in_flight.push(p.clone());
                         }
                     }
-                    ctx.info.sent();
-                    if let Err(end) = guarded(ctx, &mut cut, self.conn.send_message(p)).await {
-                        return end;
+                    match guarded(ctx, &mut cut, self.conn.send_message(p)).await {
+                        Ok(true) => ctx.info.sent(),
+                        // Larger than the client takes: dropped (MQTT 5 §3.1.2.11.4), as if
+                        // delivered, so no acknowledgement is waited for.
+                        Ok(false) => {
+                            if counted {
+                                self.in_flight.pop();
+                            }
+                            ctx.svc.observe.metrics().messages_dropped.inc();
+                        }
+                        Err(end) => return end,
                     }
                 }
             }

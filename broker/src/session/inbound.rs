@@ -73,7 +73,7 @@ impl State {
         svc.observe.metrics().messages_received.inc();
         ctx.info.received();
         if let Some(rate) = &mut self.rate {
-            let wait = rate.take(p.topic.len() + p.payload.len(), Instant::now());
+            let wait = rate.take(p.size(), Instant::now());
             if !wait.is_zero() {
                 // Over its rate: handled (and acknowledged) once back within it; nothing is
                 // read meanwhile. The caller races this against the kick.
@@ -86,8 +86,19 @@ impl State {
             return Err(CloseReason::TopicLimit);
         }
         // Parsed once here; a topic that is not one (a wildcard, NUL) is denied like any other.
-        if !Topic::parse(&p.topic).is_ok_and(|t| auth::may_publish(&ctx.id, t)) {
-            self.acl_denied(ctx, AclAction::Publish, &p.topic);
+        // So is a v5 Response Topic that does not lead back to the publisher.
+        let response = p.props.as_ref().and_then(|props| props.response_topic.as_deref());
+        let denied = match response {
+            _ if !Topic::parse(&p.topic).is_ok_and(|t| auth::may_publish(&ctx.id, t)) => {
+                Some(p.topic.clone())
+            }
+            Some(r) if !Topic::parse(r).is_ok_and(|t| auth::may_be_answered_on(&ctx.id, t)) => {
+                Some(format!("{} (response topic {r})", p.topic))
+            }
+            _ => None,
+        };
+        if let Some(what) = denied {
+            self.acl_denied(ctx, AclAction::Publish, &what);
             // QoS 0 has no acknowledgement to withhold. A v5 client's QoS 1 gets a PUBACK that
             // says "not authorised"; a 3.1.1 client (no way to say it) is cut off.
             return match (p.qos, self.conn.version()) {

@@ -7,9 +7,9 @@
 //! the session expiry a client asks for, its Receive Maximum and Maximum Packet Size, topic aliases
 //! for what it publishes, and the identifier assigned to an empty client id.
 //!
-//! Not yet carried: PUBLISH properties (user properties, content type, payload format, message
-//! expiry, response topic, correlation data), subscription options and identifiers, shared
-//! subscriptions. The CONNACK says so truthfully (`shared_subscription_available = 0`,
+//! A PUBLISH's properties become the message's [`Props`] (the session checks that a Response
+//! Topic leads back to the publisher). Not yet carried: subscription options and identifiers,
+//! shared subscriptions. The CONNACK says so truthfully (`shared_subscription_available = 0`,
 //! `subscription_identifiers_available = 0`), and a `$share/` filter is answered 0x9E.
 
 use std::collections::HashMap;
@@ -103,16 +103,30 @@ impl Edge {
         if buf.is_empty() {
             return Ok(None);
         }
-        // A DISCONNECT without a body is "normal disconnection" (the codec wants a body).
-        if buf[0] == 0xE0 && buf.get(1) == Some(&0) {
-            let _ = buf.split_to(2);
+        // A DISCONNECT without properties: "normal disconnection" without a body, or a reason
+        // code alone (MQTT 5 §3.14.2.1; the codec wants a body, then a property length).
+        if buf[0] == 0xE0 && matches!(buf.get(1), Some(0 | 1)) {
+            let len = 2 + usize::from(buf[1]);
+            if buf.len() < len {
+                return Ok(None);
+            }
+            let _ = buf.split_to(len);
             return Ok(Some(Inbound::Packet(v4::Packet::Disconnect)));
         }
         let max = u32::try_from(max_packet).unwrap_or(u32::MAX);
-        let packet = match m5::Packet::read(buf, Some(max)) {
-            Ok(p) => p,
-            Err(e) => return decode_error(&e).map_or(Ok(None), Err),
-        };
+        // Framed first: once the whole packet is there, "more bytes" from the codec means a
+        // length inside it that runs out (a 3.1.1 PUBLISH has no property length), and the
+        // packet is already taken off the buffer. Malformed, not a wait for bytes.
+        if let Err(e) = m5::check(buf.iter(), Some(max)) {
+            return decode_error(&e).map_or(Ok(None), Err);
+        }
+        // AUTH: no enhanced authentication, the certificate is the identity (the codec does not
+        // know the packet at all).
+        if buf[0] == 0xF0 {
+            return Err(CloseReason::UnexpectedPacket);
+        }
+        let packet = m5::Packet::read(buf, Some(max))
+            .map_err(|e| decode_error(&e).unwrap_or(CloseReason::MalformedPacket))?;
         Ok(Some(Inbound::Packet(match packet {
             m5::Packet::Connect(c, _will, _login) => {
                 let p = c.properties.as_ref();
@@ -148,7 +162,6 @@ impl Edge {
             m5::Packet::PubRec(_) | m5::Packet::PubRel(_) | m5::Packet::PubComp(_) => {
                 return Err(CloseReason::Qos2Unsupported)
             }
-            // No enhanced authentication: the certificate is the identity.
             m5::Packet::Auth(_)
             | m5::Packet::ConnAck(_)
             | m5::Packet::PingResp(_)

@@ -90,6 +90,12 @@ fn an_empty_disconnect_is_a_normal_one_and_one_with_expiry_is_read() {
     let mut edge = Edge::default();
     let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
     assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))));
+    // A reason code alone (here: with Will Message) is a DISCONNECT too, not malformed.
+    let mut buf = BytesMut::from(&[0xE0u8, 0x01][..]);
+    assert!(matches!(edge.decode(&mut buf, 4096), Ok(None)), "the reason code is still coming");
+    buf.extend_from_slice(&[0x04]);
+    assert!(matches!(edge.decode(&mut buf, 4096), Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))));
+    assert!(buf.is_empty());
     let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
     d.properties = Some(m5::DisconnectProperties {
         session_expiry_interval: Some(0),
@@ -102,6 +108,24 @@ fn an_empty_disconnect_is_a_normal_one_and_one_with_expiry_is_read() {
         Ok(Some(Inbound::Packet(v4::Packet::Disconnect)))
     ));
     assert_eq!(edge.disconnect_expiry, Some(0));
+}
+
+#[test]
+fn a_length_that_runs_out_inside_a_whole_packet_is_malformed_and_a_partial_one_waits() {
+    // A 3.1.1 QoS 1 PUBLISH with an empty payload: no property length after the packet id.
+    let mut b4 = BytesMut::new();
+    let mut p = v4::Publish::new("devices/dev-1/state", QoS::AtLeastOnce, "");
+    p.pkid = 1;
+    v4::Packet::Publish(p).write(&mut b4, 4096).unwrap();
+    let mut edge = Edge::default();
+    assert_eq!(edge.decode(&mut b4.clone(), 4096).err(), Some(CloseReason::MalformedPacket));
+    let mut partial = BytesMut::from(&b4[..b4.len() - 1]);
+    assert!(matches!(edge.decode(&mut partial, 4096), Ok(None)), "not all there yet");
+    assert_eq!(partial.len(), b4.len() - 1, "nothing taken");
+    for auth in [&[0xF0u8, 0x00][..], &[0xF0, 0x02, 0x18, 0x00]] {
+        let mut auth = BytesMut::from(auth);
+        assert_eq!(edge.decode(&mut auth, 4096).err(), Some(CloseReason::UnexpectedPacket), "{auth:?}");
+    }
 }
 
 #[test]
