@@ -138,7 +138,7 @@ impl Broker {
         // A single node stores into the registry; a cluster member into the JetStream stream.
         let (store, store_writer) = match &cluster {
             Some(c) => store::Store::start(
-                cluster::stream::JetStreamSink { js: c.js.clone() },
+                cluster::stream::JetStreamSink { js: c.js.clone(), max_payload: c.max_payload },
                 config.store_batch,
                 metrics.clone(),
             ),

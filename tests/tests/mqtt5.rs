@@ -853,3 +853,20 @@ async fn deliveries_too_large_for_a_subscriber_do_not_take_its_window() {
     }
     assert_eq!(got, [Bytes::from_static(b"alias set"), Bytes::from_static(b"fresh")]);
 }
+
+#[tokio::test]
+async fn connect_terms_mqtt5_calls_protocol_errors_are_refused() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    for bad in [
+        ConnectProperties { receive_maximum: Some(0), ..props() },
+        ConnectProperties { max_packet_size: Some(0), ..props() },
+        ConnectProperties { authentication_method: Some("SCRAM-SHA-1".into()), ..props() },
+    ] {
+        let mut c = Raw5::device(&broker, &fleet.devices[0]).await;
+        let ack = c.connect(&id, true, bad.clone()).await;
+        assert_eq!(ack.code, ConnectReturnCode::ProtocolError, "{bad:?}");
+    }
+    broker.wait_refused(Refusal::ProtocolError, 3.0, PATIENCE).await;
+}

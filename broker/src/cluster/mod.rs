@@ -41,7 +41,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use rumqttc::mqttbytes::QoS;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::message::Props;
 use crate::observe::metrics::Metrics;
@@ -78,6 +78,28 @@ pub enum ClusterError {
         #[source]
         source: async_nats::jetstream::context::CreateStreamError,
     },
+    /// The NATS server takes smaller messages than a client may publish here: a node would
+    /// send one over its limit, and the server would close the node's connection.
+    #[error(
+        "the NATS server takes messages of at most {max_payload} bytes, too few for max_packet_size {max_packet} \
+         and the bus headers ({HEADROOM} bytes): lower max_packet_size or raise the server's max_payload"
+    )]
+    PayloadLimit {
+        /// The server's `max_payload`.
+        max_payload: usize,
+        /// The broker's `max_packet_size`.
+        max_packet: usize,
+    },
+}
+
+/// Room kept for a bus message's headers (node, origin, QoS, message id) beside its payload.
+pub(crate) const HEADROOM: usize = 4096;
+
+/// Does a message with `payload` bytes and these properties fit the server's `max_payload`?
+/// Its properties are left behind when they do not (they may be up to six times their size on
+/// the wire once escaped): the message itself always fits (`PayloadLimit` at start).
+pub(crate) fn props_fit(max_payload: usize, payload: usize, props_json: &str) -> bool {
+    payload + props_json.len() + HEADROOM <= max_payload
 }
 
 /// The node's NATS connection and the subjects it subscribes to.
@@ -92,6 +114,8 @@ pub(crate) struct Cluster {
     metrics: Metrics,
     /// Subject → (local filters needing it, the task forwarding it to the router).
     subs: Mutex<HashMap<String, (usize, JoinHandle<()>)>>,
+    /// The server's largest message, read when the node joined.
+    pub(crate) max_payload: usize,
 }
 
 impl Cluster {
@@ -186,6 +210,10 @@ impl Cluster {
             .await
             .map_err(|source| ClusterError::Connect { url: shown.clone(), source })?;
         metrics.cluster_connected.set(1);
+        let max_payload = client.server_info().max_payload;
+        if config.max_packet_size + HEADROOM > max_payload {
+            return Err(ClusterError::PayloadLimit { max_payload, max_packet: config.max_packet_size });
+        }
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.nats_timeout());
         let want = stream::stream_config(
@@ -208,7 +236,14 @@ impl Cluster {
             }
         }
         info!(url = %shown, tls = security.tls, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
-        Ok(Self { client, js, node_id: rand::random(), metrics: metrics.clone(), subs: Mutex::default() })
+        Ok(Self {
+            client,
+            js,
+            node_id: rand::random(),
+            metrics: metrics.clone(),
+            subs: Mutex::default(),
+            max_payload,
+        })
     }
 
     /// Is the NATS connection up?
@@ -238,7 +273,12 @@ impl Cluster {
             headers.insert(RETAIN, "1");
         }
         if let Some(props) = &p.props {
-            headers.insert(stream::PROPERTIES, props.to_json().as_str());
+            let json = props.to_json();
+            if props_fit(self.max_payload, p.payload.len(), &json) {
+                headers.insert(stream::PROPERTIES, json.as_str());
+            } else {
+                debug!(topic = p.topic.as_str(), "properties too large for the bus: relayed without them");
+            }
         }
         let subject = subject::subject_of(&p.topic);
         if let Err(e) = self.client.publish_with_headers(subject, headers, p.payload.clone()).await {
@@ -371,5 +411,18 @@ async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics:
             .filter(|props| !props.is_empty())
             .map(Arc::new);
         router.deliver_remote(&p, &metrics);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_relayed_only_while_the_message_fits_the_server() {
+        let limit = 1 << 20;
+        assert!(props_fit(limit, 4096, &"x".repeat(1000)));
+        assert!(props_fit(limit, limit - HEADROOM - 10, &"x".repeat(10)));
+        assert!(!props_fit(limit, limit - HEADROOM - 10, &"x".repeat(11)));
     }
 }

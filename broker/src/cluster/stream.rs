@@ -88,6 +88,8 @@ pub(crate) fn message_id(device: &str, pkid: u16, topic: &str, payload: &[u8]) -
 #[derive(Debug, Clone)]
 pub(crate) struct JetStreamSink {
     pub(crate) js: jetstream::Context,
+    /// The server's largest message ([`super::Cluster::max_payload`]).
+    pub(crate) max_payload: usize,
 }
 
 impl Sink for JetStreamSink {
@@ -98,7 +100,11 @@ impl Sink for JetStreamSink {
             headers.insert(DEVICE, row.device_id.as_str());
             headers.insert(QOS, if row.qos == 0 { "0" } else { "1" });
             headers.insert(RECEIVED_AT, row.received_at.to_string().as_str());
-            if let Some(props) = &row.properties {
+            // Properties too large for the server's messages stay behind: the message is stored
+            // (one device's oversized properties must not fail its batch, others' messages too).
+            if let Some(props) =
+                row.properties.as_ref().filter(|p| super::props_fit(self.max_payload, row.payload.len(), p))
+            {
                 headers.insert(PROPERTIES, props.as_str());
             }
             let mut p = Publish::build().payload(row.payload.clone()).headers(headers);

@@ -52,7 +52,10 @@ pub(crate) async fn bind(
     let early = |refusal| (Refused { refusal, connack: false }, None);
     let connect = match timeout(svc.config.connect_timeout(), conn.read_packet()).await {
         Ok(Ok(Some(Inbound::Packet(Packet::Connect(c))))) => c,
-        Ok(Ok(Some(_))) | Ok(Err(_)) => return Err(early(Refusal::ProtocolError)),
+        // A v5 client is told why its CONNECT was refused (CONNACK 0x82); a 3.1.1 one is closed.
+        Ok(Ok(Some(_))) | Ok(Err(_)) => {
+            return Err((Refused { refusal: Refusal::ProtocolError, connack: conn.edge().is_some() }, None))
+        }
         Ok(Ok(None)) => return Err(early(Refusal::PeerClosed)),
         Err(_) => return Err(early(Refusal::ConnectTimeout)),
     };

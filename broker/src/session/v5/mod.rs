@@ -130,6 +130,12 @@ impl Edge {
         Ok(Some(Inbound::Packet(match packet {
             m5::Packet::Connect(c, _will, _login) => {
                 let p = c.properties.as_ref();
+                // MQTT 5 §3.1.2.11: a Receive Maximum or Maximum Packet Size of 0 is a protocol
+                // error; enhanced authentication is not offered (the certificate is the identity).
+                let zero = p.is_some_and(|p| p.receive_maximum == Some(0) || p.max_packet_size == Some(0));
+                if zero || p.is_some_and(|p| p.authentication_method.is_some()) {
+                    return Err(CloseReason::MalformedPacket);
+                }
                 self.terms = ConnectTerms {
                     session_expiry: p.and_then(|p| p.session_expiry_interval).unwrap_or(0),
                     receive_max: p.and_then(|p| p.receive_maximum),
