@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::message::Message;
+use crate::message::{Message, SubOpts};
 use bytes::Bytes;
 use fleet_registry::{DeviceId, SerialNumber};
 use rumqttc::mqttbytes::QoS;
@@ -91,10 +91,11 @@ impl Fabric {
         router_id: u64,
         filter: &str,
         qos: QoS,
+        opts: SubOpts,
         inbox: Arc<Inbox>,
         first: bool,
     ) -> Vec<Message> {
-        let retained = self.router.subscribe(router_id, filter, qos, inbox);
+        let retained = self.router.subscribe(router_id, filter, qos, opts, inbox);
         if let (true, Link::Nats(c)) = (first, &*self.link) {
             c.watch(filter, &self.router, &self.metrics).await;
         }

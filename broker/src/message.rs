@@ -149,6 +149,24 @@ pub(crate) struct Message {
     pub(crate) payload: Bytes,
     /// MQTT 5 properties, if any.
     pub(crate) props: Option<Arc<Props>>,
+    /// The router id of the session that published it here (a subscription with No Local skips
+    /// it); `None` from another node or from the broker.
+    pub(crate) from_conn: Option<u64>,
+    /// A delivery's Subscription Identifiers (the receiving session's matching subscriptions).
+    pub(crate) sub_ids: Vec<u32>,
+}
+
+/// MQTT 5 subscription options (3.1.1 subscriptions have the defaults).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SubOpts {
+    /// Not the subscriber's own messages.
+    pub(crate) no_local: bool,
+    /// Deliveries keep the retain flag they were published with.
+    pub(crate) retain_as_published: bool,
+    /// Retained messages at subscribe: 0 always, 1 only for a new subscription, 2 never.
+    pub(crate) retain_handling: u8,
+    /// Subscription Identifier, put on every delivery it matches.
+    pub(crate) id: Option<u32>,
 }
 
 impl Message {
@@ -162,6 +180,8 @@ impl Message {
             pkid: 0,
             payload: payload.into(),
             props: None,
+            from_conn: None,
+            sub_ids: Vec::new(),
         }
     }
 
@@ -176,15 +196,9 @@ impl Message {
 
     /// A 3.1.1 client's PUBLISH.
     pub(crate) fn from_v4(p: v4::Publish) -> Self {
-        Self {
-            dup: p.dup,
-            qos: p.qos,
-            retain: p.retain,
-            topic: p.topic,
-            pkid: p.pkid,
-            payload: p.payload,
-            props: None,
-        }
+        let mut m = Self::new(p.topic, p.qos, p.payload);
+        (m.dup, m.retain, m.pkid) = (p.dup, p.retain, p.pkid);
+        m
     }
 
     /// Bytes it carries: topic, payload and properties (what the publish byte rate and the

@@ -154,7 +154,7 @@ async fn a_v5_connack_says_what_the_broker_offers_and_assigns_the_device_id() {
     assert_eq!(p.retain_available, Some(1));
     assert_eq!(p.wildcard_subscription_available, Some(1));
     assert_eq!(p.shared_subscription_available, Some(0), "not yet: it must not claim them");
-    assert_eq!(p.subscription_identifiers_available, Some(0));
+    assert_eq!(p.subscription_identifiers_available, Some(1));
     assert!(p.topic_alias_max.is_some_and(|m| m > 0));
     assert_eq!(p.max_packet_size, Some(4096), "the configured max_packet_size");
     assert!(p.receive_max.is_some_and(|m| m > 0));
@@ -869,4 +869,81 @@ async fn connect_terms_mqtt5_calls_protocol_errors_are_refused() {
         assert_eq!(ack.code, ConnectReturnCode::ProtocolError, "{bad:?}");
     }
     broker.wait_refused(Refusal::ProtocolError, 3.0, PATIENCE).await;
+}
+
+/// SUBSCRIBE with these filters (options set by the caller) and Subscription Identifier `id`.
+async fn subscribe_with(
+    c: &mut Raw5,
+    pkid: u16,
+    filters: Vec<Filter>,
+    id: Option<usize>,
+) -> Vec<SubscribeReasonCode> {
+    let properties = id.map(|id| rumqttc::v5::mqttbytes::v5::SubscribeProperties {
+        id: Some(id),
+        user_properties: Vec::new(),
+    });
+    c.send(Packet::Subscribe(Subscribe { pkid, filters, properties })).await;
+    loop {
+        match c.recv(PATIENCE).await {
+            Some(Packet::SubAck(a)) if a.pkid == pkid => return a.return_codes,
+            Some(_) => {}
+            None => panic!("no SUBACK"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscription_options_no_local_retain_as_published_retain_handling_and_identifiers() {
+    use rumqttc::v5::mqttbytes::v5::RetainForwardRule;
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let state = format!("devices/{id}/state");
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+
+    // No Local: the device does not get its own message back; without it, it does.
+    let mut own = Filter::new(state.clone(), QoS::AtMostOnce);
+    own.nolocal = true;
+    subscribe_with(&mut dev, 1, vec![own], None).await;
+    // The service: Retain As Published, Subscription Identifier 7.
+    let mut rap = Filter::new("devices/+/state", QoS::AtMostOnce);
+    rap.preserve_retain = true;
+    subscribe_with(&mut svc, 2, vec![rap], Some(7)).await;
+    let mut retained = Publish::new(state.clone(), QoS::AtLeastOnce, "on", None);
+    (retained.pkid, retained.retain) = (3, true);
+    dev.send(Packet::Publish(retained)).await;
+    assert_eq!(dev.puback(3).await, PubAckReason::Success, "and no copy of its own came first");
+    let got = next_publish5(&mut svc).await;
+    assert!(got.retain, "retain as published");
+    assert_eq!(got.properties.map(|p| p.subscription_identifiers), Some(vec![7]));
+    assert!(dev.recv(Duration::from_millis(300)).await.is_none(), "No Local: nothing for the publisher");
+
+    // Retain Handling: 2 never sends the retained message; 1 only to a new subscription.
+    let mut never = Filter::new(state.clone(), QoS::AtMostOnce);
+    never.retain_forward_rule = RetainForwardRule::Never;
+    subscribe_with(&mut svc, 4, vec![never], None).await;
+    assert!(
+        svc.recv(Duration::from_millis(300)).await.is_none(),
+        "retain handling 2 sent the retained message"
+    );
+    let mut on_new = Filter::new(format!("devices/{id}/#"), QoS::AtMostOnce);
+    on_new.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+    subscribe_with(&mut svc, 5, vec![on_new.clone()], None).await;
+    assert_eq!(&next_publish5(&mut svc).await.payload[..], b"on", "a new subscription gets it");
+    subscribe_with(&mut svc, 6, vec![on_new], None).await;
+    assert!(svc.recv(Duration::from_millis(300)).await.is_none(), "the same subscription again does not");
+    // A subscription without Retain As Published gets live messages with retain 0.
+    let mut plain = Publish::new(state, QoS::AtLeastOnce, "off", None);
+    (plain.pkid, plain.retain) = (7, true);
+    dev.send(Packet::Publish(plain)).await;
+    assert_eq!(dev.puback(7).await, PubAckReason::Success);
+    let got = next_publish5(&mut svc).await;
+    assert_eq!(&got.payload[..], b"off");
+    // Its matching subscriptions: `devices/+/state` (RAP, id 7) and the two without: retain kept
+    // because one of them asked, every identifier given.
+    assert!(got.retain);
+    assert_eq!(got.properties.map(|p| p.subscription_identifiers), Some(vec![7]));
 }

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::inbox::Inbox;
-use crate::message::Message;
+use crate::message::{Message, SubOpts};
 use crate::observe::metrics::Limit;
 use crate::observe::metrics::Metrics;
 use crate::outcome::CloseReason;
@@ -27,6 +27,7 @@ use rumqttc::mqttbytes::QoS;
 #[derive(Debug, Clone)]
 struct Sub {
     qos: QoS,
+    opts: SubOpts,
     inbox: Arc<Inbox>,
 }
 
@@ -168,25 +169,43 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Sends a copy to every subscription matching `publish` (once per connection).
+/// Sends a copy to every subscription matching `publish`, once per connection: at the highest
+/// QoS of its matching subscriptions, with all their Subscription Identifiers, the retain flag
+/// kept if one of them asked for it (Retain As Published), none to a subscription with No
+/// Local on the publisher's own connection.
 fn deliver(inner: &Inner, publish: &Message, metrics: &Metrics) {
     let key = key_of(&publish.topic);
-    let mut seen: Vec<u64> = Vec::new();
+    // (connection, its inbox, QoS, ids, retain as published): few per message, found linearly.
+    let mut picks: Vec<(u64, &Arc<Inbox>, QoS, Vec<u32>, bool)> = Vec::new();
     let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
     for ((conn_id, filter), s) in candidates {
-        if seen.contains(conn_id) || !matches(filter, &publish.topic) {
+        if (s.opts.no_local && publish.from_conn == Some(*conn_id)) || !matches(filter, &publish.topic) {
             continue;
         }
-        seen.push(*conn_id);
+        let pick = match picks.iter_mut().position(|p| p.0 == *conn_id) {
+            Some(i) => &mut picks[i],
+            None => {
+                picks.push((*conn_id, &s.inbox, QoS::AtMostOnce, Vec::new(), false));
+                picks.last_mut().expect("just pushed")
+            }
+        };
+        if s.qos != QoS::AtMostOnce {
+            pick.2 = QoS::AtLeastOnce;
+        }
+        pick.3.extend(s.opts.id);
+        pick.4 |= s.opts.retain_as_published;
+    }
+    for (_, inbox, qos, ids, retain) in picks {
         let mut p = publish.clone();
-        p.qos = if s.qos == QoS::AtMostOnce || publish.qos == QoS::AtMostOnce {
+        p.qos = if qos == QoS::AtMostOnce || publish.qos == QoS::AtMostOnce {
             QoS::AtMostOnce
         } else {
             QoS::AtLeastOnce
         };
-        p.retain = false;
+        p.retain = retain && publish.retain;
         p.dup = false;
-        if s.inbox.push(Box::new(p)) {
+        p.sub_ids = ids;
+        if inbox.push(Box::new(p)) {
             metrics.messages_delivered.inc();
         } else {
             metrics.messages_dropped.inc();
@@ -203,7 +222,14 @@ impl Router {
 
     /// Adds (or replaces) a subscription; returns the retained messages it matches. A filter
     /// with a literal device level looks only at that device's retained messages.
-    pub(crate) fn subscribe(&self, conn_id: u64, filter: &str, qos: QoS, inbox: Arc<Inbox>) -> Vec<Message> {
+    pub(crate) fn subscribe(
+        &self,
+        conn_id: u64,
+        filter: &str,
+        qos: QoS,
+        opts: SubOpts,
+        inbox: Arc<Inbox>,
+    ) -> Vec<Message> {
         let mut inner = lock(&self.inner);
         let key = key_of(filter);
         inner.by_conn.entry(conn_id).or_default().insert((key.to_owned(), filter.to_owned()));
@@ -211,7 +237,7 @@ impl Router {
             .subs
             .entry(key.to_owned())
             .or_default()
-            .insert((conn_id, filter.to_owned()), Sub { qos, inbox });
+            .insert((conn_id, filter.to_owned()), Sub { qos, opts, inbox });
         let retained: Box<dyn Iterator<Item = &HashMap<String, Retained>>> = match key {
             "" => Box::new(inner.retained.values()),
             key => Box::new(inner.retained.get(key).into_iter()),

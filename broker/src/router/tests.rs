@@ -10,9 +10,9 @@ fn a_closed_connection_gets_nothing_and_leaves_nothing_behind() {
     let metrics = Metrics::new();
     let route = |p: &Message| router.route(p, RetainBudget::Clients, &metrics).expect("not retained");
     let (rx1, rx2) = (Arc::new(Inbox::new(8)), Arc::new(Inbox::new(8)));
-    router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, rx1.clone());
-    router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, rx1.clone());
-    router.subscribe(2, "devices/a/commands/#", QoS::AtMostOnce, rx2.clone());
+    router.subscribe(1, "devices/a/commands/#", QoS::AtMostOnce, SubOpts::default(), rx1.clone());
+    router.subscribe(1, "devices/+/telemetry", QoS::AtMostOnce, SubOpts::default(), rx1.clone());
+    router.subscribe(2, "devices/a/commands/#", QoS::AtMostOnce, SubOpts::default(), rx2.clone());
     route(&publish("devices/a/commands/reboot"));
     route(&publish("devices/b/telemetry"));
     assert_eq!(rx1.try_next().map(|p| p.topic).as_deref(), Some("devices/a/commands/reboot"));
@@ -54,8 +54,11 @@ fn retained_messages_are_capped_per_device_and_in_bytes_and_cleared() {
     assert_eq!(router.route(&retained("devices/b/ok", &[0u8; 50]), RetainBudget::Clients, &m), Ok(()));
     // Only the device's own retained messages are looked at for its literal filter.
     let inbox = Arc::new(Inbox::new(8));
-    assert_eq!(router.subscribe(1, "devices/a/#", QoS::AtMostOnce, inbox.clone()).len(), 2);
-    assert_eq!(router.subscribe(2, "devices/+/#", QoS::AtMostOnce, inbox).len(), 3);
+    assert_eq!(
+        router.subscribe(1, "devices/a/#", QoS::AtMostOnce, SubOpts::default(), inbox.clone()).len(),
+        2
+    );
+    assert_eq!(router.subscribe(2, "devices/+/#", QoS::AtMostOnce, SubOpts::default(), inbox).len(), 3);
     assert_eq!(router.clear_retained("a"), 2);
     assert_eq!(lock(&router.inner).retained_bytes, ["devices/b/ok".len() + 50, 0]);
     // An empty retained payload deletes.
@@ -76,7 +79,7 @@ fn devices_filling_their_retained_budget_leave_the_issuers_alone() {
     let rotate = retained("devices/a/certs/rotate", b"rotate");
     assert_eq!(router.route(&rotate, RetainBudget::Issuer, &m), Ok(()));
     let inbox = Arc::new(Inbox::new(8));
-    let got = router.subscribe(1, "devices/a/certs/+", QoS::AtMostOnce, inbox);
+    let got = router.subscribe(1, "devices/a/certs/+", QoS::AtMostOnce, SubOpts::default(), inbox);
     assert_eq!(got.iter().map(|p| p.topic.as_str()).collect::<Vec<_>>(), ["devices/a/certs/rotate"]);
     // Withdrawn with an empty payload; its bytes go back to the issuer's budget.
     assert_eq!(router.route(&retained("devices/a/certs/rotate", b""), RetainBudget::Issuer, &m), Ok(()));

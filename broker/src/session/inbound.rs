@@ -3,9 +3,9 @@
 //! SUBSCRIBE, UNSUBSCRIBE, PUBACK of a delivery, PINGREQ.
 
 use fleet_registry::{Role, Telemetry};
-use rumqttc::mqttbytes::v4::{Packet, Subscribe, Unsubscribe};
+use rumqttc::mqttbytes::v4::{Packet, Unsubscribe};
 
-use crate::message::Message;
+use crate::message::{Message, SubOpts};
 use rumqttc::mqttbytes::QoS;
 use tokio::time::Instant;
 use tracing::warn;
@@ -49,10 +49,10 @@ impl State {
     pub(super) async fn handle_packet(&mut self, ctx: &Ctx<'_>, inbound: Inbound) -> Result<(), CloseReason> {
         let packet = match inbound {
             Inbound::Publish(m) => return self.publish(ctx, m).await,
+            Inbound::Subscribe { pkid, filters } => return self.subscribe(ctx, pkid, filters).await,
             Inbound::Packet(p) => p,
         };
         match packet {
-            Packet::Subscribe(s) => self.subscribe(ctx, s).await,
             Packet::Unsubscribe(u) => self.unsubscribe(ctx, u).await,
             Packet::PingReq => self.conn.send(Packet::PingResp).await,
             Packet::Disconnect => Err(CloseReason::ClientGone),
@@ -158,6 +158,8 @@ impl State {
         // Routed first (subscribers get copies, here and on the other nodes), then the publish
         // itself moves to the store.
         let budget = RetainBudget::of(ctx.id.role);
+        // Marked as this session's: its own subscriptions with No Local skip it.
+        p.from_conn = Some(self.router_id);
         if let Err(refused) = svc.fabric.publish(&p, budget, Origin::Client(&ctx.id)).await {
             self.limit_hit(ctx, refused.limit(), &p.topic);
             return Err(refused.close_reason());
@@ -210,36 +212,46 @@ impl State {
         Ok(())
     }
 
-    async fn subscribe(&mut self, ctx: &Ctx<'_>, s: Subscribe) -> Result<(), CloseReason> {
+    async fn subscribe(
+        &mut self,
+        ctx: &Ctx<'_>,
+        pkid: u16,
+        filters: Vec<(String, QoS, SubOpts)>,
+    ) -> Result<(), CloseReason> {
         let svc = ctx.svc;
-        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut codes = Vec::with_capacity(filters.len());
         let mut retained = Vec::new();
-        for f in &s.filters {
+        for (path, qos, opts) in &filters {
             let full =
-                !self.subs.contains(&f.path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
-            if !svc.topic_within(&f.path) {
-                self.limit_hit(ctx, Limit::Topic, &f.path);
+                !self.subs.contains(path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
+            if !svc.topic_within(path) {
+                self.limit_hit(ctx, Limit::Topic, path);
                 codes.push(SubResult::Invalid);
-            } else if f.path.starts_with("$share/") && self.conn.version() == Version::V5 {
+            } else if path.starts_with("$share/") && self.conn.version() == Version::V5 {
                 codes.push(SubResult::SharedUnsupported);
-            } else if !TopicFilter::parse(&f.path).is_ok_and(|f| auth::may_subscribe(&ctx.id, f)) {
-                self.acl_denied(ctx, AclAction::Subscribe, &f.path);
+            } else if !TopicFilter::parse(path).is_ok_and(|f| auth::may_subscribe(&ctx.id, f)) {
+                self.acl_denied(ctx, AclAction::Subscribe, path);
                 codes.push(SubResult::NotAuthorized);
             } else if full {
-                self.limit_hit(ctx, Limit::Subscriptions, &f.path);
+                self.limit_hit(ctx, Limit::Subscriptions, path);
                 codes.push(SubResult::Quota);
             } else {
-                let qos = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                let first = self.subs.insert(f.path.clone());
+                let qos = if *qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                let first = self.subs.insert(path.clone());
                 let inbox = self.inbox.clone();
-                retained.extend(svc.fabric.subscribe(self.router_id, &f.path, qos, inbox, first).await);
+                let kept = svc.fabric.subscribe(self.router_id, path, qos, *opts, inbox, first).await;
+                // Retain Handling: 0 always, 1 only for a new subscription, 2 never.
+                if opts.retain_handling == 0 || (opts.retain_handling == 1 && first) {
+                    retained.extend(kept.into_iter().map(|m| (m, opts.id)));
+                }
                 codes.push(SubResult::Granted(qos));
             }
         }
-        self.conn.send_suback(s.pkid, &codes).await?;
-        for mut p in retained {
+        self.conn.send_suback(pkid, &codes).await?;
+        for (mut p, id) in retained {
             p.qos = QoS::AtMostOnce;
             p.retain = true;
+            p.sub_ids = id.into_iter().collect();
             ctx.info.sent();
             self.conn.send_message(p).await?;
         }

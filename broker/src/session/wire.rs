@@ -5,12 +5,14 @@ use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5 as m5;
 
-use crate::message::Message;
+use crate::message::{Message, SubOpts};
 
-/// What a client sent: a message, or another packet (never a PUBLISH).
+/// What a client sent: a message, a subscription, or another packet (never a PUBLISH or
+/// SUBSCRIBE).
 #[derive(Debug)]
 pub(crate) enum Inbound {
     Publish(Message),
+    Subscribe { pkid: u16, filters: Vec<(String, QoS, SubOpts)> },
     Packet(Packet),
 }
 
@@ -18,6 +20,10 @@ impl Inbound {
     pub(crate) fn v4(p: Packet) -> Self {
         match p {
             Packet::Publish(p) => Self::Publish(Message::from_v4(p)),
+            Packet::Subscribe(s) => Self::Subscribe {
+                pkid: s.pkid,
+                filters: s.filters.into_iter().map(|f| (f.path, f.qos, SubOpts::default())).collect(),
+            },
             p => Self::Packet(p),
         }
     }

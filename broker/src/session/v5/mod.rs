@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use super::wire::{qos_in, qos_out, Inbound};
 use crate::clock::now_millis;
-use crate::message::{Message, Props};
+use crate::message::{Message, Props, SubOpts};
 use crate::outcome::{CloseReason, Refusal};
 
 /// The protocol a client speaks.
@@ -149,14 +149,22 @@ impl Edge {
             }
             m5::Packet::Publish(p) => return self.publish_in(p).map(|m| Some(Inbound::Publish(m))),
             m5::Packet::PubAck(a) => v4::Packet::PubAck(v4::PubAck::new(a.pkid)),
-            m5::Packet::Subscribe(s) => v4::Packet::Subscribe(v4::Subscribe {
-                pkid: s.pkid,
-                filters: s
-                    .filters
-                    .into_iter()
-                    .map(|f| v4::SubscribeFilter::new(f.path, qos_in(f.qos)))
-                    .collect(),
-            }),
+            m5::Packet::Subscribe(s) => {
+                let id = s.properties.as_ref().and_then(|p| p.id).and_then(|id| u32::try_from(id).ok());
+                let opts = |f: &m5::Filter| SubOpts {
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retain_handling: match f.retain_forward_rule {
+                        m5::RetainForwardRule::OnEverySubscribe => 0,
+                        m5::RetainForwardRule::OnNewSubscribe => 1,
+                        m5::RetainForwardRule::Never => 2,
+                    },
+                    id,
+                };
+                let filters =
+                    s.filters.into_iter().map(|f| (opts(&f), f)).map(|(o, f)| (f.path, qos_in(f.qos), o));
+                return Ok(Some(Inbound::Subscribe { pkid: s.pkid, filters: filters.collect() }));
+            }
             m5::Packet::Unsubscribe(u) => {
                 v4::Packet::Unsubscribe(v4::Unsubscribe { pkid: u.pkid, topics: u.filters })
             }
@@ -199,7 +207,9 @@ impl Edge {
             }
         };
         let props = p.properties.map(props_in).filter(|props| !props.is_empty()).map(Arc::new);
-        Ok(Message { dup: p.dup, qos, retain: p.retain, topic, pkid: p.pkid, payload: p.payload, props })
+        let mut m = Message::new(topic, qos, p.payload);
+        (m.dup, m.retain, m.pkid, m.props) = (p.dup, p.retain, p.pkid, props);
+        Ok(m)
     }
 
     /// The broker's packet as this v5 client gets it (`None`: not sent to v5 clients this way).
@@ -235,7 +245,8 @@ fn props_in(p: m5::PublishProperties) -> Props {
 
 /// A message as a v5 client gets it: its properties, and what remains of its expiry.
 pub(crate) fn publish_out(m: Message) -> m5::Publish {
-    let properties = m.props.as_deref().map(|p| m5::PublishProperties {
+    let ids: Vec<usize> = m.sub_ids.iter().map(|&id| id as usize).collect();
+    let mut properties = m.props.as_deref().map(|p| m5::PublishProperties {
         payload_format_indicator: p.payload_format,
         message_expiry_interval: p.expiry_left(now_millis()),
         topic_alias: None,
@@ -245,6 +256,9 @@ pub(crate) fn publish_out(m: Message) -> m5::Publish {
         subscription_identifiers: Vec::new(),
         content_type: p.content_type.clone(),
     });
+    if !ids.is_empty() {
+        properties.get_or_insert_with(Default::default).subscription_identifiers = ids;
+    }
     m5::Publish {
         dup: m.dup,
         qos: qos_out(m.qos),
@@ -363,7 +377,7 @@ pub(crate) fn connack_ok(a: Admitted) -> m5::ConnAck {
             assigned_client_identifier: a.assigned_id,
             topic_alias_max: Some(TOPIC_ALIAS_MAX),
             wildcard_subscription_available: Some(1),
-            subscription_identifiers_available: Some(0),
+            subscription_identifiers_available: Some(1),
             shared_subscription_available: Some(0),
             ..no_connack_properties()
         }),
