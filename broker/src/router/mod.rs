@@ -169,14 +169,18 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// One connection's copy of a message: (connection, its inbox, QoS, subscription identifiers,
+/// retain as published).
+type Pick<'a> = (u64, &'a Arc<Inbox>, QoS, Vec<u32>, bool);
+
 /// Sends a copy to every subscription matching `publish`, once per connection: at the highest
 /// QoS of its matching subscriptions, with all their Subscription Identifiers, the retain flag
 /// kept if one of them asked for it (Retain As Published), none to a subscription with No
 /// Local on the publisher's own connection.
 fn deliver(inner: &Inner, publish: &Message, metrics: &Metrics) {
     let key = key_of(&publish.topic);
-    // (connection, its inbox, QoS, ids, retain as published): few per message, found linearly.
-    let mut picks: Vec<(u64, &Arc<Inbox>, QoS, Vec<u32>, bool)> = Vec::new();
+    // Few per message, found linearly.
+    let mut picks: Vec<Pick<'_>> = Vec::new();
     let candidates = inner.subs.get(key).into_iter().chain(inner.subs.get("")).flatten();
     for ((conn_id, filter), s) in candidates {
         if (s.opts.no_local && publish.from_conn == Some(*conn_id)) || !matches(filter, &publish.topic) {
