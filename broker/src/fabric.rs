@@ -120,6 +120,16 @@ impl Fabric {
         }
     }
 
+    /// Shared subscriptions are offered on a single node (not yet across a cluster's nodes).
+    pub(crate) fn shared_subscriptions(&self) -> bool {
+        matches!(&*self.link, Link::Local)
+    }
+
+    /// Hands a shared delivery that its member left unacknowledged to another member.
+    pub(crate) fn redeliver(&self, p: &Message) -> bool {
+        self.router.redeliver(p, &self.metrics)
+    }
+
     /// Forgets a device's retained messages (it was revoked); returns how many.
     pub(crate) fn clear_retained(&self, device: &str) -> usize {
         self.router.clear_retained(device)

@@ -58,7 +58,6 @@ impl Inbox {
     }
 
     /// The oldest message, if any, without waiting.
-    #[cfg(test)]
     pub(crate) fn try_next(&self) -> Option<Box<Message>> {
         self.lock().pop_front()
     }

@@ -154,7 +154,13 @@ pub(crate) struct Message {
     pub(crate) from_conn: Option<u64>,
     /// A delivery's Subscription Identifiers (the receiving session's matching subscriptions).
     pub(crate) sub_ids: Vec<u32>,
+    /// A delivery through a shared subscription: its group, for another member should this one
+    /// leave without acknowledging it.
+    pub(crate) shared: Option<GroupKey>,
 }
+
+/// A shared subscription's group and filter (`$share/<group>/<filter>`).
+pub(crate) type GroupKey = Arc<(String, String)>;
 
 /// MQTT 5 subscription options (3.1.1 subscriptions have the defaults).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -182,6 +188,7 @@ impl Message {
             props: None,
             from_conn: None,
             sub_ids: Vec::new(),
+            shared: None,
         }
     }
 

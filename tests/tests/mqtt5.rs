@@ -153,7 +153,7 @@ async fn a_v5_connack_says_what_the_broker_offers_and_assigns_the_device_id() {
     assert_eq!(p.max_qos, Some(1), "no QoS 2");
     assert_eq!(p.retain_available, Some(1));
     assert_eq!(p.wildcard_subscription_available, Some(1));
-    assert_eq!(p.shared_subscription_available, Some(0), "not yet: it must not claim them");
+    assert_eq!(p.shared_subscription_available, Some(1), "a single node shares");
     assert_eq!(p.subscription_identifiers_available, Some(1));
     assert!(p.topic_alias_max.is_some_and(|m| m > 0));
     assert_eq!(p.max_packet_size, Some(4096), "the configured max_packet_size");
@@ -194,7 +194,7 @@ async fn v5_refusals_and_denials_carry_reason_codes_and_the_session_lives_on() {
     assert_eq!(c.puback(2).await, PubAckReason::NotAuthorized);
     c.publish(&format!("devices/{me}/telemetry"), 3, "21.5", None).await;
     assert_eq!(c.puback(3).await, PubAckReason::Success);
-    // SUBACK: another device's commands 0x87; a shared subscription 0x9E (not offered).
+    // SUBACK: another device's commands 0x87, also through a shared subscription.
     let codes = c
         .subscribe(
             4,
@@ -209,7 +209,7 @@ async fn v5_refusals_and_denials_carry_reason_codes_and_the_session_lives_on() {
         codes,
         [
             SubscribeReasonCode::NotAuthorized,
-            SubscribeReasonCode::SharedSubscriptionsNotSupported,
+            SubscribeReasonCode::NotAuthorized,
             SubscribeReasonCode::Success(QoS::AtLeastOnce)
         ]
     );
@@ -946,4 +946,71 @@ async fn subscription_options_no_local_retain_as_published_retain_handling_and_i
     // because one of them asked, every identifier given.
     assert!(got.retain);
     assert_eq!(got.properties.map(|p| p.subscription_identifiers), Some(vec![7]));
+}
+
+#[tokio::test]
+async fn a_shared_subscription_spreads_messages_over_its_members_and_a_leaving_member_passes_its_share_on() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let mut members = Vec::new();
+    for name in ["backend", "backend-2", "backend-3"] {
+        let dir = match name {
+            "backend" => fleet.service.clone(),
+            other => fleet.service_identity(other).await,
+        };
+        let mut m = Raw5::device(&broker, &dir).await;
+        let ack = m.connect(name, true, props()).await;
+        assert_eq!(ack.properties.and_then(|p| p.shared_subscription_available), Some(1));
+        let codes = m.subscribe(1, &["$share/ingest/devices/+/telemetry"]).await;
+        assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+        members.push(m);
+    }
+    // A malformed share (no filter), and a filter the member's ACL refuses inside a share.
+    let codes = members[0].subscribe(2, &["$share/x", "$share/g/status/#"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::TopicFilterInvalid, SubscribeReasonCode::NotAuthorized]);
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    const N: u16 = 30;
+    for i in 1..=N {
+        dev.publish(&format!("devices/{id}/telemetry"), i, "m", None).await;
+        assert_eq!(dev.puback(i).await, PubAckReason::Success);
+    }
+    // Nobody acknowledges: each member holds its share in flight. The members take turns.
+    let telemetry = format!("devices/{id}/telemetry");
+    let mut got: Vec<Vec<u16>> = vec![Vec::new(); 3];
+    let t = std::time::Instant::now();
+    while got.iter().map(Vec::len).sum::<usize>() < usize::from(N) {
+        assert!(t.elapsed() < PATIENCE, "only {got:?} arrived");
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(Packet::Publish(p)) = m.recv(Duration::from_millis(100)).await {
+                if p.topic[..] == *telemetry.as_bytes() {
+                    got[i].push(p.pkid);
+                }
+            }
+        }
+    }
+    let counts: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        usize::from(N),
+        "each message to exactly one member: {counts:?}"
+    );
+    assert!(counts.iter().all(|&c| c == usize::from(N) / 3), "in turn: {counts:?}");
+    // The third member leaves without acknowledging: its ten go to the other two.
+    let gone = members.pop().unwrap();
+    drop(gone);
+    let mut again = 0;
+    let t = std::time::Instant::now();
+    while again < usize::from(N) / 3 {
+        assert!(t.elapsed() < PATIENCE, "only {again} of the leaving member's messages came back");
+        for m in members.iter_mut() {
+            while let Some(Packet::Publish(p)) = m.recv(Duration::from_millis(100)).await {
+                if p.topic[..] == *telemetry.as_bytes() {
+                    again += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(again, usize::from(N) / 3);
 }

@@ -82,7 +82,8 @@ pub enum ClusterError {
     /// send one over its limit, and the server would close the node's connection.
     #[error(
         "the NATS server takes messages of at most {max_payload} bytes, too few for max_packet_size {max_packet} \
-         and the bus headers ({HEADROOM} bytes): lower max_packet_size or raise the server's max_payload"
+         and the bus headers ({headroom} bytes): lower max_packet_size or raise the server's max_payload",
+        headroom = stream::HEADROOM
     )]
     PayloadLimit {
         /// The server's `max_payload`.
@@ -90,16 +91,6 @@ pub enum ClusterError {
         /// The broker's `max_packet_size`.
         max_packet: usize,
     },
-}
-
-/// Room kept for a bus message's headers (node, origin, QoS, message id) beside its payload.
-pub(crate) const HEADROOM: usize = 4096;
-
-/// Does a message with `payload` bytes and these properties fit the server's `max_payload`?
-/// Its properties are left behind when they do not (they may be up to six times their size on
-/// the wire once escaped): the message itself always fits (`PayloadLimit` at start).
-pub(crate) fn props_fit(max_payload: usize, payload: usize, props_json: &str) -> bool {
-    payload + props_json.len() + HEADROOM <= max_payload
 }
 
 /// The node's NATS connection and the subjects it subscribes to.
@@ -211,7 +202,7 @@ impl Cluster {
             .map_err(|source| ClusterError::Connect { url: shown.clone(), source })?;
         metrics.cluster_connected.set(1);
         let max_payload = client.server_info().max_payload;
-        if config.max_packet_size + HEADROOM > max_payload {
+        if config.max_packet_size + stream::HEADROOM > max_payload {
             return Err(ClusterError::PayloadLimit { max_payload, max_packet: config.max_packet_size });
         }
         let mut js = jetstream::new(client.clone());
@@ -274,7 +265,7 @@ impl Cluster {
         }
         if let Some(props) = &p.props {
             let json = props.to_json();
-            if props_fit(self.max_payload, p.payload.len(), &json) {
+            if stream::props_fit(self.max_payload, p.payload.len(), &json) {
                 headers.insert(stream::PROPERTIES, json.as_str());
             } else {
                 debug!(topic = p.topic.as_str(), "properties too large for the bus: relayed without them");
@@ -416,7 +407,7 @@ async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics:
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::stream::{props_fit, HEADROOM};
 
     #[test]
     fn properties_are_relayed_only_while_the_message_fits_the_server() {

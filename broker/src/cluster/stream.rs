@@ -84,6 +84,16 @@ pub(crate) fn message_id(device: &str, pkid: u16, topic: &str, payload: &[u8]) -
     id
 }
 
+/// Room kept for a bus message's headers (node, origin, QoS, message id) beside its payload.
+pub(crate) const HEADROOM: usize = 4096;
+
+/// Does a message with `payload` bytes and these properties fit the server's `max_payload`?
+/// Its properties are left behind when they do not (they may be up to six times their size on
+/// the wire once escaped): the message itself always fits (`PayloadLimit` at start).
+pub(crate) fn props_fit(max_payload: usize, payload: usize, props_json: &str) -> bool {
+    payload + props_json.len() + HEADROOM <= max_payload
+}
+
 /// The store writer's sink in a cluster: JetStream.
 #[derive(Debug, Clone)]
 pub(crate) struct JetStreamSink {
@@ -103,7 +113,7 @@ impl Sink for JetStreamSink {
             // Properties too large for the server's messages stay behind: the message is stored
             // (one device's oversized properties must not fail its batch, others' messages too).
             if let Some(props) =
-                row.properties.as_ref().filter(|p| super::props_fit(self.max_payload, row.payload.len(), p))
+                row.properties.as_ref().filter(|p| props_fit(self.max_payload, row.payload.len(), p))
             {
                 headers.insert(PROPERTIES, props.as_str());
             }

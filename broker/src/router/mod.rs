@@ -24,13 +24,6 @@ use crate::outcome::CloseReason;
 use fleet_topic::{device_level, matches};
 use rumqttc::mqttbytes::QoS;
 
-#[derive(Debug, Clone)]
-struct Sub {
-    qos: QoS,
-    opts: SubOpts,
-    inbox: Arc<Inbox>,
-}
-
 /// A subscription's identity: connection and filter.
 type SubKey = (u64, String);
 
@@ -41,6 +34,8 @@ struct Inner {
     /// (key, filter) of each connection's subscriptions: a (un)subscribe or disconnect touches
     /// only its own entries, never a scan of other sessions' subscriptions.
     by_conn: HashMap<u64, std::collections::HashSet<(String, String)>>,
+    /// Shared subscriptions.
+    shared: shared::Groups,
     /// Retained messages by device-id level, then topic.
     retained: HashMap<String, HashMap<String, Retained>>,
     /// Topic + payload bytes of every retained message, per budget ([`RetainBudget::index`]).
@@ -235,6 +230,12 @@ impl Router {
         inbox: Arc<Inbox>,
     ) -> Vec<Message> {
         let mut inner = lock(&self.inner);
+        if let Some(Ok((group, inner_filter))) = shared::split(filter) {
+            // A shared subscription gets no retained messages (MQTT 5 §4.8.2).
+            inner.by_conn.entry(conn_id).or_default().insert((shared::KEY.to_owned(), filter.to_owned()));
+            inner.shared.join(group, inner_filter, conn_id, Sub { qos, opts, inbox });
+            return Vec::new();
+        }
         let key = key_of(filter);
         inner.by_conn.entry(conn_id).or_default().insert((key.to_owned(), filter.to_owned()));
         inner
@@ -267,6 +268,13 @@ impl Router {
     /// Removes one subscription.
     pub(crate) fn unsubscribe(&self, conn_id: u64, filter: &str) {
         let mut inner = lock(&self.inner);
+        if let Some(Ok((group, inner_filter))) = shared::split(filter) {
+            inner.shared.leave(group, inner_filter, conn_id);
+            if let Some(mine) = inner.by_conn.get_mut(&conn_id) {
+                mine.remove(&(shared::KEY.to_owned(), filter.to_owned()));
+            }
+            return;
+        }
         let key = key_of(filter).to_owned();
         if let Some(mine) = inner.by_conn.get_mut(&conn_id) {
             mine.remove(&(key.clone(), filter.to_owned()));
@@ -279,7 +287,12 @@ impl Router {
         let mut inner = lock(&self.inner);
         let mut filters = Vec::new();
         for (key, filter) in inner.by_conn.remove(&conn_id).unwrap_or_default() {
-            remove_sub(&mut inner, &key, conn_id, &filter);
+            match shared::split(&filter) {
+                Some(Ok((group, inner_filter))) if key == shared::KEY => {
+                    inner.shared.leave(group, inner_filter, conn_id)
+                }
+                _ => remove_sub(&mut inner, &key, conn_id, &filter),
+            }
             filters.push(filter);
         }
         filters
@@ -298,12 +311,24 @@ impl Router {
             self.retain(&mut inner, key_of(&publish.topic), publish, budget)?;
         }
         deliver(&inner, publish, metrics);
+        inner.shared.deliver(publish, metrics);
         Ok(())
+    }
+
+    /// Hands a shared delivery whose session ended unacknowledged to another member of its
+    /// group; false if it has none left (the message is dropped, as it would be unshared).
+    pub(crate) fn redeliver(&self, publish: &Message, metrics: &Metrics) -> bool {
+        match &publish.shared {
+            Some(key) => lock(&self.inner).shared.redeliver(key, publish, metrics),
+            None => false,
+        }
     }
 
     /// Delivers a message another cluster node accepted to the matching local subscriptions.
     pub(crate) fn deliver_remote(&self, publish: &Message, metrics: &Metrics) {
-        deliver(&lock(&self.inner), publish, metrics);
+        let inner = lock(&self.inner);
+        deliver(&inner, publish, metrics);
+        inner.shared.deliver(publish, metrics);
     }
 
     fn retain(
@@ -358,6 +383,10 @@ impl Router {
         Ok(())
     }
 }
+
+mod shared;
+pub(crate) use shared::split as split_shared;
+use shared::Sub;
 
 #[cfg(test)]
 mod tests;

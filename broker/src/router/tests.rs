@@ -87,3 +87,26 @@ fn devices_filling_their_retained_budget_leave_the_issuers_alone() {
     assert_eq!(router.clear_retained("a"), 2);
     assert_eq!(lock(&router.inner).retained_bytes, [0, 0]);
 }
+
+#[test]
+fn a_shared_group_takes_turns_passes_over_a_full_queue_and_gets_no_retained_messages() {
+    let router = Router::default();
+    let (a, b) = (Arc::new(Inbox::new(100)), Arc::new(Inbox::new(1)));
+    let metrics = Metrics::new();
+    let mut keep = publish("devices/a/telemetry");
+    keep.retain = true;
+    router.route(&keep, RetainBudget::Clients, &metrics).unwrap();
+    let f = "$share/g/devices/+/telemetry";
+    assert!(router.subscribe(1, f, QoS::AtMostOnce, SubOpts::default(), a.clone()).is_empty());
+    assert!(router.subscribe(2, f, QoS::AtMostOnce, SubOpts::default(), b.clone()).is_empty());
+    for _ in 0..4 {
+        router.route(&publish("devices/a/telemetry"), RetainBudget::Clients, &metrics).unwrap();
+    }
+    let count = |i: &Inbox| std::iter::from_fn(|| i.try_next()).count();
+    // b holds one: the turns that fell to it while full went to a.
+    assert_eq!((count(&a), count(&b)), (3, 1));
+    router.unsubscribe(1, f);
+    router.route(&publish("devices/a/telemetry"), RetainBudget::Clients, &metrics).unwrap();
+    assert_eq!((count(&a), count(&b)), (0, 1), "only the member left");
+    assert_eq!(router.remove_connection(2), vec![f.to_owned()]);
+}

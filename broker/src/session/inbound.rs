@@ -20,6 +20,7 @@ use crate::cluster::bus::Origin;
 use crate::commands::Accepted;
 use crate::observe::metrics::{AclAction, Limit};
 use crate::outcome::CloseReason;
+use crate::router::split_shared;
 use crate::router::RetainBudget;
 
 impl State {
@@ -224,12 +225,24 @@ impl State {
         for (path, qos, opts) in &filters {
             let full =
                 !self.subs.contains(path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
-            if !svc.topic_within(path) {
+            // `$share/<group>/<filter>`: the checks apply to the filter inside.
+            let (shared, filter) = match split_shared(path) {
+                None => (false, path.as_str()),
+                Some(Ok((_, inner))) => (true, inner),
+                Some(Err(())) => {
+                    codes.push(SubResult::Invalid);
+                    continue;
+                }
+            };
+            if !svc.topic_within(filter) {
                 self.limit_hit(ctx, Limit::Topic, path);
                 codes.push(SubResult::Invalid);
-            } else if path.starts_with("$share/") && self.conn.version() == Version::V5 {
+            } else if shared && !svc.fabric.shared_subscriptions() {
                 codes.push(SubResult::SharedUnsupported);
-            } else if !TopicFilter::parse(path).is_ok_and(|f| auth::may_subscribe(&ctx.id, f)) {
+            } else if shared && opts.no_local {
+                // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
+                codes.push(SubResult::Invalid);
+            } else if !TopicFilter::parse(filter).is_ok_and(|f| auth::may_subscribe(&ctx.id, f)) {
                 self.acl_denied(ctx, AclAction::Subscribe, path);
                 codes.push(SubResult::NotAuthorized);
             } else if full {

@@ -215,6 +215,16 @@ impl Parking {
     /// Drops a session's subscriptions from the router (and the cluster).
     pub(crate) fn release(&self, p: Parked) {
         self.fabric.remove_connection(p.router_id);
+        // What it held through shared subscriptions, unacknowledged or not yet sent, goes to
+        // another member of the group (MQTT 5 §4.8.2).
+        for m in p.in_flight.iter().filter(|m| m.shared.is_some()) {
+            self.fabric.redeliver(m);
+        }
+        while let Some(m) = p.inbox.try_next() {
+            if m.shared.is_some() {
+                self.fabric.redeliver(&m);
+            }
+        }
     }
 
     /// Keeps a persistent session whose client left, within the caps. A revocation of its

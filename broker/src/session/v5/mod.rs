@@ -361,6 +361,8 @@ pub(crate) struct Admitted {
     /// QoS 1 PUBLISHes the broker takes unacknowledged at once.
     pub(crate) receive_max: u16,
     pub(crate) max_packet: u32,
+    /// Shared subscriptions are offered (a single node).
+    pub(crate) shared: bool,
 }
 
 /// The v5 CONNACK of an admitted session: what the broker offers, truthfully.
@@ -378,7 +380,7 @@ pub(crate) fn connack_ok(a: Admitted) -> m5::ConnAck {
             topic_alias_max: Some(TOPIC_ALIAS_MAX),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(1),
-            shared_subscription_available: Some(0),
+            shared_subscription_available: Some(u8::from(a.shared)),
             ..no_connack_properties()
         }),
     }
