@@ -606,6 +606,15 @@ async fn the_sdk_speaks_mqtt5_aliases_its_telemetry_and_reads_why_it_was_cut() {
     drop(from_device);
 }
 
+/// As [`publish_with`], retained.
+fn retained_with(topic: &str, pkid: u16, payload: &'static str, props: PublishProperties) -> Packet {
+    let mut p = publish_with(topic, pkid, payload, props);
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    p
+}
+
 /// A device's QoS 1 message with these properties, `pkid` 1 unless told.
 fn publish_with(topic: &str, pkid: u16, payload: &'static str, props: PublishProperties) -> Packet {
     let mut p = Publish::new(topic, QoS::AtLeastOnce, payload, None);
@@ -692,18 +701,10 @@ async fn properties_count_against_the_retained_budget() {
     let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
     let light = PublishProperties { user_properties: user_properties(4, 32), ..Default::default() };
-    let mut p = publish_with(&format!("devices/{d0}/light"), 1, "x", light);
-    if let Packet::Publish(p) = &mut p {
-        p.retain = true;
-    }
-    dev.send(p).await;
+    dev.send(retained_with(&format!("devices/{d0}/light"), 1, "x", light)).await;
     assert_eq!(dev.puback(1).await, PubAckReason::Success, "within the budget");
     let heavy = PublishProperties { user_properties: user_properties(30, 100), ..Default::default() };
-    let mut p = publish_with(&format!("devices/{d0}/heavy"), 2, "x", heavy);
-    if let Packet::Publish(p) = &mut p {
-        p.retain = true;
-    }
-    dev.send(p).await;
+    dev.send(retained_with(&format!("devices/{d0}/heavy"), 2, "x", heavy)).await;
     assert_eq!(dev.disconnect_reason(PATIENCE).await, Some(DisconnectReasonCode::QuotaExceeded));
     broker.wait_metric("fleet_limits_total{limit=\"retained_bytes\"}", 1.0, PATIENCE).await;
 }

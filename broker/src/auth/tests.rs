@@ -14,19 +14,24 @@ fn is_csr(who: &Identity, topic: &str) -> bool {
     Topic::parse(topic).is_ok_and(|t| super::is_csr(who, t))
 }
 
+/// Device `dev-1` on certificate `4a0b`.
+fn device_1() -> Identity {
+    Identity {
+        id: DeviceId::parse("dev-1").unwrap(),
+        role: Role::Device,
+        serial: SerialNumber::parse("4a0b").unwrap(),
+        not_after: 0,
+        nonce: None,
+    }
+}
+
 fn is_active_announcement(who: &Identity, topic: &str) -> bool {
     Topic::parse(topic).is_ok_and(|t| super::is_active_announcement(who, t))
 }
 
 #[test]
 fn only_the_askers_own_csr_is_stamped_with_its_serial() {
-    let dev = Identity {
-        id: DeviceId::parse("dev-1").unwrap(),
-        role: Role::Device,
-        serial: SerialNumber::parse("4a0b").unwrap(),
-        not_after: 0,
-        nonce: None,
-    };
+    let dev = device_1();
     assert!(is_csr(&dev, "devices/dev-1/certs/csr"));
     assert!(!is_csr(&dev, "devices/dev-2/certs/csr"));
     assert!(!is_csr(&dev, "devices/dev-1/telemetry"));
@@ -171,13 +176,7 @@ fn claim_acl() {
 
 #[test]
 fn a_response_topic_is_one_the_asker_reads() {
-    let dev = Identity {
-        id: DeviceId::parse("dev-1").unwrap(),
-        role: Role::Device,
-        serial: SerialNumber::parse("4a0b").unwrap(),
-        not_after: 0,
-        nonce: None,
-    };
+    let dev = device_1();
     let answered_on = |who: &Identity, t: &str| Topic::parse(t).is_ok_and(|t| may_be_answered_on(who, t));
     assert!(answered_on(&dev, "devices/dev-1/responses/7"));
     assert!(answered_on(&dev, "devices/dev-1/commands/reply"), "its own commands: it reads them");

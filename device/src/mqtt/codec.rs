@@ -291,9 +291,9 @@ pub fn decode_publish_head(buf: &[u8]) -> Result<PublishHead<'_>, DecodeError> {
     Ok(PublishHead { topic, pkid, qos, payload_len: header + len - at, total: header + len })
 }
 
-/// Decodes one packet from the start of `buf`, accepting packets up to `max_size` bytes.
-/// Returns the packet and the number of bytes it occupied.
-pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), DecodeError> {
+/// The packet at the start of `buf` (up to `max_size` bytes): its first byte, its body and its
+/// whole length; `Incomplete` until all of it is there.
+pub(super) fn frame(buf: &[u8], max_size: usize) -> Result<(u8, &[u8], usize), DecodeError> {
     let Some(&first) = buf.first() else {
         return Err(DecodeError::Incomplete { needed: 2 });
     };
@@ -305,7 +305,13 @@ pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), Decode
     if buf.len() < total {
         return Err(DecodeError::Incomplete { needed: total });
     }
-    let body = &buf[header..total];
+    Ok((first, &buf[header..total], total))
+}
+
+/// Decodes one packet from the start of `buf`, accepting packets up to `max_size` bytes.
+/// Returns the packet and the number of bytes it occupied.
+pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), DecodeError> {
+    let (first, body, total) = frame(buf, max_size)?;
     let flags = first & 0x0f;
     let fixed = |want: u8| if flags == want { Ok(()) } else { Err(DecodeError::Malformed("reserved flags")) };
     let empty = |p: Packet<'static>| {

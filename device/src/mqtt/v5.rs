@@ -9,8 +9,7 @@
 //! Alias Maximum 0), so a PUBLISH carrying one is malformed.
 
 use super::codec::{
-    read_str, read_u16, remaining_length, DecodeError, EncodeError, Packet, Publish, QoS, SubscribeFilters,
-    Writer,
+    frame, read_str, read_u16, DecodeError, EncodeError, Packet, Publish, QoS, SubscribeFilters, Writer,
 };
 
 /// Property identifiers used here (MQTT 5 §2.2.2.2).
@@ -125,18 +124,7 @@ fn reason_at(b: &[u8], at: usize) -> u8 {
 /// their reason codes (`code`, `reason`); a PUBACK that refused its message is
 /// [`Packet::PubRefused`], a DISCONNECT from the broker [`Packet::ServerDisconnect`].
 pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), DecodeError> {
-    let Some(&first) = buf.first() else {
-        return Err(DecodeError::Incomplete { needed: 2 });
-    };
-    let (len, header) = remaining_length(buf)?;
-    let total = header + len;
-    if total > max_size {
-        return Err(DecodeError::TooLarge { size: total });
-    }
-    if buf.len() < total {
-        return Err(DecodeError::Incomplete { needed: total });
-    }
-    let body = &buf[header..total];
+    let (first, body, total) = frame(buf, max_size)?;
     let packet = match first {
         0x20 => {
             if body.len() < 2 || body[0] & 0xfe != 0 {
