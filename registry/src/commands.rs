@@ -68,10 +68,14 @@ pub struct Command {
     pub expires_at: i64,
     /// Deliveries so far.
     pub attempts: i64,
+    /// MQTT 5: where the sender wants its answers and statuses (a v5 service's Response Topic).
+    pub response_topic: Option<String>,
+    /// MQTT 5: the sender's Correlation Data, returned with every answer.
+    pub correlation: Option<Vec<u8>>,
 }
 
 const SELECT: &str =
-    "SELECT id, device_id, name, payload, sender, status, created_at, expires_at, attempts FROM commands";
+    "SELECT id, device_id, name, payload, sender, status, created_at, expires_at, attempts, response_topic, correlation FROM commands";
 
 fn row(r: &sqlx::any::AnyRow) -> Result<Command> {
     Ok(Command {
@@ -84,6 +88,8 @@ fn row(r: &sqlx::any::AnyRow) -> Result<Command> {
         created_at: r.try_get(6)?,
         expires_at: r.try_get(7)?,
         attempts: r.try_get(8)?,
+        response_topic: r.try_get(9)?,
+        correlation: r.try_get(10)?,
     })
 }
 
@@ -192,8 +198,8 @@ async fn take(
 
 async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usize) -> Result<CommandOutcome> {
     let id: i64 = sqlx::query(
-        "INSERT INTO commands (device_id, name, payload, sender, status, created_at, expires_at, attempts) \
-         VALUES ($1, $2, $3, $4, 'queued', $5, $6, 0) RETURNING id",
+        "INSERT INTO commands (device_id, name, payload, sender, status, created_at, expires_at, attempts, \
+         response_topic, correlation) VALUES ($1, $2, $3, $4, 'queued', $5, $6, 0, $7, $8) RETURNING id",
     )
     .bind(c.device_id.as_str())
     .bind(c.name)
@@ -201,6 +207,8 @@ async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usiz
     .bind(c.sender)
     .bind(c.now)
     .bind(c.now.saturating_add(c.ttl_ms))
+    .bind(c.response_topic)
+    .bind(c.correlation)
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
@@ -242,6 +250,10 @@ pub struct NewCommand<'a> {
     pub now: i64,
     /// Time-to-live, milliseconds.
     pub ttl_ms: i64,
+    /// MQTT 5: the sender's Response Topic.
+    pub response_topic: Option<&'a str>,
+    /// MQTT 5: the sender's Correlation Data.
+    pub correlation: Option<&'a [u8]>,
 }
 
 impl Registry {

@@ -1015,3 +1015,77 @@ async fn a_shared_subscription_spreads_messages_over_its_members_and_a_leaving_m
     }
     assert_eq!(again, usize::from(N) / 3);
 }
+
+/// MQTT 5 request/response for commands: a v5 service sets Response Topic and Correlation Data
+/// on a command; the broker's statuses (`queued`, `delivered`, `acknowledged`) and the device's
+/// own answer reach that topic with the same correlation data, and the `status/...` topic
+/// still gets them for 3.1.1 services.
+#[tokio::test]
+async fn a_command_s_statuses_and_the_device_s_answer_come_back_to_its_response_topic() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    // The answer topic is in the device's subtree: the device may publish there, the service
+    // may subscribe to it (a Response Topic must be one its sender may read).
+    let answers = format!("devices/{id}/responses/backend");
+    let mut svc = Raw5::device(&broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc.subscribe(1, &[&answers, "status/devices/+/commands/#"]).await;
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    dev.subscribe(1, &[&format!("devices/{id}/commands/#")]).await;
+
+    let ask = PublishProperties {
+        response_topic: Some(answers.clone()),
+        correlation_data: Some(Bytes::from_static(b"req-42")),
+        ..Default::default()
+    };
+    svc.send(publish_with(&format!("devices/{id}/commands/reboot"), 7, "now", ask)).await;
+    assert_eq!(svc.puback(7).await, PubAckReason::Success);
+
+    // The device gets the command with the sender's response topic and correlation data, and
+    // answers there.
+    let cmd = next_publish5(&mut dev).await;
+    let props = cmd.properties.clone().expect("properties");
+    assert_eq!(props.response_topic.as_deref(), Some(answers.as_str()));
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"req-42"[..]));
+    let answer = PublishProperties { correlation_data: props.correlation_data.clone(), ..Default::default() };
+    dev.send(publish_with(&answers, 9, "{\"rebooting\":true}", answer)).await;
+    assert_eq!(dev.puback(9).await, PubAckReason::Success);
+    dev.send(Packet::PubAck(rumqttc::v5::mqttbytes::v5::PubAck {
+        pkid: cmd.pkid,
+        reason: PubAckReason::Success,
+        properties: None,
+    }))
+    .await;
+
+    // On the response topic: queued, delivered, the device's answer, acknowledged; each with the
+    // correlation data. On the status topic: the three statuses.
+    let (mut on_answers, mut on_status) = (Vec::new(), Vec::new());
+    let t = std::time::Instant::now();
+    while on_answers.len() < 4 || on_status.len() < 3 {
+        assert!(t.elapsed() < PATIENCE, "answers {on_answers:?}, statuses {on_status:?}");
+        let p = next_publish5(&mut svc).await;
+        let body = String::from_utf8_lossy(&p.payload).into_owned();
+        if p.topic[..] == *answers.as_bytes() {
+            let correlation = p.properties.and_then(|p| p.correlation_data);
+            assert_eq!(correlation.as_deref(), Some(&b"req-42"[..]), "{body}");
+            on_answers.push(body);
+        } else {
+            on_status.push(body);
+        }
+    }
+    let status_of = |b: &String| {
+        serde_json::from_str::<serde_json::Value>(b)
+            .ok()
+            .and_then(|v| v["status"].as_str().map(str::to_owned))
+    };
+    let answered: Vec<Option<String>> = on_answers.iter().map(status_of).collect();
+    assert!(
+        answered.contains(&Some("queued".into())) && answered.contains(&Some("acknowledged".into())),
+        "{on_answers:?}"
+    );
+    assert!(on_answers.iter().any(|b| b.contains("rebooting")), "the device's answer: {on_answers:?}");
+    let statuses: Vec<Option<String>> = on_status.iter().map(status_of).collect();
+    assert_eq!(statuses, [Some("queued".into()), Some("delivered".into()), Some("acknowledged".into())]);
+}

@@ -6,6 +6,7 @@ use fleet_registry::{Command, DeviceId};
 use rumqttc::mqttbytes::QoS;
 use tracing::warn;
 
+use super::status::Reply;
 use super::topic::pkid_of;
 use super::writer::{self, Writer};
 use crate::clock::now_millis;
@@ -19,6 +20,8 @@ struct InFlight {
     pkid: u16,
     id: i64,
     name: String,
+    /// Where its sender wants its statuses (MQTT 5).
+    reply: Option<Reply>,
 }
 
 /// A device session's side of the queue: which commands are in flight in this session.
@@ -65,7 +68,8 @@ impl Delivery {
     fn send(&mut self, c: Command) -> Message {
         let pkid = pkid_of(c.id);
         self.in_flight.retain(|f| f.pkid != pkid);
-        self.in_flight.push(InFlight { pkid, id: c.id, name: c.name.clone() });
+        let reply = Reply::of(&c);
+        self.in_flight.push(InFlight { pkid, id: c.id, name: c.name.clone(), reply: reply.clone() });
         self.last_sent = self.last_sent.max(c.id);
         let mut p = Message::new(
             fleet_topic::command(c.device_id.as_str(), &c.name).to_string(),
@@ -74,8 +78,14 @@ impl Delivery {
         );
         p.pkid = pkid;
         p.dup = c.attempts > 0;
-        // A v5 device is told how long the command has left (MQTT 5 Message Expiry).
-        p.props = Some(std::sync::Arc::new(Props { expires_at_ms: Some(c.expires_at), ..Props::default() }));
+        // A v5 device is told how long the command has left (MQTT 5 Message Expiry), and where
+        // its sender wants the answer.
+        p.props = Some(std::sync::Arc::new(Props {
+            expires_at_ms: Some(c.expires_at),
+            response_topic: reply.as_ref().map(|r| r.topic.clone()),
+            correlation: reply.and_then(|r| r.correlation),
+            ..Props::default()
+        }));
         p
     }
 
@@ -95,6 +105,7 @@ impl Delivery {
             device: device.to_string(),
             name: f.name,
             now: now_millis(),
+            reply: f.reply,
         };
         writer.submit(vec![change]).await;
         true

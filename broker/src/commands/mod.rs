@@ -20,7 +20,7 @@ use crate::auth::Identity;
 use crate::clock::now_millis;
 use crate::outcome::CommandRefusal;
 pub(crate) use delivery::Delivery;
-use status::Statuses;
+use status::{Reply, Statuses};
 pub(crate) use topic::parse;
 use writer::Writer;
 
@@ -71,12 +71,24 @@ impl Commands {
         let (device, name, ttl) = match parsed {
             Ok(x) => x,
             Err((reason, name)) => {
-                self.statuses.publish(0, raw_device, &name, CommandStatus::Refused, Some(reason)).await;
+                let reply = Reply::asked(p);
+                self.statuses
+                    .publish(0, raw_device, &name, CommandStatus::Refused, Some(reason), reply.as_ref())
+                    .await;
                 return Accepted::Refused;
             }
         };
-        let refuse =
-            |reason| self.statuses.publish(0, device.as_str(), &name, CommandStatus::Refused, Some(reason));
+        let reply = Reply::asked(p);
+        let refuse = |reason| {
+            self.statuses.publish(
+                0,
+                device.as_str(),
+                &name,
+                CommandStatus::Refused,
+                Some(reason),
+                reply.as_ref(),
+            )
+        };
         if p.payload.len() > self.max_bytes {
             refuse(CommandRefusal::TooLarge).await;
             return Accepted::Refused;
@@ -112,6 +124,7 @@ impl Commands {
             sender: sender.id.as_str().to_owned(),
             now,
             ttl_ms,
+            reply: reply.clone(),
         };
         // Stored (and its `queued` status published) by the writer before the answer.
         match self.writer.apply(vec![change]).await {
@@ -136,7 +149,14 @@ impl Commands {
                 Ok(expired) => {
                     for c in expired {
                         self.statuses
-                            .publish(c.id, &c.device_id, &c.name, CommandStatus::Expired, None)
+                            .publish(
+                                c.id,
+                                &c.device_id,
+                                &c.name,
+                                CommandStatus::Expired,
+                                None,
+                                Reply::of(&c).as_ref(),
+                            )
                             .await;
                     }
                 }

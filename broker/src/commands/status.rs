@@ -1,8 +1,11 @@
 //! Status changes of queued commands, published to the services on
 //! `status/devices/<id>/commands/<name>` (here and, in a cluster, on every node).
 
-use crate::message::Message;
-use fleet_registry::CommandStatus;
+use std::sync::Arc;
+
+use crate::message::{Message, Props};
+use bytes::Bytes;
+use fleet_registry::{Command, CommandStatus};
 use rumqttc::mqttbytes::QoS;
 
 use crate::clock::now_millis;
@@ -11,6 +14,29 @@ use crate::fabric::Fabric;
 use crate::observe::metrics::Metrics;
 use crate::outcome::CommandRefusal;
 use crate::router::RetainBudget;
+
+/// Where a v5 service asked for a command's answers and statuses (its Response Topic), and the
+/// Correlation Data it set (MQTT 5 request/response, docs/spec/mqtt5.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub(crate) topic: String,
+    pub(crate) correlation: Option<Bytes>,
+}
+
+impl Reply {
+    /// The reply a v5 sender asked for in its command's properties.
+    pub(crate) fn asked(p: &Message) -> Option<Reply> {
+        let props = p.props.as_deref()?;
+        let topic = props.response_topic.clone()?;
+        Some(Reply { topic, correlation: props.correlation.clone() })
+    }
+
+    /// The reply stored with a command.
+    pub(crate) fn of(c: &Command) -> Option<Reply> {
+        let topic = c.response_topic.clone()?;
+        Some(Reply { topic, correlation: c.correlation.clone().map(Bytes::from) })
+    }
+}
 
 /// Publishes status changes; clone freely.
 #[derive(Debug, Clone)]
@@ -28,6 +54,7 @@ impl Statuses {
         name: &str,
         s: CommandStatus,
         reason: Option<CommandRefusal>,
+        reply: Option<&Reply>,
     ) {
         self.metrics.commands.with_label_values(&[s.as_str()]).inc();
         let mut body = serde_json::json!({
@@ -36,8 +63,19 @@ impl Statuses {
         if let Some(r) = reason {
             body["reason"] = serde_json::Value::from(r.label());
         }
+        let body = body.to_string();
+        if let Some(r) = reply {
+            // The same status, where the sender asked, with its correlation data.
+            let mut p = Message::new(r.topic.clone(), QoS::AtLeastOnce, body.clone());
+            p.props = Some(Arc::new(Props {
+                content_type: Some("application/json".into()),
+                correlation: r.correlation.clone(),
+                ..Props::default()
+            }));
+            let _ = self.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
+        }
         let topic = fleet_topic::status(device, name).to_string();
-        let p = Message::new(topic, QoS::AtLeastOnce, body.to_string());
+        let p = Message::new(topic, QoS::AtLeastOnce, body);
         let _ = self.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
     }
 }

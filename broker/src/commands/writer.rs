@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::status::Statuses;
+use super::status::{Reply, Statuses};
 use crate::outcome::CommandRefusal;
 
 /// Changes applied in one transaction at most.
@@ -26,9 +26,17 @@ const QUEUE: usize = 4096;
 #[derive(Debug)]
 pub(crate) enum Change {
     /// A service's command.
-    Enqueue { device: DeviceId, name: String, payload: Vec<u8>, sender: String, now: i64, ttl_ms: i64 },
+    Enqueue {
+        device: DeviceId,
+        name: String,
+        payload: Vec<u8>,
+        sender: String,
+        now: i64,
+        ttl_ms: i64,
+        reply: Option<Reply>,
+    },
     /// The device acknowledged command `id`.
-    Acknowledged { id: i64, device: String, name: String, now: i64 },
+    Acknowledged { id: i64, device: String, name: String, now: i64, reply: Option<Reply> },
     /// Read the device's next open commands (id above `after`, at most `limit`) and mark them
     /// sent: a session's whole delivery step in the writer's transaction, not in the pool.
     Take { device: DeviceId, after: i64, limit: usize, now: i64 },
@@ -37,7 +45,7 @@ pub(crate) enum Change {
 impl Change {
     fn op(&self) -> CommandOp<'_> {
         match self {
-            Change::Enqueue { device, name, payload, sender, now, ttl_ms } => {
+            Change::Enqueue { device, name, payload, sender, now, ttl_ms, reply } => {
                 CommandOp::Enqueue(NewCommand {
                     device_id: device,
                     name,
@@ -45,6 +53,8 @@ impl Change {
                     sender,
                     now: *now,
                     ttl_ms: *ttl_ms,
+                    response_topic: reply.as_ref().map(|r| r.topic.as_str()),
+                    correlation: reply.as_ref().and_then(|r| r.correlation.as_deref()),
                 })
             }
             Change::Acknowledged { id, now, .. } => CommandOp::Acknowledged { id: *id, now: *now },
@@ -97,18 +107,21 @@ impl Writer {
 /// Publishes the statuses a committed change caused.
 async fn announce(statuses: &Statuses, change: &Change, outcome: &CommandOutcome) {
     match (change, outcome) {
-        (Change::Enqueue { device, name, .. }, CommandOutcome::Enqueued { id, dropped }) => {
-            statuses.publish(*id, device.as_str(), name, CommandStatus::Queued, None).await;
+        (Change::Enqueue { device, name, reply, .. }, CommandOutcome::Enqueued { id, dropped }) => {
+            statuses.publish(*id, device.as_str(), name, CommandStatus::Queued, None, reply.as_ref()).await;
             for d in dropped {
                 drop_status(statuses, d).await;
             }
         }
-        (Change::Acknowledged { id, device, name, .. }, CommandOutcome::Changed(true)) => {
-            statuses.publish(*id, device, name, CommandStatus::Acknowledged, None).await
+        (Change::Acknowledged { id, device, name, reply, .. }, CommandOutcome::Changed(true)) => {
+            statuses.publish(*id, device, name, CommandStatus::Acknowledged, None, reply.as_ref()).await
         }
         (Change::Take { .. }, CommandOutcome::Taken(commands)) => {
             for c in commands.iter().filter(|c| c.status == CommandStatus::Queued) {
-                statuses.publish(c.id, &c.device_id, &c.name, CommandStatus::Delivered, None).await
+                let reply = Reply::of(c);
+                statuses
+                    .publish(c.id, &c.device_id, &c.name, CommandStatus::Delivered, None, reply.as_ref())
+                    .await
             }
         }
         _ => {}
@@ -116,8 +129,16 @@ async fn announce(statuses: &Statuses, change: &Change, outcome: &CommandOutcome
 }
 
 async fn drop_status(statuses: &Statuses, d: &Command) {
+    let reply = Reply::of(d);
     statuses
-        .publish(d.id, &d.device_id, &d.name, CommandStatus::Dropped, Some(CommandRefusal::QueueFull))
+        .publish(
+            d.id,
+            &d.device_id,
+            &d.name,
+            CommandStatus::Dropped,
+            Some(CommandRefusal::QueueFull),
+            reply.as_ref(),
+        )
         .await
 }
 
