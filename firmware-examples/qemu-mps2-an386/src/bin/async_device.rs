@@ -197,7 +197,11 @@ async fn main(spawner: Spawner) {
             queue_readings(&mut device);
             match device.poll_async(&mut conn, now()).await {
                 Ok(Some(Incoming::Connected)) => {
-                    say!("MQTT session up (session present: {})", device.session().session_present())
+                    say!(
+                        "MQTT{} session up (session present: {})",
+                        if cfg!(feature = "mqtt5") { " 5" } else { "" },
+                        device.session().session_present()
+                    )
                 }
                 Ok(Some(Incoming::Delivered)) => {
                     say!("delivered ({} still queued)", device.session().queued())
