@@ -1,12 +1,17 @@
-//! A minimal mutual-TLS MQTT 3.1.1 client for the benchmarks: every server gets the same bytes.
+//! A minimal mutual-TLS MQTT client for the benchmarks: every server gets the same bytes. It
+//! speaks 3.1.1, or MQTT 5 for the whole run (`--mqtt 5`: CONNECT, PUBLISH and what is read
+//! back in v5 encoding, no properties).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
 use rumqttc::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5 as m5;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -74,17 +79,49 @@ pub(crate) async fn handshake_only(addr: SocketAddr, who: &Identity) -> bool {
     matches!(s.read(&mut b).await, Ok(1))
 }
 
+static MQTT5: AtomicBool = AtomicBool::new(false);
+
+/// Speak MQTT 5 instead of 3.1.1 from now on.
+pub(crate) fn use_mqtt5(on: bool) {
+    MQTT5.store(on, Ordering::Relaxed);
+}
+
+fn mqtt5() -> bool {
+    MQTT5.load(Ordering::Relaxed)
+}
+
+/// CONNECT for `who` in the run's protocol (clean, no properties).
+fn connect_bytes(who: &Identity, keep_alive: u16) -> Option<BytesMut> {
+    let mut out = BytesMut::new();
+    if mqtt5() {
+        let c = m5::Connect { keep_alive, client_id: who.id.clone(), clean_start: true, properties: None };
+        m5::Packet::Connect(c, None, None).write(&mut out, None).ok()?;
+    } else {
+        let mut c = Connect::new(who.id.clone());
+        c.keep_alive = keep_alive;
+        Packet::Connect(c).write(&mut out, 1 << 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Sends CONNECT and reads the CONNACK's return (3.1.1) or reason (5) code.
+async fn connect(s: &mut Tls, who: &Identity, keep_alive: u16) -> Option<u8> {
+    s.write_all(&connect_bytes(who, keep_alive)?).await.ok()?;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.ok()?;
+    // A CONNACK's remaining length fits one byte here (v5: a few properties).
+    if head[0] != 0x20 || head[1] < 2 || head[1] > 127 {
+        return None;
+    }
+    let mut body = vec![0u8; usize::from(head[1])];
+    s.read_exact(&mut body).await.ok()?;
+    Some(body[1])
+}
+
 /// TLS handshake + CONNECT → CONNACK (accepted). Returns the open session.
 pub(crate) async fn session(addr: SocketAddr, who: &Identity, keep_alive: u16) -> Option<Tls> {
     let mut s = tls(addr, who).await?;
-    let mut out = BytesMut::new();
-    let mut c = Connect::new(who.id.clone());
-    c.keep_alive = keep_alive;
-    Packet::Connect(c).write(&mut out, 1 << 16).ok()?;
-    s.write_all(&out).await.ok()?;
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).await.ok()?;
-    (buf == [0x20, 2, 0, 0]).then_some(s)
+    (connect(&mut s, who, keep_alive).await? == 0).then_some(s)
 }
 
 /// How a connect attempt ended.
@@ -100,19 +137,10 @@ pub(crate) enum Outcome {
 /// TLS handshake + CONNECT → CONNACK, telling a "server unavailable" refusal apart.
 pub(crate) async fn session_outcome(addr: SocketAddr, who: &Identity, keep_alive: u16) -> Outcome {
     let Some(mut s) = tls(addr, who).await else { return Outcome::Failed };
-    let mut out = BytesMut::new();
-    let mut c = Connect::new(who.id.clone());
-    c.keep_alive = keep_alive;
-    if Packet::Connect(c).write(&mut out, 1 << 16).is_err() || s.write_all(&out).await.is_err() {
-        return Outcome::Failed;
-    }
-    let mut buf = [0u8; 4];
-    if s.read_exact(&mut buf).await.is_err() {
-        return Outcome::Failed;
-    }
-    match buf {
-        [0x20, 2, _, 0] => Outcome::Admitted(Box::new(s)),
-        [0x20, 2, _, 3] => Outcome::Unavailable,
+    match connect(&mut s, who, keep_alive).await {
+        Some(0) => Outcome::Admitted(Box::new(s)),
+        // 3.1.1: server unavailable; 5: server unavailable, server busy.
+        Some(3 | 0x88 | 0x89) => Outcome::Unavailable,
         _ => Outcome::Failed,
     }
 }
@@ -131,9 +159,44 @@ pub(crate) async fn admit(addr: SocketAddr, who: &Identity) -> bool {
 
 /// Encodes one PUBLISH.
 pub(crate) fn publish(out: &mut BytesMut, topic: &str, qos: QoS, pkid: u16, payload: &[u8]) {
+    if mqtt5() {
+        let q = match qos {
+            QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+            _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        };
+        let mut p = m5::Publish::new(topic, q, payload.to_vec(), None);
+        p.pkid = pkid;
+        m5::Packet::Publish(p).write(out, None).expect("encode publish");
+        return;
+    }
     let mut p = Publish::new(topic, qos, payload.to_vec());
     p.pkid = pkid;
     Packet::Publish(p).write(out, 1 << 20).expect("encode publish");
+}
+
+/// The next packet in `buf`, in the run's protocol, as its 3.1.1 counterpart (MQTT 5 PUBACKs,
+/// PINGRESPs and PUBLISHes; anything else of a v5 server is skipped).
+fn next_packet(buf: &mut BytesMut) -> Result<Option<Packet>, ()> {
+    if !mqtt5() {
+        return match Packet::read(buf, 1 << 20) {
+            Ok(p) => Ok(Some(p)),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(_) => Err(()),
+        };
+    }
+    match m5::Packet::read(buf, None) {
+        Ok(m5::Packet::PubAck(a)) => Ok(Some(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(a.pkid)))),
+        Ok(m5::Packet::PingResp(_)) => Ok(Some(Packet::PingResp)),
+        Ok(m5::Packet::Publish(p)) => {
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            let mut out = Publish::new(topic, QoS::AtLeastOnce, p.payload.to_vec());
+            (out.pkid, out.dup) = (p.pkid, p.dup);
+            Ok(Some(Packet::Publish(out)))
+        }
+        Ok(_) => Ok(Some(Packet::PingReq)),
+        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(_) => Err(()),
+    }
 }
 
 /// Reads packets from `rd`, calling `on` for each, until EOF or an error.
@@ -141,14 +204,14 @@ pub(crate) async fn read_packets(rd: &mut ReadHalf<Tls>, mut on: impl FnMut(Pack
     let mut buf = BytesMut::with_capacity(8192);
     loop {
         loop {
-            match Packet::read(&mut buf, 1 << 20) {
-                Ok(p) => {
+            match next_packet(&mut buf) {
+                Ok(Some(p)) => {
                     if !on(p) {
                         return;
                     }
                 }
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(_) => return,
+                Ok(None) => break,
+                Err(()) => return,
             }
         }
         match rd.read_buf(&mut buf).await {

@@ -114,6 +114,10 @@ struct Cli {
     /// same way. Adds that peer to --peers.
     #[arg(long, value_name = "PATH", env = "BENCH_BEFORE_BROKER", value_parser = executable_file)]
     before_broker: Option<PathBuf>,
+    /// The MQTT version every client speaks: 3 (3.1.1) or 5 (CONNECT, PUBLISH and the answers
+    /// in MQTT 5 encoding, no properties). Compare two runs, one each.
+    #[arg(long, value_name = "VERSION", default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=5))]
+    mqtt: u8,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -438,6 +442,10 @@ fn fd_limit() -> u64 {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.mqtt == 4 {
+        Cli::command().error(ErrorKind::InvalidValue, "--mqtt is 3 (3.1.1) or 5").exit();
+    }
+    client::use_mqtt5(cli.mqtt == 5);
     if let Some(home) = &cli.serve_bare {
         servers::serve_bare(Path::new(home));
         return;
