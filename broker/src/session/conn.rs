@@ -269,10 +269,8 @@ impl Conn {
                 (Ack::Refused(r), true) => {
                     m5::Packet::PubAck(v5::puback(pkid, r.code())).write(&mut self.out, None).is_ok()
                 }
-                (_, true) => m5::Packet::PubAck(v5::puback(pkid, m5::PubAckReason::Success))
-                    .write(&mut self.out, None)
-                    .is_ok(),
-                (_, false) => Packet::PubAck(PubAck::new(pkid)).write(&mut self.out, self.max_packet).is_ok(),
+                // A successful PUBACK is the same four bytes in both protocols.
+                (_, _) => Packet::PubAck(PubAck::new(pkid)).write(&mut self.out, self.max_packet).is_ok(),
             };
             if !written {
                 return Err(CloseReason::Encode);

@@ -36,6 +36,9 @@ pub(crate) enum Version {
     V5,
 }
 
+/// The Topic Alias property's identifier (MQTT 5 §3.3.2.3.4).
+const TOPIC_ALIAS_PROPERTY: u8 = 0x23;
+
 /// Most topic aliases a v5 client may set on what it publishes (CONNACK Topic Alias Maximum).
 pub(crate) const TOPIC_ALIAS_MAX: u16 = 16;
 
@@ -125,6 +128,11 @@ impl Edge {
         if buf[0] == 0xF0 {
             return Err(CloseReason::UnexpectedPacket);
         }
+        if buf[0] >> 4 == 3 {
+            if let Some(m) = self.fast_publish(buf) {
+                return m.map(|m| Some(Inbound::Publish(m)));
+            }
+        }
         let packet = m5::Packet::read(buf, Some(max))
             .map_err(|e| decode_error(&e).unwrap_or(CloseReason::MalformedPacket))?;
         Ok(Some(Inbound::Packet(match packet {
@@ -193,7 +201,17 @@ impl Edge {
         }
         let topic = String::from_utf8(p.topic.to_vec()).map_err(|_| CloseReason::MalformedPacket)?;
         let alias = p.properties.as_ref().and_then(|props| props.topic_alias);
-        let topic = match alias {
+        let topic = self.resolve(topic, alias)?;
+        let props = p.properties.map(props_in).filter(|props| !props.is_empty()).map(Arc::new);
+        let mut m = Message::new(topic, qos, p.payload);
+        (m.dup, m.retain, m.pkid, m.props) = (p.dup, p.retain, p.pkid, props);
+        Ok(m)
+    }
+
+    /// A PUBLISH's topic with its topic alias resolved (set when it comes with a topic, used
+    /// when it comes without).
+    fn resolve(&mut self, topic: String, alias: Option<u16>) -> Result<String, CloseReason> {
+        Ok(match alias {
             None => topic,
             Some(a) if a == 0 || a > TOPIC_ALIAS_MAX => return Err(CloseReason::TopicAliasInvalid),
             Some(a) if topic.is_empty() => {
@@ -205,11 +223,62 @@ impl Edge {
                 self.aliases.insert(a, topic.clone());
                 topic
             }
+        })
+    }
+
+    /// The common PUBLISH read without the codec: a complete packet (framed by the caller) of
+    /// QoS 0 or 1 whose only property, if any, is a topic alias (a device's telemetry). `None`
+    /// for anything else (the codec reads it, and says what is wrong with it).
+    fn fast_publish(&mut self, buf: &mut bytes::BytesMut) -> Option<Result<Message, CloseReason>> {
+        let first = *buf.first()?;
+        let qos = match (first >> 1) & 3 {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => return None,
         };
-        let props = p.properties.map(props_in).filter(|props| !props.is_empty()).map(Arc::new);
-        let mut m = Message::new(topic, qos, p.payload);
-        (m.dup, m.retain, m.pkid, m.props) = (p.dup, p.retain, p.pkid, props);
-        Ok(m)
+        let (mut len, mut header) = (0usize, 1usize);
+        loop {
+            let b = *buf.get(header)?;
+            len |= usize::from(b & 0x7f) << (7 * (header - 1));
+            header += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if header > 4 {
+                return None;
+            }
+        }
+        let body = buf.get(header..header + len)?;
+        let u16_at = |at: usize| Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+        let topic_len = usize::from(u16_at(0)?);
+        let topic = std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
+        let mut at = 2 + topic_len;
+        let pkid = match qos {
+            QoS::AtMostOnce => 0,
+            _ => {
+                at += 2;
+                u16_at(at - 2).filter(|&p| p != 0)?
+            }
+        };
+        let alias = match body.get(at)? {
+            0 => {
+                at += 1;
+                None
+            }
+            3 if body.get(at + 1) == Some(&TOPIC_ALIAS_PROPERTY) => {
+                at += 4;
+                Some(u16_at(at - 2)?)
+            }
+            _ => return None,
+        };
+        let topic = topic.to_owned();
+        let packet = buf.split_to(header + len).freeze();
+        let payload = packet.slice(header + at..);
+        Some(self.resolve(topic, alias).map(|topic| {
+            let mut m = Message::new(topic, qos, payload);
+            (m.dup, m.retain, m.pkid) = (first & 0x08 != 0, first & 0x01 != 0, pkid);
+            m
+        }))
     }
 
     /// The broker's packet as this v5 client gets it (`None`: not sent to v5 clients this way).
