@@ -418,7 +418,12 @@ fn decode_connect(body: &[u8]) -> Result<Packet<'_>, DecodeError> {
     Ok(Packet::Connect { client_id, keep_alive, clean_session: flags & 0x02 != 0 })
 }
 
-fn decode_publish(flags: u8, body: &[u8]) -> Result<Packet<'_>, DecodeError> {
+/// The head of a PUBLISH body, the same in both protocols: QoS, DUP, topic, packet id, and the
+/// offset after them.
+pub(super) fn publish_head(
+    flags: u8,
+    body: &[u8],
+) -> Result<(QoS, bool, &str, Option<u16>, usize), DecodeError> {
     let qos = QoS::from_bits((flags >> 1) & 0x03)?;
     let dup = flags & 0x08 != 0;
     if qos == QoS::AtMostOnce && dup {
@@ -435,6 +440,11 @@ fn decode_publish(flags: u8, body: &[u8]) -> Result<Packet<'_>, DecodeError> {
         at += 2;
         Some(id)
     };
+    Ok((qos, dup, topic, pkid, at))
+}
+
+fn decode_publish(flags: u8, body: &[u8]) -> Result<Packet<'_>, DecodeError> {
+    let (qos, dup, topic, pkid, at) = publish_head(flags, body)?;
     Ok(Packet::Publish(Publish { topic, payload: &body[at..], qos, retain: flags & 0x01 != 0, dup, pkid }))
 }
 

@@ -9,7 +9,7 @@
 //! Alias Maximum 0), so a PUBLISH carrying one is malformed.
 
 use super::codec::{
-    frame, read_str, read_u16, DecodeError, EncodeError, Packet, Publish, QoS, SubscribeFilters, Writer,
+    frame, publish_head, read_u16, DecodeError, EncodeError, Packet, Publish, SubscribeFilters, Writer,
 };
 
 /// Property identifiers used here (MQTT 5 §2.2.2.2).
@@ -160,26 +160,9 @@ pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), Decode
 }
 
 fn decode_publish(flags: u8, body: &[u8]) -> Result<Packet<'_>, DecodeError> {
-    let qos = match (flags >> 1) & 3 {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => return Err(DecodeError::Malformed("QoS 3")),
-    };
-    let (topic, mut at) = read_str(body, 0)?;
-    if topic.is_empty() || topic.contains(['+', '#']) {
-        // An empty topic would need a broker alias, and this client allows none.
-        return Err(DecodeError::Malformed("PUBLISH topic"));
-    }
-    let pkid = if qos == QoS::AtMostOnce {
-        None
-    } else {
-        let id = read_u16(body, at)?;
-        at += 2;
-        Some(id)
-    };
+    // An empty topic would need a broker alias, and this client allows none: malformed.
+    let (qos, dup, topic, pkid, at) = publish_head(flags, body)?;
     let end = skip_properties(body, at)?;
-    let dup = flags & 0x08 != 0;
     Ok(Packet::Publish(Publish { topic, payload: &body[end..], qos, retain: flags & 1 != 0, dup, pkid }))
 }
 
@@ -208,6 +191,7 @@ impl Retry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::codec::QoS;
     use bytes::BytesMut;
     use rumqttc::v5::mqttbytes::v5 as m5;
 
