@@ -615,6 +615,16 @@ fn retained_with(topic: &str, pkid: u16, payload: &'static str, props: PublishPr
     p
 }
 
+/// A fleet of one device, a broker started with `args`, and the device connected over MQTT 5.
+async fn one_v5_device(args: &[&str]) -> (Fleet, BrokerProc, Raw5, String) {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, args);
+    let id = fleet.id(0);
+    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    (fleet, broker, dev, id)
+}
+
 /// A device's QoS 1 message with these properties, `pkid` 1 unless told.
 fn publish_with(topic: &str, pkid: u16, payload: &'static str, props: PublishProperties) -> Packet {
     let mut p = Publish::new(topic, QoS::AtLeastOnce, payload, None);
@@ -695,11 +705,7 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
 async fn properties_count_against_the_retained_budget() {
     // A retained message whose bulk is in its user properties was counted as topic + payload:
     // a device could keep far more than `max_retained_bytes` says.
-    let fleet = Fleet::new(1, None).await;
-    let broker = BrokerProc::start(&fleet, &["--max-retained-bytes", "2048"]);
-    let d0 = fleet.id(0);
-    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
-    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let (_fleet, broker, mut dev, d0) = one_v5_device(&["--max-retained-bytes", "2048"]).await;
     let light = PublishProperties { user_properties: user_properties(4, 32), ..Default::default() };
     dev.send(retained_with(&format!("devices/{d0}/light"), 1, "x", light)).await;
     assert_eq!(dev.puback(1).await, PubAckReason::Success, "within the budget");
@@ -712,11 +718,7 @@ async fn properties_count_against_the_retained_budget() {
 #[tokio::test]
 async fn properties_count_against_the_publish_byte_rate() {
     // 3 KB of user properties around a 1-byte payload were 1 byte to the byte-rate bucket.
-    let fleet = Fleet::new(1, None).await;
-    let broker = BrokerProc::start(&fleet, &["--max-publish-bytes-rate", "4096"]);
-    let d0 = fleet.id(0);
-    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
-    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let (_fleet, broker, mut dev, d0) = one_v5_device(&["--max-publish-bytes-rate", "4096"]).await;
     let bulk = PublishProperties { user_properties: user_properties(30, 100), ..Default::default() };
     for pkid in 1..=2 {
         dev.send(publish_with(&format!("devices/{d0}/telemetry"), pkid, "x", bulk.clone())).await;
@@ -730,11 +732,7 @@ async fn a_v311_packet_after_a_v5_connect_is_malformed_not_swallowed() {
     // A 3.1.1 PUBLISH with an empty payload has no property length where v5 wants one: the
     // codec said "more bytes", after taking the packet off the buffer. It vanished: no PUBACK,
     // no close.
-    let fleet = Fleet::new(1, None).await;
-    let broker = BrokerProc::start(&fleet, &[]);
-    let d0 = fleet.id(0);
-    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
-    assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
+    let (_fleet, broker, mut dev, d0) = one_v5_device(&[]).await;
     let mut clear = rumqttc::mqttbytes::v4::Publish::new(
         format!("devices/{d0}/state"),
         rumqttc::mqttbytes::QoS::AtLeastOnce,
