@@ -452,8 +452,7 @@ async fn v5_properties_reach_v5_subscribers_and_the_store_and_expired_messages_a
     let fleet = Fleet::new(2, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
     let (d0, d1) = (fleet.id(0), fleet.id(1));
-    let mut svc = Raw5::device(&broker, &fleet.service).await;
-    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = v5_backend(&broker, &fleet).await;
     svc.subscribe(1, &["devices/+/telemetry"]).await;
 
     // A v5 device's properties reach a v5 subscriber as sent, with what remains of the expiry.
@@ -615,6 +614,13 @@ fn retained_with(topic: &str, pkid: u16, payload: &'static str, props: PublishPr
     p
 }
 
+/// The fleet's backend service connected over MQTT 5.
+async fn v5_backend(broker: &BrokerProc, fleet: &Fleet) -> Raw5 {
+    let mut svc = Raw5::device(broker, &fleet.service).await;
+    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    svc
+}
+
 /// A fleet of one device, a broker started with `args`, and the device connected over MQTT 5.
 async fn one_v5_device(args: &[&str]) -> (Fleet, BrokerProc, Raw5, String) {
     let fleet = Fleet::new(1, None).await;
@@ -647,8 +653,7 @@ async fn messages_that_expire_before_they_leave_do_not_take_a_subscribers_window
     let broker = BrokerProc::start(&fleet, &[]);
     let d0 = fleet.id(0);
     let topic = format!("devices/{d0}/telemetry");
-    let mut svc = Raw5::device(&broker, &fleet.service).await;
-    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = v5_backend(&broker, &fleet).await;
     svc.subscribe(1, &["devices/+/telemetry"]).await;
     let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
@@ -671,8 +676,7 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
     let broker = BrokerProc::start(&fleet, &[]);
     let (d0, d1) = (fleet.id(0), fleet.id(1));
     let topic = format!("devices/{d0}/telemetry");
-    let mut svc = Raw5::device(&broker, &fleet.service).await;
-    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = v5_backend(&broker, &fleet).await;
     svc.subscribe(1, &["devices/+/telemetry"]).await;
     let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
@@ -832,8 +836,7 @@ async fn deliveries_too_large_for_a_subscriber_do_not_take_its_window() {
     let broker = BrokerProc::start(&fleet, &[]);
     let d0 = fleet.id(0);
     let long = format!("devices/{d0}/{}", "t".repeat(200));
-    let mut svc = Raw5::device(&broker, &fleet.service).await;
-    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = v5_backend(&broker, &fleet).await;
     svc.subscribe(1, &[&format!("devices/{d0}/#")]).await;
     let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&d0, true, props()).await.code, ConnectReturnCode::Success);
@@ -900,8 +903,7 @@ async fn subscription_options_no_local_retain_as_published_retain_handling_and_i
     let state = format!("devices/{id}/state");
     let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
-    let mut svc = Raw5::device(&broker, &fleet.service).await;
-    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = v5_backend(&broker, &fleet).await;
 
     // No Local: the device does not get its own message back; without it, it does.
     let mut own = Filter::new(state.clone(), QoS::AtMostOnce);
@@ -1026,8 +1028,7 @@ async fn a_command_s_statuses_and_the_device_s_answer_come_back_to_its_response_
     // The answer topic is in the device's subtree: the device may publish there, the service
     // may subscribe to it (a Response Topic must be one its sender may read).
     let answers = format!("devices/{id}/responses/backend");
-    let mut svc = Raw5::device(&broker, &fleet.service).await;
-    assert_eq!(svc.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    let mut svc = v5_backend(&broker, &fleet).await;
     svc.subscribe(1, &[&answers, "status/devices/+/commands/#"]).await;
     let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
