@@ -88,11 +88,10 @@ impl State {
         }
         // Parsed once here; a topic that is not one (a wildcard, NUL) is denied like any other.
         // So is a v5 Response Topic that does not lead back to the publisher.
+        let parsed = Topic::parse(&p.topic);
         let response = p.props.as_ref().and_then(|props| props.response_topic.as_deref());
         let denied = match response {
-            _ if !Topic::parse(&p.topic).is_ok_and(|t| auth::may_publish(&ctx.id, t)) => {
-                Some(p.topic.clone())
-            }
+            _ if !parsed.is_ok_and(|t| auth::may_publish(&ctx.id, t)) => Some(p.topic.clone()),
             Some(r) if !Topic::parse(r).is_ok_and(|t| auth::may_be_answered_on(&ctx.id, t)) => {
                 Some(format!("{} (response topic {r})", p.topic))
             }
@@ -122,8 +121,8 @@ impl State {
             p.retain = false;
             self.limit_hit(ctx, Limit::CommandRetained, &p.topic);
         }
-        // Valid: may_publish parsed it.
-        let topic = Topic::parse(&p.topic).map_err(|_| CloseReason::AclDenied)?;
+        // Valid: may_publish accepted it.
+        let topic = parsed.map_err(|_| CloseReason::AclDenied)?;
         if auth::is_active_announcement(&ctx.id, topic) {
             // The broker, not the device, says which certificate the session runs on.
             p.payload = ctx.id.serial.to_hex().into();
