@@ -47,7 +47,10 @@ pub(crate) type Announcements = (JoinHandle<()>, mpsc::Receiver<(DeviceId, Seria
 
 impl Fabric {
     /// A fabric over `router` reaching the other nodes through `link`.
-    pub(crate) fn new(router: Router, link: Link, metrics: Metrics) -> Self {
+    pub(crate) fn new(mut router: Router, link: Link, metrics: Metrics) -> Self {
+        if let Link::Nats(_) = link {
+            router.span_groups_over_nodes();
+        }
         Self { router: Arc::new(router), link: Arc::new(link), metrics }
     }
 
@@ -120,14 +123,23 @@ impl Fabric {
         }
     }
 
-    /// Shared subscriptions are offered on a single node (not yet across a cluster's nodes).
-    pub(crate) fn shared_subscriptions(&self) -> bool {
-        matches!(&*self.link, Link::Local)
-    }
-
-    /// Hands a shared delivery that its member left unacknowledged to another member.
-    pub(crate) fn redeliver(&self, p: &Message) -> bool {
-        self.router.redeliver(p, &self.metrics)
+    /// Hands a shared delivery that its member left unacknowledged to another member: here if
+    /// one takes it, else (on a cluster member) on another node.
+    pub(crate) fn redeliver(&self, p: &Message) {
+        if self.router.redeliver(p, &self.metrics) {
+            return;
+        }
+        match &*self.link {
+            Link::Local => {}
+            Link::Nats(_) => {
+                let (link, p) = (self.link.clone(), p.clone());
+                tokio::spawn(async move {
+                    if let Link::Nats(c) = &*link {
+                        c.hand_on(&p).await;
+                    }
+                });
+            }
+        }
     }
 
     /// Forgets a device's retained messages (it was revoked); returns how many.

@@ -157,6 +157,9 @@ pub(crate) struct Message {
     /// A delivery through a shared subscription: its group, for another member should this one
     /// leave without acknowledging it.
     pub(crate) shared: Option<GroupKey>,
+    /// The `Fleet-Origin` another node relayed a shared subscription's message with: kept so
+    /// that the message can be handed on to a member on another node as it came.
+    pub(crate) origin: Option<Arc<str>>,
 }
 
 /// A shared subscription's group and filter (`$share/<group>/<filter>`).
@@ -189,6 +192,7 @@ impl Message {
             from_conn: None,
             sub_ids: Vec::new(),
             shared: None,
+            origin: None,
         }
     }
 

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use common::*;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, Packet,
-    PubAckReason, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
+    PubAck, PubAckReason, Publish, PublishProperties, Subscribe, SubscribeReasonCode,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1016,6 +1016,92 @@ async fn a_shared_subscription_spreads_messages_over_its_members_and_a_leaving_m
     assert_eq!(again, usize::from(N) / 3);
 }
 
+/// A shared subscription across a 3-node cluster: one member on each node, a device publishing on
+/// a fourth connection to the first node. Each message goes to exactly one member, on any node;
+/// the third member dies mid-stream (its connection dropped, nothing acknowledged), and what it
+/// held reaches the other two: nothing lost, nothing doubled but what the dead member held.
+#[tokio::test]
+async fn a_shared_subscription_spans_the_cluster_and_a_member_that_dies_passes_its_share_on() {
+    let cluster = Cluster::builder().nodes(3).start().await;
+    let fleet = &cluster.fleet;
+    let id = fleet.id(0);
+    let mut members = Vec::new();
+    for (node, name) in cluster.nodes.iter().zip(["backend", "backend-2", "backend-3"]) {
+        let dir = match name {
+            "backend" => fleet.service.clone(),
+            other => fleet.service_identity(other).await,
+        };
+        let mut m = Raw5::device(node, &dir).await;
+        let ack = m.connect(name, true, props()).await;
+        assert_eq!(ack.properties.and_then(|p| p.shared_subscription_available), Some(1), "{name}");
+        let codes = m.subscribe(1, &["$share/ingest/devices/+/telemetry"]).await;
+        assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)], "{name}");
+        members.push(m);
+    }
+    // The filter inside is still held to the member's ACL on a cluster member.
+    let codes = members[0].subscribe(2, &["$share/g/claims/#"]).await;
+    assert_eq!(codes, [SubscribeReasonCode::NotAuthorized]);
+
+    let mut dev = Raw5::device(&cluster.nodes[0], &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    const N: u16 = 150;
+    let telemetry = format!("devices/{id}/telemetry");
+    let topic = telemetry.clone();
+    let publisher = tokio::spawn(async move {
+        for i in 1..=N {
+            let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{i}"), None);
+            p.pkid = i;
+            dev.send(Packet::Publish(p)).await;
+            assert_eq!(dev.puback(i).await, PubAckReason::Success, "message {i}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        dev
+    });
+    // Members 1 and 2 acknowledge what they get; member 3 holds everything, and dies once it
+    // holds 10.
+    let mut got: Vec<Vec<u16>> = vec![Vec::new(); 3];
+    let mut dead = false;
+    let t = std::time::Instant::now();
+    loop {
+        let live: std::collections::HashSet<u16> = got[0].iter().chain(&got[1]).copied().collect();
+        if live.len() == usize::from(N) {
+            break;
+        }
+        assert!(t.elapsed() < PATIENCE * 3, "{} of {N} reached a live member: {got:?}", live.len());
+        for (i, m) in members.iter_mut().enumerate() {
+            while let Some(Packet::Publish(p)) = m.recv(Duration::from_millis(20)).await {
+                if p.topic[..] != *telemetry.as_bytes() {
+                    continue;
+                }
+                let n: u16 = String::from_utf8_lossy(&p.payload)[1..].parse().unwrap();
+                got[i].push(n);
+                if i < 2 {
+                    let ack = PubAck { pkid: p.pkid, reason: PubAckReason::Success, properties: None };
+                    m.send(Packet::PubAck(ack)).await;
+                }
+            }
+        }
+        if !dead && got[2].len() >= 10 {
+            // Before its death every node took part.
+            assert!(got.iter().all(|g| !g.is_empty()), "each node's member got some: {got:?}");
+            drop(members.pop());
+            dead = true;
+        }
+    }
+    assert!(dead, "the third member never held 10 messages: {got:?}");
+    drop(publisher.await.unwrap());
+    // Nothing doubled beyond QoS 1: a message reached the live members twice only if the dead
+    // member held it (its session ended unacknowledged), and every one it held came back.
+    let mut seen = std::collections::HashMap::<u16, usize>::new();
+    for n in got[0].iter().chain(&got[1]) {
+        *seen.entry(*n).or_default() += 1;
+    }
+    let twice: Vec<u16> = seen.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    assert!(twice.iter().all(|n| got[2].contains(n)), "doubled without cause: {twice:?}, dead held {:?}", got[2]);
+    assert!(got[2].iter().all(|n| seen.contains_key(n)), "the dead member's share was lost: {:?}", got[2]);
+    assert!(seen.values().all(|c| *c <= 2), "{seen:?}");
+}
+
 /// MQTT 5 request/response for commands: a v5 service sets Response Topic and Correlation Data
 /// on a command; the broker's statuses (`queued`, `delivered`, `acknowledged`) and the device's
 /// own answer reach that topic with the same correlation data, and the `status/...` topic
@@ -1024,13 +1110,28 @@ async fn a_shared_subscription_spreads_messages_over_its_members_and_a_leaving_m
 async fn a_command_s_statuses_and_the_device_s_answer_come_back_to_its_response_topic() {
     let fleet = Fleet::new(1, None).await;
     let broker = BrokerProc::start(&fleet, &[]);
+    command_round_trip(&fleet, &broker, &broker).await;
+}
+
+/// As above across a cluster: the service on one node, the device on another. The device's node
+/// makes the `delivered` and `acknowledged` statuses and relays them to the Response Topic on
+/// the service's behalf (origin `reply <service>`, held to the service's subscribe ACL).
+#[tokio::test]
+async fn in_a_cluster_a_command_s_answers_reach_its_response_topic_from_the_device_s_node() {
+    let cluster = Cluster::builder().nodes(2).start().await;
+    command_round_trip(&cluster.fleet, &cluster.nodes[0], &cluster.nodes[1]).await;
+}
+
+/// The backend (on `svc_node`) sends a v5 command with a Response Topic to the device (on
+/// `dev_node`); the statuses and the device's answer come back there with the correlation data.
+async fn command_round_trip(fleet: &Fleet, svc_node: &BrokerProc, dev_node: &BrokerProc) {
     let id = fleet.id(0);
     // The answer topic is in the device's subtree: the device may publish there, the service
     // may subscribe to it (a Response Topic must be one its sender may read).
     let answers = format!("devices/{id}/responses/backend");
-    let mut svc = v5_backend(&broker, &fleet).await;
+    let mut svc = v5_backend(svc_node, fleet).await;
     svc.subscribe(1, &[&answers, "status/devices/+/commands/#"]).await;
-    let mut dev = Raw5::device(&broker, &fleet.devices[0]).await;
+    let mut dev = Raw5::device(dev_node, &fleet.devices[0]).await;
     assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
     dev.subscribe(1, &[&format!("devices/{id}/commands/#")]).await;
 

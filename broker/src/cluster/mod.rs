@@ -26,6 +26,7 @@
 mod ask;
 pub(crate) mod bus;
 pub(crate) mod claims;
+mod shares;
 pub(crate) mod stream;
 pub(crate) mod subject;
 
@@ -37,21 +38,12 @@ use std::time::Duration;
 use crate::message::Message;
 use async_nats::connection::State;
 use async_nats::{jetstream, Client, Event, HeaderMap};
-use bytes::Bytes;
 use futures_util::StreamExt;
-use rumqttc::mqttbytes::QoS;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::message::Props;
 use crate::observe::metrics::Metrics;
-use crate::outcome::BusRefusal;
 use crate::router::Router;
-
-/// Header carrying the QoS a message was published with.
-const QOS: &str = "Fleet-QoS";
-/// Header set on retained messages.
-const RETAIN: &str = "Fleet-Retain";
 
 /// Why the node could not join the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +99,8 @@ pub(crate) struct Cluster {
     subs: Mutex<HashMap<String, (usize, JoinHandle<()>)>>,
     /// The server's largest message, read when the node joined.
     pub(crate) max_payload: usize,
+    /// Shared subscriptions across the nodes.
+    shares: shares::Shares,
 }
 
 impl Cluster {
@@ -121,8 +115,171 @@ impl Cluster {
         config: &crate::config::Config,
         metrics: &Metrics,
     ) -> Result<Self, ClusterError> {
+        let (options, parsed, security) = connect_options(config)?;
+        let shown = crate::config::redact_url(parsed.as_str());
+        if !(security.tls && security.identity) {
+            warn!(
+                url = %shown,
+                "insecure_nats_no_auth: this node joins a NATS server without TLS or credentials; \
+                 anyone who reaches that server can forge device messages, commands and revocations"
+            );
+        }
+        metrics.cluster_member.set(1);
+        let gauge = metrics.cluster_connected.clone();
+        let client = options
+            .no_echo()
+            .name("fleet-broker")
+            .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(10) as u64))
+            .event_callback(move |event| {
+                let gauge = gauge.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            gauge.set(1);
+                            info!("NATS connection up");
+                        }
+                        Event::Disconnected => {
+                            gauge.set(0);
+                            warn!("NATS connection lost: admitting no one until it is back");
+                        }
+                        other => info!(event = %other, "NATS"),
+                    }
+                }
+            })
+            .connect(parsed.as_str())
+            .await
+            .map_err(|source| ClusterError::Connect { url: shown.clone(), source })?;
+        // Shared subscriptions' queue subscriptions hear this node's own messages too (`shares`).
+        let echo = connect_options(config)?
+            .0
+            .name("fleet-broker-shares")
+            .subscription_capacity(shares::CAPACITY)
+            .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(10) as u64))
+            .connect(parsed.as_str())
+            .await
+            .map_err(|source| ClusterError::Connect { url: shown.clone(), source })?;
+        metrics.cluster_connected.set(1);
+        let max_payload = client.server_info().max_payload;
+        if config.max_packet_size + stream::HEADROOM > max_payload {
+            return Err(ClusterError::PayloadLimit { max_payload, max_packet: config.max_packet_size });
+        }
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.nats_timeout());
+        let want = stream::stream_config(
+            &config.nats_stream,
+            config.nats_replicas,
+            config.nats_duplicate_window_secs.duration(),
+        );
+        let fleet_stream = js
+            .get_or_create_stream(want)
+            .await
+            .map_err(|source| ClusterError::Stream { stream: config.nats_stream.clone(), source })?;
+        // The readers' consumers: a reader may only fetch from and acknowledge its own, so the
+        // nodes make it (validated with the configuration).
+        for (name, filter) in config.nats_readers().unwrap_or_default() {
+            let made =
+                fleet_stream.get_or_create_consumer(&name, stream::reader_consumer(&name, &filter)).await;
+            match made {
+                Ok(_) => info!(consumer = %name, %filter, "stream reader's consumer ready"),
+                Err(e) => warn!(consumer = %name, error = %e, "stream reader's consumer not created"),
+            }
+        }
+        info!(url = %shown, tls = security.tls, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
+        let node_id = rand::random();
+        Ok(Self {
+            shares: shares::Shares::new(echo, client.clone(), node_id, metrics.clone(), max_payload),
+            client,
+            js,
+            node_id,
+            metrics: metrics.clone(),
+            subs: Mutex::default(),
+            max_payload,
+        })
+    }
+
+    /// Is the NATS connection up?
+    pub(crate) fn connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (usize, JoinHandle<()>)>> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The headers every message this node publishes for the other nodes carries.
+    fn node_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(bus::NODE, self.node_id.to_string().as_str());
+        headers
+    }
+
+    /// Publishes a message this node accepted from `origin`, for the other nodes' subscribers.
+    /// Best effort, like delivery to local subscribers: the publisher's acknowledgement is the
+    /// store's.
+    pub(crate) async fn publish(&self, p: &Message, origin: bus::Origin<'_>) {
+        let headers = bus::headers(self.node_id, p, &origin.encode(), self.max_payload);
+        let subject = subject::subject_of(&p.topic);
+        if let Err(e) = self.client.publish_with_headers(subject, headers, p.payload.clone()).await {
+            warn!(error = %e, topic = p.topic.as_str(), "cluster publish failed");
+        }
+    }
+
+    /// A local session holds `filter`: subscribe to its subjects unless already subscribed.
+    pub(crate) async fn watch(&self, filter: &str, router: &Arc<Router>, metrics: &Metrics) {
+        if let Some(Ok((group, inner))) = crate::router::split_shared(filter) {
+            return self.shares.join(group, inner, router).await;
+        }
+        for subject in subject::filter_subjects(filter) {
+            if let Some((n, _)) = self.lock().get_mut(&subject) {
+                *n += 1;
+                continue;
+            }
+            let sub = match self.client.subscribe(subject.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, %subject, "cluster subscribe failed");
+                    continue;
+                }
+            };
+            let task = tokio::spawn(forward(sub, Arc::downgrade(router), metrics.clone()));
+            let mut subs = self.lock();
+            match subs.get_mut(&subject) {
+                // Another session subscribed meanwhile: keep one subscription.
+                Some((n, _)) => {
+                    *n += 1;
+                    task.abort();
+                }
+                None => {
+                    subs.insert(subject, (1, task));
+                }
+            }
+        }
+    }
+
+    /// A local session let go of `filter`: unsubscribe from what no other one needs.
+    pub(crate) fn unwatch(&self, filter: &str) {
+        if let Some(Ok((group, inner))) = crate::router::split_shared(filter) {
+            return self.shares.leave(group, inner);
+        }
+        let mut subs = self.lock();
+        for subject in subject::filter_subjects(filter) {
+            if let Some((n, task)) = subs.get_mut(&subject) {
+                *n -= 1;
+                if *n == 0 {
+                    task.abort(); // dropping the subscriber unsubscribes
+                    subs.remove(&subject);
+                }
+            }
+        }
+    }
+}
+
+/// The options of a node's NATS connections, the URL to connect to (without credentials) and
+/// how the connection is protected.
+fn connect_options(
+    config: &crate::config::Config,
+) -> Result<(async_nats::ConnectOptions, url::Url, crate::config::NatsSecurity), ClusterError> {
         let url = config.nats.clone().unwrap_or_default();
-        let shown = crate::config::redact_url(&url);
         let security = config.nats_security(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
         // async-nats builds its rustls configuration from the process default provider: the
         // broker's (ring), unless the embedding program installed one.
@@ -168,167 +325,14 @@ impl Cluster {
             }
             options = options.nkey(seed.to_owned());
         }
-        if !(security.tls && security.identity) {
-            warn!(
-                url = %shown,
-                "insecure_nats_no_auth: this node joins a NATS server without TLS or credentials; \
-                 anyone who reaches that server can forge device messages, commands and revocations"
-            );
-        }
-        metrics.cluster_member.set(1);
-        let gauge = metrics.cluster_connected.clone();
-        let client = options
-            .no_echo()
-            .name("fleet-broker")
-            .reconnect_delay_callback(|attempts| Duration::from_millis(100 * attempts.min(10) as u64))
-            .event_callback(move |event| {
-                let gauge = gauge.clone();
-                async move {
-                    match event {
-                        Event::Connected => {
-                            gauge.set(1);
-                            info!("NATS connection up");
-                        }
-                        Event::Disconnected => {
-                            gauge.set(0);
-                            warn!("NATS connection lost: admitting no one until it is back");
-                        }
-                        other => info!(event = %other, "NATS"),
-                    }
-                }
-            })
-            .connect(parsed.as_str())
-            .await
-            .map_err(|source| ClusterError::Connect { url: shown.clone(), source })?;
-        metrics.cluster_connected.set(1);
-        let max_payload = client.server_info().max_payload;
-        if config.max_packet_size + stream::HEADROOM > max_payload {
-            return Err(ClusterError::PayloadLimit { max_payload, max_packet: config.max_packet_size });
-        }
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(config.nats_timeout());
-        let want = stream::stream_config(
-            &config.nats_stream,
-            config.nats_replicas,
-            config.nats_duplicate_window_secs.duration(),
-        );
-        let fleet_stream = js
-            .get_or_create_stream(want)
-            .await
-            .map_err(|source| ClusterError::Stream { stream: config.nats_stream.clone(), source })?;
-        // The readers' consumers: a reader may only fetch from and acknowledge its own, so the
-        // nodes make it (validated with the configuration).
-        for (name, filter) in config.nats_readers().unwrap_or_default() {
-            let made =
-                fleet_stream.get_or_create_consumer(&name, stream::reader_consumer(&name, &filter)).await;
-            match made {
-                Ok(_) => info!(consumer = %name, %filter, "stream reader's consumer ready"),
-                Err(e) => warn!(consumer = %name, error = %e, "stream reader's consumer not created"),
-            }
-        }
-        info!(url = %shown, tls = security.tls, stream = %config.nats_stream, "cluster member: routing through NATS, storing in JetStream");
-        Ok(Self {
-            client,
-            js,
-            node_id: rand::random(),
-            metrics: metrics.clone(),
-            subs: Mutex::default(),
-            max_payload,
-        })
-    }
-
-    /// Is the NATS connection up?
-    pub(crate) fn connected(&self) -> bool {
-        self.client.connection_state() == State::Connected
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, (usize, JoinHandle<()>)>> {
-        self.subs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The headers every message this node publishes for the other nodes carries.
-    fn node_headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(bus::NODE, self.node_id.to_string().as_str());
-        headers
-    }
-
-    /// Publishes a message this node accepted from `origin`, for the other nodes' subscribers.
-    /// Best effort, like delivery to local subscribers: the publisher's acknowledgement is the
-    /// store's.
-    pub(crate) async fn publish(&self, p: &Message, origin: bus::Origin<'_>) {
-        let mut headers = self.node_headers();
-        headers.insert(bus::ORIGIN, origin.encode().as_str());
-        headers.insert(QOS, if p.qos == QoS::AtMostOnce { "0" } else { "1" });
-        if p.retain {
-            headers.insert(RETAIN, "1");
-        }
-        if let Some(props) = &p.props {
-            let json = props.to_json();
-            if stream::props_fit(self.max_payload, p.payload.len(), &json) {
-                headers.insert(stream::PROPERTIES, json.as_str());
-            } else {
-                debug!(topic = p.topic.as_str(), "properties too large for the bus: relayed without them");
-            }
-        }
-        let subject = subject::subject_of(&p.topic);
-        if let Err(e) = self.client.publish_with_headers(subject, headers, p.payload.clone()).await {
-            warn!(error = %e, topic = p.topic.as_str(), "cluster publish failed");
-        }
-    }
-
-    /// A local session holds `filter`: subscribe to its subjects unless already subscribed.
-    pub(crate) async fn watch(&self, filter: &str, router: &Arc<Router>, metrics: &Metrics) {
-        for subject in subject::filter_subjects(filter) {
-            if let Some((n, _)) = self.lock().get_mut(&subject) {
-                *n += 1;
-                continue;
-            }
-            let sub = match self.client.subscribe(subject.clone()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, %subject, "cluster subscribe failed");
-                    continue;
-                }
-            };
-            let task = tokio::spawn(forward(sub, Arc::downgrade(router), metrics.clone()));
-            let mut subs = self.lock();
-            match subs.get_mut(&subject) {
-                // Another session subscribed meanwhile: keep one subscription.
-                Some((n, _)) => {
-                    *n += 1;
-                    task.abort();
-                }
-                None => {
-                    subs.insert(subject, (1, task));
-                }
-            }
-        }
-    }
-
-    /// A local session let go of `filter`: unsubscribe from what no other one needs.
-    pub(crate) fn unwatch(&self, filter: &str) {
-        let mut subs = self.lock();
-        for subject in subject::filter_subjects(filter) {
-            if let Some((n, task)) = subs.get_mut(&subject) {
-                *n -= 1;
-                if *n == 0 {
-                    task.abort(); // dropping the subscriber unsubscribes
-                    subs.remove(&subject);
-                }
-            }
-        }
-    }
+        Ok((options, parsed, security))
 }
 
-/// Logs a refused bus message, at most once a second per process (a flood is counted, not
-/// logged line by line).
-fn warn_refused(why: BusRefusal, subject: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::clock::now_unix().max(0) as u64;
-    if LAST.swap(now, Relaxed) != now {
-        warn!(reason = why.label(), %subject, "cluster bus: message refused (fleet_cluster_refused_total)");
+impl Cluster {
+    /// Hands a shared subscription's message, which its member here left unacknowledged and no
+    /// other member here took, to a member on another node.
+    pub(crate) async fn hand_on(&self, p: &Message) {
+        self.shares.hand_on(p).await;
     }
 }
 
@@ -358,50 +362,13 @@ fn file_readable(path: &std::path::Path) -> Result<(), ClusterError> {
         .map_err(|e| ClusterError::Insecure(format!("nats: {}: {e}", path.display())))
 }
 
-/// The topic of a routed message from another node, if this node may hand it to its
-/// subscribers (`bus`: from a node, with an origin whose ACL allows the topic).
-fn relayable(m: &async_nats::Message) -> Result<String, BusRefusal> {
-    if !bus::from_node(m.headers.as_ref()) {
-        return Err(BusRefusal::NotFromNode);
-    }
-    let topic = subject::topic_of(m.subject.as_str()).ok_or(BusRefusal::BadSubject)?;
-    let origin = m
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(bus::ORIGIN))
-        .and_then(|v| bus::decode_origin(v.as_str()))
-        .ok_or(BusRefusal::NoOrigin)?;
-    if !bus::may_relay(&origin, &topic) {
-        return Err(BusRefusal::OriginDenied);
-    }
-    Ok(topic)
-}
-
-/// Hands every message of `sub` that passes [`relayable`] to the router's local subscribers.
+/// Hands every message of `sub` that passes [`bus::relayable`] to the router's local subscribers.
 async fn forward(mut sub: async_nats::Subscriber, router: Weak<Router>, metrics: Metrics) {
     while let Some(m) = sub.next().await {
         let Some(router) = router.upgrade() else { return };
-        let topic = match relayable(&m) {
-            Ok(t) => t,
-            Err(why) => {
-                metrics.bus_refused(why);
-                warn_refused(why, m.subject.as_str());
-                continue;
-            }
-        };
-        let header = |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str() == "1");
-        let qos = if header(QOS) == Some(true) { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-        let mut p = Message::new(topic, qos, Bytes::new());
-        p.payload = m.payload;
-        p.retain = header(RETAIN) == Some(true);
-        p.props = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(stream::PROPERTIES))
-            .and_then(|v| Props::from_json(v.as_str()))
-            .filter(|props| !props.is_empty())
-            .map(Arc::new);
-        router.deliver_remote(&p, &metrics);
+        if let Some(p) = bus::admitted(&m, subject::topic_of(m.subject.as_str()), &metrics) {
+            router.deliver_remote(&p, &metrics);
+        }
     }
 }
 

@@ -62,6 +62,34 @@ fn subject_under(prefix: &str, topic: &str) -> String {
     out
 }
 
+/// Prefix of the subjects on which a shared subscription's message is handed to another node
+/// (`fleet.g.<queue>.<topic levels>`, [`handoff_subject`]).
+pub(crate) const GROUPS: &str = "fleet.g";
+
+/// The NATS queue group of the shared subscription `$share/<group>/<filter>`: one token, the
+/// level encoding applied to `<group>/<filter>` as a whole (so `/`, `+` and `#` are escaped too),
+/// injective like [`subject_of`].
+pub(crate) fn queue_of(group: &str, filter: &str) -> String {
+    let mut out = String::with_capacity(group.len() + filter.len() + 8);
+    push_level(&mut out, &format!("{group}/{filter}"));
+    out.split_off(1)
+}
+
+/// The subject on which a message of the shared subscription with queue `queue` is handed on.
+pub(crate) fn handoff_subject(queue: &str, topic: &str) -> String {
+    subject_under(&format!("{GROUPS}.{queue}"), topic)
+}
+
+/// What the nodes with members of queue `queue` subscribe to for hand-offs.
+pub(crate) fn handoff_filter(queue: &str) -> String {
+    format!("{GROUPS}.{queue}.>")
+}
+
+/// The topic of a hand-off subject of `queue`.
+pub(crate) fn topic_of_handoff(queue: &str, subject: &str) -> Option<String> {
+    topic_under(&format!("{GROUPS}.{queue}"), subject)
+}
+
 /// Subject on which nodes tell each other of revocations they saw.
 pub(crate) const REVOCATIONS: &str = "fleet.r";
 
@@ -250,6 +278,21 @@ mod tests {
                 prop_assert_eq!(subject_of(&t), s);
             }
         }
+    }
+
+    #[test]
+    fn shared_queues_are_one_token_and_hand_offs_round_trip() {
+        let q = queue_of("ingest", "devices/+/telemetry");
+        assert_eq!(q, "ingest%2Fdevices%2F%2B%2Ftelemetry");
+        assert!(valid_subject(&q) && !q.contains('.'), "{q}");
+        // A group holds no `/` (`router::split_shared`), so the first separator ends it.
+        assert_ne!(queue_of("ab", "c"), queue_of("a", "bc"));
+        let s = handoff_subject(&q, "devices/dev.1/telemetry");
+        assert_eq!(s, "fleet.g.ingest%2Fdevices%2F%2B%2Ftelemetry.devices.dev%2E1.telemetry");
+        assert!(nats_matches(&handoff_filter(&q), &s));
+        assert_eq!(topic_of_handoff(&q, &s).as_deref(), Some("devices/dev.1/telemetry"));
+        assert_eq!(topic_of_handoff(&queue_of("other", "#"), &s), None);
+        assert_eq!(topic_of(&s), None, "a hand-off is never routed");
     }
 
     #[test]

@@ -71,14 +71,14 @@ impl Commands {
         let (device, name, ttl) = match parsed {
             Ok(x) => x,
             Err((reason, name)) => {
-                let reply = Reply::asked(p);
+                let reply = Reply::asked(sender, p);
                 self.statuses
                     .publish(0, raw_device, &name, CommandStatus::Refused, Some(reason), reply.as_ref())
                     .await;
                 return Accepted::Refused;
             }
         };
-        let reply = Reply::asked(p);
+        let reply = Reply::asked(sender, p);
         let refuse = |reason| {
             self.statuses.publish(
                 0,

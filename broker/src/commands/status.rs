@@ -1,5 +1,6 @@
 //! Status changes of queued commands, published to the services on
-//! `status/devices/<id>/commands/<name>` (here and, in a cluster, on every node).
+//! `status/devices/<id>/commands/<name>` and to a v5 sender's Response Topic (here and, in a
+//! cluster, on every node).
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use fleet_registry::{Command, CommandStatus};
 use rumqttc::mqttbytes::QoS;
 
+use crate::auth::Identity;
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;
 use crate::fabric::Fabric;
@@ -21,20 +23,23 @@ use crate::router::RetainBudget;
 pub(crate) struct Reply {
     pub(crate) topic: String,
     pub(crate) correlation: Option<Bytes>,
+    /// The service that asked (its id): the other nodes relay the answers on its behalf, held
+    /// to its subscribe ACL (`cluster::bus`).
+    pub(crate) asker: String,
 }
 
 impl Reply {
     /// The reply a v5 sender asked for in its command's properties.
-    pub(crate) fn asked(p: &Message) -> Option<Reply> {
+    pub(crate) fn asked(sender: &Identity, p: &Message) -> Option<Reply> {
         let props = p.props.as_deref()?;
         let topic = props.response_topic.clone()?;
-        Some(Reply { topic, correlation: props.correlation.clone() })
+        Some(Reply { topic, correlation: props.correlation.clone(), asker: sender.id.as_str().to_owned() })
     }
 
     /// The reply stored with a command.
     pub(crate) fn of(c: &Command) -> Option<Reply> {
         let topic = c.response_topic.clone()?;
-        Some(Reply { topic, correlation: c.correlation.clone().map(Bytes::from) })
+        Some(Reply { topic, correlation: c.correlation.clone().map(Bytes::from), asker: c.sender.clone() })
     }
 }
 
@@ -72,7 +77,7 @@ impl Statuses {
                 correlation: r.correlation.clone(),
                 ..Props::default()
             }));
-            let _ = self.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
+            let _ = self.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Reply(&r.asker)).await;
         }
         let topic = fleet_topic::status(device, name).to_string();
         let p = Message::new(topic, QoS::AtLeastOnce, body);

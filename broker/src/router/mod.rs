@@ -134,6 +134,9 @@ impl RetainRefused {
 pub(crate) struct Router {
     inner: Mutex<Inner>,
     limits: RetainLimits,
+    /// Shared subscriptions get their messages from the cluster link (one node is chosen per
+    /// message), never from [`Router::route`] or [`Router::deliver_remote`].
+    groups_span_nodes: bool,
 }
 
 fn remove_sub(inner: &mut Inner, key: &str, conn_id: u64, filter: &str) {
@@ -216,7 +219,12 @@ fn deliver(inner: &Inner, publish: &Message, metrics: &Metrics) {
 impl Router {
     /// A router with these retained-message caps.
     pub(crate) fn new(limits: RetainLimits) -> Self {
-        Self { inner: Mutex::default(), limits }
+        Self { inner: Mutex::default(), limits, groups_span_nodes: false }
+    }
+
+    /// Leaves the shared subscriptions' messages to the cluster link ([`Router::deliver_shared`]).
+    pub(crate) fn span_groups_over_nodes(&mut self) {
+        self.groups_span_nodes = true;
     }
 
     /// Adds (or replaces) a subscription; returns the retained messages it matches. A filter
@@ -311,24 +319,37 @@ impl Router {
             self.retain(&mut inner, key_of(&publish.topic), publish, budget)?;
         }
         deliver(&inner, publish, metrics);
-        inner.shared.deliver(publish, metrics);
+        if !self.groups_span_nodes {
+            inner.shared.deliver(publish, metrics);
+        }
         Ok(())
     }
 
     /// Hands a shared delivery whose session ended unacknowledged to another member of its
-    /// group; false if it has none left (the message is dropped, as it would be unshared).
+    /// group here; false if it has none left here.
     pub(crate) fn redeliver(&self, publish: &Message, metrics: &Metrics) -> bool {
         match &publish.shared {
-            Some(key) => lock(&self.inner).shared.redeliver(key, publish, metrics),
+            Some(key) => self.deliver_shared(&key.0, &key.1, publish, metrics) == Some(true),
             None => false,
         }
     }
 
-    /// Delivers a message another cluster node accepted to the matching local subscriptions.
+    /// Hands `publish` to one local member of the shared subscription `$share/<group>/<filter>`:
+    /// `None` if it has no member here, else whether a member's queue took it.
+    pub(crate) fn deliver_shared(
+        &self,
+        group: &str,
+        filter: &str,
+        publish: &Message,
+        metrics: &Metrics,
+    ) -> Option<bool> {
+        lock(&self.inner).shared.deliver_in(group, filter, publish, metrics)
+    }
+
+    /// Delivers a message another cluster node accepted to the matching local subscriptions
+    /// (not shared ones: the cluster link picks their node, [`Router::deliver_shared`]).
     pub(crate) fn deliver_remote(&self, publish: &Message, metrics: &Metrics) {
-        let inner = lock(&self.inner);
-        deliver(&inner, publish, metrics);
-        inner.shared.deliver(publish, metrics);
+        deliver(&lock(&self.inner), publish, metrics);
     }
 
     fn retain(

@@ -4,8 +4,9 @@
 //! queue (or unacknowledged) of a member whose session ends goes to another member
 //! ([`super::Router::redeliver`]).
 //!
-//! On one node only: in a cluster the broker refuses them (SUBACK 0x9E) until the groups span
-//! the nodes.
+//! On a cluster member the router does not pick members for routed messages: the cluster link
+//! chooses one node per message among those with members (a NATS queue group) and hands the
+//! message to [`super::Router::deliver_shared`] there (`cluster/shares.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -89,12 +90,17 @@ impl Groups {
         }
     }
 
-    /// Hands `publish` again to one member of its group, if the group still has members.
-    pub(super) fn redeliver(&self, key: &GroupKey, publish: &Message, metrics: &Metrics) -> bool {
-        match self.groups.get(&(key.0.clone(), key.1.clone())) {
-            Some(g) => deliver_to_one(g, publish, metrics),
-            None => false,
-        }
+    /// Hands `publish` to one member of `group` on `filter`: `None` if the group has no member
+    /// here, else whether a member's queue took it.
+    pub(super) fn deliver_in(
+        &self,
+        group: &str,
+        filter: &str,
+        publish: &Message,
+        metrics: &Metrics,
+    ) -> Option<bool> {
+        let g = self.groups.get(&(group.to_owned(), filter.to_owned()))?;
+        Some(deliver_to_one(g, publish, metrics))
     }
 }
 

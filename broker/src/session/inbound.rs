@@ -236,8 +236,6 @@ impl State {
             if !svc.topic_within(filter) {
                 self.limit_hit(ctx, Limit::Topic, path);
                 codes.push(SubResult::Invalid);
-            } else if shared && !svc.fabric.shared_subscriptions() {
-                codes.push(SubResult::SharedUnsupported);
             } else if shared && opts.no_local {
                 // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
                 codes.push(SubResult::Invalid);

@@ -201,7 +201,6 @@ impl Live {
             assigned_id: bound.assigned.then(|| key.clone()),
             receive_max: handler::RECEIVE_MAX,
             max_packet: u32::try_from(svc.config.max_packet_size).unwrap_or(u32::MAX),
-            shared: svc.fabric.shared_subscriptions(),
         };
         let connack = conn.send_connack(admitted).await;
         let persistent = !bound.expiry.is_zero();

@@ -70,8 +70,6 @@ pub(crate) enum SubResult {
     Invalid,
     /// Over the subscription cap (v5 0x97).
     Quota,
-    /// `$share/...` (v5 0x9E).
-    SharedUnsupported,
 }
 
 impl SubResult {
@@ -88,7 +86,6 @@ impl SubResult {
             Self::NotAuthorized => m5::SubscribeReasonCode::NotAuthorized,
             Self::Invalid => m5::SubscribeReasonCode::TopicFilterInvalid,
             Self::Quota => m5::SubscribeReasonCode::QuotaExceeded,
-            Self::SharedUnsupported => m5::SubscribeReasonCode::SharedSubscriptionsNotSupported,
         }
     }
 }

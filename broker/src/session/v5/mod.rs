@@ -8,9 +8,7 @@
 //! for what it publishes, and the identifier assigned to an empty client id.
 //!
 //! A PUBLISH's properties become the message's [`Props`] (the session checks that a Response
-//! Topic leads back to the publisher). Not yet carried: subscription options and identifiers,
-//! shared subscriptions. The CONNACK says so truthfully (`shared_subscription_available = 0`,
-//! `subscription_identifiers_available = 0`), and a `$share/` filter is answered 0x9E.
+//! Topic leads back to the publisher); a SUBSCRIBE's options become [`crate::message::SubOpts`].
 
 use std::collections::HashMap;
 
@@ -430,8 +428,6 @@ pub(crate) struct Admitted {
     /// QoS 1 PUBLISHes the broker takes unacknowledged at once.
     pub(crate) receive_max: u16,
     pub(crate) max_packet: u32,
-    /// Shared subscriptions are offered (a single node).
-    pub(crate) shared: bool,
 }
 
 /// The v5 CONNACK of an admitted session: what the broker offers, truthfully.
@@ -449,7 +445,7 @@ pub(crate) fn connack_ok(a: Admitted) -> m5::ConnAck {
             topic_alias_max: Some(TOPIC_ALIAS_MAX),
             wildcard_subscription_available: Some(1),
             subscription_identifiers_available: Some(1),
-            shared_subscription_available: Some(u8::from(a.shared)),
+            shared_subscription_available: Some(1),
             ..no_connack_properties()
         }),
     }

@@ -1,0 +1,209 @@
+//! Shared subscriptions across the nodes (`$share/<group>/<filter>`, docs/spec/mqtt5.md): each
+//! message matching a group's filter goes to one member of the group, wherever in the cluster.
+//!
+//! A node whose sessions hold members of a group queue-subscribes to the filter's routing
+//! subjects, in a NATS queue group named after group and filter ([`subject::queue_of`]): the
+//! NATS server hands each routed message to one node with members, and that node to one of its
+//! members in turn ([`Router::deliver_shared`]). Those subscriptions are on a second connection
+//! that hears this node's own messages (the routing connection is `no_echo`), so a message
+//! published here for a member here comes back through NATS like any other.
+//!
+//! A member that leaves with messages queued or unacknowledged hands them to another member
+//! here, or else to another node: on `fleet.g.<queue>.<topic>`, which every node with members
+//! reads in the same queue group on its routing connection (so a hand-off never comes back to
+//! the node that sent it). A message that reaches a node whose last member just left is handed
+//! on the same way, at most [`MAX_HOPS`] times.
+//!
+//! When its last member leaves, a node does not drop its queue subscriptions at once: the NATS
+//! server may have sent it messages it has not read yet, and the client would discard those.
+//! It asks the server to stop after [`LINGER`] more messages (more than can be on their way to
+//! it: the connection queues at most [`CAPACITY`] per subscription), and hands on whatever
+//! still comes.
+//!
+//! What arrives is checked as every routed message is (`relayable`: from a node, an origin
+//! whose ACL allows the topic).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use async_nats::{Client, HeaderMap, Subscriber};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::bus::{self, admitted};
+use super::subject;
+use crate::message::Message;
+use crate::observe::metrics::Metrics;
+use crate::router::Router;
+
+/// Messages the shares connection queues per subscription (more are dropped by the client:
+/// a slow consumer).
+pub(super) const CAPACITY: usize = 4096;
+/// Messages a leaving node still takes (and hands on) after it asks the server to stop.
+const LINGER: u64 = 2 * CAPACITY as u64;
+/// Header: how many nodes handed the message on.
+const HOPS: &str = "Fleet-Hops";
+/// Hand-offs of one message at most (then it is dropped and counted, as a shared message with
+/// no member takes).
+const MAX_HOPS: u32 = 3;
+
+/// A group's queue subscriptions on this node: its local members and the signal that ends them.
+type Held = HashMap<(String, String), (usize, CancellationToken)>;
+
+/// This node's part in the cluster's shared subscriptions.
+#[derive(Debug)]
+pub(super) struct Shares {
+    /// The connection that hears this node's own routed messages.
+    echo: Client,
+    /// The routing connection (`no_echo`): hand-offs, sent and received.
+    routing: Client,
+    node_id: u64,
+    metrics: Metrics,
+    max_payload: usize,
+    held: Mutex<Held>,
+}
+
+/// What a group's subscription task needs.
+#[derive(Debug)]
+struct Group {
+    name: String,
+    filter: String,
+    queue: String,
+    router: Weak<Router>,
+    routing: Client,
+    metrics: Metrics,
+}
+
+impl Shares {
+    pub(super) fn new(echo: Client, routing: Client, node_id: u64, metrics: Metrics, max_payload: usize) -> Self {
+        Self { echo, routing, node_id, metrics, max_payload, held: Mutex::default() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A local session joined `$share/<name>/<filter>`: this node takes part in the group's
+    /// queue unless it does already.
+    pub(super) async fn join(&self, name: &str, filter: &str, router: &Arc<Router>) {
+        let key = (name.to_owned(), filter.to_owned());
+        if let Some((n, _)) = self.lock().get_mut(&key) {
+            *n += 1;
+            return;
+        }
+        let queue = subject::queue_of(name, filter);
+        let group = Arc::new(Group {
+            name: key.0.clone(),
+            filter: key.1.clone(),
+            queue: queue.clone(),
+            router: Arc::downgrade(router),
+            routing: self.routing.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let stop = CancellationToken::new();
+        let routed = subject::filter_subjects(filter).into_iter().map(|s| (&self.echo, s));
+        let handoffs = std::iter::once((&self.routing, subject::handoff_filter(&queue)));
+        for (client, s) in routed.chain(handoffs) {
+            match client.queue_subscribe(s.clone(), queue.clone()).await {
+                Ok(sub) => drop(tokio::spawn(take(sub, group.clone(), stop.clone()))),
+                Err(e) => warn!(error = %e, subject = %s, "cluster shared subscribe failed"),
+            }
+        }
+        let mut held = self.lock();
+        match held.get_mut(&key) {
+            // Another session joined meanwhile: one set of subscriptions is enough.
+            Some((n, _)) => {
+                *n += 1;
+                stop.cancel();
+            }
+            None => {
+                held.insert(key, (1, stop));
+            }
+        }
+    }
+
+    /// A local session left `$share/<name>/<filter>`: the last one takes this node out of the
+    /// group's queue.
+    pub(super) fn leave(&self, name: &str, filter: &str) {
+        let mut held = self.lock();
+        let key = (name.to_owned(), filter.to_owned());
+        if let Some((n, stop)) = held.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                stop.cancel();
+                held.remove(&key);
+            }
+        }
+    }
+
+    /// Hands `p` (a shared delivery whose member here left it unacknowledged) to another node
+    /// with members of its group.
+    pub(super) async fn hand_on(&self, p: &Message) {
+        let (Some(key), Some(origin)) = (&p.shared, &p.origin) else {
+            self.metrics.messages_dropped.inc();
+            return;
+        };
+        let queue = subject::queue_of(&key.0, &key.1);
+        let mut headers = bus::headers(self.node_id, p, origin, self.max_payload);
+        headers.insert(HOPS, "1");
+        let subject = subject::handoff_subject(&queue, &p.topic);
+        if let Err(e) = self.routing.publish_with_headers(subject, headers, p.payload.clone()).await {
+            warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
+        }
+    }
+}
+
+/// Takes the messages of one of a group's queue subscriptions until `stop`, then lingers
+/// (the module's documentation) until the server has sent its last.
+async fn take(mut sub: Subscriber, group: Arc<Group>, stop: CancellationToken) {
+    let mut taken: u64 = 0;
+    let mut leaving = false;
+    loop {
+        let m = tokio::select! {
+            m = sub.next() => m,
+            () = stop.cancelled(), if !leaving => {
+                leaving = true;
+                if sub.unsubscribe_after(taken + LINGER).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(m) = m else { return };
+        taken += 1;
+        group.deliver(m).await;
+    }
+}
+
+impl Group {
+    /// Hands a message of the group's queue to a member here, or on to another node.
+    async fn deliver(&self, m: async_nats::Message) {
+        let Some(router) = self.router.upgrade() else { return };
+        let subject = m.subject.as_str();
+        let topic = match subject.starts_with(subject::GROUPS) {
+            true => subject::topic_of_handoff(&self.queue, subject),
+            false => subject::topic_of(subject),
+        };
+        let Some(mut p) = admitted(&m, topic, &self.metrics) else { return };
+        let origin = m.headers.as_ref().and_then(|h| h.get(bus::ORIGIN)).map(|v| v.as_str());
+        p.origin = origin.map(Arc::from);
+        if router.deliver_shared(&self.name, &self.filter, &p, &self.metrics).is_some() {
+            return;
+        }
+        // No member here any more (the last one just left): another node's, if one has any.
+        let hops = m.headers.as_ref().and_then(|h| h.get(HOPS)).and_then(|v| v.as_str().parse().ok());
+        let hops: u32 = hops.unwrap_or(0) + 1;
+        if hops > MAX_HOPS {
+            debug!(topic = p.topic.as_str(), "shared message dropped: no member took it");
+            self.metrics.messages_dropped.inc();
+            return;
+        }
+        let mut headers = m.headers.clone().unwrap_or_else(HeaderMap::new);
+        headers.insert(HOPS, hops.to_string().as_str());
+        let to = subject::handoff_subject(&self.queue, &p.topic);
+        if let Err(e) = self.routing.publish_with_headers(to, headers, m.payload).await {
+            warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
+        }
+    }
+}
