@@ -703,6 +703,21 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
     let rows = fleet.telemetry_rows(&d0).await;
     assert_eq!(rows, [(topic, b"asks".to_vec())], "nor stored");
     broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 3.0, PATIENCE).await;
+
+    // A service reads every device's topics, certificate answers and commands included; the
+    // broker answers its commands itself, so a command's Response Topic may not be one of those
+    // (the device would take the status for a certificate answer or a command).
+    dev.subscribe(9, &[&format!("devices/{d0}/certs/#"), &format!("devices/{d0}/commands/#")]).await;
+    for (pkid, response) in [
+        (11, format!("devices/{d0}/certs/issued")),
+        (12, format!("devices/{d0}/certs/rotate")),
+        (13, format!("devices/{d0}/commands/reboot")),
+    ] {
+        svc.send(publish_with(&format!("devices/{d0}/commands/reboot"), pkid, "now", ask(response))).await;
+        assert_eq!(svc.puback(pkid).await, PubAckReason::NotAuthorized, "pkid {pkid}");
+    }
+    assert!(dev.recv(Duration::from_millis(500)).await.is_none(), "nothing reached the device, nothing was stored to reach it");
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 6.0, PATIENCE).await;
 }
 
 #[tokio::test]

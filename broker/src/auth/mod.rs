@@ -215,5 +215,13 @@ pub(crate) fn may_be_answered_on(who: &Identity, topic: Topic<'_>) -> bool {
         && TopicFilter::parse(topic.as_str()).is_ok_and(|filter| may_subscribe(who, filter))
 }
 
+/// May the broker publish a command's statuses on `topic`, the Response Topic its sender set?
+/// Only where data goes (a device's data, a status topic): never on a command or certificate
+/// topic, where the broker's words would be taken for a command or a certificate answer (a
+/// service reads those topics, so [`may_be_answered_on`] alone lets it name them).
+pub(crate) fn broker_may_answer_on(topic: Topic<'_>) -> bool {
+    matches!(topic.addressed(), Addressed::DeviceData { .. } | Addressed::Status { .. })
+}
+
 #[cfg(test)]
 mod tests;

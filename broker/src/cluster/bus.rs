@@ -122,7 +122,8 @@ pub(crate) fn may_relay(origin: &Relayed, topic: &str) -> bool {
         Relayed::Broker => {
             topic.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::STATUS)
         }
-        Relayed::Reply(service) => Topic::parse(topic).is_ok_and(|t| auth::may_be_answered_on(service, t)),
+        Relayed::Reply(service) => Topic::parse(topic)
+            .is_ok_and(|t| auth::may_be_answered_on(service, t) && auth::broker_may_answer_on(t)),
     }
 }
 
@@ -239,6 +240,8 @@ mod tests {
         assert!(!may_relay(&reply, "devices/+/responses/r-7"), "a filter is no topic");
         assert!(!may_relay(&reply, "claims/batch/0123456789abcdef/certs/csr"));
         assert!(!may_relay(&reply, "elsewhere/x"));
+        assert!(!may_relay(&reply, "devices/dev-1/commands/unlock"), "never a command");
+        assert!(!may_relay(&reply, "devices/dev-1/certs/issued"), "never a certificate answer");
 
         let broker = decode_origin(&Origin::Broker.encode()).unwrap();
         assert!(may_relay(&broker, "status/devices/dev-1/commands/reboot"));

@@ -15,6 +15,7 @@ use super::handler::{Ctx, State};
 use super::v5::Version;
 use super::wire::{PubRefusal, SubResult};
 use crate::auth::{self, Topic, TopicFilter};
+use fleet_topic::Addressed;
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;
 use crate::commands::Accepted;
@@ -92,7 +93,13 @@ impl State {
         let response = p.props.as_ref().and_then(|props| props.response_topic.as_deref());
         let denied = match response {
             _ if !parsed.is_ok_and(|t| auth::may_publish(&ctx.id, t)) => Some(p.topic.clone()),
-            Some(r) if !Topic::parse(r).is_ok_and(|t| auth::may_be_answered_on(&ctx.id, t)) => {
+            // The broker answers a command there itself: only where data goes.
+            Some(r) if !Topic::parse(r).is_ok_and(|t| {
+                auth::may_be_answered_on(&ctx.id, t)
+                    && (!parsed.is_ok_and(|c| matches!(c.addressed(), Addressed::Command { .. }))
+                        || auth::broker_may_answer_on(t))
+            }) =>
+            {
                 Some(format!("{} (response topic {r})", p.topic))
             }
             _ => None,
