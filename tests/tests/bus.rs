@@ -276,6 +276,92 @@ async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published(
     );
 }
 
+/// The subjects that carry a shared subscription's messages between nodes (`fleet.g.<queue>.…`,
+/// a hand-off of a member that left) and a node's answers on a service's Response Topic (origin
+/// `reply <service>`) are held to the same checks: a node's identity forging a hand-off of
+/// another device's telemetry, or a "reply" onto a device's commands or certificate answers,
+/// reaches no member and no device; a well-formed hand-off from the device itself does (control).
+#[tokio::test]
+async fn forged_hand_offs_and_replies_reach_no_member_and_no_device() {
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let (id, victim) = (fleet.id(0), fleet.id(1));
+    // A backend in a shared group (a 3.1.1 client: shares are offered to it too), and the
+    // victim device subscribed to its commands and certificate answers.
+    let mut member = Raw::device(node.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&member.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut member, "$share/ingest/devices/+/telemetry", 1).await;
+    let mut device = Raw::device(node.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&device.mqtt_connect(&victim, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut device, &format!("devices/{victim}/commands/#"), 1).await;
+    subscribe(&mut device, &format!("devices/{victim}/certs/#"), 2).await;
+    let queue = "ingest%2Fdevices%2F%2B%2Ftelemetry";
+    bus::wait_subscription(nats, &format!("fleet.g.{queue}.>"), true).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{victim}.commands.>"), true).await;
+
+    let peer = bus::client(nats, "n3").await;
+    let handoff = format!("fleet.g.{queue}.devices.{victim}.telemetry");
+    let payload = || bytes::Bytes::from_static(b"forged");
+    let attempts = [
+        (handoff.clone(), async_nats::HeaderMap::new(), "not_from_node"),
+        (handoff.clone(), bus::relayed_from(&format!("device 01 {id}")), "origin_denied"),
+        (handoff.clone(), bus::relayed_from("broker"), "origin_denied"),
+        // A "reply" onto the victim's telemetry: the broker answers only under `responses/`.
+        (handoff.clone(), bus::relayed_from("reply backend"), "origin_denied"),
+        // A hand-off whose subject names another group's queue: no topic for this group.
+        (
+            format!("fleet.g.other.devices.{victim}.telemetry"),
+            bus::relayed_from(&format!("device 01 {victim}")),
+            "none",
+        ),
+        // The broker answering a service, onto the victim's commands and certificate answers.
+        (
+            format!("fleet.t.devices.{victim}.commands.unlock"),
+            bus::relayed_from("reply backend"),
+            "origin_denied",
+        ),
+        (
+            format!("fleet.t.devices.{victim}.certs.issued"),
+            bus::relayed_from("reply backend"),
+            "origin_denied",
+        ),
+        (
+            format!("fleet.t.devices.{victim}.commands.unlock"),
+            bus::relayed_from("reply ../backend"),
+            "no_origin",
+        ),
+    ];
+    for (subject, headers, _) in &attempts {
+        peer.publish_with_headers(subject.clone(), headers.clone(), payload()).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    for reason in ["not_from_node", "no_origin", "origin_denied"] {
+        let n = attempts.iter().filter(|a| a.2 == reason).count() as f64;
+        node.wait_metric(
+            &format!("fleet_cluster_refused_total{{reason=\"{reason}\"}}"),
+            n,
+            Duration::from_secs(3),
+        )
+        .await;
+    }
+    assert!(
+        next_publish(&mut member, Duration::from_millis(300)).await.is_none(),
+        "a forged hand-off reached a member"
+    );
+    assert!(
+        next_publish(&mut device, Duration::from_millis(300)).await.is_none(),
+        "a forged reply reached the device"
+    );
+
+    // Control: a hand-off of the victim's own telemetry reaches the member.
+    peer.publish_with_headers(handoff, bus::relayed_from(&format!("device 01 {victim}")), payload())
+        .await
+        .unwrap();
+    peer.flush().await.unwrap();
+    let p = next_publish(&mut member, PATIENCE).await.expect("the device's own hand-off did not arrive");
+    assert_eq!(p.topic, format!("devices/{victim}/telemetry"));
+}
+
 #[tokio::test]
 async fn a_node_refuses_an_unprotected_bus_uses_url_credentials_and_never_prints_them() {
     let pg = fleet_tests::PgCluster::start();

@@ -705,19 +705,26 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
     broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 3.0, PATIENCE).await;
 
     // A service reads every device's topics, certificate answers and commands included; the
-    // broker answers its commands itself, so a command's Response Topic may not be one of those
-    // (the device would take the status for a certificate answer or a command).
+    // broker answers its commands itself, so a command's Response Topic must be under a
+    // device's `responses/` (or a status topic): the device would take a status on its
+    // certificate answers or commands for one, and its subscribers one on its telemetry for
+    // the device's.
     dev.subscribe(9, &[&format!("devices/{d0}/certs/#"), &format!("devices/{d0}/commands/#")]).await;
+    svc.subscribe(10, &[&format!("devices/{d0}/#")]).await;
     for (pkid, response) in [
         (11, format!("devices/{d0}/certs/issued")),
         (12, format!("devices/{d0}/certs/rotate")),
         (13, format!("devices/{d0}/commands/reboot")),
+        (14, format!("devices/{d0}/telemetry")),
     ] {
         svc.send(publish_with(&format!("devices/{d0}/commands/reboot"), pkid, "now", ask(response))).await;
         assert_eq!(svc.puback(pkid).await, PubAckReason::NotAuthorized, "pkid {pkid}");
     }
-    assert!(dev.recv(Duration::from_millis(500)).await.is_none(), "nothing reached the device, nothing was stored to reach it");
-    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 6.0, PATIENCE).await;
+    assert!(
+        dev.recv(Duration::from_millis(500)).await.is_none(),
+        "nothing reached the device, nothing was stored to reach it"
+    );
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 7.0, PATIENCE).await;
 }
 
 #[tokio::test]
@@ -1112,7 +1119,11 @@ async fn a_shared_subscription_spans_the_cluster_and_a_member_that_dies_passes_i
         *seen.entry(*n).or_default() += 1;
     }
     let twice: Vec<u16> = seen.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
-    assert!(twice.iter().all(|n| got[2].contains(n)), "doubled without cause: {twice:?}, dead held {:?}", got[2]);
+    assert!(
+        twice.iter().all(|n| got[2].contains(n)),
+        "doubled without cause: {twice:?}, dead held {:?}",
+        got[2]
+    );
     assert!(got[2].iter().all(|n| seen.contains_key(n)), "the dead member's share was lost: {:?}", got[2]);
     assert!(seen.values().all(|c| *c <= 2), "{seen:?}");
 }

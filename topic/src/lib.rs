@@ -54,6 +54,9 @@ pub mod level {
     /// Where fleet-sim and the example firmware acknowledge a command: `devices/<id>/acks/<name>`
     /// (an application convention of the examples, not read by the broker).
     pub const ACKS: &str = "acks";
+    /// Where answers to a v5 command go: `devices/<id>/responses/<anything>`, the Response Topic
+    /// a service sets (the device answers there, the broker publishes the command's statuses).
+    pub const RESPONSES: &str = "responses";
     /// The last level of a command topic that sets its time-to-live: `ttl=<secs>`.
     pub const TTL: &str = "ttl=";
 }

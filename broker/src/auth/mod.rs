@@ -216,11 +216,18 @@ pub(crate) fn may_be_answered_on(who: &Identity, topic: Topic<'_>) -> bool {
 }
 
 /// May the broker publish a command's statuses on `topic`, the Response Topic its sender set?
-/// Only where data goes (a device's data, a status topic): never on a command or certificate
-/// topic, where the broker's words would be taken for a command or a certificate answer (a
-/// service reads those topics, so [`may_be_answered_on`] alone lets it name them).
+/// Only under a device's `responses/` or on a status topic: never on a command or certificate
+/// topic, where its words would be taken for a command or a certificate answer, nor on a
+/// device's data, where they would be taken for the device's (a service reads all of those, so
+/// [`may_be_answered_on`] alone lets it name them).
 pub(crate) fn broker_may_answer_on(topic: Topic<'_>) -> bool {
-    matches!(topic.addressed(), Addressed::DeviceData { .. } | Addressed::Status { .. })
+    match topic.addressed() {
+        Addressed::DeviceData { rest, .. } => {
+            rest.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::RESPONSES)
+        }
+        Addressed::Status { .. } => true,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

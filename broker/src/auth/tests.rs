@@ -196,7 +196,8 @@ fn a_response_topic_is_one_the_asker_reads() {
     // reads commands and certificate answers too.
     let broker_answers = |t: &str| Topic::parse(t).is_ok_and(broker_may_answer_on);
     assert!(broker_answers("devices/dev-2/responses/7") && broker_answers("status/devices/dev-2/commands/x"));
-    for never in ["devices/dev-2/commands/unlock", "devices/dev-2/certs/issued", "devices/dev-2/certs/rotate"] {
+    for never in ["devices/dev-2/commands/unlock", "devices/dev-2/certs/issued", "devices/dev-2/certs/rotate"]
+    {
         assert!(answered_on(&service, never) && !broker_answers(never), "{never}");
     }
     let claim = Identity { role: Role::Claim, nonce: Some("0123456789abcdef".into()), ..dev };

@@ -85,7 +85,13 @@ pub(crate) fn decode_origin(v: &str) -> Option<Relayed> {
         let id = DeviceId::parse(service).ok()?;
         // The serial plays no part in the subscribe ACL; the service's is not carried.
         let serial = SerialNumber::parse("01").ok()?;
-        return Some(Relayed::Reply(Identity { id, role: Role::Service, serial, not_after: i64::MAX, nonce: None }));
+        return Some(Relayed::Reply(Identity {
+            id,
+            role: Role::Service,
+            serial,
+            not_after: i64::MAX,
+            nonce: None,
+        }));
     }
     let mut parts = v.splitn(3, ' ');
     let role = Role::parse(parts.next()?)?;
@@ -143,10 +149,8 @@ pub(crate) fn relayable(m: &async_nats::Message, topic: Option<String>) -> Resul
     let qos = if header(QOS) == Some("1") { QoS::AtLeastOnce } else { QoS::AtMostOnce };
     let mut p = Message::new(topic, qos, m.payload.clone());
     p.retain = header(RETAIN) == Some("1");
-    p.props = header(stream::PROPERTIES)
-        .and_then(Props::from_json)
-        .filter(|props| !props.is_empty())
-        .map(Arc::new);
+    p.props =
+        header(stream::PROPERTIES).and_then(Props::from_json).filter(|props| !props.is_empty()).map(Arc::new);
     Ok(p)
 }
 
@@ -236,6 +240,7 @@ mod tests {
         // A node answering a service on its Response Topic: only where the service may read.
         let reply = decode_origin(&Origin::Reply("backend").encode()).unwrap();
         assert!(may_relay(&reply, "devices/dev-1/responses/r-7"));
+        assert!(!may_relay(&reply, "devices/dev-1/telemetry"), "never a device's data");
         assert!(may_relay(&reply, "status/devices/dev-1/commands/reboot"));
         assert!(!may_relay(&reply, "devices/+/responses/r-7"), "a filter is no topic");
         assert!(!may_relay(&reply, "claims/batch/0123456789abcdef/certs/csr"));

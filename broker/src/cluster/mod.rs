@@ -279,53 +279,53 @@ impl Cluster {
 fn connect_options(
     config: &crate::config::Config,
 ) -> Result<(async_nats::ConnectOptions, url::Url, crate::config::NatsSecurity), ClusterError> {
-        let url = config.nats.clone().unwrap_or_default();
-        let security = config.nats_security(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
-        // async-nats builds its rustls configuration from the process default provider: the
-        // broker's (ring), unless the embedding program installed one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut options = async_nats::ConnectOptions::new();
-        let mut parsed = url::Url::parse(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
-        if !parsed.username().is_empty() {
-            let decode = |s: &str| {
-                percent_decode(s).ok_or_else(|| {
-                    ClusterError::Insecure(
-                        "nats: the URL's user or password is not valid percent-encoding".into(),
-                    )
-                })
-            };
-            let user = decode(parsed.username())?;
-            options = match parsed.password() {
-                Some(p) => options.user_and_password(user, decode(p)?),
-                // `nats://<token>@host`: NATS's token authentication.
-                None => options.token(user),
-            };
-            // Neither in the URL async-nats keeps (it shows up in its errors) nor in ours.
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
+    let url = config.nats.clone().unwrap_or_default();
+    let security = config.nats_security(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
+    // async-nats builds its rustls configuration from the process default provider: the
+    // broker's (ring), unless the embedding program installed one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut options = async_nats::ConnectOptions::new();
+    let mut parsed = url::Url::parse(&url).map_err(|e| ClusterError::Insecure(e.to_string()))?;
+    if !parsed.username().is_empty() {
+        let decode = |s: &str| {
+            percent_decode(s).ok_or_else(|| {
+                ClusterError::Insecure(
+                    "nats: the URL's user or password is not valid percent-encoding".into(),
+                )
+            })
+        };
+        let user = decode(parsed.username())?;
+        options = match parsed.password() {
+            Some(p) => options.user_and_password(user, decode(p)?),
+            // `nats://<token>@host`: NATS's token authentication.
+            None => options.token(user),
+        };
+        // Neither in the URL async-nats keeps (it shows up in its errors) nor in ours.
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+    }
+    if let Some(ca) = &config.nats_ca {
+        file_readable(ca)?;
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&config.nats_cert, &config.nats_key) {
+        file_readable(cert)?;
+        file_readable(key)?;
+        options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+    }
+    if let Some(path) = &config.nats_nkey {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| ClusterError::Insecure(format!("nats_nkey {}: {e}", path.display())))?;
+        let seed = seed.trim();
+        if !seed.starts_with("SU") {
+            return Err(ClusterError::Insecure(format!(
+                "nats_nkey {}: not a user nkey seed (it starts with SU)",
+                path.display()
+            )));
         }
-        if let Some(ca) = &config.nats_ca {
-            file_readable(ca)?;
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&config.nats_cert, &config.nats_key) {
-            file_readable(cert)?;
-            file_readable(key)?;
-            options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
-        }
-        if let Some(path) = &config.nats_nkey {
-            let seed = std::fs::read_to_string(path)
-                .map_err(|e| ClusterError::Insecure(format!("nats_nkey {}: {e}", path.display())))?;
-            let seed = seed.trim();
-            if !seed.starts_with("SU") {
-                return Err(ClusterError::Insecure(format!(
-                    "nats_nkey {}: not a user nkey seed (it starts with SU)",
-                    path.display()
-                )));
-            }
-            options = options.nkey(seed.to_owned());
-        }
-        Ok((options, parsed, security))
+        options = options.nkey(seed.to_owned());
+    }
+    Ok((options, parsed, security))
 }
 
 impl Cluster {

@@ -76,7 +76,13 @@ struct Group {
 }
 
 impl Shares {
-    pub(super) fn new(echo: Client, routing: Client, node_id: u64, metrics: Metrics, max_payload: usize) -> Self {
+    pub(super) fn new(
+        echo: Client,
+        routing: Client,
+        node_id: u64,
+        metrics: Metrics,
+        max_payload: usize,
+    ) -> Self {
         Self { echo, routing, node_id, metrics, max_payload, held: Mutex::default() }
     }
 

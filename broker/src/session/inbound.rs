@@ -15,7 +15,6 @@ use super::handler::{Ctx, State};
 use super::v5::Version;
 use super::wire::{PubRefusal, SubResult};
 use crate::auth::{self, Topic, TopicFilter};
-use fleet_topic::Addressed;
 use crate::clock::now_millis;
 use crate::cluster::bus::Origin;
 use crate::commands::Accepted;
@@ -23,6 +22,7 @@ use crate::observe::metrics::{AclAction, Limit};
 use crate::outcome::CloseReason;
 use crate::router::split_shared;
 use crate::router::RetainBudget;
+use fleet_topic::Addressed;
 
 impl State {
     /// Counts a cap hit and logs it (rate-limited per session).
@@ -94,11 +94,12 @@ impl State {
         let denied = match response {
             _ if !parsed.is_ok_and(|t| auth::may_publish(&ctx.id, t)) => Some(p.topic.clone()),
             // The broker answers a command there itself: only where data goes.
-            Some(r) if !Topic::parse(r).is_ok_and(|t| {
-                auth::may_be_answered_on(&ctx.id, t)
-                    && (!parsed.is_ok_and(|c| matches!(c.addressed(), Addressed::Command { .. }))
-                        || auth::broker_may_answer_on(t))
-            }) =>
+            Some(r)
+                if !Topic::parse(r).is_ok_and(|t| {
+                    auth::may_be_answered_on(&ctx.id, t)
+                        && (!parsed.is_ok_and(|c| matches!(c.addressed(), Addressed::Command { .. }))
+                            || auth::broker_may_answer_on(t))
+                }) =>
             {
                 Some(format!("{} (response topic {r})", p.topic))
             }
