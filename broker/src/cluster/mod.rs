@@ -21,6 +21,8 @@
 //! While the NATS connection is down the node admits no one (`cluster_unavailable`, CONNACK 3)
 //! and acknowledges nothing it could not store; the client reconnects by itself.
 //!
+//! Shared subscriptions span the nodes through NATS queue groups ([`shares`]).
+//!
 //! Not shared across nodes: retained messages (each node keeps those published through it).
 
 mod ask;
