@@ -10,6 +10,9 @@ use super::nats::redact_url;
 use super::settings::Config;
 use super::value::ConfigError;
 
+/// The longest `moved_to` (the fleet SDK keeps a Server Reference of up to 96 bytes).
+const MAX_SERVER_REFERENCE: usize = 96;
+
 impl Config {
     /// Parses a TOML file.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
@@ -108,6 +111,17 @@ impl Config {
 
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(to) = &self.moved_to {
+            let port = to.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
+            let fine = to.len() <= MAX_SERVER_REFERENCE
+                && to.bytes().all(|b| b.is_ascii_graphic())
+                && port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !fine {
+                return Err(ConfigError::Range(format!(
+                    "moved_to: {to:?} is not host:port (at most {MAX_SERVER_REFERENCE} printable ASCII bytes)"
+                )));
+            }
+        }
         if self.nats_replicas == 0 || self.nats_replicas > 5 {
             return Err(ConfigError::Range(
                 "nats_replicas must be between 1 and 5 (JetStream's limit)".into(),

@@ -56,6 +56,12 @@ settings! {
     /// Longest wait for JetStream to acknowledge a stored message, seconds: while NATS is down,
     /// unstored messages stay unacknowledged and their sessions close after this long.
     nats_timeout_secs: Secs = Secs::of(3.0);
+    /// Where this node's clients connect now, as `host:port` (MQTT 5's Server Reference), for
+    /// moving a fleet to another endpoint: every client that authenticates is refused, an
+    /// MQTT 5 client with CONNACK 0x9D "Server moved" naming this server (the fleet SDK
+    /// connects there next), a 3.1.1 client with CONNACK 3 (server unavailable, try later).
+    /// Only admitted clients learn it. Default: off.
+    moved_to: Option<String> = None;
     /// Metrics and health endpoint (`/metrics`, `/healthz`); `off` disables it.
     metrics_listen: Endpoint = Endpoint(Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
     /// Admin API and operator console over HTTPS (`https://<addr>/`), with the broker's

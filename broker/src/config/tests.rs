@@ -105,3 +105,20 @@ fn a_duration_checks_itself_where_it_is_parsed() {
     // The defaults (written unchecked with `Secs::of`) are within range too.
     assert_eq!(Config::from_toml(&Config::default().to_toml()).unwrap(), Config::default());
 }
+
+#[test]
+fn moved_to_is_a_host_and_port_the_sdk_can_keep() {
+    let with = |to: &str| {
+        let mut c = Config::default();
+        c.set("moved_to", to).unwrap();
+        c.validate()
+    };
+    for fine in ["fleet-2.example.com:8883", "127.0.0.1:1", "[::1]:8883"] {
+        with(fine).unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+    let long = format!("{}:8883", "a".repeat(96));
+    for bad in ["fleet-2.example.com", ":8883", "host:0", "host:99999", "host name:8883", long.as_str()] {
+        let e = with(bad).unwrap_err().to_string();
+        assert!(e.contains("moved_to:"), "{bad}: {e}");
+    }
+}

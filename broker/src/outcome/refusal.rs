@@ -70,11 +70,13 @@ pub enum Refusal {
     /// A claim certificate already holds `max_sessions_per_claim` live sessions (one leaked
     /// claim key cannot take every connection slot).
     ClaimBusy,
+    /// This node has moved (`moved_to`): the client was told where to connect.
+    Moved,
 }
 
 impl Refusal {
     /// Every refusal (for tests and dashboards).
-    pub const ALL: [Refusal; 30] = [
+    pub const ALL: [Refusal; 31] = [
         Self::SourceLimit,
         Self::MaxConnections,
         Self::HandshakeTimeout,
@@ -105,6 +107,7 @@ impl Refusal {
         Self::ClientIdMismatch,
         Self::WrongRole,
         Self::ClaimBusy,
+        Self::Moved,
     ];
 
     /// Metric label.
@@ -140,6 +143,7 @@ impl Refusal {
             Self::ClientIdMismatch => "client_id_mismatch",
             Self::WrongRole => "wrong_role",
             Self::ClaimBusy => "claim_busy",
+            Self::Moved => "moved",
         }
     }
 
@@ -177,6 +181,7 @@ impl Refusal {
             Self::ClientIdMismatch => "The MQTT client id is not the device id in the certificate.",
             Self::WrongRole => "The identity's role may not use this listener (an operator on MQTT, or a device on the admin API).",
             Self::ClaimBusy => "A claim certificate already holds max_sessions_per_claim sessions: a batch booting at once, or a leaked claim key.",
+            Self::Moved => "This node has moved (moved_to): MQTT 5 clients were told the new server (CONNACK 0x9D), 3.1.1 clients to try later.",
         }
     }
 
@@ -184,7 +189,11 @@ impl Refusal {
     /// cannot decide, "bad client id" for a mismatch, "not authorised" otherwise.
     pub fn connack(self) -> ConnectReturnCode {
         match self {
-            Self::CrlExpired | Self::RegistryUnavailable | Self::ClusterUnavailable | Self::ClaimBusy => {
+            Self::CrlExpired
+            | Self::RegistryUnavailable
+            | Self::ClusterUnavailable
+            | Self::ClaimBusy
+            | Self::Moved => {
                 ConnectReturnCode::ServiceUnavailable
             }
             Self::ClientIdMismatch => ConnectReturnCode::BadClientId,

@@ -86,6 +86,10 @@ pub(crate) async fn bind(
     } else if !connect.client_id.is_empty() && connect.client_id != id.id.as_str() {
         return Err((Refused { refusal: Refusal::ClientIdMismatch, connack: true }, Some(connect)));
     }
+    // Only a client that authenticated learns where the fleet went.
+    if svc.config.moved_to.is_some() {
+        return Err((Refused { refusal: Refusal::Moved, connack: true }, Some(connect)));
+    }
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
     let cap = svc.config.session_expiry_secs;
     let (asked, expiry) = match conn.edge() {
@@ -125,8 +129,11 @@ impl Refused {
         let client_id = connect.map_or("", |c| c.client_id.as_str());
         let serial = crate::gate::serial_hex(cert);
         // As a str field the client id is quoted and escaped: a newline in it cannot forge a line.
-        warn!(%peer, %serial, client_id, reason, "connection refused");
-        let _ = conn.send_refusal(self.refusal).await;
+        match self.refusal {
+            Refusal::Moved => debug!(%peer, %serial, client_id, reason, "connection refused: this node moved"),
+            _ => warn!(%peer, %serial, client_id, reason, "connection refused"),
+        }
+        let _ = conn.send_refusal(self.refusal, svc.config.moved_to.as_deref()).await;
         conn.close(Duration::from_secs(1)).await;
     }
 }

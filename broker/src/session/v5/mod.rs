@@ -376,6 +376,7 @@ pub(crate) fn connack_code(r: Refusal) -> m5::ConnectReturnCode {
         Refusal::ClaimBusy | Refusal::MaxConnections | Refusal::SourceLimit => C::ServerBusy,
         Refusal::ClientIdMismatch => C::ClientIdentifierNotValid,
         Refusal::ProtocolError => C::ProtocolError,
+        Refusal::Moved => C::ServerMoved,
         _ => C::NotAuthorized,
     }
 }
@@ -452,12 +453,15 @@ pub(crate) fn connack_ok(a: Admitted) -> m5::ConnAck {
 }
 
 /// The v5 CONNACK of a refusal.
-pub(crate) fn connack_refused(r: Refusal, problem_info: bool) -> m5::ConnAck {
+pub(crate) fn connack_refused(r: Refusal, problem_info: bool, moved_to: Option<&str>) -> m5::ConnAck {
+    let server_reference = moved_to.filter(|_| r == Refusal::Moved).map(str::to_owned);
+    let reason_string = problem_info.then(|| r.label().to_owned());
     m5::ConnAck {
         session_present: false,
         code: connack_code(r),
-        properties: problem_info.then(|| m5::ConnAckProperties {
-            reason_string: Some(r.label().to_owned()),
+        properties: (reason_string.is_some() || server_reference.is_some()).then(|| m5::ConnAckProperties {
+            reason_string,
+            server_reference,
             ..no_connack_properties()
         }),
     }

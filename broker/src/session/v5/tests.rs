@@ -144,5 +144,11 @@ fn every_broker_close_has_a_reason_code_and_the_client_leaving_has_none() {
     assert_eq!(connack_code(Refusal::UnknownDevice), m5::ConnectReturnCode::NotAuthorized);
     // A reason string only for a client that asked for problem information.
     assert!(disconnect(CloseReason::Revoked, false).is_some_and(|d| d.properties.is_none()));
-    assert!(connack_refused(Refusal::Revoked, false).properties.is_none());
+    assert!(connack_refused(Refusal::Revoked, false, None).properties.is_none());
+    // A moved node names the new server; no other refusal does, even when it is configured.
+    let moved = connack_refused(Refusal::Moved, false, Some("fleet-2.example:8883"));
+    assert_eq!(moved.code, m5::ConnectReturnCode::ServerMoved);
+    assert_eq!(moved.properties.and_then(|p| p.server_reference).as_deref(), Some("fleet-2.example:8883"));
+    let other = connack_refused(Refusal::Revoked, false, Some("fleet-2.example:8883"));
+    assert!(other.properties.is_none());
 }
