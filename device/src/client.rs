@@ -157,6 +157,25 @@ fn command(name: &str, payload: &[u8]) -> Incoming {
     }
 }
 
+/// Room for the host a device follows (MQTT 5 Server Reference); nothing without `mqtt5`.
+#[cfg(feature = "mqtt5")]
+type HostBuf = heapless::String<{ crate::mqtt::MAX_SERVER_REFERENCE }>;
+#[cfg(not(feature = "mqtt5"))]
+type HostBuf = ();
+
+/// `host:port`, `[v6]:port` or a bare host, as (host, port); `default_port` when it names none.
+#[cfg(feature = "mqtt5")]
+fn split_reference(r: &str, default_port: u16) -> (&str, u16) {
+    let (host, port) = match r.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.ends_with(':') => match p.parse::<u16>() {
+            Ok(port) if port > 0 => (h, port),
+            _ => (r, default_port),
+        },
+        _ => (r, default_port),
+    };
+    (host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host), port)
+}
+
 /// A host connection: TCP whose read timeouts fall only between TLS records.
 #[cfg(feature = "std")]
 pub type HostLink = crate::transport::RecordBoundary<HostTcp>;
@@ -167,7 +186,14 @@ pub type HostLink = crate::transport::RecordBoundary<HostTcp>;
 /// ([`crate::transport::RecordBoundary`]).
 #[cfg(feature = "std")]
 pub fn connect_tcp(creds: &Credentials<'_>, read_timeout: core::time::Duration) -> std::io::Result<HostLink> {
-    let s = std::net::TcpStream::connect((creds.broker_host, creds.broker_port))?;
+    connect_tcp_to((creds.broker_host, creds.broker_port), read_timeout)
+}
+
+/// As [`connect_tcp`], to `(host, port)`: [`Device::broker`] follows a broker that sent the
+/// device elsewhere.
+#[cfg(feature = "std")]
+pub fn connect_tcp_to(broker: (&str, u16), read_timeout: core::time::Duration) -> std::io::Result<HostLink> {
+    let s = std::net::TcpStream::connect(broker)?;
     s.set_read_timeout(Some(read_timeout))?;
     s.set_nodelay(true)?;
     let stalls = 10_000 / read_timeout.as_millis().clamp(1, 10_000);
@@ -410,9 +436,11 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         now: Millis,
     ) -> Result<Connection<'b, T>, ClientError> {
         self.check_buffers(rx.len(), tx.len())?;
-        let config = TlsConfig::new().with_server_name(self.creds.broker_host);
+        let mut moved = HostBuf::default();
+        let creds = self.creds_for_tls(&mut moved);
+        let config = TlsConfig::new().with_server_name(creds.broker_host);
         let mut tls = TlsConnection::new(transport, rx, tx);
-        let mut provider = DeviceProvider::new(self.creds, signer, rng, now_unix);
+        let mut provider = DeviceProvider::new(creds, signer, rng, now_unix);
         let opened = tls.open(TlsContext::new(&config, &mut provider));
         self.handshake_done(opened, &provider, now)?;
         Ok(tls)
@@ -589,6 +617,38 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
     pub fn reconnect_at(&self) -> Millis {
         self.session.reconnect_at().unwrap_or(Millis(0))
     }
+
+    /// The server to open the next transport to: the one the broker sent this device to (MQTT
+    /// 5 "use another server" / "server moved", while the device follows it:
+    /// [`Session::server_reference`]), else the bundle's broker. A reference without a port
+    /// keeps the bundle's port. The TLS handshake verifies the broker under this name.
+    pub fn broker(&self) -> (&str, u16) {
+        #[cfg(feature = "mqtt5")]
+        if let Some(r) = self.session.server_reference() {
+            return split_reference(r, self.creds.broker_port);
+        }
+        (self.creds.broker_host, self.creds.broker_port)
+    }
+
+    /// The credentials the TLS handshake uses: the bundle's, with the host the device follows
+    /// (copied into `buf`, so the handshake does not borrow the session).
+    fn creds_for_tls<'s>(&self, buf: &'s mut HostBuf) -> Credentials<'s>
+    where
+        'a: 's,
+    {
+        #[allow(unused_mut)]
+        let mut creds: Credentials<'s> = self.creds;
+        #[cfg(feature = "mqtt5")]
+        if let Some(r) = self.session.server_reference() {
+            buf.clear();
+            if buf.push_str(split_reference(r, 0).0).is_ok() {
+                creds.broker_host = buf.as_str();
+            }
+        }
+        #[cfg(not(feature = "mqtt5"))]
+        let _ = buf;
+        creds
+    }
 }
 
 /// The same device over `embedded-io-async` (feature `async`): the same session, inbox and
@@ -635,9 +695,11 @@ impl<const N: usize, const M: usize> Device<'_, N, M> {
         S: DeviceSigner,
     {
         self.check_buffers(rx.len(), tx.len())?;
-        let config = embedded_tls::TlsConfig::new().with_server_name(self.creds.broker_host);
+        let mut moved = HostBuf::default();
+        let creds = self.creds_for_tls(&mut moved);
+        let config = embedded_tls::TlsConfig::new().with_server_name(creds.broker_host);
         let mut tls = embedded_tls::TlsConnection::new(transport, rx, tx);
-        let mut provider = DeviceProvider::new(self.creds, signer, rng, now_unix);
+        let mut provider = DeviceProvider::new(creds, signer, rng, now_unix);
         let opened = tls.open(embedded_tls::TlsContext::new(&config, &mut provider)).await;
         self.handshake_done(opened, &provider, now)?;
         Ok(tls)

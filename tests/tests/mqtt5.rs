@@ -1128,6 +1128,90 @@ async fn a_shared_subscription_spans_the_cluster_and_a_member_that_dies_passes_i
     assert!(seen.values().all(|c| *c <= 2), "{seen:?}");
 }
 
+/// A node that moved (`moved_to`) sends every client that authenticates to the new server: the
+/// SDK follows the Server Reference on its next attempt and its telemetry lands there; paho-mqtt
+/// reads CONNACK 0x9D and the reference; an outsider's certificate learns nothing.
+#[tokio::test]
+async fn a_moved_node_sends_its_devices_to_the_new_server_and_the_sdk_follows() {
+    use fleet_device::client::{connect_tcp_to, ClientError, Device, Incoming};
+    use fleet_device::credentials::Credentials;
+    use fleet_device::mqtt::{Millis, Mqtt5, SessionConfig, SessionError};
+
+    let fleet = Fleet::new(1, None).await;
+    let new = BrokerProc::start(&fleet, &[]);
+    let reference = format!("localhost:{}", new.port());
+    let old = BrokerProc::start(&fleet, &["--moved-to", &reference]);
+    let bundle = std::fs::read(fleet.devices[0].join("credentials.bin")).unwrap();
+    let old_port = old.mqtt.port();
+    let start = std::time::Instant::now();
+    let now = move || Millis(start.elapsed().as_millis() as u64);
+    let followed = reference.clone();
+    let device = std::thread::spawn(move || {
+        let mut creds = Credentials::decode(&bundle).unwrap();
+        creds.broker_port = old_port; // the factory bundle names the old node
+        let cfg = SessionConfig { mqtt5: Some(Mqtt5::default()), ..SessionConfig::default() };
+        let mut d: Device<'_, 8, 256> = Device::new(creds, cfg);
+        let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
+        let mut attempt = |d: &mut Device<'_, 8, 256>| -> Result<(), ClientError> {
+            let tcp = connect_tcp_to(d.broker(), Duration::from_millis(100)).unwrap();
+            let mut conn = d.connect(tcp, &mut rx, &mut tx, rand::rngs::OsRng, None, now())?;
+            d.publish_telemetry(&(1u32, 21.5f32)).unwrap();
+            let t = std::time::Instant::now();
+            loop {
+                assert!(t.elapsed() < PATIENCE, "no PUBACK");
+                if let Some(Incoming::Delivered) = d.poll(&mut conn, now())? {
+                    return Ok(());
+                }
+            }
+        };
+        assert_eq!(d.broker(), ("localhost", old_port));
+        let err = attempt(&mut d).unwrap_err();
+        assert!(matches!(err, ClientError::Session(SessionError::Moved(0x9D))), "{err:?}");
+        assert_eq!(d.session().server_reference(), Some(followed.as_str()));
+        d.disconnected(now(), 7);
+        assert_eq!(d.broker().1, followed.rsplit_once(':').unwrap().1.parse::<u16>().unwrap());
+        attempt(&mut d).expect("the new server admits it");
+    });
+    tokio::task::spawn_blocking(move || device.join()).await.unwrap().expect("device thread");
+    old.wait_refused(Refusal::Moved, 1.0, PATIENCE).await;
+    new.wait_metric("fleet_messages_received_total", 1.0, PATIENCE).await;
+    assert_eq!(old.metric("fleet_messages_received_total").await, 0.0, "nothing published to the old node");
+
+    // paho-mqtt, a client nobody here wrote, reads the same CONNACK.
+    let python = fleet_tests::require_program("python3", "python3");
+    let script = r#"
+import sys, threading
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+port, ca, cert, key, me = sys.argv[1:6]
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=me, protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+done = threading.Event()
+def on_connect(client, userdata, flags, reason_code, properties):
+    print("connack", reason_code.value, getattr(properties, "ServerReference", None), flush=True)
+    done.set()
+c.on_connect = on_connect
+c.connect("localhost", int(port))
+c.loop_start()
+ok = done.wait(20)
+c.loop_stop()
+sys.exit(0 if ok else 1)
+"#;
+    let d = &fleet.devices[0];
+    let out = Command::new(&python)
+        .args(["-c", script, &old.port(), s(&d.join("broker-trust.pem")), s(&d.join("cert.pem"))])
+        .args([s(&d.join("key.pem")), &fleet.id(0)])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "paho failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("connack 157 {reference}")), "{stdout}");
+    // A 3.1.1 client is told to try later (CONNACK 3), with nothing to follow.
+    let mut v4 = Raw::device(old.mqtt, d).await.unwrap();
+    let ack = v4.mqtt_connect(&fleet.id(0), 30).await;
+    assert_eq!(connack_code(&ack), Some(rumqttc::mqttbytes::v4::ConnectReturnCode::ServiceUnavailable));
+}
+
 /// MQTT 5 request/response for commands: a v5 service sets Response Topic and Correlation Data
 /// on a command; the broker's statuses (`queued`, `delivered`, `acknowledged`) and the device's
 /// own answer reach that topic with the same correlation data, and the `status/...` topic

@@ -193,9 +193,7 @@ impl Refusal {
             | Self::RegistryUnavailable
             | Self::ClusterUnavailable
             | Self::ClaimBusy
-            | Self::Moved => {
-                ConnectReturnCode::ServiceUnavailable
-            }
+            | Self::Moved => ConnectReturnCode::ServiceUnavailable,
             Self::ClientIdMismatch => ConnectReturnCode::BadClientId,
             _ => ConnectReturnCode::NotAuthorized,
         }

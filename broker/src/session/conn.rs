@@ -208,7 +208,11 @@ impl Conn {
 
     /// The CONNACK of a refusal at CONNECT; `moved_to`: the server a v5 client is sent to
     /// when this node moved.
-    pub(crate) async fn send_refusal(&mut self, refusal: Refusal, moved_to: Option<&str>) -> Result<(), CloseReason> {
+    pub(crate) async fn send_refusal(
+        &mut self,
+        refusal: Refusal,
+        moved_to: Option<&str>,
+    ) -> Result<(), CloseReason> {
         match self.edge.as_ref() {
             Some(edge) => {
                 let ack = v5::connack_refused(refusal, edge.terms.problem_info, moved_to);

@@ -130,7 +130,9 @@ impl Refused {
         let serial = crate::gate::serial_hex(cert);
         // As a str field the client id is quoted and escaped: a newline in it cannot forge a line.
         match self.refusal {
-            Refusal::Moved => debug!(%peer, %serial, client_id, reason, "connection refused: this node moved"),
+            Refusal::Moved => {
+                debug!(%peer, %serial, client_id, reason, "connection refused: this node moved")
+            }
             _ => warn!(%peer, %serial, client_id, reason, "connection refused"),
         }
         let _ = conn.send_refusal(self.refusal, svc.config.moved_to.as_deref()).await;

@@ -127,6 +127,15 @@ pub enum Packet<'a> {
         /// The reason code (0x98 administrative action: revoked; 0x8E session taken over, ...).
         reason: u8,
     },
+    /// MQTT 5: a CONNACK or DISCONNECT that sends the client to another server (0x9C "use
+    /// another server", 0x9D "server moved") and names it (Server Reference).
+    #[cfg(feature = "mqtt5")]
+    Moved {
+        /// The reason code, 0x9C or 0x9D.
+        code: u8,
+        /// The Server Reference, as the broker wrote it (`host:port` for fleet-broker).
+        reference: &'a str,
+    },
 }
 
 /// SUBSCRIBE filters: a slice to encode, or the decoded bytes.
@@ -592,7 +601,7 @@ impl Packet<'_> {
             Packet::PingResp => w.header(0xd0, 0)?,
             Packet::Disconnect => w.header(0xe0, 0)?,
             #[cfg(feature = "mqtt5")]
-            Packet::PubRefused { .. } | Packet::ServerDisconnect { .. } => {
+            Packet::PubRefused { .. } | Packet::ServerDisconnect { .. } | Packet::Moved { .. } => {
                 return Err(EncodeError::Invalid("a broker's MQTT 5 packet"))
             }
         }

@@ -9,6 +9,6 @@ pub mod session;
 pub mod v5;
 
 pub use codec::{decode, decode_publish_head, DecodeError, EncodeError, Packet, Publish, PublishHead, QoS};
-#[cfg(feature = "mqtt5")]
-pub use session::Mqtt5;
 pub use session::{Event, Millis, Overflow, Session, SessionConfig, SessionError};
+#[cfg(feature = "mqtt5")]
+pub use session::{Mqtt5, MAX_SERVER_REFERENCE};

@@ -16,6 +16,13 @@ use heapless::{Deque, String, Vec};
 
 /// How many recent command packet ids a session remembers for de-duplication.
 const SEEN: usize = 16;
+/// The longest Server Reference a session keeps (fleet-broker's `moved_to` is at most this).
+#[cfg(feature = "mqtt5")]
+pub const MAX_SERVER_REFERENCE: usize = 96;
+/// Failed attempts at a server the broker sent the device to before it goes back to the
+/// bundle's broker (a reference that leads nowhere must not strand the device).
+#[cfg(feature = "mqtt5")]
+const MOVED_ATTEMPTS: u8 = 3;
 
 /// The topic scheme (`fleet-topic`): a device publishes under `devices/<id>/<suffix>` and
 /// receives commands on `devices/<id>/commands/<name>`; a claim session's root is its client id.
@@ -184,6 +191,11 @@ pub enum SessionError {
     /// revoked; 0x8E: another connection took the session over; 0x8B: the broker stops).
     #[cfg(feature = "mqtt5")]
     Disconnected(u8),
+    /// MQTT 5: the broker sent the device to another server (0x9C use another server, 0x9D
+    /// server moved, in a CONNACK or DISCONNECT); [`Session::server_reference`] says where, and
+    /// the next attempt goes there.
+    #[cfg(feature = "mqtt5")]
+    Moved(u8),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +249,12 @@ pub struct Session<'a, const N: usize, const M: usize> {
     /// the next attempt waits `backoff_max_ms`.
     #[cfg(feature = "mqtt5")]
     hold_off: bool,
+    /// MQTT 5: the server the broker sent the device to (empty: the bundle's broker).
+    #[cfg(feature = "mqtt5")]
+    moved_to: String<MAX_SERVER_REFERENCE>,
+    /// MQTT 5: attempts at `moved_to` that failed since it was set or last admitted the device.
+    #[cfg(feature = "mqtt5")]
+    moved_failures: u8,
 }
 
 impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
@@ -264,6 +282,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             alias_set: false,
             #[cfg(feature = "mqtt5")]
             hold_off: false,
+            #[cfg(feature = "mqtt5")]
+            moved_to: String::new(),
+            #[cfg(feature = "mqtt5")]
+            moved_failures: 0,
         }
     }
 
@@ -367,6 +389,15 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         self.session_present
     }
 
+    /// MQTT 5: the server the broker sent this device to (a CONNACK or DISCONNECT 0x9C/0x9D
+    /// with a Server Reference, `host:port` or `host`), while the device follows it: the next
+    /// connection goes there ([`crate::client::Device::broker`]). Forgotten after 3 failed
+    /// attempts there (back to the bundle's broker).
+    #[cfg(feature = "mqtt5")]
+    pub fn server_reference(&self) -> Option<&str> {
+        (!self.moved_to.is_empty()).then_some(self.moved_to.as_str())
+    }
+
     /// The caller should open a transport now (or at the returned time).
     pub fn reconnect_at(&self) -> Option<Millis> {
         match self.state {
@@ -398,6 +429,14 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
         #[cfg(feature = "mqtt5")]
         if core::mem::take(&mut self.hold_off) {
             delay = self.cfg.backoff_max_ms;
+        }
+        #[cfg(feature = "mqtt5")]
+        if !self.moved_to.is_empty() {
+            self.moved_failures = self.moved_failures.saturating_add(1);
+            if self.moved_failures > MOVED_ATTEMPTS {
+                self.moved_to.clear();
+                self.moved_failures = 0;
+            }
         }
         let jittered = delay / 2 + u64::from(random) % (delay / 2 + 1);
         self.attempt = self.attempt.saturating_add(1);
@@ -620,6 +659,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             Packet::ConnAck { code: 0, session_present } => {
                 self.state = State::Connected;
                 self.attempt = 0;
+                #[cfg(feature = "mqtt5")]
+                {
+                    self.moved_failures = 0;
+                }
                 // A kept session keeps its subscriptions (MQTT 3.1.1 §3.2.2.2): no SUBSCRIBE,
                 // the broker goes on with the commands at once. Only on a session we asked for.
                 self.session_present = session_present && !self.cfg.clean_session;
@@ -639,6 +682,18 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             Packet::ServerDisconnect { reason } => {
                 self.hold_off = super::v5::Retry::after(reason) == super::v5::Retry::MuchLater;
                 return Err(SessionError::Disconnected(reason));
+            }
+            #[cfg(feature = "mqtt5")]
+            Packet::Moved { code, reference } => {
+                // Followed at once (the broker asked for it), unless it cannot be kept.
+                self.moved_to.clear();
+                if self.moved_to.push_str(reference).is_err() {
+                    self.moved_to.clear();
+                }
+                // The transport_down that follows counts as the first attempt's start, not a failure.
+                self.moved_failures = 0;
+                self.attempt = 0;
+                return Err(SessionError::Moved(code));
             }
             #[cfg(feature = "mqtt5")]
             Packet::PubRefused { pkid, reason } => {
@@ -726,6 +781,10 @@ impl core::fmt::Display for SessionError {
             #[cfg(feature = "mqtt5")]
             Self::Disconnected(reason) => {
                 write!(f, "the broker ended the session (DISCONNECT reason 0x{reason:02x})")
+            }
+            #[cfg(feature = "mqtt5")]
+            Self::Moved(code) => {
+                write!(f, "the broker sent the device to another server (reason 0x{code:02x})")
             }
         }
     }
@@ -1073,5 +1132,48 @@ mod tests {
         let again = tx(&mut s, 40_001);
         let publish = again.iter().find(|p| p[0] >> 4 == 3).expect("the retransmission");
         assert_eq!(topic_of(publish), (b"devices/dev-1/telemetry".to_vec(), Some(1)));
+    }
+
+    /// MQTT 5: a broker that sends the device elsewhere (CONNACK 0x9D with a Server Reference)
+    /// is followed at once; an admission there keeps it; three failed attempts there go back to
+    /// the bundle's broker.
+    #[cfg(feature = "mqtt5")]
+    #[test]
+    fn a_v5_session_follows_a_server_reference_and_gives_it_up_when_it_leads_nowhere() {
+        let cfg = SessionConfig {
+            mqtt5: Some(Mqtt5::default()),
+            backoff_max_ms: 60_000,
+            ..SessionConfig::default()
+        };
+        let mut s = S::new("dev-1", cfg);
+        s.transport_up(Millis(0));
+        tx(&mut s, 0);
+        // CONNACK 0x9D, properties: Server Reference "b:1884".
+        let moved = [0x20, 12, 0, 0x9D, 9, 0x1C, 0, 6, b'b', b':', b'1', b'8', b'8', b'4'];
+        assert_eq!(s.handle(Millis(1), &moved).unwrap_err(), SessionError::Moved(0x9D));
+        assert_eq!(s.server_reference(), Some("b:1884"));
+        s.transport_down(Millis(2), 0);
+        assert!(s.reconnect_at().is_some_and(|t| t.0 <= 2 + 1_000), "followed at once");
+        // Admitted there: it stays, whatever happens later to this connection.
+        s.transport_up(Millis(3));
+        tx(&mut s, 3);
+        assert_eq!(feed(&mut s, &[0x20, 3, 0, 0, 0]), Some(Event::Connected));
+        s.transport_down(Millis(4), 0);
+        assert_eq!(s.server_reference(), Some("b:1884"));
+        // It leads nowhere now: after three failed attempts, back to the bundle's broker.
+        for t in 5..7 {
+            s.transport_down(Millis(t), 0);
+            assert_eq!(s.server_reference(), Some("b:1884"), "attempt {t}");
+        }
+        s.transport_down(Millis(8), 0);
+        assert_eq!(s.server_reference(), None);
+        // A reference longer than the session keeps is a refusal like any other.
+        // Remaining length 207 and property length 203, each a two-byte variable integer.
+        let mut long = std::vec![0x20, 0xCF, 0x01, 0, 0x9D, 0xCB, 0x01, 0x1C, 0, 200];
+        long.extend(core::iter::repeat_n(b'h', 200));
+        s.transport_up(Millis(9));
+        tx(&mut s, 9);
+        assert_eq!(s.handle(Millis(10), &long[..]).unwrap_err(), SessionError::Moved(0x9D));
+        assert_eq!(s.server_reference(), None);
     }
 }

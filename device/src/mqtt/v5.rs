@@ -115,6 +115,64 @@ fn skip_properties(b: &[u8], at: usize) -> Result<usize, DecodeError> {
     Err(DecodeError::Malformed("property length"))
 }
 
+/// Property identifier of the Server Reference (a UTF-8 string).
+const SERVER_REFERENCE: u8 = 0x1C;
+
+/// The Server Reference among the properties at `at` (a variable-byte length, then the
+/// properties), if there is one; every property is walked by its type, so a lying length is
+/// malformed.
+fn server_reference(b: &[u8], at: usize) -> Result<Option<&str>, DecodeError> {
+    let end = skip_properties(b, at)?;
+    // The length took 1 to 4 bytes: the properties start after its last byte.
+    let mut i = at;
+    while b[i] & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let bad = DecodeError::Malformed("CONNACK or DISCONNECT properties");
+    let mut found = None;
+    while i < end {
+        let id = b[i];
+        i += 1;
+        let len = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x13 | 0x21 | 0x22 | 0x23 => 2,
+            0x02 | 0x11 | 0x18 | 0x27 => 4,
+            0x0B => {
+                // A variable-byte integer: up to 4 bytes, the last without the top bit.
+                let n = b[i..end.min(i + 4)].iter().position(|x| x & 0x80 == 0).ok_or(bad)?;
+                n + 1
+            }
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => 2 + usize::from(read_u16(b, i)?),
+            0x26 => {
+                let k = 2 + usize::from(read_u16(b, i)?);
+                k + 2 + usize::from(read_u16(b, i + k)?)
+            }
+            _ => return Err(bad),
+        };
+        if i + len > end {
+            return Err(bad);
+        }
+        if id == SERVER_REFERENCE {
+            found = Some(core::str::from_utf8(&b[i + 2..i + len]).map_err(|_| bad)?);
+        }
+        i += len;
+    }
+    Ok(found)
+}
+
+/// A CONNACK or DISCONNECT with `code` and the properties at `at`: [`Packet::Moved`] when it
+/// sends the client elsewhere and says where, else `plain`.
+fn moved_or<'a>(b: &'a [u8], at: usize, code: u8, plain: Packet<'a>) -> Result<Packet<'a>, DecodeError> {
+    if !matches!(code, 0x9C | 0x9D) || at >= b.len() {
+        return Ok(plain);
+    }
+    Ok(match server_reference(b, at)? {
+        Some(reference) if !reference.is_empty() => Packet::Moved { code, reference },
+        _ => plain,
+    })
+}
+
 /// The reason code at `at`; success when the packet ends before it.
 fn reason_at(b: &[u8], at: usize) -> u8 {
     b.get(at).copied().unwrap_or(0)
@@ -133,7 +191,8 @@ pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), Decode
             if body.len() > 2 {
                 skip_properties(body, 2)?;
             }
-            Packet::ConnAck { session_present: body[0] & 1 == 1, code: body[1] }
+            let plain = Packet::ConnAck { session_present: body[0] & 1 == 1, code: body[1] };
+            moved_or(body, 2, body[1], plain)?
         }
         0x40 => {
             let pkid = read_u16(body, 0)?;
@@ -152,7 +211,10 @@ pub fn decode(buf: &[u8], max_size: usize) -> Result<(Packet<'_>, usize), Decode
             Packet::SubAck { pkid, codes }
         }
         0xd0 if body.is_empty() => Packet::PingResp,
-        0xe0 => Packet::ServerDisconnect { reason: reason_at(body, 0) },
+        0xe0 => {
+            let reason = reason_at(body, 0);
+            moved_or(body, 1, reason, Packet::ServerDisconnect { reason })?
+        }
         f if f >> 4 == 3 => decode_publish(f & 0x0f, body)?,
         _ => return Err(DecodeError::Malformed("packet type not expected from a broker")),
     };
@@ -318,5 +380,60 @@ mod tests {
         }
         assert_eq!(Retry::after(0x98), Retry::MuchLater);
         assert_eq!(Retry::after(0x8B), Retry::Soon);
+    }
+
+    #[test]
+    fn a_broker_that_sends_the_device_elsewhere_names_the_server() {
+        // As fleet-broker (and rumqttc) write them: every other CONNACK property around it.
+        let ack = m5::ConnAck {
+            session_present: false,
+            code: m5::ConnectReturnCode::ServerMoved,
+            properties: Some(m5::ConnAckProperties {
+                session_expiry_interval: Some(60),
+                receive_max: Some(10),
+                max_qos: Some(1),
+                retain_available: Some(1),
+                max_packet_size: Some(4096),
+                assigned_client_identifier: Some("dev-1".into()),
+                topic_alias_max: Some(16),
+                reason_string: Some("moved".into()),
+                user_properties: vec![("k".into(), "v".into())],
+                wildcard_subscription_available: Some(1),
+                subscription_identifiers_available: Some(1),
+                shared_subscription_available: Some(1),
+                server_keep_alive: Some(30),
+                response_information: Some("r".into()),
+                server_reference: Some("fleet-2.example:8883".into()),
+                authentication_method: None,
+                authentication_data: Some(bytes::Bytes::from_static(b"x")),
+            }),
+        };
+        let bytes = ours(m5::Packet::ConnAck(ack.clone()));
+        assert_eq!(
+            decode(&bytes, 1024).unwrap().0,
+            Packet::Moved { code: 0x9D, reference: "fleet-2.example:8883" }
+        );
+        let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::UseAnotherServer);
+        d.properties = Some(m5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some("drain".into()),
+            user_properties: Vec::new(),
+            server_reference: Some("other:1883".into()),
+        });
+        let bytes = ours(m5::Packet::Disconnect(d));
+        assert_eq!(decode(&bytes, 1024).unwrap().0, Packet::Moved { code: 0x9C, reference: "other:1883" });
+        // Without a reference it is a refusal like any other; a reference on another code is
+        // not followed.
+        let bare = ours(m5::Packet::ConnAck(m5::ConnAck { properties: None, ..ack.clone() }));
+        assert_eq!(decode(&bare, 1024).unwrap().0, Packet::ConnAck { session_present: false, code: 0x9D });
+        let banned = ours(m5::Packet::ConnAck(m5::ConnAck { code: m5::ConnectReturnCode::Banned, ..ack }));
+        assert_eq!(decode(&banned, 1024).unwrap().0, Packet::ConnAck { session_present: false, code: 0x8A });
+        // A property whose length runs past the properties, an unknown property: malformed.
+        assert!(decode(&[0x20, 7, 0, 0x9D, 4, 0x1C, 0, 9, b'h'], 64).is_err());
+        assert!(decode(&[0x20, 5, 0, 0x9D, 2, 0x7F, 0], 64).is_err());
+        assert!(decode(&[0xe0, 6, 0x9C, 4, 0x1C, 0, 1, 0xff], 64).is_err(), "not UTF-8");
+        for cut in 0..bytes.len() {
+            let _ = decode(&bytes[..cut], 64);
+        }
     }
 }

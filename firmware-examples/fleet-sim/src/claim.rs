@@ -130,7 +130,7 @@ fn first_boot(claim: &[u8], opts: &ClaimOpts, prefix: &str, start: Instant) -> a
         if wait > 0 {
             std::thread::sleep(Duration::from_millis(wait));
         }
-        let tcp = match fleet_device::client::connect_tcp(device.credentials(), Duration::from_millis(100)) {
+        let tcp = match fleet_device::client::connect_tcp_to(device.broker(), Duration::from_millis(100)) {
             Ok(t) => t,
             Err(e) => {
                 last = format!("TCP {e}");

@@ -182,15 +182,15 @@ pub(crate) fn run_device(dir: &Path, opts: &DeviceOpts, stats: &Arc<Mutex<StatsM
                 );
                 continue;
             }
-            let tcp =
-                match fleet_device::client::connect_tcp(device.credentials(), Duration::from_millis(100)) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        track.failed(format!("TCP {e}"));
-                        device.disconnected(ms(), rng.next_u32());
-                        continue;
-                    }
-                };
+            let tcp = match fleet_device::client::connect_tcp_to(device.broker(), Duration::from_millis(100))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    track.failed(format!("TCP {e}"));
+                    device.disconnected(ms(), rng.next_u32());
+                    continue;
+                }
+            };
             let mut session = Session {
                 opts,
                 id: &id,
