@@ -22,6 +22,7 @@ mod memory;
 mod revoke;
 mod rotation;
 mod servers;
+mod shared;
 mod soak;
 mod storm;
 
@@ -64,11 +65,12 @@ pub(crate) use revoke::{open_sessions, revoke_each, RevokeTimes};
   scripts/bench storm --devices 20000
   scripts/bench soak --minutes 60
   scripts/bench rotation
-  scripts/bench commands"
+  scripts/bench commands
+  scripts/bench shared --mqtt 5 --peers fleet-broker,mosquitto"
 )]
 struct Cli {
     /// Scenarios to run, in the order given [default: admissions revoke ingest memory storm
-    /// cluster; soak, rotation and commands run only when named].
+    /// cluster; soak, rotation, commands and shared run only when named].
     #[arg(value_enum, value_name = "SCENARIO")]
     scenarios: Vec<Scenario>,
     /// Seconds each measurement runs: admissions per server and CRL size, ingest per server and
@@ -151,6 +153,10 @@ enum Scenario {
     /// `fleet-provision serve` (issuer CSRs/s, latency, time to a fleet on new certificates),
     /// beside an `openssl x509 -req` loop
     Rotation,
+    /// Only when named: 3 consumers in a shared subscription on the devices' telemetry while the
+    /// 100 devices publish QoS 1 for --secs (delivered msg/s, the split), beside Mosquitto's
+    /// shared subscriptions
+    Shared,
     /// Only when named: 3 commands queued for each of --devices offline devices, then the whole
     /// fleet reconnecting (queued/s, bytes per command, delivery rate, duplicates), beside
     /// Mosquitto with persistent sessions
@@ -474,6 +480,7 @@ fn main() {
                 Scenario::Cluster => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
                 Scenario::Rotation => rotation::scenario_rotation(&args, &mut report).await,
                 Scenario::Commands => commands::scenario_commands(&env, &args, &mut report).await,
+                Scenario::Shared => shared::scenario_shared(&env, &devices, &args, &mut report).await,
             }
         }
         report.print_summary();
