@@ -362,6 +362,53 @@ async fn forged_hand_offs_and_replies_reach_no_member_and_no_device() {
     assert_eq!(p.topic, format!("devices/{victim}/telemetry"));
 }
 
+/// A member joining and leaving a shared group in a loop (a backend's churn, or one that means
+/// harm) does not pile up NATS subscriptions on its node: a set of the group's queue
+/// subscriptions lingers after its last member leaves (so nothing the server already sent is
+/// lost), but a group keeps at most two lingering sets.
+#[tokio::test]
+async fn joining_and_leaving_a_shared_group_in_a_loop_does_not_pile_up_subscriptions() {
+    let cluster = Cluster::builder().start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let mut member = Raw::device(node.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&member.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    let filter = "$share/churn/devices/+/telemetry";
+    let routed = "\"fleet.t.devices.*.telemetry\"";
+    let count = || nats.monitor("/connz?subs=1").matches(routed).count();
+    for i in 0..10u16 {
+        subscribe(&mut member, filter, 2 * i + 1).await;
+        let mut unsub = rumqttc::mqttbytes::v4::Unsubscribe::new(filter);
+        unsub.pkid = 2 * i + 2;
+        member.send(Packet::Unsubscribe(unsub)).await.unwrap();
+        let t = Instant::now();
+        while !matches!(member.recv(Duration::from_secs(1)).await, Some(Packet::UnsubAck(_))) {
+            assert!(t.elapsed() < PATIENCE, "no UNSUBACK");
+        }
+    }
+    // Each set holds one subscription on the filter's subject: at most the two lingering ones
+    // (and never the ten made).
+    let t = Instant::now();
+    while count() > 2 {
+        assert!(t.elapsed() < PATIENCE, "{} subscriptions on {routed} after 10 joins and leaves", count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The group still works: a member that joins again gets the fleet's telemetry.
+    subscribe(&mut member, filter, 100).await;
+    bus::wait_subscription(nats, "fleet.t.devices.*.telemetry", true).await;
+    let mut device = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    let id = fleet.id(0);
+    assert_eq!(connack_code(&device.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let mut p = rumqttc::mqttbytes::v4::Publish::new(
+        format!("devices/{id}/telemetry"),
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        "21.5",
+    );
+    p.pkid = 1;
+    device.send(Packet::Publish(p)).await.unwrap();
+    let got = next_publish(&mut member, PATIENCE).await.expect("the group still delivers");
+    assert_eq!(got.topic, format!("devices/{id}/telemetry"));
+}
+
 #[tokio::test]
 async fn a_node_refuses_an_unprotected_bus_uses_url_credentials_and_never_prints_them() {
     let pg = fleet_tests::PgCluster::start();

@@ -18,16 +18,20 @@
 //! server may have sent it messages it has not read yet, and the client would discard those.
 //! It asks the server to stop after [`LINGER`] more messages (more than can be on their way to
 //! it: the connection queues at most [`CAPACITY`] per subscription), and hands on whatever
-//! still comes.
+//! still comes. A lingering set that hears nothing for [`LINGER_IDLE`] is dropped (nothing is
+//! on its way), and a group keeps at most [`MAX_LINGERING`] lingering sets on a node (the
+//! oldest is dropped), so members joining and leaving in a loop cannot pile up subscriptions.
 //!
 //! What arrives is checked as every routed message is (`relayable`: from a node, an origin
 //! whose ACL allows the topic).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use async_nats::{Client, HeaderMap, Subscriber};
 use futures_util::StreamExt;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -42,14 +46,51 @@ use crate::router::Router;
 pub(super) const CAPACITY: usize = 4096;
 /// Messages a leaving node still takes (and hands on) after it asks the server to stop.
 const LINGER: u64 = 2 * CAPACITY as u64;
+/// A lingering set that heard nothing for this long is dropped.
+const LINGER_IDLE: Duration = Duration::from_secs(30);
+/// Lingering sets a group keeps on a node.
+const MAX_LINGERING: usize = 2;
 /// Header: how many nodes handed the message on.
 const HOPS: &str = "Fleet-Hops";
 /// Hand-offs of one message at most (then it is dropped and counted, as a shared message with
 /// no member takes).
 const MAX_HOPS: u32 = 3;
 
-/// A group's queue subscriptions on this node: its local members and the signal that ends them.
-type Held = HashMap<(String, String), (usize, CancellationToken)>;
+/// One set of a group's queue subscriptions on this node (the filter's subjects and the
+/// hand-off subject), and the signals that end it: `soft` lingers first, `hard` drops at once.
+#[derive(Debug)]
+struct Set {
+    soft: CancellationToken,
+    hard: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Set {
+    fn alive(&self) -> bool {
+        self.tasks.iter().any(|t| !t.is_finished())
+    }
+
+    /// Lingers (the module's documentation).
+    fn leave(self) -> Self {
+        self.soft.cancel();
+        self
+    }
+
+    /// Drops its subscriptions now.
+    fn drop_now(self) {
+        self.hard.cancel();
+    }
+}
+
+/// A group on this node: its local members, the set they use, the sets still lingering.
+#[derive(Debug, Default)]
+struct Entry {
+    members: usize,
+    active: Option<Set>,
+    lingering: VecDeque<Set>,
+}
+
+type Held = HashMap<(String, String), Entry>;
 
 /// This node's part in the cluster's shared subscriptions.
 #[derive(Debug)]
@@ -94,9 +135,13 @@ impl Shares {
     /// queue unless it does already.
     pub(super) async fn join(&self, name: &str, filter: &str, router: &Arc<Router>) {
         let key = (name.to_owned(), filter.to_owned());
-        if let Some((n, _)) = self.lock().get_mut(&key) {
-            *n += 1;
-            return;
+        {
+            let mut held = self.lock();
+            let entry = held.entry(key.clone()).or_default();
+            entry.members += 1;
+            if entry.active.is_some() {
+                return;
+            }
         }
         let queue = subject::queue_of(name, filter);
         let group = Arc::new(Group {
@@ -107,40 +152,45 @@ impl Shares {
             routing: self.routing.clone(),
             metrics: self.metrics.clone(),
         });
-        let stop = CancellationToken::new();
+        let set = Set { soft: CancellationToken::new(), hard: CancellationToken::new(), tasks: Vec::new() };
+        let mut tasks = Vec::new();
         let routed = subject::filter_subjects(filter).into_iter().map(|s| (&self.echo, s));
         let handoffs = std::iter::once((&self.routing, subject::handoff_filter(&queue)));
         for (client, s) in routed.chain(handoffs) {
             match client.queue_subscribe(s.clone(), queue.clone()).await {
-                Ok(sub) => drop(tokio::spawn(take(sub, group.clone(), stop.clone()))),
+                Ok(sub) => {
+                    tasks.push(tokio::spawn(take(sub, group.clone(), set.soft.clone(), set.hard.clone())))
+                }
                 Err(e) => warn!(error = %e, subject = %s, "cluster shared subscribe failed"),
             }
         }
+        let set = Set { tasks, ..set };
         let mut held = self.lock();
-        match held.get_mut(&key) {
-            // Another session joined meanwhile: one set of subscriptions is enough.
-            Some((n, _)) => {
-                *n += 1;
-                stop.cancel();
-            }
-            None => {
-                held.insert(key, (1, stop));
-            }
+        let entry = held.entry(key).or_default();
+        match (&entry.active, entry.members) {
+            // Another session joined meanwhile and made a set: one is enough.
+            (Some(_), _) => set.drop_now(),
+            // Every member left while it was made: it lingers at once.
+            (None, 0) => entry.lingering.push_back(set.leave()),
+            (None, _) => entry.active = Some(set),
         }
+        prune(&mut held);
     }
 
     /// A local session left `$share/<name>/<filter>`: the last one takes this node out of the
-    /// group's queue.
+    /// group's queue (its set lingers).
     pub(super) fn leave(&self, name: &str, filter: &str) {
         let mut held = self.lock();
         let key = (name.to_owned(), filter.to_owned());
-        if let Some((n, stop)) = held.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                stop.cancel();
-                held.remove(&key);
+        if let Some(entry) = held.get_mut(&key) {
+            entry.members = entry.members.saturating_sub(1);
+            if entry.members == 0 {
+                if let Some(set) = entry.active.take() {
+                    entry.lingering.push_back(set.leave());
+                }
             }
         }
+        prune(&mut held);
     }
 
     /// Hands `p` (a shared delivery whose member here left it unacknowledged) to another node
@@ -160,24 +210,53 @@ impl Shares {
     }
 }
 
-/// Takes the messages of one of a group's queue subscriptions until `stop`, then lingers
-/// (the module's documentation) until the server has sent its last.
-async fn take(mut sub: Subscriber, group: Arc<Group>, stop: CancellationToken) {
+/// Forgets lingering sets that ended, keeps at most [`MAX_LINGERING`] per group (dropping the
+/// oldest), and groups with nothing left.
+fn prune(held: &mut Held) {
+    for entry in held.values_mut() {
+        entry.lingering.retain(Set::alive);
+        while entry.lingering.len() > MAX_LINGERING {
+            if let Some(oldest) = entry.lingering.pop_front() {
+                oldest.drop_now();
+            }
+        }
+    }
+    held.retain(|_, e| e.members > 0 || e.active.is_some() || !e.lingering.is_empty());
+}
+
+/// Takes the messages of one of a group's queue subscriptions until `soft`, then lingers (the
+/// module's documentation) until the server has sent its last, nothing came for
+/// [`LINGER_IDLE`], or `hard`.
+async fn take(mut sub: Subscriber, group: Arc<Group>, soft: CancellationToken, hard: CancellationToken) {
     let mut taken: u64 = 0;
-    let mut leaving = false;
+    let mut idle_until: Option<tokio::time::Instant> = None;
     loop {
+        let idle = async {
+            match idle_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let m = tokio::select! {
             m = sub.next() => m,
-            () = stop.cancelled(), if !leaving => {
-                leaving = true;
+            () = soft.cancelled(), if idle_until.is_none() => {
+                idle_until = Some(tokio::time::Instant::now() + LINGER_IDLE);
                 if sub.unsubscribe_after(taken + LINGER).await.is_err() {
                     return;
                 }
                 continue;
             }
+            () = hard.cancelled() => None,
+            () = idle => None,
         };
-        let Some(m) = m else { return };
+        let Some(m) = m else {
+            let _ = sub.unsubscribe().await;
+            return;
+        };
         taken += 1;
+        if let Some(at) = idle_until.as_mut() {
+            *at = tokio::time::Instant::now() + LINGER_IDLE;
+        }
         group.deliver(m).await;
     }
 }
