@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use crate::db::Registry;
 use crate::error::Result;
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, Role, Status};
 
 /// A command's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -164,6 +164,12 @@ pub enum CommandOutcome {
     /// `Take`: the commands now being sent, each as it was before (status `queued` and
     /// `attempts` 0 on a first delivery).
     Taken(Vec<Command>),
+    /// `Enqueue`: not stored, the device takes no commands: it is revoked (`revoked`), or it
+    /// is unknown, not a device, or not active.
+    NotAddressable {
+        /// The device is revoked.
+        revoked: bool,
+    },
 }
 
 /// The open, unexpired commands of each `(device, after, limit)`, in order: one query for all.
@@ -197,6 +203,27 @@ async fn take(
 }
 
 async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usize) -> Result<CommandOutcome> {
+    // Only an active device takes commands: checked in the transaction that stores it, so a
+    // command never lands for a device revoked before the commit, and a batch of commands is
+    // one transaction, not one read from the pool each.
+    let device = sqlx::query("SELECT role, status FROM devices WHERE device_id = $1")
+        .bind(c.device_id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let addressable = match &device {
+        Some(r) => {
+            let role: String = r.try_get(0)?;
+            let status: String = r.try_get(1)?;
+            if status == Status::Revoked.as_str() {
+                return Ok(CommandOutcome::NotAddressable { revoked: true });
+            }
+            role == Role::Device.as_str() && status == Status::Active.as_str()
+        }
+        None => false,
+    };
+    if !addressable {
+        return Ok(CommandOutcome::NotAddressable { revoked: false });
+    }
     let id: i64 = sqlx::query(
         "INSERT INTO commands (device_id, name, payload, sender, status, created_at, expires_at, attempts, \
          response_topic, correlation) VALUES ($1, $2, $3, $4, 'queued', $5, $6, 0, $7, $8) RETURNING id",
@@ -212,15 +239,25 @@ async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usiz
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
-    let open = sqlx::query(&format!(
-        "{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id"
-    ))
+    // The open commands are counted; only a queue over the limit reads the ones it drops.
+    let open: i64 = sqlx::query(
+        "SELECT COUNT(*) FROM commands WHERE device_id = $1 AND status IN ('queued', 'delivered')",
+    )
     .bind(c.device_id.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    let over = usize::try_from(open).unwrap_or(0).saturating_sub(limit);
     let mut dropped = Vec::new();
-    if open.len() > limit {
-        for r in &open[..open.len() - limit] {
+    if over > 0 {
+        let oldest = sqlx::query(&format!(
+            "{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id LIMIT $2"
+        ))
+        .bind(c.device_id.as_str())
+        .bind(i64::try_from(over).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in &oldest {
             let cmd = row(r)?;
             sqlx::query(
                 "UPDATE commands SET status = 'dropped', done_at = $1 WHERE id = $2 AND status IN ('queued', 'delivered')",

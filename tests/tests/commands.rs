@@ -563,3 +563,53 @@ async fn park_backend(broker: &BrokerProc, fleet: &Fleet) {
     drop(svc);
     broker.wait_metric("fleet_sessions_parked", 1.0, PATIENCE).await;
 }
+
+/// A service that sends many commands without waiting for each PUBACK (issue 29: a service is
+/// not held to one command per commit): every one is stored and acknowledged, the PUBACKs come
+/// in the order sent, and the device gets the commands in that order, each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_sent_back_to_back_are_stored_in_order_and_acknowledged_in_order() {
+    let fleet = Fleet::new(1, None).await;
+    let broker = BrokerProc::start(&fleet, &["--max-queued-commands", "1000"]);
+    let mut svc = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(
+        connack_code(&svc.mqtt_connect("backend", 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+    );
+    let dev = fleet.id(0);
+    const N: u16 = 300;
+    let mut burst = bytes::BytesMut::new();
+    for i in 1..=N {
+        let mut p = Publish::new(format!("devices/{dev}/commands/c{i}"), QoS::AtLeastOnce, i.to_string());
+        p.pkid = i;
+        Packet::Publish(p).write(&mut burst, 1 << 20).unwrap();
+    }
+    svc.send_raw(&burst).await.unwrap();
+    let mut acks = Vec::new();
+    let t = Instant::now();
+    while acks.len() < usize::from(N) {
+        assert!(t.elapsed() < PATIENCE, "{} of {N} PUBACKs", acks.len());
+        if let Some(Packet::PubAck(a)) = svc.recv(Duration::from_secs(5)).await {
+            acks.push(a.pkid);
+        }
+    }
+    assert_eq!(acks, (1..=N).collect::<Vec<_>>(), "PUBACKs in the order sent");
+    // The device, connected afterwards, gets all of them in order.
+    let mut device = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(
+        connack_code(&device.mqtt_connect(&dev, 30).await),
+        Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+    );
+    subscribe(&mut device, &format!("devices/{dev}/commands/#"), 1).await;
+    let mut names = Vec::new();
+    let t = Instant::now();
+    while names.len() < usize::from(N) {
+        assert!(t.elapsed() < PATIENCE, "{} of {N} commands delivered", names.len());
+        if let Some(p) = next_publish(&mut device, Duration::from_secs(5)).await {
+            names.push(p.topic.rsplit('/').next().unwrap().to_owned());
+            device.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid))).await.unwrap();
+        }
+    }
+    let want: Vec<String> = (1..=N).map(|i| format!("c{i}")).collect();
+    assert_eq!(names, want, "delivered in the order sent, each once");
+}

@@ -12,7 +12,8 @@ pub(crate) mod writer;
 use std::time::Duration;
 
 use crate::message::Message;
-use fleet_registry::{CommandStatus, Registry, Role, Status};
+use fleet_registry::{CommandOutcome, CommandStatus, Registry};
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -64,49 +65,30 @@ impl Commands {
         &self.writer
     }
 
-    /// Stores a service's QoS 1 command (or refuses it, with a status).
-    pub(crate) async fn accept(&self, sender: &Identity, p: &Message) -> Accepted {
-        let Some(parsed) = parse(&p.topic) else { return Accepted::Refused };
+    /// Takes a service's QoS 1 command: checks it and hands it to the writer, in the order the
+    /// session read it (this waits only for room in the writer's queue). The future it returns
+    /// resolves once the command is stored or refused (with its status published): the session
+    /// reads on meanwhile, so a service is not held to one command per commit.
+    pub(crate) async fn accept(&self, sender: &Identity, p: &Message) -> BoxFuture<'static, Accepted> {
+        let done = |a: Accepted| -> BoxFuture<'static, Accepted> { Box::pin(std::future::ready(a)) };
+        let Some(parsed) = parse(&p.topic) else { return done(Accepted::Refused) };
         let raw_device = p.topic.split('/').nth(1).unwrap_or_default();
+        let reply = Reply::asked(sender, p);
         let (device, name, ttl) = match parsed {
             Ok(x) => x,
             Err((reason, name)) => {
-                let reply = Reply::asked(sender, p);
                 self.statuses
                     .publish(0, raw_device, &name, CommandStatus::Refused, Some(reason), reply.as_ref())
                     .await;
-                return Accepted::Refused;
+                return done(Accepted::Refused);
             }
-        };
-        let reply = Reply::asked(sender, p);
-        let refuse = |reason| {
-            self.statuses.publish(
-                0,
-                device.as_str(),
-                &name,
-                CommandStatus::Refused,
-                Some(reason),
-                reply.as_ref(),
-            )
         };
         if p.payload.len() > self.max_bytes {
-            refuse(CommandRefusal::TooLarge).await;
-            return Accepted::Refused;
-        }
-        match self.registry.device(&device).await {
-            Ok(Some(d)) if d.role == Role::Device && d.status == Status::Active => {}
-            Ok(Some(d)) if d.status == Status::Revoked => {
-                refuse(CommandRefusal::Revoked).await;
-                return Accepted::Refused;
-            }
-            Ok(_) => {
-                refuse(CommandRefusal::UnknownDevice).await;
-                return Accepted::Refused;
-            }
-            Err(e) => {
-                warn!(error = %e, "registry unavailable: command not stored");
-                return Accepted::Unavailable;
-            }
+            let reason = Some(CommandRefusal::TooLarge);
+            self.statuses
+                .publish(0, device.as_str(), &name, CommandStatus::Refused, reason, reply.as_ref())
+                .await;
+            return done(Accepted::Refused);
         }
         // A `ttl=` level first (3.1.1 senders), then a v5 sender's Message Expiry (capped like
         // `ttl=`), then the default.
@@ -124,16 +106,23 @@ impl Commands {
             sender: sender.id.as_str().to_owned(),
             now,
             ttl_ms,
-            reply: reply.clone(),
+            reply,
         };
-        // Stored (and its `queued` status published) by the writer before the answer.
-        match self.writer.apply(vec![change]).await {
-            Some(_) => Accepted::Queued,
-            None => {
-                warn!("registry unavailable: command not stored");
-                Accepted::Unavailable
+        // The device's check, the insert and the `queued` (or `refused`) status are the
+        // writer's, in one transaction with the rest of its batch.
+        let Some(answer) = self.writer.send(vec![change]).await else {
+            return done(Accepted::Unavailable);
+        };
+        Box::pin(async move {
+            match answer.await.ok().flatten().as_deref() {
+                Some([CommandOutcome::Enqueued { .. }]) => Accepted::Queued,
+                Some(_) => Accepted::Refused,
+                None => {
+                    warn!("registry unavailable: command not stored");
+                    Accepted::Unavailable
+                }
             }
-        }
+        })
     }
 
     /// Every second until `shutdown`: expires commands past their time-to-live and counts the

@@ -93,9 +93,15 @@ pub(crate) fn channel() -> (Writer, Jobs) {
 impl Writer {
     /// Applies `changes` (in order, all or none) and waits for the outcome.
     pub(crate) async fn apply(&self, changes: Vec<Change>) -> Answer {
+        self.send(changes).await?.await.ok().flatten()
+    }
+
+    /// Queues `changes` (in the order of the calls) and returns where their outcome will come:
+    /// waits only for room in the queue. `None`: the writer is gone.
+    pub(crate) async fn send(&self, changes: Vec<Change>) -> Option<oneshot::Receiver<Answer>> {
         let (reply, answer) = oneshot::channel();
         self.tx.send(Job { changes, reply: Some(reply) }).await.ok()?;
-        answer.await.ok().flatten()
+        Some(answer)
     }
 
     /// Submits `changes` without waiting (an acknowledgement: the device waits for nothing).
@@ -112,6 +118,12 @@ async fn announce(statuses: &Statuses, change: &Change, outcome: &CommandOutcome
             for d in dropped {
                 drop_status(statuses, d).await;
             }
+        }
+        (Change::Enqueue { device, name, reply, .. }, CommandOutcome::NotAddressable { revoked }) => {
+            let reason = if *revoked { CommandRefusal::Revoked } else { CommandRefusal::UnknownDevice };
+            statuses
+                .publish(0, device.as_str(), name, CommandStatus::Refused, Some(reason), reply.as_ref())
+                .await
         }
         (Change::Acknowledged { id, device, name, reply, .. }, CommandOutcome::Changed(true)) => {
             statuses.publish(*id, device, name, CommandStatus::Acknowledged, None, reply.as_ref()).await

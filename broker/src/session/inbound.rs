@@ -198,25 +198,26 @@ impl State {
     }
 
     /// A service's QoS 1 command: stored (then routed, to wake the device's session) or refused
-    /// with a status; acknowledged either way unless the registry is down.
+    /// with a status; acknowledged either way unless the registry is down. Handed to the
+    /// command writer in order, stored while the session reads on (up to its window of pending
+    /// acknowledgements), acknowledged in order.
     async fn command(&mut self, ctx: &Ctx<'_>, p: Message) -> Result<(), CloseReason> {
         let svc = ctx.svc;
         let pkid = p.pkid;
-        match svc.ingest.commands().accept(&ctx.id, &p).await {
-            Accepted::Queued => {
-                let origin = Origin::Client(&ctx.id);
-                if let Err(refused) = svc.fabric.publish_everywhere(&p, RetainBudget::Clients, origin).await {
-                    self.limit_hit(ctx, refused.limit(), &p.topic);
+        let accepted = svc.ingest.commands().accept(&ctx.id, &p).await;
+        let (fabric, id) = (svc.fabric.clone(), ctx.id.clone());
+        self.pending.push_back(Box::pin(async move {
+            let ack = match accepted.await {
+                Accepted::Queued => {
+                    // Never retained (refused before), so no retained-message cap refuses it.
+                    let _ = fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Client(&id)).await;
+                    Ack::Done
                 }
-                self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
-            }
-            Accepted::Refused => {
-                self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
-            }
-            Accepted::Unavailable => {
-                self.pending.push_back(Box::pin(async move { (pkid, Ack::Failed) }));
-            }
-        }
+                Accepted::Refused => Ack::Done,
+                Accepted::Unavailable => Ack::Failed,
+            };
+            (pkid, ack)
+        }));
         Ok(())
     }
 
