@@ -284,7 +284,7 @@ impl Group {
             self.metrics.messages_dropped.inc();
             return;
         }
-        let mut headers = m.headers.clone().unwrap_or_else(HeaderMap::new);
+        let mut headers = m.headers.clone().unwrap_or_default();
         headers.insert(HOPS, hops.to_string().as_str());
         let to = subject::handoff_subject(&self.queue, &p.topic);
         if let Err(e) = self.routing.publish_with_headers(to, headers, m.payload).await {
