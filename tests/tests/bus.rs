@@ -565,3 +565,55 @@ async fn a_node_joins_with_its_nkey_and_not_without() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.to_lowercase().contains("authorization"), "{err}");
 }
+
+/// The NATS queue of `$share/<group>/<filter>` (docs/spec/nats-subjects.md: the level encoding
+/// of `<group>/<filter>` as one token).
+fn queue_of(group: &str, filter: &str) -> String {
+    let mut out = String::new();
+    for b in format!("{group}/{filter}").bytes() {
+        match b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            true => out.push(char::from(b)),
+            false => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A hand-off names its group's queue and a topic: a node's identity forging one whose topic
+/// the group's filter does not match (another device's telemetry, which that device did
+/// publish) reaches no member: a device in its own group never reads another device's data
+/// through it. The same device's own topic under the filter does (control).
+#[tokio::test]
+async fn a_hand_off_outside_its_group_s_filter_reaches_no_member() {
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let (id, other) = (fleet.id(0), fleet.id(1));
+    let mut member = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&member.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let filter = format!("devices/{id}/#");
+    subscribe(&mut member, &format!("$share/g/{filter}"), 1).await;
+    let queue = queue_of("g", &filter);
+    bus::wait_subscription(nats, &format!("fleet.g.{queue}.>"), true).await;
+
+    let peer = bus::client(nats, "n3").await;
+    let forged = format!("fleet.g.{queue}.devices.{other}.telemetry");
+    peer.publish_with_headers(forged, bus::relayed_from(&format!("device 01 {other}")), "theirs".into())
+        .await
+        .unwrap();
+    peer.flush().await.unwrap();
+    node.wait_metric("fleet_cluster_refused_total{reason=\"bad_subject\"}", 1.0, Duration::from_secs(3))
+        .await;
+    assert!(
+        next_publish(&mut member, Duration::from_millis(300)).await.is_none(),
+        "another device's telemetry reached a member through its group"
+    );
+
+    // Control: the member's own topic, under the group's filter, is handed to it.
+    let own = format!("fleet.g.{queue}.devices.{id}.telemetry");
+    peer.publish_with_headers(own, bus::relayed_from(&format!("device 01 {id}")), "mine".into())
+        .await
+        .unwrap();
+    peer.flush().await.unwrap();
+    let p = next_publish(&mut member, PATIENCE).await.expect("the group's own hand-off did not arrive");
+    assert_eq!(p.topic, format!("devices/{id}/telemetry"));
+}

@@ -188,7 +188,10 @@ impl Group {
         let Some(router) = self.router.upgrade() else { return };
         let subject = m.subject.as_str();
         let topic = match subject.starts_with(subject::GROUPS) {
-            true => subject::topic_of_handoff(&self.queue, subject),
+            // A hand-off's subject is any topic under the queue: only one the group's filter
+            // matches is the group's (the routed subjects match it by construction).
+            true => subject::topic_of_handoff(&self.queue, subject)
+                .filter(|t| fleet_topic::matches(&self.filter, t)),
             false => subject::topic_of(subject),
         };
         let Some(mut p) = admitted(&m, topic, &self.metrics) else { return };
