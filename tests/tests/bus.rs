@@ -617,3 +617,59 @@ async fn a_hand_off_outside_its_group_s_filter_reaches_no_member() {
     let p = next_publish(&mut member, PATIENCE).await.expect("the group's own hand-off did not arrive");
     assert_eq!(p.topic, format!("devices/{id}/telemetry"));
 }
+
+/// A group name is the client's to choose, and it becomes part of NATS subjects: a device
+/// joining a group with a very long name neither takes its node off the bus (the NATS server
+/// closes a connection that sends it a control line over its limit) nor stops the node's
+/// other subscribers from getting their messages. The group counts with its filter against
+/// `max_topic_length` (refused: 0x80); under a limit raised too far for NATS's subjects, the
+/// node keeps the group to itself rather than send the server a line it refuses.
+#[tokio::test]
+async fn a_very_long_group_name_takes_no_node_off_the_bus() {
+    let cluster =
+        Cluster::builder().devices(2).nodes(2).node_args(&["--max-topic-length", "2000"]).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let (node, other) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (id, id2) = (fleet.id(0), fleet.id(1));
+    // A service on the attacked node reads device 2's telemetry, published on the other node.
+    let mut svc = Raw::device(node.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut svc, &format!("devices/{id2}/telemetry"), 1).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id2}.telemetry"), true).await;
+
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let share = |group_len: usize| rumqttc::mqttbytes::v4::SubscribeFilter {
+        path: format!("$share/{}/devices/{id}/telemetry", ".".repeat(group_len)),
+        qos: rumqttc::mqttbytes::QoS::AtLeastOnce,
+    };
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode as Code;
+    // (Each in a packet of its own: 4 KiB is the largest the broker takes.)
+    for (pkid, group_len, code) in
+        [(1, 3000, Code::Failure), (2, 1900, Code::Success(rumqttc::mqttbytes::QoS::AtLeastOnce))]
+    {
+        let mut sub = rumqttc::mqttbytes::v4::Subscribe::new_many([share(group_len)]);
+        sub.pkid = pkid;
+        dev.send(Packet::Subscribe(sub)).await.unwrap();
+        let Some(Packet::SubAck(ack)) = dev.recv(PATIENCE).await else { panic!("no SUBACK") };
+        assert_eq!(ack.return_codes, [code], "a group of {group_len} bytes");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert_eq!(node.metric("fleet_cluster_connected").await, 1.0, "the node lost the bus");
+    let mut pubr = Raw::device(other.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&pubr.mqtt_connect(&id2, 30).await), Some(ConnectReturnCode::Success));
+    let mut p = rumqttc::mqttbytes::v4::Publish::new(
+        format!("devices/{id2}/telemetry"),
+        rumqttc::mqttbytes::QoS::AtMostOnce,
+        "still here",
+    );
+    p.pkid = 0;
+    for _ in 0..3 {
+        pubr.send(Packet::Publish(p.clone())).await.unwrap();
+        if next_publish(&mut svc, Duration::from_secs(2)).await.is_some() {
+            return;
+        }
+    }
+    panic!("the attacked node's subscriber gets nothing from the other node");
+}

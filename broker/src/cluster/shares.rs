@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use async_nats::{Client, HeaderMap, Subscriber};
+use async_nats::{Client, Subscriber};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -110,7 +110,13 @@ impl Shares {
         let stop = CancellationToken::new();
         let routed = subject::filter_subjects(filter).into_iter().map(|s| (&self.echo, s));
         let handoffs = std::iter::once((&self.routing, subject::handoff_filter(&queue)));
-        for (client, s) in routed.chain(handoffs) {
+        let subs: Vec<_> = routed.chain(handoffs).collect();
+        if !subs.iter().all(|(_, s)| subject::fits_control_line(s, &queue)) {
+            // The session's limits keep this from happening (`Services::share_within`).
+            warn!(group = name, "cluster shared subscription not joined: its subjects are too long for NATS");
+            return;
+        }
+        for (client, s) in subs {
             match client.queue_subscribe(s.clone(), queue.clone()).await {
                 Ok(sub) => drop(tokio::spawn(take(sub, group.clone(), stop.clone()))),
                 Err(e) => warn!(error = %e, subject = %s, "cluster shared subscribe failed"),
@@ -151,9 +157,13 @@ impl Shares {
             return;
         };
         let queue = subject::queue_of(&key.0, &key.1);
+        let subject = subject::handoff_subject(&queue, &p.topic);
+        if !subject::fits_control_line(&subject, "") {
+            self.metrics.messages_dropped.inc();
+            return;
+        }
         let mut headers = bus::headers(self.node_id, p, origin, self.max_payload);
         headers.insert(HOPS, "1");
-        let subject = subject::handoff_subject(&queue, &p.topic);
         if let Err(e) = self.routing.publish_with_headers(subject, headers, p.payload.clone()).await {
             warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
         }
@@ -208,9 +218,13 @@ impl Group {
             self.metrics.messages_dropped.inc();
             return;
         }
-        let mut headers = m.headers.clone().unwrap_or_else(HeaderMap::new);
+        let mut headers = m.headers.clone().unwrap_or_default();
         headers.insert(HOPS, hops.to_string().as_str());
         let to = subject::handoff_subject(&self.queue, &p.topic);
+        if !subject::fits_control_line(&to, "") {
+            self.metrics.messages_dropped.inc();
+            return;
+        }
         if let Err(e) = self.routing.publish_with_headers(to, headers, m.payload).await {
             warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
         }
