@@ -673,3 +673,45 @@ async fn a_very_long_group_name_takes_no_node_off_the_bus() {
     }
     panic!("the attacked node's subscriber gets nothing from the other node");
 }
+
+/// The NATS server's count of subscriptions (all connections).
+fn nats_subscriptions(nats: &fleet_tests::NatsServer) -> u64 {
+    let body: String = nats.monitor("/subsz").chars().filter(|c| !c.is_whitespace()).collect();
+    let at = body.find("\"num_subscriptions\":").expect("subsz") + "\"num_subscriptions\":".len();
+    body[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+}
+
+/// A device joining and leaving a shared group in a loop (on a topic no one publishes) leaves
+/// the node no subscriptions behind: the NATS server's count comes back to where it was once
+/// the lingering ends, however many times the device did it.
+#[tokio::test]
+async fn a_member_joining_and_leaving_in_a_loop_piles_up_no_subscriptions() {
+    let cluster = Cluster::builder().devices(1).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let id = fleet.id(0);
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id}.commands.>"), true).await;
+    let before = nats_subscriptions(nats);
+    const LOOPS: u16 = 100;
+    for i in 0..LOOPS {
+        let group = format!("g{}", i % 3);
+        let filter = format!("$share/{group}/devices/{id}/quiet");
+        subscribe(&mut dev, &filter, 2 * i + 2).await;
+        let mut u = rumqttc::mqttbytes::v4::Unsubscribe::new(filter);
+        u.pkid = 2 * i + 3;
+        dev.send(Packet::Unsubscribe(u)).await.unwrap();
+        assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::UnsubAck(_))), "no UNSUBACK");
+    }
+    let t = Instant::now();
+    loop {
+        let now = nats_subscriptions(nats);
+        if now <= before {
+            break;
+        }
+        assert!(t.elapsed() < PATIENCE, "{now} NATS subscriptions, {before} before {LOOPS} joins and leaves");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.wait_metric_at_most("fleet_cluster_share_subscriptions", 0.0, Duration::from_secs(5)).await;
+}

@@ -18,13 +18,16 @@
 //! server may have sent it messages it has not read yet, and the client would discard those.
 //! It asks the server to stop after [`LINGER`] more messages (more than can be on their way to
 //! it: the connection queues at most [`CAPACITY`] per subscription), and hands on whatever
-//! still comes.
+//! still comes, for [`LINGER_FOR`] at most: then it drops the subscription (on a quiet filter
+//! the server would never send the rest, and members joining and leaving in a loop would pile
+//! up subscriptions and tasks).
 //!
 //! What arrives is checked as every routed message is (`relayable`: from a node, an origin
 //! whose ACL allows the topic).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use async_nats::{Client, Subscriber};
 use futures_util::StreamExt;
@@ -42,6 +45,9 @@ use crate::router::Router;
 pub(super) const CAPACITY: usize = 4096;
 /// Messages a leaving node still takes (and hands on) after it asks the server to stop.
 const LINGER: u64 = 2 * CAPACITY as u64;
+/// How long a leaving node takes them at most: then it drops the subscription (a filter with
+/// little traffic would otherwise keep it, and its task, for ever).
+const LINGER_FOR: Duration = Duration::from_secs(2);
 /// Header: how many nodes handed the message on.
 const HOPS: &str = "Fleet-Hops";
 /// Hand-offs of one message at most (then it is dropped and counted, as a shared message with
@@ -49,7 +55,7 @@ const HOPS: &str = "Fleet-Hops";
 const MAX_HOPS: u32 = 3;
 
 /// A group's queue subscriptions on this node: its local members and the signal that ends them.
-type Held = HashMap<(String, String), (usize, CancellationToken)>;
+type Joined = HashMap<(String, String), (usize, CancellationToken)>;
 
 /// This node's part in the cluster's shared subscriptions.
 #[derive(Debug)]
@@ -61,7 +67,7 @@ pub(super) struct Shares {
     node_id: u64,
     metrics: Metrics,
     max_payload: usize,
-    held: Mutex<Held>,
+    held: Mutex<Joined>,
 }
 
 /// What a group's subscription task needs.
@@ -86,7 +92,7 @@ impl Shares {
         Self { echo, routing, node_id, metrics, max_payload, held: Mutex::default() }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Held> {
+    fn lock(&self) -> MutexGuard<'_, Joined> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -171,24 +177,44 @@ impl Shares {
 }
 
 /// Takes the messages of one of a group's queue subscriptions until `stop`, then lingers
-/// (the module's documentation) until the server has sent its last.
+/// (the module's documentation) until the server has sent its last, or [`LINGER_FOR`] has
+/// passed: a node whose members come and go leaves no subscription behind for long, whatever
+/// the traffic on the filter.
 async fn take(mut sub: Subscriber, group: Arc<Group>, stop: CancellationToken) {
+    let _counted = Counted::new(&group.metrics);
     let mut taken: u64 = 0;
-    let mut leaving = false;
     loop {
         let m = tokio::select! {
             m = sub.next() => m,
-            () = stop.cancelled(), if !leaving => {
-                leaving = true;
-                if sub.unsubscribe_after(taken + LINGER).await.is_err() {
-                    return;
-                }
-                continue;
-            }
+            () = stop.cancelled() => break,
         };
         let Some(m) = m else { return };
         taken += 1;
         group.deliver(m).await;
+    }
+    if sub.unsubscribe_after(taken + LINGER).await.is_err() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + LINGER_FOR;
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+        group.deliver(m).await;
+    }
+    // Dropping the subscriber unsubscribes at once.
+}
+
+/// One live queue subscription of this node's, in `fleet_cluster_share_subscriptions`.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.cluster_share_subscriptions.inc();
+        Self(metrics.cluster_share_subscriptions.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
