@@ -11,8 +11,9 @@
 //! A member that leaves with messages queued or unacknowledged hands them to another member
 //! here, or else to another node: on `fleet.g.<queue>.<topic>`, which every node with members
 //! reads in the same queue group on its routing connection (so a hand-off never comes back to
-//! the node that sent it). A message that reaches a node whose last member just left is handed
-//! on the same way, at most [`MAX_HOPS`] times.
+//! the node that sent it). A message that reaches a node whose last member just left, or whose
+//! members' queues are all full (a member that never reads is passed over, as on one node), is
+//! handed on the same way, at most [`MAX_HOPS`] times.
 //!
 //! When its last member leaves, a node does not drop its queue subscriptions at once: the NATS
 //! server may have sent it messages it has not read yet, and the client would discard those.
@@ -219,7 +220,9 @@ impl Drop for Counted {
 }
 
 impl Group {
-    /// Hands a message of the group's queue to a member here, or on to another node.
+    /// Hands a message of the group's queue to a member here, or on to another node (no member
+    /// here, or every member's queue full: a member that never reads is passed over, as on a
+    /// single node).
     async fn deliver(&self, m: async_nats::Message) {
         let Some(router) = self.router.upgrade() else { return };
         let subject = m.subject.as_str();
@@ -233,10 +236,11 @@ impl Group {
         let Some(mut p) = admitted(&m, topic, &self.metrics) else { return };
         let origin = m.headers.as_ref().and_then(|h| h.get(bus::ORIGIN)).map(|v| v.as_str());
         p.origin = origin.map(Arc::from);
-        if router.deliver_shared(&self.name, &self.filter, &p, &self.metrics).is_some() {
+        if router.deliver_shared(&self.name, &self.filter, &p, &self.metrics) == Some(true) {
             return;
         }
-        // No member here any more (the last one just left): another node's, if one has any.
+        // No member here any more (the last one just left), or none whose queue takes it:
+        // another node's, if one has any.
         let hops = m.headers.as_ref().and_then(|h| h.get(HOPS)).and_then(|v| v.as_str().parse().ok());
         let hops: u32 = hops.unwrap_or(0) + 1;
         if hops > MAX_HOPS {
