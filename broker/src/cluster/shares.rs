@@ -241,13 +241,11 @@ impl Group {
         }
         // No member here any more (the last one just left), or none whose queue takes it:
         // another node's, if one has any.
-        let hops = m.headers.as_ref().and_then(|h| h.get(HOPS)).and_then(|v| v.as_str().parse().ok());
-        let hops: u32 = hops.unwrap_or(0) + 1;
-        if hops > MAX_HOPS {
+        let Some(hops) = next_hop(m.headers.as_ref().and_then(|h| h.get(HOPS)).map(|v| v.as_str())) else {
             debug!(topic = p.topic.as_str(), "shared message dropped: no member took it");
             self.metrics.messages_dropped.inc();
             return;
-        }
+        };
         let mut headers = m.headers.clone().unwrap_or_default();
         headers.insert(HOPS, hops.to_string().as_str());
         let to = subject::handoff_subject(&self.queue, &p.topic);
@@ -257,6 +255,33 @@ impl Group {
         }
         if let Err(e) = self.routing.publish_with_headers(to, headers, m.payload).await {
             warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
+        }
+    }
+}
+
+/// The `Fleet-Hops` a message handed on carries, given the one it came with (none on a routed
+/// message); `None` once it was handed on [`MAX_HOPS`] times, or if the value is no count (a
+/// node writes one: a forged `4294967295` must neither overflow nor start the count again).
+fn next_hop(came_with: Option<&str>) -> Option<u32> {
+    let hops = match came_with {
+        None => 0,
+        Some(v) => v.parse::<u32>().ok()?,
+    };
+    Some(hops.saturating_add(1)).filter(|h| *h <= MAX_HOPS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_handed_on_at_most_max_hops_times_whatever_its_header_says() {
+        assert_eq!(next_hop(None), Some(1));
+        assert_eq!(next_hop(Some("1")), Some(2));
+        assert_eq!(next_hop(Some("2")), Some(MAX_HOPS));
+        assert_eq!(next_hop(Some("3")), None);
+        for forged in ["4294967295", "-1", "", "1x", "99999999999"] {
+            assert_eq!(next_hop(Some(forged)), None, "{forged:?}");
         }
     }
 }
