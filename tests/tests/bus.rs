@@ -386,7 +386,7 @@ async fn joining_and_leaving_a_shared_group_in_a_loop_does_not_pile_up_subscript
         }
     }
     // Each set holds one subscription on the filter's subject: at most the two lingering ones
-    // (and never the ten made).
+    // (and never the ten made) until they fall idle.
     let t = Instant::now();
     while count() > 2 {
         assert!(t.elapsed() < PATIENCE, "{} subscriptions on {routed} after 10 joins and leaves", count());
@@ -611,4 +611,154 @@ async fn a_node_joins_with_its_nkey_and_not_without() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.to_lowercase().contains("authorization"), "{err}");
+}
+
+/// The NATS queue of `$share/<group>/<filter>` (docs/spec/nats-subjects.md: the level encoding
+/// of `<group>/<filter>` as one token).
+fn queue_of(group: &str, filter: &str) -> String {
+    let mut out = String::new();
+    for b in format!("{group}/{filter}").bytes() {
+        match b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            true => out.push(char::from(b)),
+            false => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A hand-off names its group's queue and a topic: a node's identity forging one whose topic
+/// the group's filter does not match (another device's telemetry, which that device did
+/// publish) reaches no member: a device in its own group never reads another device's data
+/// through it. The same device's own topic under the filter does (control).
+#[tokio::test]
+async fn a_hand_off_outside_its_group_s_filter_reaches_no_member() {
+    let cluster = Cluster::builder().devices(2).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let (id, other) = (fleet.id(0), fleet.id(1));
+    let mut member = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&member.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let filter = format!("devices/{id}/#");
+    subscribe(&mut member, &format!("$share/g/{filter}"), 1).await;
+    let queue = queue_of("g", &filter);
+    bus::wait_subscription(nats, &format!("fleet.g.{queue}.>"), true).await;
+
+    let peer = bus::client(nats, "n3").await;
+    let forged = format!("fleet.g.{queue}.devices.{other}.telemetry");
+    peer.publish_with_headers(forged, bus::relayed_from(&format!("device 01 {other}")), "theirs".into())
+        .await
+        .unwrap();
+    peer.flush().await.unwrap();
+    node.wait_metric("fleet_cluster_refused_total{reason=\"bad_subject\"}", 1.0, Duration::from_secs(3))
+        .await;
+    assert!(
+        next_publish(&mut member, Duration::from_millis(300)).await.is_none(),
+        "another device's telemetry reached a member through its group"
+    );
+
+    // Control: the member's own topic, under the group's filter, is handed to it.
+    let own = format!("fleet.g.{queue}.devices.{id}.telemetry");
+    peer.publish_with_headers(own, bus::relayed_from(&format!("device 01 {id}")), "mine".into())
+        .await
+        .unwrap();
+    peer.flush().await.unwrap();
+    let p = next_publish(&mut member, PATIENCE).await.expect("the group's own hand-off did not arrive");
+    assert_eq!(p.topic, format!("devices/{id}/telemetry"));
+}
+
+/// A group name is the client's to choose, and it becomes part of NATS subjects: a device
+/// joining a group with a very long name neither takes its node off the bus (the NATS server
+/// closes a connection that sends it a control line over its limit) nor stops the node's
+/// other subscribers from getting their messages. The group counts with its filter against
+/// `max_topic_length` (refused: 0x80); under a limit raised too far for NATS's subjects, the
+/// node keeps the group to itself rather than send the server a line it refuses.
+#[tokio::test]
+async fn a_very_long_group_name_takes_no_node_off_the_bus() {
+    let cluster =
+        Cluster::builder().devices(2).nodes(2).node_args(&["--max-topic-length", "2000"]).start().await;
+    let (fleet, nats) = (&cluster.fleet, &cluster.nats);
+    let (node, other) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let (id, id2) = (fleet.id(0), fleet.id(1));
+    // A service on the attacked node reads device 2's telemetry, published on the other node.
+    let mut svc = Raw::device(node.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut svc, &format!("devices/{id2}/telemetry"), 1).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id2}.telemetry"), true).await;
+
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let share = |group_len: usize| rumqttc::mqttbytes::v4::SubscribeFilter {
+        path: format!("$share/{}/devices/{id}/telemetry", ".".repeat(group_len)),
+        qos: rumqttc::mqttbytes::QoS::AtLeastOnce,
+    };
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode as Code;
+    // (Each in a packet of its own: 4 KiB is the largest the broker takes.)
+    for (pkid, group_len, code) in
+        [(1, 3000, Code::Failure), (2, 1900, Code::Success(rumqttc::mqttbytes::QoS::AtLeastOnce))]
+    {
+        let mut sub = rumqttc::mqttbytes::v4::Subscribe::new_many([share(group_len)]);
+        sub.pkid = pkid;
+        dev.send(Packet::Subscribe(sub)).await.unwrap();
+        let Some(Packet::SubAck(ack)) = dev.recv(PATIENCE).await else { panic!("no SUBACK") };
+        assert_eq!(ack.return_codes, [code], "a group of {group_len} bytes");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert_eq!(node.metric("fleet_cluster_connected").await, 1.0, "the node lost the bus");
+    let mut pubr = Raw::device(other.mqtt, &fleet.devices[1]).await.unwrap();
+    assert_eq!(connack_code(&pubr.mqtt_connect(&id2, 30).await), Some(ConnectReturnCode::Success));
+    let mut p = rumqttc::mqttbytes::v4::Publish::new(
+        format!("devices/{id2}/telemetry"),
+        rumqttc::mqttbytes::QoS::AtMostOnce,
+        "still here",
+    );
+    p.pkid = 0;
+    for _ in 0..3 {
+        pubr.send(Packet::Publish(p.clone())).await.unwrap();
+        if next_publish(&mut svc, Duration::from_secs(2)).await.is_some() {
+            return;
+        }
+    }
+    panic!("the attacked node's subscriber gets nothing from the other node");
+}
+
+/// The NATS server's count of subscriptions (all connections).
+fn nats_subscriptions(nats: &fleet_tests::NatsServer) -> u64 {
+    let body: String = nats.monitor("/subsz").chars().filter(|c| !c.is_whitespace()).collect();
+    let at = body.find("\"num_subscriptions\":").expect("subsz") + "\"num_subscriptions\":".len();
+    body[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+}
+
+/// A device joining and leaving a shared group in a loop (on a topic no one publishes) leaves
+/// the node no subscriptions behind: the NATS server's count comes back to where it was once
+/// the lingering ends, however many times the device did it.
+#[tokio::test]
+async fn a_member_joining_and_leaving_in_a_loop_piles_up_no_subscriptions() {
+    let cluster = Cluster::builder().devices(1).start().await;
+    let (fleet, nats, node) = (&cluster.fleet, &cluster.nats, &cluster.nodes[0]);
+    let id = fleet.id(0);
+    let mut dev = Raw::device(node.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&dev.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut dev, &format!("devices/{id}/commands/#"), 1).await;
+    bus::wait_subscription(nats, &format!("fleet.t.devices.{id}.commands.>"), true).await;
+    let before = nats_subscriptions(nats);
+    const LOOPS: u16 = 100;
+    for i in 0..LOOPS {
+        let group = format!("g{}", i % 3);
+        let filter = format!("$share/{group}/devices/{id}/quiet");
+        subscribe(&mut dev, &filter, 2 * i + 2).await;
+        let mut u = rumqttc::mqttbytes::v4::Unsubscribe::new(filter);
+        u.pkid = 2 * i + 3;
+        dev.send(Packet::Unsubscribe(u)).await.unwrap();
+        assert!(matches!(dev.recv(PATIENCE).await, Some(Packet::UnsubAck(_))), "no UNSUBACK");
+    }
+    let t = Instant::now();
+    loop {
+        let now = nats_subscriptions(nats);
+        if now <= before {
+            break;
+        }
+        assert!(t.elapsed() < PATIENCE, "{now} NATS subscriptions, {before} before {LOOPS} joins and leaves");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.wait_metric_at_most("fleet_cluster_share_subscriptions", 0.0, Duration::from_secs(5)).await;
 }

@@ -1212,6 +1212,58 @@ sys.exit(0 if ok else 1)
     assert_eq!(connack_code(&ack), Some(rumqttc::mqttbytes::v4::ConnectReturnCode::ServiceUnavailable));
 }
 
+/// A member that takes messages and never reads or acknowledges them (a stuck or hostile
+/// backend in the group) is passed over once its queue is full, in a cluster as on one node: its
+/// node hands what the NATS queue gives it to a member on another node instead of dropping it.
+/// The live member gets everything but what the stuck one holds (one in flight, its queue).
+#[tokio::test]
+async fn in_a_cluster_a_member_that_never_reads_is_passed_over_not_a_sink() {
+    const QUEUE: usize = 8;
+    let cluster =
+        Cluster::builder().nodes(2).node_args(&["--max-queued-messages", &QUEUE.to_string()]).start().await;
+    let fleet = &cluster.fleet;
+    let (n0, n1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let filter = "$share/ingest/devices/+/telemetry";
+    let mut live = Raw5::device(n0, &fleet.service).await;
+    assert_eq!(live.connect("backend", true, props()).await.code, ConnectReturnCode::Success);
+    assert_eq!(live.subscribe(1, &[filter]).await, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let mut stuck = Raw5::device(n1, &fleet.service_identity("backend-2").await).await;
+    let one = ConnectProperties { receive_maximum: Some(1), ..props() };
+    assert_eq!(stuck.connect("backend-2", true, one).await.code, ConnectReturnCode::Success);
+    assert_eq!(stuck.subscribe(1, &[filter]).await, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    for n in [n0, n1] {
+        // The telemetry subject and the hand-offs, in the group's queue.
+        n.wait_metric("fleet_cluster_share_subscriptions", 2.0, Duration::from_secs(5)).await;
+    }
+
+    let id = fleet.id(0);
+    let mut dev = Raw5::device(n0, &fleet.devices[0]).await;
+    assert_eq!(dev.connect(&id, true, props()).await.code, ConnectReturnCode::Success);
+    const N: u16 = 60;
+    let topic = format!("devices/{id}/telemetry");
+    for i in 1..=N {
+        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{i}"), None);
+        p.pkid = i;
+        dev.send(Packet::Publish(p)).await;
+        assert_eq!(dev.puback(i).await, PubAckReason::Success, "message {i}");
+    }
+    let mut got = std::collections::HashSet::new();
+    while let Some(p) = live.recv(Duration::from_secs(2)).await {
+        if let Packet::Publish(p) = p {
+            got.insert(p.payload.clone());
+            let ack = PubAck { pkid: p.pkid, reason: PubAckReason::Success, properties: None };
+            live.send(Packet::PubAck(ack)).await;
+        }
+    }
+    let held = 1 + QUEUE;
+    assert!(
+        got.len() + held >= usize::from(N),
+        "{} of {N} reached the live member; the stuck one holds at most {held}",
+        got.len()
+    );
+    drop(stuck);
+}
+
 /// MQTT 5 request/response for commands: a v5 service sets Response Topic and Correlation Data
 /// on a command; the broker's statuses (`queued`, `delivered`, `acknowledged`) and the device's
 /// own answer reach that topic with the same correlation data, and the `status/...` topic

@@ -11,8 +11,9 @@
 //! A member that leaves with messages queued or unacknowledged hands them to another member
 //! here, or else to another node: on `fleet.g.<queue>.<topic>`, which every node with members
 //! reads in the same queue group on its routing connection (so a hand-off never comes back to
-//! the node that sent it). A message that reaches a node whose last member just left is handed
-//! on the same way, at most [`MAX_HOPS`] times.
+//! the node that sent it). A message that reaches a node whose last member just left, or whose
+//! members' queues are all full (a member that never reads is passed over, as on one node), is
+//! handed on the same way, at most [`MAX_HOPS`] times.
 //!
 //! When its last member leaves, a node does not drop its queue subscriptions at once: the NATS
 //! server may have sent it messages it has not read yet, and the client would discard those.
@@ -47,7 +48,7 @@ pub(super) const CAPACITY: usize = 4096;
 /// Messages a leaving node still takes (and hands on) after it asks the server to stop.
 const LINGER: u64 = 2 * CAPACITY as u64;
 /// A lingering set that heard nothing for this long is dropped.
-const LINGER_IDLE: Duration = Duration::from_secs(30);
+const LINGER_IDLE: Duration = Duration::from_secs(5);
 /// Lingering sets a group keeps on a node.
 const MAX_LINGERING: usize = 2;
 /// Header: how many nodes handed the message on.
@@ -156,7 +157,13 @@ impl Shares {
         let mut tasks = Vec::new();
         let routed = subject::filter_subjects(filter).into_iter().map(|s| (&self.echo, s));
         let handoffs = std::iter::once((&self.routing, subject::handoff_filter(&queue)));
-        for (client, s) in routed.chain(handoffs) {
+        let subs: Vec<_> = routed.chain(handoffs).collect();
+        if !subs.iter().all(|(_, s)| subject::fits_control_line(s, &queue)) {
+            // The session's limits keep this from happening (`Services::share_within`).
+            warn!(group = name, "cluster shared subscription not joined: its subjects are too long for NATS");
+            return;
+        }
+        for (client, s) in subs {
             match client.queue_subscribe(s.clone(), queue.clone()).await {
                 Ok(sub) => {
                     tasks.push(tokio::spawn(take(sub, group.clone(), set.soft.clone(), set.hard.clone())))
@@ -201,9 +208,13 @@ impl Shares {
             return;
         };
         let queue = subject::queue_of(&key.0, &key.1);
+        let subject = subject::handoff_subject(&queue, &p.topic);
+        if !subject::fits_control_line(&subject, "") {
+            self.metrics.messages_dropped.inc();
+            return;
+        }
         let mut headers = bus::headers(self.node_id, p, origin, self.max_payload);
         headers.insert(HOPS, "1");
-        let subject = subject::handoff_subject(&queue, &p.topic);
         if let Err(e) = self.routing.publish_with_headers(subject, headers, p.payload.clone()).await {
             warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
         }
@@ -228,6 +239,7 @@ fn prune(held: &mut Held) {
 /// module's documentation) until the server has sent its last, nothing came for
 /// [`LINGER_IDLE`], or `hard`.
 async fn take(mut sub: Subscriber, group: Arc<Group>, soft: CancellationToken, hard: CancellationToken) {
+    let _counted = Counted::new(&group.metrics);
     let mut taken: u64 = 0;
     let mut idle_until: Option<tokio::time::Instant> = None;
     loop {
@@ -261,34 +273,85 @@ async fn take(mut sub: Subscriber, group: Arc<Group>, soft: CancellationToken, h
     }
 }
 
+/// One live queue subscription of this node's, in `fleet_cluster_share_subscriptions`.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.cluster_share_subscriptions.inc();
+        Self(metrics.cluster_share_subscriptions.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Group {
-    /// Hands a message of the group's queue to a member here, or on to another node.
+    /// Hands a message of the group's queue to a member here, or on to another node (no member
+    /// here, or every member's queue full: a member that never reads is passed over, as on a
+    /// single node).
     async fn deliver(&self, m: async_nats::Message) {
         let Some(router) = self.router.upgrade() else { return };
         let subject = m.subject.as_str();
         let topic = match subject.starts_with(subject::GROUPS) {
-            true => subject::topic_of_handoff(&self.queue, subject),
+            // A hand-off's subject is any topic under the queue: only one the group's filter
+            // matches is the group's (the routed subjects match it by construction).
+            true => subject::topic_of_handoff(&self.queue, subject)
+                .filter(|t| fleet_topic::matches(&self.filter, t)),
             false => subject::topic_of(subject),
         };
         let Some(mut p) = admitted(&m, topic, &self.metrics) else { return };
         let origin = m.headers.as_ref().and_then(|h| h.get(bus::ORIGIN)).map(|v| v.as_str());
         p.origin = origin.map(Arc::from);
-        if router.deliver_shared(&self.name, &self.filter, &p, &self.metrics).is_some() {
+        if router.deliver_shared(&self.name, &self.filter, &p, &self.metrics) == Some(true) {
             return;
         }
-        // No member here any more (the last one just left): another node's, if one has any.
-        let hops = m.headers.as_ref().and_then(|h| h.get(HOPS)).and_then(|v| v.as_str().parse().ok());
-        let hops: u32 = hops.unwrap_or(0) + 1;
-        if hops > MAX_HOPS {
+        // No member here any more (the last one just left), or none whose queue takes it:
+        // another node's, if one has any.
+        let Some(hops) = next_hop(m.headers.as_ref().and_then(|h| h.get(HOPS)).map(|v| v.as_str())) else {
             debug!(topic = p.topic.as_str(), "shared message dropped: no member took it");
             self.metrics.messages_dropped.inc();
             return;
-        }
+        };
         let mut headers = m.headers.clone().unwrap_or_default();
         headers.insert(HOPS, hops.to_string().as_str());
         let to = subject::handoff_subject(&self.queue, &p.topic);
+        if !subject::fits_control_line(&to, "") {
+            self.metrics.messages_dropped.inc();
+            return;
+        }
         if let Err(e) = self.routing.publish_with_headers(to, headers, m.payload).await {
             warn!(error = %e, topic = p.topic.as_str(), "cluster hand-off failed");
+        }
+    }
+}
+
+/// The `Fleet-Hops` a message handed on carries, given the one it came with (none on a routed
+/// message); `None` once it was handed on [`MAX_HOPS`] times, or if the value is no count (a
+/// node writes one: a forged `4294967295` must neither overflow nor start the count again).
+fn next_hop(came_with: Option<&str>) -> Option<u32> {
+    let hops = match came_with {
+        None => 0,
+        Some(v) => v.parse::<u32>().ok()?,
+    };
+    Some(hops.saturating_add(1)).filter(|h| *h <= MAX_HOPS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_handed_on_at_most_max_hops_times_whatever_its_header_says() {
+        assert_eq!(next_hop(None), Some(1));
+        assert_eq!(next_hop(Some("1")), Some(2));
+        assert_eq!(next_hop(Some("2")), Some(MAX_HOPS));
+        assert_eq!(next_hop(Some("3")), None);
+        for forged in ["4294967295", "-1", "", "1x", "99999999999"] {
+            assert_eq!(next_hop(Some(forged)), None, "{forged:?}");
         }
     }
 }

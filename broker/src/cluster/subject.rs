@@ -80,6 +80,18 @@ pub(crate) fn handoff_subject(queue: &str, topic: &str) -> String {
     subject_under(&format!("{GROUPS}.{queue}"), topic)
 }
 
+/// The longest control line nats-server takes by default (`max_control_line`): a `SUB` or
+/// `HPUB` line over it makes the server close the connection.
+const MAX_CONTROL_LINE: usize = 4096;
+
+/// Do `subject` and `queue` (`""`: none) fit one control line, with room for the verb, the sid
+/// and the sizes? A shared subscription's subjects hold its group and filter, which clients
+/// choose: one that does not fit is neither subscribed to nor published on, so that no client
+/// can make the server drop a node's connection.
+pub(crate) fn fits_control_line(subject: &str, queue: &str) -> bool {
+    subject.len() + queue.len() + 64 <= MAX_CONTROL_LINE
+}
+
 /// What the nodes with members of queue `queue` subscribe to for hand-offs.
 pub(crate) fn handoff_filter(queue: &str) -> String {
     format!("{GROUPS}.{queue}.>")
@@ -293,6 +305,21 @@ mod tests {
         assert_eq!(topic_of_handoff(&q, &s).as_deref(), Some("devices/dev.1/telemetry"));
         assert_eq!(topic_of_handoff(&queue_of("other", "#"), &s), None);
         assert_eq!(topic_of(&s), None, "a hand-off is never routed");
+    }
+
+    #[test]
+    fn under_the_default_topic_limit_every_share_fits_nats_s_control_line() {
+        // `max_topic_length` 256: `<group>/<filter>` and a topic of 256 bytes, every byte escaped.
+        let (group, filter) = (".".repeat(100), format!("{}/#", ".".repeat(153)));
+        assert_eq!(group.len() + 1 + filter.len(), 256);
+        let queue = queue_of(&group, &filter);
+        for s in filter_subjects(&filter).into_iter().chain([handoff_filter(&queue)]) {
+            assert!(fits_control_line(&s, &queue), "{} + {}", s.len(), queue.len());
+        }
+        let topic = ".".repeat(256);
+        assert!(fits_control_line(&handoff_subject(&queue, &topic), ""));
+        // A group of 1,500 bytes (a raised limit) does not.
+        assert!(!fits_control_line(&handoff_filter(&queue_of(&".".repeat(1500), "a")), &queue));
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub(crate) cluster_sink_errors: IntCounter,
     /// Revocations other nodes announced over NATS.
     pub(crate) cluster_revocations_received: IntCounter,
+    /// NATS queue subscriptions this node holds for shared subscriptions (`cluster::shares`),
+    /// lingering ones included.
+    pub(crate) cluster_share_subscriptions: IntGauge,
     /// Messages from the cluster bus a node refused to act on, by reason
     /// (`cluster::BusRefusal`): not from a node, an origin that may not publish the topic, a
     /// revocation the registry does not confirm.
@@ -224,6 +227,10 @@ impl Metrics {
             cluster_revocations_received: c(
                 "cluster_revocations_received_total",
                 "Revocations announced by other nodes over NATS",
+            ),
+            cluster_share_subscriptions: g(
+                "cluster_share_subscriptions",
+                "NATS queue subscriptions held for shared subscriptions, lingering ones included",
             ),
             cluster_refused: cv(
                 "cluster_refused_total",

@@ -326,16 +326,25 @@ impl Router {
     }
 
     /// Hands a shared delivery whose session ended unacknowledged to another member of its
-    /// group here; false if it has none left here.
+    /// group here; false if none here took it (on a single node, a message every member's full
+    /// queue refused is counted as dropped; a cluster member hands it on).
     pub(crate) fn redeliver(&self, publish: &Message, metrics: &Metrics) -> bool {
-        match &publish.shared {
-            Some(key) => self.deliver_shared(&key.0, &key.1, publish, metrics) == Some(true),
+        let Some(key) = &publish.shared else { return false };
+        match self.deliver_shared(&key.0, &key.1, publish, metrics) {
+            Some(true) => true,
+            Some(false) => {
+                if !self.groups_span_nodes {
+                    shared::dropped_full(metrics);
+                }
+                false
+            }
             None => false,
         }
     }
 
     /// Hands `publish` to one local member of the shared subscription `$share/<group>/<filter>`:
-    /// `None` if it has no member here, else whether a member's queue took it.
+    /// `None` if it has no member here, else whether a member's queue took it (not counted as
+    /// dropped if none did: the caller may hand it on).
     pub(crate) fn deliver_shared(
         &self,
         group: &str,

@@ -86,12 +86,15 @@ impl Groups {
     /// Hands `publish` to one member of every group whose filter it matches.
     pub(super) fn deliver(&self, publish: &Message, metrics: &Metrics) {
         for g in self.groups.values().filter(|g| matches(&g.key.1, &publish.topic)) {
-            deliver_to_one(g, publish, metrics);
+            if !deliver_to_one(g, publish, metrics) {
+                dropped_full(metrics);
+            }
         }
     }
 
     /// Hands `publish` to one member of `group` on `filter`: `None` if the group has no member
-    /// here, else whether a member's queue took it.
+    /// here, else whether a member's queue took it (the caller counts a message no one took: it
+    /// may yet go to a member elsewhere).
     pub(super) fn deliver_in(
         &self,
         group: &str,
@@ -102,6 +105,12 @@ impl Groups {
         let g = self.groups.get(&(group.to_owned(), filter.to_owned()))?;
         Some(deliver_to_one(g, publish, metrics))
     }
+}
+
+/// Counts a shared message dropped because every member's queue was full.
+pub(super) fn dropped_full(metrics: &Metrics) {
+    metrics.messages_dropped.inc();
+    metrics.limit(Limit::QueuedMessages);
 }
 
 /// The next member in turn whose queue takes it; false if none did.
@@ -125,7 +134,5 @@ fn deliver_to_one(g: &Group, publish: &Message, metrics: &Metrics) -> bool {
             return true;
         }
     }
-    metrics.messages_dropped.inc();
-    metrics.limit(Limit::QueuedMessages);
     false
 }

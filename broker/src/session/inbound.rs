@@ -234,15 +234,20 @@ impl State {
             let full =
                 !self.subs.contains(path) && self.subs.len() >= svc.config.max_subscriptions_per_session;
             // `$share/<group>/<filter>`: the checks apply to the filter inside.
-            let (shared, filter) = match split_shared(path) {
-                None => (false, path.as_str()),
-                Some(Ok((_, inner))) => (true, inner),
+            let (group, filter) = match split_shared(path) {
+                None => (None, path.as_str()),
+                Some(Ok((group, inner))) => (Some(group), inner),
                 Some(Err(())) => {
                     codes.push(SubResult::Invalid);
                     continue;
                 }
             };
-            if !svc.topic_within(filter) {
+            let shared = group.is_some();
+            let within = match group {
+                None => svc.topic_within(filter),
+                Some(group) => svc.share_within(group, filter),
+            };
+            if !within {
                 self.limit_hit(ctx, Limit::Topic, path);
                 codes.push(SubResult::Invalid);
             } else if shared && opts.no_local {

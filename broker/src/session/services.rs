@@ -43,4 +43,11 @@ impl Services {
         topic.len() <= self.config.max_topic_length
             && topic.split('/').count() <= self.config.max_topic_levels
     }
+
+    /// A shared subscription's filter within the limits, and its group with it: `<group>/<filter>`
+    /// is no longer than a topic may be (both become one NATS queue name and, escaped, part of
+    /// the subjects that hand its messages between nodes: `cluster::subject::queue_of`).
+    pub(crate) fn share_within(&self, group: &str, filter: &str) -> bool {
+        self.topic_within(filter) && group.len() + 1 + filter.len() <= self.config.max_topic_length
+    }
 }
