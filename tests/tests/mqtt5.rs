@@ -708,7 +708,7 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
     // broker answers its commands itself, so a command's Response Topic must be under a
     // device's `responses/` (or a status topic): the device would take a status on its
     // certificate answers or commands for one, and its subscribers one on its telemetry for
-    // the device's.
+    // the device's; and it must be the commanded device's own (not another's answers).
     dev.subscribe(9, &[&format!("devices/{d0}/certs/#"), &format!("devices/{d0}/commands/#")]).await;
     svc.subscribe(10, &[&format!("devices/{d0}/#")]).await;
     for (pkid, response) in [
@@ -716,6 +716,8 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
         (12, format!("devices/{d0}/certs/rotate")),
         (13, format!("devices/{d0}/commands/reboot")),
         (14, format!("devices/{d0}/telemetry")),
+        // Another device's answers: the statuses of d0's command would pass for d1's.
+        (15, format!("devices/{d1}/responses/x")),
     ] {
         svc.send(publish_with(&format!("devices/{d0}/commands/reboot"), pkid, "now", ask(response))).await;
         assert_eq!(svc.puback(pkid).await, PubAckReason::NotAuthorized, "pkid {pkid}");
@@ -724,7 +726,7 @@ async fn a_response_topic_must_lead_back_to_the_publisher() {
         dev.recv(Duration::from_millis(500)).await.is_none(),
         "nothing reached the device, nothing was stored to reach it"
     );
-    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 7.0, PATIENCE).await;
+    broker.wait_metric("fleet_acl_denied_total{action=\"publish\"}", 8.0, PATIENCE).await;
 }
 
 #[tokio::test]

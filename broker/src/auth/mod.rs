@@ -216,18 +216,21 @@ pub(crate) fn may_be_answered_on(who: &Identity, topic: Topic<'_>) -> bool {
 }
 
 /// May the broker publish a command's statuses on `topic`, the Response Topic its sender set?
-/// Only under a device's `responses/` or on a status topic: never on a command or certificate
-/// topic, where its words would be taken for a command or a certificate answer, nor on a
-/// device's data, where they would be taken for the device's (a service reads all of those, so
-/// [`may_be_answered_on`] alone lets it name them).
-pub(crate) fn broker_may_answer_on(topic: Topic<'_>) -> bool {
-    match topic.addressed() {
-        Addressed::DeviceData { rest, .. } => {
-            rest.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::RESPONSES)
+/// Only under a device's `responses/` or on a status topic, and (`device`: the command's) only
+/// that device's: never on a command or certificate topic, where its words would be taken for a
+/// command or a certificate answer, nor on a device's data, where they would be taken for the
+/// device's, nor in another device's subtree, where they would be taken for that device's
+/// answers (a service reads all of those, so [`may_be_answered_on`] alone lets it name them).
+/// `device` is `None` where the command is not known (a node relaying another node's answer).
+pub(crate) fn broker_may_answer_on(device: Option<&str>, topic: Topic<'_>) -> bool {
+    let (owner, fits) = match topic.addressed() {
+        Addressed::DeviceData { device, rest } => {
+            (device, rest.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::RESPONSES))
         }
-        Addressed::Status { .. } => true,
-        _ => false,
-    }
+        Addressed::Status { device, .. } => (device, true),
+        _ => return false,
+    };
+    fits && device.is_none_or(|d| d == owner)
 }
 
 #[cfg(test)]

@@ -194,12 +194,16 @@ fn a_response_topic_is_one_the_asker_reads() {
     assert!(answered_on(&service, "status/devices/dev-2/commands/unlock"));
     // The broker answers a command itself: only on data and status topics, though a service
     // reads commands and certificate answers too.
-    let broker_answers = |t: &str| Topic::parse(t).is_ok_and(broker_may_answer_on);
+    let broker_answers = |t: &str| Topic::parse(t).is_ok_and(|t| broker_may_answer_on(None, t));
     assert!(broker_answers("devices/dev-2/responses/7") && broker_answers("status/devices/dev-2/commands/x"));
     for never in ["devices/dev-2/commands/unlock", "devices/dev-2/certs/issued", "devices/dev-2/certs/rotate"]
     {
         assert!(answered_on(&service, never) && !broker_answers(never), "{never}");
     }
+    // A command to dev-2: its answers only in dev-2's subtree, never in another device's.
+    let for_dev2 = |t: &str| Topic::parse(t).is_ok_and(|t| broker_may_answer_on(Some("dev-2"), t));
+    assert!(for_dev2("devices/dev-2/responses/7") && for_dev2("status/devices/dev-2/commands/x"));
+    assert!(!for_dev2("devices/dev-3/responses/7") && !for_dev2("status/devices/dev-3/commands/x"));
     let claim = Identity { role: Role::Claim, nonce: Some("0123456789abcdef".into()), ..dev };
     assert!(answered_on(&claim, "claims/dev-1/0123456789abcdef/certs/issued"));
     assert!(!answered_on(&claim, "claims/dev-1/fedcba9876543210/certs/issued"));

@@ -129,7 +129,7 @@ pub(crate) fn may_relay(origin: &Relayed, topic: &str) -> bool {
             topic.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::STATUS)
         }
         Relayed::Reply(service) => Topic::parse(topic)
-            .is_ok_and(|t| auth::may_be_answered_on(service, t) && auth::broker_may_answer_on(t)),
+            .is_ok_and(|t| auth::may_be_answered_on(service, t) && auth::broker_may_answer_on(None, t)),
     }
 }
 

@@ -13,6 +13,9 @@ use super::value::ConfigError;
 /// The longest `moved_to` (the fleet SDK keeps a Server Reference of up to 96 bytes).
 const MAX_SERVER_REFERENCE: usize = 96;
 
+/// The longest `max_topic_length` of a cluster member.
+const MAX_CLUSTER_TOPIC_LENGTH: usize = 640;
+
 impl Config {
     /// Parses a TOML file.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
@@ -155,6 +158,14 @@ impl Config {
                 "max_topic_levels must be at least 3 and max_topic_length at least 16 (devices/<id>/<name>)"
                     .into(),
             ));
+        }
+        // A topic's NATS subject escapes a byte in up to three; a shared subscription's
+        // hand-off subject holds its group, filter and topic: all must fit nats-server's 4 KiB
+        // control line, or the server drops the node's connection.
+        if self.nats.is_some() && self.max_topic_length > MAX_CLUSTER_TOPIC_LENGTH {
+            return Err(ConfigError::Range(format!(
+                "max_topic_length is at most {MAX_CLUSTER_TOPIC_LENGTH} on a cluster member (its NATS subjects must fit the server's 4 KiB control line)"
+            )));
         }
         if !(128..=268_435_455).contains(&self.max_packet_size) {
             return Err(ConfigError::Range("max_packet_size must be between 128 and 268435455".into()));

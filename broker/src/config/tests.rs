@@ -122,3 +122,18 @@ fn moved_to_is_a_host_and_port_the_sdk_can_keep() {
         assert!(e.contains("moved_to:"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_cluster_member_keeps_topics_short_enough_for_nats_subjects() {
+    let mut c = Config::default();
+    c.set("database_url", "postgres://u@h/db").unwrap();
+    c.set("nats", "tls://node:secret@127.0.0.1:4222").unwrap();
+    c.set("max_topic_length", "640").unwrap();
+    c.validate().unwrap();
+    c.set("max_topic_length", "641").unwrap();
+    assert!(c.validate().unwrap_err().to_string().contains("at most 640 on a cluster member"));
+    // A single node has no such limit.
+    let mut single = Config::default();
+    single.set("max_topic_length", "4000").unwrap();
+    single.validate().unwrap();
+}

@@ -96,9 +96,12 @@ impl State {
             // The broker answers a command there itself: only where data goes.
             Some(r)
                 if !Topic::parse(r).is_ok_and(|t| {
+                    let commanded = match parsed.map(Topic::addressed) {
+                        Ok(Addressed::Command { device, .. }) => Some(device),
+                        _ => None,
+                    };
                     auth::may_be_answered_on(&ctx.id, t)
-                        && (!parsed.is_ok_and(|c| matches!(c.addressed(), Addressed::Command { .. }))
-                            || auth::broker_may_answer_on(t))
+                        && commanded.is_none_or(|d| auth::broker_may_answer_on(Some(d), t))
                 }) =>
             {
                 Some(format!("{} (response topic {r})", p.topic))
