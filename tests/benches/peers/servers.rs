@@ -163,6 +163,9 @@ pub(crate) fn start_on(peer: Peer, home: &Path, work: &Path, port: u16) -> Resul
                 .crl()
                 .line("log_type none")
                 .line("max_queued_messages 10000")
+                // The in-flight window fleet-broker keeps per subscriber (64), not Mosquitto's
+                // default 20: a consumer's throughput is then the servers', not their windows'.
+                .line("max_inflight_messages 64")
                 .start(work)?;
             (mosquitto.process, mosquitto.addr)
         }
