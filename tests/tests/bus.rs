@@ -31,6 +31,29 @@ async fn issuer_on(fleet: &Fleet, node: &BrokerProc) -> Raw {
     issuer
 }
 
+/// Publishes every forgery of `attempts` (subject, headers, the refusal it must meet) from
+/// `peer`, then waits until `node` has counted each refusal.
+async fn forge_all(
+    peer: &async_nats::Client,
+    node: &BrokerProc,
+    attempts: &[(String, async_nats::HeaderMap, &str)],
+    payload: bytes::Bytes,
+) {
+    for (subject, headers, _) in attempts {
+        peer.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await.unwrap();
+    }
+    peer.flush().await.unwrap();
+    for reason in ["not_from_node", "no_origin", "origin_denied"] {
+        let n = attempts.iter().filter(|a| a.2 == reason).count() as f64;
+        node.wait_metric(
+            &format!("fleet_cluster_refused_total{{reason=\"{reason}\"}}"),
+            n,
+            Duration::from_secs(3),
+        )
+        .await;
+    }
+}
+
 async fn serial_of(fleet: &Fleet, i: usize) -> String {
     let id = fleet_provision::DeviceId::parse(&fleet.id(i)).unwrap();
     fleet.station().await.show(&id).await.unwrap().certificates[0].serial.to_hex()
@@ -237,19 +260,7 @@ async fn a_node_hands_its_subscribers_only_what_the_origin_could_have_published(
         (to_claim.to_owned(), bus::relayed_from(&format!("device 01 {id}")), "origin_denied"),
         (to_claim.to_owned(), bus::relayed_from("claim 01 claims/batch/fedcba9876543210"), "origin_denied"),
     ];
-    for (subject, headers, _) in &attempts {
-        peer.publish_with_headers(subject.clone(), headers.clone(), csr()).await.unwrap();
-    }
-    peer.flush().await.unwrap();
-    for reason in ["not_from_node", "no_origin", "origin_denied"] {
-        let n = attempts.iter().filter(|a| a.2 == reason).count() as f64;
-        node.wait_metric(
-            &format!("fleet_cluster_refused_total{{reason=\"{reason}\"}}"),
-            n,
-            Duration::from_secs(3),
-        )
-        .await;
-    }
+    forge_all(&peer, node, &attempts, csr()).await;
     assert!(
         next_publish(&mut issuer, Duration::from_millis(300)).await.is_none(),
         "a forged CSR reached the issuer"
@@ -331,19 +342,7 @@ async fn forged_hand_offs_and_replies_reach_no_member_and_no_device() {
             "no_origin",
         ),
     ];
-    for (subject, headers, _) in &attempts {
-        peer.publish_with_headers(subject.clone(), headers.clone(), payload()).await.unwrap();
-    }
-    peer.flush().await.unwrap();
-    for reason in ["not_from_node", "no_origin", "origin_denied"] {
-        let n = attempts.iter().filter(|a| a.2 == reason).count() as f64;
-        node.wait_metric(
-            &format!("fleet_cluster_refused_total{{reason=\"{reason}\"}}"),
-            n,
-            Duration::from_secs(3),
-        )
-        .await;
-    }
+    forge_all(&peer, node, &attempts, payload()).await;
     assert!(
         next_publish(&mut member, Duration::from_millis(300)).await.is_none(),
         "a forged hand-off reached a member"

@@ -1085,6 +1085,19 @@ mod tests {
         assert!(matches!(s.handle(Millis(0), &[0xf0, 0]), Err(SessionError::Protocol(_))));
     }
 
+    /// An MQTT 5 session of `dev-1` (longest back-off 60 s) whose transport is up.
+    #[cfg(feature = "mqtt5")]
+    fn v5_session() -> S {
+        let cfg = SessionConfig {
+            mqtt5: Some(Mqtt5::default()),
+            backoff_max_ms: 60_000,
+            ..SessionConfig::default()
+        };
+        let mut s = S::new("dev-1", cfg);
+        s.transport_up(Millis(0));
+        s
+    }
+
     /// MQTT 5: telemetry sets its alias on the first PUBLISH of a connection and uses it after;
     /// a new connection sets it again; the broker's DISCONNECT 0x98 makes the next wait the
     /// longest.
@@ -1099,13 +1112,7 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         };
-        let cfg = SessionConfig {
-            mqtt5: Some(Mqtt5::default()),
-            backoff_max_ms: 60_000,
-            ..SessionConfig::default()
-        };
-        let mut s = S::new("dev-1", cfg);
-        s.transport_up(Millis(0));
+        let mut s = v5_session();
         let connect = tx(&mut s, 0);
         assert_eq!(connect[0][8], 5, "protocol level 5");
         assert_eq!(feed(&mut s, &[0x20, 3, 0, 0, 0]), Some(Event::Connected));
@@ -1140,13 +1147,7 @@ mod tests {
     #[cfg(feature = "mqtt5")]
     #[test]
     fn a_v5_session_follows_a_server_reference_and_gives_it_up_when_it_leads_nowhere() {
-        let cfg = SessionConfig {
-            mqtt5: Some(Mqtt5::default()),
-            backoff_max_ms: 60_000,
-            ..SessionConfig::default()
-        };
-        let mut s = S::new("dev-1", cfg);
-        s.transport_up(Millis(0));
+        let mut s = v5_session();
         tx(&mut s, 0);
         // CONNACK 0x9D, properties: Server Reference "b:1884".
         let moved = [0x20, 12, 0, 0x9D, 9, 0x1C, 0, 6, b'b', b':', b'1', b'8', b'8', b'4'];
