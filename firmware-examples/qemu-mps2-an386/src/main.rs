@@ -354,7 +354,9 @@ fn session(
             }
             // MQTT 5 (feature `mqtt5`): the broker refused a message; it is not retried.
             #[cfg(feature = "mqtt5")]
-            Ok(Some(Incoming::Refused { reason })) => say!("message refused by the broker (reason 0x{reason:02x})"),
+            Ok(Some(Incoming::Refused { reason })) => {
+                say!("message refused by the broker (reason 0x{reason:02x})")
+            }
             Ok(Some(Incoming::RotateRequested)) => {
                 say!("the operator asked for a rotation");
                 rot.start(&mut *rng, now());
