@@ -202,74 +202,146 @@ async fn take(
         .collect())
 }
 
-async fn enqueue(conn: &mut sqlx::AnyConnection, c: &NewCommand<'_>, limit: usize) -> Result<CommandOutcome> {
-    // Only an active device takes commands: checked in the transaction that stores it, so a
-    // command never lands for a device revoked before the commit, and a batch of commands is
-    // one transaction, not one read from the pool each.
-    let device = sqlx::query("SELECT role, status FROM devices WHERE device_id = $1")
-        .bind(c.device_id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-    let addressable = match &device {
-        Some(r) => {
-            let role: String = r.try_get(0)?;
-            let status: String = r.try_get(1)?;
-            if status == Status::Revoked.as_str() {
-                return Ok(CommandOutcome::NotAddressable { revoked: true });
-            }
-            role == Role::Device.as_str() && status == Status::Active.as_str()
-        }
-        None => false,
-    };
-    if !addressable {
-        return Ok(CommandOutcome::NotAddressable { revoked: false });
+/// Rows per multi-row statement: 8 parameters a row stays far below SQLite's and PostgreSQL's
+/// parameter limits.
+const ROWS_PER_STATEMENT: usize = 100;
+
+/// Stores a batch's new commands: one read of their devices, multi-row inserts, one count of
+/// the open commands per device, and the drops a full queue needs. Only an active device takes
+/// commands: checked in the transaction that stores them, so a command never lands for a device
+/// revoked before the commit.
+async fn enqueue_all(
+    conn: &mut sqlx::AnyConnection,
+    cmds: &[&NewCommand<'_>],
+    limit: usize,
+) -> Result<Vec<CommandOutcome>> {
+    if cmds.is_empty() {
+        return Ok(Vec::new());
     }
-    let id: i64 = sqlx::query(
-        "INSERT INTO commands (device_id, name, payload, sender, status, created_at, expires_at, attempts, \
-         response_topic, correlation) VALUES ($1, $2, $3, $4, 'queued', $5, $6, 0, $7, $8) RETURNING id",
-    )
-    .bind(c.device_id.as_str())
-    .bind(c.name)
-    .bind(c.payload)
-    .bind(c.sender)
-    .bind(c.now)
-    .bind(c.now.saturating_add(c.ttl_ms))
-    .bind(c.response_topic)
-    .bind(c.correlation)
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get(0)?;
-    // The open commands are counted; only a queue over the limit reads the ones it drops.
-    let open: i64 = sqlx::query(
-        "SELECT COUNT(*) FROM commands WHERE device_id = $1 AND status IN ('queued', 'delivered')",
-    )
-    .bind(c.device_id.as_str())
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get(0)?;
-    let over = usize::try_from(open).unwrap_or(0).saturating_sub(limit);
-    let mut dropped = Vec::new();
-    if over > 0 {
+    let mut devices: Vec<&str> = cmds.iter().map(|c| c.device_id.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    // Device → (addressable, revoked).
+    let mut known: std::collections::HashMap<String, (bool, bool)> = std::collections::HashMap::new();
+    for chunk in devices.chunks(ROWS_PER_STATEMENT * 8) {
+        let sql = format!(
+            "SELECT device_id, role, status FROM devices WHERE device_id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for d in chunk {
+            q = q.bind(*d);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let id: String = r.try_get(0)?;
+            let role: String = r.try_get(1)?;
+            let status: String = r.try_get(2)?;
+            let revoked = status == Status::Revoked.as_str();
+            let ok = role == Role::Device.as_str() && status == Status::Active.as_str();
+            known.insert(id, (ok, revoked));
+        }
+    }
+    let mut out: Vec<CommandOutcome> = cmds
+        .iter()
+        .map(|c| match known.get(c.device_id.as_str()) {
+            Some((true, _)) => CommandOutcome::Enqueued { id: 0, dropped: Vec::new() },
+            Some((false, revoked)) => CommandOutcome::NotAddressable { revoked: *revoked },
+            None => CommandOutcome::NotAddressable { revoked: false },
+        })
+        .collect();
+    let stored: Vec<usize> =
+        (0..cmds.len()).filter(|i| matches!(out[*i], CommandOutcome::Enqueued { .. })).collect();
+    for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+        let rows = (0..chunk.len())
+            .map(|k| format!("('queued', 0, {})", placeholders(1 + 8 * k, 8)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO commands (status, attempts, device_id, name, payload, sender, created_at, expires_at, \
+             response_topic, correlation) VALUES {rows} RETURNING id"
+        );
+        let mut q = sqlx::query(&sql);
+        for &i in chunk {
+            let c = cmds[i];
+            q = q
+                .bind(c.device_id.as_str())
+                .bind(c.name)
+                .bind(c.payload)
+                .bind(c.sender)
+                .bind(c.now)
+                .bind(c.now.saturating_add(c.ttl_ms))
+                .bind(c.response_topic)
+                .bind(c.correlation);
+        }
+        // One statement's rows take increasing ids in the order of its VALUES; RETURNING lists
+        // them in no promised order, so they are sorted.
+        let mut ids = q
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
+        for (&i, id) in chunk.iter().zip(ids) {
+            out[i] = CommandOutcome::Enqueued { id, dropped: Vec::new() };
+        }
+    }
+    // The open commands are counted per device; only a queue over the limit reads the ones it
+    // drops, reported with the device's last new command.
+    let mut targets: Vec<&str> = stored.iter().map(|&i| cmds[i].device_id.as_str()).collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let mut over = Vec::new();
+    for chunk in targets.chunks(ROWS_PER_STATEMENT * 8) {
+        let sql = format!(
+            "SELECT device_id, COUNT(*) FROM commands WHERE status IN ('queued', 'delivered') AND device_id IN ({}) \
+             GROUP BY device_id",
+            placeholders(1, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for d in chunk {
+            q = q.bind(*d);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let open: i64 = r.try_get(1)?;
+            let n = usize::try_from(open).unwrap_or(0).saturating_sub(limit);
+            if n > 0 {
+                over.push((r.try_get::<String, _>(0)?, n));
+            }
+        }
+    }
+    for (device, n) in over {
+        let Some(last) = stored.iter().rev().copied().find(|&i| cmds[i].device_id.as_str() == device) else {
+            continue;
+        };
+        let now = cmds[last].now;
         let oldest = sqlx::query(&format!(
             "{SELECT} WHERE device_id = $1 AND status IN ('queued', 'delivered') ORDER BY id LIMIT $2"
         ))
-        .bind(c.device_id.as_str())
-        .bind(i64::try_from(over).unwrap_or(i64::MAX))
+        .bind(device.as_str())
+        .bind(i64::try_from(n).unwrap_or(i64::MAX))
         .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(row)
+        .collect::<Result<Vec<_>>>()?;
+        let ids: Vec<i64> = oldest.iter().map(|c| c.id).collect();
+        if ids.is_empty() {
+            continue;
+        }
+        sqlx::query(&format!(
+            "UPDATE commands SET status = 'dropped', done_at = $1 WHERE status IN ('queued', 'delivered') AND id IN ({})",
+            placeholders(2, ids.len())
+        ))
+        .bind(now)
+        .bind_all(&ids)
+        .execute(&mut *conn)
         .await?;
-        for r in &oldest {
-            let cmd = row(r)?;
-            sqlx::query(
-                "UPDATE commands SET status = 'dropped', done_at = $1 WHERE id = $2 AND status IN ('queued', 'delivered')",
-            )
-            .bind(c.now)
-            .bind(cmd.id)
-            .execute(&mut *conn)
-            .await?;
-            dropped.push(Command { status: CommandStatus::Dropped, ..cmd });
+        if let CommandOutcome::Enqueued { dropped, .. } = &mut out[last] {
+            dropped.extend(oldest.into_iter().map(|cmd| Command { status: CommandStatus::Dropped, ..cmd }));
         }
     }
-    Ok(CommandOutcome::Enqueued { id, dropped })
+    Ok(out)
 }
 
 /// A new command to store.
@@ -325,12 +397,14 @@ impl Registry {
         let mut tx = self.pool.begin().await?;
         let mut taken = take(&mut tx, &takes, now).await?;
         sent.extend(taken.iter().flatten().map(|c| c.id));
-        let mut enqueued = Vec::new();
-        for op in ops {
-            if let CommandOp::Enqueue(c) = op {
-                enqueued.push(enqueue(&mut tx, c, limit).await?);
-            }
-        }
+        let new: Vec<&NewCommand<'_>> = ops
+            .iter()
+            .filter_map(|op| match op {
+                CommandOp::Enqueue(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let enqueued = enqueue_all(&mut tx, &new, limit).await?;
         // Already delivered ones count an attempt; queued ones become delivered (first delivery).
         let first = if sent.is_empty() {
             Vec::new()
@@ -427,5 +501,94 @@ impl Registry {
             .fetch_one(&self.pool)
             .await?
             .try_get(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{RevocationReason, SerialNumber};
+    use crate::rows::NewCert;
+
+    async fn registry_with(devices: &[(&str, Role)]) -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let reg = Registry::open(&url, true).await.expect("open");
+        let certs: Vec<NewCert> = devices
+            .iter()
+            .map(|(id, role)| NewCert {
+                device_id: DeviceId::parse(id).expect("id"),
+                role: *role,
+                serial: SerialNumber::random(),
+                not_before: 0,
+                not_after: i64::MAX / 2,
+                key_source: "station",
+                cert_der: vec![0x30, 0x00],
+            })
+            .collect();
+        reg.record_certificates(&certs, true, 1).await.expect("record");
+        (dir, reg)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_new_commands_is_checked_stored_in_order_and_held_to_the_limit() {
+        let (_dir, reg) = registry_with(&[
+            ("dev-a", Role::Device),
+            ("dev-b", Role::Device),
+            ("dev-r", Role::Device),
+            ("svc", Role::Service),
+        ])
+        .await;
+        reg.revoke_device(&DeviceId::parse("dev-r").expect("id"), RevocationReason::KeyCompromise, 2)
+            .await
+            .expect("revoke");
+        let ids: Vec<DeviceId> = ["dev-a", "dev-b", "dev-r", "svc", "ghost"]
+            .iter()
+            .map(|d| DeviceId::parse(d).expect("id"))
+            .collect();
+        let names: Vec<String> = (0..7).map(|i| format!("c{i}")).collect();
+        // dev-a gets 5 (limit 3), interleaved with one for each other target.
+        let order = [0, 1, 0, 2, 0, 3, 0, 4, 0];
+        let ops: Vec<CommandOp<'_>> = order
+            .iter()
+            .enumerate()
+            .map(|(k, &d)| {
+                CommandOp::Enqueue(NewCommand {
+                    device_id: &ids[d],
+                    name: &names[k % names.len()],
+                    payload: b"p",
+                    sender: "svc",
+                    now: 10,
+                    ttl_ms: 60_000,
+                    response_topic: None,
+                    correlation: None,
+                })
+            })
+            .collect();
+        let out = reg.apply_commands(&ops, 3).await.expect("apply");
+        let stored: Vec<i64> = out
+            .iter()
+            .filter_map(|o| match o {
+                CommandOutcome::Enqueued { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 6, "{out:?}");
+        assert!(stored.windows(2).all(|w| w[0] < w[1]), "ids follow the batch's order: {stored:?}");
+        assert!(matches!(out[3], CommandOutcome::NotAddressable { revoked: true }), "{:?}", out[3]);
+        assert!(matches!(out[5], CommandOutcome::NotAddressable { revoked: false }), "service: {:?}", out[5]);
+        assert!(matches!(out[7], CommandOutcome::NotAddressable { revoked: false }), "unknown: {:?}", out[7]);
+        // The two oldest of dev-a's five are dropped, reported with its last new command.
+        let CommandOutcome::Enqueued { dropped, .. } = &out[8] else { panic!("{:?}", out[8]) };
+        assert_eq!(dropped.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["c0", "c2"]);
+        let a = reg.commands_of(&ids[0], 10).await.expect("read");
+        let open: Vec<&str> =
+            a.iter().rev().filter(|c| c.status == CommandStatus::Queued).map(|c| c.name.as_str()).collect();
+        assert_eq!(open, ["c4", "c6", "c1"]);
+        let b = reg.commands_of(&ids[1], 10).await.expect("read");
+        assert_eq!(
+            b.iter().map(|c| (c.name.as_str(), c.status)).collect::<Vec<_>>(),
+            [("c1", CommandStatus::Queued)]
+        );
     }
 }

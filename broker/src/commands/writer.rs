@@ -110,48 +110,63 @@ impl Writer {
     }
 }
 
-/// Publishes the statuses a committed change caused.
-async fn announce(statuses: &Statuses, change: &Change, outcome: &CommandOutcome) {
-    match (change, outcome) {
-        (Change::Enqueue { device, name, reply, .. }, CommandOutcome::Enqueued { id, dropped }) => {
-            statuses.publish(*id, device.as_str(), name, CommandStatus::Queued, None, reply.as_ref()).await;
-            for d in dropped {
-                drop_status(statuses, d).await;
-            }
+/// A status change to publish once its batch is committed.
+#[derive(Debug)]
+struct Event {
+    id: i64,
+    device: String,
+    name: String,
+    status: CommandStatus,
+    reason: Option<CommandRefusal>,
+    reply: Option<Reply>,
+}
+
+impl Event {
+    fn of(c: &Command, status: CommandStatus, reason: Option<CommandRefusal>) -> Self {
+        Event {
+            id: c.id,
+            device: c.device_id.clone(),
+            name: c.name.clone(),
+            status,
+            reason,
+            reply: Reply::of(c),
         }
-        (Change::Enqueue { device, name, reply, .. }, CommandOutcome::NotAddressable { revoked }) => {
-            let reason = if *revoked { CommandRefusal::Revoked } else { CommandRefusal::UnknownDevice };
-            statuses
-                .publish(0, device.as_str(), name, CommandStatus::Refused, Some(reason), reply.as_ref())
-                .await
-        }
-        (Change::Acknowledged { id, device, name, reply, .. }, CommandOutcome::Changed(true)) => {
-            statuses.publish(*id, device, name, CommandStatus::Acknowledged, None, reply.as_ref()).await
-        }
-        (Change::Take { .. }, CommandOutcome::Taken(commands)) => {
-            for c in commands.iter().filter(|c| c.status == CommandStatus::Queued) {
-                let reply = Reply::of(c);
-                statuses
-                    .publish(c.id, &c.device_id, &c.name, CommandStatus::Delivered, None, reply.as_ref())
-                    .await
-            }
-        }
-        _ => {}
     }
 }
 
-async fn drop_status(statuses: &Statuses, d: &Command) {
-    let reply = Reply::of(d);
-    statuses
-        .publish(
-            d.id,
-            &d.device_id,
-            &d.name,
-            CommandStatus::Dropped,
-            Some(CommandRefusal::QueueFull),
-            reply.as_ref(),
-        )
-        .await
+/// The statuses a committed change caused, in order.
+fn events(change: Change, outcome: &CommandOutcome, out: &mut Vec<Event>) {
+    match (change, outcome) {
+        (Change::Enqueue { device, name, reply, .. }, CommandOutcome::Enqueued { id, dropped }) => {
+            let device = device.as_str().to_owned();
+            out.push(Event { id: *id, device, name, status: CommandStatus::Queued, reason: None, reply });
+            out.extend(
+                dropped.iter().map(|d| Event::of(d, CommandStatus::Dropped, Some(CommandRefusal::QueueFull))),
+            );
+        }
+        (Change::Enqueue { device, name, reply, .. }, CommandOutcome::NotAddressable { revoked }) => {
+            let reason = if *revoked { CommandRefusal::Revoked } else { CommandRefusal::UnknownDevice };
+            let device = device.as_str().to_owned();
+            out.push(Event {
+                id: 0,
+                device,
+                name,
+                status: CommandStatus::Refused,
+                reason: Some(reason),
+                reply,
+            });
+        }
+        (Change::Acknowledged { id, device, name, reply, .. }, CommandOutcome::Changed(true)) => {
+            out.push(Event { id, device, name, status: CommandStatus::Acknowledged, reason: None, reply });
+        }
+        (Change::Take { .. }, CommandOutcome::Taken(commands)) => out.extend(
+            commands
+                .iter()
+                .filter(|c| c.status == CommandStatus::Queued)
+                .map(|c| Event::of(c, CommandStatus::Delivered, None)),
+        ),
+        _ => {}
+    }
 }
 
 /// Applies one batch, retrying once after a short pause (a busy or briefly unreachable
@@ -171,10 +186,14 @@ async fn commit(registry: &Registry, limit: usize, batch: &[Job]) -> Option<Vec<
     None
 }
 
+/// Statuses of committed batches waiting to be published at most; the writer waits beyond it.
+const ANNOUNCE_QUEUE: usize = 64;
+
 /// The writer: until shutdown, takes every job waiting (up to [`BATCH`] changes), commits them
-/// in one transaction, publishes the statuses and answers each job. A failed batch answers
-/// `None`: a new command is not acknowledged to its service (it retransmits); a delivery is
-/// not sent (the session tries again on its next wake-up); an acknowledgement is lost and the
+/// in one transaction and answers each job; the statuses the batch caused are then published in
+/// commit order, while the next batch commits (a status never holds a PUBACK). A failed batch
+/// answers `None`: a new command is not acknowledged to its service (it retransmits); a delivery
+/// is not sent (the session tries again on its next wake-up); an acknowledgement is lost and the
 /// command is sent again (DUP) in the device's next session, where the SDK filters it out.
 pub(crate) async fn run(
     registry: Registry,
@@ -183,39 +202,51 @@ pub(crate) async fn run(
     jobs: Jobs,
     shutdown: CancellationToken,
 ) {
-    let Jobs(mut rx) = jobs;
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            j = rx.recv() => match j { Some(j) => j, None => return },
-        };
-        let mut n = first.changes.len();
-        let mut batch = vec![first];
-        while n < BATCH {
-            match rx.try_recv() {
-                Ok(j) => {
-                    n += j.changes.len();
-                    batch.push(j);
-                }
-                Err(_) => break,
-            }
-        }
-        let outcomes = commit(&registry, max_queued_commands, &batch).await;
-        let mut outcomes = outcomes.map(Vec::into_iter);
-        for job in batch {
-            let answer = match outcomes.as_mut() {
-                Some(it) => {
-                    let mine: Vec<CommandOutcome> = it.by_ref().take(job.changes.len()).collect();
-                    for (c, o) in job.changes.iter().zip(&mine) {
-                        announce(&statuses, c, o).await;
-                    }
-                    Some(mine)
-                }
-                None => None,
+    let (announce_tx, mut announce_rx) = mpsc::channel::<Vec<Event>>(ANNOUNCE_QUEUE);
+    let write = async move {
+        let Jobs(mut rx) = jobs;
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                j = rx.recv() => match j { Some(j) => j, None => return },
             };
-            if let Some(reply) = job.reply {
-                let _ = reply.send(answer);
+            let mut n = first.changes.len();
+            let mut batch = vec![first];
+            while n < BATCH {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        n += j.changes.len();
+                        batch.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let outcomes = commit(&registry, max_queued_commands, &batch).await;
+            let mut outcomes = outcomes.map(Vec::into_iter);
+            let mut done = Vec::with_capacity(n);
+            for job in batch {
+                let answer =
+                    outcomes.as_mut().map(|it| it.by_ref().take(job.changes.len()).collect::<Vec<_>>());
+                if let Some(mine) = &answer {
+                    for (c, o) in job.changes.into_iter().zip(mine) {
+                        events(c, o, &mut done);
+                    }
+                }
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(answer);
+                }
+            }
+            if !done.is_empty() && announce_tx.send(done).await.is_err() {
+                return;
             }
         }
-    }
+    };
+    let announce = async move {
+        while let Some(done) = announce_rx.recv().await {
+            for e in done {
+                statuses.publish(e.id, &e.device, &e.name, e.status, e.reason, e.reply.as_ref()).await;
+            }
+        }
+    };
+    tokio::join!(write, announce);
 }
