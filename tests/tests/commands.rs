@@ -613,3 +613,95 @@ async fn commands_sent_back_to_back_are_stored_in_order_and_acknowledged_in_orde
     let want: Vec<String> = (1..=N).map(|i| format!("c{i}")).collect();
     assert_eq!(names, want, "delivered in the order sent, each once");
 }
+
+/// The command writer's batch, against the registry directly: the devices checked (unknown,
+/// service, revoked refused), ids in the batch's order, the per-device limit applied with the
+/// drops reported on the device's last new command. On SQLite and on PostgreSQL (their inserts
+/// name the new ids differently).
+async fn a_batch_of_new_commands_on(url: &str) {
+    use fleet_registry::{
+        CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCert, NewCommand, Registry, RevocationReason,
+        Role, SerialNumber,
+    };
+    let reg = Registry::open(url, true).await.expect("open");
+    let certs: Vec<NewCert> =
+        [("dev-a", Role::Device), ("dev-b", Role::Device), ("dev-r", Role::Device), ("svc", Role::Service)]
+            .iter()
+            .map(|(id, role)| NewCert {
+                device_id: DeviceId::parse(id).expect("id"),
+                role: *role,
+                serial: SerialNumber::random(),
+                not_before: 0,
+                not_after: i64::MAX / 2,
+                key_source: "station",
+                cert_der: vec![0x30, 0x00],
+            })
+            .collect();
+    reg.record_certificates(&certs, true, 1).await.expect("record");
+    reg.revoke_device(&DeviceId::parse("dev-r").expect("id"), RevocationReason::KeyCompromise, 2)
+        .await
+        .expect("revoke");
+    let ids: Vec<DeviceId> =
+        ["dev-a", "dev-b", "dev-r", "svc", "ghost"].iter().map(|d| DeviceId::parse(d).expect("id")).collect();
+    let names: Vec<String> = (0..7).map(|i| format!("c{i}")).collect();
+    // dev-a gets 5 (limit 3), interleaved with one for each other target.
+    let order = [0, 1, 0, 2, 0, 3, 0, 4, 0];
+    let ops: Vec<CommandOp<'_>> = order
+        .iter()
+        .enumerate()
+        .map(|(k, &d)| {
+            CommandOp::Enqueue(NewCommand {
+                device_id: &ids[d],
+                name: &names[k % names.len()],
+                payload: b"p",
+                sender: "svc",
+                now: 10,
+                ttl_ms: 60_000,
+                response_topic: None,
+                correlation: None,
+            })
+        })
+        .collect();
+    let out = reg.apply_commands(&ops, 3).await.expect("apply");
+    let stored: Vec<i64> = out
+        .iter()
+        .filter_map(|o| match o {
+            CommandOutcome::Enqueued { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored.len(), 6, "{out:?}");
+    assert!(stored.windows(2).all(|w| w[0] < w[1]), "ids follow the batch's order: {stored:?}");
+    assert!(matches!(out[3], CommandOutcome::NotAddressable { revoked: true }), "{:?}", out[3]);
+    assert!(matches!(out[5], CommandOutcome::NotAddressable { revoked: false }), "service: {:?}", out[5]);
+    assert!(matches!(out[7], CommandOutcome::NotAddressable { revoked: false }), "unknown: {:?}", out[7]);
+    let CommandOutcome::Enqueued { dropped, .. } = &out[8] else { panic!("{:?}", out[8]) };
+    assert_eq!(dropped.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["c0", "c2"]);
+    let a = reg.commands_of(&ids[0], 10).await.expect("read");
+    // Every stored id is the row it names.
+    for (k, id) in [0usize, 2, 4, 6, 8].iter().zip([stored[0], stored[2], stored[3], stored[4], stored[5]]) {
+        let c = a.iter().find(|c| c.id == id).expect("stored id");
+        assert_eq!(c.name, names[k % names.len()], "id {id}");
+    }
+    let open: Vec<&str> =
+        a.iter().rev().filter(|c| c.status == CommandStatus::Queued).map(|c| c.name.as_str()).collect();
+    assert_eq!(open, ["c4", "c6", "c1"]);
+    let b = reg.commands_of(&ids[1], 10).await.expect("read");
+    assert_eq!(
+        b.iter().map(|c| (c.name.as_str(), c.status)).collect::<Vec<_>>(),
+        [("c1", CommandStatus::Queued)]
+    );
+    assert_eq!(b[0].id, stored[1]);
+}
+
+#[tokio::test]
+async fn a_batch_of_new_commands_is_checked_stored_in_order_and_held_to_the_limit_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    a_batch_of_new_commands_on(&format!("sqlite://{}", dir.path().join("r.db").display())).await;
+}
+
+#[tokio::test]
+async fn a_batch_of_new_commands_is_checked_stored_in_order_and_held_to_the_limit_on_postgresql() {
+    let pg = fleet_tests::PgCluster::start();
+    a_batch_of_new_commands_on(&pg.create_database("batch")).await;
+}
