@@ -165,7 +165,9 @@ pub struct BoardError;
 
 impl fmt::Display for BoardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a board name is 1-32 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+        f.write_str(
+            "a board name is 1-32 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+        )
     }
 }
 
@@ -524,9 +526,6 @@ mod tests {
         assert_eq!(m.check_offer(&key, &board, Version::new(1, 1, 0), cap - 1), Err(Refusal::TooLarge));
         assert_eq!(m.check_offer(&key, &board, Version::new(1, 2, 0), cap), Err(Refusal::NotNewer));
         assert_eq!(m.check_offer(&key, &board, Version::new(2, 0, 0), cap), Err(Refusal::NotNewer));
-        assert_eq!(
-            m.check_offer(&key, &board, Version::new(1, 0, 6), cap),
-            Err(Refusal::BelowMinVersion)
-        );
+        assert_eq!(m.check_offer(&key, &board, Version::new(1, 0, 6), cap), Err(Refusal::BelowMinVersion));
     }
 }
