@@ -191,7 +191,7 @@ impl NorFlash for Nor {
     const ERASE_SIZE: usize = SECTOR;
     fn erase(&mut self, from: u32, to: u32) -> Result<(), Self::Error> {
         let (from, to) = (from as usize, to as usize);
-        if from % SECTOR != 0 || to % SECTOR != 0 {
+        if !from.is_multiple_of(SECTOR) || !to.is_multiple_of(SECTOR) {
             return Err(NorFlashErrorKind::NotAligned);
         }
         self.0.get_mut(from..to).ok_or(NorFlashErrorKind::OutOfBounds)?.fill(0xFF);
@@ -199,7 +199,7 @@ impl NorFlash for Nor {
     }
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), Self::Error> {
         let at = offset as usize;
-        if at % 4 != 0 || bytes.len() % 4 != 0 {
+        if !at.is_multiple_of(4) || !bytes.len().is_multiple_of(4) {
             return Err(NorFlashErrorKind::NotAligned);
         }
         let cells = self.0.get_mut(at..at + bytes.len()).ok_or(NorFlashErrorKind::OutOfBounds)?;
