@@ -331,15 +331,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create the firmware image-signing key (Ed25519), once. The private key goes to
-    /// HOME/private/firmware.key (PKCS#8 PEM, mode 0600), kept like the root CA key: move it
+    /// Create the firmware image-signing key (Ed25519), once.
+    ///
+    /// The private key goes to HOME/private/firmware.key (PKCS#8 PEM, mode 0600), kept like the root CA key: move it
     /// offline and give its path to `release --key` when signing. Its public half is what device
     /// firmware embeds: HOME/firmware.pub (32 raw bytes, the public key embassy-boot's
     /// verify_and_mark_updated takes) and HOME/firmware.pub.pem (for openssl). Refuses if the
     /// station made one before (any of the three files exists). See docs/spec/ota.md.
     FirmwareKey,
-    /// Sign a firmware image as a release, in the form embassy-boot 0.7 verifies: an Ed25519
-    /// signature over the image's SHA-512 digest, and a manifest (version, minimum version,
+    /// Sign a firmware image as a release that embassy-boot 0.7 verifies.
+    ///
+    /// The release is an Ed25519 signature over the image's SHA-512 digest (what embassy-boot's
+    /// verify_and_mark_updated checks) and a manifest (version, minimum version,
     /// board, size, digest, signing key id) signed by the same key. The release is recorded in
     /// the registry and the issuance log, then written to DIR: image.bin, image.sha512 (the
     /// signed digest), image.sig (64 bytes), manifest.bin (the 268-byte manifest a device is
@@ -358,11 +361,11 @@ enum Command {
         #[arg(long, value_parser = parse_board)]
         board: Board,
         /// The oldest version a device may run to install this release (e.g. 1.1.0 when this
-        /// one needs what 1.1.0 migrated). Default 0.0.0: any version.
+        /// one needs what 1.1.0 migrated); 0.0.0 means any version.
         #[arg(long, value_name = "VERSION", value_parser = parse_version, default_value = "0.0.0")]
         min_version: Version,
-        /// The largest image accepted: the board's update partition, in bytes or with KiB or MiB
-        /// (e.g. 448KiB). A device refuses an offer larger than its partition in any case.
+        /// The largest image accepted: the board's update partition, in bytes or with KiB, MiB or
+        /// GiB (e.g. 448KiB). A device refuses an offer larger than its partition in any case.
         #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
         max_size: u64,
         /// The firmware signing key, when it is not in HOME/private/firmware.key (e.g. its
