@@ -320,6 +320,16 @@ async fn a_release_verifies_with_openssl_ed25519_dalek_and_embassy_boot() {
         &dir.join("image.sig")
     ));
     assert!(dalek_verifies(&public, &digest, &signature));
+    // Ed25519 is deterministic: OpenSSL signing the digest with the station's key file makes the
+    // same 64 bytes (the key file is a plain RFC 8410 key, usable offline with OpenSSL alone).
+    let openssl = require_program("openssl", "openssl");
+    let by_openssl = run(Command::new(openssl)
+        .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+        .arg(st.home().join("private/firmware.key"))
+        .arg("-in")
+        .arg(dir.join("image.sha512")));
+    assert!(by_openssl.status.success(), "{}", String::from_utf8_lossy(&by_openssl.stderr));
+    assert_eq!(by_openssl.stdout, signature);
     let (verdict, state) = embassy_boot(&img, &public, &signature);
     assert!(verdict.is_ok(), "embassy-boot refused the release: {verdict:?}");
     assert_eq!(state, State::Swap, "embassy-boot marked the update for swap");
