@@ -6,7 +6,8 @@
 //! session; `tls` (the strict broker verifier, the `DeviceSigner` that holds the key, P-256 on
 //! `p256-cm4` for Cortex-M4/M7); `client`, the device API, blocking over `embedded-io` and, with
 //! the `async` feature, async over `embedded-io-async`; `transport` (read timeouts only between
-//! TLS records); rotation, CSRs and the A/B credential store.
+//! TLS records); rotation, CSRs and the A/B credential store; `release`, the manifest of a signed
+//! firmware release (docs/spec/ota.md).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 #![forbid(unsafe_code)]
 #![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
@@ -20,6 +21,7 @@ pub mod credentials;
 #[cfg(feature = "tls")]
 pub mod csr;
 pub mod mqtt;
+pub mod release;
 #[cfg(feature = "tls")]
 pub mod rotation;
 pub mod store;

@@ -33,6 +33,39 @@ pub enum Error {
     /// A CSR outside the device certificate profile.
     #[error("CSR refused by the device profile: {0}")]
     CsrProfile(String),
+    /// `firmware-key` would replace the station's firmware signing key (or its public half,
+    /// which devices embed).
+    #[error("{0} already exists: this station has its firmware signing key; refusing to make another")]
+    FirmwareKeyExists(PathBuf),
+    /// `release` on a station that never made a firmware signing key.
+    #[error("this station has no firmware signing key ({0} is missing)")]
+    NoFirmwareKey(PathBuf),
+    /// The signing key is not where `release` looks by default: moved offline.
+    #[error("the firmware signing key is not at {0} (moved offline?)")]
+    FirmwareKeyOffline(PathBuf),
+    /// A signing key that is not the one whose public half the devices embed.
+    #[error("the key in {path} (id {given}) is not this station's firmware signing key (id {expected}): devices would refuse what it signs")]
+    FirmwareKeyMismatch {
+        /// The key file given.
+        path: PathBuf,
+        /// Its key id.
+        given: String,
+        /// The station's key id (`firmware.pub`).
+        expected: String,
+    },
+    /// An image larger than a release may be.
+    #[error("the image {path} is {size} bytes, more than the {max} bytes a release may be (--max-size)")]
+    ImageTooLarge {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// An image of no bytes.
+    #[error("the image {0} is empty")]
+    ImageEmpty(PathBuf),
     /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
     Io {

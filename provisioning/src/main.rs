@@ -12,8 +12,10 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use cli::commands;
 use cli::report::{emit, Report};
+use fleet_provision::firmware::{Board, ReleaseSpec, Version};
 use fleet_provision::home::Home;
 use fleet_provision::lifecycle::{ClaimOptions, Policy};
+use fleet_provision::ota::ReleaseOptions;
 use fleet_provision::station::{MintOptions, Station};
 use fleet_provision::{Error, RevocationReason, Status};
 
@@ -28,6 +30,8 @@ use fleet_provision::{Error, RevocationReason, Status};
 ///   fleet-provision server-cert --dns broker.example.com       # into HOME/broker-tls, where fleet-broker looks
 ///   fleet-provision mint --count 100 --out devices --broker-host broker.example.com
 ///   fleet-provision revoke dev-0a1b2c3d4e5f --reason keyCompromise
+///   fleet-provision firmware-key                               # once: the image-signing key
+///   fleet-provision release --image app.bin --version 1.2.0 --board mps2-an386
 #[derive(Debug, Parser)]
 #[command(name = "fleet-provision", version, verbatim_doc_comment)]
 struct Cli {
@@ -327,6 +331,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create the firmware image-signing key (Ed25519), once.
+    ///
+    /// The private key goes to HOME/private/firmware.key (PKCS#8 PEM, mode 0600), kept like the root CA key: move it
+    /// offline and give its path to `release --key` when signing. Its public half is what device
+    /// firmware embeds: HOME/firmware.pub (32 raw bytes, the public key embassy-boot's
+    /// verify_and_mark_updated takes) and HOME/firmware.pub.pem (for openssl). Refuses if the
+    /// station made one before (any of the three files exists). See docs/spec/ota.md.
+    FirmwareKey,
+    /// Sign a firmware image as a release that embassy-boot 0.7 verifies.
+    ///
+    /// The release is an Ed25519 signature over the image's SHA-512 digest (what embassy-boot's
+    /// verify_and_mark_updated checks) and a manifest (version, minimum version,
+    /// board, size, digest, signing key id) signed by the same key. The release is recorded in
+    /// the registry and the issuance log, then written to DIR: image.bin, image.sha512 (the
+    /// signed digest), image.sig (64 bytes), manifest.bin (the 268-byte manifest a device is
+    /// offered) and manifest.json. A version is released once per board. See docs/spec/ota.md.
+    Release {
+        /// The firmware image: the raw binary the bootloader swaps into the active partition
+        /// (e.g. `arm-none-eabi-objcopy -O binary app.elf app.bin`), not an ELF file.
+        #[arg(long, value_name = "FILE")]
+        image: PathBuf,
+        /// The release's version: MAJOR.MINOR.PATCH (Semantic Versioning without pre-release or
+        /// build tags). A device installs only a version newer than the one it runs.
+        #[arg(long, value_name = "VERSION", value_parser = parse_version)]
+        version: Version,
+        /// The board the image is built for: 1-32 characters of a-z, 0-9, '.', '_', '-' (e.g.
+        /// mps2-an386). A device installs only its own board's releases.
+        #[arg(long, value_parser = parse_board)]
+        board: Board,
+        /// The oldest version a device may run to install this release (e.g. 1.1.0 when this
+        /// one needs what 1.1.0 migrated); 0.0.0 means any version.
+        #[arg(long, value_name = "VERSION", value_parser = parse_version, default_value = "0.0.0")]
+        min_version: Version,
+        /// The largest image accepted: the board's update partition, in bytes or with KiB, MiB or
+        /// GiB (e.g. 448KiB). A device refuses an offer larger than its partition in any case.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
+        max_size: u64,
+        /// The firmware signing key, when it is not in HOME/private/firmware.key (e.g. its
+        /// offline copy on removable media). Only the key whose public half is HOME/firmware.pub
+        /// is accepted.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// The release directory to create (must not exist); default
+        /// HOME/releases/<board>-<version>.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// List the signed firmware releases in the registry, by board, oldest first.
+    Releases {
+        /// Only this board's.
+        #[arg(long, value_parser = parse_board)]
+        board: Option<Board>,
+        /// JSON output (one array of manifests, as in each release's manifest.json).
+        #[arg(long)]
+        json: bool,
+    },
     /// PostgreSQL least privilege: create (if missing) and grant a role for the brokers that
     /// can read devices and certificates and insert telemetry, and nothing else (no UPDATE of
     /// a certificate or device row, no issuance-log or CRL-state access). Run it as the schema
@@ -371,6 +431,38 @@ fn parse_duration_secs(s: &str) -> Result<i64, String> {
     n.checked_mul(unit).ok_or_else(|| format!("{s:?}: too long"))
 }
 
+/// `--version`, `--min-version`: MAJOR.MINOR.PATCH.
+fn parse_version(s: &str) -> Result<Version, String> {
+    Version::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--board`.
+fn parse_board(s: &str) -> Result<Board, String> {
+    Board::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--max-size`: bytes, or a number with KiB, MiB or GiB (K, M, G mean the same), at most 4 GiB - 1
+/// (embassy-boot counts image bytes in a u32).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 =
+        digits.parse().map_err(|_| "expected a number of bytes, or one with KiB or MiB (e.g. 448KiB)")?;
+    let unit: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err("the unit is KiB, MiB or GiB (e.g. 448KiB)".into()),
+    };
+    match n.checked_mul(unit) {
+        Some(0) => Err("the size must be at least 1 byte".into()),
+        Some(b) if b <= u64::from(u32::MAX) => Ok(b),
+        _ => Err("at most 4 GiB - 1: embassy-boot counts image bytes in 32 bits".into()),
+    }
+}
+
 /// `--status`: `active` or `revoked`.
 fn status_parser() -> impl TypedValueParser<Value = Status> {
     PossibleValuesParser::new(Status::ALL.map(Status::as_str))
@@ -387,6 +479,17 @@ fn hint(e: &anyhow::Error) -> Option<String> {
         ),
         Error::OutlivesIssuer { issuer_days_left, .. } => {
             format!("use --days {issuer_days_left} or less, or renew the CA")
+        }
+        Error::NoFirmwareKey(_) => "run `fleet-provision firmware-key` first".into(),
+        Error::FirmwareKeyOffline(_) => "pass its offline copy with --key FILE".into(),
+        Error::FirmwareKeyExists(_) => {
+            "devices embed its public half (firmware.pub); sign releases with it (`fleet-provision release`)".into()
+        }
+        Error::FirmwareKeyMismatch { .. } => {
+            "sign with the key `fleet-provision firmware-key` made for this station (or its offline copy)".into()
+        }
+        Error::Registry(fleet_registry::Error::ReleaseExists { .. }) => {
+            "give the new image a new version".into()
         }
         Error::Registry(fleet_registry::Error::SchemaNotCurrent(_)) => {
             "run a `fleet-provision` command (e.g. `fleet-provision list`) against this database as its owner to migrate it".into()
@@ -405,6 +508,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List { json: true, .. }
             | Command::Show { json: true, .. }
             | Command::Commands { json: true, .. }
+            | Command::Releases { json: true, .. }
     );
     let report: Box<dyn Report> = match cli.command {
         Command::Init { org } => Box::new(commands::init(home.clone(), db, &org).await?),
@@ -459,6 +563,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Commands { device_id, limit, .. } => {
             Box::new(commands::commands(station().await?, &device_id, limit).await?)
         }
+        Command::FirmwareKey => Box::new(commands::firmware_key(station().await?).await?),
+        Command::Release { image, version, board, min_version, max_size, key, out } => {
+            let spec = ReleaseSpec { version, min_version, board };
+            let opts = ReleaseOptions { image, spec, max_size, key, out };
+            Box::new(commands::release(station().await?, opts).await?)
+        }
+        Command::Releases { board, .. } => Box::new(commands::releases(station().await?, board).await?),
         Command::DbRoles { broker_role, print: true } => Box::new(commands::broker_role_sql(&broker_role)?),
         Command::DbRoles { broker_role, print: false } => {
             Box::new(commands::apply_broker_role(station().await?, broker_role).await?)

@@ -32,6 +32,15 @@ pub enum Error {
     /// An identity that is not a claim used as one.
     #[error("`{0}` is not an active claim")]
     NotAClaim(String),
+    /// A board and version released before with another manifest (another image, minimum
+    /// version or key): a version is released once per board.
+    #[error("board `{board}` already has a release {version} of another image; a version is released once per board")]
+    ReleaseExists {
+        /// The board.
+        board: String,
+        /// The version.
+        version: String,
+    },
     /// A database URL of an engine the registry does not support.
     #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),

@@ -11,8 +11,11 @@
 //!   crl.pem                the latest signed CRL (replaced atomically)
 //!   registry.db            the SQLite registry (default database)
 //!   station.json           station settings
-//!   private/               CA keys, mode 0700 (files 0600)
+//!   firmware.pub           the firmware signing public key, 32 raw bytes (what devices embed)
+//!   firmware.pub.pem       the same key as PEM, for OpenSSL
+//!   private/               CA keys and the firmware signing key, mode 0700 (files 0600)
 //!   broker-tls/            the broker's certificate chain, key and client CA
+//!   releases/              signed firmware releases, one directory each (`<board>-<version>`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -70,6 +73,24 @@ impl Home {
     /// Server CA + root, for OpenSSL-based clients (mosquitto_pub, paho) that need a root.
     pub fn server_ca_chain(&self) -> PathBuf {
         self.root.join("server-ca-chain.pem")
+    }
+    /// The firmware image-signing key (Ed25519, PKCS#8 PEM), kept like the root CA key: created
+    /// once, mode 0600, and movable offline (`release --key` reads it from elsewhere).
+    pub fn firmware_key(&self) -> PathBuf {
+        self.private_dir().join("firmware.key")
+    }
+    /// The firmware signing public key, 32 raw bytes: what a device's firmware embeds and gives
+    /// to embassy-boot's `verify_and_mark_updated`.
+    pub fn firmware_pub(&self) -> PathBuf {
+        self.root.join("firmware.pub")
+    }
+    /// The firmware signing public key as PEM (SubjectPublicKeyInfo), for OpenSSL.
+    pub fn firmware_pub_pem(&self) -> PathBuf {
+        self.root.join("firmware.pub.pem")
+    }
+    /// Where `release` writes signed releases by default, one directory each.
+    pub fn releases_dir(&self) -> PathBuf {
+        self.root.join("releases")
     }
     /// Latest CRL (PEM).
     pub fn crl(&self) -> PathBuf {
@@ -150,4 +171,21 @@ impl IdentityFiles {
     /// `<prefix>-...`. Beside a claim's bundle, for the factory's firmware configuration and for
     /// `fleet-sim claim`; the issuer holds the authoritative copy in the registry.
     pub const CLAIM_PREFIX: &'static str = "id-prefix";
+}
+
+/// File names inside one signed release's directory (docs/spec/ota.md).
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseFiles;
+
+impl ReleaseFiles {
+    /// The image, byte for byte as given.
+    pub const IMAGE: &'static str = "image.bin";
+    /// SHA-512 of the image, 64 raw bytes: the message the image signature signs.
+    pub const DIGEST: &'static str = "image.sha512";
+    /// Ed25519 signature over the digest, 64 raw bytes (embassy-boot's `verify_and_mark_updated`).
+    pub const SIGNATURE: &'static str = "image.sig";
+    /// The signed manifest, layout `fgota-m1` (268 bytes): what a device is offered.
+    pub const MANIFEST: &'static str = "manifest.bin";
+    /// The same manifest as JSON, for people and the admin side.
+    pub const MANIFEST_JSON: &'static str = "manifest.json";
 }

@@ -7,6 +7,7 @@
 //! - [`rows`]: devices and certificates (issue, re-key, revoke, list, CRL snapshot).
 //! - [`lifecycle`]: rotations over MQTT, forced-rotation requests, claims.
 //! - [`log`] and [`verify`]: the hash-chained issuance log and its verifier.
+//! - [`releases`]: signed firmware releases, one per board and version.
 //! - [`console`] and [`expiry`]: listings and pages of the fleet in one query each; the one
 //!   definition of an identity that expires soon.
 //! - [`feed`]: what a broker reads: admission verdicts and the revocation feed.
@@ -27,6 +28,7 @@ pub mod home;
 pub mod ids;
 pub mod lifecycle;
 pub mod log;
+pub mod releases;
 pub mod rows;
 pub mod telemetry;
 pub mod verify;
@@ -38,12 +40,13 @@ pub use error::{report, Error, Result};
 pub use expiry::{expiry, ExpiryWindow};
 mod redact;
 pub use feed::{Admission, RevocationEvent, RevocationFeed, REVOCATION_CHANNEL};
-pub use home::{BrokerTls, Home, IdentityFiles};
+pub use home::{BrokerTls, Home, IdentityFiles, ReleaseFiles};
 pub use ids::{
     DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, CSR_ORIGIN, DEVICE_URI_PREFIX,
     ISSUER_URI_PREFIX, NODE_URI_PREFIX, OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX, STREAM_READER_URI_PREFIX,
 };
 pub use redact::redact_url;
+pub use releases::{NewRelease, ReleaseRecord};
 pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};
 pub use telemetry::{Telemetry, TelemetryWriter};
 pub use verify::LogReport;

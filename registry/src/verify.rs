@@ -12,6 +12,10 @@
 //! certificate's serial. A log and registry rewritten to a serial the certificate does not hold
 //! (a CRL listing that serial would not revoke the certificate) is a disagreement even with the
 //! hash chain recomputed.
+//!
+//! Every firmware release row must be what its `release` entry recorded (the signed manifest and
+//! each of its columns), every logged release must still have its row, and every release must
+//! be signed by a key a `firmware-key` entry created.
 
 use std::collections::HashMap;
 
@@ -20,6 +24,7 @@ use sqlx::Row;
 use crate::db::Registry;
 use crate::error::{Error, Result};
 use crate::log::{cert_digest, chain_hash, LogEntry, GENESIS};
+use crate::releases::release_detail;
 
 /// Result of `verify_log`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +78,8 @@ impl Registry {
         let mut roles: HashMap<String, String> = HashMap::new();
         let mut device_revocations: HashMap<String, (i64, String)> = HashMap::new();
         let mut server_mismatches = Vec::new();
+        let mut logged_releases: HashMap<(String, String), serde_json::Value> = HashMap::new();
+        let mut firmware_keys = std::collections::HashSet::new();
         for (i, r) in rows.iter().enumerate() {
             let seq: i64 = r.try_get(0)?;
             let expected_seq = i as i64 + 1;
@@ -128,6 +135,14 @@ impl Registry {
                             ));
                         }
                     }
+                }
+                "release" => {
+                    let d = detail_json(seq, &e.detail)?;
+                    let version = d["version"].as_str().unwrap_or_default().to_owned();
+                    logged_releases.insert((device_id.clone(), version), d);
+                }
+                "firmware-key" => {
+                    firmware_keys.insert(device_id.clone());
                 }
                 "revoke-device" => {
                     let d = detail_json(seq, &e.detail)?;
@@ -231,6 +246,35 @@ impl Registry {
             {
                 bad.push(format!("device {id}: revocation (time, reason) disagrees with the log"));
             }
+        }
+        let releases = self.releases(None).await?;
+        let mut present = std::collections::HashSet::new();
+        for r in &releases {
+            let (board, version) = (&r.release.board, &r.release.version);
+            present.insert((board.clone(), version.clone()));
+            let Some(logged) = logged_releases.get(&(board.clone(), version.clone())) else {
+                bad.push(format!("release {board} {version} has no release entry in the log"));
+                continue;
+            };
+            let row = detail_json(0, &release_detail(&r.release))?;
+            if row != *logged {
+                bad.push(format!(
+                    "release {board} {version} differs from what the log recorded (manifest, digest, signature, size, key or minimum version)"
+                ));
+            }
+            if !firmware_keys.contains(&r.release.key_id) {
+                bad.push(format!(
+                    "release {board} {version} is signed by key {}, which no firmware-key entry of the log created",
+                    r.release.key_id
+                ));
+            }
+        }
+        let mut missing: Vec<_> = logged_releases.keys().filter(|k| !present.contains(*k)).collect();
+        missing.sort();
+        for (board, version) in missing {
+            bad.push(format!(
+                "release {board} {version} was recorded per the log but is missing from the registry"
+            ));
         }
         Ok(LogReport { entries: rows.len() as i64, head: prev, disagreements: bad })
     }

@@ -6,18 +6,20 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fleet_provision::firmware::Board;
 use fleet_provision::home::{self, Home};
 use fleet_provision::issuer::IssuerConfig;
 use fleet_provision::lifecycle::{ClaimOptions, Policy};
+use fleet_provision::ota::ReleaseOptions;
 use fleet_provision::station::{MintOptions, Station};
 use fleet_provision::{DeviceId, RevocationReason, SerialNumber, Status};
 use fleet_registry::{LogReport, Registry};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::report::{
-    BrokerRole, ClaimIdentity, Commands, CrlInHome, CrlSigned, CsrSigned, Initialised, IssuerStopped,
-    Listing, LogVerified, Minted, NodeIdentity, OperatorIdentity, Rekeyed, Renewed, Revocation, Revoked,
-    RoleIdentity, RotationRequested, ServerCert, Shown,
+    BrokerRole, ClaimIdentity, Commands, CrlInHome, CrlSigned, CsrSigned, FirmwareKey, Initialised,
+    IssuerStopped, Listing, LogVerified, Minted, NodeIdentity, OperatorIdentity, Rekeyed, Released, Releases,
+    Renewed, Revocation, Revoked, RoleIdentity, RotationRequested, ServerCert, Shown,
 };
 
 /// `init`.
@@ -283,4 +285,20 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// `firmware-key`.
+pub(crate) async fn firmware_key(s: Station) -> anyhow::Result<FirmwareKey> {
+    Ok(FirmwareKey(s.firmware_key().await?))
+}
+
+/// `release`.
+pub(crate) async fn release(s: Station, opts: ReleaseOptions) -> anyhow::Result<Released> {
+    let release = s.release(&opts).await?;
+    Ok(Released { release, public_pem: s.home().firmware_pub_pem() })
+}
+
+/// `releases`.
+pub(crate) async fn releases(s: Station, board: Option<Board>) -> anyhow::Result<Releases> {
+    Ok(Releases(s.releases(board.as_ref()).await?))
 }

@@ -8,11 +8,13 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 
+use fleet_provision::firmware::{Manifest, MANIFEST_LEN};
 use fleet_provision::issuer::Counts;
+use fleet_provision::ota::{manifest_json, FirmwareKeyMade, SignedRelease};
 use fleet_provision::pki::IssuedCert;
 use fleet_provision::station::{CrlOutput, DeviceReport, MintedDevice};
 use fleet_provision::{DeviceId, RevocationReason, SerialNumber};
-use fleet_registry::{Command, Home, ListedIdentity, LogReport};
+use fleet_registry::{Command, Home, ListedIdentity, LogReport, ReleaseFiles, ReleaseRecord};
 use serde_json::{json, Value};
 
 /// A command's result, ready to print.
@@ -538,5 +540,107 @@ pub(crate) struct LogVerified(pub(crate) LogReport);
 impl Report for LogVerified {
     fn text(&self, out: &mut dyn Write) -> io::Result<()> {
         writeln!(out, "issuance log OK: {} entries, head {}", self.0.entries, self.0.head)
+    }
+}
+
+/// `firmware-key`.
+#[derive(Debug)]
+pub(crate) struct FirmwareKey(pub(crate) FirmwareKeyMade);
+
+impl Report for FirmwareKey {
+    fn text(&self, out: &mut dyn Write) -> io::Result<()> {
+        let k = &self.0;
+        writeln!(out, "firmware signing key (Ed25519) created, key id {}", k.public.key_id_hex())?;
+        writeln!(
+            out,
+            "  private key     {}  (mode 0600: move it offline; sign with `release --key FILE`)",
+            k.key.display()
+        )?;
+        writeln!(out, "  public key      {}  (32 bytes: embed them in the firmware)", k.raw.display())?;
+        writeln!(out, "  public key PEM  {}  (for openssl)", k.pem.display())?;
+        writeln!(out, "  public key hex  {}", hex::encode(k.public.as_bytes()))?;
+        writeln!(out, "next: fleet-provision release --image app.bin --version 1.0.0 --board <board>")
+    }
+}
+
+/// `release`.
+#[derive(Debug)]
+pub(crate) struct Released {
+    pub(crate) release: SignedRelease,
+    /// `HOME/firmware.pub.pem`, for the openssl line.
+    pub(crate) public_pem: PathBuf,
+}
+
+impl Report for Released {
+    fn text(&self, out: &mut dyn Write) -> io::Result<()> {
+        let r = &self.release;
+        let m = &r.manifest;
+        if r.again {
+            writeln!(
+                out,
+                "release {} {} was recorded at {} with these bytes; its files are written again",
+                m.board,
+                m.version,
+                fmt_time(r.created_at)
+            )?;
+        } else {
+            writeln!(out, "released {} {} (signed by key {})", m.board, m.version, hex::encode(m.key_id))?;
+        }
+        writeln!(out, "  directory       {}", r.dir.display())?;
+        writeln!(out, "  image           {} bytes, SHA-512 {}", m.image_size, hex::encode(m.image_sha512))?;
+        writeln!(out, "  min version     {}", m.min_version)?;
+        writeln!(
+            out,
+            "  manifest        {} ({MANIFEST_LEN} bytes: what a device is offered)",
+            r.dir.join(ReleaseFiles::MANIFEST).display()
+        )?;
+        writeln!(
+            out,
+            "check: openssl pkeyutl -verify -pubin -inkey {} -rawin -in {} -sigfile {}",
+            self.public_pem.display(),
+            r.dir.join(ReleaseFiles::DIGEST).display(),
+            r.dir.join(ReleaseFiles::SIGNATURE).display()
+        )
+    }
+}
+
+/// `releases`.
+#[derive(Debug)]
+pub(crate) struct Releases(pub(crate) Vec<ReleaseRecord>);
+
+impl Report for Releases {
+    fn text(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(
+            out,
+            "{:<32} {:<14} {:<14} {:>10} {:<16} {:<20} SHA-512",
+            "BOARD", "VERSION", "MIN VERSION", "BYTES", "KEY", "RECORDED"
+        )?;
+        for r in &self.0 {
+            let n = &r.release;
+            writeln!(
+                out,
+                "{:<32} {:<14} {:<14} {:>10} {:<16} {:<20} {}…",
+                n.board,
+                n.version,
+                n.min_version,
+                n.size,
+                n.key_id,
+                fmt_time(r.created_at),
+                n.sha512.get(..16).unwrap_or(&n.sha512)
+            )?;
+        }
+        writeln!(out, "{} releases", self.0.len())
+    }
+
+    fn json(&self) -> Option<Value> {
+        let rows = self.0.iter().map(|r| match Manifest::decode(&r.release.manifest) {
+            Ok(m) => manifest_json(&m, r.created_at),
+            // A row whose manifest does not decode: its columns, said to be unreadable.
+            Err(e) => json!({
+                "board": r.release.board, "version": r.release.version, "created_at": r.created_at,
+                "manifest_error": e.to_string(),
+            }),
+        });
+        Some(Value::Array(rows.collect()))
     }
 }
