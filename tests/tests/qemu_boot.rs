@@ -147,7 +147,9 @@ fn boots(lines: &[String]) -> Vec<&str> {
         .iter()
         .filter_map(|l| {
             let l = l.strip_prefix("FLEETGATE: ")?;
-            (l.starts_with("firmware ") && l.contains(": ")).then(|| l.split(':').next().unwrap())
+            // `firmware <version>: <how it was started>`, one per boot.
+            let head = l.split_once(": ")?.0;
+            (head.starts_with("firmware ") && head.split(' ').count() == 2).then_some(head)
         })
         .collect()
 }
@@ -280,11 +282,15 @@ impl Gate {
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 if n < refuse {
                     std::thread::spawn(move || {
-                        let mut hello = [0u8; 64];
+                        let mut hello = [0u8; 1024];
                         let _ = board.read(&mut hello);
-                        // Alert record: fatal handshake_failure.
+                        // Alert record: fatal handshake_failure; then end of stream. The socket is
+                        // closed only once the board has closed its side: a close with unread
+                        // bytes would send a reset, which may discard the alert on its way.
                         let _ = board.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
-                        let _ = board.shutdown(Shutdown::Both);
+                        let _ = board.shutdown(Shutdown::Write);
+                        let _ = board.set_read_timeout(Some(Duration::from_secs(10)));
+                        while matches!(board.read(&mut hello), Ok(n) if n > 0) {}
                     });
                     continue;
                 }

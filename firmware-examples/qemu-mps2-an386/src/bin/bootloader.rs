@@ -72,25 +72,28 @@ fn no_flash<T>(_: host_flash::FlashError) -> T {
 #[entry]
 fn main() -> ! {
     let t0 = clock_centis();
-    let (state, mut active) = {
+    let (found, now, mut active) = {
         let active: ActiveFlash = HostFlash::open(ACTIVE_OFFSET).unwrap_or_else(no_flash);
         let dfu: DfuFlash = HostFlash::open(DFU_OFFSET).unwrap_or_else(no_flash);
         let state: StateFlash = HostFlash::open(STATE_OFFSET).unwrap_or_else(no_flash);
         let mut boot = BootLoader::new(BootLoaderConfig { active, dfu, state });
         let mut buf = AlignedBuffer([0u8; PAGE as usize]);
-        let state = match boot.prepare_boot(buf.as_mut()) {
+        // `prepare_boot` returns the state it found (`Swap` both when it swaps and when it
+        // reverts); the state word afterwards tells which it did.
+        let (found, now) = match boot.prepare_boot(buf.as_mut()).and_then(|f| Ok((f, boot.read_state(buf.as_mut())?))) {
             Ok(s) => s,
             Err(_) => fail("the swap or revert failed (update flash error)"),
         };
         // The partitions are closed with `boot`; ACTIVE is read once more for the copy.
         drop(boot);
-        (state, HostFlash::<ACTIVE_SIZE>::open(ACTIVE_OFFSET).unwrap_or_else(no_flash))
+        (found, now, HostFlash::<ACTIVE_SIZE>::open(ACTIVE_OFFSET).unwrap_or_else(no_flash))
     };
-    say(&[match state {
-        State::Boot => "ACTIVE as it is",
-        State::Swap => "swapped the update into ACTIVE: trial boot, the image must confirm itself",
-        State::Revert => "the update was never confirmed: reverted ACTIVE to the previous image",
-        State::DfuDetach => "DFU detach requested (not supported here): ACTIVE as it is",
+    say(&[match (found, now) {
+        (State::Swap, State::Swap) => "swapped the update into ACTIVE: trial boot, the image must confirm itself",
+        (State::Swap, _) => "the update was never confirmed: reverted ACTIVE to the previous image",
+        (State::Revert, _) => "ACTIVE as it is (reverted at an earlier boot, not confirmed since)",
+        (State::DfuDetach, _) => "DFU detach requested (not supported here): ACTIVE as it is",
+        (State::Boot, _) => "ACTIVE as it is",
     }]);
     if active.read_into(exec_region()).is_err() {
         fail("cannot read ACTIVE");
