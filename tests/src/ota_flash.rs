@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signer, SigningKey};
 use embassy_boot::{
-    AlignedBuffer, BlockingFirmwareState, BlockingFirmwareUpdater, FirmwareUpdaterConfig, FirmwareUpdaterError,
+    AlignedBuffer, BlockingFirmwareState, BlockingFirmwareUpdater, FirmwareUpdaterConfig,
+    FirmwareUpdaterError,
 };
 use embedded_storage::nor_flash::{
     check_erase, check_read, check_write, ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
@@ -152,7 +153,8 @@ impl Image {
     /// Offset of the description block (its magic occurs exactly once).
     fn info_at(&self) -> Result<usize, OtaFlashError> {
         let magic = &layout::INFO_MAGIC;
-        let mut hits = self.bytes.windows(magic.len()).enumerate().filter(|(_, w)| w == magic).map(|(i, _)| i);
+        let mut hits =
+            self.bytes.windows(magic.len()).enumerate().filter(|(_, w)| w == magic).map(|(i, _)| i);
         match (hits.next(), hits.next()) {
             (Some(at), None) if at + layout::INFO_SIZE <= self.bytes.len() => Ok(at),
             (None, _) => Err(OtaFlashError::Image("no image description block".into())),
@@ -218,7 +220,10 @@ impl FlashFile {
     /// A new file: everything erased (so the state partition reads as `Boot`), `active` in ACTIVE.
     pub fn create(path: &Path, active: &Image) -> Result<FlashFile, OtaFlashError> {
         if active.len() > ACTIVE_SIZE {
-            return Err(OtaFlashError::Image(format!("{} bytes do not fit ACTIVE ({ACTIVE_SIZE})", active.len())));
+            return Err(OtaFlashError::Image(format!(
+                "{} bytes do not fit ACTIVE ({ACTIVE_SIZE})",
+                active.len()
+            )));
         }
         std::fs::write(path, vec![0xffu8; layout::FLASH_SIZE as usize])?;
         let file = FlashFile { path: path.to_owned() };
@@ -244,8 +249,14 @@ impl FlashFile {
     fn updater<'a>(
         &self,
         word: &'a mut [u8],
-    ) -> Result<BlockingFirmwareUpdater<'a, FilePartition<{ layout::DFU_SIZE }>, FilePartition<{ layout::STATE_SIZE }>>, OtaFlashError>
-    {
+    ) -> Result<
+        BlockingFirmwareUpdater<
+            'a,
+            FilePartition<{ layout::DFU_SIZE }>,
+            FilePartition<{ layout::STATE_SIZE }>,
+        >,
+        OtaFlashError,
+    > {
         let config = FirmwareUpdaterConfig {
             dfu: self.partition(layout::DFU_OFFSET)?,
             state: self.partition(layout::STATE_OFFSET)?,
@@ -267,7 +278,12 @@ impl FlashFile {
     /// Marks the first `len` bytes of DFU for the swap, through embassy-boot's
     /// `verify_and_mark_updated` under `public_key`: a signature that does not verify marks
     /// nothing.
-    pub fn mark_update(&self, public_key: &[u8; 32], signature: &[u8; 64], len: u32) -> Result<(), OtaFlashError> {
+    pub fn mark_update(
+        &self,
+        public_key: &[u8; 32],
+        signature: &[u8; 64],
+        len: u32,
+    ) -> Result<(), OtaFlashError> {
         let mut word = AlignedBuffer([0u8; layout::WRITE as usize]);
         self.updater(&mut word.0)?.verify_and_mark_updated(public_key, signature, len)?;
         Ok(())

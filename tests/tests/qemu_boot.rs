@@ -259,7 +259,10 @@ fn a_signed_update_is_swapped_in_confirms_itself_and_stays_across_resets_and_res
         Flow::Go
     });
     assert!(ok, "firmware failed after a restart: {lines:#?}");
-    in_order(&lines, &["bootloader: ACTIVE as it is", "firmware 2.0.0: confirmed image", "command acknowledged"]);
+    in_order(
+        &lines,
+        &["bootloader: ACTIVE as it is", "firmware 2.0.0: confirmed image", "command acknowledged"],
+    );
     assert_eq!(boots(&lines), ["firmware 2.0.0"], "{lines:#?}");
 }
 
@@ -364,13 +367,17 @@ fn an_update_that_never_confirms_is_rolled_back_at_the_next_reset() {
     // everything meanwhile): the next start of QEMU reverts.
     stage_v3();
     let closed = Gate::start(bench.port(), usize::MAX);
-    let (_, lines) = bench.boot(closed.port, |l| {
-        if l.contains("firmware 3.0.0: trial boot") {
-            Flow::Kill
-        } else {
-            Flow::Go
-        }
-    });
+    let (_, lines) =
+        bench.boot(
+            closed.port,
+            |l| {
+                if l.contains("firmware 3.0.0: trial boot") {
+                    Flow::Kill
+                } else {
+                    Flow::Go
+                }
+            },
+        );
     assert_eq!(lines.last().map(String::as_str), Some("(killed)"), "{lines:#?}");
     assert_eq!(flash.state().unwrap(), State::Swap, "v3 never confirmed");
     let (ok, lines) = bench.boot(bench.port(), |l| {

@@ -367,7 +367,10 @@ fn session(
                 // Admitted by the broker with its certificate: the image keeps its place.
                 #[cfg(feature = "ota")]
                 match ota::confirm() {
-                    Ok(true) => say!("firmware {} confirmed: the bootloader keeps it", ota::ImageInfo::read().version()),
+                    Ok(true) => say!(
+                        "firmware {} confirmed: the bootloader keeps it",
+                        ota::ImageInfo::read().version()
+                    ),
                     Ok(false) => {}
                     Err(e) => {
                         say!("cannot confirm the image: {e:?}");

@@ -16,7 +16,8 @@
 //!   updater, and this build enables it: there is no unverified path here.
 
 use embassy_boot::{
-    AlignedBuffer, BlockingFirmwareState, BlockingFirmwareUpdater, FirmwareUpdaterConfig, FirmwareUpdaterError, State,
+    AlignedBuffer, BlockingFirmwareState, BlockingFirmwareUpdater, FirmwareUpdaterConfig,
+    FirmwareUpdaterError, State,
 };
 
 use crate::host_flash::{DfuFlash, FlashError, HostFlash, StateFlash};
@@ -159,16 +160,18 @@ pub(crate) fn command(name: &str, payload: &[u8]) -> Option<(After, &'static str
             say!("reboot requested");
             Some((After::Reboot, "rebooting"))
         }
-        "ota-apply" => Some(match parse_apply(payload).and_then(|(len, sig)| apply(len, &sig).map(|()| len)) {
-            Ok(len) => {
-                say!("update in DFU verified ({len} bytes, ed25519 under this image's key): marked for the swap");
-                (After::Reboot, "applied")
-            }
-            Err(e) => {
-                say!("update refused ({e:?}): staying on {}", ImageInfo::read().version());
-                (After::Stay, "refused")
-            }
-        }),
+        "ota-apply" => {
+            Some(match parse_apply(payload).and_then(|(len, sig)| apply(len, &sig).map(|()| len)) {
+                Ok(len) => {
+                    say!("update in DFU verified ({len} bytes, ed25519 under this image's key): marked for the swap");
+                    (After::Reboot, "applied")
+                }
+                Err(e) => {
+                    say!("update refused ({e:?}): staying on {}", ImageInfo::read().version());
+                    (After::Stay, "refused")
+                }
+            })
+        }
         _ => None,
     }
 }

@@ -80,7 +80,8 @@ impl Qemu<'_> {
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(l) => {
-                    if l.contains("TLS established") || l.contains("peak stack") || l.contains("bootloader:") {
+                    if l.contains("TLS established") || l.contains("peak stack") || l.contains("bootloader:")
+                    {
                         eprintln!("{l}");
                     }
                     let flow = on_line(&l);

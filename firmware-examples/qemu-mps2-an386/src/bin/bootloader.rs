@@ -80,16 +80,19 @@ fn main() -> ! {
         let mut buf = AlignedBuffer([0u8; PAGE as usize]);
         // `prepare_boot` returns the state it found (`Swap` both when it swaps and when it
         // reverts); the state word afterwards tells which it did.
-        let (found, now) = match boot.prepare_boot(buf.as_mut()).and_then(|f| Ok((f, boot.read_state(buf.as_mut())?))) {
-            Ok(s) => s,
-            Err(_) => fail("the swap or revert failed (update flash error)"),
-        };
+        let (found, now) =
+            match boot.prepare_boot(buf.as_mut()).and_then(|f| Ok((f, boot.read_state(buf.as_mut())?))) {
+                Ok(s) => s,
+                Err(_) => fail("the swap or revert failed (update flash error)"),
+            };
         // The partitions are closed with `boot`; ACTIVE is read once more for the copy.
         drop(boot);
         (found, now, HostFlash::<ACTIVE_SIZE>::open(ACTIVE_OFFSET).unwrap_or_else(no_flash))
     };
     say(&[match (found, now) {
-        (State::Swap, State::Swap) => "swapped the update into ACTIVE: trial boot, the image must confirm itself",
+        (State::Swap, State::Swap) => {
+            "swapped the update into ACTIVE: trial boot, the image must confirm itself"
+        }
         (State::Swap, _) => "the update was never confirmed: reverted ACTIVE to the previous image",
         (State::Revert, _) => "ACTIVE as it is (reverted at an earlier boot, not confirmed since)",
         (State::DfuDetach, _) => "DFU detach requested (not supported here): ACTIVE as it is",
