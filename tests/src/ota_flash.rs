@@ -180,10 +180,7 @@ impl Image {
 
     /// The version in the description block.
     pub fn version(&self) -> Option<String> {
-        let at = self.info_at().ok()? + layout::INFO_MAGIC.len();
-        let field = &self.bytes[at..at + layout::INFO_VERSION];
-        let len = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-        String::from_utf8(field[..len].to_vec()).ok()
+        image_version(&self.bytes)
     }
 
     /// Length in bytes (what the signature covers).
@@ -196,6 +193,15 @@ impl Image {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+}
+
+/// The version in the first image description block in `bytes` (a partition's contents).
+pub fn image_version(bytes: &[u8]) -> Option<String> {
+    let magic = &layout::INFO_MAGIC;
+    let at = bytes.windows(magic.len()).position(|w| w == magic)? + magic.len();
+    let field = bytes.get(at..at + layout::INFO_VERSION)?;
+    let len = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8(field[..len].to_vec()).ok()
 }
 
 /// embassy-boot's signature of an image: ed25519 over the SHA-512 of its bytes.

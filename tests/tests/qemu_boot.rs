@@ -215,6 +215,9 @@ fn a_signed_update_is_swapped_in_confirms_itself_and_stays_across_resets_and_res
                 _ => bench.command("blink", "3"),
             }
         }
+        if l.contains("update in DFU verified") {
+            eprintln!("{l}");
+        }
         if l.contains("update refused") {
             bench.command("ota-apply", &Bench::apply_payload(&v2, &good));
         }

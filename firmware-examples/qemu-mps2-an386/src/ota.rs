@@ -161,9 +161,15 @@ pub(crate) fn command(name: &str, payload: &[u8]) -> Option<(After, &'static str
             Some((After::Reboot, "rebooting"))
         }
         "ota-apply" => {
-            Some(match parse_apply(payload).and_then(|(len, sig)| apply(len, &sig).map(|()| len)) {
+            let t0 = crate::ticks::now();
+            let verdict = parse_apply(payload).and_then(|(len, sig)| apply(len, &sig).map(|()| len));
+            let ms = (crate::ticks::now() - t0) * 1000 / crate::ticks::CORE_HZ;
+            Some(match verdict {
                 Ok(len) => {
-                    say!("update in DFU verified ({len} bytes, ed25519 under this image's key): marked for the swap");
+                    say!(
+                        "update in DFU verified ({len} bytes, SHA-512 and ed25519 under this image's key, \
+                         {ms} ms): marked for the swap"
+                    );
                     (After::Reboot, "applied")
                 }
                 Err(e) => {
