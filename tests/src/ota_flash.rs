@@ -408,3 +408,75 @@ impl<const SIZE: u32> NorFlash for FilePartition<SIZE> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    /// A fake application image: a vector table, the description block, some code.
+    fn image() -> Image {
+        let mut bytes = vec![0u8; 1024];
+        bytes.extend_from_slice(&layout::INFO_MAGIC);
+        bytes.extend_from_slice(&[0u8; layout::INFO_VERSION + layout::INFO_KEY]);
+        bytes.extend_from_slice(&[0x5a; 3 * 4096]);
+        Image { bytes }
+    }
+
+    #[test]
+    fn the_file_behaves_like_nor_flash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FLASH_FILE);
+        std::fs::write(&path, vec![0xffu8; layout::FLASH_SIZE as usize]).unwrap();
+        let mut part = FlashFile::open(&path).partition::<{ layout::STATE_SIZE }>(0).unwrap();
+        part.write(0, &[0x0f, 0xf0, 0x00, 0xff]).unwrap();
+        // Clearing more bits is programming; setting one back is not.
+        part.write(0, &[0x0e, 0x00, 0x00, 0xff]).unwrap();
+        assert!(matches!(part.write(0, &[0x0f, 0x00, 0x00, 0xff]), Err(FileFlashError::NotErased)));
+        assert!(matches!(part.write(2, &[0; 4]), Err(FileFlashError::Bounds(NorFlashErrorKind::NotAligned))));
+        part.erase(0, layout::PAGE).unwrap();
+        let mut word = [0u8; 4];
+        part.read(0, &mut word).unwrap();
+        assert_eq!(word, [0xff; 4]);
+    }
+
+    #[test]
+    fn only_a_verified_update_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate_key();
+        let (v1, v2) = (image().stamped("1.0.0", &key).unwrap(), image().stamped("2.0.0", &key).unwrap());
+        let flash = FlashFile::create(&dir.path().join(FLASH_FILE), &v1).unwrap();
+        assert_eq!(flash.state().unwrap(), State::Boot);
+        assert_eq!(image_version(&flash.active(ACTIVE_SIZE).unwrap()).as_deref(), Some("1.0.0"));
+        flash.place_update(&v2).unwrap();
+        assert_eq!(flash.dfu(v2.len()).unwrap(), v2.bytes());
+        let public = key.verifying_key().to_bytes();
+        let forged = sign(&v2, &generate_key());
+        assert!(matches!(
+            flash.mark_update(&public, &forged, v2.len()),
+            Err(OtaFlashError::Updater(FirmwareUpdaterError::Signature(_)))
+        ));
+        // One byte of the image changed after signing.
+        let mut tampered = v2.clone();
+        tampered.bytes[2000] ^= 1;
+        flash.place_update(&tampered).unwrap();
+        assert!(flash.mark_update(&public, &sign(&v2, &key), v2.len()).is_err());
+        assert_eq!(flash.state().unwrap(), State::Boot);
+        flash.place_update(&v2).unwrap();
+        flash.mark_update(&public, &sign(&v2, &key), v2.len()).unwrap();
+        assert_eq!(flash.state().unwrap(), State::Swap);
+        // Marked and not yet booted: embassy-boot takes no other download meanwhile.
+        assert!(flash.place_update(&v1).is_err());
+    }
+
+    #[test]
+    fn an_image_needs_exactly_one_description_block() {
+        let key = generate_key();
+        let mut twice = image();
+        twice.bytes.extend_from_slice(&layout::INFO_MAGIC);
+        assert!(twice.stamped("1.0.0", &key).is_err());
+        assert!(Image { bytes: vec![0; 64] }.stamped("1.0.0", &key).is_err());
+        assert!(image().stamped(&"9".repeat(33), &key).is_err());
+        assert_eq!(image().stamped("1.2.3", &key).unwrap().version().as_deref(), Some("1.2.3"));
+    }
+}
