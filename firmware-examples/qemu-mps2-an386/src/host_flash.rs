@@ -92,12 +92,23 @@ impl<const SIZE: u32> HostFlash<SIZE> {
         Ok(start)
     }
 
-    /// Reads the start of the region straight into `dst` (the bootloader's copy of ACTIVE into
-    /// the execution region: one host call).
+    /// Reads the first `len` bytes of the region straight into memory at `addr` (the
+    /// bootloader's copy of ACTIVE into the execution region: one host call).
+    ///
+    /// # Safety
+    /// `addr..addr + len` must be mapped, writable memory that nothing else uses or references
+    /// while this runs.
     #[allow(dead_code)] // the bootloader's
-    pub(crate) fn read_into(&mut self, dst: &mut [u8]) -> Result<(), FlashError> {
-        check_read(self, 0, dst.len())?;
-        host_read(self.fd, self.base, dst)
+    pub(crate) unsafe fn read_to_address(&mut self, addr: usize, len: usize) -> Result<(), FlashError> {
+        check_read(self, 0, len)?;
+        seek(self.fd, self.base)?;
+        // SAFETY: SYS_READ writes at most `len` bytes at `addr`, which the caller vouches for.
+        let missing = unsafe { syscall!(READ, self.fd, addr, len) };
+        if missing == 0 {
+            Ok(())
+        } else {
+            Err(FlashError::Host)
+        }
     }
 }
 

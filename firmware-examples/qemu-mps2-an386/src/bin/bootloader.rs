@@ -21,6 +21,7 @@ mod ota_layout;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hio, syscall};
 use embassy_boot::{AlignedBuffer, BootLoader, BootLoaderConfig, State};
+use embedded_storage::nor_flash::ReadNorFlash;
 use host_flash::{ActiveFlash, DfuFlash, HostFlash, StateFlash};
 use ota_layout::{ACTIVE_OFFSET, ACTIVE_SIZE, DFU_OFFSET, EXEC_ADDR, PAGE, STATE_OFFSET};
 
@@ -98,11 +99,11 @@ fn main() -> ! {
         (State::DfuDetach, _) => "DFU detach requested (not supported here): ACTIVE as it is",
         (State::Boot, _) => "ACTIVE as it is",
     }]);
-    if active.read_into(exec_region()).is_err() {
+    // The image's first two vectors, checked before anything runs.
+    let mut vectors = [0u8; 8];
+    if active.read(0, &mut vectors).is_err() {
         fail("cannot read ACTIVE");
     }
-    drop(active);
-    let vectors = exec_region();
     let word = |i: usize| u32::from_le_bytes([vectors[i], vectors[i + 1], vectors[i + 2], vectors[i + 3]]);
     let (sp, reset) = (word(0), word(4));
     let exec = EXEC_ADDR..EXEC_ADDR + ACTIVE_SIZE;
@@ -116,9 +117,9 @@ fn main() -> ! {
         hex(EXEC_ADDR, &mut a),
         " (",
         decimal(clock_centis().wrapping_sub(t0).saturating_mul(10), &mut b),
-        " ms in the bootloader)",
+        " ms in the bootloader before the copy)",
     ]);
-    start_application()
+    start_application(active)
 }
 
 /// `n` in hexadecimal, 8 digits.
@@ -130,24 +131,23 @@ fn hex(n: u32, buf: &mut [u8; 10]) -> &str {
     core::str::from_utf8(&buf[..8]).unwrap_or("?")
 }
 
-/// The execution region: where ACTIVE is copied and the application runs.
-fn exec_region() -> &'static mut [u8] {
+/// Copies ACTIVE (its vectors checked) into the execution region and hands the core to it: its
+/// vector table becomes the core's (VTOR), its initial stack pointer the MSP, and its reset
+/// handler runs. The bootloader's only unsafe code apart from semihosting calls; never returns.
+fn start_application(mut active: ActiveFlash) -> ! {
     // SAFETY: `EXEC_ADDR..EXEC_ADDR + ACTIVE_SIZE` is mapped, writable code memory (SSRAM1)
-    // that no part of the bootloader occupies (bootloader.x asserts that its image ends below
-    // EXEC_ADDR; its RAM is at 0x2000_0000). Only `main` takes this slice, and not twice at once.
-    unsafe { core::slice::from_raw_parts_mut(EXEC_ADDR as *mut u8, ACTIVE_SIZE as usize) }
-}
-
-/// Hands the core to the application in the execution region: its vector table becomes the
-/// core's (VTOR), its initial stack pointer the MSP, and its reset handler runs. The only jump
-/// of the bootloader; never returns.
-fn start_application() -> ! {
-    // SAFETY: the execution region holds a complete copy of ACTIVE whose first two vectors were
-    // checked (stack pointer in RAM, Thumb reset handler inside the region). The bootloader
-    // enabled no interrupt and leaves nothing behind that the application relies on: its stack
-    // is abandoned (the MSP is reloaded from the table), its partitions are closed. The barriers
-    // make the copied code and the new VTOR visible before the branch.
+    // that no part of the bootloader occupies (bootloader.x fails the link if its image reaches
+    // EXEC_ADDR; its RAM is at 0x2000_0000) and that nothing references. After the copy it holds
+    // ACTIVE whole, whose first two vectors were checked (stack pointer in RAM, Thumb reset
+    // handler inside the region). The bootloader enabled no interrupt and leaves nothing that
+    // the application relies on: its stack is abandoned (the MSP is reloaded from the table),
+    // its partitions are closed. The barriers make the copied code and the new VTOR visible
+    // before the branch.
     unsafe {
+        if active.read_to_address(EXEC_ADDR as usize, ACTIVE_SIZE as usize).is_err() {
+            fail("cannot read ACTIVE");
+        }
+        drop(active);
         let p = cortex_m::Peripherals::steal();
         p.SCB.vtor.write(EXEC_ADDR);
         cortex_m::asm::dsb();
