@@ -67,6 +67,7 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
+        fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
         let fleet = Fleet::with_lifetime_blocking(1, None, None);
         let broker = BrokerCommand::new(&fleet.home())
             .log(BrokerLog::Append(fleet.home().join("broker.log")))
