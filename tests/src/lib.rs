@@ -9,9 +9,12 @@
 //!   (PostgreSQL + NATS + N nodes + HAProxy), shared by the tests and the `peers` bench.
 //! - [`fault`]: a seeded fault-injecting transport (drop, delay, stall inside a TLS record, cut)
 //!   for the SDK tests.
+//! - [`ota_flash`]: the QEMU board's update flash file for its A/B bootloader (images, signing,
+//!   embassy-boot's state), built and read on the host.
 
 pub mod fault;
 pub mod fixture;
+pub mod ota_flash;
 pub mod rogue_tls;
 
 use std::path::{Path, PathBuf};

@@ -4,11 +4,14 @@
 //! refused; flashed with another PKI's bundle it refuses the broker.
 #![allow(clippy::unwrap_used)] // test code
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use common::qemu::{Flow, Qemu};
 use fleet_tests::fixture::{BrokerCommand, BrokerLog, Fleet, Launched};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -113,63 +116,10 @@ fn boot_elf(
     bundle: &Path,
     mut on_line: impl FnMut(&str),
 ) -> (bool, Vec<String>) {
-    let qemu = fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
-    // The emulated UART moves one byte per turn of QEMU's main loop: on a loaded host (a full
-    // test run, a CPU hog on every core) a starved emulator turns into a link that stalls for
-    // seconds, which no device on a real MCU sees, and the firmware's 3 s keep-alive (real time
-    // here) fails for the host's sake. The emulator runs ahead of the load, as the device's own
-    // CPU would (as root; elsewhere `nice` says it cannot and runs QEMU as it is).
-    let mut cmd = Command::new("nice");
-    cmd.args(["-n", "-10"]).arg(qemu);
-    cmd.args(["-machine", "mps2-an386", "-nographic", "-monitor", "none"])
-        .args(["-semihosting-config", "enable=on,target=native"]);
-    if icount {
-        cmd.args(["-icount", "shift=0,align=off,sleep=off"]);
-    }
-    let mut child = cmd
-        // The UART is a TCP client of the broker; after the firmware ends a session (to
-        // reconnect with a new identity) QEMU connects again 1 s later.
-        .arg("-chardev")
-        .arg(format!("socket,id=net,host=127.0.0.1,port={port},reconnect=1"))
-        .args(["-serial", "chardev:net"])
-        .arg("-device")
-        .arg(format!("loader,file={},addr=0x003f0000,force-raw=on", bundle.display()))
-        .arg("-kernel")
-        .arg(elf)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + limit;
-    let mut lines = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) => {
-                if l.contains("TLS established") || l.contains("peak stack") {
-                    eprintln!("{l}");
-                }
-                on_line(&l);
-                lines.push(l);
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            lines.push("(timed out)".into());
-            return (false, lines);
-        }
-    }
-    let status = child.wait().unwrap();
-    (status.success(), lines)
+    Qemu { elf, icount, limit, port, bundle, cwd: None }.run(|l| {
+        on_line(l);
+        Flow::Go
+    })
 }
 
 fn telemetry_topics(home: &Path, device: &str) -> Vec<(String, Vec<u8>)> {
@@ -363,16 +313,7 @@ fn certificates(home: &Path, device: &str) -> Vec<(String, String, String)> {
 
 /// `fleet-sim command`: the fleet's service sends command `name` with `payload` to `device`.
 fn send_command(bins: &Path, pki: &Pki, port: u16, device: &str, name: &str, payload: &str) {
-    run(Command::new(bins.join("fleet-sim")).args(["command", "--identity"]).arg(&pki.service).args([
-        "--port",
-        &port.to_string(),
-        "--device",
-        device,
-        "--name",
-        name,
-        "--payload",
-        payload,
-    ]));
+    common::qemu::send_command(bins, &pki.service, port, device, name, payload)
 }
 
 fn command_when_stored(bins: &Path, pki: &Pki, port: u16, device: &str) {

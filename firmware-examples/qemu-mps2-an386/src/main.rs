@@ -14,6 +14,10 @@
 //! broker admitted it. Flashed with a batch *claim* instead of an identity, its first boot asks
 //! for its own identity the same way (docs/spec/rotation.md).
 //!
+//! Built with feature `ota` it is the application of the A/B bootloader (`--bin bootloader`):
+//! linked at the execution region, it says which image it is, confirms itself once the broker
+//! admitted it, and takes the `ota-apply` and `reboot` commands (`ota`).
+//!
 //! TEST-ONLY parts, marked below: the RNG is seeded from the host's /dev/urandom and the clock
 //! read from the host, both over semihosting, because QEMU's board has no TRNG or RTC. A real
 //! board uses its TRNG and RTC; the SDK takes both as parameters.
@@ -23,6 +27,13 @@
 #[macro_use]
 mod console;
 mod flash;
+#[cfg(feature = "ota")]
+mod host_flash;
+#[cfg(feature = "ota")]
+mod ota;
+#[cfg(feature = "ota")]
+#[allow(dead_code)] // the bootloader's part of the layout
+mod ota_layout;
 mod qemu_ldm;
 mod semihost;
 mod stack;
@@ -106,6 +117,8 @@ fn run(top: usize) -> ! {
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(semihost::host_entropy());
     let unix_now = semihost::host_unix_time();
     let mut uart = uart::Uart0::init();
+    #[cfg(feature = "ota")]
+    announce_image();
     let mut store = CredentialStore::new(flash::Slots);
     let mut buf = [0u8; flash::SLOT];
     let mut bundle = [0u8; flash::SLOT];
@@ -129,8 +142,41 @@ fn run(top: usize) -> ! {
         match session(head, trying, &mut store, &mut buf, &mut uart, &mut rng, unix_now, top) {
             Next::Done => exit(true),
             Next::Reconnect => pause_for_reconnect(&mut uart),
+            #[cfg(feature = "ota")]
+            Next::Reboot => {
+                pause_for_reconnect(&mut uart);
+                ota::reboot()
+            }
         }
     }
+}
+
+/// Which image runs, and how the bootloader started it.
+#[cfg(feature = "ota")]
+fn announce_image() {
+    use embassy_boot::State;
+    let how = match ota::state() {
+        Ok(State::Swap) => "trial boot, it confirms itself once the broker admits it",
+        Ok(State::Revert) => "the bootloader rolled the update back to this image",
+        Ok(_) => "confirmed image",
+        Err(e) => {
+            say!("update flash unreadable: {e:?}");
+            exit(false)
+        }
+    };
+    say!("firmware {}: {how}", ota::ImageInfo::read().version());
+}
+
+/// No session could be had: the program ends (status 1). An image on trial (feature `ota`)
+/// resets the board instead, so that the bootloader rolls it back.
+fn give_up(_uart: &mut uart::Uart0) -> ! {
+    #[cfg(feature = "ota")]
+    if ota::on_trial() {
+        say!("this image is on trial and cannot reach the broker: resetting, the bootloader rolls it back");
+        pause_for_reconnect(_uart);
+        ota::reboot()
+    }
+    exit(false)
 }
 
 /// The factory's bundle becomes the first identity; a claim is exchanged for the device's own.
@@ -242,6 +288,9 @@ enum Next {
     Done,
     /// A new identity is staged: connect again with it.
     Reconnect,
+    /// Reset the board (feature `ota`: an update was marked, or a reboot asked for).
+    #[cfg(feature = "ota")]
+    Reboot,
 }
 
 /// One session with `bundle`'s identity (`trying`: a staged one, committed once admitted).
@@ -275,11 +324,11 @@ fn session(
         Ok(c) => c,
         Err(ClientError::Tls { error, rejection }) => {
             say!("TLS refused: {error:?}, broker rejection: {rejection:?}");
-            exit(false)
+            give_up(uart)
         }
         Err(e) => {
             say!("connect failed: {e:?}");
-            exit(false)
+            give_up(uart)
         }
     };
     let handshake = ticks::now() - t0;
@@ -296,6 +345,9 @@ fn session(
     // The store's second buffer (commit and stage need two; `scratch` is the first).
     let mut tmp = [0u8; flash::SLOT];
     let mut delivered: i32 = 0;
+    // What an update command asked for once its acknowledgement is stored.
+    #[cfg(feature = "ota")]
+    let mut ota_after: Option<ota::After> = None;
     loop {
         if device.session().is_connected() {
             if let Ok(Some(req)) = rot.poll_csr(creds.device_id, now(), &mut csr) {
@@ -311,6 +363,19 @@ fn session(
                     say!("MQTT session up (persistent session resumed)");
                 } else {
                     say!("MQTT session up");
+                }
+                // Admitted by the broker with its certificate: the image keeps its place.
+                #[cfg(feature = "ota")]
+                match ota::confirm() {
+                    Ok(true) => say!(
+                        "firmware {} confirmed: the bootloader keeps it",
+                        ota::ImageInfo::read().version()
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        say!("cannot confirm the image: {e:?}");
+                        exit(false)
+                    }
                 }
                 let cert = creds.cert_der;
                 if trying {
@@ -337,6 +402,16 @@ fn session(
                     say!("telemetry stored by the broker");
                 } else if delivered >= 2 {
                     say!("command acknowledged");
+                    #[cfg(feature = "ota")]
+                    match ota_after.take() {
+                        Some(ota::After::Stay) => continue,
+                        Some(ota::After::Reboot) => {
+                            let _ = device.disconnect(&mut conn);
+                            let _ = conn.close();
+                            return Next::Reboot;
+                        }
+                        None => {}
+                    }
                     say!("peak stack: {} bytes", stack::used(top));
                     return Next::Done;
                 }
@@ -345,6 +420,14 @@ fn session(
                 say!("command {} ({} bytes)", name.as_str(), payload.len());
                 let mut ack: heapless::String<48> = heapless::String::new();
                 let _ = topic::suffix::ack(&name).write_to(&mut ack);
+                #[cfg(feature = "ota")]
+                if let Some((after, reply)) = ota::command(&name, &payload) {
+                    if device.publish(&ack, reply.as_bytes(), QoS::AtLeastOnce).is_err() {
+                        exit(false)
+                    }
+                    ota_after = Some(after);
+                    continue;
+                }
                 if device.publish(&ack, &payload, QoS::AtLeastOnce).is_err() {
                     exit(false)
                 }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod bus;
+pub mod qemu;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
