@@ -376,6 +376,10 @@ async fn enqueue_all(
     Ok(out)
 }
 
+/// A pooled connection a writer keeps across its batches ([`Registry::writer_connection`]).
+#[derive(Debug)]
+pub struct WriterConnection(sqlx::pool::PoolConnection<sqlx::Any>);
+
 /// A new command to store.
 #[derive(Debug, Clone)]
 pub struct NewCommand<'a> {
@@ -405,6 +409,26 @@ impl Registry {
     /// command never share a batch: the device acknowledges what was sent after its commit).
     /// `limit` is the per-device queue limit for `Enqueue`.
     pub async fn apply_commands(&self, ops: &[CommandOp<'_>], limit: usize) -> Result<Vec<CommandOutcome>> {
+        let mut conn = self.writer_connection().await?;
+        self.apply_commands_on(&mut conn, ops, limit).await
+    }
+
+    /// A connection for a writer to keep: SQLite discards a connection's page cache whenever
+    /// another connection has written since its last transaction, so a writer that takes a
+    /// pooled connection per batch reads the queue's pages from the file again each time
+    /// (BENCHMARKS.md, commands). The writer's own connection keeps its cache.
+    pub async fn writer_connection(&self) -> Result<WriterConnection> {
+        Ok(WriterConnection(self.pool.acquire().await?))
+    }
+
+    /// [`Registry::apply_commands`] on the given connection (one from
+    /// [`Registry::writer_connection`]).
+    pub async fn apply_commands_on(
+        &self,
+        conn: &mut WriterConnection,
+        ops: &[CommandOp<'_>],
+        limit: usize,
+    ) -> Result<Vec<CommandOutcome>> {
         let mut sent = Vec::new();
         let mut acked = Vec::new();
         let mut takes = Vec::new();
@@ -426,7 +450,7 @@ impl Registry {
                 }
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn.0).await?;
         let mut taken = take(&mut tx, self.backend, &takes, now).await?;
         sent.extend(taken.iter().flatten().map(|c| c.id));
         let new: Vec<&NewCommand<'_>> = ops

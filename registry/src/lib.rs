@@ -33,7 +33,7 @@ pub mod rows;
 pub mod telemetry;
 pub mod verify;
 
-pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand};
+pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand, WriterConnection};
 pub use console::{DeviceQuery, DeviceRow, Expiring, ListedIdentity};
 pub use db::{Backend, Registry};
 pub use error::{report, Error, Result};

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use fleet_registry::{Command, CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCommand, Registry};
+use fleet_registry::{
+    Command, CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCommand, Registry, WriterConnection,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -169,18 +171,36 @@ fn events(change: Change, outcome: &CommandOutcome, out: &mut Vec<Event>) {
     }
 }
 
-/// Applies one batch, retrying once after a short pause (a busy or briefly unreachable
-/// database); `None` if it failed both times.
-async fn commit(registry: &Registry, limit: usize, batch: &[Job]) -> Option<Vec<CommandOutcome>> {
+/// Applies one batch on the writer's own connection (taken, or taken again after an error),
+/// retrying once after a short pause (a busy or briefly unreachable database); `None` if it
+/// failed both times.
+async fn commit(
+    registry: &Registry,
+    conn: &mut Option<WriterConnection>,
+    limit: usize,
+    batch: &[Job],
+) -> Option<Vec<CommandOutcome>> {
     let ops: Vec<CommandOp<'_>> = batch.iter().flat_map(|j| j.changes.iter().map(Change::op)).collect();
     for attempt in 0..2 {
-        match registry.apply_commands(&ops, limit).await {
+        let result = match conn.as_mut() {
+            Some(c) => registry.apply_commands_on(c, &ops, limit).await,
+            None => match registry.writer_connection().await {
+                Ok(c) => registry.apply_commands_on(conn.insert(c), &ops, limit).await,
+                Err(e) => Err(e),
+            },
+        };
+        match result {
             Ok(out) => return Some(out),
-            Err(e) if attempt == 0 => {
-                warn!(error = %e, changes = ops.len(), "command queue write failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            Err(e) => {
+                // The connection may be what failed: the next attempt takes another.
+                *conn = None;
+                if attempt == 0 {
+                    warn!(error = %e, changes = ops.len(), "command queue write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                } else {
+                    warn!(error = %e, changes = ops.len(), "command queue write failed");
+                }
             }
-            Err(e) => warn!(error = %e, changes = ops.len(), "command queue write failed"),
         }
     }
     None
@@ -205,6 +225,7 @@ pub(crate) async fn run(
     let (announce_tx, mut announce_rx) = mpsc::channel::<Vec<Event>>(ANNOUNCE_QUEUE);
     let write = async move {
         let Jobs(mut rx) = jobs;
+        let mut conn = None;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -221,7 +242,7 @@ pub(crate) async fn run(
                     Err(_) => break,
                 }
             }
-            let outcomes = commit(&registry, max_queued_commands, &batch).await;
+            let outcomes = commit(&registry, &mut conn, max_queued_commands, &batch).await;
             let mut outcomes = outcomes.map(Vec::into_iter);
             let mut done = Vec::with_capacity(n);
             for job in batch {
