@@ -74,22 +74,21 @@ impl Commands {
         let Some(parsed) = parse(&p.topic) else { return done(Accepted::Refused) };
         let raw_device = p.topic.split('/').nth(1).unwrap_or_default();
         let reply = Reply::asked(sender, p);
-        let (device, name, ttl) = match parsed {
-            Ok(x) => x,
-            Err((reason, name)) => {
-                self.statuses
-                    .publish(0, raw_device, &name, CommandStatus::Refused, Some(reason), reply.as_ref())
-                    .await;
-                return done(Accepted::Refused);
-            }
+        // A command refused here still has its status published by the writer, in order with
+        // the statuses of the commands before it.
+        let refuse = |device: &str, name: String, reason: CommandRefusal| writer::Change::Refuse {
+            device: device.to_owned(),
+            name,
+            reason,
+            reply: reply.clone(),
         };
-        if p.payload.len() > self.max_bytes {
-            let reason = Some(CommandRefusal::TooLarge);
-            self.statuses
-                .publish(0, device.as_str(), &name, CommandStatus::Refused, reason, reply.as_ref())
-                .await;
-            return done(Accepted::Refused);
-        }
+        let (device, name, ttl) = match parsed {
+            Err((reason, name)) => return self.refuse(refuse(raw_device, name, reason)).await,
+            Ok((device, name, _)) if p.payload.len() > self.max_bytes => {
+                return self.refuse(refuse(device.as_str(), name, CommandRefusal::TooLarge)).await;
+            }
+            Ok(x) => x,
+        };
         // A `ttl=` level first (3.1.1 senders), then a v5 sender's Message Expiry (capped like
         // `ttl=`), then the default.
         let now = now_millis();
@@ -121,6 +120,19 @@ impl Commands {
                     warn!("registry unavailable: command not stored");
                     Accepted::Unavailable
                 }
+            }
+        })
+    }
+
+    /// Hands a refusal to the writer: its status goes out after those of the commands before it.
+    async fn refuse(&self, change: writer::Change) -> BoxFuture<'static, Accepted> {
+        let Some(answer) = self.writer.send(vec![change]).await else {
+            return Box::pin(std::future::ready(Accepted::Unavailable));
+        };
+        Box::pin(async move {
+            match answer.await.ok().flatten() {
+                Some(_) => Accepted::Refused,
+                None => Accepted::Unavailable,
             }
         })
     }

@@ -39,14 +39,18 @@ pub(crate) enum Change {
     },
     /// The device acknowledged command `id`.
     Acknowledged { id: i64, device: String, name: String, now: i64, reply: Option<Reply> },
+    /// A command the session refused itself (too large, a bad `ttl=`): nothing to store, but
+    /// its `refused` status goes out in order with the statuses of the commands around it.
+    Refuse { device: String, name: String, reason: CommandRefusal, reply: Option<Reply> },
     /// Read the device's next open commands (id above `after`, at most `limit`) and mark them
     /// sent: a session's whole delivery step in the writer's transaction, not in the pool.
     Take { device: DeviceId, after: i64, limit: usize, now: i64 },
 }
 
 impl Change {
-    fn op(&self) -> CommandOp<'_> {
-        match self {
+    /// What to apply in the registry, if anything.
+    fn op(&self) -> Option<CommandOp<'_>> {
+        Some(match self {
             Change::Enqueue { device, name, payload, sender, now, ttl_ms, reply } => {
                 CommandOp::Enqueue(NewCommand {
                     device_id: device,
@@ -63,7 +67,8 @@ impl Change {
             Change::Take { device, after, limit, now } => {
                 CommandOp::Take { device, after: *after, limit: *limit, now: *now }
             }
-        }
+            Change::Refuse { .. } => return None,
+        })
     }
 }
 
@@ -161,6 +166,16 @@ fn events(change: Change, outcome: &CommandOutcome, out: &mut Vec<Event>) {
         (Change::Acknowledged { id, device, name, reply, .. }, CommandOutcome::Changed(true)) => {
             out.push(Event { id, device, name, status: CommandStatus::Acknowledged, reason: None, reply });
         }
+        (Change::Refuse { device, name, reason, reply }, _) => {
+            out.push(Event {
+                id: 0,
+                device,
+                name,
+                status: CommandStatus::Refused,
+                reason: Some(reason),
+                reply,
+            });
+        }
         (Change::Take { .. }, CommandOutcome::Taken(commands)) => out.extend(
             commands
                 .iter()
@@ -180,7 +195,11 @@ async fn commit(
     limit: usize,
     batch: &[Job],
 ) -> Option<Vec<CommandOutcome>> {
-    let ops: Vec<CommandOp<'_>> = batch.iter().flat_map(|j| j.changes.iter().map(Change::op)).collect();
+    let ops: Vec<CommandOp<'_>> =
+        batch.iter().flat_map(|j| j.changes.iter().filter_map(Change::op)).collect();
+    if ops.is_empty() {
+        return Some(Vec::new());
+    }
     for attempt in 0..2 {
         let result = match conn.as_mut() {
             Some(c) => registry.apply_commands_on(c, &ops, limit).await,
@@ -246,8 +265,16 @@ pub(crate) async fn run(
             let mut outcomes = outcomes.map(Vec::into_iter);
             let mut done = Vec::with_capacity(n);
             for job in batch {
-                let answer =
-                    outcomes.as_mut().map(|it| it.by_ref().take(job.changes.len()).collect::<Vec<_>>());
+                // A refusal has no registry outcome: it stands in as "not stored".
+                let answer = outcomes.as_mut().map(|it| {
+                    job.changes
+                        .iter()
+                        .map(|c| match c {
+                            Change::Refuse { .. } => CommandOutcome::Changed(false),
+                            _ => it.next().unwrap_or(CommandOutcome::Changed(false)),
+                        })
+                        .collect::<Vec<_>>()
+                });
                 if let Some(mine) = &answer {
                     for (c, o) in job.changes.into_iter().zip(mine) {
                         events(c, o, &mut done);
