@@ -94,11 +94,15 @@ fn with_props(rows: &[&Telemetry]) -> bool {
     rows.iter().any(|m| m.properties.is_some())
 }
 
-/// Statements prepared once per registry handle user (the full-size one is reused).
+/// Statements prepared once per registry handle user (the full-size one is reused), and the one
+/// connection the writer keeps: SQLite drops a connection's page cache whenever another one has
+/// written since its last transaction, so a pooled connection per batch re-reads the table's
+/// pages (the same finding as the command writer's, BENCHMARKS.md). Clones share it.
 #[derive(Debug, Clone)]
 pub struct TelemetryWriter {
     registry: Registry,
     full: String,
+    conn: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::pool::PoolConnection<sqlx::Any>>>>,
 }
 
 impl Registry {
@@ -107,6 +111,7 @@ impl Registry {
         TelemetryWriter {
             registry: self.clone(),
             full: insert_sql(self.backend, ROWS_PER_STATEMENT, false, false),
+            conn: Default::default(),
         }
     }
 
@@ -136,7 +141,21 @@ impl Registry {
 impl TelemetryWriter {
     /// Stores `rows` in one transaction: all of them or none.
     pub async fn insert(&self, rows: &[Telemetry]) -> Result<()> {
-        let mut tx = self.registry.pool.begin().await?;
+        let mut held = self.conn.lock().await;
+        let conn = match held.as_mut() {
+            Some(c) => c,
+            None => held.insert(self.registry.pool.acquire().await?),
+        };
+        let result = self.insert_on(conn, rows).await;
+        if result.is_err() {
+            // The connection may be what failed: the next batch takes another.
+            *held = None;
+        }
+        result
+    }
+
+    async fn insert_on(&self, conn: &mut sqlx::AnyConnection, rows: &[Telemetry]) -> Result<()> {
+        let mut tx = sqlx::Connection::begin(conn).await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let props = with_props(&chunk.iter().collect::<Vec<_>>());
             let partial;

@@ -126,9 +126,16 @@ pub(crate) async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, 
             let Some(server) = env.start_subject(&subject) else { continue };
             let before = stored_rows(env).await;
             let cpu0 = server.cpu_secs();
+            // The clients run in this process, on the same two cores: their CPU is reported
+            // beside the server's, so a run the clients saturated shows as such.
+            let client0 = crate::servers::cpu_secs(std::process::id());
+            let wall = std::time::Instant::now();
             let (rate, sent, acked) = ingest_rate(server.addr, ids, qos, a.secs).await;
             let handled = if qos == QoS::AtLeastOnce { acked } else { sent };
             let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / handled.max(1) as f64;
+            let client_secs = crate::servers::cpu_secs(std::process::id()) - client0;
+            let client_us = client_secs * 1e6 / handled.max(1) as f64;
+            let client_cores = client_secs / wall.elapsed().as_secs_f64().max(1e-9);
             drop(server); // SIGKILL: whatever was acknowledged must already be stored
             tokio::time::sleep(Duration::from_millis(200)).await;
             let durable = match subject.peer {
@@ -143,7 +150,7 @@ pub(crate) async fn scenario_ingest(env: &Env, ids: &[Arc<Identity>], a: &Args, 
             report.add(
                 "ingest",
                 format!(
-                    "| {name} | QoS {} | {rate:.0} msg/s | {cpu_us:.1} µs server CPU/msg | {sent} sent, {acked} acked | {durable} |",
+                    "| {name} | QoS {} | {rate:.0} msg/s | {cpu_us:.1} µs server CPU/msg | clients {client_us:.1} µs/msg, {client_cores:.2} cores | {sent} sent, {acked} acked | {durable} |",
                     qos as u8
                 ),
             );
