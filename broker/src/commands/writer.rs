@@ -129,6 +129,11 @@ struct Event {
 }
 
 impl Event {
+    /// A command not stored (id 0).
+    fn refused(device: String, name: String, reason: CommandRefusal, reply: Option<Reply>) -> Self {
+        Event { id: 0, device, name, status: CommandStatus::Refused, reason: Some(reason), reply }
+    }
+
     fn of(c: &Command, status: CommandStatus, reason: Option<CommandRefusal>) -> Self {
         Event {
             id: c.id,
@@ -153,28 +158,13 @@ fn events(change: Change, outcome: &CommandOutcome, out: &mut Vec<Event>) {
         }
         (Change::Enqueue { device, name, reply, .. }, CommandOutcome::NotAddressable { revoked }) => {
             let reason = if *revoked { CommandRefusal::Revoked } else { CommandRefusal::UnknownDevice };
-            let device = device.as_str().to_owned();
-            out.push(Event {
-                id: 0,
-                device,
-                name,
-                status: CommandStatus::Refused,
-                reason: Some(reason),
-                reply,
-            });
+            out.push(Event::refused(device.as_str().to_owned(), name, reason, reply));
         }
         (Change::Acknowledged { id, device, name, reply, .. }, CommandOutcome::Changed(true)) => {
             out.push(Event { id, device, name, status: CommandStatus::Acknowledged, reason: None, reply });
         }
         (Change::Refuse { device, name, reason, reply }, _) => {
-            out.push(Event {
-                id: 0,
-                device,
-                name,
-                status: CommandStatus::Refused,
-                reason: Some(reason),
-                reply,
-            });
+            out.push(Event::refused(device, name, reason, reply))
         }
         (Change::Take { .. }, CommandOutcome::Taken(commands)) => out.extend(
             commands
