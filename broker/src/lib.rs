@@ -127,7 +127,9 @@ impl Broker {
         config.validate()?;
         let tls_paths = tls::TlsPaths::of(&config);
         let state = tls::build(&tls_paths)?;
-        let registry = Registry::open_existing(&config.database_url(), config.registry_timeout()).await?;
+        let registry = Registry::open_existing(&config.database_url(), config.registry_timeout())
+            .await?
+            .with_writer_sync(config.store_fsync());
         let feed = registry.revocation_feed().await?;
         let observe = Observe::new();
         let metrics = observe.metrics().clone();

@@ -1,10 +1,11 @@
 //! Durable ingest: every device PUBLISH becomes a telemetry row, committed in groups.
 //!
 //! One writer task owns the commits. Sessions submit rows and, for QoS 1, wait for the commit
-//! before sending PUBACK: a message the device saw acknowledged is on disk (within SQLite's
-//! `synchronous=NORMAL` WAL guarantee: durable across process crashes) or in PostgreSQL. The
-//! writer takes every row queued while the previous commit ran, so throughput grows with load
-//! while latency stays one commit.
+//! before sending PUBACK: a message the device saw acknowledged is committed, in SQLite's WAL
+//! flushed to disk (`store_fsync = every-commit`, the default: it survives a power cut) or
+//! written to the operating system (`checkpoint`: it survives a crash of the broker), or in
+//! PostgreSQL. The writer takes every row queued while the previous commit ran, so throughput
+//! grows with load while latency stays one commit.
 //!
 //! The writer commits into a [`Sink`]: the registry's telemetry table
 //! ([`fleet_registry::TelemetryWriter`]) on a single node; the cluster's JetStream stream plugs in

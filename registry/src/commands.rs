@@ -418,7 +418,7 @@ impl Registry {
     /// pooled connection per batch reads the queue's pages from the file again each time
     /// (BENCHMARKS.md, commands). The writer's own connection keeps its cache.
     pub async fn writer_connection(&self) -> Result<WriterConnection> {
-        Ok(WriterConnection(self.pool.acquire().await?))
+        Ok(WriterConnection(self.acquire_writer().await?))
     }
 
     /// [`Registry::apply_commands`] on the given connection (one from

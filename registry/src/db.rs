@@ -34,6 +34,42 @@ pub struct Registry {
     pub(crate) backend: Backend,
     /// The URL it was opened with (the revocation feed opens its own LISTEN connection).
     pub(crate) url: String,
+    /// How the writers' commits reach the disk (SQLite).
+    pub(crate) writer_sync: WriterSync,
+}
+
+/// How a writer's commits (telemetry, the command queue) reach the disk on SQLite, i.e. what an
+/// acknowledgement promises. PostgreSQL decides this itself (`synchronous_commit`, on by default:
+/// every commit is flushed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriterSync {
+    /// The write-ahead log is flushed (`fsync`) at every commit, before anything it holds is
+    /// acknowledged: an acknowledged message survives a power cut (SQLite `synchronous = FULL`).
+    #[default]
+    EveryCommit,
+    /// Every commit is written to the operating system before it is acknowledged, and flushed at
+    /// checkpoints only: an acknowledged message survives the broker's crash (`kill -9`), but a
+    /// power cut or a kernel crash may lose what was committed since the last checkpoint
+    /// (SQLite `synchronous = NORMAL`).
+    Checkpoint,
+}
+
+impl WriterSync {
+    /// The config value: `every-commit` or `checkpoint`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "every-commit" => Some(Self::EveryCommit),
+            "checkpoint" => Some(Self::Checkpoint),
+            _ => None,
+        }
+    }
+
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::EveryCommit => "PRAGMA synchronous = FULL",
+            Self::Checkpoint => "PRAGMA synchronous = NORMAL",
+        }
+    }
 }
 
 /// A device id read from the registry.
@@ -57,6 +93,21 @@ pub(crate) fn parse_status(s: &str) -> Result<Status> {
 }
 
 impl Registry {
+    /// This handle with its writers' commits reaching the disk as `sync` says.
+    pub fn with_writer_sync(mut self, sync: WriterSync) -> Self {
+        self.writer_sync = sync;
+        self
+    }
+
+    /// A pooled connection for a writer, its durability set ([`WriterSync`]).
+    pub(crate) async fn acquire_writer(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
+        let mut conn = self.pool.acquire().await?;
+        if self.backend == Backend::Sqlite {
+            sqlx::query(self.writer_sync.pragma()).execute(&mut *conn).await?;
+        }
+        Ok(conn)
+    }
+
     /// Opens (and with `create`, creates) the registry at `url` and applies migrations.
     ///
     /// `url` is `sqlite://PATH` or `postgres://...`.
@@ -156,7 +207,7 @@ impl Registry {
         }
         let max = if backend == Backend::Sqlite { 4 } else { 8 };
         let pool = Self::pool_with(backend, &url, max, acquire_timeout).await?;
-        Ok(Self { pool, backend, url: given })
+        Ok(Self { pool, backend, url: given, writer_sync: WriterSync::default() })
     }
 
     /// A pool of at most `max` connections to `url` (SQLite: WAL, durable commits).
@@ -198,5 +249,26 @@ impl Registry {
     /// The SQL engine.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Row;
+
+    #[tokio::test]
+    async fn a_writers_connection_flushes_every_commit_unless_told_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let reg = Registry::open(&url, true).await.expect("open");
+        let level = |reg: Registry| async move {
+            let mut c = reg.acquire_writer().await.expect("writer");
+            let r = sqlx::query("PRAGMA synchronous").fetch_one(&mut *c).await.expect("pragma");
+            r.try_get::<i64, _>(0).expect("level")
+        };
+        // SQLite: 2 = FULL (the WAL is fsync'd at every commit), 1 = NORMAL.
+        assert_eq!(level(reg.clone()).await, 2);
+        assert_eq!(level(reg.with_writer_sync(WriterSync::Checkpoint)).await, 1);
     }
 }

@@ -35,7 +35,7 @@ pub mod verify;
 
 pub use commands::{Command, CommandOp, CommandOutcome, CommandStatus, NewCommand, WriterConnection};
 pub use console::{DeviceQuery, DeviceRow, Expiring, ListedIdentity};
-pub use db::{Backend, Registry};
+pub use db::{Backend, Registry, WriterSync};
 pub use error::{report, Error, Result};
 pub use expiry::{expiry, ExpiryWindow};
 mod redact;

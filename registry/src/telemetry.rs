@@ -144,7 +144,7 @@ impl TelemetryWriter {
         let mut held = self.conn.lock().await;
         let conn = match held.as_mut() {
             Some(c) => c,
-            None => held.insert(self.registry.pool.acquire().await?),
+            None => held.insert(self.registry.acquire_writer().await?),
         };
         let result = self.insert_on(conn, rows).await;
         if result.is_err() {

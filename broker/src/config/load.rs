@@ -112,8 +112,19 @@ impl Config {
         Ok(out)
     }
 
+    /// `store_fsync`, parsed.
+    pub fn store_fsync(&self) -> fleet_registry::WriterSync {
+        fleet_registry::WriterSync::parse(&self.store_fsync).unwrap_or_default()
+    }
+
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if fleet_registry::WriterSync::parse(&self.store_fsync).is_none() {
+            return Err(ConfigError::Range(format!(
+                "store_fsync: {:?} is neither every-commit nor checkpoint",
+                self.store_fsync
+            )));
+        }
         if let Some(to) = &self.moved_to {
             let port = to.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
             let fine = to.len() <= MAX_SERVER_REFERENCE

@@ -125,6 +125,12 @@ settings! {
     reload_poll_ms: u64 = 1000;
     /// Most messages committed in one store transaction.
     store_batch: usize = 4096;
+    /// When a commit of the store and the command queue is flushed to disk (SQLite):
+    /// `every-commit` (the default: every group commit is fsync'd before its PUBACKs, so an
+    /// acknowledged message survives a power cut) or `checkpoint` (written to the operating
+    /// system before the PUBACK and fsync'd at checkpoints: survives a crash of the broker, not a
+    /// power cut). PostgreSQL: its own `synchronous_commit` decides.
+    store_fsync: String = "every-commit".to_owned();
     /// Longest wait for a registry connection, seconds: while the database is down, new
     /// devices get CONNACK 3 and unstored messages stay unacknowledged after this long.
     registry_timeout_secs: Secs = Secs::of(3.0), alias "registry-timeout";

@@ -137,3 +137,15 @@ fn a_cluster_member_keeps_topics_short_enough_for_nats_subjects() {
     single.set("max_topic_length", "4000").unwrap();
     single.validate().unwrap();
 }
+
+#[test]
+fn store_fsync_is_every_commit_unless_told_and_nothing_else_is_accepted() {
+    let mut c = Config::default();
+    assert_eq!(c.store_fsync(), fleet_registry::WriterSync::EveryCommit);
+    c.set("store_fsync", "checkpoint").unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.store_fsync(), fleet_registry::WriterSync::Checkpoint);
+    c.set("store_fsync", "sometimes").unwrap();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("store_fsync") && e.contains("every-commit"), "{e}");
+}
