@@ -60,7 +60,7 @@ fn encode_publish(
 pub struct Millis(pub u64);
 
 impl Millis {
-    fn plus(self, ms: u64) -> Millis {
+    pub(crate) fn plus(self, ms: u64) -> Millis {
         Millis(self.0.saturating_add(ms))
     }
 }
