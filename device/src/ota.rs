@@ -40,15 +40,15 @@ pub const CHUNK_HEADER: usize = 13;
 /// The longest chunk a device asks for: the broker's default `ota_max_chunk`.
 pub const MAX_CHUNK: usize = 1024;
 /// The command name of an offer (`devices/<id>/commands/ota/offer`).
-pub const OFFER_COMMAND: &str = "ota/offer";
+pub const OFFER_COMMAND: &str = fleet_topic::suffix::OTA_OFFER_COMMAND;
 /// Where a device asks for chunks.
-pub const GET_SUFFIX: &str = "ota/get";
+pub const GET_SUFFIX: &str = fleet_topic::suffix::OTA_GET;
 /// Where the broker answers (the device subscribes to it by name).
-pub const CHUNK_SUFFIX: &str = "ota/chunk";
+pub const CHUNK_SUFFIX: &str = fleet_topic::suffix::OTA_CHUNK;
 /// Where a device reports its job.
-pub const STATUS_SUFFIX: &str = "ota/status";
+pub const STATUS_SUFFIX: &str = fleet_topic::suffix::OTA_STATUS;
 /// Room for the longest status report.
-pub const STATUS_MAX: usize = 192;
+pub const STATUS_MAX: usize = 256;
 
 /// A release's tag: the first 8 bytes of its image SHA-512.
 pub fn tag(m: &Manifest) -> [u8; 8] {

@@ -59,6 +59,10 @@ pub mod level {
     pub const RESPONSES: &str = "responses";
     /// The last level of a command topic that sets its time-to-live: `ttl=<secs>`.
     pub const TTL: &str = "ttl=";
+    /// `devices/<id>/ota/...`: firmware updates (docs/spec/ota.md).
+    pub const OTA: &str = "ota";
+    /// `ota/chunk`: the broker's answer to a chunk request.
+    pub const CHUNK: &str = "chunk";
 }
 
 /// A device's own topics after its root `devices/<id>/`, as the SDK's `publish(suffix, ..)`
@@ -70,6 +74,14 @@ pub mod suffix {
     pub const CERTS_CSR: &str = "certs/csr";
     /// "I run on my new certificate."
     pub const CERTS_ACTIVE: &str = "certs/active";
+    /// A firmware chunk request (docs/spec/ota.md).
+    pub const OTA_GET: &str = "ota/get";
+    /// A firmware update's status report.
+    pub const OTA_STATUS: &str = "ota/status";
+    /// A firmware chunk (the broker publishes, the device subscribes).
+    pub const OTA_CHUNK: &str = "ota/chunk";
+    /// The command name of a firmware update offer (`commands/ota/offer`).
+    pub const OTA_OFFER_COMMAND: &str = "ota/offer";
 
     /// `acks/<name>`: the examples' acknowledgement of command `name`.
     pub fn ack(name: &str) -> super::Levels<'_, 2> {
@@ -467,6 +479,12 @@ impl<'a> Root<'a> {
     #[inline]
     pub fn command_name(self, topic: &str) -> Option<&str> {
         self.after_root(topic)?.strip_prefix(_COMMANDS_)
+    }
+
+    /// Is `topic` `<root>/ota/chunk`?
+    #[inline]
+    pub fn is_ota_chunk(self, topic: &str) -> bool {
+        self.strip(topic) == Some(suffix::OTA_CHUNK)
     }
 
     /// The kind of `<root>/certs/<kind>` (one level).
