@@ -61,6 +61,20 @@ enum Cmd {
         /// or at --duration).
         #[arg(long)]
         exit_when_rotated: bool,
+        /// Take firmware updates (docs/spec/ota.md) signed with this key (the station's
+        /// `firmware.pub`, 32 bytes): offers are downloaded into flash in memory, verified and
+        /// confirmed after a simulated A/B swap, with every status reported.
+        #[arg(long)]
+        ota_key: Option<PathBuf>,
+        /// The board the simulated devices are (releases for it only).
+        #[arg(long, default_value = "fleet-sim")]
+        board: String,
+        /// The firmware version they run at the start.
+        #[arg(long, default_value = "1.0.0")]
+        firmware_version: String,
+        /// Bytes of their update partition.
+        #[arg(long, default_value_t = 1024 * 1024)]
+        ota_capacity: u32,
     },
     /// Claim-based first boot of COUNT new devices: each generates its key, connects with the
     /// batch's claim credentials (`fleet-provision claim-cert`), gets its own identity from the
@@ -127,6 +141,10 @@ enum Cmd {
         /// Payload.
         #[arg(long, default_value = "")]
         payload: String,
+        /// Payload from a file, byte for byte (e.g. `--name ota/offer --payload-file
+        /// manifest.bin`).
+        #[arg(long, conflicts_with = "payload")]
+        payload_file: Option<PathBuf>,
     },
 }
 
@@ -181,6 +199,7 @@ fn service_id(der: &[u8]) -> Option<String> {
 
 mod claim;
 mod device;
+mod ota;
 mod slots;
 
 #[derive(Debug, Default, Clone)]
@@ -197,6 +216,12 @@ struct Stats {
     serial: String,
     last_error: Option<String>,
     connected: bool,
+    /// The firmware version it runs (with `--ota-key`).
+    firmware: String,
+    /// The last update state it reported (`downloading`, `verified`, `confirmed`, ...).
+    ota: String,
+    /// Updates it confirmed.
+    updates: u64,
 }
 
 type StatsMap = BTreeMap<String, Stats>;
@@ -259,7 +284,32 @@ async fn run(devices: PathBuf, opts: device::DeviceOpts) -> anyhow::Result<()> {
     let rotations: u64 = m.values().map(|s| s.rotations).sum();
     println!("fleet-sim: {total_acked} messages acknowledged (stored) by the broker");
     println!("fleet-sim: {rotations} certificate rotations");
+    if m.values().any(|s| !s.firmware.is_empty()) {
+        let updates: u64 = m.values().map(|s| s.updates).sum();
+        let mut versions = BTreeMap::<&str, usize>::new();
+        for s in m.values() {
+            *versions.entry(s.firmware.as_str()).or_default() += 1;
+        }
+        let on: Vec<String> = versions.iter().map(|(v, n)| format!("{n} on {v}")).collect();
+        println!("fleet-sim: {updates} firmware updates confirmed; {}", on.join(", "));
+    }
     Ok(())
+}
+
+/// The update options of `run`: the key file, board and version checked.
+fn ota_opts(key: &Path, board: &str, version: &str, capacity: u32) -> anyhow::Result<ota::OtaOpts> {
+    let bytes = std::fs::read(key).with_context(|| format!("{}", key.display()))?;
+    let public_key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{}: a firmware key is 32 raw bytes (firmware.pub)", key.display()))?;
+    Ok(ota::OtaOpts {
+        public_key,
+        board: fleet_device::release::Board::parse(board).map_err(|e| anyhow::anyhow!("--board: {e}"))?,
+        version: fleet_device::release::Version::parse(version)
+            .map_err(|e| anyhow::anyhow!("--firmware-version: {e}"))?,
+        capacity,
+    })
 }
 
 async fn watch(
@@ -302,7 +352,7 @@ async fn command(
     port: u16,
     device: String,
     name: String,
-    payload: String,
+    payload: Vec<u8>,
 ) -> anyhow::Result<()> {
     let (client, mut ev) = AsyncClient::new(service_options(&identity, &host, port)?, 8);
     let topic = topic::command(&device, &name).to_string();
@@ -353,8 +403,22 @@ async fn main() -> std::process::ExitCode {
             answer_timeout_ms,
             power_loss_at_stage,
             exit_when_rotated,
+            ota_key,
+            board,
+            firmware_version,
+            ota_capacity,
         } => {
             let start = Instant::now();
+            let ota = match ota_key {
+                None => None,
+                Some(path) => match ota_opts(&path, &board, &firmware_version, ota_capacity) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        eprintln!("fleet-sim: {e:#}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                },
+            };
             let opts = device::DeviceOpts {
                 port,
                 rate,
@@ -364,6 +428,7 @@ async fn main() -> std::process::ExitCode {
                 power_loss_at_stage,
                 exit_when_rotated,
                 start,
+                ota,
             };
             run(devices, opts).await
         }
@@ -385,8 +450,15 @@ async fn main() -> std::process::ExitCode {
         Cmd::Watch { identity, host, port, filter, duration } => {
             watch(identity, host, port, filter, duration).await
         }
-        Cmd::Command { identity, host, port, device, name, payload } => {
-            command(identity, host, port, device, name, payload).await
+        Cmd::Command { identity, host, port, device, name, payload, payload_file } => {
+            let payload = match payload_file {
+                Some(f) => std::fs::read(&f).with_context(|| format!("{}", f.display())),
+                None => Ok(payload.into_bytes()),
+            };
+            match payload {
+                Ok(p) => command(identity, host, port, device, name, p).await,
+                Err(e) => Err(e),
+            }
         }
     };
     match r {
