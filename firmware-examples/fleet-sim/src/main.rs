@@ -146,6 +146,31 @@ enum Cmd {
         #[arg(long, conflicts_with = "payload")]
         payload_file: Option<PathBuf>,
     },
+    /// TEST STAND-IN until the broker serves firmware chunks itself (issue 30, branch
+    /// ota-broker): as a service identity on a broker without OTA ACLs (Mosquitto with the
+    /// fleet's PKI), answer every `devices/<id>/ota/get` for one release the way
+    /// docs/spec/ota.md says, and print each `ota/status` report. Offers are sent with
+    /// `command --name ota/offer --payload-file manifest.bin`.
+    OtaStandin {
+        /// Service identity directory.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Broker host.
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Broker port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// The release directory (`fleet-provision release --out`: image.bin, manifest.bin).
+        #[arg(long)]
+        release: PathBuf,
+        /// Largest chunk answered (the broker's `ota_max_chunk`).
+        #[arg(long, default_value_t = 1024)]
+        max_chunk: usize,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
+    },
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -346,6 +371,70 @@ async fn watch(
     }
 }
 
+/// The chunk answer of docs/spec/ota.md for `request` (14 bytes: tag, offset, length).
+fn chunk_answer(tag: &[u8], image: &[u8], request: &[u8], max_chunk: usize) -> Option<Vec<u8>> {
+    if request.len() != fleet_device::ota::REQUEST_LEN {
+        return None;
+    }
+    let offset = u32::from_le_bytes(request[8..12].try_into().ok()?) as usize;
+    let len = usize::from(u16::from_le_bytes(request[12..14].try_into().ok()?));
+    let mut out = request[..12].to_vec();
+    if &request[..8] != tag {
+        out.push(1); // not offered
+    } else if offset >= image.len() {
+        out.push(2); // beyond the image
+    } else {
+        out.push(0);
+        let end = image.len().min(offset + len.clamp(1, max_chunk));
+        out.extend_from_slice(&image[offset..end]);
+    }
+    Some(out)
+}
+
+async fn ota_standin(
+    identity: PathBuf,
+    host: String,
+    port: u16,
+    release: PathBuf,
+    max_chunk: usize,
+    duration: f64,
+) -> anyhow::Result<()> {
+    let image = std::fs::read(release.join("image.bin")).with_context(|| format!("{}", release.display()))?;
+    let manifest = std::fs::read(release.join("manifest.bin"))?;
+    let m = fleet_device::release::Manifest::decode(&manifest)
+        .map_err(|e| anyhow::anyhow!("manifest.bin: {e}"))?;
+    let tag = fleet_device::ota::tag(&m);
+    let (client, mut ev) = AsyncClient::new(service_options(&identity, &host, port)?, 256);
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(duration);
+    let (get, status) = ("devices/+/ota/get", "devices/+/ota/status");
+    loop {
+        let e = tokio::select! {
+            _ = tokio::time::sleep_until(until) => return Ok(()),
+            e = ev.poll() => e,
+        };
+        match e {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client.subscribe(get, QoS::AtMostOnce).await?;
+                client.subscribe(status, QoS::AtLeastOnce).await?;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => println!("ota-standin: serving {} bytes", image.len()),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some(device) = topic::device_level(&p.topic).map(str::to_owned) else { continue };
+                if p.topic.ends_with("/ota/get") {
+                    if let Some(answer) = chunk_answer(&tag, &image, &p.payload, max_chunk) {
+                        let t = format!("devices/{device}/ota/chunk");
+                        client.publish(t, QoS::AtMostOnce, false, answer).await?;
+                    }
+                } else {
+                    println!("ota-status {device} {}", String::from_utf8_lossy(&p.payload));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => bail!("service connection failed: {e}"),
+        }
+    }
+}
+
 async fn command(
     identity: PathBuf,
     host: String,
@@ -449,6 +538,9 @@ async fn main() -> std::process::ExitCode {
         }
         Cmd::Watch { identity, host, port, filter, duration } => {
             watch(identity, host, port, filter, duration).await
+        }
+        Cmd::OtaStandin { identity, host, port, release, max_chunk, duration } => {
+            ota_standin(identity, host, port, release, max_chunk, duration).await
         }
         Cmd::Command { identity, host, port, device, name, payload, payload_file } => {
             let payload = match payload_file {

@@ -175,6 +175,11 @@ fn announce_image() {
         }
     };
     say!("firmware {}: {how}", ota::ImageInfo::read().version());
+    say!(
+        "OTA updater: {} bytes of RAM besides its {}-byte write buffer",
+        core::mem::size_of::<ota::Updater<'static>>(),
+        fleet_device::ota::MAX_CHUNK
+    );
 }
 
 /// No session could be had: the program ends (status 1). An image on trial (feature `ota`)
