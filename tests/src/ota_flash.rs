@@ -145,6 +145,11 @@ impl Image {
         Ok(image)
     }
 
+    /// Any bytes as an image (simulated devices: no vector table, no description block).
+    pub fn from_bytes(bytes: Vec<u8>) -> Image {
+        Image { bytes }
+    }
+
     /// The image's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

@@ -323,6 +323,10 @@ impl Session<'_> {
                         s.connects += 1;
                         s.connected = true;
                     });
+                    // Admitted with its certificate: an update on trial confirms itself.
+                    if let Some(u) = updater.as_mut() {
+                        u.connected();
+                    }
                     let cert = device.credentials().cert_der;
                     if self.trying {
                         // Admitted with the staged identity: it becomes the active one.

@@ -194,6 +194,13 @@ fn tls(
 }
 
 fn service_options(dir: &Path, host: &str, port: u16) -> anyhow::Result<MqttOptions> {
+    service_options_as(dir, host, port, "")
+}
+
+/// [`service_options`] with `suffix` after the client id (fleet-broker binds the client id to
+/// the certificate and refuses that; a peer broker without that rule takes it, and two clients
+/// of one identity then do not take each other's session over).
+fn service_options_as(dir: &Path, host: &str, port: u16, suffix: &str) -> anyhow::Result<MqttOptions> {
     let read = |f: &str| dir.join(f);
     let roots = CertificateDer::pem_file_iter(read("broker-trust.pem"))
         .with_context(|| format!("{}", read("broker-trust.pem").display()))?
@@ -203,7 +210,7 @@ fn service_options(dir: &Path, host: &str, port: u16) -> anyhow::Result<MqttOpti
         .with_context(|| format!("{}", read("key.pem").display()))?;
     // The broker binds the client id to the certificate: use the id in its SAN URI.
     let id = service_id(&chain[0]).context("service certificate carries no urn:fleetgate:service: URI")?;
-    let mut o = MqttOptions::new(id, host, port);
+    let mut o = MqttOptions::new(format!("{id}{suffix}"), host, port);
     o.set_clean_session(true);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_transport(tls(roots, chain, key)?);
@@ -404,7 +411,8 @@ async fn ota_standin(
     let m = fleet_device::release::Manifest::decode(&manifest)
         .map_err(|e| anyhow::anyhow!("manifest.bin: {e}"))?;
     let tag = fleet_device::ota::tag(&m);
-    let (client, mut ev) = AsyncClient::new(service_options(&identity, &host, port)?, 256);
+    // Its own client id: the offers are sent as the same service identity.
+    let (client, mut ev) = AsyncClient::new(service_options_as(&identity, &host, port, "-ota-standin")?, 256);
     let until = tokio::time::Instant::now() + Duration::from_secs_f64(duration);
     let (get, status) = ("devices/+/ota/get", "devices/+/ota/status");
     loop {
