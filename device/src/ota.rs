@@ -954,6 +954,7 @@ impl<DFU: NorFlash, STATE: NorFlash, R: NorFlash> core::fmt::Debug for Updater<'
 impl<'d, DFU: NorFlash, STATE: NorFlash, R: NorFlash> Updater<'d, DFU, STATE, R> {
     /// Resumes the job kept in `record`, if any. `dfu_capacity` is the DFU partition's size
     /// (the same flash `fw` was made with).
+    #[inline(never)] // its frame (verifier, hashing) only while it runs, not in the caller's
     pub fn new(
         cfg: Config,
         mut fw: BlockingFirmwareUpdater<'d, DFU, STATE>,
@@ -971,12 +972,14 @@ impl<'d, DFU: NorFlash, STATE: NorFlash, R: NorFlash> Updater<'d, DFU, STATE, R>
     }
 
     /// An offer's payload (`commands/ota/offer`).
+    #[inline(never)] // its frame (verifier, hashing) only while it runs, not in the caller's
     pub fn offer(&mut self, payload: &[u8], now: Millis) -> bool {
         self.ota.offer(payload, now)
     }
 
     /// A chunk's payload (`ota/chunk`): written into DFU when it is the next in order; the
     /// last one starts the verification.
+    #[inline(never)] // its frame (verifier, hashing) only while it runs, not in the caller's
     pub fn chunk(&mut self, payload: &[u8], now: Millis) {
         let Some((offset, data)) = self.ota.chunk(payload, now) else { return };
         let ok = stage(self.buf, data, DFU::WRITE_SIZE)
@@ -986,6 +989,7 @@ impl<'d, DFU: NorFlash, STATE: NorFlash, R: NorFlash> Updater<'d, DFU, STATE, R>
         }
     }
 
+    #[inline(never)] // its frame (verifier, hashing) only while it runs, not in the caller's
     fn verify(&mut self) {
         let Some((m, _)) = self.ota.job() else { return };
         let (size, sig) = (m.image_size, m.image_signature);
@@ -1008,6 +1012,7 @@ impl<'d, DFU: NorFlash, STATE: NorFlash, R: NorFlash> Updater<'d, DFU, STATE, R>
     /// The broker admitted the device with its certificate: a new image on trial confirms
     /// itself (`mark_booted`) and reports `rebooted` and `confirmed`; a rolled-back one reports
     /// `rolled_back`; a download asks again from where it stands.
+    #[inline(never)] // its frame (verifier, hashing) only while it runs, not in the caller's
     pub fn connected(&mut self) {
         if self.ota.admitted() {
             let r = self.fw.mark_booted();
