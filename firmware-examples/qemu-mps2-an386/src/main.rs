@@ -16,7 +16,8 @@
 //!
 //! Built with feature `ota` it is the application of the A/B bootloader (`--bin bootloader`):
 //! linked at the execution region, it says which image it is, confirms itself once the broker
-//! admitted it, and takes the `ota-apply` and `reboot` commands (`ota`).
+//! admitted it, takes update offers through `fleet_device::ota` (download, verify, swap, confirm)
+//! and the `reboot` command (`ota`).
 //!
 //! TEST-ONLY parts, marked below: the RNG is seeded from the host's /dev/urandom and the clock
 //! read from the host, both over semihosting, because QEMU's board has no TRNG or RTC. A real
