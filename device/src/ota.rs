@@ -736,15 +736,30 @@ impl<R: NorFlash> Ota<R> {
 
     /// A chunk (`ota/chunk`'s payload): the bytes to write at an offset when it is the next
     /// one in order, `None` otherwise (a duplicate, a late answer, another release).
-    fn chunk<'p>(&mut self, payload: &'p [u8], now: Millis) -> Option<(u32, &'p [u8])> {
+    /// `write` is the DFU write size: a broker whose `ota_max_chunk` is below `chunk_len`
+    /// answers less than asked; a shorter answer in whole write units is taken, and the
+    /// requests shrink to its length from then on.
+    fn chunk<'p>(&mut self, payload: &'p [u8], now: Millis, write: usize) -> Option<(u32, &'p [u8])> {
         let c = Chunk::decode(payload)?;
         let chunk_len = u32::from(self.cfg.chunk_len);
         let retry = self.cfg.retry_ms;
         let j = self.job.as_mut().filter(|j| j.step == Step::Download && j.tag == c.tag)?;
         match c.status {
             ChunkStatus::Data => {
-                let want = chunk_len.min(j.manifest.image_size - j.next);
-                (c.offset == j.next && c.data.len() == want as usize).then_some((c.offset, c.data))
+                let want = chunk_len.min(j.manifest.image_size - j.next) as usize;
+                let n = c.data.len();
+                if c.offset != j.next || n == 0 || n > want {
+                    return None;
+                }
+                if n < want {
+                    if n % write.max(1) != 0 {
+                        return None;
+                    }
+                    // The broker's chunks are shorter: ask for that much, from here.
+                    self.cfg.chunk_len = n as u16;
+                    j.requested = j.next + n as u32;
+                }
+                Some((c.offset, c.data))
             }
             ChunkStatus::NotOffered => {
                 self.fail(Reason::NotOffered);
@@ -981,7 +996,7 @@ impl<'d, DFU: NorFlash, STATE: NorFlash, R: NorFlash> Updater<'d, DFU, STATE, R>
     /// last one starts the verification.
     #[inline(never)] // its frame (verifier, hashing) only while it runs, not in the caller's
     pub fn chunk(&mut self, payload: &[u8], now: Millis) {
-        let Some((offset, data)) = self.ota.chunk(payload, now) else { return };
+        let Some((offset, data)) = self.ota.chunk(payload, now, DFU::WRITE_SIZE) else { return };
         let ok = stage(self.buf, data, DFU::WRITE_SIZE)
             .is_some_and(|n| self.fw.write_firmware(offset as usize, &self.buf[..n]).is_ok());
         if self.ota.wrote(now, data.len() as u32, ok, DFU::ERASE_SIZE as u32) == After::Verify {
@@ -1087,7 +1102,7 @@ where
 
     /// [`Updater::chunk`].
     pub async fn chunk(&mut self, payload: &[u8], now: Millis) {
-        let Some((offset, data)) = self.ota.chunk(payload, now) else { return };
+        let Some((offset, data)) = self.ota.chunk(payload, now, DFU::WRITE_SIZE) else { return };
         let ok = match stage(self.buf, data, DFU::WRITE_SIZE) {
             Some(n) => self.fw.write_firmware(offset as usize, &self.buf[..n]).await.is_ok(),
             None => false,
@@ -1294,6 +1309,8 @@ mod tests {
         drop: Vec<usize>,
         stop_after: Option<usize>,
         max_outstanding: usize,
+        /// The broker's `ota_max_chunk`.
+        max_chunk: usize,
     }
 
     impl Peer {
@@ -1308,6 +1325,7 @@ mod tests {
                 drop: Vec::new(),
                 stop_after: None,
                 max_outstanding: 0,
+                max_chunk: MAX_CHUNK,
             }
         }
 
@@ -1325,7 +1343,7 @@ mod tests {
                 return c;
             }
             c.push(0);
-            c.extend_from_slice(&self.img[off..(off + len).min(self.img.len())]);
+            c.extend_from_slice(&self.img[off..(off + len.min(self.max_chunk)).min(self.img.len())]);
             c
         }
 
@@ -1642,6 +1660,24 @@ mod tests {
         assert_eq!(peer.statuses.len(), 1);
         assert!(peer.statuses[0]
             .contains("\"state\":\"rolled_back\",\"offset\":2048,\"size\":2048,\"running\":\"1.0.0\""));
+    }
+
+    #[test]
+    fn a_broker_with_shorter_chunks_is_followed() {
+        let img = image(5 * 1024 + 6);
+        let offer = release(&img, Version::new(1, 1, 0), "mps2-an386", &station_key(), &station_key());
+        let mut b = Board3::new();
+        let mut peer = Peer::new(img.clone(), &offer);
+        peer.max_chunk = 256; // the broker's ota_max_chunk
+        let (mut word, mut buf) = ([0u8; 4], [0u8; 1024]);
+        let mut up = updater(&mut b, cfg(), &mut word, &mut buf);
+        let mut now = 0;
+        assert!(up.offer(&offer, Millis(now)));
+        peer.run(&mut up, &mut now, 200, 10);
+        assert!(up.reset_due(), "{:?}", peer.statuses.last());
+        assert!(peer.requests.iter().skip(2).all(|r| r.1 <= 256), "{:?}", &peer.requests[..4]);
+        drop(up);
+        assert_eq!(&b.dfu.0[..img.len()], &img[..]);
     }
 
     #[test]
