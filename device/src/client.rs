@@ -103,6 +103,19 @@ pub enum Incoming {
     },
     /// An operator asked this device to rotate now (`fleet-provision rotate`).
     RotateRequested,
+    /// A firmware update offer (`commands/ota/offer`, feature `ota`): the manifest, for
+    /// [`crate::ota::Updater::offer`].
+    #[cfg(feature = "_ota")]
+    OtaOffer {
+        /// The payload (a manifest is 268 bytes; other lengths are the updater's to refuse).
+        manifest: Vec<u8, { crate::release::MANIFEST_LEN }>,
+    },
+    /// A firmware chunk (`ota/chunk`, feature `ota`), for [`crate::ota::Updater::chunk`].
+    #[cfg(feature = "_ota")]
+    OtaChunk {
+        /// Tag, offset, status, data.
+        payload: Vec<u8, { crate::ota::CHUNK_HEADER + crate::ota::MAX_CHUNK }>,
+    },
     /// A command arrived that does not fit `Command` (name over 32 bytes, payload over 256, or
     /// the whole packet over [`INBOX`]): it was acknowledged to the broker but not delivered;
     /// the application decides what to do.
@@ -151,6 +164,11 @@ fn certs(kind: &str, payload: &[u8]) -> Option<Incoming> {
 }
 
 fn command(name: &str, payload: &[u8]) -> Incoming {
+    #[cfg(feature = "_ota")]
+    if name == crate::ota::OFFER_COMMAND {
+        // A payload that is no manifest is the updater's to refuse (and report): empty here.
+        return Incoming::OtaOffer { manifest: Vec::from_slice(payload).unwrap_or_default() };
+    }
     match (String::try_from(name), Vec::from_slice(payload)) {
         (Ok(name), Ok(payload)) => Incoming::Command { name, payload },
         _ => Incoming::CommandTooLarge { name_len: name.len(), payload_len: payload.len() },
@@ -380,12 +398,22 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
         payload: &[u8],
         now: Millis,
     ) -> Result<(), ClientError> {
+        self.send_now(conn, suffix, payload, QoS::AtLeastOnce, now)
+    }
+
+    /// [`Device::publish_now`] at `qos`: e.g. an OTA chunk request (QoS 0, its sender asks
+    /// again on a timeout), which must not wait behind the outbox's QoS 1 messages.
+    pub fn send_now<T: Write>(
+        &mut self,
+        conn: &mut T,
+        suffix: &str,
+        payload: &[u8],
+        qos: QoS,
+        now: Millis,
+    ) -> Result<(), ClientError> {
         self.flush(conn, now)?;
         let mut out = [0u8; OUTBOX_PACKET];
-        let n = self
-            .session
-            .encode_now(suffix, payload, QoS::AtLeastOnce, &mut out)
-            .map_err(ClientError::Session)?;
+        let n = self.session.encode_now(suffix, payload, qos, &mut out).map_err(ClientError::Session)?;
         conn.write_all(&out[..n]).map_err(|_| ClientError::Transport)?;
         conn.flush().map_err(|_| ClientError::Transport)
     }
@@ -589,6 +617,10 @@ impl<'a, const N: usize, const M: usize> Device<'a, N, M> {
                 Event::Subscribed => None,
                 Event::Command { name, payload } => Some(command(name, payload)),
                 Event::Certs { kind, payload } => certs(kind, payload),
+                #[cfg(feature = "_ota")]
+                Event::OtaChunk { payload } => {
+                    Vec::from_slice(payload).ok().map(|payload| Incoming::OtaChunk { payload })
+                }
                 #[cfg(feature = "mqtt5")]
                 Event::Refused { reason, .. } => Some(Incoming::Refused { reason }),
             });

@@ -21,6 +21,8 @@ pub mod credentials;
 #[cfg(feature = "tls")]
 pub mod csr;
 pub mod mqtt;
+#[cfg(feature = "_ota")]
+pub mod ota;
 pub mod release;
 #[cfg(feature = "tls")]
 pub mod rotation;

@@ -33,7 +33,7 @@ fn len16(n: usize) -> [u8; 2] {
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let memory = fs::read_to_string(BOARD).expect("read the board's memory map");
-    if env::var_os("CARGO_FEATURE_OTA").is_some() {
+    if env::var_os("CARGO_FEATURE__OTA").is_some() {
         let flash = memory.lines().find(|l| l.trim_start().starts_with("FLASH ")).expect("FLASH in the map");
         let app = format!(
             "  FLASH       : ORIGIN = {:#010x}, LENGTH = {}K",

@@ -145,6 +145,11 @@ impl Image {
         Ok(image)
     }
 
+    /// Any bytes as an image (simulated devices: no vector table, no description block).
+    pub fn from_bytes(bytes: Vec<u8>) -> Image {
+        Image { bytes }
+    }
+
     /// The image's bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
@@ -207,6 +212,26 @@ pub fn image_version(bytes: &[u8]) -> Option<String> {
 /// embassy-boot's signature of an image: ed25519 over the SHA-512 of its bytes.
 pub fn sign(image: &Image, key: &SigningKey) -> [u8; 64] {
     key.sign(&Sha512::digest(image.bytes())).to_bytes()
+}
+
+/// A release's signed manifest (`fgota-m1`, docs/spec/ota.md) for `image` as `version` on
+/// `board`, signed with `key` as `fleet-provision release` signs it: the image signature over
+/// its SHA-512, the manifest signature over the signed part.
+pub fn manifest(image: &Image, version: &str, board: &str, key: &SigningKey) -> Vec<u8> {
+    use fleet_device::release::{Board, Manifest, Version};
+    let digest: [u8; 64] = Sha512::digest(image.bytes()).into();
+    let mut m = Manifest {
+        image_size: image.len(),
+        version: Version::parse(version).expect("version"),
+        min_version: Version::ZERO,
+        board: Board::parse(board).expect("board"),
+        key_id: fleet_device::ota::key_id(key.verifying_key().as_bytes()),
+        image_sha512: digest,
+        image_signature: sign(image, key),
+        manifest_signature: [0; 64],
+    };
+    m.manifest_signature = key.sign(&m.signed_part()).to_bytes();
+    m.encode().to_vec()
 }
 
 /// A fresh signing key (test keys are made at test time, never stored in the repository).

@@ -59,6 +59,15 @@ pub mod level {
     pub const RESPONSES: &str = "responses";
     /// The last level of a command topic that sets its time-to-live: `ttl=<secs>`.
     pub const TTL: &str = "ttl=";
+    /// Under `devices/<id>/`: firmware updates (docs/spec/ota.md), and the name of the offer
+    /// command `commands/ota/offer`.
+    pub const OTA: &str = "ota";
+    /// `ota/get`: a device's chunk request (answered by the broker, never routed or stored).
+    pub const GET: &str = "get";
+    /// `ota/chunk`: the broker's answer; no client may publish it.
+    pub const CHUNK: &str = "chunk";
+    /// `commands/ota/offer`: a campaign's offer (the broker's campaign runner only).
+    pub const OFFER: &str = "offer";
 }
 
 /// A device's own topics after its root `devices/<id>/`, as the SDK's `publish(suffix, ..)`
@@ -70,6 +79,14 @@ pub mod suffix {
     pub const CERTS_CSR: &str = "certs/csr";
     /// "I run on my new certificate."
     pub const CERTS_ACTIVE: &str = "certs/active";
+    /// A firmware chunk request (docs/spec/ota.md).
+    pub const OTA_GET: &str = "ota/get";
+    /// A firmware update's status report.
+    pub const OTA_STATUS: &str = "ota/status";
+    /// A firmware chunk (the broker publishes, the device subscribes).
+    pub const OTA_CHUNK: &str = "ota/chunk";
+    /// The command name of a firmware update offer (`commands/ota/offer`).
+    pub const OTA_OFFER_COMMAND: &str = "ota/offer";
 
     /// `acks/<name>`: the examples' acknowledgement of command `name`.
     pub fn ack(name: &str) -> super::Levels<'_, 2> {
@@ -467,6 +484,12 @@ impl<'a> Root<'a> {
     #[inline]
     pub fn command_name(self, topic: &str) -> Option<&str> {
         self.after_root(topic)?.strip_prefix(_COMMANDS_)
+    }
+
+    /// Is `topic` `<root>/ota/chunk`?
+    #[inline]
+    pub fn is_ota_chunk(self, topic: &str) -> bool {
+        self.strip(topic) == Some(suffix::OTA_CHUNK)
     }
 
     /// The kind of `<root>/certs/<kind>` (one level).

@@ -16,6 +16,11 @@ use heapless::{Deque, String, Vec};
 
 /// How many recent command packet ids a session remembers for de-duplication.
 const SEEN: usize = 16;
+/// Topic filters a device subscribes to.
+#[cfg(not(feature = "_ota"))]
+const FILTERS: usize = 4;
+#[cfg(feature = "_ota")]
+const FILTERS: usize = 5;
 /// The longest Server Reference a session keeps (fleet-broker's `moved_to` is at most this).
 #[cfg(feature = "mqtt5")]
 pub const MAX_SERVER_REFERENCE: usize = 96;
@@ -60,7 +65,7 @@ fn encode_publish(
 pub struct Millis(pub u64);
 
 impl Millis {
-    fn plus(self, ms: u64) -> Millis {
+    pub(crate) fn plus(self, ms: u64) -> Millis {
         Millis(self.0.saturating_add(ms))
     }
 }
@@ -154,6 +159,13 @@ pub enum Event<'a> {
         pkid: u16,
         /// The reason code (0x87 not authorized, 0x97 quota exceeded, ...).
         reason: u8,
+    },
+    /// A chunk of a firmware image arrived on `devices/<id>/ota/chunk` (feature `ota`,
+    /// docs/spec/ota.md).
+    #[cfg(feature = "_ota")]
+    OtaChunk {
+        /// Its payload: tag, offset, status, data.
+        payload: &'a [u8],
     },
     /// A rotation message arrived on `<root>/certs/<kind>` (`issued`, `rejected`, `rotate`;
     /// docs/spec/rotation.md).
@@ -523,12 +535,16 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
             self.subscribe_pending = Some(pkid);
             // Commands (devices only) and the issuer's answers, by name: `certs/+` would echo
             // the device's own CSRs back to it.
-            let mut f: [String<160>; 4] = Default::default();
-            let tails: [&[&str]; 4] = [
+            // With `ota`, also the broker's chunks, by name: `ota/+` would echo the device's
+            // own requests.
+            let mut f: [String<160>; FILTERS] = Default::default();
+            let tails: [&[&str]; FILTERS] = [
                 &[level::COMMANDS, "#"],
                 &[level::CERTS, level::ISSUED],
                 &[level::CERTS, level::REJECTED],
                 &[level::CERTS, level::ROTATE],
+                #[cfg(feature = "_ota")]
+                &[level::OTA, level::CHUNK],
             ];
             for i in 0..f.len() {
                 // One copy of the writer for every buffer size: through the string's view.
@@ -542,6 +558,8 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                 (f[1].as_str(), QoS::AtLeastOnce),
                 (f[2].as_str(), QoS::AtLeastOnce),
                 (f[3].as_str(), QoS::AtLeastOnce),
+                #[cfg(feature = "_ota")]
+                (f[4].as_str(), QoS::AtMostOnce),
             ];
             // A claim session has no commands and no operator requests.
             let filters = SubscribeFilters::List(if self.claim { &all[1..3] } else { &all[..] });
@@ -747,6 +765,10 @@ impl<'a, const N: usize, const M: usize> Session<'a, N, M> {
                         }
                         None => Some(Event::Command { name, payload: p.payload }),
                     },
+                    #[cfg(feature = "_ota")]
+                    None if !self.claim && self.root().is_ota_chunk(p.topic) => {
+                        Some(Event::OtaChunk { payload: p.payload })
+                    }
                     None => self.certs_kind(p.topic).map(|kind| Event::Certs { kind, payload: p.payload }),
                 }
             }
@@ -822,10 +844,16 @@ mod tests {
         assert_eq!(feed(&mut s, &[0x20, 2, 0, 0]), Some(Event::Connected));
         let out = tx(&mut s, 1);
         assert_eq!(kinds(&out), vec![8]); // SUBSCRIBE devices/dev-1/commands/#
-        let pkid = u16::from_be_bytes([out[0][2], out[0][3]]);
-        let [hi, lo] = pkid.to_be_bytes();
+        let [hi, lo] = sub_pkid(&out[0]);
         assert_eq!(feed(&mut s, &[0x90, 3, hi, lo, 1]), Some(Event::Subscribed));
         s
+    }
+
+    /// The packet id of a SUBSCRIBE: after the fixed header, whose remaining length takes one
+    /// byte per 7 bits (two with the `ota` chunk filter).
+    fn sub_pkid(p: &[u8]) -> [u8; 2] {
+        let len_bytes = p[1..].iter().position(|b| b & 0x80 == 0).expect("length") + 1;
+        [p[1 + len_bytes], p[2 + len_bytes]]
     }
 
     #[test]
@@ -954,6 +982,37 @@ mod tests {
         let bytes = buf[..n].to_vec();
         assert_eq!(feed(&mut s, &bytes), Some(Event::Command { name: "reboot", payload: b"now" }));
         assert_eq!(tx(&mut s, 2), vec![vec![0x40, 2, 0, 5]]);
+    }
+
+    #[cfg(feature = "_ota")]
+    #[test]
+    fn ota_chunks_are_subscribed_by_name_and_are_events() {
+        let mut s = S::new("dev-1", SessionConfig::default());
+        s.transport_up(Millis(0));
+        tx(&mut s, 0);
+        feed(&mut s, &[0x20, 2, 0, 0]);
+        let sub = names(&tx(&mut s, 1)[0]);
+        assert!(sub.contains("devices/dev-1/ota/chunk"), "{sub:?}");
+        assert!(!sub.contains("ota/+") && !sub.contains("ota/#"), "its own requests would echo");
+        let mut buf = [0u8; 128];
+        let mut publish = |topic: &'static str| {
+            let p = Publish {
+                topic,
+                payload: b"chunk",
+                qos: QoS::AtMostOnce,
+                retain: false,
+                dup: false,
+                pkid: None,
+            };
+            let n = Packet::Publish(p).encode(&mut buf).unwrap();
+            buf[..n].to_vec()
+        };
+        assert_eq!(
+            feed(&mut s, &publish("devices/dev-1/ota/chunk")),
+            Some(Event::OtaChunk { payload: b"chunk" })
+        );
+        assert_eq!(feed(&mut s, &publish("devices/dev-2/ota/chunk")), None);
+        assert_eq!(feed(&mut s, &publish("devices/dev-1/ota/get")), None);
     }
 
     /// The topics a packet names (SUBSCRIBE filters or a PUBLISH topic), as text.
@@ -1117,7 +1176,7 @@ mod tests {
         assert_eq!(connect[0][8], 5, "protocol level 5");
         assert_eq!(feed(&mut s, &[0x20, 3, 0, 0, 0]), Some(Event::Connected));
         let sub = tx(&mut s, 1);
-        let [hi, lo] = [sub[0][2], sub[0][3]];
+        let [hi, lo] = sub_pkid(&sub[0]);
         assert_eq!(feed(&mut s, &[0x90, 4, hi, lo, 0, 1]), Some(Event::Subscribed));
         s.publish("telemetry", b"1", QoS::AtLeastOnce).unwrap();
         let first = tx(&mut s, 2);

@@ -19,6 +19,7 @@ use fleet_device::store::{CredentialStore, StoreError};
 use fleet_device::topic;
 use rand::RngCore as _;
 
+use crate::ota::{OtaOpts, SimOta};
 use crate::slots::{FileSlots, SlotError, SLOT_SIZE};
 use crate::{Stats, StatsMap};
 
@@ -64,6 +65,8 @@ pub(crate) struct DeviceOpts {
     /// Stop a device once it runs on a rotated certificate (for benchmarks).
     pub(crate) exit_when_rotated: bool,
     pub(crate) start: Instant,
+    /// Firmware updates (`--ota-key`): offers are taken and downloaded into flash in memory.
+    pub(crate) ota: Option<OtaOpts>,
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -114,6 +117,8 @@ enum End {
     Staged(Vec<u8>),
     /// The simulated power loss happened.
     PowerLost,
+    /// An update was verified: reset into it (the simulated A/B swap).
+    Reboot(fleet_device::release::Version),
 }
 
 pub(crate) fn run_device(dir: &Path, opts: &DeviceOpts, stats: &Arc<Mutex<StatsMap>>) -> anyhow::Result<()> {
@@ -145,6 +150,11 @@ pub(crate) fn run_device(dir: &Path, opts: &DeviceOpts, stats: &Arc<Mutex<StatsM
     let mut next_sample = Instant::now();
     let mut seq = 0u32;
     let mut candidate_refusals = 0;
+    let mut sim_ota = opts.ota.map(SimOta::new);
+    if let Some(o) = &sim_ota {
+        let v = o.running().to_string();
+        track.update(|s| s.firmware = v);
+    }
     if candidate.is_some() {
         event(opts.start, &id, "candidate-found", "a staged identity from before the restart");
     }
@@ -200,8 +210,19 @@ pub(crate) fn run_device(dir: &Path, opts: &DeviceOpts, stats: &Arc<Mutex<StatsM
                 active: &mut active,
                 track: &track,
             };
-            match session.run(&mut device, tcp, &mut sample) {
+            match session.run(&mut device, tcp, &mut sample, sim_ota.as_mut()) {
                 Ok(End::Staged(b)) => break End::Staged(b),
+                Ok(End::Reboot(version)) => {
+                    if let Some(o) = sim_ota.as_mut() {
+                        o.swap_to(version);
+                    }
+                    event(opts.start, &id, "ota-reset", &version.to_string());
+                    track.update(|s| {
+                        s.connected = false;
+                        s.firmware = version.to_string();
+                    });
+                    device.disconnected(ms(), rng.next_u32());
+                }
                 Ok(other) => break other,
                 Err(e) => {
                     let msg = describe(&e);
@@ -224,6 +245,7 @@ pub(crate) fn run_device(dir: &Path, opts: &DeviceOpts, stats: &Arc<Mutex<StatsM
         };
         match end {
             End::Done => return Ok(()),
+            End::Reboot(_) => unreachable!("handled in the connection loop"),
             End::PowerLost => {
                 event(opts.start, &id, "power-lost", "while writing the staged identity");
                 track.update(|s| s.last_error = Some("power lost".into()));
@@ -267,12 +289,16 @@ impl Session<'_> {
         device: &mut Device<'a, 64, 256>,
         tcp: HostLink,
         sample: &mut dyn FnMut(&mut Device<'a, 64, 256>),
+        ota: Option<&mut SimOta>,
     ) -> Result<End, ClientError> {
         let start = self.opts.start;
         let ms = || Millis(start.elapsed().as_millis() as u64);
         let (mut rx, mut tx) = (vec![0u8; 16_640], vec![0u8; 4096]);
         let mut rng = rand::rngs::OsRng;
         let mut conn = device.connect(tcp, &mut rx, &mut tx, &mut rng, Some(unix_now()), ms())?;
+        // The SDK's updater for this connection (it resumes a job kept in the record).
+        let (mut word, mut chunk_buf) = ([0u8; 4], vec![0u8; fleet_device::ota::MAX_CHUNK]);
+        let mut updater = ota.map(|o| o.updater(&mut word, &mut chunk_buf));
         let mut csr = [0u8; 512];
         let mut buf = vec![0u8; SLOT_SIZE];
         let mut out = vec![0u8; SLOT_SIZE];
@@ -297,6 +323,10 @@ impl Session<'_> {
                         s.connects += 1;
                         s.connected = true;
                     });
+                    // Admitted with its certificate: an update on trial confirms itself.
+                    if let Some(u) = updater.as_mut() {
+                        u.connected();
+                    }
                     let cert = device.credentials().cert_der;
                     if self.trying {
                         // Admitted with the staged identity: it becomes the active one.
@@ -322,6 +352,21 @@ impl Session<'_> {
                     }
                 }
                 Some(Incoming::Delivered) => self.track.update(|s| s.acked += 1),
+                Some(Incoming::OtaOffer { manifest }) => match updater.as_mut() {
+                    Some(u) => {
+                        if u.offer(&manifest, ms()) {
+                            event(start, self.id, "ota-offer-taken", "");
+                        }
+                    }
+                    None => {
+                        self.track.update(|s| s.last_error = Some("update offered, but no --ota-key".into()))
+                    }
+                },
+                Some(Incoming::OtaChunk { payload }) => {
+                    if let Some(u) = updater.as_mut() {
+                        u.chunk(&payload, ms());
+                    }
+                }
                 Some(Incoming::Command { name, payload }) => {
                     self.track.update(|s| s.commands += 1);
                     let ack = topic::suffix::ack(&name).to_string();
@@ -375,6 +420,35 @@ impl Session<'_> {
                     event(start, self.id, "rejected", &r);
                 }
                 None => {}
+            }
+            if let Some(u) = updater.as_mut() {
+                while device.session().is_connected() {
+                    let Some(m) = u.poll_transmit(ms()) else { break };
+                    if m.qos == QoS::AtMostOnce {
+                        device.send_now(&mut conn, m.suffix, m.payload, m.qos, ms())?;
+                        continue;
+                    }
+                    let status = String::from_utf8_lossy(m.payload).into_owned();
+                    device.publish(m.suffix, m.payload, m.qos)?;
+                    let state = serde_json::from_str::<serde_json::Value>(&status)
+                        .ok()
+                        .and_then(|v| v["state"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    self.track.update(|s| {
+                        s.sent += 1;
+                        s.updates += u64::from(state == "confirmed");
+                        s.ota = state;
+                    });
+                    event(start, self.id, "ota-status", &status);
+                }
+                // Verified and every report stored: reset into the new image.
+                if u.reset_due() && device.session().queued() == 0 {
+                    let version = u.ota().job().map(|(m, _)| m.version);
+                    if let Some(v) = version {
+                        let _ = device.disconnect(&mut conn);
+                        return Ok(End::Reboot(v));
+                    }
+                }
             }
         }
     }

@@ -61,6 +61,20 @@ enum Cmd {
         /// or at --duration).
         #[arg(long)]
         exit_when_rotated: bool,
+        /// Take firmware updates (docs/spec/ota.md) signed with this key (the station's
+        /// `firmware.pub`, 32 bytes): offers are downloaded into flash in memory, verified and
+        /// confirmed after a simulated A/B swap, with every status reported.
+        #[arg(long)]
+        ota_key: Option<PathBuf>,
+        /// The board the simulated devices are (releases for it only).
+        #[arg(long, default_value = "fleet-sim")]
+        board: String,
+        /// The firmware version they run at the start.
+        #[arg(long, default_value = "1.0.0")]
+        firmware_version: String,
+        /// Bytes of their update partition.
+        #[arg(long, default_value_t = 1024 * 1024)]
+        ota_capacity: u32,
     },
     /// Claim-based first boot of COUNT new devices: each generates its key, connects with the
     /// batch's claim credentials (`fleet-provision claim-cert`), gets its own identity from the
@@ -127,6 +141,35 @@ enum Cmd {
         /// Payload.
         #[arg(long, default_value = "")]
         payload: String,
+        /// Payload from a file, byte for byte (e.g. `--name ota/offer --payload-file
+        /// manifest.bin`).
+        #[arg(long, conflicts_with = "payload")]
+        payload_file: Option<PathBuf>,
+    },
+    /// TEST STAND-IN until the broker serves firmware chunks itself (issue 30, branch
+    /// ota-broker): as a service identity on a broker without OTA ACLs (Mosquitto with the
+    /// fleet's PKI), answer every `devices/<id>/ota/get` for one release the way
+    /// docs/spec/ota.md says, and print each `ota/status` report. Offers are sent with
+    /// `command --name ota/offer --payload-file manifest.bin`.
+    OtaStandin {
+        /// Service identity directory.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Broker host.
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Broker port.
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// The release directory (`fleet-provision release --out`: image.bin, manifest.bin).
+        #[arg(long)]
+        release: PathBuf,
+        /// Largest chunk answered (the broker's `ota_max_chunk`).
+        #[arg(long, default_value_t = 1024)]
+        max_chunk: usize,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
     },
 }
 
@@ -151,6 +194,13 @@ fn tls(
 }
 
 fn service_options(dir: &Path, host: &str, port: u16) -> anyhow::Result<MqttOptions> {
+    service_options_as(dir, host, port, "")
+}
+
+/// [`service_options`] with `suffix` after the client id (fleet-broker binds the client id to
+/// the certificate and refuses that; a peer broker without that rule takes it, and two clients
+/// of one identity then do not take each other's session over).
+fn service_options_as(dir: &Path, host: &str, port: u16, suffix: &str) -> anyhow::Result<MqttOptions> {
     let read = |f: &str| dir.join(f);
     let roots = CertificateDer::pem_file_iter(read("broker-trust.pem"))
         .with_context(|| format!("{}", read("broker-trust.pem").display()))?
@@ -160,7 +210,7 @@ fn service_options(dir: &Path, host: &str, port: u16) -> anyhow::Result<MqttOpti
         .with_context(|| format!("{}", read("key.pem").display()))?;
     // The broker binds the client id to the certificate: use the id in its SAN URI.
     let id = service_id(&chain[0]).context("service certificate carries no urn:fleetgate:service: URI")?;
-    let mut o = MqttOptions::new(id, host, port);
+    let mut o = MqttOptions::new(format!("{id}{suffix}"), host, port);
     o.set_clean_session(true);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_transport(tls(roots, chain, key)?);
@@ -181,6 +231,7 @@ fn service_id(der: &[u8]) -> Option<String> {
 
 mod claim;
 mod device;
+mod ota;
 mod slots;
 
 #[derive(Debug, Default, Clone)]
@@ -197,6 +248,12 @@ struct Stats {
     serial: String,
     last_error: Option<String>,
     connected: bool,
+    /// The firmware version it runs (with `--ota-key`).
+    firmware: String,
+    /// The last update state it reported (`downloading`, `verified`, `confirmed`, ...).
+    ota: String,
+    /// Updates it confirmed.
+    updates: u64,
 }
 
 type StatsMap = BTreeMap<String, Stats>;
@@ -259,7 +316,32 @@ async fn run(devices: PathBuf, opts: device::DeviceOpts) -> anyhow::Result<()> {
     let rotations: u64 = m.values().map(|s| s.rotations).sum();
     println!("fleet-sim: {total_acked} messages acknowledged (stored) by the broker");
     println!("fleet-sim: {rotations} certificate rotations");
+    if m.values().any(|s| !s.firmware.is_empty()) {
+        let updates: u64 = m.values().map(|s| s.updates).sum();
+        let mut versions = BTreeMap::<&str, usize>::new();
+        for s in m.values() {
+            *versions.entry(s.firmware.as_str()).or_default() += 1;
+        }
+        let on: Vec<String> = versions.iter().map(|(v, n)| format!("{n} on {v}")).collect();
+        println!("fleet-sim: {updates} firmware updates confirmed; {}", on.join(", "));
+    }
     Ok(())
+}
+
+/// The update options of `run`: the key file, board and version checked.
+fn ota_opts(key: &Path, board: &str, version: &str, capacity: u32) -> anyhow::Result<ota::OtaOpts> {
+    let bytes = std::fs::read(key).with_context(|| format!("{}", key.display()))?;
+    let public_key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{}: a firmware key is 32 raw bytes (firmware.pub)", key.display()))?;
+    Ok(ota::OtaOpts {
+        public_key,
+        board: fleet_device::release::Board::parse(board).map_err(|e| anyhow::anyhow!("--board: {e}"))?,
+        version: fleet_device::release::Version::parse(version)
+            .map_err(|e| anyhow::anyhow!("--firmware-version: {e}"))?,
+        capacity,
+    })
 }
 
 async fn watch(
@@ -296,13 +378,78 @@ async fn watch(
     }
 }
 
+/// The chunk answer of docs/spec/ota.md for `request` (14 bytes: tag, offset, length).
+fn chunk_answer(tag: &[u8], image: &[u8], request: &[u8], max_chunk: usize) -> Option<Vec<u8>> {
+    if request.len() != fleet_device::ota::REQUEST_LEN {
+        return None;
+    }
+    let offset = u32::from_le_bytes(request[8..12].try_into().ok()?) as usize;
+    let len = usize::from(u16::from_le_bytes(request[12..14].try_into().ok()?));
+    let mut out = request[..12].to_vec();
+    if &request[..8] != tag {
+        out.push(1); // not offered
+    } else if offset >= image.len() {
+        out.push(2); // beyond the image
+    } else {
+        out.push(0);
+        let end = image.len().min(offset + len.clamp(1, max_chunk));
+        out.extend_from_slice(&image[offset..end]);
+    }
+    Some(out)
+}
+
+async fn ota_standin(
+    identity: PathBuf,
+    host: String,
+    port: u16,
+    release: PathBuf,
+    max_chunk: usize,
+    duration: f64,
+) -> anyhow::Result<()> {
+    let image = std::fs::read(release.join("image.bin")).with_context(|| format!("{}", release.display()))?;
+    let manifest = std::fs::read(release.join("manifest.bin"))?;
+    let m = fleet_device::release::Manifest::decode(&manifest)
+        .map_err(|e| anyhow::anyhow!("manifest.bin: {e}"))?;
+    let tag = fleet_device::ota::tag(&m);
+    // Its own client id: the offers are sent as the same service identity.
+    let (client, mut ev) = AsyncClient::new(service_options_as(&identity, &host, port, "-ota-standin")?, 256);
+    let until = tokio::time::Instant::now() + Duration::from_secs_f64(duration);
+    let (get, status) = ("devices/+/ota/get", "devices/+/ota/status");
+    loop {
+        let e = tokio::select! {
+            _ = tokio::time::sleep_until(until) => return Ok(()),
+            e = ev.poll() => e,
+        };
+        match e {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client.subscribe(get, QoS::AtMostOnce).await?;
+                client.subscribe(status, QoS::AtLeastOnce).await?;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => println!("ota-standin: serving {} bytes", image.len()),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some(device) = topic::device_level(&p.topic).map(str::to_owned) else { continue };
+                if p.topic.ends_with("/ota/get") {
+                    if let Some(answer) = chunk_answer(&tag, &image, &p.payload, max_chunk) {
+                        let t = format!("devices/{device}/ota/chunk");
+                        client.publish(t, QoS::AtMostOnce, false, answer).await?;
+                    }
+                } else {
+                    println!("ota-status {device} {}", String::from_utf8_lossy(&p.payload));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => bail!("service connection failed: {e}"),
+        }
+    }
+}
+
 async fn command(
     identity: PathBuf,
     host: String,
     port: u16,
     device: String,
     name: String,
-    payload: String,
+    payload: Vec<u8>,
 ) -> anyhow::Result<()> {
     let (client, mut ev) = AsyncClient::new(service_options(&identity, &host, port)?, 8);
     let topic = topic::command(&device, &name).to_string();
@@ -353,8 +500,22 @@ async fn main() -> std::process::ExitCode {
             answer_timeout_ms,
             power_loss_at_stage,
             exit_when_rotated,
+            ota_key,
+            board,
+            firmware_version,
+            ota_capacity,
         } => {
             let start = Instant::now();
+            let ota = match ota_key {
+                None => None,
+                Some(path) => match ota_opts(&path, &board, &firmware_version, ota_capacity) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        eprintln!("fleet-sim: {e:#}");
+                        return std::process::ExitCode::FAILURE;
+                    }
+                },
+            };
             let opts = device::DeviceOpts {
                 port,
                 rate,
@@ -364,6 +525,7 @@ async fn main() -> std::process::ExitCode {
                 power_loss_at_stage,
                 exit_when_rotated,
                 start,
+                ota,
             };
             run(devices, opts).await
         }
@@ -385,8 +547,18 @@ async fn main() -> std::process::ExitCode {
         Cmd::Watch { identity, host, port, filter, duration } => {
             watch(identity, host, port, filter, duration).await
         }
-        Cmd::Command { identity, host, port, device, name, payload } => {
-            command(identity, host, port, device, name, payload).await
+        Cmd::OtaStandin { identity, host, port, release, max_chunk, duration } => {
+            ota_standin(identity, host, port, release, max_chunk, duration).await
+        }
+        Cmd::Command { identity, host, port, device, name, payload, payload_file } => {
+            let payload = match payload_file {
+                Some(f) => std::fs::read(&f).with_context(|| format!("{}", f.display())),
+                None => Ok(payload.into_bytes()),
+            };
+            match payload {
+                Ok(p) => command(identity, host, port, device, name, p).await,
+                Err(e) => Err(e),
+            }
         }
     };
     match r {

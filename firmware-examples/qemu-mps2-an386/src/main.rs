@@ -16,7 +16,8 @@
 //!
 //! Built with feature `ota` it is the application of the A/B bootloader (`--bin bootloader`):
 //! linked at the execution region, it says which image it is, confirms itself once the broker
-//! admitted it, and takes the `ota-apply` and `reboot` commands (`ota`).
+//! admitted it, takes update offers through `fleet_device::ota` (download, verify, swap, confirm)
+//! and the `reboot` command (`ota`).
 //!
 //! TEST-ONLY parts, marked below: the RNG is seeded from the host's /dev/urandom and the clock
 //! read from the host, both over semihosting, because QEMU's board has no TRNG or RTC. A real
@@ -27,11 +28,11 @@
 #[macro_use]
 mod console;
 mod flash;
-#[cfg(feature = "ota")]
+#[cfg(feature = "_ota")]
 mod host_flash;
-#[cfg(feature = "ota")]
+#[cfg(feature = "_ota")]
 mod ota;
-#[cfg(feature = "ota")]
+#[cfg(feature = "_ota")]
 #[allow(dead_code)] // the bootloader's part of the layout
 mod ota_layout;
 mod qemu_ldm;
@@ -106,6 +107,16 @@ type Store = CredentialStore<flash::Slots>;
 /// without a cap needs 16,640 bytes (`rx_buffer_for`).
 const RX_BUFFER: usize = fleet_device::client::rx_buffer_for(fleet_device::client::FLEET_BROKER_RECORD);
 
+/// The session's outbox: messages and their size (OTA status reports take up to 256 bytes).
+#[cfg(not(feature = "_ota"))]
+const OUTBOX: usize = 4;
+#[cfg(not(feature = "_ota"))]
+const OUTBOX_MESSAGE: usize = 128;
+#[cfg(feature = "_ota")]
+const OUTBOX: usize = 8;
+#[cfg(feature = "_ota")]
+const OUTBOX_MESSAGE: usize = fleet_device::ota::STATUS_MAX;
+
 /// Everything below `top` (painted) is the SDK's and this function's stack.
 #[inline(never)]
 fn run(top: usize) -> ! {
@@ -117,7 +128,7 @@ fn run(top: usize) -> ! {
     let mut rng = rand_chacha::ChaCha20Rng::from_seed(semihost::host_entropy());
     let unix_now = semihost::host_unix_time();
     let mut uart = uart::Uart0::init();
-    #[cfg(feature = "ota")]
+    #[cfg(feature = "_ota")]
     announce_image();
     let mut store = CredentialStore::new(flash::Slots);
     let mut buf = [0u8; flash::SLOT];
@@ -142,7 +153,7 @@ fn run(top: usize) -> ! {
         match session(head, trying, &mut store, &mut buf, &mut uart, &mut rng, unix_now, top) {
             Next::Done => exit(true),
             Next::Reconnect => pause_for_reconnect(&mut uart),
-            #[cfg(feature = "ota")]
+            #[cfg(feature = "_ota")]
             Next::Reboot => {
                 pause_for_reconnect(&mut uart);
                 ota::reboot()
@@ -152,7 +163,7 @@ fn run(top: usize) -> ! {
 }
 
 /// Which image runs, and how the bootloader started it.
-#[cfg(feature = "ota")]
+#[cfg(feature = "_ota")]
 fn announce_image() {
     use embassy_boot::State;
     let how = match ota::state() {
@@ -165,12 +176,17 @@ fn announce_image() {
         }
     };
     say!("firmware {}: {how}", ota::ImageInfo::read().version());
+    say!(
+        "OTA updater: {} bytes of RAM besides its {}-byte write buffer",
+        core::mem::size_of::<ota::Updater<'static>>(),
+        fleet_device::ota::MAX_CHUNK
+    );
 }
 
 /// No session could be had: the program ends (status 1). An image on trial (feature `ota`)
 /// resets the board instead, so that the bootloader rolls it back.
 fn give_up(_uart: &mut uart::Uart0) -> ! {
-    #[cfg(feature = "ota")]
+    #[cfg(feature = "_ota")]
     if ota::on_trial() {
         say!("this image is on trial and cannot reach the broker: resetting, the bootloader rolls it back");
         pause_for_reconnect(_uart);
@@ -289,7 +305,7 @@ enum Next {
     /// A new identity is staged: connect again with it.
     Reconnect,
     /// Reset the board (feature `ota`: an update was marked, or a reboot asked for).
-    #[cfg(feature = "ota")]
+    #[cfg(feature = "_ota")]
     Reboot,
 }
 
@@ -316,7 +332,7 @@ fn session(
     // A persistent session (clean session = 0): the broker keeps the subscriptions and what was
     // sent while this board slept; commands queued meanwhile arrive right after CONNACK.
     let cfg = SessionConfig { clean_session: false, ..SessionConfig::default() };
-    let mut device: Device<'_, 4, 128> = Device::new(creds, cfg);
+    let mut device: Device<'_, OUTBOX, OUTBOX_MESSAGE> = Device::new(creds, cfg);
     let mut rx = [0u8; RX_BUFFER];
     let mut tx = [0u8; fleet_device::client::MIN_TX_BUFFER];
     let (t0, w0) = (ticks::now(), uart::waiting_ticks());
@@ -346,8 +362,27 @@ fn session(
     let mut tmp = [0u8; flash::SLOT];
     let mut delivered: i32 = 0;
     // What an update command asked for once its acknowledgement is stored.
-    #[cfg(feature = "ota")]
+    #[cfg(feature = "_ota")]
     let mut ota_after: Option<ota::After> = None;
+    // The SDK's updater (fleet_device::ota): offers, chunks, status reports. Its write buffer
+    // holds one chunk.
+    #[cfg(feature = "_ota")]
+    let (mut ota_word, mut ota_buf) = (
+        embassy_boot::AlignedBuffer([0u8; ota_layout::WRITE as usize]),
+        embassy_boot::AlignedBuffer([0u8; fleet_device::ota::MAX_CHUNK]),
+    );
+    #[cfg(feature = "_ota")]
+    let mut updater = match ota::updater(&mut ota_word.0, &mut ota_buf.0) {
+        Ok(u) => u,
+        Err(e) => {
+            say!("update flash unusable: {e:?}");
+            exit(false)
+        }
+    };
+    // The QoS 1 messages in the outbox, in order: true for an OTA status report (their
+    // acknowledgements are not the telemetry's or a command's).
+    #[cfg(feature = "_ota")]
+    let mut sent: heapless::Deque<bool, OUTBOX> = heapless::Deque::new();
     loop {
         if device.session().is_connected() {
             if let Ok(Some(req)) = rot.poll_csr(creds.device_id, now(), &mut csr) {
@@ -364,8 +399,12 @@ fn session(
                 } else {
                     say!("MQTT session up");
                 }
-                // Admitted by the broker with its certificate: the image keeps its place.
-                #[cfg(feature = "ota")]
+                // Admitted by the broker with its certificate: the image keeps its place. The
+                // SDK confirms an update it installed (and reports it); `confirm` covers an
+                // image marked some other way.
+                #[cfg(feature = "_ota")]
+                updater.connected();
+                #[cfg(feature = "_ota")]
                 match ota::confirm() {
                     Ok(true) => say!(
                         "firmware {} confirmed: the bootloader keeps it",
@@ -384,6 +423,8 @@ fn session(
                         exit(false)
                     }
                     let _ = device.publish(topic::suffix::CERTS_ACTIVE, b"", QoS::AtLeastOnce);
+                    #[cfg(feature = "_ota")]
+                    let _ = sent.push_back(false);
                     delivered = -1; // that announcement's acknowledgement comes first
                     say!("rotated: the broker admitted the new identity; it is now the active one");
                 } else if unix_now.is_some_and(|t| renewal_due(cert, t, 30 * 86_400)) {
@@ -395,16 +436,28 @@ fn session(
                     say!("queue failed: {e:?}");
                     exit(false)
                 }
+                #[cfg(feature = "_ota")]
+                let _ = sent.push_back(false);
             }
             Ok(Some(Incoming::Delivered)) => {
+                #[cfg(feature = "_ota")]
+                if sent.pop_front() == Some(true) {
+                    // An OTA report stored; once `verified` is, the swap needs a reset.
+                    if updater.reset_due() && !sent.iter().any(|&ota| ota) {
+                        say!("update verified and reported: resetting into the bootloader's swap");
+                        let _ = device.disconnect(&mut conn);
+                        let _ = conn.close();
+                        return Next::Reboot;
+                    }
+                    continue;
+                }
                 delivered += 1;
                 if delivered == 1 {
                     say!("telemetry stored by the broker");
                 } else if delivered >= 2 {
                     say!("command acknowledged");
-                    #[cfg(feature = "ota")]
+                    #[cfg(feature = "_ota")]
                     match ota_after.take() {
-                        Some(ota::After::Stay) => continue,
                         Some(ota::After::Reboot) => {
                             let _ = device.disconnect(&mut conn);
                             let _ = conn.close();
@@ -420,18 +473,31 @@ fn session(
                 say!("command {} ({} bytes)", name.as_str(), payload.len());
                 let mut ack: heapless::String<48> = heapless::String::new();
                 let _ = topic::suffix::ack(&name).write_to(&mut ack);
-                #[cfg(feature = "ota")]
+                #[cfg(feature = "_ota")]
                 if let Some((after, reply)) = ota::command(&name, &payload) {
                     if device.publish(&ack, reply.as_bytes(), QoS::AtLeastOnce).is_err() {
                         exit(false)
                     }
+                    let _ = sent.push_back(false);
                     ota_after = Some(after);
                     continue;
                 }
                 if device.publish(&ack, &payload, QoS::AtLeastOnce).is_err() {
                     exit(false)
                 }
+                #[cfg(feature = "_ota")]
+                let _ = sent.push_back(false);
             }
+            #[cfg(feature = "_ota")]
+            Ok(Some(Incoming::OtaOffer { manifest })) => {
+                if updater.offer(&manifest, now()) {
+                    say!("update offered: downloading it into DFU");
+                } else {
+                    say!("update offer not taken");
+                }
+            }
+            #[cfg(feature = "_ota")]
+            Ok(Some(Incoming::OtaChunk { payload })) => updater.chunk(&payload, now()),
             Ok(Some(Incoming::CommandTooLarge { name_len, payload_len })) => {
                 say!("command too large for this firmware ({name_len} B name, {payload_len} B payload): ignored")
             }
@@ -474,6 +540,23 @@ fn session(
             Err(e) => {
                 say!("connection lost: {e:?}");
                 exit(false)
+            }
+        }
+        // What the updater has to say: chunk requests at once (QoS 0, outside the outbox),
+        // status reports through the outbox (QoS 1).
+        #[cfg(feature = "_ota")]
+        while device.session().is_connected() {
+            let Some(m) = updater.poll_transmit(now()) else { break };
+            if m.qos == QoS::AtMostOnce {
+                if device.send_now(&mut conn, m.suffix, m.payload, m.qos, now()).is_err() {
+                    say!("connection lost while asking for a chunk");
+                    exit(false)
+                }
+                continue;
+            }
+            say!("OTA status {}", core::str::from_utf8(m.payload).unwrap_or("?"));
+            if device.publish(m.suffix, m.payload, m.qos).is_ok() {
+                let _ = sent.push_back(true);
             }
         }
     }

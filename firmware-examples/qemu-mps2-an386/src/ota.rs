@@ -9,20 +9,26 @@
 //!   confirms itself (`mark_booted`) only once the broker has admitted it with its certificate.
 //!   An image that cannot get there resets the board instead (`give_up`), and the bootloader
 //!   reverts it; an image that never confirms is reverted at the next reset whatever the cause.
-//! - An update already in DFU (the download path writes it there; tests place it from the
-//!   host) is marked for the swap only through embassy-boot's `verify_and_mark_updated`: the
-//!   ed25519 signature over the SHA-512 of the image, under the key of the running image.
-//!   Without feature `ed25519-dalek` embassy-boot has no unverified `mark_updated` on the
-//!   updater, and this build enables it: there is no unverified path here.
+//! - Updates arrive as offers (`commands/ota/offer`, a signed manifest) and are downloaded in
+//!   chunks by the SDK's `fleet_device::ota::Updater` (docs/spec/ota.md): the manifest
+//!   signature and the offer rule (this board, newer than this image, fits ACTIVE) before a
+//!   byte, chunks in order into DFU with the progress in a record page of the flash file
+//!   (resumed after a power cut), then SHA-512 and embassy-boot's `verify_and_mark_updated`
+//!   under the key stamped in this image. With a verifier feature (`ota`: ed25519-dalek,
+//!   `ota-salty`: salty) embassy-boot has no unverified `mark_updated` on the updater: there
+//!   is no unverified path here.
 
 use embassy_boot::{
     AlignedBuffer, BlockingFirmwareState, BlockingFirmwareUpdater, FirmwareUpdaterConfig,
     FirmwareUpdaterError, State,
 };
+use fleet_device::ota::Config;
+use fleet_device::release::{Board, Version};
 
 use crate::host_flash::{DfuFlash, FlashError, HostFlash, StateFlash};
 use crate::ota_layout::{
-    ACTIVE_SIZE, DFU_OFFSET, INFO_KEY, INFO_MAGIC, INFO_SIZE, INFO_VERSION, STATE_OFFSET, WRITE,
+    ACTIVE_SIZE, DFU_OFFSET, INFO_KEY, INFO_MAGIC, INFO_SIZE, INFO_VERSION, RECORD_OFFSET, RECORD_SIZE,
+    STATE_OFFSET, WRITE,
 };
 
 /// This image's description block (layout in `ota_layout.rs`), patched after linking.
@@ -66,7 +72,7 @@ impl ImageInfo {
         core::str::from_utf8(&field[..len]).unwrap_or("(not UTF-8)")
     }
 
-    fn key(&self) -> [u8; INFO_KEY] {
+    pub(crate) fn key(&self) -> [u8; INFO_KEY] {
         let mut key = [0u8; INFO_KEY];
         key.copy_from_slice(&self.raw[INFO_SIZE - INFO_KEY..]);
         key
@@ -129,73 +135,48 @@ pub(crate) fn confirm() -> Result<bool, OtaError> {
     Ok(true)
 }
 
-/// Verifies the first `len` bytes of DFU against `signature` (ed25519 over their SHA-512) under
-/// the running image's key and, if they verify, marks them for the swap at the next reset.
-pub(crate) fn apply(len: u32, signature: &[u8; 64]) -> Result<(), OtaError> {
-    // embassy-boot asserts `len <= DFU`; the swap moves ACTIVE's size.
-    if len == 0 || len > ACTIVE_SIZE {
-        return Err(OtaError::Length);
-    }
+/// This board's name in release manifests.
+pub(crate) const BOARD: &str = "mps2-an386";
+
+/// The updater's DFU bytes: what the swap moves (ACTIVE's size; DFU has one spare page).
+const CAPACITY: u32 = ACTIVE_SIZE;
+
+/// The record of the OTA job: one page of the flash file after DFU.
+pub(crate) type RecordFlash = HostFlash<{ RECORD_SIZE }>;
+
+/// `fleet_device::ota`'s blocking driver over the flash file.
+pub(crate) type Updater<'d> = fleet_device::ota::Updater<'d, DfuFlash, StateFlash, RecordFlash>;
+
+/// The SDK's updater for this image: trusts the key stamped in it, runs its stamped version
+/// (an unstamped image runs "0.0.0" with an all-zero key: it takes nothing). It resumes a job
+/// kept in the record (a download after a power cut, a swap to confirm or a rollback to report).
+pub(crate) fn updater<'d>(word: &'d mut [u8], buf: &'d mut [u8]) -> Result<Updater<'d>, OtaError> {
+    let info = ImageInfo::read();
+    let running = Version::parse(info.version()).unwrap_or(Version::ZERO);
+    let board = Board::parse(BOARD).map_err(|_| OtaError::Length)?;
+    let cfg = Config { window: 2, ..Config::new(board, running, info.key()) };
     let dfu: DfuFlash = HostFlash::open(DFU_OFFSET)?;
-    let mut word = AlignedBuffer([0u8; WRITE as usize]);
-    let mut updater =
-        BlockingFirmwareUpdater::new(FirmwareUpdaterConfig { dfu, state: state_flash()? }, &mut word.0);
-    Ok(updater.verify_and_mark_updated(&ImageInfo::read().key(), signature, len)?)
+    let fw = BlockingFirmwareUpdater::new(FirmwareUpdaterConfig { dfu, state: state_flash()? }, word);
+    let record: RecordFlash = HostFlash::open(RECORD_OFFSET)?;
+    Ok(fleet_device::ota::Updater::new(cfg, fw, CAPACITY, record, buf))
 }
 
 /// What to do once a command's acknowledgement is stored.
 pub(crate) enum After {
-    /// Stay in the session.
-    Stay,
     /// Reset the board (the bootloader then swaps in a marked update).
     Reboot,
 }
 
-/// The update commands: `ota-apply` with payload `<length> <signature, 128 hex digits>` (the
-/// update already in DFU), and `reboot`. Returns what to do after the acknowledgement and its
-/// payload; `None` for other commands.
-pub(crate) fn command(name: &str, payload: &[u8]) -> Option<(After, &'static str)> {
+/// The `reboot` command. Returns what to do after the acknowledgement and its payload; `None`
+/// for other commands. (Updates arrive as offers: `fleet_device::ota`.)
+pub(crate) fn command(name: &str, _payload: &[u8]) -> Option<(After, &'static str)> {
     match name {
         "reboot" => {
             say!("reboot requested");
             Some((After::Reboot, "rebooting"))
         }
-        "ota-apply" => {
-            let t0 = crate::ticks::now();
-            let verdict = parse_apply(payload).and_then(|(len, sig)| apply(len, &sig).map(|()| len));
-            let ms = (crate::ticks::now() - t0) * 1000 / crate::ticks::CORE_HZ;
-            Some(match verdict {
-                Ok(len) => {
-                    say!(
-                        "update in DFU verified ({len} bytes, SHA-512 and ed25519 under this image's key, \
-                         {ms} ms): marked for the swap"
-                    );
-                    (After::Reboot, "applied")
-                }
-                Err(e) => {
-                    say!("update refused ({e:?}): staying on {}", ImageInfo::read().version());
-                    (After::Stay, "refused")
-                }
-            })
-        }
         _ => None,
     }
-}
-
-fn parse_apply(payload: &[u8]) -> Result<(u32, [u8; 64]), OtaError> {
-    let text = core::str::from_utf8(payload).map_err(|_| OtaError::Length)?;
-    let (len, sig) = text.trim().split_once(' ').ok_or(OtaError::Length)?;
-    let len = len.parse().map_err(|_| OtaError::Length)?;
-    let sig = sig.as_bytes();
-    if sig.len() != 128 {
-        return Err(OtaError::Signature);
-    }
-    let mut out = [0u8; 64];
-    for (o, pair) in out.iter_mut().zip(sig.chunks(2)) {
-        let digit = |c: u8| (c as char).to_digit(16).ok_or(OtaError::Signature);
-        *o = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
-    }
-    Ok((len, out))
 }
 
 /// Resets the board (SYSRESETREQ): the bootloader runs again.

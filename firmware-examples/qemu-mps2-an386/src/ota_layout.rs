@@ -28,8 +28,12 @@ pub(crate) const ACTIVE_SIZE: u32 = 384 * 1024;
 /// DFU: the update, one page larger than ACTIVE (embassy-boot's swap needs the spare page).
 pub(crate) const DFU_OFFSET: u32 = ACTIVE_OFFSET + ACTIVE_SIZE;
 pub(crate) const DFU_SIZE: u32 = ACTIVE_SIZE + PAGE;
+/// The OTA job's record (`fleet_device::ota::Record`): the offered manifest and the download's
+/// progress, one page, so that a download resumes after a power cut.
+pub(crate) const RECORD_OFFSET: u32 = DFU_OFFSET + DFU_SIZE;
+pub(crate) const RECORD_SIZE: u32 = PAGE;
 /// Size of the whole file.
-pub(crate) const FLASH_SIZE: u32 = DFU_OFFSET + DFU_SIZE;
+pub(crate) const FLASH_SIZE: u32 = RECORD_OFFSET + RECORD_SIZE;
 
 /// Where the application runs: code memory (SSRAM1) above the bootloader, below the
 /// credentials region (0x003F_0000). The bootloader copies ACTIVE here at every boot; QEMU's
