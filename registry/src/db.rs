@@ -124,6 +124,9 @@ impl Registry {
             // The command queue: the broker stores, delivers and settles commands.
             format!("GRANT SELECT, INSERT, UPDATE ON commands TO {role}"),
             format!("GRANT USAGE ON SEQUENCE commands_id_seq TO {role}"),
+            // Firmware updates: the campaign runner advances and ends campaigns, the chunk
+            // server reads jobs, status reports move them. Creating them is the station's.
+            format!("GRANT SELECT, UPDATE ON ota_campaigns, ota_jobs TO {role}"),
         ])
     }
 
