@@ -127,6 +127,8 @@ impl Registry {
             // Firmware updates: the campaign runner advances and ends campaigns, the chunk
             // server reads jobs, status reports move them. Creating them is the station's.
             format!("GRANT SELECT, UPDATE ON ota_campaigns, ota_jobs TO {role}"),
+            // The manifest a campaign offers.
+            format!("GRANT SELECT ON releases TO {role}"),
         ])
     }
 

@@ -80,7 +80,12 @@ impl JobState {
     pub fn device_may_report(self) -> bool {
         matches!(
             self,
-            Self::Downloading | Self::Verified | Self::Rebooted | Self::Confirmed | Self::RolledBack | Self::Failed
+            Self::Downloading
+                | Self::Verified
+                | Self::Rebooted
+                | Self::Confirmed
+                | Self::RolledBack
+                | Self::Failed
         )
     }
 
@@ -233,7 +238,8 @@ fn job(r: &sqlx::any::AnyRow) -> Result<Job> {
         campaign: r.try_get(0)?,
         device_id: r.try_get(1)?,
         wave: r.try_get(2)?,
-        state: JobState::parse(&state).ok_or_else(|| Error::CorruptRegistry(format!("ota job state `{state}`")))?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| Error::CorruptRegistry(format!("ota job state `{state}`")))?,
         reason: r.try_get(4)?,
         progress: r.try_get(5)?,
         size: r.try_get(6)?,
@@ -306,7 +312,12 @@ impl Registry {
     /// job each, waves assigned in the order given), with an `ota-campaign` log entry and one
     /// `ota-job` entry per job, in one transaction. Refused: an unknown release, no devices, a
     /// device with an open job in another campaign.
-    pub async fn create_campaign(&self, c: &NewCampaign, devices: &[String], now_ms: i64) -> Result<Campaign> {
+    pub async fn create_campaign(
+        &self,
+        c: &NewCampaign,
+        devices: &[String],
+        now_ms: i64,
+    ) -> Result<Campaign> {
         if devices.is_empty() {
             return Err(Error::Campaign("no device matches --devices".into()));
         }
@@ -317,7 +328,9 @@ impl Registry {
             .bind(&c.version)
             .fetch_optional(&mut *tx)
             .await?
-            .ok_or_else(|| Error::Campaign(format!("no release {}/{} in the registry", c.board, c.version)))?;
+            .ok_or_else(|| {
+                Error::Campaign(format!("no release {}/{} in the registry", c.board, c.version))
+            })?;
         let (sha512, size): (String, i64) = (rel.try_get(0)?, rel.try_get(1)?);
         let busy = sqlx::query(&format!(
             "SELECT device_id, campaign FROM ota_jobs WHERE state IN ({}) ORDER BY device_id",
@@ -329,7 +342,9 @@ impl Registry {
         for r in &busy {
             let (d, camp): (String, String) = (r.try_get(0)?, r.try_get(1)?);
             if wanted.contains(&d) {
-                return Err(Error::Campaign(format!("device `{d}` already has an open job in campaign {camp}")));
+                return Err(Error::Campaign(format!(
+                    "device `{d}` already has an open job in campaign {camp}"
+                )));
             }
         }
         let waves = c.waves.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -353,7 +368,8 @@ impl Registry {
             "waves": waves, "abort_bp": c.abort_bp, "offer_ttl": c.offer_ttl, "jobs": devices.len(),
         });
         let at = now_ms / 1000;
-        let entry = LogEntry { at, event: "ota-campaign", device_id: &c.id, serial: "", detail: detail.to_string() };
+        let entry =
+            LogEntry { at, event: "ota-campaign", device_id: &c.id, serial: "", detail: detail.to_string() };
         self.append_log(&mut tx, &mut head, entry).await?;
         for (i, d) in devices.iter().enumerate() {
             let wave = wave_of(i, devices.len(), &c.waves) as i64;
@@ -367,8 +383,10 @@ impl Registry {
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
-            let detail = serde_json::json!({ "campaign": c.id, "wave": wave, "board": c.board, "version": c.version });
-            let entry = LogEntry { at, event: "ota-job", device_id: d, serial: "", detail: detail.to_string() };
+            let detail =
+                serde_json::json!({ "campaign": c.id, "wave": wave, "board": c.board, "version": c.version });
+            let entry =
+                LogEntry { at, event: "ota-job", device_id: d, serial: "", detail: detail.to_string() };
             self.append_log(&mut tx, &mut head, entry).await?;
         }
         tx.commit().await?;
@@ -377,9 +395,11 @@ impl Registry {
 
     /// Every campaign, newest first.
     pub async fn campaigns(&self) -> Result<Vec<Campaign>> {
-        let rows = sqlx::query(&format!("SELECT {CAMPAIGN_COLUMNS} FROM ota_campaigns ORDER BY created_at DESC, id"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {CAMPAIGN_COLUMNS} FROM ota_campaigns ORDER BY created_at DESC, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(campaign).collect()
     }
 
@@ -413,12 +433,12 @@ impl Registry {
         rows.iter().map(job).collect()
     }
 
-    /// `device`'s open job (not final) and its release's SHA-512 (hex), if it has one: what the
-    /// chunk server answers for.
-    pub async fn open_ota_job(&self, device: &str) -> Result<Option<(Job, String)>> {
+    /// `device`'s open job (offered or later, not final), its release's SHA-512 (hex) and
+    /// version, if it has one: what the chunk server answers for.
+    pub async fn open_ota_job(&self, device: &str) -> Result<Option<(Job, String, String)>> {
         let cols = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
         let row = sqlx::query(&format!(
-            "SELECT {cols}, c.sha512 FROM ota_jobs j JOIN ota_campaigns c ON c.id = j.campaign \
+            "SELECT {cols}, c.sha512, c.version FROM ota_jobs j JOIN ota_campaigns c ON c.id = j.campaign \
              WHERE j.device_id = $1 AND j.state IN ({}) AND j.state <> 'pending' ORDER BY j.created_at DESC LIMIT 1",
             JobState::open_sql()
         ))
@@ -426,7 +446,7 @@ impl Registry {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(r) => Ok(Some((job(&r)?, r.try_get(9)?))),
+            Some(r) => Ok(Some((job(&r)?, r.try_get(9)?, r.try_get(10)?))),
             None => Ok(None),
         }
     }
@@ -459,17 +479,25 @@ impl Registry {
         if done.rows_affected() == 0 {
             return Ok(None);
         }
-        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM ota_jobs WHERE campaign = $1 AND device_id = $2"))
-            .bind(campaign)
-            .bind(device)
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM ota_jobs WHERE campaign = $1 AND device_id = $2"
+        ))
+        .bind(campaign)
+        .bind(device)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(Some(job(&row)?))
     }
 
     /// A pending job whose offer was queued as command `command_id`: now `queued`. False if it
     /// was not pending (another node offered it).
-    pub async fn ota_job_queued(&self, campaign: &str, device: &str, command_id: i64, now_ms: i64) -> Result<bool> {
+    pub async fn ota_job_queued(
+        &self,
+        campaign: &str,
+        device: &str,
+        command_id: i64,
+        now_ms: i64,
+    ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE ota_jobs SET state = 'queued', command_id = $1, updated_at = $2 \
              WHERE campaign = $3 AND device_id = $4 AND state = 'pending'",
@@ -499,7 +527,13 @@ impl Registry {
 
     /// Ends running campaign `id` as `state` (`completed` or `aborted`, with `reason`); its jobs
     /// still `pending` become `cancelled`. False if it was not running.
-    pub async fn finish_campaign(&self, id: &str, state: &str, reason: Option<&str>, now_ms: i64) -> Result<bool> {
+    pub async fn finish_campaign(
+        &self,
+        id: &str,
+        state: &str,
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE ota_campaigns SET state = $1, reason = $2, updated_at = $3 WHERE id = $4 AND state = 'running'",
@@ -565,12 +599,13 @@ impl Registry {
             .execute(&self.pool)
             .await?;
             if stalled.rows_affected() == 1 {
-                let row =
-                    sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM ota_jobs WHERE campaign = $1 AND device_id = $2"))
-                        .bind(&camp)
-                        .bind(&dev)
-                        .fetch_one(&self.pool)
-                        .await?;
+                let row = sqlx::query(&format!(
+                    "SELECT {JOB_COLUMNS} FROM ota_jobs WHERE campaign = $1 AND device_id = $2"
+                ))
+                .bind(&camp)
+                .bind(&dev)
+                .fetch_one(&self.pool)
+                .await?;
                 moved.push(job(&row)?);
             }
         }

@@ -59,6 +59,15 @@ pub mod level {
     pub const RESPONSES: &str = "responses";
     /// The last level of a command topic that sets its time-to-live: `ttl=<secs>`.
     pub const TTL: &str = "ttl=";
+    /// Under `devices/<id>/`: firmware updates (docs/spec/ota.md), and the name of the offer
+    /// command `commands/ota/offer`.
+    pub const OTA: &str = "ota";
+    /// `ota/get`: a device's chunk request (answered by the broker, never routed or stored).
+    pub const GET: &str = "get";
+    /// `ota/chunk`: the broker's answer; no client may publish it.
+    pub const CHUNK: &str = "chunk";
+    /// `commands/ota/offer`: a campaign's offer (the broker's campaign runner only).
+    pub const OFFER: &str = "offer";
 }
 
 /// A device's own topics after its root `devices/<id>/`, as the SDK's `publish(suffix, ..)`
