@@ -103,7 +103,7 @@ impl JobState {
     }
 
     /// The states a job may be in to move to `self`.
-    fn from_states(self) -> Vec<&'static str> {
+    fn states_before(self) -> Vec<&'static str> {
         Self::ALL.into_iter().filter(|s| !s.is_final() && s.rank() <= self.rank()).map(Self::as_str).collect()
     }
 
@@ -466,7 +466,7 @@ impl Registry {
         let done = sqlx::query(&format!(
             "UPDATE ota_jobs SET state = $1, reason = $2, progress = COALESCE($3, progress), updated_at = $4 \
              WHERE campaign = $5 AND device_id = $6 AND state IN ({})",
-            quoted(state.from_states().into_iter())
+            quoted(state.states_before().into_iter())
         ))
         .bind(state.as_str())
         .bind(reason)
@@ -634,8 +634,8 @@ mod tests {
         for s in JobState::ALL {
             assert_eq!(JobState::parse(s.as_str()), Some(s));
         }
-        assert!(JobState::Downloading.from_states().contains(&"offered"));
-        assert!(!JobState::Offered.from_states().contains(&"downloading"));
-        assert!(!JobState::Failed.from_states().contains(&"confirmed"));
+        assert!(JobState::Downloading.states_before().contains(&"offered"));
+        assert!(!JobState::Offered.states_before().contains(&"downloading"));
+        assert!(!JobState::Failed.states_before().contains(&"confirmed"));
     }
 }
