@@ -28,6 +28,9 @@ fn provision(fleet: &Fleet, args: &[&str]) -> Output {
     let mut c = Command::new(bin);
     c.env_remove("FLEET_HOME").env_remove("FLEET_DATABASE_URL").stdin(Stdio::null());
     c.arg("--home").arg(fleet.home());
+    if let Some(db) = &fleet.db {
+        c.args(["--database-url", db]);
+    }
     fleet_tests::run(c.args(args))
 }
 
@@ -450,4 +453,42 @@ async fn waves_of_one_ten_and_a_hundred_percent_offer_in_order() {
         assert_eq!(queued[0]["sender"], format!("ota:{id}"));
     }
     assert_eq!(broker.metric(r#"fleet_ota_campaigns_total{event="wave_started"}"#).await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_runs_under_the_brokers_least_privilege_postgres_role() {
+    let pg = fleet_tests::PgCluster::start();
+    let owner_url = pg.create_database("fleet");
+    let mut fleet = Fleet::new(2, Some(owner_url.clone())).await;
+    // What `fleet-provision db-roles --broker-role fleet_broker` runs.
+    fleet.station().await.registry().apply_broker_role("fleet_broker").await.unwrap();
+    ok(&fleet, &["firmware-key"]);
+    let rel = release(&fleet, "1.2.0", 7);
+    let broker_url = owner_url.replacen("postgres://postgres@", "postgres://fleet_broker@", 1);
+    assert_ne!(broker_url, owner_url);
+    fleet.db = Some(broker_url.clone());
+    let broker = BrokerProc::start(&fleet, &["--ota-poll-ms", "100"]);
+    fleet.db = Some(owner_url);
+    let d0 = fleet.id(0);
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    let id = start(&fleet, &d0, "100%", "0%");
+    assert_eq!(offer(&mut dev0, &d0).await, rel.manifest);
+    assert_eq!(fetch(&mut dev0, &d0, &rel.tag, 0, 2048, 1024).await, rel.image[..2048]);
+    report(&mut dev0, &d0, &rel, "confirmed", "").await;
+    let c = until(&fleet, &id, "completed", |c| c["state"] == "completed").await;
+    assert_eq!(job_state(&c, &d0), "confirmed");
+    // The broker's role moves jobs and campaigns; it cannot make, delete or re-target them.
+    sqlx::any::install_default_drivers();
+    let as_broker = sqlx::AnyPool::connect(&broker_url).await.unwrap();
+    for sql in [
+        "INSERT INTO ota_campaigns (id, board, version, sha512, devices, waves, abort_bp, offer_ttl, state, wave, created_at, updated_at) VALUES ('x', 'b', '1.0.0', '', 'all', '100', 0, 1, 'running', -1, 0, 0)",
+        "DELETE FROM ota_jobs",
+        "DELETE FROM ota_campaigns",
+        "UPDATE releases SET sha512 = ''",
+        "UPDATE ota_campaigns SET sha512 = '', board = 'other'",
+        "UPDATE ota_jobs SET device_id = 'someone-else'",
+    ] {
+        let err = sqlx::query(sql).execute(&as_broker).await.expect_err(sql);
+        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
+    }
 }
