@@ -13,6 +13,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::admin;
 use common::*;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish};
 use rumqttc::mqttbytes::QoS;
@@ -388,7 +389,7 @@ async fn nobody_but_the_broker_publishes_chunks_or_offers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_campaign_whose_first_wave_fails_stops_before_the_second() {
-    let (fleet, rel, broker) = setup(10, &[]).await;
+    let (fleet, rel, broker) = setup(10, &["--admin-listen", "127.0.0.1:0"]).await;
     let id = start(&fleet, "prefix:dev-", "10%,100%", "2%");
     let c = until(&fleet, &id, "first wave queued", |c| c["counts"]["queued"] == 1).await;
     assert_eq!(c["counts"]["pending"], 9, "{c:#}");
@@ -413,6 +414,36 @@ async fn a_campaign_whose_first_wave_fails_stops_before_the_second() {
     assert_eq!(broker.metric(r#"fleet_ota_campaigns_total{event="aborted"}"#).await, 1.0);
     let text = ok(&fleet, &["ota", "status"]);
     assert!(text.contains(&id) && text.contains("aborted"), "{text}");
+
+    // The admin API shows the campaign and its jobs, as its OpenAPI document says.
+    let api = admin::Client::new(&broker, &fleet, Some(&admin::operator(&fleet, "alice").await));
+    let (code, list) = api.get("/api/v1/ota/campaigns");
+    assert_eq!(code, 200, "{list}");
+    admin::conforms("CampaignList", &list);
+    assert_eq!(
+        (list["campaigns"][0]["id"].as_str(), list["campaigns"][0]["state"].as_str()),
+        (Some(id.as_str()), Some("aborted"))
+    );
+    assert_eq!(list["campaigns"][0]["counts"]["cancelled"], 9);
+    let (code, one) = api.get(&format!("/api/v1/ota/campaigns/{id}"));
+    assert_eq!(code, 200, "{one}");
+    admin::conforms("CampaignDetail", &one);
+    let failed: Vec<&Value> =
+        one["jobs"].as_array().unwrap().iter().filter(|j| j["state"] == "failed").collect();
+    assert_eq!(
+        (failed.len(), failed[0]["device"].as_str(), failed[0]["reason"].as_str()),
+        (1, Some(id0.as_str()), Some("bad_signature"))
+    );
+    for (path, want) in
+        [("/api/v1/ota/campaigns/ota-0000000000000000", 404), ("/api/v1/ota/campaigns/x", 400)]
+    {
+        let (code, e) = api.get(path);
+        assert_eq!(code, want, "{path}: {e}");
+        admin::conforms("Error", &e);
+    }
+    // A device's certificate is not an operator's.
+    let (code, _) = admin::Client::new(&broker, &fleet, Some(&fleet.devices[0])).get("/api/v1/ota/campaigns");
+    assert_eq!(code, 403);
 }
 
 #[tokio::test(flavor = "multi_thread")]
