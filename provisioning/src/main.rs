@@ -396,8 +396,10 @@ enum Command {
         command: OtaCommand,
     },
     /// PostgreSQL least privilege: create (if missing) and grant a role for the brokers that
-    /// can read devices and certificates and insert telemetry, and nothing else (no UPDATE of
-    /// a certificate or device row, no issuance-log or CRL-state access). Run it as the schema
+    /// can read devices and certificates, insert telemetry, keep the command queue, read
+    /// releases and move firmware campaigns' and jobs' states, and nothing else (no UPDATE of
+    /// a certificate or device row, no issuance-log or CRL-state access, no new or deleted
+    /// campaign or job). Run it as the schema
     /// owner after `init` and after upgrades; then give the brokers
     /// `--database-url postgres://ROLE@host/db`. `--print` shows the SQL instead.
     DbRoles {
