@@ -613,6 +613,71 @@ impl Registry {
     }
 }
 
+/// `verify-log`'s check of firmware campaigns: each `ota_campaigns` row against its
+/// `ota-campaign` entry (release, digest, selector, waves, threshold, time-to-live), each
+/// `ota_jobs` row against its `ota-job` entry (campaign, device, wave), and entries whose rows
+/// are gone. A job added to a campaign, or a campaign pointed at another release, outside the
+/// station is reported.
+pub(crate) async fn verify_campaigns(
+    pool: &sqlx::AnyPool,
+    logged: &std::collections::HashMap<String, serde_json::Value>,
+    logged_jobs: &std::collections::HashMap<(String, String), i64>,
+) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    let rows = sqlx::query(&format!("SELECT {CAMPAIGN_COLUMNS} FROM ota_campaigns ORDER BY id"))
+        .fetch_all(pool)
+        .await?;
+    let mut present = std::collections::HashSet::new();
+    for r in &rows {
+        let c = campaign(r)?;
+        present.insert(c.id.clone());
+        let Some(d) = logged.get(&c.id) else {
+            bad.push(format!("campaign {} has no ota-campaign entry in the log", c.id));
+            continue;
+        };
+        let waves = c.waves.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let same = d["board"] == c.board.as_str()
+            && d["version"] == c.version.as_str()
+            && d["sha512"] == c.sha512.as_str()
+            && d["devices"] == c.devices.as_str()
+            && d["waves"] == waves.as_str()
+            && d["abort_bp"] == c.abort_bp
+            && d["offer_ttl"] == c.offer_ttl;
+        if !same {
+            bad.push(format!(
+                "campaign {} differs from what the log recorded (release, digest, devices, waves, threshold or TTL)",
+                c.id
+            ));
+        }
+    }
+    let mut gone: Vec<_> = logged.keys().filter(|k| !present.contains(*k)).collect();
+    gone.sort();
+    for id in gone {
+        bad.push(format!("campaign {id} was recorded per the log but is missing from the registry"));
+    }
+    let jobs = sqlx::query("SELECT campaign, device_id, wave FROM ota_jobs ORDER BY campaign, device_id")
+        .fetch_all(pool)
+        .await?;
+    let mut present = std::collections::HashSet::new();
+    for r in &jobs {
+        let (camp, dev, wave): (String, String, i64) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+        match logged_jobs.get(&(camp.clone(), dev.clone())) {
+            None => bad.push(format!("the job of {dev} in campaign {camp} has no ota-job entry in the log")),
+            Some(w) if *w != wave => {
+                bad.push(format!("the job of {dev} in campaign {camp} is in wave {wave}; the log says {w}"))
+            }
+            Some(_) => {}
+        }
+        present.insert((camp, dev));
+    }
+    let mut gone: Vec<_> = logged_jobs.keys().filter(|k| !present.contains(*k)).collect();
+    gone.sort();
+    for (camp, dev) in gone {
+        bad.push(format!("the job of {dev} in campaign {camp} was recorded per the log but is missing"));
+    }
+    Ok(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -523,3 +523,46 @@ async fn a_campaign_runs_under_the_brokers_least_privilege_postgres_role() {
         assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn campaigns_and_jobs_changed_outside_the_station_fail_verify_log() {
+    let fleet = Fleet::new(3, None).await;
+    ok(&fleet, &["firmware-key"]);
+    release(&fleet, "1.2.0", 7);
+    let (d0, d1, d2) = (fleet.id(0), fleet.id(1), fleet.id(2));
+    let id = start(&fleet, &format!("{d0},{d1}"), "50%,100%", "2%");
+    let out = ok(&fleet, &["verify-log"]);
+    assert!(!out.contains("differs") && !out.contains("no ota"), "{out}");
+    let log: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event, device_id FROM issuance_log WHERE event IN ('ota-campaign', 'ota-job') ORDER BY seq",
+    )
+    .fetch_all(fleet.station().await.registry().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        log,
+        [("ota-campaign".into(), id.clone()), ("ota-job".into(), d0.clone()), ("ota-job".into(), d1.clone())]
+    );
+    // With the database's owner role: a device slipped into the campaign, another moved to the
+    // first wave, the campaign pointed at other bytes.
+    let st = fleet.station().await;
+    let pool = st.registry().pool();
+    let sql = [
+        format!("INSERT INTO ota_jobs (campaign, device_id, wave, state, progress, size, created_at, updated_at) VALUES ('{id}', '{d2}', 0, 'pending', 0, 1, 0, 0)"),
+        format!("UPDATE ota_jobs SET wave = 0 WHERE device_id = '{d1}'"),
+        format!("UPDATE ota_campaigns SET sha512 = '{}'", "0".repeat(128)),
+    ];
+    for s in &sql {
+        sqlx::query(s).execute(pool).await.unwrap();
+    }
+    let out = provision(&fleet, &["verify-log"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        format!("the job of {d2} in campaign {id} has no ota-job entry"),
+        format!("the job of {d1} in campaign {id} is in wave 0; the log says 1"),
+        format!("campaign {id} differs from what the log recorded"),
+    ] {
+        assert!(text.contains(&want), "{want}: {text}");
+    }
+}
