@@ -22,6 +22,7 @@ mod ingest;
 mod listener;
 mod message;
 mod observe;
+mod ota;
 pub mod outcome;
 mod proxy;
 mod router;
@@ -249,6 +250,19 @@ impl Broker {
         tracker.spawn(watch.cluster_revocations());
         tracker.spawn(ingest.commands().clone().sweep(shutdown.clone()));
         tracker.spawn(parking.clone().sweep(shutdown.clone()));
+        let ota = ota::Ota::new(
+            registry.clone(),
+            config.ota_blob_dir_path(),
+            fabric.clone(),
+            metrics.clone(),
+            ota::Limits {
+                max_chunk: config.ota_max_chunk,
+                bytes_per_sec: config.ota_bytes_per_sec,
+                stall: config.ota_stall_secs.duration(),
+                poll: Duration::from_millis(config.ota_poll_ms.max(10)),
+            },
+        );
+        tracker.spawn(ota::runner::run(ota.clone(), ingest.commands().writer().clone(), shutdown.clone()));
         let max_queued = config.max_queued_commands;
         tracker.spawn(commands::writer::run(
             registry.clone(),
@@ -307,6 +321,7 @@ impl Broker {
             parking,
             observe,
             csr_rate: Default::default(),
+            ota,
             shutdown: shutdown.clone(),
         });
         listener::run(limits, &metrics, listener, &tracker, &shutdown, |a| session::serve(svc.clone(), a))

@@ -6,6 +6,7 @@
 //! registry (`fleet-registry`, which the broker shares). It also keeps the firmware
 //! image-signing key and signs firmware releases (`firmware`, `ota`; docs/spec/ota.md).
 
+pub mod campaign;
 pub mod error;
 pub mod firmware;
 pub mod home;

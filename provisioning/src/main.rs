@@ -12,12 +12,14 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use cli::commands;
 use cli::report::{emit, Report};
+use fleet_provision::campaign::{self, CampaignOptions, ReleaseRef};
 use fleet_provision::firmware::{Board, ReleaseSpec, Version};
 use fleet_provision::home::Home;
 use fleet_provision::lifecycle::{ClaimOptions, Policy};
 use fleet_provision::ota::ReleaseOptions;
 use fleet_provision::station::{MintOptions, Station};
 use fleet_provision::{Error, RevocationReason, Status};
+use fleet_registry::DeviceSelector;
 
 /// The fleetgate factory provisioning station.
 ///
@@ -387,9 +389,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Firmware delivery and campaigns: publish a release's image for the brokers, start a
+    /// staged campaign, watch it. See docs/spec/ota.md.
+    Ota {
+        #[command(subcommand)]
+        command: OtaCommand,
+    },
     /// PostgreSQL least privilege: create (if missing) and grant a role for the brokers that
-    /// can read devices and certificates and insert telemetry, and nothing else (no UPDATE of
-    /// a certificate or device row, no issuance-log or CRL-state access). Run it as the schema
+    /// can read devices and certificates, insert telemetry, keep the command queue, read
+    /// releases and move firmware campaigns' and jobs' states, and nothing else (no UPDATE of
+    /// a certificate or device row, no issuance-log or CRL-state access, no new or deleted
+    /// campaign or job). Run it as the schema
     /// owner after `init` and after upgrades; then give the brokers
     /// `--database-url postgres://ROLE@host/db`. `--print` shows the SQL instead.
     DbRoles {
@@ -405,6 +415,82 @@ enum Command {
     /// status, revocation and role) from the log. Prints each row that disagrees and exits
     /// non-zero if any entry was edited or removed or any row disagrees.
     VerifyLog,
+}
+
+#[derive(Debug, Subcommand)]
+enum OtaCommand {
+    /// Copy a release's image into the brokers' blob directory, named by its SHA-512.
+    ///
+    /// The image is read from the release directory and checked against the SHA-512 the
+    /// registry recorded for the release; the broker checks it again when it loads it. A broker
+    /// serves images only from its `ota_blob_dir` (default HOME/ota-blobs).
+    Publish {
+        /// The release: <board>/<version>, e.g. mps2-an386/1.2.0 (see `fleet-provision releases`).
+        #[arg(long, value_name = "BOARD/VERSION", value_parser = ReleaseRef::parse)]
+        release: ReleaseRef,
+        /// The release directory `release` wrote; default HOME/releases/<board>-<version>.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The broker's `ota_blob_dir`; default HOME/ota-blobs (the broker's default when it
+        /// shares this home).
+        #[arg(long, value_name = "DIR")]
+        blob_dir: Option<PathBuf>,
+    },
+    /// Start a staged update campaign: one job per device, offered wave by wave.
+    ///
+    /// The brokers' campaign runner puts the first wave's offers (the signed manifest) into
+    /// the devices' command queues (a sleeping device gets its offer when it wakes), starts the
+    /// next wave only when every job of the waves so far is final (confirmed, rolled back or
+    /// failed), and stops the campaign once the failed share of those jobs passes
+    /// --abort-if-failed. The campaign and each job are recorded in the issuance log.
+    Start {
+        /// The release: <board>/<version>, e.g. mps2-an386/1.2.0. It must be published
+        /// (`fleet-provision ota publish`).
+        #[arg(long, value_name = "BOARD/VERSION", value_parser = ReleaseRef::parse)]
+        release: ReleaseRef,
+        /// Which devices: `all`; `prefix:dev-` or `dev-*` (ids starting with it); `status:active`;
+        /// or a comma-separated list of device ids. Only active devices are updated; a device
+        /// with an open job in another campaign is refused.
+        #[arg(long, value_name = "SELECTOR", value_parser = parse_devices_arg)]
+        devices: (String, DeviceSelector),
+        /// Cumulative share of the devices offered in each wave, rising, ending at 100%
+        /// (devices in id order), e.g. 1%,10%,100%: the first 1%, then up to 10%, then all.
+        #[arg(long, value_name = "PERCENTS", value_parser = parse_waves_arg, default_value = "1%,10%,100%")]
+        waves: Waves,
+        /// Stop the campaign (no further wave) once more than this share of the jobs offered so
+        /// far failed or rolled back, e.g. 2% or 0.5%; 0% stops at the first failure.
+        #[arg(long, value_name = "PERCENT", value_parser = campaign::parse_threshold, default_value = "2%")]
+        abort_if_failed: i64,
+        /// How long an offer waits in a device's command queue before its job fails as
+        /// `expired`, seconds (at most 30 days).
+        #[arg(long, value_name = "SECS", default_value_t = 7 * 86_400)]
+        offer_ttl: i64,
+        /// The broker's `ota_blob_dir` the release must be published in; default HOME/ota-blobs.
+        #[arg(long, value_name = "DIR")]
+        blob_dir: Option<PathBuf>,
+    },
+    /// Show campaigns (newest first) and their jobs' states.
+    Status {
+        /// Only this campaign, with every job.
+        #[arg(long, value_name = "ID")]
+        campaign: Option<String>,
+        /// JSON output (an array of campaigns, each with its jobs).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--waves`, parsed (one value: clap would read a `Vec` as repeated flags).
+#[derive(Debug, Clone)]
+struct Waves(Vec<u32>);
+
+fn parse_waves_arg(s: &str) -> Result<Waves, String> {
+    campaign::parse_waves(s).map(Waves)
+}
+
+/// `--devices`: the text as given and its parse.
+fn parse_devices_arg(s: &str) -> Result<(String, DeviceSelector), String> {
+    campaign::parse_devices(s).map(|d| (s.to_owned(), d))
 }
 
 /// `--reason`: the RFC 5280 names, listed in `--help`.
@@ -509,6 +595,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Command::Show { json: true, .. }
             | Command::Commands { json: true, .. }
             | Command::Releases { json: true, .. }
+            | Command::Ota { command: OtaCommand::Status { json: true, .. } }
     );
     let report: Box<dyn Report> = match cli.command {
         Command::Init { org } => Box::new(commands::init(home.clone(), db, &org).await?),
@@ -575,6 +662,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Box::new(commands::apply_broker_role(station().await?, broker_role).await?)
         }
         Command::VerifyLog => Box::new(commands::verify_log(station().await?).await?),
+        Command::Ota { command: OtaCommand::Publish { release, dir, blob_dir } } => {
+            let blob_dir = blob_dir.unwrap_or_else(|| home.ota_blobs());
+            Box::new(commands::ota_publish(station().await?, release, dir, &blob_dir).await?)
+        }
+        Command::Ota {
+            command:
+                OtaCommand::Start {
+                    release,
+                    devices: (devices_text, devices),
+                    waves,
+                    abort_if_failed,
+                    offer_ttl,
+                    blob_dir,
+                },
+        } => {
+            let blob_dir = blob_dir.unwrap_or_else(|| home.ota_blobs());
+            let opts = CampaignOptions {
+                release,
+                devices_text,
+                devices,
+                waves: waves.0,
+                abort_bp: abort_if_failed,
+                offer_ttl,
+                blob_dir,
+            };
+            Box::new(commands::ota_start(station().await?, opts).await?)
+        }
+        Command::Ota { command: OtaCommand::Status { campaign, .. } } => {
+            Box::new(commands::ota_status(station().await?, campaign.as_deref()).await?)
+        }
     };
     emit(report.as_ref(), json)
 }

@@ -175,6 +175,13 @@ impl Registry {
             // The command queue: the broker stores, delivers and settles commands.
             format!("GRANT SELECT, INSERT, UPDATE ON commands TO {role}"),
             format!("GRANT USAGE ON SEQUENCE commands_id_seq TO {role}"),
+            // Firmware updates: the campaign runner advances and ends campaigns, the chunk
+            // server reads jobs, status reports move them. Creating them is the station's.
+            format!("GRANT SELECT ON ota_campaigns, ota_jobs TO {role}"),
+            format!("GRANT UPDATE (state, wave, reason, updated_at) ON ota_campaigns TO {role}"),
+            format!("GRANT UPDATE (state, reason, progress, command_id, updated_at) ON ota_jobs TO {role}"),
+            // The manifest a campaign offers.
+            format!("GRANT SELECT ON releases TO {role}"),
         ])
     }
 

@@ -32,6 +32,9 @@ pub enum Error {
     /// An identity that is not a claim used as one.
     #[error("`{0}` is not an active claim")]
     NotAClaim(String),
+    /// A campaign could not be started as asked (docs/spec/ota.md, "Campaigns").
+    #[error("{0}")]
+    Campaign(String),
     /// A board and version released before with another manifest (another image, minimum
     /// version or key): a version is released once per board.
     #[error("board `{board}` already has a release {version} of another image; a version is released once per board")]

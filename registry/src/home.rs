@@ -92,6 +92,11 @@ impl Home {
     pub fn releases_dir(&self) -> PathBuf {
         self.root.join("releases")
     }
+    /// Where `ota publish` copies release images for a broker to serve, each named by its
+    /// SHA-512 in hex (the broker's `ota_blob_dir` default).
+    pub fn ota_blobs(&self) -> PathBuf {
+        self.root.join("ota-blobs")
+    }
     /// Latest CRL (PEM).
     pub fn crl(&self) -> PathBuf {
         self.root.join("crl.pem")

@@ -28,6 +28,7 @@ pub mod home;
 pub mod ids;
 pub mod lifecycle;
 pub mod log;
+pub mod ota;
 pub mod releases;
 pub mod rows;
 pub mod telemetry;
@@ -45,6 +46,7 @@ pub use ids::{
     DeviceId, RevocationReason, Role, SerialNumber, Status, CLAIM_URI_PREFIX, CSR_ORIGIN, DEVICE_URI_PREFIX,
     ISSUER_URI_PREFIX, NODE_URI_PREFIX, OPERATOR_URI_PREFIX, SERVICE_URI_PREFIX, STREAM_READER_URI_PREFIX,
 };
+pub use ota::{Campaign, DeviceSelector, Job, JobState, NewCampaign};
 pub use redact::redact_url;
 pub use releases::{NewRelease, ReleaseRecord};
 pub use rows::{CertRecord, DeviceRecord, NewCert, RevokedEntry};

@@ -80,6 +80,8 @@ impl Registry {
         let mut server_mismatches = Vec::new();
         let mut logged_releases: HashMap<(String, String), serde_json::Value> = HashMap::new();
         let mut firmware_keys = std::collections::HashSet::new();
+        let mut logged_campaigns: HashMap<String, serde_json::Value> = HashMap::new();
+        let mut logged_jobs: HashMap<(String, String), i64> = HashMap::new();
         for (i, r) in rows.iter().enumerate() {
             let seq: i64 = r.try_get(0)?;
             let expected_seq = i as i64 + 1;
@@ -143,6 +145,14 @@ impl Registry {
                 }
                 "firmware-key" => {
                     firmware_keys.insert(device_id.clone());
+                }
+                "ota-campaign" => {
+                    logged_campaigns.insert(device_id.clone(), detail_json(seq, &e.detail)?);
+                }
+                "ota-job" => {
+                    let d = detail_json(seq, &e.detail)?;
+                    let campaign = d["campaign"].as_str().unwrap_or_default().to_owned();
+                    logged_jobs.insert((campaign, device_id.clone()), d["wave"].as_i64().unwrap_or(-1));
                 }
                 "revoke-device" => {
                     let d = detail_json(seq, &e.detail)?;
@@ -276,6 +286,7 @@ impl Registry {
                 "release {board} {version} was recorded per the log but is missing from the registry"
             ));
         }
+        bad.extend(crate::ota::verify_campaigns(&self.pool, &logged_campaigns, &logged_jobs).await?);
         Ok(LogReport { entries: rows.len() as i64, head: prev, disagreements: bad })
     }
 }

@@ -577,3 +577,88 @@ async fn serve_pages(pages: Vec<(&'static str, String)>) -> std::net::SocketAddr
     });
     addr
 }
+
+/// The Updates page (issue 30): campaigns and their jobs from the admin API, with markup in the
+/// values someone with database access could write (the selector, the abort reason, a job's
+/// reason) shown as text, no handler run, no element made of them.
+#[tokio::test]
+async fn the_updates_page_shows_campaigns_and_jobs_as_text_in_chromium() {
+    require_program("chromium", "chromium");
+    let fleet = Fleet::new(2, None).await;
+    let password = "correct horse battery";
+    let alice = fleet.dir.path().join("alice");
+    fleet.station().await.operator_cert("alice", &alice, password).await.unwrap();
+    let provision = fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision");
+    let home = fleet.home().display().to_string();
+    let image = fleet.dir.path().join("app.bin");
+    std::fs::write(&image, vec![7u8; 3000]).unwrap();
+    run(&provision, &["--home", &home, "firmware-key"]);
+    let img = image.display().to_string();
+    run(
+        &provision,
+        &["--home", &home, "release", "--image", &img, "--version", "1.2.0", "--board", "mps2-an386"],
+    );
+    run(&provision, &["--home", &home, "ota", "publish", "--release", "mps2-an386/1.2.0"]);
+    let devices = format!("{},{}", fleet.id(0), fleet.id(1));
+    let args = [
+        "--home",
+        &home,
+        "ota",
+        "start",
+        "--release",
+        "mps2-an386/1.2.0",
+        "--devices",
+        &devices,
+        "--waves",
+        "100%",
+    ];
+    run(&provision, &args);
+    let victim = fleet.id(1);
+    let act = format!(
+        "document.documentElement.dataset.pwned='x';fetch('/api/v1/devices/{victim}/revoke',{{method:'POST',headers:{{'content-type':'application/json','x-fleetgate-request':'1'}},body:JSON.stringify({{reason:'keyCompromise'}})}})"
+    );
+    let img_tag = format!(r#"<img src=x onerror="{act}">"#);
+    let details = format!(r#"<details open ontoggle="{act}">"#);
+    let st = fleet.station().await;
+    let id: String =
+        sqlx::query_scalar("SELECT id FROM ota_campaigns").fetch_one(st.registry().pool()).await.unwrap();
+    // The runner overwrites `reason` when it aborts; the version stays (and is in the reason).
+    sqlx::query("UPDATE ota_campaigns SET devices = $1, version = $2")
+        .bind(&img_tag)
+        .bind(&details)
+        .execute(st.registry().pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE ota_jobs SET state = 'failed', reason = $1 WHERE device_id = $2")
+        .bind(&img_tag)
+        .bind(fleet.id(0))
+        .execute(st.registry().pool())
+        .await
+        .unwrap();
+    // The runner aborts the campaign (a failed job past its 2%, or a release it cannot find).
+    let broker = BrokerProc::start(&fleet, &["--admin-listen", "127.0.0.1:0", "--ota-poll-ms", "100"]);
+    let origin = format!("https://{}", broker.admin.unwrap());
+    let browser = Browser::start(&fleet, &alice, "alice", password, &origin).await;
+    let client = &browser.client;
+    client.goto(&format!("{origin}/")).await.unwrap();
+    wait(client, "nav a[href='#/updates']").await.click().await.unwrap();
+    text_becomes(client, "#campaigns", &id).await;
+    text_becomes(client, "#campaigns td[data-col=state]", "aborted").await;
+    wait(client, &format!("#campaigns a[href='#/update/{id}']")).await.click().await.unwrap();
+    text_becomes(client, "#campaign-state", "aborted").await;
+    text_becomes(client, "#jobs", "failed (<img src=x onerror=").await;
+    std::fs::write(screenshots().join("updates.png"), client.screenshot().await.unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let marker =
+        client.execute("return document.documentElement.dataset.pwned || null", vec![]).await.unwrap();
+    assert_eq!(marker, json!(null), "a handler from an API value ran");
+    assert_eq!(status_of(&fleet, &victim).await, "active", "script from an API value revoked a device");
+    let made = client
+        .execute("return document.querySelectorAll('#view img, #view details').length", vec![])
+        .await
+        .unwrap();
+    assert_eq!(made, json!(0), "elements were made of API values");
+    let shown = wait(client, "#campaign").await.text().await.unwrap();
+    assert!(shown.contains("<img src=x onerror=") && shown.contains("<details open ontoggle="), "{shown}");
+    browser.client.clone().close().await.unwrap();
+}

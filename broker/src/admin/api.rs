@@ -404,3 +404,54 @@ pub(crate) async fn revoke(
     }))
     .into_response())
 }
+
+/// A campaign as the API shows it, with its jobs counted by state.
+fn campaign_json(c: &fleet_registry::Campaign, jobs: &[fleet_registry::Job]) -> Value {
+    let mut counts = serde_json::Map::new();
+    for s in fleet_registry::JobState::ALL {
+        let n = jobs.iter().filter(|j| j.state == s).count();
+        if n > 0 {
+            counts.insert(s.as_str().to_owned(), json!(n));
+        }
+    }
+    json!({
+        "id": c.id, "board": c.board, "version": c.version, "release": c.sha512.get(..16).unwrap_or(""),
+        "devices": c.devices, "waves": c.waves, "abort_if_failed_bp": c.abort_bp, "offer_ttl": c.offer_ttl,
+        "state": c.state, "wave": c.wave, "reason": c.reason, "created_at_ms": c.created_at,
+        "updated_at_ms": c.updated_at, "jobs": jobs.len(), "counts": counts,
+    })
+}
+
+/// `GET /api/v1/ota/campaigns`: every firmware campaign, newest first, with job counts.
+pub(crate) async fn campaigns(_: Op, State(admin): State<Admin>) -> ApiResult {
+    let registry = &admin.registry;
+    let mut out = Vec::new();
+    for c in registry.campaigns().await.map_err(ApiError::registry)? {
+        let jobs = registry.ota_jobs(&c.id).await.map_err(ApiError::registry)?;
+        out.push(campaign_json(&c, &jobs));
+    }
+    Ok(Json(json!({ "campaigns": out })).into_response())
+}
+
+/// `GET /api/v1/ota/campaigns/{id}`: one campaign and every job.
+pub(crate) async fn campaign(_: Op, State(admin): State<Admin>, Path(id): Path<String>) -> ApiResult {
+    let ok = id.len() == 20 && id.starts_with("ota-") && id[4..].bytes().all(|b| b.is_ascii_hexdigit());
+    if !ok {
+        return Err(ApiError::bad(format!("{id:?} is not a campaign id (ota-<16 hex>)")));
+    }
+    let registry = &admin.registry;
+    let Some(c) = registry.campaign(&id).await.map_err(ApiError::registry)? else {
+        return Err(ApiError::new(ApiCode::NotFound, format!("no campaign {id}")));
+    };
+    let jobs = registry.ota_jobs(&id).await.map_err(ApiError::registry)?;
+    let list: Vec<Value> = jobs
+        .iter()
+        .map(|j| {
+            json!({
+                "device": j.device_id, "wave": j.wave, "state": j.state.as_str(), "reason": j.reason,
+                "offset": j.progress, "size": j.size, "updated_at_ms": j.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "campaign": campaign_json(&c, &jobs), "jobs": list })).into_response())
+}

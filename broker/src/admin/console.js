@@ -165,6 +165,55 @@ async function device(id) {
     h("table", {}, h("tr", {}, h("th", {}, "Serial"), h("th", {}, "Status"), h("th", {}, "notAfter"), h("th", {}, "Key")), certs)));
 }
 
+// Firmware campaigns (docs/spec/ota.md): read-only; campaigns are started at the station.
+const pct = (bp) => `${Math.floor(bp / 100)}.${String(bp % 100).padStart(2, "0")}%`;
+const counts = (c) => Object.entries(c.counts).map(([s, n]) => `${s} ${n}`).join(", ");
+const campaignLink = (id) => h("a", { href: "#/update/" + encodeURIComponent(id) }, id);
+const stateClass = (s) => s === "confirmed" || s === "completed" ? "ok"
+  : s === "failed" || s === "rolled_back" || s === "aborted" ? "bad" : "";
+
+async function updates() {
+  const page = await api("ota/campaigns");
+  const rows = page.campaigns.length
+    ? page.campaigns.map((c) => h("tr", {},
+      h("td", {}, campaignLink(c.id)),
+      h("td", {}, `${c.board} ${c.version}`),
+      h("td", { class: stateClass(c.state), "data-col": "state" }, c.state),
+      h("td", {}, `${c.wave + 1} of ${c.waves.length} (${c.waves.map((w) => w + "%").join(", ")})`),
+      h("td", {}, pct(c.abort_if_failed_bp)),
+      h("td", { "data-col": "counts" }, `${c.jobs}: ${counts(c)}`),
+      h("td", {}, when(c.created_at_ms / 1000))))
+    : [h("tr", {}, h("td", { colspan: 7, class: "muted" }, "no campaigns: fleet-provision ota start"))];
+  show(h("section", { class: "wide" }, h("h2", {}, "Firmware updates"),
+    h("table", { id: "campaigns" },
+      h("tr", {}, h("th", {}, "Campaign"), h("th", {}, "Release"), h("th", {}, "State"), h("th", {}, "Wave"),
+        h("th", {}, "Stops past"), h("th", {}, "Jobs"), h("th", {}, "Started")),
+      rows)));
+}
+
+async function update(id) {
+  const d = await api("ota/campaigns/" + encodeURIComponent(id));
+  const c = d.campaign;
+  const jobs = d.jobs.map((j) => h("tr", {},
+    h("td", {}, deviceLink(j.device)),
+    h("td", {}, j.wave + 1),
+    h("td", { class: stateClass(j.state), "data-col": "state" }, j.state, j.reason ? ` (${j.reason})` : ""),
+    h("td", {}, j.state === "downloading" && j.size > 0 ? `${Math.floor(j.offset * 100 / j.size)}%` : ""),
+    h("td", {}, when(j.updated_at_ms / 1000))));
+  show(h("section", { class: "wide", id: "campaign", "data-campaign": c.id },
+    h("h2", {}, c.id, " ", h("span", { id: "campaign-state", class: stateClass(c.state) }, c.state)),
+    h("dl", {},
+      h("dt", {}, "Release"), h("dd", {}, `${c.board} ${c.version} (tag ${c.release})`),
+      h("dt", {}, "Devices"), h("dd", {}, c.devices),
+      h("dt", {}, "Waves"), h("dd", {}, `${c.wave + 1} of ${c.waves.length} offered (${c.waves.map((w) => w + "%").join(", ")})`),
+      h("dt", {}, "Stops past"), h("dd", {}, `${pct(c.abort_if_failed_bp)} failed`),
+      h("dt", {}, "Stopped"), h("dd", { id: "campaign-reason" }, c.reason || "–"),
+      h("dt", {}, "Jobs"), h("dd", {}, `${c.jobs}: ${counts(c)}`)),
+    h("table", { id: "jobs" },
+      h("tr", {}, h("th", {}, "Device"), h("th", {}, "Wave"), h("th", {}, "State"), h("th", {}, "Progress"), h("th", {}, "Updated")),
+      jobs)));
+}
+
 $("#confirm").addEventListener("close", async () => {
   if ($("#confirm").returnValue !== "revoke") return;
   const id = $("#confirm-id").textContent;
@@ -182,6 +231,8 @@ function route() {
   const hash = location.hash.slice(1) || "/";
   const [path, query] = hash.split("?");
   const p = path.startsWith("/device/") ? device(decodeURIComponent(path.slice(8)))
+    : path.startsWith("/update/") ? update(decodeURIComponent(path.slice(8)))
+    : path === "/updates" ? updates()
     : path === "/devices" ? devices(query || "") : overview();
   p.catch(fail);
 }

@@ -66,6 +66,8 @@ pub(crate) fn router(admin: Admin) -> Router {
         .route("/api/v1/devices/{id}", get(api::device))
         .route("/api/v1/devices/{id}/revoke", post(api::revoke))
         .route("/api/v1/events", get(feed::events))
+        .route("/api/v1/ota/campaigns", get(api::campaigns))
+        .route("/api/v1/ota/campaigns/{id}", get(api::campaign))
         .fallback(api::not_found)
         .with_state(admin)
 }

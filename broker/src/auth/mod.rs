@@ -6,8 +6,8 @@
 //!
 //! | role | publish | subscribe |
 //! |---|---|---|
-//! | device `X` | `devices/X/<anything>` except `devices/X/commands/...` | filters inside `devices/X/` (wildcards only after it) |
-//! | service | `devices/<id>/commands/<anything>` | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
+//! | device `X` | `devices/X/<anything>` except `devices/X/commands/...`, and under `ota/` only `get` and `status` | filters inside `devices/X/` (wildcards only after it) |
+//! | service | `devices/<id>/commands/<anything>` except `commands/ota/...` (the campaign runner's) | any filter inside `devices/` (`devices/+/telemetry`, `devices/#`) |
 //! | issuer | `devices/<id>/certs/<answer>`, `claims/<claim>/<nonce>/certs/<answer>` (never `csr`) | `devices/+/certs/csr`, `devices/+/certs/active`, `claims/+/+/certs/csr` |
 //! | claim `C` (client id `claims/C/<nonce>`) | `claims/C/<nonce>/certs/csr` | `claims/C/<nonce>/certs/+` and its concrete answers |
 //!
@@ -122,7 +122,7 @@ pub fn identify(cert_der: &[u8]) -> Result<Identity, IdentityError> {
 }
 
 /// The levels of the topic scheme (`fleet-topic`), as the ACL reads them.
-pub(crate) use fleet_topic::level::{ACTIVE, CERTS, CLAIMS, COMMANDS, CSR, DEVICES, STATUS};
+pub(crate) use fleet_topic::level::{ACTIVE, CERTS, CLAIMS, COMMANDS, CSR, DEVICES, GET, OFFER, OTA, STATUS};
 pub use fleet_topic::matches;
 pub(crate) use fleet_topic::{Topic, TopicFilter};
 
@@ -169,8 +169,14 @@ pub fn may_publish(who: &Identity, topic: Topic<'_>) -> bool {
                 && !rest.is_empty()
                 && rest[0] != COMMANDS
                 && (rest[0] != CERTS || matches!(rest, [_, CSR | ACTIVE]))
+                // Under `ota/` a device asks for chunks and reports; only the broker answers.
+                && (rest[0] != OTA || matches!(rest, [_, GET | STATUS]))
         }
-        (Role::Service, [DEVICES, owner, COMMANDS, _, ..]) => DeviceId::parse(owner).is_ok(),
+        // Offers are the campaign runner's (docs/spec/ota.md): a service's would disagree with
+        // the job table.
+        (Role::Service, [DEVICES, owner, COMMANDS, first, ..]) => {
+            DeviceId::parse(owner).is_ok() && *first != OTA
+        }
         // The issuer answers under a device's or a claim session's `certs/` (never as the
         // device: not `csr`, not `active`).
         (Role::Issuer, [DEVICES, owner, CERTS, answer]) => {
@@ -235,3 +241,16 @@ pub(crate) fn broker_may_answer_on(device: Option<&str>, topic: Topic<'_>) -> bo
 
 #[cfg(test)]
 mod tests;
+
+/// Is `topic` a campaign's offer, `devices/<id>/commands/ota/offer` (with or without a `ttl=`
+/// level)? Only the broker's campaign runner puts those in the queue (docs/spec/ota.md).
+pub(crate) fn is_ota_offer(topic: &str) -> bool {
+    let levels: Vec<&str> = topic.split('/').collect();
+    match levels.as_slice() {
+        [DEVICES, owner, COMMANDS, OTA, OFFER] => DeviceId::parse(owner).is_ok(),
+        [DEVICES, owner, COMMANDS, OTA, OFFER, ttl] => {
+            DeviceId::parse(owner).is_ok() && ttl.starts_with(fleet_topic::level::TTL)
+        }
+        _ => false,
+    }
+}

@@ -208,3 +208,21 @@ fn a_response_topic_is_one_the_asker_reads() {
     assert!(answered_on(&claim, "claims/dev-1/0123456789abcdef/certs/issued"));
     assert!(!answered_on(&claim, "claims/dev-1/fedcba9876543210/certs/issued"));
 }
+
+#[test]
+fn only_the_broker_answers_chunks_and_only_the_runner_offers() {
+    let d = device_1();
+    assert!(may_publish(&d, "devices/dev-1/ota/get"));
+    assert!(may_publish(&d, "devices/dev-1/ota/status"));
+    assert!(!may_publish(&d, "devices/dev-1/ota/chunk"));
+    assert!(!may_publish(&d, "devices/dev-1/ota/chunk/x"));
+    assert!(!may_publish(&d, "devices/dev-1/ota/other"));
+    assert!(!may_publish(&d, "devices/dev-2/ota/get"));
+    assert!(!may_publish(&d, "devices/dev-1/commands/ota/offer"));
+    let s = who("backend", Role::Service);
+    assert!(!may_publish(&s, "devices/dev-1/commands/ota/offer"));
+    assert!(!may_publish(&s, "devices/dev-1/commands/ota/offer/ttl=60"));
+    assert!(!may_publish(&s, "devices/dev-1/ota/chunk"));
+    assert!(may_publish(&s, "devices/dev-1/commands/otax"));
+    assert!(may_publish(&s, "devices/dev-1/commands/blink/ota"));
+}

@@ -125,8 +125,11 @@ pub(crate) fn may_relay(origin: &Relayed, topic: &str) -> bool {
         Relayed::Client(id) => {
             id.role != Role::Operator && Topic::parse(topic).is_ok_and(|t| auth::may_publish(id, t))
         }
+        // A node's own: statuses, and the wake-up of a campaign's offer (a copy of a command
+        // already in the shared queue, `devices/<id>/commands/ota/offer`).
         Relayed::Broker => {
             topic.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::STATUS)
+                || auth::is_ota_offer(topic)
         }
         Relayed::Reply(service) => Topic::parse(topic)
             .is_ok_and(|t| auth::may_be_answered_on(service, t) && auth::broker_may_answer_on(None, t)),

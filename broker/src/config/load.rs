@@ -75,6 +75,7 @@ impl Config {
             "key" => d.key_path().display().to_string(),
             "client_ca" => d.client_ca_path().display().to_string(),
             "crl" => format!("{} when it exists", Home::new(&d.home).crl().display()),
+            "ota_blob_dir" => d.ota_blob_dir_path().display().to_string(),
             "admin_database_url" => "database_url".to_owned(),
             "org_name" => "the client CA's organisation".to_owned(),
             _ if Self::KEYS.iter().any(|k| k.name == key) => "off".to_owned(),
@@ -90,6 +91,7 @@ impl Config {
         c.key = Some(self.key_path());
         c.client_ca = Some(self.client_ca_path());
         c.crl = self.crl_path();
+        c.ota_blob_dir = Some(self.ota_blob_dir_path());
         c
     }
 
@@ -279,6 +281,11 @@ impl Config {
             Some(p) => Some(p.clone()),
             None => Some(self.fleet_home().crl()).filter(|p| p.exists()),
         }
+    }
+
+    /// The directory of firmware images the broker serves: `ota_blob_dir`, or HOME/ota-blobs.
+    pub fn ota_blob_dir_path(&self) -> PathBuf {
+        self.ota_blob_dir.clone().unwrap_or_else(|| self.fleet_home().ota_blobs())
     }
 
     /// Registry URL.

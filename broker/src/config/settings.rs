@@ -199,6 +199,20 @@ settings! {
     /// Largest command payload accepted into the queue, bytes (the SDK's 2 KiB inbox holds a
     /// command of this size with its topic); larger ones are refused (`too_large`).
     max_command_bytes: usize = 1900;
+    /// Firmware images the broker serves to devices (docs/spec/ota.md): files named by their
+    /// SHA-512 in hex, which `fleet-provision ota publish` copies in; the digest is checked when
+    /// an image is loaded. Default: HOME/ota-blobs.
+    ota_blob_dir: Option<PathBuf> = None;
+    /// Largest chunk a device may ask for (`ota/get`), bytes; longer requests get this much.
+    ota_max_chunk: usize = 1024;
+    /// Chunk bytes per second to one device (a token bucket holding one second's worth), so
+    /// that a campaign cannot starve the broker's other work. 0: off.
+    ota_bytes_per_sec: u64 = 256 << 10;
+    /// An update job that is offered, downloading, verified or rebooted and has no news from
+    /// its device for this long fails as `stalled`, seconds.
+    ota_stall_secs: Secs = Secs::of(3600.0);
+    /// How often the campaign runner settles jobs and starts waves, milliseconds.
+    ota_poll_ms: u64 = 1000;
     /// ACL refusals and limit hits are logged at most once per session per this interval,
     /// with a count of those not logged, seconds.
     log_interval_secs: Secs = Secs::of(10.0);

@@ -83,7 +83,21 @@ pub struct Metrics {
     pub(crate) admin_denied: IntCounterVec,
     /// Admin listener: open operator connections.
     pub(crate) admin_connections: IntGauge,
+    /// Chunk requests answered with a refusal, by reason (docs/spec/ota.md).
+    pub(crate) ota_refused: IntCounterVec,
+    /// Chunks sent with data.
+    pub(crate) ota_chunks: IntCounter,
+    /// Image bytes sent in chunks.
+    pub(crate) ota_chunk_bytes: IntCounter,
+    /// Update job state changes, by state.
+    pub(crate) ota_jobs: IntCounterVec,
+    /// Campaign events (`wave_started`, `completed`, `aborted`).
+    pub(crate) ota_campaigns: IntCounterVec,
 }
+
+/// Why a chunk request was refused (`fleet_ota_refused_total{reason}`).
+pub(crate) const OTA_REFUSALS: [&str; 5] =
+    ["not_offered", "beyond_image", "busy", "malformed", "image_unavailable"];
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
     // Names are static and unique, so registration cannot fail.
@@ -137,6 +151,15 @@ impl Metrics {
         }
         for d in AdminDenial::ALL {
             self.admin_denied.with_label_values(&[d.label()]);
+        }
+        for r in OTA_REFUSALS {
+            self.ota_refused.with_label_values(&[r]);
+        }
+        for j in fleet_registry::JobState::ALL {
+            self.ota_jobs.with_label_values(&[j.as_str()]);
+        }
+        for c in ["wave_started", "completed", "aborted"] {
+            self.ota_campaigns.with_label_values(&[c]);
         }
         for d in crate::outcome::Discard::ALL {
             self.sessions_parked_discarded.with_label_values(&[d.label()]);
@@ -251,6 +274,11 @@ impl Metrics {
                 &["reason"],
             ),
             admin_connections: g("admin_connections", "Admin listener: open operator connections"),
+            ota_refused: cv("ota_refused_total", "Firmware chunk requests refused, by reason", &["reason"]),
+            ota_chunks: c("ota_chunks_total", "Firmware chunks sent with data"),
+            ota_chunk_bytes: c("ota_chunk_bytes_total", "Firmware image bytes sent in chunks"),
+            ota_jobs: cv("ota_jobs_total", "Firmware update job state changes", &["state"]),
+            ota_campaigns: cv("ota_campaigns_total", "Firmware campaign events", &["event"]),
             registry: r,
         }
     }

@@ -72,6 +72,8 @@ pub(crate) struct State {
     pub(super) window: Option<usize>,
     /// A device's or claim session's publish rate (`None`: a service or the issuer).
     pub(super) rate: Option<super::rate::PublishRate>,
+    /// A device's firmware chunk server (made at its first `ota/get`).
+    pub(super) chunks: Option<crate::ota::serve::ChunkServer>,
 }
 
 /// Most unacknowledged QoS 1 deliveries a persistent session has out before it waits.
@@ -148,6 +150,7 @@ pub(crate) async fn run(
             let c = &ctx.svc.config;
             super::rate::PublishRate::new(c.max_publish_rate, c.max_publish_bytes_rate, Instant::now())
         }),
+        chunks: None,
     };
     let end = match st.resume(ctx).await {
         Ok(()) => st.select_loop(ctx).await,

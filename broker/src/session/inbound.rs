@@ -24,6 +24,10 @@ use crate::router::split_shared;
 use crate::router::RetainBudget;
 use fleet_topic::Addressed;
 
+/// `devices/<id>/` + these: a device's chunk request and status report (docs/spec/ota.md).
+const OTA_GET: &str = "ota/get";
+const OTA_STATUS: &str = "ota/status";
+
 impl State {
     /// Counts a cap hit and logs it (rate-limited per session).
     pub(super) fn limit_hit(&mut self, ctx: &Ctx<'_>, limit: Limit, what: &str) {
@@ -134,6 +138,17 @@ impl State {
         }
         // Valid: may_publish accepted it.
         let topic = parsed.map_err(|_| CloseReason::AclDenied)?;
+        if ctx.id.role == Role::Device {
+            match topic.addressed() {
+                // A chunk request: answered here, never routed or stored (docs/spec/ota.md).
+                Addressed::DeviceData { rest: OTA_GET, .. } => return self.chunk_request(ctx, p).await,
+                // A status report: moves the device's job, and is stored and routed as any.
+                Addressed::DeviceData { rest: OTA_STATUS, .. } => {
+                    svc.ota.report(ctx.id.id.as_str(), &p.payload)
+                }
+                _ => {}
+            }
+        }
         if auth::is_active_announcement(&ctx.id, topic) {
             // The broker, not the device, says which certificate the session runs on.
             p.payload = ctx.id.serial.to_hex().into();
@@ -196,6 +211,27 @@ impl State {
             }
         } else if qos == QoS::AtLeastOnce {
             self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
+        }
+        Ok(())
+    }
+
+    /// A device's `ota/get`: the chunk (or a refusal) to this session only, now or paced.
+    async fn chunk_request(&mut self, ctx: &Ctx<'_>, p: Message) -> Result<(), CloseReason> {
+        let svc = ctx.svc;
+        let server = self
+            .chunks
+            .get_or_insert_with(|| crate::ota::serve::ChunkServer::new(svc.ota.limits().bytes_per_sec));
+        let now = server
+            .answer(&svc.ota, ctx.id.id.as_str(), &p.payload, &self.inbox, svc.config.max_packet_size)
+            .await;
+        if p.qos == QoS::AtLeastOnce {
+            let pkid = p.pkid;
+            self.pending.push_back(Box::pin(async move { (pkid, Ack::Done) }));
+        }
+        if let Some(m) = now {
+            if self.conn.send_message(m).await? {
+                ctx.info.sent();
+            }
         }
         Ok(())
     }

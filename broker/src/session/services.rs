@@ -12,6 +12,7 @@ use crate::fabric::Fabric;
 use crate::gate::Gate;
 use crate::ingest::Ingest;
 use crate::observe::Observe;
+use crate::ota::Ota;
 use crate::sessions::Sessions;
 
 /// The services of the MQTT side.
@@ -33,6 +34,8 @@ pub(crate) struct Services {
     pub(crate) observe: Observe,
     /// CSR buckets by identity (`csr_interval_secs`).
     pub(crate) csr_rate: KeyedBuckets,
+    /// Firmware updates: chunks, status reports (docs/spec/ota.md).
+    pub(crate) ota: Ota,
     /// Cancelled to stop the broker.
     pub(crate) shutdown: CancellationToken,
 }

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fleet_provision::campaign::{CampaignOptions, ReleaseRef};
 use fleet_provision::firmware::Board;
 use fleet_provision::home::{self, Home};
 use fleet_provision::issuer::IssuerConfig;
@@ -17,9 +18,10 @@ use fleet_registry::{LogReport, Registry};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::report::{
-    BrokerRole, ClaimIdentity, Commands, CrlInHome, CrlSigned, CsrSigned, FirmwareKey, Initialised,
-    IssuerStopped, Listing, LogVerified, Minted, NodeIdentity, OperatorIdentity, Rekeyed, Released, Releases,
-    Renewed, Revocation, Revoked, RoleIdentity, RotationRequested, ServerCert, Shown,
+    BrokerRole, Campaigns, ClaimIdentity, Commands, CrlInHome, CrlSigned, CsrSigned, FirmwareKey,
+    Initialised, IssuerStopped, Listing, LogVerified, Minted, NodeIdentity, OperatorIdentity, OtaPublished,
+    Rekeyed, Released, Releases, Renewed, Revocation, Revoked, RoleIdentity, RotationRequested, ServerCert,
+    Shown,
 };
 
 /// `init`.
@@ -301,4 +303,26 @@ pub(crate) async fn release(s: Station, opts: ReleaseOptions) -> anyhow::Result<
 /// `releases`.
 pub(crate) async fn releases(s: Station, board: Option<Board>) -> anyhow::Result<Releases> {
     Ok(Releases(s.releases(board.as_ref()).await?))
+}
+
+/// `ota publish`.
+pub(crate) async fn ota_publish(
+    s: Station,
+    release: ReleaseRef,
+    dir: Option<PathBuf>,
+    blob_dir: &std::path::Path,
+) -> anyhow::Result<OtaPublished> {
+    Ok(OtaPublished(s.publish_release(release, dir, blob_dir).await?))
+}
+
+/// `ota start`.
+pub(crate) async fn ota_start(s: Station, opts: CampaignOptions) -> anyhow::Result<Campaigns> {
+    let c = s.start_campaign(&opts).await?;
+    let jobs = s.registry().ota_jobs(&c.id).await?;
+    Ok(Campaigns { list: vec![(c, jobs)], started: true, detail: false })
+}
+
+/// `ota status`.
+pub(crate) async fn ota_status(s: Station, id: Option<&str>) -> anyhow::Result<Campaigns> {
+    Ok(Campaigns { list: s.campaigns(id).await?, started: false, detail: id.is_some() })
 }

@@ -644,3 +644,101 @@ impl Report for Releases {
         Some(Value::Array(rows.collect()))
     }
 }
+
+/// `ota publish`.
+#[derive(Debug)]
+pub(crate) struct OtaPublished(pub(crate) fleet_provision::campaign::Published);
+
+impl Report for OtaPublished {
+    fn text(&self, out: &mut dyn Write) -> io::Result<()> {
+        let p = &self.0;
+        let what = if p.already { "already published" } else { "published" };
+        writeln!(out, "{what} {} ({} bytes, sha512 {}…)", p.release, p.size, &p.sha512[..16])?;
+        writeln!(out, "  blob  {}", p.blob.display())?;
+        writeln!(
+            out,
+            "next: fleet-provision ota start --release {} --devices prefix:<id prefix> --waves 1%,10%,100% --abort-if-failed 2%",
+            p.release
+        )
+    }
+}
+
+/// `ota start` and `ota status`: campaigns with their jobs.
+#[derive(Debug)]
+pub(crate) struct Campaigns {
+    pub(crate) list: Vec<(fleet_registry::Campaign, Vec<fleet_registry::Job>)>,
+    /// Just started (`ota start`).
+    pub(crate) started: bool,
+    /// One campaign asked for: list every job.
+    pub(crate) detail: bool,
+}
+
+/// Jobs by state, in the order of the update.
+fn job_counts(jobs: &[fleet_registry::Job]) -> Vec<(&'static str, usize)> {
+    fleet_registry::JobState::ALL
+        .into_iter()
+        .map(|s| (s.as_str(), jobs.iter().filter(|j| j.state == s).count()))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+impl Report for Campaigns {
+    fn text(&self, out: &mut dyn Write) -> io::Result<()> {
+        if self.list.is_empty() {
+            return writeln!(out, "no campaigns");
+        }
+        for (c, jobs) in &self.list {
+            let waves = c.waves.iter().map(|w| format!("{w}%")).collect::<Vec<_>>().join(",");
+            let head = if self.started { "started campaign" } else { "campaign" };
+            writeln!(out, "{head} {}  {}/{}  {}", c.id, c.board, c.version, c.state)?;
+            writeln!(
+                out,
+                "  waves {waves}, wave {} of {} offered; stops past {}.{:02}% failed; devices {}",
+                c.wave + 1,
+                c.waves.len(),
+                c.abort_bp / 100,
+                c.abort_bp % 100,
+                c.devices
+            )?;
+            if let Some(r) = &c.reason {
+                writeln!(out, "  stopped: {r}")?;
+            }
+            let counts =
+                job_counts(jobs).iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ");
+            writeln!(out, "  {} jobs: {counts}", jobs.len())?;
+            if self.detail {
+                for j in jobs {
+                    let progress = match j.state {
+                        fleet_registry::JobState::Downloading if j.size > 0 => {
+                            format!(" {}%", j.progress * 100 / j.size)
+                        }
+                        _ => String::new(),
+                    };
+                    let reason = j.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    writeln!(
+                        out,
+                        "  {:<24} wave {}  {}{progress}{reason}",
+                        j.device_id,
+                        j.wave + 1,
+                        j.state.as_str()
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn json(&self) -> Option<Value> {
+        let list = self
+            .list
+            .iter()
+            .map(|(c, jobs)| {
+                let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+                v["jobs"] = serde_json::to_value(jobs).unwrap_or(Value::Null);
+                v["counts"] = job_counts(jobs).into_iter().map(|(s, n)| (s.to_owned(), json!(n))).collect();
+                v
+            })
+            .collect();
+        Some(Value::Array(list))
+    }
+}

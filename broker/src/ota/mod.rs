@@ -1,0 +1,241 @@
+//! Firmware updates, broker side (docs/spec/ota.md, "Delivery over MQTT" and "Campaigns"): the
+//! chunk server that answers a device's `ota/get` for its own open job's release only
+//! ([`serve`]), the device's status reports that move its job, the campaign runner that offers
+//! waves through the command queue and stops a failing campaign ([`runner`]), and the blob
+//! directory the images come from ([`blobs`]).
+//!
+//! Invariants: a chunk is sent only to the session of the device whose open job names the
+//! release; the job table is the only source of "offered" (the chunk server reads it, a service
+//! cannot queue an offer, `auth`); every job change is published on `status/devices/<id>/ota`.
+
+pub(crate) mod blobs;
+pub(crate) mod runner;
+pub(crate) mod serve;
+pub(crate) mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_registry::{Job, JobState, Registry};
+use rumqttc::mqttbytes::QoS;
+use tracing::{debug, warn};
+
+use crate::clock::now_millis;
+use crate::cluster::bus::Origin;
+use crate::fabric::Fabric;
+use crate::message::Message;
+use crate::observe::metrics::Metrics;
+use crate::router::RetainBudget;
+use blobs::Blobs;
+use wire::Tag;
+
+/// The limits the chunk server and the runner work to (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// `ota_max_chunk`.
+    pub(crate) max_chunk: usize,
+    /// `ota_bytes_per_sec`.
+    pub(crate) bytes_per_sec: u64,
+    /// `ota_stall_secs`.
+    pub(crate) stall: Duration,
+    /// `ota_poll_ms`.
+    pub(crate) poll: Duration,
+}
+
+/// The firmware-update service; clone freely.
+#[derive(Debug, Clone)]
+pub(crate) struct Ota {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    blobs: Blobs,
+    fabric: Fabric,
+    metrics: Metrics,
+    limits: Limits,
+}
+
+/// What the chunk server may send a device.
+#[derive(Debug, Clone)]
+pub(crate) enum Offered {
+    /// Its open job's release: the tag and the image.
+    Job { tag: Tag, image: Bytes },
+    /// No open job (or the image cannot be served): status `1`.
+    Nothing,
+}
+
+impl Ota {
+    /// The service over `registry` and the images in `blob_dir`.
+    pub(crate) fn new(
+        registry: Registry,
+        blob_dir: std::path::PathBuf,
+        fabric: Fabric,
+        metrics: Metrics,
+        limits: Limits,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { registry, blobs: Blobs::new(blob_dir), fabric, metrics, limits }) }
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// What `device` may fetch now: its open job's release (offered or later, not final).
+    pub(crate) async fn offered(&self, device: &str) -> Offered {
+        let found = match self.inner.registry.open_ota_job(device).await {
+            Ok(Some((_, sha512, _))) => sha512,
+            Ok(_) => return Offered::Nothing,
+            Err(e) => {
+                warn!(%device, error = %e, "cannot read the device's update job");
+                return Offered::Nothing;
+            }
+        };
+        let Some(tag) = tag_of(&found) else { return Offered::Nothing };
+        match self.inner.blobs.image(&found).await {
+            Ok(image) => Offered::Job { tag, image },
+            Err(e) => {
+                self.inner.metrics.ota_refused.with_label_values(&["image_unavailable"]).inc();
+                warn!(%device, error = %e, "firmware image unavailable");
+                Offered::Nothing
+            }
+        }
+    }
+
+    /// A device's report on `devices/<id>/ota/status`: moves its open job if the report names
+    /// its release and a state a device may say, and publishes the change. Runs on its own
+    /// task: the session does not wait for the registry.
+    pub(crate) fn report(&self, device: &str, payload: &[u8]) {
+        let Some(report) = Report::parse(payload) else {
+            debug!(%device, "unreadable update status report");
+            return;
+        };
+        let (ota, device) = (self.clone(), device.to_owned());
+        tokio::spawn(async move {
+            let reg = &ota.inner.registry;
+            let (job, sha512, version) = match reg.open_ota_job(&device).await {
+                Ok(Some(found)) => found,
+                Ok(None) => return,
+                Err(e) => return warn!(%device, error = %e, "cannot read the device's update job"),
+            };
+            if !sha512.starts_with(&report.release) {
+                debug!(%device, release = %report.release, "status report for a release not offered");
+                return;
+            }
+            let reason =
+                (report.state == JobState::Failed).then_some(report.reason.as_deref().unwrap_or("unknown"));
+            match reg
+                .move_ota_job(&job.campaign, &device, report.state, reason, report.offset, now_millis())
+                .await
+            {
+                Ok(Some(moved)) => ota.announce(&moved, &sha512, &version).await,
+                Ok(None) => {}
+                Err(e) => warn!(%device, error = %e, "cannot record the update status"),
+            }
+        });
+    }
+
+    /// Publishes a job's state on `status/devices/<id>/ota` (here and on every node) and counts
+    /// it.
+    pub(crate) async fn announce(&self, job: &Job, sha512: &str, version: &str) {
+        self.inner.metrics.ota_jobs.with_label_values(&[job.state.as_str()]).inc();
+        let mut body = serde_json::json!({
+            "campaign": job.campaign, "device": job.device_id, "release": sha512.get(..16).unwrap_or(""),
+            "version": version, "state": job.state.as_str(), "offset": job.progress, "size": job.size,
+            "wave": job.wave, "at": now_millis(),
+        });
+        if let Some(r) = &job.reason {
+            body["reason"] = serde_json::Value::from(r.as_str());
+        }
+        let topic = format!(
+            "{}/{}/{}/{}",
+            fleet_topic::level::STATUS,
+            fleet_topic::level::DEVICES,
+            job.device_id,
+            fleet_topic::level::OTA
+        );
+        let p = Message::new(topic, QoS::AtLeastOnce, body.to_string());
+        let _ = self.inner.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
+    }
+}
+
+/// The tag of an image whose SHA-512 is `sha512` (hex).
+fn tag_of(sha512: &str) -> Option<Tag> {
+    let bytes = hex::decode(sha512.get(..16)?).ok()?;
+    bytes.try_into().ok()
+}
+
+/// A device's status report (docs/spec/ota.md, "Status reports").
+#[derive(Debug, PartialEq, Eq)]
+struct Report {
+    /// The release tag, 16 lowercase hex.
+    release: String,
+    state: JobState,
+    offset: Option<i64>,
+    reason: Option<String>,
+}
+
+impl Report {
+    fn parse(payload: &[u8]) -> Option<Report> {
+        let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        let release = v.get("release")?.as_str()?.to_ascii_lowercase();
+        if release.len() != 16 || !release.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let state = JobState::parse(v.get("state")?.as_str()?).filter(|s| s.device_may_report())?;
+        let offset = v.get("offset").and_then(serde_json::Value::as_i64).filter(|o| *o >= 0);
+        // A reason is a label (docs/spec/ota.md): anything else is not stored.
+        let reason = v
+            .get("reason")
+            .and_then(serde_json::Value::as_str)
+            .filter(|r| (1..=32).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .map(str::to_owned);
+        Some(Report { release, state, offset, reason })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_are_read_only_with_a_tag_and_a_state_a_device_may_say() {
+        let r = Report::parse(
+            br#"{"release":"3fa9aa1de80d0643","version":"1.2.0","state":"downloading","offset":65536,"size":262144}"#,
+        );
+        assert_eq!(
+            r,
+            Some(Report {
+                release: "3fa9aa1de80d0643".into(),
+                state: JobState::Downloading,
+                offset: Some(65536),
+                reason: None
+            })
+        );
+        let failed =
+            Report::parse(br#"{"release":"3fa9aa1de80d0643","state":"failed","reason":"bad_signature"}"#);
+        assert_eq!(failed.and_then(|r| r.reason).as_deref(), Some("bad_signature"));
+        let markup = Report::parse(br#"{"release":"3fa9aa1de80d0643","state":"failed","reason":"<b>x</b>"}"#);
+        assert_eq!(markup.map(|r| r.reason), Some(None));
+        for bad in [
+            &br#"{"release":"3fa9","state":"downloading"}"#[..],
+            br#"{"release":"3fa9aa1de80d0643","state":"offered"}"#,
+            br#"{"release":"3fa9aa1de80d0643","state":"queued"}"#,
+            br#"{"release":"3fa9aa1de80d0643","state":"cancelled"}"#,
+            br#"{"release":"3fa9aa1de80d0643"}"#,
+            b"not json",
+        ] {
+            assert_eq!(Report::parse(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            tag_of(&"3fa9aa1de80d0643".repeat(8)),
+            Some([0x3f, 0xa9, 0xaa, 0x1d, 0xe8, 0x0d, 0x06, 0x43])
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! Firmware delivery and campaigns, broker side (issue 30, docs/spec/ota.md), with the real
+//! broker and station and a hand-written MQTT device client (the wire format as the spec states
+//! it, independent of the broker's code): a device gets its offer (also when it was asleep when
+//! the campaign started), fetches the whole image by offset and resumes after a reconnect, and
+//! the bytes are the release's; a device without a job, or naming another release, gets status
+//! 1; requests beyond the window are answered busy and the rest paced; a device's `ota/chunk` and
+//! a service's `commands/ota/offer` are refused; status reports move the job and are republished;
+//! a campaign whose first wave fails stops before the second; waves offer in order.
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::admin;
+use common::*;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish};
+use rumqttc::mqttbytes::QoS;
+use serde_json::Value;
+use sha2::{Digest, Sha512};
+
+const BOARD: &str = "mps2-an386";
+/// Not a multiple of any chunk length: the last chunk is short.
+const IMAGE_LEN: usize = 9_999;
+
+fn provision(fleet: &Fleet, args: &[&str]) -> Output {
+    let bin = fleet_tests::workspace_bin_dir(&["fleet-provision", "fleet-broker"]).join("fleet-provision");
+    let mut c = Command::new(bin);
+    c.env_remove("FLEET_HOME").env_remove("FLEET_DATABASE_URL").stdin(Stdio::null());
+    c.arg("--home").arg(fleet.home());
+    if let Some(db) = &fleet.db {
+        c.args(["--database-url", db]);
+    }
+    fleet_tests::run(c.args(args))
+}
+
+fn ok(fleet: &Fleet, args: &[&str]) -> String {
+    let out = provision(fleet, args);
+    assert!(out.status.success(), "fleet-provision {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn image(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A signed, published release: its image, manifest and tag.
+struct Release {
+    image: Vec<u8>,
+    manifest: Vec<u8>,
+    tag: [u8; 8],
+}
+
+impl Release {
+    fn tag_hex(&self) -> String {
+        hex::encode(self.tag)
+    }
+}
+
+/// Signs `version` of a fresh image and publishes it into the home's blob directory.
+fn release(fleet: &Fleet, version: &str, seed: u64) -> Release {
+    let image = image(IMAGE_LEN, seed);
+    let path = fleet.dir.path().join(format!("app-{version}.bin"));
+    std::fs::write(&path, &image).unwrap();
+    ok(fleet, &["release", "--image", path.to_str().unwrap(), "--version", version, "--board", BOARD]);
+    let out = ok(fleet, &["ota", "publish", "--release", &format!("{BOARD}/{version}")]);
+    assert!(out.contains("published"), "{out}");
+    let manifest =
+        std::fs::read(fleet.home().join(format!("releases/{BOARD}-{version}/manifest.bin"))).unwrap();
+    let digest: [u8; 64] = Sha512::digest(&image).into();
+    Release { image, manifest, tag: digest[..8].try_into().unwrap() }
+}
+
+/// A station with its firmware key, release 1.2.0 published, and a broker polling campaigns
+/// every 100 ms (`extra`: more broker flags).
+async fn setup(devices: usize, extra: &[&str]) -> (Fleet, Release, BrokerProc) {
+    let fleet = Fleet::new(devices, None).await;
+    ok(&fleet, &["firmware-key"]);
+    let rel = release(&fleet, "1.2.0", 7);
+    let mut args = vec!["--ota-poll-ms", "100"];
+    args.extend_from_slice(extra);
+    let broker = BrokerProc::start(&fleet, &args);
+    (fleet, rel, broker)
+}
+
+/// Starts a campaign; its id.
+fn start(fleet: &Fleet, devices: &str, waves: &str, abort: &str) -> String {
+    let out = ok(
+        fleet,
+        &[
+            "ota",
+            "start",
+            "--release",
+            &format!("{BOARD}/1.2.0"),
+            "--devices",
+            devices,
+            "--waves",
+            waves,
+            "--abort-if-failed",
+            abort,
+        ],
+    );
+    let id =
+        out.split_whitespace().find(|w| w.starts_with("ota-")).unwrap_or_else(|| panic!("no id in {out}"));
+    id.to_owned()
+}
+
+/// `ota status --campaign <id> --json`: the campaign with its jobs.
+fn status(fleet: &Fleet, id: &str) -> Value {
+    let v: Value = serde_json::from_str(&ok(fleet, &["ota", "status", "--campaign", id, "--json"])).unwrap();
+    v[0].clone()
+}
+
+/// Device `dev`'s job state in campaign `c`.
+fn job_state(c: &Value, dev: &str) -> String {
+    let jobs = c["jobs"].as_array().unwrap();
+    let j = jobs.iter().find(|j| j["device_id"] == dev).unwrap_or_else(|| panic!("no job of {dev}: {c}"));
+    j["state"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `done` holds for campaign `id`.
+async fn until(fleet: &Fleet, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let c = status(fleet, id);
+        if done(&c) {
+            return c;
+        }
+        assert!(t.elapsed() < PATIENCE, "campaign {id}: no {what} within {PATIENCE:?}: {c:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Device `i` connected (clean session), subscribed to its commands and its chunks.
+async fn device(broker: &BrokerProc, fleet: &Fleet, i: usize) -> Raw {
+    let mut d = Raw::device(broker.mqtt, &fleet.devices[i]).await.unwrap();
+    assert_eq!(connack_code(&d.mqtt_connect(&fleet.id(i), 30).await), Some(ConnectReturnCode::Success));
+    // Chunks first: the commands' SUBSCRIBE starts their delivery, and the offer may come
+    // before a later SUBACK.
+    subscribe(&mut d, &format!("devices/{}/ota/chunk", fleet.id(i)), 1).await;
+    subscribe(&mut d, &format!("devices/{}/commands/#", fleet.id(i)), 2).await;
+    d
+}
+
+/// Waits for the offer and acknowledges it; its payload.
+async fn offer(d: &mut Raw, id: &str) -> Vec<u8> {
+    let t = Instant::now();
+    loop {
+        let left = PATIENCE.checked_sub(t.elapsed()).unwrap_or_else(|| panic!("{id}: no offer"));
+        let p = next_publish(d, left).await.unwrap_or_else(|| panic!("{id}: no offer"));
+        if p.qos == QoS::AtLeastOnce {
+            d.send(Packet::PubAck(PubAck::new(p.pkid))).await.unwrap();
+        }
+        if p.topic == format!("devices/{id}/commands/ota/offer") {
+            return p.payload.to_vec();
+        }
+    }
+}
+
+/// No offer reaches `d` within `within`.
+async fn no_offer(d: &mut Raw, within: Duration) {
+    if let Some(p) = next_publish(d, within).await {
+        assert!(!p.topic.contains("/ota/"), "unexpected {}: {:?}", p.topic, p.payload);
+    }
+}
+
+fn request(tag: &[u8; 8], offset: u32, len: u16) -> Vec<u8> {
+    [tag.as_slice(), &offset.to_le_bytes(), &len.to_le_bytes()].concat()
+}
+
+async fn ask(d: &mut Raw, id: &str, tag: &[u8; 8], offset: u32, len: u16) {
+    let p = Publish::new(format!("devices/{id}/ota/get"), QoS::AtMostOnce, request(tag, offset, len));
+    d.send(Packet::Publish(p)).await.unwrap();
+}
+
+/// A chunk as the spec lays it out: (tag, offset, status, data).
+fn parse_chunk(b: &[u8]) -> ([u8; 8], u32, u8, Vec<u8>) {
+    assert!(b.len() >= 13, "chunk of {} bytes", b.len());
+    (b[..8].try_into().unwrap(), u32::from_le_bytes(b[8..12].try_into().unwrap()), b[12], b[13..].to_vec())
+}
+
+/// The next chunk `d` receives.
+async fn chunk(d: &mut Raw, id: &str) -> ([u8; 8], u32, u8, Vec<u8>) {
+    loop {
+        let p = next_publish(d, PATIENCE).await.unwrap_or_else(|| panic!("{id}: no chunk"));
+        if p.qos == QoS::AtLeastOnce {
+            d.send(Packet::PubAck(PubAck::new(p.pkid))).await.unwrap();
+        }
+        if p.topic == format!("devices/{id}/ota/chunk") {
+            return parse_chunk(&p.payload);
+        }
+    }
+}
+
+/// Fetches `[from, to)` of the release one request at a time, `len` bytes each.
+async fn fetch(d: &mut Raw, id: &str, tag: &[u8; 8], from: usize, to: usize, len: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        ask(d, id, tag, at as u32, len).await;
+        let (t, off, st, data) = chunk(d, id).await;
+        assert_eq!((t, off as usize, st), (*tag, at, 0), "{id}: chunk at {at}");
+        assert!(!data.is_empty() && data.len() <= usize::from(len));
+        at += data.len();
+        out.extend_from_slice(&data);
+    }
+    out
+}
+
+/// A device's status report, as the spec writes it.
+async fn report(d: &mut Raw, id: &str, rel: &Release, state: &str, extra: &str) {
+    let body = format!(r#"{{"release":"{}","version":"1.2.0","state":"{state}"{extra}}}"#, rel.tag_hex());
+    let mut p = Publish::new(format!("devices/{id}/ota/status"), QoS::AtLeastOnce, body.into_bytes());
+    p.pkid = 77;
+    d.send(Packet::Publish(p)).await.unwrap();
+}
+
+/// A service subscribed to the jobs' status.
+async fn watcher(broker: &BrokerProc, fleet: &Fleet, filter: &str) -> Raw {
+    let mut s = Raw::device(broker.mqtt, &fleet.service).await.unwrap();
+    assert_eq!(connack_code(&s.mqtt_connect("backend", 30).await), Some(ConnectReturnCode::Success));
+    subscribe(&mut s, filter, 1).await;
+    s
+}
+
+/// Reads `status/devices/<id>/ota` messages until one says `state`.
+async fn announced(s: &mut Raw, id: &str, state: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let left = PATIENCE.checked_sub(t.elapsed()).unwrap_or_else(|| panic!("{id}: no {state} announced"));
+        let p = next_publish(s, left).await.unwrap_or_else(|| panic!("{id}: no {state} announced"));
+        if p.qos == QoS::AtLeastOnce {
+            s.send(Packet::PubAck(PubAck::new(p.pkid))).await.unwrap();
+        }
+        if p.topic != format!("status/devices/{id}/ota") {
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&p.payload).unwrap();
+        if v["state"] == state {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_fetches_its_release_by_offset_resumes_and_reports_and_others_get_nothing() {
+    let (fleet, rel, broker) = setup(3, &[]).await;
+    let other = release(&fleet, "1.3.0", 99);
+    let (d0, d1, d2) = (fleet.id(0), fleet.id(1), fleet.id(2));
+    let mut watch = watcher(&broker, &fleet, "status/devices/+/ota").await;
+    // Device 0 is awake when the campaign starts, device 1 asleep; device 2 is not in it.
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    let id = start(&fleet, &format!("{d0},{d1}"), "100%", "100%");
+    assert_eq!(offer(&mut dev0, &d0).await, rel.manifest, "the offer is the release's manifest.bin");
+    until(&fleet, &id, "offered", |c| job_state(c, &d0) == "offered").await;
+    announced(&mut watch, &d0, "offered").await;
+
+    // The first half in 1,000-byte chunks, then the connection drops (a power cut).
+    let half = 5_000;
+    let mut got = fetch(&mut dev0, &d0, &rel.tag, 0, half, 1000).await;
+    report(&mut dev0, &d0, &rel, "downloading", r#","offset":5000,"size":9999"#).await;
+    let v = announced(&mut watch, &d0, "downloading").await;
+    assert_eq!((v["offset"].as_i64(), v["release"].as_str()), (Some(5000), Some(rel.tag_hex().as_str())));
+    drop(dev0);
+    // Resumed from its offset on a new connection, no new offer needed; a request longer than
+    // the broker's chunk gets `ota_max_chunk` (1,024) bytes at most.
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    got.extend(fetch(&mut dev0, &d0, &rel.tag, half, IMAGE_LEN, 4000).await);
+    assert_eq!(got, rel.image, "the fetched bytes are the release's image");
+    ask(&mut dev0, &d0, &rel.tag, IMAGE_LEN as u32, 100).await;
+    assert_eq!(chunk(&mut dev0, &d0).await.2, 2, "an offset at the end: status 2");
+    // Another release's tag (published, in the blob directory), from a device with a job.
+    ask(&mut dev0, &d0, &other.tag, 0, 100).await;
+    let (t, off, st, data) = chunk(&mut dev0, &d0).await;
+    assert_eq!((t, off, st, data.len()), (other.tag, 0, 1, 0), "another release: status 1, no data");
+
+    // A device without a job, asking for the release by its right tag: status 1.
+    let mut dev2 = device(&broker, &fleet, 2).await;
+    ask(&mut dev2, &d2, &rel.tag, 0, 100).await;
+    assert_eq!(chunk(&mut dev2, &d2).await.2, 1, "no job: status 1");
+    assert!(broker.metric(r#"fleet_ota_refused_total{reason="not_offered"}"#).await >= 2.0);
+
+    // The device's reports move its job to the end; each change is republished.
+    for state in ["verified", "rebooted", "confirmed"] {
+        report(&mut dev0, &d0, &rel, state, "").await;
+        announced(&mut watch, &d0, state).await;
+    }
+    let c = until(&fleet, &id, "confirmed", |c| job_state(c, &d0) == "confirmed").await;
+    // A report naming another release moves nothing; nor does one after the final state.
+    report(&mut dev0, &d0, &other, "failed", r#","reason":"flash""#).await;
+    report(&mut dev0, &d0, &rel, "downloading", r#","offset":0"#).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(job_state(&status(&fleet, &id), &d0), "confirmed", "{c:#}");
+    // A settled job serves nothing more (a session trusts its lookup of the job for 1 s).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ask(&mut dev0, &d0, &rel.tag, 0, 100).await;
+    assert_eq!(chunk(&mut dev0, &d0).await.2, 1, "a confirmed job: status 1");
+
+    // Device 1 was asleep: its offer waits in the queue and arrives when it wakes.
+    assert_eq!(job_state(&status(&fleet, &id), &d1), "queued");
+    let mut dev1 = device(&broker, &fleet, 1).await;
+    assert_eq!(offer(&mut dev1, &d1).await, rel.manifest);
+    until(&fleet, &id, "device 1 offered", |c| job_state(c, &d1) == "offered").await;
+    assert_eq!(fetch(&mut dev1, &d1, &rel.tag, 0, 1024, 1024).await, rel.image[..1024]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_beyond_four_outstanding_are_busy_and_the_rest_are_paced() {
+    // 2,048 bytes per second: two 1,024-byte chunks at once, then one every half second.
+    let (fleet, rel, broker) = setup(1, &["--ota-bytes-per-sec", "2048"]).await;
+    let d0 = fleet.id(0);
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    start(&fleet, &d0, "100%", "100%");
+    offer(&mut dev0, &d0).await;
+    let t = Instant::now();
+    for i in 0..9u32 {
+        ask(&mut dev0, &d0, &rel.tag, i * 1024, 1024).await;
+    }
+    let (mut data, mut busy, mut last_data) = (Vec::new(), 0, Duration::ZERO);
+    while data.len() + busy < 9 {
+        let (_, off, st, bytes) = chunk(&mut dev0, &d0).await;
+        match st {
+            0 => {
+                assert_eq!(bytes, rel.image[off as usize..off as usize + bytes.len()]);
+                data.push(off);
+                last_data = t.elapsed();
+            }
+            3 => busy += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    // 2 at once, 4 waiting, the other 3 refused as busy.
+    assert_eq!((data.len(), busy), (6, 3), "data at {data:?}");
+    assert!(last_data >= Duration::from_millis(1500), "paced: the last chunk after {last_data:?}");
+    assert!(broker.metric(r#"fleet_ota_refused_total{reason="busy"}"#).await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nobody_but_the_broker_publishes_chunks_or_offers() {
+    let (fleet, rel, broker) = setup(2, &[]).await;
+    let (d0, d1) = (fleet.id(0), fleet.id(1));
+    let mut spy = watcher(&broker, &fleet, "devices/+/ota/chunk").await;
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    let denied = r#"fleet_acl_denied_total{action="publish"}"#;
+    let before = broker.metric(denied).await;
+    // Device 1 forges a well-formed chunk of the release on its own chunk topic (a device
+    // answering itself, or a relay for another): refused, the session cut (3.1.1), nothing routed.
+    let mut dev1 = device(&broker, &fleet, 1).await;
+    let forged = [rel.tag.as_slice(), &0u32.to_le_bytes(), &[0], &rel.image[..64]].concat();
+    let mut p = Publish::new(format!("devices/{d1}/ota/chunk"), QoS::AtLeastOnce, forged.clone());
+    p.pkid = 5;
+    dev1.send(Packet::Publish(p)).await.unwrap();
+    assert!(dev1.closed_within(PATIENCE).await, "a device's chunk must be refused");
+    broker.wait_metric(denied, before + 1.0, PATIENCE).await;
+    // A service forges a well-formed offer (the real signed manifest) through the queue.
+    let sender = fleet.service_identity("backend-2").await;
+    let mut svc = Raw::device(broker.mqtt, &sender).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend-2", 30).await), Some(ConnectReturnCode::Success));
+    let mut p =
+        Publish::new(format!("devices/{d0}/commands/ota/offer"), QoS::AtLeastOnce, rel.manifest.clone());
+    p.pkid = 6;
+    svc.send(Packet::Publish(p)).await.unwrap();
+    assert!(svc.closed_within(PATIENCE).await, "a service's offer must be refused");
+    broker.wait_metric(denied, before + 2.0, PATIENCE).await;
+    no_offer(&mut dev0, Duration::from_millis(700)).await;
+    let queued = ok(&fleet, &["commands", &d0, "--json"]);
+    assert_eq!(serde_json::from_str::<Value>(&queued).unwrap(), Value::Array(vec![]), "nothing queued");
+    // Nothing reached a subscriber of the chunk topics.
+    if let Some(p) = next_publish(&mut spy, Duration::from_millis(300)).await {
+        panic!("a forged chunk was routed: {} {:?}", p.topic, p.payload);
+    }
+    // Other commands from the service still go through (the refusal is the offer's, not all).
+    let mut svc = Raw::device(broker.mqtt, &sender).await.unwrap();
+    assert_eq!(connack_code(&svc.mqtt_connect("backend-2", 30).await), Some(ConnectReturnCode::Success));
+    let mut p = Publish::new(format!("devices/{d0}/commands/blink"), QoS::AtLeastOnce, b"1".to_vec());
+    p.pkid = 7;
+    svc.send(Packet::Publish(p)).await.unwrap();
+    assert!(matches!(svc.recv(PATIENCE).await, Some(Packet::PubAck(_))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_whose_first_wave_fails_stops_before_the_second() {
+    let (fleet, rel, broker) = setup(10, &["--admin-listen", "127.0.0.1:0"]).await;
+    let id = start(&fleet, "prefix:dev-", "10%,100%", "2%");
+    let c = until(&fleet, &id, "first wave queued", |c| c["counts"]["queued"] == 1).await;
+    assert_eq!(c["counts"]["pending"], 9, "{c:#}");
+    let first = (0..10).find(|i| job_state(&c, &fleet.id(*i)) == "queued").unwrap();
+    let id0 = fleet.id(first);
+    let mut dev = device(&broker, &fleet, first).await;
+    assert_eq!(offer(&mut dev, &id0).await, rel.manifest);
+    report(&mut dev, &id0, &rel, "failed", r#","reason":"bad_signature""#).await;
+    let c = until(&fleet, &id, "aborted", |c| c["state"] == "aborted").await;
+    assert_eq!(c["counts"]["cancelled"], 9, "the second wave never starts: {c:#}");
+    assert_eq!(c["counts"]["failed"], 1);
+    assert!(c["reason"].as_str().unwrap().contains("1 of 1"), "{c:#}");
+    let job = c["jobs"].as_array().unwrap().iter().find(|j| j["device_id"] == id0.as_str()).unwrap().clone();
+    assert_eq!(job["reason"], "bad_signature");
+    // No offer was queued for any device of the second wave.
+    for i in (0..10).filter(|i| *i != first) {
+        let queued = ok(&fleet, &["commands", &fleet.id(i), "--json"]);
+        assert_eq!(serde_json::from_str::<Value>(&queued).unwrap(), Value::Array(vec![]), "{}", fleet.id(i));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status(&fleet, &id)["state"], "aborted");
+    assert_eq!(broker.metric(r#"fleet_ota_campaigns_total{event="aborted"}"#).await, 1.0);
+    let text = ok(&fleet, &["ota", "status"]);
+    assert!(text.contains(&id) && text.contains("aborted"), "{text}");
+
+    // The admin API shows the campaign and its jobs, as its OpenAPI document says.
+    let api = admin::Client::new(&broker, &fleet, Some(&admin::operator(&fleet, "alice").await));
+    let (code, list) = api.get("/api/v1/ota/campaigns");
+    assert_eq!(code, 200, "{list}");
+    admin::conforms("CampaignList", &list);
+    assert_eq!(
+        (list["campaigns"][0]["id"].as_str(), list["campaigns"][0]["state"].as_str()),
+        (Some(id.as_str()), Some("aborted"))
+    );
+    assert_eq!(list["campaigns"][0]["counts"]["cancelled"], 9);
+    let (code, one) = api.get(&format!("/api/v1/ota/campaigns/{id}"));
+    assert_eq!(code, 200, "{one}");
+    admin::conforms("CampaignDetail", &one);
+    let failed: Vec<&Value> =
+        one["jobs"].as_array().unwrap().iter().filter(|j| j["state"] == "failed").collect();
+    assert_eq!(
+        (failed.len(), failed[0]["device"].as_str(), failed[0]["reason"].as_str()),
+        (1, Some(id0.as_str()), Some("bad_signature"))
+    );
+    for (path, want) in
+        [("/api/v1/ota/campaigns/ota-0000000000000000", 404), ("/api/v1/ota/campaigns/x", 400)]
+    {
+        let (code, e) = api.get(path);
+        assert_eq!(code, want, "{path}: {e}");
+        admin::conforms("Error", &e);
+    }
+    // A device's certificate is not an operator's.
+    let (code, _) = admin::Client::new(&broker, &fleet, Some(&fleet.devices[0])).get("/api/v1/ota/campaigns");
+    assert_eq!(code, 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waves_of_one_ten_and_a_hundred_percent_offer_in_order() {
+    let (fleet, rel, broker) = setup(50, &[]).await;
+    let id = start(&fleet, "all", "1%,10%,100%", "2%");
+    let count = |c: &Value, s: &str| c["counts"][s].as_u64().unwrap_or(0);
+    let in_wave = |c: &Value, w: i64| -> Vec<String> {
+        let jobs = c["jobs"].as_array().unwrap();
+        jobs.iter().filter(|j| j["wave"] == w).map(|j| j["device_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let c = until(&fleet, &id, "wave 1 queued", |c| count(c, "queued") == 1).await;
+    let (w0, w1, w2) = (in_wave(&c, 0), in_wave(&c, 1), in_wave(&c, 2));
+    assert_eq!((w0.len(), w1.len(), w2.len()), (1, 4, 45), "{c:#}");
+    assert_eq!(count(&c, "pending"), 49, "only the first wave is offered: {c:#}");
+    // Each wave: its devices get the offer and confirm; only then is the next offered.
+    for (n, wave) in [&w0, &w1].into_iter().enumerate() {
+        for dev in wave {
+            let i = (0..50).find(|i| fleet.id(*i) == *dev).unwrap();
+            let mut d = device(&broker, &fleet, i).await;
+            assert_eq!(offer(&mut d, dev).await, rel.manifest);
+            let c = status(&fleet, &id);
+            let later: usize = (n + 1..3).map(|w| in_wave(&c, w as i64).len()).sum();
+            assert_eq!(count(&c, "pending") as usize, later, "a later wave started early: {c:#}");
+            for s in ["downloading", "verified", "rebooted", "confirmed"] {
+                report(&mut d, dev, &rel, s, "").await;
+            }
+            until(&fleet, &id, "confirmed", |c| job_state(c, dev) == "confirmed").await;
+        }
+    }
+    // The last wave's 45 devices, none connected, have their offers queued for when they wake.
+    let c = until(&fleet, &id, "wave 3 queued", |c| count(c, "queued") == 45).await;
+    assert_eq!(count(&c, "pending"), 0);
+    assert_eq!(c["wave"], 2);
+    for dev in &w2[..3] {
+        let queued: Value = serde_json::from_str(&ok(&fleet, &["commands", dev, "--json"])).unwrap();
+        assert_eq!(queued[0]["name"], "ota/offer", "{dev}: {queued:#}");
+        assert_eq!(queued[0]["sender"], format!("ota:{id}"));
+    }
+    assert_eq!(broker.metric(r#"fleet_ota_campaigns_total{event="wave_started"}"#).await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_campaign_runs_under_the_brokers_least_privilege_postgres_role() {
+    let pg = fleet_tests::PgCluster::start();
+    let owner_url = pg.create_database("fleet");
+    let mut fleet = Fleet::new(2, Some(owner_url.clone())).await;
+    // What `fleet-provision db-roles --broker-role fleet_broker` runs.
+    fleet.station().await.registry().apply_broker_role("fleet_broker").await.unwrap();
+    ok(&fleet, &["firmware-key"]);
+    let rel = release(&fleet, "1.2.0", 7);
+    let broker_url = owner_url.replacen("postgres://postgres@", "postgres://fleet_broker@", 1);
+    assert_ne!(broker_url, owner_url);
+    fleet.db = Some(broker_url.clone());
+    let broker = BrokerProc::start(&fleet, &["--ota-poll-ms", "100"]);
+    fleet.db = Some(owner_url);
+    let d0 = fleet.id(0);
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    let id = start(&fleet, &d0, "100%", "0%");
+    assert_eq!(offer(&mut dev0, &d0).await, rel.manifest);
+    assert_eq!(fetch(&mut dev0, &d0, &rel.tag, 0, 2048, 1024).await, rel.image[..2048]);
+    report(&mut dev0, &d0, &rel, "confirmed", "").await;
+    let c = until(&fleet, &id, "completed", |c| c["state"] == "completed").await;
+    assert_eq!(job_state(&c, &d0), "confirmed");
+    // The broker's role moves jobs and campaigns; it cannot make, delete or re-target them.
+    sqlx::any::install_default_drivers();
+    let as_broker = sqlx::AnyPool::connect(&broker_url).await.unwrap();
+    for sql in [
+        "INSERT INTO ota_campaigns (id, board, version, sha512, devices, waves, abort_bp, offer_ttl, state, wave, created_at, updated_at) VALUES ('x', 'b', '1.0.0', '', 'all', '100', 0, 1, 'running', -1, 0, 0)",
+        "DELETE FROM ota_jobs",
+        "DELETE FROM ota_campaigns",
+        "UPDATE releases SET sha512 = ''",
+        "UPDATE ota_campaigns SET sha512 = '', board = 'other'",
+        "UPDATE ota_jobs SET device_id = 'someone-else'",
+    ] {
+        let err = sqlx::query(sql).execute(&as_broker).await.expect_err(sql);
+        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn campaigns_and_jobs_changed_outside_the_station_fail_verify_log() {
+    let fleet = Fleet::new(3, None).await;
+    ok(&fleet, &["firmware-key"]);
+    release(&fleet, "1.2.0", 7);
+    let (d0, d1, d2) = (fleet.id(0), fleet.id(1), fleet.id(2));
+    let id = start(&fleet, &format!("{d0},{d1}"), "50%,100%", "2%");
+    let out = ok(&fleet, &["verify-log"]);
+    assert!(!out.contains("differs") && !out.contains("no ota"), "{out}");
+    let log: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event, device_id FROM issuance_log WHERE event IN ('ota-campaign', 'ota-job') ORDER BY seq",
+    )
+    .fetch_all(fleet.station().await.registry().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        log,
+        [("ota-campaign".into(), id.clone()), ("ota-job".into(), d0.clone()), ("ota-job".into(), d1.clone())]
+    );
+    // With the database's owner role: a device slipped into the campaign, another moved to the
+    // first wave, the campaign pointed at other bytes.
+    let st = fleet.station().await;
+    let pool = st.registry().pool();
+    let sql = [
+        format!("INSERT INTO ota_jobs (campaign, device_id, wave, state, progress, size, created_at, updated_at) VALUES ('{id}', '{d2}', 0, 'pending', 0, 1, 0, 0)"),
+        format!("UPDATE ota_jobs SET wave = 0 WHERE device_id = '{d1}'"),
+        format!("UPDATE ota_campaigns SET sha512 = '{}'", "0".repeat(128)),
+    ];
+    for s in &sql {
+        sqlx::query(s).execute(pool).await.unwrap();
+    }
+    let out = provision(&fleet, &["verify-log"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        format!("the job of {d2} in campaign {id} has no ota-job entry"),
+        format!("the job of {d1} in campaign {id} is in wave 0; the log says 1"),
+        format!("campaign {id} differs from what the log recorded"),
+    ] {
+        assert!(text.contains(&want), "{want}: {text}");
+    }
+}
