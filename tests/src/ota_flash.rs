@@ -77,6 +77,19 @@ impl From<FirmwareUpdaterError> for OtaFlashError {
     }
 }
 
+/// `n` bytes that look like a firmware image (deterministic, xorshift from `seed`): test images.
+pub fn test_image(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// The loadable segments `(paddr, bytes)` of a 32-bit little-endian ELF file.
 pub fn elf_segments(elf: &[u8]) -> Result<Vec<(u32, Vec<u8>)>, OtaFlashError> {
     let bad = |why: &str| OtaFlashError::Image(why.to_owned());

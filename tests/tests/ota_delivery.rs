@@ -10,6 +10,8 @@
 
 mod common;
 
+use fleet_tests::ota_flash::test_image;
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,18 +43,6 @@ fn ok(fleet: &Fleet, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn image(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A signed, published release: its image, manifest and tag.
 struct Release {
     image: Vec<u8>,
@@ -68,7 +58,7 @@ impl Release {
 
 /// Signs `version` of a fresh image and publishes it into the home's blob directory.
 fn release(fleet: &Fleet, version: &str, seed: u64) -> Release {
-    let image = image(IMAGE_LEN, seed);
+    let image = test_image(IMAGE_LEN, seed);
     let path = fleet.dir.path().join(format!("app-{version}.bin"));
     std::fs::write(&path, &image).unwrap();
     ok(fleet, &["release", "--image", path.to_str().unwrap(), "--version", version, "--board", BOARD]);

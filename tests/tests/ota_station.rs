@@ -15,6 +15,7 @@ use std::process::{Command, Output, Stdio};
 
 use embassy_boot::{BlockingFirmwareUpdater, FirmwareUpdaterConfig, FirmwareUpdaterError, State};
 use embedded_storage::nor_flash::{ErrorType, NorFlash, NorFlashErrorKind, ReadNorFlash};
+use fleet_tests::ota_flash::test_image;
 use fleet_tests::{assert_plain_words, require_program, run, PgCluster};
 use sha2::{Digest, Sha256, Sha512};
 
@@ -111,19 +112,6 @@ impl Station {
             .unwrap_or_else(|| format!("sqlite://{}", self.home().join("registry.db").display()));
         fleet_registry::Registry::open(&url, false).await.unwrap()
     }
-}
-
-/// `n` bytes that look like a firmware image (deterministic).
-fn image(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn sha512(bytes: &[u8]) -> [u8; 64] {
@@ -293,7 +281,7 @@ async fn a_release_verifies_with_openssl_ed25519_dalek_and_embassy_boot() {
     let st = Station::new(None);
     st.ok(&["firmware-key"]);
     // An odd size, over many flash sectors: embassy-boot hashes exactly `update_len` bytes.
-    let img = image(100_001, 7);
+    let img = test_image(100_001, 7);
     let path = st.write("app.bin", &img);
     let out = st.ok(&[
         "release",
@@ -387,7 +375,7 @@ async fn a_release_verifies_with_openssl_ed25519_dalek_and_embassy_boot() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tampered_image_or_another_stations_release_fails_every_verifier() {
     let (a, b) = (Station::new(None), Station::new(None));
-    let img = image(40_000, 11);
+    let img = test_image(40_000, 11);
     for st in [&a, &b] {
         st.ok(&["firmware-key"]);
         let path = st.write("app.bin", &img);
@@ -423,7 +411,7 @@ async fn a_tampered_image_or_another_stations_release_fails_every_verifier() {
 
     // And A's station will not sign with B's key.
     let b_key = b.home().join("private/firmware.key");
-    let v2 = a.write("v2.bin", &image(100, 3));
+    let v2 = a.write("v2.bin", &test_image(100, 3));
     let err = a.fails(
         &[
             "release",
@@ -446,7 +434,7 @@ async fn a_tampered_image_or_another_stations_release_fails_every_verifier() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gives_one_clear_error_and_records_nothing() {
     let st = Station::new(None);
-    let img = st.write("app.bin", &image(2048, 5));
+    let img = st.write("app.bin", &test_image(2048, 5));
     let rel = |extra: &[&str]| -> Vec<String> {
         // `release --image app.bin --board mps2-an386 --version 1.2.0`, with `extra` in place
         // of those flags it names.
@@ -470,7 +458,7 @@ async fn bad_input_gives_one_clear_error_and_records_nothing() {
     let empty = st.write("empty.bin", b"");
     let missing = st.path("missing.bin").to_string_lossy().into_owned();
     let dir = st.path("").to_string_lossy().into_owned();
-    let garbage = st.write("garbage.key", &image(100, 9));
+    let garbage = st.write("garbage.key", &test_image(100, 9));
     let root_key = st.home().join("private/root-ca.key").to_string_lossy().into_owned();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (
@@ -517,7 +505,7 @@ async fn bad_input_gives_one_clear_error_and_records_nothing() {
     st.ok(&rel(&["--key", &offline]).iter().map(String::as_str).collect::<Vec<_>>());
 
     // A version is released once per board: another image under 1.2.0 is refused.
-    let other = st.write("other.bin", &image(2048, 6));
+    let other = st.write("other.bin", &test_image(2048, 6));
     let again: Vec<String> =
         rel(&["--key", &offline]).into_iter().map(|a| if a == img { other.clone() } else { a }).collect();
     fails(again, &["already has a release 1.2.0 of another image", "new version"]);
@@ -533,8 +521,8 @@ async fn releases_are_recorded_and_checked_in_sqlite_and_postgresql() {
     for db in [None, Some(pg.create_database("fleet_ota"))] {
         let st = Station::new(db.clone());
         st.ok(&["firmware-key"]);
-        let v1 = st.write("v1.bin", &image(5000, 1));
-        let v2 = st.write("v2.bin", &image(6000, 2));
+        let v1 = st.write("v1.bin", &test_image(5000, 1));
+        let v2 = st.write("v2.bin", &test_image(6000, 2));
         st.ok(&["release", "--image", &v1, "--version", "1.0.0", "--board", BOARD]);
         st.ok(&["release", "--image", &v2, "--version", "1.1.0", "--board", BOARD, "--min-version", "1.0.0"]);
         // The same image, version and board again: the same signed bytes, recorded once.
