@@ -556,3 +556,77 @@ async fn campaigns_and_jobs_changed_outside_the_station_fail_verify_log() {
         assert!(text.contains(&want), "{want}: {text}");
     }
 }
+
+/// End to end with nothing stood in: the station signs and publishes a release and starts a
+/// campaign in two waves; fleet-broker offers it, serves the chunks and moves the jobs; 20
+/// simulated devices (`fleet-sim run --ota-key`: the SDK's `fleet_device::ota` and embassy-boot's
+/// checks over flash in memory) download, verify, swap and confirm, the second wave only after
+/// the first confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_devices_update_in_two_waves_through_the_broker_and_station() {
+    const N: usize = 20;
+    let fleet = Fleet::new(N, None).await;
+    ok(&fleet, &["firmware-key"]);
+    let image = test_image(40 * 1024 + 13, 21);
+    let path = fleet.dir.path().join("app.bin");
+    std::fs::write(&path, &image).unwrap();
+    ok(&fleet, &["release", "--image", path.to_str().unwrap(), "--version", "1.1.0", "--board", "fleet-sim"]);
+    ok(&fleet, &["ota", "publish", "--release", "fleet-sim/1.1.0"]);
+    let broker = BrokerProc::start(&fleet, &["--ota-poll-ms", "100"]);
+    let out = ok(
+        &fleet,
+        &[
+            "ota",
+            "start",
+            "--release",
+            "fleet-sim/1.1.0",
+            "--devices",
+            "all",
+            "--waves",
+            "10%,100%",
+            "--abort-if-failed",
+            "5%",
+        ],
+    );
+    let id = out.split_whitespace().find(|w| w.starts_with("ota-")).unwrap().to_owned();
+    let bin = fleet_tests::workspace_bin_dir(&["fleet-sim"]).join("fleet-sim");
+    let sim = tokio::task::spawn_blocking({
+        let (port, key, devices) =
+            (broker.port(), fleet.home().join("firmware.pub"), fleet.dir.path().join("devices"));
+        move || {
+            Command::new(bin)
+                .args(["run", "--port", &port, "--duration", "30", "--rate", "1", "--ota-key"])
+                .arg(key)
+                .arg("--devices")
+                .arg(devices)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    });
+    let count = |c: &Value, s: &str| c["counts"][s].as_u64().unwrap_or(0);
+    // The second wave waits for the first: while wave 0 (2 devices) is not all confirmed, no job
+    // of wave 1 has left `pending`.
+    let t = Instant::now();
+    let c = loop {
+        let c = status(&fleet, &id);
+        let jobs = c["jobs"].as_array().unwrap().clone();
+        let first_done = jobs.iter().filter(|j| j["wave"] == 0).all(|j| j["state"] == "confirmed");
+        if !first_done {
+            let early = jobs.iter().filter(|j| j["wave"] == 1 && j["state"] != "pending").count();
+            assert_eq!(early, 0, "the second wave started before the first confirmed: {c:#}");
+        }
+        if count(&c, "confirmed") == N as u64 {
+            break c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not all confirmed: {c:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(c["jobs"].as_array().unwrap().iter().filter(|j| j["wave"] == 0).count(), 2, "{c:#}");
+    let out = sim.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fleet-sim: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("fleet-sim: {N} firmware updates confirmed; {N} on 1.1.0")), "{text}");
+    // Every byte of every device's image came from the broker (a re-asked chunk counts twice).
+    assert!(broker.metric("fleet_ota_chunk_bytes_total").await >= (N * image.len()) as f64);
+}
