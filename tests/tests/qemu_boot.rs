@@ -71,6 +71,7 @@ impl Bench {
         fleet_tests::require_program("qemu-system-arm", "qemu-system-arm");
         let fleet = Fleet::with_lifetime_blocking(1, None, None);
         let broker = BrokerCommand::new(&fleet.home())
+            .args(&["--ota-poll-ms", "100"])
             .log(BrokerLog::Append(fleet.home().join("broker.log")))
             .spawn()
             .unwrap_or_else(|e| panic!("{e}"));
@@ -478,4 +479,119 @@ fn an_update_that_never_confirms_is_rolled_back_at_the_next_reset() {
     );
     assert_eq!(boots(&lines), ["firmware 2.0.0"], "{lines:#?}");
     assert_eq!(flash.active(v2.len()).unwrap(), v2.bytes());
+}
+
+/// `fleet-provision` on the bench's station; its stdout.
+fn station(bench: &Bench, args: &[&str]) -> String {
+    let bin = fleet_tests::workspace_bin_dir(&["fleet-provision"]).join("fleet-provision");
+    let out = Command::new(bin).arg("--home").arg(bench.fleet.home()).args(args).output().unwrap();
+    assert!(out.status.success(), "fleet-provision {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The station's firmware signing key (`fleet-provision firmware-key`: PKCS#8 v1, RFC 8410, the
+/// 32-byte seed last), to stamp the images that trust it.
+fn station_key(bench: &Bench) -> SigningKey {
+    station(bench, &["firmware-key"]);
+    let pem = std::fs::read(bench.fleet.home().join("private/firmware.key")).unwrap();
+    let (_, block) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let seed: [u8; 32] = block.contents[block.contents.len() - 32..].try_into().unwrap();
+    let key = SigningKey::from_bytes(&seed);
+    assert_eq!(
+        key.verifying_key().as_bytes().as_slice(),
+        std::fs::read(bench.fleet.home().join("firmware.pub")).unwrap(),
+        "the seed read is the station's key"
+    );
+    key
+}
+
+/// The whole path with nothing stood in: the station signs v2 (`release`), publishes it and
+/// starts a campaign while the board is off (asleep); fleet-broker queues the offer, the board
+/// (v1) gets it when it connects, downloads v2 from fleet-broker's chunk serving, verifies,
+/// resets; the bootloader swaps; v2 confirms and reports, and the station's `ota status` says
+/// the job is confirmed.
+#[test]
+fn a_campaign_started_while_the_board_sleeps_updates_it_through_fleet_broker() {
+    let bench = Bench::new();
+    let key = station_key(&bench);
+    let v1 = bench.app.stamped("1.0.0", &key).unwrap();
+    let v2 = bench.app.stamped("2.0.0", &key).unwrap();
+    let flash = bench.create_flash(&v1);
+    let image = bench.dir.path().join("v2.bin");
+    std::fs::write(&image, v2.bytes()).unwrap();
+    station(
+        &bench,
+        &[
+            "release",
+            "--image",
+            image.to_str().unwrap(),
+            "--version",
+            "2.0.0",
+            "--board",
+            "mps2-an386",
+            "--max-size",
+            "384KiB",
+        ],
+    );
+    station(&bench, &["ota", "publish", "--release", "mps2-an386/2.0.0"]);
+    let out = station(
+        &bench,
+        &[
+            "ota",
+            "start",
+            "--release",
+            "mps2-an386/2.0.0",
+            "--devices",
+            "all",
+            "--waves",
+            "100%",
+            "--abort-if-failed",
+            "0%",
+        ],
+    );
+    let campaign = out.split_whitespace().find(|w| w.starts_with("ota-")).unwrap().to_owned();
+    let job = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&station(&bench, &["ota", "status", "--campaign", &campaign, "--json"]))
+                .unwrap();
+        v[0]["jobs"][0]["state"].as_str().unwrap_or_default().to_owned()
+    };
+    let t = std::time::Instant::now();
+    while job() != "queued" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the offer was never queued: {}", job());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (ok, lines) = bench.boot(bench.port(), |l| {
+        if l.contains("\"state\":\"confirmed\"") {
+            bench.command("blink", "3");
+        }
+        Flow::Go
+    });
+    assert!(ok, "firmware failed: {lines:#?}\nbroker log:\n{}", bench.broker_log());
+    in_order(
+        &lines,
+        &[
+            "firmware 1.0.0: confirmed image",
+            "MQTT session up",
+            "update offered: downloading it into DFU",
+            "\"state\":\"downloading\",\"offset\":0,",
+            "\"state\":\"verified\"",
+            "update verified and reported: resetting",
+            "bootloader: swapped the update into ACTIVE: trial boot",
+            "firmware 2.0.0: trial boot",
+            "MQTT session up",
+            "\"state\":\"rebooted\"",
+            "\"state\":\"confirmed\",\"offset\":",
+            "command acknowledged",
+        ],
+    );
+    assert_eq!(boots(&lines), ["firmware 1.0.0", "firmware 2.0.0"], "{lines:#?}");
+    assert_eq!(flash.state().unwrap(), State::Boot);
+    assert_eq!(flash.active(v2.len()).unwrap(), v2.bytes(), "ACTIVE holds v2");
+    let t = std::time::Instant::now();
+    while job() != "confirmed" {
+        assert!(t.elapsed() < Duration::from_secs(10), "the job is {}, not confirmed", job());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
