@@ -64,6 +64,8 @@ pub(crate) struct DeviceOpts {
     pub(crate) power_loss_at_stage: Option<usize>,
     /// Stop a device once it runs on a rotated certificate (for benchmarks).
     pub(crate) exit_when_rotated: bool,
+    /// Stop a device once it confirmed an update and the report was acknowledged.
+    pub(crate) exit_when_updated: bool,
     pub(crate) start: Instant,
     /// Firmware updates (`--ota-key`): offers are taken and downloaded into flash in memory.
     pub(crate) ota: Option<OtaOpts>,
@@ -440,6 +442,12 @@ impl Session<'_> {
                         s.ota = state;
                     });
                     event(start, self.id, "ota-status", &status);
+                }
+                let mut confirmed = false;
+                self.track.update(|s| confirmed = s.ota == "confirmed");
+                if self.opts.exit_when_updated && confirmed && device.session().queued() == 0 {
+                    let _ = device.disconnect(&mut conn);
+                    return Ok(End::Done);
                 }
                 // Verified and every report stored: reset into the new image.
                 if u.reset_due() && device.session().queued() == 0 {

@@ -61,6 +61,10 @@ enum Cmd {
         /// or at --duration).
         #[arg(long)]
         exit_when_rotated: bool,
+        /// Stop each device once it confirmed a firmware update and its report was acknowledged
+        /// (the run ends when all have, or at --duration).
+        #[arg(long)]
+        exit_when_updated: bool,
         /// Take firmware updates (docs/spec/ota.md) signed with this key (the station's
         /// `firmware.pub`, 32 bytes): offers are downloaded into flash in memory, verified and
         /// confirmed after a simulated A/B swap, with every status reported.
@@ -500,6 +504,7 @@ async fn main() -> std::process::ExitCode {
             answer_timeout_ms,
             power_loss_at_stage,
             exit_when_rotated,
+            exit_when_updated,
             ota_key,
             board,
             firmware_version,
@@ -524,6 +529,7 @@ async fn main() -> std::process::ExitCode {
                 rotation: RotationConfig { answer_timeout_ms, ..RotationConfig::default() },
                 power_loss_at_stage,
                 exit_when_rotated,
+                exit_when_updated,
                 start,
                 ota,
             };

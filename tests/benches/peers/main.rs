@@ -19,6 +19,7 @@ mod cluster;
 mod commands;
 mod ingest;
 mod memory;
+mod ota;
 mod revoke;
 mod rotation;
 mod servers;
@@ -161,6 +162,9 @@ enum Scenario {
     /// fleet reconnecting (queued/s, bytes per command, delivery rate, duplicates), beside
     /// Mosquitto with persistent sessions
     Commands,
+    /// Only when named: a 256 KiB firmware campaign in waves to --devices simulated devices
+    /// (time until all confirmed, broker CPU per MiB served)
+    Ota,
 }
 
 impl Scenario {
@@ -480,6 +484,7 @@ fn main() {
                 Scenario::Cluster => cluster::scenario_cluster(&env, &devices, &args, &mut report).await,
                 Scenario::Rotation => rotation::scenario_rotation(&args, &mut report).await,
                 Scenario::Commands => commands::scenario_commands(&env, &args, &mut report).await,
+                Scenario::Ota => ota::scenario_ota(&args, &mut report).await,
                 Scenario::Shared => shared::scenario_shared(&env, &devices, &args, &mut report).await,
             }
         }
