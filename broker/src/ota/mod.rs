@@ -89,8 +89,8 @@ impl Ota {
 
     /// What `device` may fetch now: its open job's release (offered or later, not final).
     pub(crate) async fn offered(&self, device: &str) -> Offered {
-        let found = match self.inner.registry.open_ota_job(device).await {
-            Ok(Some((_, sha512, _))) => sha512,
+        let (found, size) = match self.inner.registry.open_ota_job(device).await {
+            Ok(Some((job, sha512, _))) => (sha512, u64::try_from(job.size).unwrap_or(0)),
             Ok(_) => return Offered::Nothing,
             Err(e) => {
                 warn!(%device, error = %e, "cannot read the device's update job");
@@ -98,7 +98,7 @@ impl Ota {
             }
         };
         let Some(tag) = tag_of(&found) else { return Offered::Nothing };
-        match self.inner.blobs.image(&found).await {
+        match self.inner.blobs.image(&found, size).await {
             Ok(image) => Offered::Job { tag, image },
             Err(e) => {
                 self.inner.metrics.ota_refused.with_label_values(&["image_unavailable"]).inc();
@@ -128,12 +128,13 @@ impl Ota {
                 debug!(%device, release = %report.release, "status report for a release not offered");
                 return;
             }
+            let Some(offset) = recorded_progress(&job, report.state, report.offset) else {
+                debug!(%device, "update status report without news: not recorded");
+                return;
+            };
             let reason =
                 (report.state == JobState::Failed).then_some(report.reason.as_deref().unwrap_or("unknown"));
-            match reg
-                .move_ota_job(&job.campaign, &device, report.state, reason, report.offset, now_millis())
-                .await
-            {
+            match reg.move_ota_job(&job.campaign, &device, report.state, reason, offset, now_millis()).await {
                 Ok(Some(moved)) => ota.announce(&moved, &sha512, &version).await,
                 Ok(None) => {}
                 Err(e) => warn!(%device, error = %e, "cannot record the update status"),
@@ -162,6 +163,23 @@ impl Ota {
         );
         let p = Message::new(topic, QoS::AtLeastOnce, body.to_string());
         let _ = self.inner.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
+    }
+}
+
+/// Whether a report saying `state` at `offset` moves `job`, and the progress to keep: a new
+/// state does (the registry keeps it forward); the same state only with progress into a later
+/// tenth of the image (the device reports every 10 %). An offset beyond the image is not kept.
+/// Otherwise a device repeating `downloading` made a registry write and a QoS 1 broadcast on
+/// `status/devices/<id>/ota` per report, and could move its progress backwards or past the end.
+fn recorded_progress(job: &Job, state: JobState, offset: Option<i64>) -> Option<Option<i64>> {
+    let offset = offset.filter(|o| (0..=job.size).contains(o));
+    if state != job.state {
+        return Some(offset);
+    }
+    let tenth = |o: i64| o.saturating_mul(10) / job.size.max(1);
+    match offset {
+        Some(o) if tenth(o) > tenth(job.progress) => Some(Some(o)),
+        _ => None,
     }
 }
 
@@ -203,6 +221,32 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_reports_move_a_job_only_by_a_tenth_and_never_past_the_image() {
+        let job = Job {
+            campaign: "ota-5f0c2a9e3d1b7a64".into(),
+            device_id: "dev-1".into(),
+            wave: 0,
+            state: JobState::Downloading,
+            reason: None,
+            progress: 20_000,
+            size: 100_000,
+            command_id: Some(1),
+            updated_at: 0,
+        };
+        // The same state: a flood of well-formed `downloading` reports records nothing...
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(20_000)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(29_999)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(1_000)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, None), None);
+        // ...nor past the image; the next tenth is recorded.
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(1 << 40)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(30_000)), Some(Some(30_000)));
+        // A new state always (the registry keeps it forward), an impossible offset dropped.
+        assert_eq!(recorded_progress(&job, JobState::Verified, Some(100_000)), Some(Some(100_000)));
+        assert_eq!(recorded_progress(&job, JobState::Failed, Some(1 << 40)), Some(None));
+    }
 
     #[test]
     fn reports_are_read_only_with_a_tag_and_a_state_a_device_may_say() {

@@ -138,14 +138,14 @@ impl State {
         }
         // Valid: may_publish accepted it.
         let topic = parsed.map_err(|_| CloseReason::AclDenied)?;
+        let mut ota_report = false;
         if ctx.id.role == Role::Device {
             match topic.addressed() {
                 // A chunk request: answered here, never routed or stored (docs/spec/ota.md).
                 Addressed::DeviceData { rest: OTA_GET, .. } => return self.chunk_request(ctx, p).await,
-                // A status report: moves the device's job, and is stored and routed as any.
-                Addressed::DeviceData { rest: OTA_STATUS, .. } => {
-                    svc.ota.report(ctx.id.id.as_str(), &p.payload)
-                }
+                // A status report: moves the device's job (once the publish passed the
+                // session's limits below), and is stored and routed as any.
+                Addressed::DeviceData { rest: OTA_STATUS, .. } => ota_report = true,
                 _ => {}
             }
         }
@@ -189,6 +189,9 @@ impl State {
         if let Err(refused) = svc.fabric.publish(&p, budget, Origin::Client(&ctx.id)).await {
             self.limit_hit(ctx, refused.limit(), &p.topic);
             return Err(refused.close_reason());
+        }
+        if ota_report {
+            svc.ota.report(ctx.id.id.as_str(), &p.payload);
         }
         let (pkid, qos) = (p.pkid, p.qos);
         // Devices' telemetry is stored; services' commands are only routed.
