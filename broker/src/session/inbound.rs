@@ -143,8 +143,8 @@ impl State {
             match topic.addressed() {
                 // A chunk request: answered here, never routed or stored (docs/spec/ota.md).
                 Addressed::DeviceData { rest: OTA_GET, .. } => return self.chunk_request(ctx, p).await,
-                // A status report: moves the device's job (once the publish passed the
-                // session's limits below), and is stored and routed as any.
+                // A status report: moves the device's job once the fabric accepted the
+                // publish (below), and is stored and routed as any.
                 Addressed::DeviceData { rest: OTA_STATUS, .. } => ota_report = true,
                 _ => {}
             }
