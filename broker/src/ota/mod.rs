@@ -166,6 +166,46 @@ impl Ota {
     }
 }
 
+/// How many status reports of one session may reach the registry: a burst of
+/// [`ReportBudget::BURST`], then one per [`ReportBudget::EVERY`]. A device says about a dozen
+/// per update (the start, every 10 %, then three states); without it, one device publishing
+/// reports at the session's message rate (`max_publish_rate`, 20,000/s) made as many registry
+/// reads a second, on the pool the admission of every client waits for.
+#[derive(Debug)]
+pub(crate) struct ReportBudget {
+    tokens: u32,
+    at: tokio::time::Instant,
+}
+
+impl ReportBudget {
+    /// Reports taken at once.
+    pub(crate) const BURST: u32 = 16;
+    /// One more report per this.
+    pub(crate) const EVERY: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new(now: tokio::time::Instant) -> Self {
+        Self { tokens: Self::BURST, at: now }
+    }
+
+    /// True if a report at `now` may move the job.
+    pub(crate) fn admit(&mut self, now: tokio::time::Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_millis() / Self::EVERY.as_millis();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(Self::BURST);
+            self.at += Self::EVERY * earned.min(Self::BURST);
+            if self.tokens == Self::BURST {
+                self.at = now;
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
 /// Whether a report saying `state` at `offset` moves `job`, and the progress to keep: a new
 /// state does (the registry keeps it forward); the same state only with progress into a later
 /// tenth of the image (the device reports every 10 %). An offset beyond the image is not kept.
@@ -221,6 +261,20 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_reports_reaches_the_registry_at_one_a_second_after_a_burst() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = ReportBudget::new(t0);
+        let first = (0..20_000).filter(|_| b.admit(t0)).count();
+        assert_eq!(first, ReportBudget::BURST as usize);
+        assert!(!b.admit(t0 + Duration::from_millis(999)));
+        assert!(b.admit(t0 + Duration::from_secs(1)));
+        assert!(!b.admit(t0 + Duration::from_millis(1500)));
+        // A quiet device has its burst again.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..100).filter(|_| b.admit(later)).count(), ReportBudget::BURST as usize);
+    }
 
     #[test]
     fn repeated_reports_move_a_job_only_by_a_tenth_and_never_past_the_image() {

@@ -191,7 +191,13 @@ impl State {
             return Err(refused.close_reason());
         }
         if ota_report {
-            svc.ota.report(ctx.id.id.as_str(), &p.payload);
+            if self.ota_reports.admit(tokio::time::Instant::now()) {
+                svc.ota.report(ctx.id.id.as_str(), &p.payload);
+            } else {
+                // Stored and routed as any message, but it moves nothing: each would cost a
+                // registry read (and maybe a write and a broadcast).
+                svc.ota.metrics().ota_refused.with_label_values(&["report_rate"]).inc();
+            }
         }
         let (pkid, qos) = (p.pkid, p.qos);
         // Devices' telemetry is stored; services' commands are only routed.
