@@ -683,7 +683,14 @@ impl<R: NorFlash> Ota<R> {
             }
         } else {
             m.check_offer(&self.key_id, &self.cfg.board, self.cfg.running, capacity).map_err(Reason::Refused)
-        };
+        }
+        .and_then(|()| match &self.job {
+            // A download in progress is replaced only by a newer release: a replayed offer of
+            // an older one (also signed, also newer than the running image) would otherwise
+            // pin the device below the release it was offered.
+            Some(j) if m.version <= j.manifest.version => Err(Reason::Refused(Refusal::NotNewer)),
+            _ => Ok(()),
+        });
         if let Err(reason) = verdict {
             warn!("OTA offer {} refused: {}", m.version, reason.label());
             self.push(Report {
@@ -1694,6 +1701,35 @@ mod tests {
         peer.run(&mut up, &mut now, 5, 10);
         assert_eq!(peer.statuses.last().map(|s| s.contains("\"reason\":\"not_offered\"")), Some(true));
         assert!(up.ota().job().is_none());
+    }
+
+    #[test]
+    fn an_older_signed_release_cannot_replace_a_download_in_progress() {
+        // A broker (or a replay of an old offer) cannot swap the job for an older release the
+        // station also signed: the device would otherwise install 1.1.0 while 1.2.0 is offered.
+        let key = station_key();
+        let img = image(4 * 1024);
+        let newer = release(&img, Version::new(1, 2, 0), "mps2-an386", &key, &key);
+        let older_img = image(3 * 1024 + 7);
+        let older = release(&older_img, Version::new(1, 1, 0), "mps2-an386", &key, &key);
+        let mut b = Board3::new();
+        let mut peer = Peer::new(img.clone(), &newer);
+        peer.stop_after = Some(2);
+        let (mut word, mut buf) = ([0u8; 4], [0u8; 1024]);
+        let mut up = updater(&mut b, cfg(), &mut word, &mut buf);
+        let mut now = 0;
+        assert!(up.offer(&newer, Millis(now)));
+        peer.run(&mut up, &mut now, 3, 10);
+        assert_eq!(up.ota().job().map(|(m, n)| (m.version, n)), Some((Version::new(1, 2, 0), 2048)));
+        // The same release's offer again is the same job; an older one is refused.
+        assert!(up.offer(&newer, Millis(now)));
+        assert!(!up.offer(&older, Millis(now)));
+        assert_eq!(up.ota().job().map(|(m, n)| (m.version, n)), Some((Version::new(1, 2, 0), 2048)));
+        peer.stop_after = None;
+        peer.run(&mut up, &mut now, 40, 1_100);
+        assert!(up.reset_due());
+        assert_eq!(up.ota().job().map(|(m, _)| m.version), Some(Version::new(1, 2, 0)));
+        assert!(peer.statuses.iter().any(|s| s.contains("\"reason\":\"not_newer\"")));
     }
 
     #[test]

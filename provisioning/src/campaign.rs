@@ -183,8 +183,7 @@ impl Station {
             return Ok(Published { release: r, sha512, size: image.len() as u64, blob, already: true });
         }
         let tmp = blob_dir.join(format!(".{sha512}.tmp"));
-        std::fs::write(&tmp, &image).map_err(Error::io(&tmp))?;
-        std::fs::rename(&tmp, &blob).map_err(Error::io(&blob))?;
+        place_blob(&tmp, &blob, &image).map_err(Error::io(&tmp))?;
         Ok(Published { release: r, sha512, size: image.len() as u64, blob, already: false })
     }
 
@@ -243,9 +242,50 @@ impl Station {
     }
 }
 
+/// Writes `image` to a new file `tmp`, then renames it to `blob`. The blob directory is shared
+/// with the broker: whatever is at `tmp` (a left-over file, or a symlink someone planted to a
+/// station file) is removed, not written through, and the file is created exclusively
+/// (`O_EXCL`, which also refuses a symlink put back meanwhile).
+fn place_blob(tmp: &Path, blob: &Path, image: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(tmp)?;
+    f.write_all(image)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(tmp, blob)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_temporary_file_cannot_redirect_the_blob_write() {
+        // Whoever can write into the blob directory (the broker's `ota_blob_dir`) knows the
+        // temporary name (the release's SHA-512 is public) and plants a symlink there to a
+        // station file: the station must not write the image through it.
+        let dir = std::env::temp_dir().join(format!(
+            "fleet-place-blob-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let victim = dir.join("root-ca.key");
+        std::fs::write(&victim, b"the station's key").unwrap_or_else(|e| panic!("{e}"));
+        let (tmp, blob) = (dir.join(".abc.tmp"), dir.join("abc"));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap_or_else(|e| panic!("{e}"));
+        let _ = place_blob(&tmp, &blob, b"image bytes");
+        assert_eq!(std::fs::read(&victim).ok().as_deref(), Some(&b"the station's key"[..]));
+        if let Ok(b) = std::fs::read(&blob) {
+            assert_eq!(b, b"image bytes");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn flags_parse_once_with_clear_refusals() {

@@ -452,7 +452,9 @@ impl Registry {
     }
 
     /// Moves `device`'s job in `campaign` to `state` (with `reason` and, if given, the progress
-    /// offset), only forward and never out of a final state. Returns the job as it now is, or
+    /// offset), only forward and never out of a final state; to the state it is in only with
+    /// progress into a later tenth of the image (checked in the statement: reports handled at
+    /// once cannot each move it). Returns the job as it now is, or
     /// `None` if it did not move.
     pub async fn move_ota_job(
         &self,
@@ -465,7 +467,8 @@ impl Registry {
     ) -> Result<Option<Job>> {
         let done = sqlx::query(&format!(
             "UPDATE ota_jobs SET state = $1, reason = $2, progress = COALESCE($3, progress), updated_at = $4 \
-             WHERE campaign = $5 AND device_id = $6 AND state IN ({})",
+             WHERE campaign = $5 AND device_id = $6 AND state IN ({}) \
+             AND (state <> $1 OR COALESCE($3, -1) * 10 / NULLIF(size, 0) > progress * 10 / NULLIF(size, 0))",
             quoted(state.states_before().into_iter())
         ))
         .bind(state.as_str())

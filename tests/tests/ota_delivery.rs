@@ -630,3 +630,31 @@ async fn simulated_devices_update_in_two_waves_through_the_broker_and_station() 
     // Every byte of every device's image came from the broker (a re-asked chunk counts twice).
     assert!(broker.metric("fleet_ota_chunk_bytes_total").await >= (N * image.len()) as f64);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_well_formed_reports_moves_the_job_a_few_times_only() {
+    // A device with a valid certificate and an offered job repeats `downloading` for its own
+    // release as fast as it can, with offsets that go backwards and past the image: each used
+    // to be a registry write and a QoS 1 announcement to every service.
+    let (fleet, rel, broker) = setup(1, &[]).await;
+    let d0 = fleet.id(0);
+    let mut watch = watcher(&broker, &fleet, "status/devices/+/ota").await;
+    let mut dev0 = device(&broker, &fleet, 0).await;
+    let id = start(&fleet, &d0, "100%", "100%");
+    offer(&mut dev0, &d0).await;
+    until(&fleet, &id, "offered", |c| job_state(c, &d0) == "offered").await;
+    announced(&mut watch, &d0, "offered").await;
+    let before = broker.metric(r#"fleet_ota_jobs_total{state="downloading"}"#).await;
+    for i in 0..200u64 {
+        let offset = [i * 50, 1 << 40, 0][(i % 3) as usize];
+        report(&mut dev0, &d0, &rel, "downloading", &format!(r#","offset":{offset}"#)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let moved = broker.metric(r#"fleet_ota_jobs_total{state="downloading"}"#).await - before;
+    assert!((1.0..=11.0).contains(&moved), "{moved} downloading announcements");
+    assert!(broker.metric(r#"fleet_ota_refused_total{reason="report_rate"}"#).await >= 150.0);
+    let c = status(&fleet, &id);
+    let job = c["jobs"].as_array().unwrap().iter().find(|j| j["device_id"] == d0.as_str()).unwrap().clone();
+    assert_eq!(job["state"], "downloading", "{c:#}");
+    assert!(job["progress"].as_i64().unwrap() <= IMAGE_LEN as i64, "{c:#}");
+}

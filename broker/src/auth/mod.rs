@@ -233,7 +233,9 @@ pub(crate) fn broker_may_answer_on(device: Option<&str>, topic: Topic<'_>) -> bo
         Addressed::DeviceData { device, rest } => {
             (device, rest.split_once('/').is_some_and(|(first, _)| first == fleet_topic::level::RESPONSES))
         }
-        Addressed::Status { device, .. } => (device, true),
+        // Not the status topics of the campaign runner's commands (`commands/ota/...`): another
+        // command's statuses there would be read as an offer's (docs/spec/ota.md).
+        Addressed::Status { device, name } => (device, name.split('/').next() != Some(OTA)),
         _ => return false,
     };
     fits && device.is_none_or(|d| d == owner)

@@ -225,4 +225,12 @@ fn only_the_broker_answers_chunks_and_only_the_runner_offers() {
     assert!(!may_publish(&s, "devices/dev-1/ota/chunk"));
     assert!(may_publish(&s, "devices/dev-1/commands/otax"));
     assert!(may_publish(&s, "devices/dev-1/commands/blink/ota"));
+    // A service's v5 command naming the offer's status topic as its Response Topic: the broker
+    // would publish that command's statuses there, read by services as the offer's.
+    let answers = |d: Option<&str>, t: &str| Topic::parse(t).is_ok_and(|t| broker_may_answer_on(d, t));
+    for t in ["status/devices/dev-1/commands/ota/offer", "status/devices/dev-1/commands/ota/offer/ttl=60"] {
+        assert!(may_be_answered_on(&s, Topic::parse(t).unwrap()), "{t}");
+        assert!(!answers(Some("dev-1"), t) && !answers(None, t), "{t}");
+    }
+    assert!(answers(Some("dev-1"), "status/devices/dev-1/commands/otax"));
 }

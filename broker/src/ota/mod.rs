@@ -89,8 +89,8 @@ impl Ota {
 
     /// What `device` may fetch now: its open job's release (offered or later, not final).
     pub(crate) async fn offered(&self, device: &str) -> Offered {
-        let found = match self.inner.registry.open_ota_job(device).await {
-            Ok(Some((_, sha512, _))) => sha512,
+        let (found, size) = match self.inner.registry.open_ota_job(device).await {
+            Ok(Some((job, sha512, _))) => (sha512, u64::try_from(job.size).unwrap_or(0)),
             Ok(_) => return Offered::Nothing,
             Err(e) => {
                 warn!(%device, error = %e, "cannot read the device's update job");
@@ -98,7 +98,7 @@ impl Ota {
             }
         };
         let Some(tag) = tag_of(&found) else { return Offered::Nothing };
-        match self.inner.blobs.image(&found).await {
+        match self.inner.blobs.image(&found, size).await {
             Ok(image) => Offered::Job { tag, image },
             Err(e) => {
                 self.inner.metrics.ota_refused.with_label_values(&["image_unavailable"]).inc();
@@ -128,12 +128,13 @@ impl Ota {
                 debug!(%device, release = %report.release, "status report for a release not offered");
                 return;
             }
+            let Some(offset) = recorded_progress(&job, report.state, report.offset) else {
+                debug!(%device, "update status report without news: not recorded");
+                return;
+            };
             let reason =
                 (report.state == JobState::Failed).then_some(report.reason.as_deref().unwrap_or("unknown"));
-            match reg
-                .move_ota_job(&job.campaign, &device, report.state, reason, report.offset, now_millis())
-                .await
-            {
+            match reg.move_ota_job(&job.campaign, &device, report.state, reason, offset, now_millis()).await {
                 Ok(Some(moved)) => ota.announce(&moved, &sha512, &version).await,
                 Ok(None) => {}
                 Err(e) => warn!(%device, error = %e, "cannot record the update status"),
@@ -162,6 +163,63 @@ impl Ota {
         );
         let p = Message::new(topic, QoS::AtLeastOnce, body.to_string());
         let _ = self.inner.fabric.publish_everywhere(&p, RetainBudget::Clients, Origin::Broker).await;
+    }
+}
+
+/// How many status reports of one session may reach the registry: a burst of
+/// [`ReportBudget::BURST`], then one per [`ReportBudget::EVERY`]. A device says about a dozen
+/// per update (the start, every 10 %, then three states); without it, one device publishing
+/// reports at the session's message rate (`max_publish_rate`, 20,000/s) made as many registry
+/// reads a second, on the pool the admission of every client waits for.
+#[derive(Debug)]
+pub(crate) struct ReportBudget {
+    tokens: u32,
+    at: tokio::time::Instant,
+}
+
+impl ReportBudget {
+    /// Reports taken at once.
+    pub(crate) const BURST: u32 = 16;
+    /// One more report per this.
+    pub(crate) const EVERY: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new(now: tokio::time::Instant) -> Self {
+        Self { tokens: Self::BURST, at: now }
+    }
+
+    /// True if a report at `now` may move the job.
+    pub(crate) fn admit(&mut self, now: tokio::time::Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_millis() / Self::EVERY.as_millis();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(Self::BURST);
+            self.at += Self::EVERY * earned.min(Self::BURST);
+            if self.tokens == Self::BURST {
+                self.at = now;
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Whether a report saying `state` at `offset` moves `job`, and the progress to keep: a new
+/// state does (the registry keeps it forward); the same state only with progress into a later
+/// tenth of the image (the device reports every 10 %). An offset beyond the image is not kept.
+/// Otherwise a device repeating `downloading` made a registry write and a QoS 1 broadcast on
+/// `status/devices/<id>/ota` per report, and could move its progress backwards or past the end.
+fn recorded_progress(job: &Job, state: JobState, offset: Option<i64>) -> Option<Option<i64>> {
+    let offset = offset.filter(|o| (0..=job.size).contains(o));
+    if state != job.state {
+        return Some(offset);
+    }
+    let tenth = |o: i64| o.saturating_mul(10) / job.size.max(1);
+    match offset {
+        Some(o) if tenth(o) > tenth(job.progress) => Some(Some(o)),
+        _ => None,
     }
 }
 
@@ -203,6 +261,46 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_reports_reaches_the_registry_at_one_a_second_after_a_burst() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = ReportBudget::new(t0);
+        let first = (0..20_000).filter(|_| b.admit(t0)).count();
+        assert_eq!(first, ReportBudget::BURST as usize);
+        assert!(!b.admit(t0 + Duration::from_millis(999)));
+        assert!(b.admit(t0 + Duration::from_secs(1)));
+        assert!(!b.admit(t0 + Duration::from_millis(1500)));
+        // A quiet device has its burst again.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..100).filter(|_| b.admit(later)).count(), ReportBudget::BURST as usize);
+    }
+
+    #[test]
+    fn repeated_reports_move_a_job_only_by_a_tenth_and_never_past_the_image() {
+        let job = Job {
+            campaign: "ota-5f0c2a9e3d1b7a64".into(),
+            device_id: "dev-1".into(),
+            wave: 0,
+            state: JobState::Downloading,
+            reason: None,
+            progress: 20_000,
+            size: 100_000,
+            command_id: Some(1),
+            updated_at: 0,
+        };
+        // The same state: a flood of well-formed `downloading` reports records nothing...
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(20_000)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(29_999)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(1_000)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, None), None);
+        // ...nor past the image; the next tenth is recorded.
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(1 << 40)), None);
+        assert_eq!(recorded_progress(&job, JobState::Downloading, Some(30_000)), Some(Some(30_000)));
+        // A new state always (the registry keeps it forward), an impossible offset dropped.
+        assert_eq!(recorded_progress(&job, JobState::Verified, Some(100_000)), Some(Some(100_000)));
+        assert_eq!(recorded_progress(&job, JobState::Failed, Some(1 << 40)), Some(None));
+    }
 
     #[test]
     fn reports_are_read_only_with_a_tag_and_a_state_a_device_may_say() {

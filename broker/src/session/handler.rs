@@ -74,6 +74,8 @@ pub(crate) struct State {
     pub(super) rate: Option<super::rate::PublishRate>,
     /// A device's firmware chunk server (made at its first `ota/get`).
     pub(super) chunks: Option<crate::ota::serve::ChunkServer>,
+    /// A device's budget of update status reports that may move its job.
+    pub(super) ota_reports: crate::ota::ReportBudget,
 }
 
 /// Most unacknowledged QoS 1 deliveries a persistent session has out before it waits.
@@ -151,6 +153,7 @@ pub(crate) async fn run(
             super::rate::PublishRate::new(c.max_publish_rate, c.max_publish_bytes_rate, Instant::now())
         }),
         chunks: None,
+        ota_reports: crate::ota::ReportBudget::new(tokio::time::Instant::now()),
     };
     let end = match st.resume(ctx).await {
         Ok(()) => st.select_loop(ctx).await,

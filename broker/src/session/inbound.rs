@@ -138,14 +138,14 @@ impl State {
         }
         // Valid: may_publish accepted it.
         let topic = parsed.map_err(|_| CloseReason::AclDenied)?;
+        let mut ota_report = false;
         if ctx.id.role == Role::Device {
             match topic.addressed() {
                 // A chunk request: answered here, never routed or stored (docs/spec/ota.md).
                 Addressed::DeviceData { rest: OTA_GET, .. } => return self.chunk_request(ctx, p).await,
-                // A status report: moves the device's job, and is stored and routed as any.
-                Addressed::DeviceData { rest: OTA_STATUS, .. } => {
-                    svc.ota.report(ctx.id.id.as_str(), &p.payload)
-                }
+                // A status report: moves the device's job once the fabric accepted the
+                // publish (below), and is stored and routed as any.
+                Addressed::DeviceData { rest: OTA_STATUS, .. } => ota_report = true,
                 _ => {}
             }
         }
@@ -189,6 +189,15 @@ impl State {
         if let Err(refused) = svc.fabric.publish(&p, budget, Origin::Client(&ctx.id)).await {
             self.limit_hit(ctx, refused.limit(), &p.topic);
             return Err(refused.close_reason());
+        }
+        if ota_report {
+            if self.ota_reports.admit(tokio::time::Instant::now()) {
+                svc.ota.report(ctx.id.id.as_str(), &p.payload);
+            } else {
+                // Stored and routed as any message, but it moves nothing: each would cost a
+                // registry read (and maybe a write and a broadcast).
+                svc.ota.metrics().ota_refused.with_label_values(&["report_rate"]).inc();
+            }
         }
         let (pkid, qos) = (p.pkid, p.qos);
         // Devices' telemetry is stored; services' commands are only routed.
