@@ -450,7 +450,7 @@ impl Registry {
                 }
             }
         }
-        let mut tx = sqlx::Connection::begin(&mut *conn.0).await?;
+        let mut tx = self.begin_write(&mut conn.0).await?;
         let mut taken = take(&mut tx, self.backend, &takes, now).await?;
         sent.extend(taken.iter().flatten().map(|c| c.id));
         let new: Vec<&NewCommand<'_>> = ops

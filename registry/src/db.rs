@@ -99,6 +99,20 @@ impl Registry {
         self
     }
 
+    /// A writer's transaction on `conn`. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`), waiting for it up to `busy_timeout`: a transaction that reads first and then
+    /// writes gets SQLITE_BUSY at once, with no wait, when another connection wrote meanwhile,
+    /// and the broker's writers (telemetry, the command queue, firmware jobs) write concurrently.
+    pub(crate) async fn begin_write<'c>(
+        &self,
+        conn: &'c mut sqlx::AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await?,
+            Backend::Postgres => sqlx::Connection::begin(conn).await?,
+        })
+    }
+
     /// A pooled connection for a writer, its durability set ([`WriterSync`]).
     pub(crate) async fn acquire_writer(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
         let mut conn = self.pool.acquire().await?;

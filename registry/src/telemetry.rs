@@ -155,7 +155,7 @@ impl TelemetryWriter {
     }
 
     async fn insert_on(&self, conn: &mut sqlx::AnyConnection, rows: &[Telemetry]) -> Result<()> {
-        let mut tx = sqlx::Connection::begin(conn).await?;
+        let mut tx = self.registry.begin_write(conn).await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let props = with_props(&chunk.iter().collect::<Vec<_>>());
             let partial;

@@ -619,7 +619,19 @@ async fn simulated_devices_update_in_two_waves_through_the_broker_and_station() 
         if count(&c, "confirmed") == N as u64 {
             break c;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "not all confirmed: {c:#}");
+        if t.elapsed() >= Duration::from_secs(30) {
+            let stuck: Vec<String> = c["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|j| j["state"] != "confirmed")
+                .map(|j| {
+                    let dev = j["device_id"].as_str().unwrap_or_default();
+                    format!("{j}\ncommands: {}", ok(&fleet, &["commands", dev, "--json"]))
+                })
+                .collect();
+            panic!("not all confirmed: {}\n{}", stuck.join("\n"), broker.log());
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(c["jobs"].as_array().unwrap().iter().filter(|j| j["wave"] == 0).count(), 2, "{c:#}");
