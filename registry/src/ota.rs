@@ -113,6 +113,10 @@ impl JobState {
     }
 }
 
+/// How long a job may stay claimed (`queued`) without its offer's command id before the
+/// campaign runner offers it again: the node that claimed it stopped in between.
+pub const CLAIM_TIMEOUT_MS: i64 = 60_000;
+
 fn quoted<'a>(it: impl Iterator<Item = &'a str>) -> String {
     it.map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ")
 }
@@ -492,20 +496,44 @@ impl Registry {
         Ok(Some(job(&row)?))
     }
 
-    /// A pending job whose offer was queued as command `command_id`: now `queued`. False if it
-    /// was not pending (another node offered it).
-    pub async fn ota_job_queued(
-        &self,
-        campaign: &str,
-        device: &str,
-        command_id: i64,
-        now_ms: i64,
-    ) -> Result<bool> {
+    /// Claims a pending job for its offer: `queued`, with no command yet. False if it was not
+    /// pending (another node claimed it). The claim comes before the offer is put in the
+    /// command queue, so that a device which gets the offer at once finds its job open when it
+    /// asks for the first chunk or reports; and two nodes never both queue it.
+    pub async fn claim_ota_job(&self, campaign: &str, device: &str, now_ms: i64) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE ota_jobs SET state = 'queued', command_id = $1, updated_at = $2 \
-             WHERE campaign = $3 AND device_id = $4 AND state = 'pending'",
+            "UPDATE ota_jobs SET state = 'queued', command_id = NULL, updated_at = $1 \
+             WHERE campaign = $2 AND device_id = $3 AND state = 'pending'",
+        )
+        .bind(now_ms)
+        .bind(campaign)
+        .bind(device)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A claimed job's offer was queued as command `command_id` (the job may have moved on
+    /// already: the device may have reported before this). False if it had a command already.
+    pub async fn ota_job_offer_queued(&self, campaign: &str, device: &str, command_id: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE ota_jobs SET command_id = $1 WHERE campaign = $2 AND device_id = $3 AND command_id IS NULL",
         )
         .bind(command_id)
+        .bind(campaign)
+        .bind(device)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A claimed job whose offer could not be queued: `pending` again (offered at a later
+    /// step). False if it was not claimed without a command.
+    pub async fn unclaim_ota_job(&self, campaign: &str, device: &str, now_ms: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE ota_jobs SET state = 'pending', updated_at = $1 \
+             WHERE campaign = $2 AND device_id = $3 AND state = 'queued' AND command_id IS NULL",
+        )
         .bind(now_ms)
         .bind(campaign)
         .bind(device)
@@ -559,11 +587,22 @@ impl Registry {
         Ok(true)
     }
 
-    /// Settles what the broker decides: a `queued` job whose offer was delivered (or
+    /// Settles what the broker decides: a job claimed for its offer but without a command
+    /// after [`CLAIM_TIMEOUT_MS`] is `pending` again; a `queued` job whose offer was delivered (or
     /// acknowledged) is `offered`; one whose offer expired or was dropped is `failed`
     /// (`expired`); an open job (offered or later) without news for `stall_ms` is `failed`
     /// (`stalled`). Returns the jobs that moved.
     pub async fn settle_ota_jobs(&self, now_ms: i64, stall_ms: i64) -> Result<Vec<Job>> {
+        // A claim without a command after CLAIM_TIMEOUT_MS: the node that claimed it stopped
+        // before it queued the offer (or recorded it): offered again.
+        sqlx::query(
+            "UPDATE ota_jobs SET state = 'pending', updated_at = $1 \
+             WHERE state = 'queued' AND command_id IS NULL AND updated_at < $2",
+        )
+        .bind(now_ms)
+        .bind(now_ms - CLAIM_TIMEOUT_MS)
+        .execute(&self.pool)
+        .await?;
         let rows = sqlx::query(
             "SELECT j.campaign, j.device_id, c.status FROM ota_jobs j JOIN commands c ON c.id = j.command_id \
              WHERE j.state = 'queued' AND c.status <> 'queued'",

@@ -6,8 +6,10 @@
 //! `ota:<campaign>`, `devices/<id>/commands/ota/offer/ttl=<secs>`, payload the 268-byte
 //! manifest), so that a sleeping device gets its offer when it wakes.
 //!
-//! Every move is a guarded statement (`advance_campaign`, `ota_job_queued`, `finish_campaign`),
-//! so several nodes running this loop over one registry offer each job once.
+//! Every move is a guarded statement (`advance_campaign`, `claim_ota_job`, `finish_campaign`),
+//! so several nodes running this loop over one registry offer each job once. A job is claimed
+//! (`queued`) before its offer goes into the queue: a connected device gets the offer at once
+//! and asks for chunks, which are served for open jobs only.
 
 use fleet_registry::{Campaign, CommandOutcome, DeviceId, JobState};
 use rumqttc::mqttbytes::QoS;
@@ -108,6 +110,13 @@ async fn campaign(ota: &Ota, writer: &Writer, c: &Campaign) -> Result<(), fleet_
     let ttl_ms = c.offer_ttl.saturating_mul(1000);
     for job in pending {
         let Ok(device) = DeviceId::parse(&job.device_id) else { continue };
+        if !reg.claim_ota_job(&c.id, &job.device_id, now_millis()).await? {
+            continue; // another node offers it
+        }
+        // Announced before the offer goes out: the device's own reports may follow at once.
+        let mut claimed = job.clone();
+        claimed.state = JobState::Queued;
+        ota.announce(&claimed, &c.sha512, &c.version).await;
         let change = Change::Enqueue {
             device: device.clone(),
             name: OFFER.to_owned(),
@@ -119,12 +128,7 @@ async fn campaign(ota: &Ota, writer: &Writer, c: &Campaign) -> Result<(), fleet_
         };
         match writer.apply(vec![change]).await.as_deref() {
             Some([CommandOutcome::Enqueued { id, .. }]) => {
-                if reg.ota_job_queued(&c.id, &job.device_id, *id, now_millis()).await? {
-                    let mut moved = job.clone();
-                    moved.state = JobState::Queued;
-                    moved.command_id = Some(*id);
-                    ota.announce(&moved, &c.sha512, &c.version).await;
-                }
+                reg.ota_job_offer_queued(&c.id, &job.device_id, *id).await?;
                 // Wake the device's session, wherever it is: it reads its queue.
                 let topic = fleet_topic::command(device.as_str(), OFFER).to_string();
                 let p = Message::new(topic, QoS::AtLeastOnce, manifest.clone());
@@ -145,7 +149,10 @@ async fn campaign(ota: &Ota, writer: &Writer, c: &Campaign) -> Result<(), fleet_
                     ota.announce(&moved, &c.sha512, &c.version).await;
                 }
             }
-            _ => warn!(campaign = %c.id, device = %job.device_id, "offer not queued; trying again"),
+            _ => {
+                warn!(campaign = %c.id, device = %job.device_id, "offer not queued; trying again");
+                reg.unclaim_ota_job(&c.id, &job.device_id, now_millis()).await?;
+            }
         }
     }
     Ok(())
