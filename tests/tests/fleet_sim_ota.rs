@@ -74,7 +74,8 @@ fn simulated_devices_take_an_offer_download_verify_swap_and_confirm() {
         .unwrap();
     let statuses = collect(standin.stdout.take().unwrap());
     let mut sim = Command::new(bins().join("fleet-sim"))
-        .args(["run", "--port", &port.to_string(), "--duration", "25", "--rate", "1", "--ota-key"])
+        .args(["run", "--port", &port.to_string(), "--duration", "60", "--rate", "1", "--exit-when-updated"])
+        .arg("--ota-key")
         .arg(dir.join("firmware.pub"))
         .arg("--devices")
         .arg(dir.join("devices"))
@@ -97,7 +98,7 @@ fn simulated_devices_take_an_offer_download_verify_swap_and_confirm() {
     // its own: once a job is being applied (verified, swapped, on trial) an offer is ignored, and
     // a fast download would otherwise leave no moment to refuse one.
     let done = || said(&ids[0], "wrong_board") && ids.iter().all(|id| said(id, "\"state\":\"confirmed\""));
-    while !done() && t.elapsed() < Duration::from_secs(22) {
+    while !done() && t.elapsed() < Duration::from_secs(55) {
         let refused = said(&ids[0], "wrong_board");
         if !refused {
             offer(&fleet, port, &ids[0], &other_board);
