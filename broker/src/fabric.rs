@@ -147,6 +147,14 @@ impl Fabric {
         self.router.clear_retained(device)
     }
 
+    /// A cluster member's JetStream (the shared firmware images live there); `None` alone.
+    pub(crate) fn jetstream(&self) -> Option<async_nats::jetstream::Context> {
+        match &*self.link {
+            Link::Local => None,
+            Link::Nats(c) => Some(c.js.clone()),
+        }
+    }
+
     /// Can this node route and store now? (A cluster member: is its NATS connection up?)
     pub(crate) fn connected(&self) -> bool {
         match &*self.link {

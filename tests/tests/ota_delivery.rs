@@ -400,6 +400,74 @@ async fn a_job_is_claimed_once_and_a_claim_left_without_its_offer_is_offered_aga
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn in_a_cluster_a_node_serves_an_image_another_shared_and_forged_bytes_are_replaced() {
+    // n1 has the release in its blob directory (`ota publish` on the station's home); n2's is
+    // empty. Before the campaign, a holder of a node's NATS identity puts other bytes of the
+    // same length under the release's name into the object store, and the stream reader tries
+    // to write there too. The device on n2 still gets the release byte for byte: n1 replaces
+    // the forged object, n2 refuses what does not match the SHA-512 (the device is told "busy"
+    // and asks again meanwhile) and keeps the checked image in its own directory.
+    let empty = tempfile::tempdir().unwrap();
+    let cluster = fleet_tests::fixture::Cluster::builder()
+        .devices(1)
+        .nodes(2)
+        .node_args(&["--ota-poll-ms", "100"])
+        .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
+        .start()
+        .await;
+    let fleet = &cluster.fleet;
+    ok(fleet, &["firmware-key"]);
+    let rel = release(fleet, "1.2.0", 7);
+    let sha512 = hex::encode(Sha512::digest(&rel.image));
+
+    let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
+    let store = forger
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "FLEET_OTA".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let forged: Vec<u8> = rel.image.iter().map(|b| b ^ 0x5a).collect();
+    store.put(sha512.as_str(), &mut forged.as_slice()).await.unwrap();
+    let reader = common::bus::client(&cluster.nats, fleet_tests::READER).await;
+    let reader_store = async_nats::jetstream::new(reader).get_object_store("FLEET_OTA").await;
+    assert!(reader_store.is_err(), "the stream reader reached the firmware bucket");
+
+    let d0 = fleet.id(0);
+    let n2 = &cluster.nodes[1];
+    let mut dev = device(n2, fleet, 0).await;
+    let id = start(fleet, &d0, "100%", "100%");
+    assert_eq!(offer(&mut dev, &d0).await, rel.manifest);
+    // Chunk by chunk, asking again after a "busy" (status 3) while the image is not there.
+    let t = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < rel.image.len() {
+        ask(&mut dev, &d0, &rel.tag, got.len() as u32, 1024).await;
+        let (tag, offset, st, data) = chunk(&mut dev, &d0).await;
+        assert_eq!((tag, offset as usize), (rel.tag, got.len()));
+        match st {
+            0 => got.extend_from_slice(&data),
+            3 => {
+                assert!(t.elapsed() < PATIENCE, "the image never became available on n2");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => panic!("status {other} at {offset}\n{}", n2.log()),
+        }
+    }
+    assert!(got == rel.image, "n2 served other bytes than the release");
+    assert_eq!(std::fs::read(empty.path().join(&sha512)).unwrap(), rel.image, "n2 kept the checked image");
+    let mut shared = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut store.get(sha512.as_str()).await.unwrap(), &mut shared)
+        .await
+        .unwrap();
+    assert!(shared == rel.image, "the forged object was not replaced");
+    report(&mut dev, &d0, &rel, "confirmed", "").await;
+    let c = until(fleet, &id, "completed", |c| c["state"] == "completed").await;
+    assert_eq!(job_state(&c, &d0), "confirmed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn requests_beyond_four_outstanding_are_busy_and_the_rest_are_paced() {
     // 2,048 bytes per second: two 1,024-byte chunks at once, then one every half second.
     let (fleet, rel, broker) = setup(1, &["--ota-bytes-per-sec", "2048"]).await;

@@ -2,38 +2,62 @@
 //! each named by its image's SHA-512 in hex, copied in by `fleet-provision ota publish`. An
 //! image is read when a device first asks for it, its digest checked against its name (a file
 //! changed on disk is refused, not served), and kept in memory while it is in use.
+//!
+//! In a cluster the nodes share the images through a JetStream object store, [`BUCKET`]: a node
+//! that has a running campaign's image in its directory puts it there ([`Blobs::share`]), and a
+//! node asked for an image it does not have fetches it from there, checks its SHA-512 and keeps
+//! a copy in its directory. Whoever can write into the bucket (the nodes' NATS users) can at
+//! worst make an image unavailable: bytes that are not their name's SHA-512 are never served,
+//! and an object whose size is not its release's is refused before it is read.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tracing::{info, warn};
 
 /// Images held in memory at most; more and the oldest are read again when asked for.
 const CACHED: usize = 8;
+/// The cluster's object store bucket of release images (stream `OBJ_FLEET_OTA`).
+pub(crate) const BUCKET: &str = "FLEET_OTA";
+/// After a failed attempt to share an image, the next one waits this long.
+const SHARE_RETRY: Duration = Duration::from_secs(30);
 
 /// Why an image cannot be served.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum BlobError {
-    /// Not in the blob directory (not published with `ota publish`).
-    #[error("image {0} is not in the blob directory {1} (fleet-provision ota publish)")]
+    /// Not in the blob directory (not published with `ota publish`), nor in the cluster's
+    /// object store.
+    #[error("image {0} is not in {1} (fleet-provision ota publish)")]
     Missing(String, String),
     /// The file's SHA-512 is not its name.
-    #[error("image {0} in the blob directory does not match its SHA-512: refused")]
-    Digest(String),
+    #[error("image {0} in {1} does not match its SHA-512: refused")]
+    Digest(String, &'static str),
     /// The file's length is not the release's size: refused before it is read.
-    #[error("image {digest} in the blob directory is {found} bytes, its release {size}: refused")]
-    Size { digest: String, found: u64, size: u64 },
+    #[error("image {digest} in {place} is {found} bytes, its release {size}: refused")]
+    Size { digest: String, place: &'static str, found: u64, size: u64 },
     /// Unreadable.
     #[error("image {0}: {1}")]
     Io(String, std::io::Error),
+    /// The cluster's object store failed.
+    #[error("image {0} in the cluster's object store {BUCKET}: {1}")]
+    Store(String, String),
 }
 
-/// The blob directory and the images in use.
+/// The blob directory, the cluster's object store, and the images in use.
 #[derive(Debug)]
 pub(crate) struct Blobs {
     dir: PathBuf,
     cache: Mutex<Vec<(String, Bytes)>>,
+    /// A cluster member's JetStream.
+    js: Option<jetstream::Context>,
+    /// Images put into (or found in) the object store: `None`; the last failed attempt: `Some`.
+    shared: Mutex<HashMap<String, Option<Instant>>>,
 }
 
 /// Is `s` a SHA-512 in lowercase hex?
@@ -41,52 +65,59 @@ fn is_digest(s: &str) -> bool {
     s.len() == 128 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+const DIR: &str = "the blob directory";
+const STORE: &str = "the cluster's object store";
+
+/// Reads at most one byte more than `size` from `r` and checks the length and the SHA-512.
+async fn read_checked(
+    r: impl tokio::io::AsyncRead + Unpin,
+    sha512: &str,
+    size: u64,
+    place: &'static str,
+) -> Result<Bytes, BlobError> {
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    r.take(size.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| BlobError::Io(format!("{sha512} in {place}"), e))?;
+    if bytes.len() as u64 != size {
+        return Err(BlobError::Size { digest: sha512.to_owned(), place, found: bytes.len() as u64, size });
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA512, &bytes);
+    if hex::encode(digest.as_ref()) != sha512 {
+        return Err(BlobError::Digest(sha512.to_owned(), place));
+    }
+    Ok(Bytes::from(bytes))
+}
+
 impl Blobs {
-    /// The images in `dir`.
-    pub(crate) fn new(dir: PathBuf) -> Self {
-        Self { dir, cache: Mutex::new(Vec::new()) }
+    /// The images in `dir`, and (a cluster member) in the object store of `js`.
+    pub(crate) fn new(dir: PathBuf, js: Option<jetstream::Context>) -> Self {
+        Self { dir, cache: Mutex::new(Vec::new()), js, shared: Mutex::new(HashMap::new()) }
     }
 
     /// The image whose SHA-512 is `sha512` (hex) and whose release says it is `size` bytes,
-    /// read and checked on first use. The length is checked before the file is read: whoever
-    /// can write into the directory cannot make the broker read a huge file into memory.
+    /// read and checked on first use: from the blob directory, else (a cluster member) from the
+    /// object store, then kept in the directory. The length is checked before the image is
+    /// read: whoever can write into the directory or the bucket cannot make the broker read a
+    /// huge file into memory.
     pub(crate) async fn image(&self, sha512: &str, size: u64) -> Result<Bytes, BlobError> {
         if !is_digest(sha512) {
-            return Err(BlobError::Digest(sha512.to_owned()));
+            return Err(BlobError::Digest(sha512.to_owned(), DIR));
         }
         if let Some(b) = self.lock().iter().find(|(d, _)| d == sha512).map(|(_, b)| b.clone()) {
             return Ok(b);
         }
-        let path = self.dir.join(sha512);
-        // Opened once, its length checked, then at most one byte more than the release is
-        // read: a file growing meanwhile is refused too.
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(BlobError::Missing(sha512.to_owned(), self.dir.display().to_string()))
+        let bytes = match (self.local(sha512, size).await, &self.js) {
+            (Ok(b), _) => b,
+            (Err(BlobError::Missing(..)), Some(js)) => {
+                let b = fetch(js, sha512, size).await?;
+                info!(image = %sha512, "firmware image fetched from the cluster's object store");
+                self.keep(sha512, &b).await;
+                b
             }
-            Err(e) => return Err(BlobError::Io(path.display().to_string(), e)),
+            (Err(e), _) => return Err(e),
         };
-        let io = |e| BlobError::Io(path.display().to_string(), e);
-        let found = file.metadata().await.map_err(io)?.len();
-        if found != size {
-            return Err(BlobError::Size { digest: sha512.to_owned(), found, size });
-        }
-        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        tokio::io::AsyncReadExt::read_to_end(
-            &mut tokio::io::AsyncReadExt::take(file, size.saturating_add(1)),
-            &mut bytes,
-        )
-        .await
-        .map_err(io)?;
-        if bytes.len() as u64 != size {
-            return Err(BlobError::Size { digest: sha512.to_owned(), found: bytes.len() as u64, size });
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA512, &bytes);
-        if hex::encode(digest.as_ref()) != sha512 {
-            return Err(BlobError::Digest(sha512.to_owned()));
-        }
-        let bytes = Bytes::from(bytes);
         let mut cache = self.lock();
         if cache.len() >= CACHED {
             cache.remove(0);
@@ -95,10 +126,143 @@ impl Blobs {
         Ok(bytes)
     }
 
+    /// The image from the blob directory, checked.
+    async fn local(&self, sha512: &str, size: u64) -> Result<Bytes, BlobError> {
+        let path = self.dir.join(sha512);
+        // Opened once, its length checked, then at most one byte more than the release is
+        // read: a file growing meanwhile is refused too.
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let where_ = match self.js {
+                    Some(_) => format!("the blob directory {} or {STORE} {BUCKET}", self.dir.display()),
+                    None => format!("the blob directory {}", self.dir.display()),
+                };
+                return Err(BlobError::Missing(sha512.to_owned(), where_));
+            }
+            Err(e) => return Err(BlobError::Io(path.display().to_string(), e)),
+        };
+        let found = file.metadata().await.map_err(|e| BlobError::Io(path.display().to_string(), e))?.len();
+        if found != size {
+            return Err(BlobError::Size { digest: sha512.to_owned(), place: DIR, found, size });
+        }
+        read_checked(file, sha512, size, DIR).await
+    }
+
+    /// Keeps a fetched image in the blob directory (written aside, then renamed: a reader never
+    /// sees part of it); a failure only costs a fetch next time.
+    async fn keep(&self, sha512: &str, bytes: &Bytes) {
+        let tmp = self.dir.join(format!(".{sha512}.{}", rand::random::<u32>()));
+        let done = async {
+            tokio::fs::create_dir_all(&self.dir).await?;
+            tokio::fs::write(&tmp, bytes).await?;
+            tokio::fs::rename(&tmp, self.dir.join(sha512)).await
+        }
+        .await;
+        if let Err(e) = done {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            warn!(image = %sha512, dir = %self.dir.display(), error = %e, "cannot keep the fetched image");
+        }
+    }
+
+    /// A cluster member with this image in its blob directory makes sure the object store
+    /// holds it too, byte for byte (an object under its name that is not its bytes is
+    /// replaced). Once per image per process; after a failure, again after [`SHARE_RETRY`].
+    /// Returns true when it put the image.
+    pub(crate) async fn share(&self, sha512: &str, size: u64) -> Result<bool, BlobError> {
+        let Some(js) = &self.js else { return Ok(false) };
+        let due = match self.shared_lock().get(sha512) {
+            None => true,
+            Some(None) => false,
+            Some(Some(failed)) => failed.elapsed() >= SHARE_RETRY,
+        };
+        if !due || !is_digest(sha512) {
+            return Ok(false);
+        }
+        let outcome = self.put_if_needed(js, sha512, size).await;
+        let mark = match &outcome {
+            Ok(_) => None,
+            Err(_) => Some(Instant::now()),
+        };
+        self.shared_lock().insert(sha512.to_owned(), mark);
+        outcome
+    }
+
+    async fn put_if_needed(
+        &self,
+        js: &jetstream::Context,
+        sha512: &str,
+        size: u64,
+    ) -> Result<bool, BlobError> {
+        let store_err = |e: &dyn std::fmt::Display| BlobError::Store(sha512.to_owned(), e.to_string());
+        match fetch(js, sha512, size).await {
+            Ok(_) => return Ok(false),
+            Err(BlobError::Missing(..) | BlobError::Digest(..) | BlobError::Size { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let bytes = match self.local(sha512, size).await {
+            Ok(b) => b,
+            // Not here: another node shares it (or nobody has it: devices are told status 1).
+            Err(BlobError::Missing(..)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let store = match js.get_object_store(BUCKET).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: BUCKET.to_owned(),
+                    description: Some("fleetgate firmware images, each named by its SHA-512".to_owned()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| store_err(&e))?,
+        };
+        store.put(sha512, &mut bytes.as_ref()).await.map_err(|e| store_err(&e))?;
+        info!(image = %sha512, bytes = size, "firmware image put into the cluster's object store");
+        Ok(true)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Bytes)>> {
         // A panic while holding this lock leaves a list of whole entries: still usable.
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn shared_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Instant>>> {
+        self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The image from the cluster's object store, its size checked from the object's info before
+/// it is read and its SHA-512 after.
+async fn fetch(js: &jetstream::Context, sha512: &str, size: u64) -> Result<Bytes, BlobError> {
+    use jetstream::object_store::{GetErrorKind, InfoErrorKind};
+    let missing = || BlobError::Missing(sha512.to_owned(), format!("{STORE} {BUCKET}"));
+    let store_err = |e: &dyn std::fmt::Display| BlobError::Store(sha512.to_owned(), e.to_string());
+    let store = match js.get_object_store(BUCKET).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == jetstream::context::ObjectStoreErrorKind::GetStore => return Err(missing()),
+        Err(e) => return Err(store_err(&e)),
+    };
+    let info = match store.info(sha512).await {
+        Ok(i) if !i.deleted => i,
+        Ok(_) => return Err(missing()),
+        Err(e) if e.kind() == InfoErrorKind::NotFound => return Err(missing()),
+        Err(e) => return Err(store_err(&e)),
+    };
+    if info.size as u64 != size {
+        return Err(BlobError::Size {
+            digest: sha512.to_owned(),
+            place: STORE,
+            found: info.size as u64,
+            size,
+        });
+    }
+    let object = match store.get(sha512).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Err(missing()),
+        Err(e) => return Err(store_err(&e)),
+    };
+    read_checked(object, sha512, size, STORE).await
 }
 
 #[cfg(test)]
@@ -113,11 +277,11 @@ mod tests {
         std::fs::write(dir.join(&name), &image).unwrap_or_else(|e| panic!("{e}"));
         let other = "0".repeat(128);
         std::fs::write(dir.join(&other), &image).unwrap_or_else(|e| panic!("{e}"));
-        let blobs = Blobs::new(dir.clone());
+        let blobs = Blobs::new(dir.clone(), None);
         assert_eq!(blobs.image(&name, image.len() as u64).await.ok().as_deref(), Some(image.as_slice()));
-        assert!(matches!(blobs.image(&other, image.len() as u64).await, Err(BlobError::Digest(_))));
+        assert!(matches!(blobs.image(&other, image.len() as u64).await, Err(BlobError::Digest(..))));
         assert!(matches!(blobs.image(&"1".repeat(128), 1).await, Err(BlobError::Missing(..))));
-        assert!(matches!(blobs.image("../etc/passwd", 1).await, Err(BlobError::Digest(_))));
+        assert!(matches!(blobs.image("../etc/passwd", 1).await, Err(BlobError::Digest(..))));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -131,7 +295,7 @@ mod tests {
         let name = hex::encode(ring::digest::digest(&ring::digest::SHA512, &image).as_ref());
         let f = std::fs::File::create(dir.join(&name)).unwrap_or_else(|e| panic!("{e}"));
         f.set_len(64 << 20).unwrap_or_else(|e| panic!("{e}")); // sparse: no disk, 64 MiB to read
-        let blobs = Blobs::new(dir.clone());
+        let blobs = Blobs::new(dir.clone(), None);
         assert!(matches!(blobs.image(&name, image.len() as u64).await, Err(BlobError::Size { .. })));
         std::fs::write(dir.join(&name), &image).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(blobs.image(&name, image.len() as u64 + 1).await, Err(BlobError::Size { .. })));

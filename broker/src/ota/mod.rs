@@ -63,6 +63,9 @@ struct Inner {
 pub(crate) enum Offered {
     /// Its open job's release: the tag and the image.
     Job { tag: Tag, image: Bytes },
+    /// Its open job's release, whose image cannot be served now (not in this node's blob
+    /// directory nor yet in the cluster's object store, or refused): status `3`, ask later.
+    Unavailable { tag: Tag },
     /// No open job (or the image cannot be served): status `1`.
     Nothing,
 }
@@ -76,7 +79,8 @@ impl Ota {
         metrics: Metrics,
         limits: Limits,
     ) -> Self {
-        Self { inner: Arc::new(Inner { registry, blobs: Blobs::new(blob_dir), fabric, metrics, limits }) }
+        let blobs = Blobs::new(blob_dir, fabric.jetstream());
+        Self { inner: Arc::new(Inner { registry, blobs, fabric, metrics, limits }) }
     }
 
     pub(crate) fn limits(&self) -> Limits {
@@ -103,7 +107,7 @@ impl Ota {
             Err(e) => {
                 self.inner.metrics.ota_refused.with_label_values(&["image_unavailable"]).inc();
                 warn!(%device, error = %e, "firmware image unavailable");
-                Offered::Nothing
+                Offered::Unavailable { tag }
             }
         }
     }

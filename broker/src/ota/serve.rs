@@ -29,7 +29,8 @@ const MISS_RECHECK: Duration = Duration::from_millis(200);
 /// One session's chunk server.
 #[derive(Debug)]
 pub(crate) struct ChunkServer {
-    job: Option<(Tag, Bytes)>,
+    /// The device's open job's release and its image (`None`: not servable now).
+    job: Option<(Tag, Option<Bytes>)>,
     checked: Option<Instant>,
     waiting: Arc<AtomicUsize>,
     bucket: Bucket,
@@ -93,13 +94,16 @@ impl ChunkServer {
             fleet_topic::level::CHUNK
         );
         let now = Instant::now();
-        let stale = self.checked.is_none_or(|t| now.duration_since(t) >= RECHECK);
+        // An image that could not be served is looked for again as often as a miss.
+        let trust = if matches!(self.job, Some((_, None))) { MISS_RECHECK } else { RECHECK };
+        let stale = self.checked.is_none_or(|t| now.duration_since(t) >= trust);
         let missed = self.job.as_ref().is_none_or(|(tag, _)| *tag != req.tag)
             && self.checked.is_none_or(|t| now.duration_since(t) >= MISS_RECHECK);
         if stale || missed {
             self.checked = Some(now);
             self.job = match ota.offered(device).await {
-                Offered::Job { tag, image } => Some((tag, image)),
+                Offered::Job { tag, image } => Some((tag, Some(image))),
+                Offered::Unavailable { tag } => Some((tag, None)),
                 Offered::Nothing => None,
             };
         }
@@ -110,6 +114,9 @@ impl ChunkServer {
         let Some((_, image)) = self.job.as_ref().filter(|(tag, _)| *tag == req.tag) else {
             return refuse(Status::NotOffered);
         };
+        // Its job's image, not servable now (a cluster node before the image was shared):
+        // the device asks again after its pause.
+        let Some(image) = image else { return refuse(Status::Busy) };
         let offset = req.offset as usize;
         if offset >= image.len() {
             return refuse(Status::BeyondImage);
