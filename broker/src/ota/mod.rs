@@ -66,8 +66,11 @@ pub(crate) enum Offered {
     /// Its open job's release, whose image cannot be served now (not in this node's blob
     /// directory nor yet in the cluster's object store, or refused): status `3`, ask later.
     Unavailable { tag: Tag },
-    /// No open job (or the image cannot be served): status `1`.
+    /// No open job: status `1`.
     Nothing,
+    /// The registry could not be read: status `3`, ask later (a busy pool must not end a
+    /// device's job).
+    Retry,
 }
 
 impl Ota {
@@ -98,7 +101,7 @@ impl Ota {
             Ok(_) => return Offered::Nothing,
             Err(e) => {
                 warn!(%device, error = %e, "cannot read the device's update job");
-                return Offered::Nothing;
+                return Offered::Retry;
             }
         };
         let Some(tag) = tag_of(&found) else { return Offered::Nothing };
@@ -122,28 +125,40 @@ impl Ota {
         };
         let (ota, device) = (self.clone(), device.to_owned());
         tokio::spawn(async move {
-            let reg = &ota.inner.registry;
-            let (job, sha512, version) = match reg.open_ota_job(&device).await {
-                Ok(Some(found)) => found,
-                Ok(None) => return,
-                Err(e) => return warn!(%device, error = %e, "cannot read the device's update job"),
-            };
-            if !sha512.starts_with(&report.release) {
-                debug!(%device, release = %report.release, "status report for a release not offered");
-                return;
-            }
-            let Some(offset) = recorded_progress(&job, report.state, report.offset) else {
-                debug!(%device, "update status report without news: not recorded");
-                return;
-            };
-            let reason =
-                (report.state == JobState::Failed).then_some(report.reason.as_deref().unwrap_or("unknown"));
-            match reg.move_ota_job(&job.campaign, &device, report.state, reason, offset, now_millis()).await {
-                Ok(Some(moved)) => ota.announce(&moved, &sha512, &version).await,
-                Ok(None) => {}
-                Err(e) => warn!(%device, error = %e, "cannot record the update status"),
+            // The report was acknowledged (and stored): a registry that fails for a moment
+            // (a busy pool, a failover) must not lose it, or a `confirmed` job would stall.
+            for pause in [250, 500, 1000, 0] {
+                match ota.record(&device, &report).await {
+                    Ok(()) => return,
+                    Err(e) if pause == 0 => warn!(%device, error = %e, "cannot record the update status"),
+                    Err(e) => debug!(%device, error = %e, "cannot record the update status yet; retrying"),
+                }
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         });
+    }
+
+    /// Moves `device`'s open job as `report` says (only forward; a repeat is a no-op) and
+    /// announces the move.
+    async fn record(&self, device: &str, report: &Report) -> Result<(), fleet_registry::Error> {
+        let reg = &self.inner.registry;
+        let Some((job, sha512, version)) = reg.open_ota_job(device).await? else { return Ok(()) };
+        if !sha512.starts_with(&report.release) {
+            debug!(%device, release = %report.release, "status report for a release not offered");
+            return Ok(());
+        }
+        let Some(offset) = recorded_progress(&job, report.state, report.offset) else {
+            debug!(%device, "update status report without news: not recorded");
+            return Ok(());
+        };
+        let reason =
+            (report.state == JobState::Failed).then_some(report.reason.as_deref().unwrap_or("unknown"));
+        if let Some(moved) =
+            reg.move_ota_job(&job.campaign, device, report.state, reason, offset, now_millis()).await?
+        {
+            self.announce(&moved, &sha512, &version).await;
+        }
+        Ok(())
     }
 
     /// Publishes a job's state on `status/devices/<id>/ota` (here and on every node) and counts

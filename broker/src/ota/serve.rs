@@ -99,18 +99,19 @@ impl ChunkServer {
         let stale = self.checked.is_none_or(|t| now.duration_since(t) >= trust);
         let missed = self.job.as_ref().is_none_or(|(tag, _)| *tag != req.tag)
             && self.checked.is_none_or(|t| now.duration_since(t) >= MISS_RECHECK);
-        if stale || missed {
-            self.checked = Some(now);
-            self.job = match ota.offered(device).await {
-                Offered::Job { tag, image } => Some((tag, Some(image))),
-                Offered::Unavailable { tag } => Some((tag, None)),
-                Offered::Nothing => None,
-            };
-        }
         let refuse = |status: Status| {
             metrics.ota_refused.with_label_values(&[status.label()]).inc();
             Some(Message::new(topic.clone(), QoS::AtMostOnce, chunk(&req.tag, req.offset, status, &[])))
         };
+        if stale || missed {
+            self.job = match ota.offered(device).await {
+                Offered::Job { tag, image } => Some((tag, Some(image))),
+                Offered::Unavailable { tag } => Some((tag, None)),
+                Offered::Nothing => None,
+                Offered::Retry => return refuse(Status::Busy),
+            };
+            self.checked = Some(now);
+        }
         let Some((_, image)) = self.job.as_ref().filter(|(tag, _)| *tag == req.tag) else {
             return refuse(Status::NotOffered);
         };
