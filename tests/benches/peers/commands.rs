@@ -82,12 +82,17 @@ async fn register_sessions(addr: SocketAddr, ids: &[Arc<Identity>]) -> usize {
 
 /// The service publishes `PER_DEVICE` QoS 1 commands to each device, `WINDOW` in flight.
 /// Returns (accepted, seconds).
-async fn queue_commands(addr: SocketAddr, service: &Identity, ids: &[Arc<Identity>]) -> (u64, f64) {
+async fn queue_commands(
+    addr: SocketAddr,
+    service: &Identity,
+    ids: &[Arc<Identity>],
+    per_device: usize,
+) -> (u64, f64) {
     let Some(s) = client::session(addr, service, 600).await else { return (0, 0.0) };
     let (mut rd, mut wr) = tokio::io::split(s);
     let permits = Arc::new(tokio::sync::Semaphore::new(WINDOW));
     let acked = Arc::new(AtomicU64::new(0));
-    let total = (ids.len() * PER_DEVICE) as u64;
+    let total = (ids.len() * per_device) as u64;
     let reader = {
         let (permits, acked) = (permits.clone(), acked.clone());
         tokio::spawn(async move {
@@ -104,7 +109,7 @@ async fn queue_commands(addr: SocketAddr, service: &Identity, ids: &[Arc<Identit
     };
     let t = Instant::now();
     let mut out = BytesMut::new();
-    'send: for k in 0..PER_DEVICE {
+    'send: for k in 0..per_device {
         for (i, who) in ids.iter().enumerate() {
             let Ok(p) = tokio::time::timeout(GIVE_UP, permits.acquire()).await else { break 'send };
             p.expect("semaphore").forget();
@@ -237,7 +242,7 @@ async fn run_peer(
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss0, disk0) = (server.rss_kib(), registry_bytes(&env.home));
-    let (accepted, secs) = queue_commands(addr, service, ids).await;
+    let (accepted, secs) = queue_commands(addr, service, ids, PER_DEVICE).await;
     let total = (n * PER_DEVICE) as u64;
     if accepted < total {
         println!("  {}: only {accepted} / {total} commands accepted", peer.name());
@@ -351,4 +356,34 @@ pub(crate) async fn scenario_commands(env: &Env, a: &Args, report: &mut Report) 
             ),
         );
     }
+}
+
+/// `fleet-wide` (only when named; `--devices`, default 100,000): a backend service sends one
+/// command to every device of the fleet (all offline), with its in-flight window of 64, through
+/// fleet-broker: the time until every command is stored and acknowledged. Mosquitto is not run
+/// here: it queues only for clients that connected once with a persistent session (100,000 TLS
+/// sessions before the timed part); its rate is the `commands` scenario's.
+pub(crate) async fn scenario_fleet_wide(env: &Env, a: &Args, report: &mut Report) {
+    let n = if a.devices_set { a.devices } else { 100_000 };
+    println!("\n== fleet-wide: one command to each of {n} offline devices from one service (fleet-broker)");
+    let t = Instant::now();
+    let ids = env.mint("fw", n).await;
+    println!("  minted {n} devices in {:.1} s", t.elapsed().as_secs_f64());
+    let service = env.service("fw-svc").await;
+    let Ok(server) = servers::start_fleet_broker(&env.home, &[]) else {
+        println!("  fleet-broker did not start");
+        return;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu0 = server.cpu_secs();
+    let (accepted, secs) = queue_commands(server.addr, &service, &ids, 1).await;
+    let cpu = server.cpu_secs() - cpu0;
+    report.add(
+        "fleet-wide",
+        format!(
+            "| one command to each of {n} devices | {accepted} / {n} accepted in {secs:.1} s | {:.0} commands/s | server CPU {:.1} µs per command |",
+            accepted as f64 / secs.max(0.001),
+            cpu * 1e6 / accepted.max(1) as f64
+        ),
+    );
 }

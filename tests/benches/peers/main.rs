@@ -165,6 +165,9 @@ enum Scenario {
     /// Only when named: a 256 KiB firmware campaign in waves to --devices simulated devices
     /// (time until all confirmed, broker CPU per MiB served)
     Ota,
+    /// Only when named: one command from one service to every one of --devices (default
+    /// 100,000) offline devices: the time until all are accepted (stored, PUBACKed)
+    FleetWide,
 }
 
 impl Scenario {
@@ -485,6 +488,7 @@ fn main() {
                 Scenario::Rotation => rotation::scenario_rotation(&args, &mut report).await,
                 Scenario::Commands => commands::scenario_commands(&env, &args, &mut report).await,
                 Scenario::Ota => ota::scenario_ota(&args, &mut report).await,
+                Scenario::FleetWide => commands::scenario_fleet_wide(&env, &args, &mut report).await,
                 Scenario::Shared => shared::scenario_shared(&env, &devices, &args, &mut report).await,
             }
         }
