@@ -501,44 +501,45 @@ impl Registry {
     /// command queue, so that a device which gets the offer at once finds its job open when it
     /// asks for the first chunk or reports; and two nodes never both queue it.
     pub async fn claim_ota_job(&self, campaign: &str, device: &str, now_ms: i64) -> Result<bool> {
-        let done = sqlx::query(
+        self.update_job(
             "UPDATE ota_jobs SET state = 'queued', command_id = NULL, updated_at = $1 \
              WHERE campaign = $2 AND device_id = $3 AND state = 'pending'",
+            now_ms,
+            campaign,
+            device,
         )
-        .bind(now_ms)
-        .bind(campaign)
-        .bind(device)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await
     }
 
     /// A claimed job's offer was queued as command `command_id` (the job may have moved on
     /// already: the device may have reported before this). False if it had a command already.
     pub async fn ota_job_offer_queued(&self, campaign: &str, device: &str, command_id: i64) -> Result<bool> {
-        let done = sqlx::query(
+        self.update_job(
             "UPDATE ota_jobs SET command_id = $1 WHERE campaign = $2 AND device_id = $3 AND command_id IS NULL",
+            command_id,
+            campaign,
+            device,
         )
-        .bind(command_id)
-        .bind(campaign)
-        .bind(device)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await
     }
 
     /// A claimed job whose offer could not be queued: `pending` again (offered at a later
     /// step). False if it was not claimed without a command.
     pub async fn unclaim_ota_job(&self, campaign: &str, device: &str, now_ms: i64) -> Result<bool> {
-        let done = sqlx::query(
+        self.update_job(
             "UPDATE ota_jobs SET state = 'pending', updated_at = $1 \
              WHERE campaign = $2 AND device_id = $3 AND state = 'queued' AND command_id IS NULL",
+            now_ms,
+            campaign,
+            device,
         )
-        .bind(now_ms)
-        .bind(campaign)
-        .bind(device)
-        .execute(&self.pool)
-        .await?;
+        .await
+    }
+
+    /// One guarded UPDATE of `device`'s job in `campaign` (`$1` is `value`, `$2` the campaign,
+    /// `$3` the device): true if it changed the row.
+    async fn update_job(&self, sql: &str, value: i64, campaign: &str, device: &str) -> Result<bool> {
+        let done = sqlx::query(sql).bind(value).bind(campaign).bind(device).execute(&self.pool).await?;
         Ok(done.rows_affected() == 1)
     }
 
