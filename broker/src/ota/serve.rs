@@ -108,7 +108,9 @@ impl ChunkServer {
                 Offered::Job { tag, image } => Some((tag, Some(image))),
                 Offered::Unavailable { tag } => Some((tag, None)),
                 Offered::Nothing => None,
-                Offered::Retry => return refuse(Status::Busy),
+                // As an image not servable now: "busy" until the next look, MISS_RECHECK on (a
+                // flood of requests during an outage is not a flood of registry reads).
+                Offered::Retry => Some((req.tag, None)),
             };
             self.checked = Some(now);
         }
