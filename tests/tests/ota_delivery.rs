@@ -611,6 +611,38 @@ async fn a_registry_outage_makes_a_download_wait_not_fail() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn while_the_registry_is_down_a_flood_of_requests_reads_it_a_few_times_only() {
+    // A request answered busy because the registry could not be read left the session's
+    // lookup unrecorded: the next request read the registry again, so a device (any device
+    // with a job) asking as fast as its session lets it put a registry read per request on
+    // the pool that every admission waits for, for as long as the registry is in trouble.
+    // A failed read is trusted like a miss (200 ms): the flood is answered busy from it.
+    let pg = fleet_tests::PgCluster::start_tcp();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    ok(&fleet, &["firmware-key"]);
+    let rel = release(&fleet, "1.2.0", 7);
+    let broker = BrokerProc::start(&fleet, &["--ota-poll-ms", "100", "--registry-timeout", "1"]);
+    let d0 = fleet.id(0);
+    let mut dev = device(&broker, &fleet, 0).await;
+    start(&fleet, &d0, "100%", "100%");
+    offer(&mut dev, &d0).await;
+    assert_eq!(fetch(&mut dev, &d0, &rel.tag, 0, 1024, 1024).await, rel.image[..1024]);
+    pg.stop();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // past the chunk server's trust
+    const FLOOD: u32 = 30;
+    for _ in 0..FLOOD {
+        ask(&mut dev, &d0, &rel.tag, 1024, 1024).await;
+    }
+    for _ in 0..FLOOD {
+        let (_, offset, st, _) = chunk(&mut dev, &d0).await;
+        assert_eq!((offset, st), (1024, 3), "a request while the registry is down");
+    }
+    let reads = broker.log().matches("cannot read the device's update job").count();
+    assert!((1..=3).contains(&reads), "{FLOOD} requests read the registry {reads} times");
+    pg.restart();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn requests_beyond_four_outstanding_are_busy_and_the_rest_are_paced() {
     // 2,048 bytes per second: two 1,024-byte chunks at once, then one every half second.
     let (fleet, rel, broker) = setup(1, &["--ota-bytes-per-sec", "2048"]).await;
