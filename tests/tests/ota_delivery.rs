@@ -575,6 +575,69 @@ async fn a_forged_object_whose_chunks_never_come_neither_hangs_a_node_nor_stops_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn bytes_forged_into_the_bucket_after_the_image_was_shared_are_put_back() {
+    // A node shared each image once per process: a holder of a node's NATS identity who
+    // waited for that and then put other bytes under the release's name kept the image from
+    // every node without it until the nodes restarted (the devices there were told busy until
+    // their jobs stalled, counted toward the campaign's abort threshold). A node that has the
+    // image checks the bucket's copy again every 10 s while the campaign runs.
+    let empty = tempfile::tempdir().unwrap();
+    let cluster = fleet_tests::fixture::Cluster::builder()
+        .devices(1)
+        .nodes(2)
+        .node_args(&["--ota-poll-ms", "100"])
+        .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
+        .start()
+        .await;
+    let fleet = &cluster.fleet;
+    ok(fleet, &["firmware-key"]);
+    let rel = release(fleet, "1.2.0", 7);
+    let sha512 = hex::encode(Sha512::digest(&rel.image));
+    let d0 = fleet.id(0);
+    // The device sleeps: its offer waits in the queue while n1 shares the image.
+    let id = start(fleet, &d0, "100%", "100%");
+    let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
+    let t = Instant::now();
+    let store = loop {
+        if let Ok(store) = forger.get_object_store("FLEET_OTA").await {
+            let mut shared = Vec::new();
+            if let Ok(mut o) = store.get(sha512.as_str()).await {
+                if tokio::io::AsyncReadExt::read_to_end(&mut o, &mut shared).await.is_ok()
+                    && shared == rel.image
+                {
+                    break store;
+                }
+            }
+        }
+        assert!(t.elapsed() < PATIENCE, "n1 never shared the image");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let forged: Vec<u8> = rel.image.iter().map(|b| b ^ 0x5a).collect();
+    store.put(sha512.as_str(), &mut forged.as_slice()).await.unwrap();
+
+    let n2 = &cluster.nodes[1];
+    let mut dev = device(n2, fleet, 0).await;
+    assert_eq!(offer(&mut dev, &d0).await, rel.manifest);
+    let t = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < rel.image.len() {
+        ask(&mut dev, &d0, &rel.tag, got.len() as u32, 1024).await;
+        let (_, offset, st, data) = chunk(&mut dev, &d0).await;
+        match st {
+            0 => got.extend_from_slice(&data),
+            3 => {
+                assert!(t.elapsed() < PATIENCE, "the forged object was never put back\n{}", n2.log());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => panic!("status {other} at {offset}\n{}", n2.log()),
+        }
+    }
+    assert!(got == rel.image, "n2 served other bytes than the release");
+    report(&mut dev, &d0, &rel, "confirmed", "").await;
+    until(fleet, &id, "completed", |c| c["state"] == "completed").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_registry_outage_makes_a_download_wait_not_fail() {
     // The chunk server reads the device's open job from the registry (again each second). While
     // the registry cannot be reached, a request used to be answered status 1 (`not_offered`),

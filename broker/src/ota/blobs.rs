@@ -31,6 +31,9 @@ const CACHED: usize = 8;
 pub(crate) const BUCKET: &str = "FLEET_OTA";
 /// After a failed attempt to share an image, the next one waits this long.
 const SHARE_RETRY: Duration = Duration::from_secs(30);
+/// A shared image's copy in the bucket is checked again (read whole, compared) this often
+/// while its campaign runs: bytes forged in after the share are put back within it.
+const SHARE_RECHECK: Duration = Duration::from_secs(10);
 /// After a failed fetch from the object store (missing, refused, or past its deadline), the
 /// next one waits this long: devices asking meanwhile are told busy without a fetch each.
 const FETCH_RETRY: Duration = Duration::from_secs(2);
@@ -100,6 +103,8 @@ pub(crate) struct Blobs {
 enum Attempt {
     Running,
     Done,
+    /// Shared (or nothing to share: not in this node's directory), at this instant.
+    Checked(Instant),
     Failed(Instant),
 }
 
@@ -285,8 +290,9 @@ impl Blobs {
     /// A cluster member with this image in its blob directory makes sure the object store
     /// holds it too, byte for byte (an object under its name that is not its bytes, or that
     /// cannot be read within [`patience`], is replaced). Once per image per process; after a
-    /// failure, again after [`SHARE_RETRY`]. Runs on its own task: the campaign runner does not
-    /// wait for the bucket.
+    /// failure, again after [`SHARE_RETRY`]; checked again every [`SHARE_RECHECK`] (a node
+    /// without the image in its directory only opens its file). Runs on its own task: the
+    /// campaign runner does not wait for the bucket.
     pub(crate) fn share(self: &Arc<Self>, sha512: &str, size: u64) {
         let Some(js) = &self.js else { return };
         if !is_digest(sha512) {
@@ -297,6 +303,7 @@ impl Blobs {
             let due = match shared.get(sha512) {
                 None => true,
                 Some(Attempt::Running | Attempt::Done) => false,
+                Some(Attempt::Checked(at)) => at.elapsed() >= SHARE_RECHECK,
                 Some(Attempt::Failed(at)) => at.elapsed() >= SHARE_RETRY,
             };
             if !due {
@@ -313,7 +320,7 @@ impl Blobs {
                     Err(_) => Err(BlobError::Deadline(sha512.clone(), 2 * patience(size))),
                 };
             let attempt = match outcome {
-                Ok(_) => Attempt::Done,
+                Ok(_) => Attempt::Checked(Instant::now()),
                 Err(e) => {
                     warn!(error = %e, "cannot share the firmware image with the cluster");
                     Attempt::Failed(Instant::now())
@@ -330,6 +337,16 @@ impl Blobs {
         size: u64,
     ) -> Result<bool, BlobError> {
         let store_err = |e: &dyn std::fmt::Display| BlobError::Store(sha512.to_owned(), e.to_string());
+        let found = match self.cached(sha512) {
+            Some(b) => Ok(b),
+            None => self.local(sha512, size).await,
+        };
+        let bytes = match found {
+            Ok(b) => b,
+            // Not here: another node shares it (or nobody has it: devices are told status 1).
+            Err(BlobError::Missing(..)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         // Anything but the image's bytes, read in time, is replaced (a forged object, a link,
         // one whose chunks never come); if the store itself fails, so does the put.
         match tokio::time::timeout(patience(size), fetch(js, sha512, size)).await {
@@ -337,12 +354,6 @@ impl Blobs {
             Ok(Err(e)) => debug!(error = %e, "the object store's copy is not the image: putting it"),
             Err(_) => debug!(image = %sha512, "the object store's copy is not read in time: putting it"),
         }
-        let bytes = match self.local(sha512, size).await {
-            Ok(b) => b,
-            // Not here: another node shares it (or nobody has it: devices are told status 1).
-            Err(BlobError::Missing(..)) => return Ok(false),
-            Err(e) => return Err(e),
-        };
         let store = match js.get_object_store(BUCKET).await {
             Ok(s) => s,
             Err(_) => js
