@@ -467,6 +467,176 @@ async fn in_a_cluster_a_node_serves_an_image_another_shared_and_forged_bytes_are
     assert_eq!(job_state(&c, &d0), "confirmed");
 }
 
+/// base64 with the URL-safe alphabet and padding: how the object store names an object's
+/// metadata subject (`$O.<bucket>.M.<name>`).
+fn object_subject(bucket: &str, name: &str) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in name.as_bytes().chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(c.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(c.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    format!("$O.{bucket}.M.{out}")
+}
+
+/// A node identity's forged object in `FLEET_OTA` under the release's name, as metadata only:
+/// `forgery` (given the name) is merged into a well-formed object info of the release's size.
+/// The device on n2 (whose blob directory is empty) gets its offer and the release byte for
+/// byte: n1 replaces the object, n2 gives up on it.
+async fn forged_object_in_the_bucket_stops_nothing(forgery: fn(&str) -> Value) {
+    let empty = tempfile::tempdir().unwrap();
+    let cluster = fleet_tests::fixture::Cluster::builder()
+        .devices(1)
+        .nodes(2)
+        .node_args(&["--ota-poll-ms", "100"])
+        .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
+        .start()
+        .await;
+    let fleet = &cluster.fleet;
+    ok(fleet, &["firmware-key"]);
+    let rel = release(fleet, "1.2.0", 7);
+    let sha512 = hex::encode(Sha512::digest(&rel.image));
+
+    let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
+    let store = forger
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: "FLEET_OTA".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut meta = serde_json::json!({
+        "name": sha512, "bucket": "FLEET_OTA", "nuid": "FORGEDNUID0000000000000",
+        "size": rel.image.len(), "chunks": 1, "mtime": "2024-01-01T00:00:00Z",
+    });
+    meta.as_object_mut().unwrap().extend(forgery(&sha512).as_object().unwrap().clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    forger
+        .publish_with_headers(object_subject("FLEET_OTA", &sha512), headers, meta.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let info = store.info(sha512.as_str()).await.unwrap();
+    assert_eq!(info.size, rel.image.len(), "the forged object's info: {info:?}");
+
+    let d0 = fleet.id(0);
+    let n2 = &cluster.nodes[1];
+    let mut dev = device(n2, fleet, 0).await;
+    let id = start(fleet, &d0, "100%", "100%");
+    assert_eq!(offer(&mut dev, &d0).await, rel.manifest);
+    let t = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < rel.image.len() {
+        ask(&mut dev, &d0, &rel.tag, got.len() as u32, 1024).await;
+        let (tag, offset, st, data) = chunk(&mut dev, &d0).await;
+        assert_eq!((tag, offset as usize), (rel.tag, got.len()));
+        match st {
+            0 => got.extend_from_slice(&data),
+            3 => {
+                assert!(t.elapsed() < PATIENCE, "the image never became available on n2\n{}", n2.log());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => panic!("status {other} at {offset}\n{}", n2.log()),
+        }
+    }
+    assert!(got == rel.image, "n2 served other bytes than the release");
+    report(&mut dev, &d0, &rel, "confirmed", "").await;
+    let c = until(fleet, &id, "completed", |c| c["state"] == "completed").await;
+    assert_eq!(job_state(&c, &d0), "confirmed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_link_in_the_firmware_bucket_neither_hangs_a_node_nor_stops_the_campaign() {
+    // The object store follows a link object to its target, and a link to itself for ever
+    // (async-nats `ObjectStore::get`: one request and one boxed future per turn). The nodes
+    // fetched the object unbounded in time: the runner (sharing the image before it offers)
+    // and a device's session waited for ever; no offer went out.
+    forged_object_in_the_bucket_stops_nothing(
+        |name| serde_json::json!({ "options": { "link": { "bucket": "FLEET_OTA", "name": name } } }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_object_whose_chunks_never_come_neither_hangs_a_node_nor_stops_the_campaign() {
+    // An object info saying one chunk under a nuid that has none: the ordered consumer waits
+    // for it for ever, and so did the node reading it.
+    forged_object_in_the_bucket_stops_nothing(|_| serde_json::json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_forged_into_the_bucket_after_the_image_was_shared_are_put_back() {
+    // A node shared each image once per process: a holder of a node's NATS identity who
+    // waited for that and then put other bytes under the release's name kept the image from
+    // every node without it until the nodes restarted (the devices there were told busy until
+    // their jobs stalled, counted toward the campaign's abort threshold). A node that has the
+    // image checks the bucket's copy again every 10 s while the campaign runs.
+    let empty = tempfile::tempdir().unwrap();
+    let cluster = fleet_tests::fixture::Cluster::builder()
+        .devices(1)
+        .nodes(2)
+        .node_args(&["--ota-poll-ms", "100"])
+        .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
+        .start()
+        .await;
+    let fleet = &cluster.fleet;
+    ok(fleet, &["firmware-key"]);
+    let rel = release(fleet, "1.2.0", 7);
+    let sha512 = hex::encode(Sha512::digest(&rel.image));
+    let d0 = fleet.id(0);
+    // The device sleeps: its offer waits in the queue while n1 shares the image.
+    let id = start(fleet, &d0, "100%", "100%");
+    let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
+    let t = Instant::now();
+    let store = loop {
+        if let Ok(store) = forger.get_object_store("FLEET_OTA").await {
+            let mut shared = Vec::new();
+            if let Ok(mut o) = store.get(sha512.as_str()).await {
+                if tokio::io::AsyncReadExt::read_to_end(&mut o, &mut shared).await.is_ok()
+                    && shared == rel.image
+                {
+                    break store;
+                }
+            }
+        }
+        assert!(t.elapsed() < PATIENCE, "n1 never shared the image");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let forged: Vec<u8> = rel.image.iter().map(|b| b ^ 0x5a).collect();
+    store.put(sha512.as_str(), &mut forged.as_slice()).await.unwrap();
+
+    let n2 = &cluster.nodes[1];
+    let mut dev = device(n2, fleet, 0).await;
+    assert_eq!(offer(&mut dev, &d0).await, rel.manifest);
+    let t = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < rel.image.len() {
+        ask(&mut dev, &d0, &rel.tag, got.len() as u32, 1024).await;
+        let (_, offset, st, data) = chunk(&mut dev, &d0).await;
+        match st {
+            0 => got.extend_from_slice(&data),
+            3 => {
+                assert!(t.elapsed() < PATIENCE, "the forged object was never put back\n{}", n2.log());
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => panic!("status {other} at {offset}\n{}", n2.log()),
+        }
+    }
+    assert!(got == rel.image, "n2 served other bytes than the release");
+    report(&mut dev, &d0, &rel, "confirmed", "").await;
+    until(fleet, &id, "completed", |c| c["state"] == "completed").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registry_outage_makes_a_download_wait_not_fail() {
     // The chunk server reads the device's open job from the registry (again each second). While
@@ -501,6 +671,38 @@ async fn a_registry_outage_makes_a_download_wait_not_fail() {
     assert_eq!(rest, rel.image[1024..2048]);
     let c = until(&fleet, &id, "the job settled", |c| job_state(c, &d0) != "queued").await;
     assert_eq!(job_state(&c, &d0), "offered", "{c:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_the_registry_is_down_a_flood_of_requests_reads_it_a_few_times_only() {
+    // A request answered busy because the registry could not be read left the session's
+    // lookup unrecorded: the next request read the registry again, so a device (any device
+    // with a job) asking as fast as its session lets it put a registry read per request on
+    // the pool that every admission waits for, for as long as the registry is in trouble.
+    // A failed read is trusted like a miss (200 ms): the flood is answered busy from it.
+    let pg = fleet_tests::PgCluster::start_tcp();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    ok(&fleet, &["firmware-key"]);
+    let rel = release(&fleet, "1.2.0", 7);
+    let broker = BrokerProc::start(&fleet, &["--ota-poll-ms", "100", "--registry-timeout", "1"]);
+    let d0 = fleet.id(0);
+    let mut dev = device(&broker, &fleet, 0).await;
+    start(&fleet, &d0, "100%", "100%");
+    offer(&mut dev, &d0).await;
+    assert_eq!(fetch(&mut dev, &d0, &rel.tag, 0, 1024, 1024).await, rel.image[..1024]);
+    pg.stop();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // past the chunk server's trust
+    const FLOOD: u32 = 30;
+    for _ in 0..FLOOD {
+        ask(&mut dev, &d0, &rel.tag, 1024, 1024).await;
+    }
+    for _ in 0..FLOOD {
+        let (_, offset, st, _) = chunk(&mut dev, &d0).await;
+        assert_eq!((offset, st), (1024, 3), "a request while the registry is down");
+    }
+    let reads = broker.log().matches("cannot read the device's update job").count();
+    assert!((1..=3).contains(&reads), "{FLOOD} requests read the registry {reads} times");
+    pg.restart();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,17 +8,22 @@
 //! node asked for an image it does not have fetches it from there, checks its SHA-512 and keeps
 //! a copy in its directory. Whoever can write into the bucket (the nodes' NATS users) can at
 //! worst make an image unavailable: bytes that are not their name's SHA-512 are never served,
-//! and an object whose size is not its release's is refused before it is read.
+//! an object whose size is not its release's is refused before it is read, a link object is
+//! refused (the object store follows links, a link to itself for ever), and every read from
+//! the bucket has a deadline ([`patience`]: an object whose chunks never come). Neither a
+//! device's session nor the campaign runner waits for the bucket: a fetch and a share run on
+//! their own tasks, one per image at a time, and a failed fetch is tried again only after
+//! [`FETCH_RETRY`], however many devices ask meanwhile (they are told busy).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Images held in memory at most; more and the oldest are read again when asked for.
 const CACHED: usize = 8;
@@ -26,6 +31,18 @@ const CACHED: usize = 8;
 pub(crate) const BUCKET: &str = "FLEET_OTA";
 /// After a failed attempt to share an image, the next one waits this long.
 const SHARE_RETRY: Duration = Duration::from_secs(30);
+/// A shared image's copy in the bucket is checked again (read whole, compared) this often
+/// while its campaign runs: bytes forged in after the share are put back within it.
+const SHARE_RECHECK: Duration = Duration::from_secs(10);
+/// After a failed fetch from the object store (missing, refused, or past its deadline), the
+/// next one waits this long: devices asking meanwhile are told busy without a fetch each.
+const FETCH_RETRY: Duration = Duration::from_secs(2);
+
+/// How long reading an object of `size` bytes from the bucket may take: 5 s, plus 4 ms per
+/// KiB (a 1 MiB image within 9 s; the cluster's NATS serves one in well under a second).
+fn patience(size: u64) -> Duration {
+    Duration::from_secs(5) + Duration::from_millis(size / 256)
+}
 
 /// Why an image cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +64,24 @@ pub(crate) enum BlobError {
     /// The cluster's object store failed.
     #[error("image {0} in the cluster's object store {BUCKET}: {1}")]
     Store(String, String),
+    /// The object under the image's name is a link (to another object or bucket): images are
+    /// stored as themselves only.
+    #[error("image {0} in {STORE} {BUCKET} is a link: refused")]
+    Link(String),
+    /// Reading the object took longer than [`patience`] allows.
+    #[error("image {0} in {STORE} {BUCKET}: not read within {1:?}: refused")]
+    Deadline(String, Duration),
+    /// Being read now (from the directory or the object store), or the last fetch failed
+    /// less than [`FETCH_RETRY`] ago: ask again later.
+    #[error("image {0} is being fetched, or its last fetch failed moments ago")]
+    Pending(String),
+}
+
+impl BlobError {
+    /// Worth a warning: not [`BlobError::Pending`] (said at every device's request meanwhile).
+    pub(crate) fn is_news(&self) -> bool {
+        !matches!(self, BlobError::Pending(_))
+    }
 }
 
 /// The blob directory, the cluster's object store, and the images in use.
@@ -56,8 +91,34 @@ pub(crate) struct Blobs {
     cache: Mutex<Vec<(String, Bytes)>>,
     /// A cluster member's JetStream.
     js: Option<jetstream::Context>,
-    /// Images put into (or found in) the object store: `None`; the last failed attempt: `Some`.
-    shared: Mutex<HashMap<String, Option<Instant>>>,
+    /// Images put into (or found in) the object store, being shared, or failed to.
+    shared: Mutex<HashMap<String, Attempt>>,
+    /// Images being read (from the directory or the object store), or whose last fetch from
+    /// the object store failed.
+    loads: Mutex<HashMap<String, Attempt>>,
+}
+
+/// Where an image's share or load stands.
+#[derive(Debug, Clone, Copy)]
+enum Attempt {
+    Running,
+    Done,
+    /// Shared (or nothing to share: not in this node's directory), at this instant.
+    Checked(Instant),
+    Failed(Instant),
+}
+
+/// Clears a `Running` load when its reader is dropped before it recorded an outcome (a
+/// session closed while it read the directory): the next request reads again.
+struct Loading<'a>(&'a Mutex<HashMap<String, Attempt>>, &'a str);
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut loads = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if matches!(loads.get(self.1), Some(Attempt::Running)) {
+            loads.remove(self.1);
+        }
+    }
 }
 
 /// Is `s` a SHA-512 in lowercase hex?
@@ -93,37 +154,98 @@ async fn read_checked(
 impl Blobs {
     /// The images in `dir`, and (a cluster member) in the object store of `js`.
     pub(crate) fn new(dir: PathBuf, js: Option<jetstream::Context>) -> Self {
-        Self { dir, cache: Mutex::new(Vec::new()), js, shared: Mutex::new(HashMap::new()) }
+        Self {
+            dir,
+            cache: Mutex::new(Vec::new()),
+            js,
+            shared: Mutex::new(HashMap::new()),
+            loads: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The image whose SHA-512 is `sha512` (hex) and whose release says it is `size` bytes,
     /// read and checked on first use: from the blob directory, else (a cluster member) from the
     /// object store, then kept in the directory. The length is checked before the image is
     /// read: whoever can write into the directory or the bucket cannot make the broker read a
-    /// huge file into memory.
-    pub(crate) async fn image(&self, sha512: &str, size: u64) -> Result<Bytes, BlobError> {
+    /// huge file into memory. One read per image at a time: while it runs, and for
+    /// [`FETCH_RETRY`] after a failed fetch, the answer is [`BlobError::Pending`]. A fetch from
+    /// the object store runs on its own task (the first asker is told `Pending` too): no
+    /// session waits for the bucket.
+    pub(crate) async fn image(self: &Arc<Self>, sha512: &str, size: u64) -> Result<Bytes, BlobError> {
         if !is_digest(sha512) {
             return Err(BlobError::Digest(sha512.to_owned(), DIR));
         }
-        if let Some(b) = self.lock().iter().find(|(d, _)| d == sha512).map(|(_, b)| b.clone()) {
+        if let Some(b) = self.cached(sha512) {
             return Ok(b);
         }
-        let bytes = match (self.local(sha512, size).await, &self.js) {
-            (Ok(b), _) => b,
-            (Err(BlobError::Missing(..)), Some(js)) => {
-                let b = fetch(js, sha512, size).await?;
-                info!(image = %sha512, "firmware image fetched from the cluster's object store");
-                self.keep(sha512, &b).await;
-                b
+        {
+            let mut loads = self.loads_lock();
+            match loads.get(sha512) {
+                Some(Attempt::Running) => return Err(BlobError::Pending(sha512.to_owned())),
+                Some(Attempt::Failed(at)) if at.elapsed() < FETCH_RETRY => {
+                    return Err(BlobError::Pending(sha512.to_owned()))
+                }
+                _ => {}
             }
-            (Err(e), _) => return Err(e),
-        };
-        let mut cache = self.lock();
-        if cache.len() >= CACHED {
-            cache.remove(0);
+            loads.insert(sha512.to_owned(), Attempt::Running);
         }
-        cache.push((sha512.to_owned(), bytes.clone()));
-        Ok(bytes)
+        let guard = Loading(&self.loads, sha512);
+        match (self.local(sha512, size).await, &self.js) {
+            (Ok(b), _) => {
+                self.remember(sha512, &b);
+                drop(guard);
+                Ok(b)
+            }
+            (Err(BlobError::Missing(..)), Some(js)) => {
+                // The load stays `Running` until the task records its outcome.
+                std::mem::forget(guard);
+                let (blobs, js, sha512, digest) =
+                    (self.clone(), js.clone(), sha512.to_owned(), sha512.to_owned());
+                tokio::spawn(async move {
+                    let outcome = match tokio::time::timeout(patience(size), fetch(&js, &sha512, size)).await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(BlobError::Deadline(sha512.clone(), patience(size))),
+                    };
+                    let attempt = match outcome {
+                        Ok(b) => {
+                            info!(image = %sha512, "firmware image fetched from the cluster's object store");
+                            blobs.keep(&sha512, &b).await;
+                            blobs.remember(&sha512, &b);
+                            Attempt::Done
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "firmware image not fetched from the cluster's object store");
+                            Attempt::Failed(Instant::now())
+                        }
+                    };
+                    blobs.loads_lock().insert(sha512, attempt);
+                });
+                Err(BlobError::Pending(digest))
+            }
+            (Err(e), _) => {
+                drop(guard);
+                Err(e)
+            }
+        }
+    }
+
+    fn cached(&self, sha512: &str) -> Option<Bytes> {
+        self.lock().iter().find(|(d, _)| d == sha512).map(|(_, b)| b.clone())
+    }
+
+    /// Keeps `bytes` in memory (the oldest of [`CACHED`] out) and ends its load.
+    fn remember(&self, sha512: &str, bytes: &Bytes) {
+        {
+            let mut cache = self.lock();
+            if !cache.iter().any(|(d, _)| d == sha512) {
+                if cache.len() >= CACHED {
+                    cache.remove(0);
+                }
+                cache.push((sha512.to_owned(), bytes.clone()));
+            }
+        }
+        self.loads_lock().insert(sha512.to_owned(), Attempt::Done);
     }
 
     /// The image from the blob directory, checked.
@@ -166,26 +288,46 @@ impl Blobs {
     }
 
     /// A cluster member with this image in its blob directory makes sure the object store
-    /// holds it too, byte for byte (an object under its name that is not its bytes is
-    /// replaced). Once per image per process; after a failure, again after [`SHARE_RETRY`].
-    /// Returns true when it put the image.
-    pub(crate) async fn share(&self, sha512: &str, size: u64) -> Result<bool, BlobError> {
-        let Some(js) = &self.js else { return Ok(false) };
-        let due = match self.shared_lock().get(sha512) {
-            None => true,
-            Some(None) => false,
-            Some(Some(failed)) => failed.elapsed() >= SHARE_RETRY,
-        };
-        if !due || !is_digest(sha512) {
-            return Ok(false);
+    /// holds it too, byte for byte (an object under its name that is not its bytes, or that
+    /// cannot be read within [`patience`], is replaced). Once per image per process; after a
+    /// failure, again after [`SHARE_RETRY`]; checked again every [`SHARE_RECHECK`] (a node
+    /// without the image in its directory only opens its file). Runs on its own task: the
+    /// campaign runner does not wait for the bucket.
+    pub(crate) fn share(self: &Arc<Self>, sha512: &str, size: u64) {
+        let Some(js) = &self.js else { return };
+        if !is_digest(sha512) {
+            return;
         }
-        let outcome = self.put_if_needed(js, sha512, size).await;
-        let mark = match &outcome {
-            Ok(_) => None,
-            Err(_) => Some(Instant::now()),
-        };
-        self.shared_lock().insert(sha512.to_owned(), mark);
-        outcome
+        {
+            let mut shared = self.shared_lock();
+            let due = match shared.get(sha512) {
+                None => true,
+                Some(Attempt::Running | Attempt::Done) => false,
+                Some(Attempt::Checked(at)) => at.elapsed() >= SHARE_RECHECK,
+                Some(Attempt::Failed(at)) => at.elapsed() >= SHARE_RETRY,
+            };
+            if !due {
+                return;
+            }
+            shared.insert(sha512.to_owned(), Attempt::Running);
+        }
+        let (blobs, js, sha512) = (self.clone(), js.clone(), sha512.to_owned());
+        tokio::spawn(async move {
+            let outcome =
+                match tokio::time::timeout(2 * patience(size), blobs.put_if_needed(&js, &sha512, size)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(BlobError::Deadline(sha512.clone(), 2 * patience(size))),
+                };
+            let attempt = match outcome {
+                Ok(_) => Attempt::Checked(Instant::now()),
+                Err(e) => {
+                    warn!(error = %e, "cannot share the firmware image with the cluster");
+                    Attempt::Failed(Instant::now())
+                }
+            };
+            blobs.shared_lock().insert(sha512, attempt);
+        });
     }
 
     async fn put_if_needed(
@@ -195,17 +337,23 @@ impl Blobs {
         size: u64,
     ) -> Result<bool, BlobError> {
         let store_err = |e: &dyn std::fmt::Display| BlobError::Store(sha512.to_owned(), e.to_string());
-        match fetch(js, sha512, size).await {
-            Ok(_) => return Ok(false),
-            Err(BlobError::Missing(..) | BlobError::Digest(..) | BlobError::Size { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        let bytes = match self.local(sha512, size).await {
+        let found = match self.cached(sha512) {
+            Some(b) => Ok(b),
+            None => self.local(sha512, size).await,
+        };
+        let bytes = match found {
             Ok(b) => b,
             // Not here: another node shares it (or nobody has it: devices are told status 1).
             Err(BlobError::Missing(..)) => return Ok(false),
             Err(e) => return Err(e),
         };
+        // Anything but the image's bytes, read in time, is replaced (a forged object, a link,
+        // one whose chunks never come); if the store itself fails, so does the put.
+        match tokio::time::timeout(patience(size), fetch(js, sha512, size)).await {
+            Ok(Ok(_)) => return Ok(false),
+            Ok(Err(e)) => debug!(error = %e, "the object store's copy is not the image: putting it"),
+            Err(_) => debug!(image = %sha512, "the object store's copy is not read in time: putting it"),
+        }
         let store = match js.get_object_store(BUCKET).await {
             Ok(s) => s,
             Err(_) => js
@@ -227,13 +375,18 @@ impl Blobs {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn shared_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Instant>>> {
+    fn shared_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attempt>> {
         self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn loads_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attempt>> {
+        self.loads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 /// The image from the cluster's object store, its size checked from the object's info before
-/// it is read and its SHA-512 after.
+/// it is read and its SHA-512 after; a link refused (the object read must be the one whose
+/// info was checked). The caller bounds it in time ([`patience`]).
 async fn fetch(js: &jetstream::Context, sha512: &str, size: u64) -> Result<Bytes, BlobError> {
     use jetstream::object_store::{GetErrorKind, InfoErrorKind};
     let missing = || BlobError::Missing(sha512.to_owned(), format!("{STORE} {BUCKET}"));
@@ -249,6 +402,9 @@ async fn fetch(js: &jetstream::Context, sha512: &str, size: u64) -> Result<Bytes
         Err(e) if e.kind() == InfoErrorKind::NotFound => return Err(missing()),
         Err(e) => return Err(store_err(&e)),
     };
+    if info.options.as_ref().is_some_and(|o| o.link.is_some()) {
+        return Err(BlobError::Link(sha512.to_owned()));
+    }
     if info.size as u64 != size {
         return Err(BlobError::Size {
             digest: sha512.to_owned(),
@@ -262,6 +418,10 @@ async fn fetch(js: &jetstream::Context, sha512: &str, size: u64) -> Result<Bytes
         Err(e) if e.kind() == GetErrorKind::NotFound => return Err(missing()),
         Err(e) => return Err(store_err(&e)),
     };
+    // Replaced by a link between the two reads: `get` followed it.
+    if object.info().nuid != info.nuid {
+        return Err(BlobError::Link(sha512.to_owned()));
+    }
     read_checked(object, sha512, size, STORE).await
 }
 
@@ -277,7 +437,7 @@ mod tests {
         std::fs::write(dir.join(&name), &image).unwrap_or_else(|e| panic!("{e}"));
         let other = "0".repeat(128);
         std::fs::write(dir.join(&other), &image).unwrap_or_else(|e| panic!("{e}"));
-        let blobs = Blobs::new(dir.clone(), None);
+        let blobs = Arc::new(Blobs::new(dir.clone(), None));
         assert_eq!(blobs.image(&name, image.len() as u64).await.ok().as_deref(), Some(image.as_slice()));
         assert!(matches!(blobs.image(&other, image.len() as u64).await, Err(BlobError::Digest(..))));
         assert!(matches!(blobs.image(&"1".repeat(128), 1).await, Err(BlobError::Missing(..))));
@@ -295,7 +455,7 @@ mod tests {
         let name = hex::encode(ring::digest::digest(&ring::digest::SHA512, &image).as_ref());
         let f = std::fs::File::create(dir.join(&name)).unwrap_or_else(|e| panic!("{e}"));
         f.set_len(64 << 20).unwrap_or_else(|e| panic!("{e}")); // sparse: no disk, 64 MiB to read
-        let blobs = Blobs::new(dir.clone(), None);
+        let blobs = Arc::new(Blobs::new(dir.clone(), None));
         assert!(matches!(blobs.image(&name, image.len() as u64).await, Err(BlobError::Size { .. })));
         std::fs::write(dir.join(&name), &image).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(blobs.image(&name, image.len() as u64 + 1).await, Err(BlobError::Size { .. })));

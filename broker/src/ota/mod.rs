@@ -52,7 +52,7 @@ pub(crate) struct Ota {
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
-    blobs: Blobs,
+    blobs: Arc<Blobs>,
     fabric: Fabric,
     metrics: Metrics,
     limits: Limits,
@@ -82,7 +82,7 @@ impl Ota {
         metrics: Metrics,
         limits: Limits,
     ) -> Self {
-        let blobs = Blobs::new(blob_dir, fabric.jetstream());
+        let blobs = Arc::new(Blobs::new(blob_dir, fabric.jetstream()));
         Self { inner: Arc::new(Inner { registry, blobs, fabric, metrics, limits }) }
     }
 
@@ -109,7 +109,11 @@ impl Ota {
             Ok(image) => Offered::Job { tag, image },
             Err(e) => {
                 self.inner.metrics.ota_refused.with_label_values(&["image_unavailable"]).inc();
-                warn!(%device, error = %e, "firmware image unavailable");
+                if e.is_news() {
+                    warn!(%device, error = %e, "firmware image unavailable");
+                } else {
+                    debug!(%device, error = %e, "firmware image unavailable");
+                }
                 Offered::Unavailable { tag }
             }
         }

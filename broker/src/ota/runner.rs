@@ -63,10 +63,9 @@ async fn campaign(ota: &Ota, writer: &Writer, c: &Campaign) -> Result<(), fleet_
     let now = now_millis();
     let jobs = reg.ota_jobs(&c.id).await?;
     if let Some(size) = jobs.first().and_then(|j| u64::try_from(j.size).ok()) {
-        // A cluster member with the image in its blob directory shares it with the others.
-        if let Err(e) = ota.inner.blobs.share(&c.sha512, size).await {
-            warn!(campaign = %c.id, error = %e, "cannot share the firmware image with the cluster");
-        }
+        // A cluster member with the image in its blob directory shares it with the others
+        // (on its own task: the runner does not wait for the object store).
+        ota.inner.blobs.share(&c.sha512, size);
     }
     let started: Vec<_> = jobs.iter().filter(|j| j.wave <= c.wave).collect();
     let failed =

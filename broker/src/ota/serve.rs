@@ -31,7 +31,10 @@ const MISS_RECHECK: Duration = Duration::from_millis(200);
 pub(crate) struct ChunkServer {
     /// The device's open job's release and its image (`None`: not servable now).
     job: Option<(Tag, Option<Bytes>)>,
+    /// When the registry was last read (or failed to be).
     checked: Option<Instant>,
+    /// The last read of the registry failed: answered busy until the next, like a miss.
+    unreadable: bool,
     waiting: Arc<AtomicUsize>,
     bucket: Bucket,
 }
@@ -67,6 +70,7 @@ impl ChunkServer {
         Self {
             job: None,
             checked: None,
+            unreadable: false,
             waiting: Arc::new(AtomicUsize::new(0)),
             bucket: Bucket { rate: bytes_per_sec as f64, tokens: bytes_per_sec as f64, at: Instant::now() },
         }
@@ -94,8 +98,11 @@ impl ChunkServer {
             fleet_topic::level::CHUNK
         );
         let now = Instant::now();
-        // An image that could not be served is looked for again as often as a miss.
-        let trust = if matches!(self.job, Some((_, None))) { MISS_RECHECK } else { RECHECK };
+        // An image that could not be served, or a registry that could not be read, is looked
+        // for again as often as a miss (not at every request: a device flooding requests
+        // while the registry is in trouble made a registry read each).
+        let trust =
+            if self.unreadable || matches!(self.job, Some((_, None))) { MISS_RECHECK } else { RECHECK };
         let stale = self.checked.is_none_or(|t| now.duration_since(t) >= trust);
         let missed = self.job.as_ref().is_none_or(|(tag, _)| *tag != req.tag)
             && self.checked.is_none_or(|t| now.duration_since(t) >= MISS_RECHECK);
@@ -104,15 +111,18 @@ impl ChunkServer {
             Some(Message::new(topic.clone(), QoS::AtMostOnce, chunk(&req.tag, req.offset, status, &[])))
         };
         if stale || missed {
-            self.job = match ota.offered(device).await {
+            let offered = ota.offered(device).await;
+            // From when the answer came: a read that took long is not read again at once.
+            self.checked = Some(Instant::now());
+            self.unreadable = matches!(offered, Offered::Retry);
+            self.job = match offered {
                 Offered::Job { tag, image } => Some((tag, Some(image))),
                 Offered::Unavailable { tag } => Some((tag, None)),
-                Offered::Nothing => None,
-                // As an image not servable now: "busy" until the next look, MISS_RECHECK on (a
-                // flood of requests during an outage is not a flood of registry reads).
-                Offered::Retry => Some((req.tag, None)),
+                Offered::Nothing | Offered::Retry => None,
             };
-            self.checked = Some(now);
+        }
+        if self.unreadable {
+            return refuse(Status::Busy);
         }
         let Some((_, image)) = self.job.as_ref().filter(|(tag, _)| *tag == req.tag) else {
             return refuse(Status::NotOffered);
