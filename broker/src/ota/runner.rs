@@ -133,7 +133,17 @@ async fn campaign(ota: &Ota, writer: &Writer, c: &Campaign) -> Result<(), fleet_
         };
         match writer.apply(vec![change]).await.as_deref() {
             Some([CommandOutcome::Enqueued { id, .. }]) => {
-                reg.ota_job_offer_queued(&c.id, &job.device_id, *id).await?;
+                // The offer is in the queue: its id must reach the job, or the claim would be
+                // taken back after CLAIM_TIMEOUT_MS and a second offer queued.
+                for pause in [250, 500, 1000, 0] {
+                    match reg.ota_job_offer_queued(&c.id, &job.device_id, *id).await {
+                        Ok(_) => break,
+                        Err(e) if pause == 0 => {
+                            warn!(campaign = %c.id, device = %job.device_id, error = %e, "offer queued but not recorded on its job")
+                        }
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(pause)).await,
+                    }
+                }
                 // Wake the device's session, wherever it is: it reads its queue.
                 let topic = fleet_topic::command(device.as_str(), OFFER).to_string();
                 let p = Message::new(topic, QoS::AtLeastOnce, manifest.clone());
