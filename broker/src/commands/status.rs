@@ -43,6 +43,18 @@ impl Reply {
     }
 }
 
+/// A status message's JSON, fields in the order docs/spec/commands.md shows them.
+#[derive(serde::Serialize)]
+struct StatusBody<'a> {
+    id: i64,
+    device: &'a str,
+    name: &'a str,
+    status: &'a str,
+    at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
 /// Publishes status changes; clone freely.
 #[derive(Debug, Clone)]
 pub(crate) struct Statuses {
@@ -62,13 +74,17 @@ impl Statuses {
         reply: Option<&Reply>,
     ) {
         self.metrics.commands.with_label_values(&[s.as_str()]).inc();
-        let mut body = serde_json::json!({
-            "id": id, "device": device, "name": name, "status": s.as_str(), "at": now_millis(),
-        });
-        if let Some(r) = reason {
-            body["reason"] = serde_json::Value::from(r.label());
-        }
-        let body = body.to_string();
+        let body = StatusBody {
+            id,
+            device,
+            name,
+            status: s.as_str(),
+            at: now_millis(),
+            reason: reason.map(|r| r.label()),
+        };
+        // Serialized straight from borrowed fields: no `serde_json::Value` map per status (a
+        // service sending thousands of commands a second made one per command).
+        let body = serde_json::to_string(&body).unwrap_or_default();
         if let Some(r) = reply {
             // The same status, where the sender asked, with its correlation data.
             let mut p = Message::new(r.topic.clone(), QoS::AtLeastOnce, body.clone());
