@@ -406,14 +406,10 @@ async fn a_job_is_claimed_once_and_a_claim_left_without_its_offer_is_offered_aga
     assert_eq!((job.state, job.command_id), (JobState::Queued, Some(41)));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn in_a_cluster_a_node_serves_an_image_another_shared_and_forged_bytes_are_replaced() {
-    // n1 has the release in its blob directory (`ota publish` on the station's home); n2's is
-    // empty. Before the campaign, a holder of a node's NATS identity puts other bytes of the
-    // same length under the release's name into the object store, and the stream reader tries
-    // to write there too. The device on n2 still gets the release byte for byte: n1 replaces
-    // the forged object, n2 refuses what does not match the SHA-512 (the device is told "busy"
-    // and asks again meanwhile) and keeps the checked image in its own directory.
+/// Two nodes on one bus, n2's blob directory empty (the returned one), release 1.2.0 published
+/// into n1's, its SHA-512, and JetStream as a holder of node n3's NATS identity sees it.
+async fn two_nodes(
+) -> (tempfile::TempDir, fleet_tests::fixture::Cluster, Release, String, async_nats::jetstream::Context) {
     let empty = tempfile::tempdir().unwrap();
     let cluster = fleet_tests::fixture::Cluster::builder()
         .devices(1)
@@ -422,12 +418,24 @@ async fn in_a_cluster_a_node_serves_an_image_another_shared_and_forged_bytes_are
         .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
         .start()
         .await;
-    let fleet = &cluster.fleet;
-    ok(fleet, &["firmware-key"]);
-    let rel = release(fleet, "1.2.0", 7);
+    ok(&cluster.fleet, &["firmware-key"]);
+    let rel = release(&cluster.fleet, "1.2.0", 7);
     let sha512 = hex::encode(Sha512::digest(&rel.image));
-
     let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
+    (empty, cluster, rel, sha512, forger)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_cluster_a_node_serves_an_image_another_shared_and_forged_bytes_are_replaced() {
+    // n1 has the release in its blob directory (`ota publish` on the station's home); n2's is
+    // empty. Before the campaign, a holder of a node's NATS identity puts other bytes of the
+    // same length under the release's name into the object store, and the stream reader tries
+    // to write there too. The device on n2 still gets the release byte for byte: n1 replaces
+    // the forged object, n2 refuses what does not match the SHA-512 (the device is told "busy"
+    // and asks again meanwhile) and keeps the checked image in its own directory.
+    let (empty, cluster, rel, sha512, forger) = two_nodes().await;
+    let fleet = &cluster.fleet;
+
     let store = forger
         .create_object_store(async_nats::jetstream::object_store::Config {
             bucket: "FLEET_OTA".into(),
@@ -499,20 +507,9 @@ fn object_subject(bucket: &str, name: &str) -> String {
 /// The device on n2 (whose blob directory is empty) gets its offer and the release byte for
 /// byte: n1 replaces the object, n2 gives up on it.
 async fn forged_object_in_the_bucket_stops_nothing(forgery: fn(&str) -> Value) {
-    let empty = tempfile::tempdir().unwrap();
-    let cluster = fleet_tests::fixture::Cluster::builder()
-        .devices(1)
-        .nodes(2)
-        .node_args(&["--ota-poll-ms", "100"])
-        .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
-        .start()
-        .await;
+    let (_empty, cluster, rel, sha512, forger) = two_nodes().await;
     let fleet = &cluster.fleet;
-    ok(fleet, &["firmware-key"]);
-    let rel = release(fleet, "1.2.0", 7);
-    let sha512 = hex::encode(Sha512::digest(&rel.image));
 
-    let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
     let store = forger
         .create_object_store(async_nats::jetstream::object_store::Config {
             bucket: "FLEET_OTA".into(),
@@ -588,22 +585,11 @@ async fn bytes_forged_into_the_bucket_after_the_image_was_shared_are_put_back() 
     // every node without it until the nodes restarted (the devices there were told busy until
     // their jobs stalled, counted toward the campaign's abort threshold). A node that has the
     // image checks the bucket's copy again every 10 s while the campaign runs.
-    let empty = tempfile::tempdir().unwrap();
-    let cluster = fleet_tests::fixture::Cluster::builder()
-        .devices(1)
-        .nodes(2)
-        .node_args(&["--ota-poll-ms", "100"])
-        .node_args_of("n2", &["--ota-blob-dir", empty.path().to_str().unwrap()])
-        .start()
-        .await;
+    let (_empty, cluster, rel, sha512, forger) = two_nodes().await;
     let fleet = &cluster.fleet;
-    ok(fleet, &["firmware-key"]);
-    let rel = release(fleet, "1.2.0", 7);
-    let sha512 = hex::encode(Sha512::digest(&rel.image));
     let d0 = fleet.id(0);
     // The device sleeps: its offer waits in the queue while n1 shares the image.
     let id = start(fleet, &d0, "100%", "100%");
-    let forger = async_nats::jetstream::new(common::bus::client(&cluster.nats, "n3").await);
     let t = Instant::now();
     let store = loop {
         if let Ok(store) = forger.get_object_store("FLEET_OTA").await {
