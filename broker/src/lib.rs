@@ -57,6 +57,16 @@ pub use config::{Config, ConfigError, CrlPolicy};
 pub use observe::metrics::Metrics;
 pub use tls::{CrlInfo, TlsError};
 
+/// How long a stopping broker waits for its telemetry log to be copied into the registry.
+const FEED_GRACE: Duration = Duration::from_secs(10);
+
+/// Where a telemetry log in `dir` stands, read from its files: its id (the registry's
+/// `telemetry_feed.log_id`) and the last record's sequence number. Every message a broker
+/// acknowledged before this is read is at or below it. `None`: no log in `dir`.
+pub fn store_log_position(dir: &std::path::Path) -> Result<Option<(i64, u64)>, String> {
+    store::log::position(dir)
+}
+
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -76,6 +86,9 @@ pub enum BrokerError {
     /// Socket errors.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// The telemetry log cannot be opened.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A configured broker, ready to serve: its services, built and wired, and the tasks that
@@ -94,6 +107,8 @@ pub struct Broker {
     statuses: Statuses,
     shutdown: CancellationToken,
     store_writer: tokio::task::JoinHandle<()>,
+    /// The telemetry log's copy into the registry and what stops it (`store = log`).
+    store_feed: Option<(tokio::task::JoinHandle<()>, CancellationToken)>,
     /// Opened before the first admission: every revocation after it reaches the feed, every one
     /// before it is visible to admission queries.
     feed: RevocationFeed,
@@ -138,13 +153,30 @@ impl Broker {
             Some(_) => Some(cluster::Cluster::connect(&config, &metrics).await?),
             None => None,
         };
-        // A single node stores into the registry; a cluster member into the JetStream stream.
+        // A single node stores into its telemetry log (copied into the registry) or into the
+        // registry; a cluster member into the JetStream stream.
+        let feed_stop = CancellationToken::new();
+        let mut store_feed = None;
         let (store, store_writer) = match &cluster {
             Some(c) => store::Store::start(
                 cluster::stream::JetStreamSink { js: c.js.clone(), max_payload: c.max_payload },
                 config.store_batch,
                 metrics.clone(),
             ),
+            None if config.store_in_log() => {
+                let settings = store::log::Settings {
+                    dir: config.store_log_dir_path(),
+                    sync: config.store_fsync() == fleet_registry::WriterSync::EveryCommit,
+                    max_backlog: config.store_log_max_bytes,
+                    segment_bytes: store::log::SEGMENT_BYTES,
+                };
+                let started =
+                    store::start_log(&settings, &registry, config.store_batch, &metrics, feed_stop.clone())
+                        .await
+                        .map_err(BrokerError::Store)?;
+                store_feed = Some((started.feeder, feed_stop));
+                (started.store, started.writer)
+            }
             None => store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone()),
         };
         let sql_sink = cluster.as_ref().filter(|_| config.nats_sql_sink).map(|c| c.js.clone());
@@ -196,6 +228,7 @@ impl Broker {
             statuses,
             shutdown,
             store_writer,
+            store_feed,
             feed,
             command_jobs,
             sql_sink,
@@ -228,6 +261,7 @@ impl Broker {
             statuses,
             shutdown,
             store_writer,
+            store_feed,
             feed,
             command_jobs,
             sql_sink,
@@ -332,6 +366,17 @@ impl Broker {
         // queued and stop.
         drop(svc);
         let _ = store_writer.await;
+        if let Some((mut feeder, stop)) = store_feed {
+            // What the registry has not taken when this runs out stays in the log for the next
+            // start.
+            if tokio::time::timeout(FEED_GRACE, &mut feeder).await.is_err() {
+                tracing::warn!(
+                    "telemetry log: not all of it is copied into the registry yet; the rest is copied at the next start"
+                );
+                stop.cancel();
+                let _ = feeder.await;
+            }
+        }
         info!("broker stopped");
     }
 }

@@ -186,6 +186,8 @@ impl Registry {
             format!("GRANT SELECT ON devices, certificates, _sqlx_migrations TO {role}"),
             format!("GRANT INSERT ON telemetry TO {role}"),
             format!("GRANT USAGE ON SEQUENCE telemetry_id_seq TO {role}"),
+            // The single-node broker's log position, written with the rows it copies.
+            format!("GRANT SELECT, INSERT, UPDATE ON telemetry_feed TO {role}"),
             // The command queue: the broker stores, delivers and settles commands.
             format!("GRANT SELECT, INSERT, UPDATE ON commands TO {role}"),
             format!("GRANT USAGE ON SEQUENCE commands_id_seq TO {role}"),

@@ -141,12 +141,23 @@ impl Registry {
 impl TelemetryWriter {
     /// Stores `rows` in one transaction: all of them or none.
     pub async fn insert(&self, rows: &[Telemetry]) -> Result<()> {
+        self.insert_marked(rows, None).await
+    }
+
+    /// Stores `rows`, copied from the broker's telemetry log `log_id`, and records `last_seq`
+    /// (the log sequence number of the last of them) as that log's position, in one
+    /// transaction: a copy that fails stores neither, so the log is copied exactly once.
+    pub async fn insert_from_log(&self, log_id: i64, last_seq: u64, rows: &[Telemetry]) -> Result<()> {
+        self.insert_marked(rows, Some((log_id, last_seq))).await
+    }
+
+    async fn insert_marked(&self, rows: &[Telemetry], mark: Option<(i64, u64)>) -> Result<()> {
         let mut held = self.conn.lock().await;
         let conn = match held.as_mut() {
             Some(c) => c,
             None => held.insert(self.registry.acquire_writer().await?),
         };
-        let result = self.insert_on(conn, rows).await;
+        let result = self.insert_on(conn, rows, mark).await;
         if result.is_err() {
             // The connection may be what failed: the next batch takes another.
             *held = None;
@@ -154,8 +165,23 @@ impl TelemetryWriter {
         result
     }
 
-    async fn insert_on(&self, conn: &mut sqlx::AnyConnection, rows: &[Telemetry]) -> Result<()> {
+    async fn insert_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        rows: &[Telemetry],
+        mark: Option<(i64, u64)>,
+    ) -> Result<()> {
         let mut tx = self.registry.begin_write(conn).await?;
+        if let Some((log_id, seq)) = mark {
+            sqlx::query(
+                "INSERT INTO telemetry_feed (log_id, fed_seq) VALUES ($1, $2) \
+                 ON CONFLICT (log_id) DO UPDATE SET fed_seq = excluded.fed_seq",
+            )
+            .bind(log_id)
+            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let props = with_props(&chunk.iter().collect::<Vec<_>>());
             let partial;
@@ -173,6 +199,18 @@ impl TelemetryWriter {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+impl Registry {
+    /// How far the broker's telemetry log `log_id` is copied into the table: the sequence number
+    /// of the last record stored (0: none yet).
+    pub async fn telemetry_fed(&self, log_id: i64) -> Result<u64> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT fed_seq FROM telemetry_feed WHERE log_id = $1")
+            .bind(log_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
     }
 }
 
@@ -234,6 +272,39 @@ mod tests {
             .collect();
         reg.telemetry_writer().insert(&rows).await.expect("insert");
         assert_eq!(reg.telemetry_of(&id).await.expect("read"), rows);
+    }
+
+    #[tokio::test]
+    async fn rows_from_a_log_and_the_log_position_commit_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let reg = Registry::open(&url, true).await.expect("open");
+        let id = DeviceId::parse("dev-1").expect("id");
+        let row = |i: u8| Telemetry {
+            device_id: id.clone(),
+            topic: format!("devices/dev-1/t/{i}"),
+            payload: Bytes::from(vec![i; 2]),
+            qos: 1,
+            received_at: i64::from(i),
+            properties: None,
+        };
+        let w = reg.telemetry_writer();
+        assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 0);
+        w.insert_from_log(7, 3, &[row(1), row(2), row(3)]).await.expect("insert");
+        w.insert_from_log(7, 4, &[row(4)]).await.expect("insert");
+        w.insert_from_log(8, 1, &[row(5)]).await.expect("another log");
+        assert_eq!(
+            (reg.telemetry_fed(7).await.expect("fed"), reg.telemetry_fed(8).await.expect("fed")),
+            (4, 1)
+        );
+        // A batch that fails (a row the table refuses) moves neither rows nor the position.
+        sqlx::query("CREATE TRIGGER no_five BEFORE INSERT ON telemetry WHEN NEW.received_at = 5 BEGIN SELECT RAISE(ABORT, 'no'); END")
+            .execute(&reg.pool)
+            .await
+            .expect("trigger");
+        assert!(w.insert_from_log(7, 6, &[row(6), row(5)]).await.is_err());
+        assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 4);
+        assert_eq!(reg.telemetry_of(&id).await.expect("read").len(), 5);
     }
 
     #[tokio::test]

@@ -24,7 +24,9 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
     // registry timeout (a Unix socket would fail at once).
     let pg = fleet_tests::PgCluster::start_tcp();
     let fleet = Fleet::new(2, Some(pg.create_database("fleet"))).await;
-    let broker = BrokerProc::start(&fleet, &["--registry-timeout", "2"]);
+    // Messages stored in the registry before their PUBACK (with the telemetry log, the default,
+    // an outage does not hold PUBACKs: the next test).
+    let broker = BrokerProc::start(&fleet, &["--registry-timeout", "2", "--store", "registry"]);
     let (id0, id1) = (fleet.id(0), fleet.id(1));
     let topic = format!("devices/{id0}/telemetry");
 
@@ -86,6 +88,59 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
 }
 
 #[tokio::test]
+async fn with_the_log_a_registry_outage_holds_no_puback_until_the_backlog_limit_and_every_row_lands_once() {
+    let pg = fleet_tests::PgCluster::start_tcp();
+    let fleet = Fleet::new(1, Some(pg.create_database("fleet"))).await;
+    // Room for a few dozen records, not for 200.
+    let broker = BrokerProc::start(&fleet, &["--registry-timeout", "2", "--store-log-max-bytes", "3000"]);
+    let id = fleet.id(0);
+    let topic = format!("devices/{id}/telemetry");
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    raw.send(publish(&topic, 1, "before")).await.unwrap();
+    assert_eq!(raw.recv(PATIENCE).await, Some(Packet::PubAck(PubAck::new(1))));
+    fleet.wait_telemetry_rows(&id, 1, PATIENCE).await;
+
+    pg.stop();
+    // Acknowledged while the database is down: the log holds them.
+    let mut acked = Vec::new();
+    let mut refused_at = None;
+    for n in 2..200u16 {
+        raw.send(publish(&topic, n, &format!("during-{n}"))).await.unwrap();
+        match raw.recv(PATIENCE).await {
+            Some(Packet::PubAck(a)) if a.pkid == n => acked.push(format!("during-{n}")),
+            None => {
+                refused_at = Some(n);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(acked.len() >= 5, "the log took only {} messages during the outage", acked.len());
+    // Over the backlog limit: not acknowledged, the session closed, a clear log line.
+    assert!(refused_at.is_some(), "the backlog limit never stopped acknowledgements");
+    assert!(broker.metric("fleet_store_errors_total").await >= 1.0);
+    assert!(broker.metric("fleet_store_log_backlog_records").await >= acked.len() as f64);
+    assert!(broker.log().contains("store_log_max_bytes"), "log:\n{}", broker.log());
+
+    pg.restart();
+    let mut expect = vec!["before".to_owned()];
+    expect.extend(acked);
+    fleet.wait_telemetry_rows(&id, expect.len(), PATIENCE).await;
+    broker.wait_metric_at_most("fleet_store_log_backlog_records", 0.0, PATIENCE).await;
+    let rows: Vec<String> =
+        fleet.telemetry_rows(&id).await.into_iter().map(|r| String::from_utf8(r.1).unwrap()).collect();
+    assert_eq!(rows, expect, "every acknowledged message once, in order, and nothing refused");
+    assert!(broker.metric("fleet_store_feed_errors_total").await >= 1.0);
+
+    // Within the limit again: acknowledged.
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    raw.send(publish(&topic, 500, "after")).await.unwrap();
+    assert_eq!(raw.recv(PATIENCE).await, Some(Packet::PubAck(PubAck::new(500))));
+}
+
+#[tokio::test]
 async fn kill9_under_qos1_load_from_50_devices_loses_no_acknowledged_message() {
     const DEVICES: usize = 50;
     let fleet = Fleet::new(DEVICES, None).await;
@@ -128,22 +183,30 @@ async fn kill9_under_qos1_load_from_50_devices_loses_no_acknowledged_message() {
             }
         }));
     }
-    // Let thousands of messages through, then kill -9 mid-stream.
+    // Let thousands of messages through, then kill -9 mid-stream (the telemetry log's copy
+    // into the registry running too).
     broker.wait_metric("fleet_messages_stored_total", 10_000.0, Duration::from_secs(60)).await;
     broker.kill9();
-    let mut total_acked = 0;
-    let mut lost = Vec::new();
+    let mut acks = Vec::new();
     for r in readers {
-        let (id, acked) = tokio::time::timeout(Duration::from_secs(10), r).await.unwrap().unwrap();
-        assert!(acked.len() < 65_000, "pkids wrapped; the check would be ambiguous");
-        total_acked += acked.len();
-        let stored: HashSet<Vec<u8>> = fleet.telemetry_rows(&id).await.into_iter().map(|r| r.1).collect();
-        lost.extend(
-            acked.iter().filter(|n| !stored.contains(format!("m{n}").as_bytes())).map(|n| (id.clone(), *n)),
-        );
+        acks.push(tokio::time::timeout(Duration::from_secs(10), r).await.unwrap().unwrap());
     }
     for w in writers {
         w.abort();
+    }
+    // What was acknowledged but not yet copied is in the log: the next start copies it.
+    let _broker = BrokerProc::start(&fleet, &[]);
+    let mut total_acked = 0;
+    let mut lost = Vec::new();
+    for (id, acked) in acks {
+        assert!(acked.len() < 65_000, "pkids wrapped; the check would be ambiguous");
+        total_acked += acked.len();
+        let rows = fleet.telemetry_rows(&id).await;
+        let stored: HashSet<Vec<u8>> = rows.iter().map(|r| r.1.clone()).collect();
+        assert_eq!(stored.len(), rows.len(), "{id}: a message stored twice");
+        lost.extend(
+            acked.iter().filter(|n| !stored.contains(format!("m{n}").as_bytes())).map(|n| (id.clone(), *n)),
+        );
     }
     assert!(total_acked >= 5_000, "too few acks to mean anything: {total_acked}");
     assert!(

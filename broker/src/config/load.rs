@@ -76,6 +76,7 @@ impl Config {
             "client_ca" => d.client_ca_path().display().to_string(),
             "crl" => format!("{} when it exists", Home::new(&d.home).crl().display()),
             "ota_blob_dir" => d.ota_blob_dir_path().display().to_string(),
+            "store_log_dir" => d.store_log_dir_path().display().to_string(),
             "admin_database_url" => "database_url".to_owned(),
             "org_name" => "the client CA's organisation".to_owned(),
             _ if Self::KEYS.iter().any(|k| k.name == key) => "off".to_owned(),
@@ -92,6 +93,7 @@ impl Config {
         c.client_ca = Some(self.client_ca_path());
         c.crl = self.crl_path();
         c.ota_blob_dir = Some(self.ota_blob_dir_path());
+        c.store_log_dir = Some(self.store_log_dir_path());
         c
     }
 
@@ -126,6 +128,9 @@ impl Config {
                 "store_fsync: {:?} is neither every-commit nor checkpoint",
                 self.store_fsync
             )));
+        }
+        if !matches!(self.store.as_str(), "log" | "registry") {
+            return Err(ConfigError::Range(format!("store: {:?} is neither log nor registry", self.store)));
         }
         if let Some(to) = &self.moved_to {
             let port = to.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port));
@@ -281,6 +286,16 @@ impl Config {
             Some(p) => Some(p.clone()),
             None => Some(self.fleet_home().crl()).filter(|p| p.exists()),
         }
+    }
+
+    /// The telemetry log's directory: `store_log_dir`, or HOME/telemetry-log.
+    pub fn store_log_dir_path(&self) -> PathBuf {
+        self.store_log_dir.clone().unwrap_or_else(|| self.fleet_home().root().join("telemetry-log"))
+    }
+
+    /// `store = log` (the default) rather than `registry`.
+    pub fn store_in_log(&self) -> bool {
+        self.store != "registry"
     }
 
     /// The directory of firmware images the broker serves: `ota_blob_dir`, or HOME/ota-blobs.

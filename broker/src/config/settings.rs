@@ -131,6 +131,19 @@ settings! {
     /// system before the PUBACK and fsync'd at checkpoints: survives a crash of the broker, not a
     /// power cut). PostgreSQL: its own `synchronous_commit` decides.
     store_fsync: String = "every-commit".to_owned();
+    /// Where a single node makes acknowledged messages durable: `log` (the default: appended to
+    /// the telemetry log in `store_log_dir` before the PUBACK, and copied into the registry's
+    /// `telemetry` table in the background, exactly once) or `registry` (committed to the
+    /// `telemetry` table before the PUBACK). A cluster member stores into its JetStream stream
+    /// either way.
+    store: String = "log".to_owned();
+    /// The telemetry log's directory (`store = log`); one broker per directory. Default:
+    /// HOME/telemetry-log.
+    store_log_dir: Option<PathBuf> = None;
+    /// With `store = log`: while the log holds more than this many bytes the registry has not
+    /// taken yet (the database down or slower than ingest), messages are not acknowledged
+    /// (devices retransmit them later). 0: no limit.
+    store_log_max_bytes: u64 = 1 << 30;
     /// Longest wait for a registry connection, seconds: while the database is down, new
     /// devices get CONNACK 3 and unstored messages stay unacknowledged after this long.
     registry_timeout_secs: Secs = Secs::of(3.0), alias "registry-timeout";

@@ -139,6 +139,18 @@ fn a_cluster_member_keeps_topics_short_enough_for_nats_subjects() {
 }
 
 #[test]
+fn the_store_is_the_log_unless_told_and_nothing_else_is_accepted() {
+    let mut c = Config::default();
+    assert!(c.store_in_log());
+    c.set("store", "registry").unwrap();
+    c.validate().unwrap();
+    assert!(!c.store_in_log());
+    c.set("store", "memory").unwrap();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("store") && e.contains("registry"), "{e}");
+}
+
+#[test]
 fn store_fsync_is_every_commit_unless_told_and_nothing_else_is_accepted() {
     let mut c = Config::default();
     assert_eq!(c.store_fsync(), fleet_registry::WriterSync::EveryCommit);

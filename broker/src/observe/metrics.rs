@@ -27,6 +27,14 @@ pub struct Metrics {
     pub(crate) messages_dropped: IntCounter,
     /// Store failures.
     pub(crate) store_errors: IntCounter,
+    /// Records in the telemetry log not yet copied into the registry's table.
+    pub(crate) store_log_backlog_records: IntGauge,
+    /// Bytes of telemetry log records not yet copied into the registry.
+    pub(crate) store_log_backlog_bytes: IntGauge,
+    /// Rows copied from the telemetry log into the registry's table.
+    pub(crate) store_fed_rows: IntCounter,
+    /// Failed copies from the telemetry log into the registry (retried).
+    pub(crate) store_feed_errors: IntCounter,
     /// Sessions cut by the broker, by reason.
     pub(crate) kicks: IntCounterVec,
     /// ACL refusals.
@@ -201,6 +209,19 @@ impl Metrics {
             messages_delivered: c("messages_delivered_total", "Messages delivered to subscribers"),
             messages_dropped: c("messages_dropped_total", "Messages dropped for slow subscribers"),
             store_errors: c("store_errors_total", "Failed store commits"),
+            store_log_backlog_records: g(
+                "store_log_backlog_records",
+                "Acknowledged messages in the telemetry log not yet copied into the registry",
+            ),
+            store_log_backlog_bytes: g("store_log_backlog_bytes", "Bytes of telemetry log records not yet copied into the registry"),
+            store_fed_rows: c(
+                "store_fed_rows_total",
+                "Rows copied from the telemetry log into the registry's telemetry table",
+            ),
+            store_feed_errors: c(
+                "store_feed_errors_total",
+                "Failed copies from the telemetry log into the registry (retried)",
+            ),
             kicks: cv("kicks_total", "Sessions cut by the broker", &["reason"]),
             acl_denied: cv("acl_denied_total", "ACL refusals", &["action"]),
             protocol_errors: cv(

@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 
 use crate::observe::metrics::Metrics;
 
+pub(crate) mod feed;
+pub(crate) mod log;
+
 /// Why a sink did not store a batch.
 pub(crate) type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,6 +61,37 @@ impl std::fmt::Debug for Job {
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
     tx: mpsc::Sender<Job>,
+}
+
+/// A single node's telemetry log, started: the store writing into it, the writer's task, and the
+/// task copying it into the registry (stopped by `stop`; it stops by itself once the writer is
+/// gone and everything is copied).
+pub(crate) struct Started {
+    pub store: Store,
+    pub writer: JoinHandle<()>,
+    pub feeder: JoinHandle<()>,
+}
+
+/// Opens the telemetry log in `settings.dir` and starts the store on it and its copy into the
+/// registry's table (`batch` rows per commit either way).
+pub(crate) async fn start_log(
+    settings: &log::Settings,
+    registry: &fleet_registry::Registry,
+    batch: usize,
+    metrics: &Metrics,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Started, String> {
+    let (id, lock) = log::open_id(settings).map_err(|e| e.to_string())?;
+    let fed = registry
+        .telemetry_fed(id)
+        .await
+        .map_err(|e| format!("telemetry log: reading its position in the registry: {e}"))?;
+    let (log, reader) = log::Log::start(settings, id, lock, fed).map_err(|e| e.to_string())?;
+    tracing::info!(dir = %settings.dir.display(), log_id = id, copied_up_to = fed, "telemetry log open");
+    let (store, writer) = Store::start(log.with_metrics(metrics.clone()), batch, metrics.clone());
+    let feeder =
+        tokio::spawn(feed::run(reader, registry.telemetry_writer(), batch.max(1024), metrics.clone(), stop));
+    Ok(Started { store, writer, feeder })
 }
 
 impl Store {

@@ -1,0 +1,186 @@
+use super::*;
+
+fn row(i: u32) -> Telemetry {
+    Telemetry {
+        device_id: DeviceId::parse("dev-1").expect("id"),
+        topic: format!("devices/dev-1/t/{i}"),
+        payload: Bytes::from(format!("m{i}")),
+        qos: u8::from(i.is_multiple_of(2)),
+        received_at: 1_700_000_000_000 + i64::from(i),
+        properties: i.is_multiple_of(3).then(|| format!("{{\"content_type\":\"c{i}\"}}")),
+    }
+}
+
+fn settings(dir: &Path) -> Settings {
+    Settings { dir: dir.to_owned(), sync: true, max_backlog: 0, segment_bytes: SEGMENT_BYTES }
+}
+
+fn open(s: &Settings, fed: u64) -> (Log, Reader) {
+    let (id, lock) = open_id(s).expect("open");
+    Log::start(s, id, lock, fed).expect("start")
+}
+
+async fn append(log: &Log, rows: &[Telemetry]) {
+    log.store(rows, &vec![1; rows.len()]).await.expect("append");
+}
+
+/// Everything the reader can read now: (seq of the last, rows).
+fn read_all(r: &mut Reader) -> (Option<u64>, Vec<Telemetry>) {
+    let end = *r.end.borrow();
+    let mut rows = Vec::new();
+    let mut last = None;
+    while r.behind(end) {
+        let (mut got, l) = r.read(end, 7);
+        rows.append(&mut got);
+        last = l.or(last);
+    }
+    (last, rows)
+}
+
+#[test]
+fn a_record_reads_back_as_written_and_a_payload_that_looks_like_a_record_stays_a_payload() {
+    let mut inner = Vec::new();
+    encode(&mut inner, 99, &row(3));
+    let mut sneaky = row(4);
+    sneaky.payload = Bytes::from(inner.clone());
+    let mut buf = Vec::new();
+    encode(&mut buf, 1, &row(0));
+    encode(&mut buf, 2, &sneaky);
+    encode(&mut buf, 3, &row(6));
+    let mut at = 0;
+    let mut got = Vec::new();
+    while let Some((rec, used)) = decode(&buf[at..]) {
+        got.push((rec.seq, rec.row.expect("row")));
+        at += used;
+    }
+    assert_eq!(at, buf.len());
+    assert_eq!(got, vec![(1, row(0)), (2, sneaky), (3, row(6))]);
+    // Any bit flipped is caught by the CRC (or the length).
+    for i in 0..inner.len() {
+        let mut bad = inner.clone();
+        bad[i] ^= 0x10;
+        assert!(decode(&bad).is_none_or(|(r, _)| r.seq != 99 || r.row.as_ref() != Some(&row(3))), "byte {i}");
+    }
+    // Cut anywhere: no record.
+    for cut in 0..inner.len() {
+        assert!(decode(&inner[..cut]).is_none());
+    }
+}
+
+#[tokio::test]
+async fn appended_batches_read_back_in_order_and_a_restart_goes_on_from_the_last_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, mut reader) = open(&s, 0);
+    append(&log, &[row(1), row(2), row(3)]).await;
+    append(&log, &[row(4)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(4), vec![row(1), row(2), row(3), row(4)]));
+    assert_eq!(position(dir.path()).expect("position").map(|p| p.1), Some(4));
+    drop((log, reader));
+
+    // Copied up to 3: the new reader starts after it, the writer after 4.
+    let (log, mut reader) = open(&s, 3);
+    append(&log, &[row(5)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(5), vec![row(4), row(5)]));
+    assert_eq!(reader.end.borrow().seq, 5);
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_at_start_and_only_whole_records_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, reader) = open(&s, 0);
+    append(&log, &[row(1), row(2)]).await;
+    drop((log, reader));
+    // A broker that died inside a write: half of a third record.
+    let seg = dir.path().join(segment_name(1));
+    let mut half = Vec::new();
+    encode(&mut half, 3, &row(3));
+    half.truncate(half.len() / 2);
+    OpenOptions::new().append(true).open(&seg).expect("seg").write_all(&half).expect("write");
+    assert_eq!(position(dir.path()).expect("position").map(|p| p.1), Some(2));
+
+    let (log, mut reader) = open(&s, 0);
+    append(&log, &[row(30)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(3), vec![row(1), row(2), row(30)]));
+}
+
+#[tokio::test]
+async fn copied_segments_are_deleted_and_a_damaged_one_is_set_aside_and_passed_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Settings { segment_bytes: 200, ..settings(dir.path()) };
+    let (log, mut reader) = open(&s, 0);
+    for i in 1..=6 {
+        append(&log, &[row(i)]).await;
+    }
+    let before = segments(dir.path()).expect("segments");
+    assert!(before.len() >= 3, "{before:?}");
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows.len()), (Some(6), 6));
+    assert!(reader.backlog.load(Ordering::Relaxed) > 0);
+    assert_eq!(reader.settle(), before.len() - 1);
+    assert_eq!(reader.backlog.load(Ordering::Relaxed), 0, "all of it copied");
+    let after = segments(dir.path()).expect("segments");
+    assert_eq!(after.len(), 1, "only the segment being written stays: {after:?}");
+
+    // Damage inside a complete segment: its rest is skipped, the file kept, the next one read.
+    for i in 7..=12 {
+        append(&log, &[row(i)]).await;
+    }
+    let segs = segments(dir.path()).expect("segments");
+    let (first, path, _) = &segs[1];
+    // One record per append, row i at seq i: the damaged record is the segment's last.
+    let damaged = u32::try_from(segs[2].0 - 1).expect("small");
+    let mut bytes = std::fs::read(path).expect("read");
+    let n = bytes.len();
+    bytes[n - 3] ^= 0xff;
+    std::fs::write(path, &bytes).expect("write");
+    let (_, rows) = read_all(&mut reader);
+    let got: Vec<u32> =
+        rows.iter().map(|r| r.topic.rsplit('/').next().unwrap_or("").parse().unwrap_or(0)).collect();
+    assert!(!got.contains(&damaged), "the damaged record was read: {got:?}");
+    assert!(got.len() < 6, "{got:?}");
+    assert_eq!(got.last(), Some(&12));
+    assert!(dir.path().join(format!("{}.damaged", segment_name(*first))).exists());
+}
+
+#[tokio::test]
+async fn a_backlog_over_the_limit_is_refused_and_a_second_broker_cannot_open_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Settings { max_backlog: 100, ..settings(dir.path()) };
+    let (log, mut reader) = open(&s, 0);
+    assert!(matches!(open_id(&s), Err(LogError::Busy(_))));
+    append(&log, &[row(1), row(2), row(3)]).await;
+    let e = log.store(&[row(4)], &[1]).await.expect_err("over the limit").to_string();
+    assert!(e.contains("store_log_max_bytes"), "{e}");
+    // Copied: room again.
+    let (last, _) = read_all(&mut reader);
+    assert_eq!(last, Some(3));
+    reader.settle();
+    append(&log, &[row(4)]).await;
+}
+
+#[tokio::test]
+async fn a_table_ahead_of_the_log_moves_the_next_sequence_number_past_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, reader) = open(&s, 0);
+    append(&log, &[row(1)]).await;
+    drop((log, reader));
+    // The table has up to 10 (a log whose tail a power cut took, with `checkpoint`): new
+    // records must not reuse 2..=10, which the table counts as copied.
+    let (log, mut reader) = open(&s, 10);
+    append(&log, &[row(2)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(11), vec![row(2)]));
+}
+
+#[test]
+fn segments_without_an_id_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(segment_name(1)), MAGIC).expect("write");
+    assert!(matches!(open_id(&settings(dir.path())), Err(LogError::NoId(_))));
+}
