@@ -716,7 +716,9 @@ async fn configuration_precedence_is_flag_then_env_then_file_then_default() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_inflight_and_exits() {
     let fleet = Fleet::new(1, None).await;
-    let mut broker = BrokerProc::start(&fleet, &[]);
+    // Committed to the registry before the PUBACK, so that the test can hold a commit open
+    // (the same writer and shutdown serve the telemetry log).
+    let mut broker = BrokerProc::start(&fleet, &["--store", "registry"]);
     let id = fleet.id(0);
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));

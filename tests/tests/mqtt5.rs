@@ -478,6 +478,7 @@ async fn v5_properties_reach_v5_subscribers_and_the_store_and_expired_messages_a
 
     // Stored with the message, for backends that read the table.
     let st = fleet.station().await;
+    fleet.wait_log_copied(st.registry()).await;
     let stored = st.registry().telemetry_of(&fleet_provision::DeviceId::parse(&d0).unwrap()).await.unwrap();
     let json = stored[0].properties.as_deref().expect("stored properties");
     assert!(json.contains("\"content_type\":\"application/json\"") && json.contains("schema"), "{json}");

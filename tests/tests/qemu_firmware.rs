@@ -128,6 +128,26 @@ fn telemetry_topics(home: &Path, device: &str) -> Vec<(String, Vec<u8>)> {
         sqlx::any::install_default_drivers();
         let url = format!("sqlite://{}", home.join("registry.db").display());
         let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        // Everything the broker acknowledged so far: its telemetry log copied up to here.
+        if let Some((id, last)) = fleet_broker::store_log_position(&home.join("telemetry-log")).unwrap() {
+            let t = Instant::now();
+            loop {
+                let fed: Option<i64> =
+                    sqlx::query_scalar("SELECT fed_seq FROM telemetry_feed WHERE log_id = $1")
+                        .bind(id)
+                        .fetch_optional(&pool)
+                        .await
+                        .unwrap();
+                if fed.unwrap_or(0) >= i64::try_from(last).unwrap() {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "the telemetry log is not copied into the registry"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let rows = sqlx::query("SELECT topic, payload FROM telemetry WHERE device_id = $1 ORDER BY id")
             .bind(device)
             .fetch_all(&pool)
