@@ -369,6 +369,12 @@ impl Broker {
         if let Some((mut feeder, stop)) = store_feed {
             // What the registry has not taken when this runs out stays in the log for the next
             // start.
+            if !feeder.is_finished() {
+                info!(
+                    grace_secs = FEED_GRACE.as_secs(),
+                    "stopping: copying the rest of the telemetry log into the registry"
+                );
+            }
             if tokio::time::timeout(FEED_GRACE, &mut feeder).await.is_err() {
                 tracing::warn!(
                     "telemetry log: not all of it is copied into the registry yet; the rest is copied at the next start"

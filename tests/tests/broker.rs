@@ -763,6 +763,56 @@ async fn sigterm_finishes_inflight_and_exits() {
     let _ = (DeviceId::parse("x"), Role::Device, SerialNumber::random());
 }
 
+/// With the telemetry log (the default) a PUBACK does not wait for the registry: messages are
+/// acknowledged while the test holds SQLite's write lock. A SIGTERM then still leaves every one of
+/// them in the table: the broker copies its log before it exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_while_the_registry_is_locked_and_copied_before_a_sigterm_exit() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let st = fleet.station().await;
+    let mut lock = st.registry().pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    let topic = format!("devices/{id}/telemetry/t");
+    for n in 1..=50u16 {
+        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
+        p.pkid = n;
+        raw.send(Packet::Publish(p)).await.unwrap();
+        match raw.recv(PATIENCE).await {
+            Some(Packet::PubAck(a)) => assert_eq!(a.pkid, n),
+            other => panic!("no PUBACK while the registry is locked: {other:?}\n{}", broker.log()),
+        }
+    }
+    assert!(broker.metric("fleet_store_log_backlog_records").await >= 50.0);
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    while !broker.log().contains("shutting down") {
+        assert!(t.elapsed() < Duration::from_secs(5), "no shutdown logged:\n{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The sessions are closed and the store writer is done: only the copy is left.
+    let t = Instant::now();
+    while !broker.log().contains("copying the rest of the telemetry log") {
+        assert!(t.elapsed() < PATIENCE, "no final copy logged:\n{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+    drop(lock);
+    let t = Instant::now();
+    while broker.child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < PATIENCE, "broker did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Read with the broker gone: nothing copies any more.
+    let rows = fleet.telemetry_rows(&id).await;
+    let want: Vec<_> = (1..=50).map(|n| (topic.clone(), format!("m{n}").into_bytes())).collect();
+    assert_eq!(rows, want);
+}
+
 #[tokio::test]
 async fn connection_cap_refuses_extra_connections() {
     let fleet = Fleet::new(1, None).await;
