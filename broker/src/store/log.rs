@@ -510,14 +510,22 @@ impl Appender {
             self.segment = self.next_seq;
             self.len = len;
         }
-        let written =
-            self.file.write_all(buf).and_then(|()| if self.sync { self.file.sync_data() } else { Ok(()) });
+        let mut flushed = true;
+        let written = self.file.write_all(buf).and_then(|()| {
+            flushed = false;
+            if self.sync {
+                self.file.sync_data()?;
+            }
+            flushed = true;
+            Ok(())
+        });
         if let Err(e) = written {
             let path = self.dir.join(segment_name(self.segment));
             // After a failed flush the page cache cannot be trusted (the kernel may have
-            // dropped the dirty pages): nothing more is acknowledged from this log.
+            // dropped the dirty pages): nothing more is acknowledged from this log. A failed
+            // write (the disk full) is cut off and the next batch tried once there is room.
             let cut = self.file.set_len(self.len).and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
-            if self.sync || cut.is_err() {
+            if !flushed || cut.is_err() {
                 self.poisoned = Some(format!(
                     "telemetry log {}: {e}; the broker stores nothing more until it is restarted",
                     path.display()

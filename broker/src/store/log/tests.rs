@@ -290,3 +290,31 @@ async fn a_torn_tail_cut_at_start_is_not_counted_as_backlog() {
     assert_eq!(reader.backlog.load(Ordering::Relaxed), 0, "bytes cut off still count");
     append(&log, &[row(2)]).await;
 }
+
+#[tokio::test]
+async fn a_write_that_failed_is_cut_off_and_the_log_takes_the_next_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, mut reader) = open(&s, 0);
+    append(&log, &[row(1)]).await;
+    // A write that fails part way (EFBIG here, as ENOSPC on a full disk): the appender's file
+    // is moved to just before the largest offset the filesystem allows for one batch.
+    {
+        let mut a = log.appender.lock().expect("lock");
+        let (mut lo, mut hi) = (0u64, i64::MAX as u64);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if a.file.seek(SeekFrom::Start(mid)).is_ok() {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        a.file.seek(SeekFrom::Start(lo - 4)).expect("seek");
+    }
+    log.store(&[row(2)], &[1]).await.expect_err("a failed write acknowledged");
+    // Room again: the next batch is taken, at the same place.
+    append(&log, &[row(3)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(2), vec![row(1), row(3)]));
+}
