@@ -138,26 +138,38 @@ impl Registry {
     }
 }
 
+/// A batch for [`TelemetryWriter::insert_marked`].
+#[derive(Clone, Copy)]
+enum Batch<'a> {
+    /// Rows the broker stored itself.
+    Plain(&'a [Telemetry]),
+    /// Rows copied from a telemetry log, with their log sequence numbers, up to `last`.
+    Log { log_id: i64, last: u64, rows: &'a [(u64, Telemetry)] },
+}
+
 impl TelemetryWriter {
     /// Stores `rows` in one transaction: all of them or none.
     pub async fn insert(&self, rows: &[Telemetry]) -> Result<()> {
-        self.insert_marked(rows, None).await
+        self.insert_marked(Batch::Plain(rows)).await
     }
 
-    /// Stores `rows`, copied from the broker's telemetry log `log_id`, and records `last_seq`
-    /// (the log sequence number of the last of them) as that log's position, in one
-    /// transaction: a copy that fails stores neither, so the log is copied exactly once.
-    pub async fn insert_from_log(&self, log_id: i64, last_seq: u64, rows: &[Telemetry]) -> Result<()> {
-        self.insert_marked(rows, Some((log_id, last_seq))).await
+    /// Stores `rows`, copied from the broker's telemetry log `log_id` with their log sequence
+    /// numbers, and moves that log's position to `last_seq` (at least the last of them), in
+    /// one transaction: a copy that fails stores neither. Rows at or below the position
+    /// already stored are skipped and the position never moves back, so a batch sent again
+    /// after its commit landed unseen (a connection lost during COMMIT), or copied by a second
+    /// broker on the same log, is stored once.
+    pub async fn insert_from_log(&self, log_id: i64, last_seq: u64, rows: &[(u64, Telemetry)]) -> Result<()> {
+        self.insert_marked(Batch::Log { log_id, last: last_seq, rows }).await
     }
 
-    async fn insert_marked(&self, rows: &[Telemetry], mark: Option<(i64, u64)>) -> Result<()> {
+    async fn insert_marked(&self, batch: Batch<'_>) -> Result<()> {
         let mut held = self.conn.lock().await;
         let conn = match held.as_mut() {
             Some(c) => c,
             None => held.insert(self.registry.acquire_writer().await?),
         };
-        let result = self.insert_on(conn, rows, mark).await;
+        let result = self.insert_on(conn, batch).await;
         if result.is_err() {
             // The connection may be what failed: the next batch takes another.
             *held = None;
@@ -165,25 +177,33 @@ impl TelemetryWriter {
         result
     }
 
-    async fn insert_on(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        rows: &[Telemetry],
-        mark: Option<(i64, u64)>,
-    ) -> Result<()> {
+    async fn insert_on(&self, conn: &mut sqlx::AnyConnection, batch: Batch<'_>) -> Result<()> {
         let mut tx = self.registry.begin_write(conn).await?;
-        if let Some((log_id, seq)) = mark {
-            sqlx::query(
-                "INSERT INTO telemetry_feed (log_id, fed_seq) VALUES ($1, $2) \
-                 ON CONFLICT (log_id) DO UPDATE SET fed_seq = excluded.fed_seq",
-            )
-            .bind(log_id)
-            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?;
-        }
+        let rows: Vec<&Telemetry> = match batch {
+            Batch::Plain(rows) => rows.iter().collect(),
+            Batch::Log { log_id, last, rows } => {
+                // The position stored, its row locked until the commit (PostgreSQL; SQLite's
+                // write transaction is exclusive): a second copier waits, then sees this one's.
+                let stored: i64 = sqlx::query_scalar(
+                    "INSERT INTO telemetry_feed (log_id, fed_seq) VALUES ($1, 0) \
+                     ON CONFLICT (log_id) DO UPDATE SET fed_seq = telemetry_feed.fed_seq RETURNING fed_seq",
+                )
+                .bind(log_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let stored = u64::try_from(stored).unwrap_or(0);
+                if last > stored {
+                    sqlx::query("UPDATE telemetry_feed SET fed_seq = $2 WHERE log_id = $1")
+                        .bind(log_id)
+                        .bind(i64::try_from(last).unwrap_or(i64::MAX))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                rows.iter().filter(|(seq, _)| *seq > stored).map(|(_, row)| row).collect()
+            }
+        };
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let props = with_props(&chunk.iter().collect::<Vec<_>>());
+            let props = with_props(chunk);
             let partial;
             let sql = if chunk.len() == ROWS_PER_STATEMENT && !props {
                 &self.full
@@ -290,9 +310,9 @@ mod tests {
         };
         let w = reg.telemetry_writer();
         assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 0);
-        w.insert_from_log(7, 3, &[row(1), row(2), row(3)]).await.expect("insert");
-        w.insert_from_log(7, 4, &[row(4)]).await.expect("insert");
-        w.insert_from_log(8, 1, &[row(5)]).await.expect("another log");
+        w.insert_from_log(7, 3, &[(1, row(1)), (2, row(2)), (3, row(3))]).await.expect("insert");
+        w.insert_from_log(7, 4, &[(4, row(4))]).await.expect("insert");
+        w.insert_from_log(8, 1, &[(1, row(5))]).await.expect("another log");
         assert_eq!(
             (reg.telemetry_fed(7).await.expect("fed"), reg.telemetry_fed(8).await.expect("fed")),
             (4, 1)
@@ -302,9 +322,38 @@ mod tests {
             .execute(&reg.pool)
             .await
             .expect("trigger");
-        assert!(w.insert_from_log(7, 6, &[row(6), row(5)]).await.is_err());
+        assert!(w.insert_from_log(7, 6, &[(5, row(6)), (6, row(5))]).await.is_err());
         assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 4);
         assert_eq!(reg.telemetry_of(&id).await.expect("read").len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_log_batch_sent_again_after_its_commit_landed_is_stored_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let reg = Registry::open(&url, true).await.expect("open");
+        let id = DeviceId::parse("dev-1").expect("id");
+        let row = |i: u8| Telemetry {
+            device_id: id.clone(),
+            topic: format!("devices/dev-1/t/{i}"),
+            payload: Bytes::from(vec![i; 2]),
+            qos: 1,
+            received_at: i64::from(i),
+            properties: None,
+        };
+        let w = reg.telemetry_writer();
+        w.insert_from_log(7, 2, &[(1, row(1)), (2, row(2))]).await.expect("insert");
+        // The commit landed but its answer was lost (PostgreSQL's connection dropped during
+        // COMMIT): the copy sends the batch again.
+        w.insert_from_log(7, 2, &[(1, row(1)), (2, row(2))]).await.expect("again");
+        assert_eq!(reg.telemetry_of(&id).await.expect("read"), vec![row(1), row(2)]);
+        assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 2);
+        // A second copier of the same log, a batch overlapping what is stored: only the new
+        // rows land, and the position never moves back.
+        w.insert_from_log(7, 3, &[(2, row(2)), (3, row(3))]).await.expect("overlap");
+        w.insert_from_log(7, 1, &[(1, row(1))]).await.expect("behind");
+        assert_eq!(reg.telemetry_of(&id).await.expect("read"), vec![row(1), row(2), row(3)]);
+        assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 3);
     }
 
     #[tokio::test]

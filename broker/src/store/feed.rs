@@ -54,6 +54,16 @@ pub(crate) async fn run(
                 return;
             }
         };
+        if let Some(e) = reader.stalled.take() {
+            metrics.store_feed_errors.inc();
+            tracing::warn!(error = %e, "telemetry log: reading a segment failed; trying again (move the segment away to pass it over)");
+            if rows.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
         let Some(last) = last else { continue };
         while !rows.is_empty() {
             match writer.insert_from_log(reader.id, last, &rows).await {

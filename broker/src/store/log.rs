@@ -139,11 +139,19 @@ pub(crate) struct Reader {
     pub(crate) fed: u64,
     segment: u64,
     offset: u64,
-    file: Option<io::BufReader<File>>,
+    /// Reads through a [`io::Take`] set to where the writer is: no read-ahead takes bytes of a
+    /// write in progress, which a failed write cuts off and the next one writes over.
+    file: Option<io::BufReader<io::Take<File>>>,
     /// Segments read to their end, to delete once what was read from them is in the table.
     pub(crate) finished: Vec<PathBuf>,
     /// Bytes of records read since the last [`Reader::settle`].
     read_bytes: u64,
+    /// Why the last [`Reader::read`] stopped short of `end`: a read that failed without the
+    /// segment being damaged (no file descriptors left, an I/O error); tried again later.
+    pub(crate) stalled: Option<io::Error>,
+    /// A second handle on the log's lock: a broker stopping releases it only once its copy
+    /// has stopped too, so no other broker copies the same records meanwhile.
+    _lock: File,
 }
 
 fn segment_name(first: u64) -> String {
@@ -254,13 +262,15 @@ impl Log {
     ) -> Result<(Log, Reader), LogError> {
         let dir = settings.dir.clone();
         let segs = segments(&dir)?;
-        // Every record on disk counts until the reader has passed it.
-        let backlog: u64 = segs.iter().map(|s| s.2.saturating_sub(MAGIC.len() as u64)).sum();
+        // Every record on disk counts until the reader has passed it; a torn tail cut off
+        // below is taken off again.
+        let mut backlog: u64 = segs.iter().map(|s| s.2.saturating_sub(MAGIC.len() as u64)).sum();
         // The last segment's whole records; the file is cut after them.
         let mut last_seq = fed;
         let mut tail = None;
-        if let Some((first, path, size)) = segs.last() {
+        if let Some(((first, path, size), before)) = segs.split_last() {
             let (valid_len, last) = scan(path, *first)?;
+            let cut = size.saturating_sub(valid_len.max(MAGIC.len() as u64));
             if valid_len < *size {
                 tracing::warn!(
                     segment = %path.display(),
@@ -268,17 +278,35 @@ impl Log {
                     "telemetry log: cut a torn or damaged tail (never acknowledged: written by a broker that stopped mid-commit)"
                 );
             }
-            last_seq = last_seq.max(last.unwrap_or(first.saturating_sub(1)));
-            tail = Some((*first, path.clone(), valid_len, last));
+            let on_disk = match last {
+                Some(last) => {
+                    // Cut whether or not appends go on here, so the reader never meets it.
+                    if valid_len < *size {
+                        OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .and_then(|f| f.set_len(valid_len))
+                            .map_err(io_at(path))?;
+                        backlog = backlog.saturating_sub(cut);
+                    }
+                    last
+                }
+                None => last_on_disk(before)?.max(first.saturating_sub(1)),
+            };
+            last_seq = last_seq.max(on_disk);
+            tail = Some((*first, path.clone(), valid_len, last, cut));
         }
         let next_seq = last_seq + 1;
         let (file, segment, len) = match tail {
             // Append to the last segment when its records run on to `next_seq`.
-            Some((first, path, valid_len, last))
+            Some((first, path, valid_len, last, cut))
                 if last.unwrap_or(first.saturating_sub(1)) + 1 == next_seq =>
             {
                 let file = OpenOptions::new().write(true).open(&path).map_err(io_at(&path))?;
                 file.set_len(valid_len).map_err(io_at(&path))?;
+                if last.is_none() {
+                    backlog = backlog.saturating_sub(cut);
+                }
                 if valid_len < MAGIC.len() as u64 {
                     // A segment cut inside its magic: write it again.
                     file.set_len(0).map_err(io_at(&path))?;
@@ -302,6 +330,7 @@ impl Log {
         let (tx, rx) = watch::channel(end);
         let backlog = Arc::new(AtomicU64::new(backlog));
         let first = segs.first().map_or(segment, |s| s.0);
+        let reader_lock = lock.try_clone().map_err(io_at(&dir))?;
         let log = Log {
             appender: Arc::new(Mutex::new(Appender {
                 dir: dir.clone(),
@@ -332,6 +361,8 @@ impl Log {
             file: None,
             finished: Vec::new(),
             read_bytes: 0,
+            stalled: None,
+            _lock: reader_lock,
         };
         Ok((log, reader))
     }
@@ -370,6 +401,20 @@ fn scan(path: &Path, first: u64) -> Result<(u64, Option<u64>), LogError> {
         at += used;
     }
     Ok((at as u64, last))
+}
+
+/// The seq of the last record in `segs` (none: the one before the last segment's first). The
+/// last segment by name may hold none: a roll that failed after creating its file leaves it
+/// behind while the next batches go on in the segment before, so those are looked at too.
+fn last_on_disk(segs: &[(u64, PathBuf, u64)]) -> Result<u64, LogError> {
+    let mut last = segs.last().map_or(0, |s| s.0.saturating_sub(1));
+    for (first, path, _) in segs.iter().rev() {
+        if let (_, Some(seq)) = scan(path, *first)? {
+            last = last.max(seq);
+            break;
+        }
+    }
+    Ok(last)
 }
 
 /// One record read back.
@@ -465,14 +510,22 @@ impl Appender {
             self.segment = self.next_seq;
             self.len = len;
         }
-        let written =
-            self.file.write_all(buf).and_then(|()| if self.sync { self.file.sync_data() } else { Ok(()) });
+        let mut flushed = true;
+        let written = self.file.write_all(buf).and_then(|()| {
+            flushed = false;
+            if self.sync {
+                self.file.sync_data()?;
+            }
+            flushed = true;
+            Ok(())
+        });
         if let Err(e) = written {
             let path = self.dir.join(segment_name(self.segment));
             // After a failed flush the page cache cannot be trusted (the kernel may have
-            // dropped the dirty pages): nothing more is acknowledged from this log.
+            // dropped the dirty pages): nothing more is acknowledged from this log. A failed
+            // write (the disk full) is cut off and the next batch tried once there is room.
             let cut = self.file.set_len(self.len).and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
-            if self.sync || cut.is_err() {
+            if !flushed || cut.is_err() {
                 self.poisoned = Some(format!(
                     "telemetry log {}: {e}; the broker stores nothing more until it is restarted",
                     path.display()
@@ -527,38 +580,52 @@ impl Reader {
     }
 
     /// Reads up to `max` records after the reader's position, no further than `end`: the rows
-    /// and the last seq read (records at or below [`Reader::fed`] are passed over). Segments
-    /// read to their end go to [`Reader::finished`]; a damaged one is logged and passed over.
-    pub(crate) fn read(&mut self, end: End, max: usize) -> (Vec<Telemetry>, Option<u64>) {
+    /// with their seqs and the last seq read (records at or below [`Reader::fed`] are passed
+    /// over). Segments read to their end go to [`Reader::finished`]; a damaged one is logged
+    /// and passed over. A read that fails otherwise stops here and sets [`Reader::stalled`].
+    pub(crate) fn read(&mut self, end: End, max: usize) -> (Vec<(u64, Telemetry)>, Option<u64>) {
         let mut rows = Vec::new();
         let mut last = None;
+        self.stalled = None;
         while rows.len() < max && (self.segment, self.offset) < (end.segment, end.offset) {
             let limit = if self.segment == end.segment { Some(end.offset) } else { None };
-            match self.next_record(limit) {
+            let next = match self.next_record(limit) {
                 Ok(Some(rec)) => {
                     last = Some(rec.seq);
                     if rec.seq <= self.fed {
                         continue;
                     }
                     match rec.row {
-                        Some(row) => rows.push(row),
+                        Some(row) => rows.push((rec.seq, row)),
                         None => tracing::error!(
                             seq = rec.seq,
                             "telemetry log: a record that is not a message; passed over"
                         ),
                     }
+                    Ok(())
                 }
                 Ok(None) => self.next_segment(end, false),
-                Err(e) => {
+                Err(e) if damaged(&e) => {
                     tracing::error!(segment = self.segment, offset = self.offset, error = %e,
                         "telemetry log: damaged segment; the rest of it is passed over (kept as .damaged)");
                     if self.segment == end.segment {
+                        // What is passed over counts as read.
+                        self.read_bytes += end.offset - self.offset;
                         self.offset = end.offset;
                         self.file = None;
+                        Ok(())
                     } else {
-                        self.next_segment(end, true);
+                        self.next_segment(end, true)
                     }
                 }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = next {
+                // Not the segment's fault (no file descriptors left, an I/O error): nothing is
+                // passed over; the same place is read again later.
+                self.file = None;
+                self.stalled = Some(e);
+                break;
             }
         }
         (rows, last)
@@ -576,12 +643,16 @@ impl Reader {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "not a segment"));
             }
             f.seek(SeekFrom::Start(self.offset))?;
-            self.file = Some(io::BufReader::with_capacity(1 << 20, f));
+            self.file = Some(io::BufReader::with_capacity(1 << 20, f.take(0)));
         }
         let Some(file) = self.file.as_mut() else { return Ok(None) };
         if limit.is_some_and(|l| self.offset >= l) {
             return Ok(None);
         }
+        // The file is read up to the writer's end and no further (bytes buffered already are
+        // before it).
+        let ahead = self.offset + file.buffer().len() as u64;
+        file.get_mut().set_limit(limit.map_or(u64::MAX, |l| l.saturating_sub(ahead)));
         let mut frame = [0u8; FRAME];
         match file.read_exact(&mut frame) {
             Ok(()) => {}
@@ -593,9 +664,13 @@ impl Reader {
         if (FRAME + len) as u64 > room {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "record runs past the written end"));
         }
-        let mut whole = vec![0u8; FRAME + len];
-        whole[..FRAME].copy_from_slice(&frame);
-        file.read_exact(&mut whole[FRAME..])?;
+        // Grown as the bytes come: a damaged length cannot make it allocate gigabytes.
+        let mut whole = Vec::with_capacity(FRAME + len.min(1 << 20));
+        whole.extend_from_slice(&frame);
+        file.by_ref().take(len as u64).read_to_end(&mut whole)?;
+        if whole.len() < FRAME + len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "record cut short"));
+        }
         let (rec, used) = decode(&whole)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record checksum mismatch"))?;
         self.offset += used as u64;
@@ -605,11 +680,19 @@ impl Reader {
 
     /// Moves to the segment after the current one (the current one is complete: the writer is
     /// in a later one). A `damaged` one is renamed `<name>.damaged` and kept, not deleted.
-    fn next_segment(&mut self, end: End, damaged: bool) {
+    fn next_segment(&mut self, end: End, damaged: bool) -> io::Result<()> {
         self.file = None;
         if self.segment >= end.segment {
-            return;
+            return Ok(());
         }
+        // The next segment is the smallest name after this one, at most the writer's. Not
+        // knowing it is no reason to skip to the writer's.
+        let next = segments(&self.dir)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|s| s.0)
+            .find(|&f| f > self.segment)
+            .unwrap_or(end.segment);
         let done = self.dir.join(segment_name(self.segment));
         // What is left of it (only a damaged segment has any) counts as read.
         let size = std::fs::metadata(&done).map_or(0, |m| m.len());
@@ -622,13 +705,9 @@ impl Reader {
         } else {
             self.finished.push(done);
         }
-        // The next segment is the smallest name after this one, at most the writer's.
-        let next = segments(&self.dir)
-            .ok()
-            .and_then(|s| s.into_iter().map(|s| s.0).find(|&f| f > self.segment))
-            .unwrap_or(end.segment);
         self.segment = next.min(end.segment);
         self.offset = MAGIC.len() as u64;
+        Ok(())
     }
 
     /// Everything read so far is in the table: takes it off the backlog and deletes the
@@ -650,14 +729,18 @@ impl Reader {
     }
 }
 
+/// Does `e`, from reading a segment, mean the segment is damaged (cut short, not one, a
+/// checksum that does not match) or gone, rather than that reading failed for now?
+fn damaged(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::NotFound)
+}
+
 /// Where a log stands, read from its files without opening it (for tests and tools): its id and
 /// the last record's seq. `None`: no log in `dir`.
 pub(crate) fn position(dir: &Path) -> Result<Option<(i64, u64)>, String> {
     let Some(id) = read_id(dir).map_err(|e| e.to_string())? else { return Ok(None) };
     let segs = segments(dir).map_err(|e| e.to_string())?;
-    let Some((first, path, _)) = segs.last() else { return Ok(Some((id, 0))) };
-    let (_, last) = scan(path, *first).map_err(|e| e.to_string())?;
-    Ok(Some((id, last.unwrap_or(first.saturating_sub(1)))))
+    Ok(Some((id, last_on_disk(&segs).map_err(|e| e.to_string())?)))
 }
 
 #[cfg(test)]

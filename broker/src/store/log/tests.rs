@@ -30,8 +30,11 @@ fn read_all(r: &mut Reader) -> (Option<u64>, Vec<Telemetry>) {
     let mut rows = Vec::new();
     let mut last = None;
     while r.behind(end) {
-        let (mut got, l) = r.read(end, 7);
-        rows.append(&mut got);
+        let (got, l) = r.read(end, 7);
+        if let Some(e) = &r.stalled {
+            panic!("reading stalled: {e}");
+        }
+        rows.extend(got.into_iter().map(|(_, row)| row));
         last = l.or(last);
     }
     (last, rows)
@@ -183,4 +186,135 @@ fn segments_without_an_id_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join(segment_name(1)), MAGIC).expect("write");
     assert!(matches!(open_id(&settings(dir.path())), Err(LogError::NoId(_))));
+}
+
+#[tokio::test]
+async fn a_restart_after_a_failed_roll_never_reuses_a_sequence_number() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, reader) = open(&s, 0);
+    append(&log, &[row(1)]).await;
+    // A roll that failed after creating its file (disk full, a failed flush) leaves it behind
+    // empty; the next, smaller batch still fits and goes on in segment 1.
+    std::fs::write(dir.path().join(segment_name(2)), MAGIC).expect("write");
+    append(&log, &[row(2), row(3)]).await;
+    drop((log, reader));
+    assert_eq!(position(dir.path()).expect("position").map(|p| p.1), Some(3));
+
+    let (log, mut reader) = open(&s, 0);
+    append(&log, &[row(4)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(4), vec![row(1), row(2), row(3), row(4)]));
+}
+
+#[tokio::test]
+async fn the_reader_never_takes_bytes_past_the_written_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Settings { sync: false, ..settings(dir.path()) };
+    let (log, mut reader) = open(&s, 0);
+    append(&log, &[row(1), row(2)]).await;
+    let seg = dir.path().join(segment_name(1));
+    let written = std::fs::metadata(&seg).expect("meta").len();
+    // A write that failed half way (disk full): its bytes are in the file for a moment, then
+    // cut off, and the same sequence numbers are written again with the next batch.
+    let mut failed = Vec::new();
+    encode(&mut failed, 3, &row(9));
+    OpenOptions::new().append(true).open(&seg).expect("seg").write_all(&failed).expect("write");
+    assert_eq!(read_all(&mut reader).0, Some(2));
+    OpenOptions::new().write(true).open(&seg).expect("seg").set_len(written).expect("cut");
+    append(&log, &[row(3)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(3), vec![row(3)]), "a message never acknowledged was copied");
+}
+
+#[tokio::test]
+async fn a_segment_that_cannot_be_read_for_a_while_is_read_later_not_passed_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Settings { segment_bytes: 200, ..settings(dir.path()) };
+    let (log, mut reader) = open(&s, 0);
+    for i in 1..=6 {
+        append(&log, &[row(i)]).await;
+    }
+    let segs = segments(dir.path()).expect("segments");
+    assert!(segs.len() >= 3, "{segs:?}");
+    // The first segment cannot be read for now (as with no file descriptors left, or an I/O
+    // error that goes away): here a directory stands in its place.
+    let path = segs[0].1.clone();
+    let aside = dir.path().join("aside");
+    std::fs::rename(&path, &aside).expect("rename");
+    std::fs::create_dir(&path).expect("mkdir");
+    let end = *reader.end.borrow();
+    let (rows, _) = reader.read(end, 100);
+    assert!(rows.is_empty(), "read past a segment it could not read: {rows:?}");
+    assert!(reader.stalled.is_some(), "a read that failed went unreported");
+    let _ = std::fs::remove_dir(&path);
+    std::fs::rename(&aside, &path).expect("rename back");
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(6), (1..=6).map(row).collect::<Vec<_>>()));
+}
+
+#[tokio::test]
+async fn the_log_stays_locked_until_its_reader_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, reader) = open(&s, 0);
+    // The writer stops first at shutdown; the copy may go on for a while.
+    drop(log);
+    assert!(
+        matches!(open_id(&s), Err(LogError::Busy(_))),
+        "a second broker could open a log whose copy is still running"
+    );
+    drop(reader);
+    open_id(&s).expect("free once both ends are gone");
+}
+
+#[tokio::test]
+async fn a_torn_tail_cut_at_start_is_not_counted_as_backlog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Settings { max_backlog: 500, ..settings(dir.path()) };
+    let (log, reader) = open(&s, 0);
+    append(&log, &[row(1)]).await;
+    drop((log, reader));
+    // A broker killed inside a large write.
+    let mut big = row(2);
+    big.payload = Bytes::from(vec![7u8; 2000]);
+    let mut torn = Vec::new();
+    encode(&mut torn, 2, &big);
+    torn.truncate(1500);
+    let seg = dir.path().join(segment_name(1));
+    OpenOptions::new().append(true).open(&seg).expect("seg").write_all(&torn).expect("write");
+
+    let (log, mut reader) = open(&s, 0);
+    assert_eq!(read_all(&mut reader).0, Some(1));
+    reader.settle();
+    assert_eq!(reader.backlog.load(Ordering::Relaxed), 0, "bytes cut off still count");
+    append(&log, &[row(2)]).await;
+}
+
+#[tokio::test]
+async fn a_write_that_failed_is_cut_off_and_the_log_takes_the_next_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, mut reader) = open(&s, 0);
+    append(&log, &[row(1)]).await;
+    // A write that fails part way (EFBIG here, as ENOSPC on a full disk): the appender's file
+    // is moved to just before the largest offset the filesystem allows for one batch.
+    {
+        let mut a = log.appender.lock().expect("lock");
+        let (mut lo, mut hi) = (0u64, i64::MAX as u64);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if a.file.seek(SeekFrom::Start(mid)).is_ok() {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        a.file.seek(SeekFrom::Start(lo - 4)).expect("seek");
+    }
+    log.store(&[row(2)], &[1]).await.expect_err("a failed write acknowledged");
+    // Room again: the next batch is taken, at the same place.
+    append(&log, &[row(3)]).await;
+    let (last, rows) = read_all(&mut reader);
+    assert_eq!((last, rows), (Some(2), vec![row(1), row(3)]));
 }
