@@ -157,6 +157,12 @@ impl Broker {
         // registry; a cluster member into the JetStream stream.
         let feed_stop = CancellationToken::new();
         let mut store_feed = None;
+        let log_settings = store::log::Settings {
+            dir: config.store_log_dir_path(),
+            sync: config.store_fsync() == fleet_registry::WriterSync::EveryCommit,
+            max_backlog: config.store_log_max_bytes,
+            segment_bytes: store::log::SEGMENT_BYTES,
+        };
         let (store, store_writer) = match &cluster {
             Some(c) => store::Store::start(
                 cluster::stream::JetStreamSink { js: c.js.clone(), max_payload: c.max_payload },
@@ -164,12 +170,7 @@ impl Broker {
                 metrics.clone(),
             ),
             None if config.store_in_log() => {
-                let settings = store::log::Settings {
-                    dir: config.store_log_dir_path(),
-                    sync: config.store_fsync() == fleet_registry::WriterSync::EveryCommit,
-                    max_backlog: config.store_log_max_bytes,
-                    segment_bytes: store::log::SEGMENT_BYTES,
-                };
+                let settings = log_settings;
                 let started =
                     store::start_log(&settings, &registry, config.store_batch, &metrics, feed_stop.clone())
                         .await
@@ -177,7 +178,10 @@ impl Broker {
                 store_feed = Some((started.feeder, feed_stop));
                 (started.store, started.writer)
             }
-            None => store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone()),
+            None => {
+                store::drain_log(&log_settings, &registry, &metrics).await.map_err(BrokerError::Store)?;
+                store::Store::start(registry.telemetry_writer(), config.store_batch, metrics.clone())
+            }
         };
         let sql_sink = cluster.as_ref().filter(|_| config.nats_sql_sink).map(|c| c.js.clone());
         let link = match cluster {

@@ -813,6 +813,35 @@ async fn acknowledged_while_the_registry_is_locked_and_copied_before_a_sigterm_e
     assert_eq!(rows, want);
 }
 
+/// Acknowledged messages a crashed broker left in its telemetry log are copied by the next
+/// start even when it is told `store = registry`: nothing stays behind in a directory no one
+/// reads any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_switched_to_store_registry_first_copies_what_its_log_holds() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let id = fleet.id(0);
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
+    let st = fleet.station().await;
+    let mut lock = st.registry().pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    let topic = format!("devices/{id}/telemetry/t");
+    for n in 1..=20u16 {
+        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
+        p.pkid = n;
+        raw.send(Packet::Publish(p)).await.unwrap();
+        assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == n));
+    }
+    broker.kill9();
+    sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
+    drop(lock);
+    let _broker = BrokerProc::start(&fleet, &["--store", "registry"]);
+    let rows = fleet.telemetry_rows(&id).await;
+    let want: Vec<_> = (1..=20).map(|n| (topic.clone(), format!("m{n}").into_bytes())).collect();
+    assert_eq!(rows, want);
+}
+
 #[tokio::test]
 async fn connection_cap_refuses_extra_connections() {
     let fleet = Fleet::new(1, None).await;

@@ -43,6 +43,9 @@ use super::{Sink, SinkError};
 pub(crate) const MAGIC: &[u8; 8] = b"FGTLOG01";
 /// A segment is closed and a new one started once it holds this many bytes.
 pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
+/// A read for the copy stops after rows of this many topic and payload bytes (with large
+/// packets, a batch of rows would otherwise hold gigabytes).
+const READ_BYTES: usize = 16 << 20;
 /// `len` and CRC before each record's body.
 const FRAME: usize = 8;
 /// The body's fixed part: seq, qos, received_at.
@@ -272,10 +275,14 @@ impl Log {
             let (valid_len, last) = scan(path, *first)?;
             let cut = size.saturating_sub(valid_len.max(MAGIC.len() as u64));
             if valid_len < *size {
+                // A torn tail holds only what was never acknowledged; damage in the middle of
+                // the segment would hold acknowledged records after it: the bytes are kept.
+                let kept = keep_cut(path, valid_len);
                 tracing::warn!(
                     segment = %path.display(),
                     dropped_bytes = size - valid_len,
-                    "telemetry log: cut a torn or damaged tail (never acknowledged: written by a broker that stopped mid-commit)"
+                    kept_in = %kept,
+                    "telemetry log: cut a torn or damaged tail (a broker that stopped inside a write; damage otherwise)"
                 );
             }
             let on_disk = match last {
@@ -365,6 +372,22 @@ impl Log {
             _lock: reader_lock,
         };
         Ok((log, reader))
+    }
+}
+
+/// Copies what follows `valid_len` in segment `path` to `<segment>.cut-<valid_len>` before the
+/// segment is cut there; says where (or why not).
+fn keep_cut(path: &Path, valid_len: u64) -> String {
+    let aside = path.with_extension(format!("seg.cut-{valid_len}"));
+    let copied = File::open(path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(valid_len))?;
+        let mut out = File::create(&aside)?;
+        io::copy(&mut f, &mut out)?;
+        out.sync_all()
+    });
+    match copied {
+        Ok(()) => aside.display().to_string(),
+        Err(e) => format!("nowhere ({e})"),
     }
 }
 
@@ -587,7 +610,11 @@ impl Reader {
         let mut rows = Vec::new();
         let mut last = None;
         self.stalled = None;
-        while rows.len() < max && (self.segment, self.offset) < (end.segment, end.offset) {
+        let mut bytes = 0usize;
+        while rows.len() < max
+            && bytes < READ_BYTES
+            && (self.segment, self.offset) < (end.segment, end.offset)
+        {
             let limit = if self.segment == end.segment { Some(end.offset) } else { None };
             let next = match self.next_record(limit) {
                 Ok(Some(rec)) => {
@@ -596,7 +623,10 @@ impl Reader {
                         continue;
                     }
                     match rec.row {
-                        Some(row) => rows.push((rec.seq, row)),
+                        Some(row) => {
+                            bytes += row.topic.len() + row.payload.len();
+                            rows.push((rec.seq, row));
+                        }
                         None => tracing::error!(
                             seq = rec.seq,
                             "telemetry log: a record that is not a message; passed over"

@@ -94,6 +94,29 @@ pub(crate) async fn start_log(
     Ok(Started { store, writer, feeder })
 }
 
+/// A broker switched to `store = registry` first copies what a telemetry log it ran with left
+/// uncopied (a crash, a registry that was down), so that nothing acknowledged stays behind in a
+/// directory no one reads any more. Nothing to do without a log in `settings.dir`.
+pub(crate) async fn drain_log(
+    settings: &log::Settings,
+    registry: &fleet_registry::Registry,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    if log::read_id(&settings.dir).map_err(|e| e.to_string())?.is_none() {
+        return Ok(());
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let started = start_log(settings, registry, 1024, metrics, stop).await?;
+    let Started { store, writer, feeder } = started;
+    drop(store);
+    let _ = writer.await;
+    if !feeder.is_finished() {
+        tracing::info!(dir = %settings.dir.display(), "store = registry: copying what the telemetry log holds into the registry first");
+    }
+    let _ = feeder.await;
+    Ok(())
+}
+
 impl Store {
     /// Starts the writer task: at most `batch` rows per commit.
     pub(crate) fn start<S: Sink>(sink: S, batch: usize, metrics: Metrics) -> (Store, JoinHandle<()>) {

@@ -109,6 +109,15 @@ async fn a_torn_tail_is_cut_at_start_and_only_whole_records_are_read() {
     append(&log, &[row(30)]).await;
     let (last, rows) = read_all(&mut reader);
     assert_eq!((last, rows), (Some(3), vec![row(1), row(2), row(30)]));
+    // The cut bytes are kept beside it (damage, unlike a torn tail, may hold acknowledged
+    // records after the bad spot).
+    let kept: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{}.cut-", segment_name(1))))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(std::fs::read(kept[0].path()).expect("kept"), half);
 }
 
 #[tokio::test]
