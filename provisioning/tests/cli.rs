@@ -645,14 +645,15 @@ fn db_roles_prints_least_privilege_grants_and_refuses_sqlite() {
     let sql = st.ok(&["db-roles", "--print", "--broker-role", "ingest"]);
     assert!(sql.contains("GRANT SELECT ON devices, certificates, _sqlx_migrations TO ingest;"), "{sql}");
     assert!(sql.contains("GRANT INSERT ON telemetry TO ingest;"), "{sql}");
-    // The broker settles commands (status updates) and moves firmware jobs and campaigns
-    // (their state columns only) and may touch nothing else: no other UPDATE, never the
-    // issuance log.
+    // The broker settles commands (status updates), moves firmware jobs and campaigns (their
+    // state columns only) and its telemetry log's copy position, and may touch nothing else:
+    // no other UPDATE, never the issuance log.
     assert!(sql.contains("GRANT SELECT, INSERT, UPDATE ON commands TO ingest;"), "{sql}");
     let updates: Vec<&str> = sql.lines().filter(|l| l.contains("UPDATE")).collect();
     assert_eq!(
         updates,
         [
+            "GRANT SELECT, INSERT, UPDATE ON telemetry_feed TO ingest;",
             "GRANT SELECT, INSERT, UPDATE ON commands TO ingest;",
             "GRANT UPDATE (state, wave, reason, updated_at) ON ota_campaigns TO ingest;",
             "GRANT UPDATE (state, reason, progress, command_id, updated_at) ON ota_jobs TO ingest;",

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use fleet_registry::{DeviceId, Telemetry};
 use tokio::sync::watch;
 
-use super::{Sink, SinkError};
+use super::sink::{Sink, SinkError};
 
 /// The first bytes of every segment (format version 1).
 pub(crate) const MAGIC: &[u8; 8] = b"FGTLOG01";

@@ -11,8 +11,6 @@
 //! ([`fleet_registry::TelemetryWriter`]) on a single node; the cluster's JetStream stream plugs in
 //! the same way. Whatever the sink, a PUBACK follows only its success.
 
-use std::future::Future;
-
 use fleet_registry::{Telemetry, TelemetryWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -21,21 +19,9 @@ use crate::observe::metrics::Metrics;
 
 pub(crate) mod feed;
 pub(crate) mod log;
+mod sink;
 
-/// Why a sink did not store a batch.
-pub(crate) type SinkError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Where acknowledged messages go.
-pub(crate) trait Sink: Send + Sync + 'static {
-    /// Stores every row of `rows`, or fails (a failed batch may be partly stored: a device's
-    /// retransmission of a QoS 1 message must then not be stored twice, which `pkids`, the
-    /// rows' MQTT packet ids, 0 for QoS 0, let a sink recognise).
-    fn store<'a>(
-        &'a self,
-        rows: &'a [Telemetry],
-        pkids: &'a [u16],
-    ) -> impl Future<Output = Result<(), SinkError>> + Send + 'a;
-}
+pub(crate) use sink::{Sink, SinkError};
 
 impl Sink for TelemetryWriter {
     async fn store(&self, rows: &[Telemetry], _pkids: &[u16]) -> Result<(), SinkError> {
