@@ -150,7 +150,7 @@ pub(crate) async fn scenario_cluster(env: &Env, devices: &[Arc<Identity>], a: &A
     // The bus as shipped (TLS, certificates mapped to users, permissions).
     let nats = fleet_tests::NatsServer::start(&cenv.home, Some(&db));
     let cdevices = cenv.mint("cdev", devices.len()).await;
-    let service = cenv.service("backend").await;
+    let service = cenv.service("cluster-svc").await;
     let cluster = ClusterBuilder::default().nodes(3);
     let start_nodes = |extra: &[&str]| -> Option<Vec<Server>> {
         let base = servers::fleet_broker(&cenv.home).ok()?.database_url(Some(&db));
