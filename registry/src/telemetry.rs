@@ -294,20 +294,30 @@ mod tests {
         assert_eq!(reg.telemetry_of(&id).await.expect("read"), rows);
     }
 
-    #[tokio::test]
-    async fn rows_from_a_log_and_the_log_position_commit_together() {
+    /// A new SQLite registry in a temporary directory (kept while the guard lives).
+    async fn sqlite() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("r.db").display());
         let reg = Registry::open(&url, true).await.expect("open");
-        let id = DeviceId::parse("dev-1").expect("id");
-        let row = |i: u8| Telemetry {
-            device_id: id.clone(),
+        (dir, reg)
+    }
+
+    /// Message `i` of `dev-1`.
+    fn row(i: u8) -> Telemetry {
+        Telemetry {
+            device_id: DeviceId::parse("dev-1").expect("id"),
             topic: format!("devices/dev-1/t/{i}"),
             payload: Bytes::from(vec![i; 2]),
             qos: 1,
             received_at: i64::from(i),
             properties: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_from_a_log_and_the_log_position_commit_together() {
+        let (_dir, reg) = sqlite().await;
+        let id = DeviceId::parse("dev-1").expect("id");
         let w = reg.telemetry_writer();
         assert_eq!(reg.telemetry_fed(7).await.expect("fed"), 0);
         w.insert_from_log(7, 3, &[(1, row(1)), (2, row(2)), (3, row(3))]).await.expect("insert");
@@ -329,18 +339,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_batch_sent_again_after_its_commit_landed_is_stored_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        let reg = Registry::open(&url, true).await.expect("open");
+        let (_dir, reg) = sqlite().await;
         let id = DeviceId::parse("dev-1").expect("id");
-        let row = |i: u8| Telemetry {
-            device_id: id.clone(),
-            topic: format!("devices/dev-1/t/{i}"),
-            payload: Bytes::from(vec![i; 2]),
-            qos: 1,
-            received_at: i64::from(i),
-            properties: None,
-        };
         let w = reg.telemetry_writer();
         w.insert_from_log(7, 2, &[(1, row(1)), (2, row(2))]).await.expect("insert");
         // The commit landed but its answer was lost (PostgreSQL's connection dropped during
@@ -358,18 +358,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_batch_delivered_twice_is_stored_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        let reg = Registry::open(&url, true).await.expect("open");
+        let (_dir, reg) = sqlite().await;
         let id = DeviceId::parse("dev-1").expect("id");
-        let row = |i: u8| Telemetry {
-            device_id: id.clone(),
-            topic: format!("devices/dev-1/t/{i}"),
-            payload: Bytes::from(vec![i; 2]),
-            qos: 1,
-            received_at: i64::from(i),
-            properties: None,
-        };
         let first: Vec<(u64, Telemetry)> = (0..150).map(|i| (u64::from(i) + 1, row(i))).collect();
         let w = reg.telemetry_writer();
         w.insert_from_stream(&first).await.expect("insert");

@@ -763,22 +763,23 @@ async fn sigterm_finishes_inflight_and_exits() {
     let _ = (DeviceId::parse("x"), Role::Device, SerialNumber::random());
 }
 
-/// With the telemetry log (the default) a PUBACK does not wait for the registry: messages are
-/// acknowledged while the test holds SQLite's write lock. A SIGTERM then still leaves every one of
-/// them in the table: the broker copies its log before it exits.
-#[tokio::test(flavor = "multi_thread")]
-async fn acknowledged_while_the_registry_is_locked_and_copied_before_a_sigterm_exit() {
-    let fleet = Fleet::new(1, None).await;
-    let mut broker = BrokerProc::start(&fleet, &[]);
+/// Holds SQLite's write lock (the returned connection, in `BEGIN IMMEDIATE`), then has device 0
+/// publish `m1..=m<n>` on `topic` at QoS 1, each acknowledged before the next: with the telemetry
+/// log a PUBACK does not wait for the registry.
+async fn publish_with_the_registry_locked(
+    fleet: &Fleet,
+    broker: &BrokerProc,
+    topic: &str,
+    n: u16,
+) -> sqlx::pool::PoolConnection<sqlx::Any> {
     let id = fleet.id(0);
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
     assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     let st = fleet.station().await;
     let mut lock = st.registry().pool().acquire().await.unwrap();
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
-    let topic = format!("devices/{id}/telemetry/t");
-    for n in 1..=50u16 {
-        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
+    for n in 1..=n {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
         p.pkid = n;
         raw.send(Packet::Publish(p)).await.unwrap();
         match raw.recv(PATIENCE).await {
@@ -786,6 +787,18 @@ async fn acknowledged_while_the_registry_is_locked_and_copied_before_a_sigterm_e
             other => panic!("no PUBACK while the registry is locked: {other:?}\n{}", broker.log()),
         }
     }
+    lock
+}
+
+/// With the telemetry log (the default) a PUBACK does not wait for the registry: messages are
+/// acknowledged while the test holds SQLite's write lock. A SIGTERM then still leaves every one of
+/// them in the table: the broker copies its log before it exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_while_the_registry_is_locked_and_copied_before_a_sigterm_exit() {
+    let fleet = Fleet::new(1, None).await;
+    let mut broker = BrokerProc::start(&fleet, &[]);
+    let (id, topic) = (fleet.id(0), format!("devices/{}/telemetry/t", fleet.id(0)));
+    let mut lock = publish_with_the_registry_locked(&fleet, &broker, &topic, 50).await;
     assert!(broker.metric("fleet_store_log_backlog_records").await >= 50.0);
     let pid = broker.child.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -820,19 +833,8 @@ async fn acknowledged_while_the_registry_is_locked_and_copied_before_a_sigterm_e
 async fn a_broker_switched_to_store_registry_first_copies_what_its_log_holds() {
     let fleet = Fleet::new(1, None).await;
     let mut broker = BrokerProc::start(&fleet, &[]);
-    let id = fleet.id(0);
-    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
-    let st = fleet.station().await;
-    let mut lock = st.registry().pool().acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
-    let topic = format!("devices/{id}/telemetry/t");
-    for n in 1..=20u16 {
-        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
-        p.pkid = n;
-        raw.send(Packet::Publish(p)).await.unwrap();
-        assert!(matches!(raw.recv(PATIENCE).await, Some(Packet::PubAck(a)) if a.pkid == n));
-    }
+    let (id, topic) = (fleet.id(0), format!("devices/{}/telemetry/t", fleet.id(0)));
+    let mut lock = publish_with_the_registry_locked(&fleet, &broker, &topic, 20).await;
     broker.kill9();
     sqlx::query("ROLLBACK").execute(&mut *lock).await.unwrap();
     drop(lock);
