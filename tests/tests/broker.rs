@@ -720,12 +720,8 @@ async fn sigterm_finishes_inflight_and_exits() {
     // (the same writer and shutdown serve the telemetry log).
     let mut broker = BrokerProc::start(&fleet, &["--store", "registry"]);
     let id = fleet.id(0);
-    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
     // Hold SQLite's write lock: the broker's commit waits (busy_timeout 10 s) until we let go.
-    let st = fleet.station().await;
-    let mut lock = st.registry().pool().acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    let (mut raw, mut lock) = device_0_with_the_registry_locked(&fleet, &broker).await;
     let mut p = Publish::new(format!("devices/{id}/telemetry/t"), QoS::AtLeastOnce, b"in flight".to_vec());
     p.pkid = 7;
     raw.send(Packet::Publish(p)).await.unwrap();
@@ -763,6 +759,20 @@ async fn sigterm_finishes_inflight_and_exits() {
     let _ = (DeviceId::parse("x"), Role::Device, SerialNumber::random());
 }
 
+/// Device 0 connected to `broker`, and SQLite's write lock held (the connection, in `BEGIN
+/// IMMEDIATE`) until the test commits or drops it.
+async fn device_0_with_the_registry_locked(
+    fleet: &Fleet,
+    broker: &BrokerProc,
+) -> (Raw, sqlx::pool::PoolConnection<sqlx::Any>) {
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&fleet.id(0), 30).await), Some(ConnectReturnCode::Success));
+    let st = fleet.station().await;
+    let mut lock = st.registry().pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    (raw, lock)
+}
+
 /// Holds SQLite's write lock (the returned connection, in `BEGIN IMMEDIATE`), then has device 0
 /// publish `m1..=m<n>` on `topic` at QoS 1, each acknowledged before the next: with the telemetry
 /// log a PUBACK does not wait for the registry.
@@ -772,12 +782,7 @@ async fn publish_with_the_registry_locked(
     topic: &str,
     n: u16,
 ) -> sqlx::pool::PoolConnection<sqlx::Any> {
-    let id = fleet.id(0);
-    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
-    assert_eq!(connack_code(&raw.mqtt_connect(&id, 30).await), Some(ConnectReturnCode::Success));
-    let st = fleet.station().await;
-    let mut lock = st.registry().pool().acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    let (mut raw, lock) = device_0_with_the_registry_locked(fleet, broker).await;
     for n in 1..=n {
         let mut p = Publish::new(topic, QoS::AtLeastOnce, format!("m{n}").into_bytes());
         p.pkid = n;
