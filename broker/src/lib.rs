@@ -468,6 +468,9 @@ pub mod fuzzing {
         parse as parse_proxy_header, Header as ProxyHeader, ProxyError, MAX_HEADER as MAX_PROXY_HEADER,
     };
     pub use crate::session::conn::decode_client_packet;
+    pub use crate::store::log::{
+        decode as decode_log_record, encode as encode_log_record, Record as LogRecord,
+    };
     pub use crate::tls::{parse_crl, CrlError, RevokedSerials};
     pub use fleet_topic::{Topic, TopicFilter};
 }

@@ -442,13 +442,15 @@ fn last_on_disk(segs: &[(u64, PathBuf, u64)]) -> Result<u64, LogError> {
 
 /// One record read back.
 #[derive(Debug, PartialEq)]
-pub(crate) struct Record {
+pub struct Record {
+    /// Its sequence number.
     pub seq: u64,
+    /// The message, `None` for a record whose fields do not make one.
     pub row: Option<Telemetry>,
 }
 
 /// Appends `row` as record `seq` to `out`.
-pub(crate) fn encode(out: &mut Vec<u8>, seq: u64, row: &Telemetry) {
+pub fn encode(out: &mut Vec<u8>, seq: u64, row: &Telemetry) {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME]);
     out.extend_from_slice(&seq.to_le_bytes());
@@ -480,7 +482,7 @@ pub(crate) fn encode(out: &mut Vec<u8>, seq: u64, row: &Telemetry) {
 /// Decodes the record at the start of `buf`: the record and its length, or `None` when `buf`
 /// does not start with a whole record whose CRC matches. A record whose fields do not make a
 /// telemetry row (not something the broker writes) comes back with `row: None`.
-pub(crate) fn decode(buf: &[u8]) -> Option<(Record, usize)> {
+pub fn decode(buf: &[u8]) -> Option<(Record, usize)> {
     let len = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
     let body = buf.get(FRAME..FRAME.checked_add(len)?)?;

@@ -327,3 +327,19 @@ async fn a_write_that_failed_is_cut_off_and_the_log_takes_the_next_batch() {
     let (last, rows) = read_all(&mut reader);
     assert_eq!((last, rows), (Some(2), vec![row(1), row(3)]));
 }
+
+#[test]
+fn the_fuzzing_seeds_are_records_of_this_format() {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/telemetry_log");
+    let read = |name: &str| std::fs::read(seeds.join(name)).expect("seed");
+    let two = read("two-records");
+    let (first, used) = decode(&two).expect("first");
+    let (second, rest) = decode(&two[used..]).expect("second");
+    assert_eq!(used + rest, two.len());
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!(first.row.expect("a message").topic, "devices/dev-1/telemetry");
+    let inner = decode(&read("record-in-payload")).expect("outer").0.row.expect("a message").payload;
+    assert_eq!(decode(&inner).expect("inner").0.seq, 99, "the payload is itself a record");
+    assert!(decode(&read("bad-crc")).is_none());
+    assert_eq!(decode(&read("not-a-message")).expect("record").0.row, None);
+}
