@@ -170,11 +170,15 @@ impl Broker {
                 metrics.clone(),
             ),
             None if config.store_in_log() => {
-                let settings = log_settings;
-                let started =
-                    store::start_log(&settings, &registry, config.store_batch, &metrics, feed_stop.clone())
-                        .await
-                        .map_err(BrokerError::Store)?;
+                let started = store::start_log(
+                    &log_settings,
+                    &registry,
+                    config.store_batch,
+                    &metrics,
+                    feed_stop.clone(),
+                )
+                .await
+                .map_err(BrokerError::Store)?;
                 store_feed = Some((started.feeder, feed_stop));
                 (started.store, started.writer)
             }
