@@ -115,8 +115,7 @@ impl Registry {
                 tracing::warn!(error = %e, "no connection of its own for the revocation feed; sharing the pool");
                 self.pool.clone()
             });
-        let registry =
-            Registry { pool, backend: self.backend, url: self.url.clone(), writer_sync: self.writer_sync };
+        let registry = Registry { pool, ..self.clone() };
         Ok(RevocationFeed { registry, head, listener })
     }
 }

@@ -14,7 +14,7 @@ use fleet_registry::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::status::{Reply, Statuses};
 use crate::outcome::CommandRefusal;
@@ -178,7 +178,7 @@ fn events(change: Change, outcome: &CommandOutcome, out: &mut Vec<Event>) {
 
 /// Applies one batch on the writer's own connection (taken, or taken again after an error),
 /// retrying once after a short pause (a busy or briefly unreachable database); `None` if it
-/// failed both times.
+/// failed both times. The commit is not yet flushed: see [`Registry::flush_commits`].
 async fn commit(
     registry: &Registry,
     conn: &mut Option<WriterConnection>,
@@ -193,7 +193,7 @@ async fn commit(
     for attempt in 0..2 {
         let result = match conn.as_mut() {
             Some(c) => registry.apply_commands_on(c, &ops, limit).await,
-            None => match registry.writer_connection().await {
+            None => match registry.deferred_writer_connection().await {
                 Ok(c) => registry.apply_commands_on(conn.insert(c), &ops, limit).await,
                 Err(e) => Err(e),
             },
@@ -215,15 +215,57 @@ async fn commit(
     None
 }
 
-/// Statuses of committed batches waiting to be published at most; the writer waits beyond it.
+/// A committed batch waiting for its flush: its jobs and their outcomes (`None`: not stored).
+#[derive(Debug)]
+struct Committed {
+    batch: Vec<Job>,
+    outcomes: Option<Vec<CommandOutcome>>,
+}
+
+/// Answers each job of a flushed batch and collects the statuses the batch caused, in order.
+fn settle(committed: Committed, done: &mut Vec<Event>) {
+    let mut outcomes = committed.outcomes.map(Vec::into_iter);
+    for job in committed.batch {
+        // A refusal has no registry outcome: it stands in as "not stored".
+        let answer = outcomes.as_mut().map(|it| {
+            job.changes
+                .iter()
+                .map(|c| match c {
+                    Change::Refuse { .. } => CommandOutcome::Changed(false),
+                    _ => it.next().unwrap_or(CommandOutcome::Changed(false)),
+                })
+                .collect::<Vec<_>>()
+        });
+        if let Some(mine) = &answer {
+            for (c, o) in job.changes.into_iter().zip(mine) {
+                events(c, o, done);
+            }
+        }
+        if let Some(reply) = job.reply {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// Committed batches waiting for their flush at most; the writer waits beyond it.
+const FLUSH_QUEUE: usize = 64;
+/// Statuses of flushed batches waiting to be published at most; the flusher waits beyond it.
 const ANNOUNCE_QUEUE: usize = 64;
 
-/// The writer: until shutdown, takes every job waiting (up to [`BATCH`] changes), commits them
-/// in one transaction and answers each job; the statuses the batch caused are then published in
-/// commit order, while the next batch commits (a status never holds a PUBACK). A failed batch
-/// answers `None`: a new command is not acknowledged to its service (it retransmits); a delivery
-/// is not sent (the session tries again on its next wake-up); an acknowledgement is lost and the
-/// command is sent again (DUP) in the device's next session, where the SDK filters it out.
+/// The writer, three stages in a row, each in commit order:
+///
+/// 1. **commit**: until shutdown, takes every job waiting (up to [`BATCH`] changes) and commits
+///    them in one transaction, not flushed;
+/// 2. **flush**: takes every committed batch waiting, flushes them with one
+///    [`Registry::flush_commits`] (with `store_fsync = every-commit`, an `fdatasync` of SQLite's
+///    write-ahead log) while the next batch commits, and only then answers each job: a PUBACK
+///    still means the command is on disk, and a delivery sends only what is;
+/// 3. **announce**: publishes the statuses the batches caused (a status never holds a PUBACK).
+///
+/// A failed batch, or a failed flush, answers `None`: a new command is not acknowledged to its
+/// service (it retransmits); a delivery is not sent (the session tries again on its next
+/// wake-up); an acknowledgement is lost and the command is sent again (DUP) in the device's next
+/// session, where the SDK filters it out.
 pub(crate) async fn run(
     registry: Registry,
     statuses: Statuses,
@@ -231,7 +273,9 @@ pub(crate) async fn run(
     jobs: Jobs,
     shutdown: CancellationToken,
 ) {
+    let (flush_tx, mut flush_rx) = mpsc::channel::<Committed>(FLUSH_QUEUE);
     let (announce_tx, mut announce_rx) = mpsc::channel::<Vec<Event>>(ANNOUNCE_QUEUE);
+    let flusher = registry.clone();
     let write = async move {
         let Jobs(mut rx) = jobs;
         let mut conn = None;
@@ -252,27 +296,26 @@ pub(crate) async fn run(
                 }
             }
             let outcomes = commit(&registry, &mut conn, max_queued_commands, &batch).await;
-            let mut outcomes = outcomes.map(Vec::into_iter);
-            let mut done = Vec::with_capacity(n);
-            for job in batch {
-                // A refusal has no registry outcome: it stands in as "not stored".
-                let answer = outcomes.as_mut().map(|it| {
-                    job.changes
-                        .iter()
-                        .map(|c| match c {
-                            Change::Refuse { .. } => CommandOutcome::Changed(false),
-                            _ => it.next().unwrap_or(CommandOutcome::Changed(false)),
-                        })
-                        .collect::<Vec<_>>()
-                });
-                if let Some(mine) = &answer {
-                    for (c, o) in job.changes.into_iter().zip(mine) {
-                        events(c, o, &mut done);
+            if flush_tx.send(Committed { batch, outcomes }).await.is_err() {
+                return;
+            }
+        }
+    };
+    let flush = async move {
+        let mut ready = Vec::new();
+        while flush_rx.recv_many(&mut ready, FLUSH_QUEUE).await > 0 {
+            let stored = ready.iter().any(|c| c.outcomes.as_ref().is_some_and(|o| !o.is_empty()));
+            if stored {
+                if let Err(e) = flusher.flush_commits().await {
+                    error!(error = %e, "flushing the command queue's commits failed; their commands are not acknowledged");
+                    for c in &mut ready {
+                        c.outcomes = None;
                     }
                 }
-                if let Some(reply) = job.reply {
-                    let _ = reply.send(answer);
-                }
+            }
+            let mut done = Vec::new();
+            for c in ready.drain(..) {
+                settle(c, &mut done);
             }
             if !done.is_empty() && announce_tx.send(done).await.is_err() {
                 return;
@@ -286,5 +329,5 @@ pub(crate) async fn run(
             }
         }
     };
-    tokio::join!(write, announce);
+    tokio::join!(write, flush, announce);
 }
