@@ -201,11 +201,16 @@ impl Broker {
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let sessions = Arc::new(Sessions::default());
+        // Admission verdicts are read on a connection of their own (gate::lookup).
+        let lookups = gate::Lookups::start(
+            registry.with_own_pool(1, config.registry_timeout()).await?,
+            config.registry_timeout(),
+        );
         let gate = Arc::new(Gate::new(gate::Parts {
             config: config.clone(),
             tls_paths,
             tls: state,
-            registry: registry.clone(),
+            lookups,
             sessions: sessions.clone(),
             fabric: fabric.clone(),
             observe: observe.clone(),

@@ -210,7 +210,7 @@ const ROWS_PER_STATEMENT: usize = 100;
 
 /// `n` parameters from `$from` on PostgreSQL; `?` each on SQLite, whose named parameters cost a
 /// scan of the statement's names per bound value (a fifth of a large insert's binding time).
-fn params(backend: Backend, from: usize, n: usize) -> String {
+pub(crate) fn params(backend: Backend, from: usize, n: usize) -> String {
     match backend {
         Backend::Sqlite => vec!["?"; n].join(", "),
         Backend::Postgres => placeholders(from, n),

@@ -143,7 +143,8 @@ impl Registry {
     /// into the database file, which a checkpoint flushes before the log is reused. Otherwise
     /// nothing: `checkpoint` promises no more, and PostgreSQL flushes at each commit itself.
     pub async fn flush_commits(&self) -> Result<()> {
-        let (Backend::Sqlite, WriterSync::EveryCommit, Some(wal)) = (self.backend, self.writer_sync, &self.wal)
+        let (Backend::Sqlite, WriterSync::EveryCommit, Some(wal)) =
+            (self.backend, self.writer_sync, &self.wal)
         else {
             return Ok(());
         };

@@ -62,6 +62,42 @@ impl Registry {
         .transpose()
     }
 
+    /// [`Registry::admission`] of many serials in one statement (the broker's admission reader
+    /// batches a reconnect storm's lookups): the verdicts in the order of `serials`.
+    pub async fn admissions(&self, serials: &[SerialNumber]) -> Result<Vec<Option<Admission>>> {
+        if serials.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hex: Vec<String> = serials.iter().map(SerialNumber::to_hex).collect();
+        let sql = format!(
+            "SELECT c.serial, c.device_id, d.role, d.status, c.status FROM certificates c \
+             JOIN devices d ON d.device_id = c.device_id WHERE c.serial IN ({})",
+            crate::commands::params(self.backend, 1, hex.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for h in &hex {
+            q = q.bind(h.as_str());
+        }
+        let mut found = std::collections::HashMap::with_capacity(hex.len());
+        for r in q.fetch_all(&self.pool).await? {
+            let admission = Admission {
+                device_id: parse_id(r.try_get(1)?)?,
+                role: parse_role(&r.try_get::<String, _>(2)?)?,
+                device_status: parse_status(&r.try_get::<String, _>(3)?)?,
+                cert_status: parse_status(&r.try_get::<String, _>(4)?)?,
+            };
+            found.insert(r.try_get::<String, _>(0)?, admission);
+        }
+        Ok(hex.iter().map(|h| found.get(h).cloned()).collect())
+    }
+
+    /// This registry on a pool of its own of at most `max` connections, for a reader that must
+    /// not queue behind the shared pool (the revocation feed, admissions during a storm).
+    pub async fn with_own_pool(&self, max: u32, acquire_timeout: Duration) -> Result<Registry> {
+        let pool = Registry::pool_with(self.backend, &self.url, max, acquire_timeout).await?;
+        Ok(Registry { pool, ..self.clone() })
+    }
+
     /// Revocations with log sequence number above `after`, oldest first.
     pub async fn revocations_since(&self, after: i64) -> Result<Vec<RevocationEvent>> {
         let rows = sqlx::query(
@@ -110,12 +146,10 @@ impl Registry {
         };
         // Its own connection: the feed's polls keep the broker's admission cache trusted, so
         // they must not queue behind a busy pool (a mass reconnect reading command queues).
-        let pool =
-            Registry::pool_with(self.backend, &self.url, 1, Duration::from_secs(3)).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no connection of its own for the revocation feed; sharing the pool");
-                self.pool.clone()
-            });
-        let registry = Registry { pool, ..self.clone() };
+        let registry = self.with_own_pool(1, Duration::from_secs(3)).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no connection of its own for the revocation feed; sharing the pool");
+            self.clone()
+        });
         Ok(RevocationFeed { registry, head, listener })
     }
 }

@@ -11,20 +11,21 @@
 //! on SQLite), and a session admitted just before is cut by the feed ([`crate::sessions`]).
 //!
 //! The gate owns the TLS state (hot-swapped on reload, [`reload`]), the admission cache and
-//! the registry handle admissions are asked of.
+//! the reader admissions are asked of ([`lookup`]).
 
 mod cache;
+mod lookup;
 mod reload;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
-use fleet_registry::{Registry, SerialNumber, Status};
+use fleet_registry::{SerialNumber, Status};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::auth::{self, Identity};
 use crate::clock::now_unix;
@@ -36,6 +37,7 @@ use crate::outcome::Refusal;
 use crate::sessions::Sessions;
 use crate::tls::{self, Tls, TlsPaths, TlsState};
 use cache::AdmissionCache;
+pub(crate) use lookup::Lookups;
 
 /// The admission gate.
 #[derive(Debug)]
@@ -44,7 +46,8 @@ pub(crate) struct Gate {
     /// The TLS files found at start (a CRL that appears later is picked up too).
     tls_paths: TlsPaths,
     tls: ArcSwap<TlsState>,
-    registry: Registry,
+    /// The registry's verdicts, batched ([`lookup`]).
+    lookups: Lookups,
     admissions: AdmissionCache,
     /// Serials the revocation feed reported (`is_revoked`).
     sessions: Arc<Sessions>,
@@ -70,7 +73,7 @@ pub(crate) struct Parts {
     pub(crate) config: Arc<Config>,
     pub(crate) tls_paths: TlsPaths,
     pub(crate) tls: TlsState,
-    pub(crate) registry: Registry,
+    pub(crate) lookups: Lookups,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) fabric: Fabric,
     pub(crate) observe: Observe,
@@ -84,7 +87,7 @@ impl Gate {
             config: p.config,
             tls_paths: p.tls_paths,
             tls: ArcSwap::from_pointee(p.tls),
-            registry: p.registry,
+            lookups: p.lookups,
             admissions: AdmissionCache::default(),
             sessions: p.sessions,
             fabric: p.fabric,
@@ -162,11 +165,9 @@ impl Gate {
             return if device_id == id.id && role == id.role { Ok(id) } else { Err(Refusal::BadIdentity) };
         }
         metrics.admission_cache(false);
-        match self.registry.admission(&id.serial).await {
-            Err(e) => {
-                warn!(error = %e, "registry unavailable during admission");
-                Err(Refusal::RegistryUnavailable)
-            }
+        match self.lookups.admission(&id.serial).await {
+            // Logged by the reader, once per failed read.
+            Err(()) => Err(Refusal::RegistryUnavailable),
             Ok(None) => Err(Refusal::UnknownDevice),
             Ok(Some(a)) if a.device_id != id.id || a.role != id.role => Err(Refusal::BadIdentity),
             Ok(Some(a)) if a.device_status == Status::Revoked || a.cert_status == Status::Revoked => {

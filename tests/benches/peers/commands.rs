@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::client::{self, Identity, Tls};
 use crate::servers::{self, Peer, Server};
-use crate::{Args, Env, Report};
+use crate::{Args, Env, Report, Subject};
 
 /// Commands queued per device.
 const PER_DEVICE: usize = 3;
@@ -217,17 +217,18 @@ struct Figures {
 
 async fn run_peer(
     env: &Env,
-    peer: Peer,
+    subject: &Subject,
     ids: &[Arc<Identity>],
     service: &Identity,
     report: &mut Report,
 ) -> Option<Figures> {
     let n = ids.len();
-    let server: Server = match peer {
-        // Everyone reconnects from 254 loopback addresses at once: lift the per-source cap.
-        Peer::FleetBroker => {
-            servers::start_fleet_broker(&env.home, &["--max-pre-admission-per-source", "4096"]).ok()?
-        }
+    let peer = subject.peer;
+    // Everyone reconnects from 254 loopback addresses at once: lift the per-source cap.
+    let lifted = ["--max-pre-admission-per-source", "4096"];
+    let server: Server = match (peer, &subject.before) {
+        (Peer::FleetBroker, None) => servers::start_fleet_broker(&env.home, &lifted).ok()?,
+        (Peer::FleetBroker, Some(bin)) => servers::start_broker_program(bin, &env.home, 0, &lifted).ok()?,
         _ => env.start(peer)?,
     };
     let addr = server.addr;
@@ -297,7 +298,7 @@ async fn run_peer(
         "commands",
         format!(
             "| {} | {n} devices × {PER_DEVICE} | queued {accepted} in {secs:.1} s = **{:.0}/s** | queue cost {mem_per:.0} B RSS, {disk} per command ({:.1} → {:.1} MiB) | reconnect: {complete}/{n} devices had all in {last:.1} s = **{rate:.0} commands/s** | duplicates {} | failed attempts {} | peak RSS {:.1} MiB |",
-            peer.name(),
+            subject.name(),
             accepted as f64 / secs.max(0.001),
             rss0 as f64 / 1024.0,
             rss1 as f64 / 1024.0,
@@ -328,12 +329,22 @@ pub(crate) async fn scenario_commands(env: &Env, a: &Args, report: &mut Report) 
     println!("  minted {n} devices in {:.1} s", t.elapsed().as_secs_f64());
     let service = env.service("cmd-svc").await;
     let mut figures = Vec::new();
-    for peer in [Peer::FleetBroker, Peer::Mosquitto].into_iter().filter(|&p| a.wants(p)) {
-        if let Some(f) = run_peer(env, peer, &ids, &service, report).await {
-            figures.push((peer, f));
+    for subject in a.subjects(&[Peer::FleetBroker, Peer::Mosquitto]) {
+        if let Some(f) = run_peer(env, &subject, &ids, &service, report).await {
+            figures.push((subject.name(), f));
         }
     }
-    if let [(Peer::FleetBroker, f), (Peer::Mosquitto, m)] = &figures[..] {
+    let of = |name: &str| figures.iter().find(|(n, _)| *n == name).map(|(_, f)| f);
+    if let (Some(b), Some(f)) = (of("fleet-broker-before"), of(Peer::FleetBroker.name())) {
+        report.add(
+            "ratios",
+            format!(
+                "| commands: queued/s fleet-broker / fleet-broker-before | {:.2}× |",
+                f.queued_per_s / b.queued_per_s.max(0.001)
+            ),
+        );
+    }
+    if let (Some(f), Some(m)) = (of(Peer::FleetBroker.name()), of(Peer::Mosquitto.name())) {
         report.add(
             "ratios",
             format!(

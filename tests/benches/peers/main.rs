@@ -102,8 +102,8 @@ struct Cli {
     )]
     crl_sizes: Vec<usize>,
     /// Servers to measure. Storm, cluster and commands measure only fleet-broker and mosquitto;
-    /// fleet-broker-before (needs --before-broker) is measured by admissions, revoke, ingest
-    /// and memory.
+    /// fleet-broker-before (needs --before-broker) is measured by admissions, revoke, ingest,
+    /// commands and memory.
     #[arg(
         long,
         value_enum,

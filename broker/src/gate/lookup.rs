@@ -1,0 +1,142 @@
+//! The registry's admission verdicts, read by one task on a connection of its own, in batches.
+//!
+//! Asked one by one through the shared pool, a reconnect storm's lookups collapsed: with every
+//! core busy in TLS handshakes, a task that had taken one of the pool's few connections waited
+//! for its turn to run its query and give it back, so lookups timed out waiting for the pool,
+//! the refused devices came back at once for another handshake, and 16,000 devices reconnecting
+//! with queued commands never got in (BENCHMARKS.md, commands). Here every lookup waiting is
+//! answered by one statement (up to [`BATCH`] serials), run by a task that needs no pool.
+
+use std::time::Duration;
+
+use fleet_registry::{Admission, Registry, SerialNumber};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+/// Serials read in one statement at most.
+const BATCH: usize = 256;
+/// Lookups waiting for the reader at most; an admission waits for room beyond it.
+const QUEUE: usize = 16_384;
+
+/// A lookup's answer: the verdict, or `Err` if the registry could not be read.
+type Answer = Result<Option<Admission>, ()>;
+
+/// Asks the reader; clone freely.
+#[derive(Debug, Clone)]
+pub(crate) struct Lookups {
+    tx: mpsc::Sender<(SerialNumber, oneshot::Sender<Answer>)>,
+    /// The longest an admission waits for its verdict (`registry_timeout_ms`).
+    wait: Duration,
+}
+
+impl Lookups {
+    /// Starts the reader on `registry` (give it a pool of its own: [`Registry::with_own_pool`]).
+    /// It stops when the last [`Lookups`] is dropped.
+    pub(crate) fn start(registry: Registry, wait: Duration) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(read(registry, rx));
+        Self { tx, wait }
+    }
+
+    /// The registry's verdict on `serial`; `Err` if it could not be read within the wait.
+    pub(crate) async fn admission(&self, serial: &SerialNumber) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let asked = async {
+            self.tx.send((serial.clone(), reply)).await.map_err(|_| ())?;
+            answer.await.map_err(|_| ())?
+        };
+        tokio::time::timeout(self.wait, asked).await.unwrap_or(Err(()))
+    }
+}
+
+/// The reader: every lookup waiting, one statement, each answered; until no one can ask.
+async fn read(registry: Registry, mut rx: mpsc::Receiver<(SerialNumber, oneshot::Sender<Answer>)>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        // A lookup whose admission gave up waiting is not read.
+        batch.retain(|(_, reply)| !reply.is_closed());
+        let serials: Vec<SerialNumber> = batch.iter().map(|(s, _)| s.clone()).collect();
+        match registry.admissions(&serials).await {
+            Ok(verdicts) => {
+                for ((_, reply), verdict) in batch.drain(..).zip(verdicts) {
+                    let _ = reply.send(Ok(verdict));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, lookups = batch.len(), "registry unavailable during admission");
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_registry::{Role, Status};
+
+    /// A registry with devices `d0`..`d{n-1}`, certificate serials `0001`..; `d1` revoked.
+    async fn registry(n: usize) -> (tempfile::TempDir, Registry, Vec<SerialNumber>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let reg = Registry::open(&url, true).await.expect("open");
+        let mut serials = Vec::new();
+        for i in 0..n {
+            let serial = SerialNumber::parse(&format!("{:04x}", i + 1)).expect("serial");
+            sqlx::query(
+                "INSERT INTO devices (device_id, role, status, created_at) VALUES ($1, 'device', $2, 0)",
+            )
+            .bind(format!("d{i}"))
+            .bind(if i == 1 { "revoked" } else { "active" })
+            .execute(reg.pool())
+            .await
+            .expect("device");
+            sqlx::query(
+                "INSERT INTO certificates (serial, device_id, not_before, not_after, key_source, status, issued_at, cert_der) \
+                 VALUES ($1, $2, 0, 0, 'station', 'active', 0, x'00')",
+            )
+            .bind(serial.to_hex())
+            .bind(format!("d{i}"))
+            .execute(reg.pool())
+            .await
+            .expect("certificate");
+            serials.push(serial);
+        }
+        (dir, reg, serials)
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_lookups_is_answered_each_with_its_own_verdict() {
+        let (_dir, reg, serials) = registry(600).await;
+        let lookups = Lookups::start(reg, Duration::from_secs(10));
+        let unknown = SerialNumber::parse("ffff").expect("serial");
+        let mut asks: Vec<_> = serials
+            .iter()
+            .chain(std::iter::once(&unknown))
+            .map(|s| {
+                let (l, s) = (lookups.clone(), s.clone());
+                tokio::spawn(async move { l.admission(&s).await })
+            })
+            .collect();
+        let none = asks.pop().expect("unknown").await.expect("task");
+        assert_eq!(none, Ok(None), "an unknown serial has no verdict");
+        for (i, ask) in asks.into_iter().enumerate() {
+            let a = ask.await.expect("task").expect("read").expect("known");
+            assert_eq!(a.device_id.as_str(), format!("d{i}"));
+            assert_eq!(a.role, Role::Device);
+            let status = if i == 1 { Status::Revoked } else { Status::Active };
+            assert_eq!(a.device_status, status);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_registry_is_an_error_not_an_unknown_device() {
+        let (dir, reg, serials) = registry(2).await;
+        sqlx::query("ALTER TABLE certificates RENAME TO gone").execute(reg.pool()).await.expect("rename");
+        let lookups = Lookups::start(reg, Duration::from_secs(10));
+        assert_eq!(lookups.admission(&serials[0]).await, Err(()));
+        drop(dir);
+    }
+}
