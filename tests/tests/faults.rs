@@ -132,6 +132,10 @@ async fn with_the_log_a_registry_outage_holds_no_puback_until_the_backlog_limit_
         fleet.telemetry_rows(&id).await.into_iter().map(|r| String::from_utf8(r.1).unwrap()).collect();
     assert_eq!(rows, expect, "every acknowledged message once, in order, and nothing refused");
     assert!(broker.metric("fleet_store_feed_errors_total").await >= 1.0);
+    // The outage said once (and again only after 30 s), and its end said.
+    let log = broker.log();
+    assert_eq!(log.matches("copy into the registry failed").count(), 1, "log:\n{log}");
+    assert!(log.contains("copy into the registry resumed"), "log:\n{log}");
 
     // Within the limit again: acknowledged.
     let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();

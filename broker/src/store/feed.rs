@@ -18,6 +18,9 @@ use crate::observe::metrics::Metrics;
 
 /// Pause after a failed copy before the same batch is tried again.
 const RETRY: Duration = Duration::from_millis(500);
+/// During an outage a failed copy is logged once, then at most once per this interval (with
+/// the number of failed attempts); every attempt is counted in `fleet_store_feed_errors_total`.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs until the log's writer is gone and everything it wrote is copied, or until `stop`.
 pub(crate) async fn run(
@@ -65,15 +68,26 @@ pub(crate) async fn run(
             }
         }
         let Some(last) = last else { continue };
+        let (mut failed, mut logged) = (0u64, None::<tokio::time::Instant>);
         while !rows.is_empty() {
             match writer.insert_from_log(reader.id, last, &rows).await {
                 Ok(()) => {
                     metrics.store_fed_rows.inc_by(rows.len() as u64);
+                    if failed > 0 {
+                        tracing::info!(
+                            failed_attempts = failed,
+                            "telemetry log: copy into the registry resumed"
+                        );
+                    }
                     break;
                 }
                 Err(e) => {
                     metrics.store_feed_errors.inc();
-                    tracing::warn!(error = %e, rows = rows.len(), "telemetry log: copy into the registry failed; retrying");
+                    failed += 1;
+                    if logged.is_none_or(|t| t.elapsed() >= OUTAGE_LOG_EVERY) {
+                        logged = Some(tokio::time::Instant::now());
+                        tracing::warn!(error = %e, rows = rows.len(), failed_attempts = failed, "telemetry log: copy into the registry failed; retrying every 500 ms, logged again in 30 s if it still fails");
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(RETRY) => {}
