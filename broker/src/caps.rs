@@ -77,14 +77,6 @@ impl<K: Hash + Eq> Drop for TallySlot<K> {
     }
 }
 
-/// Connections per source still in the pre-admission phase (TLS handshake + CONNECT): one
-/// source cannot hold more than `max_pre_admission_per_source` of the broker's connection
-/// slots with sockets that never authenticate.
-pub(crate) type PreAdmission = Tally<Source>;
-
-/// A connection counted in [`PreAdmission`] until dropped (at admission or when it ends).
-pub(crate) type PreAdmissionSlot = TallySlot<Source>;
-
 /// A fixed number of slots (handshakes in progress) shared fairly between sources: a source
 /// gets at most `min(per_source, total / (holders + 1))`, where `holders` counts the sources
 /// holding slots, itself included. The `+ 1` keeps a share free for a source that has none
@@ -109,6 +101,11 @@ pub(crate) struct FairSlot {
 }
 
 impl FairShare {
+    /// Slots taken now.
+    pub(crate) fn used(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).used
+    }
+
     /// A slot for `source`, or `None` if all `total` are taken or `source` holds its share.
     pub(crate) fn enter(
         self: &Arc<Self>,

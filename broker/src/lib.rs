@@ -354,6 +354,7 @@ impl Broker {
         let limits = listener::Limits {
             max_connections: config.max_connections,
             per_source: config.max_pre_admission_per_source,
+            max_handshakes: config.max_handshakes,
             proxy_protocol: config.proxy_protocol,
             // Validated at start (`Config::validate`).
             balancers: config.proxy_from().unwrap_or_default(),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::caps::{PreAdmission, PreAdmissionSlot, Source};
+use crate::caps::{FairShare, FairSlot, Source};
 use crate::observe::log_limit::LogLimiter;
 use crate::observe::metrics::{Limit, Metrics};
 use crate::outcome::Refusal;
@@ -27,6 +27,8 @@ pub(crate) struct Limits {
     pub(crate) max_connections: usize,
     /// `max_pre_admission_per_source`.
     pub(crate) per_source: usize,
+    /// `max_handshakes`.
+    pub(crate) max_handshakes: usize,
     /// `proxy_protocol`: the client's address is known only once its header is read.
     pub(crate) proxy_protocol: bool,
     /// `proxy_from`: the balancers (address, prefix length); empty, any address.
@@ -44,9 +46,9 @@ pub(crate) struct Accepted {
     pub(crate) conn_id: u64,
     /// Its place in the source address's pre-admission share, given back at admission (`None`
     /// behind a PROXY-protocol balancer: taken once the header names the client).
-    pub(crate) pre_admission: Option<PreAdmissionSlot>,
-    /// The per-source table, for that.
-    pub(crate) sources: Arc<PreAdmission>,
+    pub(crate) pre_admission: Option<FairSlot>,
+    /// The pre-admission table (`max_handshakes` shared fairly between sources), for that.
+    pub(crate) sources: Arc<FairShare>,
     /// Its place under `max_connections`, held until the connection ends.
     pub(crate) slot: ConnectionSlot,
     /// Where the live session's task is spawned (the broker waits for it at shutdown).
@@ -74,10 +76,25 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Counts a connection refused by the per-source pre-admission cap.
-pub(crate) fn source_limited(metrics: &Metrics) {
-    metrics.rejected_at_accept(Refusal::SourceLimit);
-    metrics.limit(Limit::PerSource);
+/// Counts a connection the pre-admission table had no slot for, and says why: every slot taken
+/// (`handshakes_busy`), or its source holding its share (`source_limit`).
+pub(crate) fn pre_admission_refused(metrics: &Metrics, table: &FairShare, max_handshakes: usize) -> Refusal {
+    if table.used() >= max_handshakes {
+        metrics.rejected_at_accept(Refusal::HandshakesBusy);
+        Refusal::HandshakesBusy
+    } else {
+        metrics.rejected_at_accept(Refusal::SourceLimit);
+        metrics.limit(Limit::PerSource);
+        Refusal::SourceLimit
+    }
+}
+
+/// The log line's words for [`pre_admission_refused`]'s answer.
+pub(crate) fn pre_admission_text(why: Refusal) -> &'static str {
+    match why {
+        Refusal::HandshakesBusy => "max_handshakes connections are in their handshake already (try again)",
+        _ => "too many unauthenticated connections from this address",
+    }
 }
 
 /// Is `ip` in the block `net`/`bits`? (IPv4-mapped IPv6 peers are compared as IPv4.)
@@ -112,8 +129,9 @@ pub(crate) async fn run<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let pre_admission = Arc::new(PreAdmission::default());
+    let pre_admission = Arc::new(FairShare::default());
     let mut source_limit_log = LogLimiter::new(limits.log_interval);
+    let mut busy_log = LogLimiter::new(limits.log_interval);
     let mut proxy_log = LogLimiter::new(limits.log_interval);
     let next_conn = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(5);
@@ -146,12 +164,14 @@ pub(crate) async fn run<F, Fut>(
             }
             None
         } else {
-            match pre_admission.enter(Source::of(peer.ip()), limits.per_source) {
+            match pre_admission.enter(Source::of(peer.ip()), limits.per_source, limits.max_handshakes) {
                 Some(s) => Some(s),
                 None => {
-                    source_limited(metrics);
-                    if let Some(skipped) = source_limit_log.allow() {
-                        warn!(%peer, reason = Refusal::SourceLimit.label(), skipped, "connection refused: too many unauthenticated connections from this address");
+                    let why = pre_admission_refused(metrics, &pre_admission, limits.max_handshakes);
+                    let log =
+                        if why == Refusal::HandshakesBusy { &mut busy_log } else { &mut source_limit_log };
+                    if let Some(skipped) = log.allow() {
+                        warn!(%peer, reason = why.label(), skipped, "connection refused: {}", pre_admission_text(why));
                     }
                     continue;
                 }

@@ -156,6 +156,7 @@ impl Config {
         for (v, name) in [
             (self.max_connections, "max_connections"),
             (self.max_pre_admission_per_source, "max_pre_admission_per_source"),
+            (self.max_handshakes, "max_handshakes"),
             (self.max_subscriptions_per_session, "max_subscriptions_per_session"),
             (self.max_queued_messages, "max_queued_messages"),
             (self.store_batch, "store_batch"),

@@ -159,6 +159,14 @@ settings! {
     /// Most connections from one source address in the pre-admission phase (TLS handshake +
     /// CONNECT) at once; more are closed at accept (reason `source_limit`).
     max_pre_admission_per_source: usize = 32;
+    /// Most connections in the pre-admission phase (TLS handshake + CONNECT) at once, from all
+    /// sources together, each source held to its fair share (this number over the sources
+    /// holding slots plus one, and `max_pre_admission_per_source`); more are closed at accept,
+    /// before any handshake work (reason `handshakes_busy`, or `source_limit` past a source's
+    /// share), and the client tries again. A reconnect storm is then admitted at the rate the
+    /// cores sign handshakes, instead of every handshake slowing down together until all time
+    /// out (BENCHMARKS.md, commands).
+    max_handshakes: usize = 512;
     /// A socket that accepts no bytes for this long is closed (reason `write_timeout`),
     /// seconds.
     write_timeout_secs: Secs = Secs::of(10.0);

@@ -129,7 +129,9 @@ impl Metrics {
         for r in Refusal::ALL {
             self.handshakes.with_label_values(&["refused", r.label()]);
         }
-        for r in [Refusal::SourceLimit, Refusal::MaxConnections, Refusal::ProxyHeader] {
+        for r in
+            [Refusal::SourceLimit, Refusal::HandshakesBusy, Refusal::MaxConnections, Refusal::ProxyHeader]
+        {
             self.connections_rejected.with_label_values(&[r.label()]);
         }
         for c in CloseReason::ALL {

@@ -9,6 +9,8 @@ use rumqttc::mqttbytes::v4::ConnectReturnCode;
 pub enum Refusal {
     /// Too many connections from one address still before admission (at accept).
     SourceLimit,
+    /// `max_handshakes` connections are before admission already (at accept).
+    HandshakesBusy,
     /// The broker's connection cap (at accept).
     MaxConnections,
     /// No TLS handshake within the deadline.
@@ -76,8 +78,9 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal (for tests and dashboards).
-    pub const ALL: [Refusal; 31] = [
+    pub const ALL: [Refusal; 32] = [
         Self::SourceLimit,
+        Self::HandshakesBusy,
         Self::MaxConnections,
         Self::HandshakeTimeout,
         Self::PeerClosed,
@@ -114,6 +117,7 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Self::SourceLimit => "source_limit",
+            Self::HandshakesBusy => "handshakes_busy",
             Self::MaxConnections => "max_connections",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::PeerClosed => "peer_closed",
@@ -152,6 +156,7 @@ impl Refusal {
     pub fn explain(self) -> &'static str {
         match self {
             Self::SourceLimit => "One address had too many connections still in their handshake (max_pre_admission_per_source); a flood or a NAT of many devices.",
+            Self::HandshakesBusy => "max_handshakes connections were in their handshake already: a reconnect storm (the client tries again), or a flood from many addresses.",
             Self::MaxConnections => "The broker was at max_connections and closed the new connection at once.",
             Self::HandshakeTimeout => "The client did not finish the TLS handshake in time (handshake_timeout_secs): a slow link, or a socket held open on purpose.",
             Self::PeerClosed => "The client hung up during the handshake or before CONNECT, often because it did not trust the broker's certificate.",

@@ -65,11 +65,13 @@ pub(crate) async fn serve(svc: Arc<Services>, accepted: Accepted) {
                 Ok(Err(e)) => return refused(format!("no valid PROXY v2 header: {e}")),
                 Err(_) => return refused(format!("no PROXY v2 header within {} s", deadline.as_secs_f64())),
             };
-            match sources.enter(Source::of(client.ip()), svc.config.max_pre_admission_per_source) {
+            let (per_source, total) = (svc.config.max_pre_admission_per_source, svc.config.max_handshakes);
+            match sources.enter(Source::of(client.ip()), per_source, total) {
                 Some(p) => (client, p),
                 None => {
-                    debug!(peer = %client, "connection refused: too many unauthenticated connections from this address");
-                    return crate::listener::source_limited(svc.observe.metrics());
+                    let why = crate::listener::pre_admission_refused(svc.observe.metrics(), &sources, total);
+                    debug!(peer = %client, reason = why.label(), "connection refused: {}", crate::listener::pre_admission_text(why));
+                    return;
                 }
             }
         }

@@ -243,7 +243,10 @@ async fn run_peer(
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss0, disk0) = (server.rss_kib(), registry_bytes(&env.home));
+    let cpu0 = server.cpu_secs();
     let (accepted, secs) = queue_commands(addr, service, ids, PER_DEVICE).await;
+    // Server CPU per accepted command: steadier than the rate of a phase this short.
+    let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / accepted.max(1) as f64;
     let total = (n * PER_DEVICE) as u64;
     if accepted < total {
         println!("  {}: only {accepted} / {total} commands accepted", peer.name());
@@ -297,7 +300,7 @@ async fn run_peer(
     report.add(
         "commands",
         format!(
-            "| {} | {n} devices × {PER_DEVICE} | queued {accepted} in {secs:.1} s = **{:.0}/s** | queue cost {mem_per:.0} B RSS, {disk} per command ({:.1} → {:.1} MiB) | reconnect: {complete}/{n} devices had all in {last:.1} s = **{rate:.0} commands/s** | duplicates {} | failed attempts {} | peak RSS {:.1} MiB |",
+            "| {} | {n} devices × {PER_DEVICE} | queued {accepted} in {secs:.1} s = **{:.0}/s**, server CPU {cpu_us:.1} µs per command | queue cost {mem_per:.0} B RSS, {disk} per command ({:.1} → {:.1} MiB) | reconnect: {complete}/{n} devices had all in {last:.1} s = **{rate:.0} commands/s** | duplicates {} | failed attempts {} | peak RSS {:.1} MiB |",
             subject.name(),
             accepted as f64 / secs.max(0.001),
             rss0 as f64 / 1024.0,

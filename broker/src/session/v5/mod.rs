@@ -373,7 +373,9 @@ pub(crate) fn connack_code(r: Refusal) -> m5::ConnectReturnCode {
         Refusal::CrlExpired | Refusal::RegistryUnavailable | Refusal::ClusterUnavailable => {
             C::ServerUnavailable
         }
-        Refusal::ClaimBusy | Refusal::MaxConnections | Refusal::SourceLimit => C::ServerBusy,
+        Refusal::ClaimBusy | Refusal::MaxConnections | Refusal::SourceLimit | Refusal::HandshakesBusy => {
+            C::ServerBusy
+        }
         Refusal::ClientIdMismatch => C::ClientIdentifierNotValid,
         Refusal::ProtocolError => C::ProtocolError,
         Refusal::Moved => C::ServerMoved,
