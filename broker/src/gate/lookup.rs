@@ -34,7 +34,7 @@ impl Lookups {
     /// It stops when the last [`Lookups`] is dropped.
     pub(crate) fn start(registry: Registry, wait: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(read(registry, rx));
+        tokio::spawn(read(registry, rx, wait));
         Self { tx, wait }
     }
 
@@ -50,13 +50,26 @@ impl Lookups {
 }
 
 /// The reader: every lookup waiting, one statement, each answered; until no one can ask.
-async fn read(registry: Registry, mut rx: mpsc::Receiver<(SerialNumber, oneshot::Sender<Answer>)>) {
+///
+/// A statement is given up after `wait` (its admissions have given up by then): a connection
+/// that never answers (a backend that hangs, a link that went dark after the query left) would
+/// otherwise hold the one reader, and every admission after it, for good. The registry
+/// discards the connection of a read given up, so the next batch reads on a new one.
+async fn read(
+    registry: Registry,
+    mut rx: mpsc::Receiver<(SerialNumber, oneshot::Sender<Answer>)>,
+    wait: Duration,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         // A lookup whose admission gave up waiting is not read.
         batch.retain(|(_, reply)| !reply.is_closed());
         let serials: Vec<SerialNumber> = batch.iter().map(|(s, _)| s.clone()).collect();
-        match registry.admissions(&serials).await {
+        let read = match tokio::time::timeout(wait, registry.admissions(&serials)).await {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {wait:?}")),
+        };
+        match read {
             Ok(verdicts) => {
                 for ((_, reply), verdict) in batch.drain(..).zip(verdicts) {
                     let _ = reply.send(Ok(verdict));
