@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::Row;
 
 use crate::db::{parse_id, parse_role, parse_serial, parse_status, Backend, Registry};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Role, SerialNumber, Status};
 
 /// Channel that revocations are announced on (PostgreSQL).
@@ -63,14 +63,16 @@ impl Registry {
     }
 
     /// [`Registry::admission`] of many serials in one statement (the broker's admission reader
-    /// batches a reconnect storm's lookups): the verdicts in the order of `serials`.
+    /// batches a reconnect storm's lookups): the verdicts in the order of `serials`. A row this
+    /// build cannot read (a role or status a newer station wrote) is an error for its own
+    /// serial only, as it was when each serial was read by itself.
     ///
     /// A read abandoned half way (its future dropped: the reader gave up waiting) discards its
     /// connection instead of returning it to the pool. Returned, the pool would test it with a
     /// ping before taking it back, and a backend that hangs, or a link that went dark after the
     /// query left, never answers: the connection would never come back, and a reader with a
     /// pool of one would wait for it forever.
-    pub async fn admissions(&self, serials: &[SerialNumber]) -> Result<Vec<Option<Admission>>> {
+    pub async fn admissions(&self, serials: &[SerialNumber]) -> Result<Vec<Result<Option<Admission>>>> {
         if serials.is_empty() {
             return Ok(Vec::new());
         }
@@ -90,17 +92,31 @@ impl Registry {
             None => Vec::new(),
         };
         conn.give_back();
-        let mut found = std::collections::HashMap::with_capacity(hex.len());
-        for r in rows {
-            let admission = Admission {
+        let read = |r: &sqlx::any::AnyRow| -> Result<Admission> {
+            Ok(Admission {
                 device_id: parse_id(r.try_get(1)?)?,
                 role: parse_role(&r.try_get::<String, _>(2)?)?,
                 device_status: parse_status(&r.try_get::<String, _>(3)?)?,
                 cert_status: parse_status(&r.try_get::<String, _>(4)?)?,
-            };
+            })
+        };
+        let mut found = std::collections::HashMap::with_capacity(hex.len());
+        for r in &rows {
+            // Why a row cannot be read, kept as text: a serial asked twice gets it twice.
+            let admission = read(r).map_err(|e| match e {
+                Error::CorruptRegistry(why) => why,
+                other => other.to_string(),
+            });
             found.insert(r.try_get::<String, _>(0)?, admission);
         }
-        Ok(hex.iter().map(|h| found.get(h).cloned()).collect())
+        Ok(hex
+            .iter()
+            .map(|h| match found.get(h) {
+                None => Ok(None),
+                Some(Ok(a)) => Ok(Some(a.clone())),
+                Some(Err(why)) => Err(Error::CorruptRegistry(format!("certificate {h}: {why}"))),
+            })
+            .collect())
     }
 
     /// This registry on a pool of its own of at most `max` connections, for a reader that must
