@@ -270,10 +270,15 @@ impl Registry {
         let pool = Self::pool_with(backend, &url, max, acquire_timeout).await?;
         let wal = match backend {
             Backend::Sqlite => {
-                let file = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?.get_filename().to_owned();
-                let mut wal = file.into_os_string();
-                wal.push("-wal");
-                Some(PathBuf::from(wal))
+                // The log is named after the file SQLite opened, which is the URL's path with
+                // its symbolic links resolved: asked of SQLite, not derived from the URL (a log
+                // next to a link does not exist, and flushing nothing would look like success).
+                let file: String =
+                    sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                        .fetch_one(&pool)
+                        .await?;
+                // An in-memory database has no file, and no log.
+                (!file.is_empty()).then(|| PathBuf::from(format!("{file}-wal")))
             }
             Backend::Postgres => None,
         };
@@ -351,7 +356,8 @@ mod tests {
         let r = sqlx::query("PRAGMA synchronous").fetch_one(&mut *c).await.expect("pragma");
         assert_eq!(r.try_get::<i64, _>(0).expect("level"), 1, "a deferred writer commits with NORMAL");
         sqlx::query("CREATE TABLE t (x INTEGER)").execute(&mut *c).await.expect("commit");
-        assert_eq!(reg.wal.as_deref(), Some(dir.path().join("r.db-wal").as_path()));
+        let canonical = dir.path().canonicalize().expect("canonical");
+        assert_eq!(reg.wal.as_deref(), Some(canonical.join("r.db-wal").as_path()));
         assert!(dir.path().join("r.db-wal").exists(), "the commit is in the write-ahead log");
         reg.flush_commits().await.expect("flush");
         // A log that cannot be flushed is an error, never a silent success.
@@ -359,5 +365,35 @@ mod tests {
         assert!(broken.flush_commits().await.is_err());
         // `checkpoint` promises no flush: nothing to do, nothing to fail.
         assert!(broken.with_writer_sync(WriterSync::Checkpoint).flush_commits().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn flush_commits_flushes_the_log_sqlite_writes_when_the_database_is_reached_by_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("data")).expect("dir");
+        let real = dir.path().join("data").join("r.db");
+        drop(Registry::open(&format!("sqlite://{}", real.display()), true).await.expect("create"));
+        let link = dir.path().join("registry.db");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let reg = Registry::open(&format!("sqlite://{}", link.display()), false).await.expect("open");
+        let mut c = reg.acquire_deferred_writer().await.expect("writer");
+        sqlx::query("CREATE TABLE t (x INTEGER)").execute(&mut *c).await.expect("commit");
+        let written = dir.path().join("data").join("r.db-wal");
+        assert!(written.exists(), "SQLite writes the log next to the file the link names");
+        let flushed = reg.wal.clone().expect("a log to flush");
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            match (std::fs::metadata(a), std::fs::metadata(b)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        };
+        assert!(
+            same(&flushed, &written),
+            "flush_commits syncs {} but SQLite wrote {}",
+            flushed.display(),
+            written.display()
+        );
+        reg.flush_commits().await.expect("flush");
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::Row;
 
 use crate::db::{parse_id, parse_role, parse_serial, parse_status, Backend, Registry};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Role, SerialNumber, Status};
 
 /// Channel that revocations are announced on (PostgreSQL).
@@ -63,8 +63,16 @@ impl Registry {
     }
 
     /// [`Registry::admission`] of many serials in one statement (the broker's admission reader
-    /// batches a reconnect storm's lookups): the verdicts in the order of `serials`.
-    pub async fn admissions(&self, serials: &[SerialNumber]) -> Result<Vec<Option<Admission>>> {
+    /// batches a reconnect storm's lookups): the verdicts in the order of `serials`. A row this
+    /// build cannot read (a role or status a newer station wrote) is an error for its own
+    /// serial only, as it was when each serial was read by itself.
+    ///
+    /// A read abandoned half way (its future dropped: the reader gave up waiting) discards its
+    /// connection instead of returning it to the pool. Returned, the pool would test it with a
+    /// ping before taking it back, and a backend that hangs, or a link that went dark after the
+    /// query left, never answers: the connection would never come back, and a reader with a
+    /// pool of one would wait for it forever.
+    pub async fn admissions(&self, serials: &[SerialNumber]) -> Result<Vec<Result<Option<Admission>>>> {
         if serials.is_empty() {
             return Ok(Vec::new());
         }
@@ -78,17 +86,37 @@ impl Registry {
         for h in &hex {
             q = q.bind(h.as_str());
         }
-        let mut found = std::collections::HashMap::with_capacity(hex.len());
-        for r in q.fetch_all(&self.pool).await? {
-            let admission = Admission {
+        let mut conn = DiscardUnlessReturned(Some(self.pool.acquire().await?));
+        let rows = match conn.0.as_deref_mut() {
+            Some(c) => q.fetch_all(c).await?,
+            None => Vec::new(),
+        };
+        conn.give_back();
+        let read = |r: &sqlx::any::AnyRow| -> Result<Admission> {
+            Ok(Admission {
                 device_id: parse_id(r.try_get(1)?)?,
                 role: parse_role(&r.try_get::<String, _>(2)?)?,
                 device_status: parse_status(&r.try_get::<String, _>(3)?)?,
                 cert_status: parse_status(&r.try_get::<String, _>(4)?)?,
-            };
+            })
+        };
+        let mut found = std::collections::HashMap::with_capacity(hex.len());
+        for r in &rows {
+            // Why a row cannot be read, kept as text: a serial asked twice gets it twice.
+            let admission = read(r).map_err(|e| match e {
+                Error::CorruptRegistry(why) => why,
+                other => other.to_string(),
+            });
             found.insert(r.try_get::<String, _>(0)?, admission);
         }
-        Ok(hex.iter().map(|h| found.get(h).cloned()).collect())
+        Ok(hex
+            .iter()
+            .map(|h| match found.get(h) {
+                None => Ok(None),
+                Some(Ok(a)) => Ok(Some(a.clone())),
+                Some(Err(why)) => Err(Error::CorruptRegistry(format!("certificate {h}: {why}"))),
+            })
+            .collect())
     }
 
     /// This registry on a pool of its own of at most `max` connections, for a reader that must
@@ -154,6 +182,26 @@ impl Registry {
     }
 }
 
+/// A pooled connection that goes back to the pool only through
+/// [`DiscardUnlessReturned::give_back`]; dropped otherwise (a read abandoned, or failed, half
+/// way), it is closed and the pool opens another.
+struct DiscardUnlessReturned(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+
+impl DiscardUnlessReturned {
+    /// The read is complete: the connection goes back to the pool.
+    fn give_back(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for DiscardUnlessReturned {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
 /// Revocations in commit order, each delivered once.
 #[derive(Debug)]
 pub struct RevocationFeed {
@@ -197,5 +245,84 @@ impl RevocationFeed {
     /// Sequence number of the newest revocation delivered.
     pub fn head(&self) -> i64 {
         self.head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::db::WriterSync;
+
+    /// A PostgreSQL server that lets clients in and answers their pings (`Sync`), but never
+    /// answers a query, nor anything after one: a backend that hangs, or a link that went dark
+    /// after the query was sent. Returns its URL and how many connections it has accepted.
+    async fn dark_server() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("postgres://fleet@{}/fleet?sslmode=disable", listener.local_addr().expect("addr"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // The startup message: length, then the rest.
+                    let len = sock.read_u32().await.unwrap_or(4) as usize;
+                    let mut startup = vec![0; len.saturating_sub(4)];
+                    if sock.read_exact(&mut startup).await.is_err() {
+                        return;
+                    }
+                    // AuthenticationOk, BackendKeyData, ReadyForQuery (idle).
+                    let mut hello = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+                    hello.extend_from_slice(&[b'K', 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 2]);
+                    hello.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+                    if sock.write_all(&hello).await.is_err() {
+                        return;
+                    }
+                    let mut dark = false;
+                    loop {
+                        let Ok(kind) = sock.read_u8().await else { return };
+                        let len = sock.read_u32().await.unwrap_or(4) as usize;
+                        let mut body = vec![0; len.saturating_sub(4)];
+                        if sock.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        dark |= kind != b'S';
+                        if !dark && sock.write_all(&[b'Z', 0, 0, 0, 5, b'I']).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_admission_read_leaves_its_pool_a_connection() {
+        sqlx::any::install_default_drivers();
+        let (url, accepted) = dark_server().await;
+        let pool =
+            Registry::pool_with(Backend::Postgres, &url, 1, Duration::from_millis(500)).await.expect("pool");
+        let reg =
+            Registry { pool, backend: Backend::Postgres, url, writer_sync: WriterSync::default(), wal: None };
+        let serial = SerialNumber::parse("01").expect("serial");
+        // The broker's admission reader gives up on a read after its wait.
+        let hung =
+            tokio::time::timeout(Duration::from_millis(200), reg.admissions(std::slice::from_ref(&serial)));
+        assert!(hung.await.is_err(), "the server never answers");
+        // The next read must reach the database on a connection of its own, not wait for the
+        // hung one, which the pool would only get back if the dark server answered a ping.
+        let next =
+            tokio::time::timeout(Duration::from_secs(2), reg.admissions(std::slice::from_ref(&serial))).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the next read did not open a new connection: {next:?}"
+        );
     }
 }

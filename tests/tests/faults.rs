@@ -87,6 +87,70 @@ async fn registry_outage_refuses_new_sessions_withholds_pubacks_and_recovers() {
     assert!(raw.closed_within(PATIENCE).await, "revocation after the outage did not cut");
 }
 
+/// `kill -<signal> <pid>`.
+fn signal(signal: &str, pid: i32) {
+    let ok =
+        std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(ok.success(), "kill -{signal} {pid}");
+}
+
+#[tokio::test]
+async fn a_registry_connection_that_never_answers_does_not_stop_admissions_for_good() {
+    let pg = fleet_tests::PgCluster::start_tcp();
+    let url = pg.create_database("fleet");
+    let fleet = Fleet::new(2, Some(url.clone())).await;
+    let broker = BrokerProc::start(&fleet, &["--registry-timeout", "2"]);
+    let (id0, id1) = (fleet.id(0), fleet.id(1));
+    let mut raw = Raw::device(broker.mqtt, &fleet.devices[0]).await.unwrap();
+    assert_eq!(connack_code(&raw.mqtt_connect(&id0, 30).await), Some(ConnectReturnCode::Success));
+
+    // The admission reader's connection goes dark after its query left (a backend that hangs,
+    // a failover that strands the old link); every other connection, and every new one,
+    // works. Emulated: the query waits on a lock, its backend is stopped, the lock released.
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&url).await.unwrap();
+    let mut lock = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let (mqtt, dir1, who) = (broker.mqtt, fleet.devices[1].clone(), id1.clone());
+    let first = tokio::spawn(async move {
+        let mut r = Raw::device(mqtt, &dir1).await.unwrap();
+        connack_code(&r.mqtt_connect(&who, 30).await)
+    });
+    let t = Instant::now();
+    let pid: i32 = loop {
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%c.serial IN%' AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&admin)
+        .await
+        .unwrap();
+        match waiting {
+            Some(pid) => break pid,
+            None => {
+                assert!(t.elapsed() < PATIENCE, "the admission read never reached the database");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    signal("STOP", pid);
+    lock.rollback().await.unwrap();
+
+    // The read that hangs refuses its admission within the registry timeout.
+    assert_eq!(first.await.unwrap(), Some(ConnectReturnCode::ServiceUnavailable));
+    // Then the reader reads on another connection: the device gets in.
+    let t = Instant::now();
+    let admitted = loop {
+        let mut r = Raw::device(broker.mqtt, &fleet.devices[1]).await.unwrap();
+        match connack_code(&r.mqtt_connect(&id1, 30).await) {
+            Some(ConnectReturnCode::Success) => break true,
+            _ if t.elapsed() > PATIENCE => break false,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    signal("CONT", pid);
+    assert!(admitted, "every admission refused while one registry connection hangs");
+}
+
 #[tokio::test]
 async fn with_the_log_a_registry_outage_holds_no_puback_until_the_backlog_limit_and_every_row_lands_once() {
     let pg = fleet_tests::PgCluster::start_tcp();

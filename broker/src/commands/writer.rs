@@ -7,6 +7,8 @@
 //! through the writer too ([`Change::Take`]): on two busy cores a session holding a pooled
 //! connection across its awaits kept it for long, and reads timed out waiting for the pool.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_registry::{
@@ -266,6 +268,12 @@ const ANNOUNCE_QUEUE: usize = 64;
 /// service (it retransmits); a delivery is not sent (the session tries again on its next
 /// wake-up); an acknowledgement is lost and the command is sent again (DUP) in the device's next
 /// session, where the SDK filters it out.
+///
+/// A failed flush also poisons the writer: every later job answers `None` and nothing more is
+/// committed until the broker restarts (as the telemetry log does, `store::log`). The kernel may
+/// have dropped the log's unflushed pages, and a later flush reports success all the same; a
+/// commit after them would be acknowledged, then lost at the next power cut, because SQLite's
+/// recovery stops at the first bad frame of the log.
 pub(crate) async fn run(
     registry: Registry,
     statuses: Statuses,
@@ -276,6 +284,9 @@ pub(crate) async fn run(
     let (flush_tx, mut flush_rx) = mpsc::channel::<Committed>(FLUSH_QUEUE);
     let (announce_tx, mut announce_rx) = mpsc::channel::<Vec<Event>>(ANNOUNCE_QUEUE);
     let flusher = registry.clone();
+    // Set by the flush stage when a flush failed; never cleared.
+    let poisoned = Arc::new(AtomicBool::new(false));
+    let poisoned_flush = poisoned.clone();
     let write = async move {
         let Jobs(mut rx) = jobs;
         let mut conn = None;
@@ -299,7 +310,11 @@ pub(crate) async fn run(
                     Err(_) => break,
                 }
             }
-            let outcomes = commit(&registry, &mut conn, max_queued_commands, &batch).await;
+            let outcomes = if poisoned.load(Ordering::Acquire) {
+                None
+            } else {
+                commit(&registry, &mut conn, max_queued_commands, &batch).await
+            };
             if flush_tx.send(Committed { batch, outcomes }).await.is_err() {
                 return;
             }
@@ -309,12 +324,18 @@ pub(crate) async fn run(
         let mut ready = Vec::new();
         while flush_rx.recv_many(&mut ready, FLUSH_QUEUE).await > 0 {
             let stored = ready.iter().any(|c| c.outcomes.as_ref().is_some_and(|o| !o.is_empty()));
-            if stored {
+            if stored && !poisoned_flush.load(Ordering::Acquire) {
                 if let Err(e) = flusher.flush_commits().await {
-                    error!(error = %e, "flushing the command queue's commits failed; their commands are not acknowledged");
-                    for c in &mut ready {
-                        c.outcomes = None;
-                    }
+                    error!(
+                        error = %e,
+                        "flushing the command queue's commits failed: nothing more is acknowledged until the broker restarts"
+                    );
+                    poisoned_flush.store(true, Ordering::Release);
+                }
+            }
+            if poisoned_flush.load(Ordering::Acquire) {
+                for c in &mut ready {
+                    c.outcomes = None;
                 }
             }
             let mut done = Vec::new();
@@ -334,4 +355,72 @@ pub(crate) async fn run(
         }
     };
     tokio::join!(write, flush, announce);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::{Fabric, Link};
+    use crate::observe::metrics::Metrics;
+    use crate::router::{RetainLimits, Router};
+
+    fn enqueue(device: &DeviceId, name: &str) -> Change {
+        Change::Enqueue {
+            device: device.clone(),
+            name: name.to_owned(),
+            payload: b"x".to_vec(),
+            sender: "svc".to_owned(),
+            now: 1,
+            ttl_ms: 3_600_000,
+            reply: None,
+        }
+    }
+
+    /// A flush that fails is followed by one that succeeds, as on Linux after `fsync` reports a
+    /// write-back error once (the kernel may have dropped the failed pages; a later `fsync` of
+    /// the file reports success). Emulated by putting a symbolic-link loop where the log is
+    /// (SQLite keeps writing the log it has open), then putting the log back.
+    #[tokio::test]
+    async fn after_a_failed_flush_nothing_more_is_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().canonicalize().expect("canonical").join("r.db");
+        let reg = Registry::open(&format!("sqlite://{}", db.display()), true).await.expect("open");
+        sqlx::query(
+            "INSERT INTO devices (device_id, role, status, created_at) VALUES ('d0', 'device', 'active', 0)",
+        )
+        .execute(reg.pool())
+        .await
+        .expect("device");
+        let metrics = Metrics::new();
+        let fabric = Fabric::new(Router::new(RetainLimits::default()), Link::Local, metrics.clone());
+        let (writer, jobs) = channel();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(reg.clone(), Statuses { fabric, metrics }, 100, jobs, shutdown.clone()));
+        let d0 = DeviceId::parse("d0").expect("id");
+        let stored = |a: &Answer| matches!(a.as_deref(), Some([CommandOutcome::Enqueued { .. }]));
+
+        assert!(
+            stored(&writer.apply(vec![enqueue(&d0, "first")]).await),
+            "a flushed command is acknowledged"
+        );
+
+        let wal = dir.path().canonicalize().expect("canonical").join("r.db-wal");
+        let kept = wal.with_extension("db-wal-kept");
+        std::fs::rename(&wal, &kept).expect("move the log");
+        std::os::unix::fs::symlink(&wal, &wal).expect("a link loop");
+        assert!(writer.apply(vec![enqueue(&d0, "unflushed")]).await.is_none(), "the flush failed");
+        std::fs::remove_file(&wal).expect("the loop");
+        std::fs::rename(&kept, &wal).expect("the log back");
+
+        // The log may have lost the failed batch's pages: a commit after them is not recovered
+        // after a power cut (SQLite's recovery stops at the first bad frame), whatever the next
+        // flush says. Nothing more may be acknowledged.
+        assert!(
+            writer.apply(vec![enqueue(&d0, "later")]).await.is_none(),
+            "acknowledged after a failed flush"
+        );
+        shutdown.cancel();
+        drop(writer);
+        task.await.expect("writer");
+    }
 }

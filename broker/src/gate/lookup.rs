@@ -34,7 +34,7 @@ impl Lookups {
     /// It stops when the last [`Lookups`] is dropped.
     pub(crate) fn start(registry: Registry, wait: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(read(registry, rx));
+        tokio::spawn(read(registry, rx, wait));
         Self { tx, wait }
     }
 
@@ -50,16 +50,32 @@ impl Lookups {
 }
 
 /// The reader: every lookup waiting, one statement, each answered; until no one can ask.
-async fn read(registry: Registry, mut rx: mpsc::Receiver<(SerialNumber, oneshot::Sender<Answer>)>) {
+///
+/// A statement is given up after `wait` (its admissions have given up by then): a connection
+/// that never answers (a backend that hangs, a link that went dark after the query left) would
+/// otherwise hold the one reader, and every admission after it, for good. The registry
+/// discards the connection of a read given up, so the next batch reads on a new one.
+async fn read(
+    registry: Registry,
+    mut rx: mpsc::Receiver<(SerialNumber, oneshot::Sender<Answer>)>,
+    wait: Duration,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         // A lookup whose admission gave up waiting is not read.
         batch.retain(|(_, reply)| !reply.is_closed());
         let serials: Vec<SerialNumber> = batch.iter().map(|(s, _)| s.clone()).collect();
-        match registry.admissions(&serials).await {
+        let read = match tokio::time::timeout(wait, registry.admissions(&serials)).await {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {wait:?}")),
+        };
+        match read {
             Ok(verdicts) => {
-                for ((_, reply), verdict) in batch.drain(..).zip(verdicts) {
-                    let _ = reply.send(Ok(verdict));
+                for ((serial, reply), verdict) in batch.drain(..).zip(verdicts) {
+                    let verdict = verdict.map_err(|e| {
+                        warn!(error = %e, %serial, "registry unavailable during admission");
+                    });
+                    let _ = reply.send(verdict);
                 }
             }
             Err(e) => {
@@ -129,6 +145,34 @@ mod tests {
             let status = if i == 1 { Status::Revoked } else { Status::Active };
             assert_eq!(a.device_status, status);
         }
+    }
+
+    #[tokio::test]
+    async fn a_row_this_build_cannot_read_refuses_its_own_admission_only() {
+        let (_dir, reg, serials) = registry(3).await;
+        // A role a newer station may write (a newer schema is accepted by an older broker).
+        sqlx::query("UPDATE devices SET role = 'gateway' WHERE device_id = 'd2'")
+            .execute(reg.pool())
+            .await
+            .expect("role");
+        let lookups = Lookups::start(reg, Duration::from_secs(10));
+        // Asked at once: one batch, one statement.
+        let asks: Vec<_> = serials
+            .iter()
+            .map(|s| {
+                let (l, s) = (lookups.clone(), s.clone());
+                tokio::spawn(async move { l.admission(&s).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for ask in asks {
+            answers.push(ask.await.expect("task"));
+        }
+        assert_eq!(answers[2], Err(()), "d2's row cannot be read");
+        let d0 = answers[0].clone().expect("d0 is read").expect("known");
+        assert_eq!(d0.device_id.as_str(), "d0");
+        let d1 = answers[1].clone().expect("d1 is read").expect("known");
+        assert_eq!(d1.device_status, Status::Revoked);
     }
 
     #[tokio::test]
