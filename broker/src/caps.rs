@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn one_address_holds_at_most_max_slots_and_gets_them_back() {
-        let t = Arc::new(PreAdmission::default());
+        let t = Arc::new(Tally::<Source>::default());
         let a: IpAddr = "127.0.0.2".parse().expect("ip");
         let b: IpAddr = "127.0.0.3".parse().expect("ip");
         let (a, b) = (Source::of(a), Source::of(b));
@@ -165,7 +165,7 @@ mod tests {
         assert_eq!(ip("::ffff:192.0.2.7"), ip("192.0.2.7"));
         assert_ne!(ip("192.0.2.7"), ip("192.0.2.8"));
         // One /64 rotating addresses holds one source's cap, not one per address.
-        let t = Arc::new(PreAdmission::default());
+        let t = Arc::new(Tally::<Source>::default());
         let held: Vec<_> = (1..=4).filter_map(|i| t.enter(ip(&format!("2001:db8:0:1::{i:x}")), 3)).collect();
         assert_eq!(held.len(), 3, "a fourth address of the same /64 got past the cap");
         assert!(t.enter(ip("2001:db8:0:2::1"), 3).is_some(), "another /64 is not affected");
