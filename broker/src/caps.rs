@@ -79,9 +79,10 @@ impl<K: Hash + Eq> Drop for TallySlot<K> {
 
 /// A fixed number of slots (handshakes in progress) shared fairly between sources: a source
 /// gets at most `min(per_source, total / (holders + 1))`, where `holders` counts the sources
-/// holding slots, itself included. The `+ 1` keeps a share free for a source that has none
-/// yet, so a few flooding addresses cannot take every slot, and the more sources flood, the
-/// smaller each one's share.
+/// holding slots, itself included; and a source's second and later slots leave that much free.
+/// The `+ 1` keeps a share free for a source that has none yet, so a few flooding addresses
+/// cannot take every slot (filling it takes about `2 * sqrt(total)` addresses: 44 for 512),
+/// and the more sources flood, the smaller each one's share.
 #[derive(Debug, Default)]
 pub(crate) struct FairShare {
     inner: Mutex<Shares>,
@@ -116,8 +117,13 @@ impl FairShare {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let held = s.by_source.get(&source).copied().unwrap_or(0);
         let holders = s.by_source.len() + usize::from(held == 0);
-        let share = per_source.min((total / (holders + 1)).max(1));
-        if s.used >= total || held >= share {
+        let fair = (total / (holders + 1)).max(1);
+        let share = per_source.min(fair);
+        // A share is checked only as a slot is taken, so the first sources of a nearly empty
+        // table got large ones: a source's second and later slots must also leave a fair share
+        // free for a newcomer, or a few addresses flooding one after another fill the table.
+        let reserve = if held == 0 { 0 } else { fair };
+        if s.used + reserve >= total || held >= share {
             return None;
         }
         s.used += 1;
@@ -194,5 +200,30 @@ mod tests {
         assert!(held.len() <= total);
         held.clear();
         assert!(t.enter(src(2), per_source, total).is_some(), "slots come back");
+    }
+
+    /// Shares were checked only as a slot was taken, so the sources that came first kept the
+    /// large shares of a nearly empty table: with the defaults (512, 32), 17 addresses flooding
+    /// one after the other took every slot, and by closing and reopening their sockets kept
+    /// devices out indefinitely. A source's second and later slots now leave a newcomer's share
+    /// free, so only the last share's worth of addresses, one slot each, can fill the table.
+    #[test]
+    fn a_burst_from_a_few_dozen_sources_cannot_take_every_slot() {
+        let src = |i: u32| Source::of(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i)));
+        let (total, per_source) = (512, 32);
+        // The attacker's best order: `bulk` sources flood to their share, then single sources.
+        for bulk in 0..=40 {
+            let t = Arc::new(FairShare::default());
+            let mut held = Vec::new();
+            for i in 0..40 {
+                let tries = if i < bulk { 100 } else { 1 };
+                held.extend((0..tries).map_while(|_| t.enter(src(i), per_source, total)));
+            }
+            assert!(
+                t.enter(src(1000), per_source, total).is_some(),
+                "40 addresses ({bulk} flooding first) took all {total} slots: {} held",
+                held.len()
+            );
+        }
     }
 }
