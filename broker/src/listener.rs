@@ -200,72 +200,78 @@ pub(crate) async fn run<F, Fut>(
     }
 }
 
-#[cfg(all(test, feature = "cli"))]
+#[cfg(test)]
 mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::sync::Mutex;
-    use tokio::io::AsyncReadExt;
+    /// Counting log lines needs `tracing_subscriber`, a dependency of the `cli` feature.
+    #[cfg(feature = "cli")]
+    mod logged {
+        use super::super::*;
+        use std::io::Write;
+        use std::sync::Mutex;
+        use tokio::io::AsyncReadExt;
 
-    /// The log lines written, for counting.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
+        /// The log lines written, for counting.
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
 
-    impl Write for Lines {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Lines {
-            self.clone()
-        }
-    }
-
-    /// Anyone who reaches the port while `max_connections` is full (a scanner, a flood, a
-    /// fleet reconnecting) made one warning per connection: the log grew as fast as they
-    /// could connect.
-    #[tokio::test(flavor = "current_thread")]
-    async fn refusals_at_max_connections_are_logged_at_most_once_per_interval() {
-        let lines = Lines::default();
-        let _log =
-            tracing::subscriber::set_default(tracing_subscriber::fmt().with_writer(lines.clone()).finish());
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (metrics, tracker, shutdown) = (Metrics::new(), TaskTracker::new(), CancellationToken::new());
-        let limits = Limits {
-            max_connections: 1,
-            per_source: 32,
-            max_handshakes: 512,
-            proxy_protocol: false,
-            balancers: Vec::new(),
-            log_interval: Duration::from_secs(60),
-        };
-        // The one connection let in is held.
-        let serve = |a: Accepted| async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(a);
-        };
-        let clients = async {
-            let _held = TcpStream::connect(addr).await.expect("connect");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            for _ in 0..20 {
-                let mut s = TcpStream::connect(addr).await.expect("connect");
-                let mut b = [0u8; 1];
-                // Closed at accept.
-                assert_eq!(s.read(&mut b).await.unwrap_or(0), 0);
+        impl Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+                Ok(b.len())
             }
-            shutdown.cancel();
-        };
-        tokio::join!(run(limits, &metrics, listener, &tracker, &shutdown, serve), clients);
-        let text = String::from_utf8_lossy(&lines.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
-        let n = text.matches("max_connections reached").count();
-        assert_eq!(n, 1, "{n} lines for 20 refusals:\n{text}");
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+            type Writer = Lines;
+            fn make_writer(&'a self) -> Lines {
+                self.clone()
+            }
+        }
+
+        /// Anyone who reaches the port while `max_connections` is full (a scanner, a flood, a
+        /// fleet reconnecting) made one warning per connection: the log grew as fast as they
+        /// could connect.
+        #[tokio::test(flavor = "current_thread")]
+        async fn refusals_at_max_connections_are_logged_at_most_once_per_interval() {
+            let lines = Lines::default();
+            let _log = tracing::subscriber::set_default(
+                tracing_subscriber::fmt().with_writer(lines.clone()).finish(),
+            );
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (metrics, tracker, shutdown) = (Metrics::new(), TaskTracker::new(), CancellationToken::new());
+            let limits = Limits {
+                max_connections: 1,
+                per_source: 32,
+                max_handshakes: 512,
+                proxy_protocol: false,
+                balancers: Vec::new(),
+                log_interval: Duration::from_secs(60),
+            };
+            // The one connection let in is held.
+            let serve = |a: Accepted| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(a);
+            };
+            let clients = async {
+                let _held = TcpStream::connect(addr).await.expect("connect");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for _ in 0..20 {
+                    let mut s = TcpStream::connect(addr).await.expect("connect");
+                    let mut b = [0u8; 1];
+                    // Closed at accept.
+                    assert_eq!(s.read(&mut b).await.unwrap_or(0), 0);
+                }
+                shutdown.cancel();
+            };
+            tokio::join!(run(limits, &metrics, listener, &tracker, &shutdown, serve), clients);
+            let text =
+                String::from_utf8_lossy(&lines.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+            let n = text.matches("max_connections reached").count();
+            assert_eq!(n, 1, "{n} lines for 20 refusals:\n{text}");
+        }
     }
 }
