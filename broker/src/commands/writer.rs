@@ -297,10 +297,6 @@ pub(crate) async fn run(
             };
             let mut n = first.changes.len();
             let mut batch = vec![first];
-            // One turn of the scheduler lets sessions that are already running submit what they
-            // have read, so that a commit rarely starts with one command while dozens are on
-            // their way (each commit costs a handful of hand-offs to SQLite's thread).
-            tokio::task::yield_now().await;
             while n < BATCH {
                 match rx.try_recv() {
                     Ok(j) => {
