@@ -67,7 +67,7 @@ async fn read(
         let serials: Vec<SerialNumber> = batch.iter().map(|(s, _)| s.clone()).collect();
         let read = match tokio::time::timeout(wait, registry.admissions(&serials)).await {
             Ok(read) => read.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {wait:?}")),
+            Err(_) => Err(format!("no answer within {} s", wait.as_secs_f64())),
         };
         match read {
             Ok(verdicts) => {
