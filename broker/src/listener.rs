@@ -145,7 +145,7 @@ pub(crate) async fn run<F, Fut>(
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
-                warn!(error = %e, "accept failed; backing off {backoff:?}");
+                warn!(error = %e, "accept failed; backing off {} ms", backoff.as_millis());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
