@@ -44,22 +44,11 @@ pub struct RevocationEvent {
 impl Registry {
     /// What the broker needs to admit the certificate with `serial`.
     pub async fn admission(&self, serial: &SerialNumber) -> Result<Option<Admission>> {
-        let row = sqlx::query(
-            "SELECT c.device_id, d.role, d.status, c.status FROM certificates c \
-             JOIN devices d ON d.device_id = c.device_id WHERE c.serial = $1",
-        )
-        .bind(serial.to_hex())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(Admission {
-                device_id: parse_id(r.try_get(0)?)?,
-                role: parse_role(&r.try_get::<String, _>(1)?)?,
-                device_status: parse_status(&r.try_get::<String, _>(2)?)?,
-                cert_status: parse_status(&r.try_get::<String, _>(3)?)?,
-            })
-        })
-        .transpose()
+        let row = sqlx::query(&format!("{ADMISSION_SELECT} = $1"))
+            .bind(serial.to_hex())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(admission_of).transpose()
     }
 
     /// [`Registry::admission`] of many serials in one statement (the broker's admission reader
@@ -77,11 +66,7 @@ impl Registry {
             return Ok(Vec::new());
         }
         let hex: Vec<String> = serials.iter().map(SerialNumber::to_hex).collect();
-        let sql = format!(
-            "SELECT c.serial, c.device_id, d.role, d.status, c.status FROM certificates c \
-             JOIN devices d ON d.device_id = c.device_id WHERE c.serial IN ({})",
-            crate::commands::params(self.backend, 1, hex.len())
-        );
+        let sql = format!("{ADMISSION_SELECT} IN ({})", crate::commands::params(self.backend, 1, hex.len()));
         let mut q = sqlx::query(&sql);
         for h in &hex {
             q = q.bind(h.as_str());
@@ -92,22 +77,14 @@ impl Registry {
             None => Vec::new(),
         };
         conn.give_back();
-        let read = |r: &sqlx::any::AnyRow| -> Result<Admission> {
-            Ok(Admission {
-                device_id: parse_id(r.try_get(1)?)?,
-                role: parse_role(&r.try_get::<String, _>(2)?)?,
-                device_status: parse_status(&r.try_get::<String, _>(3)?)?,
-                cert_status: parse_status(&r.try_get::<String, _>(4)?)?,
-            })
-        };
         let mut found = std::collections::HashMap::with_capacity(hex.len());
         for r in &rows {
             // Why a row cannot be read, kept as text: a serial asked twice gets it twice.
-            let admission = read(r).map_err(|e| match e {
+            let admission = admission_of(r).map_err(|e| match e {
                 Error::CorruptRegistry(why) => why,
                 other => other.to_string(),
             });
-            found.insert(r.try_get::<String, _>(0)?, admission);
+            found.insert(r.try_get::<String, _>(4)?, admission);
         }
         Ok(hex
             .iter()
@@ -180,6 +157,22 @@ impl Registry {
         });
         Ok(RevocationFeed { registry, head, listener })
     }
+}
+
+/// The admission columns of a certificate and its device, up to the serial's condition
+/// (`= $1`, or `IN (...)`).
+const ADMISSION_SELECT: &str =
+    "SELECT c.device_id, d.role, d.status, c.status, c.serial FROM certificates c \
+     JOIN devices d ON d.device_id = c.device_id WHERE c.serial";
+
+/// An [`ADMISSION_SELECT`] row.
+fn admission_of(r: &sqlx::any::AnyRow) -> Result<Admission> {
+    Ok(Admission {
+        device_id: parse_id(r.try_get(0)?)?,
+        role: parse_role(&r.try_get::<String, _>(1)?)?,
+        device_status: parse_status(&r.try_get::<String, _>(2)?)?,
+        cert_status: parse_status(&r.try_get::<String, _>(3)?)?,
+    })
 }
 
 /// A pooled connection that goes back to the pool only through
