@@ -705,3 +705,153 @@ async fn a_batch_of_new_commands_is_checked_stored_in_order_and_held_to_the_limi
     let pg = fleet_tests::PgCluster::start();
     a_batch_of_new_commands_on(&pg.create_database("batch")).await;
 }
+
+/// A batch of 250 new commands (more than one statement's 100 rows) to four active devices
+/// and a revoked one: every id names its own command, in the batch's order, across the
+/// statements. On SQLite the batch is one call to SQLite's worker with several inserts.
+async fn a_batch_across_statements_on(url: &str) {
+    use fleet_registry::{
+        CommandOp, CommandOutcome, DeviceId, NewCert, NewCommand, Registry, RevocationReason, Role,
+        SerialNumber,
+    };
+    let reg = Registry::open(url, true).await.expect("open");
+    let ids: Vec<DeviceId> = (0..5).map(|i| DeviceId::parse(&format!("dev-{i}")).expect("id")).collect();
+    let certs: Vec<NewCert> = ids
+        .iter()
+        .map(|id| NewCert {
+            device_id: id.clone(),
+            role: Role::Device,
+            serial: SerialNumber::random(),
+            not_before: 0,
+            not_after: i64::MAX / 2,
+            key_source: "station",
+            cert_der: vec![0x30, 0x00],
+        })
+        .collect();
+    reg.record_certificates(&certs, true, 1).await.expect("record");
+    reg.revoke_device(&ids[4], RevocationReason::KeyCompromise, 2).await.expect("revoke");
+    let names: Vec<String> = (0..250).map(|k| format!("n{k}")).collect();
+    let ops: Vec<CommandOp<'_>> = names
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            CommandOp::Enqueue(NewCommand {
+                device_id: &ids[k % 5],
+                name,
+                payload: b"p",
+                sender: "svc",
+                now: 10,
+                ttl_ms: 60_000,
+                response_topic: None,
+                correlation: None,
+            })
+        })
+        .collect();
+    let out = reg.apply_commands(&ops, 1000).await.expect("apply");
+    let mut last = 0;
+    for (k, o) in out.iter().enumerate() {
+        match (k % 5, o) {
+            (4, CommandOutcome::NotAddressable { revoked: true }) => {}
+            (d, CommandOutcome::Enqueued { id, dropped }) if d != 4 && dropped.is_empty() => {
+                assert!(*id > last, "command {k}: id {id} after {last}");
+                last = *id;
+            }
+            _ => panic!("command {k}: {o:?}"),
+        }
+    }
+    for (d, id) in ids.iter().enumerate().take(4) {
+        let mine = reg.commands_of(id, 100).await.expect("read");
+        assert_eq!(mine.len(), 50, "{id}");
+        for c in mine {
+            let k: usize = c.name[1..].parse().expect("name");
+            assert_eq!(k % 5, d, "{c:?}");
+            assert!(
+                matches!(out[k], CommandOutcome::Enqueued { id, .. } if id == c.id),
+                "command {k} is stored as id {}, answered {:?}",
+                c.id,
+                out[k]
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_across_statements_keeps_every_id_with_its_command_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    a_batch_across_statements_on(&format!("sqlite://{}", dir.path().join("r.db").display())).await;
+}
+
+#[tokio::test]
+async fn a_batch_across_statements_keeps_every_id_with_its_command_on_postgresql() {
+    let pg = fleet_tests::PgCluster::start();
+    a_batch_across_statements_on(&pg.create_database("across")).await;
+}
+
+/// SQLite's one-call batch begins and commits its own transaction. A statement failing in the
+/// middle (here a trigger refusing one command) stores none of the batch, and leaves neither
+/// the write lock held nor the writer's connection in a transaction: the next batch on the
+/// same connection, and a write from another connection, go through.
+#[tokio::test]
+async fn a_batch_failing_midway_stores_nothing_and_leaves_no_transaction_open() {
+    use fleet_registry::{
+        CommandOp, CommandOutcome, DeviceId, NewCert, NewCommand, Registry, Role, SerialNumber,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg =
+        Registry::open(&format!("sqlite://{}", dir.path().join("r.db").display()), true).await.expect("open");
+    let dev = DeviceId::parse("dev-a").expect("id");
+    let cert = |id: &DeviceId| NewCert {
+        device_id: id.clone(),
+        role: Role::Device,
+        serial: SerialNumber::random(),
+        not_before: 0,
+        not_after: i64::MAX / 2,
+        key_source: "station",
+        cert_der: vec![0x30, 0x00],
+    };
+    reg.record_certificates(&[cert(&dev)], true, 1).await.expect("record");
+    sqlx::query(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON commands WHEN NEW.name = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
+    )
+    .execute(reg.pool())
+    .await
+    .expect("trigger");
+    let batch = |names: &'static [&'static str]| -> Vec<CommandOp<'_>> {
+        names
+            .iter()
+            .map(|name| {
+                CommandOp::Enqueue(NewCommand {
+                    device_id: &dev,
+                    name,
+                    payload: b"p",
+                    sender: "svc",
+                    now: 10,
+                    ttl_ms: 60_000,
+                    response_topic: None,
+                    correlation: None,
+                })
+            })
+            .collect()
+    };
+    let mut conn = reg.deferred_writer_connection().await.expect("writer");
+    let failed = reg.apply_commands_on(&mut conn, &batch(&["first", "boom", "last"]), 100).await;
+    assert!(failed.is_err(), "the trigger refused the batch: {failed:?}");
+    assert!(reg.commands_of(&dev, 10).await.expect("read").is_empty(), "none of the failed batch is stored");
+    // Another connection can write at once: the failed batch's write lock is released.
+    let other = DeviceId::parse("dev-b").expect("id");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        reg.record_certificates(&[cert(&other)], true, 3),
+    )
+    .await
+    .expect("the write lock was left held")
+    .expect("record");
+    // The same connection commits the next batch by itself (no transaction left open).
+    let out = reg.apply_commands_on(&mut conn, &batch(&["after"]), 100).await.expect("next batch");
+    assert!(matches!(out[..], [CommandOutcome::Enqueued { .. }]), "{out:?}");
+    drop(conn);
+    let stored: Vec<String> =
+        reg.commands_of(&dev, 10).await.expect("read").into_iter().map(|c| c.name).collect();
+    assert_eq!(stored, ["after"], "committed, and seen by another connection");
+}

@@ -243,10 +243,14 @@ async fn run_peer(
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss0, disk0) = (server.rss_kib(), registry_bytes(&env.home));
-    let cpu0 = server.cpu_secs();
+    let (cpu0, client0) = (server.cpu_secs(), servers::cpu_secs(std::process::id()));
     let (accepted, secs) = queue_commands(addr, service, ids, PER_DEVICE).await;
-    // Server CPU per accepted command: steadier than the rate of a phase this short.
+    // Server CPU per accepted command: steadier than the rate of a phase this short. The
+    // client's (this process, on the same two cores) beside it: together they say whether the
+    // machine was saturated.
     let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / accepted.max(1) as f64;
+    let client_secs = servers::cpu_secs(std::process::id()) - client0;
+    let client_us = client_secs * 1e6 / accepted.max(1) as f64;
     let total = (n * PER_DEVICE) as u64;
     if accepted < total {
         println!("  {}: only {accepted} / {total} commands accepted", peer.name());
@@ -300,9 +304,10 @@ async fn run_peer(
     report.add(
         "commands",
         format!(
-            "| {} | {n} devices × {PER_DEVICE} | queued {accepted} in {secs:.1} s = **{:.0}/s**, server CPU {cpu_us:.1} µs per command | queue cost {mem_per:.0} B RSS, {disk} per command ({:.1} → {:.1} MiB) | reconnect: {complete}/{n} devices had all in {last:.1} s = **{rate:.0} commands/s** | duplicates {} | failed attempts {} | peak RSS {:.1} MiB |",
+            "| {} | {n} devices × {PER_DEVICE} | queued {accepted} in {secs:.1} s = **{:.0}/s**, server CPU {cpu_us:.1} µs per command, client {client_us:.1} µs ({:.2} cores) | queue cost {mem_per:.0} B RSS, {disk} per command ({:.1} → {:.1} MiB) | reconnect: {complete}/{n} devices had all in {last:.1} s = **{rate:.0} commands/s** | duplicates {} | failed attempts {} | peak RSS {:.1} MiB |",
             subject.name(),
             accepted as f64 / secs.max(0.001),
+            client_secs / secs.max(0.001),
             rss0 as f64 / 1024.0,
             rss1 as f64 / 1024.0,
             seen.duplicates.load(Ordering::Relaxed),
