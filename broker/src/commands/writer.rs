@@ -284,6 +284,7 @@ pub(crate) async fn run(
     let (flush_tx, mut flush_rx) = mpsc::channel::<Committed>(FLUSH_QUEUE);
     let (announce_tx, mut announce_rx) = mpsc::channel::<Vec<Event>>(ANNOUNCE_QUEUE);
     let flusher = registry.clone();
+    let metrics = statuses.metrics.clone();
     // Set by the flush stage when a flush failed; never cleared.
     let poisoned = Arc::new(AtomicBool::new(false));
     let poisoned_flush = poisoned.clone();
@@ -327,6 +328,7 @@ pub(crate) async fn run(
                         "flushing the command queue's commits failed: nothing more is acknowledged until the broker restarts"
                     );
                     poisoned_flush.store(true, Ordering::Release);
+                    metrics.store_stopped("command_queue");
                 }
             }
             if poisoned_flush.load(Ordering::Acquire) {
@@ -391,7 +393,13 @@ mod tests {
         let fabric = Fabric::new(Router::new(RetainLimits::default()), Link::Local, metrics.clone());
         let (writer, jobs) = channel();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(reg.clone(), Statuses { fabric, metrics }, 100, jobs, shutdown.clone()));
+        let task = tokio::spawn(run(
+            reg.clone(),
+            Statuses { fabric, metrics: metrics.clone() },
+            100,
+            jobs,
+            shutdown.clone(),
+        ));
         let d0 = DeviceId::parse("d0").expect("id");
         let stored = |a: &Answer| matches!(a.as_deref(), Some([CommandOutcome::Enqueued { .. }]));
 
@@ -404,7 +412,9 @@ mod tests {
         let kept = wal.with_extension("db-wal-kept");
         std::fs::rename(&wal, &kept).expect("move the log");
         std::os::unix::fs::symlink(&wal, &wal).expect("a link loop");
+        assert!(metrics.stopped_stores().is_empty());
         assert!(writer.apply(vec![enqueue(&d0, "unflushed")]).await.is_none(), "the flush failed");
+        assert_eq!(metrics.stopped_stores(), ["command_queue"], "/healthz would still say ok");
         std::fs::remove_file(&wal).expect("the loop");
         std::fs::rename(&kept, &wal).expect("the log back");
 

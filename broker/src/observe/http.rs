@@ -37,13 +37,25 @@ async fn metrics(State(e): State<Endpoint>) -> impl IntoResponse {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], e.metrics.render())
 }
 
-/// 200 while the node can admit devices; 503 while a cluster member's NATS connection is down
-/// (a load balancer's health check then sends devices to the other nodes).
-async fn healthz(State(e): State<Endpoint>) -> impl IntoResponse {
+/// 200 while the node can admit devices and store what they send; 503 while a cluster member's
+/// NATS connection is down (a load balancer's health check then sends devices to the other
+/// nodes), and from a failed flush of a store on (`fleet_store_stopped`): that store
+/// acknowledges nothing more until the broker restarts.
+async fn healthz(State(e): State<Endpoint>) -> (StatusCode, String) {
+    let stopped = e.metrics.stopped_stores();
+    if !stopped.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stopped after a failed flush to disk: {}; nothing more is acknowledged there until the broker restarts\n",
+                stopped.join(", ").replace('_', " ")
+            ),
+        );
+    }
     if (e.probes.healthy)() {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok\n".into())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable: NATS connection down\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable: NATS connection down\n".into())
     }
 }
 
@@ -59,5 +71,38 @@ pub(crate) async fn serve(
         Router::new().route("/metrics", get(self::metrics)).route("/healthz", get(healthz)).with_state(state);
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         warn!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(connected: bool) -> Endpoint {
+        Endpoint {
+            metrics: Metrics::new(),
+            probes: Probes { refresh: Arc::new(|| {}), healthy: Arc::new(move || connected) },
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_says_ok_until_a_store_stops_or_the_cluster_link_is_down() {
+        let e = endpoint(true);
+        assert_eq!(healthz(State(e.clone())).await, (StatusCode::OK, "ok\n".to_owned()));
+        e.metrics.store_stopped("command_queue");
+        let (status, body) = healthz(State(e.clone())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "stopped after a failed flush to disk: command queue; nothing more is acknowledged there until the broker restarts\n"
+        );
+        e.metrics.store_stopped("telemetry_log");
+        assert!(healthz(State(e)).await.1.contains("telemetry log, command queue"));
+
+        let (status, body) = healthz(State(endpoint(false))).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable: NATS connection down\n")
+        );
     }
 }

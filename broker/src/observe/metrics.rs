@@ -35,6 +35,9 @@ pub struct Metrics {
     pub(crate) store_fed_rows: IntCounter,
     /// Failed copies from the telemetry log into the registry (retried).
     pub(crate) store_feed_errors: IntCounter,
+    /// 1 for a store that stopped acknowledging after a failed flush, by store
+    /// ([`STOPPED_STORES`]): nothing more is stored there until the broker restarts.
+    pub(crate) store_stopped: IntGaugeVec,
     /// Sessions cut by the broker, by reason.
     pub(crate) kicks: IntCounterVec,
     /// ACL refusals.
@@ -113,7 +116,21 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
     m
 }
 
+/// The stores that stop acknowledging after a failed flush: the single node's telemetry log
+/// (`store::log`) and the command queue's writer (`commands::writer`).
+pub(crate) const STOPPED_STORES: [&str; 2] = ["telemetry_log", "command_queue"];
+
 impl Metrics {
+    /// Marks `store` (one of [`STOPPED_STORES`]) stopped until the broker restarts.
+    pub(crate) fn store_stopped(&self, store: &str) {
+        self.store_stopped.with_label_values(&[store]).set(1);
+    }
+
+    /// The stores stopped after a failed flush, if any.
+    pub(crate) fn stopped_stores(&self) -> Vec<&'static str> {
+        STOPPED_STORES.into_iter().filter(|s| self.store_stopped.with_label_values(&[s]).get() > 0).collect()
+    }
+
     /// A fresh registry with every metric at zero.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
@@ -152,6 +169,9 @@ impl Metrics {
         }
         for h in ["hit", "miss"] {
             self.admission_cache.with_label_values(&[h]);
+        }
+        for store in STOPPED_STORES {
+            self.store_stopped.with_label_values(&[store]);
         }
         for w in EXPIRY_LABELS {
             self.sessions_cert_expiry.with_label_values(&[w]);
@@ -223,6 +243,17 @@ impl Metrics {
             store_feed_errors: c(
                 "store_feed_errors_total",
                 "Failed copies from the telemetry log into the registry (retried)",
+            ),
+            store_stopped: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "store_stopped",
+                        "1 while a store acknowledges nothing more after a failed flush (restart the broker)",
+                    ),
+                    &["store"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             kicks: cv("kicks_total", "Sessions cut by the broker", &["reason"]),
             acl_denied: cv("acl_denied_total", "ACL refusals", &["action"]),

@@ -583,12 +583,19 @@ impl Sink for Log {
         let bytes = buf.len() as u64;
         let appender = self.appender.clone();
         let n = rows.len() as u64;
-        let end = tokio::task::spawn_blocking(move || {
+        let (end, stopped) = tokio::task::spawn_blocking(move || {
             let mut a = appender.lock().map_err(|_| "telemetry log: writer lock poisoned".to_owned())?;
-            a.append(&buf, n)
+            let end = a.append(&buf, n);
+            Ok::<_, String>((end, a.poisoned.is_some()))
         })
         .await
         .map_err(|e| format!("telemetry log: {e}"))??;
+        if stopped {
+            if let Some(m) = &self.metrics {
+                m.store_stopped("telemetry_log");
+            }
+        }
+        let end = end?;
         self.backlog.fetch_add(bytes, Ordering::Relaxed);
         self.end.send_replace(end);
         if let Some(m) = &self.metrics {

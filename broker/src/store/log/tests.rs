@@ -343,3 +343,26 @@ fn the_fuzzing_seeds_are_records_of_this_format() {
     assert!(decode(&read("bad-crc")).is_none());
     assert_eq!(decode(&read("not-a-message")).expect("record").0.row, None);
 }
+
+#[tokio::test]
+async fn a_write_that_cannot_be_cut_off_stops_the_log_and_says_so_in_the_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(dir.path());
+    let (log, _reader) = open(&s, 0);
+    let metrics = crate::observe::metrics::Metrics::new();
+    let log = log.with_metrics(metrics.clone());
+    append(&log, &[row(1)]).await;
+    assert!(metrics.stopped_stores().is_empty());
+    // The segment's handle swapped for a read-only one: the write fails and so does cutting
+    // the file back, so what is on disk after the last acknowledged record is unknown.
+    let writable = {
+        let mut a = log.appender.lock().expect("lock");
+        let path = a.dir.join(segment_name(a.segment));
+        std::mem::replace(&mut a.file, std::fs::File::open(path).expect("read-only"))
+    };
+    log.store(&[row(2)], &[1]).await.expect_err("a failed write acknowledged");
+    assert_eq!(metrics.stopped_stores(), ["telemetry_log"], "/healthz would still say ok");
+    // The handle back: the log still takes nothing until the broker restarts.
+    log.appender.lock().expect("lock").file = writable;
+    log.store(&[row(3)], &[1]).await.expect_err("acknowledged after the log stopped");
+}
