@@ -31,7 +31,7 @@ fn switches() -> u64 {
 /// Three commands per device in batches of `batch`; `general` adds a no-op acknowledgement to
 /// each batch. Prints and returns the microseconds per batch.
 async fn run(reg: &Registry, ids: &[DeviceId], batch: usize, general: bool) -> f64 {
-    let mut conn = reg.deferred_writer_connection().await.expect("writer connection");
+    let mut conn = reg.writer_connection().await.expect("writer connection");
     let rounds = 3 * ids.len() / batch;
     let (s0, t) = (switches(), Instant::now());
     for r in 0..rounds {

@@ -590,13 +590,6 @@ impl Registry {
         Ok(WriterConnection::new(self.acquire_writer().await?))
     }
 
-    /// [`Registry::writer_connection`] for a writer that answers only after
-    /// [`Registry::flush_commits`]: its commits are not flushed one by one, so that the next
-    /// batch commits while the last one is flushed.
-    pub async fn deferred_writer_connection(&self) -> Result<WriterConnection> {
-        Ok(WriterConnection::new(self.acquire_deferred_writer().await?))
-    }
-
     /// [`Registry::apply_commands`] on the given connection (one from
     /// [`Registry::writer_connection`]).
     pub async fn apply_commands_on(

@@ -6,7 +6,6 @@
 //! station opens the registry with [`Registry::open`] (creating and migrating it); a broker
 //! opens it with [`Registry::open_existing`], which never changes the schema.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -37,8 +36,6 @@ pub struct Registry {
     pub(crate) url: String,
     /// How the writers' commits reach the disk (SQLite).
     pub(crate) writer_sync: WriterSync,
-    /// SQLite: the write-ahead log's file, flushed by [`Registry::flush_commits`].
-    pub(crate) wal: Option<PathBuf>,
 }
 
 /// How a writer's commits (telemetry, the command queue) reach the disk on SQLite, i.e. what an
@@ -123,41 +120,6 @@ impl Registry {
             sqlx::query(self.writer_sync.pragma()).execute(&mut *conn).await?;
         }
         Ok(conn)
-    }
-
-    /// A pooled connection for a writer whose commits are made durable by a later
-    /// [`Registry::flush_commits`] rather than each by itself: on SQLite it commits with
-    /// `synchronous = NORMAL` (the pool's own setting), so that the next commit can run while
-    /// the last one's flush does. What it commits must not be acknowledged before that flush.
-    pub(crate) async fn acquire_deferred_writer(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
-        let mut conn = self.pool.acquire().await?;
-        if self.backend == Backend::Sqlite {
-            sqlx::query(WriterSync::Checkpoint.pragma()).execute(&mut *conn).await?;
-        }
-        Ok(conn)
-    }
-
-    /// Makes every commit made so far as durable as [`WriterSync`] promises, whichever
-    /// connection made it. SQLite with [`WriterSync::EveryCommit`]: flushes (`fdatasync`) the
-    /// write-ahead log, on a blocking thread; a commit the log no longer holds was checkpointed
-    /// into the database file, which a checkpoint flushes before the log is reused. Otherwise
-    /// nothing: `checkpoint` promises no more, and PostgreSQL flushes at each commit itself.
-    pub async fn flush_commits(&self) -> Result<()> {
-        let (Backend::Sqlite, WriterSync::EveryCommit, Some(wal)) =
-            (self.backend, self.writer_sync, &self.wal)
-        else {
-            return Ok(());
-        };
-        let wal = wal.clone();
-        let flushed = tokio::task::spawn_blocking(move || match std::fs::File::open(&wal) {
-            Ok(f) => f.sync_data(),
-            // No log (an in-memory database, or one not in WAL mode): SQLite flushed itself.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        flushed.map_err(|e| Error::Database(sqlx::Error::Io(e)))
     }
 
     /// Opens (and with `create`, creates) the registry at `url` and applies migrations.
@@ -268,21 +230,7 @@ impl Registry {
         }
         let max = if backend == Backend::Sqlite { 4 } else { 8 };
         let pool = Self::pool_with(backend, &url, max, acquire_timeout).await?;
-        let wal = match backend {
-            Backend::Sqlite => {
-                // The log is named after the file SQLite opened, which is the URL's path with
-                // its symbolic links resolved: asked of SQLite, not derived from the URL (a log
-                // next to a link does not exist, and flushing nothing would look like success).
-                let file: String =
-                    sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-                        .fetch_one(&pool)
-                        .await?;
-                // An in-memory database has no file, and no log.
-                (!file.is_empty()).then(|| PathBuf::from(format!("{file}-wal")))
-            }
-            Backend::Postgres => None,
-        };
-        Ok(Self { pool, backend, url: given, writer_sync: WriterSync::default(), wal })
+        Ok(Self { pool, backend, url: given, writer_sync: WriterSync::default() })
     }
 
     /// A pool of at most `max` connections to `url` (SQLite: WAL, durable commits).
@@ -345,55 +293,5 @@ mod tests {
         // SQLite: 2 = FULL (the WAL is fsync'd at every commit), 1 = NORMAL.
         assert_eq!(level(reg.clone()).await, 2);
         assert_eq!(level(reg.with_writer_sync(WriterSync::Checkpoint)).await, 1);
-    }
-
-    #[tokio::test]
-    async fn a_deferred_writer_commits_unflushed_and_flush_commits_flushes_the_log_or_says_why_not() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        let reg = Registry::open(&url, true).await.expect("open");
-        let mut c = reg.acquire_deferred_writer().await.expect("writer");
-        let r = sqlx::query("PRAGMA synchronous").fetch_one(&mut *c).await.expect("pragma");
-        assert_eq!(r.try_get::<i64, _>(0).expect("level"), 1, "a deferred writer commits with NORMAL");
-        sqlx::query("CREATE TABLE t (x INTEGER)").execute(&mut *c).await.expect("commit");
-        let canonical = dir.path().canonicalize().expect("canonical");
-        assert_eq!(reg.wal.as_deref(), Some(canonical.join("r.db-wal").as_path()));
-        assert!(dir.path().join("r.db-wal").exists(), "the commit is in the write-ahead log");
-        reg.flush_commits().await.expect("flush");
-        // A log that cannot be flushed is an error, never a silent success.
-        let broken = Registry { wal: Some(dir.path().join("r.db").join("x")), ..reg.clone() };
-        assert!(broken.flush_commits().await.is_err());
-        // `checkpoint` promises no flush: nothing to do, nothing to fail.
-        assert!(broken.with_writer_sync(WriterSync::Checkpoint).flush_commits().await.is_ok());
-    }
-
-    #[tokio::test]
-    async fn flush_commits_flushes_the_log_sqlite_writes_when_the_database_is_reached_by_a_symlink() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("data")).expect("dir");
-        let real = dir.path().join("data").join("r.db");
-        drop(Registry::open(&format!("sqlite://{}", real.display()), true).await.expect("create"));
-        let link = dir.path().join("registry.db");
-        std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        let reg = Registry::open(&format!("sqlite://{}", link.display()), false).await.expect("open");
-        let mut c = reg.acquire_deferred_writer().await.expect("writer");
-        sqlx::query("CREATE TABLE t (x INTEGER)").execute(&mut *c).await.expect("commit");
-        let written = dir.path().join("data").join("r.db-wal");
-        assert!(written.exists(), "SQLite writes the log next to the file the link names");
-        let flushed = reg.wal.clone().expect("a log to flush");
-        let same = |a: &std::path::Path, b: &std::path::Path| {
-            use std::os::unix::fs::MetadataExt;
-            match (std::fs::metadata(a), std::fs::metadata(b)) {
-                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-                _ => false,
-            }
-        };
-        assert!(
-            same(&flushed, &written),
-            "flush_commits syncs {} but SQLite wrote {}",
-            flushed.display(),
-            written.display()
-        );
-        reg.flush_commits().await.expect("flush");
     }
 }

@@ -301,8 +301,7 @@ mod tests {
         let (url, accepted) = dark_server().await;
         let pool =
             Registry::pool_with(Backend::Postgres, &url, 1, Duration::from_millis(500)).await.expect("pool");
-        let reg =
-            Registry { pool, backend: Backend::Postgres, url, writer_sync: WriterSync::default(), wal: None };
+        let reg = Registry { pool, backend: Backend::Postgres, url, writer_sync: WriterSync::default() };
         let serial = SerialNumber::parse("01").expect("serial");
         // The broker's admission reader gives up on a read after its wait.
         let hung =

@@ -834,7 +834,7 @@ async fn a_batch_failing_midway_stores_nothing_and_leaves_no_transaction_open() 
             })
             .collect()
     };
-    let mut conn = reg.deferred_writer_connection().await.expect("writer");
+    let mut conn = reg.writer_connection().await.expect("writer");
     let failed = reg.apply_commands_on(&mut conn, &batch(&["first", "boom", "last"]), 100).await;
     assert!(failed.is_err(), "the trigger refused the batch: {failed:?}");
     assert!(reg.commands_of(&dev, 10).await.expect("read").is_empty(), "none of the failed batch is stored");

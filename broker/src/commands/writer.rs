@@ -7,8 +7,6 @@
 //! through the writer too ([`Change::Take`]): on two busy cores a session holding a pooled
 //! connection across its awaits kept it for long, and reads timed out waiting for the pool.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_registry::{
@@ -16,7 +14,7 @@ use fleet_registry::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::warn;
 
 use super::status::{Reply, Statuses};
 use crate::outcome::CommandRefusal;
@@ -180,7 +178,7 @@ fn events(change: Change, outcome: &CommandOutcome, out: &mut Vec<Event>) {
 
 /// Applies one batch on the writer's own connection (taken, or taken again after an error),
 /// retrying once after a short pause (a busy or briefly unreachable database); `None` if it
-/// failed both times. The commit is not yet flushed: see [`Registry::flush_commits`].
+/// failed both times.
 async fn commit(
     registry: &Registry,
     conn: &mut Option<WriterConnection>,
@@ -195,7 +193,7 @@ async fn commit(
     for attempt in 0..2 {
         let result = match conn.as_mut() {
             Some(c) => registry.apply_commands_on(c, &ops, limit).await,
-            None => match registry.deferred_writer_connection().await {
+            None => match registry.writer_connection().await {
                 Ok(c) => registry.apply_commands_on(conn.insert(c), &ops, limit).await,
                 Err(e) => Err(e),
             },
@@ -217,17 +215,11 @@ async fn commit(
     None
 }
 
-/// A committed batch waiting for its flush: its jobs and their outcomes (`None`: not stored).
-#[derive(Debug)]
-struct Committed {
-    batch: Vec<Job>,
-    outcomes: Option<Vec<CommandOutcome>>,
-}
-
-/// Answers each job of a flushed batch and collects the statuses the batch caused, in order.
-fn settle(committed: Committed, done: &mut Vec<Event>) {
-    let mut outcomes = committed.outcomes.map(Vec::into_iter);
-    for job in committed.batch {
+/// Answers each job of a committed batch (`outcomes`; `None`: not stored) and collects the
+/// statuses the batch caused, in order.
+fn settle(batch: Vec<Job>, outcomes: Option<Vec<CommandOutcome>>, done: &mut Vec<Event>) {
+    let mut outcomes = outcomes.map(Vec::into_iter);
+    for job in batch {
         // A refusal has no registry outcome: it stands in as "not stored".
         let answer = outcomes.as_mut().map(|it| {
             job.changes
@@ -249,31 +241,28 @@ fn settle(committed: Committed, done: &mut Vec<Event>) {
     }
 }
 
-/// Committed batches waiting for their flush at most; the writer waits beyond it.
-const FLUSH_QUEUE: usize = 64;
-/// Statuses of flushed batches waiting to be published at most; the flusher waits beyond it.
+/// Statuses of answered batches waiting to be published at most; the writer waits beyond it.
 const ANNOUNCE_QUEUE: usize = 64;
 
-/// The writer, three stages in a row, each in commit order:
+/// The writer, two stages in a row, each in commit order:
 ///
-/// 1. **commit**: until shutdown, takes every job waiting (up to [`BATCH`] changes) and commits
-///    them in one transaction, not flushed;
-/// 2. **flush**: takes every committed batch waiting, flushes them with one
-///    [`Registry::flush_commits`] (with `store_fsync = every-commit`, an `fdatasync` of SQLite's
-///    write-ahead log) while the next batch commits, and only then answers each job: a PUBACK
-///    still means the command is on disk, and a delivery sends only what is;
-/// 3. **announce**: publishes the statuses the batches caused (a status never holds a PUBACK).
+/// 1. **commit**: until shutdown, takes every job waiting (up to [`BATCH`] changes), commits
+///    them in one transaction on its own connection ([`Registry::writer_connection`]: with
+///    `store_fsync = every-commit` SQLite flushes the write-ahead log at the commit, before it
+///    returns), and only then answers each job: a PUBACK means the command is on disk, and a
+///    delivery sends only what is;
+/// 2. **announce**: publishes the statuses the batches caused (a status never holds a PUBACK).
 ///
-/// A failed batch, or a failed flush, answers `None`: a new command is not acknowledged to its
-/// service (it retransmits); a delivery is not sent (the session tries again on its next
-/// wake-up); an acknowledgement is lost and the command is sent again (DUP) in the device's next
-/// session, where the SDK filters it out.
+/// On SQLite a batch of new commands only is one call to SQLite's worker thread, flush
+/// included. (A flush stage that synced the log for several commits at once, while the next
+/// batch committed, was slower once a batch was one call: 34,000 against 46,000 commands/s,
+/// BENCHMARKS.md, issue 29's fifth pass.)
 ///
-/// A failed flush also poisons the writer: every later job answers `None` and nothing more is
-/// committed until the broker restarts (as the telemetry log does, `store::log`). The kernel may
-/// have dropped the log's unflushed pages, and a later flush reports success all the same; a
-/// commit after them would be acknowledged, then lost at the next power cut, because SQLite's
-/// recovery stops at the first bad frame of the log.
+/// A failed batch answers `None`: a new command is not acknowledged to its service (it
+/// retransmits); a delivery is not sent (the session tries again on its next wake-up); an
+/// acknowledgement is lost and the command is sent again (DUP) in the device's next session,
+/// where the SDK filters it out. A commit whose flush failed is not a commit (SQLite rolls it
+/// back), and the next commit writes its frames of the log in its place and flushes them.
 pub(crate) async fn run(
     registry: Registry,
     statuses: Statuses,
@@ -281,13 +270,7 @@ pub(crate) async fn run(
     jobs: Jobs,
     shutdown: CancellationToken,
 ) {
-    let (flush_tx, mut flush_rx) = mpsc::channel::<Committed>(FLUSH_QUEUE);
     let (announce_tx, mut announce_rx) = mpsc::channel::<Vec<Event>>(ANNOUNCE_QUEUE);
-    let flusher = registry.clone();
-    let metrics = statuses.metrics.clone();
-    // Set by the flush stage when a flush failed; never cleared.
-    let poisoned = Arc::new(AtomicBool::new(false));
-    let poisoned_flush = poisoned.clone();
     let write = async move {
         let Jobs(mut rx) = jobs;
         let mut conn = None;
@@ -307,39 +290,9 @@ pub(crate) async fn run(
                     Err(_) => break,
                 }
             }
-            let outcomes = if poisoned.load(Ordering::Acquire) {
-                None
-            } else {
-                commit(&registry, &mut conn, max_queued_commands, &batch).await
-            };
-            if flush_tx.send(Committed { batch, outcomes }).await.is_err() {
-                return;
-            }
-        }
-    };
-    let flush = async move {
-        let mut ready = Vec::new();
-        while flush_rx.recv_many(&mut ready, FLUSH_QUEUE).await > 0 {
-            let stored = ready.iter().any(|c| c.outcomes.as_ref().is_some_and(|o| !o.is_empty()));
-            if stored && !poisoned_flush.load(Ordering::Acquire) {
-                if let Err(e) = flusher.flush_commits().await {
-                    error!(
-                        error = %e,
-                        "flushing the command queue's commits failed: nothing more is acknowledged until the broker restarts"
-                    );
-                    poisoned_flush.store(true, Ordering::Release);
-                    metrics.store_stopped("command_queue");
-                }
-            }
-            if poisoned_flush.load(Ordering::Acquire) {
-                for c in &mut ready {
-                    c.outcomes = None;
-                }
-            }
+            let outcomes = commit(&registry, &mut conn, max_queued_commands, &batch).await;
             let mut done = Vec::new();
-            for c in ready.drain(..) {
-                settle(c, &mut done);
-            }
+            settle(batch, outcomes, &mut done);
             if !done.is_empty() && announce_tx.send(done).await.is_err() {
                 return;
             }
@@ -352,7 +305,7 @@ pub(crate) async fn run(
             }
         }
     };
-    tokio::join!(write, flush, announce);
+    tokio::join!(write, announce);
 }
 
 #[cfg(test)]
@@ -374,14 +327,13 @@ mod tests {
         }
     }
 
-    /// A flush that fails is followed by one that succeeds, as on Linux after `fsync` reports a
-    /// write-back error once (the kernel may have dropped the failed pages; a later `fsync` of
-    /// the file reports success). Emulated by putting a symbolic-link loop where the log is
-    /// (SQLite keeps writing the log it has open), then putting the log back.
+    /// A command is answered once its commit is done (visible to every other connection), a
+    /// command to an unknown device is answered refused, and what the writer answers while the
+    /// registry is unreachable is "not stored", never a guess.
     #[tokio::test]
-    async fn after_a_failed_flush_nothing_more_is_acknowledged() {
+    async fn a_command_is_answered_after_its_commit_and_a_failed_batch_is_answered_not_stored() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().canonicalize().expect("canonical").join("r.db");
+        let db = dir.path().join("r.db");
         let reg = Registry::open(&format!("sqlite://{}", db.display()), true).await.expect("open");
         sqlx::query(
             "INSERT INTO devices (device_id, role, status, created_at) VALUES ('d0', 'device', 'active', 0)",
@@ -393,37 +345,26 @@ mod tests {
         let fabric = Fabric::new(Router::new(RetainLimits::default()), Link::Local, metrics.clone());
         let (writer, jobs) = channel();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(
-            reg.clone(),
-            Statuses { fabric, metrics: metrics.clone() },
-            100,
-            jobs,
-            shutdown.clone(),
-        ));
-        let d0 = DeviceId::parse("d0").expect("id");
-        let stored = |a: &Answer| matches!(a.as_deref(), Some([CommandOutcome::Enqueued { .. }]));
+        let task = tokio::spawn(run(reg.clone(), Statuses { fabric, metrics }, 100, jobs, shutdown.clone()));
+        let (d0, ghost) = (DeviceId::parse("d0").expect("id"), DeviceId::parse("ghost").expect("id"));
 
+        let answer = writer.apply(vec![enqueue(&d0, "first"), enqueue(&ghost, "lost")]).await;
+        let Some([CommandOutcome::Enqueued { id, .. }, CommandOutcome::NotAddressable { revoked: false }]) =
+            answer.as_deref()
+        else {
+            panic!("{answer:?}")
+        };
+        let stored: (i64, String) = sqlx::query_as("SELECT id, name FROM commands")
+            .fetch_one(reg.pool())
+            .await
+            .expect("committed before the answer");
+        assert_eq!(stored, (*id, "first".to_owned()));
+
+        // The registry gone (the table dropped behind the writer's back): not stored, twice.
+        sqlx::query("DROP TABLE commands").execute(reg.pool()).await.expect("drop");
         assert!(
-            stored(&writer.apply(vec![enqueue(&d0, "first")]).await),
-            "a flushed command is acknowledged"
-        );
-
-        let wal = dir.path().canonicalize().expect("canonical").join("r.db-wal");
-        let kept = wal.with_extension("db-wal-kept");
-        std::fs::rename(&wal, &kept).expect("move the log");
-        std::os::unix::fs::symlink(&wal, &wal).expect("a link loop");
-        assert!(metrics.stopped_stores().is_empty());
-        assert!(writer.apply(vec![enqueue(&d0, "unflushed")]).await.is_none(), "the flush failed");
-        assert_eq!(metrics.stopped_stores(), ["command_queue"], "/healthz would still say ok");
-        std::fs::remove_file(&wal).expect("the loop");
-        std::fs::rename(&kept, &wal).expect("the log back");
-
-        // The log may have lost the failed batch's pages: a commit after them is not recovered
-        // after a power cut (SQLite's recovery stops at the first bad frame), whatever the next
-        // flush says. Nothing more may be acknowledged.
-        assert!(
-            writer.apply(vec![enqueue(&d0, "later")]).await.is_none(),
-            "acknowledged after a failed flush"
+            writer.apply(vec![enqueue(&d0, "second")]).await.is_none(),
+            "a failed batch was answered stored"
         );
         shutdown.cancel();
         drop(writer);

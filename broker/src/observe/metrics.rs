@@ -117,8 +117,8 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
 }
 
 /// The stores that stop acknowledging after a failed flush: the single node's telemetry log
-/// (`store::log`) and the command queue's writer (`commands::writer`).
-pub(crate) const STOPPED_STORES: [&str; 2] = ["telemetry_log", "command_queue"];
+/// (`store::log`; the command queue's commits are flushed by SQLite, each by itself).
+pub(crate) const STOPPED_STORES: [&str; 1] = ["telemetry_log"];
 
 impl Metrics {
     /// Marks `store` (one of [`STOPPED_STORES`]) stopped until the broker restarts.
