@@ -217,6 +217,29 @@ pub(crate) fn params(backend: Backend, from: usize, n: usize) -> String {
     }
 }
 
+/// The batch's devices, each once, sorted.
+fn devices_of<'a>(cmds: &[&'a NewCommand<'_>]) -> Vec<&'a str> {
+    let mut devices: Vec<&str> = cmds.iter().map(|c| c.device_id.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices
+}
+
+/// Binds a new command's 8 columns, in the order of the inserts' column lists.
+fn bind_command<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    c: &'q NewCommand<'_>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    q.bind(c.device_id.as_str())
+        .bind(c.name)
+        .bind(c.payload)
+        .bind(c.sender)
+        .bind(c.now)
+        .bind(c.now.saturating_add(c.ttl_ms))
+        .bind(c.response_topic)
+        .bind(c.correlation)
+}
+
 /// Stores a batch's new commands in a handful of statements that return (almost) no rows: the
 /// devices that cannot take commands, multi-row inserts, the devices whose queue is now over
 /// the limit, and the drops that needs. Only an active device takes commands: checked in the
@@ -232,9 +255,7 @@ async fn enqueue_all(
     if cmds.is_empty() {
         return Ok(Vec::new());
     }
-    let mut devices: Vec<&str> = cmds.iter().map(|c| c.device_id.as_str()).collect();
-    devices.sort_unstable();
-    devices.dedup();
+    let devices = devices_of(cmds);
     // Devices that take no commands: unknown (no row), not a device, or not active.
     let mut refused: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT * 8) {
@@ -282,15 +303,7 @@ async fn enqueue_all(
         let mut q = sqlx::query(&sql);
         for &i in chunk {
             let c = cmds[i];
-            q = q
-                .bind(c.device_id.as_str())
-                .bind(c.name)
-                .bind(c.payload)
-                .bind(c.sender)
-                .bind(c.now)
-                .bind(c.now.saturating_add(c.ttl_ms))
-                .bind(c.response_topic)
-                .bind(c.correlation);
+            q = bind_command(q, c);
         }
         let ids: Vec<i64> = match backend {
             // One statement's rows take consecutive rowids in the order of its VALUES (the
@@ -417,9 +430,7 @@ async fn enqueue_in_one_call(
     if cmds.is_empty() {
         return Ok(Vec::new());
     }
-    let mut devices: Vec<&str> = cmds.iter().map(|c| c.device_id.as_str()).collect();
-    devices.sort_unstable();
-    devices.dedup();
+    let devices = devices_of(cmds);
     let now = cmds.iter().map(|c| c.now).max().unwrap_or_default();
     let (device, active) = (Role::Device.as_str(), Status::Active.as_str());
     let listed = params(Backend::Sqlite, 1, devices.len());
@@ -457,15 +468,7 @@ async fn enqueue_in_one_call(
         q = q.bind(*d);
     }
     for c in cmds {
-        q = q
-            .bind(c.device_id.as_str())
-            .bind(c.name)
-            .bind(c.payload)
-            .bind(c.sender)
-            .bind(c.now)
-            .bind(c.now.saturating_add(c.ttl_ms))
-            .bind(c.response_topic)
-            .bind(c.correlation);
+        q = bind_command(q, c);
     }
     q = q.bind(now);
     for d in &devices {

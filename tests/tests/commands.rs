@@ -614,6 +614,20 @@ async fn commands_sent_back_to_back_are_stored_in_order_and_acknowledged_in_orde
     assert_eq!(names, want, "delivered in the order sent, each once");
 }
 
+/// A registry row for `id` with `role`, valid for ever (the batch tests need no real
+/// certificate).
+fn cert(id: &fleet_registry::DeviceId, role: fleet_registry::Role) -> fleet_registry::NewCert {
+    fleet_registry::NewCert {
+        device_id: id.clone(),
+        role,
+        serial: fleet_registry::SerialNumber::random(),
+        not_before: 0,
+        not_after: i64::MAX / 2,
+        key_source: "station",
+        cert_der: vec![0x30, 0x00],
+    }
+}
+
 /// The command writer's batch, against the registry directly: the devices checked (unknown,
 /// service, revoked refused), ids in the batch's order, the per-device limit applied with the
 /// drops reported on the device's last new command. On SQLite and on PostgreSQL (their inserts
@@ -621,21 +635,13 @@ async fn commands_sent_back_to_back_are_stored_in_order_and_acknowledged_in_orde
 async fn a_batch_of_new_commands_on(url: &str) {
     use fleet_registry::{
         CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCert, NewCommand, Registry, RevocationReason,
-        Role, SerialNumber,
+        Role,
     };
     let reg = Registry::open(url, true).await.expect("open");
     let certs: Vec<NewCert> =
         [("dev-a", Role::Device), ("dev-b", Role::Device), ("dev-r", Role::Device), ("svc", Role::Service)]
             .iter()
-            .map(|(id, role)| NewCert {
-                device_id: DeviceId::parse(id).expect("id"),
-                role: *role,
-                serial: SerialNumber::random(),
-                not_before: 0,
-                not_after: i64::MAX / 2,
-                key_source: "station",
-                cert_der: vec![0x30, 0x00],
-            })
+            .map(|(id, role)| cert(&DeviceId::parse(id).expect("id"), *role))
             .collect();
     reg.record_certificates(&certs, true, 1).await.expect("record");
     reg.revoke_device(&DeviceId::parse("dev-r").expect("id"), RevocationReason::KeyCompromise, 2)
@@ -712,22 +718,10 @@ async fn a_batch_of_new_commands_is_checked_stored_in_order_and_held_to_the_limi
 async fn a_batch_across_statements_on(url: &str) {
     use fleet_registry::{
         CommandOp, CommandOutcome, DeviceId, NewCert, NewCommand, Registry, RevocationReason, Role,
-        SerialNumber,
     };
     let reg = Registry::open(url, true).await.expect("open");
     let ids: Vec<DeviceId> = (0..5).map(|i| DeviceId::parse(&format!("dev-{i}")).expect("id")).collect();
-    let certs: Vec<NewCert> = ids
-        .iter()
-        .map(|id| NewCert {
-            device_id: id.clone(),
-            role: Role::Device,
-            serial: SerialNumber::random(),
-            not_before: 0,
-            not_after: i64::MAX / 2,
-            key_source: "station",
-            cert_der: vec![0x30, 0x00],
-        })
-        .collect();
+    let certs: Vec<NewCert> = ids.iter().map(|id| cert(id, Role::Device)).collect();
     reg.record_certificates(&certs, true, 1).await.expect("record");
     reg.revoke_device(&ids[4], RevocationReason::KeyCompromise, 2).await.expect("revoke");
     let names: Vec<String> = (0..250).map(|k| format!("n{k}")).collect();
@@ -793,23 +787,12 @@ async fn a_batch_across_statements_keeps_every_id_with_its_command_on_postgresql
 /// same connection, and a write from another connection, go through.
 #[tokio::test]
 async fn a_batch_failing_midway_stores_nothing_and_leaves_no_transaction_open() {
-    use fleet_registry::{
-        CommandOp, CommandOutcome, DeviceId, NewCert, NewCommand, Registry, Role, SerialNumber,
-    };
+    use fleet_registry::{CommandOp, CommandOutcome, DeviceId, NewCommand, Registry, Role};
     let dir = tempfile::tempdir().expect("tempdir");
     let reg =
         Registry::open(&format!("sqlite://{}", dir.path().join("r.db").display()), true).await.expect("open");
     let dev = DeviceId::parse("dev-a").expect("id");
-    let cert = |id: &DeviceId| NewCert {
-        device_id: id.clone(),
-        role: Role::Device,
-        serial: SerialNumber::random(),
-        not_before: 0,
-        not_after: i64::MAX / 2,
-        key_source: "station",
-        cert_der: vec![0x30, 0x00],
-    };
-    reg.record_certificates(&[cert(&dev)], true, 1).await.expect("record");
+    reg.record_certificates(&[cert(&dev, Role::Device)], true, 1).await.expect("record");
     sqlx::query(
         "CREATE TRIGGER refuse_boom BEFORE INSERT ON commands WHEN NEW.name = 'boom' \
          BEGIN SELECT RAISE(ABORT, 'boom refused'); END",
@@ -842,7 +825,7 @@ async fn a_batch_failing_midway_stores_nothing_and_leaves_no_transaction_open() 
     let other = DeviceId::parse("dev-b").expect("id");
     tokio::time::timeout(
         std::time::Duration::from_secs(2),
-        reg.record_certificates(&[cert(&other)], true, 3),
+        reg.record_certificates(&[cert(&other, Role::Device)], true, 3),
     )
     .await
     .expect("the write lock was left held")
