@@ -57,7 +57,7 @@ async fn run(reg: &Registry, ids: &[DeviceId], batch: usize, general: bool) -> f
     let us = t.elapsed().as_micros() as f64 / rounds as f64;
     println!(
         "| {} | {batch} | {us:.0} µs | {:.2} µs | {:.1} |",
-        if general { "general path (7 calls: 6 + the no-op)" } else { "one call" },
+        if general { "general path (4 calls: BEGIN, the inserts, the no-op, COMMIT)" } else { "one call" },
         us / batch as f64,
         (switches() - s0) as f64 / rounds as f64
     );

@@ -240,18 +240,21 @@ fn bind_command<'q>(
         .bind(c.correlation)
 }
 
-/// Stores a batch's new commands in a handful of statements that return (almost) no rows: the
-/// devices that cannot take commands, multi-row inserts, the devices whose queue is now over
-/// the limit, and the drops that needs. Only an active device takes commands: checked in the
-/// transaction that stores them, so a command never lands for a device revoked before the
-/// commit. (Every row a statement returns is one hand-off from SQLite's worker thread: the
-/// writer asks only for the exceptions.)
+/// Stores a batch's new commands inside the caller's transaction: on SQLite with
+/// [`enqueue_sqlite`]; on PostgreSQL in a handful of statements that return (almost) no rows:
+/// the devices that cannot take commands, multi-row inserts, the devices whose queue is now
+/// over the limit, and the drops that needs. Only an active device takes commands: checked in
+/// the transaction that stores them, so a command never lands for a device revoked before the
+/// commit.
 async fn enqueue_all(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
     cmds: &[&NewCommand<'_>],
     limit: usize,
 ) -> Result<Vec<CommandOutcome>> {
+    if backend == Backend::Sqlite {
+        return enqueue_sqlite(conn, cmds, limit, false).await;
+    }
     if cmds.is_empty() {
         return Ok(Vec::new());
     }
@@ -293,41 +296,22 @@ async fn enqueue_all(
             .map(|k| format!("('queued', 0, {})", params(backend, 1 + 8 * k, 8)))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut sql = format!(
+        let sql = format!(
             "INSERT INTO commands (status, attempts, device_id, name, payload, sender, created_at, expires_at, \
-             response_topic, correlation) VALUES {rows}"
+             response_topic, correlation) VALUES {rows} RETURNING id"
         );
-        if backend == Backend::Postgres {
-            sql.push_str(" RETURNING id");
-        }
         let mut q = sqlx::query(&sql);
         for &i in chunk {
-            let c = cmds[i];
-            q = bind_command(q, c);
+            q = bind_command(q, cmds[i]);
         }
-        let ids: Vec<i64> = match backend {
-            // One statement's rows take consecutive rowids in the order of its VALUES (the
-            // writer holds SQLite's write lock): the last one names them all.
-            Backend::Sqlite => {
-                q.execute(&mut *conn).await?;
-                // (sqlx's Any driver does not pass SQLite's last rowid on.)
-                let last: i64 =
-                    sqlx::query("SELECT last_insert_rowid()").fetch_one(&mut *conn).await?.try_get(0)?;
-                let first = last - chunk.len() as i64 + 1;
-                (first..=last).collect()
-            }
-            // Increasing in the order of its VALUES; RETURNING lists them in no promised order.
-            Backend::Postgres => {
-                let mut ids = q
-                    .fetch_all(&mut *conn)
-                    .await?
-                    .iter()
-                    .map(|r| r.try_get::<i64, _>(0))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                ids.sort_unstable();
-                ids
-            }
-        };
+        // Increasing in the order of its VALUES; RETURNING lists them in no promised order.
+        let mut ids = q
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
         for (&i, id) in chunk.iter().zip(ids) {
             out[i] = CommandOutcome::Enqueued { id, dropped: Vec::new() };
         }
@@ -396,19 +380,19 @@ fn numbered_rows(rows: usize, width: usize) -> String {
     (0..rows).map(|k| format!("({k}, {one})")).collect::<Vec<_>>().join(", ")
 }
 
-/// What a row of [`enqueue_in_one_call`]'s answer is, by its first column's name.
+/// What a row of [`enqueue_sqlite`]'s answer is, by its first column's name.
 const REFUSED: &str = "refused_device";
 const STORED: &str = "stored_id";
 
-/// SQLite, a batch of new commands only (a service's commands, the hot path): the whole
-/// transaction in one call to SQLite's worker thread, where the general path makes six
-/// (BEGIN, the check, the insert, its last id, the over-limit count, COMMIT). Each call is a
-/// hand-off to that thread and back, and every result it sends may wake the caller's thread:
-/// a batch of 34 took 680 µs and 18.8 thread switches that way, 460 µs and 6.0 in one call
-/// (`cargo bench -p fleet-registry --bench command_batches`, BENCHMARKS.md). The query, in
-/// order, returning rows only for what is not the rule:
+/// SQLite: a batch's new commands in one call to SQLite's worker thread, and with
+/// `own_transaction` (a batch of new commands only: a service's commands, the hot path) the
+/// whole transaction in that call, where the general path makes more (BEGIN, the rest of the
+/// batch, COMMIT). Each call is a hand-off to that thread and back, and every result it sends
+/// may wake the caller's thread: a batch of 34 took 680 µs and 18.8 thread switches in six
+/// calls, 460 µs and 6.0 in one (`cargo bench -p fleet-registry --bench command_batches`,
+/// BENCHMARKS.md). The query, in order, returning rows only for what is not the rule:
 ///
-/// 1. `BEGIN IMMEDIATE`;
+/// 1. `BEGIN IMMEDIATE` (own transaction);
 /// 2. the batch's devices that take no commands: unknown (no row), not a device, not active;
 /// 3. per 100 commands, an `INSERT ... SELECT` joined with the devices that take commands and
 ///    ordered by the command's place in the batch, so its rows take consecutive increasing ids
@@ -416,16 +400,17 @@ const STORED: &str = "stored_id";
 ///    count of rows the insert made;
 /// 4. the drops: every open command of those devices beyond the newest `limit`, marked
 ///    `dropped` (at the batch's latest time) and returned;
-/// 5. `COMMIT`.
+/// 5. `COMMIT` (own transaction).
 ///
-/// The device check, the insert and the drops are in the transaction that stores them, as on
-/// the general path: a command never lands for a device revoked before the commit. If a
-/// statement fails, SQLite's worker stops there with the transaction open: it is rolled back
-/// here; if the call is cut short, the connection is closed, not pooled ([`WriterConnection`]).
-async fn enqueue_in_one_call(
-    conn: &mut WriterConnection,
+/// The device check, the insert and the drops are in the transaction that stores them: a
+/// command never lands for a device revoked before the commit. If a statement fails, SQLite's
+/// worker stops there; a transaction of its own is then rolled back here, and if the call is cut
+/// short the connection is closed, not pooled ([`WriterConnection`]).
+async fn enqueue_sqlite(
+    conn: &mut sqlx::AnyConnection,
     cmds: &[&NewCommand<'_>],
     limit: usize,
+    own_transaction: bool,
 ) -> Result<Vec<CommandOutcome>> {
     if cmds.is_empty() {
         return Ok(Vec::new());
@@ -436,10 +421,10 @@ async fn enqueue_in_one_call(
     let listed = params(Backend::Sqlite, 1, devices.len());
     let wanted = vec!["(?)"; devices.len()].join(", ");
     let mut sql = format!(
-        "BEGIN IMMEDIATE;\n\
-         WITH wanted(id) AS (VALUES {wanted}) SELECT wanted.id AS {REFUSED}, devices.status FROM wanted \
+        "{}WITH wanted(id) AS (VALUES {wanted}) SELECT wanted.id AS {REFUSED}, devices.status FROM wanted \
          LEFT JOIN devices ON devices.device_id = wanted.id \
-         WHERE devices.device_id IS NULL OR devices.role <> '{device}' OR devices.status <> '{active}';\n"
+         WHERE devices.device_id IS NULL OR devices.role <> '{device}' OR devices.status <> '{active}';\n",
+        if own_transaction { "BEGIN IMMEDIATE;\n" } else { "" }
     );
     for chunk in cmds.chunks(ROWS_PER_STATEMENT) {
         sql.push_str(&format!(
@@ -459,10 +444,12 @@ async fn enqueue_in_one_call(
          SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY id DESC) AS newer \
          FROM commands WHERE status IN ('queued', 'delivered') AND device_id IN (SELECT device_id FROM devices \
          WHERE device_id IN ({listed}) AND role = '{device}' AND status = '{active}')) \
-         WHERE newer > {}) RETURNING {columns};\n\
-         COMMIT;",
+         WHERE newer > {}) RETURNING {columns};\n",
         i64::try_from(limit).unwrap_or(i64::MAX)
     ));
+    if own_transaction {
+        sql.push_str("COMMIT;");
+    }
     let mut q = sqlx::query(&sql);
     for d in &devices {
         q = q.bind(*d);
@@ -474,13 +461,16 @@ async fn enqueue_in_one_call(
     for d in &devices {
         q = q.bind(*d);
     }
-    let rows = match q.fetch_all(&mut *conn.0).await {
+    let rows = match q.fetch_all(&mut *conn).await {
         Ok(rows) => rows,
         Err(e) => {
             // The worker stopped at the failed statement: roll back what it began (an error
             // here, "no transaction is active", means SQLite already did; any other, the
-            // writer drops this connection and it is closed, not pooled).
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn.0).await;
+            // writer drops this connection and it is closed, not pooled). In the caller's
+            // transaction the caller rolls back.
+            if own_transaction {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            }
             return Err(e.into());
         }
     };
@@ -609,7 +599,7 @@ impl Registry {
                     _ => None,
                 })
                 .collect();
-            return enqueue_in_one_call(conn, &new, limit).await;
+            return enqueue_sqlite(&mut conn.0, &new, limit, true).await;
         }
         let mut sent = Vec::new();
         let mut acked = Vec::new();
