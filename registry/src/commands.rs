@@ -591,14 +591,14 @@ impl Registry {
         ops: &[CommandOp<'_>],
         limit: usize,
     ) -> Result<Vec<CommandOutcome>> {
-        if self.backend == Backend::Sqlite && ops.iter().all(|op| matches!(op, CommandOp::Enqueue(_))) {
-            let new: Vec<&NewCommand<'_>> = ops
-                .iter()
-                .filter_map(|op| match op {
-                    CommandOp::Enqueue(c) => Some(c),
-                    _ => None,
-                })
-                .collect();
+        let new: Vec<&NewCommand<'_>> = ops
+            .iter()
+            .filter_map(|op| match op {
+                CommandOp::Enqueue(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if self.backend == Backend::Sqlite && new.len() == ops.len() {
             return enqueue_sqlite(&mut conn.0, &new, limit, true).await;
         }
         let mut sent = Vec::new();
@@ -625,13 +625,6 @@ impl Registry {
         let mut tx = self.begin_write(&mut conn.0).await?;
         let mut taken = take(&mut tx, self.backend, &takes, now).await?;
         sent.extend(taken.iter().flatten().map(|c| c.id));
-        let new: Vec<&NewCommand<'_>> = ops
-            .iter()
-            .filter_map(|op| match op {
-                CommandOp::Enqueue(c) => Some(c),
-                _ => None,
-            })
-            .collect();
         let enqueued = enqueue_all(&mut tx, self.backend, &new, limit).await?;
         // Already delivered ones count an attempt; queued ones become delivered (first delivery).
         let first = if sent.is_empty() {
