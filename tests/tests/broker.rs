@@ -1024,3 +1024,94 @@ async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
     assert!(issuer.closed_within(PATIENCE).await, "an issuer published a command");
     assert!(next_publish(&mut dev, Duration::from_millis(300)).await.is_none());
 }
+
+/// A CA of its own for the CRL loader's test: its certificate's DER and its issuer.
+fn crl_test_ca(name: &str) -> (Vec<u8>, rcgen::CertifiedIssuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    let issuer = rcgen::CertifiedIssuer::self_signed(p, key).unwrap();
+    (issuer.as_ref().der().to_vec(), issuer)
+}
+
+/// The broker reads a CRL's revoked list one entry at a time (a whole parse of a million
+/// entries took 700 MB): what it reads is what x509-parser reads of the whole CRL, for lists
+/// empty, short and long (a length of two octets), entries with and without extensions, serials
+/// with a leading zero; and a CRL of another CA, an altered one and a cut one are refused.
+#[test]
+fn the_crl_loader_reads_what_x509_parser_reads_of_the_whole_crl() {
+    use x509_parser::prelude::FromDer;
+    let (ca_der, ca) = crl_test_ca("crl test CA");
+    let (_, other) = crl_test_ca("crl test CA");
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let entry = |serial: &[u8], extensions: bool| rcgen::RevokedCertParams {
+        serial_number: rcgen::SerialNumber::from_slice(serial),
+        revocation_time: now - time::Duration::hours(1),
+        reason_code: extensions.then_some(rcgen::RevocationReason::KeyCompromise),
+        invalidity_date: extensions.then_some(now - time::Duration::days(2)),
+    };
+    let crl = |number: u64, revoked: Vec<rcgen::RevokedCertParams>| rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(7),
+        crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let long: Vec<_> = (0u32..300).map(|i| entry(&[0x40, (i >> 8) as u8, i as u8, 7], i % 2 == 0)).collect();
+    let shapes = [
+        ("empty", crl(1, vec![])),
+        ("one entry, no extensions", crl(2, vec![entry(&[0x01], false)])),
+        ("high bit and 20 octets", crl(3, vec![entry(&[0x80, 0x01], true), entry(&[0x7f; 20], true)])),
+        ("300 entries", crl(u64::MAX >> 1, long)),
+    ];
+    for (shape, params) in shapes {
+        let der = params.signed_by(&ca).unwrap().der().to_vec();
+        let (_, whole) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        let pem = params.signed_by(&ca).unwrap().pem().unwrap();
+        for bytes in [&der[..], pem.as_bytes()] {
+            let (serials, info) = fleet_broker::fuzzing::parse_crl(bytes, &ca_der)
+                .unwrap_or_else(|e| panic!("{shape}: refused: {e:?}"));
+            let listed: std::collections::BTreeSet<&[u8]> =
+                whole.iter_revoked_certificates().map(|r| r.raw_serial()).collect();
+            assert_eq!(serials.len(), listed.len(), "{shape}");
+            assert_eq!(info.revoked, listed.len(), "{shape}");
+            for s in &listed {
+                assert!(serials.contains(s), "{shape}: {s:02x?} not read");
+            }
+            assert!(!serials.contains(&[0x40, 0x99, 0x99, 0x07]), "{shape}: a serial it does not list");
+            assert_eq!(info.this_update, whole.last_update().timestamp(), "{shape}");
+            assert_eq!(info.next_update, whole.next_update().map(|t| t.timestamp()), "{shape}");
+            assert_eq!(info.number, whole.crl_number().and_then(|n| u64::try_from(n).ok()), "{shape}");
+            assert!(info.number.is_some(), "{shape}");
+        }
+        // Signed by another CA with the same name: not this CA's CRL.
+        let forged = params.signed_by(&other).unwrap().der().to_vec();
+        assert_eq!(
+            fleet_broker::fuzzing::parse_crl(&forged, &ca_der).err(),
+            Some(fleet_broker::fuzzing::CrlError::Signature),
+            "{shape}: another CA's CRL"
+        );
+        // The last octet of the signed part changed (inside the last extension's value: the
+        // structure holds, the signature does not).
+        let mut altered = der.clone();
+        let (_, outer) = x509_parser::asn1_rs::Any::from_der(&der).unwrap();
+        let (after_tbs, _) = x509_parser::asn1_rs::Any::from_der(outer.data).unwrap();
+        let tbs_end = der.len() - after_tbs.len();
+        altered[tbs_end - 1] ^= 0x01;
+        assert_eq!(
+            fleet_broker::fuzzing::parse_crl(&altered, &ca_der).err(),
+            Some(fleet_broker::fuzzing::CrlError::Signature),
+            "{shape}: an altered CRL"
+        );
+        // Cut short: not a CRL at all.
+        assert!(
+            matches!(
+                fleet_broker::fuzzing::parse_crl(&der[..der.len() - 5], &ca_der),
+                Err(fleet_broker::fuzzing::CrlError::Parse(_))
+            ),
+            "{shape}: a cut CRL"
+        );
+    }
+}

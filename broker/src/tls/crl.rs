@@ -9,8 +9,11 @@ use std::path::Path;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateRevocationListDer;
-use x509_parser::prelude::{FromDer, X509Certificate};
-use x509_parser::revocation_list::CertificateRevocationList;
+use x509_parser::asn1_rs::{Any, BitString, Class, Tag};
+use x509_parser::prelude::{
+    AlgorithmIdentifier, FromDer, ParsedExtension, RevokedCertificate, TbsCertList, X509Certificate,
+};
+use x509_parser::verify::verify_signature;
 
 use super::files::{pem_words, read, TlsError, NOT_A_CERT};
 
@@ -124,6 +127,10 @@ pub enum CrlError {
 }
 
 /// `load_crl` on bytes: PEM or DER, issuer and signature checked against `ca_der`.
+///
+/// The revoked list is read one entry at a time and only its serials are kept: parsed whole,
+/// a CRL of a million serials took 700 MB at its peak and left the broker 500 MB larger
+/// (x509-parser builds every entry, with a big integer and an extension list, at once).
 pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo), CrlError> {
     let der = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(|b| b.is_ascii()) {
         CertificateRevocationListDer::from_pem_slice(bytes)
@@ -131,27 +138,127 @@ pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo
     } else {
         CertificateRevocationListDer::from(bytes.to_vec())
     };
-    let (_, crl) =
-        CertificateRevocationList::from_der(&der).map_err(|_| CrlError::Parse(NOT_A_CRL.into()))?;
+    let not_a_crl = || CrlError::Parse(NOT_A_CRL.into());
+    let signed = Signed::split(&der).ok_or_else(not_a_crl)?;
     let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(NOT_A_CERT.into()))?;
-    if crl.issuer() != ca.subject() || crl.verify_signature(ca.public_key()).is_err() {
+    let (tbs, list) = TbsParts::split(signed.tbs).ok_or_else(not_a_crl)?;
+    // The fields but the list, as x509-parser reads them.
+    let fields = tbs.without_list();
+    let (_, tbs) = TbsCertList::from_der(&fields).map_err(|_| not_a_crl())?;
+    if tbs.issuer != *ca.subject()
+        || verify_signature(ca.public_key(), &signed.algorithm, &signed.value, signed.tbs).is_err()
+    {
         return Err(CrlError::Signature);
     }
     let mut serials = Vec::new();
-    for r in crl.iter_revoked_certificates() {
-        let key = serial_key(r.raw_serial())
+    let mut rest = list;
+    while !rest.is_empty() {
+        let (after, entry) = RevokedCertificate::from_der(rest).map_err(|_| not_a_crl())?;
+        let key = serial_key(entry.raw_serial())
             .ok_or_else(|| CrlError::Parse("CRL lists a serial longer than 20 octets".into()))?;
         serials.push(key);
+        rest = after;
     }
     serials.sort_unstable();
     serials.dedup();
+    serials.shrink_to_fit();
+    let number = tbs.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::CRLNumber(n) => u64::try_from(n).ok(),
+        _ => None,
+    });
     let info = CrlInfo {
-        this_update: crl.last_update().timestamp(),
-        next_update: crl.next_update().map(|t| t.timestamp()),
+        this_update: tbs.this_update.timestamp(),
+        next_update: tbs.next_update.map(|t| t.timestamp()),
         revoked: serials.len(),
-        number: crl.crl_number().and_then(|n| u64::try_from(n).ok()),
+        number,
     };
     Ok((RevokedSerials(serials), info))
+}
+
+/// A CRL's three parts: `SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue }`.
+struct Signed<'a> {
+    /// The TBSCertList as signed, header included.
+    tbs: &'a [u8],
+    algorithm: AlgorithmIdentifier<'a>,
+    value: BitString<'a>,
+}
+
+impl<'a> Signed<'a> {
+    fn split(der: &'a [u8]) -> Option<Self> {
+        let (rest, outer) = Any::from_der(der).ok()?;
+        if !rest.is_empty() || outer.tag() != Tag::Sequence {
+            return None;
+        }
+        let (after_tbs, tbs) = Any::from_der(outer.data).ok()?;
+        if tbs.tag() != Tag::Sequence {
+            return None;
+        }
+        let tbs = &outer.data[..outer.data.len() - after_tbs.len()];
+        let (after_alg, algorithm) = AlgorithmIdentifier::from_der(after_tbs).ok()?;
+        let (end, value) = BitString::from_der(after_alg).ok()?;
+        end.is_empty().then_some(Self { tbs, algorithm, value })
+    }
+}
+
+/// A TBSCertList's content split around its `revokedCertificates` list.
+struct TbsParts<'a> {
+    /// The elements before the list (version, signature, issuer, thisUpdate, nextUpdate).
+    before: &'a [u8],
+    /// The elements after it (crlExtensions).
+    after: &'a [u8],
+}
+
+impl<'a> TbsParts<'a> {
+    /// The parts, and the list's content (empty when the CRL lists nothing).
+    fn split(tbs: &'a [u8]) -> Option<(Self, &'a [u8])> {
+        let (_, tbs) = Any::from_der(tbs).ok()?;
+        let content = tbs.data;
+        // The elements up to and including thisUpdate, then nextUpdate if there is one.
+        let mut rest = content;
+        loop {
+            let (after, any) = Any::from_der(rest).ok()?;
+            rest = after;
+            if is_time(&any) {
+                break;
+            }
+        }
+        if let Ok((after, any)) = Any::from_der(rest) {
+            if is_time(&any) {
+                rest = after;
+            }
+        }
+        let before = &content[..content.len() - rest.len()];
+        match Any::from_der(rest) {
+            Ok((after, list)) if list.tag() == Tag::Sequence && list.class() == Class::Universal => {
+                Some((Self { before, after }, list.data))
+            }
+            _ => Some((Self { before, after: rest }, &[])),
+        }
+    }
+
+    /// The TBSCertList without its list, re-encoded as a DER SEQUENCE.
+    fn without_list(&self) -> Vec<u8> {
+        let mut content = Vec::with_capacity(self.before.len() + self.after.len());
+        content.extend_from_slice(self.before);
+        content.extend_from_slice(self.after);
+        let mut der = vec![0x30];
+        let len = content.len();
+        if len < 0x80 {
+            der.push(len as u8);
+        } else {
+            let octets = len.to_be_bytes();
+            let skip = octets.iter().take_while(|&&b| b == 0).count();
+            der.push(0x80 | (octets.len() - skip) as u8);
+            der.extend_from_slice(&octets[skip..]);
+        }
+        der.extend_from_slice(&content);
+        der
+    }
+}
+
+/// UTCTime or GeneralizedTime, the types of thisUpdate and nextUpdate.
+fn is_time(any: &Any<'_>) -> bool {
+    any.class() == Class::Universal && (any.tag() == Tag::UtcTime || any.tag() == Tag::GeneralizedTime)
 }
 
 /// True if `offered` would replace `loaded` with a lower-numbered CRL (a replay of an old,

@@ -73,10 +73,12 @@ pub(crate) async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Ar
             let t = Instant::now();
             let Some(server) = env.start_subject(&subject) else { continue };
             let startup = t.elapsed().as_secs_f64();
+            let rss_start = server.rss_kib() as f64 / 1024.0;
             let cpu0 = server.cpu_secs();
             let (rate, failed) =
                 admissions_per_sec(server.addr, ids, subject.is(Peer::Bare), a.secs, a.conc).await;
             let cpu_us = (server.cpu_secs() - cpu0) * 1e6 / (rate * a.secs).max(1.0);
+            let rss_end = server.rss_kib() as f64 / 1024.0;
             cpu.insert((n, name), cpu_us);
             by.insert((n, name), rate);
             let base = by.get(&(0, name)).copied();
@@ -87,7 +89,7 @@ pub(crate) async fn scenario_admissions(env: &Env, ids: &[Arc<Identity>], a: &Ar
             report.add(
                 "admissions",
                 format!(
-                    "| {name} | {n} | {rate:.0} | {cpu_us:.0} µs | {failed} | {startup:.1} s | {vs_empty} |"
+                    "| {name} | {n} | {rate:.0} | {cpu_us:.0} µs | {failed} | {startup:.1} s | {rss_start:.1} → {rss_end:.1} MiB | {vs_empty} |"
                 ),
             );
         }
