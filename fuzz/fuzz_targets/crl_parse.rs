@@ -1,25 +1,104 @@
 //! The broker's CRL loader (PEM or DER, issuer and signature against the device CA, serial
 //! table), against x509-parser's parse of the whole CRL: the loader reads the revoked list one
 //! entry at a time, and must accept what the whole parse accepts, with the same serials and
-//! fields, and nothing else. Seeds are CRLs the station signed with the CA in fixtures/.
+//! fields, and nothing else.
+//!
+//! Two kinds of input:
+//! - a CRL file, checked against the device CA in fixtures/ (seeds: CRLs the station signed
+//!   with it). Mutations rarely keep the signature, so this mostly drives the refusals.
+//! - `TBS:` and the content of a TBSCertList, which the target signs with a CA of its own of the
+//!   same name: every shape the fuzzer makes is a CRL that CA signed, the case where the loader
+//!   must read every serial x509-parser reads (seeds `tbs-*`: the station's TBSCertLists).
 #![no_main]
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
+use x509_parser::asn1_rs::Any;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-const CA: &[u8] = include_bytes!("../fixtures/device-ca.der");
+const FIXTURE_CA: &[u8] = include_bytes!("../fixtures/device-ca.der");
+
+/// The target's own CA: its certificate's DER and its key.
+fn own_ca() -> &'static (Vec<u8>, rcgen::KeyPair) {
+    static CA: OnceLock<(Vec<u8>, rcgen::KeyPair)> = OnceLock::new();
+    CA.get_or_init(|| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        // The fixture CA's name, so that the station's TBSCertLists name it as their issuer.
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::OrganizationName, "Seeds");
+        p.distinguished_name.push(rcgen::DnType::CommonName, "Seeds Device Issuing CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        let cert = p.self_signed(&key).expect("CA");
+        (cert.der().to_vec(), key)
+    })
+}
+
+/// DER: `tag`, the length of `content`, `content`.
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    let n = content.len();
+    if n < 0x80 {
+        v.push(n as u8);
+    } else {
+        let octets = n.to_be_bytes();
+        let skip = octets.iter().take_while(|&&b| b == 0).count();
+        v.push(0x80 | (octets.len() - skip) as u8);
+        v.extend_from_slice(&octets[skip..]);
+    }
+    v.extend_from_slice(content);
+    v
+}
+
+/// A CRL of the TBSCertList content `tbs`, signed by the target's CA (ECDSA with SHA-256).
+fn signed_by_own_ca(tbs: &[u8]) -> Vec<u8> {
+    use rcgen::SigningKey;
+    const ECDSA_WITH_SHA256: &[u8] = &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+    let tbs = tlv(0x30, tbs);
+    let mut bits = vec![0u8];
+    bits.extend(own_ca().1.sign(&tbs).expect("sign"));
+    let mut content = tbs;
+    content.extend_from_slice(ECDSA_WITH_SHA256);
+    content.extend(tlv(0x03, &bits));
+    tlv(0x30, &content)
+}
 
 fuzz_target!(|data: &[u8]| {
-    let loaded = fleet_broker::fuzzing::parse_crl(data, CA);
+    match data.strip_prefix(b"TBS:") {
+        Some(tbs) => check(&signed_by_own_ca(tbs), &own_ca().0),
+        None => check(data, FIXTURE_CA),
+    }
+});
+
+fn check(data: &[u8], ca_der: &[u8]) {
+    let loaded = fleet_broker::fuzzing::parse_crl(data, ca_der);
     if let Ok((serials, info)) = &loaded {
         assert_eq!(serials.len(), info.revoked);
         let _ = serials.contains(data.get(..16).unwrap_or(data));
     }
     // The same bytes as DER, parsed whole (only the DER form: PEM decoding is rustls's).
-    let Ok((_, whole)) = CertificateRevocationList::from_der(data) else {
+    let Ok((rem, whole)) = CertificateRevocationList::from_der(data) else {
         return;
     };
-    let (_, ca) = X509Certificate::from_der(CA).expect("the fixture CA parses");
+    // x509-parser ignores bytes after the CRL and after the signature inside the outer
+    // SEQUENCE; the loader refuses both (a change no key is needed for), so such input is no
+    // reference.
+    let exact = rem.is_empty() && {
+        let (_, outer) = Any::from_der(data).expect("parsed above");
+        let mut rest = outer.data;
+        let mut n = 0;
+        while let Ok((r, _)) = Any::from_der(rest) {
+            rest = r;
+            n += 1;
+        }
+        rest.is_empty() && n == 3
+    };
+    if !exact {
+        assert!(loaded.is_err(), "loaded a CRL with trailing bytes");
+        return;
+    }
+    let (_, ca) = X509Certificate::from_der(ca_der).expect("the CA parses");
     let signed = whole.issuer() == ca.subject() && whole.verify_signature(ca.public_key()).is_ok();
     let short = whole.iter_revoked_certificates().all(|r| r.raw_serial().len() <= 21);
     match &loaded {
@@ -35,4 +114,4 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => assert!(!(signed && short), "refused a signed CRL the whole parse reads: {e:?}"),
     }
-});
+}

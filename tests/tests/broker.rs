@@ -1025,14 +1025,161 @@ async fn an_issuer_reads_csrs_and_answers_and_nothing_more() {
     assert!(next_publish(&mut dev, Duration::from_millis(300)).await.is_none());
 }
 
-/// A CA of its own for the CRL loader's test: its certificate's DER and its issuer.
-fn crl_test_ca(name: &str) -> (Vec<u8>, rcgen::CertifiedIssuer<'static, rcgen::KeyPair>) {
+/// A CA of its own for the CRL loader's tests: its certificate's DER, its issuer, and its key
+/// (to sign CRLs of shapes rcgen does not write).
+struct CrlCa {
+    der: Vec<u8>,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    key: rcgen::KeyPair,
+}
+
+fn crl_test_ca(name: &str) -> CrlCa {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let copy = rcgen::KeyPair::try_from(key.serialize_der().as_slice()).unwrap();
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     p.distinguished_name.push(rcgen::DnType::CommonName, name);
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     let issuer = rcgen::CertifiedIssuer::self_signed(p, key).unwrap();
-    (issuer.as_ref().der().to_vec(), issuer)
+    CrlCa { der: issuer.as_ref().der().to_vec(), issuer, key: copy }
+}
+
+/// DER: `tag`, the length of `content`, `content`.
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    let n = content.len();
+    if n < 0x80 {
+        v.push(n as u8);
+    } else {
+        let octets = n.to_be_bytes();
+        let skip = octets.iter().take_while(|&&b| b == 0).count();
+        v.push(0x80 | (octets.len() - skip) as u8);
+        v.extend_from_slice(&octets[skip..]);
+    }
+    v.extend_from_slice(content);
+    v
+}
+
+/// The elements of a DER SEQUENCE, each whole.
+fn der_elements(seq: &[u8]) -> Vec<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, any) = x509_parser::asn1_rs::Any::from_der(seq).unwrap();
+    let mut rest = any.data;
+    let mut out = vec![];
+    while !rest.is_empty() {
+        let (after, _) = x509_parser::asn1_rs::Any::from_der(rest).unwrap();
+        out.push(rest[..rest.len() - after.len()].to_vec());
+        rest = after;
+    }
+    out
+}
+
+/// A CRL of `serials` as rcgen writes it: the TBSCertList's elements (version, signature,
+/// issuer, thisUpdate, nextUpdate, the list, extensions) and the signature algorithm.
+fn crl_elements(ca: &CrlCa, serials: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(7),
+        crl_number: rcgen::SerialNumber::from_slice(&[5]),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(s),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let outer = der_elements(params.signed_by(&ca.issuer).unwrap().der());
+    (der_elements(&outer[0]), outer[1].clone())
+}
+
+/// A CRL of the TBSCertList `elements`, signed with the CA's key.
+fn sign_crl_elements(ca: &CrlCa, elements: &[Vec<u8>], algorithm: &[u8]) -> Vec<u8> {
+    use rcgen::SigningKey;
+    let tbs = tlv(0x30, &elements.concat());
+    let mut bits = vec![0u8];
+    bits.extend(ca.key.sign(&tbs).unwrap());
+    let mut content = tbs;
+    content.extend_from_slice(algorithm);
+    content.extend(tlv(0x03, &bits));
+    tlv(0x30, &content)
+}
+
+/// CRLs the device CA signed, of shapes rcgen does not write but x509-parser reads: the loader
+/// reads every serial x509-parser reads of the whole CRL, or refuses the CRL; it never loads it
+/// with fewer. (Found by the attack review: a list or a nextUpdate of another tag class was
+/// loaded as an empty CRL, and so was a CRL with an empty SEQUENCE before its list.)
+#[test]
+fn a_ca_signed_crl_of_an_odd_shape_is_read_whole_or_refused() {
+    use x509_parser::prelude::FromDer;
+    let ca = crl_test_ca("crl shapes CA");
+    let (tbs, alg) = crl_elements(&ca, &[&[0x11], &[0x22, 0x33]]);
+    let whole_or_refused = |name: &str, elements: &[Vec<u8>]| {
+        let der = sign_crl_elements(&ca, elements, &alg);
+        let whole = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).ok();
+        match fleet_broker::fuzzing::parse_crl(&der, &ca.der) {
+            Ok((serials, _)) => {
+                let whole = whole.unwrap_or_else(|| panic!("{name}: loaded what x509-parser refuses")).1;
+                assert_eq!(whole.iter_revoked_certificates().count(), 2, "{name}");
+                for r in whole.iter_revoked_certificates() {
+                    assert!(
+                        serials.contains(r.raw_serial()),
+                        "{name}: loaded without {:02x?}",
+                        r.raw_serial()
+                    );
+                }
+            }
+            Err(e) => assert!(matches!(e, fleet_broker::fuzzing::CrlError::Parse(_)), "{name}: {e:?}"),
+        }
+    };
+    whole_or_refused("as rcgen writes it", &tbs);
+    for tag in [0x70, 0xb0, 0xf0] {
+        let mut t = tbs.clone();
+        t[5][0] = tag;
+        whole_or_refused(&format!("the list tagged {tag:#04x}"), &t);
+    }
+    for tag in [0x57, 0x97, 0xd7] {
+        let mut t = tbs.clone();
+        t[4][0] = tag;
+        whole_or_refused(&format!("nextUpdate tagged {tag:#04x}"), &t);
+    }
+    let mut t = tbs.clone();
+    t.insert(5, vec![0x30, 0x00]);
+    whole_or_refused("an empty SEQUENCE before the list", &t);
+}
+
+/// A file the CA did not sign costs about its own size, however many names or extensions it
+/// packs: the signature is checked before anything past the three outer elements is parsed.
+/// (Found by the attack review: parsed first, 17 MB of minimal issuer attributes took 850 MB.)
+#[test]
+fn an_unsigned_crl_is_refused_before_its_fields_are_parsed() {
+    let ca = crl_test_ca("crl memory CA");
+    let (tbs, alg) = crl_elements(&ca, &[&[0x11]]);
+    let mut t = tbs[..5].to_vec();
+    let attribute = [0x31u8, 0x07, 0x30, 0x05, 0x06, 0x01, 0x2a, 0x05, 0x00];
+    t[2] = tlv(0x30, &attribute.repeat(2_000_000));
+    let mut content = tlv(0x30, &t.concat());
+    content.extend_from_slice(&alg);
+    content.extend(tlv(0x03, &[0, 0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]));
+    let der = tlv(0x30, &content);
+    let peak_kib = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let before = peak_kib();
+    assert_eq!(
+        fleet_broker::fuzzing::parse_crl(&der, &ca.der).err(),
+        Some(fleet_broker::fuzzing::CrlError::Signature)
+    );
+    // The file is 17 MB; parsed before the signature check it took 850 MB. Other tests of this
+    // binary run beside it, so the bound leaves them room.
+    let grew_mib = (peak_kib() - before) / 1024;
+    assert!(grew_mib < 200, "an unsigned CRL of {} MB took {grew_mib} MiB more", der.len() >> 20);
 }
 
 /// The broker reads a CRL's revoked list one entry at a time (a whole parse of a million
@@ -1042,8 +1189,8 @@ fn crl_test_ca(name: &str) -> (Vec<u8>, rcgen::CertifiedIssuer<'static, rcgen::K
 #[test]
 fn the_crl_loader_reads_what_x509_parser_reads_of_the_whole_crl() {
     use x509_parser::prelude::FromDer;
-    let (ca_der, ca) = crl_test_ca("crl test CA");
-    let (_, other) = crl_test_ca("crl test CA");
+    let CrlCa { der: ca_der, issuer: ca, .. } = crl_test_ca("crl test CA");
+    let other = crl_test_ca("crl test CA").issuer;
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let entry = |serial: &[u8], extensions: bool| rcgen::RevokedCertParams {
         serial_number: rcgen::SerialNumber::from_slice(serial),

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateRevocationListDer;
-use x509_parser::asn1_rs::{Any, BitString, Class, Tag};
+use x509_parser::asn1_rs::{Any, BitString, Tag};
+use x509_parser::oid_registry::OID_X509_EXT_CRL_NUMBER;
 use x509_parser::prelude::{
     AlgorithmIdentifier, FromDer, ParsedExtension, RevokedCertificate, TbsCertList, X509Certificate,
 };
@@ -141,14 +142,23 @@ pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo
     let not_a_crl = || CrlError::Parse(NOT_A_CRL.into());
     let signed = Signed::split(&der).ok_or_else(not_a_crl)?;
     let (_, ca) = X509Certificate::from_der(ca_der).map_err(|_| CrlError::Parse(NOT_A_CERT.into()))?;
+    // The signature first, over the TBSCertList as signed: of a file the CA did not sign nothing
+    // is parsed past the three outer elements (x509-parser builds every name attribute and
+    // extension it reads, at 20 to 50 times their encoded size).
+    if verify_signature(ca.public_key(), &signed.algorithm, &signed.value, signed.tbs).is_err() {
+        return Err(CrlError::Signature);
+    }
     let (tbs, list) = TbsParts::split(signed.tbs).ok_or_else(not_a_crl)?;
     // The fields but the list, as x509-parser reads them.
     let fields = tbs.without_list();
     let (_, tbs) = TbsCertList::from_der(&fields).map_err(|_| not_a_crl())?;
-    if tbs.issuer != *ca.subject()
-        || verify_signature(ca.public_key(), &signed.algorithm, &signed.value, signed.tbs).is_err()
-    {
+    if tbs.issuer != *ca.subject() {
         return Err(CrlError::Signature);
+    }
+    // Whatever x509-parser reads as the list must be what the split took out: a list it finds
+    // in the rest means the split and x509-parser disagree on this CRL's shape.
+    if !tbs.revoked_certificates.is_empty() {
+        return Err(not_a_crl());
     }
     let mut serials = Vec::new();
     let mut rest = list;
@@ -162,7 +172,8 @@ pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo
     serials.sort_unstable();
     serials.dedup();
     serials.shrink_to_fit();
-    let number = tbs.extensions().iter().find_map(|e| match e.parsed_extension() {
+    // The first cRLNumber extension, as x509-parser's `crl_number` finds it.
+    let number = tbs.find_extension(&OID_X509_EXT_CRL_NUMBER).and_then(|e| match e.parsed_extension() {
         ParsedExtension::CRLNumber(n) => u64::try_from(n).ok(),
         _ => None,
     });
@@ -229,9 +240,8 @@ impl<'a> TbsParts<'a> {
         }
         let before = &content[..content.len() - rest.len()];
         match Any::from_der(rest) {
-            Ok((after, list)) if list.tag() == Tag::Sequence && list.class() == Class::Universal => {
-                Some((Self { before, after }, list.data))
-            }
+            // x509-parser takes any element of tag number 16 here as the list, whatever its class.
+            Ok((after, list)) if list.tag() == Tag::Sequence => Some((Self { before, after }, list.data)),
             _ => Some((Self { before, after: rest }, &[])),
         }
     }
@@ -256,9 +266,10 @@ impl<'a> TbsParts<'a> {
     }
 }
 
-/// UTCTime or GeneralizedTime, the types of thisUpdate and nextUpdate.
+/// UTCTime or GeneralizedTime, the types of thisUpdate and nextUpdate (by tag number, whatever
+/// the class, as x509-parser reads them).
 fn is_time(any: &Any<'_>) -> bool {
-    any.class() == Class::Universal && (any.tag() == Tag::UtcTime || any.tag() == Tag::GeneralizedTime)
+    any.tag() == Tag::UtcTime || any.tag() == Tag::GeneralizedTime
 }
 
 /// True if `offered` would replace `loaded` with a lower-numbered CRL (a replay of an old,
