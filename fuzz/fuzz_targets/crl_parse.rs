@@ -13,7 +13,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use x509_parser::asn1_rs::Any;
+use x509_parser::asn1_rs::{Any, BitString, Sequence, ToDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -35,33 +35,19 @@ fn own_ca() -> &'static (Vec<u8>, rcgen::KeyPair) {
     })
 }
 
-/// DER: `tag`, the length of `content`, `content`.
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    let n = content.len();
-    if n < 0x80 {
-        v.push(n as u8);
-    } else {
-        let octets = n.to_be_bytes();
-        let skip = octets.iter().take_while(|&&b| b == 0).count();
-        v.push(0x80 | (octets.len() - skip) as u8);
-        v.extend_from_slice(&octets[skip..]);
-    }
-    v.extend_from_slice(content);
-    v
+/// DER: a SEQUENCE of `content`.
+fn der_sequence(content: &[u8]) -> Vec<u8> {
+    Sequence::new(content.to_vec().into()).to_der_vec().expect("DER")
 }
 
 /// A CRL of the TBSCertList content `tbs`, signed by the target's CA (ECDSA with SHA-256).
 fn signed_by_own_ca(tbs: &[u8]) -> Vec<u8> {
     use rcgen::SigningKey;
     const ECDSA_WITH_SHA256: &[u8] = &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
-    let tbs = tlv(0x30, tbs);
-    let mut bits = vec![0u8];
-    bits.extend(own_ca().1.sign(&tbs).expect("sign"));
-    let mut content = tbs;
-    content.extend_from_slice(ECDSA_WITH_SHA256);
-    content.extend(tlv(0x03, &bits));
-    tlv(0x30, &content)
+    let tbs = der_sequence(tbs);
+    let signature = own_ca().1.sign(&tbs).expect("sign");
+    let signature = BitString::new(0, &signature).to_der_vec().expect("DER");
+    der_sequence(&[tbs, ECDSA_WITH_SHA256.to_vec(), signature].concat())
 }
 
 fuzz_target!(|data: &[u8]| {

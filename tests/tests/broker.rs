@@ -1043,20 +1043,16 @@ fn crl_test_ca(name: &str) -> CrlCa {
     CrlCa { der: issuer.as_ref().der().to_vec(), issuer, key: copy }
 }
 
-/// DER: `tag`, the length of `content`, `content`.
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    let n = content.len();
-    if n < 0x80 {
-        v.push(n as u8);
-    } else {
-        let octets = n.to_be_bytes();
-        let skip = octets.iter().take_while(|&&b| b == 0).count();
-        v.push(0x80 | (octets.len() - skip) as u8);
-        v.extend_from_slice(&octets[skip..]);
-    }
-    v.extend_from_slice(content);
-    v
+/// DER: a SEQUENCE of `content`.
+fn der_sequence(content: &[u8]) -> Vec<u8> {
+    use x509_parser::asn1_rs::ToDer;
+    x509_parser::asn1_rs::Sequence::new(content.to_vec().into()).to_der_vec().unwrap()
+}
+
+/// DER: a BIT STRING of `octets`.
+fn der_bits(octets: &[u8]) -> Vec<u8> {
+    use x509_parser::asn1_rs::ToDer;
+    x509_parser::asn1_rs::BitString::new(0, octets).to_der_vec().unwrap()
 }
 
 /// The elements of a DER SEQUENCE, each whole.
@@ -1100,13 +1096,9 @@ fn crl_elements(ca: &CrlCa, serials: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
 /// A CRL of the TBSCertList `elements`, signed with the CA's key.
 fn sign_crl_elements(ca: &CrlCa, elements: &[Vec<u8>], algorithm: &[u8]) -> Vec<u8> {
     use rcgen::SigningKey;
-    let tbs = tlv(0x30, &elements.concat());
-    let mut bits = vec![0u8];
-    bits.extend(ca.key.sign(&tbs).unwrap());
-    let mut content = tbs;
-    content.extend_from_slice(algorithm);
-    content.extend(tlv(0x03, &bits));
-    tlv(0x30, &content)
+    let tbs = der_sequence(&elements.concat());
+    let signature = der_bits(&ca.key.sign(&tbs).unwrap());
+    der_sequence(&[tbs, algorithm.to_vec(), signature].concat())
 }
 
 /// CRLs the device CA signed, of shapes rcgen does not write but x509-parser reads: the loader
@@ -1161,11 +1153,9 @@ fn an_unsigned_crl_is_refused_before_its_fields_are_parsed() {
     let (tbs, alg) = crl_elements(&ca, &[&[0x11]]);
     let mut t = tbs[..5].to_vec();
     let attribute = [0x31u8, 0x07, 0x30, 0x05, 0x06, 0x01, 0x2a, 0x05, 0x00];
-    t[2] = tlv(0x30, &attribute.repeat(2_000_000));
-    let mut content = tlv(0x30, &t.concat());
-    content.extend_from_slice(&alg);
-    content.extend(tlv(0x03, &[0, 0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]));
-    let der = tlv(0x30, &content);
+    t[2] = der_sequence(&attribute.repeat(2_000_000));
+    let signature = der_bits(&[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]);
+    let der = der_sequence(&[der_sequence(&t.concat()), alg, signature].concat());
     let peak_kib = || {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();

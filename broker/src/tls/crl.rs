@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateRevocationListDer;
-use x509_parser::asn1_rs::{Any, BitString, Tag};
+use x509_parser::asn1_rs::{Any, BitString, Sequence, Tag, ToDer};
 use x509_parser::oid_registry::OID_X509_EXT_CRL_NUMBER;
 use x509_parser::prelude::{
     AlgorithmIdentifier, FromDer, ParsedExtension, RevokedCertificate, TbsCertList, X509Certificate,
@@ -150,7 +150,7 @@ pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo
     }
     let (tbs, list) = TbsParts::split(signed.tbs).ok_or_else(not_a_crl)?;
     // The fields but the list, as x509-parser reads them.
-    let fields = tbs.without_list();
+    let fields = tbs.without_list().ok_or_else(not_a_crl)?;
     let (_, tbs) = TbsCertList::from_der(&fields).map_err(|_| not_a_crl())?;
     if tbs.issuer != *ca.subject() {
         return Err(CrlError::Signature);
@@ -247,22 +247,9 @@ impl<'a> TbsParts<'a> {
     }
 
     /// The TBSCertList without its list, re-encoded as a DER SEQUENCE.
-    fn without_list(&self) -> Vec<u8> {
-        let mut content = Vec::with_capacity(self.before.len() + self.after.len());
-        content.extend_from_slice(self.before);
-        content.extend_from_slice(self.after);
-        let mut der = vec![0x30];
-        let len = content.len();
-        if len < 0x80 {
-            der.push(len as u8);
-        } else {
-            let octets = len.to_be_bytes();
-            let skip = octets.iter().take_while(|&&b| b == 0).count();
-            der.push(0x80 | (octets.len() - skip) as u8);
-            der.extend_from_slice(&octets[skip..]);
-        }
-        der.extend_from_slice(&content);
-        der
+    fn without_list(&self) -> Option<Vec<u8>> {
+        let content = [self.before, self.after].concat();
+        Sequence::new(content.into()).to_der_vec().ok()
     }
 }
 
