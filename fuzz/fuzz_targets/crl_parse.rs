@@ -86,11 +86,11 @@ fn check(data: &[u8], ca_der: &[u8]) {
     }
     let (_, ca) = X509Certificate::from_der(ca_der).expect("the CA parses");
     let signed = whole.issuer() == ca.subject() && whole.verify_signature(ca.public_key()).is_ok();
-    let short = whole.iter_revoked_certificates().all(|r| r.raw_serial().len() <= 21);
     match &loaded {
         Ok((serials, info)) => {
             assert!(signed, "loaded a CRL the whole parse finds unsigned");
-            for r in whole.iter_revoked_certificates() {
+            // Serials over 20 octets (21 with DER's leading zero) are no admitted certificate's.
+            for r in whole.iter_revoked_certificates().filter(|r| r.raw_serial().len() <= 21) {
                 assert!(serials.contains(r.raw_serial()), "a listed serial was not read");
             }
             assert!(serials.len() <= whole.iter_revoked_certificates().count());
@@ -98,6 +98,6 @@ fn check(data: &[u8], ca_der: &[u8]) {
             assert_eq!(info.next_update, whole.next_update().map(|t| t.timestamp()));
             assert_eq!(info.number, whole.crl_number().and_then(|n| u64::try_from(n).ok()));
         }
-        Err(e) => assert!(!(signed && short), "refused a signed CRL the whole parse reads: {e:?}"),
+        Err(e) => assert!(!signed, "refused a signed CRL the whole parse reads: {e:?}"),
     }
 }

@@ -164,9 +164,10 @@ pub fn parse_crl(bytes: &[u8], ca_der: &[u8]) -> Result<(RevokedSerials, CrlInfo
     let mut rest = list;
     while !rest.is_empty() {
         let (after, entry) = RevokedCertificate::from_der(rest).map_err(|_| not_a_crl())?;
-        let key = serial_key(entry.raw_serial())
-            .ok_or_else(|| CrlError::Parse("CRL lists a serial longer than 20 octets".into()))?;
-        serials.push(key);
+        // A serial over 20 octets is no certificate's the broker admits (identification refuses
+        // it), so it is passed over; refusing the whole CRL for it would keep every other
+        // revocation the CRL brings out.
+        serials.extend(serial_key(entry.raw_serial()));
         rest = after;
     }
     serials.sort_unstable();
