@@ -294,5 +294,12 @@ mod tests {
         assert!(SerialNumber::parse("zz").is_err());
         assert!(SerialNumber::parse("00").is_err());
         assert_ne!(SerialNumber::random(), SerialNumber::random());
+        // A certificate's serial (DER content bytes): at most 20 octets of value (RFC 5280), so
+        // a certificate with a longer one is never identified (the broker's CRL skips such).
+        assert_eq!(SerialNumber::from_bytes(&[0x7f; 20]).map(|s| s.as_bytes().len()), Some(20));
+        let with_sign_octet = [&[0u8][..], &[0x80; 20]].concat();
+        assert_eq!(SerialNumber::from_bytes(&with_sign_octet).map(|s| s.as_bytes().len()), Some(20));
+        assert_eq!(SerialNumber::from_bytes(&[0x11; 21]), None);
+        assert_eq!(SerialNumber::from_bytes(&[0x11; 22]), None);
     }
 }
