@@ -628,14 +628,28 @@ fn cert(id: &fleet_registry::DeviceId, role: fleet_registry::Role) -> fleet_regi
     }
 }
 
+/// The batch tests' new command: `name` for `device` from "svc", payload "p", now 10, a minute
+/// to live.
+fn enqueue<'a>(device: &'a fleet_registry::DeviceId, name: &'a str) -> fleet_registry::CommandOp<'a> {
+    fleet_registry::CommandOp::Enqueue(fleet_registry::NewCommand {
+        device_id: device,
+        name,
+        payload: b"p",
+        sender: "svc",
+        now: 10,
+        ttl_ms: 60_000,
+        response_topic: None,
+        correlation: None,
+    })
+}
+
 /// The command writer's batch, against the registry directly: the devices checked (unknown,
 /// service, revoked refused), ids in the batch's order, the per-device limit applied with the
 /// drops reported on the device's last new command. On SQLite and on PostgreSQL (their inserts
 /// name the new ids differently).
 async fn a_batch_of_new_commands_on(url: &str) {
     use fleet_registry::{
-        CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCert, NewCommand, Registry, RevocationReason,
-        Role,
+        CommandOp, CommandOutcome, CommandStatus, DeviceId, NewCert, Registry, RevocationReason, Role,
     };
     let reg = Registry::open(url, true).await.expect("open");
     let certs: Vec<NewCert> =
@@ -652,22 +666,8 @@ async fn a_batch_of_new_commands_on(url: &str) {
     let names: Vec<String> = (0..7).map(|i| format!("c{i}")).collect();
     // dev-a gets 5 (limit 3), interleaved with one for each other target.
     let order = [0, 1, 0, 2, 0, 3, 0, 4, 0];
-    let ops: Vec<CommandOp<'_>> = order
-        .iter()
-        .enumerate()
-        .map(|(k, &d)| {
-            CommandOp::Enqueue(NewCommand {
-                device_id: &ids[d],
-                name: &names[k % names.len()],
-                payload: b"p",
-                sender: "svc",
-                now: 10,
-                ttl_ms: 60_000,
-                response_topic: None,
-                correlation: None,
-            })
-        })
-        .collect();
+    let ops: Vec<CommandOp<'_>> =
+        order.iter().enumerate().map(|(k, &d)| enqueue(&ids[d], &names[k % names.len()])).collect();
     let out = reg.apply_commands(&ops, 3).await.expect("apply");
     let stored: Vec<i64> = out
         .iter()
@@ -716,32 +716,15 @@ async fn a_batch_of_new_commands_is_checked_stored_in_order_and_held_to_the_limi
 /// and a revoked one: every id names its own command, in the batch's order, across the
 /// statements. On SQLite the batch is one call to SQLite's worker with several inserts.
 async fn a_batch_across_statements_on(url: &str, with_an_acknowledgement: bool) {
-    use fleet_registry::{
-        CommandOp, CommandOutcome, DeviceId, NewCert, NewCommand, Registry, RevocationReason, Role,
-    };
+    use fleet_registry::{CommandOp, CommandOutcome, DeviceId, NewCert, Registry, RevocationReason, Role};
     let reg = Registry::open(url, true).await.expect("open");
     let ids: Vec<DeviceId> = (0..5).map(|i| DeviceId::parse(&format!("dev-{i}")).expect("id")).collect();
     let certs: Vec<NewCert> = ids.iter().map(|id| cert(id, Role::Device)).collect();
     reg.record_certificates(&certs, true, 1).await.expect("record");
     reg.revoke_device(&ids[4], RevocationReason::KeyCompromise, 2).await.expect("revoke");
     let names: Vec<String> = (0..250).map(|k| format!("n{k}")).collect();
-    let ops: Vec<CommandOp<'_>> = names
-        .iter()
-        .enumerate()
-        .map(|(k, name)| {
-            CommandOp::Enqueue(NewCommand {
-                device_id: &ids[k % 5],
-                name,
-                payload: b"p",
-                sender: "svc",
-                now: 10,
-                ttl_ms: 60_000,
-                response_topic: None,
-                correlation: None,
-            })
-        })
-        .collect();
-    let mut ops = ops;
+    let mut ops: Vec<CommandOp<'_>> =
+        names.iter().enumerate().map(|(k, name)| enqueue(&ids[k % 5], name)).collect();
     if with_an_acknowledgement {
         // A batch with other changes than new commands: on SQLite the inserts run inside the
         // writer's transaction instead of one call with its own (a no-op acknowledgement).
@@ -799,7 +782,7 @@ async fn a_batch_across_statements_keeps_every_id_with_its_command_on_postgresql
 /// same connection, and a write from another connection, go through.
 #[tokio::test]
 async fn a_batch_failing_midway_stores_nothing_and_leaves_no_transaction_open() {
-    use fleet_registry::{CommandOp, CommandOutcome, DeviceId, NewCommand, Registry, Role};
+    use fleet_registry::{CommandOp, CommandOutcome, DeviceId, Registry, Role};
     let dir = tempfile::tempdir().expect("tempdir");
     let reg =
         Registry::open(&format!("sqlite://{}", dir.path().join("r.db").display()), true).await.expect("open");
@@ -813,21 +796,7 @@ async fn a_batch_failing_midway_stores_nothing_and_leaves_no_transaction_open() 
     .await
     .expect("trigger");
     let batch = |names: &'static [&'static str]| -> Vec<CommandOp<'_>> {
-        names
-            .iter()
-            .map(|name| {
-                CommandOp::Enqueue(NewCommand {
-                    device_id: &dev,
-                    name,
-                    payload: b"p",
-                    sender: "svc",
-                    now: 10,
-                    ttl_ms: 60_000,
-                    response_topic: None,
-                    correlation: None,
-                })
-            })
-            .collect()
+        names.iter().map(|name| enqueue(&dev, name)).collect()
     };
     let mut conn = reg.writer_connection().await.expect("writer");
     let failed = reg.apply_commands_on(&mut conn, &batch(&["first", "boom", "last"]), 100).await;
